@@ -1,0 +1,157 @@
+"""Which ONNX graphs each family exports, with names, dynamic axes and verification inputs.
+
+A :class:`GraphPlan` is everything the generic exporter (``export/onnx_export.py``) needs: the
+module whose ``forward`` becomes the graph, its input/output names, which axes must stay
+symbolic, and a function that builds inputs for any shape so parity can be checked at several.
+The input/output names here are the ones ``service/manifest.py`` documents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from export.models.rnn import RNNSeq2Seq
+from export.models.transformer import Transformer
+from export.models.vit import VisionTransformer
+
+Shape = dict[str, int]
+
+
+@dataclass
+class GraphPlan:
+    key: str  # manifest graphs key
+    file: str
+    module: nn.Module
+    input_names: list[str]
+    output_names: list[str]
+    #: name → {axis: symbolic dim name}, for inputs and outputs alike
+    dynamic: dict[str, dict[int, str]]
+    make_inputs: Callable[[Shape, torch.Generator], tuple[Tensor, ...]]
+    #: first is the tracing example (batch ≥ 2, distinct sizes), the rest are verified too
+    shapes: list[Shape] = field(default_factory=list)
+
+
+def _mask(batch: int, length: int, gen: torch.Generator) -> Tensor:
+    """(B, S) bool mask with distinct lengths per row, the longest row full."""
+    lengths = torch.randint(1, length + 1, (batch,), generator=gen)
+    lengths[0] = length
+    return torch.arange(length).unsqueeze(0) < lengths.unsqueeze(1)
+
+
+def _tokens(batch: int, length: int, vocab: int, gen: torch.Generator) -> Tensor:
+    return torch.randint(4, vocab, (batch, length), generator=gen)
+
+
+class _Encode(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, src: Tensor, src_mask: Tensor):  # type: ignore[no-untyped-def]
+        return self.model.encode(src, src_mask)
+
+
+class _RNNStep(_Encode):
+    def forward(self, prev_tokens: Tensor, state: Tensor, memory: Tensor, src_mask: Tensor, step: Tensor):  # type: ignore[no-untyped-def,override]
+        return self.model.step(prev_tokens, state, memory, src_mask, step)
+
+
+class _TransformerStep(_Encode):
+    def forward(self, tokens: Tensor, memory: Tensor, src_mask: Tensor):  # type: ignore[no-untyped-def,override]
+        return self.model.step(tokens, memory, src_mask)
+
+
+SEQ_SHAPES: list[Shape] = [
+    {"batch": 3, "src_len": 11, "tgt_len": 5},
+    {"batch": 1, "src_len": 7, "tgt_len": 1},
+    {"batch": 5, "src_len": 23, "tgt_len": 9},
+    {"batch": 16, "src_len": 4, "tgt_len": 3},
+]
+IMAGE_SHAPES: list[Shape] = [{"batch": 3}, {"batch": 1}, {"batch": 7}, {"batch": 32}]
+
+
+def rnn_plans(model: RNNSeq2Seq) -> list[GraphPlan]:
+    cfg = model.cfg
+
+    def enc_inputs(s: Shape, g: torch.Generator) -> tuple[Tensor, ...]:
+        return _tokens(s["batch"], s["src_len"], cfg.src_vocab, g), _mask(s["batch"], s["src_len"], g)
+
+    def step_inputs(s: Shape, g: torch.Generator) -> tuple[Tensor, ...]:
+        b, n = s["batch"], s["src_len"]
+        return (
+            _tokens(b, 1, cfg.tgt_vocab, g)[:, 0],
+            torch.randn(b, cfg.state_size, generator=g),
+            torch.randn(b, n, cfg.mem_dim, generator=g),
+            _mask(b, n, g),
+            torch.randint(0, n + 3, (b,), generator=g),
+        )
+
+    seq = {0: "batch", 1: "src_len"}
+    return [
+        GraphPlan(
+            "encoder", "encoder.onnx", _Encode(model), ["src", "src_mask"], ["memory", "init_state"],
+            {"src": seq, "src_mask": seq, "memory": seq, "init_state": {0: "batch"}}, enc_inputs, SEQ_SHAPES,
+        ),
+        GraphPlan(
+            "decoder_step", "decoder_step.onnx", _RNNStep(model),
+            ["prev_tokens", "state", "memory", "src_mask", "step"], ["logits", "new_state", "attention"],
+            {"prev_tokens": {0: "batch"}, "state": {0: "batch"}, "memory": seq, "src_mask": seq,
+             "step": {0: "batch"}, "logits": {0: "batch"}, "new_state": {0: "batch"}, "attention": seq},
+            step_inputs, SEQ_SHAPES,
+        ),
+    ]  # fmt: skip
+
+
+def transformer_plans(model: Transformer) -> list[GraphPlan]:
+    cfg = model.cfg
+
+    def enc_inputs(s: Shape, g: torch.Generator) -> tuple[Tensor, ...]:
+        return _tokens(s["batch"], s["src_len"], cfg.src_vocab, g), _mask(s["batch"], s["src_len"], g)
+
+    def step_inputs(s: Shape, g: torch.Generator) -> tuple[Tensor, ...]:
+        b, n = s["batch"], s["src_len"]
+        tokens = _tokens(b, s["tgt_len"], cfg.tgt_vocab, g)
+        return tokens, torch.randn(b, n, cfg.d_model, generator=g), _mask(b, n, g)
+
+    seq = {0: "batch", 1: "src_len"}
+    return [
+        GraphPlan(
+            "encoder", "encoder.onnx", _Encode(model), ["src", "src_mask"], ["memory"],
+            {"src": seq, "src_mask": seq, "memory": seq}, enc_inputs, SEQ_SHAPES,
+        ),
+        GraphPlan(
+            "decoder_step", "decoder_step.onnx", _TransformerStep(model),
+            ["tokens", "memory", "src_mask"], ["logits", "cross_attention"],
+            {"tokens": {0: "batch", 1: "tgt_len"}, "memory": seq, "src_mask": seq,
+             "logits": {0: "batch"}, "cross_attention": {0: "batch", 3: "src_len"}},
+            step_inputs, SEQ_SHAPES,
+        ),
+    ]  # fmt: skip
+
+
+def vit_plans(model: VisionTransformer) -> list[GraphPlan]:
+    cfg = model.cfg
+
+    def inputs(s: Shape, g: torch.Generator) -> tuple[Tensor, ...]:
+        return (torch.randn(s["batch"], cfg.channels, cfg.image_size, cfg.image_size, generator=g),)
+
+    return [
+        GraphPlan(
+            "model", "model.onnx", model, ["pixels"], ["logits", "attentions"],
+            {"pixels": {0: "batch"}, "logits": {0: "batch"}, "attentions": {0: "batch"}}, inputs, IMAGE_SHAPES,
+        )
+    ]  # fmt: skip
+
+
+def plans_for(model: nn.Module) -> list[GraphPlan]:
+    if isinstance(model, RNNSeq2Seq):
+        return rnn_plans(model)
+    if isinstance(model, Transformer):
+        return transformer_plans(model)
+    if isinstance(model, VisionTransformer):
+        return vit_plans(model)
+    raise TypeError(f"no export plan for {type(model).__name__}")

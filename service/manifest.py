@@ -1,0 +1,251 @@
+"""The model-repository manifest: the one contract between ``export/`` and ``service/``.
+
+A model repository is laid out like Triton's::
+
+    model_repository/
+      <name>/
+        <version>/            # a positive integer; the highest servable one wins by default
+          manifest.json       # validated by :class:`Manifest`
+          *.onnx              # the graphs it names
+          *_tokenizer.json    # tokenizers (translation) — names listed in the manifest
+
+Everything the service needs to run a model without PyTorch is here: which graphs exist, their
+tensors (names, dtypes, shapes with symbolic axes), how to tokenise or preprocess, and how the
+decoder step is wired. Evaluation results and export provenance ride along so that a client can
+see what it is talking to (``GET /v1/models``).
+
+This module imports neither torch nor onnxruntime.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import datetime
+from pathlib import Path
+from typing import Annotated, Literal, Self
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+MANIFEST_FILE = "manifest.json"
+
+#: Model names: what may appear in a URL path segment and a directory name, nothing else.
+NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+_FILE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+Dtype = Literal["float32", "float16", "int64", "int32", "bool", "uint8"]
+Task = Literal["translation", "image-classification"]
+Dim = int | Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+class ManifestError(ValueError):
+    """A manifest (or the directory holding it) is not a servable model."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_file_name(value: str) -> str:
+    """Files are plain names inside the version directory: no separators, no ``..``."""
+    if not _FILE_PATTERN.match(value) or ".." in value:
+        raise ValueError(f"{value!r} must be a plain file name inside the model directory")
+    return value
+
+
+class TensorSpec(_Strict):
+    """One graph input or output. Symbolic axes are strings (ONNX ``dim_param``)."""
+
+    name: str = Field(min_length=1)
+    dtype: Dtype
+    shape: list[Dim]
+
+
+class GraphSpec(_Strict):
+    """One ONNX graph file and its interface."""
+
+    file: str
+    inputs: list[TensorSpec] = Field(min_length=1)
+    outputs: list[TensorSpec] = Field(min_length=1)
+
+    _file = field_validator("file")(_check_file_name)
+
+    def input(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.inputs if t.name == name), None)
+
+    def output(self, name: str) -> TensorSpec | None:
+        return next((t for t in self.outputs if t.name == name), None)
+
+
+class TokenizerSpec(_Strict):
+    """A Hugging Face ``tokenizers`` JSON file plus the ids the decoder loop needs.
+
+    ``encode`` of the source tokenizer already appends ``eos`` (its post-processor does).
+    """
+
+    file: str
+    pad_id: int = Field(ge=0)
+    bos_id: int = Field(ge=0)
+    eos_id: int = Field(ge=0)
+    unk_id: int = Field(ge=0)
+    vocab_size: int = Field(gt=0)
+
+    _file = field_validator("file")(_check_file_name)
+
+
+class TranslationSpec(_Strict):
+    """How to run an encoder + decoder-step pair.
+
+    ``decoder`` names the step contract:
+
+    * ``rnn``: inputs ``prev_tokens`` (B,), ``state`` (B, state_size), ``memory`` (B, S, D),
+      ``src_mask`` (B, S) and optionally ``step`` (B,); outputs ``logits``, ``new_state``,
+      ``attention`` (B, S).
+    * ``transformer``: inputs ``tokens`` (B, T) — the whole prefix, BOS first — ``memory`` and
+      ``src_mask``; outputs ``logits`` for the last position and ``cross_attention``
+      (B, layers, heads, S) for it.
+    """
+
+    source_language: str
+    target_language: str
+    source_tokenizer: TokenizerSpec
+    target_tokenizer: TokenizerSpec
+    decoder: Literal["rnn", "transformer"]
+    state_size: int | None = Field(default=None, gt=0)
+    max_source_tokens: int = Field(gt=0)
+    max_target_tokens: int = Field(gt=0)
+    num_layers: int = Field(default=1, gt=0)
+    num_heads: int = Field(default=1, gt=0)
+
+    @model_validator(mode="after")
+    def _state_for_rnn(self) -> Self:
+        if self.decoder == "rnn" and self.state_size is None:
+            raise ValueError("translation.state_size is required when decoder is 'rnn'")
+        return self
+
+
+class ImageSpec(_Strict):
+    """Preprocessing for an image classifier: resize to (height, width), scale to [0, 1],
+    then ``(x - mean) / std`` per channel."""
+
+    height: int = Field(gt=0)
+    width: int = Field(gt=0)
+    channels: Literal[1, 3]
+    mean: list[float]
+    std: list[float]
+    labels: list[str] = Field(min_length=2)
+    patch_size: int = Field(gt=0)
+    num_layers: int = Field(gt=0)
+    num_heads: int = Field(gt=0)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ValueError(f"image.mean and image.std need {self.channels} values (one per channel)")
+        if any(s <= 0 for s in self.std):
+            raise ValueError("image.std values must be positive")
+        if self.height % self.patch_size or self.width % self.patch_size:
+            raise ValueError("image.height and image.width must be multiples of image.patch_size")
+        return self
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The patch grid (rows, cols) that rollout maps are laid on."""
+        return self.height // self.patch_size, self.width // self.patch_size
+
+
+class ExportInfo(_Strict):
+    """Provenance and the parity verdict of the export."""
+
+    tool_versions: dict[str, str]
+    opset: int = Field(gt=0)
+    #: max |ORT - PyTorch| per graph output over every verified shape
+    parity_max_abs_diff: dict[str, float]
+    parity_tolerance: float = Field(gt=0)
+    verified_shapes: list[dict[str, int]] = Field(min_length=3)
+    quantization: str | None = None
+
+
+class Manifest(_Strict):
+    schema_version: Literal[1] = SCHEMA_VERSION
+    name: str = Field(pattern=NAME_PATTERN)
+    version: int = Field(ge=1)
+    task: Task
+    family: str = Field(pattern=r"^[a-z0-9-]+$")
+    description: str = ""
+    graphs: dict[str, GraphSpec]
+    translation: TranslationSpec | None = None
+    image: ImageSpec | None = None
+    eval: dict[str, float] = Field(default_factory=dict)
+    #: extra evaluation context, e.g. the fp32 numbers and drift of a quantised variant
+    eval_details: dict[str, float | str] = Field(default_factory=dict)
+    export: ExportInfo
+    created_at: datetime
+    checkpoint_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+
+    @model_validator(mode="after")
+    def _task_fields(self) -> Self:
+        required = {"translation": {"encoder", "decoder_step"}, "image-classification": {"model"}}[self.task]
+        missing = required - self.graphs.keys()
+        if missing:
+            raise ValueError(f"graphs: task {self.task!r} needs graphs {sorted(missing)}")
+        if self.task == "translation" and self.translation is None:
+            raise ValueError("translation: required when task is 'translation'")
+        if self.task == "image-classification" and self.image is None:
+            raise ValueError("image: required when task is 'image-classification'")
+        return self
+
+    # -- files -------------------------------------------------------------------------------------
+
+    @classmethod
+    def load(cls, version_dir: Path) -> Manifest:
+        """Read and validate ``<version_dir>/manifest.json``; check that the files it names exist
+        and that name/version agree with the directory. Raises :class:`ManifestError`."""
+        path = version_dir / MANIFEST_FILE
+        try:
+            manifest = cls.model_validate_json(path.read_bytes())
+        except FileNotFoundError as exc:
+            raise ManifestError(f"{path}: no manifest") from exc
+        except ValidationError as exc:
+            raise ManifestError(f"{path}: invalid manifest: {_summarise(exc)}") from exc
+        if version_dir.name != str(manifest.version) or version_dir.parent.name != manifest.name:
+            raise ManifestError(
+                f"{path}: manifest says {manifest.name}/{manifest.version} but lives in "
+                f"{version_dir.parent.name}/{version_dir.name}"
+            )
+        missing = [f for f in manifest.files() if not (version_dir / f).is_file()]
+        if missing:
+            raise ManifestError(f"{path}: files named in the manifest are missing: {missing}")
+        return manifest
+
+    def files(self) -> list[str]:
+        files = [g.file for g in self.graphs.values()]
+        if self.translation is not None:
+            files += [self.translation.source_tokenizer.file, self.translation.target_tokenizer.file]
+        return sorted(set(files))
+
+    def write(self, version_dir: Path) -> Path:
+        path = version_dir / MANIFEST_FILE
+        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+        return path
+
+
+def _summarise(exc: ValidationError) -> str:
+    """One line per problem, each naming its field path — the message a human needs."""
+    parts = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "manifest"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def list_versions(repository: Path, name: str) -> list[int]:
+    """The integer version directories of ``name``, ascending. ``name`` must be a valid model name,
+    so it can never leave the repository."""
+    if not re.match(NAME_PATTERN, name):
+        raise ManifestError(f"{name!r} is not a valid model name")
+    model_dir = repository / name
+    if not model_dir.is_dir():
+        return []
+    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
