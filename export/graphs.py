@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -46,22 +47,28 @@ def _tokens(batch: int, length: int, vocab: int, gen: torch.Generator) -> Tensor
     return torch.randint(4, vocab, (batch, length), generator=gen)
 
 
-class _Encode(nn.Module):
+class _Stage(nn.Module):
+    """Exports one stage (``encode`` or ``step``) of a model as its own graph."""
+
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
-        self.model = model
+        self.model: Any = model
 
-    def forward(self, src: Tensor, src_mask: Tensor):  # type: ignore[no-untyped-def]
+
+class _Encode(_Stage):
+    def forward(self, src: Tensor, src_mask: Tensor) -> Any:
         return self.model.encode(src, src_mask)
 
 
-class _RNNStep(_Encode):
-    def forward(self, prev_tokens: Tensor, state: Tensor, memory: Tensor, src_mask: Tensor, step: Tensor):  # type: ignore[no-untyped-def,override]
+class _RNNStep(_Stage):
+    def forward(
+        self, prev_tokens: Tensor, state: Tensor, memory: Tensor, src_mask: Tensor, step: Tensor
+    ) -> Any:
         return self.model.step(prev_tokens, state, memory, src_mask, step)
 
 
-class _TransformerStep(_Encode):
-    def forward(self, tokens: Tensor, memory: Tensor, src_mask: Tensor):  # type: ignore[no-untyped-def,override]
+class _TransformerStep(_Stage):
+    def forward(self, tokens: Tensor, memory: Tensor, src_mask: Tensor) -> Any:
         return self.model.step(tokens, memory, src_mask)
 
 
@@ -93,17 +100,35 @@ def rnn_plans(model: RNNSeq2Seq) -> list[GraphPlan]:
     seq = {0: "batch", 1: "src_len"}
     return [
         GraphPlan(
-            "encoder", "encoder.onnx", _Encode(model), ["src", "src_mask"], ["memory", "init_state"],
-            {"src": seq, "src_mask": seq, "memory": seq, "init_state": {0: "batch"}}, enc_inputs, SEQ_SHAPES,
+            "encoder",
+            "encoder.onnx",
+            _Encode(model),
+            ["src", "src_mask"],
+            ["memory", "init_state"],
+            {"src": seq, "src_mask": seq, "memory": seq, "init_state": {0: "batch"}},
+            enc_inputs,
+            SEQ_SHAPES,
         ),
         GraphPlan(
-            "decoder_step", "decoder_step.onnx", _RNNStep(model),
-            ["prev_tokens", "state", "memory", "src_mask", "step"], ["logits", "new_state", "attention"],
-            {"prev_tokens": {0: "batch"}, "state": {0: "batch"}, "memory": seq, "src_mask": seq,
-             "step": {0: "batch"}, "logits": {0: "batch"}, "new_state": {0: "batch"}, "attention": seq},
-            step_inputs, SEQ_SHAPES,
+            "decoder_step",
+            "decoder_step.onnx",
+            _RNNStep(model),
+            ["prev_tokens", "state", "memory", "src_mask", "step"],
+            ["logits", "new_state", "attention"],
+            {
+                "prev_tokens": {0: "batch"},
+                "state": {0: "batch"},
+                "memory": seq,
+                "src_mask": seq,
+                "step": {0: "batch"},
+                "logits": {0: "batch"},
+                "new_state": {0: "batch"},
+                "attention": seq,
+            },
+            step_inputs,
+            SEQ_SHAPES,
         ),
-    ]  # fmt: skip
+    ]
 
 
 def transformer_plans(model: Transformer) -> list[GraphPlan]:
@@ -120,17 +145,32 @@ def transformer_plans(model: Transformer) -> list[GraphPlan]:
     seq = {0: "batch", 1: "src_len"}
     return [
         GraphPlan(
-            "encoder", "encoder.onnx", _Encode(model), ["src", "src_mask"], ["memory"],
-            {"src": seq, "src_mask": seq, "memory": seq}, enc_inputs, SEQ_SHAPES,
+            "encoder",
+            "encoder.onnx",
+            _Encode(model),
+            ["src", "src_mask"],
+            ["memory"],
+            {"src": seq, "src_mask": seq, "memory": seq},
+            enc_inputs,
+            SEQ_SHAPES,
         ),
         GraphPlan(
-            "decoder_step", "decoder_step.onnx", _TransformerStep(model),
-            ["tokens", "memory", "src_mask"], ["logits", "cross_attention"],
-            {"tokens": {0: "batch", 1: "tgt_len"}, "memory": seq, "src_mask": seq,
-             "logits": {0: "batch"}, "cross_attention": {0: "batch", 3: "src_len"}},
-            step_inputs, SEQ_SHAPES,
+            "decoder_step",
+            "decoder_step.onnx",
+            _TransformerStep(model),
+            ["tokens", "memory", "src_mask"],
+            ["logits", "cross_attention"],
+            {
+                "tokens": {0: "batch", 1: "tgt_len"},
+                "memory": seq,
+                "src_mask": seq,
+                "logits": {0: "batch"},
+                "cross_attention": {0: "batch", 3: "src_len"},
+            },
+            step_inputs,
+            SEQ_SHAPES,
         ),
-    ]  # fmt: skip
+    ]
 
 
 def vit_plans(model: VisionTransformer) -> list[GraphPlan]:
@@ -141,10 +181,16 @@ def vit_plans(model: VisionTransformer) -> list[GraphPlan]:
 
     return [
         GraphPlan(
-            "model", "model.onnx", model, ["pixels"], ["logits", "attentions"],
-            {"pixels": {0: "batch"}, "logits": {0: "batch"}, "attentions": {0: "batch"}}, inputs, IMAGE_SHAPES,
+            "model",
+            "model.onnx",
+            model,
+            ["pixels"],
+            ["logits", "attentions"],
+            {"pixels": {0: "batch"}, "logits": {0: "batch"}, "attentions": {0: "batch"}},
+            inputs,
+            IMAGE_SHAPES,
         )
-    ]  # fmt: skip
+    ]
 
 
 def plans_for(model: nn.Module) -> list[GraphPlan]:

@@ -24,7 +24,7 @@ from export.graphs import GraphPlan, Shape
 from service.manifest import GraphSpec, TensorSpec
 
 TOLERANCE = 1e-4
-_ONNX_DTYPES = {
+_ONNX_DTYPES: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.FLOAT16: "float16",
     onnx.TensorProto.INT64: "int64",
@@ -126,7 +126,9 @@ def _parity(plan: GraphPlan, path: Path, tolerance: float) -> dict[str, float]:
         got = session.run(plan.output_names, feeds)
         for name, want, have in zip(plan.output_names, expected, got, strict=True):
             if tuple(want.shape) != have.shape:
-                raise ExportVerificationError(f"{plan.file}: {name} shape {have.shape} != {tuple(want.shape)} at {shape}")
+                raise ExportVerificationError(
+                    f"{plan.file}: {name} shape {have.shape} != {tuple(want.shape)} at {shape}"
+                )
             diff = float(np.max(np.abs(want.numpy() - have))) if have.size else 0.0
             worst[name] = max(worst[name], diff)
             if not diff <= tolerance:
@@ -148,7 +150,9 @@ def graph_spec(model: onnx.ModelProto, file: str) -> GraphSpec:
             out.append(TensorSpec(name=v.name, dtype=_ONNX_DTYPES[tt.elem_type], shape=shape))  # type: ignore[arg-type]
         return out
 
-    return GraphSpec(file=file, inputs=tensors(list(model.graph.input)), outputs=tensors(list(model.graph.output)))
+    return GraphSpec(
+        file=file, inputs=tensors(list(model.graph.input)), outputs=tensors(list(model.graph.output))
+    )
 
 
 def verified_shapes(plans: list[GraphPlan]) -> list[Shape]:

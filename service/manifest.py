@@ -168,7 +168,7 @@ class ExportInfo(_Strict):
 
 
 class Manifest(_Strict):
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[1] = 1
     name: str = Field(pattern=NAME_PATTERN)
     version: int = Field(ge=1)
     task: Task
@@ -199,9 +199,10 @@ class Manifest(_Strict):
     # -- files -------------------------------------------------------------------------------------
 
     @classmethod
-    def load(cls, version_dir: Path) -> Manifest:
+    def load(cls, version_dir: Path, location: tuple[str, str] | None = None) -> Manifest:
         """Read and validate ``<version_dir>/manifest.json``; check that the files it names exist
-        and that name/version agree with the directory. Raises :class:`ManifestError`."""
+        and that name/version agree with the directory (or with ``location`` = (name, version),
+        for a directory still being staged). Raises :class:`ManifestError`."""
         path = version_dir / MANIFEST_FILE
         try:
             manifest = cls.model_validate_json(path.read_bytes())
@@ -209,10 +210,10 @@ class Manifest(_Strict):
             raise ManifestError(f"{path}: no manifest") from exc
         except ValidationError as exc:
             raise ManifestError(f"{path}: invalid manifest: {_summarise(exc)}") from exc
-        if version_dir.name != str(manifest.version) or version_dir.parent.name != manifest.name:
+        name, version = location or (version_dir.parent.name, version_dir.name)
+        if (name, version) != (manifest.name, str(manifest.version)):
             raise ManifestError(
-                f"{path}: manifest says {manifest.name}/{manifest.version} but lives in "
-                f"{version_dir.parent.name}/{version_dir.name}"
+                f"{path}: manifest says {manifest.name}/{manifest.version} but lives in {name}/{version}"
             )
         missing = [f for f in manifest.files() if not (version_dir / f).is_file()]
         if missing:

@@ -69,7 +69,7 @@ def render(date: dt.date, pattern: str, locale: str) -> tuple[str, dict[str, tup
     text = ""
     spans: dict[str, tuple[int, int]] = {}
     # parsed.format is a %-template such as "%(EEEE)s, %(d)s %(MMMM)s %(y)s"; walk it in order.
-    template = parsed.format
+    template = str(parsed.format)
     i = 0
     while i < len(template):
         if template.startswith("%(", i):

@@ -15,7 +15,7 @@ from torch import nn
 
 from export.models.rnn import SCORERS, RNNConfig, RNNSeq2Seq
 from export.models.transformer import Transformer, TransformerConfig
-from export.models.vit import ViTConfig, VisionTransformer
+from export.models.vit import VisionTransformer, ViTConfig
 
 Builder = Callable[..., nn.Module]
 REGISTRY: dict[str, Builder] = {}

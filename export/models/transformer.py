@@ -62,7 +62,10 @@ class MultiHeadAttention(nn.Module):
 class FeedForward(nn.Sequential):
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__(
-            nn.Linear(cfg.d_model, cfg.ff_dim), nn.GELU(), nn.Dropout(cfg.dropout), nn.Linear(cfg.ff_dim, cfg.d_model)
+            nn.Linear(cfg.d_model, cfg.ff_dim),
+            nn.GELU(),
+            nn.Dropout(cfg.dropout),
+            nn.Linear(cfg.ff_dim, cfg.d_model),
         )
 
 

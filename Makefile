@@ -1,0 +1,61 @@
+# One entry point. Every target creates and reuses .venv, so a fresh clone needs only Python 3.11.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+REPO   ?= model_repository
+STAMP  := $(VENV)/.installed
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+
+.PHONY: help venv dataset models models-all serve test test-fast lint typecheck clean
+
+help:
+	@echo "make serve      build the demo models if missing, then run the service on 127.0.0.1:8000"
+	@echo "make test       lint, type-check and run the whole test suite"
+	@echo "make models     build the demo model repository ($(REPO)/)"
+	@echo "make models-all also build the Luong-scorer comparison models"
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[export,serve,dev]'
+	touch $@
+
+venv: $(STAMP)
+
+# Fashion-MNIST comes from Debian's package; install it where we can, else say how.
+dataset:
+	@if [ ! -f $(FASHION_DIR)/t10k-labels-idx1-ubyte.gz ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing Debian package dataset-fashion-mnist"; \
+	    apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+	  else \
+	    echo "Fashion-MNIST is missing. Run: sudo apt-get update && sudo apt-get install -y dataset-fashion-mnist" >&2; \
+	    exit 2; \
+	  fi; \
+	fi
+
+models: $(STAMP) dataset
+	$(PY) -m export build --repository $(REPO) --skip-existing
+
+models-all: $(STAMP) dataset
+	$(PY) -m export build --repository $(REPO) --skip-existing dates-bahdanau dates-transformer fashion-vit \
+	  dates-luong-dot dates-luong-general dates-luong-concat dates-luong-local-m dates-luong-local-p
+
+serve: models
+	$(PY) -m service --repository $(REPO)
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check export service tests
+	$(VENV)/bin/ruff format --check export service tests
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy
+
+test: $(STAMP) dataset lint typecheck
+	$(PY) -m pytest -q
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -q -m "not slow"
+
+clean:
+	rm -rf build .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,70 @@
+"""Checkpoints: a directory with ``model.safetensors`` (weights + family/config metadata),
+the tokenizers a translation model needs, and ``train.json`` (what training reported).
+
+safetensors holds only tensors and string metadata, so loading a checkpoint never unpickles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+from torch import nn
+
+from export.models import build_model, model_config
+
+WEIGHTS = "model.safetensors"
+SOURCE_TOKENIZER = "source_tokenizer.json"
+TARGET_TOKENIZER = "target_tokenizer.json"
+
+
+@dataclass
+class Checkpoint:
+    recipe: str
+    family: str
+    model: nn.Module
+    source_tokenizer: Tokenizer | None = None
+    target_tokenizer: Tokenizer | None = None
+    train_info: dict[str, Any] = field(default_factory=dict)
+
+
+def save(ckpt: Checkpoint, directory: Path) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    metadata = {"recipe": ckpt.recipe, "family": ckpt.family, "config": json.dumps(model_config(ckpt.model))}
+    state = {k: v.detach().contiguous() for k, v in ckpt.model.state_dict().items()}
+    save_file(state, str(directory / WEIGHTS), metadata=metadata)
+    if ckpt.source_tokenizer is not None and ckpt.target_tokenizer is not None:
+        ckpt.source_tokenizer.save(str(directory / SOURCE_TOKENIZER))
+        ckpt.target_tokenizer.save(str(directory / TARGET_TOKENIZER))
+    (directory / "train.json").write_text(json.dumps(ckpt.train_info, indent=2) + "\n")
+    return directory
+
+
+def load(directory: Path) -> Checkpoint:
+    path = directory / WEIGHTS
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    model = build_model(meta["family"], json.loads(meta["config"]))
+    model.load_state_dict(load_file(str(path)))
+    model.eval()
+    tokenizers = [
+        Tokenizer.from_file(str(directory / name)) if (directory / name).exists() else None
+        for name in (SOURCE_TOKENIZER, TARGET_TOKENIZER)
+    ]
+    info_path = directory / "train.json"
+    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    return Checkpoint(meta["recipe"], meta["family"], model, tokenizers[0], tokenizers[1], info)
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,99 @@
+"""``attention-export`` (or ``python -m export``): a thin CLI over ``export.build``.
+
+attention-export build [RECIPE ...] [--repository DIR] [--skip-existing] [--force] [--quantize int8]
+attention-export train RECIPE [--checkpoints DIR]
+attention-export export RECIPE [--checkpoint DIR] [--version N] [--force] [--quantize int8]
+attention-export list
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from export import build, recipes
+from export.data.fashion import DatasetMissing
+from export.onnx_export import ExportVerificationError
+from export.repository import RefuseOverwrite
+from service.manifest import ManifestError
+
+DEFAULT_REPOSITORY = Path("model_repository")
+DEFAULT_CHECKPOINTS = Path("build/checkpoints")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="attention-export", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def common(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+        sp.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
+        sp.add_argument("--version", type=int, default=1)
+        sp.add_argument("--force", action="store_true", help="replace an existing version")
+        sp.add_argument("--quantize", choices=["int8"], help="also write an int8 variant <name>-int8")
+
+    b = sub.add_parser("build", help="train (if no checkpoint) and export recipes")
+    b.add_argument("recipes", nargs="*", default=list(recipes.DEFAULT))
+    b.add_argument("--skip-existing", action="store_true", help="leave versions that exist alone")
+    b.add_argument("--retrain", action="store_true", help="train even if a checkpoint exists")
+    common(b)
+    t = sub.add_parser("train", help="train a recipe into a checkpoint directory")
+    t.add_argument("recipe")
+    t.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
+    e = sub.add_parser("export", help="export a checkpoint into the repository")
+    e.add_argument("recipe")
+    e.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: CHECKPOINTS/RECIPE)")
+    common(e)
+    sub.add_parser("list", help="list the recipes")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return _run(args)
+    except (RefuseOverwrite, DatasetMissing, KeyError, ManifestError) as exc:
+        print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
+        return 2
+    except (ExportVerificationError, build.FloorNotMet) as exc:
+        print(f"refused: {exc}", file=sys.stderr)
+        return 3
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "list":
+        for r in recipes.RECIPES.values():
+            default = "*" if r.name in recipes.DEFAULT else " "
+            print(f"{default} {r.name:24} {r.family:16} {r.description}")
+        return 0
+    if args.command == "train":
+        recipe = recipes.get(args.recipe)
+        build.train(recipe, args.checkpoints / recipe.name)
+        return 0
+    if args.command == "export":
+        recipe = recipes.get(args.recipe)
+        ckpt = args.checkpoint or args.checkpoints / recipe.name
+        target = build.export(ckpt, recipe, args.repository, args.version, args.force, args.quantize)
+        print(f"wrote {target}")
+        return 0
+    selected = [recipes.get(n) for n in args.recipes]  # fail on a typo before any work
+    for recipe in selected:
+        target = args.repository / recipe.name / str(args.version)
+        if target.exists() and args.skip_existing and not args.force:
+            print(f"{target} exists, skipping")
+            continue
+        start = time.perf_counter()
+        ckpt = args.checkpoints / recipe.name
+        if args.retrain or not (ckpt / "model.safetensors").exists():
+            build.train(recipe, ckpt)
+        target = build.export(ckpt, recipe, args.repository, args.version, args.force, args.quantize)
+        print(f"wrote {target} in {time.perf_counter() - start:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

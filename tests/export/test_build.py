@@ -1,0 +1,100 @@
+"""End to end on a few hundred examples: train → checkpoint → export → evaluate → repository."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from export import checkpoint, recipes
+from export.cli import main
+from service.manifest import Manifest
+from service.translation import Translator
+
+pytestmark = pytest.mark.slow
+
+
+def test_tiny_repository_has_valid_manifests(tiny_repository: Path) -> None:
+    names = sorted(p.name for p in tiny_repository.iterdir())
+    assert names == ["dates-bahdanau", "dates-transformer", "fashion-vit", "fashion-vit-int8"]
+    for name in names:
+        manifest = Manifest.load(tiny_repository / name / "1")
+        assert manifest.eval["test_examples"] == 64
+        assert max(manifest.export.parity_max_abs_diff.values()) <= manifest.export.parity_tolerance
+        assert len(manifest.export.verified_shapes) >= 3
+        assert all(isinstance(t.shape[0], str) for g in manifest.graphs.values() for t in g.inputs)
+
+
+def test_int8_variant_records_drift_next_to_fp32(tiny_repository: Path) -> None:
+    manifest = Manifest.load(tiny_repository / "fashion-vit-int8" / "1")
+    assert manifest.export.quantization is not None
+    details = manifest.eval_details
+    assert {"fp32_accuracy", "attention_correlation", "attention_argmax_agreement"} <= details.keys()
+    assert 0.5 < float(details["attention_correlation"]) <= 1.0
+
+
+def test_exported_translator_decodes_with_attention(tiny_repository: Path) -> None:
+    for name in ("dates-bahdanau", "dates-transformer"):
+        directory = tiny_repository / name / "1"
+        manifest = Manifest.load(directory)
+        [result] = Translator(directory, manifest, ["CPUExecutionProvider"]).translate(
+            ["5 mars 2024"], beam_size=2
+        )
+        assert result.source_tokens[-1] == "</s>" and len(result.source_tokens) == len("5 mars 2024") + 1
+        assert result.attention.shape[0] == len(result.target_tokens)
+        assert result.attention.shape[-1] == len(result.source_tokens)
+        np.testing.assert_allclose(result.attention.sum(-1), 1.0, atol=1e-5)
+
+
+def test_checkpoint_round_trip_needs_no_pickle(tiny_repository: Path) -> None:
+    ckpt_dir = tiny_repository.parent / "checkpoints" / "dates-bahdanau"
+    data = (ckpt_dir / checkpoint.WEIGHTS).read_bytes()
+    header_len = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + header_len])  # safetensors: a JSON header, then raw tensors
+    assert header["__metadata__"]["family"] == "rnn-additive"
+    manifest = Manifest.load(tiny_repository / "dates-bahdanau" / "1")
+    assert manifest.checkpoint_sha256 == checkpoint.sha256(ckpt_dir / checkpoint.WEIGHTS)
+
+
+def test_cli_refuses_to_overwrite_without_force(
+    tiny_repository: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = tiny_repository.parent / "checkpoints" / "dates-bahdanau"
+    before = (tiny_repository / "dates-bahdanau" / "1" / "manifest.json").read_text()
+    code = main(["export", "dates-bahdanau", "--checkpoint", str(ckpt), "--repository", str(tiny_repository)])
+    assert code == 2
+    assert "already exists; pass --force" in capsys.readouterr().err
+    assert (tiny_repository / "dates-bahdanau" / "1" / "manifest.json").read_text() == before
+
+
+def test_cli_refuses_a_model_below_its_floor(
+    tiny_repository: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The one-epoch checkpoint misses the real recipe's 99 % floor: nothing may be written."""
+    ckpt = tiny_repository.parent / "checkpoints" / "dates-bahdanau"
+    code = main(
+        [
+            "export",
+            "dates-bahdanau",
+            "--checkpoint",
+            str(ckpt),
+            "--repository",
+            str(tiny_repository),
+            "--version",
+            "2",
+        ]
+    )
+    assert code == 3
+    assert "below the recipe's floors" in capsys.readouterr().err
+    assert not (tiny_repository / "dates-bahdanau" / "2").exists()
+    assert not any(p.name.startswith(".staging") for p in (tiny_repository / "dates-bahdanau").iterdir())
+
+
+def test_cli_lists_and_rejects_unknown_recipes(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert all(name in out for name in recipes.DEFAULT)
+    assert main(["build", "no-such-recipe"]) == 2
+    assert "unknown recipe" in capsys.readouterr().err
