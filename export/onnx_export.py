@@ -147,7 +147,7 @@ def graph_spec(model: onnx.ModelProto, file: str) -> GraphSpec:
         for v in values:
             tt = v.type.tensor_type
             shape: list[int | str] = [d.dim_param or d.dim_value for d in tt.shape.dim]
-            out.append(TensorSpec(name=v.name, dtype=_ONNX_DTYPES[tt.elem_type], shape=shape))  # type: ignore[arg-type]
+            out.append(TensorSpec(name=v.name, dtype=_ONNX_DTYPES[tt.elem_type], shape=shape))
         return out
 
     return GraphSpec(

@@ -84,7 +84,7 @@ _add(
         name="fashion-vit",
         task="image-classification",
         family="vit",
-        description="Fashion-MNIST items at random positions on a 48×48 canvas; ViT, 8×8 patches, 4 layers.",
+        description="Fashion-MNIST items at random positions on a 48×48 canvas; hybrid ViT (conv stem), 8×8 patches, 4 layers.",
         model={
             "image_size": 48,
             "patch_size": 8,
@@ -94,8 +94,9 @@ _add(
             "depth": 4,
             "heads": 4,
             "mlp_dim": 128,
+            "stem_channels": 16,
         },
-        train=TrainConfig(epochs=8, batch_size=128, lr=2e-3, warmup_steps=200, label_smoothing=0.1),
+        train=TrainConfig(epochs=6, batch_size=128, lr=2e-3, warmup_steps=200, label_smoothing=0.1),
         data={"canvas": 48, "seed": 0, "n_train": 60000, "n_test": 10000},
         floors={"accuracy": 0.85},
     )

@@ -47,28 +47,34 @@ class Translator:
         self.source_tokenizer = Tokenizer.from_file(str(directory / spec.source_tokenizer.file))
         self.target_tokenizer = Tokenizer.from_file(str(directory / spec.target_tokenizer.file))
 
-    def tokenize(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, list[list[str]]]:
-        """→ ids (B, S) padded, mask (B, S), source token strings (EOS included)."""
-        encodings = self.source_tokenizer.encode_batch(texts)
-        max_tokens = self.spec.max_source_tokens
-        rows = [
-            [*e.ids[: max_tokens - 1], self.spec.source_tokenizer.eos_id]
-            if len(e.ids) > max_tokens
-            else e.ids
-            for e in encodings
-        ]
+    def tokenize(self, text: str) -> tuple[list[int], list[str]]:
+        """→ source ids (EOS last, truncated to the model's limit) and their token strings."""
+        ids = self.source_tokenizer.encode(text).ids
+        limit = self.spec.max_source_tokens
+        if len(ids) > limit:
+            ids = [*ids[: limit - 1], self.spec.source_tokenizer.eos_id]
+        return ids, [self.source_tokenizer.id_to_token(t) or "" for t in ids]
+
+    def translate(
+        self, texts: list[str], beam_size: int = 1, max_length: int | None = None, length_penalty: float = 0.0
+    ) -> list[Translation]:
+        rows, tokens = zip(*(self.tokenize(t) for t in texts), strict=True)
+        return self.translate_ids(list(rows), list(tokens), beam_size, max_length, length_penalty)
+
+    def translate_ids(
+        self,
+        rows: list[list[int]],
+        source_tokens: list[list[str]],
+        beam_size: int = 1,
+        max_length: int | None = None,
+        length_penalty: float = 0.0,
+    ) -> list[Translation]:
+        """One padded batch through the encoder, then batched greedy/beam search."""
         width = max(len(r) for r in rows)
         ids = np.full((len(rows), width), self.spec.source_tokenizer.pad_id, dtype=np.int64)
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
         mask = np.arange(width)[None, :] < np.array([len(r) for r in rows])[:, None]
-        tokens = [[self.source_tokenizer.id_to_token(t) or "" for t in r] for r in rows]
-        return ids, mask, tokens
-
-    def translate(
-        self, texts: list[str], beam_size: int = 1, max_length: int | None = None, length_penalty: float = 0.0
-    ) -> list[Translation]:
-        ids, mask, source_tokens = self.tokenize(texts)
         encoded = self.encoder.run({"src": ids, "src_mask": mask})
         memory = encoded["memory"]
         tgt = self.spec.target_tokenizer
@@ -90,7 +96,7 @@ class Translator:
         limit = min(max_length or self.spec.max_target_tokens, self.spec.max_target_tokens)
         hyps = beam_search(
             step,
-            len(texts),
+            len(rows),
             tgt.bos_id,
             tgt.eos_id,
             limit,

@@ -1,0 +1,67 @@
+"""The service's error tree and the one table mapping it to HTTP statuses and gRPC codes.
+
+::
+
+    ServiceError                       500  INTERNAL
+    ├── InvalidInput                   422  INVALID_ARGUMENT   a field is wrong (named in the message)
+    │   └── PayloadTooLarge            413  INVALID_ARGUMENT   bytes / pixels / list length over a limit
+    ├── ModelNotFound                  404  NOT_FOUND          unknown model or version
+    ├── WrongTask                      400  INVALID_ARGUMENT   e.g. /translate on an image model
+    ├── Overloaded                     503  RESOURCE_EXHAUSTED queue full; Retry-After is set
+    ├── DeadlineExceeded               504  DEADLINE_EXCEEDED  the request's timeout passed
+    ├── NotReady                       503  UNAVAILABLE        models still loading / warming up
+    └── InferenceFailed                500  INTERNAL           the runtime raised; all callers of the batch get it
+
+Library errors are wrapped with ``raise … from exc`` at the boundary where they are understood;
+nothing else is caught and turned into "carry on".
+"""
+
+from __future__ import annotations
+
+
+class ServiceError(Exception):
+    http_status = 500
+    grpc_code = "INTERNAL"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(ServiceError):
+    http_status = 422
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class PayloadTooLarge(InvalidInput):
+    http_status = 413
+
+
+class ModelNotFound(ServiceError):
+    http_status = 404
+    grpc_code = "NOT_FOUND"
+
+
+class WrongTask(ServiceError):
+    http_status = 400
+    grpc_code = "INVALID_ARGUMENT"
+
+
+class Overloaded(ServiceError):
+    http_status = 503
+    grpc_code = "RESOURCE_EXHAUSTED"
+    retry_after_s = 1
+
+
+class DeadlineExceeded(ServiceError):
+    http_status = 504
+    grpc_code = "DEADLINE_EXCEEDED"
+
+
+class NotReady(ServiceError):
+    http_status = 503
+    grpc_code = "UNAVAILABLE"
+
+
+class InferenceFailed(ServiceError):
+    pass

@@ -1,0 +1,78 @@
+"""Service metrics, recorded through Ray Serve's metrics API so every replica's series are exported.
+
+Ray's metrics agent serves them in Prometheus format on the metrics export port
+(``Settings.metrics_port``, default 8080), prefixed ``ray_`` — beside Ray Serve's own
+``ray_serve_*`` series. Names carry their unit; labels are a small fixed set:
+
+====================================================  ===========  ==========================
+series (as scraped)                                   type         labels
+====================================================  ===========  ==========================
+ray_attention_requests_total                          counter      model, route, status
+ray_attention_request_duration_seconds                histogram    model, route
+ray_attention_queue_wait_seconds                      histogram    model
+ray_attention_compute_seconds                         histogram    model
+ray_attention_batch_size                              histogram    model
+ray_attention_tokens_generated_total                  counter      model
+ray_attention_model_info                              gauge (=1)   model, version, task, family, provider
+====================================================  ===========  ==========================
+"""
+
+from __future__ import annotations
+
+from ray.serve import metrics
+
+BATCH_BUCKETS = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]
+
+
+class IngressMetrics:
+    def __init__(self, latency_buckets: list[float]) -> None:
+        self.requests = metrics.Counter(
+            "attention_requests_total", description="Requests answered, by model, route and HTTP status.",
+            tag_keys=("model", "route", "status"),
+        )  # fmt: skip
+        self.duration = metrics.Histogram(
+            "attention_request_duration_seconds", description="Arrival at the ingress to the answer.",
+            boundaries=latency_buckets, tag_keys=("model", "route"),
+        )  # fmt: skip
+
+    def record(self, model: str, route: str, status: int, seconds: float) -> None:
+        self.requests.inc(tags={"model": model, "route": route, "status": str(status)})
+        self.duration.observe(seconds, tags={"model": model, "route": route})
+
+
+class ModelMetrics:
+    def __init__(self, model: str, latency_buckets: list[float]) -> None:
+        self.tags = {"model": model}
+        self.queue_wait = metrics.Histogram(
+            "attention_queue_wait_seconds", description="Time a request waited in the replica for its batch.",
+            boundaries=latency_buckets, tag_keys=("model",),
+        )  # fmt: skip
+        self.compute = metrics.Histogram(
+            "attention_compute_seconds", description="Inference time of one formed batch.",
+            boundaries=latency_buckets, tag_keys=("model",),
+        )  # fmt: skip
+        self.batch_size = metrics.Histogram(
+            "attention_batch_size", description="Sequences or images per formed batch.",
+            boundaries=BATCH_BUCKETS, tag_keys=("model",),
+        )  # fmt: skip
+        self.tokens = metrics.Counter(
+            "attention_tokens_generated_total", description="Target tokens generated.", tag_keys=("model",)
+        )
+        self.info = metrics.Gauge(
+            "attention_model_info", description="A loaded model (value 1).",
+            tag_keys=("model", "version", "task", "family", "provider"),  # type: ignore[arg-type]
+        )  # fmt: skip
+
+    def loaded(self, version: int, task: str, family: str, provider: str) -> None:
+        self.info.set(1, tags={**self.tags, "version": str(version), "task": task, "family": family,
+                               "provider": provider})  # fmt: skip
+
+    def batch(self, size: int, compute_s: float, waits_s: list[float]) -> None:
+        self.batch_size.observe(size, tags=self.tags)
+        self.compute.observe(compute_s, tags=self.tags)
+        for wait in waits_s:
+            self.queue_wait.observe(wait, tags=self.tags)
+
+    def generated(self, tokens: int) -> None:
+        if tokens:
+            self.tokens.inc(tokens, tags=self.tags)

@@ -1,0 +1,221 @@
+"""Runners: the per-model compute behind a deployment, in three steps (TorchServe's handler split).
+
+``preprocess(request) → work`` runs per request (validation, tokenising, image decoding);
+``infer(works) → outputs`` runs once per formed batch — a list in, a list of the same length out;
+``postprocess(work, output) → answer`` turns one output into the API's answer body.
+Nothing here knows about Ray; the deployment in ``service/app.py`` wires it to ``@serve.batch``.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from service import attention as maps
+from service.batching import group_by, length_buckets
+from service.errors import InvalidInput, PayloadTooLarge
+from service.repository import ModelEntry
+from service.schemas import AttentionMap, ClassifyRequest, Prediction, TranslateRequest, TranslationOut
+from service.settings import Limits
+from service.translation import Translation, Translator
+from service.vision import Classifier, decode_image, pixels_to_image, preprocess
+
+
+class Runner(Protocol):
+    entry: ModelEntry
+
+    def preprocess(self, request: Any) -> Any: ...
+    def infer(self, works: list[Any]) -> list[Any]: ...
+    def postprocess(self, work: Any, output: Any) -> dict[str, Any]: ...
+    def size(self, work: Any) -> int: ...
+    def warmup(self) -> None: ...
+
+
+# -- translation ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TranslateWork:
+    request: TranslateRequest
+    ids: list[list[int]]
+    tokens: list[list[str]]
+
+
+class TranslationRunner:
+    def __init__(self, entry: ModelEntry, providers: list[str], threads: int, limits: Limits) -> None:
+        self.entry = entry
+        self.limits = limits
+        self.translator = Translator(entry.directory, entry.manifest, providers, threads)
+        self.providers = self.translator.encoder.providers
+
+    def preprocess(self, request: TranslateRequest) -> TranslateWork:
+        texts = request.texts
+        if len(texts) > self.limits.max_texts:
+            raise PayloadTooLarge(f"text: {len(texts)} texts exceed the limit of {self.limits.max_texts}")
+        for i, text in enumerate(texts):
+            if len(text) > self.limits.max_text_chars:
+                raise PayloadTooLarge(
+                    f"text[{i}]: {len(text)} characters exceed the limit of {self.limits.max_text_chars}"
+                )
+        if request.beam_size > self.limits.max_beam_size:
+            raise InvalidInput(
+                f"beam_size: {request.beam_size} exceeds the limit of {self.limits.max_beam_size}"
+            )
+        ids, tokens = zip(*(self.translator.tokenize(t) for t in texts), strict=True)
+        return TranslateWork(request, list(ids), list(tokens))
+
+    def size(self, work: TranslateWork) -> int:
+        return len(work.ids)
+
+    def infer(self, works: list[TranslateWork]) -> list[list[Translation]]:
+        """Flatten every text of every request, group by decoding options, bucket by length."""
+        flat = [(w, i) for w, work in enumerate(works) for i in range(len(work.ids))]
+        results: dict[tuple[int, int], Translation] = {}
+
+        def options(item: tuple[int, int]) -> tuple[int, int | None, float]:
+            r = works[item[0]].request
+            return r.beam_size, r.max_length, r.length_penalty
+
+        for group in group_by(flat, options):
+            beam, max_length, penalty = options(flat[group[0]])
+            lengths = [len(works[flat[g][0]].ids[flat[g][1]]) for g in group]
+            for bucket in length_buckets(lengths):
+                members = [flat[group[b]] for b in bucket]
+                out = self.translator.translate_ids(
+                    [works[w].ids[i] for w, i in members],
+                    [works[w].tokens[i] for w, i in members],
+                    beam,
+                    max_length,
+                    penalty,
+                )
+                results.update(zip(members, out, strict=True))
+        return [[results[(w, i)] for i in range(len(work.ids))] for w, work in enumerate(works)]
+
+    def postprocess(self, work: TranslateWork, output: list[Translation]) -> dict[str, Any]:
+        request = work.request
+        translations = []
+        for t in output:
+            item = TranslationOut(
+                text=t.text, source_tokens=t.source_tokens, target_tokens=t.target_tokens, score=t.score,
+                finished=t.finished,
+            )  # fmt: skip
+            if request.return_attention:
+                item.attention = self._alignment(t, request)
+            translations.append(item.model_dump(exclude_none=True))
+        tokens = sum(len(t.target_tokens) for t in output)
+        return {"translations": translations, "tokens_generated": tokens}
+
+    def _alignment(self, t: Translation, request: TranslateRequest) -> AttentionMap:
+        """(target × source): the RNN's weights, or the Transformer's last layer averaged over heads."""
+        att = t.attention
+        grid = att if att.ndim == 2 else att[:, -1].mean(axis=1)  # (T, L, H, S) → (T, S)
+        amap = AttentionMap(kind="alignment", shape=list(grid.shape))
+        if request.attention_format == "png":
+            png = maps.alignment_png(grid, t.source_tokens, t.target_tokens)
+            amap.png_base64 = base64.b64encode(png).decode()
+        else:
+            amap.values = np.round(grid, 6).tolist()
+        if request.attention_layers == "all" and att.ndim == 4:
+            amap.layers = np.round(att.transpose(1, 2, 0, 3), 6).tolist()  # (layers, heads, T, S)
+        return amap
+
+    def warmup(self) -> None:
+        self.translator.translate(["warm-up 1", "warm up two"], beam_size=2, max_length=4)
+
+
+# -- image classification ------------------------------------------------------------------------
+
+
+@dataclass
+class ClassifyWork:
+    options: ClassifyRequest
+    pixels: np.ndarray  # (C, H, W) normalised
+    image: np.ndarray  # the model-sized uint8 image, for overlays
+
+
+class ClassificationRunner:
+    def __init__(self, entry: ModelEntry, providers: list[str], threads: int, limits: Limits) -> None:
+        self.entry = entry
+        self.limits = limits
+        self.classifier = Classifier(entry.directory, entry.manifest, providers, threads)
+        self.spec = self.classifier.spec
+        self.providers = self.classifier.session.providers
+
+    def preprocess(self, request: ClassifyRequest | tuple[ClassifyRequest, bytes]) -> ClassifyWork:
+        """A JSON request (base64 ``image`` or ``pixels``), or options plus uploaded file bytes."""
+        if isinstance(request, tuple):
+            options, data = request
+            image = self._decode(data, "file")
+        elif request.image is not None:
+            options = request
+            try:
+                data = base64.b64decode(request.image, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise InvalidInput("image: not valid base64") from exc
+            image = self._decode(data, "image")
+        else:
+            options = request
+            image = pixels_to_image(self._pixel_array(request.pixels))
+        pixels, resized = preprocess(image, self.spec)
+        return ClassifyWork(options, pixels, resized)
+
+    def _decode(self, data: bytes, field: str) -> Any:
+        if len(data) > self.limits.max_image_bytes:
+            raise PayloadTooLarge(
+                f"{field}: {len(data)} bytes exceed the limit of {self.limits.max_image_bytes}"
+            )
+        return decode_image(data, self.limits.max_image_pixels, field)
+
+    def _pixel_array(self, pixels: Any) -> np.ndarray:
+        try:
+            array = np.asarray(pixels, dtype=np.float64)
+        except (ValueError, TypeError) as exc:
+            raise InvalidInput("pixels: must be a rectangular array of numbers") from exc
+        if array.size > self.limits.max_image_pixels * 4:
+            raise PayloadTooLarge(f"pixels: {array.size} values exceed the limit")
+        return array
+
+    def size(self, work: ClassifyWork) -> int:
+        return 1
+
+    def infer(self, works: list[ClassifyWork]) -> list[Any]:
+        return list(self.classifier.classify(np.stack([w.pixels for w in works])))
+
+    def postprocess(self, work: ClassifyWork, output: Any) -> dict[str, Any]:
+        opts = work.options
+        probs = output.probabilities
+        top = np.argsort(-probs, kind="stable")[: min(opts.top_k, self.limits.max_top_k, len(probs))]
+        labels = self.spec.labels
+        answer: dict[str, Any] = {
+            "predictions": [
+                Prediction(label=labels[i], index=int(i), probability=float(probs[i])).model_dump()
+                for i in top
+            ]
+        }
+        if opts.return_attention:
+            relevance = maps.rollout(output.attentions, opts.head_fusion, opts.discard_ratio).reshape(
+                self.spec.grid
+            )
+            amap = AttentionMap(kind=f"rollout-{opts.head_fusion}", shape=list(relevance.shape))
+            if opts.attention_format == "png":
+                png = maps.image_overlay_png(work.image, relevance, opts.overlay_opacity)
+                amap.png_base64 = base64.b64encode(png).decode()
+            else:
+                amap.values = np.round(relevance, 6).tolist()
+            if opts.attention_layers == "all":
+                amap.layers = np.round(output.attentions, 6).tolist()
+            answer["attention"] = amap.model_dump(exclude_none=True)
+        return answer
+
+    def warmup(self) -> None:
+        blank = np.zeros((2, self.spec.channels, self.spec.height, self.spec.width), dtype=np.float32)
+        self.classifier.classify(blank)
+
+
+def make_runner(entry: ModelEntry, providers: list[str], threads: int, limits: Limits) -> Runner:
+    cls = TranslationRunner if entry.manifest.task == "translation" else ClassificationRunner
+    return cls(entry, providers, threads, limits)  # type: ignore[return-value]

@@ -1,0 +1,107 @@
+"""The service's one settings object, read once at start (environment prefix ``ATTN_``).
+
+Every knob has a default that runs the demo on a laptop; a bad value fails at start with a
+message naming the setting. Only this module reads the environment. Nested values use ``__``:
+``ATTN_LIMITS__MAX_BEAM_SIZE=8``; per-model batching is JSON:
+``ATTN_MODEL_OVERRIDES='{"fashion-vit": {"max_batch_size": 64}}'``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal, Self
+
+from pydantic import BaseModel, Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+class Batching(BaseModel):
+    max_batch_size: int = Field(32, ge=1, le=4096)
+    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
+
+
+class ModelOverride(BaseModel):
+    max_batch_size: int | None = Field(None, ge=1, le=4096)
+    batch_wait_timeout_s: float | None = Field(None, ge=0, le=10)
+    num_replicas: int | None = Field(None, ge=1, le=1024)
+
+
+class Limits(BaseModel):
+    """What one request may ask for; declared in the API schemas and the OpenAPI document."""
+
+    max_text_chars: int = Field(512, ge=1)
+    max_texts: int = Field(64, ge=1)
+    max_beam_size: int = Field(8, ge=1, le=64)
+    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    max_image_pixels: int = Field(4096 * 4096, ge=64)
+    max_top_k: int = Field(100, ge=1)
+    #: requests waiting in a model's queue beyond which new ones are shed with 503
+    max_queued_requests: int = Field(512, ge=1)
+    request_timeout_s: float = Field(30.0, gt=0)
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ATTN_", env_nested_delimiter="__", extra="forbid")
+
+    repository: Path = Path("model_repository")
+    #: models to serve (default: every valid model in the repository, highest version)
+    models: list[str] | None = None
+    host: str = "127.0.0.1"
+    http_port: int = Field(8000, ge=1, le=65535)
+    grpc_port: int = Field(9000, ge=1, le=65535)
+    #: Ray's metrics export port: the service's and Ray Serve's series are scraped here
+    metrics_port: int = Field(8080, ge=1, le=65535)
+    num_cpus: int | None = Field(None, ge=1)
+    num_replicas: int = Field(1, ge=1, le=1024)
+    #: logical CPUs Ray reserves per model replica (fractional: the demo's 3 models share 2 cores)
+    replica_num_cpus: float = Field(0.5, ge=0, le=64)
+    #: per replica; a GPU is requested only when the CUDA provider is asked for
+    num_gpus_per_replica: float = Field(0.0, ge=0, le=8)
+    providers: list[Literal["CUDAExecutionProvider", "CPUExecutionProvider"]] = ["CPUExecutionProvider"]
+    #: ORT intra-op threads per session; on a 2-core machine 1 beat 2 (one replica per core)
+    intra_op_threads: int = Field(1, ge=1, le=256)
+    batching: Batching = Batching()
+    model_overrides: dict[str, ModelOverride] = {}
+    limits: Limits = Limits()
+    #: histogram buckets (seconds) for latency metrics
+    latency_buckets_s: list[float] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        if not self.repository.is_dir():
+            raise ValueError(f"repository: {self.repository} is not a directory (run `make models` first)")
+        if len({self.http_port, self.grpc_port, self.metrics_port}) < 3:
+            raise ValueError("http_port, grpc_port and metrics_port must differ")
+        if sorted(self.latency_buckets_s) != self.latency_buckets_s or not self.latency_buckets_s:
+            raise ValueError("latency_buckets_s must be a non-empty ascending list")
+        prefix = self.model_config.get("env_prefix", "")
+        unknown = sorted(
+            key for key in os.environ
+            if key.upper().startswith(prefix) and key[len(prefix):].split("__")[0].lower() not in type(self).model_fields
+        )  # fmt: skip
+        if unknown:
+            raise ValueError(f"unknown settings in the environment (a typo?): {', '.join(unknown).lower()}")
+        return self
+
+    def batching_for(self, model: str) -> Batching:
+        override = self.model_overrides.get(model, ModelOverride())
+        return Batching(
+            max_batch_size=override.max_batch_size or self.batching.max_batch_size,
+            batch_wait_timeout_s=(
+                override.batch_wait_timeout_s
+                if override.batch_wait_timeout_s is not None
+                else self.batching.batch_wait_timeout_s
+            ),
+        )
+
+    def replicas_for(self, model: str) -> int:
+        override = self.model_overrides.get(model)
+        return override.num_replicas if override and override.num_replicas else self.num_replicas
+
+    @property
+    def use_gpu(self) -> bool:
+        return "CUDAExecutionProvider" in self.providers and self.num_gpus_per_replica > 0

@@ -1,0 +1,43 @@
+"""Bad settings fail at start with a message naming the setting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from service.settings import Settings
+
+
+def test_defaults_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("ATTN_REPOSITORY", str(tmp_path))
+    monkeypatch.setenv("ATTN_BATCHING__MAX_BATCH_SIZE", "64")
+    monkeypatch.setenv("ATTN_MODEL_OVERRIDES", '{"m": {"max_batch_size": 8, "num_replicas": 2}}')
+    s = Settings()
+    assert s.host == "127.0.0.1" and s.http_port == 8000
+    assert s.batching_for("other").max_batch_size == 64
+    assert s.batching_for("m").max_batch_size == 8 and s.replicas_for("m") == 2
+    assert not s.use_gpu
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"ATTN_HTTP_PORT": "0"}, "http_port"),
+        ({"ATTN_BATCHING__MAX_BATCH_SIZE": "0"}, "max_batch_size"),
+        ({"ATTN_PROVIDERS": '["TPUExecutionProvider"]'}, "providers"),
+        ({"ATTN_METRICS_PORT": "8000"}, "must differ"),
+        ({"ATTN_REPOSITORY": "/no/such/dir"}, "repository"),
+        ({"ATTN_LATENCY_BUCKETS_S": "[1, 0.5]"}, "ascending"),
+        ({"ATTN_NO_SUCH_SETTING": "1"}, "no_such_setting"),
+    ],
+)
+def test_bad_settings_name_the_field(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, env: dict, message: str
+) -> None:
+    monkeypatch.setenv("ATTN_REPOSITORY", str(tmp_path))
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    with pytest.raises(ValidationError, match=message):
+        Settings()
