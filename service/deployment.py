@@ -54,7 +54,9 @@ class ModelDeployment:
         self.settings = settings
         providers = choose_providers(list(settings.providers))
         self.runner = make_runner(entry, providers, settings.intra_op_threads, settings.limits)
-        self.runner.warmup()  # readiness follows construction: the replica is ready only after this
+        start = time.perf_counter()
+        self.runner.warmup()  # a replica takes traffic only once constructed, so only after this
+        self.warmup_ms = round((time.perf_counter() - start) * 1000, 3)
         batching = settings.batching_for(entry.name)
         self._batch.set_max_batch_size(batching.max_batch_size)  # type: ignore[attr-defined]
         self._batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
@@ -68,7 +70,11 @@ class ModelDeployment:
         )
 
     def info(self) -> dict[str, Any]:
-        return {"providers": list(self.runner.providers), "max_batch_size": self.max_batch_size}  # type: ignore[attr-defined]
+        return {
+            "providers": list(self.runner.providers),  # type: ignore[attr-defined]
+            "max_batch_size": self.max_batch_size,
+            "warmup_ms": self.warmup_ms,
+        }
 
     async def predict(self, request: Any) -> dict[str, Any]:
         """Preprocess here (per request), infer in a batch, postprocess here."""
@@ -111,9 +117,12 @@ def model_deployment(entry: ModelEntry, settings: Settings) -> Any:
     actor: dict[str, Any] = {"num_cpus": settings.replica_num_cpus}
     if settings.use_gpu:
         actor["num_gpus"] = settings.num_gpus_per_replica
+    scaling: dict[str, Any] = {"num_replicas": settings.replicas_for(entry.name)}
+    if settings.autoscaling is not None:
+        scaling = {"autoscaling_config": settings.autoscaling.model_dump()}
     return ModelDeployment.options(  # type: ignore[attr-defined]
         name=entry.name,
-        num_replicas=settings.replicas_for(entry.name),
+        **scaling,
         max_ongoing_requests=max(4 * batching.max_batch_size, 16),
         max_queued_requests=settings.limits.max_queued_requests,
         ray_actor_options=actor,

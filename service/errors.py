@@ -10,7 +10,7 @@
     ├── Overloaded                     503  RESOURCE_EXHAUSTED queue full; Retry-After is set
     ├── DeadlineExceeded               504  DEADLINE_EXCEEDED  the request's timeout passed
     ├── NotReady                       503  UNAVAILABLE        models still loading / warming up
-    └── InferenceFailed                500  INTERNAL           the runtime raised; all callers of the batch get it
+    └── InferenceFailed                500  INTERNAL           the runtime raised (for all callers of a batch)
 
 Library errors are wrapped with ``raise … from exc`` at the boundary where they are understood;
 nothing else is caught and turned into "carry on".

@@ -18,7 +18,15 @@ from ray import serve
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from service.errors import InvalidInput, ModelNotFound, Overloaded, PayloadTooLarge, ServiceError, WrongTask
+from service.errors import (
+    DeadlineExceeded,
+    InvalidInput,
+    ModelNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+    WrongTask,
+)
 from service.metrics import IngressMetrics
 from service.repository import ModelEntry
 from service.schemas import (
@@ -91,7 +99,8 @@ class Ingress:
             await asyncio.wait_for(self._load_info(), timeout=5)
         except (TimeoutError, Exception) as exc:  # any model not answering means not ready
             return error_response(503, f"not ready: {type(exc).__name__}")
-        return JSONResponse({"status": "ready", "models": sorted(self.handles)})
+        warmup = {name: info["warmup_ms"] for name, info in sorted(self._info.items())}
+        return JSONResponse({"status": "ready", "models": sorted(self.handles), "warmup_ms": warmup})
 
     async def _load_info(self) -> None:
         missing = [n for n in self.handles if n not in self._info]
@@ -197,10 +206,13 @@ class Ingress:
         status = 500
         try:
             entry = self._entry(name, task)
+            timeout = self.settings.limits.request_timeout_s
             try:
-                answer = await self.handles[name].predict.remote(request)
+                answer = await asyncio.wait_for(self.handles[name].predict.remote(request), timeout)
             except BackPressureError as exc:
                 raise Overloaded(f"model {name!r} is overloaded; retry later") from exc
+            except TimeoutError as exc:  # the cancelled call frees its place in the replica's batch
+                raise DeadlineExceeded(f"model {name!r} did not answer within {timeout} s") from exc
             status = 200
         except ServiceError as exc:
             status = exc.http_status

@@ -16,6 +16,7 @@ from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
+GPU_MAX_BATCH_SIZE = 128
 
 
 class Batching(BaseModel):
@@ -27,6 +28,15 @@ class ModelOverride(BaseModel):
     max_batch_size: int | None = Field(None, ge=1, le=4096)
     batch_wait_timeout_s: float | None = Field(None, ge=0, le=10)
     num_replicas: int | None = Field(None, ge=1, le=1024)
+
+
+class Autoscaling(BaseModel):
+    """Ray Serve autoscaling per model deployment; replicas scale on ongoing requests."""
+
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(4, ge=1)
+    #: ongoing requests per replica Ray aims for; a couple of full batches keeps replicas busy
+    target_ongoing_requests: float = Field(64, gt=0)
 
 
 class Limits(BaseModel):
@@ -56,6 +66,8 @@ class Settings(BaseSettings):
     metrics_port: int = Field(8080, ge=1, le=65535)
     num_cpus: int | None = Field(None, ge=1)
     num_replicas: int = Field(1, ge=1, le=1024)
+    #: when set, replicas autoscale between its bounds instead of staying at num_replicas
+    autoscaling: Autoscaling | None = None
     #: logical CPUs Ray reserves per model replica (fractional: the demo's 3 models share 2 cores)
     replica_num_cpus: float = Field(0.5, ge=0, le=64)
     #: per replica; a GPU is requested only when the CUDA provider is asked for
@@ -79,18 +91,25 @@ class Settings(BaseSettings):
         if sorted(self.latency_buckets_s) != self.latency_buckets_s or not self.latency_buckets_s:
             raise ValueError("latency_buckets_s must be a non-empty ascending list")
         prefix = self.model_config.get("env_prefix", "")
+        fields = type(self).model_fields
         unknown = sorted(
-            key for key in os.environ
-            if key.upper().startswith(prefix) and key[len(prefix):].split("__")[0].lower() not in type(self).model_fields
-        )  # fmt: skip
+            key
+            for key in os.environ
+            if key.upper().startswith(prefix) and key[len(prefix) :].split("__")[0].lower() not in fields
+        )
         if unknown:
             raise ValueError(f"unknown settings in the environment (a typo?): {', '.join(unknown).lower()}")
         return self
 
     def batching_for(self, model: str) -> Batching:
+        """The model's override, else the global setting; on a GPU an unset global batch size
+        becomes ``GPU_MAX_BATCH_SIZE`` — a GPU needs larger batches to be busy."""
         override = self.model_overrides.get(model, ModelOverride())
+        default = self.batching.max_batch_size
+        if self.use_gpu and "max_batch_size" not in self.batching.model_fields_set:
+            default = GPU_MAX_BATCH_SIZE
         return Batching(
-            max_batch_size=override.max_batch_size or self.batching.max_batch_size,
+            max_batch_size=override.max_batch_size or default,
             batch_wait_timeout_s=(
                 override.batch_wait_timeout_s
                 if override.batch_wait_timeout_s is not None

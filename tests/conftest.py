@@ -10,7 +10,7 @@ from export.data.fashion import DEBIAN_DIR
 
 #: recipe → (training examples, epochs): enough for the dates models to translate correctly,
 #: the ViT only has to be a real exported graph
-TINY = {"dates-bahdanau": (6000, 2), "dates-transformer": (6000, 3), "fashion-vit": (400, 1)}
+TINY = {"dates-bahdanau": (6000, 2), "dates-transformer": (6000, 5), "fashion-vit": (400, 1)}
 
 
 def fashion_available() -> bool:

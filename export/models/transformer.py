@@ -30,7 +30,7 @@ class TransformerConfig:
     ff_dim: int = 192  # feed-forward inner width
     enc_layers: int = 2
     dec_layers: int = 2
-    max_len: int = 128  # longest source or target sequence (learned positions)
+    max_len: int = 128  # longest source or target sequence (sinusoidal positions)
     dropout: float = 0.1
 
 
@@ -98,6 +98,16 @@ class DecoderLayer(nn.Module):
         return x + self.drop(self.ff(self.norm3(x))), cross
 
 
+def sinusoids(length: int, dim: int) -> Tensor:
+    """The fixed sinusoidal position encodings of Vaswani et al. 2017, §3.5: (length, dim)."""
+    pos = torch.arange(length, dtype=torch.float32).unsqueeze(1)  # (L, 1)
+    freq = torch.exp(torch.arange(0, dim, 2, dtype=torch.float32) * (-math.log(10000.0) / dim))  # (dim/2,)
+    table = torch.zeros(length, dim)
+    table[:, 0::2] = torch.sin(pos * freq)
+    table[:, 1::2] = torch.cos(pos * freq)
+    return table
+
+
 def padding_bias(src_mask: Tensor) -> Tensor:
     """(B, S) bool → (B, 1, 1, S) additive bias: 0 on tokens, NEG_INF on padding."""
     return torch.zeros(src_mask.shape, dtype=torch.float32).masked_fill(~src_mask, NEG_INF)[:, None, None, :]
@@ -115,8 +125,9 @@ class Transformer(nn.Module):
         self.cfg = cfg
         self.src_embed = nn.Embedding(cfg.src_vocab, cfg.d_model, padding_idx=0)
         self.tgt_embed = nn.Embedding(cfg.tgt_vocab, cfg.d_model, padding_idx=0)
-        self.src_pos = nn.Parameter(torch.randn(cfg.max_len, cfg.d_model) * 0.02)
-        self.tgt_pos = nn.Parameter(torch.randn(cfg.max_len, cfg.d_model) * 0.02)
+        for embed in (self.src_embed, self.tgt_embed):  # × √d in forward brings them to unit scale
+            nn.init.normal_(embed.weight, std=cfg.d_model**-0.5)
+        self.register_buffer("positions", sinusoids(cfg.max_len, cfg.d_model), persistent=False)
         self.encoder = nn.ModuleList(EncoderLayer(cfg) for _ in range(cfg.enc_layers))
         self.decoder = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.dec_layers))
         self.enc_norm, self.dec_norm = nn.LayerNorm(cfg.d_model), nn.LayerNorm(cfg.d_model)
@@ -126,7 +137,7 @@ class Transformer(nn.Module):
     def encode(self, src: Tensor, src_mask: Tensor) -> Tensor:
         """src, src_mask: (B, S) → memory (B, S, D)."""
         scale = math.sqrt(self.cfg.d_model)
-        x = self.drop(self.src_embed(src) * scale + self.src_pos[: src.shape[1]])  # (B, S, D)
+        x = self.drop(self.src_embed(src) * scale + self.positions[: src.shape[1]])  # (B, S, D)
         bias = padding_bias(src_mask)
         for layer in self.encoder:
             x = layer(x, bias)
@@ -135,7 +146,7 @@ class Transformer(nn.Module):
     def decode(self, tokens: Tensor, memory: Tensor, src_mask: Tensor) -> tuple[Tensor, Tensor]:
         """tokens (B, T) → logits (B, T, V), cross-attention (B, layers, heads, T, S)."""
         scale = math.sqrt(self.cfg.d_model)
-        x = self.drop(self.tgt_embed(tokens) * scale + self.tgt_pos[: tokens.shape[1]])  # (B, T, D)
+        x = self.drop(self.tgt_embed(tokens) * scale + self.positions[: tokens.shape[1]])  # (B, T, D)
         causal, src_bias = causal_bias(tokens.shape[1], x), padding_bias(src_mask)
         cross = []
         for layer in self.decoder:

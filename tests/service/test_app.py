@@ -48,6 +48,8 @@ def test_health_and_readiness(service: Service) -> None:
     ready = service.get("/readyz").json()
     assert ready["status"] == "ready"
     assert set(ready["models"]) == {"dates-bahdanau", "dates-transformer", "fashion-vit", "fashion-vit-int8"}
+    # ready means every replica finished its constructor, which ends with a real inference
+    assert set(ready["warmup_ms"]) == set(ready["models"]) and all(ms > 0 for ms in ready["warmup_ms"].values())
 
 
 def test_models_list_carries_metadata(service: Service) -> None:
@@ -246,6 +248,13 @@ def test_scrape_endpoint_shows_metrics_moving(service: Service) -> None:
 
 # -- bad input -----------------------------------------------------------------------------------
 
+JSON = {"content-type": "application/json"}
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
 BAD = [
     ("/v1/models/nope/translate", {"json": {"text": "x"}}, 404, "nope"),
     ("/v1/models/%2e%2e/translate", {"json": {"text": "x"}}, 404, "not found"),
@@ -256,17 +265,17 @@ BAD = [
     ("/v1/models/dates-bahdanau/translate", {"json": {"text": "a" * 600}}, 413, "text[0]"),
     ("/v1/models/dates-bahdanau/translate", {"json": {"text": ["a"] * 300}}, 422, "text"),
     ("/v1/models/dates-bahdanau/translate", {"json": {"txt": "a"}}, 422, "text"),
-    ("/v1/models/dates-bahdanau/translate", {"data": b"{not json", "headers": {"content-type": "application/json"}}, 422, ""),
+    ("/v1/models/dates-bahdanau/translate", {"data": b"{not json", "headers": JSON}, 422, ""),
     ("/v1/models/fashion-vit/translate", {"json": {"text": "x"}}, 400, "image-classification"),
     ("/v1/models/fashion-vit/classify", {"json": {"image": "!!!"}}, 422, "image"),
-    ("/v1/models/fashion-vit/classify", {"json": {"image": base64.b64encode(b"GIF89a-truncated").decode()}}, 422, "image"),
+    ("/v1/models/fashion-vit/classify", {"json": {"image": b64(b"GIF89a-truncated")}}, 422, "image"),
     ("/v1/models/fashion-vit/classify", {"json": {}}, 422, "exactly one"),
     ("/v1/models/fashion-vit/classify", {"json": {"pixels": [[1, 2], [3]]}}, 422, "pixels"),
     ("/v1/models/fashion-vit/classify", {"json": {"pixels": [[1, 2], [3, 999]]}}, 422, "pixels"),
     ("/v1/models/fashion-vit/classify", {"json": {"pixels": [[1, 2]], "top_k": 0}}, 422, "top_k"),
-    ("/v1/models/fashion-vit/classify", {"files": {"file": ("x.png", b"\x89PNG\r\n\x1a\nbroken", "image/png")}}, 422, "file"),
+    ("/v1/models/fashion-vit/classify", {"files": {"file": ("x.png", b"\x89PNG\r\n\x1a\nbad", "image/png")}}, 422, "file"),
     ("/v1/models/fashion-vit/classify", {"files": {"other": ("x.png", b"x", "image/png")}}, 422, "file"),
-    ("/v1/models/fashion-vit/classify", {"data": b"x", "headers": {"content-type": "text/plain"}}, 422, "content-type"),
+    ("/v1/models/fashion-vit/classify", {"data": b"x", "headers": {"content-type": "text/plain"}}, 422, "type"),
 ]  # fmt: skip
 
 
