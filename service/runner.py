@@ -118,9 +118,9 @@ class TranslationRunner:
             png = maps.alignment_png(grid, t.source_tokens, t.target_tokens)
             amap.png_base64 = base64.b64encode(png).decode()
         else:
-            amap.values = np.round(grid, 6).tolist()
+            amap.values = np.round(grid.astype(np.float64), 6).tolist()
         if request.attention_layers == "all" and att.ndim == 4:
-            amap.layers = np.round(att.transpose(1, 2, 0, 3), 6).tolist()  # (layers, heads, T, S)
+            amap.layers = np.round(att.transpose(1, 2, 0, 3).astype(np.float64), 6).tolist()  # (layers, heads, T, S)
         return amap
 
     def warmup(self) -> None:
@@ -205,9 +205,9 @@ class ClassificationRunner:
                 png = maps.image_overlay_png(work.image, relevance, opts.overlay_opacity)
                 amap.png_base64 = base64.b64encode(png).decode()
             else:
-                amap.values = np.round(relevance, 6).tolist()
+                amap.values = np.round(relevance.astype(np.float64), 6).tolist()
             if opts.attention_layers == "all":
-                amap.layers = np.round(output.attentions, 6).tolist()
+                amap.layers = np.round(output.attentions.astype(np.float64), 6).tolist()
             answer["attention"] = amap.model_dump(exclude_none=True)
         return answer
 
