@@ -35,11 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_worker_niceness", "0")
+    os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(settings.grpc_max_message_bytes)
 
     import ray
     from ray import serve
 
     from service.app import build_app
+    from service.grpc_ingress import SERVICER_FUNCTIONS
 
     app = build_app(settings)  # validates the repository before Ray starts
     ray.init(
@@ -50,7 +52,10 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": settings.host, "port": settings.http_port})
+        serve.start(
+            http_options={"host": settings.host, "port": settings.http_port},
+            grpc_options={"port": settings.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
+        )
         serve.run(app, name="attention", route_prefix="/")
         print(f"serving on http://{settings.host}:{settings.http_port} (docs at /docs); "
               f"metrics on :{settings.metrics_port}/metrics — Ctrl-C to stop", flush=True)  # fmt: skip

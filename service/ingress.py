@@ -5,87 +5,36 @@ from anywhere below arrive as :mod:`service.errors` types and leave as ``{"error
 the status from the error table.
 """
 
-import asyncio
 import json
-import time
 from typing import Any
 
-from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
+from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from ray import serve
-from ray.serve.exceptions import BackPressureError
-from ray.serve.handle import DeploymentHandle
 
+from service import kserve_routes  # noqa: F401  (registers the /v2 routes on the app)
 from service.errors import (
-    DeadlineExceeded,
     InvalidInput,
-    ModelNotFound,
-    Overloaded,
     PayloadTooLarge,
-    ServiceError,
-    WrongTask,
 )
-from service.metrics import IngressMetrics
-from service.repository import ModelEntry
+from service.grpc_ingress import GRPCMethods
+from service.http_app import app, error_response, validation_message
 from service.schemas import (
     ClassifyOptions,
     ClassifyRequest,
     ClassifyResponse,
-    ErrorBody,
     ModelInfo,
     ModelList,
     TranslateRequest,
     TranslateResponse,
 )
-from service.settings import Settings
-
-app = FastAPI(
-    title="attention-serve",
-    description='Attention models with their attention maps. Errors are `{"error": "..."}`.',
-    version="0.1.0",
-    responses={code: {"model": ErrorBody} for code in (400, 404, 413, 422, 503, 504)},
-)
-
-
-def validation_message(exc: RequestValidationError | ValidationError) -> str:
-    """One line per problem, each naming its field: ``body.beam_size: Input should be ≤ 64``."""
-    parts = []
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"] if p not in ("body",)] or ["body"]
-        parts.append(f"{'.'.join(loc)}: {err['msg']}")
-    return "; ".join(parts)
-
-
-def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-
-@app.exception_handler(RequestValidationError)
-async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
-    return error_response(422, validation_message(exc))
-
-
-@app.exception_handler(ServiceError)
-async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
-    return error_response(exc.http_status, exc.message, headers)
 
 
 @serve.deployment
 @serve.ingress(app)
-class Ingress:
-    def __init__(self, handles: dict[str, DeploymentHandle], entries: dict[str, ModelEntry],
-                 rejected: dict[str, str], settings: Settings) -> None:  # fmt: skip
-        self.handles = handles
-        self.entries = entries
-        self.rejected = rejected
-        self.settings = settings
-        self.metrics = IngressMetrics(settings.latency_buckets_s)
-        self._info: dict[str, dict[str, Any]] = {}
-        # the body limit: the largest image, base64-encoded, plus room for the JSON around it
-        self.max_body = settings.limits.max_image_bytes * 4 // 3 + 64 * 1024
+class Ingress(GRPCMethods):
+    """REST routes here; gRPC methods from the mixin; KServe v2 HTTP routes in kserve_routes."""
 
     # -- health -------------------------------------------------------------------------------
 
@@ -95,17 +44,10 @@ class Ingress:
 
     @app.get("/readyz", summary="Readiness: every model loaded and warmed up")
     async def readyz(self) -> JSONResponse:
-        try:
-            await asyncio.wait_for(self._load_info(), timeout=5)
-        except (TimeoutError, Exception) as exc:  # any model not answering means not ready
-            return error_response(503, f"not ready: {type(exc).__name__}")
+        if not await self._ready():
+            return error_response(503, "not ready: models are still loading")
         warmup = {name: info["warmup_ms"] for name, info in sorted(self._info.items())}
         return JSONResponse({"status": "ready", "models": sorted(self.handles), "warmup_ms": warmup})
-
-    async def _load_info(self) -> None:
-        missing = [n for n in self.handles if n not in self._info]
-        infos = await asyncio.gather(*(self.handles[n].info.remote() for n in missing))
-        self._info.update(zip(missing, infos, strict=True))
 
     # -- models -------------------------------------------------------------------------------
 
@@ -131,14 +73,6 @@ class Ingress:
             labels=m.image.labels if m.image else None, languages=languages, eval=m.eval,
             providers=info.get("providers"), max_batch_size=info.get("max_batch_size"),
         )  # fmt: skip
-
-    def _entry(self, name: str, task: str | None = None) -> ModelEntry:
-        entry = self.entries.get(name)
-        if entry is None:
-            raise ModelNotFound(f"model {name!r} not found; available: {sorted(self.entries)}")
-        if task and entry.manifest.task != task:
-            raise WrongTask(f"model {name!r} is a {entry.manifest.task} model, not {task}")
-        return entry
 
     # -- inference ----------------------------------------------------------------------------
 
@@ -202,24 +136,6 @@ class Ingress:
         raise InvalidInput(f"content-type: expected application/json or multipart/form-data, got {ctype!r}")
 
     async def _predict(self, name: str, task: str, route: str, request: Any) -> dict[str, Any]:
-        start = time.perf_counter()
-        status = 500
-        try:
-            entry = self._entry(name, task)
-            timeout = self.settings.limits.request_timeout_s
-            try:
-                answer = await asyncio.wait_for(self.handles[name].predict.remote(request), timeout)
-            except BackPressureError as exc:
-                raise Overloaded(f"model {name!r} is overloaded; retry later") from exc
-            except TimeoutError as exc:  # the cancelled call frees its place in the replica's batch
-                raise DeadlineExceeded(f"model {name!r} did not answer within {timeout} s") from exc
-            status = 200
-        except ServiceError as exc:
-            status = exc.http_status
-            raise
-        finally:
-            self.metrics.record(
-                name if name in self.entries else "_unknown", route, status, time.perf_counter() - start
-            )
-        answer["metrics"]["total_ms"] = round((time.perf_counter() - start) * 1000, 3)
+        entry, [answer], elapsed_ms = await self._predict_many(name, task, route, [request])
+        answer["metrics"]["total_ms"] = elapsed_ms
         return {"model": entry.name, "version": entry.version, **answer}

@@ -28,11 +28,11 @@ class IngressMetrics:
     def __init__(self, latency_buckets: list[float]) -> None:
         self.requests = metrics.Counter(
             "attention_requests_total", description="Requests answered, by model, route and HTTP status.",
-            tag_keys=("model", "route", "status"),
+            tag_keys=("model", "route", "status"),  # type: ignore[arg-type]
         )  # fmt: skip
         self.duration = metrics.Histogram(
             "attention_request_duration_seconds", description="Arrival at the ingress to the answer.",
-            boundaries=latency_buckets, tag_keys=("model", "route"),
+            boundaries=latency_buckets, tag_keys=("model", "route"),  # type: ignore[arg-type]
         )  # fmt: skip
 
     def record(self, model: str, route: str, status: int, seconds: float) -> None:

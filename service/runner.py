@@ -120,7 +120,8 @@ class TranslationRunner:
         else:
             amap.values = np.round(grid.astype(np.float64), 6).tolist()
         if request.attention_layers == "all" and att.ndim == 4:
-            amap.layers = np.round(att.transpose(1, 2, 0, 3).astype(np.float64), 6).tolist()  # (layers, heads, T, S)
+            layers = att.transpose(1, 2, 0, 3).astype(np.float64)  # (T, L, H, S) → (layers, heads, T, S)
+            amap.layers = np.round(layers, 6).tolist()
         return amap
 
     def warmup(self) -> None:
@@ -218,4 +219,4 @@ class ClassificationRunner:
 
 def make_runner(entry: ModelEntry, providers: list[str], threads: int, limits: Limits) -> Runner:
     cls = TranslationRunner if entry.manifest.task == "translation" else ClassificationRunner
-    return cls(entry, providers, threads, limits)  # type: ignore[return-value]
+    return cls(entry, providers, threads, limits)

@@ -62,6 +62,8 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
     grpc_port: int = Field(9000, ge=1, le=65535)
+    #: largest gRPC message either way: full attention tensors exceed gRPC's 4 MiB default
+    grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=4 * 1024 * 1024, le=2**31 - 1)
     #: Ray's metrics export port: the service's and Ray Serve's series are scraped here
     metrics_port: int = Field(8080, ge=1, le=65535)
     num_cpus: int | None = Field(None, ge=1)

@@ -120,6 +120,8 @@ def causal_bias(length: int, like: Tensor) -> Tensor:
 
 
 class Transformer(nn.Module):
+    positions: Tensor  # (max_len, d_model) fixed sinusoids, a non-persistent buffer
+
     def __init__(self, cfg: TransformerConfig) -> None:
         super().__init__()
         self.cfg = cfg

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from export import checkpoint, recipes
+from export import build, checkpoint, recipes
 from export.cli import main
 from service.manifest import Manifest
 from service.translation import Translator
@@ -69,27 +69,19 @@ def test_cli_refuses_to_overwrite_without_force(
     assert (tiny_repository / "dates-bahdanau" / "1" / "manifest.json").read_text() == before
 
 
-def test_cli_refuses_a_model_below_its_floor(
-    tiny_repository: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """The one-epoch checkpoint misses the real recipe's 99 % floor: nothing may be written."""
-    ckpt = tiny_repository.parent / "checkpoints" / "dates-bahdanau"
+def test_cli_refuses_a_model_below_its_floor(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A checkpoint trained on 64 examples for one epoch cannot meet the real recipe's 99 %
+    floor: export must refuse it and leave nothing behind."""
+    weak = recipes.get("dates-bahdanau").scaled(n_train=64, n_test=16, epochs=1)
+    build.train(weak, tmp_path / "weak")
+    repository = tmp_path / "repo"
     code = main(
-        [
-            "export",
-            "dates-bahdanau",
-            "--checkpoint",
-            str(ckpt),
-            "--repository",
-            str(tiny_repository),
-            "--version",
-            "2",
-        ]
+        ["export", "dates-bahdanau", "--checkpoint", str(tmp_path / "weak"), "--repository", str(repository)]
     )
     assert code == 3
     assert "below the recipe's floors" in capsys.readouterr().err
-    assert not (tiny_repository / "dates-bahdanau" / "2").exists()
-    assert not any(p.name.startswith(".staging") for p in (tiny_repository / "dates-bahdanau").iterdir())
+    assert not (repository / "dates-bahdanau" / "1").exists()
+    assert not any(p.name.startswith(".staging") for p in (repository / "dates-bahdanau").iterdir())
 
 
 def test_cli_lists_and_rejects_unknown_recipes(capsys: pytest.CaptureFixture[str]) -> None:

@@ -49,7 +49,9 @@ def test_health_and_readiness(service: Service) -> None:
     assert ready["status"] == "ready"
     assert set(ready["models"]) == {"dates-bahdanau", "dates-transformer", "fashion-vit", "fashion-vit-int8"}
     # ready means every replica finished its constructor, which ends with a real inference
-    assert set(ready["warmup_ms"]) == set(ready["models"]) and all(ms > 0 for ms in ready["warmup_ms"].values())
+    assert set(ready["warmup_ms"]) == set(ready["models"]) and all(
+        ms > 0 for ms in ready["warmup_ms"].values()
+    )
 
 
 def test_models_list_carries_metadata(service: Service) -> None:

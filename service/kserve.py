@@ -1,0 +1,319 @@
+"""The KServe v2 (Open Inference Protocol) tensor contract of our models, transport-free.
+
+HTTP (``service/kserve_http.py``) and gRPC (``service/grpc_ingress.py``) decode their wire
+formats into :class:`Tensor` objects, call :func:`to_requests` to get the same request types the
+REST API uses, run them through the same runners, and encode :func:`to_outputs` back.
+
+Translation models
+    inputs   ``TEXT`` BYTES [-1]
+    outputs  ``TRANSLATION`` BYTES [-1], ``SCORE`` FP32 [-1],
+             ``SOURCE_TOKENS`` / ``TARGET_TOKENS`` BYTES [-1, -1] (padded with ""),
+             ``ATTENTION`` FP32 [-1, -1, -1] (target × source, zero-padded; on request)
+    params   ``beam_size``, ``max_length``, ``length_penalty``, ``return_attention``
+Image classifiers
+    inputs   ``IMAGE`` BYTES [-1] (encoded images) or ``PIXELS`` UINT8/FP32 [-1, H, W(, C)]
+    outputs  ``LABELS`` BYTES [-1, k], ``INDICES`` INT64 [-1, k], ``PROBABILITIES`` FP32 [-1, k],
+             ``ROLLOUT`` FP32 [-1, rows, cols] and ``ATTENTIONS`` FP32 [-1, L, H, T, T] (on request)
+    params   ``top_k``, ``head_fusion``, ``discard_ratio``, ``return_attention``
+
+Attention outputs are computed only when the request names them in ``outputs`` or sets
+``return_attention``; unnamed, the default outputs are the first two of each list.
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from service.errors import InvalidInput
+from service.manifest import Manifest
+from service.schemas import ClassifyRequest, TranslateRequest
+
+SERVER_NAME = "attention-serve"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "model_repository_metadata", "attention_maps"]
+PLATFORM = "onnxruntime_onnx"
+
+NUMPY_OF = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "BYTES": np.object_,
+}
+DATATYPE_OF = {np.dtype(v).name: k for k, v in NUMPY_OF.items() if k != "BYTES"}
+
+TRANSLATION_OUTPUTS = ["TRANSLATION", "SCORE", "SOURCE_TOKENS", "TARGET_TOKENS", "ATTENTION"]
+IMAGE_OUTPUTS = ["LABELS", "PROBABILITIES", "INDICES", "ROLLOUT", "ATTENTIONS"]
+ATTENTION_OUTPUTS = {"ATTENTION", "ROLLOUT", "ATTENTIONS"}
+
+
+@dataclass
+class Tensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray  # BYTES: an object array of ``bytes``
+
+
+def metadata(manifest: Manifest) -> dict[str, Any]:
+    """``GET /v2/models/{name}``: the model's tensors in v2 terms."""
+    if manifest.task == "translation":
+        inputs = [{"name": "TEXT", "datatype": "BYTES", "shape": [-1]}]
+        outputs = [
+            {"name": "TRANSLATION", "datatype": "BYTES", "shape": [-1]},
+            {"name": "SCORE", "datatype": "FP32", "shape": [-1]},
+            {"name": "SOURCE_TOKENS", "datatype": "BYTES", "shape": [-1, -1]},
+            {"name": "TARGET_TOKENS", "datatype": "BYTES", "shape": [-1, -1]},
+            {"name": "ATTENTION", "datatype": "FP32", "shape": [-1, -1, -1]},
+        ]
+    else:
+        assert manifest.image is not None
+        img = manifest.image
+        rows, cols = img.grid
+        tokens = rows * cols + 1
+        inputs = [
+            {"name": "IMAGE", "datatype": "BYTES", "shape": [-1]},
+            {"name": "PIXELS", "datatype": "UINT8", "shape": [-1, img.height, img.width]},
+        ]
+        outputs = [
+            {"name": "LABELS", "datatype": "BYTES", "shape": [-1, -1]},
+            {"name": "PROBABILITIES", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "INDICES", "datatype": "INT64", "shape": [-1, -1]},
+            {"name": "ROLLOUT", "datatype": "FP32", "shape": [-1, rows, cols]},
+            {
+                "name": "ATTENTIONS",
+                "datatype": "FP32",
+                "shape": [-1, img.num_layers, img.num_heads, tokens, tokens],
+            },
+        ]
+    return {
+        "name": manifest.name,
+        "versions": [str(manifest.version)],
+        "platform": PLATFORM,
+        "inputs": inputs,
+        "outputs": outputs,
+    }
+
+
+def requested_outputs(manifest: Manifest, names: list[str], params: dict[str, Any]) -> list[str]:
+    known = TRANSLATION_OUTPUTS if manifest.task == "translation" else IMAGE_OUTPUTS
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InvalidInput(f"outputs: unknown output tensor(s) {unknown}; this model has {known}")
+    if names:
+        return names
+    return known[:2] + (known[-2:] if params.get("return_attention") else [])
+
+
+def to_requests(
+    manifest: Manifest, inputs: list[Tensor], params: dict[str, Any], outputs: list[str]
+) -> list[Any]:
+    """v2 inputs + parameters → the REST API's request objects (one per batch row for images,
+    one multi-text request for translation)."""
+    by_name = {t.name: t for t in inputs}
+    if len(by_name) != len(inputs):
+        raise InvalidInput("inputs: duplicate input names")
+    attention = bool(ATTENTION_OUTPUTS & set(outputs))
+    try:
+        if manifest.task == "translation":
+            return [_translate_request(by_name, params, attention)]
+        return _classify_requests(by_name, params, attention, "ATTENTIONS" in outputs)
+    except ValidationError as exc:
+        from service.http_app import validation_message  # one formatter for every protocol
+
+        raise InvalidInput(f"parameters: {validation_message(exc)}") from exc
+
+
+def _translate_request(
+    by_name: dict[str, Tensor], params: dict[str, Any], attention: bool
+) -> TranslateRequest:
+    text = _only_input(by_name, ["TEXT"])
+    if text.datatype != "BYTES" or text.data.ndim != 1:
+        raise InvalidInput(f"TEXT: expected BYTES with shape [-1], got {text.datatype} {text.shape}")
+    texts = [_utf8(item, "TEXT") for item in text.data]
+    options = {k: params[k] for k in ("beam_size", "max_length", "length_penalty") if k in params}
+    return TranslateRequest(text=texts, return_attention=attention, **options)
+
+
+def _classify_requests(
+    by_name: dict[str, Tensor], params: dict[str, Any], attention: bool, raw: bool
+) -> list[ClassifyRequest]:
+    tensor = _only_input(by_name, ["IMAGE", "PIXELS"])
+    options: dict[str, Any] = {k: params[k] for k in ("top_k", "head_fusion", "discard_ratio") if k in params}
+    options.update(return_attention=attention, attention_layers="all" if raw else "rollout")
+    if tensor.name == "IMAGE":
+        if tensor.datatype != "BYTES" or tensor.data.ndim != 1:
+            raise InvalidInput(f"IMAGE: expected BYTES with shape [-1], got {tensor.datatype} {tensor.shape}")
+        return [
+            ClassifyRequest(image=base64.b64encode(bytes(item)).decode(), **options) for item in tensor.data
+        ]
+    if tensor.datatype not in ("UINT8", "FP32") or tensor.data.ndim not in (3, 4):
+        raise InvalidInput(
+            f"PIXELS: expected UINT8 or FP32 [-1, H, W(, C)], got {tensor.datatype} {tensor.shape}"
+        )
+    return [ClassifyRequest(pixels=row.tolist(), **options) for row in tensor.data]
+
+
+def _only_input(by_name: dict[str, Tensor], allowed: list[str]) -> Tensor:
+    names = sorted(by_name)
+    if len(names) != 1 or names[0] not in allowed:
+        raise InvalidInput(f"inputs: expected exactly one of {allowed}, got {names}")
+    return by_name[names[0]]
+
+
+def _utf8(item: Any, name: str) -> str:
+    try:
+        return bytes(item).decode("utf-8") if not isinstance(item, str) else item
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{name}: element is not valid UTF-8") from exc
+
+
+def to_outputs(manifest: Manifest, answers: list[dict[str, Any]], names: list[str]) -> list[Tensor]:
+    """The runners' answers → the requested v2 output tensors, in the requested order."""
+    if manifest.task == "translation":
+        [answer] = answers
+        values = _translation_values(answer["translations"])
+    else:
+        values = _image_values(answers)
+    return [_tensor(name, values[name]) for name in names]
+
+
+def _translation_values(items: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    width_s = max(len(t["source_tokens"]) for t in items)
+    width_t = max(len(t["target_tokens"]) for t in items)
+    attention = np.zeros((len(items), width_t, width_s), dtype=np.float32)
+    for i, t in enumerate(items):
+        if "attention" in t:
+            grid = np.asarray(t["attention"]["values"], dtype=np.float32)
+            attention[i, : grid.shape[0], : grid.shape[1]] = grid
+    return {
+        "TRANSLATION": _bytes([t["text"] for t in items]),
+        "SCORE": np.array([t["score"] for t in items], dtype=np.float32),
+        "SOURCE_TOKENS": _bytes([_pad(t["source_tokens"], width_s) for t in items]),
+        "TARGET_TOKENS": _bytes([_pad(t["target_tokens"], width_t) for t in items]),
+        "ATTENTION": attention,
+    }
+
+
+def _image_values(answers: list[dict[str, Any]]) -> dict[str, np.ndarray]:
+    preds = [a["predictions"] for a in answers]
+    values = {
+        "LABELS": _bytes([[p["label"] for p in row] for row in preds]),
+        "PROBABILITIES": np.array([[p["probability"] for p in row] for row in preds], dtype=np.float32),
+        "INDICES": np.array([[p["index"] for p in row] for row in preds], dtype=np.int64),
+    }
+    if all("attention" in a for a in answers):
+        values["ROLLOUT"] = np.array([a["attention"]["values"] for a in answers], dtype=np.float32)
+        if all("layers" in a["attention"] for a in answers):
+            values["ATTENTIONS"] = np.array([a["attention"]["layers"] for a in answers], dtype=np.float32)
+    return values
+
+
+def _pad(tokens: list[str], width: int) -> list[str]:
+    return tokens + [""] * (width - len(tokens))
+
+
+def _bytes(values: list[Any]) -> np.ndarray:
+    array = np.array(values, dtype=np.object_)
+    return np.vectorize(lambda s: s.encode("utf-8"), otypes=[np.object_])(array) if array.size else array
+
+
+def _tensor(name: str, data: np.ndarray) -> Tensor:
+    datatype = "BYTES" if data.dtype == np.object_ else DATATYPE_OF[data.dtype.name]
+    return Tensor(name, datatype, list(data.shape), data)
+
+
+# -- BYTES serialisation (binary extension and gRPC raw contents) ---------------------------------
+
+
+def serialize_bytes(data: np.ndarray) -> bytes:
+    """Each element as a 4-byte little-endian length and its bytes, row-major."""
+    out = bytearray()
+    for item in data.ravel():
+        raw = item if isinstance(item, bytes) else str(item).encode("utf-8")
+        out += len(raw).to_bytes(4, "little") + raw
+    return bytes(out)
+
+
+def deserialize_bytes(buffer: bytes, count: int, name: str) -> np.ndarray:
+    items: list[bytes] = []
+    offset = 0
+    while offset < len(buffer):
+        if offset + 4 > len(buffer):
+            raise InvalidInput(f"{name}: truncated BYTES element header")
+        size = int.from_bytes(buffer[offset : offset + 4], "little")
+        offset += 4
+        if offset + size > len(buffer):
+            raise InvalidInput(f"{name}: BYTES element of {size} bytes overruns the tensor data")
+        items.append(buffer[offset : offset + size])
+        offset += size
+    if len(items) != count:
+        raise InvalidInput(f"{name}: shape needs {count} elements, data holds {len(items)}")
+    array = np.empty(count, dtype=np.object_)
+    array[:] = items
+    return array
+
+
+def from_raw(name: str, datatype: str, shape: Any, raw: bytes) -> Tensor:
+    """A tensor from raw little-endian bytes (binary extension, gRPC raw_input_contents)."""
+    dims = _check_shape(name, shape)
+    count = int(np.prod(dims)) if dims else 1
+    if datatype == "BYTES":
+        return Tensor(name, datatype, dims, deserialize_bytes(raw, count, name).reshape(dims))
+    dtype = _numpy_dtype(name, datatype)
+    if len(raw) != count * np.dtype(dtype).itemsize:
+        raise InvalidInput(f"{name}: {len(raw)} bytes of data do not fit shape {dims} of {datatype}")
+    return Tensor(
+        name, datatype, dims, np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(dims)
+    )
+
+
+def from_list(name: str, datatype: str, shape: Any, data: Any) -> Tensor:
+    """A tensor from JSON data (flat or nested lists; strings for BYTES)."""
+    dims = _check_shape(name, shape)
+    count = int(np.prod(dims)) if dims else 1
+    if datatype == "BYTES":
+        flat = np.array(data, dtype=np.object_).ravel()
+        if flat.size != count or not all(isinstance(x, str | bytes) for x in flat):
+            raise InvalidInput(f"{name}: BYTES data must be {count} strings for shape {dims}")
+        array = np.empty(count, dtype=np.object_)
+        array[:] = [x.encode("utf-8") if isinstance(x, str) else x for x in flat]
+        return Tensor(name, datatype, dims, array.reshape(dims))
+    dtype = _numpy_dtype(name, datatype)
+    try:
+        array = np.asarray(data, dtype=dtype).ravel()
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput(f"{name}: data is not a rectangular array of {datatype}") from exc
+    if array.size != count:
+        raise InvalidInput(f"{name}: shape {dims} needs {count} values, data holds {array.size}")
+    return Tensor(name, datatype, dims, array.reshape(dims))
+
+
+def _numpy_dtype(name: str, datatype: str) -> Any:
+    if datatype not in NUMPY_OF:
+        raise InvalidInput(f"{name}: unknown datatype {datatype!r}")
+    return NUMPY_OF[datatype]
+
+
+MAX_ELEMENTS = 64 * 1024 * 1024
+
+
+def _check_shape(name: str, shape: Any) -> list[int]:
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 8:
+        raise InvalidInput(f"{name}: shape must be a list of at most 8 non-negative integers")
+    if int(np.prod(shape, dtype=np.float64)) > MAX_ELEMENTS:
+        raise InvalidInput(f"{name}: shape {shape} is too large")
+    return list(shape)

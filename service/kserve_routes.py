@@ -1,0 +1,81 @@
+"""KServe v2 HTTP routes, mixed into the ingress (same port as the REST API).
+
+GET  /v2/health/live | /v2/health/ready | /v2
+GET  /v2/models/{name}[/versions/{version}][/ready]
+POST /v2/models/{name}[/versions/{version}]/infer      JSON or binary tensor data extension
+"""
+
+from enum import Enum
+from typing import Annotated, Any
+
+from fastapi import Depends, Request, Response
+from fastapi.responses import JSONResponse
+from ray import serve
+
+from service import kserve, kserve_http
+from service.errors import PayloadTooLarge
+from service.http_app import app, error_response
+from service.repository import ModelEntry
+from service.routing import ModelRouter
+
+V2_TAGS: list[str | Enum] = ["KServe v2"]
+
+
+def current_router() -> ModelRouter:
+    """The ingress instance serving this request (plain functions + a dependency rather than
+    inherited methods: Ray's class-based view only rewrites methods defined on the class)."""
+    return serve.get_replica_context().servable_object  # type: ignore[return-value]
+
+
+Router = Annotated[ModelRouter, Depends(current_router)]
+
+
+@app.get("/v2/health/live", tags=V2_TAGS)
+async def v2_live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@app.get("/v2/health/ready", tags=V2_TAGS)
+async def v2_ready(router: Router) -> JSONResponse:
+    if await router._ready():
+        return JSONResponse({"ready": True})
+    return error_response(503, "not ready: models are still loading")
+
+
+@app.get("/v2", tags=V2_TAGS)
+async def v2_server() -> dict[str, Any]:
+    return {"name": kserve.SERVER_NAME, "version": kserve.SERVER_VERSION, "extensions": kserve.EXTENSIONS}
+
+
+@app.get("/v2/models/{name}", tags=V2_TAGS)
+@app.get("/v2/models/{name}/versions/{version}", tags=V2_TAGS)
+async def v2_model(router: Router, name: str, version: str | None = None) -> dict[str, Any]:
+    return kserve.metadata(router._entry(name, None, version).manifest)
+
+
+@app.get("/v2/models/{name}/ready", tags=V2_TAGS)
+@app.get("/v2/models/{name}/versions/{version}/ready", tags=V2_TAGS)
+async def v2_model_ready(router: Router, name: str, version: str | None = None) -> JSONResponse:
+    entry = router._entry(name, None, version)
+    if not await router._ready():
+        return error_response(400, f"model {name!r} is not ready")
+    return JSONResponse({"name": entry.name, "ready": True})
+
+
+@app.post("/v2/models/{name}/infer", tags=V2_TAGS)
+@app.post("/v2/models/{name}/versions/{version}/infer", tags=V2_TAGS)
+async def v2_infer(router: Router, name: str, request: Request, version: str | None = None) -> Response:
+    entry: ModelEntry = router._entry(name, None, version)
+    length = request.headers.get("content-length")
+    if length and length.isdigit() and int(length) > router.max_body:
+        raise PayloadTooLarge(f"body: {length} bytes exceed the limit of {router.max_body}")
+    body = await request.body()
+    if len(body) > router.max_body:
+        raise PayloadTooLarge(f"body: {len(body)} bytes exceed the limit of {router.max_body}")
+    parsed = kserve_http.parse_request(body, request.headers.get(kserve_http.HEADER_LENGTH))
+    outputs = kserve.requested_outputs(entry.manifest, parsed.outputs, parsed.parameters)
+    requests = kserve.to_requests(entry.manifest, parsed.inputs, parsed.parameters, outputs)
+    _, answers, _ = await router._predict_many(name, None, "v2_infer", requests, version)
+    tensors = kserve.to_outputs(entry.manifest, answers, outputs)
+    content, headers = kserve_http.encode_response(entry.name, entry.version, parsed, tensors)
+    return Response(content=content, headers=headers)

@@ -1,0 +1,87 @@
+"""Routing to the model deployments: the state and the calls every protocol's ingress shares.
+
+REST (``service/ingress.py``), KServe v2 HTTP (``service/kserve_routes.py``) and gRPC
+(``service/grpc_ingress.py``) resolve a model with :meth:`ModelRouter._entry` and send requests
+with :meth:`ModelRouter._predict_many`, so deadlines, overload and metrics are the same whatever
+the protocol.
+"""
+
+import asyncio
+import time
+from typing import Any
+
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from service.errors import DeadlineExceeded, ModelNotFound, Overloaded, ServiceError, WrongTask
+from service.metrics import IngressMetrics
+from service.repository import ModelEntry
+from service.settings import Settings
+
+
+class ModelRouter:
+    def __init__(
+        self,
+        handles: dict[str, DeploymentHandle],
+        entries: dict[str, ModelEntry],
+        rejected: dict[str, str],
+        settings: Settings,
+    ) -> None:
+        self.handles = handles
+        self.entries = entries
+        self.rejected = rejected
+        self.settings = settings
+        self.metrics = IngressMetrics(settings.latency_buckets_s)
+        self._info: dict[str, dict[str, Any]] = {}
+        # the body limit: the largest image, base64-encoded, plus room for the JSON around it
+        self.max_body = settings.limits.max_image_bytes * 4 // 3 + 64 * 1024
+
+    async def _ready(self) -> bool:
+        try:
+            await asyncio.wait_for(self._load_info(), timeout=5)
+        except Exception:  # a model that does not answer its info call is not ready
+            return False
+        return True
+
+    async def _load_info(self) -> None:
+        missing = [n for n in self.handles if n not in self._info]
+        infos = await asyncio.gather(*(self.handles[n].info.remote() for n in missing))
+        self._info.update(zip(missing, infos, strict=True))
+
+    def _entry(self, name: str, task: str | None = None, version: str | None = None) -> ModelEntry:
+        """The served model ``name`` (at ``version``, when given) — a dictionary lookup, so no
+        name a client sends can reach the file system."""
+        entry = self.entries.get(name)
+        if entry is None:
+            raise ModelNotFound(f"model {name!r} not found; available: {sorted(self.entries)}")
+        if version not in (None, "", str(entry.version)):
+            raise ModelNotFound(f"model {name!r} has no version {version!r}; serving version {entry.version}")
+        if task and entry.manifest.task != task:
+            raise WrongTask(f"model {name!r} is a {entry.manifest.task} model, not {task}")
+        return entry
+
+    async def _predict_many(
+        self, name: str, task: str | None, route: str, requests: list[Any], version: str | None = None
+    ) -> tuple[ModelEntry, list[dict[str, Any]], float]:
+        """Send requests to a model's deployment concurrently (they batch there), with the
+        deadline and overload mapping every protocol shares; record the request metrics."""
+        start = time.perf_counter()
+        status = 500
+        try:
+            entry = self._entry(name, task, version)
+            timeout = self.settings.limits.request_timeout_s
+            calls = [self.handles[name].predict.remote(r) for r in requests]
+            try:
+                answers = await asyncio.wait_for(asyncio.gather(*calls), timeout)
+            except BackPressureError as exc:
+                raise Overloaded(f"model {name!r} is overloaded; retry later") from exc
+            except TimeoutError as exc:  # the cancelled calls free their places in the batch
+                raise DeadlineExceeded(f"model {name!r} did not answer within {timeout} s") from exc
+            status = 200
+        except ServiceError as exc:
+            status = exc.http_status
+            raise
+        finally:
+            label = name if name in self.entries else "_unknown"
+            self.metrics.record(label, route, status, time.perf_counter() - start)
+        return entry, answers, round((time.perf_counter() - start) * 1000, 3)
