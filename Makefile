@@ -6,7 +6,12 @@ REPO   ?= model_repository
 STAMP  := $(VENV)/.installed
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
-.PHONY: help venv dataset models models-all serve test test-fast lint typecheck clean
+TRITON_VENV ?= .venv-triton
+# tritonclient needs protobuf < 7 and its generated classes clash with ours, so the protocol tests
+# drive the service from this separate environment, in a separate process
+TRITONCLIENT := tritonclient[http,grpc]==2.73.0
+
+.PHONY: help venv dataset models models-all serve test test-fast lint typecheck protos clean
 
 help:
 	@echo "make serve      build the demo models if missing, then run the service on 127.0.0.1:8000"
@@ -21,6 +26,15 @@ $(STAMP): pyproject.toml
 	touch $@
 
 venv: $(STAMP)
+
+$(TRITON_VENV)/.installed:
+	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
+	$(TRITON_VENV)/bin/python -m pip install --quiet '$(TRITONCLIENT)'
+	touch $@
+
+# regenerate the gRPC stubs after editing service/protos/*.proto (tests check they are current)
+protos: $(STAMP)
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. service/protos/*.proto
 
 # Fashion-MNIST comes from Debian's package; install it where we can, else say how.
 dataset:
@@ -51,8 +65,8 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: $(STAMP) dataset lint typecheck
-	$(PY) -m pytest -q
+test: $(STAMP) $(TRITON_VENV)/.installed dataset lint typecheck
+	TRITON_CLIENT_PYTHON=$(TRITON_VENV)/bin/python $(PY) -m pytest -q
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"

@@ -25,6 +25,7 @@ def free_port() -> int:
 @dataclass
 class Service:
     url: str
+    grpc_target: str
     metrics_url: str
     repository: Path
     log: Path
@@ -54,7 +55,13 @@ def service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         proc = subprocess.Popen(
             [sys.executable, "-m", "service"], env=env, stdout=out, stderr=subprocess.STDOUT
         )
-    svc = Service(f"http://127.0.0.1:{http}", f"http://127.0.0.1:{metrics}/metrics", tiny_repository, log)
+    svc = Service(
+        f"http://127.0.0.1:{http}",
+        f"127.0.0.1:{grpc}",
+        f"http://127.0.0.1:{metrics}/metrics",
+        tiny_repository,
+        log,
+    )
     try:
         deadline = time.monotonic() + 180
         while True:

@@ -1,0 +1,145 @@
+"""Drive the service with tritonclient, unchanged, and print what it saw as JSON.
+
+Runs in its own environment (tritonclient needs protobuf < 7 and its generated classes clash
+with ours): ``python triton_probe.py HTTP_URL GRPC_URL IMAGE.png``. The pytest side
+(``test_kserve_clients.py``) asserts on the printed results.
+"""
+
+import json
+import queue
+import sys
+from typing import Any
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+TEXTS = ["5 mars 2024", "Tuesday, July 4, 1995", "31.12.1999"]
+
+
+def _s(value: Any) -> str:
+    """BYTES elements arrive as bytes (binary) or str (JSON)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _error(fn: Any) -> dict[str, Any]:
+    try:
+        fn()
+    except InferenceServerException as exc:
+        return {"status": str(exc.status()), "message": exc.message()}
+    return {"status": "no error"}
+
+
+def probe_http(url: str, png: bytes) -> dict[str, Any]:
+    c = httpclient.InferenceServerClient(url)
+    out: dict[str, Any] = {
+        "live": c.is_server_live(),
+        "ready": c.is_server_ready(),
+        "server": c.get_server_metadata(),
+        "model_ready": c.is_model_ready("dates-transformer"),
+        "model_ready_v1": c.is_model_ready("dates-transformer", "1"),
+        "metadata": c.get_model_metadata("fashion-vit"),
+    }
+    for binary in (False, True):
+        text = httpclient.InferInput("TEXT", [len(TEXTS)], "BYTES")
+        text.set_data_from_numpy(np.array([t.encode() for t in TEXTS], dtype=np.object_), binary_data=binary)
+        outputs = [
+            httpclient.InferRequestedOutput(n, binary_data=binary)
+            for n in ("TRANSLATION", "SCORE", "ATTENTION")
+        ]
+        r = c.infer("dates-bahdanau", [text], outputs=outputs, request_id="h1", parameters={"beam_size": 2})
+        out[f"translate_binary_{binary}"] = {
+            "id": r.get_response()["id"],
+            "text": [_s(t) for t in r.as_numpy("TRANSLATION")],
+            "score": r.as_numpy("SCORE").tolist(),
+            "attention_shape": list(r.as_numpy("ATTENTION").shape),
+            "attention_row_sums": r.as_numpy("ATTENTION").sum(-1).tolist(),
+        }
+    plain = httpclient.InferInput("TEXT", [1], "BYTES")
+    plain.set_data_from_numpy(np.array([b"3 juin 1980"], dtype=np.object_))
+    r = c.infer("dates-transformer", [plain])  # no outputs named: the defaults, binary by default
+    out["translate_defaults"] = {"outputs": [o["name"] for o in r.get_response()["outputs"]],
+                                 "text": _s(r.as_numpy("TRANSLATION")[0])}  # fmt: skip
+    image = httpclient.InferInput("IMAGE", [1], "BYTES")
+    image.set_data_from_numpy(np.array([png], dtype=np.object_))
+    wanted = [httpclient.InferRequestedOutput(n) for n in ("LABELS", "PROBABILITIES", "INDICES", "ROLLOUT")]
+    r = c.infer("fashion-vit", [image], outputs=wanted, parameters={"top_k": 3, "head_fusion": "max"})
+    out["classify_image"] = {"labels": [_s(x) for x in r.as_numpy("LABELS")[0]],
+                             "probabilities": r.as_numpy("PROBABILITIES")[0].tolist(),
+                             "rollout_shape": list(r.as_numpy("ROLLOUT").shape),
+                             "rollout_max": float(r.as_numpy("ROLLOUT").max())}  # fmt: skip
+    pixels = httpclient.InferInput("PIXELS", [2, 48, 48], "UINT8")
+    pixels.set_data_from_numpy(np.zeros((2, 48, 48), dtype=np.uint8))
+    r = c.infer("fashion-vit", [pixels], outputs=[httpclient.InferRequestedOutput("ATTENTIONS")])
+    out["classify_pixels_attentions_shape"] = list(r.as_numpy("ATTENTIONS").shape)
+    wrong = httpclient.InferInput("WRONG", [1], "BYTES")
+    wrong.set_data_from_numpy(np.array([b"x"], dtype=np.object_))
+    bad_pixels = httpclient.InferInput("PIXELS", [1, 4], "FP64")
+    bad_pixels.set_data_from_numpy(np.zeros((1, 4)))
+    out["errors"] = {
+        "unknown_model": _error(lambda: c.infer("nope", [plain])),
+        "unknown_version": _error(lambda: c.infer("dates-transformer", [plain], model_version="7")),
+        "wrong_input": _error(lambda: c.infer("dates-transformer", [wrong])),
+        "wrong_dtype": _error(lambda: c.infer("fashion-vit", [bad_pixels])),
+        "metadata_unknown": _error(lambda: c.get_model_metadata("nope")),
+    }
+    return out
+
+
+def probe_grpc(url: str, png: bytes) -> dict[str, Any]:
+    c = grpcclient.InferenceServerClient(url)
+    out: dict[str, Any] = {
+        "live": c.is_server_live(),
+        "ready": c.is_server_ready(),
+        "server": c.get_server_metadata(as_json=True),
+        "model_ready": c.is_model_ready("fashion-vit"),
+        "metadata": c.get_model_metadata("dates-bahdanau", as_json=True),
+    }
+    text = grpcclient.InferInput("TEXT", [len(TEXTS)], "BYTES")
+    text.set_data_from_numpy(np.array([t.encode() for t in TEXTS], dtype=np.object_))
+    outputs = [
+        grpcclient.InferRequestedOutput(n) for n in ("TRANSLATION", "SCORE", "TARGET_TOKENS", "ATTENTION")
+    ]
+    r = c.infer("dates-transformer", [text], outputs=outputs, request_id="g1", parameters={"beam_size": 2})
+    out["translate"] = {"id": r.get_response().id, "text": [_s(t) for t in r.as_numpy("TRANSLATION")],
+                        "score": r.as_numpy("SCORE").tolist(),
+                        "target_tokens": [[_s(t) for t in row] for row in r.as_numpy("TARGET_TOKENS")],
+                        "attention_shape": list(r.as_numpy("ATTENTION").shape)}  # fmt: skip
+    image = grpcclient.InferInput("IMAGE", [1], "BYTES")
+    image.set_data_from_numpy(np.array([png], dtype=np.object_))
+    r = c.infer("fashion-vit", [image], outputs=[grpcclient.InferRequestedOutput("LABELS"),
+                                                 grpcclient.InferRequestedOutput("ROLLOUT")])  # fmt: skip
+    out["classify"] = {"labels": [_s(x) for x in r.as_numpy("LABELS")[0]],
+                       "rollout_shape": list(r.as_numpy("ROLLOUT").shape)}  # fmt: skip
+    # streaming: two good requests and one for an unknown model, answered in order
+    results: queue.Queue = queue.Queue()
+    c.start_stream(callback=lambda result, error: results.put((result, error)))
+    for i, (model, t) in enumerate(
+        [("dates-bahdanau", "1 mai 2001"), ("nope", "x"), ("dates-transformer", "2 mai 2002")]
+    ):
+        inp = grpcclient.InferInput("TEXT", [1], "BYTES")
+        inp.set_data_from_numpy(np.array([t.encode()], dtype=np.object_))
+        c.async_stream_infer(model, [inp], request_id=f"s{i}")
+    stream = []
+    for _ in range(3):
+        result, error = results.get(timeout=60)
+        stream.append({"error": str(error) if error else None,
+                       "id": result.get_response().id if result else None,
+                       "text": _s(result.as_numpy("TRANSLATION")[0]) if result else None})  # fmt: skip
+    c.stop_stream()
+    out["stream"] = stream
+    out["errors"] = {
+        "unknown_model": _error(lambda: c.infer("nope", [text])),
+        "wrong_input": _error(lambda: c.infer("fashion-vit", [text])),
+        "unimplemented": _error(lambda: c.get_model_repository_index()),
+        "metadata_unknown": _error(lambda: c.get_model_metadata("nope")),
+    }
+    return out
+
+
+if __name__ == "__main__":
+    http_url, grpc_url, image_path = sys.argv[1:4]
+    with open(image_path, "rb") as f:
+        png = f.read()
+    print(json.dumps({"http": probe_http(http_url, png), "grpc": probe_grpc(grpc_url, png)}, default=str))
