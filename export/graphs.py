@@ -47,6 +47,15 @@ def _tokens(batch: int, length: int, vocab: int, gen: torch.Generator) -> Tensor
     return torch.randint(4, vocab, (batch, length), generator=gen)
 
 
+def _source_inputs(vocab: int) -> Callable[[Shape, torch.Generator], tuple[Tensor, ...]]:
+    """Inputs of an encoder graph: (src ids, src mask) at a shape."""
+
+    def make(s: Shape, g: torch.Generator) -> tuple[Tensor, ...]:
+        return _tokens(s["batch"], s["src_len"], vocab, g), _mask(s["batch"], s["src_len"], g)
+
+    return make
+
+
 class _Stage(nn.Module):
     """Exports one stage (``encode`` or ``step``) of a model as its own graph."""
 
@@ -84,9 +93,6 @@ IMAGE_SHAPES: list[Shape] = [{"batch": 3}, {"batch": 1}, {"batch": 7}, {"batch":
 def rnn_plans(model: RNNSeq2Seq) -> list[GraphPlan]:
     cfg = model.cfg
 
-    def enc_inputs(s: Shape, g: torch.Generator) -> tuple[Tensor, ...]:
-        return _tokens(s["batch"], s["src_len"], cfg.src_vocab, g), _mask(s["batch"], s["src_len"], g)
-
     def step_inputs(s: Shape, g: torch.Generator) -> tuple[Tensor, ...]:
         b, n = s["batch"], s["src_len"]
         return (
@@ -106,7 +112,7 @@ def rnn_plans(model: RNNSeq2Seq) -> list[GraphPlan]:
             ["src", "src_mask"],
             ["memory", "init_state"],
             {"src": seq, "src_mask": seq, "memory": seq, "init_state": {0: "batch"}},
-            enc_inputs,
+            _source_inputs(cfg.src_vocab),
             SEQ_SHAPES,
         ),
         GraphPlan(
@@ -134,9 +140,6 @@ def rnn_plans(model: RNNSeq2Seq) -> list[GraphPlan]:
 def transformer_plans(model: Transformer) -> list[GraphPlan]:
     cfg = model.cfg
 
-    def enc_inputs(s: Shape, g: torch.Generator) -> tuple[Tensor, ...]:
-        return _tokens(s["batch"], s["src_len"], cfg.src_vocab, g), _mask(s["batch"], s["src_len"], g)
-
     def step_inputs(s: Shape, g: torch.Generator) -> tuple[Tensor, ...]:
         b, n = s["batch"], s["src_len"]
         tokens = _tokens(b, s["tgt_len"], cfg.tgt_vocab, g)
@@ -151,7 +154,7 @@ def transformer_plans(model: Transformer) -> list[GraphPlan]:
             ["src", "src_mask"],
             ["memory"],
             {"src": seq, "src_mask": seq, "memory": seq},
-            enc_inputs,
+            _source_inputs(cfg.src_vocab),
             SEQ_SHAPES,
         ),
         GraphPlan(
