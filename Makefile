@@ -11,7 +11,7 @@ TRITON_VENV ?= .venv-triton
 # drive the service from this separate environment, in a separate process
 TRITONCLIENT := tritonclient[http,grpc]==2.73.0
 
-.PHONY: help venv dataset models models-all serve test test-fast lint typecheck protos clean
+.PHONY: help venv dataset system-deps models models-all serve test test-fast lint typecheck protos clean
 
 help:
 	@echo "make serve      build the demo models if missing, then run the service on 127.0.0.1:8000"
@@ -48,6 +48,16 @@ dataset:
 	  fi; \
 	fi
 
+# Debian tools the deploy tests use: Prometheus (server + promtool) and docker-compose (config only)
+system-deps:
+	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -qq && apt-get install -y -qq prometheus docker-compose; \
+	  else \
+	    echo "missing promtool/docker-compose. Run: sudo apt-get install -y prometheus docker-compose" >&2; exit 2; \
+	  fi; \
+	fi
+
 models: $(STAMP) dataset
 	$(PY) -m export build --repository $(REPO) --skip-existing
 
@@ -65,7 +75,7 @@ lint: $(STAMP)
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy
 
-test: $(STAMP) $(TRITON_VENV)/.installed dataset lint typecheck
+test: $(STAMP) $(TRITON_VENV)/.installed dataset system-deps lint typecheck
 	TRITON_CLIENT_PYTHON=$(TRITON_VENV)/bin/python $(PY) -m pytest -q
 
 test-fast: $(STAMP)

@@ -44,10 +44,13 @@ def main(argv: list[str] | None = None) -> int:
     from service.grpc_ingress import SERVICER_FUNCTIONS
 
     app = build_app(settings)  # validates the repository before Ray starts
-    ray.init(
-        address="local", num_cpus=settings.num_cpus or os.cpu_count(), include_dashboard=False,
-        _metrics_export_port=settings.metrics_port, logging_level=logging.WARNING,
-    )  # fmt: skip
+    if settings.ray_address is None:  # a private Ray for this process, stopped with it
+        ray.init(
+            address="local", num_cpus=settings.num_cpus or os.cpu_count(), include_dashboard=False,
+            _metrics_export_port=settings.metrics_port, logging_level=logging.WARNING,
+        )  # fmt: skip
+    else:  # a cluster started with `ray start`: its nodes export metrics on their own ports
+        ray.init(address=settings.ray_address, logging_level=logging.WARNING)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())

@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import ray
 from ray import serve
 
 from service.errors import InferenceFailed, ServiceError
@@ -65,6 +66,7 @@ class ModelDeployment:
         provider = self.runner.providers[0]  # type: ignore[attr-defined]
         self.metrics.loaded(entry.version, entry.manifest.task, entry.manifest.family, provider)
         self.replica = serve.get_replica_context().replica_id.unique_id
+        self.node = ray.get_runtime_context().get_node_id()[:12]
         log.info(
             "%s v%s ready on %s, batch ≤ %d", entry.name, entry.version, provider, batching.max_batch_size
         )
@@ -89,6 +91,7 @@ class ModelDeployment:
             "batch_size": done.batch_size,
             "tokens_generated": answer.pop("tokens_generated", None),
             "replica": self.replica,
+            "node": self.node,
         }
         return answer
 
@@ -120,6 +123,8 @@ def model_deployment(entry: ModelEntry, settings: Settings) -> Any:
     scaling: dict[str, Any] = {"num_replicas": settings.replicas_for(entry.name)}
     if settings.autoscaling is not None:
         scaling = {"autoscaling_config": settings.autoscaling.model_dump()}
+    if settings.max_replicas_per_node is not None:
+        scaling["max_replicas_per_node"] = settings.max_replicas_per_node
     return ModelDeployment.options(  # type: ignore[attr-defined]
         name=entry.name,
         **scaling,

@@ -93,6 +93,7 @@ class Metrics(BaseModel):
     batch_size: int = Field(description="sequences or images in the batch it ran in")
     tokens_generated: int | None = None
     replica: str | None = None
+    node: str | None = Field(None, description="the Ray node the replica runs on (first 12 hex digits)")
 
 
 class AttentionMap(BaseModel):

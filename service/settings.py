@@ -66,7 +66,12 @@ class Settings(BaseSettings):
     grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=4 * 1024 * 1024, le=2**31 - 1)
     #: Ray's metrics export port: the service's and Ray Serve's series are scraped here
     metrics_port: int = Field(8080, ge=1, le=65535)
+    #: None: start a private local Ray (``make serve``); "auto" or "host:port": join that cluster
+    #: (containers: deploy/entrypoint.sh starts a head; workers join it and take replicas)
+    ray_address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
+    #: spread replicas: at most this many of one deployment per node
+    max_replicas_per_node: int | None = Field(None, ge=1)
     num_replicas: int = Field(1, ge=1, le=1024)
     #: when set, replicas autoscale between its bounds instead of staying at num_replicas
     autoscaling: Autoscaling | None = None

@@ -1,0 +1,19 @@
+#!/bin/sh
+# Container entrypoint.
+#   attention-serve            a Ray head on this container (GCS 6379, metrics 8080), then the service
+#   attention-serve worker     a Ray worker joining $RAY_HEAD (default serve:6379): more replicas
+set -eu
+case "${1:-serve}" in
+  worker)
+    exec ray start --address="${RAY_HEAD:-serve:6379}" --metrics-export-port=8080 --block --disable-usage-stats
+    ;;
+  serve)
+    ray start --head --port=6379 --metrics-export-port="${ATTN_METRICS_PORT:-8080}" \
+      --include-dashboard=false --disable-usage-stats --num-cpus="${ATTN_NUM_CPUS:-$(nproc)}"
+    export ATTN_RAY_ADDRESS=auto
+    exec python -m service
+    ;;
+  *)
+    exec "$@"
+    ;;
+esac
