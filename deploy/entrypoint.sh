@@ -3,6 +3,9 @@
 #   attention-serve            a Ray head on this container (GCS 6379, metrics 8080), then the service
 #   attention-serve worker     a Ray worker joining $RAY_HEAD (default serve:6379): more replicas
 set -eu
+# Ray 2.60 clusters authenticate with a token: the head writes ~/.ray/auth_token, which
+# docker-compose shares with the workers through the ray-auth volume.
+export RAY_AUTH_MODE=token
 case "${1:-serve}" in
   worker)
     exec ray start --address="${RAY_HEAD:-serve:6379}" --metrics-export-port=8080 --block --disable-usage-stats

@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     #: (containers: deploy/entrypoint.sh starts a head; workers join it and take replicas)
     ray_address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
+    #: where Ray Serve runs HTTP/gRPC proxies: every node (a load balancer in front) or the head
+    proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     #: spread replicas: at most this many of one deployment per node
     max_replicas_per_node: int | None = Field(None, ge=1)
     num_replicas: int = Field(1, ge=1, le=1024)

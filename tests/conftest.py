@@ -1,10 +1,20 @@
-"""Shared fixtures: a tiny model repository built once per session by the real pipeline."""
+"""Shared fixtures: a tiny model repository built once per session by the real pipeline, and the
+service running on it (``python -m service`` on loopback), started once per session."""
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import requests
 
 from export.data.fashion import DEBIAN_DIR
 
@@ -37,3 +47,72 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
             quantize="int8" if name == "fashion-vit" else None,
         )
     return repository
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class Service:
+    url: str
+    grpc_target: str
+    metrics_url: str
+    repository: Path
+    log: Path
+
+    def get(self, path: str, **kw: object) -> requests.Response:
+        return requests.get(self.url + path, timeout=30, **kw)  # type: ignore[arg-type]
+
+    def post(self, path: str, **kw: object) -> requests.Response:
+        return requests.post(self.url + path, timeout=60, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="session")
+def service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    http, grpc, metrics = free_port(), free_port(), free_port()
+    log = tmp_path_factory.mktemp("service") / "service.log"
+    env = {
+        **os.environ,
+        "ATTN_REPOSITORY": str(tiny_repository),
+        "ATTN_HTTP_PORT": str(http),
+        "ATTN_GRPC_PORT": str(grpc),
+        "ATTN_METRICS_PORT": str(metrics),
+        "ATTN_NUM_CPUS": "4",
+        "ATTN_BATCHING__BATCH_WAIT_TIMEOUT_S": "0.02",
+        "RAY_USAGE_STATS_ENABLED": "0",
+    }
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "service"], env=env, stdout=out, stderr=subprocess.STDOUT
+        )
+    svc = Service(
+        f"http://127.0.0.1:{http}",
+        f"127.0.0.1:{grpc}",
+        f"http://127.0.0.1:{metrics}/metrics",
+        tiny_repository,
+        log,
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"service exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+            try:
+                if svc.get("/readyz").status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"service not ready after 180 s:\n{log.read_text()[-4000:]}")
+            time.sleep(0.5)
+        yield svc
+    finally:
+        proc.send_signal(signal.SIGINT)  # our own child: serve.shutdown(); ray.shutdown()
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

@@ -66,9 +66,10 @@ def test_every_build_and_mounted_path_exists() -> None:
     assert {"models", "prometheus-data", "grafana-data"} <= set(cfg["volumes"])
 
 
-def test_model_repository_mount_is_shared_and_overridable() -> None:
+def test_model_repository_and_cluster_token_are_shared_with_workers() -> None:
     cfg = config()
     for name in ("serve", "serve-gpu", "ray-worker"):
         assert volumes(cfg["services"][name])["/models"] == "models"
+        assert volumes(cfg["services"][name])["/home/serve/.ray"] == "ray-auth"
     raw = (ROOT / "docker-compose.yml").read_text()
     assert "${MODEL_REPOSITORY:-models}:/models" in raw

@@ -19,7 +19,7 @@ from service.attention import rollout
 from service.manifest import Manifest
 from service.translation import Translator
 from service.vision import Classifier, preprocess
-from tests.service.conftest import Service
+from tests.conftest import Service
 
 pytestmark = pytest.mark.slow
 CPU = ["CPUExecutionProvider"]

@@ -17,7 +17,7 @@ from service.manifest import Manifest
 from service.protos import attention_pb2 as apb
 from service.protos import attention_pb2_grpc as apb_grpc
 from service.translation import Translator
-from tests.service.conftest import Service
+from tests.conftest import Service
 from tests.service.test_app import canvas_png
 
 pytestmark = pytest.mark.slow

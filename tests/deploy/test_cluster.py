@@ -1,0 +1,104 @@
+"""Scale-out: a second Ray node (``ray start`` on loopback, its own ports, stopped by PID) joins the
+head; with at most one replica per node, the model's two replicas land on both and both serve."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import requests
+
+from tests.conftest import free_port
+
+pytestmark = pytest.mark.slow
+RAY = Path(sys.executable).with_name("ray")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop a process we started, by PID: SIGINT (graceful), then SIGTERM, then SIGKILL."""
+    for sig, wait in ((signal.SIGINT, 60), (signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        if proc.poll() is not None:
+            return
+        proc.send_signal(sig)
+        try:
+            proc.wait(timeout=wait)
+        except subprocess.TimeoutExpired:
+            continue
+
+
+#: Ray 2.60 clusters started with `ray start` require token authentication; every process of
+#: this one (head, worker, the service as a driver) shares one random token through the env
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0", "RAY_AUTH_MODE": "token",
+           "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # fmt: skip
+
+
+def ray_node(args: list[str], log: Path, worker_ports: int) -> subprocess.Popen:
+    """``worker_ports`` starts a 200-port range below the ephemeral range, so that no port picked
+    by :func:`free_port` for the node's other components can fall inside it."""
+    ports = {
+        "--node-manager-port": free_port(), "--object-manager-port": free_port(),
+        "--metrics-export-port": free_port(), "--dashboard-agent-listen-port": free_port(),
+        "--dashboard-agent-grpc-port": free_port(), "--runtime-env-agent-port": free_port(),
+    }  # fmt: skip
+    cmd = [str(RAY), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats",
+           f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 199}",
+           *[f"{k}={v}" for k, v in ports.items()], *args]  # fmt: skip
+    return subprocess.Popen(
+        cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **RAY_ENV}
+    )
+
+
+@pytest.fixture(scope="module")
+def two_node_service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    tmp = tmp_path_factory.mktemp("cluster")
+    gcs = free_port()
+    ports = 20000 + (os.getpid() % 25) * 400  # two disjoint ranges in 20000–29999
+    started: list[subprocess.Popen] = []
+    try:
+        started.append(ray_node(["--head", f"--port={gcs}", f"--temp-dir={tmp / 'ray'}", "--include-dashboard=false",
+                                 f"--ray-client-server-port={free_port()}"], tmp / "head.log", ports))  # fmt: skip
+        time.sleep(5)
+        started.append(ray_node([f"--address=127.0.0.1:{gcs}"], tmp / "worker.log", ports + 200))
+        http = free_port()
+        env = {
+            **os.environ, **RAY_ENV, "ATTN_REPOSITORY": str(tiny_repository),
+            "ATTN_RAY_ADDRESS": f"127.0.0.1:{gcs}", "ATTN_MODELS": '["dates-bahdanau"]', "ATTN_NUM_REPLICAS": "2",
+            "ATTN_MAX_REPLICAS_PER_NODE": "1", "ATTN_PROXY_LOCATION": "HeadOnly", "ATTN_HTTP_PORT": str(http),
+            "ATTN_GRPC_PORT": str(free_port()), "ATTN_METRICS_PORT": str(free_port()),
+        }  # fmt: skip
+        service = subprocess.Popen([sys.executable, "-m", "service"], env=env, stdout=(tmp / "service.log").open("wb"),
+                                   stderr=subprocess.STDOUT)  # fmt: skip
+        started.append(service)
+        url = f"http://127.0.0.1:{http}"
+        deadline = time.monotonic() + 240
+        while True:
+            try:
+                if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            logs = {p.name: p.read_text()[-1500:] for p in tmp.glob("*.log")}
+            assert service.poll() is None and time.monotonic() < deadline, logs
+            time.sleep(1)
+        yield url
+    finally:
+        for proc in reversed(started):  # the service disconnects first, then the worker, then the head
+            stop(proc)
+
+
+def test_replicas_on_both_nodes_serve_requests(two_node_service: str) -> None:
+    nodes, replicas = set(), set()
+    for i in range(40):
+        body = requests.post(f"{two_node_service}/v1/models/dates-bahdanau/translate",
+                             json={"text": f"{i % 28 + 1} mars 2001"}, timeout=60).json()  # fmt: skip
+        assert body["translations"][0]["text"] == f"2001-03-{i % 28 + 1:02d}"
+        nodes.add(body["metrics"]["node"])
+        replicas.add(body["metrics"]["replica"])
+    assert len(replicas) == 2 and len(nodes) == 2, (replicas, nodes)

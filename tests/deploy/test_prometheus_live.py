@@ -1,0 +1,122 @@
+"""A real Prometheus (Debian's) scrapes the running service with the project's own config; the
+dashboard's and the alert rules' PromQL all evaluate there and name only series that exist."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import yaml
+
+from tests.conftest import Service, free_port
+from tests.service.test_app import canvas_png
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[2]
+PROMETHEUS = shutil.which("prometheus")
+
+
+@pytest.fixture(scope="module")
+def prometheus(service: Service, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    if PROMETHEUS is None:
+        pytest.fail("prometheus is missing: `make system-deps` installs Debian's prometheus")
+    workdir = tmp_path_factory.mktemp("prometheus")
+    config = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
+    config["rule_files"] = [str(ROOT / "deploy" / "prometheus" / f) for f in config["rule_files"]]
+    [job] = config["scrape_configs"]
+    job["static_configs"][0]["targets"] = [
+        service.metrics_url.removeprefix("http://").removesuffix("/metrics")
+    ]
+    (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
+    port = free_port()
+    proc = subprocess.Popen(
+        [PROMETHEUS, f"--config.file={workdir / 'prometheus.yml'}", f"--storage.tsdb.path={workdir / 'data'}",
+         f"--web.listen-address=127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL, stderr=(workdir / "log").open("wb"),
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if requests.get(f"{url}/-/ready", timeout=2).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            assert proc.poll() is None and time.monotonic() < deadline, (workdir / "log").read_text()[-2000:]
+            time.sleep(0.5)
+        yield url
+    finally:
+        proc.terminate()  # our own child, by PID
+        proc.wait(timeout=30)
+
+
+def query(url: str, expr: str) -> dict[str, Any]:
+    body = requests.get(f"{url}/api/v1/query", params={"query": expr}, timeout=10).json()
+    assert body["status"] == "success", f"{expr}: {body}"
+    return body["data"]
+
+
+def wait_for(url: str, expr: str, timeout: float = 90) -> list[Any]:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = query(url, expr)["result"]
+        if result:
+            return result
+        time.sleep(2)
+    pytest.fail(f"no samples for {expr} after {timeout} s")
+
+
+def traffic(service: Service) -> None:
+    for i in range(6):
+        service.post(
+            "/v1/models/dates-bahdanau/translate", json={"text": [f"{i + 1} mai 2001", "2 juin 2002"]}
+        )
+        service.post("/v1/models/dates-transformer/translate", json={"text": f"{i + 1} mars 1999"})
+        service.post(
+            "/v1/models/fashion-vit/classify", files={"file": ("x.png", canvas_png(i)[0], "image/png")}
+        )
+    service.post("/v1/models/nope/translate", json={"text": "x"})
+
+
+def test_service_series_arrive_in_prometheus(service: Service, prometheus: str) -> None:
+    traffic(service)
+    assert wait_for(prometheus, 'up{job="attention-serve"} == 1')
+    requests_ = wait_for(prometheus, "sum by (model, route, status) (ray_attention_requests_total)")
+    seen = {(r["metric"]["model"], r["metric"]["route"], r["metric"]["status"]) for r in requests_}
+    assert ("dates-bahdanau", "translate", "200") in seen and ("fashion-vit", "classify", "200") in seen
+    assert ("_unknown", "translate", "404") in seen
+    assert wait_for(prometheus, 'ray_attention_request_duration_seconds_bucket{model="dates-transformer"}')
+    assert wait_for(prometheus, 'ray_attention_batch_size_count{model="dates-bahdanau"} > 0')
+    assert wait_for(prometheus, "ray_attention_model_info")
+
+
+def expressions() -> list[str]:
+    dashboard = json.loads((ROOT / "deploy" / "grafana" / "dashboards" / "attention-serve.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    rules = yaml.safe_load((ROOT / "deploy" / "prometheus" / "alerts.yml").read_text())
+    exprs += [r["expr"] for group in rules["groups"] for r in group["rules"]]
+    return exprs
+
+
+def test_every_dashboard_and_alert_expression_evaluates_on_existing_series(
+    service: Service, prometheus: str
+) -> None:
+    traffic(service)
+    wait_for(prometheus, "ray_attention_tokens_generated_total")
+    wait_for(prometheus, "ray_serve_deployment_replica_healthy")
+    names = set(requests.get(f"{prometheus}/api/v1/label/__name__/values", timeout=10).json()["data"])
+    exprs = expressions()
+    assert len(exprs) >= 15
+    for expr in exprs:
+        query(prometheus, expr)  # evaluates without error
+        for metric in re.findall(r"\b(ray_[a-z_]+|up)\b", expr):
+            assert metric in names, f"{expr!r} refers to {metric}, which the service does not export"
