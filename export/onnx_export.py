@@ -20,7 +20,7 @@ import torch
 from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 from torch.export import Dim
 
-from export.graphs import GraphPlan, Shape
+from export.graphs import GraphPlan
 from service.manifest import GraphSpec, TensorSpec
 
 TOLERANCE = 1e-4
@@ -153,7 +153,3 @@ def graph_spec(model: onnx.ModelProto, file: str) -> GraphSpec:
     return GraphSpec(
         file=file, inputs=tensors(list(model.graph.input)), outputs=tensors(list(model.graph.output))
     )
-
-
-def verified_shapes(plans: list[GraphPlan]) -> list[Shape]:
-    return plans[0].shapes

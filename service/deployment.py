@@ -71,6 +71,10 @@ class ModelDeployment:
             "%s v%s ready on %s, batch ≤ %d", entry.name, entry.version, provider, batching.max_batch_size
         )
 
+    def check_health(self) -> None:
+        """Called by Ray Serve every few seconds; a raise here restarts the replica."""
+        self.metrics.refresh()
+
     def info(self) -> dict[str, Any]:
         return {
             "providers": list(self.runner.providers),  # type: ignore[attr-defined]

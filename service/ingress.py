@@ -16,10 +16,11 @@ from ray import serve
 from service import kserve_routes  # noqa: F401  (registers the /v2 routes on the app)
 from service.errors import (
     InvalidInput,
+    NotReady,
     PayloadTooLarge,
 )
 from service.grpc_ingress import GRPCMethods
-from service.http_app import app, error_response, validation_message
+from service.http_app import app, validation_message
 from service.schemas import (
     ClassifyOptions,
     ClassifyRequest,
@@ -45,7 +46,7 @@ class Ingress(GRPCMethods):
     @app.get("/readyz", summary="Readiness: every model loaded and warmed up")
     async def readyz(self) -> JSONResponse:
         if not await self._ready():
-            return error_response(503, "not ready: models are still loading")
+            raise NotReady("not ready: models are still loading")
         warmup = {name: info["warmup_ms"] for name, info in sorted(self._info.items())}
         return JSONResponse({"status": "ready", "models": sorted(self.handles), "warmup_ms": warmup})
 

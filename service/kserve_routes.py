@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from service import kserve, kserve_http
-from service.errors import PayloadTooLarge
+from service.errors import NotReady, PayloadTooLarge
 from service.http_app import app, error_response
 from service.repository import ModelEntry
 from service.routing import ModelRouter
@@ -37,9 +37,9 @@ async def v2_live() -> dict[str, bool]:
 
 @app.get("/v2/health/ready", tags=V2_TAGS)
 async def v2_ready(router: Router) -> JSONResponse:
-    if await router._ready():
-        return JSONResponse({"ready": True})
-    return error_response(503, "not ready: models are still loading")
+    if not await router._ready():
+        raise NotReady("not ready: models are still loading")
+    return JSONResponse({"ready": True})
 
 
 @app.get("/v2", tags=V2_TAGS)

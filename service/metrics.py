@@ -64,8 +64,19 @@ class ModelMetrics:
         )  # fmt: skip
 
     def loaded(self, version: int, task: str, family: str, provider: str) -> None:
-        self.info.set(1, tags={**self.tags, "version": str(version), "task": task, "family": family,
-                               "provider": provider})  # fmt: skip
+        self._info_tags = {
+            **self.tags,
+            "version": str(version),
+            "task": task,
+            "family": family,
+            "provider": provider,
+        }
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Re-set the info gauge: Ray's exporter drops gauge values that are not updated, so the
+        replica's health check calls this every few seconds."""
+        self.info.set(1, tags=self._info_tags)
 
     def batch(self, size: int, compute_s: float, waits_s: list[float]) -> None:
         self.batch_size.observe(size, tags=self.tags)

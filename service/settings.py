@@ -15,7 +15,6 @@ from typing import Literal, Self
 from pydantic import BaseModel, Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-PROVIDERS = ("CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_MAX_BATCH_SIZE = 128
 
 

@@ -236,15 +236,23 @@ def test_scrape_endpoint_shows_metrics_moving(service: Service) -> None:
     deadline = time.monotonic() + 30
     while requests_total() < before + 3 and time.monotonic() < deadline:
         time.sleep(1)
-    text = scrape(service)
-    assert (
-        series_sum(text, "ray_attention_requests_total", model="dates-transformer", status="200")
-        >= before + 3
-    )
-    for name in ("ray_attention_request_duration_seconds_bucket", "ray_attention_queue_wait_seconds_bucket",
-                 "ray_attention_compute_seconds_bucket", "ray_attention_tokens_generated_total",
-                 "ray_attention_model_info"):  # fmt: skip
-        assert re.search(rf"^{name}\{{", text, re.M), name
+    names = [
+        "ray_attention_request_duration_seconds_bucket",
+        "ray_attention_queue_wait_seconds_bucket",
+        "ray_attention_compute_seconds_bucket",
+        "ray_attention_tokens_generated_total",
+        "ray_attention_model_info",
+    ]
+    deadline = time.monotonic() + 30  # Ray's metrics agent exports every few seconds
+    while True:
+        text = scrape(service)
+        missing = [name for name in names if not re.search(rf"^{name}\{{", text, re.M)]
+        if not missing or time.monotonic() > deadline:
+            break
+        time.sleep(1)
+    assert not missing, missing
+    total = series_sum(text, "ray_attention_requests_total", model="dates-transformer", status="200")
+    assert total >= before + 3
     assert re.search(r"^ray_serve_", text, re.M), "Ray Serve's own series come with the same scrape"
 
 

@@ -1,0 +1,33 @@
+"""Grafana provisioning: the datasource, the dashboard provider and the compose mounts agree."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+GRAFANA = ROOT / "deploy" / "grafana"
+
+
+def test_provisioning_matches_the_compose_mounts_and_the_dashboard() -> None:
+    [datasource] = yaml.safe_load((GRAFANA / "provisioning" / "datasources" / "prometheus.yml").read_text())[
+        "datasources"
+    ]
+    assert datasource["type"] == "prometheus" and datasource["url"] == "http://prometheus:9090"
+    [provider] = yaml.safe_load(
+        (GRAFANA / "provisioning" / "dashboards" / "attention-serve.yml").read_text()
+    )["providers"]
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    mounts = {v.split(":")[1]: v.split(":")[0] for v in compose["services"]["grafana"]["volumes"]}
+    assert mounts[provider["options"]["path"]] == "./deploy/grafana/dashboards"
+    assert mounts["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
+    dashboard = json.loads((GRAFANA / "dashboards" / "attention-serve.json").read_text())
+    assert dashboard["uid"] == "attention-serve"
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == datasource["uid"], panel["title"]
+        assert panel["targets"], panel["title"]
+    titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
+    for topic in ("requests/s", "errors/s", "p99", "queue wait", "batch size", "tokens", "replicas"):
+        assert topic in titles, topic
