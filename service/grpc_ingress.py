@@ -107,16 +107,16 @@ class GRPCMethods(ModelRouter):
         return pb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
-        return pb.ServerReadyResponse(ready=await self._ready())
+        return pb.ServerReadyResponse(ready=await self.is_ready())
 
     async def ModelReady(
         self, request: pb.ModelReadyRequest, grpc_context: RayServegRPCContext
     ) -> pb.ModelReadyResponse:
         try:
-            self._entry(request.name, None, request.version)
+            self.resolve(request.name, None, request.version)
         except ServiceError as exc:
             raise _abort(grpc_context, exc) from None
-        return pb.ModelReadyResponse(ready=await self._ready())
+        return pb.ModelReadyResponse(ready=await self.is_ready())
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
         return pb.ServerMetadataResponse(
@@ -127,7 +127,7 @@ class GRPCMethods(ModelRouter):
         self, request: pb.ModelMetadataRequest, grpc_context: RayServegRPCContext
     ) -> pb.ModelMetadataResponse:
         try:
-            meta = kserve.metadata(self._entry(request.name, None, request.version).manifest)
+            meta = kserve.metadata(self.resolve(request.name, None, request.version).manifest)
         except ServiceError as exc:
             raise _abort(grpc_context, exc) from None
         response = pb.ModelMetadataResponse(
@@ -160,11 +160,11 @@ class GRPCMethods(ModelRouter):
                 yield pb.ModelStreamInferResponse(error_message=exc.message)
 
     async def _model_infer(self, request: pb.ModelInferRequest, route: str) -> pb.ModelInferResponse:
-        entry = self._entry(request.model_name, None, request.model_version)
+        entry = self.resolve(request.model_name, None, request.model_version)
         params = {k: _parameter(v) for k, v in request.parameters.items()}
         outputs = kserve.requested_outputs(entry.manifest, [o.name for o in request.outputs], params)
         requests = kserve.to_requests(entry.manifest, _inputs(request), params, outputs)
-        _, answers, _ = await self._predict_many(entry.name, None, route, requests, request.model_version)
+        _, answers, _ = await self.predict_many(entry.name, None, route, requests, request.model_version)
         return _response(
             entry.name, entry.version, request.id, kserve.to_outputs(entry.manifest, answers, outputs)
         )
@@ -182,7 +182,7 @@ class GRPCMethods(ModelRouter):
                 length_penalty=request.length_penalty,
                 return_attention=request.return_attention,
             )
-            entry, [answer], total = await self._predict_many(
+            entry, [answer], total = await self.predict_many(
                 request.model, "translation", "grpc_translate", [body]
             )
         except ServiceError as exc:
@@ -213,7 +213,7 @@ class GRPCMethods(ModelRouter):
                 return_attention=request.return_attention,
                 head_fusion=request.head_fusion or "mean",
             )
-            entry, [answer], total = await self._predict_many(
+            entry, [answer], total = await self.predict_many(
                 request.model, "image-classification", "grpc_classify", [(options, request.image)]
             )
         except ServiceError as exc:

@@ -45,7 +45,7 @@ class Ingress(GRPCMethods):
 
     @app.get("/readyz", summary="Readiness: every model loaded and warmed up")
     async def readyz(self) -> JSONResponse:
-        if not await self._ready():
+        if not await self.is_ready():
             raise NotReady("not ready: models are still loading")
         warmup = {name: info["warmup_ms"] for name, info in sorted(self._info.items())}
         return JSONResponse({"status": "ready", "models": sorted(self.handles), "warmup_ms": warmup})
@@ -58,7 +58,7 @@ class Ingress(GRPCMethods):
 
     @app.get("/v1/models/{name}", response_model=ModelInfo, summary="One model")
     async def get_model(self, name: str) -> ModelInfo:
-        self._entry(name)
+        self.resolve(name)
         return self._model_info(name)
 
     def _model_info(self, name: str) -> ModelInfo:
@@ -107,7 +107,7 @@ class Ingress(GRPCMethods):
         },
     )
     async def classify(self, name: str, request: Request) -> dict[str, Any]:
-        self._entry(name, "image-classification")
+        self.resolve(name, "image-classification")
         return await self._predict(
             name, "image-classification", "classify", await self._classify_body(request)
         )
@@ -137,6 +137,6 @@ class Ingress(GRPCMethods):
         raise InvalidInput(f"content-type: expected application/json or multipart/form-data, got {ctype!r}")
 
     async def _predict(self, name: str, task: str, route: str, request: Any) -> dict[str, Any]:
-        entry, [answer], elapsed_ms = await self._predict_many(name, task, route, [request])
+        entry, [answer], elapsed_ms = await self.predict_many(name, task, route, [request])
         answer["metrics"]["total_ms"] = elapsed_ms
         return {"model": entry.name, "version": entry.version, **answer}

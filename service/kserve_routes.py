@@ -37,7 +37,7 @@ async def v2_live() -> dict[str, bool]:
 
 @app.get("/v2/health/ready", tags=V2_TAGS)
 async def v2_ready(router: Router) -> JSONResponse:
-    if not await router._ready():
+    if not await router.is_ready():
         raise NotReady("not ready: models are still loading")
     return JSONResponse({"ready": True})
 
@@ -50,14 +50,14 @@ async def v2_server() -> dict[str, Any]:
 @app.get("/v2/models/{name}", tags=V2_TAGS)
 @app.get("/v2/models/{name}/versions/{version}", tags=V2_TAGS)
 async def v2_model(router: Router, name: str, version: str | None = None) -> dict[str, Any]:
-    return kserve.metadata(router._entry(name, None, version).manifest)
+    return kserve.metadata(router.resolve(name, None, version).manifest)
 
 
 @app.get("/v2/models/{name}/ready", tags=V2_TAGS)
 @app.get("/v2/models/{name}/versions/{version}/ready", tags=V2_TAGS)
 async def v2_model_ready(router: Router, name: str, version: str | None = None) -> JSONResponse:
-    entry = router._entry(name, None, version)
-    if not await router._ready():
+    entry = router.resolve(name, None, version)
+    if not await router.is_ready():
         return error_response(400, f"model {name!r} is not ready")
     return JSONResponse({"name": entry.name, "ready": True})
 
@@ -65,7 +65,7 @@ async def v2_model_ready(router: Router, name: str, version: str | None = None) 
 @app.post("/v2/models/{name}/infer", tags=V2_TAGS)
 @app.post("/v2/models/{name}/versions/{version}/infer", tags=V2_TAGS)
 async def v2_infer(router: Router, name: str, request: Request, version: str | None = None) -> Response:
-    entry: ModelEntry = router._entry(name, None, version)
+    entry: ModelEntry = router.resolve(name, None, version)
     length = request.headers.get("content-length")
     if length and length.isdigit() and int(length) > router.max_body:
         raise PayloadTooLarge(f"body: {length} bytes exceed the limit of {router.max_body}")
@@ -75,7 +75,7 @@ async def v2_infer(router: Router, name: str, request: Request, version: str | N
     parsed = kserve_http.parse_request(body, request.headers.get(kserve_http.HEADER_LENGTH))
     outputs = kserve.requested_outputs(entry.manifest, parsed.outputs, parsed.parameters)
     requests = kserve.to_requests(entry.manifest, parsed.inputs, parsed.parameters, outputs)
-    _, answers, _ = await router._predict_many(name, None, "v2_infer", requests, version)
+    _, answers, _ = await router.predict_many(name, None, "v2_infer", requests, version)
     tensors = kserve.to_outputs(entry.manifest, answers, outputs)
     content, headers = kserve_http.encode_response(entry.name, entry.version, parsed, tensors)
     return Response(content=content, headers=headers)

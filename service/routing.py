@@ -1,8 +1,8 @@
 """Routing to the model deployments: the state and the calls every protocol's ingress shares.
 
 REST (``service/ingress.py``), KServe v2 HTTP (``service/kserve_routes.py``) and gRPC
-(``service/grpc_ingress.py``) resolve a model with :meth:`ModelRouter._entry` and send requests
-with :meth:`ModelRouter._predict_many`, so deadlines, overload and metrics are the same whatever
+(``service/grpc_ingress.py``) resolve a model with :meth:`ModelRouter.resolve` and send requests
+with :meth:`ModelRouter.predict_many`, so deadlines, overload and metrics are the same whatever
 the protocol.
 """
 
@@ -36,7 +36,7 @@ class ModelRouter:
         # the body limit: the largest image, base64-encoded, plus room for the JSON around it
         self.max_body = settings.limits.max_image_bytes * 4 // 3 + 64 * 1024
 
-    async def _ready(self) -> bool:
+    async def is_ready(self) -> bool:
         try:
             await asyncio.wait_for(self._load_info(), timeout=5)
         except Exception:  # a model that does not answer its info call is not ready
@@ -48,7 +48,7 @@ class ModelRouter:
         infos = await asyncio.gather(*(self.handles[n].info.remote() for n in missing))
         self._info.update(zip(missing, infos, strict=True))
 
-    def _entry(self, name: str, task: str | None = None, version: str | None = None) -> ModelEntry:
+    def resolve(self, name: str, task: str | None = None, version: str | None = None) -> ModelEntry:
         """The served model ``name`` (at ``version``, when given) — a dictionary lookup, so no
         name a client sends can reach the file system."""
         entry = self.entries.get(name)
@@ -60,7 +60,7 @@ class ModelRouter:
             raise WrongTask(f"model {name!r} is a {entry.manifest.task} model, not {task}")
         return entry
 
-    async def _predict_many(
+    async def predict_many(
         self, name: str, task: str | None, route: str, requests: list[Any], version: str | None = None
     ) -> tuple[ModelEntry, list[dict[str, Any]], float]:
         """Send requests to a model's deployment concurrently (they batch there), with the
@@ -68,7 +68,7 @@ class ModelRouter:
         start = time.perf_counter()
         status = 500
         try:
-            entry = self._entry(name, task, version)
+            entry = self.resolve(name, task, version)
             timeout = self.settings.limits.request_timeout_s
             calls = [self.handles[name].predict.remote(r) for r in requests]
             try:
