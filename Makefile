@@ -11,18 +11,19 @@ TRITON_VENV ?= .venv-triton
 # drive the service from this separate environment, in a separate process
 TRITONCLIENT := tritonclient[http,grpc]==2.73.0
 
-.PHONY: help venv dataset system-deps models models-all serve test test-fast lint typecheck protos clean
+.PHONY: help venv dataset system-deps models models-all serve bench test test-fast lint typecheck protos clean
 
 help:
 	@echo "make serve      build the demo models if missing, then run the service on 127.0.0.1:8000"
 	@echo "make test       lint, type-check and run the whole test suite"
 	@echo "make models     build the demo model repository ($(REPO)/)"
 	@echo "make models-all also build the Luong-scorer comparison models"
+	@echo "make bench      benchmark report into benchmarks/results/"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[export,serve,dev]'
+	$(PY) -m pip install --quiet -e '.[export,serve,dev,bench]'
 	touch $@
 
 venv: $(STAMP)
@@ -68,9 +69,13 @@ models-all: $(STAMP) dataset
 serve: models
 	$(PY) -m service --repository $(REPO)
 
+# benchmarks/results/<date>.{json,md,png}: ceilings, then each server configuration under load
+bench: models
+	$(PY) -m benchmarks.run --repository $(REPO)
+
 lint: $(STAMP)
-	$(VENV)/bin/ruff check export service tests
-	$(VENV)/bin/ruff format --check export service tests
+	$(VENV)/bin/ruff check export service tests benchmarks
+	$(VENV)/bin/ruff format --check export service tests benchmarks
 
 typecheck: $(STAMP)
 	$(VENV)/bin/mypy

@@ -1,0 +1,59 @@
+"""The reference point: plain FastAPI + uvicorn + ONNX Runtime, no Ray, no batching.
+
+Same runners, same request schema as the service, one request at a time per model — what a
+user would write by hand. ``python -m benchmarks.baseline_server --repository R --port P``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import threading
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from fastapi import FastAPI
+
+from service.repository import discover
+from service.runner import make_runner
+from service.schemas import TranslateRequest
+from service.settings import Limits
+
+
+def build(repository: Path) -> FastAPI:
+    found = discover(repository)
+    runners = {n: make_runner(e, ["CPUExecutionProvider"], 1, Limits()) for n, e in found.models.items()}
+    locks = {n: threading.Lock() for n in runners}  # one ORT call at a time per model, like a replica
+    app = FastAPI()
+
+    @app.get("/readyz")
+    async def ready() -> dict[str, str]:
+        return {"status": "ready"}
+
+    def run(name: str, request: Any) -> dict[str, Any]:
+        runner = runners[name]
+        work = runner.preprocess(request)
+        with locks[name]:
+            [out] = runner.infer([work])
+        return runner.postprocess(work, out)
+
+    @app.post("/v1/models/{name}/translate")
+    async def translate(name: str, body: TranslateRequest) -> dict[str, Any]:
+        return await asyncio.to_thread(run, name, body)
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repository", type=Path, required=True)
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args()
+    uvicorn.run(
+        build(args.repository), host="127.0.0.1", port=args.port, log_level="warning", access_log=False
+    )
+
+
+if __name__ == "__main__":
+    main()

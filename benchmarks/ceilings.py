@@ -1,0 +1,58 @@
+"""Ceilings measured without a server: what ONNX Runtime alone does with the same graphs."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.manifest import Manifest
+from service.runtime import GraphSession
+from service.translation import Translator
+
+BATCHES = (1, 8, 32, 64, 128)
+TEXTS = ["5 mars 2024", "Tuesday, July 4, 1995", "31.12.1999", "12 de mayo de 2003", "3 juin 1980",
+         "Samstag, 15. Mai 1976", "9/9/1986", "mar, 31 mar 2009"]  # fmt: skip
+
+
+def _timed(fn: Any, min_s: float = 1.0) -> float:
+    """Calls per second of ``fn`` over at least ``min_s`` seconds (after one warm-up call)."""
+    fn()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < min_s:
+        fn()
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+def vit_images_per_s(directory: Path) -> dict[str, Any]:
+    manifest = Manifest.load(directory)
+    graph = manifest.graphs["model"]
+    session = GraphSession(directory / graph.file, graph, ["CPUExecutionProvider"], intra_op_threads=1)
+    assert manifest.image is not None
+    by_batch = {}
+    for b in BATCHES:
+        x = np.zeros(
+            (b, manifest.image.channels, manifest.image.height, manifest.image.width), dtype=np.float32
+        )
+        by_batch[b] = b * _timed(lambda x=x: session.run({"pixels": x}))
+    best = max(by_batch, key=lambda b: by_batch[b])
+    return {"images_per_s_by_batch": by_batch, "best_batch": best, "images_per_s": by_batch[best]}
+
+
+def nmt_tokens_per_s(directory: Path, batch: int = 64) -> dict[str, Any]:
+    """Offline batched greedy decoding of the same graphs (one ORT thread, like a replica)."""
+    translator = Translator(directory, Manifest.load(directory), ["CPUExecutionProvider"], threads=1)
+    texts = (TEXTS * (batch // len(TEXTS) + 1))[:batch]
+    tokens = sum(len(t.target_tokens) for t in translator.translate(texts))
+    return {"batch": batch, "tokens_per_s": tokens * _timed(lambda: translator.translate(texts))}
+
+
+def measure(repository: Path) -> dict[str, Any]:
+    return {
+        "fashion-vit": vit_images_per_s(repository / "fashion-vit" / "1"),
+        "dates-transformer": nmt_tokens_per_s(repository / "dates-transformer" / "1"),
+        "dates-bahdanau": nmt_tokens_per_s(repository / "dates-bahdanau" / "1"),
+    }

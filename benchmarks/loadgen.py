@@ -1,0 +1,171 @@
+"""A load generator that does not eat the CPU it measures: raw asyncio streams, HTTP/1.1 keep-alive.
+
+Closed loop: N connections, each sending its next request as soon as the last answer arrived.
+Open loop: requests start at Poisson arrival times at a target rate, whatever the answers do, on a
+pool of connections (a request that finds no idle connection opens one). Both stop at a time or
+count bound. Only loopback targets are allowed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+ALLOWED_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+@dataclass
+class Request:
+    path: str
+    body: bytes
+    content_type: str = "application/json"
+
+    @classmethod
+    def json(cls, path: str, payload: dict[str, Any]) -> Request:
+        return cls(path, json.dumps(payload).encode())
+
+
+@dataclass
+class Result:
+    latencies_s: list[float] = field(default_factory=list)
+    statuses: dict[int, int] = field(default_factory=dict)
+    bodies: list[bytes] = field(default_factory=list)  # a sample, for batch sizes
+    elapsed_s: float = 0.0
+    errors: int = 0  # connection failures and non-2xx answers
+
+    @property
+    def ok(self) -> int:
+        return sum(n for s, n in self.statuses.items() if 200 <= s < 300)
+
+
+class Connection:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str) -> None:
+        self.reader, self.writer, self.host = reader, writer, host
+
+    @classmethod
+    async def open(cls, host: str, port: int) -> Connection:
+        if host not in ALLOWED_HOSTS:
+            raise ValueError(f"load tests target loopback only, not {host!r}")
+        reader, writer = await asyncio.open_connection(host, port)
+        return cls(reader, writer, host)
+
+    async def send(self, request: Request) -> tuple[int, bytes]:
+        head = (
+            f"POST {request.path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: {request.content_type}\r\n"
+            f"Content-Length: {len(request.body)}\r\n\r\n"
+        ).encode()
+        self.writer.write(head + request.body)
+        status_line = await self.reader.readline()
+        if not status_line:
+            raise ConnectionError("connection closed")
+        status = int(status_line.split()[1])
+        length, chunked = 0, False
+        while True:
+            line = await self.reader.readline()
+            if line in (b"\r\n", b""):
+                break
+            name, _, value = line.decode("latin-1").partition(":")
+            if name.lower() == "content-length":
+                length = int(value)
+            elif name.lower() == "transfer-encoding" and "chunked" in value.lower():
+                chunked = True
+        if chunked:
+            body = b""
+            while True:
+                size = int((await self.reader.readline()).strip(), 16)
+                chunk = await self.reader.readexactly(size + 2)
+                if size == 0:
+                    break
+                body += chunk[:-2]
+        else:
+            body = await self.reader.readexactly(length)
+        return status, body
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+def _record(result: Result, status: int, body: bytes, latency: float, keep_every: int) -> None:
+    result.latencies_s.append(latency)
+    result.statuses[status] = result.statuses.get(status, 0) + 1
+    if not 200 <= status < 300:
+        result.errors += 1
+    elif len(result.latencies_s) % keep_every == 0:
+        result.bodies.append(body)
+
+
+async def closed_loop(host: str, port: int, requests: list[Request], clients: int, duration_s: float,
+                      max_requests: int = 1_000_000, keep_every: int = 10) -> Result:  # fmt: skip
+    result = Result()
+    deadline = time.perf_counter() + duration_s
+    sent = 0
+
+    async def client(i: int) -> None:
+        nonlocal sent
+        conn = await Connection.open(host, port)
+        try:
+            n = i
+            while time.perf_counter() < deadline and sent < max_requests:
+                sent += 1
+                start = time.perf_counter()
+                try:
+                    status, body = await conn.send(requests[n % len(requests)])
+                except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+                    result.errors += 1
+                    conn.close()
+                    conn = await Connection.open(host, port)
+                    continue
+                _record(result, status, body, time.perf_counter() - start, keep_every)
+                n += clients
+        finally:
+            conn.close()
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    result.elapsed_s = time.perf_counter() - start
+    return result
+
+
+async def open_loop(host: str, port: int, requests: list[Request], rate: float, duration_s: float,
+                    seed: int = 0, keep_every: int = 10) -> Result:  # fmt: skip
+    """Poisson arrivals at ``rate`` per second for ``duration_s`` seconds."""
+    result = Result()
+    rng = random.Random(seed)
+    idle: list[Connection] = []
+    tasks: list[asyncio.Task] = []
+
+    async def one(request: Request) -> None:
+        conn = idle.pop() if idle else await Connection.open(host, port)
+        start = time.perf_counter()
+        try:
+            status, body = await conn.send(request)
+        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+            result.errors += 1
+            conn.close()
+            return
+        _record(result, status, body, time.perf_counter() - start, keep_every)
+        idle.append(conn)
+
+    begin = time.perf_counter()
+    next_at, n = begin, 0
+    while next_at < begin + duration_s:
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        tasks.append(asyncio.create_task(one(requests[n % len(requests)])))
+        n += 1
+        next_at += rng.expovariate(rate)
+    await asyncio.gather(*tasks)
+    result.elapsed_s = time.perf_counter() - begin
+    for conn in idle:
+        conn.close()
+    return result
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q / 100 * (len(ordered) - 1)))]

@@ -1,0 +1,88 @@
+"""Markdown report and PNG plots (throughput and p99 against concurrency) from the results."""
+
+from __future__ import annotations
+
+import statistics
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+
+
+def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    keys = rows[0].keys()
+    out: dict[str, Any] = {}
+    for k in keys:
+        values = [r[k] for r in rows if r[k] is not None]
+        out[k] = statistics.median(values) if values else None
+    out["rounds"] = len(rows)
+    return out
+
+
+def _plots(results: dict[str, Any], out: Path, stamp: str) -> list[str]:
+    files = []
+    workloads = sorted({w for by_w in results["runs"].values() for w in by_w})
+    for metric, label in (("requests_per_s", "requests/s"), ("p99_ms", "p99 latency (ms)")):
+        fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 3.6), squeeze=False)
+        for ax, workload in zip(axes[0], workloads, strict=True):
+            for config, by_w in results["runs"].items():
+                if workload not in by_w:
+                    continue
+                points = sorted((int(c), row[metric]) for c, row in by_w[workload].items())
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=config)
+            ax.set_title(workload)
+            ax.set_xlabel("concurrent clients")
+            ax.set_ylabel(label)
+            ax.set_xscale("log", base=2)
+            ax.grid(alpha=0.3)
+            ax.legend()
+        fig.tight_layout()
+        name = f"{stamp}-{metric}.png"
+        fig.savefig(out / name, dpi=110)
+        plt.close(fig)
+        files.append(name)
+    return files
+
+
+def write(results: dict[str, Any], out: Path, stamp: str) -> Path:
+    lines = [f"# attention-serve benchmark, {stamp}", ""]
+    lines += [f"Machine: {results['machine']['cpus']} CPUs, Python {results['machine']['python']}. "
+              f"Closed-loop load, {results['settings']['duration']} s per point, median of "
+              f"{results['settings']['rounds']} interleaved rounds. Server CPU = CPU seconds of the whole "
+              "server process tree / requests answered.", ""]  # fmt: skip
+    c = results["ceilings"]
+    vit, nmt, rnn = c["fashion-vit"], c["dates-transformer"], c["dates-bahdanau"]
+    lines += [
+        "## Ceilings (ONNX Runtime alone, one thread)",
+        "",
+        f"- fashion-vit: {vit['images_per_s']:.0f} images/s at batch {vit['best_batch']}",
+        f"- dates-transformer: {nmt['tokens_per_s']:.0f} target tokens/s (offline greedy, batch 64)",
+        f"- dates-bahdanau: {rnn['tokens_per_s']:.0f} target tokens/s (offline greedy, batch 64)",
+        "",
+        "## Start-up and memory",
+        "",
+        "| configuration | start-up to ready (s) | RSS of the tree (MiB) |",
+        "|---|---|---|",
+    ]
+    for config, seconds in results["startup_s"].items():
+        lines.append(f"| {config} | {seconds:.1f} | {results['rss_bytes'].get(config, 0) / 2**20:.0f} |")
+    columns = ["configuration", "workload", "clients", "req/s", "tokens or images/s", "p50 ms", "p90 ms",
+               "p99 ms", "server CPU ms/req", "mean batch", "errors"]  # fmt: skip
+    lines += ["", "## Load", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for config, by_w in results["runs"].items():
+        for workload, by_n in by_w.items():
+            for clients, row in sorted(by_n.items(), key=lambda kv: int(kv[0])):
+                extra = row.get("tokens_per_s", row.get("images_per_s"))
+                batch = f"{row['mean_batch_size']:.1f}" if row["mean_batch_size"] else "–"
+                lines.append(
+                    f"| {config} | {workload} | {clients} | {row['requests_per_s']:.0f} | {extra:.0f} | "
+                    f"{row['p50_ms']:.1f} | {row['p90_ms']:.1f} | {row['p99_ms']:.1f} | "
+                    f"{row['server_cpu_ms_per_request']:.2f} | {batch} | {row['errors']:.0f} |"
+                )
+    lines += [""] + [f"![{name}]({name})" for name in _plots(results, out, stamp)] + [""]
+    path = out / f"{stamp}.md"
+    path.write_text("\n".join(lines))
+    return path

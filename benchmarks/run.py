@@ -1,0 +1,212 @@
+"""``make bench``: ceilings, then each server configuration under closed-loop load, interleaved.
+
+For every configuration and concurrency: requests/s (and images/s or target tokens/s), latency
+p50/p90/p99, server CPU ms per request (CPU seconds of the server's whole process tree divided by
+requests), mean formed batch size (from the answers' metrics), errors; per configuration the
+start-up time to ready and the RSS of the process tree. Rounds interleave the configurations and
+the report keeps medians, because the machine is noisy. Writes ``benchmarks/results/<date>.json``
+and ``<date>.md`` with PNG plots beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import json
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+import requests
+
+from benchmarks import ceilings, report
+from benchmarks.loadgen import Request, closed_loop, percentile
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "docs" / "samples" / "bag.png"
+TEXTS = ["5 mars 2024", "Tuesday, July 4, 1995", "31.12.1999", "12 de mayo de 2003", "3 juin 1980",
+         "Samstag, 15. Mai 1976", "9/9/1986", "mar, 31 mar 2009"]  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    requests: list[Request]
+    unit: str  # what the extra throughput column counts
+
+
+def workloads() -> list[Workload]:
+    image = base64.b64encode(SAMPLE.read_bytes()).decode()
+
+    def translate(model: str) -> list[Request]:
+        return [Request.json(f"/v1/models/{model}/translate", {"text": t}) for t in TEXTS]
+
+    return [
+        Workload("tiny-rest", translate("dates-bahdanau"), "tokens"),
+        Workload("nmt-transformer", translate("dates-transformer"), "tokens"),
+        Workload("vit", [Request.json("/v1/models/fashion-vit/classify", {"image": image})], "images"),
+    ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A server process we start and stop by PID, with its tree's CPU time and memory."""
+
+    def __init__(self, name: str, cmd: list[str], env: dict[str, str], port: int, log: Path) -> None:
+        self.name, self.port = name, port
+        start = time.perf_counter()
+        self.proc = subprocess.Popen(
+            cmd, env={**os.environ, **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT
+        )
+        while True:
+            try:
+                if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet, or still warming up
+                pass
+            if self.proc.poll() is not None or time.perf_counter() - start > 300:
+                raise RuntimeError(f"{name} did not become ready; see {log}")
+            time.sleep(0.2)
+        self.startup_s = time.perf_counter() - start
+
+    def tree(self) -> list[psutil.Process]:
+        root = psutil.Process(self.proc.pid)
+        return [root, *root.children(recursive=True)]
+
+    def cpu_s(self) -> float:
+        total = 0.0
+        for p in self.tree():
+            try:
+                t = p.cpu_times()
+                total += t.user + t.system
+            except psutil.NoSuchProcess:
+                pass
+        return total
+
+    def rss_bytes(self) -> int:
+        total = 0
+        for p in self.tree():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += p.memory_info().rss
+        return total
+
+    def stop(self) -> None:
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def configurations(repository: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
+    ray_env = {
+        "ATTN_REPOSITORY": str(repository),
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "ATTN_LOG_LEVEL": "WARNING",
+    }
+    return {
+        "fastapi-baseline": (
+            [sys.executable, "-m", "benchmarks.baseline_server", "--repository", str(repository)],
+            {},
+        ),
+        "ray-serve": ([sys.executable, "-m", "service"], ray_env),
+    }
+
+
+def measure(server: Server, workload: Workload, clients: int, duration_s: float) -> dict[str, Any]:
+    cpu0 = server.cpu_s()
+    result = asyncio.run(closed_loop("127.0.0.1", server.port, workload.requests, clients, duration_s))
+    cpu = server.cpu_s() - cpu0
+    batches, units = [], 0
+    for body in result.bodies:
+        answer = json.loads(body)
+        batches.append(answer.get("metrics", {}).get("batch_size", 1))
+        if workload.unit == "tokens":
+            units += sum(len(t["target_tokens"]) for t in answer["translations"])
+    sampled = max(1, len(result.bodies))
+    per_request_units = units / sampled if workload.unit == "tokens" else 1.0
+    ok = max(1, result.ok)
+    return {
+        "requests_per_s": result.ok / result.elapsed_s,
+        f"{workload.unit}_per_s": result.ok * per_request_units / result.elapsed_s,
+        "p50_ms": percentile(result.latencies_s, 50) * 1000,
+        "p90_ms": percentile(result.latencies_s, 90) * 1000,
+        "p99_ms": percentile(result.latencies_s, 99) * 1000,
+        "server_cpu_ms_per_request": cpu / ok * 1000,
+        "mean_batch_size": statistics.fmean(batches) if batches else None,
+        "errors": result.errors,
+        "requests": result.ok,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
+    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+    print("ceilings: raw ONNX Runtime, no server", flush=True)
+    ceiling = ceilings.measure(args.repository)
+    raw: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
+    startup: dict[str, list[float]] = {}
+    rss: dict[str, list[int]] = {}
+    for r in range(args.rounds):
+        for name, (cmd, env) in configurations(args.repository).items():  # interleaved per round
+            port = free_port()
+            env = {**env, "ATTN_HTTP_PORT": str(port), "ATTN_GRPC_PORT": str(free_port()),
+                   "ATTN_METRICS_PORT": str(free_port())}  # fmt: skip
+            cmd = [*cmd, "--port", str(port)] if "baseline" in name else cmd
+            server = Server(name, cmd, env, port, args.out / f"{name}.log")
+            startup.setdefault(name, []).append(server.startup_s)
+            try:
+                for workload in workloads():
+                    if "baseline" in name and workload.name == "vit":
+                        continue  # the baseline serves translation only
+                    for clients in args.concurrency:
+                        print(f"round {r + 1}/{args.rounds} {name} {workload.name} c={clients}", flush=True)
+                        row = measure(server, workload, clients, args.duration)
+                        raw.setdefault(name, {}).setdefault(workload.name, {}).setdefault(
+                            str(clients), []
+                        ).append(row)
+                rss.setdefault(name, []).append(server.rss_bytes())
+            finally:
+                server.stop()
+    results = {
+        "date": stamp, "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
+        "settings": vars(args) | {"repository": str(args.repository), "out": str(args.out)},
+        "ceilings": ceiling,
+        "startup_s": {k: statistics.median(v) for k, v in startup.items()},
+        "rss_bytes": {k: statistics.median(v) for k, v in rss.items()},
+        "runs": {c: {w: {n: report.median_row(rows) for n, rows in by_n.items()} for w, by_n in by_w.items()}
+                 for c, by_w in raw.items()},
+    }  # fmt: skip
+    path = args.out / f"{stamp}.json"
+    path.write_text(json.dumps(results, indent=2, default=str) + "\n")
+    md = report.write(results, args.out, stamp)
+    print(f"wrote {path} and {md}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,63 @@
+"""The load generator against a local HTTP/1.1 keep-alive server, and the report's medians."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+from benchmarks.loadgen import Request, closed_loop, open_loop, percentile
+from benchmarks.report import median_row
+
+
+class Echo(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def do_POST(self) -> None:
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        status = 500 if b"fail" in body else 200
+        answer = json.dumps({"metrics": {"batch_size": 1}, "echo": body.decode()}).encode()
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(answer)))
+        self.end_headers()
+        self.wfile.write(answer)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def port() -> Iterator[int]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Echo)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server.server_address[1]
+    server.shutdown()
+
+
+def test_closed_loop_counts_answers_and_errors(port: int) -> None:
+    requests = [Request.json("/x", {"a": 1}), Request.json("/x", {"a": "fail"})]
+    result = asyncio.run(closed_loop("127.0.0.1", port, requests, clients=4, duration_s=10, max_requests=200))
+    assert sum(result.statuses.values()) == 200 == len(result.latencies_s)
+    assert result.statuses == {200: 100, 500: 100} and result.errors == 100 and result.ok == 100
+    assert result.bodies and json.loads(result.bodies[0])["metrics"]["batch_size"] == 1
+
+
+def test_open_loop_keeps_its_rate(port: int) -> None:
+    result = asyncio.run(open_loop("127.0.0.1", port, [Request.json("/x", {})], rate=200, duration_s=1.0))
+    assert 120 <= result.ok <= 300 and result.errors == 0
+
+
+def test_only_loopback_targets() -> None:
+    with pytest.raises(ValueError, match="loopback"):
+        asyncio.run(closed_loop("10.0.0.1", 80, [Request.json("/", {})], clients=1, duration_s=0.1))
+
+
+def test_percentiles_and_medians() -> None:
+    assert percentile([1, 2, 3, 4, 5], 50) == 3 and percentile([1, 2, 3, 4, 5], 99) == 5
+    row = median_row([{"a": 1.0, "b": None}, {"a": 3.0, "b": None}, {"a": 2.0, "b": None}])
+    assert row == {"a": 2.0, "b": None, "rounds": 3}
