@@ -18,6 +18,22 @@ nothing else is caught and turned into "carry on".
 
 from __future__ import annotations
 
+from typing import Any, Protocol
+
+
+class _HasErrors(Protocol):
+    def errors(self) -> Any: ...
+
+
+def validation_message(exc: _HasErrors) -> str:
+    """A pydantic/FastAPI validation error as one line per problem, each naming its field
+    (``beam_size: Input should be greater than or equal to 1``) — the same text for every protocol."""
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if p != "body"] or ["body"]
+        parts.append(f"{'.'.join(loc)}: {err['msg']}")
+    return "; ".join(parts)
+
 
 class ServiceError(Exception):
     http_status = 500

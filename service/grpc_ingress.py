@@ -15,8 +15,7 @@ from pydantic import ValidationError
 from ray.serve.grpc_util import RayServegRPCContext, gRPCInputStream
 
 from service import kserve
-from service.errors import InvalidInput, ServiceError
-from service.http_app import validation_message
+from service.errors import InvalidInput, ServiceError, validation_message
 from service.protos import attention_pb2 as apb
 from service.protos import grpc_service_pb2 as pb
 from service.routing import ModelRouter

@@ -8,9 +8,8 @@ expectation — with the status from the table in ``service/errors.py``.
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import ValidationError
 
-from service.errors import Overloaded, ServiceError
+from service.errors import Overloaded, ServiceError, validation_message
 from service.schemas import ErrorBody
 
 app = FastAPI(
@@ -19,15 +18,6 @@ app = FastAPI(
     version="0.1.0",
     responses={code: {"model": ErrorBody} for code in (400, 404, 413, 422, 503, 504)},
 )
-
-
-def validation_message(exc: RequestValidationError | ValidationError) -> str:
-    """One line per problem, each naming its field: ``body.beam_size: Input should be ≤ 64``."""
-    parts = []
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"] if p not in ("body",)] or ["body"]
-        parts.append(f"{'.'.join(loc)}: {err['msg']}")
-    return "; ".join(parts)
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:

@@ -14,13 +14,9 @@ from pydantic import ValidationError
 from ray import serve
 
 from service import kserve_routes  # noqa: F401  (registers the /v2 routes on the app)
-from service.errors import (
-    InvalidInput,
-    NotReady,
-    PayloadTooLarge,
-)
+from service.errors import InvalidInput, NotReady, PayloadTooLarge, validation_message
 from service.grpc_ingress import GRPCMethods
-from service.http_app import app, validation_message
+from service.http_app import app
 from service.schemas import (
     ClassifyOptions,
     ClassifyRequest,

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
-from service.errors import InvalidInput
+from service.errors import InvalidInput, validation_message
 from service.manifest import Manifest
 from service.schemas import ClassifyRequest, TranslateRequest
 
@@ -132,8 +132,6 @@ def to_requests(
             return [_translate_request(by_name, params, attention)]
         return _classify_requests(by_name, params, attention, "ATTENTIONS" in outputs)
     except ValidationError as exc:
-        from service.http_app import validation_message  # one formatter for every protocol
-
         raise InvalidInput(f"parameters: {validation_message(exc)}") from exc
 
 
