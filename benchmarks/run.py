@@ -74,16 +74,23 @@ class Server:
         self.proc = subprocess.Popen(
             cmd, env={**os.environ, **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT
         )
+        try:
+            self._wait_ready(start, log)
+        except BaseException:
+            self.stop()  # never leave a half-started server (and its Ray) behind
+            raise
+        self.startup_s = time.perf_counter() - start
+
+    def _wait_ready(self, start: float, log: Path) -> None:
         while True:
             try:
-                if requests.get(f"http://127.0.0.1:{port}/readyz", timeout=10).status_code == 200:
-                    break
+                if requests.get(f"http://127.0.0.1:{self.port}/readyz", timeout=10).status_code == 200:
+                    return
             except requests.RequestException:  # not listening yet, or still warming up
                 pass
             if self.proc.poll() is not None or time.perf_counter() - start > 300:
-                raise RuntimeError(f"{name} did not become ready; see {log}")
+                raise RuntimeError(f"{self.name} did not become ready; see {log}")
             time.sleep(0.2)
-        self.startup_s = time.perf_counter() - start
 
     def tree(self) -> list[psutil.Process]:
         root = psutil.Process(self.proc.pid)
