@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--configs", nargs="+", help="only these configurations")
+    parser.add_argument("--workloads", nargs="+", help="only these workloads")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
@@ -180,6 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     rss: dict[str, list[int]] = {}
     for r in range(args.rounds):
         for name, (cmd, env) in configurations(args.repository).items():  # interleaved per round
+            if args.configs and name not in args.configs:
+                continue
             port = free_port()
             env = {**env, "ATTN_HTTP_PORT": str(port), "ATTN_GRPC_PORT": str(free_port()),
                    "ATTN_METRICS_PORT": str(free_port())}  # fmt: skip
@@ -188,6 +192,8 @@ def main(argv: list[str] | None = None) -> int:
             startup.setdefault(name, []).append(server.startup_s)
             try:
                 for workload in workloads():
+                    if args.workloads and workload.name not in args.workloads:
+                        continue
                     if "baseline" in name and workload.name == "vit":
                         continue  # the baseline serves translation only
                     for clients in args.concurrency:

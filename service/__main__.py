@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         serve.start(
             proxy_location=settings.proxy_location,
+            logging_config=settings.serve_logging,
             http_options={"host": settings.host, "port": settings.http_port},
             grpc_options={"port": settings.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
         )

@@ -32,7 +32,10 @@ def build_app(settings: Settings) -> Application:
         log.error("not serving %s: %s", key, reason)
     handles = {name: model_deployment(entry, settings) for name, entry in found.models.items()}
     return Ingress.options(  # type: ignore[attr-defined]
-        name="ingress", max_ongoing_requests=1024, ray_actor_options={"num_cpus": 0}
+        name="ingress",
+        max_ongoing_requests=1024,
+        ray_actor_options={"num_cpus": 0},
+        logging_config=settings.serve_logging,
     ).bind(handles, found.models, found.rejected, settings)
 
 

@@ -135,5 +135,6 @@ def model_deployment(entry: ModelEntry, settings: Settings) -> Any:
         max_ongoing_requests=max(4 * batching.max_batch_size, 16),
         max_queued_requests=settings.limits.max_queued_requests,
         ray_actor_options=actor,
+        logging_config=settings.serve_logging,
         health_check_period_s=5,
     ).bind(entry, settings)

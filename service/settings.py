@@ -89,6 +89,13 @@ class Settings(BaseSettings):
     #: histogram buckets (seconds) for latency metrics
     latency_buckets_s: list[float] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    #: Ray Serve's per-request access log lines (method, route, status, latency — never content)
+    access_log: bool = False
+
+    @property
+    def serve_logging(self) -> dict[str, object]:
+        """Ray Serve's logging config for the proxies, the ingress and every model deployment."""
+        return {"log_level": self.log_level, "enable_access_log": self.access_log}
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:
