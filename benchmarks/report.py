@@ -16,6 +16,10 @@ def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     keys = rows[0].keys()
     out: dict[str, Any] = {}
     for k in keys:
+        if isinstance(rows[0][k], dict):  # per-process CPU: median per process
+            names = {n for r in rows for n in r[k]}
+            out[k] = {n: statistics.median(r[k].get(n, 0.0) for r in rows) for n in names}
+            continue
         values = [r[k] for r in rows if r[k] is not None]
         out[k] = statistics.median(values) if values else None
     out["rounds"] = len(rows)
@@ -45,6 +49,19 @@ def _plots(results: dict[str, Any], out: Path, stamp: str) -> list[str]:
         plt.close(fig)
         files.append(name)
     return files
+
+
+def _cpu_breakdown(results: dict[str, Any]) -> list[str]:
+    """Where the server CPU goes, per process, at each configuration's highest concurrency."""
+    lines = ["", "## Where the server CPU goes (ms per request, highest concurrency)", ""]
+    for config, by_w in results["runs"].items():
+        for workload, by_n in by_w.items():
+            clients = max(by_n, key=int)
+            parts = by_n[clients].get("cpu_ms_per_request_by_process", {})
+            top = sorted(parts.items(), key=lambda kv: -kv[1])[:5]
+            shown = ", ".join(f"{name} {ms:.2f}" for name, ms in top)
+            lines.append(f"- {config} / {workload} / {clients} clients: {shown}")
+    return lines
 
 
 def write(results: dict[str, Any], out: Path, stamp: str) -> Path:
@@ -82,6 +99,7 @@ def write(results: dict[str, Any], out: Path, stamp: str) -> Path:
                     f"{row['p50_ms']:.1f} | {row['p90_ms']:.1f} | {row['p99_ms']:.1f} | "
                     f"{row['server_cpu_ms_per_request']:.2f} | {batch} | {row['errors']:.0f} |"
                 )
+    lines += _cpu_breakdown(results)
     lines += [""] + [f"![{name}]({name})" for name in _plots(results, out, stamp)] + [""]
     path = out / f"{stamp}.md"
     path.write_text("\n".join(lines))

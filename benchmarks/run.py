@@ -96,15 +96,23 @@ class Server:
         root = psutil.Process(self.proc.pid)
         return [root, *root.children(recursive=True)]
 
-    def cpu_s(self) -> float:
-        total = 0.0
+    def cpu_by_process(self) -> dict[str, float]:
+        """CPU seconds per process of the tree, keyed by a readable name (Ray actors by title)."""
+        out: dict[str, float] = {}
         for p in self.tree():
             try:
                 t = p.cpu_times()
-                total += t.user + t.system
+                name = p.name() if p.pid != self.proc.pid else "server main process"
+                title = " ".join(p.cmdline())
+                if title.startswith("ray::"):
+                    name = title.split()[0]
+                out[name] = out.get(name, 0.0) + t.user + t.system
             except psutil.NoSuchProcess:
                 pass
-        return total
+        return out
+
+    def cpu_s(self) -> float:
+        return sum(self.cpu_by_process().values())
 
     def rss_bytes(self) -> int:
         total = 0
@@ -138,9 +146,11 @@ def configurations(repository: Path) -> dict[str, tuple[list[str], dict[str, str
 
 
 def measure(server: Server, workload: Workload, clients: int, duration_s: float) -> dict[str, Any]:
-    cpu0 = server.cpu_s()
+    before = server.cpu_by_process()
     result = asyncio.run(closed_loop("127.0.0.1", server.port, workload.requests, clients, duration_s))
-    cpu = server.cpu_s() - cpu0
+    after = server.cpu_by_process()
+    by_process = {k: after[k] - before.get(k, 0.0) for k in after}
+    cpu = sum(by_process.values())
     batches, units = [], 0
     for body in result.bodies:
         answer = json.loads(body)
@@ -160,6 +170,9 @@ def measure(server: Server, workload: Workload, clients: int, duration_s: float)
         "mean_batch_size": statistics.fmean(batches) if batches else None,
         "errors": result.errors,
         "requests": result.ok,
+        "cpu_ms_per_request_by_process": {
+            k: v / ok * 1000 for k, v in sorted(by_process.items(), key=lambda kv: -kv[1]) if v / ok > 5e-5
+        },
     }
 
 
