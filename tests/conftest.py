@@ -9,7 +9,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,6 +47,22 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
             quantize="int8" if name == "fashion-vit" else None,
         )
     return repository
+
+
+def wait_ready(url: str, proc: subprocess.Popen | None, timeout_s: float, logs: Callable[[], str]) -> None:
+    """Poll ``url`` until it answers 200; fail with the logs if ``proc`` exits or time runs out."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} before {url} was ready:\n{logs()}")
+        try:
+            if requests.get(url, timeout=10).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{url} not ready after {timeout_s:.0f} s:\n{logs()}")
+        time.sleep(0.5)
 
 
 def free_port() -> int:
@@ -96,18 +112,7 @@ def service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         log,
     )
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"service exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-            try:
-                if svc.get("/readyz").status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"service not ready after 180 s:\n{log.read_text()[-4000:]}")
-            time.sleep(0.5)
+        wait_ready(f"{svc.url}/readyz", proc, 180, lambda: log.read_text()[-4000:])
         yield svc
     finally:
         proc.send_signal(signal.SIGINT)  # our own child: serve.shutdown(); ray.shutdown()

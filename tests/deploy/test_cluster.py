@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import free_port
+from tests.conftest import free_port, wait_ready
 
 pytestmark = pytest.mark.slow
 RAY = Path(sys.executable).with_name("ray")
@@ -77,16 +77,12 @@ def two_node_service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFac
                                    stderr=subprocess.STDOUT)  # fmt: skip
         started.append(service)
         url = f"http://127.0.0.1:{http}"
-        deadline = time.monotonic() + 240
-        while True:
-            try:
-                if requests.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            logs = {p.name: p.read_text()[-1500:] for p in tmp.glob("*.log")}
-            assert service.poll() is None and time.monotonic() < deadline, logs
-            time.sleep(1)
+        wait_ready(
+            f"{url}/readyz",
+            service,
+            240,
+            lambda: str({p.name: p.read_text()[-1500:] for p in tmp.glob("*.log")}),
+        )
         yield url
     finally:
         for proc in reversed(started):  # the service disconnects first, then the worker, then the head

@@ -16,7 +16,7 @@ import pytest
 import requests
 import yaml
 
-from tests.conftest import Service, free_port
+from tests.conftest import Service, free_port, wait_ready
 from tests.service.test_app import canvas_png
 
 pytestmark = pytest.mark.slow
@@ -44,15 +44,7 @@ def prometheus(service: Service, tmp_path_factory: pytest.TempPathFactory) -> It
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if requests.get(f"{url}/-/ready", timeout=2).status_code == 200:
-                    break
-            except requests.ConnectionError:
-                pass
-            assert proc.poll() is None and time.monotonic() < deadline, (workdir / "log").read_text()[-2000:]
-            time.sleep(0.5)
+        wait_ready(f"{url}/-/ready", proc, 60, lambda: (workdir / "log").read_text()[-2000:])
         yield url
     finally:
         proc.terminate()  # our own child, by PID
