@@ -63,7 +63,7 @@ class ModelDeployment:
         self._batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
         self.max_batch_size = batching.max_batch_size
         self.metrics = ModelMetrics(entry.name, settings.latency_buckets_s)
-        provider = self.runner.providers[0]  # type: ignore[attr-defined]
+        provider = self.runner.providers[0]
         self.metrics.loaded(entry.version, entry.manifest.task, entry.manifest.family, provider)
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.node = ray.get_runtime_context().get_node_id()[:12]
@@ -77,7 +77,7 @@ class ModelDeployment:
 
     def info(self) -> dict[str, Any]:
         return {
-            "providers": list(self.runner.providers),  # type: ignore[attr-defined]
+            "providers": list(self.runner.providers),
             "max_batch_size": self.max_batch_size,
             "warmup_ms": self.warmup_ms,
         }

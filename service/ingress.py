@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from ray import serve
 
 from service import kserve_routes  # noqa: F401  (registers the /v2 routes on the app)
-from service.errors import InvalidInput, NotReady, PayloadTooLarge, validation_message
+from service.errors import InvalidInput, NotReady, validation_message
 from service.grpc_ingress import GRPCMethods
 from service.http_app import app
 from service.schemas import (
@@ -109,9 +109,7 @@ class Ingress(GRPCMethods):
         )
 
     async def _classify_body(self, request: Request) -> ClassifyRequest | tuple[ClassifyOptions, bytes]:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > self.max_body:
-            raise PayloadTooLarge(f"body: {length} bytes exceed the limit of {self.max_body}")
+        self.check_declared_length(request)
         ctype = request.headers.get("content-type", "")
         try:
             if ctype.startswith("multipart/form-data"):
@@ -122,10 +120,7 @@ class Ingress(GRPCMethods):
                 options = ClassifyOptions.model_validate({k: v for k, v in form.items() if k != "file"})
                 return options, await upload.read()
             if ctype.startswith("application/json") or not ctype:
-                body = await request.body()
-                if len(body) > self.max_body:
-                    raise PayloadTooLarge(f"body: {len(body)} bytes exceed the limit of {self.max_body}")
-                return ClassifyRequest.model_validate_json(body)
+                return ClassifyRequest.model_validate_json(await self.read_body(request))
         except ValidationError as exc:
             raise InvalidInput(validation_message(exc)) from exc
         except (json.JSONDecodeError, UnicodeDecodeError, AssertionError) as exc:

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 from ray import serve
 
 from service import kserve, kserve_http
-from service.errors import NotReady, PayloadTooLarge
+from service.errors import NotReady
 from service.http_app import app, error_response
 from service.repository import ModelEntry
 from service.routing import ModelRouter
@@ -66,12 +66,7 @@ async def v2_model_ready(router: Router, name: str, version: str | None = None) 
 @app.post("/v2/models/{name}/versions/{version}/infer", tags=V2_TAGS)
 async def v2_infer(router: Router, name: str, request: Request, version: str | None = None) -> Response:
     entry: ModelEntry = router.resolve(name, None, version)
-    length = request.headers.get("content-length")
-    if length and length.isdigit() and int(length) > router.max_body:
-        raise PayloadTooLarge(f"body: {length} bytes exceed the limit of {router.max_body}")
-    body = await request.body()
-    if len(body) > router.max_body:
-        raise PayloadTooLarge(f"body: {len(body)} bytes exceed the limit of {router.max_body}")
+    body = await router.read_body(request)
     parsed = kserve_http.parse_request(body, request.headers.get(kserve_http.HEADER_LENGTH))
     outputs = kserve.requested_outputs(entry.manifest, parsed.outputs, parsed.parameters)
     requests = kserve.to_requests(entry.manifest, parsed.inputs, parsed.parameters, outputs)

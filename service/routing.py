@@ -10,10 +10,18 @@ import asyncio
 import time
 from typing import Any
 
+from fastapi import Request
 from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
-from service.errors import DeadlineExceeded, ModelNotFound, Overloaded, ServiceError, WrongTask
+from service.errors import (
+    DeadlineExceeded,
+    ModelNotFound,
+    Overloaded,
+    PayloadTooLarge,
+    ServiceError,
+    WrongTask,
+)
 from service.metrics import IngressMetrics
 from service.repository import ModelEntry
 from service.settings import Settings
@@ -35,6 +43,20 @@ class ModelRouter:
         self._info: dict[str, dict[str, Any]] = {}
         # the body limit: the largest image, base64-encoded, plus room for the JSON around it
         self.max_body = settings.limits.max_image_bytes * 4 // 3 + 64 * 1024
+
+    def check_declared_length(self, request: Request) -> None:
+        """Refuse a body whose Content-Length is over the limit before reading any of it."""
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.max_body:
+            raise PayloadTooLarge(f"body: {length} bytes exceed the limit of {self.max_body}")
+
+    async def read_body(self, request: Request) -> bytes:
+        """The whole body, under the limit whether or not its length was declared."""
+        self.check_declared_length(request)
+        body = await request.body()
+        if len(body) > self.max_body:
+            raise PayloadTooLarge(f"body: {len(body)} bytes exceed the limit of {self.max_body}")
+        return body
 
     async def is_ready(self) -> bool:
         try:

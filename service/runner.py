@@ -27,6 +27,7 @@ from service.vision import Classifier, decode_image, pixels_to_image, preprocess
 
 class Runner(Protocol):
     entry: ModelEntry
+    providers: list[str]  # the execution providers ONNX Runtime actually chose
 
     def preprocess(self, request: Any) -> Any: ...
     def infer(self, works: list[Any]) -> list[Any]: ...

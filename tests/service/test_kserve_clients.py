@@ -13,12 +13,10 @@ import grpc
 import numpy as np
 import pytest
 
-from service.manifest import Manifest
 from service.protos import attention_pb2 as apb
 from service.protos import attention_pb2_grpc as apb_grpc
-from service.translation import Translator
 from tests.conftest import Service
-from tests.service.test_app import canvas_png
+from tests.service.test_app import canvas_png, reference
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,11 +40,8 @@ def probe(service: Service, tmp_path_factory: pytest.TempPathFactory) -> dict[st
     return json.loads(result.stdout)
 
 
-def reference(service: Service, name: str, beam: int) -> list[Any]:
-    directory = service.repository / name / "1"
-    return Translator(directory, Manifest.load(directory), ["CPUExecutionProvider"]).translate(
-        TEXTS, beam_size=beam
-    )
+def reference_decode(service: Service, name: str, beam: int) -> list[Any]:
+    return reference(service, name).translate(TEXTS, beam_size=beam)
 
 
 def test_http_health_and_metadata(probe: dict[str, Any]) -> None:
@@ -61,7 +56,7 @@ def test_http_health_and_metadata(probe: dict[str, Any]) -> None:
 @pytest.mark.parametrize("binary", [False, True])
 def test_http_translate_json_and_binary(probe: dict[str, Any], service: Service, binary: bool) -> None:
     r = probe["http"][f"translate_binary_{binary}"]
-    expected = reference(service, "dates-bahdanau", beam=2)
+    expected = reference_decode(service, "dates-bahdanau", beam=2)
     assert r["id"] == "h1" and r["text"] == [e.text for e in expected] == ISO
     np.testing.assert_allclose(r["score"], [e.score for e in expected], atol=1e-4)
     assert r["attention_shape"][0] == 3 and r["attention_shape"][1] == 11  # 10 characters + </s>
@@ -92,7 +87,7 @@ def test_grpc_health_metadata_and_infer(probe: dict[str, Any], service: Service)
     assert g["live"] and g["ready"] and g["model_ready"]
     assert g["server"]["name"] == "attention-serve"
     assert g["metadata"]["inputs"][0]["name"] == "TEXT"
-    expected = reference(service, "dates-transformer", beam=2)
+    expected = reference_decode(service, "dates-transformer", beam=2)
     assert g["translate"]["id"] == "g1" and g["translate"]["text"] == [e.text for e in expected] == ISO
     assert g["translate"]["target_tokens"][0][:11] == [*"2024-03-05", "</s>"]
     assert g["translate"]["attention_shape"][:2] == [3, 11]
