@@ -21,7 +21,7 @@ from export import checkpoint, evaluate
 from export.checkpoint import Checkpoint
 from export.data import fashion
 from export.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
-from export.graphs import plans_for
+from export.graphs import Shape, plans_for
 from export.onnx_export import TOLERANCE, ExportedGraph, export_graph
 from export.recipes import Recipe
 from export.repository import check_target, staged_version
@@ -41,7 +41,7 @@ class FloorNotMet(RuntimeError):
 def train(recipe: Recipe, directory: Path) -> Checkpoint:
     start = time.perf_counter()
     if recipe.task == "translation":
-        data = dates_train.prepare(recipe.data["n_train"], recipe.data["n_test"], recipe.data["seed"])
+        data = dates_train.prepare(recipe.data["n_train"], recipe.data["seed"])
         model = dates_train.train(recipe.family, recipe.model, recipe.train, data, f"train {recipe.name}")
         ckpt = Checkpoint(recipe.name, recipe.family, model, data.source_tokenizer, data.target_tokenizer)
     else:
@@ -70,8 +70,9 @@ def export(
     check_target(repository, name, version, force)  # fail before any work
     ckpt = checkpoint.load(ckpt_dir)
     with staged_version(repository, name, version, force) as staging:
-        graphs = {plan.key: export_graph(plan, staging) for plan in plans_for(ckpt.model)}
-        manifest = _manifest(recipe, ckpt, ckpt_dir, version, graphs, staging)
+        plans = plans_for(ckpt.model)
+        graphs = {plan.key: export_graph(plan, staging) for plan in plans}
+        manifest = _manifest(recipe, ckpt, ckpt_dir, version, graphs, plans[0].shapes, staging)
         manifest = manifest.model_copy(update={"eval": evaluate.evaluate_recipe(recipe, staging, manifest)})
         _check_floors(recipe, manifest.eval)
         manifest.write(staging)
@@ -89,11 +90,11 @@ def _manifest(
     ckpt_dir: Path,
     version: int,
     graphs: dict[str, ExportedGraph],
+    shapes: list[Shape],
     staging: Path,
 ) -> Manifest:
     parity = {f"{key}.{out}": diff for key, g in graphs.items() for out, diff in g.max_abs_diff.items()}
     tools = {p: pkg_version(p) for p in ("torch", "onnx", "onnxscript", "onnxruntime")}
-    first_plan = plans_for(ckpt.model)[0]
     common: dict[str, Any] = {
         "name": recipe.name,
         "version": version,
@@ -106,7 +107,7 @@ def _manifest(
             opset=next(iter(graphs.values())).opset,
             parity_max_abs_diff=parity,
             parity_tolerance=TOLERANCE,
-            verified_shapes=first_plan.shapes,
+            verified_shapes=shapes,
         ),
         "created_at": datetime.now(UTC),
         "checkpoint_sha256": checkpoint.sha256(ckpt_dir / checkpoint.WEIGHTS),

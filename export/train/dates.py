@@ -17,16 +17,17 @@ from export.train.loop import TrainConfig, fit
 @dataclass
 class DatesData:
     train: list[dates.DateExample]
-    test: list[dates.DateExample]
     source_tokenizer: Tokenizer
     target_tokenizer: Tokenizer
 
 
-def prepare(n_train: int, n_test: int, seed: int) -> DatesData:
-    train, test = dates.splits(n_train, n_test, seed)
+def prepare(n_train: int, seed: int) -> DatesData:
+    """The training examples (the train side of ``dates.splits``) and tokenizers built from them;
+    the held-out side comes from ``export.evaluate.translation_test_set``."""
+    train = list(dates.generate(n_train, seed))
     src_tok = char_tokenizer((ex.source for ex in train), append_eos=True)
     tgt_tok = char_tokenizer("0123456789-", append_eos=False)
-    return DatesData(train, test, src_tok, tgt_tok)
+    return DatesData(train, src_tok, tgt_tok)
 
 
 def encode_pairs(data: DatesData, examples: list[dates.DateExample]) -> tuple[Tensor, Tensor, Tensor]:
