@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(settings.grpc_max_message_bytes)
+    os.environ.update(settings.ray_environment())  # before Ray starts: its processes read them
 
     import ray
     from ray import serve
@@ -55,13 +56,14 @@ def main(argv: list[str] | None = None) -> int:
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     try:
+        in_replica = settings.frontend == "in-replica"  # the replicas listen; no Ray proxy
         serve.start(
-            proxy_location=settings.proxy_location,
+            proxy_location="Disabled" if in_replica else settings.proxy_location,
             logging_config=settings.serve_logging,
             http_options={"host": settings.host, "port": settings.http_port},
             grpc_options={"port": settings.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
         )
-        serve.run(app, name="attention", route_prefix="/")
+        serve.run(app, name="attention", route_prefix=None if in_replica else "/")
         print(f"serving on http://{settings.host}:{settings.http_port} (docs at /docs); "
               f"metrics on :{settings.metrics_port}/metrics — Ctrl-C to stop", flush=True)  # fmt: skip
         stop.wait()

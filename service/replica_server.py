@@ -1,0 +1,169 @@
+"""The ``in-replica`` frontend: each serving replica holds every model and answers HTTP and gRPC
+itself, on the configured host and ports.
+
+Why: on small and medium attention models Ray Serve's default path (proxy actor → ingress
+replica → model replica) costs several times the model's own CPU per request
+(``benchmarks/results/``). Here a request crosses no process boundary: the replica's own
+uvicorn (the same FastAPI app as every frontend) and gRPC server call the model workers in
+process, which batch with ``@serve.batch``. Ray Serve still places, health-checks, restarts and
+scales the replicas.
+
+One stable port for many replicas: every replica binds ``host:http_port`` (and ``grpc_port``)
+with ``SO_REUSEPORT``, so the replicas on a node share the port and the kernel spreads new
+connections over them; a replacement replica joins the port the moment it is ready, and one
+that stops leaves it. Across nodes, each node's replicas listen on that node's address (put a
+load balancer in front, as with Ray's per-node proxies). Shed requests (a model's queue full)
+are answered here and counted in ``attention_requests_total`` like every other answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import logging
+import socket
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import grpc
+import ray
+import uvicorn
+from ray import serve
+
+from service import kserve_routes, rest_routes  # noqa: F401  (they register the routes on the app)
+from service.errors import ServiceError
+from service.grpc_ingress import GRPCMethods
+from service.http_app import app, attach
+from service.model_worker import ModelWorker
+from service.protos import attention_pb2_grpc, grpc_service_pb2_grpc
+from service.repository import ModelEntry
+from service.routing import Model
+from service.settings import Settings
+
+log = logging.getLogger("ray.serve")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: the replica's process belongs to Ray."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def shared_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket other replicas on this node may bind too (SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def _unary(impl: Callable[..., Any]) -> Callable[..., Any]:
+    takes_context = len(inspect.signature(impl).parameters) == 2
+
+    async def call(_: object, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await (impl(request, context) if takes_context else impl(request))
+        except ServiceError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
+
+    return call
+
+
+def _streaming(impl: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def call(_: object, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        async for response in impl(requests):
+            yield response
+
+    return call
+
+
+def servicer(base: type, methods: GRPCMethods) -> object:
+    """An instance of the generated servicer ``base`` whose RPCs call ``methods``' methods of the
+    same name (the ones we do not implement keep the base's UNIMPLEMENTED answer)."""
+    overrides = {}
+    for name, _ in inspect.getmembers(base, inspect.isfunction):
+        impl = getattr(methods, name, None)
+        if name.startswith("_") or impl is None:
+            continue
+        overrides[name] = _streaming(impl) if inspect.isasyncgenfunction(impl) else _unary(impl)
+    return type(base.__name__, (base,), overrides)()
+
+
+@serve.deployment
+class ServingReplica(GRPCMethods):
+    # Ray Serve awaits an async constructor; the replica takes traffic only after it returns
+    async def __init__(  # type: ignore[misc]
+        self, entries: dict[str, ModelEntry], rejected: dict[str, str], settings: Settings
+    ) -> None:
+        replica = serve.get_replica_context().replica_id.unique_id
+        node = ray.get_runtime_context().get_node_id()[:12]
+        workers = {name: ModelWorker(e, settings, replica, node) for name, e in entries.items()}
+        self.workers = workers
+        models: dict[str, Model] = dict(workers)
+        super().__init__(models, entries, rejected, settings)
+        attach(self)
+        self.http = _Server(
+            uvicorn.Config(
+                app, lifespan="off", log_level="warning", access_log=settings.access_log,
+                timeout_keep_alive=30,
+            )
+        )  # fmt: skip
+        self.http_task = asyncio.create_task(
+            self.http.serve(sockets=[shared_socket(settings.host, settings.http_port)])
+        )
+        self.grpc = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1),
+                ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+                ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+            ]
+        )
+        grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            servicer(grpc_service_pb2_grpc.GRPCInferenceServiceServicer, self), self.grpc
+        )
+        attention_pb2_grpc.add_AttentionServiceServicer_to_server(
+            servicer(attention_pb2_grpc.AttentionServiceServicer, self), self.grpc
+        )
+        address = f"[{settings.host}]" if ":" in settings.host else settings.host
+        if not self.grpc.add_insecure_port(f"{address}:{settings.grpc_port}"):
+            raise RuntimeError(f"gRPC: cannot listen on {address}:{settings.grpc_port}")
+        await self.grpc.start()
+        while not self.http.started:  # the socket is bound already; this is uvicorn's start-up
+            if self.http_task.done():
+                self.http_task.result()  # raises why it stopped
+                raise RuntimeError(f"HTTP server on {settings.host}:{settings.http_port} stopped")
+            await asyncio.sleep(0.01)
+        log.info("serving HTTP on %s:%d, gRPC on :%d", settings.host, settings.http_port, settings.grpc_port)
+
+    async def check_health(self) -> None:
+        """Called by Ray Serve every few seconds; a raise here restarts the replica."""
+        if self.http_task.done():
+            raise RuntimeError("the replica's HTTP server stopped")
+        for worker in self.workers.values():
+            worker.metrics.refresh()
+
+    async def __del__(self) -> None:
+        """Graceful stop: refuse new connections, let requests in flight finish."""
+        self.http.should_exit = True
+        await self.grpc.stop(grace=5)
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(self.http_task, timeout=10)
+
+
+def replica_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "name": "replica",
+        **settings.scaling_for(None),
+        # HTTP and gRPC reach the replica directly, so Ray's request limits do not apply:
+        # each model's worker sheds beyond its capacity (ModelWorker.capacity)
+        "ray_actor_options": settings.actor_options(),
+        "logging_config": settings.serve_logging,
+        "health_check_period_s": 5,
+    }
