@@ -17,7 +17,7 @@ from fastapi import FastAPI
 
 from service.repository import discover
 from service.runner import make_runner
-from service.schemas import TranslateRequest
+from service.schemas import ClassifyRequest, TranslateRequest
 from service.settings import Limits
 
 
@@ -40,6 +40,10 @@ def build(repository: Path) -> FastAPI:
 
     @app.post("/v1/models/{name}/translate")
     async def translate(name: str, body: TranslateRequest) -> dict[str, Any]:
+        return await asyncio.to_thread(run, name, body)
+
+    @app.post("/v1/models/{name}/classify")
+    async def classify(name: str, body: ClassifyRequest) -> dict[str, Any]:
         return await asyncio.to_thread(run, name, body)
 
     return app

@@ -52,6 +52,7 @@ def nmt_tokens_per_s(directory: Path, batch: int = 64) -> dict[str, Any]:
 
 def measure(repository: Path) -> dict[str, Any]:
     return {
+        "tiny-vit": vit_images_per_s(repository / "tiny-vit" / "1"),
         "fashion-vit": vit_images_per_s(repository / "fashion-vit" / "1"),
         "dates-transformer": nmt_tokens_per_s(repository / "dates-transformer" / "1"),
         "dates-bahdanau": nmt_tokens_per_s(repository / "dates-bahdanau" / "1"),

@@ -30,10 +30,12 @@ from typing import Any
 import psutil
 import requests
 
-from benchmarks import ceilings, report
+from benchmarks import ceilings, report, tiny
 from benchmarks.loadgen import Request, closed_loop, percentile
 
 ROOT = Path(__file__).resolve().parents[1]
+#: the checkpoint the PyTorch-eager reference serves: the demo NMT model of the nmt-transformer workload
+TORCH_MODEL = "dates-transformer"
 SAMPLE = ROOT / "docs" / "samples" / "bag.png"
 TEXTS = ["5 mars 2024", "Tuesday, July 4, 1995", "31.12.1999", "12 de mayo de 2003", "3 juin 1980",
          "Samstag, 15. Mai 1976", "9/9/1986", "mar, 31 mar 2009"]  # fmt: skip
@@ -48,21 +50,53 @@ class Workload:
 
 def workloads() -> list[Workload]:
     image = base64.b64encode(SAMPLE.read_bytes()).decode()
+    tiny_image = base64.b64encode(tiny.image()).decode()
 
     def translate(model: str) -> list[Request]:
         return [Request.json(f"/v1/models/{model}/translate", {"text": t}) for t in TEXTS]
 
+    def classify(model: str, png: str) -> list[Request]:
+        return [Request.json(f"/v1/models/{model}/classify", {"image": png, "top_k": 1})]
+
     return [
-        Workload("tiny-rest", translate("dates-bahdanau"), "tokens"),
+        Workload("tiny-rest", classify(tiny.TINY, tiny_image), "images"),
         Workload("nmt-transformer", translate("dates-transformer"), "tokens"),
-        Workload("vit", [Request.json("/v1/models/fashion-vit/classify", {"image": image})], "images"),
+        Workload("nmt-bahdanau", translate("dates-bahdanau"), "tokens"),
+        Workload("vit", classify("fashion-vit", image), "images"),
     ]
+
+
+@dataclass(frozen=True)
+class Configuration:
+    cmd: list[str]
+    env: dict[str, str]
+    #: workloads it serves (None: all)
+    serves: tuple[str, ...] | None = None
+    #: where clients connect, relative to the HTTP port it is given
+    port_offset: int = 0
 
 
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def free_port_block(n: int) -> int:
+    """A port p with p … p+n-1 free (ray-direct's replicas take the ports above the proxy's)."""
+    for _ in range(100):
+        base = free_port()
+        if base + n > 65535:
+            continue
+        try:
+            with contextlib.ExitStack() as stack:
+                for p in range(base, base + n):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+    raise RuntimeError(f"no block of {n} free ports")
 
 
 class Server:
@@ -130,18 +164,33 @@ class Server:
             self.proc.wait()
 
 
-def configurations(repository: Path) -> dict[str, tuple[list[str], dict[str, str]]]:
-    ray_env = {
-        "ATTN_REPOSITORY": str(repository),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "ATTN_LOG_LEVEL": "WARNING",
-    }
+def configurations(repository: Path, checkpoints: Path) -> dict[str, Configuration]:
+    """The servers compared: our frontends, the plain FastAPI + ORT baseline and PyTorch eager."""
+    service = [sys.executable, "-m", "service"]
+
+    def ray(frontend: str, **env: str) -> dict[str, str]:
+        return {"ATTN_REPOSITORY": str(repository), "RAY_USAGE_STATS_ENABLED": "0",
+                "ATTN_LOG_LEVEL": "WARNING", "ATTN_FRONTEND": frontend, **env}  # fmt: skip
+
     return {
-        "fastapi-baseline": (
-            [sys.executable, "-m", "benchmarks.baseline_server", "--repository", str(repository)],
-            {},
+        "fastapi-baseline": Configuration(
+            [sys.executable, "-m", "benchmarks.baseline_server", "--repository", str(repository)], {}
         ),
-        "ray-serve": ([sys.executable, "-m", "service"], ray_env),
+        "pytorch-eager": Configuration(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.torch_server",
+                "--checkpoint",
+                str(checkpoints / "dates-transformer"),
+            ],
+            {},
+            serves=("nmt-transformer",),
+        ),
+        "in-replica": Configuration(service, ray("in-replica")),
+        "in-replica-x2": Configuration(service, ray("in-replica", ATTN_NUM_REPLICAS="2")),
+        "ray-proxy": Configuration(service, ray("ray-proxy")),
+        "ray-direct": Configuration(service, ray("ray-direct"), port_offset=1),
     }
 
 
@@ -179,6 +228,7 @@ def measure(server: Server, workload: Workload, clients: int, duration_s: float)
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.run", description=__doc__.split("\n")[0])
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
+    parser.add_argument("--checkpoints", type=Path, default=ROOT / "build" / "checkpoints")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per measurement")
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32, 64])
@@ -188,27 +238,28 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+    repository = tiny.repository(args.repository, ROOT / "build" / "bench_repository")
     print("ceilings: raw ONNX Runtime, no server", flush=True)
-    ceiling = ceilings.measure(args.repository)
+    ceiling = ceilings.measure(repository)
     raw: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     startup: dict[str, list[float]] = {}
     rss: dict[str, list[int]] = {}
     for r in range(args.rounds):
-        for name, (cmd, env) in configurations(args.repository).items():  # interleaved per round
+        for name, config in configurations(repository, args.checkpoints).items():  # interleaved
             if args.configs and name not in args.configs:
                 continue
-            port = free_port()
-            env = {**env, "ATTN_HTTP_PORT": str(port), "ATTN_GRPC_PORT": str(free_port()),
+            port = free_port_block(102)
+            env = {**config.env, "ATTN_HTTP_PORT": str(port), "ATTN_GRPC_PORT": str(free_port_block(102)),
                    "ATTN_METRICS_PORT": str(free_port())}  # fmt: skip
-            cmd = [*cmd, "--port", str(port)] if "baseline" in name else cmd
-            server = Server(name, cmd, env, port, args.out / f"{name}.log")
+            cmd = config.cmd if "ATTN_FRONTEND" in env else [*config.cmd, "--port", str(port)]
+            server = Server(name, cmd, env, port + config.port_offset, args.out / f"{name}.log")
             startup.setdefault(name, []).append(server.startup_s)
             try:
                 for workload in workloads():
                     if args.workloads and workload.name not in args.workloads:
                         continue
-                    if "baseline" in name and workload.name == "vit":
-                        continue  # the baseline serves translation only
+                    if config.serves is not None and workload.name not in config.serves:
+                        continue
                     for clients in args.concurrency:
                         print(f"round {r + 1}/{args.rounds} {name} {workload.name} c={clients}", flush=True)
                         row = measure(server, workload, clients, args.duration)

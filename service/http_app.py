@@ -7,11 +7,13 @@ whichever frontend the settings choose; the process's :class:`ModelRouter` regis
 :func:`attach` and routes receive it through the ``Router`` dependency.
 """
 
-from typing import Annotated
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.routing import APIRoute
 
 from service.errors import NotReady, Overloaded, ServiceError, validation_message
 from service.routing import ModelRouter
@@ -52,10 +54,45 @@ def attach(router: ModelRouter) -> None:
     _router = router
 
 
-def current_router() -> ModelRouter:
+async def current_router() -> ModelRouter:
+    """Async on purpose: FastAPI runs a sync dependency in a thread pool, a thread hop per request."""
     if _router is None:
         raise NotReady("not ready: the models are still loading")
     return _router
 
 
 Router = Annotated[ModelRouter, Depends(current_router)]
+
+
+Endpoint = Callable[..., Awaitable[Response]]
+
+
+class DirectRoute(APIRoute):
+    """A route documented like any other whose endpoint is called with the raw request and its
+    path parameters and returns a ready :class:`Response`.
+
+    For the inference routes, the hot path: FastAPI's per-request machinery (dependency solving,
+    body parsing, response-model validation and encoding) cost more CPU than a small model's
+    inference (``benchmarks/results/``). The endpoint parses its body with the same pydantic
+    schemas and raises the same :mod:`service.errors` types, so answers are unchanged."""
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        endpoint: Endpoint = self.endpoint
+
+        async def handler(request: Request) -> Response:
+            return await endpoint(request, **request.path_params)
+
+        return handler
+
+
+def direct_post(*paths: str, **options: Any) -> Callable[[Endpoint], Endpoint]:
+    """``@app.post`` for a :class:`DirectRoute` endpoint ``(request, **path_params)``."""
+
+    def register(endpoint: Endpoint) -> Endpoint:
+        for path in paths:
+            app.router.add_api_route(
+                path, endpoint, methods=["POST"], route_class_override=DirectRoute, **options
+            )
+        return endpoint
+
+    return register

@@ -13,7 +13,7 @@ from fastapi.responses import JSONResponse
 
 from service import kserve, kserve_http
 from service.errors import NotReady
-from service.http_app import Router, app, error_response
+from service.http_app import Router, app, current_router, direct_post, error_response
 from service.repository import ModelEntry
 
 V2_TAGS: list[str | Enum] = ["KServe v2"]
@@ -51,9 +51,9 @@ async def v2_model_ready(router: Router, name: str, version: str | None = None) 
     return JSONResponse({"name": entry.name, "ready": True})
 
 
-@app.post("/v2/models/{name}/infer", tags=V2_TAGS)
-@app.post("/v2/models/{name}/versions/{version}/infer", tags=V2_TAGS)
-async def v2_infer(router: Router, name: str, request: Request, version: str | None = None) -> Response:
+@direct_post("/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer", tags=V2_TAGS)
+async def v2_infer(request: Request, name: str, version: str | None = None) -> Response:
+    router = await current_router()
     entry: ModelEntry = router.resolve(name, None, version)
     body = await router.read_body(request)
     parsed = kserve_http.parse_request(body, request.headers.get(kserve_http.HEADER_LENGTH))

@@ -319,8 +319,11 @@ def test_openapi_documents_the_routes_and_limits(service: Service) -> None:
     assert {"/v1/models", "/v1/models/{name}/translate", "/v1/models/{name}/classify", "/readyz"} <= set(
         spec["paths"]
     )
-    translate = spec["components"]["schemas"]["TranslateRequest"]["properties"]
+    body = spec["paths"]["/v1/models/{name}/translate"]["post"]["requestBody"]["content"]
+    translate = body["application/json"]["schema"]["properties"]
     assert translate["beam_size"]["maximum"] == 64
+    response = spec["paths"]["/v1/models/{name}/translate"]["post"]["responses"]["200"]["content"]
+    assert response["application/json"]["schema"]["$ref"].endswith("/TranslateResponse")
 
 
 def test_the_service_log_has_no_request_content(service: Service) -> None:
