@@ -4,7 +4,7 @@
 path for ``serve run deploy/serve_config.yaml`` (its ``args`` are settings overrides, e.g.
 ``repository``). The frontend setting picks the topology: serving replicas that hold every model
 and listen themselves (``in-replica``), or an ingress deployment in front of one deployment per
-model (``ray-proxy``, ``ray-direct``, ``haproxy``).
+model (``ray-proxy``, ``ray-direct``).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The Ray-ingress topology's model deployments: one per model, each a :class:`ModelWorker`.
 
-Used by the ``ray-proxy``, ``ray-direct`` and ``haproxy`` frontends, where an ingress deployment
+Used by the ``ray-proxy`` and ``ray-direct`` frontends, where an ingress deployment
 (``service/ingress.py``) routes to these through deployment handles. Why a deployment per model
 rather than one multiplexed per family: each model gets its own replica count, batch size, GPU
 share, queue and autoscaling. The price is a second hop per request; the default ``in-replica``

@@ -1,4 +1,4 @@
-"""The ingress deployment of the Ray-ingress frontends (``ray-proxy``, ``ray-direct``, ``haproxy``).
+"""The ingress deployment of the Ray-ingress frontends (``ray-proxy``, ``ray-direct``).
 
 Ray Serve delivers HTTP (the app of ``service/http_app.py``: REST and KServe v2 routes) and gRPC
 (the methods of :class:`~service.grpc_ingress.GRPCMethods`) to it; it routes each request to

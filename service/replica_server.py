@@ -112,7 +112,7 @@ class ServingReplica(GRPCMethods):
         self.http = _Server(
             uvicorn.Config(
                 app, lifespan="off", log_level="warning", access_log=settings.access_log,
-                timeout_keep_alive=30,
+                timeout_keep_alive=30, proxy_headers=False,
             )
         )  # fmt: skip
         self.http_task = asyncio.create_task(

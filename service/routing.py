@@ -113,9 +113,13 @@ class ModelRouter:
         try:
             entry = self.resolve(name, task, version)
             timeout = self.settings.limits.request_timeout_s
-            calls = [self.models[name].predict(r) for r in requests]
+            model = self.models[name]
             try:
-                answers = await asyncio.wait_for(asyncio.gather(*calls), timeout)
+                async with asyncio.timeout(timeout):  # on expiry the calls are cancelled
+                    if len(requests) == 1:  # the common case, without gather's extra tasks
+                        answers = [await model.predict(requests[0])]
+                    else:
+                        answers = list(await asyncio.gather(*(model.predict(r) for r in requests)))
             except BackPressureError as exc:
                 raise Overloaded(f"model {name!r} is overloaded; retry later") from exc
             except TimeoutError as exc:  # the cancelled calls free their places in the batch

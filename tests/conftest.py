@@ -3,6 +3,7 @@ service running on it (``python -m service`` on loopback), started once per sess
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -78,6 +79,7 @@ class Service:
     metrics_url: str
     repository: Path
     log: Path
+    pid: int
 
     def get(self, path: str, **kw: object) -> requests.Response:
         return requests.get(self.url + path, timeout=30, **kw)  # type: ignore[arg-type]
@@ -86,38 +88,54 @@ class Service:
         return requests.post(self.url + path, timeout=60, **kw)  # type: ignore[arg-type]
 
 
-@pytest.fixture(scope="session")
-def service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    http, grpc, metrics = free_port(), free_port(), free_port()
-    log = tmp_path_factory.mktemp("service") / "service.log"
+@contextlib.contextmanager
+def running_service(
+    repository: Path, directory: Path, port_offset: int = 0, **settings: str
+) -> Iterator[Service]:
+    """``python -m service`` on free loopback ports with ``settings`` (ATTN_* variables) added;
+    ready when yielded, stopped by PID (SIGINT: serve.shutdown(); ray.shutdown()) after.
+    Clients connect ``port_offset`` above the configured ports (the ray-direct frontend)."""
+    http = int(settings.pop("ATTN_HTTP_PORT", 0)) or free_port()
+    grpc = int(settings.pop("ATTN_GRPC_PORT", 0)) or free_port()
+    metrics = free_port()
+    log = directory / "service.log"
     env = {
         **os.environ,
-        "ATTN_REPOSITORY": str(tiny_repository),
+        "ATTN_REPOSITORY": str(repository),
         "ATTN_HTTP_PORT": str(http),
         "ATTN_GRPC_PORT": str(grpc),
         "ATTN_METRICS_PORT": str(metrics),
         "ATTN_NUM_CPUS": "4",
         "ATTN_BATCHING__BATCH_WAIT_TIMEOUT_S": "0.02",
         "RAY_USAGE_STATS_ENABLED": "0",
+        **settings,
     }
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "service"], env=env, stdout=out, stderr=subprocess.STDOUT
         )
     svc = Service(
-        f"http://127.0.0.1:{http}",
-        f"127.0.0.1:{grpc}",
+        f"http://127.0.0.1:{http + port_offset}",
+        f"127.0.0.1:{grpc + port_offset}",
         f"http://127.0.0.1:{metrics}/metrics",
-        tiny_repository,
+        repository,
         log,
+        proc.pid,
     )
     try:
         wait_ready(f"{svc.url}/readyz", proc, 180, lambda: log.read_text()[-4000:])
         yield svc
     finally:
-        proc.send_signal(signal.SIGINT)  # our own child: serve.shutdown(); ray.shutdown()
+        proc.send_signal(signal.SIGINT)
         try:
-            proc.wait(timeout=60)
+            proc.wait(timeout=90)
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="session")
+def service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The service on the tiny repository with the default settings (the in-replica frontend)."""
+    with running_service(tiny_repository, tmp_path_factory.mktemp("service")) as svc:
+        yield svc

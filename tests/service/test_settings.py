@@ -31,6 +31,8 @@ def test_defaults_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ({"ATTN_REPOSITORY": "/no/such/dir"}, "repository"),
         ({"ATTN_LATENCY_BUCKETS_S": "[1, 0.5]"}, "ascending"),
         ({"ATTN_NO_SUCH_SETTING": "1"}, "no_such_setting"),
+        ({"ATTN_FRONTEND": "haproxy"}, "frontend"),
+        ({"ATTN_AUTOSCALING": '{"max_replicas": 4}'}, "autoscaling: Ray scales on the requests it routes"),
     ],
 )
 def test_bad_settings_name_the_field(
@@ -41,3 +43,15 @@ def test_bad_settings_name_the_field(
         monkeypatch.setenv(k, v)
     with pytest.raises(ValidationError, match=message):
         Settings()
+
+
+def test_frontends_set_rays_switches_before_ray_starts(tmp_path: Path) -> None:
+    assert Settings(repository=tmp_path).ray_environment() == {}  # in-replica: no Ray proxy at all
+    direct = Settings(repository=tmp_path, frontend="ray-direct", http_port=8000, grpc_port=9000)
+    env = direct.ray_environment()
+    assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1" and env["RAY_SERVE_PORT_QUARANTINE_S"] == "0"
+    # the ingress replicas listen just above Ray's proxy, which keeps http_port / grpc_port
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8001"
+    assert env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"] == "9001"
+    scaled = Settings(repository=tmp_path, frontend="ray-proxy", autoscaling={"max_replicas": 3})
+    assert scaled.scaling_for("m") == {"autoscaling_config": scaled.autoscaling.model_dump()}
