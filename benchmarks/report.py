@@ -8,6 +8,8 @@ from typing import Any
 
 import matplotlib
 
+from benchmarks import targets
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
@@ -64,17 +66,28 @@ def _cpu_breakdown(results: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _profile(results: dict[str, Any]) -> list[str]:
+    profile = results.get("profile", {})
+    if not profile.get("frames"):
+        return []
+    lines = ["", f"## Profile: {profile['where']} (py-spy, share of busy samples, inclusive)", ""]
+    lines += [f"- {share * 100:.0f} % {frame}" for share, frame in profile["frames"]]
+    return lines
+
+
 def write(results: dict[str, Any], out: Path, stamp: str) -> Path:
     lines = [f"# attention-serve benchmark, {stamp}", ""]
     lines += [f"Machine: {results['machine']['cpus']} CPUs, Python {results['machine']['python']}. "
               f"Closed-loop load, {results['settings']['duration']} s per point, median of "
               f"{results['settings']['rounds']} interleaved rounds. Server CPU = CPU seconds of the whole "
               "server process tree / requests answered.", ""]  # fmt: skip
+    lines += [*targets.markdown(targets.evaluate(results)), ""]
     c = results["ceilings"]
-    vit, nmt, rnn = c["fashion-vit"], c["dates-transformer"], c["dates-bahdanau"]
+    vit, nmt, rnn, tiny = c["fashion-vit"], c["dates-transformer"], c["dates-bahdanau"], c["tiny-vit"]
     lines += [
         "## Ceilings (ONNX Runtime alone, one thread)",
         "",
+        f"- tiny-vit: {tiny['images_per_s']:.0f} images/s at batch {tiny['best_batch']}",
         f"- fashion-vit: {vit['images_per_s']:.0f} images/s at batch {vit['best_batch']}",
         f"- dates-transformer: {nmt['tokens_per_s']:.0f} target tokens/s (offline greedy, batch 64)",
         f"- dates-bahdanau: {rnn['tokens_per_s']:.0f} target tokens/s (offline greedy, batch 64)",
@@ -100,6 +113,10 @@ def write(results: dict[str, Any], out: Path, stamp: str) -> Path:
                     f"{row['server_cpu_ms_per_request']:.2f} | {batch} | {row['errors']:.0f} |"
                 )
     lines += _cpu_breakdown(results)
+    lines += _profile(results)
+    analysis = Path(__file__).with_name("analysis.md")
+    if analysis.exists():
+        lines += ["", analysis.read_text().strip()]
     lines += [""] + [f"![{name}]({name})" for name in _plots(results, out, stamp)] + [""]
     path = out / f"{stamp}.md"
     path.write_text("\n".join(lines))

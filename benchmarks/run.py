@@ -30,7 +30,7 @@ from typing import Any
 import psutil
 import requests
 
-from benchmarks import ceilings, report, tiny
+from benchmarks import ceilings, profiling, report, targets, tiny
 from benchmarks.loadgen import Request, closed_loop, percentile
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -145,6 +145,14 @@ class Server:
                 pass
         return out
 
+    def replica_pid(self) -> int | None:
+        """A serving replica of the in-replica frontend, for the profiler."""
+        for p in self.tree():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                if "ServeReplica:attention:replica" in " ".join(p.cmdline()):
+                    return p.pid
+        return None
+
     def cpu_s(self) -> float:
         return sum(self.cpu_by_process().values())
 
@@ -194,9 +202,16 @@ def configurations(repository: Path, checkpoints: Path) -> dict[str, Configurati
     }
 
 
-def measure(server: Server, workload: Workload, clients: int, duration_s: float) -> dict[str, Any]:
+def measure(
+    server: Server, workload: Workload, clients: int, duration_s: float, profile: Path | None = None
+) -> dict[str, Any]:
     before = server.cpu_by_process()
+    spy = None
+    if profile is not None and (replica := server.replica_pid()) is not None:
+        spy = profiling.start(replica, duration_s - 1, profile)
     result = asyncio.run(closed_loop("127.0.0.1", server.port, workload.requests, clients, duration_s))
+    if spy is not None:
+        spy.wait(timeout=60)
     after = server.cpu_by_process()
     by_process = {k: after[k] - before.get(k, 0.0) for k in after}
     cpu = sum(by_process.values())
@@ -262,14 +277,20 @@ def main(argv: list[str] | None = None) -> int:
                         continue
                     for clients in args.concurrency:
                         print(f"round {r + 1}/{args.rounds} {name} {workload.name} c={clients}", flush=True)
-                        row = measure(server, workload, clients, args.duration)
+                        last = r == args.rounds - 1 and clients == max(args.concurrency)
+                        profiled = last and name == targets.SERVICE and workload.name == "tiny-rest"
+                        spy_out = args.out / "profile.txt" if profiled else None
+                        row = measure(server, workload, clients, args.duration, spy_out)
                         raw.setdefault(name, {}).setdefault(workload.name, {}).setdefault(
                             str(clients), []
                         ).append(row)
                 rss.setdefault(name, []).append(server.rss_bytes())
             finally:
                 server.stop()
-    results = {
+    spy_raw = args.out / "profile.txt"
+    profile = profiling.summarise(spy_raw) if spy_raw.exists() else []
+    spy_raw.unlink(missing_ok=True)
+    results: dict[str, Any] = {
         "date": stamp, "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
         "settings": vars(args) | {"repository": str(args.repository), "out": str(args.out)},
         "ceilings": ceiling,
@@ -277,7 +298,10 @@ def main(argv: list[str] | None = None) -> int:
         "rss_bytes": {k: statistics.median(v) for k, v in rss.items()},
         "runs": {c: {w: {n: report.median_row(rows) for n, rows in by_n.items()} for w, by_n in by_w.items()}
                  for c, by_w in raw.items()},
+        "profile": {"where": f"{targets.SERVICE} / tiny-rest / {max(args.concurrency)} clients",
+                    "frames": profile},
     }  # fmt: skip
+    results["targets"] = targets.as_json(targets.evaluate(results))
     path = args.out / f"{stamp}.json"
     path.write_text(json.dumps(results, indent=2, default=str) + "\n")
     md = report.write(results, args.out, stamp)
