@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         for name, config in configurations(repository, args.checkpoints).items():  # interleaved
             if args.configs and name not in args.configs:
                 continue
+            if name == "pytorch-eager" and not (args.checkpoints / TORCH_MODEL).is_dir():
+                print(f"skipping {name}: no checkpoint in {args.checkpoints / TORCH_MODEL}", flush=True)
+                continue
             port = free_port_block(102)
             env = {**config.env, "ATTN_HTTP_PORT": str(port), "ATTN_GRPC_PORT": str(free_port_block(102)),
                    "ATTN_METRICS_PORT": str(free_port())}  # fmt: skip
