@@ -14,7 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-IDLE = ("Condition.wait", "Queue.get", "Event.wait", "select (", "epoll", "_worker (concurrent")
+IDLE = ("Condition.wait", "Queue.get", "Event.wait", "select (", "epoll")
 
 
 def py_spy() -> str | None:
@@ -31,20 +31,37 @@ def start(pid: int, seconds: float, out: Path) -> subprocess.Popen[bytes] | None
     return subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def summarise(raw: Path, top: int = 20) -> list[tuple[float, str]]:
-    """(share of busy samples, frame) for the ``top`` frames by inclusive samples."""
-    inclusive: collections.Counter[str] = collections.Counter()
+def summarise(raw: Path, top: int = 12) -> dict[str, list[tuple[float, str]]]:
+    """Where the busy samples were, by their innermost frame (self time): per component (the
+    package the code belongs to: starlette, uvicorn, onnxruntime, service, …) and per frame."""
+    components: collections.Counter[str] = collections.Counter()
+    frames: collections.Counter[str] = collections.Counter()
     busy = 0
     for line in raw.read_text().splitlines():
         if not line.strip():
             continue
         stack, count = line.rsplit(" ", 1)
-        frames = [re.sub(r":\d+\)", ")", f) for f in stack.split(";")]
-        if any(marker in frame for frame in frames for marker in IDLE):
+        chain = [re.sub(r":\d+\)", ")", f) for f in stack.split(";")]
+        if any(marker in frame for frame in chain for marker in IDLE):
             continue
         busy += int(count)
-        for frame in set(frames):
-            inclusive[frame] += int(count)
-    skip = ("threading.py", "default_worker.py", "worker.py)", "_run_user_code_event_loop")
-    rows = [(n / busy, f) for f, n in inclusive.most_common() if not any(s in f for s in skip)]
-    return rows[:top] if busy else []
+        frames[chain[-1]] += int(count)
+        components[component(chain[-1])] += int(count)
+    if not busy:
+        return {"components": [], "frames": []}
+    return {
+        "components": [(n / busy, c) for c, n in components.most_common(top)],
+        "frames": [(n / busy, f) for f, n in frames.most_common(top)],
+    }
+
+
+def component(frame: str) -> str:
+    """``handle (starlette/routing.py)`` → ``starlette``; Ray Serve is told apart from Ray."""
+    match = re.search(r"\(([^)]*)\)\s*$", frame)
+    path = match.group(1) if match else ""
+    parts = [p for p in path.split("/") if p]
+    if not parts:
+        return "other"
+    if parts[0] == "ray" and len(parts) > 1 and parts[1] == "serve":
+        return "ray.serve"
+    return parts[0].removesuffix(".py")

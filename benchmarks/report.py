@@ -68,10 +68,13 @@ def _cpu_breakdown(results: dict[str, Any]) -> list[str]:
 
 def _profile(results: dict[str, Any]) -> list[str]:
     profile = results.get("profile", {})
-    if not profile.get("frames"):
+    if not profile.get("components"):
         return []
-    lines = ["", f"## Profile: {profile['where']} (py-spy, share of busy samples, inclusive)", ""]
-    lines += [f"- {share * 100:.0f} % {frame}" for share, frame in profile["frames"]]
+    lines = ["", f"## Profile: {profile['where']} (py-spy, share of the replica's busy samples)", ""]
+    shares = ", ".join(f"{name} {share * 100:.0f} %" for share, name in profile["components"])
+    lines += [f"By component (self time): {shares}.", ""]
+    lines += ["Hottest frames (self time):", ""]
+    lines += [f"- {share * 100:.1f} % {frame}" for share, frame in profile["frames"]]
     return lines
 
 

@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
             finally:
                 server.stop()
     spy_raw = args.out / "profile.txt"
-    profile = profiling.summarise(spy_raw) if spy_raw.exists() else []
+    profile = profiling.summarise(spy_raw) if spy_raw.exists() else {}
     spy_raw.unlink(missing_ok=True)
     results: dict[str, Any] = {
         "date": stamp, "machine": {"cpus": os.cpu_count(), "python": sys.version.split()[0]},
@@ -302,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
         "runs": {c: {w: {n: report.median_row(rows) for n, rows in by_n.items()} for w, by_n in by_w.items()}
                  for c, by_w in raw.items()},
         "profile": {"where": f"{targets.SERVICE} / tiny-rest / {max(args.concurrency)} clients",
-                    "frames": profile},
+                    **profile},
     }  # fmt: skip
     results["targets"] = targets.as_json(targets.evaluate(results))
     path = args.out / f"{stamp}.json"
