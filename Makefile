@@ -11,7 +11,7 @@ TRITON_VENV ?= .venv-triton
 # drive the service from this separate environment, in a separate process
 TRITONCLIENT := tritonclient[http,grpc]==2.73.0
 
-.PHONY: help venv dataset system-deps models models-all serve bench test test-fast lint typecheck protos clean
+.PHONY: help venv dataset system-deps models models-all serve bench bench-faults test test-fast lint typecheck protos clean
 
 help:
 	@echo "make serve      build the demo models if missing, then run the service on 127.0.0.1:8000"
@@ -19,6 +19,7 @@ help:
 	@echo "make models     build the demo model repository ($(REPO)/)"
 	@echo "make models-all also build the Luong-scorer comparison models"
 	@echo "make bench      benchmark report into benchmarks/results/"
+	@echo "make bench-faults  a replica killed under load and 10x overload, report into benchmarks/results/"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -72,6 +73,10 @@ serve: models
 # benchmarks/results/<date>.{json,md,png}: ceilings, then each server configuration under load
 bench: models
 	$(PY) -m benchmarks.run --repository $(REPO)
+
+# benchmarks/results/<date>-faults.{json,md}: a replica killed under load, 10x overload
+bench-faults: models
+	$(PY) -m benchmarks.faults --repository $(REPO)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check export service tests benchmarks

@@ -32,10 +32,14 @@ class Request:
 @dataclass
 class Result:
     latencies_s: list[float] = field(default_factory=list)
+    codes: list[int] = field(default_factory=list)  # the status of each answer, as latencies_s
     statuses: dict[int, int] = field(default_factory=dict)
     bodies: list[bytes] = field(default_factory=list)  # a sample, for batch sizes
     elapsed_s: float = 0.0
     errors: int = 0  # connection failures and non-2xx answers
+    retried: int = 0  # requests sent again after their connection failed (closed loop, retries > 0)
+    dropped: int = 0  # requests whose connection failed (no answer), counted in errors too
+    answered_at: list[float] = field(default_factory=list)  # perf_counter() of each 2xx answer
 
     @property
     def ok(self) -> int:
@@ -91,38 +95,56 @@ class Connection:
 
 def _record(result: Result, status: int, body: bytes, latency: float, keep_every: int) -> None:
     result.latencies_s.append(latency)
+    result.codes.append(status)
     result.statuses[status] = result.statuses.get(status, 0) + 1
     if not 200 <= status < 300:
         result.errors += 1
-    elif len(result.latencies_s) % keep_every == 0:
+        return
+    result.answered_at.append(time.perf_counter())
+    if len(result.latencies_s) % keep_every == 0:
         result.bodies.append(body)
 
 
 async def closed_loop(host: str, port: int, requests: list[Request], clients: int, duration_s: float,
-                      max_requests: int = 1_000_000, keep_every: int = 10) -> Result:  # fmt: skip
+                      max_requests: int = 1_000_000, keep_every: int = 10,
+                      retries: int = 0) -> Result:  # fmt: skip
+    """N clients on keep-alive connections. With ``retries``, a request whose connection fails
+    (a replica gone) is sent again on a new connection, as an HTTP client with a retry policy
+    does — safe here because inference is idempotent."""
     result = Result()
     deadline = time.perf_counter() + duration_s
     sent = 0
 
     async def client(i: int) -> None:
         nonlocal sent
-        conn = await Connection.open(host, port)
+        conn: Connection | None = None
         try:
             n = i
             while time.perf_counter() < deadline and sent < max_requests:
                 sent += 1
                 start = time.perf_counter()
-                try:
-                    status, body = await conn.send(requests[n % len(requests)])
-                except (ConnectionError, asyncio.IncompleteReadError, ValueError):
-                    result.errors += 1
-                    conn.close()
-                    conn = await Connection.open(host, port)
+                for attempt in range(retries + 1):
+                    try:
+                        conn = conn or await Connection.open(host, port)
+                        status, body = await conn.send(requests[n % len(requests)])
+                        break
+                    except (OSError, asyncio.IncompleteReadError, ValueError):
+                        if conn is not None:
+                            conn.close()
+                        conn = None
+                        if attempt == retries:
+                            result.errors += 1
+                            result.dropped += 1
+                        else:
+                            result.retried += 1
+                else:
+                    await asyncio.sleep(0.01)  # nothing listening for a moment: do not spin
                     continue
                 _record(result, status, body, time.perf_counter() - start, keep_every)
                 n += clients
         finally:
-            conn.close()
+            if conn is not None:
+                conn.close()
 
     start = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
@@ -139,13 +161,16 @@ async def open_loop(host: str, port: int, requests: list[Request], rate: float, 
     tasks: list[asyncio.Task] = []
 
     async def one(request: Request) -> None:
-        conn = idle.pop() if idle else await Connection.open(host, port)
         start = time.perf_counter()
+        conn = None
         try:
+            conn = idle.pop() if idle else await Connection.open(host, port)
             status, body = await conn.send(request)
-        except (ConnectionError, asyncio.IncompleteReadError, ValueError):
+        except (OSError, asyncio.IncompleteReadError, ValueError):
             result.errors += 1
-            conn.close()
+            result.dropped += 1
+            if conn is not None:
+                conn.close()
             return
         _record(result, status, body, time.perf_counter() - start, keep_every)
         idle.append(conn)

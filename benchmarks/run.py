@@ -126,6 +126,12 @@ class Server:
                 raise RuntimeError(f"{self.name} did not become ready; see {log}")
             time.sleep(0.2)
 
+    def ready(self) -> bool:
+        try:
+            return requests.get(f"http://127.0.0.1:{self.port}/readyz", timeout=10).status_code == 200
+        except requests.RequestException:
+            return False
+
     def tree(self) -> list[psutil.Process]:
         root = psutil.Process(self.proc.pid)
         return [root, *root.children(recursive=True)]

@@ -27,7 +27,7 @@ from export.recipes import Recipe
 from export.repository import check_target, staged_version
 from export.train import dates as dates_train
 from export.train import fashion as fashion_train
-from service.manifest import ExportInfo, ImageSpec, Manifest, TokenizerSpec, TranslationSpec
+from service.manifest import ExportInfo, ImageSpec, Manifest, TokenizerSpec, TranslationSpec, file_sha256
 
 log = logging.getLogger(__name__)
 MAX_SOURCE_TOKENS = 64
@@ -110,7 +110,7 @@ def _manifest(
             verified_shapes=shapes,
         ),
         "created_at": datetime.now(UTC),
-        "checkpoint_sha256": checkpoint.sha256(ckpt_dir / checkpoint.WEIGHTS),
+        "checkpoint_sha256": file_sha256(ckpt_dir / checkpoint.WEIGHTS),
     }
     cfg: Any = ckpt.model.cfg
     if recipe.task == "image-classification":

@@ -6,7 +6,6 @@ safetensors holds only tensors and string metadata, so loading a checkpoint neve
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,11 +59,3 @@ def load(directory: Path) -> Checkpoint:
     info_path = directory / "train.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
     return Checkpoint(meta["recipe"], meta["family"], model, tokenizers[0], tokenizers[1], info)
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

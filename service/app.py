@@ -31,10 +31,11 @@ def build_app(settings: Settings) -> Application:
     for key, reason in found.rejected.items():
         log.error("not serving %s: %s", key, reason)
     if settings.frontend == "in-replica":
-        from service.replica_server import ServingReplica, replica_options
+        from service.replica_server import ServingReplica, replica_options, user_config
 
-        return ServingReplica.options(**replica_options(settings)).bind(  # type: ignore[attr-defined]
-            found.models, found.rejected, settings
+        config = user_config(found.models, found.rejected)
+        return ServingReplica.options(**replica_options(settings), user_config=config).bind(  # type: ignore[attr-defined]
+            settings
         )
     from service.deployment import model_deployment
     from service.ingress import Ingress, ingress_options

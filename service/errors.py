@@ -7,6 +7,7 @@
     │   └── PayloadTooLarge            413  INVALID_ARGUMENT   bytes / pixels / list length over a limit
     ├── ModelNotFound                  404  NOT_FOUND          unknown model or version
     ├── WrongTask                      400  INVALID_ARGUMENT   e.g. /translate on an image model
+    ├── Unauthorized                   401  UNAUTHENTICATED    no or wrong bearer token (when one is set)
     ├── Overloaded                     503  RESOURCE_EXHAUSTED queue full; Retry-After is set
     ├── DeadlineExceeded               504  DEADLINE_EXCEEDED  the request's timeout passed
     ├── NotReady                       503  UNAVAILABLE        models still loading / warming up
@@ -61,6 +62,11 @@ class ModelNotFound(ServiceError):
 class WrongTask(ServiceError):
     http_status = 400
     grpc_code = "INVALID_ARGUMENT"
+
+
+class Unauthorized(ServiceError):
+    http_status = 401
+    grpc_code = "UNAUTHENTICATED"
 
 
 class Overloaded(ServiceError):

@@ -14,7 +14,7 @@ import numpy as np
 from pydantic import ValidationError
 from ray.serve.grpc_util import RayServegRPCContext, gRPCInputStream
 
-from service import kserve
+from service import auth, kserve
 from service.errors import InvalidInput, ServiceError, validation_message
 from service.protos import attention_pb2 as apb
 from service.protos import grpc_service_pb2 as pb
@@ -100,6 +100,10 @@ def _metrics(m: dict[str, Any], total_ms: float) -> apb.Metrics:
 
 
 class GRPCMethods(ModelRouter):
+    def _authorize(self, context: RayServegRPCContext) -> None:
+        """The bearer token, when one is set (service/auth.py); health RPCs do not call this."""
+        auth.check_metadata(self.settings.api_token, context.invocation_metadata())
+
     # -- KServe v2 ------------------------------------------------------------------------------
 
     async def ServerLive(self, request: pb.ServerLiveRequest) -> pb.ServerLiveResponse:
@@ -112,12 +116,19 @@ class GRPCMethods(ModelRouter):
         self, request: pb.ModelReadyRequest, grpc_context: RayServegRPCContext
     ) -> pb.ModelReadyResponse:
         try:
+            self._authorize(grpc_context)
             self.resolve(request.name, None, request.version)
         except ServiceError as exc:
             raise _abort(grpc_context, exc) from None
         return pb.ModelReadyResponse(ready=await self.is_ready())
 
-    async def ServerMetadata(self, request: pb.ServerMetadataRequest) -> pb.ServerMetadataResponse:
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, grpc_context: RayServegRPCContext
+    ) -> pb.ServerMetadataResponse:
+        try:
+            self._authorize(grpc_context)
+        except ServiceError as exc:
+            raise _abort(grpc_context, exc) from None
         return pb.ServerMetadataResponse(
             name=kserve.SERVER_NAME, version=kserve.SERVER_VERSION, extensions=kserve.EXTENSIONS
         )
@@ -126,6 +137,7 @@ class GRPCMethods(ModelRouter):
         self, request: pb.ModelMetadataRequest, grpc_context: RayServegRPCContext
     ) -> pb.ModelMetadataResponse:
         try:
+            self._authorize(grpc_context)
             meta = kserve.metadata(self.resolve(request.name, None, request.version).manifest)
         except ServiceError as exc:
             raise _abort(grpc_context, exc) from None
@@ -142,15 +154,20 @@ class GRPCMethods(ModelRouter):
         self, request: pb.ModelInferRequest, grpc_context: RayServegRPCContext
     ) -> pb.ModelInferResponse:
         try:
+            self._authorize(grpc_context)
             return await self._model_infer(request, "grpc_infer")
         except ServiceError as exc:
             raise _abort(grpc_context, exc) from None
 
     async def ModelStreamInfer(
-        self, request_stream: gRPCInputStream
+        self, request_stream: gRPCInputStream, grpc_context: RayServegRPCContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Bidirectional stream: one response per request, in order; a failed request answers
         with ``error_message`` and the stream goes on (Triton's semantics)."""
+        try:
+            self._authorize(grpc_context)
+        except ServiceError as exc:  # the whole stream is refused
+            raise _abort(grpc_context, exc) from None
         async for request in request_stream:
             try:
                 result = await self._model_infer(request, "grpc_stream_infer")
@@ -174,6 +191,7 @@ class GRPCMethods(ModelRouter):
         self, request: apb.TranslateRequest, grpc_context: RayServegRPCContext
     ) -> apb.TranslateResponse:
         try:
+            self._authorize(grpc_context)
             body = TranslateRequest(
                 text=list(request.texts),
                 beam_size=request.beam_size or 1,
@@ -207,6 +225,7 @@ class GRPCMethods(ModelRouter):
         self, request: apb.ClassifyRequest, grpc_context: RayServegRPCContext
     ) -> apb.ClassifyResponse:
         try:
+            self._authorize(grpc_context)
             options = ClassifyOptions(
                 top_k=request.top_k or 5,
                 return_attention=request.return_attention,

@@ -7,6 +7,7 @@ whichever frontend the settings choose; the process's :class:`ModelRouter` regis
 :func:`attach` and routes receive it through the ``Router`` dependency.
 """
 
+import asyncio
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Annotated, Any
 
@@ -14,9 +15,11 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.types import ASGIApp, Receive, Scope, Send
 
-from service.errors import NotReady, Overloaded, ServiceError, validation_message
-from service.routing import ModelRouter
+from service import auth
+from service.errors import NotReady, Overloaded, ServiceError, Unauthorized, validation_message
+from service.routing import CLIENT_CLOSED, ModelRouter
 from service.schemas import ErrorBody
 
 app = FastAPI(
@@ -40,6 +43,28 @@ async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
 async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
     return error_response(exc.http_status, exc.message, headers)
+
+
+class BearerToken:
+    """Refuse a request without the configured bearer token before any route runs (pure ASGI:
+    no per-request cost beyond one comparison; nothing when no token is set)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        router = _router
+        if scope["type"] == "http" and router is not None and scope["path"] not in auth.OPEN_PATHS:
+            try:
+                auth.check(router.settings.api_token, auth.header(scope, b"authorization"))
+            except Unauthorized as exc:
+                answer = error_response(exc.http_status, exc.message, {"WWW-Authenticate": "Bearer"})
+                await answer(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+app.add_middleware(BearerToken)
 
 
 _router: ModelRouter | None = None
@@ -80,9 +105,32 @@ class DirectRoute(APIRoute):
         endpoint: Endpoint = self.endpoint
 
         async def handler(request: Request) -> Response:
-            return await endpoint(request, **request.path_params)
+            router = await current_router()
+            await router.read_body(request)  # bounded, and kept on the request for the endpoint
+            this = asyncio.current_task()
+            watcher = asyncio.create_task(_cancel_on_disconnect(request, this))
+            try:
+                return await endpoint(request, **request.path_params)
+            except asyncio.CancelledError:
+                if not (watcher.done() and watcher.result()) or this is None:
+                    raise  # cancelled by someone else: not ours to swallow
+                this.uncancel()
+                return Response(status_code=CLIENT_CLOSED)  # nobody is listening any more
+            finally:
+                watcher.cancel()
 
         return handler
+
+
+async def _cancel_on_disconnect(request: Request, task: asyncio.Task[Any] | None) -> bool:
+    """Cancel ``task`` when the client goes away: its requests leave their batch (or queue)
+    instead of holding a place for an answer nobody reads. The body is already read, so the
+    next message on the connection can only be ``http.disconnect``."""
+    message = await request.receive()
+    if message["type"] == "http.disconnect" and task is not None:
+        task.cancel()
+        return True
+    return False
 
 
 def direct_post(*paths: str, **options: Any) -> Callable[[Endpoint], Endpoint]:

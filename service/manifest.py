@@ -19,6 +19,7 @@ This module imports neither torch nor onnxruntime.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from datetime import datetime
@@ -37,6 +38,14 @@ _FILE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 Dtype = Literal["float32", "float16", "int64", "int32", "bool", "uint8"]
 Task = Literal["translation", "image-classification"]
 Dim = int | Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 class ManifestError(ValueError):
@@ -183,6 +192,9 @@ class Manifest(_Strict):
     export: ExportInfo
     created_at: datetime
     checkpoint_sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    #: sha256 of every file the manifest names, written by :meth:`write` and checked by
+    #: :meth:`load`: a truncated or replaced graph is refused before a session ever opens it
+    checksums: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _task_fields(self) -> Self:
@@ -218,6 +230,11 @@ class Manifest(_Strict):
         missing = [f for f in manifest.files() if not (version_dir / f).is_file()]
         if missing:
             raise ManifestError(f"{path}: files named in the manifest are missing: {missing}")
+        changed = [f for f, digest in manifest.checksums.items() if file_sha256(version_dir / f) != digest]
+        if changed:
+            raise ManifestError(
+                f"{path}: files differ from their sha256 in the manifest (corrupt?): {changed}"
+            )
         return manifest
 
     def files(self) -> list[str]:
@@ -227,8 +244,11 @@ class Manifest(_Strict):
         return sorted(set(files))
 
     def write(self, version_dir: Path) -> Path:
+        """Write ``manifest.json`` with the checksums of the files beside it."""
+        checksums = {f: file_sha256(version_dir / f) for f in self.files()}
         path = version_dir / MANIFEST_FILE
-        path.write_text(json.dumps(self.model_dump(mode="json"), indent=2) + "\n")
+        dumped = self.model_copy(update={"checksums": checksums}).model_dump(mode="json")
+        path.write_text(json.dumps(dumped, indent=2) + "\n")
         return path
 
 

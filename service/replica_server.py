@@ -37,8 +37,7 @@ from service.grpc_ingress import GRPCMethods
 from service.http_app import app, attach
 from service.model_worker import ModelWorker
 from service.protos import attention_pb2_grpc, grpc_service_pb2_grpc
-from service.repository import ModelEntry
-from service.routing import Model
+from service.repository import ModelEntry, load_entry
 from service.settings import Settings
 
 log = logging.getLogger("ray.serve")
@@ -78,8 +77,11 @@ def _unary(impl: Callable[..., Any]) -> Callable[..., Any]:
 
 def _streaming(impl: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
     async def call(_: object, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-        async for response in impl(requests):
-            yield response
+        try:
+            async for response in impl(requests, context):
+                yield response
+        except ServiceError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
 
     return call
 
@@ -98,17 +100,51 @@ def servicer(base: type, methods: GRPCMethods) -> object:
 
 @serve.deployment
 class ServingReplica(GRPCMethods):
-    # Ray Serve awaits an async constructor; the replica takes traffic only after it returns
-    async def __init__(  # type: ignore[misc]
-        self, entries: dict[str, ModelEntry], rejected: dict[str, str], settings: Settings
-    ) -> None:
-        replica = serve.get_replica_context().replica_id.unique_id
-        node = ray.get_runtime_context().get_node_id()[:12]
-        workers = {name: ModelWorker(e, settings, replica, node) for name, e in entries.items()}
-        self.workers = workers
-        models: dict[str, Model] = dict(workers)
-        super().__init__(models, entries, rejected, settings)
+    """Holds a worker per model and serves them; which version of each model is the deployment's
+    ``user_config`` (``{"models": {name: version}, "rejected": {...}}``), so a new version is
+    swapped in by :meth:`reconfigure` — in place, without restarting the replica."""
+
+    # Ray Serve awaits an async constructor, then calls reconfigure with the user_config; the
+    # replica takes traffic (and joins the port) only once both returned
+    async def __init__(self, settings: Settings) -> None:  # type: ignore[misc]
+        super().__init__({}, {}, {}, settings)
+        self.replica = serve.get_replica_context().replica_id.unique_id
+        self.node = ray.get_runtime_context().get_node_id()[:12]
+        self.workers: dict[str, ModelWorker] = {}
+        self.http_task: asyncio.Task[None] | None = None
         attach(self)
+
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve ``config["models"]`` (name → version): load what is new (off the event loop,
+        while the current versions keep answering), then swap atomically. Requests already
+        inside a worker finish on it; every answer names the version that produced it. A
+        version that fails to load is listed as rejected and the previous one keeps serving."""
+        wanted = {name: int(version) for name, version in config["models"].items()}
+        workers = {n: w for n, w in self.workers.items() if n in wanted}
+        failed: dict[str, str] = {}
+        for name, version in wanted.items():
+            if name in workers and workers[name].entry.version == version:
+                continue
+            try:
+                entry = load_entry(self.settings.repository, name, version)
+                workers[name] = await asyncio.to_thread(
+                    ModelWorker, entry, self.settings, self.replica, self.node
+                )
+            except Exception as exc:
+                failed[f"{name}/{version}"] = f"failed to load: {type(exc).__name__}: {str(exc)[:300]}"
+                log.error("not serving %s v%s: %s", name, version, failed[f"{name}/{version}"])
+        if not workers:
+            raise RuntimeError(f"no model could be loaded: {failed}")
+        # one synchronous step: a request sees either the old set or the new one, never a mix
+        self.workers, self.models = workers, dict(workers)
+        self.entries = {name: worker.entry for name, worker in workers.items()}
+        self.rejected = {**config.get("rejected", {}), **failed}
+        self.model_info = {}
+        if self.http_task is None:
+            await self._listen()
+
+    async def _listen(self) -> None:
+        settings = self.settings
         self.http = _Server(
             uvicorn.Config(
                 app, lifespan="off", log_level="warning", access_log=settings.access_log,
@@ -144,17 +180,24 @@ class ServingReplica(GRPCMethods):
 
     async def check_health(self) -> None:
         """Called by Ray Serve every few seconds; a raise here restarts the replica."""
-        if self.http_task.done():
+        if self.http_task is not None and self.http_task.done():
             raise RuntimeError("the replica's HTTP server stopped")
         for worker in self.workers.values():
             worker.metrics.refresh()
 
     async def __del__(self) -> None:
         """Graceful stop: refuse new connections, let requests in flight finish."""
+        if self.http_task is None:
+            return
         self.http.should_exit = True
         await self.grpc.stop(grace=5)
         with contextlib.suppress(Exception):
             await asyncio.wait_for(self.http_task, timeout=10)
+
+
+def user_config(models: dict[str, ModelEntry], rejected: dict[str, str]) -> dict[str, Any]:
+    """What the serving replicas serve: the deployment's user_config (see ServingReplica)."""
+    return {"models": {name: entry.version for name, entry in models.items()}, "rejected": rejected}
 
 
 def replica_options(settings: Settings) -> dict[str, Any]:

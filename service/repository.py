@@ -53,3 +53,11 @@ def discover(repository: Path, only: list[str] | None = None) -> Discovery:
     for name in missing:
         rejected.setdefault(name, "no valid version in the repository")
     return Discovery(models, rejected)
+
+
+def load_entry(repository: Path, name: str, version: int) -> ModelEntry:
+    """One version of one model, its manifest validated (raises :class:`ManifestError`)."""
+    if not re.match(NAME_PATTERN, name):
+        raise ManifestError(f"{name!r} is not a valid model name")
+    directory = repository / name / str(int(version))
+    return ModelEntry(name, int(version), directory, Manifest.load(directory))

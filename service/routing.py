@@ -28,6 +28,9 @@ from service.metrics import IngressMetrics
 from service.repository import ModelEntry
 from service.settings import Settings
 
+#: the status recorded for a request whose client disconnected before its answer
+CLIENT_CLOSED = 499
+
 
 class Model(Protocol):
     def predict(self, request: Any) -> Awaitable[dict[str, Any]]: ...
@@ -127,6 +130,9 @@ class ModelRouter:
             status = 200
         except ServiceError as exc:
             status = exc.http_status
+            raise
+        except asyncio.CancelledError:  # the client went away (nginx's 499): not a server error
+            status = CLIENT_CLOSED
             raise
         finally:
             label = name if name in self.entries else "_unknown"

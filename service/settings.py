@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GPU_MAX_BATCH_SIZE = 128
@@ -100,6 +100,9 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: Ray Serve's per-request access log lines (method, route, status, latency — never content)
     access_log: bool = False
+    #: when set, every HTTP route but health and every gRPC method but ServerLive/ServerReady
+    #: needs ``Authorization: Bearer <token>`` (metrics are Ray's port, outside the app)
+    api_token: SecretStr | None = Field(None, min_length=16)
 
     @property
     def serve_logging(self) -> dict[str, object]:

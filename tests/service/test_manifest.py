@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -137,3 +138,14 @@ def test_list_versions_refuses_names_that_leave_the_repository(tmp_path: Path) -
     for bad in ("../x", "/abs", "a/b", ".."):
         with pytest.raises(ManifestError):
             list_versions(tmp_path, bad)
+
+
+def test_write_records_checksums_and_load_refuses_a_changed_file(tmp_path: Path) -> None:
+    directory = write(tmp_path, VALID)
+    (directory / "model.onnx").write_bytes(b"the graph")
+    Manifest.load(directory).write(directory)
+    manifest = Manifest.load(directory)
+    assert manifest.checksums == {"model.onnx": hashlib.sha256(b"the graph").hexdigest()}
+    (directory / "model.onnx").write_bytes(b"the graph, truncated or replaced")
+    with pytest.raises(ManifestError, match=r"differ from their sha256.*model\.onnx"):
+        Manifest.load(directory)

@@ -4,7 +4,14 @@ serving ports bound to the configured host only."""
 
 from __future__ import annotations
 
+import asyncio
+import json
+import os
 import re
+import shutil
+import signal
+import socket
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -16,6 +23,7 @@ import psutil
 import pytest
 import requests
 
+from benchmarks.loadgen import Request, closed_loop
 from service.protos import attention_pb2 as apb
 from service.protos import attention_pb2_grpc as apb_grpc
 from tests.conftest import Service, running_service
@@ -24,13 +32,30 @@ pytestmark = pytest.mark.slow
 SLOW = {"text": "Samstag, 15. Mai 1976 " * 8, "beam_size": 8}  # a few ms of beam search each
 
 
+def with_a_broken_model(repository: Path, root: Path) -> Path:
+    """``repository``'s models plus ``broken-vit``: a manifest that validates (no checksums)
+    over a graph file ONNX Runtime cannot read — incompatible rather than visibly corrupt."""
+    out = root / "repository"
+    out.mkdir()
+    for model in repository.iterdir():
+        (out / model.name).symlink_to(model, target_is_directory=True)
+    broken = out / "broken-vit" / "1"
+    shutil.copytree(repository / "fashion-vit" / "1", broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest.update(name="broken-vit", checksums={})
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    (broken / manifest["graphs"]["model"]["file"]).write_bytes(b"not an ONNX graph")
+    return out
+
+
 @pytest.fixture(scope="module")
 def crowded(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """Two replicas; the Transformer batches one request at a time and queues one beyond the 16
-    it works on, so each replica holds at most 17 of its requests."""
+    it works on, so each replica holds at most 17 of its requests; one model cannot load."""
+    root = tmp_path_factory.mktemp("crowded")
     with running_service(
-        tiny_repository,
-        tmp_path_factory.mktemp("crowded"),
+        with_a_broken_model(tiny_repository, root),
+        root,
         ATTN_NUM_REPLICAS="2",
         ATTN_LIMITS__MAX_QUEUED_REQUESTS="1",
         ATTN_MODEL_OVERRIDES='{"dates-transformer": {"max_batch_size": 1, "batch_wait_timeout_s": 0}}',
@@ -93,3 +118,110 @@ def _counted(service: Service, model: str, status: str) -> float:
     text = requests.get(service.metrics_url, timeout=10).text
     pattern = rf'^ray_attention_requests_total{{[^}}]*model="{model}"[^}}]*status="{status}"[^}}]*}} (\S+)$'
     return sum(float(v) for v in re.findall(pattern, text, flags=re.M))
+
+
+def test_a_model_onnx_runtime_refuses_is_left_out_and_the_others_serve(crowded: Service) -> None:
+    listing = requests.get(f"{crowded.url}/v1/models", timeout=30).json()
+    assert "failed to load" in listing["rejected"]["broken-vit/1"]
+    assert "broken-vit" not in [m["name"] for m in listing["models"]]
+    answer = requests.post(f"{crowded.url}/v1/models/broken-vit/classify", json={"pixels": [[0]]}, timeout=30)
+    assert answer.status_code == 404
+    ok = requests.post(f"{crowded.url}/v1/models/dates-bahdanau/translate", json={"text": "3 juin 1980"})
+    assert ok.status_code == 200
+
+
+def test_clients_that_disconnect_free_their_places(crowded: Service) -> None:
+    host, port = crowded.url.removeprefix("http://").split(":")
+    body = json.dumps(SLOW).encode()
+    before = _counted(crowded, "dates-transformer", "499")
+    for _ in range(30):  # send, then hang up at once
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(
+                b"POST /v1/models/dates-transformer/translate HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+    stub = apb_grpc.AttentionServiceStub(grpc.insecure_channel(crowded.grpc_target))
+    request = apb.TranslateRequest(model="dates-transformer", texts=[SLOW["text"]], beam_size=8)
+    calls = [stub.Translate.future(request, timeout=60) for _ in range(10)]
+    time.sleep(0.3)  # in flight, then cancelled by the client
+    for call in calls:
+        call.cancel()
+    deadline = time.monotonic() + 60
+    while (gone := _counted(crowded, "dates-transformer", "499") - before) < 31:
+        assert time.monotonic() < deadline, f"only {gone} of the abandoned requests counted as 499"
+        time.sleep(2)
+    # the abandoned requests left the queue: the next one waits for at most the batch in flight
+    answer = requests.post(f"{crowded.url}/v1/models/dates-transformer/translate", json=SLOW, timeout=60)
+    metrics = answer.json()["metrics"]
+    assert metrics["queue_wait_ms"] < 4 * metrics["compute_ms"] + 100, metrics
+
+
+def test_a_killed_replica_is_replaced_and_retried_requests_all_succeed(crowded: Service) -> None:
+    """The last test on `crowded`: it kills one of its two replicas under load (SIGKILL, by PID)."""
+    root = psutil.Process(crowded.pid)
+    victims = [
+        p for p in root.children(recursive=True) if "ServeReplica:attention:replica" in " ".join(p.cmdline())
+    ]
+    assert len(victims) == 2
+    host, port = crowded.url.removeprefix("http://").split(":")
+    work = [Request.json("/v1/models/dates-bahdanau/translate", {"text": "3 juin 1980"})]
+    timer = threading.Timer(2, victims[0].send_signal, (signal.SIGKILL,))
+    timer.start()
+    result = asyncio.run(closed_loop(host, int(port), work, 4, 10, retries=1))
+    timer.join()
+    assert result.errors == 0 and result.ok > 100, (result.statuses, result.errors)
+    deadline = time.monotonic() + 90
+    while True:  # Ray starts a replacement, which rejoins the port once its models are warm
+        replicas = set()
+        for _ in range(30):
+            answer = requests.post(
+                f"{crowded.url}/v1/models/dates-bahdanau/translate", json={"text": "3 juin 1980"}
+            )
+            replicas.add(answer.json()["metrics"]["replica"])
+        if len(replicas) == 2:
+            break
+        assert time.monotonic() < deadline, "the killed replica was not replaced"
+        time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def swappable(
+    tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Service, Path]]:
+    """The tiny repository with a writable copy of dates-bahdanau, served by one replica."""
+    root = tmp_path_factory.mktemp("swappable")
+    repository = root / "repository"
+    repository.mkdir()
+    for model in tiny_repository.iterdir():
+        if model.name == "dates-bahdanau":
+            shutil.copytree(model, repository / model.name)
+        else:
+            (repository / model.name).symlink_to(model, target_is_directory=True)
+    with running_service(repository, root) as svc:
+        yield svc, repository
+
+
+def test_a_new_version_is_swapped_in_under_load_without_a_failed_request(
+    swappable: tuple[Service, Path],
+) -> None:
+    svc, repository = swappable
+    v1, v2 = repository / "dates-bahdanau" / "1", repository / "dates-bahdanau" / "2"
+    shutil.copytree(v1, v2)
+    manifest = json.loads((v2 / "manifest.json").read_text())
+    (v2 / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    host, port = svc.url.removeprefix("http://").split(":")
+    work = [Request.json("/v1/models/dates-bahdanau/translate", {"text": "3 juin 1980"})]
+    timer = threading.Timer(3, os.kill, (svc.pid, signal.SIGHUP))  # python -m service: reload
+    timer.start()
+    result = asyncio.run(closed_loop(host, int(port), work, 4, 15, keep_every=1))
+    timer.join()
+    assert result.errors == 0 and result.ok > 100, (result.statuses, result.errors)
+    versions = [json.loads(body)["version"] for body in result.bodies]
+    assert versions[0] == 1 and versions[-1] == 2, "the swap did not happen within the load"
+    assert {json.loads(body)["translations"][0]["text"] for body in result.bodies} == {"1980-06-03"}
+    [model] = [
+        m
+        for m in requests.get(f"{svc.url}/v1/models", timeout=30).json()["models"]
+        if m["name"] == "dates-bahdanau"
+    ]
+    assert model["version"] == 2

@@ -1,0 +1,108 @@
+"""Bad input, generated and hand-made: every answer is a 4xx with a JSON error naming the problem
+(never a 5xx, a hang or a crash), and the service is healthy afterwards.
+
+Generated: schemathesis walks the OpenAPI document (REST and KServe v2 HTTP) with positive and
+negative cases, bounded in count and time (``FUZZ_EXAMPLES`` per operation). Hand-made: the
+cases a schema cannot express — invalid UTF-8, lying length headers, decompression bombs,
+path-like model names, binary tensors whose sizes disagree.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import struct
+
+import pytest
+from PIL import Image
+
+from tests.conftest import Service
+from tests.service.test_app import bomb_png
+
+pytestmark = pytest.mark.slow
+OCTETS = {"content-type": "application/octet-stream"}
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def png(size: tuple[int, int], mode: str = "L") -> bytes:
+    out = io.BytesIO()
+    Image.new(mode, size).save(out, format="PNG")
+    return out.getvalue()
+
+
+def v2_binary(header: dict, blob: bytes, declared: int | None = None) -> dict:
+    head = json.dumps(header).encode()
+    length = str(len(head) if declared is None else declared)
+    return {"data": head + blob, "headers": {**OCTETS, "inference-header-content-length": length}}
+
+
+def text_tensor(*texts: bytes) -> bytes:
+    return b"".join(struct.pack("<I", len(t)) + t for t in texts)
+
+
+TRANSLATE, CLASSIFY = "/v1/models/dates-bahdanau/translate", "/v1/models/fashion-vit/classify"
+V2 = "/v2/models/dates-bahdanau/infer"
+CORPUS = [
+    # text
+    (TRANSLATE, {"data": b"", "headers": {"content-type": "application/json"}}, 422, "body"),
+    (TRANSLATE, {"data": b'{"text": "\xff\xfe\xfd"}', "headers": {"content-type": "application/json"}}, 422, ""),
+    (TRANSLATE, {"data": b"\xff" * 64, "headers": {"content-type": "application/json"}}, 422, ""),
+    (TRANSLATE, {"json": {"text": "x" * 2_000_000}}, 413, "text"),
+    (TRANSLATE, {"data": b"x" * 20_000_000, "headers": {"content-type": "application/json"}}, 413, "body"),
+    (TRANSLATE, {"json": {"text": ["3 juin 1980"] * 65}}, 413, "text"),
+    (TRANSLATE, {"json": {"text": "x", "beam_size": -1}}, 422, "beam_size"),
+    (TRANSLATE, {"json": {"text": "x", "max_length": 10**9}}, 422, "max_length"),
+    (TRANSLATE, {"json": ["not", "an", "object"]}, 422, ""),
+    (TRANSLATE, {"json": {"text": None}}, 422, "text"),
+    # images
+    (CLASSIFY, {"json": {"image": b64(png((64, 64))[:40])}}, 422, "image"),
+    (CLASSIFY, {"json": {"image": b64(b"\xff\xd8\xff\xe0" + os.urandom(200))}}, 422, "image"),
+    (CLASSIFY, {"json": {"image": b64(bomb_png())}}, 413, "pixels"),
+    (CLASSIFY, {"json": {"image": "A" * 12_000_000}}, 413, ""),
+    (CLASSIFY, {"json": {"image": b64(png((48, 48))), "top_k": 10**6}}, 422, "top_k"),
+    (CLASSIFY, {"json": {"image": b64(png((48, 48))), "head_fusion": "median"}}, 422, "head_fusion"),
+    (CLASSIFY, {"files": {"file": ("x.png", b"", "image/png")}}, 422, ""),
+    # names that look like paths: a dictionary lookup, never the file system
+    ("/v1/models/..%2f..%2fetc%2fpasswd/translate", {"json": {"text": "x"}}, 404, "not found"),
+    ("/v1/models/%2Fetc%2Fpasswd/translate", {"json": {"text": "x"}}, 404, "not found"),
+    ("/v1/models/dates-bahdanau%00/translate", {"json": {"text": "x"}}, 404, "not found"),
+    ("/v2/models/..%2fdates-bahdanau/infer", {"json": {"inputs": []}}, 404, "not found"),
+    ("/v2/models/dates-bahdanau/versions/99/infer", {"json": {"inputs": []}}, 404, "version"),
+    ("/v2/models/dates-bahdanau/versions/..%2f1/infer", {"json": {"inputs": []}}, 404, "version"),
+    # KServe v2 tensors
+    (V2, {"json": {"inputs": []}}, 422, "TEXT"),
+    (V2, {"json": {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [2], "data": ["x"]}]}}, 422, "TEXT"),
+    (V2, {"json": {"inputs": [{"name": "TEXT", "datatype": "FP32", "shape": [1], "data": [1.0]}]}}, 422, "TEXT"),
+    (V2, {"json": {"inputs": [{"name": "TEXT", "datatype": "NOPE", "shape": [1], "data": [1]}]}}, 422, "NOPE"),
+    (V2, {"json": {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [-3], "data": []}]}}, 422, "shape"),
+    (V2, {"data": b"{", "headers": {"content-type": "application/json"}}, 422, ""),
+    (V2, v2_binary({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1],
+                                "parameters": {"binary_data_size": 100}}]}, text_tensor(b"x")), 422, "TEXT"),
+    (V2, v2_binary({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1],
+                                "parameters": {"binary_data_size": 5}}]}, text_tensor(b"x"), 10**6), 422, ""),
+    (V2, v2_binary({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1],
+                                "parameters": {"binary_data_size": 9}}]}, b"\xff\xff\xff\x7fxxxxx"), 422, "TEXT"),
+    (V2, {"data": b"{}", "headers": {**OCTETS, "inference-header-content-length": "-1"}}, 422, ""),
+    (V2, {"data": b"{}", "headers": {**OCTETS, "inference-header-content-length": "1e9"}}, 422, ""),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("path", "kwargs", "status", "field"), CORPUS)
+def test_hand_made_corpus_gets_a_clear_4xx(
+    service: Service, path: str, kwargs: dict, status: int, field: str
+) -> None:
+    answer = service.post(path, **kwargs)
+    assert answer.status_code == status, answer.text[:500]
+    message = answer.json()["error"]
+    assert isinstance(message, str) and message and field in message
+
+
+def test_the_service_is_healthy_after_the_corpus(service: Service) -> None:
+    assert service.get("/readyz").status_code == 200
+    ok = service.post(TRANSLATE, json={"text": "3 juin 1980"})
+    assert ok.status_code == 200 and ok.json()["translations"][0]["text"] == "1980-06-03"
