@@ -46,14 +46,18 @@ class Result:
         return sum(n for s, n in self.statuses.items() if 200 <= s < 300)
 
 
+def check_host(host: str) -> None:
+    if host not in ALLOWED_HOSTS:
+        raise ValueError(f"load tests target loopback only, not {host!r}")
+
+
 class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str) -> None:
         self.reader, self.writer, self.host = reader, writer, host
 
     @classmethod
     async def open(cls, host: str, port: int) -> Connection:
-        if host not in ALLOWED_HOSTS:
-            raise ValueError(f"load tests target loopback only, not {host!r}")
+        check_host(host)
         reader, writer = await asyncio.open_connection(host, port)
         return cls(reader, writer, host)
 
@@ -111,6 +115,7 @@ async def closed_loop(host: str, port: int, requests: list[Request], clients: in
     """N clients on keep-alive connections. With ``retries``, a request whose connection fails
     (a replica gone) is sent again on a new connection, as an HTTP client with a retry policy
     does — safe here because inference is idempotent."""
+    check_host(host)
     result = Result()
     deadline = time.perf_counter() + duration_s
     sent = 0
@@ -155,6 +160,7 @@ async def closed_loop(host: str, port: int, requests: list[Request], clients: in
 async def open_loop(host: str, port: int, requests: list[Request], rate: float, duration_s: float,
                     seed: int = 0, keep_every: int = 10) -> Result:  # fmt: skip
     """Poisson arrivals at ``rate`` per second for ``duration_s`` seconds."""
+    check_host(host)
     result = Result()
     rng = random.Random(seed)
     idle: list[Connection] = []

@@ -15,6 +15,7 @@ from fastapi import Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from service import auth
@@ -37,6 +38,13 @@ def error_response(status: int, message: str, headers: dict[str, str] | None = N
 @app.exception_handler(RequestValidationError)
 async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
     return error_response(422, validation_message(exc))
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """The router's own refusals (no such route, method not allowed) in the same error shape."""
+    message = f"{str(exc.detail).lower()}: {request.method} {request.url.path}"
+    return error_response(exc.status_code, message, dict(exc.headers) if exc.headers else None)
 
 
 @app.exception_handler(ServiceError)

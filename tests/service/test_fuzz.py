@@ -14,9 +14,15 @@ import io
 import json
 import os
 import struct
+from collections import Counter
 
 import pytest
+import schemathesis
+from hypothesis import HealthCheck, Phase, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
 from PIL import Image
+from schemathesis import GenerationMode
 
 from tests.conftest import Service
 from tests.service.test_app import bomb_png
@@ -52,7 +58,7 @@ CORPUS = [
     (TRANSLATE, {"data": b"", "headers": {"content-type": "application/json"}}, 422, "body"),
     (TRANSLATE, {"data": b'{"text": "\xff\xfe\xfd"}', "headers": {"content-type": "application/json"}}, 422, ""),
     (TRANSLATE, {"data": b"\xff" * 64, "headers": {"content-type": "application/json"}}, 422, ""),
-    (TRANSLATE, {"json": {"text": "x" * 2_000_000}}, 413, "text"),
+    (TRANSLATE, {"json": {"text": "x" * 2_000_000}}, 422, "text"),
     (TRANSLATE, {"data": b"x" * 20_000_000, "headers": {"content-type": "application/json"}}, 413, "body"),
     (TRANSLATE, {"json": {"text": ["3 juin 1980"] * 65}}, 413, "text"),
     (TRANSLATE, {"json": {"text": "x", "beam_size": -1}}, 422, "beam_size"),
@@ -75,7 +81,7 @@ CORPUS = [
     ("/v2/models/dates-bahdanau/versions/99/infer", {"json": {"inputs": []}}, 404, "version"),
     ("/v2/models/dates-bahdanau/versions/..%2f1/infer", {"json": {"inputs": []}}, 404, "version"),
     # KServe v2 tensors
-    (V2, {"json": {"inputs": []}}, 422, "TEXT"),
+    (V2, {"json": {"inputs": []}}, 422, "inputs"),
     (V2, {"json": {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [2], "data": ["x"]}]}}, 422, "TEXT"),
     (V2, {"json": {"inputs": [{"name": "TEXT", "datatype": "FP32", "shape": [1], "data": [1.0]}]}}, 422, "TEXT"),
     (V2, {"json": {"inputs": [{"name": "TEXT", "datatype": "NOPE", "shape": [1], "data": [1]}]}}, 422, "NOPE"),
@@ -106,3 +112,43 @@ def test_the_service_is_healthy_after_the_corpus(service: Service) -> None:
     assert service.get("/readyz").status_code == 200
     ok = service.post(TRANSLATE, json={"text": "3 juin 1980"})
     assert ok.status_code == 200 and ok.json()["translations"][0]["text"] == "1980-06-03"
+
+
+# -- generated from the OpenAPI document ----------------------------------------------------------
+
+#: generated cases per operation and mode (REST + KServe v2 HTTP: 15 operations, 14 with inputs)
+FUZZ_EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "720"))
+
+
+def test_generated_requests_never_get_a_5xx(service: Service) -> None:
+    """Every operation of the OpenAPI document, with valid (positive) and invalid (negative)
+    requests: never a 5xx, every 4xx a JSON ``{"error": "..."}``; ≥ 10,000 requests in all."""
+    schema = schemathesis.openapi.from_url(f"{service.url}/openapi.json")
+    operations = [result.ok() for result in schema.get_all_operations()]
+    sent: Counter[str] = Counter()
+
+    @settings(max_examples=FUZZ_EXAMPLES, deadline=None, database=None, derandomize=True,
+              suppress_health_check=list(HealthCheck), phases=[Phase.generate])  # fmt: skip
+    @given(data=st.data())
+    def run(data: st.DataObject, strategy: st.SearchStrategy[schemathesis.Case], label: str) -> None:
+        case = data.draw(strategy)
+        response = case.call(base_url=service.url, timeout=60)
+        sent[label] += 1
+        assert response.status_code < 500, (case.as_curl_command(), response.text[:300])
+        if response.status_code >= 400:
+            error = response.json()["error"]
+            assert isinstance(error, str) and error, case.as_curl_command()
+
+    for operation in operations:
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            try:
+                run(
+                    strategy=operation.as_strategy(generation_mode=mode),
+                    label=f"{operation.label} {mode.value}",
+                )
+            except Unsatisfiable:  # an operation without inputs has no invalid variant
+                assert mode == GenerationMode.NEGATIVE, operation.label
+    assert len(operations) >= 15, [op.label for op in operations]
+    print(f"fuzz: {sum(sent.values())} requests over {len(operations)} operations")
+    assert sum(sent.values()) >= 10_000 or FUZZ_EXAMPLES < 720, dict(sent)
+    assert service.get("/readyz").status_code == 200
