@@ -54,6 +54,7 @@ def check_host(host: str) -> None:
 class Connection:
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str) -> None:
         self.reader, self.writer, self.host = reader, writer, host
+        self.closing = False
 
     @classmethod
     async def open(cls, host: str, port: int) -> Connection:
@@ -81,6 +82,8 @@ class Connection:
                 length = int(value)
             elif name.lower() == "transfer-encoding" and "chunked" in value.lower():
                 chunked = True
+            elif name.lower() == "connection" and "close" in value.lower():
+                self.closing = True  # the server ends the connection after this answer
         if chunked:
             body = b""
             while True:
@@ -132,6 +135,9 @@ async def closed_loop(host: str, port: int, requests: list[Request], clients: in
                     try:
                         conn = conn or await Connection.open(host, port)
                         status, body = await conn.send(requests[n % len(requests)])
+                        if conn.closing:
+                            conn.close()
+                            conn = None
                         break
                     except (OSError, asyncio.IncompleteReadError, ValueError):
                         if conn is not None:
@@ -179,7 +185,10 @@ async def open_loop(host: str, port: int, requests: list[Request], rate: float, 
                 conn.close()
             return
         _record(result, status, body, time.perf_counter() - start, keep_every)
-        idle.append(conn)
+        if conn.closing:
+            conn.close()
+        else:
+            idle.append(conn)
 
     begin = time.perf_counter()
     next_at, n = begin, 0

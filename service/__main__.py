@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-import queue
 import signal
 import sys
+import threading
 from pathlib import Path
 
 from pydantic import ValidationError
@@ -52,10 +52,9 @@ def main(argv: list[str] | None = None) -> int:
         )  # fmt: skip
     else:  # a cluster started with `ray start`: its nodes export metrics on their own ports
         ray.init(address=settings.ray_address, logging_level=logging.WARNING)
-    events: queue.SimpleQueue[str] = queue.SimpleQueue()
+    stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: events.put("stop"))
-    signal.signal(signal.SIGHUP, lambda *_: events.put("reload"))
+        signal.signal(sig, lambda *_: stop.set())
     try:
         in_replica = settings.frontend == "in-replica"  # the replicas listen; no Ray proxy
         serve.start(
@@ -64,33 +63,14 @@ def main(argv: list[str] | None = None) -> int:
             http_options={"host": settings.host, "port": settings.http_port},
             grpc_options={"port": settings.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
         )
-        route = None if in_replica else "/"
-        serve.run(app, name="attention", route_prefix=route)
+        serve.run(app, name="attention", route_prefix=None if in_replica else "/")
         print(f"serving on http://{settings.host}:{settings.http_port} (docs at /docs); "
-              f"metrics on :{settings.metrics_port}/metrics — Ctrl-C to stop, SIGHUP to reload "
-              "the repository", flush=True)  # fmt: skip
-        while _next(events) == "reload":
-            # new versions in the repository: the in-replica frontend swaps them in place
-            # (only the deployment's user_config changes); Ray-ingress frontends roll the
-            # changed model deployments
-            try:
-                serve.run(build_app(settings), name="attention", route_prefix=route)
-                print("reloaded the repository", flush=True)
-            except Exception:
-                logging.getLogger("service").exception("reload failed; still serving the previous models")
+              f"metrics on :{settings.metrics_port}/metrics — Ctrl-C to stop", flush=True)  # fmt: skip
+        stop.wait()
     finally:
         serve.shutdown()
         ray.shutdown()
     return 0
-
-
-def _next(events: queue.SimpleQueue[str]) -> str:
-    """The next signal's event; a short timeout keeps the main thread responsive to signals."""
-    while True:
-        try:
-            return events.get(timeout=0.5)
-        except queue.Empty:
-            continue
 
 
 if __name__ == "__main__":

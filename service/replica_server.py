@@ -23,6 +23,7 @@ import contextlib
 import inspect
 import logging
 import socket
+from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -30,17 +31,47 @@ import grpc
 import ray
 import uvicorn
 from ray import serve
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import kserve_routes, rest_routes  # noqa: F401  (they register the routes on the app)
 from service.errors import ServiceError
 from service.grpc_ingress import GRPCMethods
 from service.http_app import app, attach
+from service.manifest import list_versions
 from service.model_worker import ModelWorker
 from service.protos import attention_pb2_grpc, grpc_service_pb2_grpc
 from service.repository import ModelEntry, load_entry
 from service.settings import Settings
 
 log = logging.getLogger("ray.serve")
+
+
+class ConnectionRecycler:
+    """Close a keep-alive connection after ``limit`` requests (``Connection: close``), as nginx's
+    ``keepalive_requests`` does: replicas share the port per *connection*, so without this a
+    replica that restarts or joins would get no share of long-lived client connections."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+        self.served: OrderedDict[Any, int] = OrderedDict()  # client address → requests so far
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.limit:
+            return await self.app(scope, receive, send)
+        client = scope.get("client")
+        count = self.served.pop(client, 0) + 1
+        last = count >= self.limit
+        if not last:
+            self.served[client] = count
+            while len(self.served) > 65536:  # addresses of connections that went away
+                self.served.popitem(last=False)
+
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, send_closing if last else send)
 
 
 class _Server(uvicorn.Server):
@@ -100,9 +131,10 @@ def servicer(base: type, methods: GRPCMethods) -> object:
 
 @serve.deployment
 class ServingReplica(GRPCMethods):
-    """Holds a worker per model and serves them; which version of each model is the deployment's
-    ``user_config`` (``{"models": {name: version}, "rejected": {...}}``), so a new version is
-    swapped in by :meth:`reconfigure` — in place, without restarting the replica."""
+    """Holds a worker per model and serves them. Which version of each model: the deployment's
+    ``user_config`` (``{"models": {name: version}, "rejected": {...}}``) at start and on a
+    config-only redeploy (:meth:`reconfigure`), then the newest version directory the
+    repository poll finds — swapped in place, without restarting the replica."""
 
     # Ray Serve awaits an async constructor, then calls reconfigure with the user_config; the
     # replica takes traffic (and joins the port) only once both returned
@@ -111,15 +143,26 @@ class ServingReplica(GRPCMethods):
         self.replica = serve.get_replica_context().replica_id.unique_id
         self.node = ray.get_runtime_context().get_node_id()[:12]
         self.workers: dict[str, ModelWorker] = {}
+        self.configured_rejected: dict[str, str] = {}
         self.http_task: asyncio.Task[None] | None = None
+        self.poll_task: asyncio.Task[None] | None = None
         attach(self)
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
-        """Serve ``config["models"]`` (name → version): load what is new (off the event loop,
-        while the current versions keep answering), then swap atomically. Requests already
-        inside a worker finish on it; every answer names the version that produced it. A
-        version that fails to load is listed as rejected and the previous one keeps serving."""
-        wanted = {name: int(version) for name, version in config["models"].items()}
+        """Serve ``config["models"]`` (name → version): Ray calls this after the constructor and
+        whenever only the user_config changed (``serve deploy`` of a new version)."""
+        self.configured_rejected = dict(config.get("rejected", {}))
+        await self._serve({name: int(version) for name, version in config["models"].items()})
+        if self.http_task is None:
+            await self._listen()
+            if self.settings.repository_poll_s > 0:
+                self.poll_task = asyncio.create_task(self._poll())
+
+    async def _serve(self, wanted: dict[str, int]) -> None:
+        """Load what is new (off the event loop, while the current versions keep answering), then
+        swap atomically. Requests already inside a worker finish on it; every answer names the
+        version that produced it. A version that fails to load is listed as rejected and the
+        previous one keeps serving."""
         workers = {n: w for n, w in self.workers.items() if n in wanted}
         failed: dict[str, str] = {}
         for name, version in wanted.items():
@@ -130,24 +173,41 @@ class ServingReplica(GRPCMethods):
                 workers[name] = await asyncio.to_thread(
                     ModelWorker, entry, self.settings, self.replica, self.node
                 )
+                log.info("serving %s v%s", name, version)
             except Exception as exc:
-                failed[f"{name}/{version}"] = f"failed to load: {type(exc).__name__}: {str(exc)[:300]}"
-                log.error("not serving %s v%s: %s", name, version, failed[f"{name}/{version}"])
+                reason = f"failed to load: {type(exc).__name__}: {str(exc)[:300]}"
+                if self.rejected.get(f"{name}/{version}") != reason:  # log a failure once
+                    log.error("not serving %s v%s: %s", name, version, reason)
+                failed[f"{name}/{version}"] = reason
         if not workers:
             raise RuntimeError(f"no model could be loaded: {failed}")
         # one synchronous step: a request sees either the old set or the new one, never a mix
         self.workers, self.models = workers, dict(workers)
         self.entries = {name: worker.entry for name, worker in workers.items()}
-        self.rejected = {**config.get("rejected", {}), **failed}
+        self.rejected = {**self.configured_rejected, **failed}
         self.model_info = {}
-        if self.http_task is None:
-            await self._listen()
+
+    async def _poll(self) -> None:
+        """Every ``repository_poll_s``: serve the newest version directory of each served model
+        (as TensorFlow Serving does). Export writes a version atomically and the manifest's
+        checksums refuse a half-copied one, which is tried again at the next poll."""
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_s)
+            try:
+                newest = {name: max(list_versions(self.settings.repository, name), default=0)
+                          for name in self.workers}  # fmt: skip
+                wanted = {n: max(v, self.workers[n].entry.version) for n, v in newest.items()}
+                if any(self.workers[n].entry.version != v for n, v in wanted.items()):
+                    await self._serve(wanted)
+            except Exception:  # a repository that cannot be read now may be readable next time
+                log.exception("polling the repository failed")
 
     async def _listen(self) -> None:
         settings = self.settings
+        recycled = ConnectionRecycler(app, settings.keepalive_requests)
         self.http = _Server(
             uvicorn.Config(
-                app, lifespan="off", log_level="warning", access_log=settings.access_log,
+                recycled, lifespan="off", log_level="warning", access_log=settings.access_log,
                 timeout_keep_alive=30, proxy_headers=False,
             )
         )  # fmt: skip
@@ -187,6 +247,8 @@ class ServingReplica(GRPCMethods):
 
     async def __del__(self) -> None:
         """Graceful stop: refuse new connections, let requests in flight finish."""
+        if self.poll_task is not None:
+            self.poll_task.cancel()
         if self.http_task is None:
             return
         self.http.should_exit = True

@@ -48,7 +48,7 @@ class Limits(BaseModel):
     max_image_pixels: int = Field(4096 * 4096, ge=64)
     max_top_k: int = Field(100, ge=1)
     #: requests waiting in a model's queue beyond which new ones are shed with 503
-    max_queued_requests: int = Field(512, ge=1)
+    max_queued_requests: int = Field(128, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
 
 
@@ -100,6 +100,12 @@ class Settings(BaseSettings):
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: Ray Serve's per-request access log lines (method, route, status, latency — never content)
     access_log: bool = False
+    #: in-replica frontend: requests per keep-alive connection before the replica closes it, so
+    #: clients reconnect and new or restarted replicas get their share (nginx's keepalive_requests)
+    keepalive_requests: int = Field(100, ge=0)
+    #: in-replica frontend: how often each replica looks for a newer version directory of the
+    #: models it serves and swaps it in without a failed request (0: only on redeploy)
+    repository_poll_s: float = Field(10.0, ge=0)
     #: when set, every HTTP route but health and every gRPC method but ServerLive/ServerReady
     #: needs ``Authorization: Bearer <token>`` (metrics are Ray's port, outside the app)
     api_token: SecretStr | None = Field(None, min_length=16)

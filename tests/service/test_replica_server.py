@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import shutil
 import signal
@@ -114,10 +113,13 @@ def test_serving_ports_bind_only_the_configured_host(crowded: Service) -> None:
     assert {a.ip for a in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}
 
 
-def _counted(service: Service, model: str, status: str) -> float:
+def _counted(service: Service, model: str, status: str, route: str | None = None) -> float:
     text = requests.get(service.metrics_url, timeout=10).text
-    pattern = rf'^ray_attention_requests_total{{[^}}]*model="{model}"[^}}]*status="{status}"[^}}]*}} (\S+)$'
-    return sum(float(v) for v in re.findall(pattern, text, flags=re.M))
+    pattern = r"^ray_attention_requests_total{([^}]*)} (\S+)$"
+    wanted = {f'model="{model}"', f'status="{status}"'} | ({f'route="{route}"'} if route else set())
+    return sum(
+        float(v) for labels, v in re.findall(pattern, text, flags=re.M) if wanted <= set(labels.split(","))
+    )
 
 
 def test_a_model_onnx_runtime_refuses_is_left_out_and_the_others_serve(crowded: Service) -> None:
@@ -142,14 +144,15 @@ def test_clients_that_disconnect_free_their_places(crowded: Service) -> None:
             )
     stub = apb_grpc.AttentionServiceStub(grpc.insecure_channel(crowded.grpc_target))
     request = apb.TranslateRequest(model="dates-transformer", texts=[SLOW["text"]], beam_size=8)
-    calls = [stub.Translate.future(request, timeout=60) for _ in range(10)]
-    time.sleep(0.3)  # in flight, then cancelled by the client
+    calls = [stub.Translate.future(request, timeout=60) for _ in range(30)]
+    time.sleep(0.1)  # queued behind each other, then cancelled by the client
     for call in calls:
         call.cancel()
     deadline = time.monotonic() + 60
     while (gone := _counted(crowded, "dates-transformer", "499") - before) < 31:
         assert time.monotonic() < deadline, f"only {gone} of the abandoned requests counted as 499"
         time.sleep(2)
+    assert _counted(crowded, "dates-transformer", "499", route="grpc_translate") >= 1
     # the abandoned requests left the queue: the next one waits for at most the batch in flight
     answer = requests.post(f"{crowded.url}/v1/models/dates-transformer/translate", json=SLOW, timeout=60)
     metrics = answer.json()["metrics"]
@@ -188,7 +191,7 @@ def test_a_killed_replica_is_replaced_and_retried_requests_all_succeed(crowded: 
 def swappable(
     tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Service, Path]]:
-    """The tiny repository with a writable copy of dates-bahdanau, served by one replica."""
+    """The tiny repository with a writable copy of dates-bahdanau, polled every second."""
     root = tmp_path_factory.mktemp("swappable")
     repository = root / "repository"
     repository.mkdir()
@@ -197,31 +200,32 @@ def swappable(
             shutil.copytree(model, repository / model.name)
         else:
             (repository / model.name).symlink_to(model, target_is_directory=True)
-    with running_service(repository, root) as svc:
+    with running_service(repository, root, ATTN_REPOSITORY_POLL_S="1") as svc:
         yield svc, repository
+
+
+def publish_version_2(model: Path) -> None:
+    """What export does: stage the new version beside the others, then rename it into place."""
+    staging = model / ".staging-2"
+    shutil.copytree(model / "1", staging)
+    manifest = json.loads((staging / "manifest.json").read_text())
+    (staging / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    staging.rename(model / "2")
 
 
 def test_a_new_version_is_swapped_in_under_load_without_a_failed_request(
     swappable: tuple[Service, Path],
 ) -> None:
     svc, repository = swappable
-    v1, v2 = repository / "dates-bahdanau" / "1", repository / "dates-bahdanau" / "2"
-    shutil.copytree(v1, v2)
-    manifest = json.loads((v2 / "manifest.json").read_text())
-    (v2 / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
     host, port = svc.url.removeprefix("http://").split(":")
     work = [Request.json("/v1/models/dates-bahdanau/translate", {"text": "3 juin 1980"})]
-    timer = threading.Timer(3, os.kill, (svc.pid, signal.SIGHUP))  # python -m service: reload
+    timer = threading.Timer(3, publish_version_2, (repository / "dates-bahdanau",))
     timer.start()
-    result = asyncio.run(closed_loop(host, int(port), work, 4, 15, keep_every=1))
+    result = asyncio.run(closed_loop(host, int(port), work, 4, 12, keep_every=1))
     timer.join()
     assert result.errors == 0 and result.ok > 100, (result.statuses, result.errors)
     versions = [json.loads(body)["version"] for body in result.bodies]
     assert versions[0] == 1 and versions[-1] == 2, "the swap did not happen within the load"
     assert {json.loads(body)["translations"][0]["text"] for body in result.bodies} == {"1980-06-03"}
-    [model] = [
-        m
-        for m in requests.get(f"{svc.url}/v1/models", timeout=30).json()["models"]
-        if m["name"] == "dates-bahdanau"
-    ]
-    assert model["version"] == 2
+    models = requests.get(f"{svc.url}/v1/models", timeout=30).json()["models"]
+    assert [m["version"] for m in models if m["name"] == "dates-bahdanau"] == [2]
