@@ -10,7 +10,7 @@ import pytest
 
 from export import build, checkpoint, recipes
 from export.cli import main
-from service.manifest import Manifest
+from service.manifest import Manifest, file_sha256
 from service.translation import Translator
 
 pytestmark = pytest.mark.slow
@@ -55,7 +55,8 @@ def test_checkpoint_round_trip_needs_no_pickle(tiny_repository: Path) -> None:
     header = json.loads(data[8 : 8 + header_len])  # safetensors: a JSON header, then raw tensors
     assert header["__metadata__"]["family"] == "rnn-additive"
     manifest = Manifest.load(tiny_repository / "dates-bahdanau" / "1")
-    assert manifest.checkpoint_sha256 == checkpoint.sha256(ckpt_dir / checkpoint.WEIGHTS)
+    assert manifest.checkpoint_sha256 == file_sha256(ckpt_dir / checkpoint.WEIGHTS)
+    assert set(manifest.checksums) == set(manifest.files())  # every file it names, hashed
 
 
 def test_cli_refuses_to_overwrite_without_force(
