@@ -52,11 +52,11 @@ dataset:
 
 # Debian tools the deploy tests use: Prometheus (server + promtool) and docker-compose (config only)
 system-deps:
-	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null; then \
+	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null || ! command -v chromedriver >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && apt-get install -y -qq prometheus docker-compose; \
+	    apt-get update -qq && apt-get install -y -qq prometheus docker-compose chromium chromium-driver; \
 	  else \
-	    echo "missing promtool/docker-compose. Run: sudo apt-get install -y prometheus docker-compose" >&2; exit 2; \
+	    echo "missing promtool/docker-compose/chromium. Run: sudo apt-get install -y prometheus docker-compose chromium chromium-driver" >&2; exit 2; \
 	  fi; \
 	fi
 

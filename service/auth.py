@@ -15,10 +15,16 @@ from pydantic import SecretStr
 
 from service.errors import Unauthorized
 
-#: HTTP paths answered without a token
-OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+#: HTTP paths answered without a token: health, and the explorer page and its files (the page
+#: asks for the token and sends it with its API calls)
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/"})
+OPEN_PREFIXES = ("/static/",)
 #: gRPC methods answered without a token (the KServe v2 health RPCs)
 OPEN_METHODS = frozenset({"ServerLive", "ServerReady"})
+
+
+def is_open(path: str) -> bool:
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
 def check(token: SecretStr | None, authorization: str | None) -> None:

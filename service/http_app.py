@@ -62,7 +62,7 @@ class BearerToken:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         router = _router
-        if scope["type"] == "http" and router is not None and scope["path"] not in auth.OPEN_PATHS:
+        if scope["type"] == "http" and router is not None and not auth.is_open(scope["path"]):
             try:
                 auth.check(router.settings.api_token, auth.header(scope, b"authorization"))
             except Unauthorized as exc:

@@ -10,7 +10,7 @@ from typing import Any
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
-from service import kserve_routes, rest_routes  # noqa: F401  (they register the routes on the app)
+from service import explorer, kserve_routes, rest_routes  # noqa: F401  (they register the routes on the app)
 from service.grpc_ingress import GRPCMethods
 from service.http_app import app, attach
 from service.repository import ModelEntry

@@ -33,7 +33,7 @@ import uvicorn
 from ray import serve
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service import kserve_routes, rest_routes  # noqa: F401  (they register the routes on the app)
+from service import explorer, kserve_routes, rest_routes  # noqa: F401  (they register the routes on the app)
 from service.errors import ServiceError
 from service.grpc_ingress import GRPCMethods
 from service.http_app import app, attach

@@ -1,0 +1,247 @@
+// The attention explorer: plain browser JavaScript over the public REST API, no build step and
+// no network access beyond the service itself.
+"use strict";
+
+const $ = (id) => document.getElementById(id);
+const state = { models: [], translation: null, image: null };
+
+function status(message, error = false) {
+  $("status").textContent = message;
+  $("status").classList.toggle("error", error);
+}
+
+async function api(path, options = {}) {
+  const headers = { ...(options.headers || {}) };
+  const token = $("token").value.trim();
+  if (token) headers.Authorization = `Bearer ${token}`;
+  const response = await fetch(path, { ...options, headers });
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
+  return body;
+}
+
+function option(select, value, label = value) {
+  const o = document.createElement("option");
+  o.value = value;
+  o.textContent = label;
+  select.append(o);
+}
+
+function showMetrics(dl, answer) {
+  const m = answer.metrics || {};
+  const rows = { version: answer.version, queue: `${m.queue_wait_ms} ms`, compute: `${m.compute_ms} ms`,
+                 total: `${m.total_ms} ms`, batch: m.batch_size, replica: m.replica };
+  dl.replaceChildren();
+  for (const [k, v] of Object.entries(rows)) {
+    if (v === undefined || v === null) continue;
+    const dt = document.createElement("dt"); dt.textContent = k;
+    const dd = document.createElement("dd"); dd.textContent = v;
+    dl.append(dt, dd);
+  }
+}
+
+async function loadModels() {
+  try {
+    state.models = (await api("/v1/models")).models;
+  } catch (err) {
+    status(`Could not list the models: ${err.message}`, true);
+    return;
+  }
+  for (const m of state.models) {
+    const select = m.task === "translation" ? $("translation-model") : $("image-model");
+    option(select, m.name, `${m.name} (v${m.version}, ${m.family})`);
+  }
+  status(`${state.models.length} models ready.`);
+  document.body.dataset.ready = "true";
+}
+
+// -- translation --------------------------------------------------------------------------------
+
+function family(name) {
+  return (state.models.find((m) => m.name === name) || {}).family || "";
+}
+
+async function translate(event) {
+  event.preventDefault();
+  const model = $("translation-model").value;
+  const transformer = family(model).startsWith("transformer");
+  const body = { text: $("text").value, beam_size: Number($("search").value), return_attention: true,
+                 attention_layers: transformer ? "all" : "default" };
+  status("Translating…");
+  try {
+    const answer = await api(`/v1/models/${encodeURIComponent(model)}/translate`, {
+      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    });
+    state.translation = answer.translations[0];
+    $("translation").textContent = state.translation.text;
+    setupLayers(state.translation.attention);
+    drawGrid();
+    showMetrics($("translation-metrics"), answer);
+    $("translation-result").hidden = false;
+    status(`Translated by ${answer.model} v${answer.version}.`);
+  } catch (err) {
+    status(err.message, true);
+  }
+}
+
+function setupLayers(attention) {
+  const layered = attention.shape.length === 4;
+  $("layer-head").hidden = !layered;
+  if (!layered) return;
+  const [layers, heads] = attention.shape;
+  for (const [select, n] of [[$("layer"), layers], [$("head"), heads]]) {
+    const keep = select.value;
+    select.replaceChildren();
+    option(select, "mean", "mean");
+    for (let i = 0; i < n; i++) option(select, String(i), String(i + 1));
+    select.value = [...select.options].some((o) => o.value === keep) ? keep : "mean";
+  }
+  if (!$("layer").dataset.touched) $("layer").value = String(layers - 1); // the last layer first
+}
+
+function mean(arrays) {
+  return arrays[0].map((row, i) => row.map((_, j) => arrays.reduce((s, a) => s + a[i][j], 0) / arrays.length));
+}
+
+/** The (target × source) matrix to show: an RNN's alignment, or one layer/head (or their mean). */
+function matrix(attention) {
+  if (attention.shape.length === 2) return attention.values;
+  const layers = $("layer").value === "mean" ? attention.values : [attention.values[Number($("layer").value)]];
+  const perLayer = layers.map((heads) => ($("head").value === "mean" ? mean(heads) : heads[Number($("head").value)]));
+  return mean(perLayer);
+}
+
+function drawGrid() {
+  const t = state.translation;
+  const grid = matrix(t.attention);
+  const table = $("grid");
+  table.replaceChildren();
+  const head = table.createTHead().insertRow();
+  head.append(document.createElement("th"));
+  for (const token of t.source_tokens) {
+    const th = document.createElement("th");
+    th.className = "src";
+    th.textContent = token === " " ? "␣" : token;
+    head.append(th);
+  }
+  const tbody = table.createTBody();
+  grid.forEach((row, i) => {
+    const tr = tbody.insertRow();
+    const th = document.createElement("th");
+    th.className = "tgt";
+    th.textContent = t.target_tokens[i];
+    tr.append(th);
+    row.forEach((p, j) => {
+      const td = tr.insertCell();
+      td.className = "cell";
+      td.style.background = `rgba(36, 89, 196, ${Math.min(1, p).toFixed(3)})`;
+      td.title = `${t.target_tokens[i]} → ${t.source_tokens[j]}: ${p.toFixed(3)}`;
+    });
+    tr.addEventListener("mouseenter", () => highlight(tr, row));
+    tr.addEventListener("mouseleave", () => highlight(null, null));
+  });
+}
+
+function highlight(tr, row) {
+  for (const r of $("grid").tBodies[0].rows) r.classList.toggle("active", r === tr);
+  const sources = $("grid").tHead.rows[0].querySelectorAll("th.src");
+  const top = row ? Math.max(...row) : 0;
+  sources.forEach((th, j) => {
+    const lit = row !== null && row[j] >= 0.5 * top;
+    th.classList.toggle("lit", lit);
+    th.style.background = row ? `rgba(232, 89, 12, ${row[j].toFixed(3)})` : "";
+  });
+}
+
+// -- images -------------------------------------------------------------------------------------
+
+async function classify(blob) {
+  const model = $("image-model").value;
+  const form = new FormData();
+  form.append("file", blob, "image.png");
+  form.append("top_k", "5");
+  form.append("return_attention", "true");
+  form.append("head_fusion", $("fusion").value);
+  status("Classifying…");
+  try {
+    const answer = await api(`/v1/models/${encodeURIComponent(model)}/classify`, { method: "POST", body: form });
+    state.image = { blob, answer };
+    await drawPicture(blob);
+    drawOverlay();
+    const labels = $("labels");
+    labels.replaceChildren();
+    for (const p of answer.predictions) {
+      const li = document.createElement("li");
+      li.textContent = `${p.label} — ${(100 * p.probability).toFixed(1)} %`;
+      labels.append(li);
+    }
+    showMetrics($("image-metrics"), answer);
+    $("image-result").hidden = false;
+    status(`Classified by ${answer.model} v${answer.version}.`);
+  } catch (err) {
+    status(err.message, true);
+  }
+}
+
+async function drawPicture(blob) {
+  const bitmap = await createImageBitmap(blob);
+  const ctx = $("picture").getContext("2d");
+  ctx.imageSmoothingEnabled = false;
+  ctx.clearRect(0, 0, 288, 288);
+  ctx.drawImage(bitmap, 0, 0, 288, 288);
+}
+
+/** A blue → yellow → red ramp for a value in [0, 1]. */
+function heat(v) {
+  const stops = [[49, 54, 149], [254, 224, 144], [165, 0, 38]];
+  const x = Math.max(0, Math.min(1, v)) * 2;
+  const [a, b] = x < 1 ? [stops[0], stops[1]] : [stops[1], stops[2]];
+  const f = x < 1 ? x : x - 1;
+  return a.map((c, i) => Math.round(c + f * (b[i] - c)));
+}
+
+function drawOverlay() {
+  const attention = state.image.answer.attention;
+  const ctx = $("overlay").getContext("2d");
+  ctx.clearRect(0, 0, 288, 288);
+  if (!attention) return;
+  const [rows, cols] = attention.shape.slice(-2);
+  const values = attention.values.flat(Infinity);
+  const lo = Math.min(...values), hi = Math.max(...values);
+  const small = new OffscreenCanvas(cols, rows);
+  const image = small.getContext("2d").createImageData(cols, rows);
+  values.forEach((v, k) => {
+    const [r, g, b] = heat(hi > lo ? (v - lo) / (hi - lo) : 0);
+    image.data.set([r, g, b, 255], 4 * k);
+  });
+  small.getContext("2d").putImageData(image, 0, 0);
+  ctx.globalAlpha = Number($("opacity").value);
+  ctx.imageSmoothingEnabled = true;
+  ctx.drawImage(small, 0, 0, 288, 288);
+  ctx.globalAlpha = 1;
+}
+
+async function sample(name) {
+  const response = await fetch(`/static/samples/${name}.png`);
+  await classify(await response.blob());
+}
+
+// -- wiring -------------------------------------------------------------------------------------
+
+$("translate-form").addEventListener("submit", translate);
+for (const id of ["layer", "head"]) {
+  $(id).addEventListener("change", () => { $("layer").dataset.touched = "1"; drawGrid(); });
+}
+$("samples").addEventListener("click", (e) => { if (e.target.dataset.sample) sample(e.target.dataset.sample); });
+$("file").addEventListener("change", () => { if ($("file").files[0]) classify($("file").files[0]); });
+$("fusion").addEventListener("change", () => { if (state.image) classify(state.image.blob); });
+$("opacity").addEventListener("input", () => { if (state.image) drawOverlay(); });
+const drop = $("drop");
+drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
+drop.addEventListener("dragleave", () => drop.classList.remove("over"));
+drop.addEventListener("drop", (e) => {
+  e.preventDefault();
+  drop.classList.remove("over");
+  if (e.dataTransfer.files[0]) classify(e.dataTransfer.files[0]);
+});
+loadModels();
