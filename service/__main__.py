@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             grpc_options={"port": settings.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
         )
         serve.run(app, name="attention", route_prefix=None if in_replica else "/")
-        print(f"serving on http://{settings.host}:{settings.http_port} (docs at /docs); "
+        print(f"serving on http://{settings.host}:{settings.http_port} (explorer at /, docs at /docs); "
               f"metrics on :{settings.metrics_port}/metrics — Ctrl-C to stop", flush=True)  # fmt: skip
         stop.wait()
     finally:

@@ -85,10 +85,10 @@ async function translate(event) {
 }
 
 function setupLayers(attention) {
-  const layered = attention.shape.length === 4;
+  const layered = Array.isArray(attention.layers); // a Transformer's (layers, heads, T, S)
   $("layer-head").hidden = !layered;
   if (!layered) return;
-  const [layers, heads] = attention.shape;
+  const [layers, heads] = [attention.layers.length, attention.layers[0].length];
   for (const [select, n] of [[$("layer"), layers], [$("head"), heads]]) {
     const keep = select.value;
     select.replaceChildren();
@@ -105,8 +105,9 @@ function mean(arrays) {
 
 /** The (target × source) matrix to show: an RNN's alignment, or one layer/head (or their mean). */
 function matrix(attention) {
-  if (attention.shape.length === 2) return attention.values;
-  const layers = $("layer").value === "mean" ? attention.values : [attention.values[Number($("layer").value)]];
+  if (!Array.isArray(attention.layers)) return attention.values;
+  const all = attention.layers;
+  const layers = $("layer").value === "mean" ? all : [all[Number($("layer").value)]];
   const perLayer = layers.map((heads) => ($("head").value === "mean" ? mean(heads) : heads[Number($("head").value)]));
   return mean(perLayer);
 }
