@@ -66,6 +66,16 @@ def wait_ready(url: str, proc: subprocess.Popen | None, timeout_s: float, logs: 
         time.sleep(0.5)
 
 
+def wait_deployed(log: Path, proc: subprocess.Popen, timeout_s: float = 120) -> None:
+    """Until ``python -m service`` says every replica is up: /readyz answers as soon as the first
+    replica listens, the banner only once serve.run has seen all of them running."""
+    deadline = time.monotonic() + timeout_s
+    while "serving on http" not in log.read_text(errors="replace"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"not every replica came up:\n{log.read_text(errors='replace')[-4000:]}")
+        time.sleep(0.5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -124,6 +134,7 @@ def running_service(
     )
     try:
         wait_ready(f"{svc.url}/readyz", proc, 180, lambda: log.read_text()[-4000:])
+        wait_deployed(log, proc)
         yield svc
     finally:
         proc.send_signal(signal.SIGINT)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import requests
 
-from tests.conftest import free_port, wait_ready
+from tests.conftest import free_port, wait_deployed, wait_ready
 
 pytestmark = pytest.mark.slow
 RAY = Path(sys.executable).with_name("ray")
@@ -83,6 +83,7 @@ def two_node_service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFac
             240,
             lambda: str({p.name: p.read_text()[-1500:] for p in tmp.glob("*.log")}),
         )
+        wait_deployed(tmp / "service.log", service, 240)
         yield url
     finally:
         for proc in reversed(started):  # the service disconnects first, then the worker, then the head

@@ -30,7 +30,13 @@ def browser() -> Iterator[webdriver.Chrome]:
         pytest.fail("chromium-driver is not installed (make system-deps installs it)")
     options = webdriver.ChromeOptions()
     options.binary_location = shutil.which("chromium") or "/usr/bin/chromium"
-    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--window-size=1280,1500"):
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1280,1500",
+    ):
         options.add_argument(flag)
     driver = webdriver.Chrome(service=Driver(executable_path=CHROMEDRIVER), options=options)
     try:
