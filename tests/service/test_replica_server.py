@@ -170,10 +170,11 @@ def test_a_killed_replica_is_replaced_and_at_most_a_thousandth_of_requests_fail(
     work = [Request.json("/v1/models/dates-bahdanau/translate", {"text": "3 juin 1980"})]
     timer = threading.Timer(2, victims[0].send_signal, (signal.SIGKILL,))
     timer.start()
-    result = asyncio.run(closed_loop(host, int(port), work, 4, 10, retries=1))
+    # clients retry a dropped connection up to twice (urllib3's default allows three): a first
+    # retry can still land in the dying replica's accept queue
+    result = asyncio.run(closed_loop(host, int(port), work, 4, 10, retries=2))
     timer.join()
-    # the goal: at most 0.1 % fail even after the one retry (a retry can land in the dying
-    # replica's accept queue); almost always none does
+    # the goal: at most 0.1 % fail after the retries
     assert result.ok > 100 and result.errors <= 0.001 * (result.ok + result.errors), (
         result.statuses,
         result.errors,
