@@ -12,8 +12,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from export import evaluate
+from export.data import dates, fashion
+from export.data.tokenizer import char_span_to_tokens
+from service.attention import last_layer_cls, rollout
+from service.manifest import Manifest
+from service.translation import Translator
 
 #: where each field sits in an ISO date (``YYYY-MM-DD``), as [start, end) character offsets
 ISO_FIELDS = {"year": (0, 4), "month": (5, 7), "day": (8, 10)}
@@ -74,3 +82,43 @@ def pointing_hit(rollout: np.ndarray, box: Sequence[int], image_size: tuple[int,
     x = (c + 0.5) * image_size[1] / cols
     top, left, bottom, right = box
     return bool(top <= y < bottom and left <= x < right)
+
+
+def alignment_of(attention: np.ndarray) -> np.ndarray:
+    """(T, S) for scoring: an RNN's weights, or a Transformer's last layer averaged over heads
+    (``(T, layers, heads, S)``) — the map the service shows by default."""
+    return attention if attention.ndim == 2 else attention[:, -1].mean(axis=1)
+
+
+def translation_faithfulness(
+    directory: Path, manifest: Manifest, examples: Sequence[dates.DateExample], batch: int = 256
+) -> AlignmentScore:
+    """Alignment error rate of a ``dates`` model's attention over ``examples`` (greedy search)."""
+    translator = Translator(directory, manifest, ["CPUExecutionProvider"], threads=2)
+    scores = []
+    for i in range(0, len(examples), batch):
+        chunk = examples[i : i + batch]
+        for result, example in zip(translator.translate([ex.source for ex in chunk]), chunk, strict=True):
+            offsets = translator.source_tokenizer.encode(example.source).offsets
+            gold = {field: char_span_to_tokens(offsets, span) for field, span in example.spans.items()}
+            fields = iso_target_fields(result.target_tokens)
+            scores.append(score_alignment(alignment_of(result.attention), fields, gold))
+    return combine(scores)
+
+
+#: the maps the pointing game compares: rollout with each head fusion, and raw last-layer CLS
+VISION_MAPS = ("rollout-mean", "rollout-max", "rollout-min", "last-layer-cls")
+
+
+def pointing_game(directory: Path, manifest: Manifest, canvases: fashion.Canvases) -> dict[str, float]:
+    """Share of canvases whose map's maximum falls inside the object's box, per map."""
+    _, attentions = evaluate.classify(directory, manifest, fashion.normalise(canvases.images))
+    side = round((attentions.shape[-1] - 1) ** 0.5)  # patches per side (CLS excluded)
+    size = canvases.images.shape[1:3]
+    hits = dict.fromkeys(VISION_MAPS, 0)
+    for att, box in zip(attentions, canvases.boxes, strict=True):  # att: (layers, heads, T, T)
+        for name in VISION_MAPS:
+            kind, fusion = name.rsplit("-", 1) if name.startswith("rollout") else (name, "mean")
+            grid = rollout(att, fusion) if kind == "rollout" else last_layer_cls(att)  # type: ignore[arg-type]
+            hits[name] += pointing_hit(grid.reshape(side, side), box, size)
+    return {name: n / len(canvases.labels) for name, n in hits.items()}

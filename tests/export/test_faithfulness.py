@@ -2,9 +2,21 @@
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
-from export.faithfulness import AlignmentScore, combine, iso_target_fields, pointing_hit, score_alignment
+import numpy as np
+import pytest
+
+from export.data import dates
+from export.faithfulness import (
+    AlignmentScore,
+    combine,
+    iso_target_fields,
+    pointing_hit,
+    score_alignment,
+    translation_faithfulness,
+)
+from service.manifest import Manifest
 
 
 def test_a_diagonal_alignment_has_no_errors_and_full_mass() -> None:
@@ -38,3 +50,14 @@ def test_pointing_game_uses_the_centre_of_the_strongest_patch() -> None:
     rollout[4, 1] = 1.0  # patch centre at (36, 12) on a 48×48 canvas
     assert pointing_hit(rollout, (28, 0, 48, 28), (48, 48))
     assert not pointing_hit(rollout, (0, 20, 28, 48), (48, 48))
+
+
+@pytest.mark.slow
+def test_a_trained_bahdanau_model_aligns_fields_with_their_gold_spans(tiny_repository: Path) -> None:
+    """On held-out dates, the additive attention of even the briefly trained tiny model points
+    into the right source field for most target characters (the demo model: 1.6 % errors)."""
+    _, held_out = dates.splits(0, 200, seed=1)
+    directory = tiny_repository / "dates-bahdanau" / "1"
+    score = translation_faithfulness(directory, Manifest.load(directory), held_out)
+    assert score.tokens == 200 * 8  # 4 year + 2 month + 2 day characters each
+    assert score.error_rate < 0.25 and score.mass > 0.5, score
