@@ -30,17 +30,10 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.loadgen import Request, Result, closed_loop, open_loop, percentile
-from benchmarks.run import ROOT, TEXTS, Server, free_port
+from benchmarks.run import ROOT, TEXTS, Server, configurations, start
+from benchmarks.targets import SERVICE_X2
 
 SLOW = [Request.json("/v1/models/dates-transformer/translate", {"text": t, "beam_size": 4}) for t in TEXTS]
-
-
-def start(repository: Path, out: Path) -> Server:
-    port = free_port()
-    env = {"ATTN_REPOSITORY": str(repository), "ATTN_NUM_REPLICAS": "2", "ATTN_LOG_LEVEL": "WARNING",
-           "ATTN_HTTP_PORT": str(port), "ATTN_GRPC_PORT": str(free_port()),
-           "ATTN_METRICS_PORT": str(free_port()), "RAY_USAGE_STATS_ENABLED": "0"}  # fmt: skip
-    return Server("in-replica-x2", [sys.executable, "-m", "service"], env, port, out / "faults.log")
 
 
 def replicas(server: Server) -> list[int]:
@@ -139,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     results: dict[str, Any] = {"date": stamp}
-    server = start(args.repository, args.out)
+    service = configurations(args.repository, ROOT / "build" / "checkpoints")[SERVICE_X2]
+    server = start(SERVICE_X2, service, args.out)
     try:
         results["overload"] = overload(server)
         results["kill"] = kill(server)

@@ -208,6 +208,15 @@ def configurations(repository: Path, checkpoints: Path) -> dict[str, Configurati
     }
 
 
+def start(name: str, config: Configuration, out: Path) -> Server:
+    """``config``'s server on free loopback ports (room above them for ray-direct's replicas)."""
+    port = free_port_block(102)
+    env = {**config.env, "ATTN_HTTP_PORT": str(port), "ATTN_GRPC_PORT": str(free_port_block(102)),
+           "ATTN_METRICS_PORT": str(free_port())}  # fmt: skip
+    cmd = config.cmd if "ATTN_FRONTEND" in env else [*config.cmd, "--port", str(port)]
+    return Server(name, cmd, env, port + config.port_offset, out / f"{name}.log")
+
+
 def measure(
     server: Server, workload: Workload, clients: int, duration_s: float, profile: Path | None = None
 ) -> dict[str, Any]:
@@ -272,11 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == "pytorch-eager" and not (args.checkpoints / TORCH_MODEL).is_dir():
                 print(f"skipping {name}: no checkpoint in {args.checkpoints / TORCH_MODEL}", flush=True)
                 continue
-            port = free_port_block(102)
-            env = {**config.env, "ATTN_HTTP_PORT": str(port), "ATTN_GRPC_PORT": str(free_port_block(102)),
-                   "ATTN_METRICS_PORT": str(free_port())}  # fmt: skip
-            cmd = config.cmd if "ATTN_FRONTEND" in env else [*config.cmd, "--port", str(port)]
-            server = Server(name, cmd, env, port + config.port_offset, args.out / f"{name}.log")
+            server = start(name, config, args.out)
             startup.setdefault(name, []).append(server.startup_s)
             try:
                 for workload in workloads():

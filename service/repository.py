@@ -40,14 +40,12 @@ def discover(repository: Path, only: list[str] | None = None) -> Discovery:
         if only is not None and name not in only:
             continue
         for version in reversed(list_versions(repository, name)):
-            directory = repository / name / str(version)
             try:
-                manifest = Manifest.load(directory)
+                models[name] = load_entry(repository, name, version)
             except ManifestError as exc:
                 rejected[f"{name}/{version}"] = str(exc)
                 log.error("refusing %s/%s: %s", name, version, exc)
                 continue
-            models[name] = ModelEntry(name, version, directory, manifest)
             break
     missing = sorted(set(only or []) - models.keys())
     for name in missing:

@@ -4,7 +4,6 @@ from the same app, and shed overload through Ray's own queue limit with the same
 
 from __future__ import annotations
 
-import socket
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -13,23 +12,12 @@ import grpc
 import pytest
 import requests
 
+from benchmarks.run import free_port_block
 from service.protos import attention_pb2 as apb
 from service.protos import attention_pb2_grpc as apb_grpc
-from tests.conftest import free_port, running_service
+from tests.conftest import running_service
 
 pytestmark = pytest.mark.slow
-
-
-def _port_pair() -> int:
-    """A free port whose successor is free too (ray-direct's replica takes port + 1)."""
-    while True:
-        port = free_port()
-        try:
-            with socket.socket() as s:
-                s.bind(("127.0.0.1", port + 1))
-            return port
-        except OSError:
-            continue
 
 
 @pytest.mark.parametrize("frontend", ["ray-proxy", "ray-direct"])
@@ -42,8 +30,8 @@ def test_ray_ingress_frontends_serve_rest_and_grpc(
         tmp_path,
         port_offset=offset,
         ATTN_FRONTEND=frontend,
-        ATTN_HTTP_PORT=str(_port_pair()),
-        ATTN_GRPC_PORT=str(_port_pair()),
+        ATTN_HTTP_PORT=str(free_port_block(2)),
+        ATTN_GRPC_PORT=str(free_port_block(2)),
         ATTN_LIMITS__MAX_QUEUED_REQUESTS="1",
         ATTN_MODEL_OVERRIDES='{"dates-transformer": {"max_batch_size": 1, "batch_wait_timeout_s": 0}}',
     ) as svc:
