@@ -32,9 +32,13 @@ _LUT = np.stack(
 
 
 def rollout(
-    attentions: np.ndarray, head_fusion: HeadFusion = "mean", discard_ratio: float = 0.0
+    attentions: np.ndarray,
+    head_fusion: HeadFusion = "mean",
+    discard_ratio: float = 0.0,
+    prefix_tokens: int = 1,
 ) -> np.ndarray:
-    """attentions (layers, heads, T, T) with token 0 = CLS → (T - 1,) patch relevance, max 1."""
+    """attentions (layers, heads, T, T) with token 0 = CLS and ``prefix_tokens`` non-patch
+    tokens first → (T - prefix_tokens,) patch relevance, max 1."""
     fuse = _FUSE[head_fusion]
     tokens = attentions.shape[-1]
     result = np.eye(tokens, dtype=np.float64)
@@ -51,15 +55,17 @@ def rollout(
         a = a + np.eye(tokens)
         a = a / a.sum(axis=-1, keepdims=True)
         result = a @ result
-    relevance = result[0, 1:]
+    relevance = result[0, prefix_tokens:]
     peak = relevance.max()
     return (relevance / peak if peak > 0 else relevance).astype(np.float32)
 
 
-def last_layer_cls(attentions: np.ndarray, head_fusion: HeadFusion = "mean") -> np.ndarray:
+def last_layer_cls(
+    attentions: np.ndarray, head_fusion: HeadFusion = "mean", prefix_tokens: int = 1
+) -> np.ndarray:
     """The raw last-layer CLS → patch attention, the baseline rollout is compared against."""
     fuse = _FUSE[head_fusion]
-    row = fuse(attentions[-1], axis=0)[0, 1:]
+    row = fuse(attentions[-1], axis=0)[0, prefix_tokens:]
     return (row / row.max()).astype(np.float32)
 
 

@@ -147,6 +147,9 @@ class ImageSpec(_Strict):
     patch_size: int = Field(gt=0)
     num_layers: int = Field(gt=0)
     num_heads: int = Field(gt=0)
+    #: tokens before the patches: CLS (always first), then e.g. DeiT's distillation token; maps
+    #: read the CLS row and drop these columns
+    prefix_tokens: int = Field(default=1, ge=1, le=16)
 
     @model_validator(mode="after")
     def _consistent(self) -> Self:

@@ -199,9 +199,9 @@ class ClassificationRunner:
             ]
         }
         if opts.return_attention:
-            relevance = maps.rollout(output.attentions, opts.head_fusion, opts.discard_ratio).reshape(
-                self.spec.grid
-            )
+            relevance = maps.rollout(
+                output.attentions, opts.head_fusion, opts.discard_ratio, self.spec.prefix_tokens
+            ).reshape(self.spec.grid)
             amap = AttentionMap(kind=f"rollout-{opts.head_fusion}", shape=list(relevance.shape))
             if opts.attention_format == "png":
                 png = maps.image_overlay_png(work.image, relevance, opts.overlay_opacity)

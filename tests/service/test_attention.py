@@ -26,6 +26,14 @@ def test_rollout_by_hand_for_one_layer() -> None:
     np.testing.assert_allclose(rollout(a[None, None]), expected / expected.max(), rtol=1e-6)
 
 
+def test_prefix_tokens_are_dropped_from_the_maps() -> None:
+    """DeiT puts a distillation token after CLS: the maps cover only the patches after it."""
+    a = np.array([[0.4, 0.1, 0.2, 0.3], [0.25] * 4, [0.25] * 4, [0.1, 0.1, 0.1, 0.7]])
+    full = ((a + np.eye(4)) / (a + np.eye(4)).sum(1, keepdims=True))[0]
+    np.testing.assert_allclose(rollout(a[None, None], prefix_tokens=2), full[2:] / full[2:].max(), rtol=1e-6)
+    np.testing.assert_allclose(last_layer_cls(a[None, None], prefix_tokens=2), [2 / 3, 1.0], rtol=1e-6)
+
+
 def test_rollout_multiplies_layers_in_order() -> None:
     rng = np.random.default_rng(0)
     att = rng.random((2, 1, 4, 4))
