@@ -84,16 +84,21 @@ def pointing_hit(rollout: np.ndarray, box: Sequence[int], image_size: tuple[int,
     return bool(top <= y < bottom and left <= x < right)
 
 
-def alignment_of(attention: np.ndarray) -> np.ndarray:
-    """(T, S) for scoring: an RNN's weights, or a Transformer's last layer averaged over heads
-    (``(T, layers, heads, S)``) — the map the service shows by default."""
-    return attention if attention.ndim == 2 else attention[:, -1].mean(axis=1)
+def alignment_of(attention: np.ndarray, layer: int = -1) -> np.ndarray:
+    """(T, S) for scoring: an RNN's weights, or one layer of a Transformer (``(T, layers, heads,
+    S)``) averaged over heads — by default the last, the map the service shows by default."""
+    return attention if attention.ndim == 2 else attention[:, layer].mean(axis=1)
 
 
 def translation_faithfulness(
-    directory: Path, manifest: Manifest, examples: Sequence[dates.DateExample], batch: int = 256
+    directory: Path,
+    manifest: Manifest,
+    examples: Sequence[dates.DateExample],
+    batch: int = 256,
+    layer: int = -1,
 ) -> AlignmentScore:
-    """Alignment error rate of a ``dates`` model's attention over ``examples`` (greedy search)."""
+    """Alignment error rate of a ``dates`` model's attention over ``examples`` (greedy search);
+    ``layer`` picks a Transformer's decoder layer."""
     translator = Translator(directory, manifest, ["CPUExecutionProvider"], threads=2)
     scores = []
     for i in range(0, len(examples), batch):
@@ -102,7 +107,7 @@ def translation_faithfulness(
             offsets = translator.source_tokenizer.encode(example.source).offsets
             gold = {field: char_span_to_tokens(offsets, span) for field, span in example.spans.items()}
             fields = iso_target_fields(result.target_tokens)
-            scores.append(score_alignment(alignment_of(result.attention), fields, gold))
+            scores.append(score_alignment(alignment_of(result.attention, layer), fields, gold))
     return combine(scores)
 
 
@@ -112,13 +117,17 @@ VISION_MAPS = ("rollout-mean", "rollout-max", "rollout-min", "last-layer-cls")
 
 def pointing_game(directory: Path, manifest: Manifest, canvases: fashion.Canvases) -> dict[str, float]:
     """Share of canvases whose map's maximum falls inside the object's box, per map."""
+    assert manifest.image is not None
+    prefix, grid_shape = manifest.image.prefix_tokens, manifest.image.grid
     _, attentions = evaluate.classify(directory, manifest, fashion.normalise(canvases.images))
-    side = round((attentions.shape[-1] - 1) ** 0.5)  # patches per side (CLS excluded)
     size = canvases.images.shape[1:3]
     hits = dict.fromkeys(VISION_MAPS, 0)
     for att, box in zip(attentions, canvases.boxes, strict=True):  # att: (layers, heads, T, T)
         for name in VISION_MAPS:
             kind, fusion = name.rsplit("-", 1) if name.startswith("rollout") else (name, "mean")
-            grid = rollout(att, fusion) if kind == "rollout" else last_layer_cls(att)  # type: ignore[arg-type]
-            hits[name] += pointing_hit(grid.reshape(side, side), box, size)
+            if kind == "rollout":
+                grid = rollout(att, fusion, prefix_tokens=prefix)  # type: ignore[arg-type]
+            else:
+                grid = last_layer_cls(att, prefix_tokens=prefix)
+            hits[name] += pointing_hit(grid.reshape(grid_shape), box, size)
     return {name: n / len(canvases.labels) for name, n in hits.items()}

@@ -1,0 +1,91 @@
+"""The service's attention maps against PyTorch's on the same inputs (issue #8).
+
+Export already compares each ONNX graph with its PyTorch module at a few random shapes. This
+checks what a client actually sees on top of that — tokenisation, padding a batch of different
+lengths, the numpy decoder's bookkeeping, rollout — by recomputing every map the service's own
+code returned with the PyTorch model: teacher-forced on the tokens the service generated for
+translation, on the same pixels for images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from export.models.transformer import Transformer
+from export.models.vit import VisionTransformer
+from service.attention import HeadFusion, last_layer_cls, rollout
+from service.manifest import Manifest
+from service.translation import Translation, Translator
+from service.vision import Classifier
+
+PROVIDERS = ["CPUExecutionProvider"]
+FUSIONS: tuple[HeadFusion, ...] = ("mean", "max", "min")
+
+
+@torch.no_grad()
+def torch_alignment(
+    model: nn.Module, source_ids: Sequence[int], target_ids: Sequence[int], bos: int
+) -> np.ndarray:
+    """PyTorch's attention for one pair, teacher-forced: (T, S) for an RNN, (T, layers, heads, S)
+    for a Transformer — the layout of :attr:`service.translation.Translation.attention`."""
+    src = torch.tensor([list(source_ids)])  # (1, S)
+    mask = torch.ones_like(src, dtype=torch.bool)
+    tgt_in = torch.tensor([[bos, *target_ids[:-1]]])  # (1, T): BOS, then all but the last token
+    if isinstance(model, Transformer):
+        _, cross = model.decode(tgt_in, model.encode(src, mask), mask)  # (1, layers, heads, T, S)
+        return cross[0].permute(2, 0, 1, 3).numpy()  # (T, layers, heads, S)
+    _, attention = model(src, mask, tgt_in)  # (1, T, S)
+    return attention[0].numpy()
+
+
+def target_ids(translator: Translator, result: Translation) -> list[int]:
+    ids = [translator.target_tokenizer.token_to_id(t) for t in result.target_tokens]
+    if any(i is None for i in ids):
+        raise ValueError(f"a generated token is not in the target vocabulary: {result.target_tokens}")
+    return [i for i in ids if i is not None]
+
+
+def translation_map_diff(
+    directory: Path, manifest: Manifest, model: nn.Module, texts: Sequence[str]
+) -> float:
+    """Max |service − PyTorch| over every attention value of greedy translations of ``texts``,
+    translated together in one padded batch as the service does."""
+    translator = Translator(directory, manifest, PROVIDERS, threads=2)
+    assert manifest.translation is not None
+    bos = manifest.translation.target_tokenizer.bos_id
+    worst = 0.0
+    for text, result in zip(texts, translator.translate(list(texts)), strict=True):
+        source_ids, _ = translator.tokenize(text)
+        offline = torch_alignment(model, source_ids, target_ids(translator, result), bos)
+        worst = max(worst, float(np.abs(result.attention - offline).max()))
+    return worst
+
+
+@torch.no_grad()
+def vision_map_diff(
+    directory: Path, manifest: Manifest, model: VisionTransformer, pixels: np.ndarray
+) -> dict[str, float]:
+    """Max |service − PyTorch| of the raw attentions and of each map the service draws from them
+    (rollout per head fusion, last-layer CLS) for normalised ``pixels`` (N, C, H, W)."""
+    assert manifest.image is not None
+    prefix = manifest.image.prefix_tokens
+    served = Classifier(directory, manifest, PROVIDERS, threads=2).classify(pixels)
+    _, offline = model(torch.from_numpy(pixels))  # (N, layers, heads, T, T)
+    diffs = {"attentions": 0.0, "last-layer-cls": 0.0, **{f"rollout-{f}": 0.0 for f in FUSIONS}}
+    for ours, theirs in zip(served, offline.numpy(), strict=True):
+        diffs["attentions"] = max(diffs["attentions"], float(np.abs(ours.attentions - theirs).max()))
+        for fusion in FUSIONS:
+            delta = rollout(ours.attentions, fusion, prefix_tokens=prefix) - rollout(
+                theirs, fusion, prefix_tokens=prefix
+            )
+            diffs[f"rollout-{fusion}"] = max(diffs[f"rollout-{fusion}"], float(np.abs(delta).max()))
+        delta = last_layer_cls(ours.attentions, prefix_tokens=prefix) - last_layer_cls(
+            theirs, prefix_tokens=prefix
+        )
+        diffs["last-layer-cls"] = max(diffs["last-layer-cls"], float(np.abs(delta).max()))
+    return diffs
