@@ -3,6 +3,8 @@
 attention-export build [RECIPE ...] [--repository DIR] [--skip-existing] [--force] [--quantize int8]
 attention-export train RECIPE [--checkpoints DIR]
 attention-export export RECIPE [--checkpoint DIR] [--version N] [--force] [--quantize int8]
+attention-export eval [--repository DIR] [--checkpoints DIR] [--reports DIR] [--dates N] [--canvases N]
+attention-export import-hf CHECKPOINT_DIR --name NAME [--repository DIR] [--version N] [--force]
 attention-export list
 """
 
@@ -14,14 +16,16 @@ import sys
 import time
 from pathlib import Path
 
-from export import build, recipes
+from export import build, eval_report, recipes
 from export.data.fashion import DatasetMissing
+from export.eval_report import Sizes
 from export.onnx_export import ExportVerificationError
 from export.repository import RefuseOverwrite
 from service.manifest import ManifestError
 
 DEFAULT_REPOSITORY = Path("model_repository")
 DEFAULT_CHECKPOINTS = Path("build/checkpoints")
+DEFAULT_REPORTS = Path("reports/faithfulness")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -47,6 +51,19 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("recipe")
     e.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: CHECKPOINTS/RECIPE)")
     common(e)
+    v = sub.add_parser("eval", help="score attention faithfulness → manifests' eval + a report")
+    v.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    v.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
+    v.add_argument("--reports", type=Path, default=DEFAULT_REPORTS)
+    v.add_argument("--dates", type=int, default=Sizes.dates, help="held-out dates scored for alignment")
+    v.add_argument("--canvases", type=int, default=Sizes.canvases, help="test canvases for the pointing game")
+    v.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 comparison")
+    h = sub.add_parser("import-hf", help="export a local Hugging Face ViT/DeiT/MarianMT checkpoint")
+    h.add_argument("checkpoint", type=Path)
+    h.add_argument("--name", required=True, help="model name in the repository")
+    h.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
+    h.add_argument("--version", type=int, default=1)
+    h.add_argument("--force", action="store_true", help="replace an existing version")
     sub.add_parser("list", help="list the recipes")
     return p
 
@@ -69,6 +86,22 @@ def _run(args: argparse.Namespace) -> int:
         for r in recipes.RECIPES.values():
             default = "*" if r.name in recipes.DEFAULT else " "
             print(f"{default} {r.name:24} {r.family:16} {r.description}")
+        return 0
+    if args.command == "eval":
+        sizes = Sizes(dates=args.dates, canvases=args.canvases)
+        print(f"wrote {eval_report.run(args.repository, args.checkpoints, args.reports, sizes, args.int8)}")
+        return 0
+    if args.command == "import-hf":
+        from export import hf  # transformers is only imported for this command
+
+        try:
+            target = hf.import_checkpoint(
+                args.checkpoint, args.name, args.repository, args.version, args.force
+            )
+        except hf.UnsupportedCheckpoint as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {target}")
         return 0
     if args.command == "train":
         recipe = recipes.get(args.recipe)

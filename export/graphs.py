@@ -139,28 +139,38 @@ def rnn_plans(model: RNNSeq2Seq) -> list[GraphPlan]:
 
 def transformer_plans(model: Transformer) -> list[GraphPlan]:
     cfg = model.cfg
+    return seq2seq_plans(_Encode(model), _TransformerStep(model), cfg.src_vocab, cfg.tgt_vocab, cfg.d_model)
+
+
+def seq2seq_plans(
+    encode: nn.Module, step: nn.Module, src_vocab: int, tgt_vocab: int, d_model: int
+) -> list[GraphPlan]:
+    """The ``transformer`` decoder contract of ``service/manifest.py`` for any encoder/step pair:
+    ``encode(src, src_mask) → memory`` and ``step(tokens, memory, src_mask) → (logits of the last
+    position, cross_attention (B, layers, heads, S) of it)``. Imported checkpoints
+    (``export/hf/marian.py``) wrap their own modules into exactly these graphs."""
 
     def step_inputs(s: Shape, g: torch.Generator) -> tuple[Tensor, ...]:
         b, n = s["batch"], s["src_len"]
-        tokens = _tokens(b, s["tgt_len"], cfg.tgt_vocab, g)
-        return tokens, torch.randn(b, n, cfg.d_model, generator=g), _mask(b, n, g)
+        tokens = _tokens(b, s["tgt_len"], tgt_vocab, g)
+        return tokens, torch.randn(b, n, d_model, generator=g), _mask(b, n, g)
 
     seq = {0: "batch", 1: "src_len"}
     return [
         GraphPlan(
             "encoder",
             "encoder.onnx",
-            _Encode(model),
+            encode,
             ["src", "src_mask"],
             ["memory"],
             {"src": seq, "src_mask": seq, "memory": seq},
-            _source_inputs(cfg.src_vocab),
+            _source_inputs(src_vocab),
             SEQ_SHAPES,
         ),
         GraphPlan(
             "decoder_step",
             "decoder_step.onnx",
-            _TransformerStep(model),
+            step,
             ["tokens", "memory", "src_mask"],
             ["logits", "cross_attention"],
             {
@@ -178,9 +188,15 @@ def transformer_plans(model: Transformer) -> list[GraphPlan]:
 
 def vit_plans(model: VisionTransformer) -> list[GraphPlan]:
     cfg = model.cfg
+    return image_plans(model, cfg.channels, cfg.image_size, cfg.image_size)
+
+
+def image_plans(model: nn.Module, channels: int, height: int, width: int) -> list[GraphPlan]:
+    """The image-classification contract: ``pixels`` (B, C, H, W) → ``logits`` (B, classes) and
+    ``attentions`` (B, layers, heads, T, T), for our ViT and imported ones alike."""
 
     def inputs(s: Shape, g: torch.Generator) -> tuple[Tensor, ...]:
-        return (torch.randn(s["batch"], cfg.channels, cfg.image_size, cfg.image_size, generator=g),)
+        return (torch.randn(s["batch"], channels, height, width, generator=g),)
 
     return [
         GraphPlan(

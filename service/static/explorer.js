@@ -57,16 +57,12 @@ async function loadModels() {
 
 // -- translation --------------------------------------------------------------------------------
 
-function family(name) {
-  return (state.models.find((m) => m.name === name) || {}).family || "";
-}
-
 async function translate(event) {
   event.preventDefault();
   const model = $("translation-model").value;
-  const transformer = family(model).startsWith("transformer");
+  // every layer and head: RNNs answer without them, Transformers (ours or imported) with them
   const body = { text: $("text").value, beam_size: Number($("search").value), return_attention: true,
-                 attention_layers: transformer ? "all" : "default" };
+                 attention_layers: "all" };
   status("Translating…");
   try {
     const answer = await api(`/v1/models/${encodeURIComponent(model)}/translate`, {
