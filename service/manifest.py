@@ -247,11 +247,14 @@ class Manifest(_Strict):
         return sorted(set(files))
 
     def write(self, version_dir: Path) -> Path:
-        """Write ``manifest.json`` with the checksums of the files beside it."""
+        """Write ``manifest.json`` with the checksums of the files beside it — atomically, since
+        ``make eval`` rewrites the manifests of versions a running service may be loading."""
         checksums = {f: file_sha256(version_dir / f) for f in self.files()}
         path = version_dir / MANIFEST_FILE
         dumped = self.model_copy(update={"checksums": checksums}).model_dump(mode="json")
-        path.write_text(json.dumps(dumped, indent=2) + "\n")
+        partial = path.with_name(f".{MANIFEST_FILE}.partial")
+        partial.write_text(json.dumps(dumped, indent=2) + "\n")
+        partial.replace(path)
         return path
 
 
