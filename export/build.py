@@ -25,13 +25,14 @@ from export.graphs import Shape, plans_for
 from export.onnx_export import TOLERANCE, ExportedGraph, export_graph
 from export.recipes import Recipe
 from export.repository import check_target, staged_version
+from export.train import bible as bible_train
 from export.train import dates as dates_train
 from export.train import fashion as fashion_train
+from export.train import translation as translation_train
+from export.train.translation import ParallelData
 from service.manifest import ExportInfo, ImageSpec, Manifest, TokenizerSpec, TranslationSpec, file_sha256
 
 log = logging.getLogger(__name__)
-MAX_SOURCE_TOKENS = 64
-MAX_TARGET_TOKENS = 16
 
 
 class FloorNotMet(RuntimeError):
@@ -41,20 +42,34 @@ class FloorNotMet(RuntimeError):
 def train(recipe: Recipe, directory: Path) -> Checkpoint:
     start = time.perf_counter()
     if recipe.task == "translation":
-        data = dates_train.prepare(recipe.data["n_train"], recipe.data["seed"])
-        model = dates_train.train(recipe.family, recipe.model, recipe.train, data, f"train {recipe.name}")
+        data = parallel_data(recipe)
+        model = translation_train.train(
+            recipe.family, recipe.model, recipe.train, data, f"train {recipe.name}"
+        )
         ckpt = Checkpoint(recipe.name, recipe.family, model, data.source_tokenizer, data.target_tokenizer)
+        examples = len(data.sources)
     else:
         fdata = fashion_train.prepare(recipe.data["canvas"], recipe.data["n_train"])
         model = fashion_train.train(recipe.model, recipe.train, fdata, f"train {recipe.name}")
         ckpt = Checkpoint(recipe.name, recipe.family, model)
+        examples = len(fdata.train_labels)
     ckpt.train_info = {
         "seconds": round(time.perf_counter() - start, 1),
-        "examples": recipe.data["n_train"],
+        "examples": examples,
         "epochs": recipe.train.epochs,
     }
     checkpoint.save(ckpt, directory)
     return ckpt
+
+
+def parallel_data(recipe: Recipe) -> ParallelData:
+    """The training side of a translation recipe's corpus (``recipe.data["corpus"]``)."""
+    data, corpus = recipe.data, recipe.data["corpus"]
+    if corpus == "dates":
+        return dates_train.prepare(data["n_train"], data["seed"])
+    if corpus == "bible":
+        return bible_train.prepare(data["max_words"], data["vocab_size"], data["n_train"], data["seed"])
+    raise ValueError(f"{recipe.name}: unknown corpus {corpus!r}")
 
 
 def export(
@@ -73,7 +88,8 @@ def export(
         plans = plans_for(ckpt.model)
         graphs = {plan.key: export_graph(plan, staging) for plan in plans}
         manifest = _manifest(recipe, ckpt, ckpt_dir, version, graphs, plans[0].shapes, staging)
-        manifest = manifest.model_copy(update={"eval": evaluate.evaluate_recipe(recipe, staging, manifest)})
+        metrics, details = evaluate.evaluate_recipe_details(recipe, staging, manifest)
+        manifest = manifest.model_copy(update={"eval": metrics, "eval_details": details})
         _check_floors(recipe, manifest.eval)
         manifest.write(staging)
     target = repository / name / str(version)
@@ -129,14 +145,14 @@ def _manifest(
     assert ckpt.source_tokenizer is not None and ckpt.target_tokenizer is not None
     rnn = recipe.family.startswith("rnn")
     spec = TranslationSpec(
-        source_language="dates (en, fr, de, es)",
-        target_language="ISO 8601",
+        source_language=recipe.languages[0],
+        target_language=recipe.languages[1],
         source_tokenizer=_save_tokenizer(ckpt.source_tokenizer, staging / checkpoint.SOURCE_TOKENIZER),
         target_tokenizer=_save_tokenizer(ckpt.target_tokenizer, staging / checkpoint.TARGET_TOKENIZER),
         decoder="rnn" if rnn else "transformer",
         state_size=cfg.state_size if rnn else None,
-        max_source_tokens=MAX_SOURCE_TOKENS,
-        max_target_tokens=MAX_TARGET_TOKENS,
+        max_source_tokens=recipe.max_source_tokens,
+        max_target_tokens=recipe.max_target_tokens,
         num_layers=1 if rnn else cfg.dec_layers,
         num_heads=1 if rnn else cfg.heads,
     )

@@ -73,7 +73,7 @@ def faithfulness_metrics(
     directory: Path, manifest: Manifest, recipe: Recipe, sizes: Sizes
 ) -> dict[str, float]:
     if recipe.task == "translation":
-        examples = evaluate.translation_test_set(recipe)[: sizes.dates]
+        examples = evaluate.dates_test_set(recipe)[: sizes.dates]
         score = faithfulness.translation_faithfulness(directory, manifest, examples)
         metrics = {"alignment_error_rate": score.error_rate, "alignment_mass": score.mass}
         assert manifest.translation is not None
@@ -99,7 +99,7 @@ def parity_metrics(
         return {}, f"{weights} is not the checkpoint this version was exported from"
     model = checkpoint.load(ckpt_dir).model
     if recipe.task == "translation":
-        texts = [ex.source for ex in evaluate.translation_test_set(recipe)[: sizes.parity]]
+        texts = [ex.source for ex in evaluate.dates_test_set(recipe)[: sizes.parity]]
         return {
             "service_vs_pytorch_max_abs_diff": parity.translation_map_diff(directory, manifest, model, texts)
         }, None

@@ -23,6 +23,10 @@ class TrainConfig:
     grad_clip: float = 1.0
 
 
+#: (examples, batch size, generator) → the index batches of one epoch, covering every example once
+Sampler = Callable[[int, int, torch.Generator], Iterator[Tensor]]
+
+
 def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True, warn_only=True)
@@ -46,14 +50,34 @@ def batches(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Ten
         yield order[i : i + batch_size]
 
 
+def length_buckets(lengths: Tensor, pool: int = 50) -> Sampler:
+    """Batches of similar lengths: shuffle, sort each pool of ``pool`` batches by length, cut it
+    into batches and shuffle those. Variable-length text (verses) then pads little, while every
+    epoch still sees the examples in a fresh order."""
+
+    def sample(n: int, batch_size: int, generator: torch.Generator) -> Iterator[Tensor]:
+        order = torch.randperm(n, generator=generator)
+        chunks = []
+        for i in range(0, n, batch_size * pool):
+            chunk = order[i : i + batch_size * pool]
+            chunk = chunk[torch.argsort(lengths[chunk], stable=True)]
+            chunks.extend(chunk.split(batch_size))
+        for j in torch.randperm(len(chunks), generator=generator).tolist():
+            yield chunks[j]
+
+    return sample
+
+
 def fit(
     model: nn.Module,
     n_examples: int,
     loss_fn: Callable[[Tensor], Tensor],
     cfg: TrainConfig,
     desc: str,
+    sampler: Sampler = batches,
 ) -> list[float]:
-    """Minimise ``loss_fn(batch_indices)`` with AdamW; returns the mean loss of every epoch."""
+    """Minimise ``loss_fn(batch_indices)`` with AdamW over the batches ``sampler`` draws;
+    returns the mean loss of every epoch."""
     seed_everything(cfg.seed)
     generator = torch.Generator().manual_seed(cfg.seed)
     steps_per_epoch = math.ceil(n_examples / cfg.batch_size)
@@ -64,7 +88,7 @@ def fit(
     with tqdm(total=cfg.epochs * steps_per_epoch, desc=desc, unit="step", dynamic_ncols=True) as bar:
         for epoch in range(cfg.epochs):
             total = 0.0
-            for index in batches(n_examples, cfg.batch_size, generator):
+            for index in sampler(n_examples, cfg.batch_size, generator):
                 loss = loss_fn(index)
                 optim.zero_grad(set_to_none=True)
                 loss.backward()
