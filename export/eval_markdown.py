@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
+from export.quantize import DRIFT_SAMPLES
+
 if TYPE_CHECKING:
     from export.eval_report import ModelEval, Sizes
 
@@ -97,8 +99,8 @@ def int8_table(models: Sequence[ModelEval]) -> list[str]:
     lines = [
         "## Quantised (ONNX Runtime dynamic int8) next to fp32",
         "",
-        "Map drift over 256 held-out inputs: Pearson correlation of all attention values and the",
-        "share of attention rows whose argmax is unchanged.",
+        f"Map drift over {DRIFT_SAMPLES} held-out inputs: Pearson correlation of all attention values",
+        "and the share of attention rows whose argmax is unchanged.",
         "",
         "| model | fp32 | int8 | map correlation | argmax agreement | faithfulness fp32 → int8 |",
         "|---|---|---|---|---|---|",

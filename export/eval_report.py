@@ -7,8 +7,10 @@ For every model in the repository whose recipe has ground truth:
   (:func:`export.faithfulness.translation_faithfulness`), per decoder layer for Transformers;
 * ``fashion`` image models — the pointing game for rollout with each head fusion and for raw
   last-layer CLS attention (:func:`export.faithfulness.pointing_game`);
-* an int8 variant (ONNX Runtime dynamic quantization, built in a scratch directory unless the
-  repository has one) — its held-out metric and how far its maps drift from fp32;
+* an int8 variant of each fp32 model (ONNX Runtime dynamic quantization, built afresh in a
+  scratch directory so every model is compared the same way) — its held-out metric, how far its
+  maps drift from fp32 and its own faithfulness; an ``-int8`` model in the repository is scored
+  like any other;
 * the service's maps against PyTorch's on the same inputs (:mod:`export.parity`), when the
   checkpoint the model was exported from is at hand (its sha256 must match the manifest's).
 
@@ -36,6 +38,8 @@ from service.manifest import Manifest, file_sha256
 from service.repository import discover
 
 INT8 = "-int8"
+#: the manifest ``eval`` keys this module writes (each run replaces all of them)
+EVAL_OWNED = ("alignment_", "pointing_game_", "service_vs_pytorch_")
 
 
 @dataclass
@@ -62,9 +66,9 @@ def recipe_for(manifest: Manifest) -> Recipe | None:
     """The recipe a repository model was built from (an int8 variant shares its base's), if it
     has gold annotations to score against: the ``dates`` corpus or the ``fashion`` canvases."""
     recipe = recipes.RECIPES.get(manifest.name.removesuffix(INT8))
-    if recipe is None:
-        return None
-    if recipe.task == "translation" and recipe.data.get("corpus", "dates") != "dates":
+    if recipe is None or (recipe.task, recipe.family) != (manifest.task, manifest.family):
+        return None  # not built by a recipe (e.g. an imported checkpoint that took the name)
+    if recipe.task == "translation" and recipe.data["corpus"] != "dates":
         return None
     return recipe
 
@@ -74,13 +78,10 @@ def faithfulness_metrics(
 ) -> dict[str, float]:
     if recipe.task == "translation":
         examples = evaluate.dates_test_set(recipe)[: sizes.dates]
-        score = faithfulness.translation_faithfulness(directory, manifest, examples)
-        metrics = {"alignment_error_rate": score.error_rate, "alignment_mass": score.mass}
-        assert manifest.translation is not None
-        if manifest.translation.decoder == "transformer":
-            for layer in range(manifest.translation.num_layers):
-                by_layer = faithfulness.translation_faithfulness(directory, manifest, examples, layer=layer)
-                metrics[f"alignment_error_rate_layer{layer}"] = by_layer.error_rate
+        layers = faithfulness.translation_faithfulness_by_layer(directory, manifest, examples)
+        metrics = {"alignment_error_rate": layers[-1].error_rate, "alignment_mass": layers[-1].mass}
+        if len(layers) > 1:  # a Transformer: which decoder layer aligns best
+            metrics.update({f"alignment_error_rate_layer{i}": s.error_rate for i, s in enumerate(layers)})
         return metrics
     canvases = _canvases(recipe, sizes.canvases)
     hits = faithfulness.pointing_game(directory, manifest, canvases)
@@ -136,8 +137,9 @@ def evaluate_model(
         result.notes += [note] if note else []
         if int8:
             result.int8 = int8_metrics(directory, manifest, recipe, sizes, scratch)
-    manifest.model_copy(update={"eval": {**manifest.eval, **result.metrics}}).write(directory)
-    result.metrics = {**manifest.eval, **result.metrics}  # the report shows accuracy beside them
+    kept = {k: v for k, v in manifest.eval.items() if not k.startswith(EVAL_OWNED)}  # no stale scores
+    manifest.model_copy(update={"eval": {**kept, **result.metrics}}).write(directory)
+    result.metrics = {**kept, **result.metrics}  # the report shows accuracy beside them
     return result
 
 

@@ -95,20 +95,29 @@ def translation_faithfulness(
     manifest: Manifest,
     examples: Sequence[dates.DateExample],
     batch: int = 256,
-    layer: int = -1,
 ) -> AlignmentScore:
-    """Alignment error rate of a ``dates`` model's attention over ``examples`` (greedy search);
-    ``layer`` picks a Transformer's decoder layer."""
+    """Alignment error rate of a ``dates`` model's attention over ``examples`` (greedy search),
+    on the map the service shows by default."""
+    return translation_faithfulness_by_layer(directory, manifest, examples, batch)[-1]
+
+
+def translation_faithfulness_by_layer(
+    directory: Path, manifest: Manifest, examples: Sequence[dates.DateExample], batch: int = 256
+) -> list[AlignmentScore]:
+    """One score per decoder layer (heads averaged) from a single decode; one for an RNN."""
+    assert manifest.translation is not None
+    layers = manifest.translation.num_layers if manifest.translation.decoder == "transformer" else 1
     translator = Translator(directory, manifest, ["CPUExecutionProvider"], threads=2)
-    scores = []
+    scores: list[list[AlignmentScore]] = [[] for _ in range(layers)]
     for i in range(0, len(examples), batch):
         chunk = examples[i : i + batch]
         for result, example in zip(translator.translate([ex.source for ex in chunk]), chunk, strict=True):
             offsets = translator.source_tokenizer.encode(example.source).offsets
             gold = {field: char_span_to_tokens(offsets, span) for field, span in example.spans.items()}
             fields = iso_target_fields(result.target_tokens)
-            scores.append(score_alignment(alignment_of(result.attention, layer), fields, gold))
-    return combine(scores)
+            for layer in range(layers):
+                scores[layer].append(score_alignment(alignment_of(result.attention, layer), fields, gold))
+    return [combine(s) for s in scores]
 
 
 #: the maps the pointing game compares: rollout with each head fusion, and raw last-layer CLS

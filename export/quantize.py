@@ -59,10 +59,11 @@ def attention_drift(
     if recipe.task == "image-classification":
         canvases = evaluate.image_test_set(recipe)
         pixels = fashion.normalise(canvases.images[:DRIFT_SAMPLES])
+        prefix = fp32.image.prefix_tokens if fp32.image else 1
         pairs = [
             (
-                evaluate.classify(fp32_dir, fp32, pixels)[1][:, :, :, 0, 1:],  # CLS → patches
-                evaluate.classify(q_dir, q, pixels)[1][:, :, :, 0, 1:],
+                evaluate.classify(fp32_dir, fp32, pixels)[1][:, :, :, 0, prefix:],  # CLS → patches
+                evaluate.classify(q_dir, q, pixels)[1][:, :, :, 0, prefix:],
             )
         ]
     else:

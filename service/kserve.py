@@ -83,7 +83,7 @@ def metadata(manifest: Manifest) -> dict[str, Any]:
         assert manifest.image is not None
         img = manifest.image
         rows, cols = img.grid
-        tokens = rows * cols + 1
+        tokens = rows * cols + img.prefix_tokens
         inputs = [
             {"name": "IMAGE", "datatype": "BYTES", "shape": [-1]},
             {"name": "PIXELS", "datatype": "UINT8", "shape": [-1, img.height, img.width]},

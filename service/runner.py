@@ -214,8 +214,16 @@ class ClassificationRunner:
         return answer
 
     def warmup(self) -> None:
+        """Run a batch and lay its map on the patch grid: a manifest whose ``prefix_tokens`` or
+        grid does not fit the graph's attention fails here, at start, not on every request."""
         blank = np.zeros((2, self.spec.channels, self.spec.height, self.spec.width), dtype=np.float32)
-        self.classifier.classify(blank)
+        attentions = self.classifier.classify(blank)[0].attentions  # (layers, heads, T, T)
+        rows, cols = self.spec.grid
+        if attentions.shape[-1] != self.spec.prefix_tokens + rows * cols:
+            raise ValueError(
+                f"{self.entry.name}: attention covers {attentions.shape[-1]} tokens, the manifest's image "
+                f"section says {self.spec.prefix_tokens} + {rows}×{cols} patches"
+            )
 
 
 def make_runner(entry: ModelEntry, providers: list[str], threads: int, limits: Limits) -> Runner:

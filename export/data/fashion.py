@@ -18,6 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
+from export.data import DatasetMissing
+
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_HINT = "apt-get update && apt-get install -y dataset-fashion-mnist"
 LABELS = (
@@ -35,10 +37,6 @@ LABELS = (
 ITEM = 28
 #: per-channel statistics of the canvases (mostly black background), used to normalise inputs
 MEAN, STD = 0.095, 0.25
-
-
-class DatasetMissing(FileNotFoundError):
-    pass
 
 
 def read_idx(path: Path) -> np.ndarray:

@@ -36,6 +36,12 @@ def test_clean_drops_supplied_word_brackets_and_backticks() -> None:
     assert bible.clean("the priest`s, [even]  an offering ") == "the priest's, even an offering"
 
 
+def test_segond_verse_marks_are_dropped_and_merged_verses_refused() -> None:
+    assert bible.clean("(7:27) Si tu refuses de le laisser aller") == "Si tu refuses de le laisser aller"
+    assert bible.aligned("(7:27) Si tu refuses")
+    assert not bible.aligned("(51:1) Au chef des chantres. (51:2) O Dieu, aie pitié de moi")
+
+
 @needs_corpus
 def test_verses_are_aligned_across_the_two_bibles() -> None:
     verses = {(v.book, v.chapter, v.verse): v for v in bible.load_pairs(MAX_WORDS)}
@@ -44,6 +50,7 @@ def test_verses_are_aligned_across_the_two_bibles() -> None:
     assert genesis.source == "Au commencement, Dieu créa les cieux et la terre."
     assert genesis.target == "In the beginning God created the heavens and the earth."
     assert all(max(len(v.source.split()), len(v.target.split())) <= MAX_WORDS for v in verses.values())
+    assert not any(bible.VERSE_MARK.search(v.source) for v in verses.values())
 
 
 @needs_corpus
