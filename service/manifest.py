@@ -24,7 +24,7 @@ import json
 import re
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Literal, Self
+from typing import Annotated, Any, Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -251,7 +251,11 @@ class Manifest(_Strict):
         ``make eval`` rewrites the manifests of versions a running service may be loading."""
         checksums = {f: file_sha256(version_dir / f) for f in self.files()}
         path = version_dir / MANIFEST_FILE
-        dumped = self.model_copy(update={"checksums": checksums}).model_dump(mode="json")
+        # a ViT with the usual single CLS token leaves prefix_tokens out, so services from before the
+        # field existed (strict schema) still load it
+        plain = self.image is not None and self.image.prefix_tokens == 1
+        exclude: Any = {"image": {"prefix_tokens"}} if plain else None
+        dumped = self.model_copy(update={"checksums": checksums}).model_dump(mode="json", exclude=exclude)
         partial = path.with_name(f".{MANIFEST_FILE}.partial")
         partial.write_text(json.dumps(dumped, indent=2) + "\n")
         partial.replace(path)

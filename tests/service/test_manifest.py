@@ -149,3 +149,16 @@ def test_write_records_checksums_and_load_refuses_a_changed_file(tmp_path: Path)
     (directory / "model.onnx").write_bytes(b"the graph, truncated or replaced")
     with pytest.raises(ManifestError, match=r"differ from their sha256.*model\.onnx"):
         Manifest.load(directory)
+
+
+def test_prefix_tokens_are_written_only_when_not_the_usual_single_cls(tmp_path: Path) -> None:
+    """Manifests of plain ViTs stay loadable by services from before ``image.prefix_tokens``."""
+    directory = write(tmp_path, VALID)
+    (directory / "model.onnx").write_bytes(b"the graph")
+    Manifest.load(directory).write(directory)
+    assert "prefix_tokens" not in json.loads((directory / "manifest.json").read_text())["image"]
+    deit = Manifest.load(directory)
+    assert deit.image is not None
+    deit.model_copy(update={"image": deit.image.model_copy(update={"prefix_tokens": 2})}).write(directory)
+    assert json.loads((directory / "manifest.json").read_text())["image"]["prefix_tokens"] == 2
+    assert Manifest.load(directory).image.prefix_tokens == 2  # type: ignore[union-attr]
