@@ -37,13 +37,8 @@ class Pair(Protocol):
 def exact_match(
     directory: Path, manifest: Manifest, examples: list[dates.DateExample], batch: int = 256
 ) -> float:
-    translator = Translator(directory, manifest, PROVIDERS, threads=2)
-    correct = 0
-    for i in tqdm(range(0, len(examples), batch), desc=f"eval {manifest.name}", unit="batch", leave=False):
-        chunk = examples[i : i + batch]
-        results = translator.translate([ex.source for ex in chunk])
-        correct += sum(r.text == ex.target for r, ex in zip(results, chunk, strict=True))
-    return correct / len(examples)
+    texts = translate_all(directory, manifest, [ex.source for ex in examples], batch)
+    return sum(text == ex.target for text, ex in zip(texts, examples, strict=True)) / len(examples)
 
 
 def classify(
