@@ -5,6 +5,7 @@ models trained on a few hundred generated dates."""
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import random
@@ -296,6 +297,7 @@ def publish(version_dir: Path, repository: Path, name: str) -> Path:
 def live(root: Path, vision_versions: dict, marian_version: Path) -> Iterator[str]:
     repository = root / "live-repository"
     publish(vision_versions[VISION[0]][1], repository, "hf-vit")
+    publish(vision_versions[VISION[2]][1], repository, "hf-deit")
     publish(marian_version, repository, "hf-marian")
     with running_service(repository, root) as svc:
         yield svc.url
@@ -345,3 +347,38 @@ def test_the_running_service_serves_imported_checkpoints(
         cross = torch.stack(out.cross_attentions, dim=1)[0].numpy()  # (layers, heads, T, S)
         np.testing.assert_allclose(t["attention"]["layers"], cross, atol=TOLERANCE)
         np.testing.assert_allclose(t["attention"]["values"], cross[-1].mean(0), atol=TOLERANCE)
+
+
+@pytest.mark.slow
+def test_the_running_service_lays_deit_maps_after_both_prefix_tokens(
+    live: str, vision_versions: dict
+) -> None:
+    """DeiT's CLS and distillation tokens come before the patches: the served rollout covers the
+    patches only, and equals transformers' attention rolled out the same way."""
+    checkpoint, version = vision_versions[VISION[2]]
+    spec = Manifest.load(version).image
+    assert spec is not None and spec.prefix_tokens == 2
+    image = random_images(1)[0]
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    answer = requests.post(
+        f"{live}/v1/models/hf-deit/classify",
+        json={"image": base64.b64encode(buffer.getvalue()).decode(), "return_attention": True,
+              "attention_layers": "all"},
+        timeout=60,
+    )  # fmt: skip
+    assert answer.status_code == 200, answer.text
+    body = answer.json()["attention"]
+    pixels, _ = preprocess(image, spec)  # the service's own preprocessing, fed to transformers
+    model = transformers.DeiTForImageClassificationWithTeacher.from_pretrained(
+        checkpoint, attn_implementation="eager"
+    )
+    with torch.no_grad():
+        out = model(pixel_values=torch.from_numpy(pixels[None]), output_attentions=True)
+    attentions = torch.stack(out.attentions, dim=1)[0].numpy()  # (layers, heads, T, T)
+    rows, cols = spec.grid
+    assert attentions.shape[-1] == 2 + rows * cols and body["shape"] == [rows, cols]
+    np.testing.assert_allclose(body["layers"], attentions, atol=TOLERANCE)
+    np.testing.assert_allclose(
+        body["values"], maps.rollout(attentions, prefix_tokens=2).reshape(rows, cols), atol=TOLERANCE
+    )
