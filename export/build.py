@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import time
 from datetime import UTC, datetime
-from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +21,7 @@ from export.checkpoint import Checkpoint
 from export.data import fashion
 from export.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from export.graphs import Shape, plans_for
-from export.onnx_export import TOLERANCE, ExportedGraph, export_graph
+from export.onnx_export import ExportedGraph, export_graph, export_info
 from export.recipes import Recipe
 from export.repository import check_target, staged_version
 from export.train import bible as bible_train
@@ -30,7 +29,7 @@ from export.train import dates as dates_train
 from export.train import fashion as fashion_train
 from export.train import translation as translation_train
 from export.train.translation import ParallelData
-from service.manifest import ExportInfo, ImageSpec, Manifest, TokenizerSpec, TranslationSpec, file_sha256
+from service.manifest import ImageSpec, Manifest, TokenizerSpec, TranslationSpec, file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -109,8 +108,6 @@ def _manifest(
     shapes: list[Shape],
     staging: Path,
 ) -> Manifest:
-    parity = {f"{key}.{out}": diff for key, g in graphs.items() for out, diff in g.max_abs_diff.items()}
-    tools = {p: pkg_version(p) for p in ("torch", "onnx", "onnxscript", "onnxruntime")}
     common: dict[str, Any] = {
         "name": recipe.name,
         "version": version,
@@ -118,13 +115,7 @@ def _manifest(
         "family": recipe.family,
         "description": recipe.description,
         "graphs": {k: g.spec for k, g in graphs.items()},
-        "export": ExportInfo(
-            tool_versions=tools,
-            opset=next(iter(graphs.values())).opset,
-            parity_max_abs_diff=parity,
-            parity_tolerance=TOLERANCE,
-            verified_shapes=shapes,
-        ),
+        "export": export_info(graphs, shapes),
         "created_at": datetime.now(UTC),
         "checkpoint_sha256": file_sha256(ckpt_dir / checkpoint.WEIGHTS),
     }

@@ -124,6 +124,17 @@ def translation_faithfulness_by_layer(
 VISION_MAPS = ("rollout-mean", "rollout-max", "rollout-min", "last-layer-cls")
 
 
+def vision_maps(attentions: np.ndarray, prefix_tokens: int = 1) -> dict[str, np.ndarray]:
+    """Each of :data:`VISION_MAPS` for one image's attentions (layers, heads, T, T), flat over
+    the patches."""
+    return {
+        "rollout-mean": rollout(attentions, "mean", prefix_tokens=prefix_tokens),
+        "rollout-max": rollout(attentions, "max", prefix_tokens=prefix_tokens),
+        "rollout-min": rollout(attentions, "min", prefix_tokens=prefix_tokens),
+        "last-layer-cls": last_layer_cls(attentions, prefix_tokens=prefix_tokens),
+    }
+
+
 def pointing_game(directory: Path, manifest: Manifest, canvases: fashion.Canvases) -> dict[str, float]:
     """Share of canvases whose map's maximum falls inside the object's box, per map."""
     assert manifest.image is not None
@@ -132,11 +143,6 @@ def pointing_game(directory: Path, manifest: Manifest, canvases: fashion.Canvase
     size = canvases.images.shape[1:3]
     hits = dict.fromkeys(VISION_MAPS, 0)
     for att, box in zip(attentions, canvases.boxes, strict=True):  # att: (layers, heads, T, T)
-        for name in VISION_MAPS:
-            kind, fusion = name.rsplit("-", 1) if name.startswith("rollout") else (name, "mean")
-            if kind == "rollout":
-                grid = rollout(att, fusion, prefix_tokens=prefix)  # type: ignore[arg-type]
-            else:
-                grid = last_layer_cls(att, prefix_tokens=prefix)
+        for name, grid in vision_maps(att, prefix).items():
             hits[name] += pointing_hit(grid.reshape(grid_shape), box, size)
     return {name: n / len(canvases.labels) for name, n in hits.items()}

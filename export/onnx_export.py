@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import warnings
 from dataclasses import dataclass
+from importlib.metadata import version as pkg_version
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 from torch.export import Dim
 
 from export.graphs import GraphPlan
-from service.manifest import GraphSpec, TensorSpec
+from service.manifest import ExportInfo, GraphSpec, TensorSpec
 
 TOLERANCE = 1e-4
 _ONNX_DTYPES: dict[int, str] = {
@@ -44,6 +45,24 @@ class ExportedGraph:
     spec: GraphSpec
     max_abs_diff: dict[str, float]  # output name → worst diff over all shapes
     opset: int
+
+
+#: the packages whose versions every manifest records (an importer adds its own)
+EXPORT_TOOLS = ("torch", "onnx", "onnxscript", "onnxruntime")
+
+
+def export_info(
+    graphs: dict[str, ExportedGraph], shapes: list[dict[str, int]], extra_tools: tuple[str, ...] = ()
+) -> ExportInfo:
+    """The manifest's ``export`` section: tool versions, opset, and the measured parity."""
+    parity = {f"{key}.{out}": diff for key, g in graphs.items() for out, diff in g.max_abs_diff.items()}
+    return ExportInfo(
+        tool_versions={p: pkg_version(p) for p in (*EXPORT_TOOLS, *extra_tools)},
+        opset=next(iter(graphs.values())).opset,
+        parity_max_abs_diff=parity,
+        parity_tolerance=TOLERANCE,
+        verified_shapes=shapes,
+    )
 
 
 def export_graph(plan: GraphPlan, out_dir: Path, tolerance: float = TOLERANCE) -> ExportedGraph:

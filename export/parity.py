@@ -16,15 +16,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from export.faithfulness import VISION_MAPS, vision_maps
 from export.models.transformer import Transformer
 from export.models.vit import VisionTransformer
-from service.attention import HeadFusion, last_layer_cls, rollout
 from service.manifest import Manifest
 from service.translation import Translation, Translator
 from service.vision import Classifier
 
 PROVIDERS = ["CPUExecutionProvider"]
-FUSIONS: tuple[HeadFusion, ...] = ("mean", "max", "min")
 
 
 @torch.no_grad()
@@ -76,16 +75,10 @@ def vision_map_diff(
     prefix = manifest.image.prefix_tokens
     served = Classifier(directory, manifest, PROVIDERS, threads=2).classify(pixels)
     _, offline = model(torch.from_numpy(pixels))  # (N, layers, heads, T, T)
-    diffs = {"attentions": 0.0, "last-layer-cls": 0.0, **{f"rollout-{f}": 0.0 for f in FUSIONS}}
+    diffs = dict.fromkeys(("attentions", *VISION_MAPS), 0.0)
     for ours, theirs in zip(served, offline.numpy(), strict=True):
         diffs["attentions"] = max(diffs["attentions"], float(np.abs(ours.attentions - theirs).max()))
-        for fusion in FUSIONS:
-            delta = rollout(ours.attentions, fusion, prefix_tokens=prefix) - rollout(
-                theirs, fusion, prefix_tokens=prefix
-            )
-            diffs[f"rollout-{fusion}"] = max(diffs[f"rollout-{fusion}"], float(np.abs(delta).max()))
-        delta = last_layer_cls(ours.attentions, prefix_tokens=prefix) - last_layer_cls(
-            theirs, prefix_tokens=prefix
-        )
-        diffs["last-layer-cls"] = max(diffs["last-layer-cls"], float(np.abs(delta).max()))
+        offline_maps = vision_maps(theirs, prefix)
+        for name, grid in vision_maps(ours.attentions, prefix).items():
+            diffs[name] = max(diffs[name], float(np.abs(grid - offline_maps[name]).max()))
     return diffs

@@ -13,15 +13,14 @@ from __future__ import annotations
 import json
 import logging
 from datetime import UTC, datetime
-from importlib.metadata import version as pkg_version
 from pathlib import Path
 from typing import Any
 
 from export.hf import marian, vision
 from export.hf.errors import UnsupportedCheckpoint
-from export.onnx_export import TOLERANCE, ExportedGraph, export_graph
+from export.onnx_export import export_graph, export_info
 from export.repository import check_target, staged_version
-from service.manifest import ExportInfo, Manifest, file_sha256
+from service.manifest import Manifest, file_sha256
 
 log = logging.getLogger(__name__)
 FAMILIES = {**vision.ARCHITECTURES, **marian.ARCHITECTURES}
@@ -79,22 +78,10 @@ def import_checkpoint(
             family=family,
             description="; ".join([description, *notes]),
             graphs={k: g.spec for k, g in graphs.items()},
-            export=_export_info(graphs, plans[0].shapes),
+            export=export_info(graphs, plans[0].shapes, extra_tools=("transformers",)),
             created_at=datetime.now(UTC),
             checkpoint_sha256=file_sha256(weights),
             **fields,
         )
         manifest.write(staging)
     return repository / name / str(version)
-
-
-def _export_info(graphs: dict[str, ExportedGraph], shapes: list[dict[str, int]]) -> ExportInfo:
-    parity = {f"{key}.{out}": diff for key, g in graphs.items() for out, diff in g.max_abs_diff.items()}
-    tools = {p: pkg_version(p) for p in ("torch", "onnx", "onnxscript", "onnxruntime", "transformers")}
-    return ExportInfo(
-        tool_versions=tools,
-        opset=next(iter(graphs.values())).opset,
-        parity_max_abs_diff=parity,
-        parity_tolerance=TOLERANCE,
-        verified_shapes=shapes,
-    )
