@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
     from service.app import build_app
     from service.grpc_ingress import SERVICER_FUNCTIONS
 
+    busy = ports_in_use(settings)
+    if busy:
+        print(f"error: {busy}; is another service running? (ports: ATTN_HTTP_PORT, ATTN_GRPC_PORT, "
+              "ATTN_METRICS_PORT)", file=sys.stderr)  # fmt: skip
+        return 2
     app = build_app(settings)  # validates the repository before Ray starts
     if settings.ray_address is None:  # a private Ray for this process, stopped with it
         ray.init(
@@ -68,9 +79,43 @@ def main(argv: list[str] | None = None) -> int:
               f"metrics on :{settings.metrics_port}/metrics — Ctrl-C to stop", flush=True)  # fmt: skip
         stop.wait()
     finally:
-        serve.shutdown()
-        ray.shutdown()
+        stop_serving(settings)
     return 0
+
+
+def stop_serving(settings: Settings) -> None:
+    """Stop what we started, within ``drain_s`` + a few seconds: the application's replicas drain
+    (``ServingReplica.__del__``), then our private Ray goes with its processes. On a cluster we
+    joined, Serve is shut down there as before (its controller and proxies are detached)."""
+    import ray
+    from ray import serve
+
+    if settings.ray_address is not None:
+        serve.shutdown()
+    else:
+        with contextlib.suppress(Exception):  # nothing deployed yet: nothing to drain
+            serve.delete("attention")
+    ray.shutdown()
+
+
+def ports_in_use(settings: Settings) -> str | None:
+    """Which configured port another process already listens on, if any. Replicas share their
+    port with SO_REUSEPORT, so a second service would otherwise join the first one's port and
+    split its traffic; this probe binds without it (SO_REUSEADDR only: a port with connections
+    in TIME_WAIT is free) and fails on any listener."""
+    ports = [("HTTP", settings.http_port), ("gRPC", settings.grpc_port)]
+    if settings.ray_address is None:  # our own Ray exports metrics here
+        ports.append(("metrics", settings.metrics_port))
+    for what, port in ports:
+        host = settings.host if what != "metrics" else "0.0.0.0"
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                return f"the {what} port {host}:{port} is taken ({exc.strerror})"
+    return None
 
 
 if __name__ == "__main__":

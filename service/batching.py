@@ -1,6 +1,6 @@
 """The batching logic that is ours: which requests share a graph call.
 
-Ray Serve's ``@serve.batch`` forms a batch of *requests*; inside it, translation requests are
+The model's batcher (``service/batcher.py``) forms a batch of *requests*; inside it, translation requests are
 split by decoding options (beam size, max length, length penalty must agree within a call) and
 then by source length, so one long input does not pad — and slow — a whole batch of short ones.
 Plain Python, unit-tested without Ray.

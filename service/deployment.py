@@ -46,4 +46,5 @@ def model_deployment(entry: ModelEntry, settings: Settings) -> Any:
         ray_actor_options=settings.actor_options(),
         logging_config=settings.serve_logging,
         health_check_period_s=5,
+        **settings.shutdown_options(),
     ).bind(entry, settings)

@@ -4,22 +4,31 @@
 
     ServiceError                       500  INTERNAL
     ├── InvalidInput                   422  INVALID_ARGUMENT   a field is wrong (named in the message)
-    │   └── PayloadTooLarge            413  INVALID_ARGUMENT   bytes / pixels / list length over a limit
+    │   ├── PayloadTooLarge            413  INVALID_ARGUMENT   bytes / pixels / list length over a limit
+    │   │   └── BodyTooLarge           413  —                  HTTP body cut at the limit, connection closed
+    │   └── ResponseTooLarge           422  INVALID_ARGUMENT   the answer asked for would exceed its limit
     ├── ModelNotFound                  404  NOT_FOUND          unknown model or version
     ├── WrongTask                      400  INVALID_ARGUMENT   e.g. /translate on an image model
     ├── Unauthorized                   401  UNAUTHENTICATED    no or wrong bearer token (when one is set)
     ├── Overloaded                     503  RESOURCE_EXHAUSTED queue full; Retry-After is set
     ├── DeadlineExceeded               504  DEADLINE_EXCEEDED  the request's timeout passed
     ├── NotReady                       503  UNAVAILABLE        models still loading / warming up
-    └── InferenceFailed                500  INTERNAL           the runtime raised (for all callers of a batch)
+    ├── InferenceFailed                500  INTERNAL           the runtime raised (for all callers of a batch)
+    └── InternalError                  500  INTERNAL           anything unexpected, logged under a request id
 
 Library errors are wrapped with ``raise … from exc`` at the boundary where they are understood;
-nothing else is caught and turned into "carry on".
+nothing else is caught and turned into "carry on". What nobody expected reaches the protocol's
+edge, where :func:`unexpected` turns it into an :class:`InternalError`: the client gets a JSON
+500 (or gRPC INTERNAL) naming a request id, and the log has the traceback under that id.
 """
 
 from __future__ import annotations
 
+import logging
+import uuid
 from typing import Any, Protocol
+
+log = logging.getLogger("ray.serve")
 
 
 class _HasErrors(Protocol):
@@ -52,6 +61,14 @@ class InvalidInput(ServiceError):
 
 class PayloadTooLarge(InvalidInput):
     http_status = 413
+
+
+class BodyTooLarge(PayloadTooLarge):
+    pass
+
+
+class ResponseTooLarge(InvalidInput):
+    pass
 
 
 class ModelNotFound(ServiceError):
@@ -87,3 +104,16 @@ class NotReady(ServiceError):
 
 class InferenceFailed(ServiceError):
     pass
+
+
+class InternalError(ServiceError):
+    def __init__(self, request_id: str) -> None:
+        super().__init__(f"internal error (request id {request_id}; the service log has the details)")
+        self.request_id = request_id
+
+
+def unexpected(exc: BaseException, where: str) -> InternalError:
+    """Log ``exc`` with its traceback under a new request id; the error to answer with."""
+    request_id = uuid.uuid4().hex[:16]
+    log.error("request %s failed unexpectedly (%s)", request_id, where, exc_info=exc)
+    return InternalError(request_id)

@@ -6,8 +6,9 @@ routes a call to the method of the same name. Errors carry the gRPC code from th
 ``service/errors.py``; RPCs we do not declare answer UNIMPLEMENTED from the server itself.
 """
 
-from collections.abc import AsyncIterator
-from typing import Any
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
 
 import grpc
 import numpy as np
@@ -15,7 +16,7 @@ from pydantic import ValidationError
 from ray.serve.grpc_util import RayServegRPCContext, gRPCInputStream
 
 from service import auth, kserve
-from service.errors import InvalidInput, ServiceError, validation_message
+from service.errors import InvalidInput, ServiceError, unexpected, validation_message
 from service.protos import attention_pb2 as apb
 from service.protos import grpc_service_pb2 as pb
 from service.routing import ModelRouter
@@ -46,6 +47,29 @@ def _abort(context: RayServegRPCContext, exc: ServiceError) -> ServiceError:
     context.set_code(getattr(grpc.StatusCode, exc.grpc_code))
     context.set_details(exc.message)
     return exc
+
+
+Reply = TypeVar("Reply")
+Method = Callable[[Any, Any, RayServegRPCContext], Awaitable[Reply]]
+
+
+def rpc(method: Method[Reply]) -> Method[Reply]:
+    """The one error mapping of the unary RPCs: a service error leaves with its gRPC code, a
+    request field a schema refused with INVALID_ARGUMENT naming it, anything unexpected with
+    INTERNAL and a request id that the logged traceback also carries."""
+
+    @functools.wraps(method)
+    async def call(self: Any, request: Any, context: RayServegRPCContext) -> Reply:
+        try:
+            return await method(self, request, context)
+        except ServiceError as exc:
+            raise _abort(context, exc) from None
+        except ValidationError as exc:
+            raise _abort(context, InvalidInput(validation_message(exc))) from None
+        except Exception as exc:
+            raise _abort(context, unexpected(exc, f"gRPC {method.__name__}")) from None
+
+    return call
 
 
 def _parameter(p: pb.InferParameter) -> Any:
@@ -112,35 +136,29 @@ class GRPCMethods(ModelRouter):
     async def ServerReady(self, request: pb.ServerReadyRequest) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=await self.is_ready())
 
+    @rpc
     async def ModelReady(
         self, request: pb.ModelReadyRequest, grpc_context: RayServegRPCContext
     ) -> pb.ModelReadyResponse:
-        try:
-            self._authorize(grpc_context)
-            self.resolve(request.name, None, request.version)
-        except ServiceError as exc:
-            raise _abort(grpc_context, exc) from None
+        self._authorize(grpc_context)
+        self.resolve(request.name, None, request.version)
         return pb.ModelReadyResponse(ready=await self.is_ready())
 
+    @rpc
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, grpc_context: RayServegRPCContext
     ) -> pb.ServerMetadataResponse:
-        try:
-            self._authorize(grpc_context)
-        except ServiceError as exc:
-            raise _abort(grpc_context, exc) from None
+        self._authorize(grpc_context)
         return pb.ServerMetadataResponse(
             name=kserve.SERVER_NAME, version=kserve.SERVER_VERSION, extensions=kserve.EXTENSIONS
         )
 
+    @rpc
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, grpc_context: RayServegRPCContext
     ) -> pb.ModelMetadataResponse:
-        try:
-            self._authorize(grpc_context)
-            meta = kserve.metadata(self.resolve(request.name, None, request.version).manifest)
-        except ServiceError as exc:
-            raise _abort(grpc_context, exc) from None
+        self._authorize(grpc_context)
+        meta = kserve.metadata(self.resolve(request.name, None, request.version).manifest)
         response = pb.ModelMetadataResponse(
             name=meta["name"], versions=meta["versions"], platform=meta["platform"]
         )
@@ -150,14 +168,12 @@ class GRPCMethods(ModelRouter):
             response.outputs.add(**spec)
         return response
 
+    @rpc
     async def ModelInfer(
         self, request: pb.ModelInferRequest, grpc_context: RayServegRPCContext
     ) -> pb.ModelInferResponse:
-        try:
-            self._authorize(grpc_context)
-            return await self._model_infer(request, "grpc_infer")
-        except ServiceError as exc:
-            raise _abort(grpc_context, exc) from None
+        self._authorize(grpc_context)
+        return await self._model_infer(request, "grpc_infer")
 
     async def ModelStreamInfer(
         self, request_stream: gRPCInputStream, grpc_context: RayServegRPCContext
@@ -174,6 +190,9 @@ class GRPCMethods(ModelRouter):
                 yield pb.ModelStreamInferResponse(infer_response=result)
             except ServiceError as exc:
                 yield pb.ModelStreamInferResponse(error_message=exc.message)
+            except Exception as exc:  # logged with its traceback; the stream goes on
+                error = unexpected(exc, "gRPC ModelStreamInfer")
+                yield pb.ModelStreamInferResponse(error_message=error.message)
 
     async def _model_infer(self, request: pb.ModelInferRequest, route: str) -> pb.ModelInferResponse:
         entry = self.resolve(request.model_name, None, request.model_version)
@@ -187,25 +206,21 @@ class GRPCMethods(ModelRouter):
 
     # -- attention.v1 ---------------------------------------------------------------------------
 
+    @rpc
     async def Translate(
         self, request: apb.TranslateRequest, grpc_context: RayServegRPCContext
     ) -> apb.TranslateResponse:
-        try:
-            self._authorize(grpc_context)
-            body = TranslateRequest(
-                text=list(request.texts),
-                beam_size=request.beam_size or 1,
-                max_length=request.max_length or None,
-                length_penalty=request.length_penalty,
-                return_attention=request.return_attention,
-            )
-            entry, [answer], total = await self.predict_many(
-                request.model, "translation", "grpc_translate", [body]
-            )
-        except ServiceError as exc:
-            raise _abort(grpc_context, exc) from None
-        except ValidationError as exc:  # the request's fields, checked by the REST schema
-            raise _abort(grpc_context, InvalidInput(validation_message(exc))) from None
+        self._authorize(grpc_context)
+        body = TranslateRequest(  # the request's fields, checked by the REST schema
+            text=list(request.texts),
+            beam_size=request.beam_size or 1,
+            max_length=request.max_length or None,
+            length_penalty=request.length_penalty,
+            return_attention=request.return_attention,
+        )
+        entry, [answer], total = await self.predict_many(
+            request.model, "translation", "grpc_translate", [body]
+        )
         response = apb.TranslateResponse(
             model=entry.name, version=entry.version, metrics=_metrics(answer["metrics"], total)
         )
@@ -221,23 +236,19 @@ class GRPCMethods(ModelRouter):
                 item.attention.CopyFrom(_tensor(t["attention"]["shape"], t["attention"]["values"]))
         return response
 
+    @rpc
     async def Classify(
         self, request: apb.ClassifyRequest, grpc_context: RayServegRPCContext
     ) -> apb.ClassifyResponse:
-        try:
-            self._authorize(grpc_context)
-            options = ClassifyOptions(
-                top_k=request.top_k or 5,
-                return_attention=request.return_attention,
-                head_fusion=request.head_fusion or "mean",
-            )
-            entry, [answer], total = await self.predict_many(
-                request.model, "image-classification", "grpc_classify", [(options, request.image)]
-            )
-        except ServiceError as exc:
-            raise _abort(grpc_context, exc) from None
-        except ValidationError as exc:
-            raise _abort(grpc_context, InvalidInput(validation_message(exc))) from None
+        self._authorize(grpc_context)
+        options = ClassifyOptions(
+            top_k=request.top_k or 5,
+            return_attention=request.return_attention,
+            head_fusion=request.head_fusion or "mean",
+        )
+        entry, [answer], total = await self.predict_many(
+            request.model, "image-classification", "grpc_classify", [(options, request.image)]
+        )
         response = apb.ClassifyResponse(
             model=entry.name, version=entry.version, metrics=_metrics(answer["metrics"], total)
         )

@@ -16,18 +16,45 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import auth
-from service.errors import NotReady, Overloaded, ServiceError, Unauthorized, validation_message
+from service.errors import (
+    BodyTooLarge,
+    NotReady,
+    Overloaded,
+    ServiceError,
+    Unauthorized,
+    unexpected,
+    validation_message,
+)
 from service.routing import CLIENT_CLOSED, ModelRouter
 from service.schemas import ErrorBody
+from service.settings import Limits
 
-app = FastAPI(
+
+class App(FastAPI):
+    """FastAPI whose OpenAPI document shows the limits this service enforces (the router's
+    ``Settings.limits``) in place of the schemas' ceilings, wherever a request schema appears
+    (components and inline bodies). A method, not an attribute set on ``app``: the app a
+    replica serves may be a pickled copy of this module's (see :func:`attach`)."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is not None:
+            return self.openapi_schema
+        document = super().openapi()
+        if _router is None:  # not serving yet: the ceilings, and not kept
+            self.openapi_schema = None
+        else:
+            _write_limits(document, _router.settings.limits)
+        return document
+
+
+app = App(
     title="attention-serve",
     description='Attention models with their attention maps. Errors are `{"error": "..."}`.',
     version="0.1.0",
-    responses={code: {"model": ErrorBody} for code in (400, 404, 413, 422, 503, 504)},
+    responses={code: {"model": ErrorBody} for code in (400, 404, 413, 422, 500, 503, 504)},
 )
 
 
@@ -50,6 +77,8 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 @app.exception_handler(ServiceError)
 async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
+    if isinstance(exc, BodyTooLarge):  # the rest of the body is not read: the connection ends here
+        headers = {"Connection": "close"}
     return error_response(exc.http_status, exc.message, headers)
 
 
@@ -72,7 +101,35 @@ class BearerToken:
         await self.app(scope, receive, send)
 
 
+class InternalErrors:
+    """Whatever no handler expected leaves as a JSON 500 naming a request id, never Starlette's
+    plain-text page; the log line with the traceback carries the same id (``errors.unexpected``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            error = unexpected(exc, f"{scope.get('method')} {scope.get('path')}")
+            if started:  # half an answer is out: the server closes the connection
+                raise
+            answer = error_response(500, error.message, {"X-Request-Id": error.request_id})
+            await answer(scope, receive, send)
+
+
 app.add_middleware(BearerToken)
+app.add_middleware(InternalErrors)  # the outermost of ours: it also covers BearerToken
 
 
 _router: ModelRouter | None = None
@@ -85,6 +142,38 @@ def attach(router: ModelRouter) -> None:
     so the app object a replica serves may be a copy of this module's ``app``."""
     global _router
     _router = router
+
+
+def _write_limits(node: Any, limits: Limits) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _write_limits(item, limits)
+        return
+    if not isinstance(node, dict):
+        return
+    props = node.get("properties")
+    if isinstance(props, dict):
+        if "text" in props and "beam_size" in props:  # TranslateRequest
+            text = props["text"]
+            text["description"] = (
+                f"One text or a list of texts (each at most {limits.max_text_chars} characters; "
+                f"at most {limits.max_texts} texts)."
+            )
+            for variant in text.get("anyOf", []):
+                if variant.get("type") == "string":
+                    variant["maxLength"] = limits.max_text_chars
+                elif variant.get("type") == "array":
+                    variant["maxItems"] = limits.max_texts
+                    variant.setdefault("items", {})["maxLength"] = limits.max_text_chars
+            props["beam_size"]["maximum"] = limits.max_beam_size
+        if "top_k" in props:  # ClassifyOptions / ClassifyRequest
+            props["top_k"]["maximum"] = limits.max_top_k
+        if "image" in props and "pixels" in props:  # base64 of the largest image accepted
+            for variant in props["image"].get("anyOf", [props["image"]]):
+                if variant.get("type") == "string":
+                    variant["maxLength"] = -(-limits.max_image_bytes // 3) * 4
+    for value in node.values():
+        _write_limits(value, limits)
 
 
 async def current_router() -> ModelRouter:

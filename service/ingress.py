@@ -39,4 +39,5 @@ def ingress_options(settings: Settings) -> dict[str, Any]:
         "max_ongoing_requests": 1024,
         "ray_actor_options": {"num_cpus": 0},
         "logging_config": settings.serve_logging,
+        **settings.shutdown_options(),
     }

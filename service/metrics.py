@@ -78,11 +78,12 @@ class ModelMetrics:
         replica's health check calls this every few seconds."""
         self.info.set(1, tags=self._info_tags)
 
-    def batch(self, size: int, compute_s: float, waits_s: list[float]) -> None:
+    def batch(self, size: int, compute_s: float) -> None:
         self.batch_size.observe(size, tags=self.tags)
         self.compute.observe(compute_s, tags=self.tags)
-        for wait in waits_s:
-            self.queue_wait.observe(wait, tags=self.tags)
+
+    def waited(self, seconds: float) -> None:
+        self.queue_wait.observe(seconds, tags=self.tags)
 
     def generated(self, tokens: int) -> None:
         if tokens:

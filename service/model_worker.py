@@ -1,13 +1,16 @@
-"""One model, in process: its runner behind ``@serve.batch``, with its metrics and its queue limit.
+"""One model, in process: its runner behind its own :class:`~service.batcher.Batcher`, with its
+metrics and its queue limit.
 
 Both topologies use it. In the default ``in-replica`` frontend every serving replica holds a
-worker per model and calls it directly; in the Ray-ingress frontends each model deployment
-(``service/deployment.py``) wraps one worker and the ingress reaches it through a handle.
+worker per model (and, during a hot swap, briefly one per version) and calls it directly; in the
+Ray-ingress frontends each model deployment (``service/deployment.py``) wraps one worker and the
+ingress reaches it through a handle. Each worker has its own queue and batch parameters
+(``Settings.batching_for``), so models never share a batch whatever the frontend.
 
-Batching: ``@serve.batch`` collects requests for up to ``batch_wait_timeout_s`` or
-``max_batch_size`` sequences (a multi-text translation counts each text); the batch runs in a
-worker thread so the event loop keeps accepting the next batch meanwhile. A caller cancelled
-while waiting (a client gone, a deadline passed) leaves the batch before it runs.
+Batching: a batch holds up to ``max_batch_size`` sequences (a multi-text translation counts each
+text) and waits at most ``batch_wait_timeout_s`` for more; it runs in a worker thread so the event
+loop keeps accepting the next batch meanwhile. A request larger than a batch is split into
+batch-sized parts, which batch like any other requests and are answered whole, in order.
 """
 
 from __future__ import annotations
@@ -15,11 +18,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass
 from typing import Any
 
-from ray import serve
-
+from service.batcher import Batcher
 from service.errors import InferenceFailed, Overloaded, ServiceError
 from service.metrics import ModelMetrics
 from service.repository import ModelEntry
@@ -28,21 +29,6 @@ from service.runtime import choose_providers
 from service.settings import Settings
 
 log = logging.getLogger("ray.serve")
-
-
-@dataclass
-class _Pending:
-    work: Any
-    size: int
-    arrived: float
-
-
-@dataclass
-class _Done:
-    output: Any
-    queue_wait_s: float
-    compute_s: float
-    batch_size: int
 
 
 class ModelWorker:
@@ -54,12 +40,13 @@ class ModelWorker:
         self.runner.warmup()  # a replica takes traffic only once constructed, so only after this
         self.warmup_ms = round((time.perf_counter() - start) * 1000, 3)
         batching = settings.batching_for(entry.name)
-        self._batch.set_max_batch_size(batching.max_batch_size)  # type: ignore[attr-defined]
-        self._batch.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)  # type: ignore[attr-defined]
         self.max_batch_size = batching.max_batch_size
-        #: requests this worker holds at once (batching + waiting) before it sheds new ones
+        self.batcher: Batcher[Any, Any] = Batcher(
+            self._infer, batching.max_batch_size, batching.batch_wait_timeout_s
+        )
+        #: requests (or parts of one) this worker holds at once — waiting, or in the batch that is
+        #: computing — before it sheds new ones
         self.capacity = max_ongoing_requests(settings, entry.name) + settings.limits.max_queued_requests
-        self.in_flight = 0
         self.metrics = ModelMetrics(entry.name, settings.latency_buckets_s)
         provider = self.runner.providers[0]
         self.metrics.loaded(entry.version, entry.manifest.task, entry.manifest.family, provider)
@@ -76,48 +63,51 @@ class ModelWorker:
         }
 
     async def predict(self, request: Any) -> dict[str, Any]:
-        """Preprocess here (per request), infer in a batch, postprocess here."""
-        if self.in_flight >= self.capacity:
+        """Preprocess here (per request), infer in batches, postprocess here."""
+        if self.batcher.held >= self.capacity:
             raise Overloaded(f"model {self.entry.name!r} is overloaded; retry later")
-        self.in_flight += 1
-        try:
-            arrived = time.perf_counter()
-            work = self.runner.preprocess(request)
-            done: _Done = await self._batch(_Pending(work, self.runner.size(work), arrived))
-        finally:
-            self.in_flight -= 1
-        answer = self.runner.postprocess(work, done.output)
+        work = self.runner.preprocess(request)
+        size = self.runner.size(work)
+        if size <= self.max_batch_size:
+            done = [await self.batcher.submit(work, size)]
+        else:  # larger than a batch: batch-sized parts, answered whole and in order
+            parts = self.runner.split(work, self.max_batch_size)
+            done = list(await asyncio.gather(*(self.batcher.submit(p, self.runner.size(p)) for p in parts)))
+        for d in done:
+            self.metrics.waited(d.queue_wait_s)
+        output = done[0].output if len(done) == 1 else self.runner.join([d.output for d in done])
+        answer = self.runner.postprocess(work, output)
         self.metrics.generated(answer.get("tokens_generated", 0))
         answer["metrics"] = {
-            "queue_wait_ms": round(done.queue_wait_s * 1000, 3),
-            "compute_ms": round(done.compute_s * 1000, 3),
-            "batch_size": done.batch_size,
+            "queue_wait_ms": round(max(d.queue_wait_s for d in done) * 1000, 3),
+            # parts that shared a batch computed once
+            "compute_ms": round(sum({d.batch_id: d.compute_s for d in done}.values()) * 1000, 3),
+            "batch_size": max(d.batch_size for d in done),
             "tokens_generated": answer.pop("tokens_generated", None),
             "replica": self.replica,
             "node": self.node,
         }
         return answer
 
-    @serve.batch(
-        max_batch_size=32, batch_wait_timeout_s=0.005, batch_size_fn=lambda items: sum(i.size for i in items)
-    )
-    async def _batch(self, items: list[_Pending]) -> list[_Done]:
+    async def _infer(self, works: list[Any]) -> list[Any]:
+        """One formed batch, in a worker thread; a runtime failure reaches every caller in it."""
         start = time.perf_counter()
         try:
-            outputs = await asyncio.to_thread(self.runner.infer, [i.work for i in items])
+            outputs = await asyncio.to_thread(self.runner.infer, works)
         except ServiceError:
             raise
-        except Exception as exc:  # the runtime failed: every caller in this batch gets the error
-            log.exception("%s: batch of %d failed", self.entry.name, len(items))
+        except Exception as exc:
+            log.exception("%s: batch of %d failed", self.entry.name, len(works))
             raise InferenceFailed(f"inference failed: {type(exc).__name__}") from exc
-        compute = time.perf_counter() - start
-        size = sum(i.size for i in items)
-        waits = [start - i.arrived for i in items]
-        self.metrics.batch(size, compute, waits)
-        return [_Done(out, wait, compute, size) for out, wait in zip(outputs, waits, strict=True)]
+        self.metrics.batch(sum(self.runner.size(w) for w in works), time.perf_counter() - start)
+        return outputs
+
+    def close(self) -> None:
+        """This version is being replaced: finish what is queued, then let the loop end."""
+        self.batcher.close()
 
 
 def max_ongoing_requests(settings: Settings, model: str) -> int:
     """Requests a model works on at once: 4 × its batch size, so batches can actually fill
-    (Ray's default of 5 would starve ``@serve.batch``)."""
+    (Ray's default of 5 would starve a model deployment's batches)."""
     return max(4 * settings.batching_for(model).max_batch_size, 16)

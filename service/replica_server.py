@@ -5,8 +5,8 @@ Why: on small and medium attention models Ray Serve's default path (proxy actor 
 replica → model replica) costs several times the model's own CPU per request
 (``benchmarks/results/``). Here a request crosses no process boundary: the replica's own
 uvicorn (the same FastAPI app as every frontend) and gRPC server call the model workers in
-process, which batch with ``@serve.batch``. Ray Serve still places, health-checks, restarts and
-scales the replicas.
+process, each model batching in its own queue (``service/batcher.py``). Ray Serve still places,
+health-checks, restarts and scales the replicas.
 
 One stable port for many replicas: every replica binds ``host:http_port`` (and ``grpc_port``)
 with ``SO_REUSEPORT``, so the replicas on a node share the port and the kernel spreads new
@@ -34,7 +34,7 @@ from ray import serve
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service import explorer, kserve_routes, rest_routes  # noqa: F401  (they register the routes on the app)
-from service.errors import ServiceError
+from service.errors import ServiceError, unexpected
 from service.grpc_ingress import GRPCMethods
 from service.http_app import app, attach
 from service.manifest import list_versions
@@ -102,6 +102,9 @@ def _unary(impl: Callable[..., Any]) -> Callable[..., Any]:
             return await (impl(request, context) if takes_context else impl(request))
         except ServiceError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
+        except Exception as exc:  # what the methods' own mapping did not expect
+            error = unexpected(exc, f"gRPC {impl.__name__}")
+            await context.abort(grpc.StatusCode.INTERNAL, error.message)
 
     return call
 
@@ -113,6 +116,9 @@ def _streaming(impl: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIt
                 yield response
         except ServiceError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
+        except Exception as exc:
+            error = unexpected(exc, f"gRPC {impl.__name__}")
+            await context.abort(grpc.StatusCode.INTERNAL, error.message)
 
     return call
 
@@ -182,10 +188,13 @@ class ServingReplica(GRPCMethods):
         if not workers:
             raise RuntimeError(f"no model could be loaded: {failed}")
         # one synchronous step: a request sees either the old set or the new one, never a mix
+        replaced = [w for w in self.workers.values() if all(w is not v for v in workers.values())]
         self.workers, self.models = workers, dict(workers)
         self.entries = {name: worker.entry for name, worker in workers.items()}
         self.rejected = {**self.configured_rejected, **failed}
         self.model_info = {}
+        for worker in replaced:  # each version has its own queue: the old one drains, then ends
+            worker.close()
 
     async def _poll(self) -> None:
         """Every ``repository_poll_s``: serve the newest version directory of each served model
@@ -246,15 +255,19 @@ class ServingReplica(GRPCMethods):
             worker.metrics.refresh()
 
     async def __del__(self) -> None:
-        """Graceful stop: refuse new connections, let requests in flight finish."""
+        """Graceful stop: refuse new connections and let requests in flight finish, for at most
+        ``drain_s`` (HTTP and gRPC together), then close what is left."""
         if self.poll_task is not None:
             self.poll_task.cancel()
         if self.http_task is None:
             return
+        drain = self.settings.drain_s
         self.http.should_exit = True
-        await self.grpc.stop(grace=5)
         with contextlib.suppress(Exception):
-            await asyncio.wait_for(self.http_task, timeout=10)
+            await asyncio.wait_for(
+                asyncio.gather(self.grpc.stop(grace=drain), asyncio.shield(self.http_task)), drain + 0.5
+            )
+        self.http.force_exit = True  # connections still open after the drain are closed
 
 
 def user_config(models: dict[str, ModelEntry], rejected: dict[str, str]) -> dict[str, Any]:
@@ -271,4 +284,5 @@ def replica_options(settings: Settings) -> dict[str, Any]:
         "ray_actor_options": settings.actor_options(),
         "logging_config": settings.serve_logging,
         "health_check_period_s": 5,
+        **settings.shutdown_options(),
     }

@@ -17,10 +17,10 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from service.errors import (
+    BodyTooLarge,
     DeadlineExceeded,
     ModelNotFound,
     Overloaded,
-    PayloadTooLarge,
     ServiceError,
     WrongTask,
 )
@@ -72,14 +72,22 @@ class ModelRouter:
         """Refuse a body whose Content-Length is over the limit before reading any of it."""
         length = request.headers.get("content-length")
         if length and length.isdigit() and int(length) > self.max_body:
-            raise PayloadTooLarge(f"body: {length} bytes exceed the limit of {self.max_body}")
+            raise BodyTooLarge(f"body: {length} bytes exceed the limit of {self.max_body}")
 
     async def read_body(self, request: Request) -> bytes:
-        """The whole body, under the limit whether or not its length was declared."""
+        """The whole body, under the limit whether or not its length was declared: a chunked
+        body is read as it streams and cut with 413 at the limit, never held whole beyond it.
+        Kept on the request (as Starlette's ``body()`` keeps it) for whoever reads it next."""
         self.check_declared_length(request)
-        body = await request.body()
-        if len(body) > self.max_body:
-            raise PayloadTooLarge(f"body: {len(body)} bytes exceed the limit of {self.max_body}")
+        if hasattr(request, "_body"):
+            return await request.body()
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise BodyTooLarge(f"body: more than the limit of {self.max_body} bytes")
+            chunks.append(chunk)
+        request._body = body = b"".join(chunks)
         return body
 
     async def is_ready(self) -> bool:

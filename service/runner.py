@@ -3,7 +3,9 @@
 ``preprocess(request) → work`` runs per request (validation, tokenising, image decoding);
 ``infer(works) → outputs`` runs once per formed batch — a list in, a list of the same length out;
 ``postprocess(work, output) → answer`` turns one output into the API's answer body.
-Nothing here knows about Ray; the deployment in ``service/app.py`` wires it to ``@serve.batch``.
+A work larger than a batch is cut by ``split(work, units)`` into parts whose outputs
+``join`` puts back together, in order. Nothing here knows about Ray; ``service/model_worker.py``
+puts a runner behind the model's own batcher (``service/batcher.py``).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import numpy as np
 
 from service import attention as maps
 from service.batching import group_by, length_buckets
-from service.errors import InvalidInput, PayloadTooLarge
+from service.errors import InvalidInput, PayloadTooLarge, ResponseTooLarge
 from service.repository import ModelEntry
 from service.schemas import AttentionMap, ClassifyRequest, Prediction, TranslateRequest, TranslationOut
 from service.settings import Limits
@@ -33,6 +35,8 @@ class Runner(Protocol):
     def infer(self, works: list[Any]) -> list[Any]: ...
     def postprocess(self, work: Any, output: Any) -> dict[str, Any]: ...
     def size(self, work: Any) -> int: ...
+    def split(self, work: Any, units: int) -> list[Any]: ...
+    def join(self, outputs: list[Any]) -> Any: ...
     def warmup(self) -> None: ...
 
 
@@ -67,10 +71,32 @@ class TranslationRunner:
                 f"beam_size: {request.beam_size} exceeds the limit of {self.limits.max_beam_size}"
             )
         ids, tokens = zip(*(self.translator.tokenize(t) for t in texts), strict=True)
+        self._check_answer_size(request, [len(i) for i in ids])
         return TranslateWork(request, list(ids), list(tokens))
+
+    def _check_answer_size(self, request: TranslateRequest, source_lengths: list[int]) -> None:
+        """Refuse up front an answer whose attention could exceed ``limits.max_response_bytes``:
+        the bound takes every text to its longest decode (``max_length`` or the model's limit)."""
+        if not request.return_attention:
+            return
+        spec = self.translator.spec
+        steps = min(request.max_length or spec.max_target_tokens, spec.max_target_tokens) + 1
+        per_cell = 1 + (spec.num_layers * spec.num_heads if request.attention_layers == "all" else 0)
+        values = sum(steps * length * per_cell for length in source_lengths)
+        check_answer_size(values, self.limits.max_response_bytes, "fewer texts, a smaller max_length")
 
     def size(self, work: TranslateWork) -> int:
         return len(work.ids)
+
+    def split(self, work: TranslateWork, units: int) -> list[TranslateWork]:
+        """Consecutive runs of at most ``units`` texts, with the request's options."""
+        return [
+            TranslateWork(work.request, work.ids[i : i + units], work.tokens[i : i + units])
+            for i in range(0, len(work.ids), units)
+        ]
+
+    def join(self, outputs: list[list[Translation]]) -> list[Translation]:
+        return [t for part in outputs for t in part]
 
     def infer(self, works: list[TranslateWork]) -> list[list[Translation]]:
         """Flatten every text of every request, group by decoding options, bucket by length."""
@@ -162,6 +188,12 @@ class ClassificationRunner:
         else:
             options = request
             image = pixels_to_image(self._pixel_array(request.pixels))
+        if options.return_attention:
+            tokens = self.spec.prefix_tokens + self.spec.grid[0] * self.spec.grid[1]
+            values = self.spec.grid[0] * self.spec.grid[1]
+            if options.attention_layers == "all":
+                values += self.spec.num_layers * self.spec.num_heads * tokens * tokens
+            check_answer_size(values, self.limits.max_response_bytes, "attention_layers 'rollout'")
         pixels, resized = preprocess(image, self.spec)
         return ClassifyWork(options, pixels, resized)
 
@@ -183,6 +215,13 @@ class ClassificationRunner:
 
     def size(self, work: ClassifyWork) -> int:
         return 1
+
+    def split(self, work: ClassifyWork, units: int) -> list[ClassifyWork]:
+        return [work]  # one image is one unit: never larger than a batch
+
+    def join(self, outputs: list[Any]) -> Any:
+        [output] = outputs
+        return output
 
     def infer(self, works: list[ClassifyWork]) -> list[Any]:
         return list(self.classifier.classify(np.stack([w.pixels for w in works])))
@@ -224,6 +263,19 @@ class ClassificationRunner:
                 f"{self.entry.name}: attention covers {attentions.shape[-1]} tokens, the manifest's image "
                 f"section says {self.spec.prefix_tokens} + {rows}×{cols} patches"
             )
+
+
+#: JSON bytes per attention value as answered ("0.123456," — rounded to 6 decimals)
+BYTES_PER_VALUE = 9
+
+
+def check_answer_size(values: int, limit: int, smaller: str) -> None:
+    if values * BYTES_PER_VALUE > limit:
+        raise ResponseTooLarge(
+            f"attention: the answer could reach {values * BYTES_PER_VALUE:,} bytes, over the service's "
+            f"limits.max_response_bytes ({limit:,}; ATTN_LIMITS__MAX_RESPONSE_BYTES); ask for {smaller} "
+            "or without every layer (attention_layers)"
+        )
 
 
 def make_runner(entry: ModelEntry, providers: list[str], threads: int, limits: Limits) -> Runner:

@@ -1,7 +1,8 @@
 """The REST API contract: request and response models with their limits.
 
-The ``Field`` limits here are hard ceilings and appear in the OpenAPI document; deployments may
-tighten them further through ``Settings.limits`` (checked in ``service/limits.py``).
+The ``Field`` limits here are hard ceilings. What a deployment enforces is ``Settings.limits``
+(at most these ceilings; checked by the runners, ``service/runner.py``), and that is what the
+OpenAPI document shows: ``service/http_app.py`` writes the served limits into these schemas.
 """
 
 from __future__ import annotations

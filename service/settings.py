@@ -39,14 +39,19 @@ class Autoscaling(BaseModel):
 
 
 class Limits(BaseModel):
-    """What one request may ask for; declared in the API schemas and the OpenAPI document."""
+    """What one request may ask for: enforced by the runners, shown in the OpenAPI document.
+    Each is at most the API schema's ceiling (``service/schemas.py``)."""
 
-    max_text_chars: int = Field(512, ge=1)
-    max_texts: int = Field(64, ge=1)
+    max_text_chars: int = Field(512, ge=1, le=4096)
+    max_texts: int = Field(64, ge=1, le=256)
     max_beam_size: int = Field(8, ge=1, le=64)
     max_image_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64)
-    max_top_k: int = Field(100, ge=1)
+    max_top_k: int = Field(100, ge=1, le=1000)
+    #: the largest answer a request may ask for, estimated up front from what it asks (texts ×
+    #: decode length × source length, × layers × heads for every layer's attention): larger
+    #: requests are refused with 422 before any work, not encoded into huge JSON
+    max_response_bytes: int = Field(32 * 1024 * 1024, ge=64 * 1024)
     #: requests waiting in a model's queue beyond which new ones are shed with 503
     max_queued_requests: int = Field(128, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
@@ -103,6 +108,10 @@ class Settings(BaseSettings):
     #: in-replica frontend: requests per keep-alive connection before the replica closes it, so
     #: clients reconnect and new or restarted replicas get their share (nginx's keepalive_requests)
     keepalive_requests: int = Field(100, ge=0)
+    #: on stop (Ctrl-C, SIGTERM, a replica scaled down or replaced): how long requests in flight
+    #: may finish before their connections are closed. Short for a laptop; in production set it
+    #: to your longest request (e.g. 30) and give the orchestrator's grace period a few s more
+    drain_s: float = Field(2.0, ge=0, le=600)
     #: in-replica frontend: how often each replica looks for a newer version directory of the
     #: models it serves and swaps it in without a failed request (0: only on redeploy)
     repository_poll_s: float = Field(10.0, ge=0)
@@ -170,6 +179,12 @@ class Settings(BaseSettings):
         if self.max_replicas_per_node is not None:
             scaling["max_replicas_per_node"] = self.max_replicas_per_node
         return scaling
+
+    def shutdown_options(self) -> dict[str, float]:
+        """Ray Serve's stop options for every deployment: a stopping replica waits for its Ray-routed
+        requests in steps of 0.5 s and is killed ``drain_s`` + 1 s after it was asked to stop
+        (the in-replica server's own drain takes at most ``drain_s``)."""
+        return {"graceful_shutdown_wait_loop_s": 0.5, "graceful_shutdown_timeout_s": self.drain_s + 1}
 
     def actor_options(self) -> dict[str, object]:
         actor: dict[str, object] = {"num_cpus": self.replica_num_cpus}

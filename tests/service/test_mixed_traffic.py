@@ -1,0 +1,252 @@
+"""Right answers under mixed traffic: several models at once — two RNN translators of one family
+sharing a tokenizer, a Transformer, a ViT and its int8 variant — over REST, KServe v2 HTTP, KServe
+v2 gRPC and attention.v1 gRPC at the same time, in the default frontend and behind Ray's proxy.
+Every answer must name the model asked for and equal what that model answers alone, and requests
+larger than a batch (up to ``limits.max_texts``) must come back whole and in order."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import random
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import requests
+
+from benchmarks.run import free_port_block
+from service import kserve
+from service.protos import attention_pb2 as apb
+from service.protos import attention_pb2_grpc as apb_grpc
+from service.protos import grpc_service_pb2 as pb
+from service.protos import grpc_service_pb2_grpc as pb_grpc
+from tests.conftest import Service, running_service
+from tests.service.test_app import canvas_png
+
+pytestmark = pytest.mark.slow
+MAX_BATCH = 4  # small, so that batches fill across clients and larger requests are split
+MAX_TEXTS = 64  # limits.max_texts (the default)
+TWINS = ("dates-bahdanau", "dates-bahdanau-b")  # family rnn-additive, one tokenizer
+TRANSLATORS = (*TWINS, "dates-transformer")
+IMAGES = ("fashion-vit", "fashion-vit-int8")
+DATES = ["5 mars 2024", "Tuesday, July 4, 1995", "31.12.1999", "3 juin 1980", "Samstag, 15. Mai 1976",
+         "1 janvier 2000", "martes, 9 de abril de 2019", "Dec 24, 1850", "7/8/2011"]  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    model: str
+    texts: tuple[str, ...] = ()
+    values: tuple[float, ...] = ()  # translation scores, or probabilities by class index
+
+    def matches(self, other: Answer) -> bool:
+        return (
+            self.model == other.model
+            and self.texts == other.texts
+            and len(self.values) == len(other.values)
+            and np.allclose(self.values, other.values, atol=1e-4)
+        )
+
+
+@pytest.fixture(scope="module")
+def mixed_repository(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny models plus ``dates-bahdanau-b``: the Bahdanau recipe on the same data (so the
+    same character tokenizer) trained for one epoch — same family, different weights."""
+    from export import build, recipes
+
+    root = tmp_path_factory.mktemp("mixed")
+    out = root / "repository"
+    out.mkdir()
+    for model in tiny_repository.iterdir():
+        (out / model.name).symlink_to(model, target_is_directory=True)
+    recipe = dataclasses.replace(recipes.get("dates-bahdanau"), name="dates-bahdanau-b")
+    recipe = recipe.scaled(n_train=6000, n_test=64, epochs=1)
+    build.train(recipe, root / "checkpoints")
+    build.export(root / "checkpoints", recipe, out)
+    digests = {
+        hashlib.sha256((out / name / "1" / "source_tokenizer.json").read_bytes()).hexdigest() for name in TWINS
+    }
+    assert len(digests) == 1, "the twins must share a tokenizer"
+    return out
+
+
+@pytest.fixture(scope="module", params=["in-replica", "ray-proxy"])
+def mixed_service(
+    request: pytest.FixtureRequest, mixed_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    with running_service(
+        mixed_repository,
+        tmp_path_factory.mktemp(f"mixed-{request.param}"),
+        ATTN_FRONTEND=request.param,
+        ATTN_HTTP_PORT=str(free_port_block(1)),
+        ATTN_GRPC_PORT=str(free_port_block(1)),
+        ATTN_BATCHING__MAX_BATCH_SIZE=str(MAX_BATCH),
+    ) as svc:
+        yield svc
+
+
+# -- one client per protocol, each giving an Answer ---------------------------------------------
+
+
+def rest(svc: Service, model: str, payload: Any) -> Answer:
+    if model in IMAGES:
+        body = {"image": __import__("base64").b64encode(payload).decode(), "top_k": 10}
+        got = svc.post(f"/v1/models/{model}/classify", json=body)
+        assert got.status_code == 200, got.text
+        return image_answer(got.json()["model"], [(p["index"], p["probability"]) for p in got.json()["predictions"]])
+    texts, beam = payload
+    got = svc.post(f"/v1/models/{model}/translate", json={"text": texts, "beam_size": beam})
+    assert got.status_code == 200, got.text
+    items = got.json()["translations"]
+    return Answer(got.json()["model"], tuple(t["text"] for t in items), tuple(t["score"] for t in items))
+
+
+def kserve_http(svc: Service, model: str, payload: Any) -> Answer:
+    if model in IMAGES:
+        pixels = canvas_pixels(payload)
+        body = {
+            "inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [1, *pixels.shape], "data": pixels.ravel().tolist()}],
+            "outputs": [{"name": "PROBABILITIES"}, {"name": "INDICES"}],
+            "parameters": {"top_k": 10},
+        }
+    else:
+        texts, beam = payload
+        body = {
+            "inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [len(texts)], "data": texts}],
+            "outputs": [{"name": "TRANSLATION"}, {"name": "SCORE"}],
+            "parameters": {"beam_size": beam},
+        }
+    got = svc.post(f"/v2/models/{model}/infer", json=body)
+    assert got.status_code == 200, got.text
+    outputs = {o["name"]: o["data"] for o in got.json()["outputs"]}
+    if model in IMAGES:
+        return image_answer(got.json()["model_name"], list(zip(outputs["INDICES"], outputs["PROBABILITIES"], strict=True)))
+    return Answer(got.json()["model_name"], tuple(outputs["TRANSLATION"]), tuple(outputs["SCORE"]))
+
+
+def kserve_grpc(svc: Service, model: str, payload: Any) -> Answer:
+    stub = pb_grpc.GRPCInferenceServiceStub(channel(svc))
+    request = pb.ModelInferRequest(model_name=model, id="mixed")
+    if model in IMAGES:
+        pixels = canvas_pixels(payload)
+        request.inputs.add(name="PIXELS", datatype="UINT8", shape=[1, *pixels.shape])
+        request.raw_input_contents.append(pixels.tobytes())
+        request.parameters["top_k"].int64_param = 10
+        names = ["PROBABILITIES", "INDICES"]
+    else:
+        texts, beam = payload
+        request.inputs.add(name="TEXT", datatype="BYTES", shape=[len(texts)])
+        request.raw_input_contents.append(kserve.serialize_bytes(np.array([t.encode() for t in texts], dtype=object)))
+        request.parameters["beam_size"].int64_param = beam
+        names = ["TRANSLATION", "SCORE"]
+    for name in names:
+        request.outputs.add(name=name)
+    reply = stub.ModelInfer(request, timeout=60)
+    raw = dict(zip([o.name for o in reply.outputs], reply.raw_output_contents, strict=True))
+    if model in IMAGES:
+        indices = np.frombuffer(raw["INDICES"], dtype=np.int64)
+        probs = np.frombuffer(raw["PROBABILITIES"], dtype=np.float32)
+        return image_answer(reply.model_name, list(zip(indices.tolist(), probs.tolist(), strict=True)))
+    texts = kserve.deserialize_bytes(raw["TRANSLATION"], len(payload[0]), "TRANSLATION")
+    scores = np.frombuffer(raw["SCORE"], dtype=np.float32)
+    return Answer(reply.model_name, tuple(bytes(t).decode() for t in texts), tuple(scores.tolist()))
+
+
+def attention_grpc(svc: Service, model: str, payload: Any) -> Answer:
+    stub = apb_grpc.AttentionServiceStub(channel(svc))
+    if model in IMAGES:
+        reply = stub.Classify(apb.ClassifyRequest(model=model, image=payload, top_k=10), timeout=60)
+        return image_answer(reply.model, [(p.index, p.probability) for p in reply.predictions])
+    texts, beam = payload
+    reply = stub.Translate(apb.TranslateRequest(model=model, texts=texts, beam_size=beam), timeout=60)
+    return Answer(reply.model, tuple(t.text for t in reply.translations), tuple(t.score for t in reply.translations))
+
+
+PROTOCOLS: dict[str, Callable[[Service, str, Any], Answer]] = {
+    "rest": rest, "kserve-http": kserve_http, "kserve-grpc": kserve_grpc, "attention-grpc": attention_grpc,
+}  # fmt: skip
+_channels: dict[str, grpc.Channel] = {}
+
+
+def channel(svc: Service) -> grpc.Channel:
+    if svc.grpc_target not in _channels:
+        _channels[svc.grpc_target] = grpc.insecure_channel(svc.grpc_target)
+    return _channels[svc.grpc_target]
+
+
+def canvas_pixels(png: bytes) -> np.ndarray:
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.uint8)
+
+
+def image_answer(model: str, pairs: list[tuple[int, float]]) -> Answer:
+    return Answer(model, (), tuple(p for _, p in sorted(pairs)))
+
+
+def workload() -> list[tuple[str, Any]]:
+    """(model, payload) pairs: translations of 1 to 9 texts (beyond the batch of 4), greedy and
+    beam, and images."""
+    rng = random.Random(7)
+    calls: list[tuple[str, Any]] = []
+    for model in TRANSLATORS:
+        for n in (1, 3, MAX_BATCH + 1, 9):
+            for beam in (1, 3):
+                calls.append((model, (rng.sample(DATES, k=n), beam)))
+    for model in IMAGES:
+        for seed in range(4):
+            calls.append((model, canvas_png(seed)[0]))
+    return calls
+
+
+# -- the tests -----------------------------------------------------------------------------------
+
+
+def test_every_answer_is_its_own_models_under_mixed_concurrent_traffic(mixed_service: Service) -> None:
+    calls = [(protocol, model, payload) for protocol in PROTOCOLS for model, payload in workload()]
+    alone = {i: PROTOCOLS[p](mixed_service, m, x) for i, (p, m, x) in enumerate(calls)}
+    # the test can tell the models apart: same-family twins and fp32/int8 answer differently
+    by_model: dict[str, list[Answer]] = {}
+    for i, (p, m, _) in enumerate(calls):
+        if p == "rest":
+            by_model.setdefault(m, []).append(alone[i])
+    for a, b in (TWINS, IMAGES):
+        assert any(
+            not np.allclose(x.values, y.values, atol=1e-4) for x, y in zip(by_model[a], by_model[b], strict=True)
+        ), f"{a} and {b} answer alike: a mix-up could not be seen"
+    assert all(alone[i].model == m for i, (_, m, _) in enumerate(calls))
+
+    order = [i for i in range(len(calls)) for _ in range(3)]
+    random.Random(1).shuffle(order)
+
+    def send(i: int) -> tuple[int, Answer]:
+        protocol, model, payload = calls[i]
+        return i, PROTOCOLS[protocol](mixed_service, model, payload)
+
+    with ThreadPoolExecutor(32) as pool:
+        together = list(pool.map(send, order))
+    wrong = [(calls[i][:2], got, alone[i]) for i, got in together if not got.matches(alone[i])]
+    assert not wrong, f"{len(wrong)} of {len(together)} answers differ from the model's own: {wrong[:3]}"
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_requests_larger_than_a_batch_come_back_whole_and_in_order(mixed_service: Service, beam: int) -> None:
+    for n in (MAX_BATCH + 1, MAX_TEXTS):
+        texts = [DATES[i % len(DATES)] for i in range(n)]
+        whole = rest(mixed_service, "dates-transformer", (texts, beam))
+        assert len(whole.texts) == n
+        singles = {t: rest(mixed_service, "dates-transformer", ([t], beam)) for t in DATES}
+        for i, text in enumerate(texts):
+            assert whole.texts[i] == singles[text].texts[0]
+            assert abs(whole.values[i] - singles[text].values[0]) < 1e-4
+    too_many = mixed_service.post(
+        "/v1/models/dates-transformer/translate", json={"text": ["1 mai 2000"] * (MAX_TEXTS + 1)}
+    )
+    assert too_many.status_code == 413 and "limit of 64" in too_many.json()["error"]
