@@ -56,6 +56,7 @@ class TranslationRunner:
         self.limits = limits
         self.translator = Translator(entry.directory, entry.manifest, providers, threads)
         self.providers = self.translator.encoder.providers
+        self.row_by_row = batch_dependent(entry)
 
     def preprocess(self, request: TranslateRequest) -> TranslateWork:
         texts = request.texts
@@ -110,7 +111,7 @@ class TranslationRunner:
         for group in group_by(flat, options):
             beam, max_length, penalty = options(flat[group[0]])
             lengths = [len(works[flat[g][0]].ids[flat[g][1]]) for g in group]
-            for bucket in length_buckets(lengths):
+            for bucket in length_buckets(lengths, max_size=1 if self.row_by_row else None):
                 members = [flat[group[b]] for b in bucket]
                 out = self.translator.translate_ids(
                     [works[w].ids[i] for w, i in members],
@@ -172,6 +173,7 @@ class ClassificationRunner:
         self.classifier = Classifier(entry.directory, entry.manifest, providers, threads)
         self.spec = self.classifier.spec
         self.providers = self.classifier.session.providers
+        self.row_by_row = batch_dependent(entry)
 
     def preprocess(self, request: ClassifyRequest | tuple[ClassifyRequest, bytes]) -> ClassifyWork:
         """A JSON request (base64 ``image`` or ``pixels``), or options plus uploaded file bytes."""
@@ -224,6 +226,8 @@ class ClassificationRunner:
         return output
 
     def infer(self, works: list[ClassifyWork]) -> list[Any]:
+        if self.row_by_row:
+            return [self.classifier.classify(w.pixels[None])[0] for w in works]
         return list(self.classifier.classify(np.stack([w.pixels for w in works])))
 
     def postprocess(self, work: ClassifyWork, output: Any) -> dict[str, Any]:
@@ -263,6 +267,16 @@ class ClassificationRunner:
                 f"{self.entry.name}: attention covers {attentions.shape[-1]} tokens, the manifest's image "
                 f"section says {self.spec.prefix_tokens} + {rows}×{cols} patches"
             )
+
+
+def batch_dependent(entry: ModelEntry) -> bool:
+    """Whether a row's output depends on the other rows of its graph call. ONNX Runtime's dynamic
+    quantization computes each activation's int8 scale over the whole tensor, batch included, so
+    in a batch one request's answer would move with its neighbours' (by ~1e-3 on fashion-vit-int8).
+    Such models run one row per graph call — still queued and batched per model — so every answer
+    equals the one the request gets alone."""
+    quantization = entry.manifest.export.quantization
+    return bool(quantization and "dynamic" in quantization.lower())
 
 
 #: JSON bytes per attention value as answered ("0.123456," — rounded to 6 decimals)

@@ -6,9 +6,12 @@ larger than a batch (up to ``limits.max_texts``) must come back whole and in ord
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
+import json
 import random
+import socket
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,7 +20,6 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
-import requests
 
 from benchmarks.run import free_port_block
 from service import kserve
@@ -31,6 +33,7 @@ from tests.service.test_app import canvas_png
 pytestmark = pytest.mark.slow
 MAX_BATCH = 4  # small, so that batches fill across clients and larger requests are split
 MAX_TEXTS = 64  # limits.max_texts (the default)
+MAX_RESPONSE = 256 * 1024  # limits.max_response_bytes, small enough to reach with the tiny models
 TWINS = ("dates-bahdanau", "dates-bahdanau-b")  # family rnn-additive, one tokenizer
 TRANSLATORS = (*TWINS, "dates-transformer")
 IMAGES = ("fashion-vit", "fashion-vit-int8")
@@ -69,7 +72,8 @@ def mixed_repository(tiny_repository: Path, tmp_path_factory: pytest.TempPathFac
     build.train(recipe, root / "checkpoints")
     build.export(root / "checkpoints", recipe, out)
     digests = {
-        hashlib.sha256((out / name / "1" / "source_tokenizer.json").read_bytes()).hexdigest() for name in TWINS
+        hashlib.sha256((out / name / "1" / "source_tokenizer.json").read_bytes()).hexdigest()
+        for name in TWINS
     }
     assert len(digests) == 1, "the twins must share a tokenizer"
     return out
@@ -86,6 +90,7 @@ def mixed_service(
         ATTN_HTTP_PORT=str(free_port_block(1)),
         ATTN_GRPC_PORT=str(free_port_block(1)),
         ATTN_BATCHING__MAX_BATCH_SIZE=str(MAX_BATCH),
+        ATTN_LIMITS__MAX_RESPONSE_BYTES=str(MAX_RESPONSE),
     ) as svc:
         yield svc
 
@@ -98,7 +103,9 @@ def rest(svc: Service, model: str, payload: Any) -> Answer:
         body = {"image": __import__("base64").b64encode(payload).decode(), "top_k": 10}
         got = svc.post(f"/v1/models/{model}/classify", json=body)
         assert got.status_code == 200, got.text
-        return image_answer(got.json()["model"], [(p["index"], p["probability"]) for p in got.json()["predictions"]])
+        return image_answer(
+            got.json()["model"], [(p["index"], p["probability"]) for p in got.json()["predictions"]]
+        )
     texts, beam = payload
     got = svc.post(f"/v1/models/{model}/translate", json={"text": texts, "beam_size": beam})
     assert got.status_code == 200, got.text
@@ -110,7 +117,14 @@ def kserve_http(svc: Service, model: str, payload: Any) -> Answer:
     if model in IMAGES:
         pixels = canvas_pixels(payload)
         body = {
-            "inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [1, *pixels.shape], "data": pixels.ravel().tolist()}],
+            "inputs": [
+                {
+                    "name": "PIXELS",
+                    "datatype": "UINT8",
+                    "shape": [1, *pixels.shape],
+                    "data": pixels.ravel().tolist(),
+                }
+            ],
             "outputs": [{"name": "PROBABILITIES"}, {"name": "INDICES"}],
             "parameters": {"top_k": 10},
         }
@@ -125,7 +139,9 @@ def kserve_http(svc: Service, model: str, payload: Any) -> Answer:
     assert got.status_code == 200, got.text
     outputs = {o["name"]: o["data"] for o in got.json()["outputs"]}
     if model in IMAGES:
-        return image_answer(got.json()["model_name"], list(zip(outputs["INDICES"], outputs["PROBABILITIES"], strict=True)))
+        return image_answer(
+            got.json()["model_name"], list(zip(outputs["INDICES"], outputs["PROBABILITIES"], strict=True))
+        )
     return Answer(got.json()["model_name"], tuple(outputs["TRANSLATION"]), tuple(outputs["SCORE"]))
 
 
@@ -141,7 +157,9 @@ def kserve_grpc(svc: Service, model: str, payload: Any) -> Answer:
     else:
         texts, beam = payload
         request.inputs.add(name="TEXT", datatype="BYTES", shape=[len(texts)])
-        request.raw_input_contents.append(kserve.serialize_bytes(np.array([t.encode() for t in texts], dtype=object)))
+        request.raw_input_contents.append(
+            kserve.serialize_bytes(np.array([t.encode() for t in texts], dtype=object))
+        )
         request.parameters["beam_size"].int64_param = beam
         names = ["TRANSLATION", "SCORE"]
     for name in names:
@@ -164,7 +182,9 @@ def attention_grpc(svc: Service, model: str, payload: Any) -> Answer:
         return image_answer(reply.model, [(p.index, p.probability) for p in reply.predictions])
     texts, beam = payload
     reply = stub.Translate(apb.TranslateRequest(model=model, texts=texts, beam_size=beam), timeout=60)
-    return Answer(reply.model, tuple(t.text for t in reply.translations), tuple(t.score for t in reply.translations))
+    return Answer(
+        reply.model, tuple(t.text for t in reply.translations), tuple(t.score for t in reply.translations)
+    )
 
 
 PROTOCOLS: dict[str, Callable[[Service, str, Any], Answer]] = {
@@ -219,7 +239,8 @@ def test_every_answer_is_its_own_models_under_mixed_concurrent_traffic(mixed_ser
             by_model.setdefault(m, []).append(alone[i])
     for a, b in (TWINS, IMAGES):
         assert any(
-            not np.allclose(x.values, y.values, atol=1e-4) for x, y in zip(by_model[a], by_model[b], strict=True)
+            not np.allclose(x.values, y.values, atol=1e-4)
+            for x, y in zip(by_model[a], by_model[b], strict=True)
         ), f"{a} and {b} answer alike: a mix-up could not be seen"
     assert all(alone[i].model == m for i, (_, m, _) in enumerate(calls))
 
@@ -250,3 +271,63 @@ def test_requests_larger_than_a_batch_come_back_whole_and_in_order(mixed_service
         "/v1/models/dates-transformer/translate", json={"text": ["1 mai 2000"] * (MAX_TEXTS + 1)}
     )
     assert too_many.status_code == 413 and "limit of 64" in too_many.json()["error"]
+
+
+def test_an_answer_over_the_size_limit_is_refused_up_front(mixed_service: Service) -> None:
+    """64 texts with every layer's attention could reach ~1 MB of JSON on the tiny Transformer
+    (2 layers × 4 heads): refused before any work, naming the setting; without every layer it
+    fits and is answered."""
+    texts = ["3 juin 1980"] * MAX_TEXTS
+    url = "/v1/models/dates-transformer/translate"
+    body = {"text": texts, "return_attention": True, "attention_layers": "all"}
+    refused = mixed_service.post(url, json=body)
+    assert refused.status_code == 422, refused.text
+    assert "limits.max_response_bytes" in refused.json()["error"]
+    fits = mixed_service.post(url, json={**body, "attention_layers": "default"})
+    assert fits.status_code == 200 and len(fits.content) < MAX_RESPONSE
+
+
+def test_a_chunked_body_is_cut_at_the_limit(mixed_service: Service) -> None:
+    """No Content-Length: the service reads the stream up to its limit (the largest image,
+    base64, plus room: ~11 MB by default), answers 413 and closes, while the client still has
+    most of its 200 MB to send."""
+    host, port = mixed_service.url.removeprefix("http://").split(":")
+    chunk = b"x" * (1 << 20)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/models/dates-transformer/translate HTTP/1.1\r\nHost: test\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        sent = 0
+        with contextlib.suppress(OSError):  # the server closing mid-stream is the point
+            while sent < 200 * len(chunk):
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+        answer = b""
+        with contextlib.suppress(OSError):
+            while part := sock.recv(65536):
+                answer += part
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), answer[:500]
+    assert "body" in json.loads(body)["error"]
+    assert sent < 100 * len(chunk), f"the server read {sent >> 20} MB before refusing"
+
+
+def test_openapi_shows_the_limits_the_service_enforces(mixed_service: Service) -> None:
+    document = mixed_service.get("/openapi.json").json()
+    bodies = [
+        document["paths"]["/v1/models/{name}/translate"]["post"]["requestBody"]["content"][
+            "application/json"
+        ],
+        document["paths"]["/v1/models/{name}/classify"]["post"]["requestBody"]["content"]["application/json"],
+    ]
+    translate, classify = (b["schema"]["properties"] for b in bodies)
+    assert translate["beam_size"]["maximum"] == 8  # limits.max_beam_size, not the schema's 64
+    [array] = [v for v in translate["text"]["anyOf"] if v.get("type") == "array"]
+    assert array["maxItems"] == MAX_TEXTS and array["items"]["maxLength"] == 512
+    assert "at most 64 texts" in translate["text"]["description"]
+    assert classify["top_k"]["maximum"] == 100
+    too_wide = mixed_service.post(
+        "/v1/models/dates-transformer/translate", json={"text": "1 mai 2000", "beam_size": 9}
+    )
+    assert too_wide.status_code == 422 and "beam_size" in too_wide.json()["error"]

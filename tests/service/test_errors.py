@@ -1,0 +1,133 @@
+"""What nobody expected still leaves in the documented shape, without Ray: over HTTP a JSON 500
+``{"error": …}`` naming a request id, over gRPC INTERNAL with that message, and in both cases a
+log line carrying the same id and the traceback."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import socket
+from typing import Any
+
+import grpc
+import pytest
+
+from service import http_app, rest_routes  # noqa: F401  (rest_routes registers the routes)
+from service.errors import ModelNotFound
+from service.grpc_ingress import rpc
+from service.protos import attention_pb2 as apb
+from service.protos import attention_pb2_grpc as apb_grpc
+from service.replica_server import servicer
+from service.settings import Limits
+
+REQUEST_ID = re.compile(r"request id ([0-9a-f]{16})")
+
+
+class BrokenRouter:
+    """A router whose model lookup fails in a way no handler expects (a bug, say)."""
+
+    class settings:
+        api_token = None
+        limits = Limits()
+
+    def resolve(self, name: str, *args: Any) -> Any:
+        if name == "missing":
+            raise ModelNotFound(f"model {name!r} not found")
+        raise KeyError("a bug far below the API")
+
+
+async def asgi_get(path: str) -> tuple[int, dict[str, str], bytes]:
+    messages: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        messages.append(message)
+
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+        "headers": [], "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
+    }  # fmt: skip
+    await http_app.app(scope, receive, send)
+    start = next(m for m in messages if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
+    return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
+
+
+@pytest.fixture
+def broken_router(monkeypatch: pytest.MonkeyPatch) -> BrokenRouter:
+    router = BrokenRouter()
+    monkeypatch.setattr(http_app, "_router", router)
+    return router
+
+
+def test_an_unexpected_exception_is_a_json_500_with_a_logged_request_id(
+    broken_router: BrokenRouter, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.ERROR, logger="ray.serve"):
+        logging.getLogger("ray.serve").addHandler(caplog.handler)  # Ray may stop its propagation
+        try:
+            status, headers, body = asyncio.run(asgi_get("/v1/models/anything"))
+        finally:
+            logging.getLogger("ray.serve").removeHandler(caplog.handler)
+    assert status == 500 and headers["content-type"] == "application/json"
+    message = json.loads(body)["error"]
+    request_id = REQUEST_ID.search(message).group(1)  # type: ignore[union-attr]
+    assert headers["x-request-id"] == request_id
+    [record] = [r for r in caplog.records if request_id in r.getMessage()]
+    assert "GET /v1/models/anything" in record.getMessage()
+    assert record.exc_info and record.exc_info[0] is KeyError  # the traceback is in the log
+
+
+def test_expected_errors_keep_their_status(broken_router: BrokenRouter) -> None:
+    status, _, body = asyncio.run(asgi_get("/v1/models/missing"))
+    assert status == 404 and "not found" in json.loads(body)["error"]
+
+
+class Methods:
+    """gRPC methods with the service's error mapping, one of them broken."""
+
+    @rpc
+    async def Translate(self, request: apb.TranslateRequest, context: Any) -> apb.TranslateResponse:
+        if request.model == "missing":
+            raise ModelNotFound("model 'missing' not found")
+        raise ZeroDivisionError("a bug far below the API")
+
+
+def test_grpc_answers_internal_with_the_request_id(caplog: pytest.LogCaptureFixture) -> None:
+    async def call(model: str) -> grpc.aio.AioRpcError:
+        server = grpc.aio.server()
+        apb_grpc.add_AttentionServiceServicer_to_server(
+            servicer(apb_grpc.AttentionServiceServicer, Methods()),  # type: ignore[arg-type]
+            server,
+        )
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server.add_insecure_port(f"127.0.0.1:{port}")
+        await server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = apb_grpc.AttentionServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as failure:
+                    await stub.Translate(apb.TranslateRequest(model=model, texts=["x"]), timeout=10)
+                return failure.value
+        finally:
+            await server.stop(None)
+
+    logging.getLogger("ray.serve").addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.ERROR, logger="ray.serve"):
+            error = asyncio.run(call("any"))
+            missing = asyncio.run(call("missing"))
+    finally:
+        logging.getLogger("ray.serve").removeHandler(caplog.handler)
+    assert error.code() == grpc.StatusCode.INTERNAL
+    request_id = REQUEST_ID.search(error.details() or "").group(1)  # type: ignore[union-attr]
+    [record] = [r for r in caplog.records if request_id in r.getMessage()]
+    assert record.exc_info and record.exc_info[0] is ZeroDivisionError
+    assert missing.code() == grpc.StatusCode.NOT_FOUND
