@@ -84,17 +84,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def stop_serving(settings: Settings) -> None:
-    """Stop what we started, within ``drain_s`` + a few seconds: the application's replicas drain
-    (``ServingReplica.__del__``), then our private Ray goes with its processes. On a cluster we
-    joined, Serve is shut down there as before (its controller and proxies are detached)."""
+    """Stop what we started, within ``drain_s`` + a few seconds: our application's replicas drain
+    (``ServingReplica.__del__``), then the driver leaves Ray — and our private Ray stops with it.
+    On a cluster we joined (a container's own head, a shared cluster), only our application goes:
+    Serve's detached controller and proxies belong to the cluster."""
     import ray
     from ray import serve
 
-    if settings.ray_address is not None:
-        serve.shutdown()
-    else:
-        with contextlib.suppress(Exception):  # nothing deployed yet: nothing to drain
-            serve.delete("attention")
+    with contextlib.suppress(Exception):  # nothing deployed yet: nothing to drain
+        serve.delete("attention")
     ray.shutdown()
 
 

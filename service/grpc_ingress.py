@@ -58,16 +58,16 @@ def rpc(method: Method[Reply]) -> Method[Reply]:
     request field a schema refused with INVALID_ARGUMENT naming it, anything unexpected with
     INTERNAL and a request id that the logged traceback also carries."""
 
-    @functools.wraps(method)
-    async def call(self: Any, request: Any, context: RayServegRPCContext) -> Reply:
+    @functools.wraps(method)  # Ray passes the context by this keyword: the name matters
+    async def call(self: Any, request: Any, grpc_context: RayServegRPCContext) -> Reply:
         try:
-            return await method(self, request, context)
+            return await method(self, request, grpc_context)
         except ServiceError as exc:
-            raise _abort(context, exc) from None
+            raise _abort(grpc_context, exc) from None
         except ValidationError as exc:
-            raise _abort(context, InvalidInput(validation_message(exc))) from None
+            raise _abort(grpc_context, InvalidInput(validation_message(exc))) from None
         except Exception as exc:
-            raise _abort(context, unexpected(exc, f"gRPC {method.__name__}")) from None
+            raise _abort(grpc_context, unexpected(exc, f"gRPC {method.__name__}")) from None
 
     return call
 

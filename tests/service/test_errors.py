@@ -92,7 +92,7 @@ class Methods:
     """gRPC methods with the service's error mapping, one of them broken."""
 
     @rpc
-    async def Translate(self, request: apb.TranslateRequest, context: Any) -> apb.TranslateResponse:
+    async def Translate(self, request: apb.TranslateRequest, grpc_context: Any) -> apb.TranslateResponse:
         if request.model == "missing":
             raise ModelNotFound("model 'missing' not found")
         raise ZeroDivisionError("a bug far below the API")
