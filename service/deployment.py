@@ -14,6 +14,7 @@ from typing import Any
 import ray
 from ray import serve
 
+from service.errors import ServiceError
 from service.model_worker import ModelWorker, max_ongoing_requests
 from service.repository import ModelEntry
 from service.settings import Settings
@@ -32,8 +33,13 @@ class ModelDeployment:
     async def info(self) -> dict[str, Any]:
         return await self.worker.info()
 
-    async def predict(self, request: Any) -> dict[str, Any]:
-        return await self.worker.predict(request)
+    async def predict(self, request: Any) -> dict[str, Any] | ServiceError:
+        """The answer, or the service error to answer with: a refusal is an answer, not a failed
+        call (Ray would log a traceback for every 4xx); the ingress raises it (``RemoteModel``)."""
+        try:
+            return await self.worker.predict(request)
+        except ServiceError as exc:
+            return exc
 
 
 def model_deployment(entry: ModelEntry, settings: Settings) -> Any:

@@ -44,8 +44,11 @@ class RemoteModel:
     def __init__(self, handle: DeploymentHandle) -> None:
         self.handle = handle
 
-    def predict(self, request: Any) -> Awaitable[dict[str, Any]]:
-        return self.handle.predict.remote(request)
+    async def predict(self, request: Any) -> dict[str, Any]:
+        answer = await self.handle.predict.remote(request)
+        if isinstance(answer, ServiceError):  # a refusal travels as a value (ModelDeployment.predict)
+            raise answer
+        return answer
 
     def info(self) -> Awaitable[dict[str, Any]]:
         return self.handle.info.remote()

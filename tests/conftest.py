@@ -4,6 +4,7 @@ service running on it (``python -m service`` on loopback), started once per sess
 from __future__ import annotations
 
 import contextlib
+import datetime
 import os
 import re
 import signal
@@ -151,7 +152,7 @@ def stop(proc: subprocess.Popen, log: Path) -> None:
     if proc.poll() is not None:
         return
     before = log.stat().st_size
-    started = time.monotonic()
+    started, signalled = time.monotonic(), datetime.datetime.now()
     proc.send_signal(signal.SIGINT)
     try:
         proc.wait(timeout=90)
@@ -163,8 +164,27 @@ def stop(proc: subprocess.Popen, log: Path) -> None:
         out.seek(before)
         stopping = out.read().decode(errors="replace")
     assert took <= STOP_WITHIN_S, f"the service took {took:.1f} s to stop:\n{stopping[-3000:]}"
-    bad = [line for line in stopping.splitlines() if re.search(r"ERROR|Traceback|failed|[Ee]rror:", line)]
+    bad = [
+        line
+        for line in logged_since(stopping, signalled)
+        if re.search(r"ERROR|Traceback|failed|[Ee]rror:", line)
+    ]
     assert not bad, "errors while stopping:\n" + "\n".join(bad[:20])
+
+
+def logged_since(text: str, moment: datetime.datetime) -> list[str]:
+    """The lines logged at or after ``moment``: Ray forwards its workers' lines with a lag, so
+    text that arrives after the signal may have been logged before it. A line without a time
+    stamp (a traceback's) belongs with the line before it."""
+    since, recent = [], True
+    for line in text.splitlines():
+        stamp = re.search(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3})", line)
+        if stamp:
+            when = datetime.datetime.strptime(stamp.group(1), "%Y-%m-%d %H:%M:%S")
+            recent = when + datetime.timedelta(milliseconds=int(stamp.group(2)) + 1) >= moment
+        if recent:
+            since.append(line)
+    return since
 
 
 @pytest.fixture(scope="session")

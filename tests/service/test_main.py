@@ -1,0 +1,36 @@
+"""``python -m service``: a second service on a port one already serves stops at once with a clear
+message (replicas bind with SO_REUSEPORT, so it would otherwise join the port and split its
+traffic), and the running service is untouched."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+
+from tests.conftest import Service, free_port
+
+pytestmark = pytest.mark.slow
+
+
+def test_a_second_service_on_a_served_port_is_refused_at_once(service: Service) -> None:
+    port = int(service.url.rsplit(":", 1)[1])
+    env = {
+        **os.environ,
+        "ATTN_REPOSITORY": str(service.repository),
+        "ATTN_HTTP_PORT": str(port),
+        "ATTN_GRPC_PORT": str(free_port()),
+        "ATTN_METRICS_PORT": str(free_port()),
+    }
+    started = time.monotonic()
+    second = subprocess.run(
+        [sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"HTTP port 127.0.0.1:{port} is taken" in second.stderr
+    assert time.monotonic() - started < 15  # no Ray was started: it used to time out after ~40 s
+    assert requests.get(f"{service.url}/readyz", timeout=10).status_code == 200
