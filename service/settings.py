@@ -196,8 +196,14 @@ class Settings(BaseSettings):
         """Ray Serve's switches for the chosen frontend: environment variables every Ray process
         must see before it starts (``python -m service`` sets them before ``ray.init``; a
         cluster started with ``ray start`` needs them in its environment)."""
+        # a stopping proxy or ingress replica waits this long for load balancers (Ray's default 30 s)
+        draining = {
+            "RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": str(max(self.drain_s, 0.1)),
+            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(self.drain_s),
+        }
         if self.frontend == "ray-direct":
             return {
+                **draining,
                 "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
                 # the ingress replicas' ports: just above the proxy's, reused at once
                 "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(self.http_port + 1),
@@ -206,7 +212,7 @@ class Settings(BaseSettings):
                 "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(self.grpc_port + 101),
                 "RAY_SERVE_PORT_QUARANTINE_S": "0",
             }
-        return {}
+        return draining if self.frontend == "ray-proxy" else {}
 
     @property
     def use_gpu(self) -> bool:
