@@ -38,9 +38,9 @@ $(TRITON_VENV)/.installed:
 	$(TRITON_VENV)/bin/python -m pip install --quiet '$(TRITONCLIENT)'
 	touch $@
 
-# regenerate the gRPC stubs after editing service/protos/*.proto (tests check they are current)
+# regenerate the gRPC stubs after editing service/api/protos/*.proto (tests check they are current)
 protos: $(STAMP)
-	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. service/protos/*.proto
+	$(PY) -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. service/api/protos/*.proto
 
 # Fashion-MNIST comes from Debian's package; install it where we can, else say how.
 dataset:

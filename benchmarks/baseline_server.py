@@ -15,9 +15,10 @@ from typing import Any
 import uvicorn
 from fastapi import FastAPI
 
-from service.repository import discover
-from service.runner import make_runner
-from service.schemas import ClassifyRequest, TranslateRequest
+from service.api.rest_codec import classify_json_job, result_json, translate_job
+from service.api.schemas import ClassifyRequest, TranslateRequest
+from service.inference.repository import discover
+from service.inference.runners import make_runner
 from service.settings import Limits
 
 
@@ -31,20 +32,20 @@ def build(repository: Path) -> FastAPI:
     async def ready() -> dict[str, str]:
         return {"status": "ready"}
 
-    def run(name: str, request: Any) -> dict[str, Any]:
+    def run(name: str, job: Any, options: TranslateRequest | ClassifyRequest) -> dict[str, Any]:
         runner = runners[name]
-        work = runner.preprocess(request)
+        work = runner.preprocess(job)
         with locks[name]:
             [out] = runner.infer([work])
-        return runner.postprocess(work, out)
+        return result_json(runner.postprocess(work, out), options)
 
     @app.post("/v1/models/{name}/translate")
     async def translate(name: str, body: TranslateRequest) -> dict[str, Any]:
-        return await asyncio.to_thread(run, name, body)
+        return await asyncio.to_thread(run, name, translate_job(body), body)
 
     @app.post("/v1/models/{name}/classify")
     async def classify(name: str, body: ClassifyRequest) -> dict[str, Any]:
-        return await asyncio.to_thread(run, name, body)
+        return await asyncio.to_thread(run, name, classify_json_job(body), body)
 
     return app
 

@@ -8,9 +8,9 @@ from typing import Any
 
 import numpy as np
 
-from service.manifest import Manifest
-from service.runtime import GraphSession
-from service.translation import Translator
+from service.inference.manifest import Manifest
+from service.inference.runtime import GraphSession
+from service.inference.translation import Translator
 
 BATCHES = (1, 8, 32, 64, 128)
 TEXTS = ["5 mars 2024", "Tuesday, July 4, 1995", "31.12.1999", "12 de mayo de 2003", "3 juin 1980",

@@ -21,7 +21,7 @@ from fastapi import FastAPI
 
 from export import checkpoint
 from export.data.tokenizer import BOS_ID, EOS_ID
-from service.schemas import TranslateRequest
+from service.api.schemas import TranslateRequest
 
 MAX_TARGET_TOKENS = 16
 

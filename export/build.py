@@ -29,7 +29,7 @@ from export.train import dates as dates_train
 from export.train import fashion as fashion_train
 from export.train import translation as translation_train
 from export.train.translation import ParallelData
-from service.manifest import ImageSpec, Manifest, TokenizerSpec, TranslationSpec, file_sha256
+from service.inference.manifest import ImageSpec, Manifest, TokenizerSpec, TranslationSpec, file_sha256
 
 log = logging.getLogger(__name__)
 

@@ -22,7 +22,7 @@ from export.data import DatasetMissing
 from export.eval_report import Sizes
 from export.onnx_export import ExportVerificationError
 from export.repository import RefuseOverwrite
-from service.manifest import ManifestError
+from service.inference.manifest import ManifestError
 
 DEFAULT_REPOSITORY = Path("model_repository")
 DEFAULT_CHECKPOINTS = Path("build/checkpoints")

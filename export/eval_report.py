@@ -34,8 +34,8 @@ from export.data import fashion
 from export.eval_markdown import render
 from export.quantize import quantize_version
 from export.recipes import Recipe
-from service.manifest import Manifest, file_sha256
-from service.repository import discover
+from service.inference.manifest import Manifest, file_sha256
+from service.inference.repository import discover
 
 INT8 = "-int8"
 #: the manifest ``eval`` keys this module writes (each run replaces all of them)

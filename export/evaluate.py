@@ -17,9 +17,9 @@ from tqdm import tqdm
 
 from export.data import bible, dates, fashion
 from export.recipes import Recipe
-from service.manifest import Manifest
-from service.runtime import GraphSession
-from service.translation import Translator
+from service.inference.manifest import Manifest
+from service.inference.runtime import GraphSession
+from service.inference.translation import Translator
 
 PROVIDERS = ["CPUExecutionProvider"]
 

@@ -19,9 +19,9 @@ import numpy as np
 from export import evaluate
 from export.data import dates, fashion
 from export.data.tokenizer import char_span_to_tokens
-from service.attention import last_layer_cls, rollout
-from service.manifest import Manifest
-from service.translation import Translator
+from service.inference.attention import last_layer_cls, rollout
+from service.inference.manifest import Manifest
+from service.inference.translation import Translator
 
 #: where each field sits in an ISO date (``YYYY-MM-DD``), as [start, end) character offsets
 ISO_FIELDS = {"year": (0, 4), "month": (5, 7), "day": (8, 10)}

@@ -3,7 +3,7 @@
 A :class:`GraphPlan` is everything the generic exporter (``export/onnx_export.py``) needs: the
 module whose ``forward`` becomes the graph, its input/output names, which axes must stay
 symbolic, and a function that builds inputs for any shape so parity can be checked at several.
-The input/output names here are the ones ``service/manifest.py`` documents.
+The input/output names here are the ones ``service/inference/manifest.py`` documents.
 """
 
 from __future__ import annotations
@@ -145,7 +145,7 @@ def transformer_plans(model: Transformer) -> list[GraphPlan]:
 def seq2seq_plans(
     encode: nn.Module, step: nn.Module, src_vocab: int, tgt_vocab: int, d_model: int
 ) -> list[GraphPlan]:
-    """The ``transformer`` decoder contract of ``service/manifest.py`` for any encoder/step pair:
+    """The ``transformer`` decoder contract of ``service/inference/manifest.py`` for any encoder/step pair:
     ``encode(src, src_mask) → memory`` and ``step(tokens, memory, src_mask) → (logits of the last
     position, cross_attention (B, layers, heads, S) of it)``. Imported checkpoints
     (``export/hf/marian.py``) wrap their own modules into exactly these graphs."""

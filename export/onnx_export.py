@@ -22,7 +22,7 @@ from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 from torch.export import Dim
 
 from export.graphs import GraphPlan
-from service.manifest import ExportInfo, GraphSpec, TensorSpec
+from service.inference.manifest import ExportInfo, GraphSpec, TensorSpec
 
 TOLERANCE = 1e-4
 _ONNX_DTYPES: dict[int, str] = {

@@ -19,9 +19,9 @@ from torch import nn
 from export.faithfulness import VISION_MAPS, vision_maps
 from export.models.transformer import Transformer
 from export.models.vit import VisionTransformer
-from service.manifest import Manifest
-from service.translation import Translation, Translator
-from service.vision import Classifier
+from service.inference.manifest import Manifest
+from service.inference.translation import Translation, Translator
+from service.inference.vision import Classifier
 
 PROVIDERS = ["CPUExecutionProvider"]
 
@@ -31,7 +31,7 @@ def torch_alignment(
     model: nn.Module, source_ids: Sequence[int], target_ids: Sequence[int], bos: int
 ) -> np.ndarray:
     """PyTorch's attention for one pair, teacher-forced: (T, S) for an RNN, (T, layers, heads, S)
-    for a Transformer — the layout of :attr:`service.translation.Translation.attention`."""
+    for a Transformer — the layout of :attr:`service.inference.translation.Translation.attention`."""
     src = torch.tensor([list(source_ids)])  # (1, S)
     mask = torch.ones_like(src, dtype=torch.bool)
     tgt_in = torch.tensor([[bos, *target_ids[:-1]]])  # (1, T): BOS, then all but the last token

@@ -18,8 +18,8 @@ from export import evaluate
 from export.data import fashion
 from export.recipes import Recipe
 from export.repository import staged_version
-from service.manifest import Manifest
-from service.translation import Translator
+from service.inference.manifest import Manifest
+from service.inference.translation import Translator
 
 METHODS = ("int8",)
 DRIFT_SAMPLES = 256

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from service.manifest import Manifest, list_versions
+from service.inference.manifest import Manifest, list_versions
 
 
 class RefuseOverwrite(FileExistsError):

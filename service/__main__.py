@@ -47,8 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     import ray
     from ray import serve
 
-    from service.app import build_app
-    from service.grpc_ingress import SERVICER_FUNCTIONS
+    from service.api.grpc_servicer import SERVICER_FUNCTIONS
+    from service.hosting.app import build_app
 
     busy = ports_in_use(settings)
     if busy:

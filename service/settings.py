@@ -40,7 +40,7 @@ class Autoscaling(BaseModel):
 
 class Limits(BaseModel):
     """What one request may ask for: enforced by the runners, shown in the OpenAPI document.
-    Each is at most the API schema's ceiling (``service/schemas.py``)."""
+    Each is at most the API schema's ceiling (``service/api/schemas.py``)."""
 
     max_text_chars: int = Field(512, ge=1, le=4096)
     max_texts: int = Field(64, ge=1, le=256)

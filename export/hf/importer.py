@@ -20,7 +20,7 @@ from export.hf import marian, vision
 from export.hf.errors import UnsupportedCheckpoint
 from export.onnx_export import export_graph, export_info
 from export.repository import check_target, staged_version
-from service.manifest import Manifest, file_sha256
+from service.inference.manifest import Manifest, file_sha256
 
 log = logging.getLogger(__name__)
 FAMILIES = {**vision.ARCHITECTURES, **marian.ARCHITECTURES}

@@ -34,7 +34,7 @@ from export.graphs import SEQ_SHAPES, GraphPlan, seq2seq_plans
 from export.hf.errors import UnsupportedCheckpoint
 from export.hf.spm import marian_tokenizer, read_vocab
 from export.onnx_export import TOLERANCE, ExportVerificationError
-from service.manifest import TokenizerSpec, TranslationSpec
+from service.inference.manifest import TokenizerSpec, TranslationSpec
 
 log = logging.getLogger(__name__)
 ARCHITECTURES = {"MarianMTModel": "hf-marian"}

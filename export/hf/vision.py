@@ -31,7 +31,7 @@ from transformers.image_utils import (
 
 from export.graphs import GraphPlan, image_plans
 from export.hf.errors import UnsupportedCheckpoint
-from service.manifest import ImageSpec
+from service.inference.manifest import ImageSpec
 
 log = logging.getLogger(__name__)
 

@@ -72,7 +72,7 @@ def test_kuberay_serves_the_same_application_as_serve_config() -> None:
     assert app["import_path"] == local_app["import_path"]
     # KubeRay routes through Ray Serve's proxies: the Ray-ingress frontend, with both protocols
     assert app["args"]["frontend"] == "ray-proxy" and embedded["proxy_location"] == "EveryNode"
-    from service.grpc_ingress import SERVICER_FUNCTIONS
+    from service.api.grpc_servicer import SERVICER_FUNCTIONS
 
     assert embedded["grpc_options"]["grpc_servicer_functions"] == SERVICER_FUNCTIONS
     groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}

@@ -19,7 +19,7 @@ def test_serve_config_points_at_the_app_builder(tmp_path: Path) -> None:
     assert config["proxy_location"] == "Disabled" and "frontend" not in app["args"]
     module, attr = app["import_path"].split(":")
     builder = getattr(importlib.import_module(module), attr)
-    from service.app import NoModels
+    from service.hosting.app import NoModels
 
     with pytest.raises(NoModels, match="no servable model"):
         builder({**app["args"], "repository": str(tmp_path)})
@@ -27,6 +27,6 @@ def test_serve_config_points_at_the_app_builder(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_serve_config_builds_an_application_from_a_repository(tiny_repository: Path) -> None:
-    from service.app import app_builder
+    from service.hosting.app import app_builder
 
     assert isinstance(app_builder({"repository": str(tiny_repository)}), Application)

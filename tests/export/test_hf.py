@@ -28,10 +28,10 @@ from export.data.dates import generate
 from export.hf import import_checkpoint
 from export.hf.spm import marian_tokenizer, read_vocab
 from export.onnx_export import TOLERANCE
-from service import attention as maps
-from service.manifest import Manifest
-from service.translation import Translator
-from service.vision import Classifier, preprocess
+from service.inference import attention as maps
+from service.inference.manifest import Manifest
+from service.inference.translation import Translator
+from service.inference.vision import Classifier, preprocess
 from tests.conftest import running_service
 
 CPU = ["CPUExecutionProvider"]

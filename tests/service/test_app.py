@@ -15,10 +15,10 @@ import requests
 from PIL import Image
 
 from export.data import fashion
-from service.attention import rollout
-from service.manifest import Manifest
-from service.translation import Translator
-from service.vision import Classifier, preprocess
+from service.inference.attention import rollout
+from service.inference.manifest import Manifest
+from service.inference.translation import Translator
+from service.inference.vision import Classifier, preprocess
 from tests.conftest import Service
 
 pytestmark = pytest.mark.slow
@@ -36,7 +36,7 @@ def canvas_png(seed: int = 0) -> tuple[bytes, np.ndarray]:
 
 
 def reference(service: Service, name: str) -> Translator:
-    directory = service.repository / name / "1"
+    directory = service.inference.repository / name / "1"
     return Translator(directory, Manifest.load(directory), CPU)
 
 
@@ -128,7 +128,7 @@ def test_metrics_per_request(service: Service) -> None:
 
 def test_classification_matches_the_reference_and_every_input_form(service: Service) -> None:
     png, pixels = canvas_png()
-    directory = service.repository / "fashion-vit" / "1"
+    directory = service.inference.repository / "fashion-vit" / "1"
     manifest = Manifest.load(directory)
     assert manifest.image is not None
     x, _ = preprocess(Image.open(io.BytesIO(png)), manifest.image)
@@ -156,7 +156,7 @@ def test_classification_matches_the_reference_and_every_input_form(service: Serv
 @pytest.mark.parametrize("fusion", ["mean", "max", "min"])
 def test_rollout_matches_offline_rollout(service: Service, fusion: str) -> None:
     png, _ = canvas_png(1)
-    directory = service.repository / "fashion-vit" / "1"
+    directory = service.inference.repository / "fashion-vit" / "1"
     manifest = Manifest.load(directory)
     assert manifest.image is not None
     x, _ = preprocess(Image.open(io.BytesIO(png)), manifest.image)
@@ -321,7 +321,9 @@ def test_openapi_documents_the_routes_and_limits(service: Service) -> None:
     )
     body = spec["paths"]["/v1/models/{name}/translate"]["post"]["requestBody"]["content"]
     translate = body["application/json"]["schema"]["properties"]
-    assert translate["beam_size"]["maximum"] == 64
+    assert (
+        translate["beam_size"]["maximum"] == 8
+    )  # the served limit (limits.max_beam_size), not the schema's 64
     response = spec["paths"]["/v1/models/{name}/translate"]["post"]["responses"]["200"]["content"]
     assert response["application/json"]["schema"]["$ref"].endswith("/TranslateResponse")
 

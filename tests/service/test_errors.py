@@ -14,19 +14,18 @@ from typing import Any
 import grpc
 import pytest
 
-from service import http_app, rest_routes  # noqa: F401  (rest_routes registers the routes)
+from service.api.grpc_servicer import add_to_grpc_server, rpc
+from service.api.http import create_app
+from service.api.protos import attention_pb2 as apb
+from service.api.protos import attention_pb2_grpc as apb_grpc
 from service.errors import ModelNotFound
-from service.grpc_ingress import rpc
-from service.protos import attention_pb2 as apb
-from service.protos import attention_pb2_grpc as apb_grpc
-from service.replica_server import servicer
 from service.settings import Limits
 
 REQUEST_ID = re.compile(r"request id ([0-9a-f]{16})")
 
 
-class BrokenRouter:
-    """A router whose model lookup fails in a way no handler expects (a bug, say)."""
+class BrokenServer:
+    """A server whose model lookup fails in a way no handler expects (a bug, say)."""
 
     class settings:
         api_token = None
@@ -52,21 +51,14 @@ async def asgi_get(path: str) -> tuple[int, dict[str, str], bytes]:
         "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
         "headers": [], "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
     }  # fmt: skip
-    await http_app.app(scope, receive, send)
+    await create_app(BrokenServer())(scope, receive, send)  # type: ignore[arg-type]
     start = next(m for m in messages if m["type"] == "http.response.start")
     body = b"".join(m.get("body", b"") for m in messages if m["type"] == "http.response.body")
     return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
 
 
-@pytest.fixture
-def broken_router(monkeypatch: pytest.MonkeyPatch) -> BrokenRouter:
-    router = BrokenRouter()
-    monkeypatch.setattr(http_app, "_router", router)
-    return router
-
-
 def test_an_unexpected_exception_is_a_json_500_with_a_logged_request_id(
-    broken_router: BrokenRouter, caplog: pytest.LogCaptureFixture
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     with caplog.at_level(logging.ERROR, logger="ray.serve"):
         logging.getLogger("ray.serve").addHandler(caplog.handler)  # Ray may stop its propagation
@@ -78,18 +70,20 @@ def test_an_unexpected_exception_is_a_json_500_with_a_logged_request_id(
     message = json.loads(body)["error"]
     request_id = REQUEST_ID.search(message).group(1)  # type: ignore[union-attr]
     assert headers["x-request-id"] == request_id
-    [record] = [r for r in caplog.records if request_id in r.getMessage()]
+    record = next(r for r in caplog.records if request_id in r.getMessage())
     assert "GET /v1/models/anything" in record.getMessage()
     assert record.exc_info and record.exc_info[0] is KeyError  # the traceback is in the log
 
 
-def test_expected_errors_keep_their_status(broken_router: BrokenRouter) -> None:
+def test_expected_errors_keep_their_status() -> None:
     status, _, body = asyncio.run(asgi_get("/v1/models/missing"))
     assert status == 404 and "not found" in json.loads(body)["error"]
 
 
 class Methods:
     """gRPC methods with the service's error mapping, one of them broken."""
+
+    METHODS = ("Translate",)
 
     @rpc
     async def Translate(self, request: apb.TranslateRequest, grpc_context: Any) -> apb.TranslateResponse:
@@ -101,10 +95,7 @@ class Methods:
 def test_grpc_answers_internal_with_the_request_id(caplog: pytest.LogCaptureFixture) -> None:
     async def call(model: str) -> grpc.aio.AioRpcError:
         server = grpc.aio.server()
-        apb_grpc.add_AttentionServiceServicer_to_server(
-            servicer(apb_grpc.AttentionServiceServicer, Methods()),  # type: ignore[arg-type]
-            server,
-        )
+        add_to_grpc_server(server, Methods())  # type: ignore[arg-type]
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -128,6 +119,6 @@ def test_grpc_answers_internal_with_the_request_id(caplog: pytest.LogCaptureFixt
         logging.getLogger("ray.serve").removeHandler(caplog.handler)
     assert error.code() == grpc.StatusCode.INTERNAL
     request_id = REQUEST_ID.search(error.details() or "").group(1)  # type: ignore[union-attr]
-    [record] = [r for r in caplog.records if request_id in r.getMessage()]
+    record = next(r for r in caplog.records if request_id in r.getMessage())
     assert record.exc_info and record.exc_info[0] is ZeroDivisionError
     assert missing.code() == grpc.StatusCode.NOT_FOUND

@@ -22,11 +22,11 @@ import numpy as np
 import pytest
 
 from benchmarks.run import free_port_block
-from service import kserve
-from service.protos import attention_pb2 as apb
-from service.protos import attention_pb2_grpc as apb_grpc
-from service.protos import grpc_service_pb2 as pb
-from service.protos import grpc_service_pb2_grpc as pb_grpc
+from service.api import kserve
+from service.api.protos import attention_pb2 as apb
+from service.api.protos import attention_pb2_grpc as apb_grpc
+from service.api.protos import grpc_service_pb2 as pb
+from service.api.protos import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import Service, running_service
 from tests.service.test_app import canvas_png
 

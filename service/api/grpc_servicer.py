@@ -1,0 +1,348 @@
+"""gRPC over one :class:`~service.api.server.Server`: the KServe v2 ``inference.GRPCInferenceService``
+(stubs generated from ``service/api/protos/grpc_service.proto``) and our typed
+``attention.v1.AttentionService``, both in :class:`GrpcServicer`.
+
+The hosting layer serves it with grpc.aio (:func:`add_to_grpc_server`, in-replica) or lets Ray's
+gRPC proxy call its methods by name (Ray ingress). Errors carry the gRPC code from the table in
+``service/errors.py`` (:func:`rpc`); RPCs we do not declare answer UNIMPLEMENTED.
+"""
+
+import functools
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import grpc
+import numpy as np
+from pydantic import ValidationError
+
+from service.api import auth, kserve
+from service.api.protos import attention_pb2 as apb
+from service.api.protos import attention_pb2_grpc, grpc_service_pb2_grpc
+from service.api.protos import grpc_service_pb2 as pb
+from service.api.schemas import ClassifyOptions, TranslateRequest
+from service.api.server import Server
+from service.errors import InvalidInput, ServiceError, unexpected, validation_message
+from service.inference import attention as maps
+from service.inference.jobs import AnswerMetrics, Classified, ClassifyJob, Translated, TranslateJob
+
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+#: what Ray's gRPC proxy registers (``grpc_servicer_functions``)
+SERVICER_FUNCTIONS = [
+    "service.api.protos.grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server",
+    "service.api.protos.attention_pb2_grpc.add_AttentionServiceServicer_to_server",
+]
+
+
+class GrpcContext(Protocol):
+    """What the RPCs use of their context: grpc.aio's (in-replica) and Ray's proxy's both have it."""
+
+    def set_code(self, code: grpc.StatusCode) -> None: ...
+    def set_details(self, details: str) -> None: ...
+    def invocation_metadata(self) -> Any: ...
+
+
+def _abort(context: GrpcContext, exc: ServiceError) -> ServiceError:
+    context.set_code(getattr(grpc.StatusCode, exc.grpc_code))
+    context.set_details(exc.message)
+    return exc
+
+
+Reply = TypeVar("Reply")
+Method = Callable[[Any, Any, GrpcContext], Awaitable[Reply]]
+
+
+def rpc(method: Method[Reply]) -> Method[Reply]:
+    """The one error mapping of the unary RPCs: a service error leaves with its gRPC code, a
+    request field a schema refused with INVALID_ARGUMENT naming it, anything unexpected with
+    INTERNAL and a request id that the logged traceback also carries."""
+
+    @functools.wraps(method)  # Ray passes the context by this keyword: the name matters
+    async def call(self: Any, request: Any, grpc_context: GrpcContext) -> Reply:
+        try:
+            return await method(self, request, grpc_context)
+        except ServiceError as exc:
+            raise _abort(grpc_context, exc) from None
+        except ValidationError as exc:
+            raise _abort(grpc_context, InvalidInput(validation_message(exc))) from None
+        except Exception as exc:
+            raise _abort(grpc_context, unexpected(exc, f"gRPC {method.__name__}")) from None
+
+    return call
+
+
+def _parameter(p: pb.InferParameter) -> Any:
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
+
+
+def _inputs(request: pb.ModelInferRequest) -> list[kserve.Tensor]:
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(f"raw_input_contents: {len(raw)} entries for {len(request.inputs)} inputs")
+    tensors = []
+    for i, t in enumerate(request.inputs):
+        shape = list(t.shape)
+        if raw:
+            tensors.append(kserve.from_raw(t.name, t.datatype, shape, raw[i]))
+        else:
+            field = _CONTENTS_FIELD.get(t.datatype)
+            if field is None:
+                raise InvalidInput(f"{t.name}: unsupported datatype {t.datatype!r}")
+            tensors.append(kserve.from_list(t.name, t.datatype, shape, list(getattr(t.contents, field))))
+    return tensors
+
+
+def _response(
+    name: str, version: int, request_id: str, tensors: list[kserve.Tensor]
+) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=name, model_version=str(version), id=request_id)
+    for t in tensors:
+        response.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        raw = (
+            kserve.serialize_bytes(t.data)
+            if t.datatype == "BYTES"
+            else np.ascontiguousarray(t.data).tobytes()
+        )
+        response.raw_output_contents.append(raw)
+    return response
+
+
+def _tensor(values: np.ndarray) -> apb.Tensor:
+    return apb.Tensor(shape=list(values.shape), values=values.astype(np.float32).ravel().tolist())
+
+
+def _metrics(m: AnswerMetrics, total_ms: float) -> apb.Metrics:
+    return apb.Metrics(
+        queue_wait_ms=m.queue_wait_ms,
+        compute_ms=m.compute_ms,
+        total_ms=total_ms,
+        batch_size=m.batch_size,
+        tokens_generated=m.tokens_generated or 0,
+    )
+
+
+class GrpcServicer:
+    """Both gRPC services over one :class:`Server`: the hosting layer serves an instance with
+    grpc.aio (in-replica) or lets Ray's gRPC proxy call its methods (Ray ingress). Every RPC
+    takes ``(request, grpc_context)`` — Ray passes the context by that keyword."""
+
+    #: the RPCs implemented here; the others answer UNIMPLEMENTED from the generated base classes
+    METHODS = (
+        "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
+        "ModelStreamInfer", "Translate", "Classify",
+    )  # fmt: skip
+
+    def __init__(self, server: Server) -> None:
+        self.server = server
+
+    def _authorize(self, context: GrpcContext) -> None:
+        """The bearer token, when one is set (service/api/auth.py); health RPCs do not call this."""
+        auth.check_metadata(self.server.settings.api_token, context.invocation_metadata())
+
+    # -- KServe v2 ------------------------------------------------------------------------------
+
+    @rpc
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, grpc_context: GrpcContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=True)
+
+    @rpc
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, grpc_context: GrpcContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=await self.server.is_ready())
+
+    @rpc
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, grpc_context: GrpcContext
+    ) -> pb.ModelReadyResponse:
+        self._authorize(grpc_context)
+        self.server.resolve(request.name, None, request.version)
+        return pb.ModelReadyResponse(ready=await self.server.is_ready())
+
+    @rpc
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, grpc_context: GrpcContext
+    ) -> pb.ServerMetadataResponse:
+        self._authorize(grpc_context)
+        return pb.ServerMetadataResponse(
+            name=kserve.SERVER_NAME, version=kserve.SERVER_VERSION, extensions=kserve.EXTENSIONS
+        )
+
+    @rpc
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, grpc_context: GrpcContext
+    ) -> pb.ModelMetadataResponse:
+        self._authorize(grpc_context)
+        meta = kserve.metadata(self.server.resolve(request.name, None, request.version).manifest)
+        response = pb.ModelMetadataResponse(
+            name=meta["name"], versions=meta["versions"], platform=meta["platform"]
+        )
+        for spec in meta["inputs"]:
+            response.inputs.add(**spec)
+        for spec in meta["outputs"]:
+            response.outputs.add(**spec)
+        return response
+
+    @rpc
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, grpc_context: GrpcContext
+    ) -> pb.ModelInferResponse:
+        self._authorize(grpc_context)
+        return await self._model_infer(request, "grpc_infer")
+
+    async def ModelStreamInfer(
+        self, request_stream: AsyncIterator[pb.ModelInferRequest], grpc_context: GrpcContext
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """Bidirectional stream: one response per request, in order; a failed request answers
+        with ``error_message`` and the stream goes on (Triton's semantics)."""
+        try:
+            self._authorize(grpc_context)
+        except ServiceError as exc:  # the whole stream is refused
+            raise _abort(grpc_context, exc) from None
+        async for request in request_stream:
+            try:
+                result = await self._model_infer(request, "grpc_stream_infer")
+                yield pb.ModelStreamInferResponse(infer_response=result)
+            except ServiceError as exc:
+                yield pb.ModelStreamInferResponse(error_message=exc.message)
+            except Exception as exc:  # logged with its traceback; the stream goes on
+                error = unexpected(exc, "gRPC ModelStreamInfer")
+                yield pb.ModelStreamInferResponse(error_message=error.message)
+
+    async def _model_infer(self, request: pb.ModelInferRequest, route: str) -> pb.ModelInferResponse:
+        entry = self.server.resolve(request.model_name, None, request.model_version)
+        params = {k: _parameter(v) for k, v in request.parameters.items()}
+        outputs = kserve.requested_outputs(entry.manifest, [o.name for o in request.outputs], params)
+        requests = kserve.to_requests(entry.manifest, _inputs(request), params, outputs)
+        _, answers, _ = await self.server.predict_many(
+            entry.name, None, route, requests, request.model_version
+        )
+        return _response(
+            entry.name, entry.version, request.id, kserve.to_outputs(entry.manifest, answers, outputs)
+        )
+
+    # -- attention.v1 ---------------------------------------------------------------------------
+
+    @rpc
+    async def Translate(
+        self, request: apb.TranslateRequest, grpc_context: GrpcContext
+    ) -> apb.TranslateResponse:
+        self._authorize(grpc_context)
+        checked = TranslateRequest(  # the request's fields, checked by the REST schema
+            text=list(request.texts),
+            beam_size=request.beam_size or 1,
+            max_length=request.max_length or None,
+            length_penalty=request.length_penalty,
+        )
+        job = TranslateJob(
+            texts=checked.texts,
+            beam_size=checked.beam_size,
+            max_length=checked.max_length,
+            length_penalty=checked.length_penalty,
+            attention="default" if request.return_attention else "none",
+        )
+        entry, [answer], total = await self.server.predict_many(
+            request.model, "translation", "grpc_translate", [job]
+        )
+        assert isinstance(answer.result, Translated)
+        response = apb.TranslateResponse(
+            model=entry.name, version=entry.version, metrics=_metrics(answer.metrics, total)
+        )
+        for t in answer.result.translations:
+            item = response.translations.add(
+                text=t.text,
+                source_tokens=t.source_tokens,
+                target_tokens=t.target_tokens,
+                score=t.score,
+                finished=t.finished,
+            )
+            if request.return_attention:
+                item.attention.CopyFrom(_tensor(maps.alignment(t.attention)))
+        return response
+
+    @rpc
+    async def Classify(self, request: apb.ClassifyRequest, grpc_context: GrpcContext) -> apb.ClassifyResponse:
+        self._authorize(grpc_context)
+        options = ClassifyOptions(top_k=request.top_k or 5, head_fusion=request.head_fusion or "mean")
+        job = ClassifyJob(
+            image=request.image,
+            top_k=options.top_k,
+            head_fusion=options.head_fusion,
+            attention="rollout" if request.return_attention else "none",
+        )
+        entry, [answer], total = await self.server.predict_many(
+            request.model, "image-classification", "grpc_classify", [job]
+        )
+        result = answer.result
+        assert isinstance(result, Classified)
+        response = apb.ClassifyResponse(
+            model=entry.name, version=entry.version, metrics=_metrics(answer.metrics, total)
+        )
+        for label, index, probability in zip(
+            result.labels, result.indices, result.probabilities, strict=True
+        ):
+            response.predictions.add(label=label, index=int(index), probability=float(probability))
+        if result.rollout is not None:
+            response.rollout.CopyFrom(_tensor(result.rollout))
+        return response
+
+
+# -- grpc.aio --------------------------------------------------------------------------------------
+
+
+def add_to_grpc_server(grpc_server: grpc.aio.Server, servicer: GrpcServicer) -> None:
+    """Serve both services of ``servicer`` on a grpc.aio server. The RPCs set the error's code on
+    their context and raise it; grpc.aio needs ``abort`` to send it."""
+    kserve_v2, attention_v1 = grpc_service_pb2_grpc, attention_pb2_grpc
+    for base, add in (
+        (kserve_v2.GRPCInferenceServiceServicer, kserve_v2.add_GRPCInferenceServiceServicer_to_server),
+        (attention_v1.AttentionServiceServicer, attention_v1.add_AttentionServiceServicer_to_server),
+    ):
+        overrides = {}
+        for name, _ in inspect.getmembers(base, inspect.isfunction):
+            if name in servicer.METHODS:
+                impl = getattr(servicer, name)
+                overrides[name] = (
+                    _aio_streaming(impl) if inspect.isasyncgenfunction(impl) else _aio_unary(impl)
+                )
+        add(type(base.__name__, (base,), overrides)(), grpc_server)
+
+
+def _aio_unary(impl: Callable[..., Any]) -> Callable[..., Any]:
+    async def call(_: object, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await impl(request, context)
+        except ServiceError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
+
+    return call
+
+
+def _aio_streaming(impl: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def call(_: object, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        try:
+            async for response in impl(requests, context):
+                yield response
+        except ServiceError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
+        except Exception as exc:
+            error = unexpected(exc, f"gRPC {impl.__name__}")
+            await context.abort(grpc.StatusCode.INTERNAL, error.message)
+
+    return call

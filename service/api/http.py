@@ -1,0 +1,158 @@
+"""The HTTP application: ``create_app(server)`` builds it from the protocol routers (REST, KServe v2,
+the explorer page) over one :class:`~service.api.server.Server`.
+
+Every error leaves as ``{"error": "..."}`` — the v2 protocol's shape, and tritonclient's
+expectation — with the status from the table in ``service/errors.py``; what nobody expected
+leaves as a JSON 500 naming a request id (:class:`InternalErrors`). The hosting layer builds one
+app per serving process, so nothing here is a module global.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import SecretStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api import auth, explorer, kserve_routes, rest
+from service.api.routes import error_response
+from service.api.schemas import ErrorBody
+from service.api.server import Server
+from service.errors import (
+    BodyTooLarge,
+    Overloaded,
+    ServiceError,
+    Unauthorized,
+    unexpected,
+    validation_message,
+)
+from service.settings import Limits
+
+
+def create_app(server: Server) -> FastAPI:
+    """The FastAPI app serving ``server`` over REST and KServe v2, with the explorer at ``/``."""
+    app = App(
+        title="attention-serve",
+        description='Attention models with their attention maps. Errors are `{"error": "..."}`.',
+        version="0.1.0",
+        responses={code: {"model": ErrorBody} for code in (400, 404, 413, 422, 500, 503, 504)},
+    )
+    app.state.server = server
+    app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(ServiceError, _service_error)  # type: ignore[arg-type]
+    app.add_middleware(BearerToken, token=server.settings.api_token)
+    app.add_middleware(InternalErrors)  # the outermost of ours: it also covers BearerToken
+    for router in (rest.router, kserve_routes.router, explorer.router):
+        app.include_router(router)
+    explorer.mount_static(app)
+    return app
+
+
+class App(FastAPI):
+    """FastAPI whose OpenAPI document shows the limits this service enforces (its server's
+    ``Settings.limits``) in place of the schemas' ceilings, wherever a request schema appears
+    (components and inline bodies)."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            _write_limits(super().openapi(), self.state.server.settings.limits)
+        return self.openapi_schema or {}
+
+
+async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+    return error_response(422, validation_message(exc))
+
+
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """The router's own refusals (no such route, method not allowed) in the same error shape."""
+    message = f"{str(exc.detail).lower()}: {request.method} {request.url.path}"
+    return error_response(exc.status_code, message, dict(exc.headers) if exc.headers else None)
+
+
+async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
+    if isinstance(exc, BodyTooLarge):  # the rest of the body is not read: the connection ends here
+        headers = {"Connection": "close"}
+    return error_response(exc.http_status, exc.message, headers)
+
+
+class BearerToken:
+    """Refuse a request without the configured bearer token before any route runs (pure ASGI:
+    no per-request cost beyond one comparison; nothing when no token is set)."""
+
+    def __init__(self, app: ASGIApp, token: SecretStr | None) -> None:
+        self.app, self.token = app, token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.token is not None and scope["type"] == "http" and not auth.is_open(scope["path"]):
+            try:
+                auth.check(self.token, auth.header(scope, b"authorization"))
+            except Unauthorized as exc:
+                answer = error_response(exc.http_status, exc.message, {"WWW-Authenticate": "Bearer"})
+                await answer(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class InternalErrors:
+    """Whatever no handler expected leaves as a JSON 500 naming a request id, never Starlette's
+    plain-text page; the log line with the traceback carries the same id (``errors.unexpected``)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def tracked(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception as exc:
+            error = unexpected(exc, f"{scope.get('method')} {scope.get('path')}")
+            if started:  # half an answer is out: the server closes the connection
+                raise
+            answer = error_response(500, error.message, {"X-Request-Id": error.request_id})
+            await answer(scope, receive, send)
+
+
+def _write_limits(node: Any, limits: Limits) -> None:
+    if isinstance(node, list):
+        for item in node:
+            _write_limits(item, limits)
+        return
+    if not isinstance(node, dict):
+        return
+    props = node.get("properties")
+    if isinstance(props, dict):
+        if "text" in props and "beam_size" in props:  # TranslateRequest
+            text = props["text"]
+            text["description"] = (
+                f"One text or a list of texts (each at most {limits.max_text_chars} characters; "
+                f"at most {limits.max_texts} texts)."
+            )
+            for variant in text.get("anyOf", []):
+                if variant.get("type") == "string":
+                    variant["maxLength"] = limits.max_text_chars
+                elif variant.get("type") == "array":
+                    variant["maxItems"] = limits.max_texts
+                    variant.setdefault("items", {})["maxLength"] = limits.max_text_chars
+            props["beam_size"]["maximum"] = limits.max_beam_size
+        if "top_k" in props:  # ClassifyOptions / ClassifyRequest
+            props["top_k"]["maximum"] = limits.max_top_k
+        if "image" in props and "pixels" in props:  # base64 of the largest image accepted
+            for variant in props["image"].get("anyOf", [props["image"]]):
+                if variant.get("type") == "string":
+                    variant["maxLength"] = -(-limits.max_image_bytes // 3) * 4
+    for value in node.values():
+        _write_limits(value, limits)

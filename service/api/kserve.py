@@ -1,0 +1,330 @@
+"""The KServe v2 (Open Inference Protocol) tensor contract of our models, transport-free.
+
+HTTP (``service/api/kserve_http.py``) and gRPC (``service/api/grpc_servicer.py``) decode their wire
+formats into :class:`Tensor` objects, call :func:`to_requests` to get the core's jobs (their
+options checked by the REST API's schemas), and encode the answers with :func:`to_outputs`.
+
+Translation models
+    inputs   ``TEXT`` BYTES [-1]
+    outputs  ``TRANSLATION`` BYTES [-1], ``SCORE`` FP32 [-1],
+             ``SOURCE_TOKENS`` / ``TARGET_TOKENS`` BYTES [-1, -1] (padded with ""),
+             ``ATTENTION`` FP32 [-1, -1, -1] (target × source, zero-padded; on request)
+    params   ``beam_size``, ``max_length``, ``length_penalty``, ``return_attention``
+Image classifiers
+    inputs   ``IMAGE`` BYTES [-1] (encoded images) or ``PIXELS`` UINT8/FP32 [-1, H, W(, C)]
+    outputs  ``LABELS`` BYTES [-1, k], ``INDICES`` INT64 [-1, k], ``PROBABILITIES`` FP32 [-1, k],
+             ``ROLLOUT`` FP32 [-1, rows, cols] and ``ATTENTIONS`` FP32 [-1, L, H, T, T] (on request)
+    params   ``top_k``, ``head_fusion``, ``discard_ratio``, ``return_attention``
+
+Attention outputs are computed only when the request names them in ``outputs`` or sets
+``return_attention``; unnamed, the default outputs are the first two of each list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from pydantic import ValidationError
+
+from service.api.schemas import ClassifyOptions, TranslateRequest
+from service.errors import InvalidInput, validation_message
+from service.inference import attention as maps
+from service.inference.jobs import Answer, Classified, ClassifyJob, Translated, TranslateJob
+from service.inference.manifest import Manifest
+
+SERVER_NAME = "attention-serve"
+SERVER_VERSION = "0.1.0"
+EXTENSIONS = ["binary_tensor_data", "model_repository_metadata", "attention_maps"]
+PLATFORM = "onnxruntime_onnx"
+
+NUMPY_OF = {
+    "BOOL": np.bool_,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "BYTES": np.object_,
+}
+DATATYPE_OF = {np.dtype(v).name: k for k, v in NUMPY_OF.items() if k != "BYTES"}
+
+TRANSLATION_OUTPUTS = ["TRANSLATION", "SCORE", "SOURCE_TOKENS", "TARGET_TOKENS", "ATTENTION"]
+IMAGE_OUTPUTS = ["LABELS", "PROBABILITIES", "INDICES", "ROLLOUT", "ATTENTIONS"]
+ATTENTION_OUTPUTS = {"ATTENTION", "ROLLOUT", "ATTENTIONS"}
+
+
+@dataclass
+class Tensor:
+    name: str
+    datatype: str
+    shape: list[int]
+    data: np.ndarray  # BYTES: an object array of ``bytes``
+
+
+def metadata(manifest: Manifest) -> dict[str, Any]:
+    """``GET /v2/models/{name}``: the model's tensors in v2 terms."""
+    if manifest.task == "translation":
+        inputs = [{"name": "TEXT", "datatype": "BYTES", "shape": [-1]}]
+        outputs = [
+            {"name": "TRANSLATION", "datatype": "BYTES", "shape": [-1]},
+            {"name": "SCORE", "datatype": "FP32", "shape": [-1]},
+            {"name": "SOURCE_TOKENS", "datatype": "BYTES", "shape": [-1, -1]},
+            {"name": "TARGET_TOKENS", "datatype": "BYTES", "shape": [-1, -1]},
+            {"name": "ATTENTION", "datatype": "FP32", "shape": [-1, -1, -1]},
+        ]
+    else:
+        assert manifest.image is not None
+        img = manifest.image
+        rows, cols = img.grid
+        tokens = rows * cols + img.prefix_tokens
+        inputs = [
+            {"name": "IMAGE", "datatype": "BYTES", "shape": [-1]},
+            {"name": "PIXELS", "datatype": "UINT8", "shape": [-1, img.height, img.width]},
+        ]
+        outputs = [
+            {"name": "LABELS", "datatype": "BYTES", "shape": [-1, -1]},
+            {"name": "PROBABILITIES", "datatype": "FP32", "shape": [-1, -1]},
+            {"name": "INDICES", "datatype": "INT64", "shape": [-1, -1]},
+            {"name": "ROLLOUT", "datatype": "FP32", "shape": [-1, rows, cols]},
+            {
+                "name": "ATTENTIONS",
+                "datatype": "FP32",
+                "shape": [-1, img.num_layers, img.num_heads, tokens, tokens],
+            },
+        ]
+    return {
+        "name": manifest.name,
+        "versions": [str(manifest.version)],
+        "platform": PLATFORM,
+        "inputs": inputs,
+        "outputs": outputs,
+    }
+
+
+def requested_outputs(manifest: Manifest, names: list[str], params: dict[str, Any]) -> list[str]:
+    known = TRANSLATION_OUTPUTS if manifest.task == "translation" else IMAGE_OUTPUTS
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise InvalidInput(f"outputs: unknown output tensor(s) {unknown}; this model has {known}")
+    if names:
+        return names
+    return known[:2] + (known[-2:] if params.get("return_attention") else [])
+
+
+def to_requests(
+    manifest: Manifest, inputs: list[Tensor], params: dict[str, Any], outputs: list[str]
+) -> list[TranslateJob] | list[ClassifyJob]:
+    """v2 inputs + parameters → the core's jobs (one per batch row for images, one multi-text job
+    for translation); the options are checked by the REST API's schemas, the same limits."""
+    by_name = {t.name: t for t in inputs}
+    if len(by_name) != len(inputs):
+        raise InvalidInput("inputs: duplicate input names")
+    attention = bool(ATTENTION_OUTPUTS & set(outputs))
+    try:
+        if manifest.task == "translation":
+            return [_translate_job(by_name, params, attention)]
+        return _classify_jobs(by_name, params, attention, "ATTENTIONS" in outputs)
+    except ValidationError as exc:
+        raise InvalidInput(f"parameters: {validation_message(exc)}") from exc
+
+
+def _translate_job(by_name: dict[str, Tensor], params: dict[str, Any], attention: bool) -> TranslateJob:
+    text = _only_input(by_name, ["TEXT"])
+    if text.datatype != "BYTES" or text.data.ndim != 1:
+        raise InvalidInput(f"TEXT: expected BYTES with shape [-1], got {text.datatype} {text.shape}")
+    texts = [_utf8(item, "TEXT") for item in text.data]
+    options = {k: params[k] for k in ("beam_size", "max_length", "length_penalty") if k in params}
+    checked = TranslateRequest(text=texts, **options)
+    return TranslateJob(
+        texts=texts,
+        beam_size=checked.beam_size,
+        max_length=checked.max_length,
+        length_penalty=checked.length_penalty,
+        attention="default" if attention else "none",
+    )
+
+
+def _classify_jobs(
+    by_name: dict[str, Tensor], params: dict[str, Any], attention: bool, raw: bool
+) -> list[ClassifyJob]:
+    tensor = _only_input(by_name, ["IMAGE", "PIXELS"])
+    options = ClassifyOptions(
+        **{k: params[k] for k in ("top_k", "head_fusion", "discard_ratio") if k in params}
+    )
+    common: dict[str, Any] = {
+        "top_k": options.top_k, "head_fusion": options.head_fusion, "discard_ratio": options.discard_ratio,
+        "attention": ("all" if raw else "rollout") if attention else "none",
+    }  # fmt: skip
+    if tensor.name == "IMAGE":
+        if tensor.datatype != "BYTES" or tensor.data.ndim != 1:
+            raise InvalidInput(f"IMAGE: expected BYTES with shape [-1], got {tensor.datatype} {tensor.shape}")
+        return [ClassifyJob(image=bytes(item), **common) for item in tensor.data]
+    if tensor.datatype not in ("UINT8", "FP32") or tensor.data.ndim not in (3, 4):
+        raise InvalidInput(
+            f"PIXELS: expected UINT8 or FP32 [-1, H, W(, C)], got {tensor.datatype} {tensor.shape}"
+        )
+    return [ClassifyJob(pixels=row, **common) for row in tensor.data]
+
+
+def _only_input(by_name: dict[str, Tensor], allowed: list[str]) -> Tensor:
+    names = sorted(by_name)
+    if len(names) != 1 or names[0] not in allowed:
+        raise InvalidInput(f"inputs: expected exactly one of {allowed}, got {names}")
+    return by_name[names[0]]
+
+
+def _utf8(item: Any, name: str) -> str:
+    try:
+        return bytes(item).decode("utf-8") if not isinstance(item, str) else item
+    except UnicodeDecodeError as exc:
+        raise InvalidInput(f"{name}: element is not valid UTF-8") from exc
+
+
+def to_outputs(manifest: Manifest, answers: list[Answer], names: list[str]) -> list[Tensor]:
+    """The core's answers → the requested v2 output tensors, in the requested order."""
+    results = [a.result for a in answers]
+    if all(isinstance(r, Translated) for r in results):
+        [translated] = results
+        assert isinstance(translated, Translated)
+        values = _translation_values(translated)
+    else:
+        values = _image_values([r for r in results if isinstance(r, Classified)])
+    return [_tensor(name, values[name]) for name in names]
+
+
+def _translation_values(result: Translated) -> dict[str, np.ndarray]:
+    items = result.translations
+    width_s = max(len(t.source_tokens) for t in items)
+    width_t = max(len(t.target_tokens) for t in items)
+    attention = np.zeros((len(items), width_t, width_s), dtype=np.float32)
+    for i, t in enumerate(items):
+        if t.attention.size:
+            grid = maps.alignment(t.attention)
+            attention[i, : grid.shape[0], : grid.shape[1]] = grid
+    return {
+        "TRANSLATION": _bytes([t.text for t in items]),
+        "SCORE": np.array([t.score for t in items], dtype=np.float32),
+        "SOURCE_TOKENS": _bytes([_pad(t.source_tokens, width_s) for t in items]),
+        "TARGET_TOKENS": _bytes([_pad(t.target_tokens, width_t) for t in items]),
+        "ATTENTION": attention,
+    }
+
+
+def _image_values(results: list[Classified]) -> dict[str, np.ndarray]:
+    values = {
+        "LABELS": _bytes([r.labels for r in results]),
+        "PROBABILITIES": np.stack([r.probabilities for r in results]).astype(np.float32),
+        "INDICES": np.stack([r.indices for r in results]).astype(np.int64),
+    }
+    rollouts = [r.rollout for r in results if r.rollout is not None]
+    if len(rollouts) == len(results):
+        values["ROLLOUT"] = np.stack(rollouts).astype(np.float32)
+    layers = [r.attentions for r in results if r.attentions is not None]
+    if len(layers) == len(results):
+        values["ATTENTIONS"] = np.stack(layers).astype(np.float32)
+    return values
+
+
+def _pad(tokens: list[str], width: int) -> list[str]:
+    return tokens + [""] * (width - len(tokens))
+
+
+def _bytes(values: list[Any]) -> np.ndarray:
+    array = np.array(values, dtype=np.object_)
+    return np.vectorize(lambda s: s.encode("utf-8"), otypes=[np.object_])(array) if array.size else array
+
+
+def _tensor(name: str, data: np.ndarray) -> Tensor:
+    datatype = "BYTES" if data.dtype == np.object_ else DATATYPE_OF[data.dtype.name]
+    return Tensor(name, datatype, list(data.shape), data)
+
+
+# -- BYTES serialisation (binary extension and gRPC raw contents) ---------------------------------
+
+
+def serialize_bytes(data: np.ndarray) -> bytes:
+    """Each element as a 4-byte little-endian length and its bytes, row-major."""
+    out = bytearray()
+    for item in data.ravel():
+        raw = item if isinstance(item, bytes) else str(item).encode("utf-8")
+        out += len(raw).to_bytes(4, "little") + raw
+    return bytes(out)
+
+
+def deserialize_bytes(buffer: bytes, count: int, name: str) -> np.ndarray:
+    items: list[bytes] = []
+    offset = 0
+    while offset < len(buffer):
+        if offset + 4 > len(buffer):
+            raise InvalidInput(f"{name}: truncated BYTES element header")
+        size = int.from_bytes(buffer[offset : offset + 4], "little")
+        offset += 4
+        if offset + size > len(buffer):
+            raise InvalidInput(f"{name}: BYTES element of {size} bytes overruns the tensor data")
+        items.append(buffer[offset : offset + size])
+        offset += size
+    if len(items) != count:
+        raise InvalidInput(f"{name}: shape needs {count} elements, data holds {len(items)}")
+    array = np.empty(count, dtype=np.object_)
+    array[:] = items
+    return array
+
+
+def from_raw(name: str, datatype: str, shape: Any, raw: bytes) -> Tensor:
+    """A tensor from raw little-endian bytes (binary extension, gRPC raw_input_contents)."""
+    dims = _check_shape(name, shape)
+    count = int(np.prod(dims)) if dims else 1
+    if datatype == "BYTES":
+        return Tensor(name, datatype, dims, deserialize_bytes(raw, count, name).reshape(dims))
+    dtype = _numpy_dtype(name, datatype)
+    if len(raw) != count * np.dtype(dtype).itemsize:
+        raise InvalidInput(f"{name}: {len(raw)} bytes of data do not fit shape {dims} of {datatype}")
+    return Tensor(
+        name, datatype, dims, np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(dims)
+    )
+
+
+def from_list(name: str, datatype: str, shape: Any, data: Any) -> Tensor:
+    """A tensor from JSON data (flat or nested lists; strings for BYTES)."""
+    dims = _check_shape(name, shape)
+    count = int(np.prod(dims)) if dims else 1
+    if datatype == "BYTES":
+        flat = np.array(data, dtype=np.object_).ravel()
+        if flat.size != count or not all(isinstance(x, str | bytes) for x in flat):
+            raise InvalidInput(f"{name}: BYTES data must be {count} strings for shape {dims}")
+        array = np.empty(count, dtype=np.object_)
+        array[:] = [x.encode("utf-8") if isinstance(x, str) else x for x in flat]
+        return Tensor(name, datatype, dims, array.reshape(dims))
+    dtype = _numpy_dtype(name, datatype)
+    try:
+        array = np.asarray(data, dtype=dtype).ravel()
+    except (ValueError, TypeError, OverflowError) as exc:
+        raise InvalidInput(f"{name}: data is not a rectangular array of {datatype}") from exc
+    if array.size != count:
+        raise InvalidInput(f"{name}: shape {dims} needs {count} values, data holds {array.size}")
+    return Tensor(name, datatype, dims, array.reshape(dims))
+
+
+def _numpy_dtype(name: str, datatype: str) -> Any:
+    if datatype not in NUMPY_OF:
+        raise InvalidInput(f"{name}: unknown datatype {datatype!r}")
+    return NUMPY_OF[datatype]
+
+
+MAX_ELEMENTS = 64 * 1024 * 1024
+
+
+def _check_shape(name: str, shape: Any) -> list[int]:
+    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 8:
+        raise InvalidInput(f"{name}: shape must be a list of at most 8 non-negative integers")
+    if int(np.prod(shape, dtype=np.float64)) > MAX_ELEMENTS:
+        raise InvalidInput(f"{name}: shape {shape} is too large")
+    return list(shape)

@@ -1,0 +1,118 @@
+"""KServe v2 over HTTP: JSON tensors and the binary tensor data extension, both directions.
+
+Binary extension: the body is a JSON header followed by raw tensor bytes; the header's length is
+in ``Inference-Header-Content-Length``. Inputs with ``parameters.binary_data_size`` take their
+bytes from the tail in order. Outputs go binary when the requested output says
+``"binary_data": true`` or the request sets ``"binary_data_output": true`` (tritonclient's default).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from service.api import kserve
+from service.errors import InvalidInput
+
+HEADER_LENGTH = "inference-header-content-length"
+
+
+@dataclass
+class InferRequest:
+    id: str | None
+    inputs: list[kserve.Tensor]
+    parameters: dict[str, Any]
+    outputs: list[str]
+    binary_outputs: set[str]
+
+
+def parse_request(body: bytes, header_length: str | None) -> InferRequest:
+    """Decode a v2 infer body; every problem becomes an :class:`InvalidInput` naming the part."""
+    if header_length is not None:
+        if not header_length.isdigit() or int(header_length) > len(body):
+            raise InvalidInput(
+                f"Inference-Header-Content-Length: {header_length!r} does not fit a {len(body)}-byte body"
+            )
+        split = int(header_length)
+        header_bytes, tail = body[:split], body[split:]
+    else:
+        header_bytes, tail = body, b""
+    try:
+        header = json.loads(header_bytes)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise InvalidInput(f"body: not a JSON inference request ({exc.__class__.__name__})") from exc
+    if not isinstance(header, dict) or not isinstance(header.get("inputs"), list) or not header["inputs"]:
+        raise InvalidInput("inputs: a non-empty list of input tensors is required")
+    params = _parameters(header.get("parameters"), "parameters")
+    inputs, offset = [], 0
+    for i, spec in enumerate(header["inputs"]):
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise InvalidInput(f"inputs[{i}]: needs a name, datatype and shape")
+        name, datatype, shape = spec["name"], spec.get("datatype"), spec.get("shape")
+        if not isinstance(datatype, str):
+            raise InvalidInput(f"{name}: datatype is required")
+        size = _parameters(spec.get("parameters"), name).get("binary_data_size")
+        if size is not None:
+            if not isinstance(size, int) or size < 0 or offset + size > len(tail):
+                raise InvalidInput(
+                    f"{name}: binary_data_size {size!r} overruns the {len(tail)} bytes after the header"
+                )
+            inputs.append(kserve.from_raw(name, datatype, shape, tail[offset : offset + size]))
+            offset += size
+        elif "data" in spec:
+            inputs.append(kserve.from_list(name, datatype, shape, spec["data"]))
+        else:
+            raise InvalidInput(f"{name}: needs data, or binary_data_size with the binary extension")
+    if offset != len(tail):
+        raise InvalidInput(f"body: {len(tail) - offset} bytes after the header belong to no input")
+    outputs, binary = [], set()
+    for i, spec in enumerate(header.get("outputs") or []):
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise InvalidInput(f"outputs[{i}]: needs a name")
+        outputs.append(spec["name"])
+        if _parameters(spec.get("parameters"), spec["name"]).get("binary_data", False):
+            binary.add(spec["name"])
+    if params.get("binary_data_output"):
+        binary.add("*")
+    request_id = header.get("id")
+    return InferRequest(str(request_id) if request_id is not None else None, inputs, params, outputs, binary)
+
+
+def _parameters(value: Any, where: str) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise InvalidInput(f"{where}: parameters must be an object")
+    return value
+
+
+def encode_response(
+    model: str, version: int, request: InferRequest, tensors: list[kserve.Tensor]
+) -> tuple[bytes, dict[str, str]]:
+    """→ body and headers. JSON only, or JSON header + binary tail when any output is binary."""
+    outputs, tail = [], bytearray()
+    for t in tensors:
+        entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
+        if t.name in request.binary_outputs or "*" in request.binary_outputs:
+            raw = (
+                kserve.serialize_bytes(t.data)
+                if t.datatype == "BYTES"
+                else np.ascontiguousarray(t.data).tobytes()
+            )
+            entry["parameters"] = {"binary_data_size": len(raw)}
+            tail += raw
+        elif t.datatype == "BYTES":
+            entry["data"] = [x.decode("utf-8", "replace") for x in t.data.ravel()]
+        else:
+            entry["data"] = t.data.ravel().tolist()
+        outputs.append(entry)
+    header: dict[str, Any] = {"model_name": model, "model_version": str(version), "outputs": outputs}
+    if request.id is not None:
+        header["id"] = request.id
+    body = json.dumps(header, separators=(",", ":")).encode()
+    if not tail:
+        return body, {"content-type": "application/json"}
+    return body + bytes(tail), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(body))}

@@ -1,0 +1,66 @@
+"""KServe v2 HTTP routes (same port as the REST API): an APIRouter that ``create_app`` includes.
+
+GET  /v2/health/live | /v2/health/ready | /v2
+GET  /v2/models/{name}[/versions/{version}][/ready]
+POST /v2/models/{name}[/versions/{version}]/infer      JSON or binary tensor data extension
+"""
+
+from enum import Enum
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+
+from service.api import kserve, kserve_http
+from service.api.routes import ServerDep, direct_post, error_response, server_from
+from service.errors import NotReady
+from service.inference.repository import ModelEntry
+
+V2_TAGS: list[str | Enum] = ["KServe v2"]
+router = APIRouter(tags=V2_TAGS)
+
+
+@router.get("/v2/health/live")
+async def v2_live() -> dict[str, bool]:
+    return {"live": True}
+
+
+@router.get("/v2/health/ready")
+async def v2_ready(server: ServerDep) -> JSONResponse:
+    if not await server.is_ready():
+        raise NotReady("not ready: models are still loading")
+    return JSONResponse({"ready": True})
+
+
+@router.get("/v2")
+async def v2_server() -> dict[str, Any]:
+    return {"name": kserve.SERVER_NAME, "version": kserve.SERVER_VERSION, "extensions": kserve.EXTENSIONS}
+
+
+@router.get("/v2/models/{name}")
+@router.get("/v2/models/{name}/versions/{version}")
+async def v2_model(server: ServerDep, name: str, version: str | None = None) -> dict[str, Any]:
+    return kserve.metadata(server.resolve(name, None, version).manifest)
+
+
+@router.get("/v2/models/{name}/ready")
+@router.get("/v2/models/{name}/versions/{version}/ready")
+async def v2_model_ready(server: ServerDep, name: str, version: str | None = None) -> JSONResponse:
+    entry = server.resolve(name, None, version)
+    if not await server.is_ready():
+        return error_response(400, f"model {name!r} is not ready")
+    return JSONResponse({"name": entry.name, "ready": True})
+
+
+@direct_post(router, "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
+async def v2_infer(request: Request, name: str, version: str | None = None) -> Response:
+    server = server_from(request)
+    entry: ModelEntry = server.resolve(name, None, version)
+    body = await server.read_body(request)
+    parsed = kserve_http.parse_request(body, request.headers.get(kserve_http.HEADER_LENGTH))
+    outputs = kserve.requested_outputs(entry.manifest, parsed.outputs, parsed.parameters)
+    requests = kserve.to_requests(entry.manifest, parsed.inputs, parsed.parameters, outputs)
+    _, answers, _ = await server.predict_many(name, None, "v2_infer", requests, version)
+    tensors = kserve.to_outputs(entry.manifest, answers, outputs)
+    content, headers = kserve_http.encode_response(entry.name, entry.version, parsed, tensors)
+    return Response(content=content, headers=headers)

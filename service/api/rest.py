@@ -1,0 +1,153 @@
+"""The REST routes (``/healthz``, ``/readyz``, ``/v1/...``): an APIRouter that ``create_app`` includes.
+
+They translate HTTP into the runners' request types and back and compute nothing themselves.
+Plain functions that receive the serving :class:`~service.api.server.Server` as a dependency,
+so the same app runs under Ray Serve's ingress and under a replica's own HTTP server. Errors from
+anywhere below arrive as :mod:`service.errors` types and leave as ``{"error": "..."}``.
+"""
+
+import json
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+
+from service.api.rest_codec import answer_json, classify_job, classify_json_job, translate_job
+from service.api.routes import ServerDep, direct_post, server_from
+from service.api.schemas import (
+    ClassifyOptions,
+    ClassifyRequest,
+    ClassifyResponse,
+    ModelInfo,
+    ModelList,
+    TranslateRequest,
+    TranslateResponse,
+)
+from service.api.server import Server
+from service.errors import InvalidInput, NotReady, validation_message
+from service.inference.jobs import ClassifyJob
+
+router = APIRouter()
+
+# -- health -------------------------------------------------------------------------------------
+
+
+@router.get("/healthz", summary="Liveness")
+async def healthz() -> dict[str, str]:
+    return {"status": "live"}
+
+
+@router.get("/readyz", summary="Readiness: every model loaded and warmed up")
+async def readyz(server: ServerDep) -> JSONResponse:
+    if not await server.is_ready():
+        raise NotReady("not ready: models are still loading")
+    warmup = {name: info["warmup_ms"] for name, info in sorted(server.model_info.items())}
+    return JSONResponse({"status": "ready", "models": sorted(server.models), "warmup_ms": warmup})
+
+
+# -- models -------------------------------------------------------------------------------------
+
+
+@router.get("/v1/models", response_model=ModelList, summary="The served models")
+async def list_models(server: ServerDep) -> ModelList:
+    return ModelList(
+        models=[_model_info(server, n) for n in sorted(server.entries)], rejected=server.rejected
+    )
+
+
+@router.get("/v1/models/{name}", response_model=ModelInfo, summary="One model")
+async def get_model(server: ServerDep, name: str) -> ModelInfo:
+    server.resolve(name)
+    return _model_info(server, name)
+
+
+def _model_info(server: Server, name: str) -> ModelInfo:
+    m = server.entries[name].manifest
+    info = server.model_info.get(name, {})
+    languages = (
+        {"source": m.translation.source_language, "target": m.translation.target_language}
+        if m.translation
+        else None
+    )
+    return ModelInfo(
+        name=m.name, version=m.version, task=m.task, family=m.family, description=m.description,
+        labels=m.image.labels if m.image else None, languages=languages, eval=m.eval,
+        providers=info.get("providers"), max_batch_size=info.get("max_batch_size"),
+    )  # fmt: skip
+
+
+# -- inference ----------------------------------------------------------------------------------
+
+
+@direct_post(
+    router,
+    "/v1/models/{name}/translate",
+    response_model=TranslateResponse,
+    openapi_extra={
+        "requestBody": {
+            "required": True,
+            "content": {"application/json": {"schema": TranslateRequest.model_json_schema()}},
+        }
+    },
+)
+async def translate(request: Request, name: str) -> Response:
+    server = server_from(request)
+    try:
+        body = TranslateRequest.model_validate_json(await server.read_body(request))
+    except ValidationError as exc:
+        raise InvalidInput(validation_message(exc)) from exc
+    job = translate_job(body)
+    _, [answer], elapsed_ms = await server.predict_many(name, "translation", "translate", [job])
+    return Response(answer_json(answer, body, elapsed_ms), media_type="application/json")
+
+
+_CLASSIFY_BODY = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": ClassifyRequest.model_json_schema()},
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary"},
+                        **ClassifyOptions.model_json_schema()["properties"],
+                    },
+                }
+            },
+        },
+    }
+}
+
+
+@direct_post(
+    router, "/v1/models/{name}/classify", response_model=ClassifyResponse, openapi_extra=_CLASSIFY_BODY
+)
+async def classify(request: Request, name: str) -> Response:
+    server = server_from(request)
+    server.resolve(name, "image-classification")
+    options, job = await _classify_body(server, request)
+    _, [answer], elapsed_ms = await server.predict_many(name, "image-classification", "classify", [job])
+    return Response(answer_json(answer, options, elapsed_ms), media_type="application/json")
+
+
+async def _classify_body(server: Server, request: Request) -> tuple[ClassifyOptions, ClassifyJob]:
+    server.check_declared_length(request)
+    ctype = request.headers.get("content-type", "")
+    try:
+        if ctype.startswith("multipart/form-data"):
+            form = await request.form(max_files=1, max_fields=16, max_part_size=server.max_body)
+            upload = form.get("file")
+            if upload is None or isinstance(upload, str):
+                raise InvalidInput("file: a multipart upload named 'file' is required")
+            options = ClassifyOptions.model_validate({k: v for k, v in form.items() if k != "file"})
+            return options, classify_job(options, image=await upload.read())
+        if ctype.startswith("application/json") or not ctype:
+            body = ClassifyRequest.model_validate_json(await server.read_body(request))
+            return body, classify_json_job(body)
+    except ValidationError as exc:
+        raise InvalidInput(validation_message(exc)) from exc
+    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError) as exc:
+        raise InvalidInput(f"body: {type(exc).__name__}") from exc
+    raise InvalidInput(f"content-type: expected application/json or multipart/form-data, got {ctype!r}")

@@ -1,0 +1,161 @@
+"""The REST API contract: request and response models with their limits.
+
+The ``Field`` limits here are hard ceilings. What a deployment enforces is ``Settings.limits``
+(at most these ceilings; checked by the runners, ``service/inference/runners.py``), and that is what the
+OpenAPI document shows: ``service/api/http.py`` writes the served limits into these schemas.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+MAX_TEXT_CHARS = 4096
+MAX_TEXTS = 256
+MAX_BEAM = 64
+MAX_IMAGE_B64 = 48 * 1024 * 1024
+MAX_PIXEL_SIDE = 4096
+
+AttentionFormat = Literal["array", "png"]
+HeadFusion = Literal["mean", "max", "min"]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TranslateRequest(_Request):
+    text: str | list[str] = Field(
+        description="One text or a list of texts (each at most 4096 characters; at most 256 texts)."
+    )
+    beam_size: int = Field(1, ge=1, le=MAX_BEAM, description="1 = greedy decoding")
+    max_length: int | None = Field(
+        None, ge=1, le=1024, description="max target tokens (default: the model's)"
+    )
+    length_penalty: float = Field(
+        0.0, ge=0.0, le=4.0, description="GNMT length-penalty alpha for beam search"
+    )
+    return_attention: bool = False
+    attention_format: AttentionFormat = "array"
+    attention_layers: Literal["default", "all"] = Field(
+        "default",
+        description="Transformer: 'default' = last layer, heads averaged; 'all' adds every layer and head",
+    )
+
+    @model_validator(mode="after")
+    def _texts(self) -> TranslateRequest:
+        texts = self.texts
+        if not texts or len(texts) > MAX_TEXTS:
+            raise ValueError(f"text: give between 1 and {MAX_TEXTS} texts")
+        for i, t in enumerate(texts):
+            if not t.strip():
+                raise ValueError(f"text[{i}]: must not be empty")
+            if len(t) > MAX_TEXT_CHARS:
+                raise ValueError(f"text[{i}]: longer than {MAX_TEXT_CHARS} characters")
+        return self
+
+    @property
+    def texts(self) -> list[str]:
+        return [self.text] if isinstance(self.text, str) else list(self.text)
+
+
+class ClassifyOptions(_Request):
+    top_k: int = Field(5, ge=1, le=1000)
+    return_attention: bool = False
+    attention_format: AttentionFormat = "array"
+    head_fusion: HeadFusion = "mean"
+    discard_ratio: float = Field(
+        0.0, ge=0.0, lt=1.0, description="rollout: share of weakest links dropped per layer"
+    )
+    attention_layers: Literal["rollout", "all"] = Field(
+        "rollout", description="'all' adds the raw attention of every layer and head [layers, heads, T, T]"
+    )
+    overlay_opacity: float = Field(0.5, ge=0.0, le=1.0, description="PNG overlay: heatmap opacity")
+
+
+class ClassifyRequest(ClassifyOptions):
+    image: str | None = Field(None, max_length=MAX_IMAGE_B64, description="base64 PNG/JPEG/… bytes")
+    pixels: list | None = Field(None, description="raw pixel values 0–255, shape [H, W] or [H, W, 3]")
+
+    @model_validator(mode="after")
+    def _one_input(self) -> ClassifyRequest:
+        if (self.image is None) == (self.pixels is None):
+            raise ValueError("give exactly one of image (base64) or pixels")
+        return self
+
+
+class Metrics(BaseModel):
+    queue_wait_ms: float = Field(
+        description="time from arrival at the model replica to the start of its batch"
+    )
+    compute_ms: float = Field(description="inference time of the batch it ran in")
+    total_ms: float = Field(description="time spent in the service, as measured at the ingress")
+    batch_size: int = Field(description="sequences or images in the batch it ran in")
+    tokens_generated: int | None = None
+    replica: str | None = None
+    node: str | None = Field(None, description="the Ray node the replica runs on (first 12 hex digits)")
+
+
+class AttentionMap(BaseModel):
+    """An attention map as numbers and/or a PNG. ``shape`` is the shape of ``values``."""
+
+    kind: str
+    shape: list[int]
+    values: list | None = None
+    png_base64: str | None = None
+    layers: list | None = Field(None, description="every layer and head, when asked for")
+
+
+class TranslationOut(BaseModel):
+    text: str
+    source_tokens: list[str]
+    target_tokens: list[str]
+    score: float
+    finished: bool
+    attention: AttentionMap | None = None
+
+
+class TranslateResponse(BaseModel):
+    model: str
+    version: int
+    translations: list[TranslationOut]
+    metrics: Metrics
+
+
+class Prediction(BaseModel):
+    label: str
+    index: int
+    probability: float
+
+
+class ClassifyResponse(BaseModel):
+    model: str
+    version: int
+    predictions: list[Prediction]
+    attention: AttentionMap | None = None
+    metrics: Metrics
+
+
+class ModelInfo(BaseModel):
+    name: str
+    version: int
+    task: str
+    family: str
+    description: str
+    labels: list[str] | None = None
+    languages: dict[str, str] | None = None
+    eval: dict[str, float]
+    providers: list[str] | None = None
+    max_batch_size: int | None = None
+
+
+class ModelList(BaseModel):
+    models: list[ModelInfo]
+    rejected: dict[str, str] = Field(
+        default_factory=dict, description="model directories refused at load, and why"
+    )
+
+
+class ErrorBody(BaseModel):
+    error: str

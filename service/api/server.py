@@ -1,0 +1,139 @@
+"""The one server object every protocol adapter calls: the served models and the calls they share.
+
+REST (``service/api/rest.py``), KServe v2 HTTP (``service/api/kserve_routes.py``) and gRPC
+(``service/api/grpc_servicer.py``) resolve a model with :meth:`Server.resolve` and send requests
+with :meth:`Server.predict_many`, so deadlines, overload and request metrics are the same
+whatever the protocol and whatever the hosting: a model is anything with ``predict`` and
+``info`` — a worker in this process (``service/hosting/in_replica.py``) or a deployment handle
+(``service/hosting/ray_ingress.py``). The hosting layer builds the server and hands it to
+``create_app(server)`` and to the gRPC servicer; it swaps the served set with :meth:`Server.serve`.
+"""
+
+import asyncio
+import time
+from collections.abc import Awaitable, Mapping
+from typing import Any, Protocol
+
+from fastapi import Request
+
+from service.errors import (
+    BodyTooLarge,
+    DeadlineExceeded,
+    ModelNotFound,
+    ServiceError,
+    WrongTask,
+)
+from service.inference.jobs import Answer
+from service.inference.repository import ModelEntry
+from service.settings import Settings
+
+#: the status recorded for a request whose client disconnected before its answer
+CLIENT_CLOSED = 499
+
+
+class Model(Protocol):
+    def predict(self, job: Any) -> Awaitable[Answer]: ...
+
+    def info(self) -> Awaitable[dict[str, Any]]: ...
+
+
+class RequestMetrics(Protocol):
+    """Where the server records each answered request (the hosting layer exports them)."""
+
+    def record(self, model: str, route: str, status: int, seconds: float) -> None: ...
+
+
+class Server:
+    def __init__(self, settings: Settings, metrics: RequestMetrics) -> None:
+        self.settings = settings
+        self.metrics = metrics
+        self.models: dict[str, Model] = {}
+        self.entries: dict[str, ModelEntry] = {}
+        self.rejected: dict[str, str] = {}
+        self.model_info: dict[str, dict[str, Any]] = {}
+        # the body limit: the largest image, base64-encoded, plus room for the JSON around it
+        self.max_body = settings.limits.max_image_bytes * 4 // 3 + 64 * 1024
+
+    def check_declared_length(self, request: Request) -> None:
+        """Refuse a body whose Content-Length is over the limit before reading any of it."""
+        length = request.headers.get("content-length")
+        if length and length.isdigit() and int(length) > self.max_body:
+            raise BodyTooLarge(f"body: {length} bytes exceed the limit of {self.max_body}")
+
+    async def read_body(self, request: Request) -> bytes:
+        """The whole body, under the limit whether or not its length was declared: a chunked
+        body is read as it streams and cut with 413 at the limit, never held whole beyond it.
+        Kept on the request (as Starlette's ``body()`` keeps it) for whoever reads it next."""
+        self.check_declared_length(request)
+        if hasattr(request, "_body"):
+            return await request.body()
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > self.max_body:
+                raise BodyTooLarge(f"body: more than the limit of {self.max_body} bytes")
+            chunks.append(chunk)
+        request._body = body = b"".join(chunks)
+        return body
+
+    def serve(
+        self, models: Mapping[str, Model], entries: Mapping[str, ModelEntry], rejected: dict[str, str]
+    ) -> None:
+        """Serve this set from now on, in one synchronous step: a request sees either the old set
+        or the new one, never a mix."""
+        self.models, self.entries, self.rejected, self.model_info = dict(models), dict(entries), rejected, {}
+
+    async def is_ready(self) -> bool:
+        try:
+            await asyncio.wait_for(self._load_info(), timeout=5)
+        except Exception:  # a model that does not answer its info call is not ready
+            return False
+        return True
+
+    async def _load_info(self) -> None:
+        missing = [n for n in self.models if n not in self.model_info]
+        infos = await asyncio.gather(*(self.models[n].info() for n in missing))
+        self.model_info.update(zip(missing, infos, strict=True))
+
+    def resolve(self, name: str, task: str | None = None, version: str | None = None) -> ModelEntry:
+        """The served model ``name`` (at ``version``, when given) — a dictionary lookup, so no
+        name a client sends can reach the file system."""
+        entry = self.entries.get(name)
+        if entry is None:
+            raise ModelNotFound(f"model {name!r} not found; available: {sorted(self.entries)}")
+        if version not in (None, "", str(entry.version)):
+            raise ModelNotFound(f"model {name!r} has no version {version!r}; serving version {entry.version}")
+        if task and entry.manifest.task != task:
+            raise WrongTask(f"model {name!r} is a {entry.manifest.task} model, not {task}")
+        return entry
+
+    async def predict_many(
+        self, name: str, task: str | None, route: str, requests: list[Any], version: str | None = None
+    ) -> tuple[ModelEntry, list[Answer], float]:
+        """Send requests to a model's deployment concurrently (they batch there), with the
+        deadline and overload mapping every protocol shares; record the request metrics."""
+        start = time.perf_counter()
+        status = 500
+        try:
+            entry = self.resolve(name, task, version)
+            timeout = self.settings.limits.request_timeout_s
+            model = self.models[name]
+            try:
+                async with asyncio.timeout(timeout):  # on expiry the calls are cancelled
+                    if len(requests) == 1:  # the common case, without gather's extra tasks
+                        answers = [await model.predict(requests[0])]
+                    else:
+                        answers = list(await asyncio.gather(*(model.predict(r) for r in requests)))
+            except TimeoutError as exc:  # the cancelled calls free their places in the batch
+                raise DeadlineExceeded(f"model {name!r} did not answer within {timeout} s") from exc
+            status = 200
+        except ServiceError as exc:
+            status = exc.http_status
+            raise
+        except asyncio.CancelledError:  # the client went away (nginx's 499): not a server error
+            status = CLIENT_CLOSED
+            raise
+        finally:
+            label = name if name in self.entries else "_unknown"
+            self.metrics.record(label, route, status, time.perf_counter() - start)
+        return entry, answers, round((time.perf_counter() - start) * 1000, 3)

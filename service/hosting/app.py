@@ -1,0 +1,49 @@
+"""Assemble the Ray Serve application from the repository and the settings.
+
+``build_app(settings)`` is used by ``python -m service``; ``app_builder(args)`` is the import
+path for ``serve run deploy/serve_config.yaml`` (its ``args`` are settings overrides, e.g.
+``repository``). The frontend setting picks the topology: serving replicas that hold every model
+and listen themselves (``in-replica``), or an ingress deployment in front of one deployment per
+model (``ray-proxy``, ``ray-direct``).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray.serve import Application
+
+from service.inference.repository import discover
+from service.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+class NoModels(RuntimeError):
+    pass
+
+
+def build_app(settings: Settings) -> Application:
+    found = discover(settings.repository, settings.models)
+    if not found.models:
+        raise NoModels(f"no servable model in {settings.repository}: {found.rejected or 'it is empty'}")
+    for key, reason in found.rejected.items():
+        log.error("not serving %s: %s", key, reason)
+    if settings.frontend == "in-replica":
+        from service.hosting.in_replica import ServingReplica, replica_options, user_config
+
+        config = user_config(found.models, found.rejected)
+        return ServingReplica.options(**replica_options(settings), user_config=config).bind(  # type: ignore[attr-defined]
+            settings
+        )
+    from service.hosting.ray_ingress import Ingress, ingress_options, model_deployment
+
+    handles = {name: model_deployment(entry, settings) for name, entry in found.models.items()}
+    return Ingress.options(**ingress_options(settings)).bind(  # type: ignore[attr-defined]
+        handles, found.models, found.rejected, settings
+    )
+
+
+def app_builder(args: dict[str, Any]) -> Application:
+    return build_app(Settings(**args))

@@ -1,0 +1,196 @@
+"""The ``in-replica`` frontend: each serving replica holds every model and answers HTTP and gRPC
+itself, on the configured host and ports.
+
+Why: on small and medium attention models Ray Serve's default path (proxy actor → ingress
+replica → model replica) costs several times the model's own CPU per request
+(``benchmarks/results/``). Here a request crosses no process boundary: the replica's own
+uvicorn (the same FastAPI app as every frontend) and gRPC server call the model workers in
+process, each model batching in its own queue (``service/inference/batcher.py``). Ray Serve still places,
+health-checks, restarts and scales the replicas.
+
+One stable port for many replicas: every replica binds ``host:http_port`` (and ``grpc_port``)
+with ``SO_REUSEPORT``, so the replicas on a node share the port and the kernel spreads new
+connections over them; a replacement replica joins the port the moment it is ready, and one
+that stops leaves it. Across nodes, each node's replicas listen on that node's address (put a
+load balancer in front, as with Ray's per-node proxies). Shed requests (a model's queue full)
+are answered here and counted in ``attention_requests_total`` like every other answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections import OrderedDict
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import ray
+import uvicorn
+from ray import serve
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from service.api.grpc_servicer import GrpcServicer, add_to_grpc_server
+from service.api.http import create_app
+from service.api.server import Server
+from service.hosting.metrics import IngressMetrics, ModelMetrics
+from service.inference.model_set import ModelSet
+from service.inference.repository import ModelEntry
+from service.settings import Settings
+
+log = logging.getLogger("ray.serve")
+
+
+class ConnectionRecycler:
+    """Close a keep-alive connection after ``limit`` requests (``Connection: close``), as nginx's
+    ``keepalive_requests`` does: replicas share the port per *connection*, so without this a
+    replica that restarts or joins would get no share of long-lived client connections."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app, self.limit = app, limit
+        self.served: OrderedDict[Any, int] = OrderedDict()  # client address → requests so far
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self.limit:
+            return await self.app(scope, receive, send)
+        client = scope.get("client")
+        count = self.served.pop(client, 0) + 1
+        last = count >= self.limit
+        if not last:
+            self.served[client] = count
+            while len(self.served) > 65536:  # addresses of connections that went away
+                self.served.popitem(last=False)
+
+        async def send_closing(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
+            await send(message)
+
+        await self.app(scope, receive, send_closing if last else send)
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its signal handlers: the replica's process belongs to Ray."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def shared_socket(host: str, port: int) -> socket.socket:
+    """A listening TCP socket other replicas on this node may bind too (SO_REUSEPORT)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+@serve.deployment
+class ServingReplica:
+    """Holds a worker per model (a :class:`ModelSet`) and serves them over HTTP and gRPC. Which
+    version of each model: the deployment's ``user_config`` (``{"models": {name: version},
+    "rejected": {...}}``) at start and on a config-only redeploy (:meth:`reconfigure`), then the
+    newest version directory the repository poll finds — swapped in place, without restarting."""
+
+    # Ray Serve awaits an async constructor, then calls reconfigure with the user_config; the
+    # replica takes traffic (and joins the port) only once both returned
+    async def __init__(self, settings: Settings) -> None:  # type: ignore[misc]
+        self.settings = settings
+        self.server = Server(settings, IngressMetrics(settings.latency_buckets_s))
+        self.models = ModelSet(
+            settings,
+            replica=serve.get_replica_context().replica_id.unique_id,
+            node=ray.get_runtime_context().get_node_id()[:12],
+            metrics_for=lambda name: ModelMetrics(name, settings.latency_buckets_s),
+            on_change=lambda workers, rejected: self.server.serve(
+                workers, {n: w.entry for n, w in workers.items()}, rejected
+            ),
+        )
+        self.http_task: asyncio.Task[None] | None = None
+        self.poll_task: asyncio.Task[None] | None = None
+
+    async def reconfigure(self, config: dict[str, Any]) -> None:
+        """Serve ``config["models"]`` (name → version): Ray calls this after the constructor and
+        whenever only the user_config changed (``serve deploy`` of a new version)."""
+        self.models.configured_rejected = dict(config.get("rejected", {}))
+        await self.models.serve({name: int(version) for name, version in config["models"].items()})
+        if self.http_task is None:
+            await self._listen()
+            if self.settings.repository_poll_s > 0:
+                self.poll_task = asyncio.create_task(self.models.poll())
+
+    async def _listen(self) -> None:
+        settings = self.settings
+        recycled = ConnectionRecycler(create_app(self.server), settings.keepalive_requests)
+        self.http = _Server(
+            uvicorn.Config(
+                recycled, lifespan="off", log_level="warning", access_log=settings.access_log,
+                timeout_keep_alive=30, proxy_headers=False,
+            )
+        )  # fmt: skip
+        self.http_task = asyncio.create_task(
+            self.http.serve(sockets=[shared_socket(settings.host, settings.http_port)])
+        )
+        self.grpc = grpc.aio.server(
+            options=[
+                ("grpc.so_reuseport", 1),
+                ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
+                ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
+            ]
+        )
+        add_to_grpc_server(self.grpc, GrpcServicer(self.server))
+        address = f"[{settings.host}]" if ":" in settings.host else settings.host
+        if not self.grpc.add_insecure_port(f"{address}:{settings.grpc_port}"):
+            raise RuntimeError(f"gRPC: cannot listen on {address}:{settings.grpc_port}")
+        await self.grpc.start()
+        while not self.http.started:  # the socket is bound already; this is uvicorn's start-up
+            if self.http_task.done():
+                self.http_task.result()  # raises why it stopped
+                raise RuntimeError(f"HTTP server on {settings.host}:{settings.http_port} stopped")
+            await asyncio.sleep(0.01)
+        log.info("serving HTTP on %s:%d, gRPC on :%d", settings.host, settings.http_port, settings.grpc_port)
+
+    async def check_health(self) -> None:
+        """Called by Ray Serve every few seconds; a raise here restarts the replica."""
+        if self.http_task is not None and self.http_task.done():
+            raise RuntimeError("the replica's HTTP server stopped")
+        self.models.refresh_metrics()
+
+    async def __del__(self) -> None:
+        """Graceful stop: refuse new connections and let requests in flight finish, for at most
+        ``drain_s`` (HTTP and gRPC together), then close what is left."""
+        if self.poll_task is not None:
+            self.poll_task.cancel()
+        if self.http_task is None:
+            return
+        drain = self.settings.drain_s
+        self.http.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(
+                asyncio.gather(self.grpc.stop(grace=drain), asyncio.shield(self.http_task)), drain + 0.5
+            )
+        self.http.force_exit = True  # connections still open after the drain are closed
+
+
+def user_config(models: dict[str, ModelEntry], rejected: dict[str, str]) -> dict[str, Any]:
+    """What the serving replicas serve: the deployment's user_config (see ServingReplica)."""
+    return {"models": {name: entry.version for name, entry in models.items()}, "rejected": rejected}
+
+
+def replica_options(settings: Settings) -> dict[str, Any]:
+    return {
+        "name": "replica",
+        **settings.scaling_for(None),
+        # HTTP and gRPC reach the replica directly, so Ray's request limits do not apply:
+        # each model's worker sheds beyond its capacity (ModelWorker.capacity)
+        "ray_actor_options": settings.actor_options(),
+        "logging_config": settings.serve_logging,
+        "health_check_period_s": 5,
+        **settings.shutdown_options(),
+    }

@@ -1,0 +1,85 @@
+"""What the inference core takes and gives: typed values holding numpy arrays, never JSON.
+
+Each protocol adapter (``service/api/``) decodes its input once into a job and encodes the
+result once into its own format — REST JSON (with PNG heatmaps), KServe v2 tensors, protobuf —
+so bytes stay bytes and arrays stay arrays between the layers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import numpy as np
+
+from service.inference.translation import Translation
+
+#: which attention a translation keeps: none, the default map (an RNN's weights, a Transformer's
+#: last layer averaged over heads), or that map plus every layer and head
+TranslationAttention = Literal["none", "default", "all"]
+#: which attention a classification keeps: none, the rollout map, or the rollout plus every
+#: layer's raw attention
+ImageAttention = Literal["none", "rollout", "all"]
+HeadFusion = Literal["mean", "max", "min"]
+
+
+@dataclass(frozen=True)
+class TranslateJob:
+    texts: list[str]
+    beam_size: int = 1
+    max_length: int | None = None  # target tokens; None: the model's limit
+    length_penalty: float = 0.0
+    attention: TranslationAttention = "none"
+
+
+@dataclass(frozen=True)
+class ClassifyJob:
+    """One image: encoded bytes (PNG, JPEG, …) or raw pixel values (``[H, W]`` or ``[H, W, C]``,
+    0–255) — exactly one of them."""
+
+    image: bytes | None = None
+    pixels: np.ndarray | None = field(default=None, repr=False)
+    top_k: int = 5
+    attention: ImageAttention = "none"
+    head_fusion: HeadFusion = "mean"
+    discard_ratio: float = 0.0
+
+
+@dataclass
+class Translated:
+    translations: list[Translation]
+
+    @property
+    def tokens_generated(self) -> int:
+        return sum(len(t.target_tokens) for t in self.translations)
+
+
+@dataclass
+class Classified:
+    indices: np.ndarray  # (k,) class indices, most probable first
+    probabilities: np.ndarray  # (k,) their probabilities
+    labels: list[str]  # (k,) their names
+    image: np.ndarray = field(repr=False)  # the model-sized uint8 image, for overlays
+    rollout: np.ndarray | None = None  # (rows, cols) relevance of each patch
+    attentions: np.ndarray | None = field(default=None, repr=False)  # (layers, heads, T, T)
+    rollout_kind: str = ""  # e.g. "rollout-mean"
+
+
+@dataclass(frozen=True)
+class AnswerMetrics:
+    queue_wait_ms: float
+    compute_ms: float
+    batch_size: int
+    tokens_generated: int | None
+    replica: str
+    node: str
+
+
+@dataclass
+class Answer:
+    """A model's result for one job, with the version that produced it and what it cost."""
+
+    model: str
+    version: int
+    result: Translated | Classified
+    metrics: AnswerMetrics

@@ -1,0 +1,258 @@
+"""Runners: the per-model compute behind a deployment, in three steps (TorchServe's handler split).
+
+``preprocess(request) → work`` runs per request (validation, tokenising, image decoding);
+``infer(works) → outputs`` runs once per formed batch — a list in, a list of the same length out;
+``postprocess(work, output) → result`` turns one output into the job's typed result
+(``service/inference/jobs.py``; the protocol adapters encode it).
+A work larger than a batch is cut by ``split(work, units)`` into parts whose outputs
+``join`` puts back together, in order. Nothing here knows about Ray; ``service/inference/worker.py``
+puts a runner behind the model's own batcher (``service/inference/batcher.py``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import numpy as np
+
+from service.errors import InvalidInput, PayloadTooLarge, ResponseTooLarge
+from service.inference import attention as maps
+from service.inference.batching import group_by, length_buckets
+from service.inference.jobs import Classified, ClassifyJob, Translated, TranslateJob
+from service.inference.repository import ModelEntry
+from service.inference.translation import Translation, Translator
+from service.inference.vision import Classifier, decode_image, pixels_to_image, preprocess
+from service.settings import Limits
+
+
+class Runner(Protocol):
+    entry: ModelEntry
+    providers: list[str]  # the execution providers ONNX Runtime actually chose
+
+    def preprocess(self, request: Any) -> Any: ...
+    def infer(self, works: list[Any]) -> list[Any]: ...
+    def postprocess(self, work: Any, output: Any) -> Translated | Classified: ...
+    def size(self, work: Any) -> int: ...
+    def split(self, work: Any, units: int) -> list[Any]: ...
+    def join(self, outputs: list[Any]) -> Any: ...
+    def warmup(self) -> None: ...
+
+
+# -- translation ---------------------------------------------------------------------------------
+
+
+@dataclass
+class TranslateWork:
+    job: TranslateJob
+    ids: list[list[int]]
+    tokens: list[list[str]]
+
+
+class TranslationRunner:
+    def __init__(self, entry: ModelEntry, providers: list[str], threads: int, limits: Limits) -> None:
+        self.entry = entry
+        self.limits = limits
+        self.translator = Translator(entry.directory, entry.manifest, providers, threads)
+        self.providers = self.translator.encoder.providers
+        self.row_by_row = batch_dependent(entry)
+
+    def preprocess(self, request: TranslateJob) -> TranslateWork:
+        texts = request.texts
+        if not texts:
+            raise InvalidInput("text: give at least one text")
+        if len(texts) > self.limits.max_texts:
+            raise PayloadTooLarge(f"text: {len(texts)} texts exceed the limit of {self.limits.max_texts}")
+        for i, text in enumerate(texts):
+            if len(text) > self.limits.max_text_chars:
+                raise PayloadTooLarge(
+                    f"text[{i}]: {len(text)} characters exceed the limit of {self.limits.max_text_chars}"
+                )
+        if request.beam_size > self.limits.max_beam_size:
+            raise InvalidInput(
+                f"beam_size: {request.beam_size} exceeds the limit of {self.limits.max_beam_size}"
+            )
+        ids, tokens = zip(*(self.translator.tokenize(t) for t in texts), strict=True)
+        self._check_answer_size(request, [len(i) for i in ids])
+        return TranslateWork(request, list(ids), list(tokens))
+
+    def _check_answer_size(self, request: TranslateJob, source_lengths: list[int]) -> None:
+        """Refuse up front an answer whose attention could exceed ``limits.max_response_bytes``:
+        the bound takes every text to its longest decode (``max_length`` or the model's limit)."""
+        if request.attention == "none":
+            return
+        spec = self.translator.spec
+        steps = min(request.max_length or spec.max_target_tokens, spec.max_target_tokens) + 1
+        per_cell = 1 + (spec.num_layers * spec.num_heads if request.attention == "all" else 0)
+        values = sum(steps * length * per_cell for length in source_lengths)
+        check_answer_size(values, self.limits.max_response_bytes, "fewer texts, a smaller max_length")
+
+    def size(self, work: TranslateWork) -> int:
+        return len(work.ids)
+
+    def split(self, work: TranslateWork, units: int) -> list[TranslateWork]:
+        """Consecutive runs of at most ``units`` texts, with the request's options."""
+        return [
+            TranslateWork(work.job, work.ids[i : i + units], work.tokens[i : i + units])
+            for i in range(0, len(work.ids), units)
+        ]
+
+    def join(self, outputs: list[list[Translation]]) -> list[Translation]:
+        return [t for part in outputs for t in part]
+
+    def infer(self, works: list[TranslateWork]) -> list[list[Translation]]:
+        """Flatten every text of every request, group by decoding options, bucket by length."""
+        flat = [(w, i) for w, work in enumerate(works) for i in range(len(work.ids))]
+        results: dict[tuple[int, int], Translation] = {}
+
+        def options(item: tuple[int, int]) -> tuple[int, int | None, float]:
+            r = works[item[0]].job
+            return r.beam_size, r.max_length, r.length_penalty
+
+        for group in group_by(flat, options):
+            beam, max_length, penalty = options(flat[group[0]])
+            lengths = [len(works[flat[g][0]].ids[flat[g][1]]) for g in group]
+            for bucket in length_buckets(lengths, max_size=1 if self.row_by_row else None):
+                members = [flat[group[b]] for b in bucket]
+                out = self.translator.translate_ids(
+                    [works[w].ids[i] for w, i in members],
+                    [works[w].tokens[i] for w, i in members],
+                    beam,
+                    max_length,
+                    penalty,
+                )
+                results.update(zip(members, out, strict=True))
+        return [[results[(w, i)] for i in range(len(work.ids))] for w, work in enumerate(works)]
+
+    def postprocess(self, work: TranslateWork, output: list[Translation]) -> Translated:
+        if work.job.attention == "none":  # nobody asked for the maps: let them go with the work
+            output = [dataclasses.replace(t, attention=np.empty((0, 0), np.float32)) for t in output]
+        return Translated(output)
+
+    def warmup(self) -> None:
+        self.translator.translate(["warm-up 1", "warm up two"], beam_size=2, max_length=4)
+
+
+# -- image classification ------------------------------------------------------------------------
+
+
+@dataclass
+class ClassifyWork:
+    job: ClassifyJob
+    pixels: np.ndarray  # (C, H, W) normalised
+    image: np.ndarray  # the model-sized uint8 image, for overlays
+
+
+class ClassificationRunner:
+    def __init__(self, entry: ModelEntry, providers: list[str], threads: int, limits: Limits) -> None:
+        self.entry = entry
+        self.limits = limits
+        self.classifier = Classifier(entry.directory, entry.manifest, providers, threads)
+        self.spec = self.classifier.spec
+        self.providers = self.classifier.session.providers
+        self.row_by_row = batch_dependent(entry)
+
+    def preprocess(self, job: ClassifyJob) -> ClassifyWork:
+        """Decode the image bytes or take the pixel array, under the limits; resize, normalise."""
+        if (job.image is None) == (job.pixels is None):
+            raise InvalidInput("image: give exactly one of an encoded image or pixels")
+        if job.image is not None:
+            image = self._decode(job.image, "image")
+        else:
+            image = pixels_to_image(self._pixel_array(job.pixels))
+        if job.attention != "none":
+            tokens = self.spec.prefix_tokens + self.spec.grid[0] * self.spec.grid[1]
+            values = self.spec.grid[0] * self.spec.grid[1]
+            if job.attention == "all":
+                values += self.spec.num_layers * self.spec.num_heads * tokens * tokens
+            check_answer_size(values, self.limits.max_response_bytes, "attention_layers 'rollout'")
+        pixels, resized = preprocess(image, self.spec)
+        return ClassifyWork(job, pixels, resized)
+
+    def _decode(self, data: bytes, field: str) -> Any:
+        if len(data) > self.limits.max_image_bytes:
+            raise PayloadTooLarge(
+                f"{field}: {len(data)} bytes exceed the limit of {self.limits.max_image_bytes}"
+            )
+        return decode_image(data, self.limits.max_image_pixels, field)
+
+    def _pixel_array(self, pixels: Any) -> np.ndarray:
+        try:
+            array = np.asarray(pixels, dtype=np.float64)
+        except (ValueError, TypeError) as exc:
+            raise InvalidInput("pixels: must be a rectangular array of numbers") from exc
+        if array.size > self.limits.max_image_pixels * 4:
+            raise PayloadTooLarge(f"pixels: {array.size} values exceed the limit")
+        return array
+
+    def size(self, work: ClassifyWork) -> int:
+        return 1
+
+    def split(self, work: ClassifyWork, units: int) -> list[ClassifyWork]:
+        return [work]  # one image is one unit: never larger than a batch
+
+    def join(self, outputs: list[Any]) -> Any:
+        [output] = outputs
+        return output
+
+    def infer(self, works: list[ClassifyWork]) -> list[Any]:
+        if self.row_by_row:
+            return [self.classifier.classify(w.pixels[None])[0] for w in works]
+        return list(self.classifier.classify(np.stack([w.pixels for w in works])))
+
+    def postprocess(self, work: ClassifyWork, output: Any) -> Classified:
+        job = work.job
+        probs = output.probabilities
+        top = np.argsort(-probs, kind="stable")[: min(job.top_k, self.limits.max_top_k, len(probs))]
+        result = Classified(
+            indices=top, probabilities=probs[top], labels=[self.spec.labels[i] for i in top], image=work.image
+        )
+        if job.attention != "none":
+            result.rollout = maps.rollout(
+                output.attentions, job.head_fusion, job.discard_ratio, self.spec.prefix_tokens
+            ).reshape(self.spec.grid)
+            result.rollout_kind = f"rollout-{job.head_fusion}"
+        if job.attention == "all":
+            result.attentions = output.attentions
+        return result
+
+    def warmup(self) -> None:
+        """Run a batch and lay its map on the patch grid: a manifest whose ``prefix_tokens`` or
+        grid does not fit the graph's attention fails here, at start, not on every request."""
+        blank = np.zeros((2, self.spec.channels, self.spec.height, self.spec.width), dtype=np.float32)
+        attentions = self.classifier.classify(blank)[0].attentions  # (layers, heads, T, T)
+        rows, cols = self.spec.grid
+        if attentions.shape[-1] != self.spec.prefix_tokens + rows * cols:
+            raise ValueError(
+                f"{self.entry.name}: attention covers {attentions.shape[-1]} tokens, the manifest's image "
+                f"section says {self.spec.prefix_tokens} + {rows}×{cols} patches"
+            )
+
+
+def batch_dependent(entry: ModelEntry) -> bool:
+    """Whether a row's output depends on the other rows of its graph call. ONNX Runtime's dynamic
+    quantization computes each activation's int8 scale over the whole tensor, batch included, so
+    in a batch one request's answer would move with its neighbours' (by ~1e-3 on fashion-vit-int8).
+    Such models run one row per graph call — still queued and batched per model — so every answer
+    equals the one the request gets alone."""
+    quantization = entry.manifest.export.quantization
+    return bool(quantization and "dynamic" in quantization.lower())
+
+
+#: JSON bytes per attention value as answered ("0.123456," — rounded to 6 decimals)
+BYTES_PER_VALUE = 9
+
+
+def check_answer_size(values: int, limit: int, smaller: str) -> None:
+    if values * BYTES_PER_VALUE > limit:
+        raise ResponseTooLarge(
+            f"attention: the answer could reach {values * BYTES_PER_VALUE:,} bytes, over the service's "
+            f"limits.max_response_bytes ({limit:,}; ATTN_LIMITS__MAX_RESPONSE_BYTES); ask for {smaller} "
+            "or without every layer (attention_layers)"
+        )
+
+
+def make_runner(entry: ModelEntry, providers: list[str], threads: int, limits: Limits) -> Runner:
+    cls = TranslationRunner if entry.manifest.task == "translation" else ClassificationRunner
+    return cls(entry, providers, threads, limits)

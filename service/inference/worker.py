@@ -1,0 +1,149 @@
+"""One model, in process: its runner behind its own :class:`~service.inference.batcher.Batcher`, with its
+metrics and its queue limit.
+
+Both topologies use it. In the default ``in-replica`` frontend every serving replica holds a
+worker per model (and, during a hot swap, briefly one per version) and calls it directly; in the
+Ray-ingress frontends each model deployment (``service/hosting/ray_ingress.py``) wraps one worker and the
+ingress reaches it through a handle. Each worker has its own queue and batch parameters
+(``Settings.batching_for``), so models never share a batch whatever the frontend.
+
+Batching: a batch holds up to ``max_batch_size`` sequences (a multi-text translation counts each
+text) and waits at most ``batch_wait_timeout_s`` for more; it runs in a worker thread so the event
+loop keeps accepting the next batch meanwhile. A request larger than a batch is split into
+batch-sized parts, which batch like any other requests and are answered whole, in order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Protocol
+
+from service.errors import InferenceFailed, Overloaded, ServiceError
+from service.inference.batcher import Batcher
+from service.inference.jobs import Answer, AnswerMetrics, Translated
+from service.inference.repository import ModelEntry
+from service.inference.runners import make_runner
+from service.inference.runtime import choose_providers
+from service.settings import Settings
+
+log = logging.getLogger("ray.serve")
+
+
+class WorkerMetrics(Protocol):
+    """Where a worker records what it did; the hosting layer gives one that exports them (Ray's
+    metrics API, ``service/hosting/metrics.py``), tests and offline use need none."""
+
+    def loaded(self, version: int, task: str, family: str, provider: str) -> None: ...
+    def refresh(self) -> None: ...
+    def batch(self, size: int, compute_s: float) -> None: ...
+    def waited(self, seconds: float) -> None: ...
+    def generated(self, tokens: int) -> None: ...
+
+
+class NoMetrics:
+    def loaded(self, version: int, task: str, family: str, provider: str) -> None:
+        pass
+
+    def refresh(self) -> None:
+        pass
+
+    def batch(self, size: int, compute_s: float) -> None:
+        pass
+
+    def waited(self, seconds: float) -> None:
+        pass
+
+    def generated(self, tokens: int) -> None:
+        pass
+
+
+class ModelWorker:
+    def __init__(
+        self,
+        entry: ModelEntry,
+        settings: Settings,
+        replica: str,
+        node: str,
+        metrics: WorkerMetrics | None = None,
+    ) -> None:
+        self.entry = entry
+        providers = choose_providers(list(settings.providers))
+        self.runner = make_runner(entry, providers, settings.intra_op_threads, settings.limits)
+        start = time.perf_counter()
+        self.runner.warmup()  # a replica takes traffic only once constructed, so only after this
+        self.warmup_ms = round((time.perf_counter() - start) * 1000, 3)
+        batching = settings.batching_for(entry.name)
+        self.max_batch_size = batching.max_batch_size
+        self.batcher: Batcher[Any, Any] = Batcher(
+            self._infer, batching.max_batch_size, batching.batch_wait_timeout_s
+        )
+        #: requests (or parts of one) this worker holds at once — waiting, or in the batch that is
+        #: computing — before it sheds new ones
+        self.capacity = max_ongoing_requests(settings, entry.name) + settings.limits.max_queued_requests
+        self.metrics = metrics or NoMetrics()
+        provider = self.runner.providers[0]
+        self.metrics.loaded(entry.version, entry.manifest.task, entry.manifest.family, provider)
+        self.replica, self.node = replica, node
+        log.info(
+            "%s v%s ready on %s, batch ≤ %d", entry.name, entry.version, provider, batching.max_batch_size
+        )
+
+    async def info(self) -> dict[str, Any]:
+        return {
+            "providers": list(self.runner.providers),
+            "max_batch_size": self.max_batch_size,
+            "warmup_ms": self.warmup_ms,
+        }
+
+    async def predict(self, job: Any) -> Answer:
+        """Preprocess here (per request), infer in batches, postprocess here."""
+        if self.batcher.held >= self.capacity:
+            raise Overloaded(f"model {self.entry.name!r} is overloaded; retry later")
+        work = self.runner.preprocess(job)
+        size = self.runner.size(work)
+        if size <= self.max_batch_size:
+            done = [await self.batcher.submit(work, size)]
+        else:  # larger than a batch: batch-sized parts, answered whole and in order
+            parts = self.runner.split(work, self.max_batch_size)
+            done = list(await asyncio.gather(*(self.batcher.submit(p, self.runner.size(p)) for p in parts)))
+        for d in done:
+            self.metrics.waited(d.queue_wait_s)
+        output = done[0].output if len(done) == 1 else self.runner.join([d.output for d in done])
+        result = self.runner.postprocess(work, output)
+        tokens = result.tokens_generated if isinstance(result, Translated) else None
+        self.metrics.generated(tokens or 0)
+        metrics = AnswerMetrics(
+            queue_wait_ms=round(max(d.queue_wait_s for d in done) * 1000, 3),
+            # parts that shared a batch computed once
+            compute_ms=round(sum({d.batch_id: d.compute_s for d in done}.values()) * 1000, 3),
+            batch_size=max(d.batch_size for d in done),
+            tokens_generated=tokens,
+            replica=self.replica,
+            node=self.node,
+        )
+        return Answer(self.entry.name, self.entry.version, result, metrics)
+
+    async def _infer(self, works: list[Any]) -> list[Any]:
+        """One formed batch, in a worker thread; a runtime failure reaches every caller in it."""
+        start = time.perf_counter()
+        try:
+            outputs = await asyncio.to_thread(self.runner.infer, works)
+        except ServiceError:
+            raise
+        except Exception as exc:
+            log.exception("%s: batch of %d failed", self.entry.name, len(works))
+            raise InferenceFailed(f"inference failed: {type(exc).__name__}") from exc
+        self.metrics.batch(sum(self.runner.size(w) for w in works), time.perf_counter() - start)
+        return outputs
+
+    def close(self) -> None:
+        """This version is being replaced: finish what is queued, then let the loop end."""
+        self.batcher.close()
+
+
+def max_ongoing_requests(settings: Settings, model: str) -> int:
+    """Requests a model works on at once: 4 × its batch size, so batches can actually fill
+    (Ray's default of 5 would starve a model deployment's batches)."""
+    return max(4 * settings.batching_for(model).max_batch_size, 16)

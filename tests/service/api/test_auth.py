@@ -1,0 +1,84 @@
+"""The optional bearer token: health stays open, everything else needs the token, over HTTP and
+gRPC; the check itself is constant-time and names what is wrong."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+import requests
+from pydantic import SecretStr
+
+from service.api import auth
+from service.api.protos import attention_pb2 as apb
+from service.api.protos import attention_pb2_grpc as apb_grpc
+from service.api.protos import grpc_service_pb2 as pb
+from service.api.protos import grpc_service_pb2_grpc as pb_grpc
+from service.errors import Unauthorized
+from tests.conftest import Service, running_service
+
+TOKEN = "correct-horse-battery-staple"
+
+
+def test_check_accepts_only_the_bearer_token() -> None:
+    token = SecretStr(TOKEN)
+    auth.check(None, None)  # no token configured: open
+    auth.check(token, f"Bearer {TOKEN}")
+    auth.check(token, f"bearer {TOKEN}")
+    for bad, reason in [(None, "required"), ("", "required"), (f"Basic {TOKEN}", "not valid"),
+                        ("Bearer wrong", "not valid"), (f"Bearer {TOKEN}x", "not valid")]:  # fmt: skip
+        with pytest.raises(Unauthorized, match=reason):
+            auth.check(token, bad)
+    auth.check_metadata(token, [("x-other", "1"), ("authorization", f"Bearer {TOKEN}")])
+    with pytest.raises(Unauthorized):
+        auth.check_metadata(token, [("x-other", "1")])
+
+
+@pytest.fixture(scope="module")
+def guarded(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    with running_service(tiny_repository, tmp_path_factory.mktemp("guarded"), ATTN_API_TOKEN=TOKEN) as svc:
+        yield svc
+
+
+@pytest.mark.slow
+def test_http_needs_the_token_except_health(guarded: Service) -> None:
+    for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"):
+        assert requests.get(guarded.url + path, timeout=30).status_code == 200, path
+    for method, path in [("GET", "/v1/models"), ("GET", "/openapi.json"), ("GET", "/v2/models/dates-bahdanau"),
+                         ("POST", "/v1/models/dates-bahdanau/translate"), ("POST", "/v2/models/x/infer")]:  # fmt: skip
+        answer = requests.request(method, guarded.url + path, json={"text": "3 juin 1980"}, timeout=30)
+        assert answer.status_code == 401 and answer.headers["WWW-Authenticate"] == "Bearer", path
+        assert answer.json()["error"].startswith("authorization:")
+    wrong = requests.get(guarded.url + "/v1/models", headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert wrong.status_code == 401 and "not valid" in wrong.json()["error"]
+    ok = requests.post(
+        guarded.url + "/v1/models/dates-bahdanau/translate",
+        json={"text": "3 juin 1980"},
+        headers={"Authorization": f"Bearer {TOKEN}"},
+        timeout=30,
+    )
+    assert ok.status_code == 200 and ok.json()["translations"][0]["text"] == "1980-06-03"
+    assert TOKEN not in guarded.log.read_text()
+
+
+@pytest.mark.slow
+def test_grpc_needs_the_token_except_health(guarded: Service) -> None:
+    channel = grpc.insecure_channel(guarded.grpc_target)
+    v2, typed = pb_grpc.GRPCInferenceServiceStub(channel), apb_grpc.AttentionServiceStub(channel)
+    assert v2.ServerLive(pb.ServerLiveRequest(), timeout=30).live
+    assert v2.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
+    request = apb.TranslateRequest(model="dates-bahdanau", texts=["3 juin 1980"])
+    with pytest.raises(grpc.RpcError) as refused:
+        typed.Translate(request, timeout=30)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with pytest.raises(grpc.RpcError) as refused:
+        v2.ServerMetadata(pb.ServerMetadataRequest(), timeout=30)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    metadata = [("authorization", f"Bearer {TOKEN}")]
+    assert typed.Translate(request, metadata=metadata, timeout=30).translations[0].text == "1980-06-03"
+    stream = v2.ModelStreamInfer(iter([pb.ModelInferRequest(model_name="dates-bahdanau")]), timeout=30)
+    with pytest.raises(grpc.RpcError) as refused:
+        list(stream)
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED

@@ -1,0 +1,120 @@
+"""The v2 tensor codec: BYTES serialisation, JSON and binary bodies, and every malformed case."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from service.api import kserve, kserve_http
+from service.errors import InvalidInput
+
+
+def binary_body(header: dict, *blobs: bytes) -> tuple[bytes, str]:
+    head = json.dumps(header).encode()
+    return head + b"".join(blobs), str(len(head))
+
+
+def test_bytes_round_trip_keeps_empty_and_non_ascii_elements() -> None:
+    data = np.array([b"", "mars é".encode(), b"\x00\xff"], dtype=np.object_)
+    raw = kserve.serialize_bytes(data)
+    assert raw[:4] == b"\x00\x00\x00\x00"
+    assert kserve.deserialize_bytes(raw, 3, "T").tolist() == data.tolist()
+
+
+@pytest.mark.parametrize(
+    ("raw", "count", "message"),
+    [
+        (b"\x05\x00\x00\x00ab", 1, "overruns"),
+        (b"\x01\x00", 1, "truncated"),
+        (b"\x01\x00\x00\x00a\x01\x00\x00\x00b", 1, "holds 2"),
+    ],
+)
+def test_bytes_that_lie_about_lengths_are_refused(raw: bytes, count: int, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        kserve.deserialize_bytes(raw, count, "T")
+
+
+def test_raw_numeric_tensors_check_their_byte_length() -> None:
+    t = kserve.from_raw("P", "FP32", [2, 2], np.arange(4, dtype="<f4").tobytes())
+    assert t.data.tolist() == [[0, 1], [2, 3]]
+    with pytest.raises(InvalidInput, match="do not fit"):
+        kserve.from_raw("P", "FP32", [2, 3], np.arange(4, dtype="<f4").tobytes())
+    with pytest.raises(InvalidInput, match="datatype"):
+        kserve.from_raw("P", "COMPLEX", [1], b"")
+    with pytest.raises(InvalidInput, match="shape"):
+        kserve.from_raw("P", "FP32", [-1], b"")
+    with pytest.raises(InvalidInput, match="too large"):
+        kserve.from_raw("P", "UINT8", [1 << 20, 1 << 20], b"")
+
+
+def test_json_request_and_response() -> None:
+    body = {"id": "7", "inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [2], "data": ["a", "b"]}],
+            "outputs": [{"name": "TRANSLATION"}], "parameters": {"beam_size": 2}}  # fmt: skip
+    req = kserve_http.parse_request(json.dumps(body).encode(), None)
+    assert req.id == "7" and req.parameters == {"beam_size": 2} and req.outputs == ["TRANSLATION"]
+    assert req.inputs[0].data.tolist() == [b"a", b"b"] and not req.binary_outputs
+    out = kserve.Tensor("SCORE", "FP32", [2], np.array([0.5, -1], dtype=np.float32))
+    content, headers = kserve_http.encode_response("m", 1, req, [out])
+    assert headers["content-type"] == "application/json"
+    assert json.loads(content) == {"model_name": "m", "model_version": "1", "id": "7",
+                                   "outputs": [{"name": "SCORE", "datatype": "FP32", "shape": [2], "data": [0.5, -1.0]}]}  # fmt: skip
+
+
+def test_binary_request_and_response() -> None:
+    text = kserve.serialize_bytes(np.array([b"5 mars 2024"], dtype=np.object_))
+    pixels = np.zeros((1, 2, 2), dtype=np.uint8).tobytes()
+    header = {"inputs": [
+        {"name": "TEXT", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(text)}},
+        {"name": "PIXELS", "datatype": "UINT8", "shape": [1, 2, 2], "parameters": {"binary_data_size": len(pixels)}},
+    ], "parameters": {"binary_data_output": True}}  # fmt: skip
+    body, length = binary_body(header, text, pixels)
+    req = kserve_http.parse_request(body, length)
+    assert req.inputs[0].data.tolist() == [b"5 mars 2024"] and req.inputs[1].data.shape == (1, 2, 2)
+    out = kserve.Tensor("TRANSLATION", "BYTES", [1], np.array([b"2024-03-05"], dtype=np.object_))
+    content, headers = kserve_http.encode_response("m", 1, req, [out])
+    split = int(headers[kserve_http.HEADER_LENGTH])
+    meta = json.loads(content[:split])
+    assert meta["outputs"][0]["parameters"]["binary_data_size"] == len(content) - split
+    assert kserve.deserialize_bytes(content[split:], 1, "x").tolist() == [b"2024-03-05"]
+
+
+@pytest.mark.parametrize(
+    ("body", "length", "message"),
+    [
+        (b"{not json", None, "JSON"),
+        (b"[]", None, "inputs"),
+        (b'{"inputs": []}', None, "inputs"),
+        (b'{"inputs": [{"name": "T", "shape": [1], "data": ["a"]}]}', None, "datatype"),
+        (b'{"inputs": [{"name": "T", "datatype": "BYTES", "shape": [1]}]}', None, "needs data"),
+        (b'{"inputs": [{"name": "T", "datatype": "BYTES", "shape": [2], "data": ["a"]}]}', None, "2 strings"),
+        (b'{"inputs": [{"name": "T", "datatype": "FP32", "shape": [1], "data": [[1, 2], [3]]}]}', None, "T"),
+        (
+            b'{"inputs": [{"name": "T", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}',
+            "9999",
+            "does not fit",
+        ),
+        (
+            b'{"inputs": [{"name": "T", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}',
+            "abc",
+            "does not fit",
+        ),
+    ],
+)
+def test_malformed_bodies_name_the_problem(body: bytes, length: str | None, message: str) -> None:
+    with pytest.raises(InvalidInput, match=message):
+        kserve_http.parse_request(body, length)
+
+
+def test_binary_sizes_that_lie_are_refused() -> None:
+    header = {
+        "inputs": [{"name": "T", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 100}}]
+    }
+    body, length = binary_body(header, b"\x01\x00\x00\x00a")
+    with pytest.raises(InvalidInput, match="overruns"):
+        kserve_http.parse_request(body, length)
+    header["inputs"][0]["parameters"]["binary_data_size"] = 5  # type: ignore[index]
+    body, length = binary_body(header, b"\x01\x00\x00\x00a", b"extra")
+    with pytest.raises(InvalidInput, match="belong to no input"):
+        kserve_http.parse_request(body, length)

@@ -1,0 +1,163 @@
+"""KServe v2 over HTTP and gRPC, proven with tritonclient (unchanged, in its own environment),
+and the typed attention.v1 gRPC service with our own stubs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+
+from service.api.protos import attention_pb2 as apb
+from service.api.protos import attention_pb2_grpc as apb_grpc
+from tests.conftest import Service
+from tests.service.test_app import canvas_png, reference
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[3]
+TRITON_PYTHON = Path(os.environ.get("TRITON_CLIENT_PYTHON", ROOT / ".venv-triton" / "bin" / "python"))
+TEXTS = ["5 mars 2024", "Tuesday, July 4, 1995", "31.12.1999"]
+ISO = ["2024-03-05", "1995-07-04", "1999-12-31"]
+
+
+@pytest.fixture(scope="module")
+def probe(service: Service, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    if not TRITON_PYTHON.exists():
+        pytest.skip(f"no tritonclient environment at {TRITON_PYTHON} (make test creates it)")
+    image = tmp_path_factory.mktemp("probe") / "canvas.png"
+    image.write_bytes(canvas_png(3)[0])
+    http = service.url.removeprefix("http://")
+    result = subprocess.run(
+        [str(TRITON_PYTHON), str(ROOT / "tests" / "service" / "api" / "triton_probe.py"), http, service.grpc_target, str(image)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout)
+
+
+def reference_decode(service: Service, name: str, beam: int) -> list[Any]:
+    return reference(service, name).translate(TEXTS, beam_size=beam)
+
+
+def test_http_health_and_metadata(probe: dict[str, Any]) -> None:
+    h = probe["http"]
+    assert h["live"] and h["ready"] and h["model_ready"] and h["model_ready_v1"]
+    assert h["server"]["name"] == "attention-serve" and "binary_tensor_data" in h["server"]["extensions"]
+    meta = h["metadata"]
+    assert meta["versions"] == ["1"] and [i["name"] for i in meta["inputs"]] == ["IMAGE", "PIXELS"]
+    assert {o["name"]: o["shape"] for o in meta["outputs"]}["ROLLOUT"] == [-1, 6, 6]
+
+
+@pytest.mark.parametrize("binary", [False, True])
+def test_http_translate_json_and_binary(probe: dict[str, Any], service: Service, binary: bool) -> None:
+    r = probe["http"][f"translate_binary_{binary}"]
+    expected = reference_decode(service, "dates-bahdanau", beam=2)
+    assert r["id"] == "h1" and r["text"] == [e.text for e in expected] == ISO
+    np.testing.assert_allclose(r["score"], [e.score for e in expected], atol=1e-4)
+    assert r["attention_shape"][0] == 3 and r["attention_shape"][1] == 11  # 10 characters + </s>
+    for sums, e in zip(r["attention_row_sums"], expected, strict=True):  # rows sum to 1, padding to 0
+        np.testing.assert_allclose(sums[: len(e.target_tokens)], 1.0, atol=1e-4)
+
+
+def test_http_defaults_and_classification(probe: dict[str, Any]) -> None:
+    h = probe["http"]
+    assert h["translate_defaults"] == {"outputs": ["TRANSLATION", "SCORE"], "text": "1980-06-03"}
+    c = h["classify_image"]
+    assert len(c["labels"]) == 3 and c["probabilities"] == sorted(c["probabilities"], reverse=True)
+    assert c["rollout_shape"] == [1, 6, 6] and c["rollout_max"] == pytest.approx(1.0)
+    assert h["classify_pixels_attentions_shape"] == [2, 4, 4, 37, 37]
+
+
+def test_http_errors(probe: dict[str, Any]) -> None:
+    e = probe["http"]["errors"]
+    assert "nope" in e["unknown_model"]["message"] and e["unknown_model"]["status"] == "404"
+    assert "version" in e["unknown_version"]["message"]
+    assert "TEXT" in e["wrong_input"]["message"] and e["wrong_input"]["status"] == "422"
+    assert "PIXELS" in e["wrong_dtype"]["message"]
+    assert "nope" in e["metadata_unknown"]["message"]
+
+
+def test_grpc_health_metadata_and_infer(probe: dict[str, Any], service: Service) -> None:
+    g = probe["grpc"]
+    assert g["live"] and g["ready"] and g["model_ready"]
+    assert g["server"]["name"] == "attention-serve"
+    assert g["metadata"]["inputs"][0]["name"] == "TEXT"
+    expected = reference_decode(service, "dates-transformer", beam=2)
+    assert g["translate"]["id"] == "g1" and g["translate"]["text"] == [e.text for e in expected] == ISO
+    assert g["translate"]["target_tokens"][0][:11] == [*"2024-03-05", "</s>"]
+    assert g["translate"]["attention_shape"][:2] == [3, 11]
+    assert g["classify"]["rollout_shape"] == [1, 6, 6] and len(g["classify"]["labels"]) == 5
+
+
+def test_grpc_streaming_answers_in_order_and_survives_errors(probe: dict[str, Any]) -> None:
+    stream = probe["grpc"]["stream"]
+    assert [s["text"] for s in stream] == ["2001-05-01", None, "2002-05-02"]
+    assert [s["id"] for s in stream] == ["s0", None, "s2"]
+    assert "nope" in stream[1]["error"]
+
+
+def test_grpc_errors_use_status_codes(probe: dict[str, Any]) -> None:
+    e = probe["grpc"]["errors"]
+    assert e["unknown_model"]["status"] == "StatusCode.NOT_FOUND"
+    assert (
+        e["wrong_input"]["status"] == "StatusCode.INVALID_ARGUMENT" and "IMAGE" in e["wrong_input"]["message"]
+    )
+    assert e["unimplemented"]["status"] == "StatusCode.UNIMPLEMENTED"
+    assert e["metadata_unknown"]["status"] == "StatusCode.NOT_FOUND"
+
+
+# -- attention.v1, with our own stubs ------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def attention_stub(service: Service) -> apb_grpc.AttentionServiceStub:
+    return apb_grpc.AttentionServiceStub(grpc.insecure_channel(service.grpc_target))
+
+
+def test_typed_translate_with_attention(attention_stub: apb_grpc.AttentionServiceStub) -> None:
+    r = attention_stub.Translate(
+        apb.TranslateRequest(model="dates-bahdanau", texts=TEXTS[:2], return_attention=True)
+    )
+    assert [t.text for t in r.translations] == ISO[:2] and r.version == 1
+    t = r.translations[0]
+    grid = np.array(t.attention.values).reshape(list(t.attention.shape))
+    assert grid.shape == (len(t.target_tokens), len(t.source_tokens))
+    np.testing.assert_allclose(grid.sum(1), 1.0, atol=1e-4)
+    assert r.metrics.batch_size >= 2 and r.metrics.tokens_generated == 22
+
+
+def test_typed_classify_with_rollout(attention_stub: apb_grpc.AttentionServiceStub) -> None:
+    r = attention_stub.Classify(apb.ClassifyRequest(model="fashion-vit", image=canvas_png(4)[0], top_k=2,
+                                                    return_attention=True))  # fmt: skip
+    assert len(r.predictions) == 2 and list(r.rollout.shape) == [6, 6]
+
+
+@pytest.mark.parametrize(
+    ("call", "code"),
+    [
+        (lambda s: s.Translate(apb.TranslateRequest(model="nope", texts=["x"])), grpc.StatusCode.NOT_FOUND),
+        (
+            lambda s: s.Translate(apb.TranslateRequest(model="dates-bahdanau", texts=[""])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            lambda s: s.Translate(apb.TranslateRequest(model="fashion-vit", texts=["x"])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            lambda s: s.Classify(apb.ClassifyRequest(model="fashion-vit", image=b"junk")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ],
+)
+def test_typed_errors_map_to_codes(
+    attention_stub: apb_grpc.AttentionServiceStub, call: Any, code: grpc.StatusCode
+) -> None:
+    with pytest.raises(grpc.RpcError) as info:
+        call(attention_stub)
+    assert info.value.code() == code and info.value.details()

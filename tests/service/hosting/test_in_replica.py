@@ -1,0 +1,237 @@
+"""The default in-replica frontend under pressure: two replicas behind one port, overload shed
+with 503 + Retry-After (HTTP) and RESOURCE_EXHAUSTED (gRPC) and counted in the metrics, the
+serving ports bound to the configured host only."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import shutil
+import signal
+import socket
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+import requests
+
+from benchmarks.loadgen import Request, closed_loop
+from service.api.protos import attention_pb2 as apb
+from service.api.protos import attention_pb2_grpc as apb_grpc
+from tests.conftest import Service, running_service
+
+pytestmark = pytest.mark.slow
+SLOW = {"text": "Samstag, 15. Mai 1976 " * 8, "beam_size": 8}  # a few ms of beam search each
+
+
+def with_a_broken_model(repository: Path, root: Path) -> Path:
+    """``repository``'s models plus ``broken-vit``: a manifest that validates (no checksums)
+    over a graph file ONNX Runtime cannot read — incompatible rather than visibly corrupt."""
+    out = root / "repository"
+    out.mkdir()
+    for model in repository.iterdir():
+        (out / model.name).symlink_to(model, target_is_directory=True)
+    broken = out / "broken-vit" / "1"
+    shutil.copytree(repository / "fashion-vit" / "1", broken)
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest.update(name="broken-vit", checksums={})
+    (broken / "manifest.json").write_text(json.dumps(manifest))
+    (broken / manifest["graphs"]["model"]["file"]).write_bytes(b"not an ONNX graph")
+    return out
+
+
+@pytest.fixture(scope="module")
+def crowded(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """Two replicas; the Transformer batches one request at a time and queues one beyond the 16
+    it works on, so each replica holds at most 17 of its requests; one model cannot load."""
+    root = tmp_path_factory.mktemp("crowded")
+    with running_service(
+        with_a_broken_model(tiny_repository, root),
+        root,
+        ATTN_NUM_REPLICAS="2",
+        ATTN_LIMITS__MAX_QUEUED_REQUESTS="1",
+        ATTN_MODEL_OVERRIDES='{"dates-transformer": {"max_batch_size": 1, "batch_wait_timeout_s": 0}}',
+    ) as svc:
+        yield svc
+
+
+def test_two_replicas_answer_on_one_port(crowded: Service) -> None:
+    replicas = set()
+    for _ in range(40):  # a new connection each time: the kernel spreads them over the replicas
+        answer = requests.post(
+            f"{crowded.url}/v1/models/dates-bahdanau/translate", json={"text": "3 juin 1980"}
+        )
+        assert answer.status_code == 200, answer.text
+        replicas.add(answer.json()["metrics"]["replica"])
+    assert len(replicas) == 2
+
+
+def test_overload_is_shed_fast_and_counted(crowded: Service) -> None:
+    url = f"{crowded.url}/v1/models/dates-transformer/translate"
+    with ThreadPoolExecutor(160) as pool:
+        answers = list(pool.map(lambda _: requests.post(url, json=SLOW, timeout=60), range(320)))
+    statuses = Counter(a.status_code for a in answers)
+    assert set(statuses) == {200, 503} and statuses[503] > 0 and statuses[200] > 0, statuses
+    shed = [a for a in answers if a.status_code == 503]
+    assert all(a.headers["Retry-After"] == "1" and "overloaded" in a.json()["error"] for a in shed)
+    assert max(a.elapsed.total_seconds() for a in shed) < 5  # refused at once, not after a queue
+    # every refusal is in the metrics (Ray exports them every few seconds)
+    deadline = time.monotonic() + 60
+    while (counted := _counted(crowded, "dates-transformer", "503")) < statuses[503]:
+        assert time.monotonic() < deadline, f"{counted} of {statuses[503]} refusals counted"
+        time.sleep(2)
+    assert counted == statuses[503]
+    assert requests.get(f"{crowded.url}/readyz", timeout=30).status_code == 200
+
+
+def test_grpc_overload_is_resource_exhausted(crowded: Service) -> None:
+    stub = apb_grpc.AttentionServiceStub(grpc.insecure_channel(crowded.grpc_target))
+    request = apb.TranslateRequest(model="dates-transformer", texts=[SLOW["text"]], beam_size=8)
+    calls = [stub.Translate.future(request, timeout=60) for _ in range(200)]
+    codes = Counter(c.code() for c in calls)
+    assert set(codes) <= {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, codes
+    assert codes[grpc.StatusCode.RESOURCE_EXHAUSTED] > 0 and codes[grpc.StatusCode.OK] > 0
+
+
+def test_serving_ports_bind_only_the_configured_host(crowded: Service) -> None:
+    ports = {int(crowded.url.rsplit(":", 1)[1]), int(crowded.grpc_target.rsplit(":", 1)[1])}
+    root = psutil.Process(crowded.pid)
+    listening = [
+        c.laddr
+        for p in [root, *root.children(recursive=True)]
+        for c in p.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port in ports
+    ]
+    assert {a.port for a in listening} == ports and len(listening) == 4  # 2 replicas × 2 protocols
+    assert {a.ip for a in listening} <= {"127.0.0.1", "::ffff:127.0.0.1"}
+
+
+def _counted(service: Service, model: str, status: str, route: str | None = None) -> float:
+    text = requests.get(service.metrics_url, timeout=10).text
+    pattern = r"^ray_attention_requests_total{([^}]*)} (\S+)$"
+    wanted = {f'model="{model}"', f'status="{status}"'} | ({f'route="{route}"'} if route else set())
+    return sum(
+        float(v) for labels, v in re.findall(pattern, text, flags=re.M) if wanted <= set(labels.split(","))
+    )
+
+
+def test_a_model_onnx_runtime_refuses_is_left_out_and_the_others_serve(crowded: Service) -> None:
+    listing = requests.get(f"{crowded.url}/v1/models", timeout=30).json()
+    assert "failed to load" in listing["rejected"]["broken-vit/1"]
+    assert "broken-vit" not in [m["name"] for m in listing["models"]]
+    answer = requests.post(f"{crowded.url}/v1/models/broken-vit/classify", json={"pixels": [[0]]}, timeout=30)
+    assert answer.status_code == 404
+    ok = requests.post(f"{crowded.url}/v1/models/dates-bahdanau/translate", json={"text": "3 juin 1980"})
+    assert ok.status_code == 200
+
+
+def test_clients_that_disconnect_free_their_places(crowded: Service) -> None:
+    host, port = crowded.url.removeprefix("http://").split(":")
+    body = json.dumps(SLOW).encode()
+    before = _counted(crowded, "dates-transformer", "499")
+    for _ in range(30):  # send, then hang up at once
+        with socket.create_connection((host, int(port))) as s:
+            s.sendall(
+                b"POST /v1/models/dates-transformer/translate HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+            )
+    stub = apb_grpc.AttentionServiceStub(grpc.insecure_channel(crowded.grpc_target))
+    request = apb.TranslateRequest(model="dates-transformer", texts=[SLOW["text"]], beam_size=8)
+    calls = [stub.Translate.future(request, timeout=60) for _ in range(30)]
+    time.sleep(0.1)  # queued behind each other, then cancelled by the client
+    for call in calls:
+        call.cancel()
+    deadline = time.monotonic() + 60
+    while (gone := _counted(crowded, "dates-transformer", "499") - before) < 31:
+        assert time.monotonic() < deadline, f"only {gone} of the abandoned requests counted as 499"
+        time.sleep(2)
+    assert _counted(crowded, "dates-transformer", "499", route="grpc_translate") >= 1
+    # the abandoned requests left the queue: the next one waits for at most the batch in flight
+    answer = requests.post(f"{crowded.url}/v1/models/dates-transformer/translate", json=SLOW, timeout=60)
+    metrics = answer.json()["metrics"]
+    assert metrics["queue_wait_ms"] < 4 * metrics["compute_ms"] + 100, metrics
+
+
+def test_a_killed_replica_is_replaced_and_at_most_a_thousandth_of_requests_fail(crowded: Service) -> None:
+    """The last test on `crowded`: it kills one of its two replicas under load (SIGKILL, by PID)."""
+    root = psutil.Process(crowded.pid)
+    victims = [
+        p for p in root.children(recursive=True) if "ServeReplica:attention:replica" in " ".join(p.cmdline())
+    ]
+    assert len(victims) == 2
+    host, port = crowded.url.removeprefix("http://").split(":")
+    work = [Request.json("/v1/models/dates-bahdanau/translate", {"text": "3 juin 1980"})]
+    timer = threading.Timer(2, victims[0].send_signal, (signal.SIGKILL,))
+    timer.start()
+    # clients retry a dropped connection up to twice (urllib3's default allows three): a first
+    # retry can still land in the dying replica's accept queue
+    result = asyncio.run(closed_loop(host, int(port), work, 4, 10, retries=2))
+    timer.join()
+    # the goal: at most 0.1 % fail after the retries
+    assert result.ok > 100 and result.errors <= 0.001 * (result.ok + result.errors), (
+        result.statuses,
+        result.errors,
+    )
+    deadline = time.monotonic() + 90
+    while True:  # Ray starts a replacement, which rejoins the port once its models are warm
+        replicas = set()
+        for _ in range(30):
+            answer = requests.post(
+                f"{crowded.url}/v1/models/dates-bahdanau/translate", json={"text": "3 juin 1980"}
+            )
+            replicas.add(answer.json()["metrics"]["replica"])
+        if len(replicas) == 2:
+            break
+        assert time.monotonic() < deadline, "the killed replica was not replaced"
+        time.sleep(2)
+
+
+@pytest.fixture(scope="module")
+def swappable(
+    tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Service, Path]]:
+    """The tiny repository with a writable copy of dates-bahdanau, polled every second."""
+    root = tmp_path_factory.mktemp("swappable")
+    repository = root / "repository"
+    repository.mkdir()
+    for model in tiny_repository.iterdir():
+        if model.name == "dates-bahdanau":
+            shutil.copytree(model, repository / model.name)
+        else:
+            (repository / model.name).symlink_to(model, target_is_directory=True)
+    with running_service(repository, root, ATTN_REPOSITORY_POLL_S="1") as svc:
+        yield svc, repository
+
+
+def publish_version_2(model: Path) -> None:
+    """What export does: stage the new version beside the others, then rename it into place."""
+    staging = model / ".staging-2"
+    shutil.copytree(model / "1", staging)
+    manifest = json.loads((staging / "manifest.json").read_text())
+    (staging / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
+    staging.rename(model / "2")
+
+
+def test_a_new_version_is_swapped_in_under_load_without_a_failed_request(
+    swappable: tuple[Service, Path],
+) -> None:
+    svc, repository = swappable
+    host, port = svc.url.removeprefix("http://").split(":")
+    work = [Request.json("/v1/models/dates-bahdanau/translate", {"text": "3 juin 1980"})]
+    timer = threading.Timer(3, publish_version_2, (repository / "dates-bahdanau",))
+    timer.start()
+    result = asyncio.run(closed_loop(host, int(port), work, 4, 12, keep_every=1))
+    timer.join()
+    assert result.errors == 0 and result.ok > 100, (result.statuses, result.errors)
+    versions = [json.loads(body)["version"] for body in result.bodies]
+    assert versions[0] == 1 and versions[-1] == 2, "the swap did not happen within the load"
+    assert {json.loads(body)["translations"][0]["text"] for body in result.bodies} == {"1980-06-03"}
+    models = requests.get(f"{svc.url}/v1/models", timeout=30).json()["models"]
+    assert [m["version"] for m in models if m["name"] == "dates-bahdanau"] == [2]

@@ -1,0 +1,148 @@
+"""The per-model batcher, without Ray: batches fill up to their size or their wait, never mix two
+batchers' items, give an oversized item a batch of its own, let cancelled waiters go, keep the
+place of work that is computing, and give a batch's failure to every caller in it."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from service.inference.batcher import Batcher
+
+
+class Model:
+    """A fake model that records its batches and answers (its name, the work)."""
+
+    def __init__(self, name: str, delay_s: float = 0.0, fail: bool = False) -> None:
+        self.name, self.delay_s, self.fail = name, delay_s, fail
+        self.batches: list[list[Any]] = []
+        self.release = asyncio.Event()
+        self.release.set()
+
+    async def run(self, works: list[Any]) -> list[tuple[str, Any]]:
+        self.batches.append(list(works))
+        await self.release.wait()
+        await asyncio.sleep(self.delay_s)
+        if self.fail:
+            raise RuntimeError(f"{self.name} failed")
+        return [(self.name, w) for w in works]
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(asyncio.wait_for(coro, 10))
+
+
+def test_two_batchers_in_one_process_never_share_a_batch() -> None:
+    async def go() -> None:
+        a, b = Model("a"), Model("b")
+        ba, bb = Batcher(a.run, 8, 0.01), Batcher(b.run, 8, 0.01)
+        calls = [(ba if i % 2 else bb).submit(i, 1) for i in range(40)]
+        done = await asyncio.gather(*calls)
+        for i, d in enumerate(done):
+            assert d.output == ("a" if i % 2 else "b", i)
+        assert all(w % 2 == 1 for batch in a.batches for w in batch)
+        assert all(w % 2 == 0 for batch in b.batches for w in batch)
+        assert max(len(x) for x in a.batches) > 1  # they did batch
+
+    run(go())
+
+
+def test_batch_fills_to_its_size_in_units() -> None:
+    async def go() -> None:
+        model = Model("m")
+        batcher = Batcher(model.run, 4, 5.0)  # a long wait: only a full batch may start it
+        done = await asyncio.gather(*(batcher.submit(i, 2) for i in range(4)))
+        assert [len(b) for b in model.batches] == [2, 2]
+        assert {d.batch_size for d in done} == {4}
+
+    run(go())
+
+
+def test_a_lone_item_waits_at_most_the_timeout() -> None:
+    async def go() -> None:
+        model = Model("m")
+        done = await Batcher(model.run, 32, 0.05).submit("x", 1)
+        assert 0.04 <= done.queue_wait_s < 1.0
+        assert done.output == ("m", "x") and done.batch_size == 1
+
+    run(go())
+
+
+def test_an_item_larger_than_a_batch_runs_alone() -> None:
+    async def go() -> None:
+        model = Model("m")
+        batcher = Batcher(model.run, 4, 0.01)
+        small, big = batcher.submit("small", 1), batcher.submit("big", 9)
+        assert [d.output[1] for d in await asyncio.gather(small, big)] == ["small", "big"]
+        assert model.batches == [["small"], ["big"]]
+
+    run(go())
+
+
+def test_cancelled_waiter_leaves_the_queue_running_work_keeps_its_place() -> None:
+    async def go() -> None:
+        model = Model("m")
+        model.release.clear()
+        batcher = Batcher(model.run, 1, 0.0)
+        first = asyncio.create_task(batcher.submit("first", 1))
+        await asyncio.sleep(0.01)  # "first" is computing, held by the model
+        second = asyncio.create_task(batcher.submit("second", 1))
+        await asyncio.sleep(0.01)
+        assert batcher.held == 2 and batcher.queued == 1
+        second.cancel()
+        first.cancel()  # its client went away, but its batch still computes
+        await asyncio.sleep(0.01)
+        assert batcher.queued == 0 and batcher.held == 1
+        model.release.set()
+        await asyncio.sleep(0.05)
+        assert batcher.held == 0
+        assert model.batches == [["first"]]  # "second" never ran
+
+    run(go())
+
+
+def test_a_failed_batch_reaches_every_caller_and_the_next_batch_runs() -> None:
+    async def go() -> None:
+        model = Model("m", fail=True)
+        batcher = Batcher(model.run, 8, 0.01)
+        results = await asyncio.gather(*(batcher.submit(i, 1) for i in range(3)), return_exceptions=True)
+        assert all(isinstance(r, RuntimeError) for r in results)
+        model.fail = False
+        assert (await batcher.submit("after", 1)).output == ("m", "after")
+
+    run(go())
+
+
+def test_one_batch_at_a_time_and_the_next_forms_meanwhile() -> None:
+    async def go() -> None:
+        model = Model("m", delay_s=0.05)
+        batcher = Batcher(model.run, 4, 0.0)
+        first = asyncio.create_task(batcher.submit(0, 1))
+        await asyncio.sleep(0.01)
+        rest = [asyncio.create_task(batcher.submit(i, 1)) for i in range(1, 6)]
+        await asyncio.gather(first, *rest)
+        assert model.batches == [[0], [1, 2, 3, 4], [5]]
+
+    run(go())
+
+
+def test_closed_batcher_drains_and_still_answers_a_late_caller() -> None:
+    async def go() -> None:
+        model = Model("m")
+        batcher = Batcher(model.run, 4, 0.01)
+        pending = asyncio.create_task(batcher.submit("queued", 1))
+        await asyncio.sleep(0)
+        batcher.close()
+        assert (await pending).output == ("m", "queued")
+        await asyncio.sleep(0.01)
+        assert batcher._loop_task is not None and batcher._loop_task.done()
+        assert (await batcher.submit("late", 1)).output == ("m", "late")
+
+    run(go())
+
+
+def test_bad_parameters_are_refused() -> None:
+    with pytest.raises(ValueError):
+        Batcher(Model("m").run, 0, 0.0)

@@ -1,0 +1,60 @@
+"""Greedy and beam search on a step function whose best answers are known."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from service.inference.decoding import beam_search, greedy
+
+BOS, EOS, A, B = 1, 2, 3, 4
+V = 5
+
+
+def table_step(table: dict[tuple[int, ...], dict[int, float]]):  # type: ignore[no-untyped-def]
+    """Next-token probabilities looked up by the prefix (BOS excluded); attention = one-hot of t."""
+
+    def step(rows, prefixes, states, t):  # type: ignore[no-untyped-def]
+        logp = np.full((len(rows), V), -1e9)
+        for i, prefix in enumerate(prefixes):
+            for tok, p in table.get(tuple(prefix[1:].tolist()), {EOS: 1.0}).items():
+                logp[i, tok] = np.log(p)
+        attention = np.zeros((len(rows), 3))
+        attention[:, min(t, 2)] = 1.0
+        return logp, attention, None if states is None else states + 1
+
+    return step
+
+
+# Greedy takes A (0.6) then is stuck with 0.5 * 0.5; B (0.4) then EOS (1.0) scores 0.4 > 0.3.
+TRAP = {(): {A: 0.6, B: 0.4}, (A,): {A: 0.5, EOS: 0.5}, (A, A): {EOS: 1.0}, (B,): {EOS: 1.0}}
+
+
+def test_greedy_follows_the_argmax() -> None:
+    [hyp] = greedy(table_step(TRAP), 1, BOS, EOS, 10, None)
+    assert hyp.tokens == [A]  # the tie between A and EOS goes to the lower id
+    assert hyp.finished
+    assert hyp.attention.shape == (len(hyp.tokens) + 1, 3)
+
+
+def test_beam_search_finds_the_better_sequence() -> None:
+    [hyp] = beam_search(table_step(TRAP), 1, BOS, EOS, 10, None, beam_size=2)
+    assert hyp.tokens == [B]
+    np.testing.assert_allclose(hyp.score, np.log(0.4))
+    np.testing.assert_array_equal(hyp.attention, [[1, 0, 0], [0, 1, 0]])
+
+
+def test_beam_of_one_is_greedy_and_batches_are_independent() -> None:
+    step = table_step(TRAP)
+    g = greedy(step, 3, BOS, EOS, 10, np.zeros((3, 1)))
+    b = beam_search(step, 3, BOS, EOS, 10, np.zeros((3, 1)), beam_size=1)
+    assert [h.tokens for h in g] == [h.tokens for h in b]
+    assert len({tuple(h.tokens) for h in beam_search(step, 3, BOS, EOS, 10, None, beam_size=3)}) == 1
+
+
+def test_max_length_stops_unfinished_hypotheses() -> None:
+    forever = {(): {A: 1.0}}
+    step = table_step({**forever, **{(A,) * n: {A: 1.0} for n in range(1, 20)}})
+    [hyp] = greedy(step, 1, BOS, EOS, 4, None)
+    assert hyp.tokens == [A] * 4 and not hyp.finished
+    [beam] = beam_search(step, 1, BOS, EOS, 4, None, beam_size=2)
+    assert beam.tokens == [A] * 4 and not beam.finished

@@ -1,0 +1,164 @@
+"""The manifest contract rejects bad manifests with messages that name the field."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from service.inference.manifest import Manifest, ManifestError, list_versions
+
+GRAPH = {
+    "file": "model.onnx",
+    "inputs": [{"name": "pixels", "dtype": "float32", "shape": ["batch", 1, 16, 16]}],
+    "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 10]}],
+}
+VALID: dict[str, Any] = {
+    "name": "tiny-vit",
+    "version": 1,
+    "task": "image-classification",
+    "family": "vit",
+    "graphs": {"model": GRAPH},
+    "image": {
+        "height": 16,
+        "width": 16,
+        "channels": 1,
+        "mean": [0.1],
+        "std": [0.2],
+        "labels": list("abcdefghij"),
+        "patch_size": 4,
+        "num_layers": 2,
+        "num_heads": 2,
+    },
+    "eval": {"accuracy": 0.9},
+    "export": {
+        "tool_versions": {"torch": "2.13.0"},
+        "opset": 20,
+        "parity_max_abs_diff": {"model.logits": 1e-7},
+        "parity_tolerance": 1e-4,
+        "verified_shapes": [{"batch": 1}, {"batch": 3}, {"batch": 7}],
+    },
+    "created_at": "2026-11-25T12:00:00Z",
+    "checkpoint_sha256": "a" * 64,
+}
+
+
+def write(tmp_path: Path, data: dict[str, Any], name: str = "tiny-vit", version: str = "1") -> Path:
+    directory = tmp_path / name / version
+    directory.mkdir(parents=True)
+    (directory / "manifest.json").write_text(json.dumps(data))
+    (directory / "model.onnx").write_bytes(b"")
+    return directory
+
+
+def mutate(path: str, value: Any) -> dict[str, Any]:
+    data = copy.deepcopy(VALID)
+    *parents, last = path.split(".")
+    node = data
+    for p in parents:
+        node = node[p]
+    if value is ...:
+        del node[last]
+    else:
+        node[last] = value
+    return data
+
+
+def test_valid_manifest_loads(tmp_path: Path) -> None:
+    manifest = Manifest.load(write(tmp_path, VALID))
+    assert manifest.image is not None and manifest.image.grid == (4, 4)
+    assert manifest.files() == ["model.onnx"]
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        ("name", "../etc", "name"),
+        ("name", "Big Name", "name"),
+        ("version", 0, "version"),
+        ("task", "segmentation", "task"),
+        ("graphs.model.file", "../../secret.onnx", "graphs.model.file"),
+        ("graphs.model.file", "/etc/passwd", "graphs.model.file"),
+        ("graphs.model.inputs", [], "graphs.model.inputs"),
+        ("image.mean", [0.1, 0.2], "mean"),
+        ("image.std", [0.0], "std"),
+        ("image.patch_size", 5, "patch_size"),
+        ("image", ..., "image: required"),
+        ("checkpoint_sha256", "xyz", "checkpoint_sha256"),
+        ("export.verified_shapes", [{"batch": 1}], "export.verified_shapes"),
+        ("surprise", 1, "surprise"),
+    ],
+)
+def test_bad_manifests_are_refused_naming_the_field(
+    tmp_path: Path, path: str, value: Any, message: str
+) -> None:
+    with pytest.raises(ManifestError, match="invalid manifest") as info:
+        Manifest.load(write(tmp_path, mutate(path, value)))
+    assert message in str(info.value)
+
+
+def test_translation_needs_both_graphs_and_rnn_needs_state_size(tmp_path: Path) -> None:
+    tok = {"file": "t.json", "pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3, "vocab_size": 20}
+    data = mutate("task", "translation")
+    del data["image"]
+    data["translation"] = {
+        "source_language": "x",
+        "target_language": "y",
+        "source_tokenizer": tok,
+        "target_tokenizer": tok,
+        "decoder": "rnn",
+        "max_source_tokens": 8,
+        "max_target_tokens": 8,
+    }
+    with pytest.raises(ManifestError) as info:
+        Manifest.load(write(tmp_path, data))
+    assert "encoder" in str(info.value) or "state_size" in str(info.value)
+
+
+def test_directory_must_match_name_and_version(tmp_path: Path) -> None:
+    with pytest.raises(ManifestError, match="lives in"):
+        Manifest.load(write(tmp_path, VALID, version="2"))
+
+
+def test_missing_files_are_named(tmp_path: Path) -> None:
+    directory = write(tmp_path, VALID)
+    (directory / "model.onnx").unlink()
+    with pytest.raises(ManifestError, match=r"model\.onnx"):
+        Manifest.load(directory)
+
+
+def test_list_versions_refuses_names_that_leave_the_repository(tmp_path: Path) -> None:
+    write(tmp_path, VALID)
+    (tmp_path / "tiny-vit" / "10").mkdir()
+    assert list_versions(tmp_path, "tiny-vit") == [1, 10]
+    for bad in ("../x", "/abs", "a/b", ".."):
+        with pytest.raises(ManifestError):
+            list_versions(tmp_path, bad)
+
+
+def test_write_records_checksums_and_load_refuses_a_changed_file(tmp_path: Path) -> None:
+    directory = write(tmp_path, VALID)
+    (directory / "model.onnx").write_bytes(b"the graph")
+    Manifest.load(directory).write(directory)
+    manifest = Manifest.load(directory)
+    assert manifest.checksums == {"model.onnx": hashlib.sha256(b"the graph").hexdigest()}
+    (directory / "model.onnx").write_bytes(b"the graph, truncated or replaced")
+    with pytest.raises(ManifestError, match=r"differ from their sha256.*model\.onnx"):
+        Manifest.load(directory)
+
+
+def test_prefix_tokens_are_written_only_when_not_the_usual_single_cls(tmp_path: Path) -> None:
+    """Manifests of plain ViTs stay loadable by services from before ``image.prefix_tokens``."""
+    directory = write(tmp_path, VALID)
+    (directory / "model.onnx").write_bytes(b"the graph")
+    Manifest.load(directory).write(directory)
+    assert "prefix_tokens" not in json.loads((directory / "manifest.json").read_text())["image"]
+    deit = Manifest.load(directory)
+    assert deit.image is not None
+    deit.model_copy(update={"image": deit.image.model_copy(update={"prefix_tokens": 2})}).write(directory)
+    assert json.loads((directory / "manifest.json").read_text())["image"]["prefix_tokens"] == 2
+    assert Manifest.load(directory).image.prefix_tokens == 2  # type: ignore[union-attr]
