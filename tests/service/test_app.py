@@ -321,7 +321,9 @@ def test_openapi_documents_the_routes_and_limits(service: Service) -> None:
     )
     body = spec["paths"]["/v1/models/{name}/translate"]["post"]["requestBody"]["content"]
     translate = body["application/json"]["schema"]["properties"]
-    assert translate["beam_size"]["maximum"] == 8  # the served limit (limits.max_beam_size), not the schema's 64
+    assert (
+        translate["beam_size"]["maximum"] == 8
+    )  # the served limit (limits.max_beam_size), not the schema's 64
     response = spec["paths"]["/v1/models/{name}/translate"]["post"]["responses"]["200"]["content"]
     assert response["application/json"]["schema"]["$ref"].endswith("/TranslateResponse")
 
