@@ -1,0 +1,141 @@
+"""The gRPC servicer over fake models on a real grpc.aio server, without Ray: both services' RPCs
+send the core typed jobs and answer from its typed results; errors carry their status codes; the
+bidirectional stream answers every request in order and survives a failed one."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.api import kserve
+from service.api.grpc_servicer import GrpcServicer, add_to_grpc_server
+from service.api.protos import attention_pb2 as apb
+from service.api.protos import attention_pb2_grpc as apb_grpc
+from service.api.protos import grpc_service_pb2 as pb
+from service.api.protos import grpc_service_pb2_grpc as pb_grpc
+from tests.service.fakes import fake_server
+
+
+def with_servicer(tmp: Path, use: Callable[[grpc.aio.Channel], Awaitable[Any]], **settings: Any) -> Any:
+    server, *_ = fake_server(tmp, **settings)
+
+    async def go() -> Any:
+        grpc_server = grpc.aio.server()
+        add_to_grpc_server(grpc_server, GrpcServicer(server))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        grpc_server.add_insecure_port(f"127.0.0.1:{port}")
+        await grpc_server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                return await use(channel)
+        finally:
+            await grpc_server.stop(None)
+
+    return asyncio.run(asyncio.wait_for(go(), 20))
+
+
+def test_attention_v1_translate_and_classify(tmp_path: Path) -> None:
+    buffer = io.BytesIO()
+    Image.fromarray(np.array([[3, 3], [3, 1]], dtype=np.uint8)).save(buffer, format="PNG")
+
+    async def use(channel: grpc.aio.Channel) -> Any:
+        stub = apb_grpc.AttentionServiceStub(channel)
+        translated = await stub.Translate(
+            apb.TranslateRequest(model="fake-translator", texts=["abc"], return_attention=True)
+        )
+        classified = await stub.Classify(
+            apb.ClassifyRequest(
+                model="fake-classifier", image=buffer.getvalue(), top_k=1, return_attention=True
+            )
+        )
+        return translated, classified
+
+    translated, classified = with_servicer(tmp_path, use)
+    [t] = translated.translations
+    assert (t.text, t.score, list(t.attention.shape)) == ("cba", -3.0, [3, 3])
+    assert list(t.attention.values) == [0, 0, 1, 0, 1, 0, 1, 0, 0]
+    assert translated.model == "fake-translator" and translated.metrics.tokens_generated == 3
+    assert [p.label for p in classified.predictions] == ["three"] and list(classified.rollout.shape) == [2, 2]
+
+
+def test_kserve_v2_infer_and_stream(tmp_path: Path) -> None:
+    def request(texts: list[str], model: str = "fake-translator") -> pb.ModelInferRequest:
+        r = pb.ModelInferRequest(model_name=model, id="r")
+        r.inputs.add(name="TEXT", datatype="BYTES", shape=[len(texts)])
+        r.raw_input_contents.append(
+            kserve.serialize_bytes(np.array([t.encode() for t in texts], dtype=object))
+        )
+        return r
+
+    async def use(channel: grpc.aio.Channel) -> Any:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        single = await stub.ModelInfer(request(["ab", "cde"]))
+
+        async def requests() -> Any:
+            for r in (request(["x"]), request(["y"], model="nope"), request(["zz"])):
+                yield r
+
+        streamed = [reply async for reply in stub.ModelStreamInfer(requests())]
+        ready = await stub.ServerReady(pb.ServerReadyRequest())
+        return single, streamed, ready
+
+    single, streamed, ready = with_servicer(tmp_path, use)
+    texts = kserve.deserialize_bytes(single.raw_output_contents[0], 2, "TRANSLATION")
+    assert [bytes(t) for t in texts] == [b"ba", b"edc"] and single.model_name == "fake-translator"
+    assert [bool(s.error_message) for s in streamed] == [False, True, False]
+    assert "not found" in streamed[1].error_message
+    assert ready.ready
+
+
+@pytest.mark.parametrize(
+    ("call", "code"),
+    [
+        (lambda s: s.Translate(apb.TranslateRequest(model="nope", texts=["x"])), grpc.StatusCode.NOT_FOUND),
+        (
+            lambda s: s.Translate(apb.TranslateRequest(model="fake-translator", texts=[""])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            lambda s: s.Translate(apb.TranslateRequest(model="fake-classifier", texts=["x"])),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+        (
+            lambda s: s.Classify(apb.ClassifyRequest(model="fake-classifier", image=b"junk")),
+            grpc.StatusCode.INVALID_ARGUMENT,
+        ),
+    ],
+)
+def test_errors_carry_their_codes(tmp_path: Path, call: Any, code: grpc.StatusCode) -> None:
+    async def use(channel: grpc.aio.Channel) -> Any:
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await call(apb_grpc.AttentionServiceStub(channel))
+        return failure.value
+
+    error = with_servicer(tmp_path, use)
+    assert error.code() == code and error.details()
+
+
+def test_the_token_guards_every_rpc_but_health(tmp_path: Path) -> None:
+    async def use(channel: grpc.aio.Channel) -> Any:
+        stub = apb_grpc.AttentionServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await stub.Translate(apb.TranslateRequest(model="fake-translator", texts=["x"]))
+        authorized = await stub.Translate(
+            apb.TranslateRequest(model="fake-translator", texts=["x"]),
+            metadata=(("authorization", "Bearer " + "t" * 16),),
+        )
+        live = await pb_grpc.GRPCInferenceServiceStub(channel).ServerLive(pb.ServerLiveRequest())
+        return failure.value.code(), authorized.translations[0].text, live.live
+
+    assert with_servicer(tmp_path, use, api_token="t" * 16) == (grpc.StatusCode.UNAUTHENTICATED, "x", True)

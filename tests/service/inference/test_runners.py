@@ -1,0 +1,84 @@
+"""The runners on the tiny exported models, without Ray or HTTP: typed jobs in, typed results out;
+a work split into parts joins back in order and equal to the whole; a dynamically quantized model
+answers a row the same inside a batch as alone; answers too large are refused up front."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.errors import PayloadTooLarge, ResponseTooLarge
+from service.inference.jobs import Classified, ClassifyJob, Translated, TranslateJob
+from service.inference.repository import load_entry
+from service.inference.runners import ClassificationRunner, TranslationRunner, batch_dependent, make_runner
+from service.settings import Limits
+from tests.service.test_app import canvas_png
+
+pytestmark = pytest.mark.slow
+CPU = ["CPUExecutionProvider"]
+DATES = ["3 juin 1980", "July 4, 1976", "31.12.1999", "Samstag, 15. Mai 1976", "1 janvier 2000"]
+
+
+def runner(
+    repository: Path, name: str, limits: Limits | None = None
+) -> TranslationRunner | ClassificationRunner:
+    return make_runner(load_entry(repository, name, 1), CPU, 1, limits or Limits())  # type: ignore[return-value]
+
+
+def test_translation_split_parts_join_back_in_order(tiny_repository: Path) -> None:
+    r = runner(tiny_repository, "dates-transformer")
+    assert isinstance(r, TranslationRunner)
+    work = r.preprocess(TranslateJob(texts=DATES, beam_size=2, attention="all"))
+    whole = r.postprocess(work, r.infer([work])[0])
+    parts = r.split(work, 2)
+    assert [r.size(p) for p in parts] == [2, 2, 1]
+    joined = r.postprocess(work, r.join(r.infer(parts)))
+    assert isinstance(whole, Translated) and isinstance(joined, Translated)
+    assert [t.text for t in joined.translations] == [t.text for t in whole.translations]
+    for a, b in zip(joined.translations, whole.translations, strict=True):
+        assert abs(a.score - b.score) < 1e-4 and np.allclose(a.attention, b.attention, atol=1e-4)
+    assert whole.translations[0].attention.ndim == 4  # (T, layers, heads, S) kept for "all"
+
+
+def test_no_attention_asked_none_kept(tiny_repository: Path) -> None:
+    r = runner(tiny_repository, "dates-bahdanau")
+    work = r.preprocess(TranslateJob(texts=DATES[:2]))
+    result = r.postprocess(work, r.infer([work])[0])
+    assert isinstance(result, Translated) and all(t.attention.size == 0 for t in result.translations)
+    assert result.tokens_generated == sum(len(t.target_tokens) for t in result.translations)
+
+
+def test_limits_are_checked_before_any_work(tiny_repository: Path) -> None:
+    r = runner(tiny_repository, "dates-transformer", Limits(max_texts=3, max_response_bytes=64 * 1024))
+    with pytest.raises(PayloadTooLarge, match="limit of 3"):
+        r.preprocess(TranslateJob(texts=DATES))
+    with pytest.raises(ResponseTooLarge, match=r"limits\.max_response_bytes"):
+        r.preprocess(TranslateJob(texts=DATES[:3] * 1, attention="all", max_length=16))
+    r.preprocess(TranslateJob(texts=DATES[:3], attention="default"))  # fits
+
+
+def test_classification_typed_result(tiny_repository: Path) -> None:
+    r = runner(tiny_repository, "fashion-vit")
+    assert isinstance(r, ClassificationRunner)
+    work = r.preprocess(ClassifyJob(image=canvas_png(1)[0], top_k=3, attention="all", head_fusion="max"))
+    result = r.postprocess(work, r.infer([work])[0])
+    assert isinstance(result, Classified)
+    assert len(result.indices) == 3 and result.labels[0] == r.spec.labels[result.indices[0]]
+    assert np.all(np.diff(result.probabilities) <= 0)
+    assert result.rollout is not None and result.rollout.shape == r.spec.grid
+    assert result.attentions is not None and result.rollout_kind == "rollout-max"
+    pixels = r.preprocess(ClassifyJob(pixels=canvas_png(1)[1], top_k=3))
+    from_pixels = r.postprocess(pixels, r.infer([pixels])[0])
+    assert isinstance(from_pixels, Classified) and list(from_pixels.indices) == list(result.indices)
+
+
+def test_a_dynamically_quantized_model_answers_a_row_alike_in_any_batch(tiny_repository: Path) -> None:
+    r = runner(tiny_repository, "fashion-vit-int8")
+    assert batch_dependent(r.entry) and not batch_dependent(runner(tiny_repository, "fashion-vit").entry)
+    works = [r.preprocess(ClassifyJob(image=canvas_png(seed)[0], top_k=10)) for seed in range(6)]
+    batched = r.infer(works)
+    for work, together in zip(works, batched, strict=True):
+        [alone] = r.infer([work])
+        assert np.array_equal(alone.probabilities, together.probabilities)
