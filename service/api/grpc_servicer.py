@@ -189,7 +189,8 @@ class GrpcServicer:
         self, request: pb.ModelMetadataRequest, grpc_context: GrpcContext
     ) -> pb.ModelMetadataResponse:
         self._authorize(grpc_context)
-        meta = kserve.metadata(self.server.resolve(request.name, None, request.version).manifest)
+        entry = self.server.resolve(request.name, None, request.version)
+        meta = kserve.metadata(entry.manifest, self.server.settings.limits)
         response = pb.ModelMetadataResponse(
             name=meta["name"], versions=meta["versions"], platform=meta["platform"]
         )
@@ -197,6 +198,8 @@ class GrpcServicer:
             response.inputs.add(**spec)
         for spec in meta["outputs"]:
             response.outputs.add(**spec)
+        for key, value in meta["parameters"].items():
+            response.parameters[key].int64_param = value
         return response
 
     @rpc

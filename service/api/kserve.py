@@ -33,6 +33,7 @@ from service.errors import InvalidInput, validation_message
 from service.inference import attention as maps
 from service.inference.jobs import Answer, Classified, ClassifyJob, Translated, TranslateJob
 from service.inference.manifest import Manifest
+from service.settings import Limits
 
 SERVER_NAME = "attention-serve"
 SERVER_VERSION = "0.1.0"
@@ -69,8 +70,10 @@ class Tensor:
     data: np.ndarray  # BYTES: an object array of ``bytes``
 
 
-def metadata(manifest: Manifest) -> dict[str, Any]:
-    """``GET /v2/models/{name}``: the model's tensors in v2 terms."""
+def metadata(manifest: Manifest, limits: Limits) -> dict[str, Any]:
+    """``GET /v2/models/{name}``: the model's tensors in v2 terms, and under ``parameters`` the
+    limits the service enforces on a request to it (the same ``Settings.limits`` the REST
+    schemas show in the OpenAPI document)."""
     if manifest.task == "translation":
         inputs = [{"name": "TEXT", "datatype": "BYTES", "shape": [-1]}]
         outputs = [
@@ -106,7 +109,16 @@ def metadata(manifest: Manifest) -> dict[str, Any]:
         "platform": PLATFORM,
         "inputs": inputs,
         "outputs": outputs,
+        "parameters": request_limits(manifest, limits),
     }
+
+
+def request_limits(manifest: Manifest, limits: Limits) -> dict[str, int]:
+    if manifest.task == "translation":
+        names = ("max_texts", "max_text_chars", "max_beam_size", "max_response_bytes")
+    else:
+        names = ("max_image_bytes", "max_image_pixels", "max_top_k", "max_response_bytes")
+    return {name: int(getattr(limits, name)) for name in names}
 
 
 def requested_outputs(manifest: Manifest, names: list[str], params: dict[str, Any]) -> list[str]:

@@ -40,7 +40,7 @@ async def v2_server() -> dict[str, Any]:
 @router.get("/v2/models/{name}")
 @router.get("/v2/models/{name}/versions/{version}")
 async def v2_model(server: ServerDep, name: str, version: str | None = None) -> dict[str, Any]:
-    return kserve.metadata(server.resolve(name, None, version).manifest)
+    return kserve.metadata(server.resolve(name, None, version).manifest, server.settings.limits)
 
 
 @router.get("/v2/models/{name}/ready")

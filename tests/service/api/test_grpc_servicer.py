@@ -139,3 +139,12 @@ def test_the_token_guards_every_rpc_but_health(tmp_path: Path) -> None:
         return failure.value.code(), authorized.translations[0].text, live.live
 
     assert with_servicer(tmp_path, use, api_token="t" * 16) == (grpc.StatusCode.UNAUTHENTICATED, "x", True)
+
+
+def test_model_metadata_carries_the_limits(tmp_path: Path) -> None:
+    async def use(channel: grpc.aio.Channel) -> Any:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        return await stub.ModelMetadata(pb.ModelMetadataRequest(name="fake-translator"))
+
+    meta = with_servicer(tmp_path, use, limits={"max_beam_size": 4})
+    assert meta.parameters["max_beam_size"].int64_param == 4 and meta.inputs[0].name == "TEXT"

@@ -205,3 +205,12 @@ def test_two_apps_two_servers_nothing_shared(tmp_path: Path) -> None:
     two.serve({}, {}, {})
     assert call(create_app(one), "GET", "/v1/models/fake-translator")[0] == 200
     assert call(create_app(two), "GET", "/v1/models/fake-translator")[0] == 404
+
+
+def test_kserve_metadata_shows_the_served_limits(tmp_path: Path) -> None:
+    server = fake_server(tmp_path, limits={"max_texts": 7, "max_top_k": 9})[0]
+    app = create_app(server)
+    translator = json.loads(call(app, "GET", "/v2/models/fake-translator")[2])
+    classifier = json.loads(call(app, "GET", "/v2/models/fake-classifier")[2])
+    assert translator["parameters"]["max_texts"] == 7 and translator["parameters"]["max_beam_size"] == 8
+    assert classifier["parameters"]["max_top_k"] == 9
