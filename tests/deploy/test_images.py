@@ -64,21 +64,32 @@ def test_entrypoint_is_valid_shell_and_starts_the_same_service() -> None:
 
 
 def test_kuberay_serves_the_same_application_as_serve_config() -> None:
-    service = yaml.safe_load((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text())
+    """The production path is the fast one: in-replica replicas on the worker pods, one per pod,
+    reached through a Kubernetes Service over those pods' own ports, ready once /readyz answers."""
+    service, clients = yaml.safe_load_all((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text())
     assert service["kind"] == "RayService" and service["apiVersion"] == "ray.io/v1"
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
     local = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
     [app], [local_app] = embedded["applications"], local["applications"]
     assert app["import_path"] == local_app["import_path"]
-    # KubeRay routes through Ray Serve's proxies: the Ray-ingress frontend, with both protocols
-    assert app["args"]["frontend"] == "ray-proxy" and embedded["proxy_location"] == "EveryNode"
-    from service.api.grpc_servicer import SERVICER_FUNCTIONS
-
-    assert embedded["grpc_options"]["grpc_servicer_functions"] == SERVICER_FUNCTIONS
+    assert app["args"]["frontend"] == "in-replica" and embedded["proxy_location"] == "Disabled"
+    assert app["args"]["host"] == "0.0.0.0" and app["args"]["max_replicas_per_node"] == 1
     groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
+    assert app["args"]["num_replicas"] == groups["cpu"]["replicas"]
+    for group in groups.values():
+        [container] = group["template"]["spec"]["containers"]
+        assert {8000, 9000} <= {p["containerPort"] for p in container["ports"]}
+        assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
     assert groups["gpu"]["rayStartParams"]["num-gpus"] == "1"
     gpu_limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
     assert gpu_limits["nvidia.com/gpu"] == 1
+    assert clients["kind"] == "Service"
+    assert clients["spec"]["selector"] == {
+        "ray.io/cluster": service["metadata"]["name"],
+        "ray.io/node-type": "worker",
+    }
+    assert {p["port"] for p in clients["spec"]["ports"]} == {8000, 9000}
     from service.settings import Settings
 
     assert set(app["args"]) <= set(Settings.model_fields), "app args must be Settings fields"
+    Settings(**{**app["args"], "repository": ROOT})  # the args make a valid settings object
