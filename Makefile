@@ -54,13 +54,14 @@ dataset:
 	  fi; \
 	fi
 
-# Debian tools the deploy tests use: Prometheus (server + promtool) and docker-compose (config only)
+# Debian tools the deploy tests use: Prometheus (server + promtool), docker-compose (config only),
+# haproxy (checks the cluster profile's load balancer config) and Chromium (the explorer test)
 system-deps:
-	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null || ! command -v chromedriver >/dev/null; then \
+	@if ! command -v promtool >/dev/null || ! command -v docker-compose >/dev/null || ! command -v chromedriver >/dev/null || ! command -v haproxy >/dev/null; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-	    apt-get update -qq && apt-get install -y -qq prometheus docker-compose chromium chromium-driver; \
+	    apt-get update -qq && apt-get install -y -qq prometheus docker-compose chromium chromium-driver haproxy; \
 	  else \
-	    echo "missing promtool/docker-compose/chromium. Run: sudo apt-get install -y prometheus docker-compose chromium chromium-driver" >&2; exit 2; \
+	    echo "missing promtool/docker-compose/chromium/haproxy. Run: sudo apt-get install -y prometheus docker-compose chromium chromium-driver haproxy" >&2; exit 2; \
 	  fi; \
 	fi
 

@@ -73,3 +73,23 @@ def test_model_repository_and_cluster_token_are_shared_with_workers() -> None:
         assert volumes(cfg["services"][name])["/home/serve/.ray"] == "ray-auth"
     raw = (ROOT / "docker-compose.yml").read_text()
     assert "${MODEL_REPOSITORY:-models}:/models" in raw
+
+
+def test_the_cluster_profile_reaches_every_nodes_replicas() -> None:
+    """cluster-lb balances over the head's and every worker's own serving ports (in-replica
+    replicas listen on each container's 0.0.0.0:8000/9000), using those whose /readyz answers;
+    haproxy itself validates the configuration."""
+    services = config()["services"]
+    lb = services["cluster-lb"]
+    assert lb["profiles"] == ["cluster"] and volumes(lb)["/usr/local/etc/haproxy"].endswith("deploy/haproxy")
+    assert {"127.0.0.1:8001:8000/tcp", "127.0.0.1:9001:9000/tcp"} <= set(lb["ports"])
+    text = (ROOT / "deploy" / "haproxy" / "haproxy.cfg").read_text()
+    for port in ("8000", "9000"):
+        assert f"server head serve:{port}" in text and f"ray-worker:{port}" in text
+    assert "option httpchk GET /readyz" in text
+    haproxy = shutil.which("haproxy")
+    if haproxy is None:
+        pytest.fail("haproxy is missing: `make system-deps` installs Debian's haproxy")
+    check = subprocess.run([haproxy, "-c", "-f", str(ROOT / "deploy" / "haproxy" / "haproxy.cfg")],
+                           capture_output=True, text=True)  # fmt: skip
+    assert check.returncode == 0, check.stdout + check.stderr
