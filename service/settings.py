@@ -30,12 +30,20 @@ class ModelOverride(BaseModel):
 
 
 class Autoscaling(BaseModel):
-    """Ray Serve autoscaling per model deployment; replicas scale on ongoing requests."""
+    """Ray Serve autoscaling: of each model deployment (Ray-ingress frontends, on the requests Ray
+    routes) or of the serving replicas (in-replica, on the requests each replica holds:
+    ``service/hosting/autoscaling.py``)."""
 
-    min_replicas: int = Field(1, ge=0)
+    min_replicas: int = Field(1, ge=1)
     max_replicas: int = Field(4, ge=1)
     #: ongoing requests per replica Ray aims for; a couple of full batches keeps replicas busy
     target_ongoing_requests: float = Field(64, gt=0)
+    #: more demand must last this long before a replica is added
+    upscale_delay_s: float = Field(10.0, ge=0)
+    #: less demand must last this long before a replica goes
+    downscale_delay_s: float = Field(60.0, ge=0)
+    #: how far back a replica's reported load is averaged
+    look_back_period_s: float = Field(10.0, gt=0)
 
 
 class Limits(BaseModel):
@@ -128,11 +136,8 @@ class Settings(BaseSettings):
     def _consistent(self) -> Self:
         if not self.repository.is_dir():
             raise ValueError(f"repository: {self.repository} is not a directory (run `make models` first)")
-        if self.frontend == "in-replica" and self.autoscaling is not None:
-            raise ValueError(
-                "autoscaling: Ray scales on the requests it routes, and the in-replica frontend "
-                "routes none through Ray; use num_replicas, or frontend ray-proxy/ray-direct"
-            )
+        if self.autoscaling is not None and self.autoscaling.min_replicas > self.autoscaling.max_replicas:
+            raise ValueError("autoscaling: min_replicas must not exceed max_replicas")
         if len({self.http_port, self.grpc_port, self.metrics_port}) < 3:
             raise ValueError("http_port, grpc_port and metrics_port must differ")
         if sorted(self.latency_buckets_s) != self.latency_buckets_s or not self.latency_buckets_s:
@@ -175,7 +180,10 @@ class Settings(BaseSettings):
             "num_replicas": self.replicas_for(model) if model else self.num_replicas
         }
         if self.autoscaling is not None:
-            scaling = {"autoscaling_config": self.autoscaling.model_dump()}
+            config: dict[str, object] = self.autoscaling.model_dump()
+            if model is None:  # the serving replicas: on what they hold, not on what Ray routes
+                config["policy"] = {"policy_function": "service.hosting.autoscaling:held_requests_policy"}
+            scaling = {"autoscaling_config": config}
         if self.max_replicas_per_node is not None:
             scaling["max_replicas_per_node"] = self.max_replicas_per_node
         return scaling
@@ -212,7 +220,11 @@ class Settings(BaseSettings):
                 "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(self.grpc_port + 101),
                 "RAY_SERVE_PORT_QUARANTINE_S": "0",
             }
-        return draining if self.frontend == "ray-proxy" else {}
+        if self.frontend == "ray-proxy":
+            return draining
+        if self.autoscaling is not None:  # replicas report what they hold every second, not 10 s
+            return {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+        return {}
 
     @property
     def use_gpu(self) -> bool:

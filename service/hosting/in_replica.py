@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.api.grpc_servicer import GrpcServicer, add_to_grpc_server
 from service.api.http import create_app
 from service.api.server import Server
+from service.hosting.autoscaling import METRIC
 from service.hosting.metrics import IngressMetrics, ModelMetrics
 from service.inference.model_set import ModelSet
 from service.inference.repository import ModelEntry
@@ -155,6 +156,11 @@ class ServingReplica:
                 raise RuntimeError(f"HTTP server on {settings.host}:{settings.http_port} stopped")
             await asyncio.sleep(0.01)
         log.info("serving HTTP on %s:%d, gRPC on :%d", settings.host, settings.http_port, settings.grpc_port)
+
+    async def record_autoscaling_stats(self) -> dict[str, float]:
+        """Ray's custom autoscaling metric (``service/hosting/autoscaling.py``): the requests this
+        replica holds, queued or computing, over all its models."""
+        return {METRIC: float(sum(w.batcher.held for w in self.models.workers.values()))}
 
     async def check_health(self) -> None:
         """Called by Ray Serve every few seconds; a raise here restarts the replica."""

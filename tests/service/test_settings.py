@@ -32,7 +32,7 @@ def test_defaults_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ({"ATTN_LATENCY_BUCKETS_S": "[1, 0.5]"}, "ascending"),
         ({"ATTN_NO_SUCH_SETTING": "1"}, "no_such_setting"),
         ({"ATTN_FRONTEND": "haproxy"}, "frontend"),
-        ({"ATTN_AUTOSCALING": '{"max_replicas": 4}'}, "autoscaling: Ray scales on the requests it routes"),
+        ({"ATTN_AUTOSCALING": '{"min_replicas": 5, "max_replicas": 4}'}, "min_replicas must not exceed"),
     ],
 )
 def test_bad_settings_name_the_field(
@@ -55,3 +55,10 @@ def test_frontends_set_rays_switches_before_ray_starts(tmp_path: Path) -> None:
     assert env["RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT"] == "9001"
     scaled = Settings(repository=tmp_path, frontend="ray-proxy", autoscaling={"max_replicas": 3})
     assert scaled.scaling_for("m") == {"autoscaling_config": scaled.autoscaling.model_dump()}
+
+
+def test_in_replica_autoscaling_scales_on_what_replicas_hold(tmp_path: Path) -> None:
+    scaled = Settings(repository=tmp_path, autoscaling={"max_replicas": 3})
+    config = scaled.scaling_for(None)["autoscaling_config"]
+    assert config["policy"] == {"policy_function": "service.hosting.autoscaling:held_requests_policy"}  # type: ignore[index]
+    assert scaled.ray_environment()["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] == "1"

@@ -235,3 +235,26 @@ def test_a_new_version_is_swapped_in_under_load_without_a_failed_request(
     assert {json.loads(body)["translations"][0]["text"] for body in result.bodies} == {"1980-06-03"}
     models = requests.get(f"{svc.url}/v1/models", timeout=30).json()["models"]
     assert [m["version"] for m in models if m["name"] == "dates-bahdanau"] == [2]
+
+
+def test_serving_replicas_autoscale_on_the_requests_they_hold(tiny_repository: Path, tmp_path: Path) -> None:
+    """In-replica autoscaling: Ray routes no request here, so each replica reports what it holds
+    (Ray's custom autoscaling metrics) and the policy adds a replica under load; the new one
+    joins the port and answers a share of new connections."""
+    settings = '{"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 4, "look_back_period_s": 2, "upscale_delay_s": 0}'
+    with running_service(tiny_repository, tmp_path, ATTN_AUTOSCALING=settings) as svc:
+        url = f"{svc.url}/v1/models/dates-transformer/translate"
+        replicas: Counter[str] = Counter()
+        deadline = time.monotonic() + 90
+
+        def client() -> None:
+            while len(replicas) < 2 and time.monotonic() < deadline:
+                answer = requests.post(url, json=SLOW, headers={"Connection": "close"}, timeout=30)
+                assert answer.status_code == 200, answer.text
+                replicas[answer.json()["metrics"]["replica"]] += 1
+
+        with ThreadPoolExecutor(16) as pool:
+            for future in [pool.submit(client) for _ in range(16)]:
+                future.result()
+        assert len(replicas) == 2, f"no second replica answered within 90 s: {replicas}"
+        assert "Upscaling" in svc.log.read_text(errors="replace")
