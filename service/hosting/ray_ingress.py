@@ -11,7 +11,9 @@ autoscaling. The price is a second hop per request; the default ``in-replica`` h
 
 from __future__ import annotations
 
+import asyncio
 import inspect
+import logging
 from typing import Any
 
 import ray
@@ -25,31 +27,44 @@ from service.api.server import Server
 from service.errors import Overloaded, ServiceError
 from service.hosting.metrics import IngressMetrics, ModelMetrics
 from service.inference.jobs import Answer
-from service.inference.repository import ModelEntry
-from service.inference.worker import ModelWorker, max_ongoing_requests
+from service.inference.model_set import ModelSet
+from service.inference.repository import ModelEntry, load_entry
+from service.inference.worker import max_ongoing_requests
 from service.settings import Settings
+
+log = logging.getLogger("ray.serve")
 
 
 @serve.deployment
 class ModelDeployment:
-    def __init__(self, entry: ModelEntry, settings: Settings) -> None:
-        replica = serve.get_replica_context().replica_id.unique_id
-        node = ray.get_runtime_context().get_node_id()[:12]
-        metrics = ModelMetrics(entry.name, settings.latency_buckets_s)
-        self.worker = ModelWorker(entry, settings, replica, node, metrics)
+    """One model's replica: a :class:`ModelSet` of that model, polling the repository and
+    swapping a newer version in place as the in-replica frontend does."""
+
+    async def __init__(self, entry: ModelEntry, settings: Settings) -> None:  # type: ignore[misc]
+        self.name = entry.name
+        self.models = ModelSet(
+            settings,
+            replica=serve.get_replica_context().replica_id.unique_id,
+            node=ray.get_runtime_context().get_node_id()[:12],
+            metrics_for=lambda name: ModelMetrics(name, settings.latency_buckets_s),
+            on_change=lambda workers, rejected: None,
+        )
+        await self.models.serve({entry.name: entry.version})
+        self.poll_task = asyncio.create_task(self.models.poll()) if settings.repository_poll_s > 0 else None
 
     def check_health(self) -> None:
         """Called by Ray Serve every few seconds; a raise here restarts the replica."""
-        self.worker.metrics.refresh()
+        self.models.refresh_metrics()
 
     async def info(self) -> dict[str, Any]:
-        return await self.worker.info()
+        worker = self.models.workers[self.name]
+        return {**await worker.info(), "version": worker.entry.version}
 
     async def predict(self, request: Any) -> Answer | ServiceError:
         """The answer, or the service error to answer with: a refusal is an answer, not a failed
         call (Ray would log a traceback for every 4xx); the ingress raises it (``RemoteModel``)."""
         try:
-            return await self.worker.predict(request)
+            return await self.models.workers[self.name].predict(request)
         except ServiceError as exc:
             return exc
 
@@ -99,11 +114,35 @@ class IngressReplica:
         rejected: dict[str, str],
         settings: Settings,
     ) -> None:
+        self.settings = settings
         self.server = Server(settings, IngressMetrics(settings.latency_buckets_s))
-        self.server.serve({name: RemoteModel(h) for name, h in handles.items()}, entries, rejected)
+        self.remote = {name: RemoteModel(h) for name, h in handles.items()}
+        self.server.serve(self.remote, entries, rejected)
         self.grpc = GrpcServicer(self.server)
+        self.poll_task: asyncio.Task[None] | None = None
 
-    def __serve_build_asgi_app__(self) -> Any:
+    async def _follow_versions(self) -> None:
+        """Every ``repository_poll_s``: the version each model's replicas now serve (they swap on
+        their own), so ``/v1/models``, version lookups and KServe metadata name it too."""
+        while True:
+            await asyncio.sleep(self.settings.repository_poll_s)
+            try:
+                entries = dict(self.server.entries)
+                for name, model in self.remote.items():
+                    version = int((await model.info())["version"])
+                    if version != entries[name].version:
+                        entries[name] = await asyncio.to_thread(
+                            load_entry, self.settings.repository, name, version
+                        )
+                if entries != self.server.entries:
+                    self.server.serve(self.remote, entries, self.server.rejected)
+            except Exception:  # asked again at the next poll
+                log.exception("following the models' versions failed")
+
+    async def __serve_build_asgi_app__(self) -> Any:
+        """Called by Ray once the replica is constructed, on its event loop."""
+        if self.settings.repository_poll_s > 0 and self.poll_task is None:
+            self.poll_task = asyncio.create_task(self._follow_versions())
         return create_app(self.server)
 
 

@@ -193,11 +193,12 @@ def test_a_killed_replica_is_replaced_and_at_most_a_thousandth_of_requests_fail(
         time.sleep(2)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="module", params=["in-replica", "ray-proxy"])
 def swappable(
-    tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory
+    request: pytest.FixtureRequest, tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[tuple[Service, Path]]:
-    """The tiny repository with a writable copy of dates-bahdanau, polled every second."""
+    """The tiny repository with a writable copy of dates-bahdanau, polled every second, in the
+    default frontend and behind Ray's proxy (a deployment per model)."""
     root = tmp_path_factory.mktemp("swappable")
     repository = root / "repository"
     repository.mkdir()
@@ -206,7 +207,7 @@ def swappable(
             shutil.copytree(model, repository / model.name)
         else:
             (repository / model.name).symlink_to(model, target_is_directory=True)
-    with running_service(repository, root, ATTN_REPOSITORY_POLL_S="1") as svc:
+    with running_service(repository, root, ATTN_REPOSITORY_POLL_S="1", ATTN_FRONTEND=request.param) as svc:
         yield svc, repository
 
 
