@@ -17,6 +17,7 @@ import contextlib
 import datetime as dt
 import json
 import os
+import random
 import signal
 import socket
 import statistics
@@ -76,10 +77,22 @@ class Configuration:
     port_offset: int = 0
 
 
+#: where our servers' ports come from: above Ray's worker ports (10002–19999) and below the
+#: kernel's ephemeral range (32768+), from which Ray's own processes keep taking ports — a port
+#: the kernel handed us as free could be taken by one of them before our server binds it
+PORTS = range(20000, 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    for _ in range(1000):
+        port = random.choice(PORTS)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in {PORTS}")
 
 
 def free_port_block(n: int) -> int:

@@ -8,7 +8,6 @@ import datetime
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -79,9 +78,9 @@ def wait_deployed(log: Path, proc: subprocess.Popen, timeout_s: float = 120) -> 
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    from benchmarks.run import free_port as outside_ephemeral_range
+
+    return outside_ephemeral_range()
 
 
 @dataclass

@@ -142,7 +142,7 @@ async def _classify_body(server: Server, request: Request) -> tuple[ClassifyOpti
             if upload is None or isinstance(upload, str):
                 raise InvalidInput("file: a multipart upload named 'file' is required")
             options = ClassifyOptions.model_validate({k: v for k, v in form.items() if k != "file"})
-            return options, classify_job(options, image=await upload.read())
+            return options, classify_job(options, image=await upload.read(), field="file")
         if ctype.startswith("application/json") or not ctype:
             body = ClassifyRequest.model_validate_json(await server.read_body(request))
             return body, classify_json_job(body)

@@ -35,7 +35,10 @@ def translate_job(request: TranslateRequest) -> TranslateJob:
 
 
 def classify_job(
-    options: ClassifyOptions, image: bytes | None = None, pixels: np.ndarray | None = None
+    options: ClassifyOptions,
+    image: bytes | None = None,
+    pixels: np.ndarray | None = None,
+    field: str = "image",
 ) -> ClassifyJob:
     attention = options.attention_layers if options.return_attention else "none"
     return ClassifyJob(
@@ -45,6 +48,7 @@ def classify_job(
         attention=attention,
         head_fusion=options.head_fusion,
         discard_ratio=options.discard_ratio,
+        field=field,
     )
 
 

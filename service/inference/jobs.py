@@ -43,6 +43,8 @@ class ClassifyJob:
     attention: ImageAttention = "none"
     head_fusion: HeadFusion = "mean"
     discard_ratio: float = 0.0
+    #: the request field the image came from, as error messages name it ("image", "file", "IMAGE")
+    field: str = "image"
 
 
 @dataclass

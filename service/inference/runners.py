@@ -158,7 +158,7 @@ class ClassificationRunner:
         if (job.image is None) == (job.pixels is None):
             raise InvalidInput("image: give exactly one of an encoded image or pixels")
         if job.image is not None:
-            image = self._decode(job.image, "image")
+            image = self._decode(job.image, job.field)
         else:
             image = pixels_to_image(self._pixel_array(job.pixels))
         if job.attention != "none":

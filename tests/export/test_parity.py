@@ -29,7 +29,7 @@ TEXTS = ["3 mars 2011", "Saturday, January 22, 1994", "1. Dezember 1987", "el 7 
 
 
 def _model(service: Service, name: str) -> torch.nn.Module:
-    return checkpoint.load(service.inference.repository.parent / "checkpoints" / name).model
+    return checkpoint.load(service.repository.parent / "checkpoints" / name).model
 
 
 @pytest.mark.parametrize("name", ["dates-bahdanau", "dates-transformer"])
@@ -41,7 +41,7 @@ def test_served_alignments_equal_pytorch(service: Service, name: str) -> None:
         f"/v1/models/{name}/translate",
         json={"text": TEXTS, "return_attention": True, "attention_layers": "all"},
     ).json()
-    directory = service.inference.repository / name / "1"
+    directory = service.repository / name / "1"
     manifest = Manifest.load(directory)
     assert manifest.translation is not None
     translator, model = Translator(directory, manifest, ["CPUExecutionProvider"]), _model(service, name)
@@ -72,7 +72,7 @@ def test_served_image_maps_equal_pytorch(service: Service, fusion: str) -> None:
             "attention_layers": "all",
         },
     ).json()
-    manifest = Manifest.load(service.inference.repository / "fashion-vit" / "1")
+    manifest = Manifest.load(service.repository / "fashion-vit" / "1")
     assert manifest.image is not None
     pixels, _ = preprocess(Image.open(io.BytesIO(png)), manifest.image)
     with torch.no_grad():

@@ -36,7 +36,7 @@ def canvas_png(seed: int = 0) -> tuple[bytes, np.ndarray]:
 
 
 def reference(service: Service, name: str) -> Translator:
-    directory = service.inference.repository / name / "1"
+    directory = service.repository / name / "1"
     return Translator(directory, Manifest.load(directory), CPU)
 
 
@@ -128,7 +128,7 @@ def test_metrics_per_request(service: Service) -> None:
 
 def test_classification_matches_the_reference_and_every_input_form(service: Service) -> None:
     png, pixels = canvas_png()
-    directory = service.inference.repository / "fashion-vit" / "1"
+    directory = service.repository / "fashion-vit" / "1"
     manifest = Manifest.load(directory)
     assert manifest.image is not None
     x, _ = preprocess(Image.open(io.BytesIO(png)), manifest.image)
@@ -156,7 +156,7 @@ def test_classification_matches_the_reference_and_every_input_form(service: Serv
 @pytest.mark.parametrize("fusion", ["mean", "max", "min"])
 def test_rollout_matches_offline_rollout(service: Service, fusion: str) -> None:
     png, _ = canvas_png(1)
-    directory = service.inference.repository / "fashion-vit" / "1"
+    directory = service.repository / "fashion-vit" / "1"
     manifest = Manifest.load(directory)
     assert manifest.image is not None
     x, _ = preprocess(Image.open(io.BytesIO(png)), manifest.image)

@@ -21,7 +21,7 @@ def test_a_second_service_on_a_served_port_is_refused_at_once(service: Service) 
     port = int(service.url.rsplit(":", 1)[1])
     env = {
         **os.environ,
-        "ATTN_REPOSITORY": str(service.inference.repository),
+        "ATTN_REPOSITORY": str(service.repository),
         "ATTN_HTTP_PORT": str(port),
         "ATTN_GRPC_PORT": str(free_port()),
         "ATTN_METRICS_PORT": str(free_port()),

@@ -51,12 +51,14 @@ def test_no_attention_asked_none_kept(tiny_repository: Path) -> None:
 
 
 def test_limits_are_checked_before_any_work(tiny_repository: Path) -> None:
-    r = runner(tiny_repository, "dates-transformer", Limits(max_texts=3, max_response_bytes=64 * 1024))
+    r = runner(tiny_repository, "dates-transformer", Limits(max_texts=3))
     with pytest.raises(PayloadTooLarge, match="limit of 3"):
         r.preprocess(TranslateJob(texts=DATES))
+    # 5 texts × 17 steps × ~15 source tokens × (1 + 2 layers × 4 heads) values × 9 bytes ≈ 100 kB
+    r = runner(tiny_repository, "dates-transformer", Limits(max_response_bytes=64 * 1024))
     with pytest.raises(ResponseTooLarge, match=r"limits\.max_response_bytes"):
-        r.preprocess(TranslateJob(texts=DATES[:3] * 1, attention="all", max_length=16))
-    r.preprocess(TranslateJob(texts=DATES[:3], attention="default"))  # fits
+        r.preprocess(TranslateJob(texts=DATES, attention="all"))
+    r.preprocess(TranslateJob(texts=DATES, attention="default"))  # a ninth of it fits
 
 
 def test_classification_typed_result(tiny_repository: Path) -> None:
