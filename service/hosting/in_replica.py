@@ -21,75 +21,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import socket
-from collections import OrderedDict
-from collections.abc import Iterator
 from typing import Any
 
 import grpc
 import ray
 import uvicorn
 from ray import serve
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api.grpc_servicer import GrpcServicer, add_to_grpc_server
 from service.api.http import create_app
 from service.api.server import Server
 from service.hosting.autoscaling import METRIC
+from service.hosting.listening import ConnectionRecycler, QuietServer, shared_socket
 from service.hosting.metrics import IngressMetrics, ModelMetrics
 from service.inference.model_set import ModelSet
 from service.inference.repository import ModelEntry
 from service.settings import Settings
 
 log = logging.getLogger("ray.serve")
-
-
-class ConnectionRecycler:
-    """Close a keep-alive connection after ``limit`` requests (``Connection: close``), as nginx's
-    ``keepalive_requests`` does: replicas share the port per *connection*, so without this a
-    replica that restarts or joins would get no share of long-lived client connections."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-        self.served: OrderedDict[Any, int] = OrderedDict()  # client address → requests so far
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.limit:
-            return await self.app(scope, receive, send)
-        client = scope.get("client")
-        count = self.served.pop(client, 0) + 1
-        last = count >= self.limit
-        if not last:
-            self.served[client] = count
-            while len(self.served) > 65536:  # addresses of connections that went away
-                self.served.popitem(last=False)
-
-        async def send_closing(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
-            await send(message)
-
-        await self.app(scope, receive, send_closing if last else send)
-
-
-class _Server(uvicorn.Server):
-    """uvicorn without its signal handlers: the replica's process belongs to Ray."""
-
-    @contextlib.contextmanager
-    def capture_signals(self) -> Iterator[None]:
-        yield
-
-
-def shared_socket(host: str, port: int) -> socket.socket:
-    """A listening TCP socket other replicas on this node may bind too (SO_REUSEPORT)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    sock.listen(2048)
-    sock.setblocking(False)
-    return sock
 
 
 @serve.deployment
@@ -129,7 +78,7 @@ class ServingReplica:
     async def _listen(self) -> None:
         settings = self.settings
         recycled = ConnectionRecycler(create_app(self.server), settings.keepalive_requests)
-        self.http = _Server(
+        self.http = QuietServer(
             uvicorn.Config(
                 recycled, lifespan="off", log_level="warning", access_log=settings.access_log,
                 timeout_keep_alive=30, proxy_headers=False,
