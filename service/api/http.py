@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import auth, explorer, kserve_routes, rest
+from service.api import auth, explorer, kserve_routes, limits, rest
 from service.api.routes import error_response
 from service.api.schemas import ErrorBody
 from service.api.server import Server
@@ -30,7 +30,6 @@ from service.errors import (
     unexpected,
     validation_message,
 )
-from service.settings import Limits
 
 
 def create_app(server: Server) -> FastAPI:
@@ -60,7 +59,7 @@ class App(FastAPI):
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
-            _write_limits(super().openapi(), self.state.server.settings.limits)
+            limits.write_openapi(super().openapi(), self.state.server.settings.limits)
         return self.openapi_schema or {}
 
 
@@ -124,35 +123,3 @@ class InternalErrors:
                 raise
             answer = error_response(500, error.message, {"X-Request-Id": error.request_id})
             await answer(scope, receive, send)
-
-
-def _write_limits(node: Any, limits: Limits) -> None:
-    if isinstance(node, list):
-        for item in node:
-            _write_limits(item, limits)
-        return
-    if not isinstance(node, dict):
-        return
-    props = node.get("properties")
-    if isinstance(props, dict):
-        if "text" in props and "beam_size" in props:  # TranslateRequest
-            text = props["text"]
-            text["description"] = (
-                f"One text or a list of texts (each at most {limits.max_text_chars} characters; "
-                f"at most {limits.max_texts} texts)."
-            )
-            for variant in text.get("anyOf", []):
-                if variant.get("type") == "string":
-                    variant["maxLength"] = limits.max_text_chars
-                elif variant.get("type") == "array":
-                    variant["maxItems"] = limits.max_texts
-                    variant.setdefault("items", {})["maxLength"] = limits.max_text_chars
-            props["beam_size"]["maximum"] = limits.max_beam_size
-        if "top_k" in props:  # ClassifyOptions / ClassifyRequest
-            props["top_k"]["maximum"] = limits.max_top_k
-        if "image" in props and "pixels" in props:  # base64 of the largest image accepted
-            for variant in props["image"].get("anyOf", [props["image"]]):
-                if variant.get("type") == "string":
-                    variant["maxLength"] = -(-limits.max_image_bytes // 3) * 4
-    for value in node.values():
-        _write_limits(value, limits)

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 from pydantic import ValidationError
 
+from service.api.limits import request_limits
 from service.api.schemas import ClassifyOptions, TranslateRequest
 from service.errors import InvalidInput, validation_message
 from service.inference import attention as maps
@@ -109,16 +110,8 @@ def metadata(manifest: Manifest, limits: Limits) -> dict[str, Any]:
         "platform": PLATFORM,
         "inputs": inputs,
         "outputs": outputs,
-        "parameters": request_limits(manifest, limits),
+        "parameters": request_limits(manifest.task, limits),
     }
-
-
-def request_limits(manifest: Manifest, limits: Limits) -> dict[str, int]:
-    if manifest.task == "translation":
-        names = ("max_texts", "max_text_chars", "max_beam_size", "max_response_bytes")
-    else:
-        names = ("max_image_bytes", "max_image_pixels", "max_top_k", "max_response_bytes")
-    return {name: int(getattr(limits, name)) for name in names}
 
 
 def requested_outputs(manifest: Manifest, names: list[str], params: dict[str, Any]) -> list[str]:

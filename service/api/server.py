@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 from fastapi import Request
 
+from service.api import limits
 from service.errors import (
     BodyTooLarge,
     DeadlineExceeded,
@@ -116,6 +117,8 @@ class Server:
         status = 500
         try:
             entry = self.resolve(name, task, version)
+            for request in requests:
+                limits.check(request, self.settings.limits)
             timeout = self.settings.limits.request_timeout_s
             model = self.models[name]
             try:

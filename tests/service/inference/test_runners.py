@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.errors import PayloadTooLarge, ResponseTooLarge
+from service.errors import ResponseTooLarge
 from service.inference.jobs import Classified, ClassifyJob, Translated, TranslateJob
 from service.inference.repository import load_entry
 from service.inference.runners import ClassificationRunner, TranslationRunner, batch_dependent, make_runner
@@ -50,10 +50,7 @@ def test_no_attention_asked_none_kept(tiny_repository: Path) -> None:
     assert result.tokens_generated == sum(len(t.target_tokens) for t in result.translations)
 
 
-def test_limits_are_checked_before_any_work(tiny_repository: Path) -> None:
-    r = runner(tiny_repository, "dates-transformer", Limits(max_texts=3))
-    with pytest.raises(PayloadTooLarge, match="limit of 3"):
-        r.preprocess(TranslateJob(texts=DATES))
+def test_an_answer_too_large_is_refused_before_any_work(tiny_repository: Path) -> None:
     # 5 texts × 17 steps × ~15 source tokens × (1 + 2 layers × 4 heads) values × 9 bytes ≈ 100 kB
     r = runner(tiny_repository, "dates-transformer", Limits(max_response_bytes=64 * 1024))
     with pytest.raises(ResponseTooLarge, match=r"limits\.max_response_bytes"):

@@ -1,0 +1,81 @@
+"""The request limits, applied at the API edge: one ``Settings.limits`` object.
+
+Every protocol's jobs pass :func:`check` in ``Server.predict_many`` before any model sees them,
+and the same object is what the OpenAPI document (:func:`write_openapi`) and the KServe model
+metadata (:func:`request_limits`) show. Only what needs the model is checked below, with the same
+object: the answer-size bound (it needs the source token counts and the decoder's layers and
+heads) and the decoded pixel count (it needs the image's header) — ``service/inference/runners.py``.
+The pydantic ``Field`` bounds in ``schemas.py`` are ceilings that ``Settings.limits`` cannot exceed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.errors import InvalidInput, PayloadTooLarge
+from service.inference.jobs import ClassifyJob, TranslateJob
+from service.settings import Limits
+
+
+def check(job: Any, limits: Limits) -> None:
+    """Refuse a job over a limit, naming the field (413 for sizes, 422 for values)."""
+    if isinstance(job, TranslateJob):
+        if len(job.texts) > limits.max_texts:
+            raise PayloadTooLarge(f"text: {len(job.texts)} texts exceed the limit of {limits.max_texts}")
+        for i, text in enumerate(job.texts):
+            if len(text) > limits.max_text_chars:
+                raise PayloadTooLarge(
+                    f"text[{i}]: {len(text)} characters exceed the limit of {limits.max_text_chars}"
+                )
+        if job.beam_size > limits.max_beam_size:
+            raise InvalidInput(f"beam_size: {job.beam_size} exceeds the limit of {limits.max_beam_size}")
+    elif isinstance(job, ClassifyJob):
+        if job.image is not None and len(job.image) > limits.max_image_bytes:
+            raise PayloadTooLarge(
+                f"{job.field}: {len(job.image)} bytes exceed the limit of {limits.max_image_bytes}"
+            )
+        if job.pixels is not None and job.pixels.size > limits.max_image_pixels * 4:
+            raise PayloadTooLarge(f"pixels: {job.pixels.size} values exceed the limit")
+
+
+def request_limits(task: str, limits: Limits) -> dict[str, int]:
+    """The limits on a request to a model of ``task``, as KServe model metadata shows them."""
+    if task == "translation":
+        names = ("max_texts", "max_text_chars", "max_beam_size", "max_response_bytes")
+    else:
+        names = ("max_image_bytes", "max_image_pixels", "max_top_k", "max_response_bytes")
+    return {name: int(getattr(limits, name)) for name in names}
+
+
+def write_openapi(node: Any, limits: Limits) -> None:
+    """Write ``limits`` into every request schema of an OpenAPI document (components and inline
+    bodies), in place of the schemas' ceilings."""
+    if isinstance(node, list):
+        for item in node:
+            write_openapi(item, limits)
+        return
+    if not isinstance(node, dict):
+        return
+    props = node.get("properties")
+    if isinstance(props, dict):
+        if "text" in props and "beam_size" in props:  # TranslateRequest
+            text = props["text"]
+            text["description"] = (
+                f"One text or a list of texts (each at most {limits.max_text_chars} characters; "
+                f"at most {limits.max_texts} texts)."
+            )
+            for variant in text.get("anyOf", []):
+                if variant.get("type") == "string":
+                    variant["maxLength"] = limits.max_text_chars
+                elif variant.get("type") == "array":
+                    variant["maxItems"] = limits.max_texts
+                    variant.setdefault("items", {})["maxLength"] = limits.max_text_chars
+            props["beam_size"]["maximum"] = limits.max_beam_size
+        if "top_k" in props:  # ClassifyOptions / ClassifyRequest
+            props["top_k"]["maximum"] = limits.max_top_k
+        if "image" in props and "pixels" in props:  # base64 of the largest image accepted
+            for variant in props["image"].get("anyOf", [props["image"]]):
+                if variant.get("type") == "string":
+                    variant["maxLength"] = -(-limits.max_image_bytes // 3) * 4
+    for value in node.values():
+        write_openapi(value, limits)

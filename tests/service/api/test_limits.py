@@ -1,0 +1,47 @@
+"""The request limits at the API edge: one Settings.limits object checks every protocol's jobs
+(naming the field), and the same object writes the OpenAPI document and the KServe metadata."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.api import limits
+from service.errors import InvalidInput, PayloadTooLarge
+from service.inference.jobs import ClassifyJob, TranslateJob
+from service.settings import Limits
+
+LIMITS = Limits(max_texts=2, max_text_chars=5, max_beam_size=3, max_image_bytes=2048, max_image_pixels=64)
+
+
+@pytest.mark.parametrize(
+    ("job", "error", "words"),
+    [
+        (TranslateJob(texts=["a", "b", "c"]), PayloadTooLarge, "text: 3 texts exceed the limit of 2"),
+        (TranslateJob(texts=["ok", "too long"]), PayloadTooLarge, "text[1]: 8 characters"),
+        (TranslateJob(texts=["a"], beam_size=4), InvalidInput, "beam_size: 4 exceeds the limit of 3"),
+        (ClassifyJob(image=b"x" * 2049), PayloadTooLarge, "image: 2049 bytes"),
+        (ClassifyJob(image=b"x" * 2049, field="file"), PayloadTooLarge, "file: 2049 bytes"),
+        (ClassifyJob(pixels=np.zeros((20, 20))), PayloadTooLarge, "pixels: 400 values"),
+    ],
+)
+def test_a_job_over_a_limit_is_refused_naming_the_field(job: object, error: type, words: str) -> None:
+    with pytest.raises(error) as refused:
+        limits.check(job, LIMITS)
+    assert words in str(refused.value)
+
+
+def test_jobs_within_the_limits_pass() -> None:
+    limits.check(TranslateJob(texts=["a", "bcdef"], beam_size=3), LIMITS)
+    limits.check(ClassifyJob(image=b"x" * 2048), LIMITS)
+    limits.check(ClassifyJob(pixels=np.zeros((8, 8, 4))), LIMITS)
+
+
+def test_the_same_object_is_what_the_documents_show() -> None:
+    assert limits.request_limits("translation", LIMITS)["max_texts"] == 2
+    assert limits.request_limits("image-classification", LIMITS)["max_image_bytes"] == 2048
+    schema = {"properties": {"text": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
+                             "beam_size": {"maximum": 64}}}  # fmt: skip
+    limits.write_openapi({"paths": [schema]}, LIMITS)
+    assert schema["properties"]["beam_size"]["maximum"] == 3
+    assert schema["properties"]["text"]["anyOf"][1]["maxItems"] == 2  # type: ignore[index]
