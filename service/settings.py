@@ -47,8 +47,9 @@ class Autoscaling(BaseModel):
 
 
 class Limits(BaseModel):
-    """What one request may ask for: enforced by the runners, shown in the OpenAPI document.
-    Each is at most the API schema's ceiling (``service/api/schemas.py``)."""
+    """What one request may ask for: applied at the API edge (``service/api/limits.py``), shown in
+    the OpenAPI document and KServe model metadata. Each is at most the API schema's ceiling
+    (``service/api/schemas.py``)."""
 
     max_text_chars: int = Field(512, ge=1, le=4096)
     max_texts: int = Field(64, ge=1, le=256)

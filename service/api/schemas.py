@@ -1,8 +1,8 @@
 """The REST API contract: request and response models with their limits.
 
 The ``Field`` limits here are hard ceilings. What a deployment enforces is ``Settings.limits``
-(at most these ceilings; checked by the runners, ``service/inference/runners.py``), and that is what the
-OpenAPI document shows: ``service/api/http.py`` writes the served limits into these schemas.
+(at most these ceilings), applied at the API edge by ``service/api/limits.py``, which also writes
+the served limits into these schemas in the OpenAPI document.
 """
 
 from __future__ import annotations
