@@ -40,8 +40,8 @@ RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0", "RAY_AUTH
 
 
 def ray_node(args: list[str], log: Path, worker_ports: int) -> subprocess.Popen:
-    """``worker_ports`` starts a 200-port range below the ephemeral range, so that no port picked
-    by :func:`free_port` for the node's other components can fall inside it."""
+    """``worker_ports`` starts a 200-port range below free_port's range (20000–32767), so that no
+    port picked for the node's other components can fall inside it."""
     ports = {
         "--node-manager-port": free_port(), "--object-manager-port": free_port(),
         "--metrics-export-port": free_port(), "--dashboard-agent-listen-port": free_port(),
@@ -59,7 +59,9 @@ def ray_node(args: list[str], log: Path, worker_ports: int) -> subprocess.Popen:
 def two_node_service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     tmp = tmp_path_factory.mktemp("cluster")
     gcs = free_port()
-    ports = 20000 + (os.getpid() % 25) * 400  # two disjoint ranges in 20000–29999
+    # two disjoint ranges in 10100–19999: Ray's worker-port range, outside both the kernel's
+    # ephemeral range and the 20000–32767 that free_port picks the other components' ports from
+    ports = 10100 + (os.getpid() % 24) * 400
     started: list[subprocess.Popen] = []
     try:
         started.append(ray_node(["--head", f"--port={gcs}", f"--temp-dir={tmp / 'ray'}", "--include-dashboard=false",
