@@ -56,17 +56,25 @@ def main(argv: list[str] | None = None) -> int:
               "ATTN_METRICS_PORT)", file=sys.stderr)  # fmt: skip
         return 2
     app = build_app(settings)  # validates the repository before Ray starts
-    if settings.ray_address is None:  # a private Ray for this process, stopped with it
-        ray.init(
-            address="local", num_cpus=settings.num_cpus or os.cpu_count(), include_dashboard=False,
-            _metrics_export_port=settings.metrics_port, logging_level=logging.WARNING,
-        )  # fmt: skip
-    else:  # a cluster started with `ray start`: its nodes export metrics on their own ports
-        ray.init(address=settings.ray_address, logging_level=logging.WARNING)
-    stop = threading.Event()
+    stop, serving = threading.Event(), threading.Event()
+
+    def on_signal(*_: object) -> None:
+        stop.set()
+        if not serving.is_set():  # still starting: interrupt it; `finally` stops what has started
+            raise KeyboardInterrupt
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
+        if settings.ray_address is None:  # a private Ray for this process, stopped with it
+            ray.init(
+                address="local", num_cpus=settings.num_cpus or os.cpu_count(), include_dashboard=False,
+                _metrics_export_port=settings.metrics_port, logging_level=logging.WARNING,
+            )  # fmt: skip
+        else:  # a cluster started with `ray start`: its nodes export metrics on their own ports
+            ray.init(address=settings.ray_address, logging_level=logging.WARNING)
+        for sig in (signal.SIGINT, signal.SIGTERM):  # ours again: ray.init installs its own
+            signal.signal(sig, on_signal)
         in_replica = settings.frontend == "in-replica"  # the replicas listen; no Ray proxy
         serve.start(
             proxy_location="Disabled" if in_replica else settings.proxy_location,
@@ -75,9 +83,12 @@ def main(argv: list[str] | None = None) -> int:
             grpc_options={"port": settings.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
         )
         serve.run(app, name="attention", route_prefix=None if in_replica else "/")
+        serving.set()
         print(f"serving on http://{settings.host}:{settings.http_port} (explorer at /, docs at /docs); "
               f"metrics on :{settings.metrics_port}/metrics — Ctrl-C to stop", flush=True)  # fmt: skip
         stop.wait()
+    except KeyboardInterrupt:
+        print("interrupted while starting; stopping", file=sys.stderr, flush=True)
     finally:
         stop_serving(settings)
     return 0
