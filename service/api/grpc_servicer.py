@@ -20,11 +20,12 @@ from service.api import auth, kserve
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc, grpc_service_pb2_grpc
 from service.api.protos import grpc_service_pb2 as pb
+from service.api.rest_codec import classify_job, translate_job
 from service.api.schemas import ClassifyOptions, TranslateRequest
 from service.api.server import Server
 from service.errors import InvalidInput, ServiceError, unexpected, validation_message
 from service.inference import attention as maps
-from service.inference.jobs import AnswerMetrics, Classified, ClassifyJob, Translated, TranslateJob
+from service.inference.jobs import AnswerMetrics, Classified, Translated
 
 _CONTENTS_FIELD = {
     "BOOL": "bool_contents",
@@ -247,18 +248,14 @@ class GrpcServicer:
         self, request: apb.TranslateRequest, grpc_context: GrpcContext
     ) -> apb.TranslateResponse:
         self._authorize(grpc_context)
-        checked = TranslateRequest(  # the request's fields, checked by the REST schema
-            text=list(request.texts),
-            beam_size=request.beam_size or 1,
-            max_length=request.max_length or None,
-            length_penalty=request.length_penalty,
-        )
-        job = TranslateJob(
-            texts=checked.texts,
-            beam_size=checked.beam_size,
-            max_length=checked.max_length,
-            length_penalty=checked.length_penalty,
-            attention="default" if request.return_attention else "none",
+        job = translate_job(  # the request's fields, checked by the REST schema
+            TranslateRequest(
+                text=list(request.texts),
+                beam_size=request.beam_size or 1,
+                max_length=request.max_length or None,
+                length_penalty=request.length_penalty,
+                return_attention=request.return_attention,
+            )
         )
         entry, [answer], total = await self.server.predict_many(
             request.model, "translation", "grpc_translate", [job]
@@ -282,13 +279,12 @@ class GrpcServicer:
     @rpc
     async def Classify(self, request: apb.ClassifyRequest, grpc_context: GrpcContext) -> apb.ClassifyResponse:
         self._authorize(grpc_context)
-        options = ClassifyOptions(top_k=request.top_k or 5, head_fusion=request.head_fusion or "mean")
-        job = ClassifyJob(
-            image=request.image,
-            top_k=options.top_k,
-            head_fusion=options.head_fusion,
-            attention="rollout" if request.return_attention else "none",
+        options = ClassifyOptions(
+            top_k=request.top_k or 5,
+            head_fusion=request.head_fusion or "mean",
+            return_attention=request.return_attention,
         )
+        job = classify_job(options, image=request.image)
         entry, [answer], total = await self.server.predict_many(
             request.model, "image-classification", "grpc_classify", [job]
         )

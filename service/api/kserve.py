@@ -29,6 +29,7 @@ import numpy as np
 from pydantic import ValidationError
 
 from service.api.limits import request_limits
+from service.api.rest_codec import classify_job, translate_job
 from service.api.schemas import ClassifyOptions, TranslateRequest
 from service.errors import InvalidInput, validation_message
 from service.inference import attention as maps
@@ -147,36 +148,26 @@ def _translate_job(by_name: dict[str, Tensor], params: dict[str, Any], attention
         raise InvalidInput(f"TEXT: expected BYTES with shape [-1], got {text.datatype} {text.shape}")
     texts = [_utf8(item, "TEXT") for item in text.data]
     options = {k: params[k] for k in ("beam_size", "max_length", "length_penalty") if k in params}
-    checked = TranslateRequest(text=texts, **options)
-    return TranslateJob(
-        texts=texts,
-        beam_size=checked.beam_size,
-        max_length=checked.max_length,
-        length_penalty=checked.length_penalty,
-        attention="default" if attention else "none",
-    )
+    return translate_job(TranslateRequest(text=texts, return_attention=attention, **options))
 
 
 def _classify_jobs(
     by_name: dict[str, Tensor], params: dict[str, Any], attention: bool, raw: bool
 ) -> list[ClassifyJob]:
     tensor = _only_input(by_name, ["IMAGE", "PIXELS"])
+    given = {k: params[k] for k in ("top_k", "head_fusion", "discard_ratio") if k in params}
     options = ClassifyOptions(
-        **{k: params[k] for k in ("top_k", "head_fusion", "discard_ratio") if k in params}
+        **given, return_attention=attention, attention_layers="all" if raw else "rollout"
     )
-    common: dict[str, Any] = {
-        "top_k": options.top_k, "head_fusion": options.head_fusion, "discard_ratio": options.discard_ratio,
-        "attention": ("all" if raw else "rollout") if attention else "none",
-    }  # fmt: skip
     if tensor.name == "IMAGE":
         if tensor.datatype != "BYTES" or tensor.data.ndim != 1:
             raise InvalidInput(f"IMAGE: expected BYTES with shape [-1], got {tensor.datatype} {tensor.shape}")
-        return [ClassifyJob(image=bytes(item), **common) for item in tensor.data]
+        return [classify_job(options, image=bytes(item)) for item in tensor.data]
     if tensor.datatype not in ("UINT8", "FP32") or tensor.data.ndim not in (3, 4):
         raise InvalidInput(
             f"PIXELS: expected UINT8 or FP32 [-1, H, W(, C)], got {tensor.datatype} {tensor.shape}"
         )
-    return [ClassifyJob(pixels=row, **common) for row in tensor.data]
+    return [classify_job(options, pixels=row) for row in tensor.data]
 
 
 def _only_input(by_name: dict[str, Tensor], allowed: list[str]) -> Tensor:

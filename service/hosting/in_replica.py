@@ -58,9 +58,7 @@ class ServingReplica:
             replica=serve.get_replica_context().replica_id.unique_id,
             node=ray.get_runtime_context().get_node_id()[:12],
             metrics_for=lambda name: ModelMetrics(name, settings.latency_buckets_s),
-            on_change=lambda workers, rejected: self.server.serve(
-                workers, {n: w.entry for n, w in workers.items()}, rejected
-            ),
+            on_change=lambda workers, rejected: self.server.serve(workers, self.models.entries, rejected),
         )
         self.http_task: asyncio.Task[None] | None = None
         self.poll_task: asyncio.Task[None] | None = None
