@@ -287,10 +287,12 @@ def test_an_answer_over_the_size_limit_is_refused_up_front(mixed_service: Servic
     assert fits.status_code == 200 and len(fits.content) < MAX_RESPONSE
 
 
-def test_a_chunked_body_is_cut_at_the_limit(mixed_service: Service) -> None:
+def test_a_chunked_body_is_cut_at_the_limit(mixed_service: Service, request: pytest.FixtureRequest) -> None:
     """No Content-Length: the service reads the stream up to its limit (the largest image,
     base64, plus room: ~11 MB by default), answers 413 and closes, while the client still has
-    most of its 200 MB to send."""
+    most of its 200 MB to send. Behind Ray's proxy only the 413 is ours: the proxy reads the
+    client's socket and goes on reading after the replica refused (117 MB once, under 100 MB
+    in three other runs), so how much it reads is Ray's, not the service's."""
     host, port = mixed_service.url.removeprefix("http://").split(":")
     chunk = b"x" * (1 << 20)
     with socket.create_connection((host, int(port)), timeout=30) as sock:
@@ -310,7 +312,8 @@ def test_a_chunked_body_is_cut_at_the_limit(mixed_service: Service) -> None:
     head, _, body = answer.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413"), answer[:500]
     assert "body" in json.loads(body)["error"]
-    assert sent < 100 * len(chunk), f"the server read {sent >> 20} MB before refusing"
+    if request.node.callspec.params["mixed_service"] == "in-replica":  # our own server reads it
+        assert sent < 100 * len(chunk), f"the server read {sent >> 20} MB before refusing"
 
 
 def test_openapi_shows_the_limits_the_service_enforces(mixed_service: Service) -> None:
