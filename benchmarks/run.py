@@ -14,6 +14,7 @@ import argparse
 import asyncio
 import base64
 import contextlib
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -75,6 +76,8 @@ class Configuration:
     serves: tuple[str, ...] | None = None
     #: where clients connect, relative to the HTTP port it is given
     port_offset: int = 0
+    #: the checkout whose code it runs (None: this one)
+    cwd: Path | None = None
 
 
 #: where our servers' ports come from: above Ray's worker ports (10002–19999) and below the
@@ -115,11 +118,13 @@ def free_port_block(n: int) -> int:
 class Server:
     """A server process we start and stop by PID, with its tree's CPU time and memory."""
 
-    def __init__(self, name: str, cmd: list[str], env: dict[str, str], port: int, log: Path) -> None:
+    def __init__(
+        self, name: str, cmd: list[str], env: dict[str, str], port: int, log: Path, cwd: Path | None = None
+    ) -> None:
         self.name, self.port = name, port
         start = time.perf_counter()
         self.proc = subprocess.Popen(
-            cmd, env={**os.environ, **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT
+            cmd, env={**os.environ, **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=cwd
         )
         try:
             self._wait_ready(start, log)
@@ -227,7 +232,22 @@ def start(name: str, config: Configuration, out: Path) -> Server:
     env = {**config.env, "ATTN_HTTP_PORT": str(port), "ATTN_GRPC_PORT": str(free_port_block(102)),
            "ATTN_METRICS_PORT": str(free_port())}  # fmt: skip
     cmd = config.cmd if "ATTN_FRONTEND" in env else [*config.cmd, "--port", str(port)]
-    return Server(name, cmd, env, port + config.port_offset, out / f"{name}.log")
+    return Server(name, cmd, env, port + config.port_offset, out / f"{name}.log", config.cwd)
+
+
+def from_checkout(configs: dict[str, Configuration], checkout: Path) -> dict[str, Configuration]:
+    """The service configurations again, running another checkout's ``service`` package (say, a
+    ``git worktree`` of the commit before a change): rows named ``<config>@<commit>``, measured in
+    the same interleaved rounds as this checkout's, so a before/after comparison shares the
+    machine's noise."""
+    git = ["git", "-C", str(checkout), "rev-parse", "--short", "HEAD"]
+    commit = subprocess.run(git, capture_output=True, text=True, check=True).stdout.strip()
+    env = {"PYTHONPATH": str(checkout.resolve())}
+    return {
+        f"{name}@{commit}": dataclasses.replace(c, env={**c.env, **env}, cwd=checkout.resolve())
+        for name, c in configs.items()
+        if "ATTN_FRONTEND" in c.env
+    }
 
 
 def measure(
@@ -278,6 +298,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--configs", nargs="+", help="only these configurations")
     parser.add_argument("--workloads", nargs="+", help="only these workloads")
+    parser.add_argument(
+        "--also-from",
+        type=Path,
+        metavar="CHECKOUT",
+        help="also run the service configurations from this checkout (another commit), interleaved",
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
@@ -287,9 +313,14 @@ def main(argv: list[str] | None = None) -> int:
     raw: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
     startup: dict[str, list[float]] = {}
     rss: dict[str, list[int]] = {}
+    configs = configurations(repository, args.checkpoints)
+    if args.also_from:  # each configuration followed by its twin from the other checkout
+        twins = from_checkout(configs, args.also_from)
+        twin_of = {k.split("@")[0]: (k, v) for k, v in twins.items()}
+        configs = dict(p for name, c in configs.items() for p in [(name, c), twin_of.get(name)] if p)
     for r in range(args.rounds):
-        for name, config in configurations(repository, args.checkpoints).items():  # interleaved
-            if args.configs and name not in args.configs:
+        for name, config in configs.items():  # interleaved
+            if args.configs and name.split("@")[0] not in args.configs:
                 continue
             if name == "pytorch-eager" and not (args.checkpoints / TORCH_MODEL).is_dir():
                 print(f"skipping {name}: no checkpoint in {args.checkpoints / TORCH_MODEL}", flush=True)
