@@ -11,7 +11,7 @@ TRITON_VENV ?= .venv-triton
 # drive the service from this separate environment, in a separate process
 TRITONCLIENT := tritonclient[http,grpc]==2.73.0
 
-.PHONY: help venv dataset system-deps models models-all models-real serve eval bench bench-faults test test-fast lint typecheck protos clean
+.PHONY: help venv dataset system-deps models models-all models-real serve eval bench bench-decoding bench-faults test test-fast lint typecheck protos clean
 
 help:
 	@echo "make serve      build the demo models if missing, then run the service on 127.0.0.1:8000"
@@ -87,6 +87,10 @@ serve: models
 # benchmarks/results/<date>.{json,md,png}: ceilings, then each server configuration under load
 bench: models
 	$(PY) -m benchmarks.run --repository $(REPO)
+
+# benchmarks/results/<date>-decoding.{json,md}: KV cache vs whole prefix, the scheduler vs static batches
+bench-decoding: models
+	$(PY) -m benchmarks.decoding --repository $(REPO)
 
 # benchmarks/results/<date>-faults.{json,md}: a replica killed under load, 10x overload
 bench-faults: models

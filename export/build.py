@@ -21,7 +21,9 @@ from export.checkpoint import Checkpoint
 from export.data import fashion
 from export.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from export.graphs import Shape, plans_for
+from export.models.transformer import Transformer
 from export.onnx_export import ExportedGraph, export_graph, export_info
+from export.parity import cached_decode_parity
 from export.recipes import Recipe
 from export.repository import check_target, staged_version
 from export.train import bible as bible_train
@@ -87,6 +89,13 @@ def export(
         plans = plans_for(ckpt.model)
         graphs = {plan.key: export_graph(plan, staging) for plan in plans}
         manifest = _manifest(recipe, ckpt, ckpt_dir, version, graphs, plans[0].shapes, staging)
+        if isinstance(ckpt.model, Transformer):
+            # the step graph is verified one step at a time; this verifies whole decodes
+            decode = cached_decode_parity(staging, manifest, ckpt.model)
+            export = manifest.export.model_copy(
+                update={"parity_max_abs_diff": manifest.export.parity_max_abs_diff | decode}
+            )
+            manifest = manifest.model_copy(update={"export": export})
         metrics, details = evaluate.evaluate_recipe_details(recipe, staging, manifest)
         manifest = manifest.model_copy(update={"eval": metrics, "eval_details": details})
         _check_floors(recipe, manifest.eval)
@@ -140,7 +149,7 @@ def _manifest(
         target_language=recipe.languages[1],
         source_tokenizer=_save_tokenizer(ckpt.source_tokenizer, staging / checkpoint.SOURCE_TOKENIZER),
         target_tokenizer=_save_tokenizer(ckpt.target_tokenizer, staging / checkpoint.TARGET_TOKENIZER),
-        decoder="rnn" if rnn else "transformer",
+        decoder="rnn" if rnn else "transformer-kv",
         state_size=cfg.state_size if rnn else None,
         max_source_tokens=recipe.max_source_tokens,
         max_target_tokens=recipe.max_target_tokens,

@@ -106,7 +106,7 @@ def translation_faithfulness_by_layer(
 ) -> list[AlignmentScore]:
     """One score per decoder layer (heads averaged) from a single decode; one for an RNN."""
     assert manifest.translation is not None
-    layers = manifest.translation.num_layers if manifest.translation.decoder == "transformer" else 1
+    layers = manifest.translation.num_layers if manifest.translation.decoder != "rnn" else 1
     translator = Translator(directory, manifest, ["CPUExecutionProvider"], threads=2)
     scores: list[list[AlignmentScore]] = [[] for _ in range(layers)]
     for i in range(0, len(examples), batch):

@@ -81,11 +81,34 @@ class _TransformerStep(_Stage):
         return self.model.step(tokens, memory, src_mask)
 
 
+class _EncodeKV(_Stage):
+    def forward(self, src: Tensor, src_mask: Tensor) -> Any:
+        return self.model.encode_kv(src, src_mask)
+
+
+class _StepKV(_Stage):
+    def forward(
+        self, tokens: Tensor, positions: Tensor, past_keys: Tensor, past_values: Tensor, past_mask: Tensor,
+        cross_keys: Tensor, cross_values: Tensor, src_mask: Tensor,
+    ) -> Any:  # fmt: skip
+        return self.model.step_kv(
+            tokens, positions, past_keys, past_values, past_mask, cross_keys, cross_values, src_mask
+        )
+
+
 SEQ_SHAPES: list[Shape] = [
     {"batch": 3, "src_len": 11, "tgt_len": 5},
     {"batch": 1, "src_len": 7, "tgt_len": 1},
     {"batch": 5, "src_len": 23, "tgt_len": 9},
     {"batch": 16, "src_len": 4, "tgt_len": 3},
+]
+#: for the KV-cached step: ``past_len`` 0 is the first step (BOS only)
+KV_SHAPES: list[Shape] = [
+    {"batch": 3, "src_len": 11, "past_len": 5},
+    {"batch": 1, "src_len": 7, "past_len": 0},
+    {"batch": 5, "src_len": 23, "past_len": 9},
+    {"batch": 16, "src_len": 4, "past_len": 1},
+    {"batch": 2, "src_len": 5, "past_len": 0},
 ]
 IMAGE_SHAPES: list[Shape] = [{"batch": 3}, {"batch": 1}, {"batch": 7}, {"batch": 32}]
 
@@ -139,7 +162,92 @@ def rnn_plans(model: RNNSeq2Seq) -> list[GraphPlan]:
 
 def transformer_plans(model: Transformer) -> list[GraphPlan]:
     cfg = model.cfg
+    return seq2seq_kv_plans(
+        _EncodeKV(model), _StepKV(model), cfg.src_vocab, cfg.tgt_vocab, cfg.dec_layers, cfg.heads,
+        cfg.d_model // cfg.heads,
+    )  # fmt: skip
+
+
+def transformer_prefix_plans(model: Transformer) -> list[GraphPlan]:
+    """The older ``transformer`` contract (whole prefix per step), for comparison benchmarks."""
+    cfg = model.cfg
     return seq2seq_plans(_Encode(model), _TransformerStep(model), cfg.src_vocab, cfg.tgt_vocab, cfg.d_model)
+
+
+def seq2seq_kv_plans(
+    encode: nn.Module, step: nn.Module, src_vocab: int, tgt_vocab: int, layers: int, heads: int, d_head: int
+) -> list[GraphPlan]:
+    """The ``transformer-kv`` decoder contract of ``service/inference/manifest.py``:
+    ``encoder``: src, src_mask (B, S) → memory (B, S, D), cross_keys, cross_values
+    (B, layers, heads, S, dh); ``decoder_step``: tokens, positions (B,), past_keys, past_values
+    (B, layers, heads, P, dh), past_mask (B, P), cross_keys, cross_values, src_mask → logits (B, V),
+    present_keys, present_values (B, layers, heads, P + 1, dh), cross_attention (B, layers, heads, S)."""
+
+    def step_inputs(s: Shape, g: torch.Generator) -> tuple[Tensor, ...]:
+        b, n, p = s["batch"], s["src_len"], s["past_len"]
+        past_mask = _mask(b, p, g) if p else torch.zeros(b, 0, dtype=torch.bool)
+        if p:  # rows admitted later hold fewer positions, on the left: mask them like the service
+            past_mask = past_mask.flip(1)
+        cache = (b, layers, heads, p, d_head)
+        cross = (b, layers, heads, n, d_head)
+        return (
+            _tokens(b, 1, tgt_vocab, g)[:, 0],
+            past_mask.sum(1),
+            torch.randn(*cache, generator=g),
+            torch.randn(*cache, generator=g),
+            past_mask,
+            torch.randn(*cross, generator=g),
+            torch.randn(*cross, generator=g),
+            _mask(b, n, g),
+        )
+
+    seq = {0: "batch", 1: "src_len"}
+    kv = {0: "batch", 3: "src_len"}
+    past = {0: "batch", 3: "past_len"}
+    return [
+        GraphPlan(
+            "encoder",
+            "encoder.onnx",
+            encode,
+            ["src", "src_mask"],
+            ["memory", "cross_keys", "cross_values"],
+            {"src": seq, "src_mask": seq, "memory": seq, "cross_keys": kv, "cross_values": kv},
+            _source_inputs(src_vocab),
+            KV_SHAPES,
+        ),
+        GraphPlan(
+            "decoder_step",
+            "decoder_step.onnx",
+            step,
+            [
+                "tokens",
+                "positions",
+                "past_keys",
+                "past_values",
+                "past_mask",
+                "cross_keys",
+                "cross_values",
+                "src_mask",
+            ],
+            ["logits", "present_keys", "present_values", "cross_attention"],
+            {
+                "tokens": {0: "batch"},
+                "positions": {0: "batch"},
+                "past_keys": past,
+                "past_values": past,
+                "past_mask": {0: "batch", 1: "past_len"},
+                "cross_keys": kv,
+                "cross_values": kv,
+                "src_mask": seq,
+                "logits": {0: "batch"},
+                "present_keys": {0: "batch", 3: "present_len"},
+                "present_values": {0: "batch", 3: "present_len"},
+                "cross_attention": {0: "batch", 3: "src_len"},
+            },
+            step_inputs,
+            KV_SHAPES,
+        ),
+    ]
 
 
 def seq2seq_plans(

@@ -11,14 +11,18 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from export.faithfulness import VISION_MAPS, vision_maps
+from export.graphs import SEQ_SHAPES, Shape
 from export.models.transformer import Transformer
 from export.models.vit import VisionTransformer
+from export.onnx_export import TOLERANCE, ExportVerificationError
+from service.inference.decoding import StepFn, log_softmax, new_search, run_searches
 from service.inference.manifest import Manifest
 from service.inference.translation import Translation, Translator
 from service.inference.vision import Classifier
@@ -82,3 +86,67 @@ def vision_map_diff(
         for name, grid in vision_maps(ours.attentions, prefix).items():
             diffs[name] = max(diffs[name], float(np.abs(grid - offline_maps[name]).max()))
     return diffs
+
+
+def _prefix_step(model: Transformer, src: torch.Tensor, mask: torch.Tensor) -> StepFn:
+    """PyTorch's decoder step on the whole prefix, as the numpy searches call it."""
+    memory = model.encode(src, mask)
+
+    def step(owners: np.ndarray, prefixes: np.ndarray, state: None, t: int) -> tuple[Any, Any, None]:
+        index = torch.from_numpy(owners)
+        logits, cross = model.step(torch.from_numpy(prefixes), memory[index], mask[index])
+        return log_softmax(logits.numpy()), cross.numpy(), None
+
+    return step
+
+
+@torch.no_grad()
+def cached_decode_parity(
+    directory: Path,
+    manifest: Manifest,
+    model: Transformer,
+    shapes: Sequence[Shape] = SEQ_SHAPES,
+    beams: Sequence[int] = (1, 3),
+    max_len: int = 16,
+    tolerance: float = TOLERANCE,
+) -> dict[str, float]:
+    """Whole decodes through the exported KV-cached graphs (the service's own decoder, ONNX
+    Runtime) against PyTorch decoding the same sources with the whole prefix at every step
+    (``Transformer.step``), greedy and beam, at several batch shapes: the tokens must be identical
+    and the scores and every attention value within ``tolerance``. Returns the worst differences;
+    raises :class:`ExportVerificationError` otherwise."""
+    assert manifest.translation is not None
+    spec = manifest.translation
+    translator = Translator(directory, manifest, PROVIDERS, threads=1)
+    worst = {"decode.score": 0.0, "decode.attention": 0.0}
+    for i, shape in enumerate(shapes):
+        gen = torch.Generator().manual_seed(300 + i)
+        lengths = torch.randint(1, shape["src_len"] + 1, (shape["batch"],), generator=gen).tolist()
+        lengths[0] = shape["src_len"]
+        high = spec.source_tokenizer.vocab_size
+        rows = [[*torch.randint(4, high, (n - 1,), generator=gen).tolist(), spec.source_tokenizer.eos_id]
+                for n in lengths]  # fmt: skip
+        width = max(lengths)
+        src = torch.tensor([r + [spec.source_tokenizer.pad_id] * (width - len(r)) for r in rows])
+        mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
+        step = _prefix_step(model, src, mask)
+        tgt = spec.target_tokenizer
+        for beam in beams:
+            served = translator.translate_ids(rows, [[""] * len(r) for r in rows], beam, max_len)
+            searches = [new_search(tgt.bos_id, tgt.eos_id, max_len, beam, 0.0, len(r)) for r in rows]
+            for ours, theirs in zip(served, run_searches(step, searches, None), strict=True):
+                expected = [translator.target_tokenizer.id_to_token(t) or "" for t in theirs.tokens]
+                if theirs.finished:
+                    expected.append(translator.target_tokenizer.id_to_token(tgt.eos_id) or "")
+                if ours.target_tokens != expected or ours.finished != theirs.finished:
+                    raise ExportVerificationError(
+                        f"{manifest.name}: the KV-cached graphs decode other tokens than PyTorch at {shape}, "
+                        f"beam {beam}"
+                    )
+                worst["decode.score"] = max(worst["decode.score"], abs(ours.score - theirs.score))
+                diff = float(np.abs(ours.attention - theirs.attention).max())
+                worst["decode.attention"] = max(worst["decode.attention"], diff)
+    bad = {k: v for k, v in worst.items() if not v <= tolerance}
+    if bad:
+        raise ExportVerificationError(f"{manifest.name}: cached decoding differs from PyTorch: {bad}")
+    return worst

@@ -20,12 +20,19 @@ GPU_MAX_BATCH_SIZE = 128
 
 class Batching(BaseModel):
     max_batch_size: int = Field(32, ge=1, le=4096)
-    batch_wait_timeout_s: float = Field(0.005, ge=0, le=10)
+    #: how long a batch that is not full waits for more; 0 (the default): an idle model starts a
+    #: lone request at once, a busy one takes what accumulated while it computed
+    batch_wait_timeout_s: float = Field(0.0, ge=0, le=10)
+    #: translation models with a scheduler: positions the running batch may hold, each text
+    #: counting beam × (source length + its target limit); None: max_batch_size × (the model's
+    #: max source + max target tokens)
+    token_budget: int | None = Field(None, ge=1, le=10_000_000)
 
 
 class ModelOverride(BaseModel):
     max_batch_size: int | None = Field(None, ge=1, le=4096)
     batch_wait_timeout_s: float | None = Field(None, ge=0, le=10)
+    token_budget: int | None = Field(None, ge=1, le=10_000_000)
     num_replicas: int | None = Field(None, ge=1, le=1024)
 
 
@@ -163,6 +170,7 @@ class Settings(BaseSettings):
             default = GPU_MAX_BATCH_SIZE
         return Batching(
             max_batch_size=override.max_batch_size or default,
+            token_budget=override.token_budget or self.batching.token_budget,
             batch_wait_timeout_s=(
                 override.batch_wait_timeout_s
                 if override.batch_wait_timeout_s is not None

@@ -1,4 +1,4 @@
-"""MarianMT translation checkpoints as the service's ``transformer`` encoder + decoder-step graphs.
+"""MarianMT translation checkpoints as the service's ``transformer-kv`` encoder + decoder-step graphs.
 
 Marian (Junczys-Dowmunt et al. 2018) is a post-norm Transformer (Vaswani et al. 2017) with scaled
 embeddings, sinusoidal positions whose cos half follows the sin half, a ``final_logits_bias``,
@@ -6,10 +6,15 @@ and ``decoder_start_token_id`` = ``<pad>``. Rather than re-implement any of that
 wrap the checkpoint's own modules (loaded with ``attn_implementation="eager"``, so attention
 probabilities exist as tensors) into the contract of ``export/graphs.py``'s :func:`seq2seq_plans`:
 
-* ``encoder``: ``src``, ``src_mask`` (B, S) → ``memory`` (B, S, D) — ``model.model.encoder``;
-* ``decoder_step``: the whole prefix ``tokens`` (B, T), ``memory``, ``src_mask`` →
-  ``logits`` of the last position (``lm_head`` + ``final_logits_bias``) and its
-  ``cross_attention`` (B, layers, heads, S) from ``model.model.decoder(output_attentions=True)``.
+* ``encoder``: ``src``, ``src_mask`` (B, S) → ``memory`` (B, S, D) — ``model.model.encoder`` —
+  and every decoder layer's cross-attention keys/values (its ``encoder_attn.k_proj``/``v_proj``
+  of the memory, (B, layers, heads, S, dh));
+* ``decoder_step``, the ``transformer-kv`` contract: one new token per row with its position and
+  the cached self-attention keys/values → ``logits`` (``lm_head`` + ``final_logits_bias``), the
+  present keys/values and the step's ``cross_attention`` (B, layers, heads, S). The step runs the
+  checkpoint's own decoder layers' projections and norms in Marian's post-norm order with the
+  cache written out (transformers' ``Cache`` objects do not export); :func:`verify_against_transformers`
+  proves it equals ``MarianMTModel.forward`` on the whole prefix.
 
 The service's decoders start every prefix with the target tokenizer's ``bos_id``; the manifest
 sets it to ``decoder_start_token_id``. Tokens the generation config bans outright
@@ -30,9 +35,10 @@ import torch
 from torch import Tensor, nn
 from transformers import GenerationConfig, MarianMTModel
 
-from export.graphs import SEQ_SHAPES, GraphPlan, seq2seq_plans
+from export.graphs import SEQ_SHAPES, GraphPlan, seq2seq_kv_plans
 from export.hf.errors import UnsupportedCheckpoint
 from export.hf.spm import marian_tokenizer, read_vocab
+from export.models.transformer import padding_bias
 from export.onnx_export import TOLERANCE, ExportVerificationError
 from service.inference.manifest import TokenizerSpec, TranslationSpec
 
@@ -42,17 +48,34 @@ BANNED = -1e9  # a logit no token with it can win; finite, so parity diffs stay 
 SOURCE_TOKENIZER, TARGET_TOKENIZER = "source_tokenizer.json", "target_tokenizer.json"
 
 
-class MarianEncode(nn.Module):
+def _heads(x: Tensor, heads: int) -> Tensor:
+    """(B, T, D) → (B, heads, T, dh)."""
+    b, t, d = x.shape
+    return x.view(b, t, heads, d // heads).transpose(1, 2)
+
+
+def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scaling: float) -> tuple[Tensor, Tensor]:
+    """Marian's eager attention, written out: → output (B, T, D), probabilities (B, heads, T, S)."""
+    probs = torch.softmax(q @ k.transpose(-1, -2) * scaling + bias, dim=-1)
+    return (probs @ v).transpose(1, 2).flatten(2), probs
+
+
+class MarianEncodeKV(nn.Module):
     def __init__(self, model: MarianMTModel) -> None:
         super().__init__()
         self.encoder: Any = model.model.encoder
+        self.layers: Any = model.model.decoder.layers
+        self.heads = int(model.config.decoder_attention_heads)
 
-    def forward(self, src: Tensor, src_mask: Tensor) -> Tensor:
-        """src, src_mask (B, S) → memory (B, S, D)."""
-        return self.encoder(input_ids=src, attention_mask=src_mask.long()).last_hidden_state
+    def forward(self, src: Tensor, src_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """src, src_mask (B, S) → memory (B, S, D), cross keys and values (B, layers, heads, S, dh)."""
+        memory = self.encoder(input_ids=src, attention_mask=src_mask.long()).last_hidden_state
+        keys = [_heads(layer.encoder_attn.k_proj(memory), self.heads) for layer in self.layers]
+        values = [_heads(layer.encoder_attn.v_proj(memory), self.heads) for layer in self.layers]
+        return memory, torch.stack(keys, dim=1), torch.stack(values, dim=1)
 
 
-class MarianStep(nn.Module):
+class MarianStepKV(nn.Module):
     final_logits_bias: Tensor
     banned: Tensor  # (V,) bool: tokens whose logit is BANNED
 
@@ -60,22 +83,38 @@ class MarianStep(nn.Module):
         super().__init__()
         self.decoder: Any = model.model.decoder
         self.lm_head = model.lm_head
+        self.heads = int(model.config.decoder_attention_heads)
         self.register_buffer("final_logits_bias", model.final_logits_bias, persistent=False)  # (1, V)
         self.register_buffer("banned", ban_mask(model, banned), persistent=False)
 
-    def forward(self, tokens: Tensor, memory: Tensor, src_mask: Tensor) -> tuple[Tensor, Tensor]:
-        """Prefix (B, T) → logits of its last position (B, V), cross-attention (B, layers, heads, S)."""
-        out = self.decoder(
-            input_ids=tokens,
-            encoder_hidden_states=memory,
-            encoder_attention_mask=src_mask.long(),
-            output_attentions=True,
-            use_cache=False,
-        )
-        logits = self.lm_head(out.last_hidden_state[:, -1]) + self.final_logits_bias  # (B, V)
-        logits = logits.masked_fill(self.banned, BANNED)  # exactly BANNED: no rounding at 1e9
-        cross = torch.stack(out.cross_attentions, dim=1)  # (B, layers, heads, T, S)
-        return logits, cross[:, :, :, -1]
+    def forward(
+        self, tokens: Tensor, positions: Tensor, past_keys: Tensor, past_values: Tensor, past_mask: Tensor,
+        cross_keys: Tensor, cross_values: Tensor, src_mask: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+        """One step over the cache (see ``export/graphs.py``'s :func:`seq2seq_kv_plans`)."""
+        dec = self.decoder
+        x = dec.embed_tokens(tokens) * dec.embed_scale + dec.embed_positions.weight[positions]  # (B, D)
+        x = x[:, None]  # (B, 1, D)
+        now = torch.ones_like(tokens, dtype=torch.bool)[:, None]
+        self_bias, src_bias = padding_bias(torch.cat([past_mask, now], dim=1)), padding_bias(src_mask)
+        keys, values, cross = [], [], []
+        for i, layer in enumerate(dec.layers):
+            attn = layer.self_attn
+            k = torch.cat([past_keys[:, i], _heads(attn.k_proj(x), self.heads)], dim=2)
+            v = torch.cat([past_values[:, i], _heads(attn.v_proj(x), self.heads)], dim=2)
+            out, _ = _attend(_heads(attn.q_proj(x), self.heads), k, v, self_bias, attn.scaling)
+            x = layer.self_attn_layer_norm(x + attn.out_proj(out))
+            ca = layer.encoder_attn
+            q = _heads(ca.q_proj(x), self.heads)
+            out, probs = _attend(q, cross_keys[:, i], cross_values[:, i], src_bias, ca.scaling)
+            x = layer.encoder_attn_layer_norm(x + ca.out_proj(out))
+            x = layer.final_layer_norm(x + layer.fc2(layer.activation_fn(layer.fc1(x))))
+            keys.append(k)
+            values.append(v)
+            cross.append(probs[:, :, 0])
+        logits = self.lm_head(x[:, 0]) + self.final_logits_bias  # (B, V)
+        logits = logits.masked_fill(self.banned, BANNED)
+        return logits, torch.stack(keys, dim=1), torch.stack(values, dim=1), torch.stack(cross, dim=1)
 
 
 def ban_mask(model: MarianMTModel, banned: list[int]) -> Tensor:
@@ -101,27 +140,45 @@ def banned_tokens(generation: GenerationConfig) -> list[int]:
 def plans(model: MarianMTModel, banned: list[int]) -> list[GraphPlan]:
     cfg: Any = model.config
     vocab = cfg.decoder_vocab_size or cfg.vocab_size
-    return seq2seq_plans(MarianEncode(model), MarianStep(model, banned), cfg.vocab_size, vocab, cfg.d_model)
+    heads = cfg.decoder_attention_heads
+    return seq2seq_kv_plans(
+        MarianEncodeKV(model), MarianStepKV(model, banned), cfg.vocab_size, vocab, cfg.decoder_layers, heads,
+        cfg.d_model // heads,
+    )  # fmt: skip
 
 
 def verify_against_transformers(model: MarianMTModel, graph_plans: list[GraphPlan]) -> float:
-    """The two wrapped stages, chained, equal ``MarianMTModel.forward`` (logits of the last
-    position and the cross-attention of every layer) — so the graphs, which are verified against
-    the stages, are verified against transformers. Returns the worst |diff|."""
+    """The two wrapped stages, the step fed one token at a time over its own cache, equal
+    ``MarianMTModel.forward`` on the whole prefix (logits and every layer's cross-attention at
+    every position) — so the graphs, which are verified against the stages, are verified against
+    transformers. Returns the worst |diff|."""
     encode, step = (p.module for p in graph_plans)
     worst = 0.0
     for i, shape in enumerate(SEQ_SHAPES):
         gen = torch.Generator().manual_seed(200 + i)
         src, mask = graph_plans[0].make_inputs(shape, gen)
-        tokens = graph_plans[1].make_inputs(shape, gen)[0]
+        b, length = src.shape[0], shape["tgt_len"]
+        vocab = int(model.final_logits_bias.shape[-1])
+        tokens = torch.randint(4, vocab, (b, length), generator=gen)
         with torch.no_grad():
-            logits, cross = step(tokens, encode(src, mask), mask)
+            _, cross_keys, cross_values = encode(src, mask)
+            keys = torch.zeros(*cross_keys.shape[:3], 0, cross_keys.shape[-1])
+            values, past = keys, torch.zeros(b, 0, dtype=torch.bool)
+            logits, cross = [], []
+            for t in range(length):
+                out, keys, values, attn = step(
+                    tokens[:, t], torch.full((b,), t), keys, values, past, cross_keys, cross_values, mask
+                )
+                past = torch.cat([past, torch.ones(b, 1, dtype=torch.bool)], dim=1)
+                logits.append(out)
+                cross.append(attn)
             ref = model(
                 input_ids=src, attention_mask=mask.long(), decoder_input_ids=tokens, output_attentions=True
             )
-        want_logits = ref.logits[:, -1].masked_fill(step.banned, BANNED)  # what NoBadWords does, finite
-        want_cross = torch.stack(ref.cross_attentions, dim=1)[:, :, :, -1]
-        diff = max(float((logits - want_logits).abs().max()), float((cross - want_cross).abs().max()))
+        want_logits = ref.logits.masked_fill(step.banned, BANNED)  # what NoBadWords does, finite
+        want_cross = torch.stack(ref.cross_attentions, dim=1)  # (B, layers, heads, T, S)
+        got_logits, got_cross = torch.stack(logits, dim=1), torch.stack(cross, dim=3)
+        diff = max(float((got_logits - want_logits).abs().max()), float((got_cross - want_cross).abs().max()))
         worst = max(worst, diff)
         if not diff <= TOLERANCE:
             raise ExportVerificationError(f"encoder + decoder_step differ from MarianMTModel by {diff:.2e}")
@@ -164,7 +221,7 @@ def translation_spec(model: MarianMTModel, checkpoint: Path, staging: Path) -> T
         target_language=target_lang,
         source_tokenizer=sides[SOURCE_TOKENIZER],
         target_tokenizer=sides[TARGET_TOKENIZER],
-        decoder="transformer",
+        decoder="transformer-kv",
         max_source_tokens=min(int(tok_cfg.get("model_max_length") or positions), positions),
         # generate's max_length counts the start token; the service's limit counts generated ones
         max_target_tokens=min((generation.max_length or positions) - 1, positions - 1),

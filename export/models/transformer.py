@@ -4,16 +4,21 @@ Attention is written out (``softmax(QKᵀ/√d + mask) V``) instead of using SDP
 ``nn.MultiheadAttention`` fast path, so the probabilities are a real tensor we can return and the
 ONNX graph carries them as named outputs.
 
-Exported stages: ``encode(src, src_mask) → memory`` and ``step(tokens, memory, src_mask) →
-(logits of the last position, cross-attention of the last position for every layer and head)``.
-The step takes the whole prefix and recomputes it: target sequences here are short, and a graph
-without a KV cache keeps beam search in the service a matter of reordering token rows.
+Exported stages (the ``transformer-kv`` decoder contract): ``encode_kv(src, src_mask) → memory
+and every decoder layer's cross-attention keys/values`` and ``step_kv`` — one new token per row
+over a cache of the past self-attention keys/values → logits, the present keys/values, and the
+cross-attention of that step. A step costs O(T) instead of recomputing the prefix (O(T²) per
+sentence), and rows with different numbers of past positions share a call (the past is masked
+per row), which is what iteration-level batching needs. ``step`` (whole prefix) stays as the
+reference the cached graphs are verified against, and as the ``transformer`` contract of
+repositories exported before.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 from torch import Tensor, nn
@@ -51,8 +56,16 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x: Tensor, context: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
         """x (B, T, D) attends to context (B, S, D); bias broadcasts to (B, heads, T, S)."""
+        return self.attend(x, *self.keys_values(context), bias)
+
+    def keys_values(self, context: Tensor) -> tuple[Tensor, Tensor]:
+        """context (B, S, D) → keys, values (B, heads, S, dh): what a KV cache keeps."""
+        k, v = (self._split(t) for t in self.kv(context).chunk(2, dim=-1))
+        return k, v
+
+    def attend(self, x: Tensor, k: Tensor, v: Tensor, bias: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, T, D) attends to keys/values (B, heads, S, dh) → output (B, T, D), probs."""
         q = self._split(self.q(x))  # (B, heads, T, dh)
-        k, v = (self._split(t) for t in self.kv(context).chunk(2, dim=-1))  # (B, heads, S, dh)
         scores = q @ k.transpose(-1, -2) / math.sqrt(self.d_head) + bias  # (B, heads, T, S)
         probs = torch.softmax(scores, dim=-1)  # (B, heads, T, S)
         out = (self.drop(probs) @ v).transpose(1, 2).flatten(2)  # (B, T, D)
@@ -96,6 +109,21 @@ class DecoderLayer(nn.Module):
         out, cross = self.cross_attn(self.norm2(x), memory, src_bias)  # cross: (B, heads, T, S)
         x = x + self.drop(out)
         return x + self.drop(self.ff(self.norm3(x))), cross
+
+    def step(
+        self, x: Tensor, past: tuple[Tensor, Tensor], self_bias: Tensor, cross_kv: tuple[Tensor, Tensor],
+        src_bias: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+        """One new position x (B, 1, D) over the cached past keys/values (B, heads, P, dh) and the
+        encoder's cross keys/values → (x, present keys, present values (B, heads, P + 1, dh),
+        cross-attention (B, heads, 1, S))."""
+        h = self.norm1(x)
+        new_k, new_v = self.self_attn.keys_values(h)  # (B, heads, 1, dh)
+        k, v = torch.cat([past[0], new_k], dim=2), torch.cat([past[1], new_v], dim=2)
+        x = x + self.drop(self.self_attn.attend(h, k, v, self_bias)[0])
+        out, cross = self.cross_attn.attend(self.norm2(x), *cross_kv, src_bias)
+        x = x + self.drop(out)
+        return x + self.drop(self.ff(self.norm3(x))), k, v, cross
 
 
 def sinusoids(length: int, dim: int) -> Tensor:
@@ -160,6 +188,47 @@ class Transformer(nn.Module):
         """Prefix (B, T) → logits of its last position (B, V), cross-attention (B, layers, heads, S)."""
         logits, cross = self.decode(tokens, memory, src_mask)
         return logits[:, -1], cross[:, :, :, -1]
+
+    @property
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return [cast(DecoderLayer, layer) for layer in self.decoder]
+
+    def encode_kv(self, src: Tensor, src_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """src, src_mask (B, S) → memory (B, S, D) and every decoder layer's cross-attention keys and
+        values (B, layers, heads, S, dh), computed once per source instead of at every step."""
+        memory = self.encode(src, src_mask)
+        pairs = [layer.cross_attn.keys_values(memory) for layer in self.decoder_layers]
+        keys, values = zip(*pairs, strict=True)
+        return memory, torch.stack(keys, dim=1), torch.stack(values, dim=1)
+
+    def step_kv(
+        self, tokens: Tensor, positions: Tensor, past_keys: Tensor, past_values: Tensor, past_mask: Tensor,
+        cross_keys: Tensor, cross_values: Tensor, src_mask: Tensor,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
+        """One decoder step over a self-attention KV cache (the ``transformer-kv`` contract).
+
+        tokens, positions (B,): each row's newest token and its position (0 for BOS);
+        past_keys/values (B, layers, heads, P, dh) with past_mask (B, P) — rows may hold different
+        numbers of past positions, the masked ones are ignored; cross_keys/values (B, layers, heads,
+        S, dh) from :meth:`encode_kv`, src_mask (B, S) →
+        logits (B, V), present keys/values (B, layers, heads, P + 1, dh), cross-attention
+        (B, layers, heads, S) of this step. Equals :meth:`step` on the whole prefix.
+        """
+        scale = math.sqrt(self.cfg.d_model)
+        x = (self.tgt_embed(tokens) * scale + self.positions[positions])[:, None]  # (B, 1, D)
+        now = torch.ones_like(tokens, dtype=torch.bool)[:, None]  # (B, 1): the new position
+        self_bias, src_bias = padding_bias(torch.cat([past_mask, now], dim=1)), padding_bias(src_mask)
+        keys, values, cross = [], [], []
+        for i, layer in enumerate(self.decoder_layers):
+            x, k, v, probs = layer.step(
+                x, (past_keys[:, i], past_values[:, i]), self_bias, (cross_keys[:, i], cross_values[:, i]),
+                src_bias,
+            )  # fmt: skip
+            keys.append(k)
+            values.append(v)
+            cross.append(probs[:, :, 0])  # (B, heads, S)
+        logits = self.generator(self.dec_norm(x))[:, 0]
+        return logits, torch.stack(keys, dim=1), torch.stack(values, dim=1), torch.stack(cross, dim=1)
 
     def forward(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher forcing → logits (B, T, V), last layer's head-mean cross-attention (B, T, S)."""

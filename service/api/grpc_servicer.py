@@ -133,6 +133,8 @@ def _metrics(m: AnswerMetrics, total_ms: float) -> apb.Metrics:
         total_ms=total_ms,
         batch_size=m.batch_size,
         tokens_generated=m.tokens_generated or 0,
+        time_to_first_token_ms=m.time_to_first_token_ms or 0.0,
+        time_per_output_token_ms=m.time_per_output_token_ms or 0.0,
     )
 
 

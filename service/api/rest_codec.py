@@ -83,6 +83,10 @@ def answer_json(answer: Answer, options: TranslateRequest | ClassifyOptions, tot
     }
     if m.tokens_generated is not None:
         metrics["tokens_generated"] = m.tokens_generated
+    if m.time_to_first_token_ms is not None:
+        metrics["time_to_first_token_ms"] = m.time_to_first_token_ms
+    if m.time_per_output_token_ms is not None:
+        metrics["time_per_output_token_ms"] = m.time_per_output_token_ms
     metrics.update(replica=m.replica, node=m.node, total_ms=total_ms)
     body = {"model": answer.model, "version": answer.version, **result_json(answer.result, options)}
     body["metrics"] = metrics

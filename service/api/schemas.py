@@ -91,8 +91,17 @@ class Metrics(BaseModel):
     )
     compute_ms: float = Field(description="inference time of the batch it ran in")
     total_ms: float = Field(description="time spent in the service, as measured at the ingress")
-    batch_size: int = Field(description="sequences or images in the batch it ran in")
+    batch_size: int = Field(
+        description="sequences or images in the batch it ran in; for a translation decoded by the model's "
+        "scheduler, the mean number of decoder rows per step it shared"
+    )
     tokens_generated: int | None = None
+    time_to_first_token_ms: float | None = Field(
+        None, description="translation: arrival at the model to the step that gave every text its first token"
+    )
+    time_per_output_token_ms: float | None = Field(
+        None, description="translation: decode time per output token after the first (longest text)"
+    )
     replica: str | None = None
     node: str | None = Field(None, description="the Ray node the replica runs on (first 12 hex digits)")
 

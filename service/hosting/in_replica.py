@@ -5,7 +5,7 @@ Why: on small and medium attention models Ray Serve's default path (proxy actor 
 replica → model replica) costs several times the model's own CPU per request
 (``benchmarks/results/``). Here a request crosses no process boundary: the replica's own
 uvicorn (the same FastAPI app as every frontend) and gRPC server call the model workers in
-process, each model batching in its own queue (``service/inference/batcher.py``). Ray Serve still places,
+process, each model batching on its own scheduler (``service/inference/worker.py``). Ray Serve still places,
 health-checks, restarts and scales the replicas.
 
 One stable port for many replicas: every replica binds ``host:http_port`` (and ``grpc_port``)
@@ -107,7 +107,7 @@ class ServingReplica:
     async def record_autoscaling_stats(self) -> dict[str, float]:
         """Ray's custom autoscaling metric (``service/hosting/autoscaling.py``): the requests this
         replica holds, queued or computing, over all its models."""
-        return {METRIC: float(sum(w.batcher.held for w in self.models.workers.values()))}
+        return {METRIC: float(sum(w.held for w in self.models.workers.values()))}
 
     async def check_health(self) -> None:
         """Called by Ray Serve every few seconds; a raise here restarts the replica."""

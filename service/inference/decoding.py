@@ -1,24 +1,28 @@
-"""Greedy and beam-search decoding over a decoder-step function, in plain numpy.
+"""Greedy and beam-search decoding, one search object per input, in plain numpy.
 
-The step function hides the graph: it takes the rows to advance (indices into the encoded batch),
-their token prefixes and per-row decoder state, and returns log-probabilities and attention for
-the next position. The same loops serve the RNN contract (state carried between steps) and the
-Transformer contract (prefix recomputed). Nothing here knows about ONNX Runtime or Ray, so it is
-unit-tested on its own and reused by ``export/`` to evaluate the exported graphs.
+A search owns its input's live hypotheses — one row for greedy, up to ``beam_size`` for beam
+search — and is advanced with the log-probabilities and attention the decoder step gave those
+rows. ``advance`` says which rows live on (their parents among the search's rows, so the caller
+can reorder any per-row decoder state) and with which tokens. Searches never see each other: a
+static batch (:func:`beam_search`) and the per-model scheduler (``service/inference/scheduler.py``),
+which admits and retires inputs at every step, drive the same objects, so a text decodes to the
+same tokens whichever way it was batched.
+
+Nothing here knows about ONNX Runtime or Ray, so it is unit-tested on its own and reused by
+``export/`` to evaluate the exported graphs.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
-#: (rows (N,), prefixes (N, T), states (N, ...) or None, step t) →
-#: (log-probs (N, V), attention (N, ...), new states or None)
-StepFn = Callable[
-    [np.ndarray, np.ndarray, np.ndarray | None, int], tuple[np.ndarray, np.ndarray, np.ndarray | None]
-]
+#: (rows (N,), prefixes (N, T), states or None, step t) →
+#: (log-probs (N, V), attention (N, ...), new states or None); states are indexed by row arrays
+StepFn = Callable[[np.ndarray, np.ndarray, Any, int], tuple[np.ndarray, np.ndarray, Any]]
 
 
 @dataclass
@@ -34,40 +38,201 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def greedy(
-    step: StepFn, batch: int, bos: int, eos: int, max_len: int, init_state: np.ndarray | None
-) -> list[Hypothesis]:
-    """Advance every unfinished row one argmax token at a time, dropping rows as they emit EOS."""
-    rows = np.arange(batch)
-    prefixes = np.full((batch, 1), bos, dtype=np.int64)
-    states = init_state
-    tokens: list[list[int]] = [[] for _ in range(batch)]
-    attn: list[list[np.ndarray]] = [[] for _ in range(batch)]
-    scores = np.zeros(batch)
-    finished = np.zeros(batch, dtype=bool)
-    for t in range(max_len):
-        logp, attention, states = step(rows, prefixes, states, t)
-        best = logp.argmax(axis=-1)
-        for i, row in enumerate(rows):
-            scores[row] += logp[i, best[i]]
-            attn[row].append(attention[i])
-            if best[i] == eos:
-                finished[row] = True
-            else:
-                tokens[row].append(int(best[i]))
-        keep = best != eos
-        rows, prefixes = rows[keep], np.concatenate([prefixes, best[:, None]], axis=1)[keep]
-        states = None if states is None else states[keep]
-        if rows.size == 0:
-            break
-    return [
-        Hypothesis(tokens[b], float(scores[b]), np.stack(attn[b]), bool(finished[b])) for b in range(batch)
-    ]
+class Search(Protocol):
+    done: bool
+    #: steps taken: the position of the token each live row feeds next (0 = BOS)
+    steps: int
+
+    @property
+    def prefixes(self) -> np.ndarray:
+        """(rows, steps + 1) the live rows' prefixes, BOS first."""
+        ...
+
+    @property
+    def last(self) -> np.ndarray:
+        """(rows,) the token each live row feeds next."""
+        ...
+
+    @property
+    def rows(self) -> int: ...
+
+    def advance(self, logp: np.ndarray, attention: np.ndarray) -> np.ndarray: ...
+
+    def result(self) -> Hypothesis: ...
+
+
+_NONE, _FIRST = np.empty(0, dtype=np.int64), np.zeros(1, dtype=np.int64)
+
+
+class GreedySearch:
+    """One row: the argmax token at every step, until EOS or ``max_len`` tokens."""
+
+    def __init__(self, bos: int, eos: int, max_len: int, source_length: int | None = None) -> None:
+        self.eos, self.max_len, self.source = eos, max_len, slice(source_length)
+        self.tokens = [bos]  # BOS, then the generated ids
+        self.steps, self.score, self.done, self.finished = 0, 0.0, False, False
+        self.attention: list[np.ndarray] = []
+
+    @property
+    def prefixes(self) -> np.ndarray:
+        return np.array([self.tokens], dtype=np.int64)
+
+    @property
+    def last(self) -> np.ndarray:
+        return np.array(self.tokens[-1:], dtype=np.int64)
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.done else 1
+
+    def advance(self, logp: np.ndarray, attention: np.ndarray) -> np.ndarray:
+        """logp (1, V), attention (1, ...) of this step → the parent of the next row ([0] or [])."""
+        best = int(logp[0].argmax())
+        self.score += logp[0, best]
+        self.attention.append(attention[0, ..., self.source])
+        self.steps += 1
+        if best == self.eos:
+            self.done = self.finished = True
+        else:
+            self.tokens.append(best)
+            self.done = self.steps >= self.max_len
+        return _NONE if self.done else _FIRST
+
+    def result(self) -> Hypothesis:
+        return Hypothesis(self.tokens[1:], float(self.score), np.stack(self.attention), self.finished)
+
+
+class BeamSearch:
+    """``beam_size`` live hypotheses; one that emits EOS moves to the finished list. The search
+    stops when it has ``beam_size`` finished hypotheses and none of its live ones can still beat
+    the best finished one (with no length penalty scores only fall, so that is exact; with a
+    penalty it is the usual heuristic), or after ``max_len`` steps."""
+
+    def __init__(
+        self, bos: int, eos: int, max_len: int, beam_size: int, length_penalty: float,
+        source_length: int | None = None,
+    ) -> None:  # fmt: skip
+        self.eos, self.max_len, self.beam, self.alpha = eos, max_len, beam_size, length_penalty
+        self.source = slice(source_length)
+        self._prefixes = np.array([[bos]], dtype=np.int64)
+        self.scores = np.zeros(1)
+        self.history: list[list[np.ndarray]] = [[]]  # per live row: its attention per step
+        self.finals: list[Hypothesis] = []
+        self.steps, self.done = 0, False
+
+    @property
+    def prefixes(self) -> np.ndarray:
+        return self._prefixes
+
+    @property
+    def last(self) -> np.ndarray:
+        return self._prefixes[:, -1]
+
+    @property
+    def rows(self) -> int:
+        return 0 if self.done else len(self._prefixes)
+
+    def advance(self, logp: np.ndarray, attention: np.ndarray) -> np.ndarray:
+        """logp (rows, V), attention (rows, ...) → the parents (indices into this step's rows) of
+        the rows that live on, in order."""
+        attention = attention[..., self.source]
+        cand = self.scores[:, None] + logp  # (rows, V)
+        flat = cand.ravel()
+        order = np.argsort(-flat, kind="stable")[: 2 * self.beam]
+        parents: list[int] = []
+        tokens: list[int] = []
+        scores: list[float] = []
+        history: list[list[np.ndarray]] = []
+        for rank, k in enumerate(order):
+            src, tok = int(k // cand.shape[1]), int(k % cand.shape[1])
+            hist = [*self.history[src], attention[src]]
+            if tok == self.eos:
+                # like fairseq: an EOS only finalises if it ranks among the top beam_size
+                if rank < self.beam and len(self.finals) < self.beam:
+                    self.finals.append(
+                        Hypothesis(self._prefixes[src, 1:].tolist(), float(flat[k]), np.stack(hist), True)
+                    )
+                continue
+            if len(parents) < self.beam:
+                parents.append(src)
+                tokens.append(tok)
+                scores.append(flat[k])
+                history.append(hist)
+        self.steps += 1
+        live = [i for i in range(len(parents)) if not self._settled(scores[i], self.steps)]
+        parent = np.array([parents[i] for i in live], dtype=np.int64)
+        self._prefixes = np.concatenate(
+            [self._prefixes[parent], np.array([[tokens[i]] for i in live], dtype=np.int64).reshape(-1, 1)],
+            axis=1,
+        )
+        self.scores = np.array([scores[i] for i in live])
+        self.history = [history[i] for i in live]
+        if not live:
+            self.done = True
+        elif self.steps >= self.max_len:  # out of length: the live beams end unfinished
+            for i in range(len(live)):
+                hyp = Hypothesis(
+                    self._prefixes[i, 1:].tolist(), float(self.scores[i]), np.stack(self.history[i]), False
+                )
+                self.finals.append(hyp)
+            self.done = True
+        return np.empty(0, dtype=np.int64) if self.done else parent
+
+    def _settled(self, live_score: float, live_len: int) -> bool:
+        if len(self.finals) < self.beam:
+            return False
+        best = max(length_normalised(h.score, len(h.tokens) + 1, self.alpha) for h in self.finals)
+        return length_normalised(live_score, live_len + 1, self.alpha) <= best
+
+    def result(self) -> Hypothesis:
+        return max(
+            self.finals, key=lambda h: length_normalised(h.score, len(h.tokens) + h.finished, self.alpha)
+        )
+
+
+def new_search(
+    bos: int, eos: int, max_len: int, beam_size: int = 1, length_penalty: float = 0.0,
+    source_length: int | None = None,
+) -> Search:  # fmt: skip
+    """A search for one input; ``source_length`` cuts each step's attention to that input's own
+    source positions (its batch may be padded wider, and the width changes as rows come and go)."""
+    if beam_size == 1:
+        return GreedySearch(bos, eos, max_len, source_length)
+    return BeamSearch(bos, eos, max_len, beam_size, length_penalty, source_length)
 
 
 def length_normalised(score: float, length: int, alpha: float) -> float:
     """GNMT length penalty (Wu et al. 2016): score / ((5 + |y|) / 6) ** alpha."""
     return score / (((5 + length) / 6) ** alpha) if alpha else score
+
+
+def run_searches(step: StepFn, searches: list[Search], init_state: Any) -> list[Hypothesis]:
+    """A static batch: every live row of every search advances in one step call per position, rows
+    of the same search side by side; ``init_state`` has one row per search and is indexed by row
+    arrays (an array, or any object with ``__getitem__``)."""
+    owners = np.arange(len(searches))  # row → its search (the encoded input it reads)
+    states, t = init_state, 0
+    while owners.size:
+        live = [searches[b] for b in dict.fromkeys(owners.tolist())]
+        prefixes = np.concatenate([s.prefixes for s in live])
+        logp, attention, new_states = step(owners, prefixes, states, t)
+        parents, next_owners, offset = [], [], 0
+        for b, search in zip(dict.fromkeys(owners.tolist()), live, strict=True):
+            n = search.rows
+            kept = search.advance(logp[offset : offset + n], attention[offset : offset + n])
+            parents.append(kept + offset)
+            next_owners.append(np.full(len(kept), b, dtype=np.int64))
+            offset += n
+        index = np.concatenate(parents)
+        owners = np.concatenate(next_owners)
+        states = None if new_states is None or not index.size else new_states[index]
+        t += 1
+    return [s.result() for s in searches]
+
+
+def greedy(step: StepFn, batch: int, bos: int, eos: int, max_len: int, init_state: Any) -> list[Hypothesis]:
+    """Advance every unfinished row one argmax token at a time, dropping rows as they emit EOS."""
+    return run_searches(step, [GreedySearch(bos, eos, max_len) for _ in range(batch)], init_state)
 
 
 def beam_search(
@@ -76,77 +241,10 @@ def beam_search(
     bos: int,
     eos: int,
     max_len: int,
-    init_state: np.ndarray | None,
+    init_state: Any,
     beam_size: int,
     length_penalty: float = 0.0,
 ) -> list[Hypothesis]:
-    """Batched beam search: all live beams of all inputs advance in one step call.
-
-    Each input keeps ``beam_size`` live hypotheses; a hypothesis that emits EOS moves to that
-    input's finished list. An input stops when it has ``beam_size`` finished hypotheses and none
-    of its live ones can still beat the best finished one (with no length penalty scores only
-    fall, so that is exact; with a penalty it is the usual heuristic).
-    """
-    if beam_size == 1:
-        return greedy(step, batch, bos, eos, max_len, init_state)
-    # live beams: parallel arrays over (input, beam) rows
-    rows = np.arange(batch)
-    prefixes = np.full((batch, 1), bos, dtype=np.int64)
-    states = init_state
-    scores = np.zeros(batch)
-    attn: list[list[np.ndarray]] = [[] for _ in range(batch)]
-    done: list[list[Hypothesis]] = [[] for _ in range(batch)]
-    for t in range(max_len):
-        logp, attention, new_states = step(rows, prefixes, states, t)
-        cand = scores[:, None] + logp  # (N, V)
-        next_rows, next_prefix, next_scores, next_src, next_attn = [], [], [], [], []
-        for b in np.unique(rows):
-            idx = np.flatnonzero(rows == b)
-            flat = cand[idx].ravel()
-            order = np.argsort(-flat, kind="stable")[: 2 * beam_size]
-            kept = 0
-            for rank, k in enumerate(order):
-                src, tok = idx[k // cand.shape[1]], int(k % cand.shape[1])
-                hist = [*attn[src], attention[src]]
-                if tok == eos:
-                    # like fairseq: an EOS only finalises if it ranks among the top beam_size
-                    if rank < beam_size and len(done[b]) < beam_size:
-                        done[b].append(
-                            Hypothesis(prefixes[src, 1:].tolist(), float(flat[k]), np.stack(hist), True)
-                        )
-                    continue
-                if kept < beam_size:
-                    next_rows.append(b)
-                    next_prefix.append(np.append(prefixes[src], tok))
-                    next_scores.append(flat[k])
-                    next_src.append(src)
-                    next_attn.append(hist)
-                    kept += 1
-        live = [
-            i
-            for i, b in enumerate(next_rows)
-            if not _settled(done[b], next_scores[i], len(next_prefix[i]) - 1, beam_size, length_penalty)
-        ]
-        if not live:
-            rows = np.empty(0, dtype=np.int64)
-            break
-        rows = np.array([next_rows[i] for i in live])
-        prefixes = np.stack([next_prefix[i] for i in live])
-        scores = np.array([next_scores[i] for i in live])
-        src_index = np.array([next_src[i] for i in live])
-        states = None if new_states is None else new_states[src_index]
-        attn = [next_attn[i] for i in live]
-    # inputs that ran out of length keep their best live beams as unfinished hypotheses
-    for i, b in enumerate(rows):
-        done[b].append(Hypothesis(prefixes[i, 1:].tolist(), float(scores[i]), np.stack(attn[i]), False))
-    return [
-        max(done[b], key=lambda h: length_normalised(h.score, len(h.tokens) + h.finished, length_penalty))
-        for b in range(batch)
-    ]
-
-
-def _settled(done: list[Hypothesis], live_score: float, live_len: int, beam: int, alpha: float) -> bool:
-    if len(done) < beam:
-        return False
-    best = max(length_normalised(h.score, len(h.tokens) + 1, alpha) for h in done)
-    return length_normalised(live_score, live_len + 1, alpha) <= best
+    """Batched beam search: all live beams of all inputs advance in one step call."""
+    searches = [new_search(bos, eos, max_len, beam_size, length_penalty) for _ in range(batch)]
+    return run_searches(step, searches, init_state)

@@ -75,6 +75,10 @@ class AnswerMetrics:
     tokens_generated: int | None
     replica: str
     node: str
+    #: translations decoded by the model's scheduler: arrival → every text's first token, and
+    #: the decode time per output token after it (longest text)
+    time_to_first_token_ms: float | None = None
+    time_per_output_token_ms: float | None = None
 
 
 @dataclass

@@ -37,7 +37,9 @@ _FILE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 Dtype = Literal["float32", "float16", "int64", "int32", "bool", "uint8"]
 Task = Literal["translation", "image-classification"]
-Dim = int | Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
+#: a fixed size, or a symbolic one: a name (``batch``) or an expression of names (``past_len + 1``)
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+Dim = int | Annotated[str, Field(pattern=rf"^{_NAME}( [-+*] ({_NAME}|[0-9]+))*$")]
 
 
 def file_sha256(path: Path) -> str:
@@ -113,14 +115,22 @@ class TranslationSpec(_Strict):
       ``attention`` (B, S).
     * ``transformer``: inputs ``tokens`` (B, T) — the whole prefix, BOS first — ``memory`` and
       ``src_mask``; outputs ``logits`` for the last position and ``cross_attention``
-      (B, layers, heads, S) for it.
+      (B, layers, heads, S) for it. Each step recomputes the prefix (repositories exported before
+      the KV-cached contract; still served).
+    * ``transformer-kv``: the encoder also outputs ``cross_keys`` and ``cross_values``
+      (B, layers, heads, S, dh); the step takes one new token per row — ``tokens`` and its
+      ``positions`` (B,) — with the cached ``past_keys``/``past_values`` (B, layers, heads, P, dh),
+      ``past_mask`` (B, P) (rows may hold different numbers of positions; masked ones are
+      ignored), ``cross_keys``, ``cross_values`` and ``src_mask``; outputs ``logits``,
+      ``present_keys``/``present_values`` (B, layers, heads, P + 1, dh) and ``cross_attention``
+      (B, layers, heads, S).
     """
 
     source_language: str
     target_language: str
     source_tokenizer: TokenizerSpec
     target_tokenizer: TokenizerSpec
-    decoder: Literal["rnn", "transformer"]
+    decoder: Literal["rnn", "transformer", "transformer-kv"]
     state_size: int | None = Field(default=None, gt=0)
     max_source_tokens: int = Field(gt=0)
     max_target_tokens: int = Field(gt=0)

@@ -6,7 +6,8 @@
 (``service/inference/jobs.py``; the protocol adapters encode it).
 A work larger than a batch is cut by ``split(work, units)`` into parts whose outputs
 ``join`` puts back together, in order. Nothing here knows about Ray; ``service/inference/worker.py``
-puts a runner behind the model's own batcher (``service/inference/batcher.py``).
+puts a runner behind the model's own batcher (``service/inference/batcher.py``), or a translation
+runner behind its scheduler (``service/inference/scheduler.py``).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ import numpy as np
 from service.errors import InvalidInput, ResponseTooLarge
 from service.inference import attention as maps
 from service.inference.batching import group_by, length_buckets
+from service.inference.decoding import Hypothesis
 from service.inference.jobs import Classified, ClassifyJob, Translated, TranslateJob
 from service.inference.repository import ModelEntry
+from service.inference.scheduler import Options
 from service.inference.translation import Translation, Translator
 from service.inference.vision import Classifier, decode_image, pixels_to_image, preprocess
 from service.settings import Limits
@@ -57,6 +60,17 @@ class TranslationRunner:
         self.translator = Translator(entry.directory, entry.manifest, providers, threads)
         self.providers = self.translator.encoder.providers
         self.row_by_row = batch_dependent(entry)
+        #: rows carry their own state and position, so the scheduler can mix them at every step
+        #: (the whole-prefix ``transformer`` contract cannot; a batch-dependent graph must not)
+        self.continuous = self.translator.spec.decoder != "transformer" and not self.row_by_row
+
+    def options(self, job: TranslateJob) -> Options:
+        tgt = self.translator.spec.target_tokenizer
+        limit = self.translator.target_limit(job.max_length)
+        return Options(tgt.bos_id, tgt.eos_id, limit, job.beam_size, job.length_penalty)
+
+    def finish(self, work: TranslateWork, hypotheses: list[Hypothesis]) -> list[Translation]:
+        return [self.translator.result(h, t) for h, t in zip(hypotheses, work.tokens, strict=True)]
 
     def preprocess(self, request: TranslateJob) -> TranslateWork:
         texts = request.texts

@@ -10,13 +10,99 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer
 
-from service.inference.decoding import Hypothesis, beam_search, log_softmax
+from service.inference.decoding import Hypothesis, log_softmax, new_search, run_searches
 from service.inference.manifest import Manifest
 from service.inference.runtime import GraphSession
+
+#: encoder outputs a decoder step reads, and the axis of each that runs along the source
+SOURCE_AXIS = {"memory": 1, "cross_keys": 3, "cross_values": 3}
+
+
+@dataclass
+class KVCache:
+    """The ``transformer-kv`` decoder state: past self-attention keys and values
+    (N, layers, heads, P, dh) and which of the P positions each row really holds (N, P). Rows that
+    joined a running batch later hold fewer positions: theirs are right-aligned, the rest masked."""
+
+    keys: np.ndarray
+    values: np.ndarray
+    mask: np.ndarray
+
+    def __getitem__(self, index: np.ndarray) -> KVCache:
+        mask = self.mask[index]
+        held = mask.any(axis=0)
+        start = int(held.argmax()) if held.any() else mask.shape[1]  # drop columns nobody holds
+        return KVCache(self.keys[index, ..., start:, :], self.values[index, ..., start:, :], mask[:, start:])
+
+    @property
+    def positions(self) -> int:
+        return int(self.mask.shape[1])
+
+    @staticmethod
+    def concat(caches: list[KVCache]) -> KVCache:
+        """Rows of several caches in one, the shorter ones padded (masked) on the left."""
+        width = max(c.positions for c in caches)
+
+        def pad(a: np.ndarray, axis: int, c: KVCache) -> np.ndarray:
+            widths = [(0, 0)] * a.ndim
+            widths[axis] = (width - c.positions, 0)
+            return np.pad(a, widths)
+
+        return KVCache(
+            np.concatenate([pad(c.keys, 3, c) for c in caches]),
+            np.concatenate([pad(c.values, 3, c) for c in caches]),
+            np.concatenate([pad(c.mask, 1, c) for c in caches]),
+        )
+
+
+@dataclass
+class RowBatch:
+    """Decoder rows: per row its source mask, the encoder outputs the step reads, and its decoder
+    state (an RNN's hidden state, a :class:`KVCache`, or None for the whole-prefix contract).
+    Indexing takes rows (a beam's reordering, finished rows leaving); :meth:`concat` joins rows of
+    different batches, padding the source on the right."""
+
+    src_mask: np.ndarray  # (N, S) bool
+    tensors: dict[str, np.ndarray]
+    state: Any
+
+    def __len__(self) -> int:
+        return len(self.src_mask)
+
+    def __getitem__(self, index: np.ndarray) -> RowBatch:
+        mask = self.src_mask[index]
+        width = int(mask.sum(axis=1).max()) if len(mask) else 0  # drop padding nobody needs
+        tensors = {k: np.take(v[index], range(width), axis=SOURCE_AXIS[k]) for k, v in self.tensors.items()}
+        return RowBatch(mask[:, :width], tensors, None if self.state is None else self.state[index])
+
+    @staticmethod
+    def concat(batches: list[RowBatch]) -> RowBatch:
+        if len(batches) == 1:
+            return batches[0]
+        width = max(b.src_mask.shape[1] for b in batches)
+
+        def pad(a: np.ndarray, axis: int) -> np.ndarray:
+            widths = [(0, 0)] * a.ndim
+            widths[axis] = (0, width - a.shape[axis])
+            return np.pad(a, widths)
+
+        tensors = {
+            k: np.concatenate([pad(b.tensors[k], axis) for b in batches])
+            for k, axis in SOURCE_AXIS.items()
+            if k in batches[0].tensors
+        }
+        states = [b.state for b in batches]
+        state: Any = None
+        if isinstance(states[0], KVCache):
+            state = KVCache.concat(states)
+        elif states[0] is not None:
+            state = np.concatenate(states)
+        return RowBatch(np.concatenate([pad(b.src_mask, 1) for b in batches]), tensors, state)
 
 
 @dataclass
@@ -61,6 +147,61 @@ class Translator:
         rows, tokens = zip(*(self.tokenize(t) for t in texts), strict=True)
         return self.translate_ids(list(rows), list(tokens), beam_size, max_length, length_penalty)
 
+    def encode(self, rows: list[list[int]]) -> RowBatch:
+        """Source ids → one decoder row per input: the encoder's outputs, padded to the longest
+        input, and the decoder state of the first step."""
+        width = max(len(r) for r in rows)
+        ids = np.full((len(rows), width), self.spec.source_tokenizer.pad_id, dtype=np.int64)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = r
+        mask = np.arange(width)[None, :] < np.array([len(r) for r in rows])[:, None]
+        encoded = self.encoder.run({"src": ids, "src_mask": mask})
+        state: Any = None
+        if self.spec.decoder == "rnn":
+            state = encoded["init_state"]
+        elif self.spec.decoder == "transformer-kv":
+            keys = encoded["cross_keys"]
+            empty = np.zeros((*keys.shape[:3], 0, keys.shape[4]), dtype=keys.dtype)
+            state = KVCache(empty, empty, np.zeros((len(rows), 0), dtype=bool))
+        tensors = {k: encoded[k] for k in SOURCE_AXIS if k in encoded and self._reads(k)}
+        return RowBatch(mask, tensors, state)
+
+    def _reads(self, name: str) -> bool:
+        return name in self.decoder.input_names
+
+    def step(
+        self, batch: RowBatch, tokens: np.ndarray, positions: np.ndarray, prefixes: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, RowBatch]:
+        """One decoder step for every row of ``batch``: each row's newest token and its position
+        (0 for BOS) → log-probabilities (N, V), attention (N, ..., S) and the batch with each
+        row's decoder state advanced. ``prefixes`` (N, T) only for the whole-prefix contract."""
+        feeds: dict[str, Any] = {"src_mask": batch.src_mask, **batch.tensors}
+        contract = self.spec.decoder
+        if contract == "rnn":
+            feeds |= {"prev_tokens": tokens, "state": batch.state, "step": positions}
+        elif contract == "transformer":
+            feeds["tokens"] = prefixes
+        else:
+            cache: KVCache = batch.state
+            feeds |= {
+                "tokens": tokens,
+                "positions": positions,
+                "past_keys": cache.keys,
+                "past_values": cache.values,
+                "past_mask": cache.mask,
+            }
+        out = self.decoder.run(feeds)
+        state: Any = None
+        if contract == "rnn":
+            state = out["new_state"]
+        elif contract == "transformer-kv":
+            now = np.ones((len(tokens), 1), dtype=bool)
+            state = KVCache(
+                out["present_keys"], out["present_values"], np.concatenate([cache.mask, now], axis=1)
+            )
+        attention = out["attention"] if contract == "rnn" else out["cross_attention"]
+        return log_softmax(out["logits"]), attention, RowBatch(batch.src_mask, batch.tensors, state)
+
     def translate_ids(
         self,
         rows: list[list[int]],
@@ -70,43 +211,22 @@ class Translator:
         length_penalty: float = 0.0,
     ) -> list[Translation]:
         """One padded batch through the encoder, then batched greedy/beam search."""
-        width = max(len(r) for r in rows)
-        ids = np.full((len(rows), width), self.spec.source_tokenizer.pad_id, dtype=np.int64)
-        for i, r in enumerate(rows):
-            ids[i, : len(r)] = r
-        mask = np.arange(width)[None, :] < np.array([len(r) for r in rows])[:, None]
-        encoded = self.encoder.run({"src": ids, "src_mask": mask})
-        memory = encoded["memory"]
         tgt = self.spec.target_tokenizer
-        rnn = self.spec.decoder == "rnn"
 
-        def step(rows: np.ndarray, prefixes: np.ndarray, states: np.ndarray | None, t: int):
-            feeds = {
-                "memory": memory[rows],
-                "src_mask": mask[rows],
-                "tokens": prefixes,
-                "prev_tokens": prefixes[:, -1],
-                "state": states,
-                "step": np.full(len(rows), t, dtype=np.int64),
-            }
-            out = self.decoder.run(feeds)
-            attention = out["attention"] if rnn else out["cross_attention"]
-            return log_softmax(out["logits"]), attention, out.get("new_state")
+        def step(owners: np.ndarray, prefixes: np.ndarray, batch: RowBatch, t: int):
+            return self.step(batch, prefixes[:, -1], np.full(len(owners), t, dtype=np.int64), prefixes)
 
-        limit = min(max_length or self.spec.max_target_tokens, self.spec.max_target_tokens)
-        hyps = beam_search(
-            step,
-            len(rows),
-            tgt.bos_id,
-            tgt.eos_id,
-            limit,
-            encoded.get("init_state"),
-            beam_size,
-            length_penalty,
-        )
-        return [self._result(h, toks) for h, toks in zip(hyps, source_tokens, strict=True)]
+        limit = self.target_limit(max_length)
+        searches = [
+            new_search(tgt.bos_id, tgt.eos_id, limit, beam_size, length_penalty, len(r)) for r in rows
+        ]
+        hyps = run_searches(step, searches, self.encode(rows))
+        return [self.result(h, toks) for h, toks in zip(hyps, source_tokens, strict=True)]
 
-    def _result(self, hyp: Hypothesis, source_tokens: list[str]) -> Translation:
+    def target_limit(self, max_length: int | None) -> int:
+        return min(max_length or self.spec.max_target_tokens, self.spec.max_target_tokens)
+
+    def result(self, hyp: Hypothesis, source_tokens: list[str]) -> Translation:
         tgt = self.spec.target_tokenizer
         ids = [*hyp.tokens, tgt.eos_id] if hyp.finished else hyp.tokens
         attention = hyp.attention[..., : len(source_tokens)]  # drop the batch's padding columns

@@ -1,5 +1,4 @@
-"""One model, in process: its runner behind its own :class:`~service.inference.batcher.Batcher`, with its
-metrics and its queue limit.
+"""One model, in process: its runner behind its own scheduler, with its metrics and its queue limit.
 
 Both topologies use it. In the default ``in-replica`` frontend every serving replica holds a
 worker per model (and, during a hot swap, briefly one per version) and calls it directly; in the
@@ -7,10 +6,16 @@ Ray-ingress frontends each model deployment (``service/hosting/ray_ingress.py``)
 ingress reaches it through a handle. Each worker has its own queue and batch parameters
 (``Settings.batching_for``), so models never share a batch whatever the frontend.
 
-Batching: a batch holds up to ``max_batch_size`` sequences (a multi-text translation counts each
-text) and waits at most ``batch_wait_timeout_s`` for more; it runs in a worker thread so the event
-loop keeps accepting the next batch meanwhile. A request larger than a batch is split into
-batch-sized parts, which batch like any other requests and are answered whole, in order.
+Translation models whose decoder step carries a per-row state (``transformer-kv``, ``rnn``) run
+on a :class:`~service.inference.scheduler.TranslationScheduler`: iteration-level batching, where
+requests join and leave the running batch at every decoder step, bounded by a token budget.
+
+Everything else (images, whole-prefix Transformers of older repositories, models whose output
+depends on the batch) runs on a :class:`~service.inference.batcher.Batcher`: a batch holds up to
+``max_batch_size`` sequences (a multi-text translation counts each text); an idle model starts at
+once, a busy one takes what accumulated meanwhile (``batch_wait_timeout_s``, default 0, can make a
+batch wait for more). It runs in a worker thread so the event loop keeps accepting. A request
+larger than a batch is split into batch-sized parts, answered whole and in order.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from service.errors import InferenceFailed, Overloaded, ServiceError
 from service.inference.batcher import Batcher
 from service.inference.jobs import Answer, AnswerMetrics, Translated
 from service.inference.repository import ModelEntry
-from service.inference.runners import make_runner
+from service.inference.runners import TranslateWork, TranslationRunner, make_runner
 from service.inference.runtime import choose_providers
+from service.inference.scheduler import TranslationScheduler
 from service.settings import Settings
 
 log = logging.getLogger("ray.serve")
@@ -40,6 +46,8 @@ class WorkerMetrics(Protocol):
     def batch(self, size: int, compute_s: float) -> None: ...
     def waited(self, seconds: float) -> None: ...
     def generated(self, tokens: int) -> None: ...
+    def decoded(self, first_token_s: float, per_token_s: float | None) -> None: ...
+    def stepped(self, rows: int, tokens: int) -> None: ...
 
 
 class NoMetrics:
@@ -56,6 +64,12 @@ class NoMetrics:
         pass
 
     def generated(self, tokens: int) -> None:
+        pass
+
+    def decoded(self, first_token_s: float, per_token_s: float | None) -> None:
+        pass
+
+    def stepped(self, rows: int, tokens: int) -> None:
         pass
 
 
@@ -79,6 +93,14 @@ class ModelWorker:
         self.batcher: Batcher[Any, Any] = Batcher(
             self._infer, batching.max_batch_size, batching.batch_wait_timeout_s
         )
+        #: translation on a per-row-state contract: iteration-level batching instead of batches
+        self.scheduler: TranslationScheduler | None = None
+        if isinstance(self.runner, TranslationRunner) and self.runner.continuous:
+            spec = self.runner.translator.spec
+            budget = batching.token_budget or batching.max_batch_size * (
+                spec.max_source_tokens + spec.max_target_tokens
+            )
+            self.scheduler = TranslationScheduler(self.runner.translator, budget, self._stepped)
         #: requests (or parts of one) this worker holds at once — waiting, or in the batch that is
         #: computing — before it sheds new ones
         self.capacity = max_ongoing_requests(settings, entry.name) + settings.limits.max_queued_requests
@@ -97,11 +119,18 @@ class ModelWorker:
             "warmup_ms": self.warmup_ms,
         }
 
+    @property
+    def held(self) -> int:
+        """Requests (or parts of one) waiting or being computed."""
+        return self.batcher.held + (self.scheduler.held if self.scheduler else 0)
+
     async def predict(self, job: Any) -> Answer:
         """Preprocess here (per request), infer in batches, postprocess here."""
-        if self.batcher.held >= self.capacity:
+        if self.held >= self.capacity:
             raise Overloaded(f"model {self.entry.name!r} is overloaded; retry later")
         work = self.runner.preprocess(job)
+        if self.scheduler is not None:
+            return await self._decode(work)
         size = self.runner.size(work)
         if size <= self.max_batch_size:
             done = [await self.batcher.submit(work, size)]
@@ -125,6 +154,44 @@ class ModelWorker:
         )
         return Answer(self.entry.name, self.entry.version, result, metrics)
 
+    async def _decode(self, work: TranslateWork) -> Answer:
+        """A translation through the model's scheduler: its texts join the running batch at the
+        next decoder step and it is answered as soon as its last text is done."""
+        assert self.scheduler is not None and isinstance(self.runner, TranslationRunner)
+        try:
+            decoded = await self.scheduler.submit(work.ids, self.runner.options(work.job))
+        except ServiceError:
+            raise
+        except Exception as exc:
+            log.exception("%s: decoding failed", self.entry.name)
+            raise InferenceFailed(f"inference failed: {type(exc).__name__}") from exc
+        result = self.runner.postprocess(work, self.runner.finish(work, decoded.hypotheses))
+        tokens = result.tokens_generated
+        longest = max(len(t.target_tokens) for t in result.translations)
+        per_token = (
+            (decoded.queue_wait_s + decoded.compute_s - decoded.time_to_first_token_s) / (longest - 1)
+            if longest > 1
+            else None
+        )
+        self.metrics.waited(decoded.queue_wait_s)
+        self.metrics.generated(tokens)
+        self.metrics.decoded(decoded.time_to_first_token_s, per_token)
+        metrics = AnswerMetrics(
+            queue_wait_ms=round(decoded.queue_wait_s * 1000, 3),
+            compute_ms=round(decoded.compute_s * 1000, 3),
+            batch_size=max(1, round(decoded.mean_rows)),
+            tokens_generated=tokens,
+            replica=self.replica,
+            node=self.node,
+            time_to_first_token_ms=round(decoded.time_to_first_token_s * 1000, 3),
+            time_per_output_token_ms=None if per_token is None else round(per_token * 1000, 3),
+        )
+        return Answer(self.entry.name, self.entry.version, result, metrics)
+
+    def _stepped(self, rows: int, live: int, tokens: int, seconds: float) -> None:
+        self.metrics.batch(rows, seconds)
+        self.metrics.stepped(live, tokens)
+
     async def _infer(self, works: list[Any]) -> list[Any]:
         """One formed batch, in a worker thread; a runtime failure reaches every caller in it."""
         start = time.perf_counter()
@@ -141,6 +208,8 @@ class ModelWorker:
     def close(self) -> None:
         """This version is being replaced: finish what is queued, then let the loop end."""
         self.batcher.close()
+        if self.scheduler is not None:
+            self.scheduler.close()
 
 
 def max_ongoing_requests(settings: Settings, model: str) -> int:

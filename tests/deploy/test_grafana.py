@@ -29,5 +29,6 @@ def test_provisioning_matches_the_compose_mounts_and_the_dashboard() -> None:
         assert panel["datasource"]["uid"] == datasource["uid"], panel["title"]
         assert panel["targets"], panel["title"]
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
-    for topic in ("requests/s", "errors/s", "p99", "queue wait", "batch size", "tokens", "replicas"):
+    for topic in ("requests/s", "errors/s", "p99", "queue wait", "batch size", "tokens", "replicas",
+                  "first token", "per output token", "steps/s", "in flight"):  # fmt: skip
         assert topic in titles, topic

@@ -89,6 +89,12 @@ def test_service_series_arrive_in_prometheus(service: Service, prometheus: str) 
     assert wait_for(prometheus, 'ray_attention_request_duration_seconds_bucket{model="dates-transformer"}')
     assert wait_for(prometheus, 'ray_attention_batch_size_count{model="dates-bahdanau"} > 0')
     assert wait_for(prometheus, "ray_attention_model_info")
+    # the translators' schedulers: per-answer and per-step series
+    assert wait_for(
+        prometheus, 'ray_attention_time_to_first_token_seconds_count{model="dates-transformer"} > 0'
+    )
+    assert wait_for(prometheus, 'ray_attention_decoder_steps_total{model="dates-bahdanau"} > 0')
+    assert wait_for(prometheus, 'ray_attention_rows_in_flight{model="dates-bahdanau"}')
 
 
 def expressions() -> list[str]:

@@ -7,18 +7,22 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Metrics(_message.Message):
-    __slots__ = ("queue_wait_ms", "compute_ms", "total_ms", "batch_size", "tokens_generated")
+    __slots__ = ("queue_wait_ms", "compute_ms", "total_ms", "batch_size", "tokens_generated", "time_to_first_token_ms", "time_per_output_token_ms")
     QUEUE_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
+    TIME_PER_OUTPUT_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
     queue_wait_ms: float
     compute_ms: float
     total_ms: float
     batch_size: int
     tokens_generated: int
-    def __init__(self, queue_wait_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., tokens_generated: _Optional[int] = ...) -> None: ...
+    time_to_first_token_ms: float
+    time_per_output_token_ms: float
+    def __init__(self, queue_wait_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., time_to_first_token_ms: _Optional[float] = ..., time_per_output_token_ms: _Optional[float] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "values")

@@ -1,0 +1,325 @@
+"""Iteration-level (continuous) batching for one translation model.
+
+A long-lived loop per model. At every decoder step it
+
+1. drops the rows of requests whose caller left (a client gone, a deadline passed);
+2. admits waiting texts, oldest first, while the token budget allows: they are encoded in one
+   encoder call and their rows join the running batch (a longer source pads the batch on the
+   right, a shorter past is masked on the left — see ``RowBatch`` and ``KVCache``);
+3. runs one decoder step for every live row — greedy rows and beam hypotheses of different
+   requests together, each at its own position;
+4. advances each text's own search (``service/inference/decoding.py``), reorders the rows of
+   beams, retires finished texts and answers a request as soon as its last text is done.
+
+So a short request that arrives while long ones decode starts at the next step and leaves when it
+is done, instead of waiting for a whole static batch. The searches are the ones a static batch
+uses, so a text decodes to the same tokens alone or in any company.
+
+**Budget.** A text holds ``beam × (source length + its target limit)`` positions of the budget
+from admission until it is done — the most rows × positions it can ever need — so the caches stay
+bounded. Admission is first-in, first-out by text: a text that does not fit waits at the head and
+later ones wait behind it, so no request is starved by a stream of later (smaller) ones. A text
+larger than the whole budget runs when nothing else does.
+
+Contracts: the KV-cached Transformer step (``transformer-kv``) and the RNN step, which carry a
+per-row state and position. The whole-prefix ``transformer`` contract (older repositories) cannot
+put rows at different positions in one call; such models keep static batches.
+
+Plain asyncio + numpy; each step runs in a worker thread so the event loop keeps accepting.
+Unit-tested without Ray (``tests/service/inference/test_scheduler.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from service.inference.decoding import Hypothesis, Search, new_search
+
+
+class Decoder(Protocol):
+    """What the loop needs of a model (``service.inference.translation.Translator``)."""
+
+    def encode(self, rows: list[list[int]]) -> Any: ...
+
+    def step(
+        self, batch: Any, tokens: np.ndarray, positions: np.ndarray, prefixes: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, Any]: ...
+
+
+@dataclass(frozen=True)
+class Options:
+    bos: int
+    eos: int
+    max_len: int  # target tokens, already capped by the model's limit
+    beam_size: int = 1
+    length_penalty: float = 0.0
+
+
+@dataclass
+class Decoded:
+    """One request's hypotheses (one per text, in order) and what they cost."""
+
+    hypotheses: list[Hypothesis]
+    queue_wait_s: float  # arrival → its first text admitted
+    time_to_first_token_s: float  # arrival → the first step that gave every text a token
+    compute_s: float  # first admission → last text done
+    steps: int  # decoder steps it took part in
+    mean_rows: float  # rows per step over those steps (the batch it shared)
+
+
+@dataclass(eq=False)
+class _Request:
+    future: asyncio.Future[Decoded]
+    arrived: float
+    texts: int
+    hypotheses: list[Hypothesis | None]
+    admitted: float | None = None
+    first_token: float | None = None
+    done: float | None = None
+    steps: int = 0
+    rows_seen: int = 0
+    cancelled: bool = False
+    remaining: int = 0
+    pending_first: int = 0  # texts that have not produced a token yet
+
+
+@dataclass(eq=False)
+class _Text:
+    request: _Request
+    index: int
+    ids: list[int]
+    options: Options
+    cost: int
+    search: Search = field(init=False)
+
+
+OnStep = Callable[[int, int, int, float], None]
+
+
+class TranslationScheduler:
+    def __init__(self, decoder: Decoder, token_budget: int, on_step: OnStep | None = None) -> None:
+        """``on_step(rows stepped, rows live after it, tokens in flight, seconds)`` is called on the
+        event loop after each decoder step (metrics)."""
+        if token_budget < 1:
+            raise ValueError(f"token_budget must be ≥ 1, got {token_budget}")
+        self.decoder = decoder
+        self.on_step = on_step
+        self.token_budget = token_budget
+        self._waiting: deque[_Text] = deque()
+        self._active: list[_Text] = []  # in row order: each owns search.rows consecutive rows
+        self._batch: Any = None
+        self._in_flight = 0  # budget held by active texts
+        self._arrival = asyncio.Event()
+        self._loop_task: asyncio.Task[None] | None = None
+        self._requests: set[_Request] = set()
+        self._closed = False
+        self.steps = 0
+        self._rows_stepped = 0  # rows in the last step (0: none ran)
+
+    # -- what the worker and metrics read ---------------------------------------------------------
+
+    @property
+    def held(self) -> int:
+        """Requests waiting or decoding: the places taken."""
+        return len(self._requests)
+
+    @property
+    def rows(self) -> int:
+        return sum(t.search.rows for t in self._active)
+
+    @property
+    def tokens_in_flight(self) -> int:
+        """Positions the running batch holds (rows × their past): what the budget bounds."""
+        return self._in_flight
+
+    # -- callers ---------------------------------------------------------------------------------
+
+    async def submit(self, ids: list[list[int]], options: Options) -> Decoded:
+        """Decode ``ids`` (one list of source ids per text) and wait for every text's hypothesis."""
+        if not ids:
+            raise ValueError("give at least one text")
+        loop = asyncio.get_running_loop()
+        request = _Request(loop.create_future(), time.perf_counter(), len(ids), [None] * len(ids))
+        request.remaining = request.pending_first = len(ids)
+        for i, row in enumerate(ids):
+            cost = options.beam_size * (len(row) + options.max_len)
+            self._waiting.append(_Text(request, i, row, options, cost))
+        self._requests.add(request)
+        self._arrival.set()
+        self._ensure_loop()
+        try:
+            return await request.future
+        except asyncio.CancelledError:
+            # its waiting texts leave now; its rows leave the batch at the next step
+            request.cancelled = True
+            self._waiting = deque(t for t in self._waiting if t.request is not request)
+            raise
+        finally:
+            self._requests.discard(request)
+
+    def close(self) -> None:
+        """Stop once what is queued and running is done (a replaced version drains, then ends)."""
+        self._closed = True
+        self._arrival.set()
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def _ensure_loop(self) -> None:
+        if self._loop_task is None or self._loop_task.done():
+            self._closed = False
+            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+
+    async def _loop(self) -> None:
+        while True:
+            while not self._waiting and not self._active:
+                if self._closed:
+                    return
+                self._arrival.clear()
+                await self._arrival.wait()
+            admitted = self._admit()
+            start = time.perf_counter()
+            try:
+                finished = await asyncio.to_thread(self._iterate, admitted)
+            except asyncio.CancelledError:
+                self._fail(admitted, None)
+                raise
+            except Exception as exc:  # the graph failed: every request in the batch gets the error
+                self._fail(admitted, exc)
+                continue
+            for request in finished:
+                self._answer(request)
+            if self.on_step is not None and self._rows_stepped:
+                self.on_step(self._rows_stepped, self.rows, self._in_flight, time.perf_counter() - start)
+
+    def _admit(self) -> list[_Text]:
+        """Oldest first while the budget allows; a text over the whole budget goes alone."""
+        admitted: list[_Text] = []
+        while self._waiting:
+            text = self._waiting[0]
+            if text.request.cancelled:
+                self._waiting.popleft()
+                continue
+            alone = not self._active and not admitted
+            if not alone and self._in_flight + text.cost > self.token_budget:
+                break
+            self._waiting.popleft()
+            self._in_flight += text.cost
+            admitted.append(text)
+        return admitted
+
+    def _iterate(self, admitted: list[_Text]) -> list[_Request]:
+        """One step (in a worker thread): drop the cancelled, add the admitted, step, retire."""
+        now = time.perf_counter()
+        self._drop_cancelled()
+        for text in admitted:
+            if text.request.cancelled:  # its caller left since admission
+                self._in_flight -= text.cost
+        admitted = [t for t in admitted if not t.request.cancelled]
+        if admitted:
+            for text in admitted:
+                o, source = text.options, len(text.ids)
+                text.search = new_search(o.bos, o.eos, o.max_len, o.beam_size, o.length_penalty, source)
+                if text.request.admitted is None:
+                    text.request.admitted = now
+            fresh = self.decoder.encode([t.ids for t in admitted])
+            self._batch = fresh if self._batch is None else type(fresh).concat([self._batch, fresh])
+            self._active.extend(admitted)
+        self._rows_stepped = 0
+        if not self._active:
+            return []
+        tokens = np.concatenate([t.search.last for t in self._active])
+        positions = np.repeat(
+            np.array([t.search.steps for t in self._active], dtype=np.int64),
+            [t.search.rows for t in self._active],
+        )
+        logp, attention, batch = self.decoder.step(self._batch, tokens, positions, None)
+        self.steps += 1
+        rows = self._rows_stepped = len(tokens)
+        done_at = time.perf_counter()
+        index, still, finished, offset = [], [], [], 0
+        for text in self._active:
+            n = text.search.rows
+            request = text.request
+            first = text.search.steps == 0
+            kept = text.search.advance(logp[offset : offset + n], attention[offset : offset + n])
+            offset += n
+            if first:
+                request.pending_first -= 1
+                if request.pending_first == 0:
+                    request.first_token = done_at
+            if text.search.done:
+                request.hypotheses[text.index] = text.search.result()
+                request.remaining -= 1
+                self._in_flight -= text.cost
+                if request.remaining == 0:
+                    finished.append(request)
+            else:
+                index.append(kept + (offset - n))
+                still.append(text)
+        for request in {t.request for t in self._active}:
+            request.steps += 1
+            request.rows_seen += rows
+        self._active = still
+        if not still:
+            self._batch = None
+        else:
+            order = np.concatenate(index)
+            identity = len(order) == rows and bool((order == np.arange(rows)).all())
+            self._batch = batch if identity else batch[order]
+        for request in finished:
+            request.done = done_at
+        return finished
+
+    def _drop_cancelled(self) -> None:
+        gone = [t for t in self._active if t.request.cancelled]
+        if not gone:
+            return
+        keep, offset = [], 0
+        for text in self._active:
+            n = text.search.rows
+            if text.request.cancelled:
+                self._in_flight -= text.cost
+            else:
+                keep.append(np.arange(offset, offset + n))
+            offset += n
+        self._active = [t for t in self._active if not t.request.cancelled]
+        self._batch = self._batch[np.concatenate(keep)] if self._active else None
+
+    def _answer(self, request: _Request) -> None:
+        if request.future.done():
+            return
+        assert request.admitted is not None and request.first_token is not None
+        done = request.done or time.perf_counter()
+        hypotheses = [h for h in request.hypotheses if h is not None]
+        request.future.set_result(
+            Decoded(
+                hypotheses,
+                queue_wait_s=request.admitted - request.arrived,
+                time_to_first_token_s=request.first_token - request.arrived,
+                compute_s=done - request.admitted,
+                steps=request.steps,
+                mean_rows=request.rows_seen / max(1, request.steps),
+            )
+        )
+
+    def _fail(self, admitted: list[_Text], exc: BaseException | None) -> None:
+        """The step failed (or the loop stops): every request in the batch ends with ``exc``."""
+        texts = [*self._active, *(t for t in admitted if t not in self._active)]
+        failed = {t.request for t in texts}
+        for request in failed:
+            with contextlib.suppress(asyncio.InvalidStateError):
+                if exc is None:
+                    request.future.cancel()
+                else:
+                    request.future.set_exception(exc)
+        self._waiting = deque(t for t in self._waiting if t.request not in failed)
+        self._active, self._batch = [], None
+        self._in_flight = 0

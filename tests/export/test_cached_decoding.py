@@ -1,0 +1,110 @@
+"""KV-cached decoder graphs (``transformer-kv``): whole decodes equal PyTorch's whole-prefix
+decoding, the check can fail, and repositories exported before (the whole-prefix ``transformer``
+contract) are still served — by the static batcher — with the same answers."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from export import checkpoint
+from export.graphs import SEQ_SHAPES, transformer_prefix_plans
+from export.models.transformer import Transformer
+from export.onnx_export import ExportVerificationError, export_graph
+from export.parity import cached_decode_parity
+from service.inference.jobs import TranslateJob
+from service.inference.manifest import Manifest
+from service.inference.repository import ModelEntry
+from service.inference.translation import Translator
+from service.inference.worker import ModelWorker
+from service.settings import Settings
+
+pytestmark = pytest.mark.slow
+CPU = ["CPUExecutionProvider"]
+TEXTS = ["3 mars 2011", "Saturday, January 22, 1994", "1. Dezember 1987", "el 7 de julio de 2020", "9/9/86"]
+
+
+@pytest.fixture(scope="module")
+def kv_version(tiny_repository: Path) -> Path:
+    return tiny_repository / "dates-transformer" / "1"
+
+
+@pytest.fixture(scope="module")
+def model(tiny_repository: Path) -> Transformer:
+    loaded = checkpoint.load(tiny_repository.parent / "checkpoints" / "dates-transformer").model
+    assert isinstance(loaded, Transformer)
+    return loaded.eval()
+
+
+@pytest.fixture(scope="module")
+def prefix_version(kv_version: Path, model: Transformer, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same checkpoint as a repository written before the KV cache: whole-prefix graphs."""
+    directory = tmp_path_factory.mktemp("old") / "dates-transformer" / "1"
+    shutil.copytree(kv_version, directory)
+    manifest = Manifest.load(kv_version)
+    graphs = {plan.key: export_graph(plan, directory).spec for plan in transformer_prefix_plans(model)}
+    assert manifest.translation is not None
+    old = manifest.model_copy(
+        update={
+            "graphs": graphs,
+            "translation": manifest.translation.model_copy(update={"decoder": "transformer"}),
+        }
+    )
+    old.write(directory)
+    return directory
+
+
+def test_the_export_verified_whole_decodes(kv_version: Path) -> None:
+    manifest = Manifest.load(kv_version)
+    assert manifest.translation is not None and manifest.translation.decoder == "transformer-kv"
+    parity = manifest.export.parity_max_abs_diff
+    assert parity["decode.score"] <= 1e-4 and parity["decode.attention"] <= 1e-4
+    names = {t.name for t in manifest.graphs["decoder_step"].inputs}
+    assert {"past_keys", "past_values", "past_mask", "positions"} <= names
+
+
+def test_cached_decode_parity_refuses_graphs_of_another_model(kv_version: Path, model: Transformer) -> None:
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        other.generator.weight.add_(0.5 * torch.randn_like(other.generator.weight))
+    with pytest.raises(ExportVerificationError):
+        cached_decode_parity(kv_version, Manifest.load(kv_version), other, shapes=SEQ_SHAPES[:1], beams=(1,))
+
+
+def test_older_whole_prefix_repositories_translate_the_same(kv_version: Path, prefix_version: Path) -> None:
+    new = Translator(kv_version, Manifest.load(kv_version), CPU)
+    old = Translator(prefix_version, Manifest.load(prefix_version), CPU)
+    for beam in (1, 3):
+        for a, b in zip(
+            new.translate(TEXTS, beam_size=beam), old.translate(TEXTS, beam_size=beam), strict=True
+        ):
+            assert a.target_tokens == b.target_tokens
+            assert a.score == pytest.approx(b.score, abs=1e-4)
+            np.testing.assert_allclose(a.attention, b.attention, atol=1e-4)
+
+
+def test_workers_schedule_cached_models_and_batch_older_ones(kv_version: Path, prefix_version: Path) -> None:
+    """The KV-cached version runs on the scheduler, the whole-prefix one on the static batcher,
+    under the same concurrent requests, with equal answers."""
+    settings = Settings()
+
+    async def answers(version: Path) -> tuple[ModelWorker, list]:
+        entry = ModelEntry("dates-transformer", 1, version, Manifest.load(version))
+        worker = ModelWorker(entry, settings, "r", "n")
+        jobs = [TranslateJob(texts=TEXTS[: i % 4 + 1], beam_size=1 + 2 * (i % 2)) for i in range(12)]
+        return worker, list(await asyncio.gather(*(worker.predict(j) for j in jobs)))
+
+    new_worker, new = asyncio.run(answers(kv_version))
+    old_worker, old = asyncio.run(answers(prefix_version))
+    assert new_worker.scheduler is not None and old_worker.scheduler is None
+    assert max(a.metrics.batch_size for a in new) > 1 and new[0].metrics.time_to_first_token_ms is not None
+    for a, b in zip(new, old, strict=True):
+        assert [t.target_tokens for t in a.result.translations] == [
+            t.target_tokens for t in b.result.translations
+        ]

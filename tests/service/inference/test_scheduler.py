@@ -1,0 +1,224 @@
+"""The per-model translation scheduler, without Ray or ONNX Runtime.
+
+The decoder here is a deterministic numpy stand-in with the ``transformer-kv`` shapes: its
+"encoder" keeps the source ids (right-padded, like a real batch), its cache holds the tokens each
+row fed (left-padded, masked), and a row's logits depend only on its own source, its own unmasked
+past and its position. So a row mixed up with another, a cache reordered wrongly for a beam, or
+a padding column read would change that request's answer against the same text decoded alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import random
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.inference.decoding import new_search, run_searches
+from service.inference.scheduler import Options, TranslationScheduler
+from service.inference.translation import KVCache, RowBatch
+
+V, BOS, EOS = 12, 1, 2
+
+
+def synchronous(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
+    """Run an async test on its own event loop, with a 20 s limit (a hang fails, not stalls)."""
+
+    @functools.wraps(test)
+    def run() -> None:
+        asyncio.run(asyncio.wait_for(test(), 20))
+
+    return run
+
+
+class TableDecoder:
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.calls = 0
+        self.rows_per_call: list[int] = []
+        self.fail_on = fail_on
+
+    def encode(self, rows: list[list[int]]) -> RowBatch:
+        width = max(len(r) for r in rows)
+        ids = np.zeros((len(rows), width, 1), dtype=np.float32)
+        for i, r in enumerate(rows):
+            ids[i, : len(r), 0] = r
+        mask = np.arange(width)[None, :] < np.array([len(r) for r in rows])[:, None]
+        empty = np.zeros((len(rows), 1, 1, 0, 1), dtype=np.float32)
+        return RowBatch(mask, {"memory": ids}, KVCache(empty, empty, np.zeros((len(rows), 0), dtype=bool)))
+
+    def step(
+        self, batch: RowBatch, tokens: np.ndarray, positions: np.ndarray, prefixes: np.ndarray | None
+    ) -> tuple[np.ndarray, np.ndarray, RowBatch]:
+        self.calls += 1
+        self.rows_per_call.append(len(tokens))
+        if self.fail_on == self.calls:
+            raise RuntimeError("the graph failed")
+        cache: KVCache = batch.state
+        assert len(cache.keys) == len(tokens) == len(batch.src_mask) == len(positions)
+        source = (batch.tensors["memory"][..., 0] * batch.src_mask).sum(axis=1)  # (N,)
+        length = batch.src_mask.sum(axis=1)
+        past = (cache.keys[:, 0, 0, :, 0] * cache.mask).sum(axis=1)  # (N,)
+        held = cache.mask.sum(axis=1)
+        assert (held == positions).all(), "a row's cache must hold exactly its own past"
+        seed = source * 7.1 + past * 3.3 + tokens * 1.7 + positions * 0.9
+        logits = np.sin(seed[:, None] * (np.arange(V)[None, :] + 1.3)) * 2.0
+        logits[:, EOS] += np.where(positions >= length, 3.0, -1.0)  # stop around the source length
+        logits[:, BOS] = -9.0
+        attention = batch.src_mask / length[:, None]  # (N, S)
+        attention = attention * (1 + 0.01 * positions[:, None])
+        new = tokens.astype(np.float32).reshape(-1, 1, 1, 1, 1)
+        state = KVCache(
+            np.concatenate([cache.keys, new], axis=3),
+            np.concatenate([cache.values, new], axis=3),
+            np.concatenate([cache.mask, np.ones((len(tokens), 1), dtype=bool)], axis=1),
+        )
+        logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+        return logp, attention, RowBatch(batch.src_mask, batch.tensors, state)
+
+
+def alone(decoder: TableDecoder, ids: list[int], options: Options):
+    """The text decoded by itself in a static batch of one."""
+
+    def step(owners, prefixes, batch, t):
+        return decoder.step(batch, prefixes[:, -1], np.full(len(owners), t, dtype=np.int64), prefixes)
+
+    search = new_search(BOS, EOS, options.max_len, options.beam_size, options.length_penalty, len(ids))
+    [hyp] = run_searches(step, [search], decoder.encode([ids]))
+    return hyp
+
+
+def options(beam: int = 1, max_len: int = 20) -> Options:
+    return Options(BOS, EOS, max_len, beam, 0.0)
+
+
+def source(rng: random.Random, n: int) -> list[int]:
+    return [rng.randint(3, 11) for _ in range(n)]
+
+
+@synchronous
+async def test_mixed_traffic_answers_equal_each_text_alone() -> None:
+    """Greedy and beam requests of 1–3 texts, short and long, arriving at different steps."""
+    decoder = TableDecoder()
+    scheduler = TranslationScheduler(decoder, token_budget=400)
+    rng = random.Random(0)
+    jobs = [
+        ([source(rng, rng.choice([2, 3, 9, 14])) for _ in range(rng.randint(1, 3))], rng.choice([1, 1, 2, 4]))
+        for _ in range(40)
+    ]
+
+    async def one(texts: list[list[int]], beam: int):
+        await asyncio.sleep(rng.random() * 0.02)
+        return await scheduler.submit(texts, options(beam))
+
+    answers = await asyncio.gather(*(one(t, b) for t, b in jobs))
+    assert max(decoder.rows_per_call) > 4  # requests really shared steps
+    for (texts, beam), answer in zip(jobs, answers, strict=True):
+        assert len(answer.hypotheses) == len(texts)
+        for ids, hyp in zip(texts, answer.hypotheses, strict=True):
+            expected = alone(TableDecoder(), ids, options(beam))
+            assert hyp.tokens == expected.tokens and hyp.finished == expected.finished
+            assert hyp.score == pytest.approx(expected.score, abs=1e-9)
+            np.testing.assert_allclose(hyp.attention, expected.attention, atol=1e-9)
+    assert scheduler.held == 0 and scheduler.rows == 0 and scheduler.tokens_in_flight == 0
+
+
+@synchronous
+async def test_budget_bounds_what_runs_at_once() -> None:
+    seen: list[int] = []
+    decoder = TableDecoder()
+    scheduler = TranslationScheduler(decoder, token_budget=100, on_step=lambda s, r, t, _: seen.append(t))
+    rng = random.Random(1)
+    texts = [source(rng, 5) for _ in range(30)]  # each holds 5 + 20 = 25 of the budget: 4 at once
+    await asyncio.gather(*(scheduler.submit([t], options()) for t in texts))
+    assert max(seen) <= 100
+    assert max(decoder.rows_per_call) == 4
+
+
+@synchronous
+async def test_a_text_over_the_whole_budget_runs_alone() -> None:
+    decoder = TableDecoder()
+    scheduler = TranslationScheduler(decoder, token_budget=10)
+    rng = random.Random(2)
+    answers = await asyncio.gather(*(scheduler.submit([source(rng, 4)], options(beam=2)) for _ in range(3)))
+    assert all(a.hypotheses for a in answers)
+    assert max(decoder.rows_per_call) <= 2  # one text's two beams at a time
+
+
+@synchronous
+async def test_short_requests_do_not_wait_for_long_ones() -> None:
+    decoder = TableDecoder()
+    scheduler = TranslationScheduler(decoder, token_budget=1000)
+    long_task = asyncio.ensure_future(scheduler.submit([[5] * 14], options(max_len=40)))
+    while decoder.calls < 3:  # the long one is decoding
+        await asyncio.sleep(0.001)
+    short = await scheduler.submit([[4, 6]], options())
+    assert not long_task.done(), "the short request finished while the long one still decoded"
+    assert short.steps < decoder.calls
+    await long_task
+
+
+@synchronous
+async def test_cancelled_request_leaves_the_batch_at_the_next_step() -> None:
+    rows: list[int] = []
+    decoder = TableDecoder()
+    scheduler = TranslationScheduler(decoder, token_budget=1000, on_step=lambda s, r, t, _: rows.append(r))
+    gone = asyncio.ensure_future(scheduler.submit([[7] * 14, [8] * 14], options(beam=3, max_len=40)))
+    stays = asyncio.ensure_future(scheduler.submit([[9] * 14], options(max_len=40)))
+    while decoder.calls < 3:
+        await asyncio.sleep(0.001)
+    before = scheduler.rows
+    gone.cancel()
+    calls = decoder.calls
+    while decoder.calls < calls + 2:
+        await asyncio.sleep(0.001)
+    assert scheduler.rows == 1 < before  # only the remaining request's row
+    answer = await stays
+    expected = alone(TableDecoder(), [9] * 14, options(max_len=40))
+    assert answer.hypotheses[0].tokens == expected.tokens
+    assert scheduler.tokens_in_flight == 0 and scheduler.held == 0
+
+
+@synchronous
+async def test_admission_is_first_in_first_out() -> None:
+    """A large request waiting at the head is not overtaken by a stream of small later ones."""
+    decoder = TableDecoder()
+    scheduler = TranslationScheduler(decoder, token_budget=60)
+    first = asyncio.ensure_future(scheduler.submit([[5] * 10], options(max_len=30)))  # holds 40
+    while decoder.calls < 1:
+        await asyncio.sleep(0.001)
+    large = asyncio.ensure_future(scheduler.submit([[6] * 10], options(max_len=30)))  # 40: must wait
+    await asyncio.sleep(0)
+    small = [asyncio.ensure_future(scheduler.submit([[4]], options(max_len=5))) for _ in range(10)]  # 6 each
+    big = await large
+    admitted_large = big.queue_wait_s
+    for task in small:
+        answer = await task
+        # every small one arrived after the large one and was admitted no earlier
+        assert answer.queue_wait_s >= admitted_large - 1e-3
+    await first
+
+
+@synchronous
+async def test_a_failing_step_fails_its_batch_and_the_loop_goes_on() -> None:
+    decoder = TableDecoder(fail_on=2)
+    scheduler = TranslationScheduler(decoder, token_budget=1000)
+    with pytest.raises(RuntimeError, match="graph failed"):
+        await scheduler.submit([[5, 6, 7]], options())
+    answer = await scheduler.submit([[5, 6, 7]], options())
+    assert answer.hypotheses[0].tokens == alone(TableDecoder(), [5, 6, 7], options()).tokens
+    assert scheduler.tokens_in_flight == 0
+
+
+@synchronous
+async def test_close_drains_then_stops() -> None:
+    scheduler = TranslationScheduler(TableDecoder(), token_budget=1000)
+    task = asyncio.ensure_future(scheduler.submit([[5] * 6], options()))
+    await asyncio.sleep(0)
+    scheduler.close()
+    assert (await task).hypotheses
+    await asyncio.sleep(0.01)
+    assert scheduler._loop_task is not None and scheduler._loop_task.done()
