@@ -123,6 +123,7 @@ class TranslationScheduler:
         self._closed = False
         self.steps = 0
         self._rows_stepped = 0  # rows in the last step (0: none ran)
+        self._step_s = 0.0
 
     # -- what the worker and metrics read ---------------------------------------------------------
 
@@ -194,14 +195,25 @@ class TranslationScheduler:
             except Exception as exc:  # the graph failed: every request in the batch gets the error
                 self._fail(admitted, exc)
                 continue
+            if self._rows_stepped:  # a moving average of the step time, for admission
+                self._step_s += 0.1 * (time.perf_counter() - start - self._step_s)
             for request in finished:
                 self._answer(request)
             if self.on_step is not None and self._rows_stepped:
                 self.on_step(self._rows_stepped, self.rows, self._in_flight, time.perf_counter() - start)
 
     def _admit(self) -> list[_Text]:
-        """Oldest first while the budget allows; a text over the whole budget goes alone."""
+        """Oldest first while the budget allows; a text over the whole budget goes alone.
+
+        Admission costs an encoder call and a copy of the running batch's caches, so while rows are
+        decoding, newcomers are gathered: they join once they are a quarter of the running rows, or
+        once the oldest has waited four steps (an idle model admits at once)."""
         admitted: list[_Text] = []
+        rows = self.rows
+        if rows and self._waiting:
+            waited = time.perf_counter() - self._waiting[0].request.arrived
+            if len(self._waiting) * 4 < rows and waited < 4 * self._step_s:
+                return admitted
         while self._waiting:
             text = self._waiting[0]
             if text.request.cancelled:
