@@ -259,7 +259,7 @@ def worker(directory: Path, static: bool) -> ModelWorker:
     """The model's worker as a replica holds it; ``static``: its static batcher with the wait the
     service used before the scheduler (5 ms), as a baseline."""
     batching = Batching(max_batch_size=32, batch_wait_timeout_s=0.005 if static else 0.0)
-    settings = Settings(batching=batching, intra_op_threads=1)
+    settings = Settings(repository=directory.parent.parent, batching=batching, intra_op_threads=1)
     w = ModelWorker(
         ModelEntry(directory.parent.name, 1, directory, Manifest.load(directory)), settings, "bench", "local"
     )

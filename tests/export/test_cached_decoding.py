@@ -92,7 +92,7 @@ def test_older_whole_prefix_repositories_translate_the_same(kv_version: Path, pr
 def test_workers_schedule_cached_models_and_batch_older_ones(kv_version: Path, prefix_version: Path) -> None:
     """The KV-cached version runs on the scheduler, the whole-prefix one on the static batcher,
     under the same concurrent requests, with equal answers."""
-    settings = Settings()
+    settings = Settings(repository=kv_version.parent.parent)
 
     async def answers(version: Path) -> tuple[ModelWorker, list]:
         entry = ModelEntry("dates-transformer", 1, version, Manifest.load(version))
