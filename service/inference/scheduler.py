@@ -79,7 +79,6 @@ class Decoded:
 class _Request:
     future: asyncio.Future[Decoded]
     arrived: float
-    texts: int
     hypotheses: list[Hypothesis | None]
     admitted: float | None = None
     first_token: float | None = None
@@ -148,7 +147,7 @@ class TranslationScheduler:
         if not ids:
             raise ValueError("give at least one text")
         loop = asyncio.get_running_loop()
-        request = _Request(loop.create_future(), time.perf_counter(), len(ids), [None] * len(ids))
+        request = _Request(loop.create_future(), time.perf_counter(), [None] * len(ids))
         request.remaining = request.pending_first = len(ids)
         for i, row in enumerate(ids):
             cost = options.beam_size * (len(row) + options.max_len)

@@ -21,8 +21,10 @@ larger than a batch is split into batch-sized parts, answered whole and in order
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from service.errors import InferenceFailed, Overloaded, ServiceError
@@ -158,13 +160,8 @@ class ModelWorker:
         """A translation through the model's scheduler: its texts join the running batch at the
         next decoder step and it is answered as soon as its last text is done."""
         assert self.scheduler is not None and isinstance(self.runner, TranslationRunner)
-        try:
+        with self._runtime_failures("decoding"):
             decoded = await self.scheduler.submit(work.ids, self.runner.options(work.job))
-        except ServiceError:
-            raise
-        except Exception as exc:
-            log.exception("%s: decoding failed", self.entry.name)
-            raise InferenceFailed(f"inference failed: {type(exc).__name__}") from exc
         result = self.runner.postprocess(work, self.runner.finish(work, decoded.hypotheses))
         tokens = result.tokens_generated
         longest = max(len(t.target_tokens) for t in result.translations)
@@ -188,6 +185,18 @@ class ModelWorker:
         )
         return Answer(self.entry.name, self.entry.version, result, metrics)
 
+    @contextlib.contextmanager
+    def _runtime_failures(self, what: str) -> Iterator[None]:
+        """A runtime failure reaches its callers as InferenceFailed (logged once, here); the
+        service's own refusals pass through unchanged."""
+        try:
+            yield
+        except ServiceError:
+            raise
+        except Exception as exc:
+            log.exception("%s: %s failed", self.entry.name, what)
+            raise InferenceFailed(f"inference failed: {type(exc).__name__}") from exc
+
     def _stepped(self, rows: int, live: int, tokens: int, seconds: float) -> None:
         self.metrics.batch(rows, seconds)
         self.metrics.stepped(live, tokens)
@@ -195,13 +204,8 @@ class ModelWorker:
     async def _infer(self, works: list[Any]) -> list[Any]:
         """One formed batch, in a worker thread; a runtime failure reaches every caller in it."""
         start = time.perf_counter()
-        try:
+        with self._runtime_failures(f"batch of {len(works)}"):
             outputs = await asyncio.to_thread(self.runner.infer, works)
-        except ServiceError:
-            raise
-        except Exception as exc:
-            log.exception("%s: batch of %d failed", self.entry.name, len(works))
-            raise InferenceFailed(f"inference failed: {type(exc).__name__}") from exc
         self.metrics.batch(sum(self.runner.size(w) for w in works), time.perf_counter() - start)
         return outputs
 
