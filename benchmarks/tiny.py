@@ -29,14 +29,16 @@ SHRUNK = {
 
 
 def repository(demo: Path, root: Path) -> Path:
-    """``root`` with a link to each demo model and a built ``tiny-vit``; reused when present."""
+    """``root`` with a link to each model of ``demo`` (and none other) and a built ``tiny-vit``,
+    reused when present."""
     from export import build, recipes
 
     root.mkdir(parents=True, exist_ok=True)
+    for link in root.iterdir():  # links of an earlier run, perhaps to another repository
+        if link.is_symlink():
+            link.unlink()
     for model in sorted(p for p in demo.iterdir() if p.is_dir()):
-        link = root / model.name
-        if not link.exists():
-            link.symlink_to(model.resolve(), target_is_directory=True)
+        (root / model.name).symlink_to(model.resolve(), target_is_directory=True)
     if not (root / TINY).exists():
         base = recipes.get("fashion-vit")
         recipe = dataclasses.replace(
