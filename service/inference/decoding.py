@@ -56,6 +56,10 @@ class Search(Protocol):
     @property
     def rows(self) -> int: ...
 
+    def feed(self) -> list[int]:
+        """The token each live row feeds next, as ints (``last`` without an array per search)."""
+        ...
+
     def advance(self, logp: np.ndarray, attention: np.ndarray) -> np.ndarray: ...
 
     def result(self) -> Hypothesis: ...
@@ -85,11 +89,19 @@ class GreedySearch:
     def rows(self) -> int:
         return 0 if self.done else 1
 
+    def feed(self) -> list[int]:
+        return self.tokens[-1:]
+
     def advance(self, logp: np.ndarray, attention: np.ndarray) -> np.ndarray:
         """logp (1, V), attention (1, ...) of this step → the parent of the next row ([0] or [])."""
         best = int(logp[0].argmax())
-        self.score += logp[0, best]
-        self.attention.append(attention[0, ..., self.source])
+        return self.choose(best, float(logp[0, best]), attention[0])
+
+    def choose(self, best: int, logp: float, attention: np.ndarray) -> np.ndarray:
+        """``advance`` with the row's argmax token and its log-probability already known (a caller
+        stepping many greedy rows takes every row's argmax in one call); ``attention`` (...)."""
+        self.score += logp
+        self.attention.append(attention[..., self.source])
         self.steps += 1
         if best == self.eos:
             self.done = self.finished = True
@@ -131,6 +143,9 @@ class BeamSearch:
     @property
     def rows(self) -> int:
         return 0 if self.done else len(self._prefixes)
+
+    def feed(self) -> list[int]:
+        return [] if self.done else self._prefixes[:, -1].tolist()
 
     def advance(self, logp: np.ndarray, attention: np.ndarray) -> np.ndarray:
         """logp (rows, V), attention (rows, ...) → the parents (indices into this step's rows) of

@@ -25,14 +25,21 @@ Contracts: the KV-cached Transformer step (``transformer-kv``) and the RNN step,
 per-row state and position. The whole-prefix ``transformer`` contract (older repositories) cannot
 put rows at different positions in one call; such models keep static batches.
 
-Plain asyncio + numpy; each step runs in a worker thread so the event loop keeps accepting.
-Unit-tested without Ray (``tests/service/inference/test_scheduler.py``).
+**Threads.** The loop runs on a thread of its own, which steps back to back while there are rows
+and sleeps when there are none; callers ``await`` on their event loop and are answered there
+(``call_soon_threadsafe``). ONNX Runtime releases the GIL while a step computes, so the event loop
+tokenises, answers and accepts meanwhile — and a step never waits for the event loop to get round
+to it: handing every step to a thread pool and back cost two thread wake-ups per step (≈ 0.15 ms
+each on the 2-core reference machine, half a lone request's latency).
+
+Plain threading + numpy. Unit-tested without Ray (``tests/service/inference/test_scheduler.py``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -41,7 +48,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.inference.decoding import Hypothesis, Search, new_search
+from service.inference.decoding import GreedySearch, Hypothesis, Search, new_search
 
 
 class Decoder(Protocol):
@@ -77,9 +84,10 @@ class Decoded:
 
 @dataclass(eq=False)
 class _Request:
+    loop: asyncio.AbstractEventLoop  # the caller's: where its future is settled
     future: asyncio.Future[Decoded]
     arrived: float
-    hypotheses: list[Hypothesis | None]
+    searches: list[Search | None]
     admitted: float | None = None
     first_token: float | None = None
     done: float | None = None
@@ -100,13 +108,16 @@ class _Text:
     search: Search = field(init=False)
 
 
+#: while rows decode, newcomers are admitted once they are 1/GATHER_SHARE of the running rows or
+#: the oldest has waited GATHER_STEPS mean step times (see ``_admit``)
+GATHER_SHARE, GATHER_STEPS = 4, 4
 OnStep = Callable[[int, int, int, float], None]
 
 
 class TranslationScheduler:
     def __init__(self, decoder: Decoder, token_budget: int, on_step: OnStep | None = None) -> None:
         """``on_step(rows stepped, rows live after it, tokens in flight, seconds)`` is called on the
-        event loop after each decoder step (metrics)."""
+        scheduler's thread after each decoder step (metrics; keep it cheap and thread-safe)."""
         if token_budget < 1:
             raise ValueError(f"token_budget must be ≥ 1, got {token_budget}")
         self.decoder = decoder
@@ -116,8 +127,9 @@ class TranslationScheduler:
         self._active: list[_Text] = []  # in row order: each owns search.rows consecutive rows
         self._batch: Any = None
         self._in_flight = 0  # budget held by active texts
-        self._arrival = asyncio.Event()
-        self._loop_task: asyncio.Task[None] | None = None
+        self._lock = threading.Lock()  # guards _waiting, _requests, _closed, _thread
+        self._arrival = threading.Condition(self._lock)
+        self._thread: threading.Thread | None = None
         self._requests: set[_Request] = set()
         self._closed = False
         self.steps = 0
@@ -147,50 +159,58 @@ class TranslationScheduler:
         if not ids:
             raise ValueError("give at least one text")
         loop = asyncio.get_running_loop()
-        request = _Request(loop.create_future(), time.perf_counter(), [None] * len(ids))
+        request = _Request(loop, loop.create_future(), time.perf_counter(), [None] * len(ids))
         request.remaining = request.pending_first = len(ids)
-        for i, row in enumerate(ids):
-            cost = options.beam_size * (len(row) + options.max_len)
-            self._waiting.append(_Text(request, i, row, options, cost))
-        self._requests.add(request)
-        self._arrival.set()
-        self._ensure_loop()
+        texts = [
+            _Text(request, i, row, options, options.beam_size * (len(row) + options.max_len))
+            for i, row in enumerate(ids)
+        ]
+        with self._lock:
+            self._waiting.extend(texts)
+            self._requests.add(request)
+            if self._thread is None:
+                self._closed = False
+                self._thread = threading.Thread(target=self._run, name="translation-scheduler", daemon=True)
+                self._thread.start()
+            self._arrival.notify()
         try:
             return await request.future
         except asyncio.CancelledError:
             # its waiting texts leave now; its rows leave the batch at the next step
             request.cancelled = True
-            self._waiting = deque(t for t in self._waiting if t.request is not request)
+            with self._lock:
+                self._waiting = deque(t for t in self._waiting if t.request is not request)
             raise
         finally:
-            self._requests.discard(request)
+            with self._lock:
+                self._requests.discard(request)
 
     def close(self) -> None:
         """Stop once what is queued and running is done (a replaced version drains, then ends)."""
-        self._closed = True
-        self._arrival.set()
+        with self._lock:
+            self._closed = True
+            self._arrival.notify()
 
-    # -- the loop --------------------------------------------------------------------------------
+    @property
+    def running(self) -> bool:
+        """Whether the loop's thread is alive (it ends after :meth:`close`, once drained)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive()
 
-    def _ensure_loop(self) -> None:
-        if self._loop_task is None or self._loop_task.done():
-            self._closed = False
-            self._loop_task = asyncio.get_running_loop().create_task(self._loop())
+    # -- the loop (its own thread) ---------------------------------------------------------------
 
-    async def _loop(self) -> None:
+    def _run(self) -> None:
         while True:
-            while not self._waiting and not self._active:
-                if self._closed:
-                    return
-                self._arrival.clear()
-                await self._arrival.wait()
-            admitted = self._admit()
+            with self._lock:
+                while not self._waiting and not self._active:
+                    if self._closed:
+                        self._thread = None
+                        return
+                    self._arrival.wait()
+                admitted = self._admit()
             start = time.perf_counter()
             try:
-                finished = await asyncio.to_thread(self._iterate, admitted)
-            except asyncio.CancelledError:
-                self._fail(admitted, None)
-                raise
+                finished = self._iterate(admitted)
             except Exception as exc:  # the graph failed: every request in the batch gets the error
                 self._fail(admitted, exc)
                 continue
@@ -202,7 +222,7 @@ class TranslationScheduler:
                 self.on_step(self._rows_stepped, self.rows, self._in_flight, time.perf_counter() - start)
 
     def _admit(self) -> list[_Text]:
-        """Oldest first while the budget allows; a text over the whole budget goes alone.
+        """(Under the lock.) Oldest first while the budget allows; a text over the whole budget goes alone.
 
         Admission costs an encoder call and a copy of the running batch's caches, so while rows are
         decoding, newcomers are gathered: they join once they are a quarter of the running rows, or
@@ -211,7 +231,7 @@ class TranslationScheduler:
         rows = self.rows
         if rows and self._waiting:
             waited = time.perf_counter() - self._waiting[0].request.arrived
-            if len(self._waiting) * 4 < rows and waited < 4 * self._step_s:
+            if len(self._waiting) * GATHER_SHARE < rows and waited < GATHER_STEPS * self._step_s:
                 return admitted
         while self._waiting:
             text = self._waiting[0]
@@ -227,7 +247,7 @@ class TranslationScheduler:
         return admitted
 
     def _iterate(self, admitted: list[_Text]) -> list[_Request]:
-        """One step (in a worker thread): drop the cancelled, add the admitted, step, retire."""
+        """One step: drop the cancelled, add the admitted, step, retire."""
         now = time.perf_counter()
         self._drop_cancelled()
         for text in admitted:
@@ -246,28 +266,32 @@ class TranslationScheduler:
         self._rows_stepped = 0
         if not self._active:
             return []
-        tokens = np.concatenate([t.search.last for t in self._active])
-        positions = np.repeat(
-            np.array([t.search.steps for t in self._active], dtype=np.int64),
-            [t.search.rows for t in self._active],
-        )
+        fed = [(token, t.search.steps) for t in self._active for token in t.search.feed()]
+        tokens, positions = np.ascontiguousarray(np.array(fed, dtype=np.int64).reshape(-1, 2).T)
         logp, attention, batch = self.decoder.step(self._batch, tokens, positions, None)
         self.steps += 1
         rows = self._rows_stepped = len(tokens)
         done_at = time.perf_counter()
+        best = logp.argmax(axis=1)  # every greedy row's choice, in one call
+        chosen = logp[np.arange(rows), best].tolist()
+        best_ids = best.tolist()
         index, still, finished, offset = [], [], [], 0
         for text in self._active:
-            n = text.search.rows
+            search = text.search
+            n = search.rows
             request = text.request
-            first = text.search.steps == 0
-            kept = text.search.advance(logp[offset : offset + n], attention[offset : offset + n])
+            first = search.steps == 0
+            if isinstance(search, GreedySearch):
+                kept = search.choose(best_ids[offset], chosen[offset], attention[offset])
+            else:
+                kept = search.advance(logp[offset : offset + n], attention[offset : offset + n])
             offset += n
             if first:
                 request.pending_first -= 1
                 if request.pending_first == 0:
                     request.first_token = done_at
-            if text.search.done:
-                request.hypotheses[text.index] = text.search.result()
+            if search.done:
+                request.searches[text.index] = search  # its hypothesis is built on the caller's loop
                 request.remaining -= 1
                 self._in_flight -= text.cost
                 if request.remaining == 0:
@@ -305,32 +329,45 @@ class TranslationScheduler:
         self._batch = self._batch[np.concatenate(keep)] if self._active else None
 
     def _answer(self, request: _Request) -> None:
-        if request.future.done():
-            return
-        assert request.admitted is not None and request.first_token is not None
+        admitted, first_token = request.admitted, request.first_token
+        assert admitted is not None and first_token is not None
         done = request.done or time.perf_counter()
-        hypotheses = [h for h in request.hypotheses if h is not None]
-        request.future.set_result(
-            Decoded(
-                hypotheses,
-                queue_wait_s=request.admitted - request.arrived,
-                time_to_first_token_s=request.first_token - request.arrived,
-                compute_s=done - request.admitted,
+        searches = [s for s in request.searches if s is not None]
+        _settle(
+            request,
+            lambda: Decoded(
+                [s.result() for s in searches],
+                queue_wait_s=admitted - request.arrived,
+                time_to_first_token_s=first_token - request.arrived,
+                compute_s=done - admitted,
                 steps=request.steps,
                 mean_rows=request.rows_seen / max(1, request.steps),
-            )
+            ),
         )
 
-    def _fail(self, admitted: list[_Text], exc: BaseException | None) -> None:
-        """The step failed (or the loop stops): every request in the batch ends with ``exc``."""
+    def _fail(self, admitted: list[_Text], exc: BaseException) -> None:
+        """The step failed: every request in the batch ends with ``exc``."""
         texts = [*self._active, *(t for t in admitted if t not in self._active)]
         failed = {t.request for t in texts}
         for request in failed:
-            with contextlib.suppress(asyncio.InvalidStateError):
-                if exc is None:
-                    request.future.cancel()
-                else:
-                    request.future.set_exception(exc)
-        self._waiting = deque(t for t in self._waiting if t.request not in failed)
+            _settle(request, exc)
+        with self._lock:
+            self._waiting = deque(t for t in self._waiting if t.request not in failed)
         self._active, self._batch = [], None
         self._in_flight = 0
+
+
+def _settle(request: _Request, outcome: Callable[[], Decoded] | BaseException) -> None:
+    """Answer ``request`` on its caller's event loop (from the scheduler's thread); the answer is
+    built there (stacking each hypothesis's attention), off the thread that steps the batch."""
+
+    def settle() -> None:
+        if request.future.done():  # the caller left meanwhile
+            return
+        if isinstance(outcome, BaseException):
+            request.future.set_exception(outcome)
+        else:
+            request.future.set_result(outcome())
+
+    with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody to answer
+        request.loop.call_soon_threadsafe(settle)

@@ -47,17 +47,29 @@ class KVCache:
     def concat(caches: list[KVCache]) -> KVCache:
         """Rows of several caches in one, the shorter ones padded (masked) on the left."""
         width = max(c.positions for c in caches)
-
-        def pad(a: np.ndarray, axis: int, c: KVCache) -> np.ndarray:
-            widths = [(0, 0)] * a.ndim
-            widths[axis] = (width - c.positions, 0)
-            return np.pad(a, widths)
-
         return KVCache(
-            np.concatenate([pad(c.keys, 3, c) for c in caches]),
-            np.concatenate([pad(c.values, 3, c) for c in caches]),
-            np.concatenate([pad(c.mask, 1, c) for c in caches]),
+            join([c.keys for c in caches], 3, width, left=True),
+            join([c.values for c in caches], 3, width, left=True),
+            join([c.mask for c in caches], 1, width, left=True),
         )
+
+
+def join(arrays: list[np.ndarray], axis: int, width: int, left: bool = False) -> np.ndarray:
+    """The rows (axis 0) of ``arrays`` in one array, each padded with zeros to ``width`` along
+    ``axis`` — on the right, or on the left when ``left`` — in one allocation and one copy of each
+    (an admission copies the whole running batch's state: this is its cost)."""
+    first = arrays[0]
+    shape = list(first.shape)
+    shape[0], shape[axis] = sum(len(a) for a in arrays), width
+    out = np.zeros(shape, dtype=first.dtype)
+    start = 0
+    for a in arrays:
+        n, have = len(a), a.shape[axis]
+        where: list[slice] = [slice(start, start + n)] + [slice(None)] * (a.ndim - 1)
+        where[axis] = slice(width - have, width) if left else slice(0, have)
+        out[tuple(where)] = a
+        start += n
+    return out
 
 
 @dataclass
@@ -77,7 +89,7 @@ class RowBatch:
     def __getitem__(self, index: np.ndarray) -> RowBatch:
         mask = self.src_mask[index]
         width = int(mask.sum(axis=1).max()) if len(mask) else 0  # drop padding nobody needs
-        tensors = {k: np.take(v[index], range(width), axis=SOURCE_AXIS[k]) for k, v in self.tensors.items()}
+        tensors = {k: _rows(v, index, SOURCE_AXIS[k], width) for k, v in self.tensors.items()}
         return RowBatch(mask[:, :width], tensors, None if self.state is None else self.state[index])
 
     @staticmethod
@@ -85,14 +97,8 @@ class RowBatch:
         if len(batches) == 1:
             return batches[0]
         width = max(b.src_mask.shape[1] for b in batches)
-
-        def pad(a: np.ndarray, axis: int) -> np.ndarray:
-            widths = [(0, 0)] * a.ndim
-            widths[axis] = (0, width - a.shape[axis])
-            return np.pad(a, widths)
-
         tensors = {
-            k: np.concatenate([pad(b.tensors[k], axis) for b in batches])
+            k: join([b.tensors[k] for b in batches], axis, width)
             for k, axis in SOURCE_AXIS.items()
             if k in batches[0].tensors
         }
@@ -102,7 +108,16 @@ class RowBatch:
             state = KVCache.concat(states)
         elif states[0] is not None:
             state = np.concatenate(states)
-        return RowBatch(np.concatenate([pad(b.src_mask, 1) for b in batches]), tensors, state)
+        return RowBatch(join([b.src_mask for b in batches], 1, width), tensors, state)
+
+
+def _rows(a: np.ndarray, index: np.ndarray, axis: int, width: int) -> np.ndarray:
+    """``a``'s rows ``index``, cut to ``width`` along ``axis``: one copy."""
+    if a.shape[axis] == width:
+        return a[index]
+    where: list[Any] = [index] + [slice(None)] * (a.ndim - 1)
+    where[axis] = slice(0, width)
+    return a[tuple(where)]
 
 
 @dataclass

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
+import time
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -36,10 +37,13 @@ def synchronous(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], N
 
 
 class TableDecoder:
-    def __init__(self, fail_on: int | None = None) -> None:
+    def __init__(self, fail_on: int | None = None, seconds: float = 0.0) -> None:
+        """``seconds``: how long a step takes (a test that acts between steps needs them slow;
+        the scheduler steps on its own thread, back to back)."""
         self.calls = 0
         self.rows_per_call: list[int] = []
         self.fail_on = fail_on
+        self.seconds = seconds
 
     def encode(self, rows: list[list[int]]) -> RowBatch:
         width = max(len(r) for r in rows)
@@ -53,6 +57,7 @@ class TableDecoder:
     def step(
         self, batch: RowBatch, tokens: np.ndarray, positions: np.ndarray, prefixes: np.ndarray | None
     ) -> tuple[np.ndarray, np.ndarray, RowBatch]:
+        time.sleep(self.seconds)
         self.calls += 1
         self.rows_per_call.append(len(tokens))
         if self.fail_on == self.calls:
@@ -150,7 +155,7 @@ async def test_a_text_over_the_whole_budget_runs_alone() -> None:
 
 @synchronous
 async def test_short_requests_do_not_wait_for_long_ones() -> None:
-    decoder = TableDecoder()
+    decoder = TableDecoder(seconds=0.002)
     scheduler = TranslationScheduler(decoder, token_budget=1000)
     long_task = asyncio.ensure_future(scheduler.submit([[5] * 14], options(max_len=40)))
     while decoder.calls < 3:  # the long one is decoding
@@ -164,7 +169,7 @@ async def test_short_requests_do_not_wait_for_long_ones() -> None:
 @synchronous
 async def test_cancelled_request_leaves_the_batch_at_the_next_step() -> None:
     rows: list[int] = []
-    decoder = TableDecoder()
+    decoder = TableDecoder(seconds=0.002)
     scheduler = TranslationScheduler(decoder, token_budget=1000, on_step=lambda s, r, t, _: rows.append(r))
     gone = asyncio.ensure_future(scheduler.submit([[7] * 14, [8] * 14], options(beam=3, max_len=40)))
     stays = asyncio.ensure_future(scheduler.submit([[9] * 14], options(max_len=40)))
@@ -185,7 +190,7 @@ async def test_cancelled_request_leaves_the_batch_at_the_next_step() -> None:
 @synchronous
 async def test_admission_is_first_in_first_out() -> None:
     """A large request waiting at the head is not overtaken by a stream of small later ones."""
-    decoder = TableDecoder()
+    decoder = TableDecoder(seconds=0.002)
     scheduler = TranslationScheduler(decoder, token_budget=60)
     first = asyncio.ensure_future(scheduler.submit([[5] * 10], options(max_len=30)))  # holds 40
     while decoder.calls < 1:
@@ -220,5 +225,8 @@ async def test_close_drains_then_stops() -> None:
     await asyncio.sleep(0)
     scheduler.close()
     assert (await task).hypotheses
-    await asyncio.sleep(0.01)
-    assert scheduler._loop_task is not None and scheduler._loop_task.done()
+    for _ in range(200):  # its thread ends once drained
+        if not scheduler.running:
+            break
+        await asyncio.sleep(0.005)
+    assert not scheduler.running
