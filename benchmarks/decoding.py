@@ -250,9 +250,21 @@ async def _solo(worker: ModelWorker, job: TranslateJob, n: int = 30) -> float:
 
 
 async def _solo_then_mixed(w: ModelWorker, seconds: float) -> tuple[float, dict[str, Any]]:
-    """(e) then (c), on one event loop (a worker's queue belongs to the loop it first ran on)."""
+    """(e) then (c), on one event loop (a worker's queue belongs to the loop it first ran on).
+    With the scheduler, also the mean decoder step (ms, Python included) and rows per step in
+    each phase: a short request shares steps with the long ones, so ten of its steps cost ten
+    steps of the whole batch — the floor under its latency."""
+    steps: list[tuple[int, float]] = []
+    if w.scheduler is not None:
+        w.scheduler.on_step = lambda rows, live, tokens, s: steps.append((rows, s))
     solo = await _solo(w, TranslateJob(texts=["3 juin 1980"], max_length=10))
-    return solo, await _mixed(w, seconds)
+    alone, steps[:] = list(steps), []
+    mixed = await _mixed(w, seconds)
+    for phase, seen in (("solo", alone), ("mixed", steps)):
+        if seen:
+            mixed[f"{phase}_step_ms"] = statistics.fmean(s for _, s in seen) * 1000
+            mixed[f"{phase}_rows_per_step"] = statistics.fmean(r for r, _ in seen)
+    return solo, mixed
 
 
 def worker(directory: Path, static: bool) -> ModelWorker:
@@ -390,13 +402,20 @@ def write_report(r: dict[str, Any], path: Path) -> Path:
         "",
         "## (c, e) Short requests (10 tokens) while long ones (100 tokens) decode",
         "",
-        "| batching | solo short ms (e) | short p50 ms | short p99 ms | p50 / solo | long answers' tokens |",
-        "|---|---|---|---|---|---|",
+        "| batching | solo short ms (e) | short p50 ms | short p99 ms | p50 / solo | long answers' tokens "
+        "| step ms (rows): solo → mixed |",
+        "|---|---|---|---|---|---|---|",
     ]
     for mode, m in r["short_among_long"].items():
+        step = (
+            f"{m['solo_step_ms']:.2f} ({m['solo_rows_per_step']:.0f}) → "
+            f"{m['mixed_step_ms']:.2f} ({m['mixed_rows_per_step']:.1f})"
+            if "mixed_step_ms" in m
+            else "–"
+        )
         lines.append(
             f"| {mode} | {m['solo_short_ms']:.1f} | {m['short_p50_ms']:.1f} | {m['short_p99_ms']:.1f} | "
-            f"{m['short_p50_vs_solo']:.2f} | {m['long_tokens_mean']:.0f} |"
+            f"{m['short_p50_vs_solo']:.2f} | {m['long_tokens_mean']:.0f} | {step} |"
         )
     path.write_text("\n".join(lines) + "\n")
     return path
