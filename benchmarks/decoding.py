@@ -356,11 +356,48 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def plot(r: dict[str, Any], path: Path) -> Path:
+    """(a) step cost against past length, KV-cached and whole-prefix; (d) latency against load."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 3.8))
+    for ax, model in zip(axes[:2], ("dates-transformer", "opus-mt-shape"), strict=True):
+        for key, by_batch in r["cost_ms_per_step"].items():
+            if not key.startswith(model + "/"):
+                continue
+            for batch, costs in by_batch.items():
+                lengths = sorted(costs, key=int)
+                style = "-" if key.endswith("/kv") else "--"
+                label = f"{key.split('/')[1]}, batch {batch}"
+                xs, ys = [int(t) for t in lengths], [costs[t] for t in lengths]
+                ax.plot(xs, ys, style, marker="o", label=label)
+        ax.set(title=f"(a) {model}: ms per decoder step", xlabel="past tokens", yscale="log")
+        ax.legend(fontsize=8)
+    ax = axes[2]
+    for mode in ("scheduler", "static"):
+        points = r["open_loop"][mode]
+        loads = [100 * m["load"] for m in points]
+        ax.plot(loads, [m["p50_ms"] for m in points], marker="o", label=f"{mode} p50")
+        ax.plot(loads, [m["p99_ms"] for m in points], "--", marker="o", label=f"{mode} p99")
+    ax.set(title="(d) open-loop Poisson arrivals", xlabel="% of capacity", ylabel="ms", yscale="log")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path
+
+
 def write_report(r: dict[str, Any], path: Path) -> Path:
+    image = plot(r, path.with_suffix(".png"))
     lines = [
         f"# Translation decoding: KV cache and the per-model scheduler ({r['date']})",
         "",
         "`python -m benchmarks.decoding` (see its docstring). One ONNX Runtime thread, 2-core machine.",
+        "",
+        f"![step cost and open-loop latency]({image.name})",
         "",
         "## (a) Decoder step cost (ms) by past length",
         "",
