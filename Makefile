@@ -11,7 +11,7 @@ TRITON_VENV ?= .venv-triton
 # drive the service from this separate environment, in a separate process
 TRITONCLIENT := tritonclient[http,grpc]==2.73.0
 
-.PHONY: help venv dataset system-deps models models-all models-real serve eval bench bench-decoding bench-faults test test-fast lint typecheck protos clean
+.PHONY: help venv dataset system-deps models models-all models-real serve eval bench bench-decoding bench-ctranslate2 bench-faults test test-fast lint typecheck protos clean
 
 help:
 	@echo "make serve      build the demo models if missing, then run the service on 127.0.0.1:8000"
@@ -22,6 +22,7 @@ help:
 	@echo "make eval       attention faithfulness of every model → manifests + reports/faithfulness/"
 	@echo "make bench      benchmark report into benchmarks/results/"
 	@echo "make bench-faults  a replica killed under load and 10x overload, report into benchmarks/results/"
+	@echo "make bench-ctranslate2  CTranslate2 as a peer on an opus-mt-en-de-shaped Marian model (own venv under build/)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -91,6 +92,11 @@ bench: models
 # benchmarks/results/<date>-decoding.{json,md}: KV cache vs whole prefix, the scheduler vs static batches
 bench-decoding: models
 	$(PY) -m benchmarks.decoding --repository $(REPO)
+
+# benchmarks/results/<date>-ctranslate2.{json,md}: CTranslate2 (its own pinned venv, build/venvs/ctranslate2)
+# against the service on the same locally built Marian checkpoint (build/ct2_peer/), offline and served
+bench-ctranslate2: $(STAMP)
+	$(PY) -m benchmarks.ctranslate2_peer
 
 # benchmarks/results/<date>-faults.{json,md}: a replica killed under load, 10x overload
 bench-faults: models

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from service.api.grpc_servicer import SERVICER_FUNCTIONS
-    from service.hosting.app import build_app
+    from service.hosting.app import build_app, reserved_cpus
 
     busy = ports_in_use(settings)
     if busy:
@@ -56,6 +56,15 @@ def main(argv: list[str] | None = None) -> int:
               "ATTN_METRICS_PORT)", file=sys.stderr)  # fmt: skip
         return 2
     app = build_app(settings)  # validates the repository before Ray starts
+    if settings.ray_address is None and (need := reserved_cpus(settings)) > (
+        have := settings.num_cpus or os.cpu_count() or 1
+    ):
+        each = settings.replica_num_cpus
+        print(f"error: the replicas reserve {need:g} CPUs (ATTN_REPLICA_NUM_CPUS={each:g} each) but "
+              f"this Ray has {have}; they would wait forever to be scheduled. Lower "
+              "ATTN_REPLICA_NUM_CPUS (0 is allowed), serve fewer models (ATTN_MODELS) or raise "
+              "ATTN_NUM_CPUS", file=sys.stderr)  # fmt: skip
+        return 2
     stop, serving = threading.Event(), threading.Event()
 
     def on_signal(*_: object) -> None:

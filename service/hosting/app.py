@@ -45,5 +45,17 @@ def build_app(settings: Settings) -> Application:
     )
 
 
+def reserved_cpus(settings: Settings) -> float:
+    """Logical CPUs the application's replicas reserve at start (autoscaling: its minimum) — on a
+    private Ray they must fit its ``num_cpus``, or replicas wait forever to be scheduled."""
+    minimum = settings.autoscaling.min_replicas if settings.autoscaling is not None else None
+    if settings.frontend == "in-replica":
+        replicas = minimum or settings.num_replicas
+    else:  # one deployment per model (the ingress reserves none)
+        names = discover(settings.repository, settings.models).models
+        replicas = sum(minimum or settings.replicas_for(name) for name in names)
+    return replicas * settings.replica_num_cpus
+
+
 def app_builder(args: dict[str, Any]) -> Application:
     return build_app(Settings(**args))

@@ -34,3 +34,23 @@ def test_a_second_service_on_a_served_port_is_refused_at_once(service: Service) 
     assert f"HTTP port 127.0.0.1:{port} is taken" in second.stderr
     assert time.monotonic() - started < 15  # no Ray was started: it used to time out after ~40 s
     assert requests.get(f"{service.url}/readyz", timeout=10).status_code == 200
+
+
+def test_replicas_that_cannot_fit_the_private_ray_are_refused_at_once(service: Service) -> None:
+    """One deployment per model at 0.75 CPU each cannot fit a Ray of one CPU: a clear error before
+    Ray starts, not replicas waiting forever to be scheduled."""
+    env = {
+        **os.environ,
+        "ATTN_REPOSITORY": str(service.repository),
+        "ATTN_FRONTEND": "ray-proxy",
+        "ATTN_NUM_CPUS": "1",
+        "ATTN_REPLICA_NUM_CPUS": "0.75",
+        "ATTN_HTTP_PORT": str(free_port()),
+        "ATTN_GRPC_PORT": str(free_port()),
+        "ATTN_METRICS_PORT": str(free_port()),
+    }
+    refused = subprocess.run(
+        [sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "ATTN_REPLICA_NUM_CPUS=0.75 each" in refused.stderr and "this Ray has 1" in refused.stderr
