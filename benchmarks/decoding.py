@@ -406,6 +406,7 @@ def write_report(r: dict[str, Any], path: Path) -> Path:
     ]
     for name, by_batch in r["cost_ms_per_step"].items():
         for b, costs in by_batch.items():
+            costs = {int(t): ms for t, ms in costs.items()}  # str keys once read back from json
             cells = (f"{costs[t]:.2f}" if t in costs else "–" for t in LENGTHS)
             lines.append(f"| {name} | {b} | " + " | ".join(cells) + " |")
     s = r["served_32_clients"]
