@@ -220,9 +220,9 @@ def _why_served(r: dict[str, Any], ours: str, peer: str) -> list[str]:
         f"{them['server_cpu_ms_per_request']:.0f} ms CPU per request served against "
         f"{offline_peer:.0f} ms per text offline, one process. Ours spends {replica:.0f} ms per request "
         "in the replica "
-        f"and {ray:.0f} ms in Ray's other processes (controller, GCS, dashboard agent, raylet: CPU taken "
-        "from the one core the decoder does not use, on a 2-core machine that also runs the load "
-        "generator)"
+        f"and {ray:.0f} ms in the tree's other processes (Ray's controller, GCS, dashboard agent, raylet, "
+        "the service's main process: CPU taken from the one core the decoder does not use, on a 2-core "
+        "machine that also runs the load generator)"
         + (
             f"; our scheduler without HTTP and Ray decodes {w['tokens_per_s']:.0f} tokens/s at "
             f"{w['mean_time_per_output_token_ms']:.0f} ms per step, against {us['tokens_per_s']:.0f} "
@@ -232,23 +232,30 @@ def _why_served(r: dict[str, Any], ours: str, peer: str) -> list[str]:
         )
         + " The step itself is the offline gap above.",
         f"- **Served p99 at {top} clients: {'met' if p99['met'] else 'missed'}, {p99['ratio']:.2f} × "
-        f"({', '.join(f'{x:.2f}' for x in p99['ratio_by_round'])} by round).** With {top} closed-loop "
-        "clients and every translation the same length, both servers decode in lock-step batches, so "
-        f"p99 ≈ p50 (ours {us['p50_ms']:.0f} / {us['p99_ms']:.0f} ms, CTranslate2 {them['p50_ms']:.0f} / "
-        f"{them['p99_ms']:.0f} ms): a batch's {r['settings']['max_length']} steps plus the wait for the "
-        f"batch in progress (ours: mean queue wait {us.get('mean_queue_wait_ms', 0):.0f} ms, time to first "
-        f"token {us.get('mean_time_to_first_token_ms', 0):.0f} ms). p99 follows the step cost; "
-        "iteration-level batching pays off with mixed lengths (`make bench-decoding`), which this "
-        "equal-length load does not have.",
+        f"({', '.join(f'{x:.2f}' for x in p99['ratio_by_round'])} by round).** The p50s differ by "
+        f"{us['p50_ms'] / them['p50_ms']:.2f} × ({us['p50_ms']:.0f} against {them['p50_ms']:.0f} ms): a "
+        f"batch's {r['settings']['max_length']} steps at each engine's step cost, as for tokens/s. The rest "
+        f"is the tail: p99/p50 by round {_spread(r, ours, top)} for ours, {_spread(r, peer, top)} for "
+        "CTranslate2. Its app decodes each wave of requests as one static batch that starts and ends "
+        "together; our scheduler admits newcomers while rows decode (each admission is an encoder call "
+        "the running rows wait for), so a wave can start in groups and its last group ends later (ours: "
+        f"mean queue wait {us.get('mean_queue_wait_ms', 0):.0f} ms, time to first token "
+        f"{us.get('mean_time_to_first_token_ms', 0):.0f} ms). Iteration-level batching pays off with mixed "
+        "lengths (`make bench-decoding`), which this equal-length load does not have.",
     ]
-    one = str(min(int(c) for c in r["served"][ours]["by_clients"]))
+    one, n = str(min(int(c) for c in r["served"][ours]["by_clients"])), r["settings"]["max_length"]
     if one != top:
         a, b = r["served"][ours]["by_clients"][one]["p50_ms"], r["served"][peer]["by_clients"][one]["p50_ms"]
         lines.append(
             f"- **{one} client** (batch 1, not a goal): p50 {a:.0f} ms ours against {b:.0f} ms "
-            f"CTranslate2 float32 ({a / b:.2f} ×)."
+            f"CTranslate2 float32 ({a / b:.2f} ×; {a / n:.1f} against {b / n:.1f} ms per token, encoder "
+            "included): at batch 1 our step is the cheaper one."
         )
     return lines
+
+
+def _spread(r: dict[str, Any], name: str, clients: str) -> str:
+    return ", ".join(f"{x['p99_ms'] / x['p50_ms']:.2f}" for x in r["served"][name]["by_round"][clients])
 
 
 def why(r: dict[str, Any], ours: str) -> list[str]:
@@ -260,12 +267,16 @@ def why(r: dict[str, Any], ours: str) -> list[str]:
         times = r["offline"][int8]["tokens_per_s"] / r["offline"][peer]["tokens_per_s"]
         lines.append(
             f"- **int8** (context, not a goal): CTranslate2's int8 decodes {times:.1f} × its float32 "
-            "offline (oneDNN's s8 GEMMs; the CPU has AVX-512 VNNI). We have no int8 for imported "
+            "offline (oneDNN's s8 GEMMs, per its backend line below). We have no int8 for imported "
             "checkpoints: `export import-hf` writes float32 graphs (`--quantize int8` is `export build`'s, "
             "for our own models)."
         )
     if r["note"]:
-        lines.append(f"- **Noise**: {r['note']} The ratios by round show how far a verdict can be trusted.")
+        loads = ", ".join(f"{a[0]:.1f}" for a in r["machine"]["load_avg_by_round"])
+        lines.append(
+            f"- **Noise**: {r['note']} 1-min load average at each round's start and at the end: {loads} "
+            "(2 cores). The ratios by round show how far a verdict can be trusted."
+        )
     return lines
 
 

@@ -253,11 +253,21 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--ct2-compute", nargs="+", default=["float32", "int8"], help="first: the main one")
     parser.add_argument("--no-profile", action="store_true", help="skip the py-spy pass over our replica")
     parser.add_argument("--note", default="", help="a line for the report, e.g. that the machine was shared")
+    parser.add_argument(
+        "--report-only",
+        type=Path,
+        metavar="JSON",
+        help="measure nothing: rewrite the Markdown of this result",
+    )
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.report_only:
+        results = json.loads(args.report_only.read_text())
+        print(f"wrote {ct2_report.write(results, args.report_only.with_suffix('.md'), OURS)}")
+        return 0
     build: Path = args.build
     build.mkdir(parents=True, exist_ok=True)
     print("checkpoint", flush=True)
