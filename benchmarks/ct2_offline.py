@@ -30,8 +30,8 @@ from unittest import mock
 import numpy as np
 import onnxruntime as ort
 
-from benchmarks.loadgen import percentile
-from service.inference.jobs import Translated, TranslateJob
+from benchmarks.decoding import closed_loop
+from service.inference.jobs import TranslateJob
 from service.inference.manifest import Manifest
 from service.inference.repository import ModelEntry
 from service.inference.runtime import GraphSession
@@ -111,42 +111,16 @@ def in_process(
     entry = ModelEntry(version.parent.name, int(version.name), version, Manifest.load(version))
     worker = ModelWorker(entry, settings, "bench", "local")
     jobs = [TranslateJob(texts=[t], max_length=max_length) for t in texts]
-    latencies: list[float] = []
-    per_token: list[float] = []
-    tokens = 0
-
-    async def client(i: int, stop: float) -> None:
-        nonlocal tokens
-        k = i
-        while time.perf_counter() < stop:
-            start = time.perf_counter()
-            answer = await worker.predict(jobs[k % len(jobs)])
-            latencies.append(time.perf_counter() - start)
-            assert isinstance(answer.result, Translated)
-            tokens += answer.result.tokens_generated
-            if answer.metrics.time_per_output_token_ms is not None:
-                per_token.append(answer.metrics.time_per_output_token_ms)
-            k += clients
-
-    async def drive() -> float:
-        start = time.perf_counter()
-        await asyncio.gather(*(client(i, start + seconds) for i in range(clients)))
-        return time.perf_counter() - start
-
     cpu = time.process_time()
     try:
-        elapsed = asyncio.run(drive())
+        result = asyncio.run(closed_loop(worker, jobs, clients, seconds))
     finally:
         worker.close()
     cpu = time.process_time() - cpu
     return {
         "clients": clients,
-        "requests_per_s": len(latencies) / elapsed,
-        "tokens_per_s": tokens / elapsed,
-        "p50_ms": percentile(latencies, 50) * 1000,
-        "p99_ms": percentile(latencies, 99) * 1000,
-        "mean_time_per_output_token_ms": statistics.fmean(per_token) if per_token else None,
-        "process_cpu_ms_per_request": cpu / max(1, len(latencies)) * 1000,
+        **{k: v for k, v in result.items() if k != "requests"},
+        "process_cpu_ms_per_request": cpu / max(1, result["requests"]) * 1000,
     }
 
 

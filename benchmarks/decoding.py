@@ -145,10 +145,14 @@ def step_cost(directory: Path, batch: int) -> dict[int, float]:
     return out
 
 
-async def _closed_loop(
+async def closed_loop(
     worker: ModelWorker, jobs: list[TranslateJob], clients: int, seconds: float
 ) -> dict[str, Any]:
+    """``clients`` callers of ``worker`` in this process, each sending its next job as soon as
+    the last is answered, for ``seconds``: requests/s, target tokens/s, p50/p99 and the mean
+    time per output token the answers report."""
     latencies: list[float] = []
+    per_token: list[float] = []
     tokens = 0
     stop = time.perf_counter() + seconds
 
@@ -161,6 +165,8 @@ async def _closed_loop(
             latencies.append(time.perf_counter() - start)
             assert isinstance(answer.result, Translated)
             tokens += answer.result.tokens_generated
+            if answer.metrics.time_per_output_token_ms is not None:
+                per_token.append(answer.metrics.time_per_output_token_ms)
             k += clients
 
     start = time.perf_counter()
@@ -168,9 +174,11 @@ async def _closed_loop(
     elapsed = time.perf_counter() - start
     return {
         "requests": len(latencies),
+        "requests_per_s": len(latencies) / elapsed,
         "tokens_per_s": tokens / elapsed,
         "p50_ms": percentile(latencies, 50) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,
+        "mean_time_per_output_token_ms": statistics.fmean(per_token) if per_token else None,
     }
 
 
@@ -314,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         produced = sum(len(t.target_tokens) for t in translator.translate(batch))
         offline = produced / (_best_ms(lambda: translator.translate(batch), 10) / 1000)
         jobs = [TranslateJob(texts=[t]) for t in TEXTS]
-        served = asyncio.run(_closed_loop(worker(kv, static=False), jobs, 32, args.duration))
-        static = asyncio.run(_closed_loop(worker(kv, static=True), jobs, 32, args.duration))
+        served = asyncio.run(closed_loop(worker(kv, static=False), jobs, 32, args.duration))
+        static = asyncio.run(closed_loop(worker(kv, static=True), jobs, 32, args.duration))
         print("(d) open loop", flush=True)
         capacity = max(served["requests"], static["requests"]) / args.duration  # closed-loop req/s
         results["open_loop"] = {"capacity_requests_per_s": capacity}
