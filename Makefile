@@ -11,7 +11,7 @@ TRITON_VENV ?= .venv-triton
 # drive the service from this separate environment, in a separate process
 TRITONCLIENT := tritonclient[http,grpc]==2.73.0
 
-.PHONY: help venv dataset system-deps models models-all models-real serve eval bench bench-decoding bench-ctranslate2 bench-faults test test-fast lint typecheck protos clean
+.PHONY: help venv dataset system-deps models models-all models-real serve eval bench bench-serving bench-decoding bench-ctranslate2 bench-faults test test-fast lint typecheck protos clean
 
 help:
 	@echo "make serve      build the demo models if missing, then run the service on 127.0.0.1:8000"
@@ -20,7 +20,9 @@ help:
 	@echo "make models-all also build the Luong-scorer comparison models"
 	@echo "make models-real  build the French→English Bible translation models (~30 min on 2 cores)"
 	@echo "make eval       attention faithfulness of every model → manifests + reports/faithfulness/"
-	@echo "make bench      benchmark report into benchmarks/results/"
+	@echo "make bench      every benchmark report into benchmarks/results/ (serving, decoding, CTranslate2)"
+	@echo "make bench-serving   the serving configurations under load only"
+	@echo "make bench-decoding  KV cache vs whole prefix, the scheduler vs static batches"
 	@echo "make bench-faults  a replica killed under load and 10x overload, report into benchmarks/results/"
 	@echo "make bench-ctranslate2  CTranslate2 as a peer on an opus-mt-en-de-shaped Marian model (own venv under build/)"
 
@@ -85,11 +87,17 @@ eval: models-all
 serve: models
 	$(PY) -m service --repository $(REPO)
 
-# benchmarks/results/<date>.{json,md,png}: ceilings, then each server configuration under load
+# benchmarks/results/<date>.{json,md,png}: ceilings, then each server configuration under load;
+# then the translation decoder's own reports (bench-decoding, bench-ctranslate2)
 bench: models
 	$(PY) -m benchmarks.run --repository $(REPO)
+	$(MAKE) bench-decoding bench-ctranslate2
 
-# benchmarks/results/<date>-decoding.{json,md}: KV cache vs whole prefix, the scheduler vs static batches
+# benchmarks/results/<date>.{json,md,png} alone
+bench-serving: models
+	$(PY) -m benchmarks.run --repository $(REPO)
+
+# benchmarks/results/<date>-decoding.{json,md,png}: KV cache vs whole prefix, the scheduler vs static batches
 bench-decoding: models
 	$(PY) -m benchmarks.decoding --repository $(REPO)
 
