@@ -30,7 +30,7 @@ from unittest import mock
 import numpy as np
 import onnxruntime as ort
 
-from benchmarks.decoding import closed_loop
+from benchmarks.decoding_load import closed_loop
 from service.inference.jobs import TranslateJob
 from service.inference.manifest import Manifest
 from service.inference.repository import ModelEntry

@@ -1,0 +1,187 @@
+"""In-process load on a translation model's worker, for ``make bench-decoding``: closed-loop
+clients, open-loop Poisson arrivals, short requests among long ones, and the worker built as a
+replica holds it (with the scheduler, or with static batches as before it).
+
+The server side is the model's ``ModelWorker`` in this process, driven by asyncio clients, so the
+figures are the scheduling, not HTTP. Free of torch: ``benchmarks/ct2_offline.py`` uses it too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks.loadgen import percentile
+from service.errors import Overloaded
+from service.inference.jobs import Translated, TranslateJob
+from service.inference.manifest import Manifest
+from service.inference.repository import ModelEntry
+from service.inference.worker import ModelWorker
+from service.settings import Batching, Settings
+
+TEXTS = [
+    "5 mars 2024",
+    "Tuesday, July 4, 1995",
+    "31.12.1999",
+    "12 de mayo de 2003",
+    "3 juin 1980",
+    "Samstag, 15. Mai 1976",
+    "9/9/1986",
+    "mar, 31 mar 2009",
+]
+
+
+async def closed_loop(
+    worker: ModelWorker, jobs: list[TranslateJob], clients: int, seconds: float
+) -> dict[str, Any]:
+    """``clients`` callers of ``worker`` in this process, each sending its next job as soon as
+    the last is answered, for ``seconds``: requests/s, target tokens/s, p50/p99 and the mean
+    time per output token the answers report."""
+    latencies: list[float] = []
+    per_token: list[float] = []
+    tokens = 0
+    stop = time.perf_counter() + seconds
+
+    async def client(i: int) -> None:
+        nonlocal tokens
+        k = i
+        while time.perf_counter() < stop:
+            start = time.perf_counter()
+            answer = await worker.predict(jobs[k % len(jobs)])
+            latencies.append(time.perf_counter() - start)
+            assert isinstance(answer.result, Translated)
+            tokens += answer.result.tokens_generated
+            if answer.metrics.time_per_output_token_ms is not None:
+                per_token.append(answer.metrics.time_per_output_token_ms)
+            k += clients
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client(i) for i in range(clients)))
+    elapsed = time.perf_counter() - start
+    return {
+        "requests": len(latencies),
+        "requests_per_s": len(latencies) / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "mean_time_per_output_token_ms": statistics.fmean(per_token) if per_token else None,
+    }
+
+
+async def open_loop(
+    worker: ModelWorker, jobs: list[TranslateJob], rate: float, seconds: float
+) -> dict[str, Any]:
+    """Poisson arrivals at ``rate`` requests/s (seeded), each answered whenever it is done."""
+    rng = np.random.default_rng(0)
+    latencies: list[float] = []
+    shed = 0
+
+    async def one(job: TranslateJob) -> None:
+        nonlocal shed
+        start = time.perf_counter()
+        try:
+            await worker.predict(job)
+        except Overloaded:  # past the model's queue limit: the service answers 503
+            shed += 1
+            return
+        latencies.append(time.perf_counter() - start)
+
+    tasks, k = [], 0
+    start = time.perf_counter()
+    next_at = start
+    while next_at < start + seconds:
+        await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
+        tasks.append(asyncio.ensure_future(one(jobs[k % len(jobs)])))
+        k += 1
+        next_at += rng.exponential(1 / rate)
+    await asyncio.gather(*tasks)
+    return {
+        "rate": rate,
+        "p50_ms": percentile(latencies, 50) * 1000,
+        "p99_ms": percentile(latencies, 99) * 1000,
+        "shed": shed,
+    }
+
+
+async def _mixed(worker: ModelWorker, seconds: float) -> dict[str, Any]:
+    """8 clients of long requests and 8 of short ones at once; the short ones' latencies."""
+    long_job = TranslateJob(texts=["Samstag, 15. Mai 1976"], max_length=100)
+    short = [TranslateJob(texts=[t], max_length=10) for t in TEXTS]
+    stop = time.perf_counter() + seconds
+    short_latencies: list[float] = []
+
+    long_tokens: list[int] = []
+
+    async def long_client() -> None:
+        while time.perf_counter() < stop:
+            answer = await worker.predict(long_job)
+            assert isinstance(answer.result, Translated)
+            long_tokens.append(answer.result.tokens_generated)
+
+    async def short_client(i: int) -> None:
+        await asyncio.sleep(0.05 + i * 0.01)  # after the long ones started
+        while time.perf_counter() < stop:
+            start = time.perf_counter()
+            await worker.predict(short[i % len(short)])
+            short_latencies.append(time.perf_counter() - start)
+
+    await asyncio.gather(*(long_client() for _ in range(8)), *(short_client(i) for i in range(8)))
+    return {
+        "short_p50_ms": percentile(short_latencies, 50) * 1000,
+        "short_p99_ms": percentile(short_latencies, 99) * 1000,
+        "short_requests": len(short_latencies),
+        "long_tokens_mean": statistics.fmean(long_tokens) if long_tokens else 0.0,
+    }
+
+
+async def _solo(worker: ModelWorker, job: TranslateJob, n: int = 30) -> float:
+    times = []
+    for _ in range(n):
+        start = time.perf_counter()
+        await worker.predict(job)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000
+
+
+async def solo_then_mixed(w: ModelWorker, seconds: float) -> tuple[float, dict[str, Any]]:
+    """(e) then (c), on one event loop (a worker's queue belongs to the loop it first ran on).
+    With the scheduler, also the mean decoder step (ms, Python included) and rows per step in
+    each phase: a short request shares steps with the long ones, so ten of its steps cost ten
+    steps of the whole batch — the floor under its latency."""
+    steps: list[tuple[int, float]] = []
+    if w.scheduler is not None:
+        w.scheduler.on_step = lambda rows, live, tokens, s: steps.append((rows, s))
+    solo = await _solo(w, TranslateJob(texts=["3 juin 1980"], max_length=10))
+    alone, steps[:] = list(steps), []
+    mixed = await _mixed(w, seconds)
+    for phase, seen in (("solo", alone), ("mixed", steps)):
+        if seen:
+            mixed[f"{phase}_step_ms"] = statistics.fmean(s for _, s in seen) * 1000
+            mixed[f"{phase}_rows_per_step"] = statistics.fmean(r for r, _ in seen)
+    return solo, mixed
+
+
+def median_round(rounds: list[dict[str, Any]], mode: str) -> dict[str, Any]:
+    """``mode``'s run of the round with the median ratio to that round's offline rate, with the
+    ratio (each round's served run against the offline decode measured around it)."""
+    ratios = [r[mode]["tokens_per_s"] / r["offline_tokens_per_s"] for r in rounds]
+    middle = sorted(range(len(rounds)), key=ratios.__getitem__)[len(rounds) // 2]
+    return {**rounds[middle][mode], "ratio_to_offline": ratios[middle], "ratios": ratios}
+
+
+def worker(directory: Path, static: bool) -> ModelWorker:
+    """The model's worker as a replica holds it; ``static``: its static batcher with the wait the
+    service used before the scheduler (5 ms), as a baseline."""
+    batching = Batching(max_batch_size=32, batch_wait_timeout_s=0.005 if static else 0.0)
+    settings = Settings(repository=directory.parent.parent, batching=batching, intra_op_threads=1)
+    w = ModelWorker(
+        ModelEntry(directory.parent.name, 1, directory, Manifest.load(directory)), settings, "bench", "local"
+    )
+    if static:
+        w.scheduler = None
+    return w
