@@ -49,15 +49,10 @@ class Search(Protocol):
         ...
 
     @property
-    def last(self) -> np.ndarray:
-        """(rows,) the token each live row feeds next."""
-        ...
-
-    @property
     def rows(self) -> int: ...
 
     def feed(self) -> list[int]:
-        """The token each live row feeds next, as ints (``last`` without an array per search)."""
+        """The token each live row feeds next."""
         ...
 
     def advance(self, logp: np.ndarray, attention: np.ndarray) -> np.ndarray: ...
@@ -80,10 +75,6 @@ class GreedySearch:
     @property
     def prefixes(self) -> np.ndarray:
         return np.array([self.tokens], dtype=np.int64)
-
-    @property
-    def last(self) -> np.ndarray:
-        return np.array(self.tokens[-1:], dtype=np.int64)
 
     @property
     def rows(self) -> int:
@@ -135,10 +126,6 @@ class BeamSearch:
     @property
     def prefixes(self) -> np.ndarray:
         return self._prefixes
-
-    @property
-    def last(self) -> np.ndarray:
-        return self._prefixes[:, -1]
 
     @property
     def rows(self) -> int:
@@ -228,11 +215,12 @@ def run_searches(step: StepFn, searches: list[Search], init_state: Any) -> list[
     owners = np.arange(len(searches))  # row → its search (the encoded input it reads)
     states, t = init_state, 0
     while owners.size:
-        live = [searches[b] for b in dict.fromkeys(owners.tolist())]
+        ids = list(dict.fromkeys(owners.tolist()))
+        live = [searches[b] for b in ids]
         prefixes = np.concatenate([s.prefixes for s in live])
         logp, attention, new_states = step(owners, prefixes, states, t)
         parents, next_owners, offset = [], [], 0
-        for b, search in zip(dict.fromkeys(owners.tolist()), live, strict=True):
+        for b, search in zip(ids, live, strict=True):
             n = search.rows
             kept = search.advance(logp[offset : offset + n], attention[offset : offset + n])
             parents.append(kept + offset)
@@ -240,9 +228,18 @@ def run_searches(step: StepFn, searches: list[Search], init_state: Any) -> list[
             offset += n
         index = np.concatenate(parents)
         owners = np.concatenate(next_owners)
-        states = None if new_states is None or not index.size else new_states[index]
+        states = None if new_states is None or not index.size else keep_rows(new_states, index, len(prefixes))
         t += 1
     return [s.result() for s in searches]
+
+
+def keep_rows(state: Any, index: np.ndarray, rows: int) -> Any:
+    """``state`` (``rows`` rows, indexed by row arrays) reduced to the rows ``index`` names, in
+    that order — ``state`` itself when that keeps every row in place: a greedy step that retires
+    nobody copies no decoder state (a cache's copy is a step's own cost again)."""
+    if len(index) == rows and bool((index == np.arange(rows)).all()):
+        return state
+    return state[index]
 
 
 def greedy(step: StepFn, batch: int, bos: int, eos: int, max_len: int, init_state: Any) -> list[Hypothesis]:

@@ -48,7 +48,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.inference.decoding import GreedySearch, Hypothesis, Search, new_search
+from service.inference.decoding import GreedySearch, Hypothesis, Search, keep_rows, new_search
 
 
 class Decoder(Protocol):
@@ -306,9 +306,7 @@ class TranslationScheduler:
         if not still:
             self._batch = None
         else:
-            order = np.concatenate(index)
-            identity = len(order) == rows and bool((order == np.arange(rows)).all())
-            self._batch = batch if identity else batch[order]
+            self._batch = keep_rows(batch, np.concatenate(index), rows)
         for request in finished:
             request.done = done_at
         return finished
