@@ -36,6 +36,24 @@ class GraphPlan:
     shapes: list[Shape] = field(default_factory=list)
 
 
+def _encoder_plan(
+    encode: nn.Module, src_vocab: int, extra: dict[str, dict[int, str]], shapes: list[Shape]
+) -> GraphPlan:
+    """The encoder graph of every seq2seq contract: ``(src, src_mask) → memory (B, S, d)`` and the
+    contract's ``extra`` outputs (name → their dynamic axes), in that order."""
+    seq = {0: "batch", 1: "src_len"}
+    return GraphPlan(
+        "encoder",
+        "encoder.onnx",
+        encode,
+        ["src", "src_mask"],
+        ["memory", *extra],
+        {"src": seq, "src_mask": seq, "memory": seq, **extra},
+        _source_inputs(src_vocab),
+        shapes,
+    )
+
+
 def _mask(batch: int, length: int, gen: torch.Generator) -> Tensor:
     """(B, S) bool mask with distinct lengths per row, the longest row full."""
     lengths = torch.randint(1, length + 1, (batch,), generator=gen)
@@ -128,16 +146,7 @@ def rnn_plans(model: RNNSeq2Seq) -> list[GraphPlan]:
 
     seq = {0: "batch", 1: "src_len"}
     return [
-        GraphPlan(
-            "encoder",
-            "encoder.onnx",
-            _Encode(model),
-            ["src", "src_mask"],
-            ["memory", "init_state"],
-            {"src": seq, "src_mask": seq, "memory": seq, "init_state": {0: "batch"}},
-            _source_inputs(cfg.src_vocab),
-            SEQ_SHAPES,
-        ),
+        _encoder_plan(_Encode(model), cfg.src_vocab, {"init_state": {0: "batch"}}, SEQ_SHAPES),
         GraphPlan(
             "decoder_step",
             "decoder_step.onnx",
@@ -205,16 +214,7 @@ def seq2seq_kv_plans(
     kv = {0: "batch", 3: "src_len"}
     past = {0: "batch", 3: "past_len"}
     return [
-        GraphPlan(
-            "encoder",
-            "encoder.onnx",
-            encode,
-            ["src", "src_mask"],
-            ["memory", "cross_keys", "cross_values"],
-            {"src": seq, "src_mask": seq, "memory": seq, "cross_keys": kv, "cross_values": kv},
-            _source_inputs(src_vocab),
-            KV_SHAPES,
-        ),
+        _encoder_plan(encode, src_vocab, {"cross_keys": kv, "cross_values": kv}, KV_SHAPES),
         GraphPlan(
             "decoder_step",
             "decoder_step.onnx",
@@ -265,16 +265,7 @@ def seq2seq_plans(
 
     seq = {0: "batch", 1: "src_len"}
     return [
-        GraphPlan(
-            "encoder",
-            "encoder.onnx",
-            encode,
-            ["src", "src_mask"],
-            ["memory"],
-            {"src": seq, "src_mask": seq, "memory": seq},
-            _source_inputs(src_vocab),
-            SEQ_SHAPES,
-        ),
+        _encoder_plan(encode, src_vocab, {}, SEQ_SHAPES),
         GraphPlan(
             "decoder_step",
             "decoder_step.onnx",
