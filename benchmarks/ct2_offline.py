@@ -30,7 +30,7 @@ from unittest import mock
 import numpy as np
 import onnxruntime as ort
 
-from benchmarks.decoding_load import closed_loop
+from benchmarks.decoding_load import closed_loop, step_feeds
 from service.inference.jobs import TranslateJob
 from service.inference.manifest import Manifest
 from service.inference.repository import ModelEntry
@@ -131,11 +131,7 @@ def step_profile(version: Path, texts: list[str], past: int, runs: int = 20) -> 
     manifest = Manifest.load(version)
     translator = Translator(version, manifest, ["CPUExecutionProvider"], 1)
     batch = translator.encode([translator.tokenize(t)[0] for t in texts])
-    n, keys = len(texts), batch.tensors["cross_keys"]
-    cache = np.random.default_rng(0).standard_normal((*keys.shape[:3], past, keys.shape[4]), dtype=np.float32)
-    feeds = {"tokens": np.full(n, 5), "positions": np.full(n, past), "past_keys": cache,
-             "past_values": cache, "past_mask": np.ones((n, past), dtype=bool), "src_mask": batch.src_mask,
-             **batch.tensors}  # fmt: skip
+    n, feeds = len(texts), step_feeds(translator, batch, past)
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.intra_op_num_threads, options.inter_op_num_threads = 1, 1

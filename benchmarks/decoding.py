@@ -2,8 +2,9 @@
 
 Writes ``benchmarks/results/<date>-decoding.{json,md,png}``:
 
-a. **Decoder cost per token vs output length**, KV-cached step against the whole-prefix step of
-   the same weights, at batch 1 and 16: the dates-transformer demo checkpoint, and the same
+a. **Decoder cost per token vs output length**, KV-cached step (per-layer caches, what export
+   writes; and the packed cache of older repositories) against the whole-prefix step of the same
+   weights, at batch 1 and 16: the dates-transformer demo checkpoint, and the same
    architecture at opus-mt-en-de's shape (6 + 6 layers, d 512, 8 heads, FFN 2048; weights
    random — the cost does not depend on them).
 b. **Served tokens/s at 32 clients** through the model's scheduler against offline batched greedy
@@ -43,7 +44,15 @@ from typing import Any
 import numpy as np
 import torch
 
-from benchmarks.decoding_load import TEXTS, closed_loop, median_round, open_loop, solo_then_mixed, worker
+from benchmarks.decoding_load import (
+    TEXTS,
+    closed_loop,
+    median_round,
+    open_loop,
+    solo_then_mixed,
+    step_feeds,
+    worker,
+)
 from benchmarks.decoding_report import write_report
 from export import checkpoint
 from export.graphs import transformer_plans, transformer_prefix_plans
@@ -51,7 +60,6 @@ from export.models.transformer import Transformer, TransformerConfig
 from export.onnx_export import export_graph
 from service.inference.jobs import TranslateJob
 from service.inference.manifest import Manifest
-from service.inference.runtime import GraphSession
 from service.inference.translation import Translator
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -61,22 +69,27 @@ ROUNDS = 3  # (b): served runs, each bracketed by offline decodes
 MODEL = "dates-transformer"  # every variant keeps the name (and tokenizers) of the demo model
 
 
+#: (a)'s variants: contract → its graph plans; "kv" is what export writes
+CONTRACTS = {
+    "kv": ("transformer-kv-layers", transformer_plans),
+    "kv-packed": ("transformer-kv", lambda m: transformer_plans(m, packed=True)),
+    "prefix": ("transformer", transformer_prefix_plans),
+}
+
+
 def export_version(
-    model: Transformer, like: Path, directory: Path, cached: bool, max_target: int | None = None
+    model: Transformer, like: Path, directory: Path, contract: str = "kv", max_target: int | None = None
 ) -> Path:
-    """``model`` as a version with ``like``'s tokenizers, in the KV-cached or whole-prefix contract."""
+    """``model`` as a version with ``like``'s tokenizers, in one of :data:`CONTRACTS`."""
     directory.mkdir(parents=True, exist_ok=True)
     manifest = Manifest.load(like)
     assert manifest.translation is not None
     for f in (manifest.translation.source_tokenizer.file, manifest.translation.target_tokenizer.file):
         (directory / f).write_bytes((like / f).read_bytes())
-    plans = transformer_plans(model) if cached else transformer_prefix_plans(model)
-    graphs = {plan.key: export_graph(plan, directory).spec for plan in plans}
+    decoder, plans = CONTRACTS[contract]
+    graphs = {plan.key: export_graph(plan, directory).spec for plan in plans(model)}
     translation = manifest.translation.model_copy(
-        update={
-            "decoder": "transformer-kv" if cached else "transformer",
-            "max_target_tokens": max_target or manifest.translation.max_target_tokens,
-        }
+        update={"decoder": decoder, "max_target_tokens": max_target or manifest.translation.max_target_tokens}
     )
     manifest.model_copy(update={"graphs": graphs, "translation": translation}).write(directory)
     return directory
@@ -93,46 +106,19 @@ def _best_ms(fn: Any, repeat: int = 20) -> float:
 
 
 def step_cost(directory: Path, batch: int) -> dict[int, float]:
-    """ms per decoder step at each past length (one ORT thread): the KV step gets a cache of that
+    """ms per decoder step at each past length (one ORT thread): a KV step gets a cache of that
     length, the whole-prefix step a prefix of that length."""
     manifest = Manifest.load(directory)
-    spec = manifest.translation
-    assert spec is not None
-    session = GraphSession(
-        directory / manifest.graphs["decoder_step"].file,
-        manifest.graphs["decoder_step"],
-        ["CPUExecutionProvider"],
-        1,
-    )
-    encoder = GraphSession(
-        directory / manifest.graphs["encoder"].file, manifest.graphs["encoder"], ["CPUExecutionProvider"], 1
-    )
-    src = np.full((batch, 12), 5, dtype=np.int64)
-    mask = np.ones((batch, 12), dtype=bool)
-    encoded = encoder.run({"src": src, "src_mask": mask})
+    translator = Translator(directory, manifest, ["CPUExecutionProvider"], 1)
+    rows = translator.encode([[5] * 11 + [translator.spec.source_tokenizer.eos_id]] * batch)
     out = {}
-    limit = spec.max_target_tokens + 1  # positions the graph has
+    limit = translator.spec.max_target_tokens + 1  # positions the graph has
     for length in (t for t in LENGTHS if t <= limit):
-        if spec.decoder == "transformer-kv":
-            keys = encoded["cross_keys"]
-            cache = (
-                np.random.default_rng(0)
-                .standard_normal((*keys.shape[:3], length - 1, keys.shape[4]))
-                .astype(np.float32)
-            )
-            feeds = {
-                "tokens": np.full(batch, 5),
-                "positions": np.full(batch, length - 1),
-                "past_keys": cache,
-                "past_values": cache,
-                "past_mask": np.ones((batch, length - 1), dtype=bool),
-                "cross_keys": keys,
-                "cross_values": encoded["cross_values"],
-                "src_mask": mask,
-            }
+        if translator.past_names:
+            feeds = step_feeds(translator, rows, length - 1)
         else:
-            feeds = {"tokens": np.full((batch, length), 5), "memory": encoded["memory"], "src_mask": mask}
-        out[length] = _best_ms(lambda feeds=feeds: session.run(feeds))
+            feeds = {"tokens": np.full((batch, length), 5), "src_mask": rows.src_mask, **rows.tensors}
+        out[length] = _best_ms(lambda feeds=feeds: translator.decoder.run(feeds))
     return out
 
 
@@ -156,14 +142,13 @@ def main(argv: list[str] | None = None) -> int:
             TransformerConfig(src_vocab=trained.cfg.src_vocab, tgt_vocab=trained.cfg.tgt_vocab, **OPUS_SHAPE)
         ).eval()
         for name, model in (("dates-transformer", trained), ("opus-mt-shape", opus)):
-            for cached in (True, False):
-                contract = "kv" if cached else "prefix"
+            for contract in CONTRACTS:
                 print(f"(a) {name} {contract}", flush=True)
                 d = export_version(
-                    model, like, root / f"{name}-{contract}" / MODEL / "1", cached, model.cfg.max_len - 1
+                    model, like, root / f"{name}-{contract}" / MODEL / "1", contract, model.cfg.max_len - 1
                 )
                 results["cost_ms_per_step"][f"{name}/{contract}"] = {b: step_cost(d, b) for b in (1, 16)}
-        kv = export_version(trained, like, root / "kv" / MODEL / "1", True)
+        kv = export_version(trained, like, root / "kv" / MODEL / "1")
         print("(b) served vs offline", flush=True)
         translator = Translator(kv, Manifest.load(kv), ["CPUExecutionProvider"], 1)
         batch = (TEXTS * 4)[:32]
@@ -200,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         assert spec is not None
         with torch.no_grad():  # never EOS: every request runs to its max_length
             random_model.generator.bias[spec.target_tokenizer.eos_id] = -1e4
-        long = export_version(random_model, like, root / "random" / MODEL / "1", True, 120)
+        long = export_version(random_model, like, root / "random" / MODEL / "1", "kv", 120)
         results["short_among_long"] = {}
         for mode in ("scheduler", "static"):
             print(f"(c, e) {mode}", flush=True)

@@ -21,6 +21,7 @@ from service.errors import Overloaded
 from service.inference.jobs import Translated, TranslateJob
 from service.inference.manifest import Manifest
 from service.inference.repository import ModelEntry
+from service.inference.translation import CROSS, PAST, RowBatch, Translator
 from service.inference.worker import ModelWorker
 from service.settings import Batching, Settings
 
@@ -185,3 +186,22 @@ def worker(directory: Path, static: bool) -> ModelWorker:
     if static:
         w.scheduler = None
     return w
+
+
+def step_feeds(translator: Translator, rows: RowBatch, past: int) -> dict[str, np.ndarray]:
+    """The feeds of one KV-cached decoder step for ``rows`` (encoded) over a random cache of
+    ``past`` positions, every row holding all of them — whichever cache layout the graph has."""
+    rng = np.random.default_rng(0)
+    n = len(rows)
+    cache = {}
+    for name in translator.past_names:
+        cross = rows.tensors[CROSS + name.removeprefix(PAST)]
+        cache[name] = rng.standard_normal((*cross.shape[:-2], past, cross.shape[-1]), dtype=np.float32)
+    return {
+        "tokens": np.full(n, 5),
+        "positions": np.full(n, past),
+        "past_mask": np.ones((n, past), dtype=bool),
+        "src_mask": rows.src_mask,
+        **rows.tensors,
+        **cache,
+    }

@@ -8,7 +8,8 @@ from typing import Any
 
 
 def plot(r: dict[str, Any], path: Path) -> Path:
-    """(a) step cost against past length, KV-cached and whole-prefix; (d) latency against load."""
+    """(a) step cost against past length, KV-cached (per-layer and packed caches) and whole-prefix;
+    (d) latency against load."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -21,7 +22,7 @@ def plot(r: dict[str, Any], path: Path) -> Path:
                 continue
             for batch, costs in by_batch.items():
                 lengths = sorted(costs, key=int)
-                style = "-" if key.endswith("/kv") else "--"
+                style = {"kv": "-", "kv-packed": ":"}.get(key.split("/")[1], "--")
                 label = f"{key.split('/')[1]}, batch {batch}"
                 xs, ys = [int(t) for t in lengths], [costs[t] for t in lengths]
                 ax.plot(xs, ys, style, marker="o", label=label)

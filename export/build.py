@@ -149,7 +149,7 @@ def _manifest(
         target_language=recipe.languages[1],
         source_tokenizer=_save_tokenizer(ckpt.source_tokenizer, staging / checkpoint.SOURCE_TOKENIZER),
         target_tokenizer=_save_tokenizer(ckpt.target_tokenizer, staging / checkpoint.TARGET_TOKENIZER),
-        decoder="rnn" if rnn else "transformer-kv",
+        decoder="rnn" if rnn else "transformer-kv-layers",
         state_size=cfg.state_size if rnn else None,
         max_source_tokens=recipe.max_source_tokens,
         max_target_tokens=recipe.max_target_tokens,

@@ -100,18 +100,44 @@ class _TransformerStep(_Stage):
 
 
 class _EncodeKV(_Stage):
-    def forward(self, src: Tensor, src_mask: Tensor) -> Any:
-        return self.model.encode_kv(src, src_mask)
+    """``model.encode_kv`` (memory and per-layer cross keys/values) as flat graph outputs: one
+    tensor per layer, or each kind stacked along a layer axis (``packed``)."""
+
+    def __init__(self, model: nn.Module, packed: bool) -> None:
+        super().__init__(model)
+        self.packed = packed
+
+    def forward(self, src: Tensor, src_mask: Tensor) -> tuple[Tensor, ...]:
+        memory, keys, values = self.model.encode_kv(src, src_mask)
+        if self.packed:
+            return memory, torch.stack(keys, dim=1), torch.stack(values, dim=1)
+        return (memory, *keys, *values)
 
 
 class _StepKV(_Stage):
+    """``model.step_kv`` over flat graph inputs and outputs: after tokens, positions, past_mask and
+    src_mask come the past keys, past values, cross keys and cross values — ``layers`` tensors of
+    each, or one packed tensor of each (split into layers in the graph)."""
+
+    def __init__(self, model: nn.Module, layers: int, packed: bool) -> None:
+        super().__init__(model)
+        self.layers, self.packed = layers, packed
+
     def forward(
-        self, tokens: Tensor, positions: Tensor, past_keys: Tensor, past_values: Tensor, past_mask: Tensor,
-        cross_keys: Tensor, cross_values: Tensor, src_mask: Tensor,
-    ) -> Any:  # fmt: skip
-        return self.model.step_kv(
+        self, tokens: Tensor, positions: Tensor, past_mask: Tensor, src_mask: Tensor, *caches: Tensor
+    ) -> tuple[Tensor, ...]:
+        n = self.layers
+        if self.packed:
+            groups = [list(c.unbind(1)) for c in caches]
+        else:
+            groups = [list(caches[i * n : (i + 1) * n]) for i in range(4)]
+        past_keys, past_values, cross_keys, cross_values = groups
+        logits, keys, values, cross = self.model.step_kv(
             tokens, positions, past_keys, past_values, past_mask, cross_keys, cross_values, src_mask
         )
+        if self.packed:
+            return logits, cross, torch.stack(keys, dim=1), torch.stack(values, dim=1)
+        return (logits, cross, *keys, *values)
 
 
 SEQ_SHAPES: list[Shape] = [
@@ -169,12 +195,10 @@ def rnn_plans(model: RNNSeq2Seq) -> list[GraphPlan]:
     ]
 
 
-def transformer_plans(model: Transformer) -> list[GraphPlan]:
+def transformer_plans(model: Transformer, packed: bool = False) -> list[GraphPlan]:
     cfg = model.cfg
-    return seq2seq_kv_plans(
-        _EncodeKV(model), _StepKV(model), cfg.src_vocab, cfg.tgt_vocab, cfg.dec_layers, cfg.heads,
-        cfg.d_model // cfg.heads,
-    )  # fmt: skip
+    d_head = cfg.d_model // cfg.heads
+    return seq2seq_kv_plans(model, cfg.src_vocab, cfg.tgt_vocab, cfg.dec_layers, cfg.heads, d_head, packed)
 
 
 def transformer_prefix_plans(model: Transformer) -> list[GraphPlan]:
@@ -183,66 +207,74 @@ def transformer_prefix_plans(model: Transformer) -> list[GraphPlan]:
     return seq2seq_plans(_Encode(model), _TransformerStep(model), cfg.src_vocab, cfg.tgt_vocab, cfg.d_model)
 
 
+def layer_names(stem: str, layers: int) -> list[str]:
+    """The per-layer tensors of the ``transformer-kv-layers`` contract: ``past_keys.0``, …"""
+    return [f"{stem}.{i}" for i in range(layers)]
+
+
 def seq2seq_kv_plans(
-    encode: nn.Module, step: nn.Module, src_vocab: int, tgt_vocab: int, layers: int, heads: int, d_head: int
+    model: nn.Module,
+    src_vocab: int,
+    tgt_vocab: int,
+    layers: int,
+    heads: int,
+    d_head: int,
+    packed: bool = False,
 ) -> list[GraphPlan]:
-    """The ``transformer-kv`` decoder contract of ``service/inference/manifest.py``:
-    ``encoder``: src, src_mask (B, S) → memory (B, S, D), cross_keys, cross_values
-    (B, layers, heads, S, dh); ``decoder_step``: tokens, positions (B,), past_keys, past_values
-    (B, layers, heads, P, dh), past_mask (B, P), cross_keys, cross_values, src_mask → logits (B, V),
-    present_keys, present_values (B, layers, heads, P + 1, dh), cross_attention (B, layers, heads, S)."""
+    """The KV-cached decoder contracts of ``service/inference/manifest.py`` for any ``model`` with
+    ``encode_kv(src, src_mask) → memory, [cross keys], [cross values]`` and ``step_kv`` (see
+    ``export/models/transformer.py``); imported Marian checkpoints (``export/hf/marian.py``) have both.
+
+    ``transformer-kv-layers`` (what export writes): ``encoder``: src, src_mask (B, S) → memory
+    (B, S, D), cross_keys.{i}, cross_values.{i} (B, heads, S, dh) for each decoder layer i;
+    ``decoder_step``: tokens, positions (B,), past_mask (B, P), src_mask, past_keys.{i},
+    past_values.{i} (B, heads, P, dh), cross_keys.{i}, cross_values.{i} → logits (B, V),
+    cross_attention (B, layers, heads, S), present_keys.{i}, present_values.{i} (B, heads, P + 1, dh).
+
+    ``transformer-kv`` (``packed``, repositories written before): the same with one tensor per kind,
+    the layers stacked on axis 1 — ``past_keys`` (B, layers, heads, P, dh) and so on. The graph
+    splits and re-stacks those at every step (three copies of the cache where the per-layer
+    contract makes one), which is why it was replaced; the service still serves it.
+    """
+
+    def names(stem: str) -> list[str]:  # keys first, then values
+        kinds = (f"{stem}_keys", f"{stem}_values")
+        return list(kinds) if packed else [n for k in kinds for n in layer_names(k, layers)]
+
+    past, present, cross = names("past"), names("present"), names("cross")
+    cache_axis = 3 if packed else 2  # the position axis of a cache tensor
 
     def step_inputs(s: Shape, g: torch.Generator) -> tuple[Tensor, ...]:
         b, n, p = s["batch"], s["src_len"], s["past_len"]
         past_mask = _mask(b, p, g) if p else torch.zeros(b, 0, dtype=torch.bool)
         if p:  # rows admitted later hold fewer positions, on the left: mask them like the service
             past_mask = past_mask.flip(1)
-        cache = (b, layers, heads, p, d_head)
-        cross = (b, layers, heads, n, d_head)
-        return (
-            _tokens(b, 1, tgt_vocab, g)[:, 0],
-            past_mask.sum(1),
-            torch.randn(*cache, generator=g),
-            torch.randn(*cache, generator=g),
-            past_mask,
-            torch.randn(*cross, generator=g),
-            torch.randn(*cross, generator=g),
-            _mask(b, n, g),
-        )
+        lead = (b, layers, heads) if packed else (b, heads)
+        caches = [torch.randn(*lead, p, d_head, generator=g) for _ in past]
+        crosses = [torch.randn(*lead, n, d_head, generator=g) for _ in cross]
+        tokens = _tokens(b, 1, tgt_vocab, g)[:, 0]
+        return (tokens, past_mask.sum(1), past_mask, _mask(b, n, g), *caches, *crosses)
 
     seq = {0: "batch", 1: "src_len"}
-    kv = {0: "batch", 3: "src_len"}
-    past = {0: "batch", 3: "past_len"}
+    by_source = {0: "batch", cache_axis: "src_len"}
     return [
-        _encoder_plan(encode, src_vocab, {"cross_keys": kv, "cross_values": kv}, KV_SHAPES),
+        _encoder_plan(_EncodeKV(model, packed), src_vocab, dict.fromkeys(cross, by_source), KV_SHAPES),
         GraphPlan(
             "decoder_step",
             "decoder_step.onnx",
-            step,
-            [
-                "tokens",
-                "positions",
-                "past_keys",
-                "past_values",
-                "past_mask",
-                "cross_keys",
-                "cross_values",
-                "src_mask",
-            ],
-            ["logits", "present_keys", "present_values", "cross_attention"],
+            _StepKV(model, layers, packed),
+            ["tokens", "positions", "past_mask", "src_mask", *past, *cross],
+            ["logits", "cross_attention", *present],
             {
                 "tokens": {0: "batch"},
                 "positions": {0: "batch"},
-                "past_keys": past,
-                "past_values": past,
                 "past_mask": {0: "batch", 1: "past_len"},
-                "cross_keys": kv,
-                "cross_values": kv,
                 "src_mask": seq,
+                **{name: {0: "batch", cache_axis: "past_len"} for name in past},
+                **dict.fromkeys(cross, by_source),
                 "logits": {0: "batch"},
-                "present_keys": {0: "batch", 3: "present_len"},
-                "present_values": {0: "batch", 3: "present_len"},
                 "cross_attention": {0: "batch", 3: "src_len"},
+                **{name: {0: "batch", cache_axis: "present_len"} for name in present},
             },
             step_inputs,
             KV_SHAPES,

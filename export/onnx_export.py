@@ -8,11 +8,13 @@ verification shape and compare every output (logits *and* attention) at a stated
 
 from __future__ import annotations
 
+import inspect
 import logging
 import warnings
 from dataclasses import dataclass
 from importlib.metadata import version as pkg_version
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnx
@@ -92,13 +94,19 @@ def export_graph(plan: GraphPlan, out_dir: Path, tolerance: float = TOLERANCE) -
     return ExportedGraph(graph_spec(model, plan.file), diffs, opset)
 
 
-def _dynamic_shapes(plan: GraphPlan) -> tuple[dict[int, Dim] | None, ...]:
-    """torch.export dims, shared by name across inputs (``batch`` is one Dim everywhere)."""
+def _dynamic_shapes(plan: GraphPlan) -> tuple[Any, ...]:
+    """torch.export dims, shared by name across inputs (``batch`` is one Dim everywhere); the
+    inputs a ``forward(..., *rest)`` takes as varargs get theirs as one tuple, as torch.export
+    wants them."""
     dims: dict[str, Dim] = {}
-    shapes = []
+    shapes: list[Any] = []
     for name in plan.input_names:
         axes = plan.dynamic.get(name)
         shapes.append({axis: dims.setdefault(dim, Dim(dim)) for axis, dim in axes.items()} if axes else None)
+    params = inspect.signature(plan.module.forward).parameters.values()
+    if any(p.kind is p.VAR_POSITIONAL for p in params):
+        named = sum(p.kind is p.POSITIONAL_OR_KEYWORD for p in params)
+        return (*shapes[:named], tuple(shapes[named:]))
     return tuple(shapes)
 
 

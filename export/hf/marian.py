@@ -1,17 +1,17 @@
-"""MarianMT translation checkpoints as the service's ``transformer-kv`` encoder + decoder-step graphs.
+"""MarianMT translation checkpoints as the service's ``transformer-kv-layers`` encoder + decoder-step graphs.
 
 Marian (Junczys-Dowmunt et al. 2018) is a post-norm Transformer (Vaswani et al. 2017) with scaled
 embeddings, sinusoidal positions whose cos half follows the sin half, a ``final_logits_bias``,
 and ``decoder_start_token_id`` = ``<pad>``. Rather than re-implement any of that, the two graphs
 wrap the checkpoint's own modules (loaded with ``attn_implementation="eager"``, so attention
-probabilities exist as tensors) into the contract of ``export/graphs.py``'s :func:`seq2seq_plans`:
+probabilities exist as tensors) into the contract of ``export/graphs.py``'s :func:`seq2seq_kv_plans`:
 
 * ``encoder``: ``src``, ``src_mask`` (B, S) → ``memory`` (B, S, D) — ``model.model.encoder`` —
-  and every decoder layer's cross-attention keys/values (its ``encoder_attn.k_proj``/``v_proj``
-  of the memory, (B, layers, heads, S, dh));
-* ``decoder_step``, the ``transformer-kv`` contract: one new token per row with its position and
-  the cached self-attention keys/values → ``logits`` (``lm_head`` + ``final_logits_bias``), the
-  present keys/values and the step's ``cross_attention`` (B, layers, heads, S). The step runs the
+  and each decoder layer's cross-attention keys/values (its ``encoder_attn.k_proj``/``v_proj``
+  of the memory, (B, heads, S, dh) per layer);
+* ``decoder_step``: one new token per row with its position and each layer's cached
+  self-attention keys/values → ``logits`` (``lm_head`` + ``final_logits_bias``), the present
+  keys/values and the step's ``cross_attention`` (B, layers, heads, S). The step runs the
   checkpoint's own decoder layers' projections and norms in Marian's post-norm order with the
   cache written out (transformers' ``Cache`` objects do not export); :func:`verify_against_transformers`
   proves it equals ``MarianMTModel.forward`` on the whole prefix.
@@ -60,38 +60,36 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, bias: Tensor, scaling: float) -> tu
     return (probs @ v).transpose(1, 2).flatten(2), probs
 
 
-class MarianEncodeKV(nn.Module):
-    def __init__(self, model: MarianMTModel) -> None:
-        super().__init__()
-        self.encoder: Any = model.model.encoder
-        self.layers: Any = model.model.decoder.layers
-        self.heads = int(model.config.decoder_attention_heads)
+class MarianKV(nn.Module):
+    """The checkpoint's modules as ``encode_kv`` and ``step_kv`` (the stages of
+    ``export/graphs.py``'s :func:`seq2seq_kv_plans`), with per-layer caches."""
 
-    def forward(self, src: Tensor, src_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """src, src_mask (B, S) → memory (B, S, D), cross keys and values (B, layers, heads, S, dh)."""
-        memory = self.encoder(input_ids=src, attention_mask=src_mask.long()).last_hidden_state
-        keys = [_heads(layer.encoder_attn.k_proj(memory), self.heads) for layer in self.layers]
-        values = [_heads(layer.encoder_attn.v_proj(memory), self.heads) for layer in self.layers]
-        return memory, torch.stack(keys, dim=1), torch.stack(values, dim=1)
-
-
-class MarianStepKV(nn.Module):
     final_logits_bias: Tensor
     banned: Tensor  # (V,) bool: tokens whose logit is BANNED
 
     def __init__(self, model: MarianMTModel, banned: list[int]) -> None:
         super().__init__()
+        self.encoder: Any = model.model.encoder
         self.decoder: Any = model.model.decoder
         self.lm_head = model.lm_head
         self.heads = int(model.config.decoder_attention_heads)
         self.register_buffer("final_logits_bias", model.final_logits_bias, persistent=False)  # (1, V)
         self.register_buffer("banned", ban_mask(model, banned), persistent=False)
 
-    def forward(
-        self, tokens: Tensor, positions: Tensor, past_keys: Tensor, past_values: Tensor, past_mask: Tensor,
-        cross_keys: Tensor, cross_values: Tensor, src_mask: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-        """One step over the cache (see ``export/graphs.py``'s :func:`seq2seq_kv_plans`)."""
+    def encode_kv(self, src: Tensor, src_mask: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """src, src_mask (B, S) → memory (B, S, D), each decoder layer's cross keys and values
+        (B, heads, S, dh)."""
+        memory = self.encoder(input_ids=src, attention_mask=src_mask.long()).last_hidden_state
+        layers = self.decoder.layers
+        keys = [_heads(layer.encoder_attn.k_proj(memory), self.heads) for layer in layers]
+        values = [_heads(layer.encoder_attn.v_proj(memory), self.heads) for layer in layers]
+        return memory, keys, values
+
+    def step_kv(
+        self, tokens: Tensor, positions: Tensor, past_keys: list[Tensor], past_values: list[Tensor],
+        past_mask: Tensor, cross_keys: list[Tensor], cross_values: list[Tensor], src_mask: Tensor,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:  # fmt: skip
+        """One step over the per-layer caches (see ``Transformer.step_kv``)."""
         dec = self.decoder
         x = dec.embed_tokens(tokens) * dec.embed_scale + dec.embed_positions.weight[positions]  # (B, D)
         x = x[:, None]  # (B, 1, D)
@@ -100,13 +98,13 @@ class MarianStepKV(nn.Module):
         keys, values, cross = [], [], []
         for i, layer in enumerate(dec.layers):
             attn = layer.self_attn
-            k = torch.cat([past_keys[:, i], _heads(attn.k_proj(x), self.heads)], dim=2)
-            v = torch.cat([past_values[:, i], _heads(attn.v_proj(x), self.heads)], dim=2)
+            k = torch.cat([past_keys[i], _heads(attn.k_proj(x), self.heads)], dim=2)
+            v = torch.cat([past_values[i], _heads(attn.v_proj(x), self.heads)], dim=2)
             out, _ = _attend(_heads(attn.q_proj(x), self.heads), k, v, self_bias, attn.scaling)
             x = layer.self_attn_layer_norm(x + attn.out_proj(out))
             ca = layer.encoder_attn
             q = _heads(ca.q_proj(x), self.heads)
-            out, probs = _attend(q, cross_keys[:, i], cross_values[:, i], src_bias, ca.scaling)
+            out, probs = _attend(q, cross_keys[i], cross_values[i], src_bias, ca.scaling)
             x = layer.encoder_attn_layer_norm(x + ca.out_proj(out))
             x = layer.final_layer_norm(x + layer.fc2(layer.activation_fn(layer.fc1(x))))
             keys.append(k)
@@ -114,7 +112,7 @@ class MarianStepKV(nn.Module):
             cross.append(probs[:, :, 0])
         logits = self.lm_head(x[:, 0]) + self.final_logits_bias  # (B, V)
         logits = logits.masked_fill(self.banned, BANNED)
-        return logits, torch.stack(keys, dim=1), torch.stack(values, dim=1), torch.stack(cross, dim=1)
+        return logits, keys, values, torch.stack(cross, dim=1)
 
 
 def ban_mask(model: MarianMTModel, banned: list[int]) -> Tensor:
@@ -142,17 +140,16 @@ def plans(model: MarianMTModel, banned: list[int]) -> list[GraphPlan]:
     vocab = cfg.decoder_vocab_size or cfg.vocab_size
     heads = cfg.decoder_attention_heads
     return seq2seq_kv_plans(
-        MarianEncodeKV(model), MarianStepKV(model, banned), cfg.vocab_size, vocab, cfg.decoder_layers, heads,
-        cfg.d_model // heads,
-    )  # fmt: skip
+        MarianKV(model, banned), cfg.vocab_size, vocab, cfg.decoder_layers, heads, cfg.d_model // heads
+    )
 
 
 def verify_against_transformers(model: MarianMTModel, graph_plans: list[GraphPlan]) -> float:
-    """The two wrapped stages, the step fed one token at a time over its own cache, equal
+    """The wrapped stages, the step fed one token at a time over its own cache, equal
     ``MarianMTModel.forward`` on the whole prefix (logits and every layer's cross-attention at
     every position) — so the graphs, which are verified against the stages, are verified against
     transformers. Returns the worst |diff|."""
-    encode, step = (p.module for p in graph_plans)
+    stages: Any = graph_plans[0].module.model  # the MarianKV both graph plans wrap
     worst = 0.0
     for i, shape in enumerate(SEQ_SHAPES):
         gen = torch.Generator().manual_seed(200 + i)
@@ -161,12 +158,12 @@ def verify_against_transformers(model: MarianMTModel, graph_plans: list[GraphPla
         vocab = int(model.final_logits_bias.shape[-1])
         tokens = torch.randint(4, vocab, (b, length), generator=gen)
         with torch.no_grad():
-            _, cross_keys, cross_values = encode(src, mask)
-            keys = torch.zeros(*cross_keys.shape[:3], 0, cross_keys.shape[-1])
+            _, cross_keys, cross_values = stages.encode_kv(src, mask)
+            keys = [torch.zeros(*k.shape[:2], 0, k.shape[-1]) for k in cross_keys]
             values, past = keys, torch.zeros(b, 0, dtype=torch.bool)
             logits, cross = [], []
             for t in range(length):
-                out, keys, values, attn = step(
+                out, keys, values, attn = stages.step_kv(
                     tokens[:, t], torch.full((b,), t), keys, values, past, cross_keys, cross_values, mask
                 )
                 past = torch.cat([past, torch.ones(b, 1, dtype=torch.bool)], dim=1)
@@ -175,7 +172,7 @@ def verify_against_transformers(model: MarianMTModel, graph_plans: list[GraphPla
             ref = model(
                 input_ids=src, attention_mask=mask.long(), decoder_input_ids=tokens, output_attentions=True
             )
-        want_logits = ref.logits.masked_fill(step.banned, BANNED)  # what NoBadWords does, finite
+        want_logits = ref.logits.masked_fill(stages.banned, BANNED)  # what NoBadWords does, finite
         want_cross = torch.stack(ref.cross_attentions, dim=1)  # (B, layers, heads, T, S)
         got_logits, got_cross = torch.stack(logits, dim=1), torch.stack(cross, dim=3)
         diff = max(float((got_logits - want_logits).abs().max()), float((got_cross - want_cross).abs().max()))
@@ -221,7 +218,7 @@ def translation_spec(model: MarianMTModel, checkpoint: Path, staging: Path) -> T
         target_language=target_lang,
         source_tokenizer=sides[SOURCE_TOKENIZER],
         target_tokenizer=sides[TARGET_TOKENIZER],
-        decoder="transformer-kv",
+        decoder="transformer-kv-layers",
         max_source_tokens=min(int(tok_cfg.get("model_max_length") or positions), positions),
         # generate's max_length counts the start token; the service's limit counts generated ones
         max_target_tokens=min((generation.max_length or positions) - 1, positions - 1),

@@ -4,14 +4,14 @@ Attention is written out (``softmax(QKᵀ/√d + mask) V``) instead of using SDP
 ``nn.MultiheadAttention`` fast path, so the probabilities are a real tensor we can return and the
 ONNX graph carries them as named outputs.
 
-Exported stages (the ``transformer-kv`` decoder contract): ``encode_kv(src, src_mask) → memory
-and every decoder layer's cross-attention keys/values`` and ``step_kv`` — one new token per row
-over a cache of the past self-attention keys/values → logits, the present keys/values, and the
-cross-attention of that step. A step costs O(T) instead of recomputing the prefix (O(T²) per
-sentence), and rows with different numbers of past positions share a call (the past is masked
-per row), which is what iteration-level batching needs. ``step`` (whole prefix) stays as the
-reference the cached graphs are verified against, and as the ``transformer`` contract of
-repositories exported before.
+Exported stages (the KV-cached decoder contracts of ``export/graphs.py``): ``encode_kv(src,
+src_mask) → memory and every decoder layer's cross-attention keys/values`` and ``step_kv`` — one
+new token per row over each layer's cache of past self-attention keys/values → logits, the
+present keys/values, and the cross-attention of that step. A step costs O(T) instead of
+recomputing the prefix (O(T²) per sentence), and rows with different numbers of past positions
+share a call (the past is masked per row), which is what iteration-level batching needs.
+``step`` (whole prefix) stays as the reference the cached graphs are verified against, and as
+the ``transformer`` contract of repositories exported before.
 """
 
 from __future__ import annotations
@@ -193,25 +193,24 @@ class Transformer(nn.Module):
     def decoder_layers(self) -> list[DecoderLayer]:
         return [cast(DecoderLayer, layer) for layer in self.decoder]
 
-    def encode_kv(self, src: Tensor, src_mask: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """src, src_mask (B, S) → memory (B, S, D) and every decoder layer's cross-attention keys and
-        values (B, layers, heads, S, dh), computed once per source instead of at every step."""
+    def encode_kv(self, src: Tensor, src_mask: Tensor) -> tuple[Tensor, list[Tensor], list[Tensor]]:
+        """src, src_mask (B, S) → memory (B, S, D) and each decoder layer's cross-attention keys and
+        values (B, heads, S, dh), computed once per source instead of at every step."""
         memory = self.encode(src, src_mask)
         pairs = [layer.cross_attn.keys_values(memory) for layer in self.decoder_layers]
-        keys, values = zip(*pairs, strict=True)
-        return memory, torch.stack(keys, dim=1), torch.stack(values, dim=1)
+        return memory, [k for k, _ in pairs], [v for _, v in pairs]
 
     def step_kv(
-        self, tokens: Tensor, positions: Tensor, past_keys: Tensor, past_values: Tensor, past_mask: Tensor,
-        cross_keys: Tensor, cross_values: Tensor, src_mask: Tensor,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:  # fmt: skip
-        """One decoder step over a self-attention KV cache (the ``transformer-kv`` contract).
+        self, tokens: Tensor, positions: Tensor, past_keys: list[Tensor], past_values: list[Tensor],
+        past_mask: Tensor, cross_keys: list[Tensor], cross_values: list[Tensor], src_mask: Tensor,
+    ) -> tuple[Tensor, list[Tensor], list[Tensor], Tensor]:  # fmt: skip
+        """One decoder step over a self-attention KV cache, one cache tensor per layer.
 
         tokens, positions (B,): each row's newest token and its position (0 for BOS);
-        past_keys/values (B, layers, heads, P, dh) with past_mask (B, P) — rows may hold different
-        numbers of past positions, the masked ones are ignored; cross_keys/values (B, layers, heads,
-        S, dh) from :meth:`encode_kv`, src_mask (B, S) →
-        logits (B, V), present keys/values (B, layers, heads, P + 1, dh), cross-attention
+        past_keys/values: per layer (B, heads, P, dh), with past_mask (B, P) — rows may hold
+        different numbers of past positions, the masked ones are ignored; cross_keys/values: per
+        layer (B, heads, S, dh) from :meth:`encode_kv`, src_mask (B, S) →
+        logits (B, V), present keys/values per layer (B, heads, P + 1, dh), cross-attention
         (B, layers, heads, S) of this step. Equals :meth:`step` on the whole prefix.
         """
         scale = math.sqrt(self.cfg.d_model)
@@ -221,14 +220,13 @@ class Transformer(nn.Module):
         keys, values, cross = [], [], []
         for i, layer in enumerate(self.decoder_layers):
             x, k, v, probs = layer.step(
-                x, (past_keys[:, i], past_values[:, i]), self_bias, (cross_keys[:, i], cross_values[:, i]),
-                src_bias,
-            )  # fmt: skip
+                x, (past_keys[i], past_values[i]), self_bias, (cross_keys[i], cross_values[i]), src_bias
+            )
             keys.append(k)
             values.append(v)
             cross.append(probs[:, :, 0])  # (B, heads, S)
         logits = self.generator(self.dec_norm(x))[:, 0]
-        return logits, torch.stack(keys, dim=1), torch.stack(values, dim=1), torch.stack(cross, dim=1)
+        return logits, keys, values, torch.stack(cross, dim=1)
 
     def forward(self, src: Tensor, src_mask: Tensor, tgt_in: Tensor) -> tuple[Tensor, Tensor]:
         """Teacher forcing → logits (B, T, V), last layer's head-mean cross-attention (B, T, S)."""

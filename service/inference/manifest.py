@@ -117,20 +117,23 @@ class TranslationSpec(_Strict):
       ``src_mask``; outputs ``logits`` for the last position and ``cross_attention``
       (B, layers, heads, S) for it. Each step recomputes the prefix (repositories exported before
       the KV-cached contract; still served).
-    * ``transformer-kv``: the encoder also outputs ``cross_keys`` and ``cross_values``
-      (B, layers, heads, S, dh); the step takes one new token per row — ``tokens`` and its
-      ``positions`` (B,) — with the cached ``past_keys``/``past_values`` (B, layers, heads, P, dh),
-      ``past_mask`` (B, P) (rows may hold different numbers of positions; masked ones are
-      ignored), ``cross_keys``, ``cross_values`` and ``src_mask``; outputs ``logits``,
-      ``present_keys``/``present_values`` (B, layers, heads, P + 1, dh) and ``cross_attention``
-      (B, layers, heads, S).
+    * ``transformer-kv-layers`` (what export writes): the encoder also outputs each decoder
+      layer i's ``cross_keys.{i}`` and ``cross_values.{i}`` (B, heads, S, dh); the step takes one
+      new token per row — ``tokens`` and its ``positions`` (B,) — with each layer's cached
+      ``past_keys.{i}``/``past_values.{i}`` (B, heads, P, dh), ``past_mask`` (B, P) (rows may hold
+      different numbers of positions; masked ones are ignored), ``cross_keys.{i}``,
+      ``cross_values.{i}`` and ``src_mask``; outputs ``logits``, ``cross_attention``
+      (B, layers, heads, S) and ``present_keys.{i}``/``present_values.{i}`` (B, heads, P + 1, dh).
+    * ``transformer-kv``: the same with every layer in one tensor per kind — ``cross_keys``,
+      ``past_keys``, ``present_keys``… (B, layers, heads, ·, dh) (repositories exported before
+      the per-layer contract; still served).
     """
 
     source_language: str
     target_language: str
     source_tokenizer: TokenizerSpec
     target_tokenizer: TokenizerSpec
-    decoder: Literal["rnn", "transformer", "transformer-kv"]
+    decoder: Literal["rnn", "transformer", "transformer-kv", "transformer-kv-layers"]
     state_size: int | None = Field(default=None, gt=0)
     max_source_tokens: int = Field(gt=0)
     max_target_tokens: int = Field(gt=0)

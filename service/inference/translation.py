@@ -19,25 +19,30 @@ from service.inference.decoding import Hypothesis, log_softmax, new_search, run_
 from service.inference.manifest import Manifest
 from service.inference.runtime import GraphSession
 
-#: encoder outputs a decoder step reads, and the axis of each that runs along the source
-SOURCE_AXIS = {"memory": 1, "cross_keys": 3, "cross_values": 3}
+#: the decoder contracts whose state is a :class:`KVCache`
+KV_CONTRACTS = ("transformer-kv-layers", "transformer-kv")
+#: cache inputs are ``past_*``, the step returns them as ``present_*``; ``cross_*`` (from the
+#: encoder) have the same layout with the source in place of the past positions
+PAST, PRESENT, CROSS = "past_", "present_", "cross_"
 
 
 @dataclass
 class KVCache:
-    """The ``transformer-kv`` decoder state: past self-attention keys and values
-    (N, layers, heads, P, dh) and which of the P positions each row really holds (N, P). Rows that
-    joined a running batch later hold fewer positions: theirs are right-aligned, the rest masked."""
+    """The KV-cached decoder state: the past self-attention keys and values by the step's input
+    names — ``past_keys.{i}``/``past_values.{i}`` (N, heads, P, dh) per layer, or the packed
+    ``past_keys``/``past_values`` (N, layers, heads, P, dh) of older repositories; positions are
+    the second-to-last axis of each — and which of the P positions each row really holds (N, P).
+    Rows that joined a running batch later hold fewer positions: theirs are right-aligned, the
+    rest masked."""
 
-    keys: np.ndarray
-    values: np.ndarray
+    tensors: dict[str, np.ndarray]
     mask: np.ndarray
 
     def __getitem__(self, index: np.ndarray) -> KVCache:
         mask = self.mask[index]
         held = mask.any(axis=0)
         start = int(held.argmax()) if held.any() else mask.shape[1]  # drop columns nobody holds
-        return KVCache(self.keys[index, ..., start:, :], self.values[index, ..., start:, :], mask[:, start:])
+        return KVCache({k: v[index, ..., start:, :] for k, v in self.tensors.items()}, mask[:, start:])
 
     @property
     def positions(self) -> int:
@@ -47,11 +52,11 @@ class KVCache:
     def concat(caches: list[KVCache]) -> KVCache:
         """Rows of several caches in one, the shorter ones padded (masked) on the left."""
         width = max(c.positions for c in caches)
-        return KVCache(
-            join([c.keys for c in caches], 3, width, left=True),
-            join([c.values for c in caches], 3, width, left=True),
-            join([c.mask for c in caches], 1, width, left=True),
-        )
+        tensors = {
+            k: join([c.tensors[k] for c in caches], v.ndim - 2, width, left=True)
+            for k, v in caches[0].tensors.items()
+        }
+        return KVCache(tensors, join([c.mask for c in caches], 1, width, left=True))
 
 
 def join(arrays: list[np.ndarray], axis: int, width: int, left: bool = False) -> np.ndarray:
@@ -74,8 +79,9 @@ def join(arrays: list[np.ndarray], axis: int, width: int, left: bool = False) ->
 
 @dataclass
 class RowBatch:
-    """Decoder rows: per row its source mask, the encoder outputs the step reads, and its decoder
-    state (an RNN's hidden state, a :class:`KVCache`, or None for the whole-prefix contract).
+    """Decoder rows: per row its source mask, the encoder outputs the step reads (``memory``,
+    cross-attention keys/values: the source runs along the second-to-last axis of each), and its
+    decoder state (an RNN's hidden state, a :class:`KVCache`, or None for the whole-prefix contract).
     Indexing takes rows (a beam's reordering, finished rows leaving); :meth:`concat` joins rows of
     different batches, padding the source on the right."""
 
@@ -89,7 +95,7 @@ class RowBatch:
     def __getitem__(self, index: np.ndarray) -> RowBatch:
         mask = self.src_mask[index]
         width = int(mask.sum(axis=1).max()) if len(mask) else 0  # drop padding nobody needs
-        tensors = {k: _rows(v, index, SOURCE_AXIS[k], width) for k, v in self.tensors.items()}
+        tensors = {k: _rows(v, index, v.ndim - 2, width) for k, v in self.tensors.items()}
         return RowBatch(mask[:, :width], tensors, None if self.state is None else self.state[index])
 
     @staticmethod
@@ -98,9 +104,7 @@ class RowBatch:
             return batches[0]
         width = max(b.src_mask.shape[1] for b in batches)
         tensors = {
-            k: join([b.tensors[k] for b in batches], axis, width)
-            for k, axis in SOURCE_AXIS.items()
-            if k in batches[0].tensors
+            k: join([b.tensors[k] for b in batches], v.ndim - 2, width) for k, v in batches[0].tensors.items()
         }
         states = [b.state for b in batches]
         state: Any = None
@@ -109,6 +113,11 @@ class RowBatch:
         elif states[0] is not None:
             state = np.concatenate(states)
         return RowBatch(join([b.src_mask for b in batches], 1, width), tensors, state)
+
+
+def _empty_past(cross: np.ndarray) -> np.ndarray:
+    """A cache of no positions, laid out like the cross-attention keys/values it goes with."""
+    return np.zeros((*cross.shape[:-2], 0, cross.shape[-1]), dtype=cross.dtype)
 
 
 def _rows(a: np.ndarray, index: np.ndarray, axis: int, width: int) -> np.ndarray:
@@ -174,15 +183,18 @@ class Translator:
         state: Any = None
         if self.spec.decoder == "rnn":
             state = encoded["init_state"]
-        elif self.spec.decoder == "transformer-kv":
-            keys = encoded["cross_keys"]
-            empty = np.zeros((*keys.shape[:3], 0, keys.shape[4]), dtype=keys.dtype)
-            state = KVCache(empty, empty, np.zeros((len(rows), 0), dtype=bool))
-        tensors = {k: encoded[k] for k in SOURCE_AXIS if k in encoded and self._reads(k)}
+        elif self.spec.decoder in KV_CONTRACTS:
+            state = KVCache(
+                {name: _empty_past(encoded[CROSS + name.removeprefix(PAST)]) for name in self.past_names},
+                np.zeros((len(rows), 0), dtype=bool),
+            )
+        tensors = {k: v for k, v in encoded.items() if k in self.decoder.input_names}
         return RowBatch(mask, tensors, state)
 
-    def _reads(self, name: str) -> bool:
-        return name in self.decoder.input_names
+    @property
+    def past_names(self) -> list[str]:
+        """The step's cache inputs: ``past_keys.0``… (``past_mask`` is the cache's mask)."""
+        return [n for n in self.decoder.input_names if n.startswith(PAST) and n != "past_mask"]
 
     def step(
         self, batch: RowBatch, tokens: np.ndarray, positions: np.ndarray, prefixes: np.ndarray | None
@@ -198,22 +210,15 @@ class Translator:
             feeds["tokens"] = prefixes
         else:
             cache: KVCache = batch.state
-            feeds |= {
-                "tokens": tokens,
-                "positions": positions,
-                "past_keys": cache.keys,
-                "past_values": cache.values,
-                "past_mask": cache.mask,
-            }
+            feeds |= {"tokens": tokens, "positions": positions, "past_mask": cache.mask, **cache.tensors}
         out = self.decoder.run(feeds)
         state: Any = None
         if contract == "rnn":
             state = out["new_state"]
-        elif contract == "transformer-kv":
+        elif contract in KV_CONTRACTS:
             now = np.ones((len(tokens), 1), dtype=bool)
-            state = KVCache(
-                out["present_keys"], out["present_values"], np.concatenate([cache.mask, now], axis=1)
-            )
+            present = {PAST + k.removeprefix(PRESENT): v for k, v in out.items() if k.startswith(PRESENT)}
+            state = KVCache(present, np.concatenate([cache.mask, now], axis=1))
         attention = out["attention"] if contract == "rnn" else out["cross_attention"]
         return log_softmax(out["logits"]), attention, RowBatch(batch.src_mask, batch.tensors, state)
 

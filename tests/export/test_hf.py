@@ -225,7 +225,7 @@ def test_marian_tokenizers_match_marian_tokenizer(marian_checkpoint: Path) -> No
 def test_marian_checkpoint_translates_like_generate(marian_checkpoint: Path, marian_version: Path) -> None:
     manifest = Manifest.load(marian_version)
     spec = manifest.translation
-    assert spec is not None and manifest.family == "hf-marian" and spec.decoder == "transformer-kv"
+    assert spec is not None and manifest.family == "hf-marian" and spec.decoder == "transformer-kv-layers"
     model, tokenizer = hf_marian(marian_checkpoint)
     pad = tokenizer.pad_token_id
     assert spec.target_tokenizer.bos_id == model.config.decoder_start_token_id == pad

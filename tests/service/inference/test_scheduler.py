@@ -1,6 +1,6 @@
 """The per-model translation scheduler, without Ray or ONNX Runtime.
 
-The decoder here is a deterministic numpy stand-in with the ``transformer-kv`` shapes: its
+The decoder here is a deterministic numpy stand-in with the ``transformer-kv-layers`` shapes (one layer): its
 "encoder" keeps the source ids (right-padded, like a real batch), its cache holds the tokens each
 row fed (left-padded, masked), and a row's logits depend only on its own source, its own unmasked
 past and its position. So a row mixed up with another, a cache reordered wrongly for a beam, or
@@ -51,8 +51,9 @@ class TableDecoder:
         for i, r in enumerate(rows):
             ids[i, : len(r), 0] = r
         mask = np.arange(width)[None, :] < np.array([len(r) for r in rows])[:, None]
-        empty = np.zeros((len(rows), 1, 1, 0, 1), dtype=np.float32)
-        return RowBatch(mask, {"memory": ids}, KVCache(empty, empty, np.zeros((len(rows), 0), dtype=bool)))
+        empty = np.zeros((len(rows), 1, 0, 1), dtype=np.float32)
+        cache = KVCache({"past_keys.0": empty, "past_values.0": empty}, np.zeros((len(rows), 0), dtype=bool))
+        return RowBatch(mask, {"memory": ids}, cache)
 
     def step(
         self, batch: RowBatch, tokens: np.ndarray, positions: np.ndarray, prefixes: np.ndarray | None
@@ -63,10 +64,11 @@ class TableDecoder:
         if self.fail_on == self.calls:
             raise RuntimeError("the graph failed")
         cache: KVCache = batch.state
-        assert len(cache.keys) == len(tokens) == len(batch.src_mask) == len(positions)
+        keys = cache.tensors["past_keys.0"]
+        assert len(keys) == len(tokens) == len(batch.src_mask) == len(positions)
         source = (batch.tensors["memory"][..., 0] * batch.src_mask).sum(axis=1)  # (N,)
         length = batch.src_mask.sum(axis=1)
-        past = (cache.keys[:, 0, 0, :, 0] * cache.mask).sum(axis=1)  # (N,)
+        past = (keys[:, 0, :, 0] * cache.mask).sum(axis=1)  # (N,)
         held = cache.mask.sum(axis=1)
         assert (held == positions).all(), "a row's cache must hold exactly its own past"
         seed = source * 7.1 + past * 3.3 + tokens * 1.7 + positions * 0.9
@@ -75,10 +77,9 @@ class TableDecoder:
         logits[:, BOS] = -9.0
         attention = batch.src_mask / length[:, None]  # (N, S)
         attention = attention * (1 + 0.01 * positions[:, None])
-        new = tokens.astype(np.float32).reshape(-1, 1, 1, 1, 1)
+        new = tokens.astype(np.float32).reshape(-1, 1, 1, 1)
         state = KVCache(
-            np.concatenate([cache.keys, new], axis=3),
-            np.concatenate([cache.values, new], axis=3),
+            {k: np.concatenate([v, new], axis=2) for k, v in cache.tensors.items()},
             np.concatenate([cache.mask, np.ones((len(tokens), 1), dtype=bool)], axis=1),
         )
         logp = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
