@@ -4,7 +4,7 @@ CTranslate2 (Klein et al. 2020, OpenNMT) is the usual fast CPU engine for Marian
 it is the yardstick for our decoder. Both engines run the *same* Marian checkpoint of
 opus-mt-en-de's shape (``benchmarks/ct2_checkpoint.py``: d 512, 6 + 6 layers, 8 heads, FFN 2048,
 random weights, ``</s>`` biased away so every translation is exactly ``--max-length`` tokens):
-ours through ``export import-hf`` (the ``transformer-kv`` graphs on ONNX Runtime), CTranslate2's
+ours through ``export import-hf`` (the ``transformer-kv-layers`` graphs on ONNX Runtime), CTranslate2's
 through ``ct2-transformers-converter``, in a virtual environment of its own with pinned versions
 (:data:`CT2_PINS`; ``benchmarks/ct2_runner.py`` is its side). Both compute on one thread.
 
@@ -86,11 +86,15 @@ def ct2_venv(directory: Path) -> Path:
 
 
 def import_ours(checkpoint: Path, repository: Path) -> Path:
-    """``export import-hf`` of the checkpoint (again only when its weights changed)."""
+    """``export import-hf`` of the checkpoint (again only when its weights or the decoder contract
+    that export writes changed)."""
     version = repository / MODEL / "1"
     weights = file_sha256(checkpoint / "model.safetensors")
-    if (version / "manifest.json").is_file() and Manifest.load(version).checkpoint_sha256 == weights:
-        return version
+    if (version / "manifest.json").is_file():
+        manifest = Manifest.load(version)
+        contract = manifest.translation.decoder if manifest.translation else None
+        if manifest.checkpoint_sha256 == weights and contract == "transformer-kv-layers":
+            return version
     print("export import-hf (ONNX export and the parity checks: a minute or two)", flush=True)
     cmd = [sys.executable, "-m", "export", "import-hf", str(checkpoint), "--name", MODEL,
            "--repository", str(repository), "--force"]  # fmt: skip
@@ -306,6 +310,8 @@ def main(argv: list[str] | None = None) -> int:
     step = ct2_offline.step_profile(version, texts, args.max_length // 2)
     spy = {} if args.no_profile else profile_ours(configs[OURS][0], texts, args, logs)
     results = summarise(args, checkpoint, python, texts, offline, served, load)
+    spec = Manifest.load(version).translation
+    results["decoder_contract"] = spec.decoder if spec else None
     results |= {"in_process": report.median_row(in_process), "step_profile": step, "replica_profile": spy}
     results["goals"] = ct2_report.goals(results, OURS, f"ctranslate2-{args.ct2_compute[0]}")
     args.out.mkdir(parents=True, exist_ok=True)
