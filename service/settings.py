@@ -71,6 +71,9 @@ class Limits(BaseModel):
     #: requests waiting in a model's queue beyond which new ones are shed with 503
     max_queued_requests: int = Field(128, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
+    #: a streamed answer whose client stops reading: after this long blocked on one write, the
+    #: stream ends and the request's rows leave the batch (nothing is buffered without bound)
+    stream_write_timeout_s: float = Field(10.0, gt=0)
 
 
 class Settings(BaseSettings):

@@ -13,6 +13,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from service.api.rest_codec import answer_json, classify_job, classify_json_job, translate_job
+from service.api.rest_stream import translate_stream, wants_stream
 from service.api.routes import ServerDep, direct_post, server_from
 from service.api.schemas import (
     ClassifyOptions,
@@ -97,6 +98,8 @@ async def translate(request: Request, name: str) -> Response:
     except ValidationError as exc:
         raise InvalidInput(validation_message(exc)) from exc
     job = translate_job(body)
+    if wants_stream(body, request.headers.get("accept", "")):
+        return await translate_stream(server, name, body, job)
     _, [answer], elapsed_ms = await server.predict_many(name, "translation", "translate", [job])
     return Response(answer_json(answer, body, elapsed_ms), media_type="application/json")
 

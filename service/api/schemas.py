@@ -42,6 +42,11 @@ class TranslateRequest(_Request):
         "default",
         description="Transformer: 'default' = last layer, heads averaged; 'all' adds every layer and head",
     )
+    stream: bool = Field(
+        False,
+        description="answer text/event-stream: a 'token' event per output token as it is chosen (greedy; "
+        "beam search sends the answer alone), then an 'answer' event with the whole answer",
+    )
 
     @model_validator(mode="after")
     def _texts(self) -> TranslateRequest:

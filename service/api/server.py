@@ -11,7 +11,7 @@ whatever the protocol and whatever the hosting: a model is anything with ``predi
 
 import asyncio
 import time
-from collections.abc import Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Mapping
 from typing import Any, Protocol
 
 from fastapi import Request
@@ -24,7 +24,7 @@ from service.errors import (
     ServiceError,
     WrongTask,
 )
-from service.inference.jobs import Answer
+from service.inference.jobs import Answer, TokenEvent
 from service.inference.repository import ModelEntry
 from service.settings import Settings
 
@@ -34,6 +34,8 @@ CLIENT_CLOSED = 499
 
 class Model(Protocol):
     def predict(self, job: Any) -> Awaitable[Answer]: ...
+
+    def stream(self, job: Any) -> AsyncIterator[TokenEvent | Answer]: ...
 
     def info(self) -> Awaitable[dict[str, Any]]: ...
 
@@ -140,3 +142,40 @@ class Server:
             label = name if name in self.entries else "_unknown"
             self.metrics.record(label, route, status, time.perf_counter() - start)
         return entry, answers, round((time.perf_counter() - start) * 1000, 3)
+
+    async def stream(
+        self, name: str, task: str | None, route: str, request: Any, version: str | None = None
+    ) -> AsyncIterator[tuple[ModelEntry, TokenEvent | Answer, float]]:
+        """One request's events — a translation's tokens as they are chosen, then its answer
+        (``ModelWorker.stream``) — each with the model and the milliseconds since the request
+        began, under the limits, deadline and request metrics of :meth:`predict_many`. The deadline
+        covers the whole stream. Closing the iterator early (the client left) cancels the request."""
+        start = time.perf_counter()
+        status = 500
+        events: AsyncIterator[TokenEvent | Answer] | None = None
+        try:
+            entry = self.resolve(name, task, version)
+            limits.check(request, self.settings.limits)
+            timeout = self.settings.limits.request_timeout_s
+            events = self.models[name].stream(request)
+            while True:
+                try:
+                    left = start + timeout - time.perf_counter()
+                    event = await asyncio.wait_for(anext(events), max(left, 0))
+                except StopAsyncIteration:
+                    break
+                except TimeoutError as exc:  # the cancelled wait ended the model's stream
+                    raise DeadlineExceeded(f"model {name!r} did not answer within {timeout} s") from exc
+                yield entry, event, round((time.perf_counter() - start) * 1000, 3)
+            status = 200
+        except ServiceError as exc:
+            status = exc.http_status
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
+            status = CLIENT_CLOSED
+            raise
+        finally:
+            if events is not None:
+                await events.aclose()  # type: ignore[attr-defined]
+            label = name if name in self.entries else "_unknown"
+            self.metrics.record(label, route, status, time.perf_counter() - start)

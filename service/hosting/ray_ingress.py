@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+from collections.abc import AsyncIterator
 from typing import Any
 
 import ray
@@ -26,7 +27,7 @@ from service.api.http import create_app
 from service.api.server import Server
 from service.errors import Overloaded, ServiceError
 from service.hosting.metrics import IngressMetrics, ModelMetrics
-from service.inference.jobs import Answer
+from service.inference.jobs import Answer, TokenEvent
 from service.inference.model_set import ModelSet
 from service.inference.repository import ModelEntry, load_entry
 from service.inference.worker import max_ongoing_requests
@@ -68,6 +69,15 @@ class ModelDeployment:
         except ServiceError as exc:
             return exc
 
+    async def stream(self, request: Any) -> AsyncIterator[TokenEvent | Answer | ServiceError]:
+        """The worker's stream (tokens, then the answer); a refusal is the last item, as in
+        :meth:`predict`. Ray cancels this generator when the ingress stops reading it."""
+        try:
+            async for event in self.models.workers[self.name].stream(request):
+                yield event
+        except ServiceError as exc:
+            yield exc
+
 
 def model_deployment(entry: ModelEntry, settings: Settings) -> Any:
     """The bound deployment for one model, with its replica, queue and resource options."""
@@ -97,6 +107,18 @@ class RemoteModel:
         if isinstance(answer, ServiceError):  # a refusal travels as a value (ModelDeployment.predict)
             raise answer
         return answer
+
+    async def stream(self, request: Any) -> AsyncIterator[TokenEvent | Answer]:
+        events: Any = self.handle.options(stream=True).stream.remote(request)
+        try:
+            async for event in events:
+                if isinstance(event, ServiceError):
+                    raise event
+                yield event
+        except BackPressureError as exc:
+            raise Overloaded("the model is overloaded; retry later") from exc
+        finally:
+            events.cancel()  # the ingress stopped reading: the replica's generator ends too
 
     async def info(self) -> dict[str, Any]:
         return await self.handle.info.remote()

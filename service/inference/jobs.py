@@ -68,6 +68,22 @@ class Classified:
 
 
 @dataclass(frozen=True)
+class TokenEvent:
+    """One output token of a streamed translation, as the scheduler chose it."""
+
+    text_index: int  # which of the request's texts
+    index: int  # its position in that text's target_tokens
+    token_id: int
+    token: str  # the token as the vocabulary spells it (as target_tokens list it)
+    piece: str  # the text it adds to the translation ("" for EOS)
+    logprob: float
+    #: when attention was asked for: this token's alignment row over the text's source tokens
+    #: (S,), and with attention "all" every layer's and head's (layers, heads, S)
+    alignment: np.ndarray | None = field(default=None, repr=False)
+    layers: np.ndarray | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
 class AnswerMetrics:
     queue_wait_ms: float
     compute_ms: float

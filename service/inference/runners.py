@@ -17,14 +17,15 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
+from tokenizers.decoders import DecodeStream
 
 from service.errors import InvalidInput, ResponseTooLarge
 from service.inference import attention as maps
 from service.inference.batching import group_by, length_buckets
 from service.inference.decoding import Hypothesis
-from service.inference.jobs import Classified, ClassifyJob, Translated, TranslateJob
+from service.inference.jobs import Classified, ClassifyJob, TokenEvent, Translated, TranslateJob
 from service.inference.repository import ModelEntry
-from service.inference.scheduler import Options
+from service.inference.scheduler import Options, StepToken
 from service.inference.translation import Translation, Translator
 from service.inference.vision import Classifier, decode_image, pixels_to_image, preprocess
 from service.settings import Limits
@@ -53,6 +54,14 @@ class TranslateWork:
     tokens: list[list[str]]
 
 
+@dataclass
+class TokenStreams:
+    """Per text of a streamed translation: its incremental detokeniser and tokens so far."""
+
+    decoders: list[DecodeStream]
+    produced: list[int]
+
+
 class TranslationRunner:
     def __init__(self, entry: ModelEntry, providers: list[str], threads: int, limits: Limits) -> None:
         self.entry = entry
@@ -71,6 +80,35 @@ class TranslationRunner:
 
     def finish(self, work: TranslateWork, hypotheses: list[Hypothesis]) -> list[Translation]:
         return [self.translator.result(h, t) for h, t in zip(hypotheses, work.tokens, strict=True)]
+
+    def token_streams(self, work: TranslateWork) -> TokenStreams:
+        """What :meth:`token_event` keeps per text of a streamed translation."""
+        return TokenStreams([DecodeStream(skip_special_tokens=True) for _ in work.ids], [0] * len(work.ids))
+
+    def token_event(self, work: TranslateWork, streams: TokenStreams, token: StepToken) -> TokenEvent:
+        """A token the scheduler chose → the event a client receives: its spelling, the text it
+        adds (incremental detokenisation, as the whole answer's text decodes) and, when asked
+        for, its attention over the text's own source tokens."""
+        tokenizer = self.translator.target_tokenizer
+        i = token.text
+        index = streams.produced[i]
+        streams.produced[i] += 1
+        piece = streams.decoders[i].step(tokenizer, token.token) or ""
+        alignment = layers = None
+        if work.job.attention != "none":
+            row = token.attention[..., : len(work.ids[i])]  # the batch's padding columns dropped
+            alignment = maps.alignment(row[None])[0]
+            layers = row if work.job.attention == "all" and row.ndim == 3 else None
+        return TokenEvent(
+            text_index=i,
+            index=index,
+            token_id=token.token,
+            token=tokenizer.id_to_token(token.token) or "",
+            piece=piece,
+            logprob=token.logprob,
+            alignment=alignment,
+            layers=layers,
+        )
 
     def preprocess(self, request: TranslateJob) -> TranslateWork:
         texts = request.texts

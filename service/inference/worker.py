@@ -24,16 +24,16 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any, Protocol
 
 from service.errors import InferenceFailed, Overloaded, ServiceError
 from service.inference.batcher import Batcher
-from service.inference.jobs import Answer, AnswerMetrics, Translated
+from service.inference.jobs import Answer, AnswerMetrics, TokenEvent, Translated
 from service.inference.repository import ModelEntry
 from service.inference.runners import TranslateWork, TranslationRunner, make_runner
 from service.inference.runtime import choose_providers
-from service.inference.scheduler import TranslationScheduler
+from service.inference.scheduler import OnTokens, StepToken, TranslationScheduler
 from service.settings import Settings
 
 log = logging.getLogger("ray.serve")
@@ -128,11 +128,41 @@ class ModelWorker:
 
     async def predict(self, job: Any) -> Answer:
         """Preprocess here (per request), infer in batches, postprocess here."""
-        if self.held >= self.capacity:
-            raise Overloaded(f"model {self.entry.name!r} is overloaded; retry later")
-        work = self.runner.preprocess(job)
+        work = self._accept(job)
         if self.scheduler is not None:
             return await self._decode(work)
+        return await self._batched(work)
+
+    async def stream(self, job: Any) -> AsyncIterator[TokenEvent | Answer]:
+        """A translation's tokens as the scheduler chooses them (:class:`TokenEvent`), then its
+        :class:`Answer` — the one :meth:`predict` gives. Beam search, and models that decode in
+        static batches (whole-prefix graphs, images), yield the answer alone: a beam's best
+        prefix can change until it ends. Closing the iterator early (a client gone) takes the
+        request's rows out of the batch at the next step. What waits here is bounded by the
+        request's own tokens (texts × its target limit): the scheduler never runs ahead of that."""
+        work = self._accept(job)
+        runner = self.runner
+        if self.scheduler is None or not isinstance(runner, TranslationRunner) or work.job.beam_size > 1:
+            yield await (self._decode(work) if self.scheduler is not None else self._batched(work))
+            return
+        chosen: asyncio.Queue[list[StepToken] | None] = asyncio.Queue()
+        decoding = asyncio.ensure_future(self._decode(work, chosen.put_nowait))
+        decoding.add_done_callback(lambda _: chosen.put_nowait(None))
+        streams = runner.token_streams(work)
+        try:
+            while (tokens := await chosen.get()) is not None:
+                for token in tokens:
+                    yield runner.token_event(work, streams, token)
+            yield decoding.result()
+        finally:
+            decoding.cancel()  # done already, or the caller left: its rows leave the batch
+
+    def _accept(self, job: Any) -> Any:
+        if self.held >= self.capacity:
+            raise Overloaded(f"model {self.entry.name!r} is overloaded; retry later")
+        return self.runner.preprocess(job)
+
+    async def _batched(self, work: Any) -> Answer:
         size = self.runner.size(work)
         if size <= self.max_batch_size:
             done = [await self.batcher.submit(work, size)]
@@ -156,12 +186,12 @@ class ModelWorker:
         )
         return Answer(self.entry.name, self.entry.version, result, metrics)
 
-    async def _decode(self, work: TranslateWork) -> Answer:
+    async def _decode(self, work: TranslateWork, on_tokens: OnTokens | None = None) -> Answer:
         """A translation through the model's scheduler: its texts join the running batch at the
         next decoder step and it is answered as soon as its last text is done."""
         assert self.scheduler is not None and isinstance(self.runner, TranslationRunner)
         with self._runtime_failures("decoding"):
-            decoded = await self.scheduler.submit(work.ids, self.runner.options(work.job))
+            decoded = await self.scheduler.submit(work.ids, self.runner.options(work.job), on_tokens)
         result = self.runner.postprocess(work, self.runner.finish(work, decoded.hypotheses))
         tokens = result.tokens_generated
         longest = max(len(t.target_tokens) for t in result.translations)

@@ -1,0 +1,128 @@
+"""Streamed translations over REST: Server-Sent Events (``text/event-stream``).
+
+``POST /v1/models/{name}/translate`` with ``"stream": true`` (or ``Accept: text/event-stream``)
+answers one ``token`` event per output token as the model's scheduler chooses it, then one
+``answer`` event with the whole answer — the JSON the non-streaming call gives, metrics included::
+
+    event: token
+    data: {"text_index":0,"index":0,"token":"▁2024","token_id":17,"text":"2024","logprob":-0.01}
+
+    event: answer
+    data: {"model":"dates-transformer","version":1,"translations":[...],"metrics":{...}}
+
+With ``return_attention`` each token event carries its alignment row over the text's source
+tokens (``attention``), and with ``attention_layers: "all"`` every layer's and head's row
+(``attention_layers``, layers × heads × source). Beam search sends the ``answer`` event alone (a
+beam's best prefix can change until it ends). An error before the first event is the ordinary
+JSON 4xx/5xx; one after it is an ``error`` event with the same ``{"error": ...}`` body, and the
+stream ends.
+
+A client that disconnects cancels the request: its rows leave the batch at the next decoder
+step. One that stops reading is not buffered for: a write blocked for longer than
+``limits.stream_write_timeout_s`` ends the stream, which cancels the request the same way.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import numpy as np
+from starlette.responses import StreamingResponse
+from starlette.types import Send
+
+from service.api.rest_codec import answer_json
+from service.api.schemas import TranslateRequest
+from service.api.server import Server
+from service.errors import ServiceError, unexpected
+from service.inference.jobs import Answer, TokenEvent, TranslateJob
+
+log = logging.getLogger(__name__)
+MEDIA_TYPE = "text/event-stream"
+
+
+def wants_stream(body: TranslateRequest, accept: str) -> bool:
+    return body.stream or MEDIA_TYPE in accept
+
+
+async def translate_stream(
+    server: Server, name: str, body: TranslateRequest, job: TranslateJob
+) -> StreamingResponse:
+    """The SSE response; raises (→ an ordinary JSON error) when the request fails before its
+    first event."""
+    events = server.stream(name, "translation", "translate_stream", job)
+    first = await anext(events)  # refusals and failures before any token: a plain error answer
+    return EventStream(_sse(first, events, body), server.settings.limits.stream_write_timeout_s)
+
+
+async def _sse(
+    first: tuple[Any, TokenEvent | Answer, float],
+    rest: AsyncIterator[tuple[Any, TokenEvent | Answer, float]],
+    body: TranslateRequest,
+) -> AsyncIterator[bytes]:
+    try:
+        _, event, elapsed = first
+        yield _encode(event, body, elapsed)
+        async for _, event, elapsed in rest:
+            yield _encode(event, body, elapsed)
+    except ServiceError as exc:
+        yield _event("error", json.dumps({"error": exc.message}).encode())
+    except Exception as exc:  # logged with its traceback and a request id, as every 500
+        yield _event("error", json.dumps({"error": unexpected(exc, "translate stream").message}).encode())
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]
+
+
+def _encode(event: TokenEvent | Answer, body: TranslateRequest, elapsed_ms: float) -> bytes:
+    if isinstance(event, Answer):
+        return _event("answer", answer_json(event, body, elapsed_ms))
+    return _event("token", json.dumps(token_json(event), ensure_ascii=False, separators=(",", ":")).encode())
+
+
+def token_json(event: TokenEvent) -> dict[str, Any]:
+    item: dict[str, Any] = {
+        "text_index": event.text_index, "index": event.index, "token": event.token,
+        "token_id": event.token_id, "text": event.piece, "logprob": round(event.logprob, 6),
+    }  # fmt: skip
+    if event.alignment is not None:
+        item["attention"] = _rounded(event.alignment)
+    if event.layers is not None:
+        item["attention_layers"] = _rounded(event.layers)
+    return item
+
+
+def _rounded(array: Any) -> Any:
+    return np.round(np.asarray(array, dtype=np.float64), 6).tolist()
+
+
+def _event(name: str, data: bytes) -> bytes:
+    return b"event: " + name.encode() + b"\ndata: " + data + b"\n\n"
+
+
+class EventStream(StreamingResponse):
+    """A ``text/event-stream`` response whose every write must complete within ``write_timeout_s``:
+    a client that stops reading fills the socket's buffers and blocks the write (uvicorn's flow
+    control); past the timeout the stream ends and its request is cancelled."""
+
+    media_type = MEDIA_TYPE
+
+    def __init__(self, content: AsyncIterator[bytes], write_timeout_s: float) -> None:
+        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.write_timeout_s = write_timeout_s
+
+    async def stream_response(self, send: Send) -> None:
+        await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
+        chunks: Any = self.body_iterator
+        try:
+            async for chunk in chunks:
+                message = {"type": "http.response.body", "body": chunk, "more_body": True}
+                await asyncio.wait_for(send(message), self.write_timeout_s)
+        except TimeoutError:
+            log.warning("a stream's client stopped reading for %s s: stream ended", self.write_timeout_s)
+            return  # the connection closes unfinished; the request was cancelled
+        finally:
+            await chunks.aclose()
+        await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -1,0 +1,162 @@
+"""Streamed translations in the inference core (``ModelWorker.stream`` over the scheduler), on
+real exported models without Ray: every token arrives as its step chooses it and the stream
+equals the answer (tokens, text, attention rows), under concurrent mixed traffic on two models;
+beam search answers alone; a caller that leaves frees its rows at the next step while the others
+decode on, undisturbed."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+
+from export import checkpoint
+from export.models.transformer import Transformer
+from service.inference import attention as maps
+from service.inference.jobs import Answer, TokenEvent, TranslateJob
+from service.inference.manifest import Manifest
+from service.inference.repository import ModelEntry
+from service.inference.worker import ModelWorker, NoMetrics
+from service.settings import Settings
+
+pytestmark = pytest.mark.slow
+DATES = ["5 mars 2024", "Tuesday, July 4, 1995", "31.12.1999", "3 juin 1980", "Samstag, 15. Mai 1976",
+         "1 janvier 2000", "martes, 9 de abril de 2019", "Dec 24, 1850", "7/8/2011"]  # fmt: skip
+
+
+class RowsSeen(NoMetrics):
+    """The worker's rows-in-flight gauge as it reports it after every step."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+
+    def stepped(self, rows: int, tokens: int) -> None:
+        self.rows.append(rows)
+
+
+def worker(version: Path, metrics: Any = None) -> ModelWorker:
+    entry = ModelEntry(version.parent.name, int(version.name), version, Manifest.load(version))
+    return ModelWorker(entry, Settings(repository=version.parent.parent), "r", "n", metrics)
+
+
+def endless(tiny_repository: Path, directory: Path) -> Path:
+    """dates-transformer's architecture with random weights that never choose EOS, 500 target
+    tokens allowed: a decode that runs until it is stopped."""
+    from benchmarks.decoding import export_version
+
+    trained = checkpoint.load(tiny_repository.parent / "checkpoints" / "dates-transformer").model
+    assert isinstance(trained, Transformer)
+    torch.manual_seed(3)
+    model = Transformer(dataclasses.replace(trained.cfg, max_len=512)).eval()
+    like = tiny_repository / "dates-transformer" / "1"
+    eos = Manifest.load(like).translation.target_tokenizer.eos_id  # type: ignore[union-attr]
+    with torch.no_grad():
+        model.generator.bias[eos] = -1e4
+    return export_version(model, like, directory / "dates-transformer" / "1", "kv", 500)
+
+
+@pytest.fixture(scope="module")
+def endless_version(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return endless(tiny_repository, tmp_path_factory.mktemp("endless"))
+
+
+async def collect(w: ModelWorker, job: TranslateJob) -> tuple[list[TokenEvent], Answer, list[float]]:
+    """The events of one stream and when each arrived (s after the call)."""
+    start, events, times = time.perf_counter(), [], []
+    async for event in w.stream(job):
+        times.append(time.perf_counter() - start)
+        events.append(event)
+    *tokens, answer = events
+    assert isinstance(answer, Answer) and all(isinstance(t, TokenEvent) for t in tokens)
+    return tokens, answer, times  # type: ignore[return-value]
+
+
+def check_stream(tokens: list[TokenEvent], answer: Answer, job: TranslateJob) -> None:
+    """The stream is the answer, token by token."""
+    for i, t in enumerate(answer.result.translations):  # type: ignore[union-attr]
+        mine = [e for e in tokens if e.text_index == i]
+        assert [e.index for e in mine] == list(range(len(t.target_tokens)))
+        assert [e.token for e in mine] == t.target_tokens
+        assert "".join(e.piece for e in mine) == t.text
+        if job.attention != "none":
+            rows = np.stack([e.alignment for e in mine])  # type: ignore[misc]
+            np.testing.assert_allclose(rows, maps.alignment(t.attention), atol=1e-5)
+        if job.attention == "all" and t.attention.ndim == 4:  # a Transformer's every layer and head
+            np.testing.assert_allclose(np.stack([e.layers for e in mine]), t.attention, atol=1e-5)  # type: ignore[misc]
+
+
+def test_streams_equal_answers_under_mixed_traffic(tiny_repository: Path) -> None:
+    workers = {n: worker(tiny_repository / n / "1") for n in ("dates-transformer", "dates-bahdanau")}
+    jobs = [
+        (
+            name,
+            TranslateJob(texts=DATES[i % 5 : i % 5 + 1 + i % 4], attention=("none", "default", "all")[i % 3]),
+        )
+        for i in range(16)
+        for name in workers
+    ]
+
+    async def go() -> None:
+        streamed = asyncio.gather(*(collect(workers[n], j) for n, j in jobs))
+        plain = asyncio.gather(*(workers[n].predict(j) for n, j in jobs))  # the same traffic, not streamed
+        for (name, job), (tokens, answer, times), alone in zip(
+            jobs, await streamed, await plain, strict=True
+        ):
+            assert answer.model == name and tokens, "greedy decodes stream their tokens"
+            check_stream(tokens, answer, job)
+            assert [t.text for t in answer.result.translations] == [t.text for t in alone.result.translations]  # type: ignore[union-attr]
+            assert times[0] < times[-1] and answer.metrics.time_to_first_token_ms is not None
+
+    asyncio.run(go())
+
+
+def test_beam_search_answers_alone(tiny_repository: Path) -> None:
+    w = worker(tiny_repository / "dates-transformer" / "1")
+
+    async def go() -> list[Any]:
+        return [e async for e in w.stream(TranslateJob(texts=DATES[:3], beam_size=3))]
+
+    [answer] = asyncio.run(go())
+    assert isinstance(answer, Answer) and answer.result.translations[0].text == "2024-03-05"  # type: ignore[union-attr]
+
+
+def test_a_caller_that_leaves_frees_its_rows(endless_version: Path, tiny_repository: Path) -> None:
+    """Two endless streams of 8 texts each: one caller leaves after its first tokens — its rows
+    leave the batch at the next steps — while the other decodes on to its limit, with the tokens
+    it gets alone."""
+    rows = RowsSeen()
+    w = worker(endless_version, rows)
+    leaving = TranslateJob(texts=DATES[:8], max_length=400)
+    staying = TranslateJob(texts=DATES[1:9], max_length=60)
+
+    async def go() -> tuple[int, Answer]:
+        stream = w.stream(leaving)
+        other = asyncio.ensure_future(collect(w, staying))
+        for _ in range(16):  # two steps of the leaving request
+            await anext(stream)
+        assert w.scheduler is not None and w.scheduler.rows == 16
+        await stream.aclose()  # type: ignore[attr-defined]
+        seen = len(rows.rows)
+        tokens, answer, _ = await other
+        check_stream(tokens, answer, staying)
+        return seen, answer
+
+    seen, answer = asyncio.run(go())
+    assert w.scheduler is not None and w.scheduler.rows == 0 and w.scheduler.held == 0
+    after = rows.rows[seen:]
+    assert 16 in rows.rows[:seen] and after and max(after[1:], default=8) <= 8, rows.rows
+    assert all(len(t.target_tokens) == 60 for t in answer.result.translations)  # type: ignore[union-attr]
+
+    async def alone() -> Answer:
+        return await w.predict(staying)
+
+    assert [t.target_tokens for t in asyncio.run(alone()).result.translations] == [  # type: ignore[union-attr]
+        t.target_tokens
+        for t in answer.result.translations  # type: ignore[union-attr]
+    ]
