@@ -11,7 +11,7 @@ TRITON_VENV ?= .venv-triton
 # drive the service from this separate environment, in a separate process
 TRITONCLIENT := tritonclient[http,grpc]==2.73.0
 
-.PHONY: help venv dataset system-deps models models-all models-real serve eval bench bench-serving bench-decoding bench-ctranslate2 bench-faults test test-fast lint typecheck protos clean
+.PHONY: help venv dataset system-deps models models-all models-real serve eval bench bench-serving bench-decoding bench-ctranslate2 bench-streaming bench-faults test test-fast lint typecheck protos clean
 
 help:
 	@echo "make serve      build the demo models if missing, then run the service on 127.0.0.1:8000"
@@ -91,7 +91,7 @@ serve: models
 # then the translation decoder's own reports (bench-decoding, bench-ctranslate2)
 bench: models
 	$(PY) -m benchmarks.run --repository $(REPO)
-	$(MAKE) bench-decoding bench-ctranslate2
+	$(MAKE) bench-decoding bench-ctranslate2 bench-streaming
 
 # benchmarks/results/<date>.{json,md,png} alone
 bench-serving: models
@@ -100,6 +100,10 @@ bench-serving: models
 # benchmarks/results/<date>-decoding.{json,md,png}: KV cache vs whole prefix, the scheduler vs static batches
 bench-decoding: models
 	$(PY) -m benchmarks.decoding --repository $(REPO)
+
+# benchmarks/results/<date>-streaming.{json,md}: time to first token, and what streaming costs in tokens/s
+bench-streaming: models
+	$(PY) -m benchmarks.streaming --repository $(REPO)
 
 # benchmarks/results/<date>-ctranslate2.{json,md}: CTranslate2 (its own pinned venv, build/venvs/ctranslate2)
 # against the service on the same locally built Marian checkpoint (build/ct2_peer/), offline and served

@@ -25,7 +25,7 @@ from service.api.schemas import ClassifyOptions, TranslateRequest
 from service.api.server import Server
 from service.errors import InvalidInput, ServiceError, unexpected, validation_message
 from service.inference import attention as maps
-from service.inference.jobs import AnswerMetrics, Classified, Translated
+from service.inference.jobs import Answer, AnswerMetrics, Classified, TokenEvent, Translated, TranslateJob
 
 _CONTENTS_FIELD = {
     "BOOL": "bool_contents",
@@ -138,6 +138,47 @@ def _metrics(m: AnswerMetrics, total_ms: float) -> apb.Metrics:
     )
 
 
+def _translate_job(request: apb.TranslateRequest) -> TranslateJob:
+    """The request's fields, checked by the REST schema."""
+    return translate_job(
+        TranslateRequest(
+            text=list(request.texts),
+            beam_size=request.beam_size or 1,
+            max_length=request.max_length or None,
+            length_penalty=request.length_penalty,
+            return_attention=request.return_attention,
+        )
+    )
+
+
+def _translate_response(
+    name: str, version: int, answer: Answer, total: float, attention: bool
+) -> apb.TranslateResponse:
+    assert isinstance(answer.result, Translated)
+    response = apb.TranslateResponse(model=name, version=version, metrics=_metrics(answer.metrics, total))
+    for t in answer.result.translations:
+        item = response.translations.add(
+            text=t.text,
+            source_tokens=t.source_tokens,
+            target_tokens=t.target_tokens,
+            score=t.score,
+            finished=t.finished,
+        )
+        if attention:
+            item.attention.CopyFrom(_tensor(maps.alignment(t.attention)))
+    return response
+
+
+def _token(event: TokenEvent) -> apb.Token:
+    token = apb.Token(
+        text_index=event.text_index, index=event.index, token=event.token, token_id=event.token_id,
+        text=event.piece, logprob=event.logprob,
+    )  # fmt: skip
+    if event.alignment is not None:
+        token.attention.CopyFrom(_tensor(event.alignment))
+    return token
+
+
 class GrpcServicer:
     """Both gRPC services over one :class:`Server`: the hosting layer serves an instance with
     grpc.aio (in-replica) or lets Ray's gRPC proxy call its methods (Ray ingress). Every RPC
@@ -146,7 +187,7 @@ class GrpcServicer:
     #: the RPCs implemented here; the others answer UNIMPLEMENTED from the generated base classes
     METHODS = (
         "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
-        "ModelStreamInfer", "Translate", "Classify",
+        "ModelStreamInfer", "Translate", "TranslateStream", "Classify",
     )  # fmt: skip
 
     def __init__(self, server: Server) -> None:
@@ -216,13 +257,21 @@ class GrpcServicer:
         self, request_stream: AsyncIterator[pb.ModelInferRequest], grpc_context: GrpcContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         """Bidirectional stream: one response per request, in order; a failed request answers
-        with ``error_message`` and the stream goes on (Triton's semantics)."""
+        with ``error_message`` and the stream goes on (Triton's semantics). A translation request
+        with the parameter ``stream: true`` is answered as a decoupled model does in Triton: one
+        response per output token as it is chosen (``kserve.token_outputs``), then the whole
+        answer, each flagged ``triton_final_response`` (true on the last)."""
         try:
             self._authorize(grpc_context)
         except ServiceError as exc:  # the whole stream is refused
             raise _abort(grpc_context, exc) from None
         async for request in request_stream:
             try:
+                stream = request.parameters.get("stream")
+                if stream is not None and _parameter(stream) is True:
+                    async for response in self._model_stream(request):
+                        yield pb.ModelStreamInferResponse(infer_response=response)
+                    continue
                 result = await self._model_infer(request, "grpc_stream_infer")
                 yield pb.ModelStreamInferResponse(infer_response=result)
             except ServiceError as exc:
@@ -243,6 +292,23 @@ class GrpcServicer:
             entry.name, entry.version, request.id, kserve.to_outputs(entry.manifest, answers, outputs)
         )
 
+    async def _model_stream(self, request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferResponse]:
+        """A translation's decoupled responses: a token each, then the whole answer."""
+        entry = self.server.resolve(request.model_name, "translation", request.model_version)
+        params = {k: _parameter(v) for k, v in request.parameters.items() if k != "stream"}
+        outputs = kserve.requested_outputs(entry.manifest, [o.name for o in request.outputs], params)
+        [job] = kserve.to_requests(entry.manifest, _inputs(request), params, outputs)
+        attention = "ATTENTION" in outputs
+        route, version = "grpc_stream_infer", request.model_version
+        async for _, event, _ in self.server.stream(entry.name, "translation", route, job, version):
+            if isinstance(event, Answer):
+                tensors = kserve.to_outputs(entry.manifest, [event], outputs)
+            else:
+                tensors = kserve.token_outputs(event, attention)
+            response = _response(entry.name, entry.version, request.id, tensors)
+            response.parameters["triton_final_response"].bool_param = isinstance(event, Answer)
+            yield response
+
     # -- attention.v1 ---------------------------------------------------------------------------
 
     @rpc
@@ -250,33 +316,31 @@ class GrpcServicer:
         self, request: apb.TranslateRequest, grpc_context: GrpcContext
     ) -> apb.TranslateResponse:
         self._authorize(grpc_context)
-        job = translate_job(  # the request's fields, checked by the REST schema
-            TranslateRequest(
-                text=list(request.texts),
-                beam_size=request.beam_size or 1,
-                max_length=request.max_length or None,
-                length_penalty=request.length_penalty,
-                return_attention=request.return_attention,
-            )
-        )
         entry, [answer], total = await self.server.predict_many(
-            request.model, "translation", "grpc_translate", [job]
+            request.model, "translation", "grpc_translate", [_translate_job(request)]
         )
-        assert isinstance(answer.result, Translated)
-        response = apb.TranslateResponse(
-            model=entry.name, version=entry.version, metrics=_metrics(answer.metrics, total)
-        )
-        for t in answer.result.translations:
-            item = response.translations.add(
-                text=t.text,
-                source_tokens=t.source_tokens,
-                target_tokens=t.target_tokens,
-                score=t.score,
-                finished=t.finished,
-            )
-            if request.return_attention:
-                item.attention.CopyFrom(_tensor(maps.alignment(t.attention)))
-        return response
+        return _translate_response(entry.name, entry.version, answer, total, request.return_attention)
+
+    async def TranslateStream(
+        self, request: apb.TranslateRequest, grpc_context: GrpcContext
+    ) -> AsyncIterator[apb.TranslateEvent]:
+        """Server streaming: a ``Token`` per output token as it is chosen, then the ``answer``."""
+        try:
+            self._authorize(grpc_context)
+            job = _translate_job(request)
+            events = self.server.stream(request.model, "translation", "grpc_translate_stream", job)
+            async for entry, event, total in events:
+                if isinstance(event, Answer):
+                    answer = _translate_response(
+                        entry.name, entry.version, event, total, request.return_attention
+                    )
+                    yield apb.TranslateEvent(answer=answer)
+                else:
+                    yield apb.TranslateEvent(token=_token(event))
+        except ServiceError as exc:
+            raise _abort(grpc_context, exc) from None
+        except ValidationError as exc:
+            raise _abort(grpc_context, InvalidInput(validation_message(exc))) from None
 
     @rpc
     async def Classify(self, request: apb.ClassifyRequest, grpc_context: GrpcContext) -> apb.ClassifyResponse:

@@ -33,7 +33,7 @@ from service.api.rest_codec import classify_job, translate_job
 from service.api.schemas import ClassifyOptions, TranslateRequest
 from service.errors import InvalidInput, validation_message
 from service.inference import attention as maps
-from service.inference.jobs import Answer, Classified, ClassifyJob, Translated, TranslateJob
+from service.inference.jobs import Answer, Classified, ClassifyJob, TokenEvent, Translated, TranslateJob
 from service.inference.manifest import Manifest
 from service.settings import Limits
 
@@ -194,6 +194,21 @@ def to_outputs(manifest: Manifest, answers: list[Answer], names: list[str]) -> l
     else:
         values = _image_values([r for r in results if isinstance(r, Classified)])
     return [_tensor(name, values[name]) for name in names]
+
+
+def token_outputs(event: TokenEvent, attention: bool) -> list[Tensor]:
+    """A streamed token (a decoupled response, ``parameters: {"stream": true}``) as v2 outputs:
+    ``TOKEN`` — the text it adds — ``TOKEN_ID``, ``TEXT_INDEX``, ``LOGPROB`` and, when the request
+    asked for ``ATTENTION``, its alignment row ``[1, source]``."""
+    tensors = [
+        _tensor("TOKEN", _bytes([event.piece])),
+        _tensor("TOKEN_ID", np.array([event.token_id], dtype=np.int64)),
+        _tensor("TEXT_INDEX", np.array([event.text_index], dtype=np.int32)),
+        _tensor("LOGPROB", np.array([event.logprob], dtype=np.float32)),
+    ]
+    if attention and event.alignment is not None:
+        tensors.append(_tensor("ATTENTION", event.alignment[None].astype(np.float32)))
+    return tensors
 
 
 def _translation_values(result: Translated) -> dict[str, np.ndarray]:

@@ -76,6 +76,32 @@ class TranslateResponse(_message.Message):
     metrics: Metrics
     def __init__(self, model: _Optional[str] = ..., version: _Optional[int] = ..., translations: _Optional[_Iterable[_Union[Translation, _Mapping]]] = ..., metrics: _Optional[_Union[Metrics, _Mapping]] = ...) -> None: ...
 
+class Token(_message.Message):
+    __slots__ = ("text_index", "index", "token", "token_id", "text", "logprob", "attention")
+    TEXT_INDEX_FIELD_NUMBER: _ClassVar[int]
+    INDEX_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    ATTENTION_FIELD_NUMBER: _ClassVar[int]
+    text_index: int
+    index: int
+    token: str
+    token_id: int
+    text: str
+    logprob: float
+    attention: Tensor
+    def __init__(self, text_index: _Optional[int] = ..., index: _Optional[int] = ..., token: _Optional[str] = ..., token_id: _Optional[int] = ..., text: _Optional[str] = ..., logprob: _Optional[float] = ..., attention: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+
+class TranslateEvent(_message.Message):
+    __slots__ = ("token", "answer")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ANSWER_FIELD_NUMBER: _ClassVar[int]
+    token: Token
+    answer: TranslateResponse
+    def __init__(self, token: _Optional[_Union[Token, _Mapping]] = ..., answer: _Optional[_Union[TranslateResponse, _Mapping]] = ...) -> None: ...
+
 class ClassifyRequest(_message.Message):
     __slots__ = ("model", "image", "top_k", "return_attention", "head_fusion")
     MODEL_FIELD_NUMBER: _ClassVar[int]

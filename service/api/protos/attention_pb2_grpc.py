@@ -39,6 +39,11 @@ class AttentionServiceStub:
                 request_serializer=service_dot_api_dot_protos_dot_attention__pb2.TranslateRequest.SerializeToString,
                 response_deserializer=service_dot_api_dot_protos_dot_attention__pb2.TranslateResponse.FromString,
                 _registered_method=True)
+        self.TranslateStream = channel.unary_stream(
+                '/attention.v1.AttentionService/TranslateStream',
+                request_serializer=service_dot_api_dot_protos_dot_attention__pb2.TranslateRequest.SerializeToString,
+                response_deserializer=service_dot_api_dot_protos_dot_attention__pb2.TranslateEvent.FromString,
+                _registered_method=True)
         self.Classify = channel.unary_unary(
                 '/attention.v1.AttentionService/Classify',
                 request_serializer=service_dot_api_dot_protos_dot_attention__pb2.ClassifyRequest.SerializeToString,
@@ -51,6 +56,14 @@ class AttentionServiceServicer:
 
     def Translate(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def TranslateStream(self, request, context):
+        """A translation's tokens as the model's scheduler chooses them (greedy; beam search sends the
+        answer alone), then the whole answer. An error ends the call with its status code.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -68,6 +81,11 @@ def add_AttentionServiceServicer_to_server(servicer, server):
                     servicer.Translate,
                     request_deserializer=service_dot_api_dot_protos_dot_attention__pb2.TranslateRequest.FromString,
                     response_serializer=service_dot_api_dot_protos_dot_attention__pb2.TranslateResponse.SerializeToString,
+            ),
+            'TranslateStream': grpc.unary_stream_rpc_method_handler(
+                    servicer.TranslateStream,
+                    request_deserializer=service_dot_api_dot_protos_dot_attention__pb2.TranslateRequest.FromString,
+                    response_serializer=service_dot_api_dot_protos_dot_attention__pb2.TranslateEvent.SerializeToString,
             ),
             'Classify': grpc.unary_unary_rpc_method_handler(
                     servicer.Classify,
@@ -102,6 +120,33 @@ class AttentionService:
             '/attention.v1.AttentionService/Translate',
             service_dot_api_dot_protos_dot_attention__pb2.TranslateRequest.SerializeToString,
             service_dot_api_dot_protos_dot_attention__pb2.TranslateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TranslateStream(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/attention.v1.AttentionService/TranslateStream',
+            service_dot_api_dot_protos_dot_attention__pb2.TranslateRequest.SerializeToString,
+            service_dot_api_dot_protos_dot_attention__pb2.TranslateEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -60,23 +60,85 @@ async function loadModels() {
 async function translate(event) {
   event.preventDefault();
   const model = $("translation-model").value;
-  // every layer and head: RNNs answer without them, Transformers (ours or imported) with them
+  // every layer and head: RNNs answer without them, Transformers (ours or imported) with them;
+  // streamed: each token and its alignment row show as the model chooses it (greedy search)
   const body = { text: $("text").value, beam_size: Number($("search").value), return_attention: true,
-                 attention_layers: "all" };
+                 attention_layers: "all", stream: true };
   status("Translating…");
+  const headers = { "Content-Type": "application/json" };
+  const token = $("token").value.trim();
+  if (token) headers.Authorization = `Bearer ${token}`;
   try {
-    const answer = await api(`/v1/models/${encodeURIComponent(model)}/translate`, {
-      method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
+    const response = await fetch(`/v1/models/${encodeURIComponent(model)}/translate`, {
+      method: "POST", headers, body: JSON.stringify(body),
     });
-    state.translation = answer.translations[0];
-    $("translation").textContent = state.translation.text;
-    setupLayers(state.translation.attention);
-    drawGrid();
-    showMetrics($("translation-metrics"), answer);
+    if (!response.ok) { // refused before the stream began: an ordinary JSON error
+      const error = await response.json().catch(() => ({}));
+      throw new Error(error.error || `${response.status} ${response.statusText}`);
+    }
+    let streamed = 0;
+    $("translation").textContent = "";
+    $("grid").replaceChildren();
+    $("layer-head").hidden = true;
     $("translation-result").hidden = false;
-    status(`Translated by ${answer.model} v${answer.version}.`);
+    for await (const [name, data] of events(response)) {
+      if (name === "error") throw new Error(data.error);
+      if (name === "token") {
+        streamed += 1;
+        $("translation").textContent += data.text;
+        liveRow(data);
+        continue;
+      }
+      state.translation = data.translations[0]; // the answer: the whole grid, every layer and head
+      $("translation").textContent = state.translation.text;
+      setupLayers(state.translation.attention);
+      drawGrid();
+      showMetrics($("translation-metrics"), data);
+      document.body.dataset.streamedTokens = String(streamed);
+      status(`Translated by ${data.model} v${data.version}` + (streamed ? `, ${streamed} tokens streamed.` : "."));
+    }
   } catch (err) {
     status(err.message, true);
+  }
+}
+
+/** The server-sent events of a response body, as [name, JSON data]. */
+async function* events(response) {
+  const reader = response.body.getReader();
+  const decoder = new TextDecoder();
+  let buffer = "";
+  for (;;) {
+    const { value, done } = await reader.read();
+    if (done) return;
+    buffer += decoder.decode(value, { stream: true });
+    let cut;
+    while ((cut = buffer.indexOf("\n\n")) >= 0) {
+      const block = buffer.slice(0, cut);
+      buffer = buffer.slice(cut + 2);
+      let name = "message", data = "";
+      for (const line of block.split("\n")) {
+        if (line.startsWith("event: ")) name = line.slice(7);
+        else if (line.startsWith("data: ")) data += line.slice(6);
+      }
+      yield [name, JSON.parse(data)];
+    }
+  }
+}
+
+/** A streamed token's row of the alignment grid, drawn as it arrives (the answer redraws it whole). */
+function liveRow(token) {
+  const table = $("grid");
+  const tbody = table.tBodies[0] || table.createTBody();
+  const tr = tbody.insertRow();
+  tr.className = "live";
+  const th = document.createElement("th");
+  th.className = "tgt";
+  th.textContent = token.token;
+  tr.append(th);
+  for (const p of token.attention || []) {
+    const td = tr.insertCell();
+    td.className = "cell";
+    td.style.background = `rgba(36, 89, 196, ${Math.min(1, p).toFixed(3)})`;
   }
 }
 

@@ -1,5 +1,5 @@
 """The attention explorer in a real headless Chromium (Debian's chromium + chromedriver):
-translate, check the alignment grid, classify a bundled sample, check labels and overlay; the
+translate (streamed: tokens and their alignment rows as they are chosen), check the alignment grid, classify a bundled sample, check labels and overlay; the
 page's screenshot is kept in test-artifacts/."""
 
 from __future__ import annotations
@@ -64,6 +64,9 @@ def test_explorer_translates_and_classifies(service: Service, browser: webdriver
     ).json()["translations"][0]
     cells = browser.find_elements(By.CSS_SELECTOR, "#grid td.cell")
     assert len(cells) == len(expected["target_tokens"]) * len(expected["source_tokens"])
+    # the page streamed it: one server-sent token event per target token, then the answer
+    streamed = browser.find_element(By.TAG_NAME, "body").get_attribute("data-streamed-tokens")
+    assert streamed == str(len(expected["target_tokens"]))
     rows = browser.find_elements(By.CSS_SELECTOR, "#grid tbody tr")
     ActionChains(browser).move_to_element(rows[0]).perform()
     assert "active" in rows[0].get_attribute("class")

@@ -94,6 +94,20 @@ def test_grpc_health_metadata_and_infer(probe: dict[str, Any], service: Service)
     assert g["classify"]["rollout_shape"] == [1, 6, 6] and len(g["classify"]["labels"]) == 5
 
 
+def test_grpc_decoupled_token_streams_with_tritonclient(probe: dict[str, Any]) -> None:
+    """Two translations streamed on one ModelStreamInfer, interleaved: a response per token until
+    the one flagged final, which carries the whole answer."""
+    d0, d1 = probe["grpc"]["decoupled"]["d0"], probe["grpc"]["decoupled"]["d1"]
+    assert d0["final"]["text"] == ["2024-03-05", "1980-06-03"] and d1["final"]["text"] == ["1999-12-31"]
+    for got in (d0, d1):
+        for i, text in enumerate(got["final"]["text"]):
+            mine = [t for t in got["tokens"] if t["text_index"] == i]
+            assert "".join(t["text"] for t in mine) == text
+            assert len(mine) == len([x for x in got["final"]["target_tokens"][i] if x])  # EOS included
+    assert all(t["attention_shape"][0] == 1 for t in d0["tokens"])
+    assert all(t["attention_shape"] is None for t in d1["tokens"])
+
+
 def test_grpc_streaming_answers_in_order_and_survives_errors(probe: dict[str, Any]) -> None:
     stream = probe["grpc"]["stream"]
     assert [s["text"] for s in stream] == ["2001-05-01", None, "2002-05-02"]

@@ -129,6 +129,7 @@ def probe_grpc(url: str, png: bytes) -> dict[str, Any]:
                        "text": _s(result.as_numpy("TRANSLATION")[0]) if result else None})  # fmt: skip
     c.stop_stream()
     out["stream"] = stream
+    out["decoupled"] = probe_decoupled(c)
     out["errors"] = {
         "unknown_model": _error(lambda: c.infer("nope", [text])),
         "wrong_input": _error(lambda: c.infer("fashion-vit", [text])),
@@ -136,6 +137,47 @@ def probe_grpc(url: str, png: bytes) -> dict[str, Any]:
         "metadata_unknown": _error(lambda: c.get_model_metadata("nope")),
     }
     return out
+
+
+def probe_decoupled(c: Any) -> dict[str, Any]:
+    """Translations streamed token by token (parameters stream: true), two models interleaved on
+    one stream, as Triton's decoupled models answer: responses until triton_final_response."""
+    results: queue.Queue = queue.Queue()
+    c.start_stream(callback=lambda result, error: results.put((result, error)))
+    asks = {
+        "d0": ("dates-transformer", ["5 mars 2024", "3 juin 1980"], True),
+        "d1": ("dates-bahdanau", ["31.12.1999"], False),
+    }
+    for request_id, (model, texts, attention) in asks.items():
+        inp = grpcclient.InferInput("TEXT", [len(texts)], "BYTES")
+        inp.set_data_from_numpy(np.array([t.encode() for t in texts], dtype=np.object_))
+        names = ["TRANSLATION", "TARGET_TOKENS"] + (["ATTENTION"] if attention else [])
+        outputs = [grpcclient.InferRequestedOutput(n) for n in names]
+        c.async_stream_infer(
+            model, [inp], outputs=outputs, request_id=request_id, parameters={"stream": True}
+        )
+    got: dict[str, Any] = {request_id: {"tokens": [], "final": None} for request_id in asks}
+    while any(g["final"] is None for g in got.values()):
+        result, error = results.get(timeout=60)
+        if error:
+            raise RuntimeError(str(error))
+        response = result.get_response()
+        mine = got[response.id]
+        if response.parameters["triton_final_response"].bool_param:
+            mine["final"] = {
+                "text": [_s(t) for t in result.as_numpy("TRANSLATION")],
+                "target_tokens": [[_s(t) for t in row] for row in result.as_numpy("TARGET_TOKENS")],
+                "attention_shape": list(result.as_numpy("ATTENTION").shape) if asks[response.id][2] else None,
+            }
+        else:
+            attention = result.as_numpy("ATTENTION")
+            mine["tokens"].append({
+                "text": _s(result.as_numpy("TOKEN")[0]), "token_id": int(result.as_numpy("TOKEN_ID")[0]),
+                "text_index": int(result.as_numpy("TEXT_INDEX")[0]), "logprob": float(result.as_numpy("LOGPROB")[0]),
+                "attention_shape": list(attention.shape) if attention is not None else None,
+            })  # fmt: skip
+    c.stop_stream()
+    return got
 
 
 if __name__ == "__main__":

@@ -1,0 +1,276 @@
+"""Streamed translations over REST (Server-Sent Events), on real models over real HTTP.
+
+Against the running service (Ray, in-replica frontend): concurrent streams on two models beside
+plain calls — every token event in order, the stream equal to the final answer and to the plain
+answer; beam search answers alone; errors before the stream are ordinary JSON. Against the app
+under uvicorn in this process, on a model that never stops: a client that disconnects, and one
+that stops reading, free their rows long before the decode would have ended, while another
+client's answer is unaffected."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import grpc
+import numpy as np
+import pytest
+import requests
+import uvicorn
+
+from service.api.grpc_servicer import GrpcServicer, add_to_grpc_server
+from service.api.http import create_app
+from service.api.protos import attention_pb2 as apb
+from service.api.protos import attention_pb2_grpc as apb_grpc
+from service.api.server import Server
+from service.settings import Settings
+from tests.conftest import Service, free_port
+from tests.service.inference.test_streaming import DATES, RowsSeen, endless, worker
+
+pytestmark = pytest.mark.slow
+
+
+def sse(response: requests.Response) -> list[tuple[str, Any]]:
+    """(event name, JSON data) of every event of a text/event-stream answer."""
+    events, name = [], "message"
+    for line in response.iter_lines(decode_unicode=True):
+        if line.startswith("event: "):
+            name = line[7:]
+        elif line.startswith("data: "):
+            events.append((name, json.loads(line[6:])))
+    return events
+
+
+def stream(svc: Service, model: str, body: dict[str, Any], **kw: Any) -> tuple[requests.Response, list]:
+    """The answer and its events (none when it is not an event stream: its body is read then)."""
+    url = f"{svc.url}/v1/models/{model}/translate"
+    with requests.post(url, json=body, stream=True, timeout=60, **kw) as r:
+        if r.headers.get("content-type", "").startswith("text/event-stream"):
+            return r, sse(r)
+        r.content  # noqa: B018 — read while the connection is open
+        return r, []
+
+
+def test_streams_under_concurrent_mixed_traffic(service: Service) -> None:
+    calls = [
+        (model, {"text": DATES[i % 6 : i % 6 + 1 + i % 3], "return_attention": i % 2 == 0})
+        for i in range(12)
+        for model in ("dates-transformer", "dates-bahdanau")
+    ]
+
+    def one(call: tuple[str, dict[str, Any]]) -> tuple[list, dict[str, Any]]:
+        model, body = call
+        streamed = stream(service, model, {**body, "stream": True})
+        plain = service.post(f"/v1/models/{model}/translate", json=body).json()
+        return streamed, plain
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(one, calls))
+    for (model, body), ((response, events), plain) in zip(calls, results, strict=True):
+        assert response.status_code == 200 and response.headers["content-type"].startswith(
+            "text/event-stream"
+        )
+        *tokens, (last, answer) = events
+        assert last == "answer" and answer["model"] == model and tokens
+        assert {name for name, _ in tokens} == {"token"}
+        assert [t["text"] for t in answer["translations"]] == [t["text"] for t in plain["translations"]]
+        assert answer["metrics"]["time_to_first_token_ms"] > 0
+        for i, t in enumerate(answer["translations"]):
+            mine = [e for _, e in tokens if e["text_index"] == i]
+            assert [e["index"] for e in mine] == list(range(len(t["target_tokens"])))
+            assert [e["token"] for e in mine] == t["target_tokens"]
+            assert "".join(e["text"] for e in mine) == t["text"]
+            if body["return_attention"]:
+                rows = [e["attention"] for e in mine]
+                np.testing.assert_allclose(rows, t["attention"]["values"], atol=2e-6)
+            else:
+                assert "attention" not in mine[0]
+
+
+def test_accept_header_beam_and_errors(service: Service) -> None:
+    response, events = stream(
+        service, "dates-transformer", {"text": "3 juin 1980"}, headers={"Accept": "text/event-stream"}
+    )
+    assert events[-1][0] == "answer" and events[-1][1]["translations"][0]["text"] == "1980-06-03"
+    response, events = stream(
+        service, "dates-transformer", {"text": ["3 juin 1980"], "beam_size": 3, "stream": True}
+    )
+    assert [name for name, _ in events] == ["answer"]
+    for model, body, status in (
+        ("nope", {"text": "x", "stream": True}, 404),
+        ("dates-transformer", {"text": "", "stream": True}, 422),
+        ("fashion-vit", {"text": "x", "stream": True}, 400),
+    ):
+        response, events = stream(service, model, body)
+        assert response.status_code == status and not events
+        assert "error" in response.json()
+
+
+# -- in process: clients that leave or stop reading ---------------------------------------------
+
+
+class Statuses:
+    def __init__(self) -> None:
+        self.records: list[tuple[str, str, int]] = []
+
+    def record(self, model: str, route: str, status: int, seconds: float) -> None:
+        self.records.append((model, route, status))
+
+
+@pytest.fixture(scope="module")
+def endless_app(
+    tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[str, Any, Statuses, str]]:
+    """The app with the endless model under uvicorn in a thread; a write blocked for 0.2 s ends a stream."""
+    version = endless(tiny_repository, tmp_path_factory.mktemp("endless"))
+    rows = RowsSeen()
+    w = worker(version, rows)
+    server = Server(
+        Settings(repository=version.parent.parent, limits={"stream_write_timeout_s": 0.2}),
+        statuses := Statuses(),
+    )
+    server.serve({"dates-transformer": w}, {"dates-transformer": w.entry}, {})
+    grpc_address = serve_grpc(server)
+    port = free_port()
+    listener = socket.socket()
+    # small kernel send buffers (accepted connections inherit them): a reader that stops blocks
+    # the service's writes after tens of kilobytes, not megabytes
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 8192)
+    listener.bind(("127.0.0.1", port))
+    uv = uvicorn.Server(uvicorn.Config(create_app(server), log_level="warning", lifespan="off"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    while not uv.started:
+        time.sleep(0.05)
+    yield f"127.0.0.1:{port}", w, statuses, grpc_address
+    uv.should_exit = True
+    thread.join(10)
+
+
+def serve_grpc(server: Server) -> str:
+    """The servicer over ``server`` on a grpc.aio server, on an event loop of its own thread."""
+    port = free_port()
+    ready = threading.Event()
+
+    async def run() -> None:
+        grpc_server = grpc.aio.server()
+        add_to_grpc_server(grpc_server, GrpcServicer(server))
+        grpc_server.add_insecure_port(f"127.0.0.1:{port}")
+        await grpc_server.start()
+        ready.set()
+        await grpc_server.wait_for_termination()
+
+    threading.Thread(target=asyncio.run, args=(run(),), daemon=True).start()
+    ready.wait(30)
+    return f"127.0.0.1:{port}"
+
+
+def raw_stream(address: str, body: dict[str, Any], rcvbuf: int | None = None) -> socket.socket:
+    host, port = address.split(":")
+    sock = socket.socket()
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.connect((host, int(port)))
+    data = json.dumps({**body, "stream": True}).encode()
+    sock.sendall(
+        b"POST /v1/models/dates-transformer/translate HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        + f"Content-Length: {len(data)}\r\n\r\n".encode()
+        + data
+    )
+    return sock
+
+
+def rows_gone(w: Any, timeout_s: float = 20) -> float:
+    start = time.perf_counter()
+    while w.scheduler.held or w.scheduler.rows:
+        assert time.perf_counter() - start < timeout_s, "the request's rows stayed in the batch"
+        time.sleep(0.02)
+    return time.perf_counter() - start
+
+
+def test_a_client_that_disconnects_frees_its_rows(endless_app: tuple[str, Any, Statuses, str]) -> None:
+    address, w, statuses, _ = endless_app
+    steps = w.scheduler.steps
+    sock = raw_stream(address, {"text": DATES[:8] * 4, "max_length": 500})
+    received = b""
+    while b"event: token" not in received:
+        received += sock.recv(65536)
+    assert received.startswith(b"HTTP/1.1 200")
+    sock.close()
+    rows_gone(w)
+    assert w.scheduler.steps - steps < 400, "the decode ran on for nobody"
+    assert ("dates-transformer", "translate_stream", 499) in statuses.records
+
+
+def test_a_client_that_stops_reading_is_cut_off_and_others_go_on(
+    endless_app: tuple[str, Any, Statuses, str],
+) -> None:
+    address, w, statuses, _ = endless_app
+    steps, cut = w.scheduler.steps, len(statuses.records)
+    sock = raw_stream(
+        address, {"text": DATES[:8] * 8, "max_length": 500, "return_attention": True}, rcvbuf=4096
+    )
+    time.sleep(0.2)
+    other = requests.post(
+        f"http://{address}/v1/models/dates-transformer/translate",
+        json={"text": DATES[:2], "max_length": 30},
+        timeout=60,
+    )
+    assert other.status_code == 200 and all(
+        len(t["target_tokens"]) == 30 for t in other.json()["translations"]
+    )
+    waited = rows_gone(w)  # never read: the blocked write timed out and the request was cancelled
+    assert w.scheduler.steps - steps < 500, "the decode ran on for a reader that stopped"
+    sock.close()
+    assert waited < 15 and ("dates-transformer", "translate_stream", 499) in statuses.records[cut:]
+
+
+def test_a_cancelled_grpc_stream_frees_its_rows(endless_app: tuple[str, Any, Statuses, str]) -> None:
+    _, w, statuses, target = endless_app
+    steps = w.scheduler.steps
+    with grpc.insecure_channel(target) as channel:
+        stub = apb_grpc.AttentionServiceStub(channel)
+        request = apb.TranslateRequest(model="dates-transformer", texts=DATES[:8] * 4, max_length=500)
+        call = stub.TranslateStream(request)
+        first = next(call)
+        assert first.WhichOneof("event") == "token" and first.token.index == 0
+        call.cancel()
+        rows_gone(w)
+    assert w.scheduler.steps - steps < 400, "the decode ran on for a cancelled call"
+    assert ("dates-transformer", "grpc_translate_stream", 499) in statuses.records
+
+
+def test_grpc_translate_stream(service: Service) -> None:
+    """attention.v1 TranslateStream on two models at once: tokens, then the answer Translate gives."""
+    with grpc.insecure_channel(service.grpc_target) as channel:
+        stub = apb_grpc.AttentionServiceStub(channel)
+
+        def one(i: int) -> tuple[str, list[Any], Any]:
+            model = ("dates-transformer", "dates-bahdanau")[i % 2]
+            request = apb.TranslateRequest(model=model, texts=DATES[i % 5 : i % 5 + 2], return_attention=True)
+            return model, list(stub.TranslateStream(request)), stub.Translate(request)
+
+        with ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(one, range(12)))
+        for model, events, plain in results:
+            *tokens, last = events
+            assert last.WhichOneof("event") == "answer" and last.answer.model == model
+            assert [t.text for t in last.answer.translations] == [t.text for t in plain.translations]
+            for i, t in enumerate(last.answer.translations):
+                mine = [e.token for e in tokens if e.token.text_index == i]
+                assert [m.token for m in mine] == list(t.target_tokens)
+                assert "".join(m.text for m in mine) == t.text
+                rows = [list(m.attention.values) for m in mine]
+                np.testing.assert_allclose(
+                    rows, np.reshape(t.attention.values, list(t.attention.shape)), atol=1e-6
+                )
+        with pytest.raises(grpc.RpcError) as err:
+            list(stub.TranslateStream(apb.TranslateRequest(model="nope", texts=["x"])))
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
