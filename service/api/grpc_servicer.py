@@ -301,13 +301,15 @@ class GrpcServicer:
         attention = "ATTENTION" in outputs
         route, version = "grpc_stream_infer", request.model_version
         async for _, event, _ in self.server.stream(entry.name, "translation", route, job, version):
-            if isinstance(event, Answer):
-                tensors = kserve.to_outputs(entry.manifest, [event], outputs)
-            else:
-                tensors = kserve.token_outputs(event, attention)
-            response = _response(entry.name, entry.version, request.id, tensors)
-            response.parameters["triton_final_response"].bool_param = isinstance(event, Answer)
-            yield response
+            final = isinstance(event, Answer)
+            for tensors in (
+                [kserve.to_outputs(entry.manifest, [event], outputs)]
+                if isinstance(event, Answer)
+                else [kserve.token_outputs(token, attention) for token in event]
+            ):
+                response = _response(entry.name, entry.version, request.id, tensors)
+                response.parameters["triton_final_response"].bool_param = final
+                yield response
 
     # -- attention.v1 ---------------------------------------------------------------------------
 
@@ -336,7 +338,8 @@ class GrpcServicer:
                     )
                     yield apb.TranslateEvent(answer=answer)
                 else:
-                    yield apb.TranslateEvent(token=_token(event))
+                    for token in event:
+                        yield apb.TranslateEvent(token=_token(token))
         except ServiceError as exc:
             raise _abort(grpc_context, exc) from None
         except ValidationError as exc:

@@ -38,7 +38,7 @@ from service.api.rest_codec import answer_json
 from service.api.schemas import TranslateRequest
 from service.api.server import Server
 from service.errors import ServiceError, unexpected
-from service.inference.jobs import Answer, TokenEvent, TranslateJob
+from service.inference.jobs import Answer, TokenEvent, Tokens, TranslateJob
 
 log = logging.getLogger(__name__)
 MEDIA_TYPE = "text/event-stream"
@@ -59,8 +59,8 @@ async def translate_stream(
 
 
 async def _sse(
-    first: tuple[Any, TokenEvent | Answer, float],
-    rest: AsyncIterator[tuple[Any, TokenEvent | Answer, float]],
+    first: tuple[Any, Tokens | Answer, float],
+    rest: AsyncIterator[tuple[Any, Tokens | Answer, float]],
     body: TranslateRequest,
 ) -> AsyncIterator[bytes]:
     try:
@@ -76,10 +76,14 @@ async def _sse(
         await rest.aclose()  # type: ignore[attr-defined]
 
 
-def _encode(event: TokenEvent | Answer, body: TranslateRequest, elapsed_ms: float) -> bytes:
-    if isinstance(event, Answer):
-        return _event("answer", answer_json(event, body, elapsed_ms))
-    return _event("token", json.dumps(token_json(event), ensure_ascii=False, separators=(",", ":")).encode())
+def _encode(item: Tokens | Answer, body: TranslateRequest, elapsed_ms: float) -> bytes:
+    """One write: the answer, or every token that is ready (several events in one chunk)."""
+    if isinstance(item, Answer):
+        return _event("answer", answer_json(item, body, elapsed_ms))
+    return b"".join(
+        _event("token", json.dumps(token_json(t), ensure_ascii=False, separators=(",", ":")).encode())
+        for t in item
+    )
 
 
 def token_json(event: TokenEvent) -> dict[str, Any]:
@@ -118,8 +122,8 @@ class EventStream(StreamingResponse):
         chunks: Any = self.body_iterator
         try:
             async for chunk in chunks:
-                message = {"type": "http.response.body", "body": chunk, "more_body": True}
-                await asyncio.wait_for(send(message), self.write_timeout_s)
+                async with asyncio.timeout(self.write_timeout_s):
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
         except TimeoutError:
             log.warning("a stream's client stopped reading for %s s: stream ended", self.write_timeout_s)
             return  # the connection closes unfinished; the request was cancelled

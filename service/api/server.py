@@ -24,7 +24,7 @@ from service.errors import (
     ServiceError,
     WrongTask,
 )
-from service.inference.jobs import Answer, TokenEvent
+from service.inference.jobs import Answer, Tokens
 from service.inference.repository import ModelEntry
 from service.settings import Settings
 
@@ -35,7 +35,7 @@ CLIENT_CLOSED = 499
 class Model(Protocol):
     def predict(self, job: Any) -> Awaitable[Answer]: ...
 
-    def stream(self, job: Any) -> AsyncIterator[TokenEvent | Answer]: ...
+    def stream(self, job: Any) -> AsyncIterator[Tokens | Answer]: ...
 
     def info(self) -> Awaitable[dict[str, Any]]: ...
 
@@ -145,23 +145,24 @@ class Server:
 
     async def stream(
         self, name: str, task: str | None, route: str, request: Any, version: str | None = None
-    ) -> AsyncIterator[tuple[ModelEntry, TokenEvent | Answer, float]]:
+    ) -> AsyncIterator[tuple[ModelEntry, Tokens | Answer, float]]:
         """One request's events — a translation's tokens as they are chosen, then its answer
         (``ModelWorker.stream``) — each with the model and the milliseconds since the request
         began, under the limits, deadline and request metrics of :meth:`predict_many`. The deadline
         covers the whole stream. Closing the iterator early (the client left) cancels the request."""
         start = time.perf_counter()
         status = 500
-        events: AsyncIterator[TokenEvent | Answer] | None = None
+        events: AsyncIterator[Tokens | Answer] | None = None
         try:
             entry = self.resolve(name, task, version)
             limits.check(request, self.settings.limits)
             timeout = self.settings.limits.request_timeout_s
             events = self.models[name].stream(request)
+            deadline = asyncio.get_running_loop().time() + timeout
             while True:
-                try:
-                    left = start + timeout - time.perf_counter()
-                    event = await asyncio.wait_for(anext(events), max(left, 0))
+                try:  # the deadline around each wait alone: never around a yield to the caller
+                    async with asyncio.timeout_at(deadline):
+                        event = await anext(events)
                 except StopAsyncIteration:
                     break
                 except TimeoutError as exc:  # the cancelled wait ended the model's stream

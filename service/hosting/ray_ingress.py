@@ -27,7 +27,7 @@ from service.api.http import create_app
 from service.api.server import Server
 from service.errors import Overloaded, ServiceError
 from service.hosting.metrics import IngressMetrics, ModelMetrics
-from service.inference.jobs import Answer, TokenEvent
+from service.inference.jobs import Answer, Tokens
 from service.inference.model_set import ModelSet
 from service.inference.repository import ModelEntry, load_entry
 from service.inference.worker import max_ongoing_requests
@@ -69,7 +69,7 @@ class ModelDeployment:
         except ServiceError as exc:
             return exc
 
-    async def stream(self, request: Any) -> AsyncIterator[TokenEvent | Answer | ServiceError]:
+    async def stream(self, request: Any) -> AsyncIterator[Tokens | Answer | ServiceError]:
         """The worker's stream (tokens, then the answer); a refusal is the last item, as in
         :meth:`predict`. Ray cancels this generator when the ingress stops reading it."""
         try:
@@ -108,7 +108,7 @@ class RemoteModel:
             raise answer
         return answer
 
-    async def stream(self, request: Any) -> AsyncIterator[TokenEvent | Answer]:
+    async def stream(self, request: Any) -> AsyncIterator[Tokens | Answer]:
         events: Any = self.handle.options(stream=True).stream.remote(request)
         try:
             async for event in events:

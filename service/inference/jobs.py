@@ -83,6 +83,11 @@ class TokenEvent:
     layers: np.ndarray | None = field(default=None, repr=False)
 
 
+#: a streamed translation's tokens chosen since the stream's previous item, in order: one step's,
+#: or several when the reader was busy (they travel and are written together)
+Tokens = list[TokenEvent]
+
+
 @dataclass(frozen=True)
 class AnswerMetrics:
     queue_wait_ms: float

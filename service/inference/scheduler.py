@@ -331,9 +331,14 @@ class TranslationScheduler:
         for request in {t.request for t in self._active}:
             request.steps += 1
             request.rows_seen += rows
-        for request, tokens in streamed.items():  # before any answer: the loop keeps the order
-            if request.on_tokens is not None:
-                _call(request, request.on_tokens, tokens)
+        if streamed:  # before any answer (each loop keeps the order): one wake-up per caller loop
+            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[OnTokens, list[StepToken]]]] = {}
+            for request, tokens in streamed.items():
+                if request.on_tokens is not None:
+                    by_loop.setdefault(request.loop, []).append((request.on_tokens, tokens))
+            for loop, sinks in by_loop.items():
+                with contextlib.suppress(RuntimeError):  # a closed loop: nobody to tell
+                    loop.call_soon_threadsafe(_deliver, sinks)
         self._active = still
         if not still:
             self._batch = None
@@ -400,6 +405,12 @@ def _settle(request: _Request, outcome: Callable[[], Decoded] | BaseException) -
             request.future.set_result(outcome())
 
     _call(request, settle)
+
+
+def _deliver(sinks: list[tuple[OnTokens, list[StepToken]]]) -> None:
+    """(On a caller loop.) One step's tokens to every streaming request of that loop."""
+    for sink, tokens in sinks:
+        sink(tokens)
 
 
 def _call(request: _Request, fn: Callable[..., None], *args: Any) -> None:

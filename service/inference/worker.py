@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from service.errors import InferenceFailed, Overloaded, ServiceError
 from service.inference.batcher import Batcher
-from service.inference.jobs import Answer, AnswerMetrics, TokenEvent, Translated
+from service.inference.jobs import Answer, AnswerMetrics, Tokens, Translated
 from service.inference.repository import ModelEntry
 from service.inference.runners import TranslateWork, TranslationRunner, make_runner
 from service.inference.runtime import choose_providers
@@ -133,9 +133,10 @@ class ModelWorker:
             return await self._decode(work)
         return await self._batched(work)
 
-    async def stream(self, job: Any) -> AsyncIterator[TokenEvent | Answer]:
-        """A translation's tokens as the scheduler chooses them (:class:`TokenEvent`), then its
-        :class:`Answer` — the one :meth:`predict` gives. Beam search, and models that decode in
+    async def stream(self, job: Any) -> AsyncIterator[Tokens | Answer]:
+        """A translation's tokens as the scheduler chooses them (lists of :class:`TokenEvent`:
+        a step's, or all that were chosen since the caller last asked), then its :class:`Answer`
+        — the one :meth:`predict` gives. Beam search, and models that decode in
         static batches (whole-prefix graphs, images), yield the answer alone: a beam's best
         prefix can change until it ends. Closing the iterator early (a client gone) takes the
         request's rows out of the batch at the next step. What waits here is bounded by the
@@ -145,14 +146,29 @@ class ModelWorker:
         if self.scheduler is None or not isinstance(runner, TranslationRunner) or work.job.beam_size > 1:
             yield await (self._decode(work) if self.scheduler is not None else self._batched(work))
             return
-        chosen: asyncio.Queue[list[StepToken] | None] = asyncio.Queue()
-        decoding = asyncio.ensure_future(self._decode(work, chosen.put_nowait))
-        decoding.add_done_callback(lambda _: chosen.put_nowait(None))
+        chosen: list[StepToken] = []  # delivered by the scheduler, not yet yielded
+        wake: asyncio.Future[None] | None = None
+
+        def arrived(tokens: list[StepToken] | None = None) -> None:
+            if tokens:
+                chosen.extend(tokens)
+            if wake is not None and not wake.done():
+                wake.set_result(None)
+
+        decoding = asyncio.ensure_future(self._decode(work, arrived))
+        decoding.add_done_callback(lambda _: arrived())  # after every token: the loop keeps the order
         streams = runner.token_streams(work)
         try:
-            while (tokens := await chosen.get()) is not None:
-                for token in tokens:
-                    yield runner.token_event(work, streams, token)
+            while True:
+                if chosen:  # a step's tokens, or several steps' when this caller was busy: one item
+                    ready = chosen[:]
+                    chosen.clear()
+                    yield [runner.token_event(work, streams, token) for token in ready]
+                elif decoding.done():
+                    break
+                else:
+                    wake = asyncio.get_running_loop().create_future()
+                    await wake
             yield decoding.result()
         finally:
             decoding.cancel()  # done already, or the caller left: its rows leave the batch
