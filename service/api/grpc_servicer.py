@@ -13,35 +13,19 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import grpc
-import numpy as np
 from pydantic import ValidationError
 
 from service.api import auth, kserve
+from service.api import grpc_codec as codec
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc, grpc_service_pb2_grpc
 from service.api.protos import grpc_service_pb2 as pb
-from service.api.rest_codec import classify_job, translate_job
-from service.api.schemas import ClassifyOptions, TranslateRequest
+from service.api.rest_codec import classify_job
+from service.api.schemas import ClassifyOptions
 from service.api.server import Server
 from service.errors import InvalidInput, ServiceError, unexpected, validation_message
-from service.inference import attention as maps
-from service.inference.jobs import Answer, AnswerMetrics, Classified, TokenEvent, Translated, TranslateJob
+from service.inference.jobs import Answer, Classified
 
-_CONTENTS_FIELD = {
-    "BOOL": "bool_contents",
-    "INT8": "int_contents",
-    "INT16": "int_contents",
-    "INT32": "int_contents",
-    "INT64": "int64_contents",
-    "UINT8": "uint_contents",
-    "UINT16": "uint_contents",
-    "UINT32": "uint_contents",
-    "UINT64": "uint64_contents",
-    "FP32": "fp32_contents",
-    "FP64": "fp64_contents",
-    "BYTES": "bytes_contents",
-}
-#: what Ray's gRPC proxy registers (``grpc_servicer_functions``)
 SERVICER_FUNCTIONS = [
     "service.api.protos.grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server",
     "service.api.protos.attention_pb2_grpc.add_AttentionServiceServicer_to_server",
@@ -83,100 +67,6 @@ def rpc(method: Method[Reply]) -> Method[Reply]:
             raise _abort(grpc_context, unexpected(exc, f"gRPC {method.__name__}")) from None
 
     return call
-
-
-def _parameter(p: pb.InferParameter) -> Any:
-    kind = p.WhichOneof("parameter_choice")
-    return getattr(p, kind) if kind else None
-
-
-def _inputs(request: pb.ModelInferRequest) -> list[kserve.Tensor]:
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidInput(f"raw_input_contents: {len(raw)} entries for {len(request.inputs)} inputs")
-    tensors = []
-    for i, t in enumerate(request.inputs):
-        shape = list(t.shape)
-        if raw:
-            tensors.append(kserve.from_raw(t.name, t.datatype, shape, raw[i]))
-        else:
-            field = _CONTENTS_FIELD.get(t.datatype)
-            if field is None:
-                raise InvalidInput(f"{t.name}: unsupported datatype {t.datatype!r}")
-            tensors.append(kserve.from_list(t.name, t.datatype, shape, list(getattr(t.contents, field))))
-    return tensors
-
-
-def _response(
-    name: str, version: int, request_id: str, tensors: list[kserve.Tensor]
-) -> pb.ModelInferResponse:
-    response = pb.ModelInferResponse(model_name=name, model_version=str(version), id=request_id)
-    for t in tensors:
-        response.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
-        raw = (
-            kserve.serialize_bytes(t.data)
-            if t.datatype == "BYTES"
-            else np.ascontiguousarray(t.data).tobytes()
-        )
-        response.raw_output_contents.append(raw)
-    return response
-
-
-def _tensor(values: np.ndarray) -> apb.Tensor:
-    return apb.Tensor(shape=list(values.shape), values=values.astype(np.float32).ravel().tolist())
-
-
-def _metrics(m: AnswerMetrics, total_ms: float) -> apb.Metrics:
-    return apb.Metrics(
-        queue_wait_ms=m.queue_wait_ms,
-        compute_ms=m.compute_ms,
-        total_ms=total_ms,
-        batch_size=m.batch_size,
-        tokens_generated=m.tokens_generated or 0,
-        time_to_first_token_ms=m.time_to_first_token_ms or 0.0,
-        time_per_output_token_ms=m.time_per_output_token_ms or 0.0,
-    )
-
-
-def _translate_job(request: apb.TranslateRequest) -> TranslateJob:
-    """The request's fields, checked by the REST schema."""
-    return translate_job(
-        TranslateRequest(
-            text=list(request.texts),
-            beam_size=request.beam_size or 1,
-            max_length=request.max_length or None,
-            length_penalty=request.length_penalty,
-            return_attention=request.return_attention,
-        )
-    )
-
-
-def _translate_response(
-    name: str, version: int, answer: Answer, total: float, attention: bool
-) -> apb.TranslateResponse:
-    assert isinstance(answer.result, Translated)
-    response = apb.TranslateResponse(model=name, version=version, metrics=_metrics(answer.metrics, total))
-    for t in answer.result.translations:
-        item = response.translations.add(
-            text=t.text,
-            source_tokens=t.source_tokens,
-            target_tokens=t.target_tokens,
-            score=t.score,
-            finished=t.finished,
-        )
-        if attention:
-            item.attention.CopyFrom(_tensor(maps.alignment(t.attention)))
-    return response
-
-
-def _token(event: TokenEvent) -> apb.Token:
-    token = apb.Token(
-        text_index=event.text_index, index=event.index, token=event.token, token_id=event.token_id,
-        text=event.piece, logprob=event.logprob,
-    )  # fmt: skip
-    if event.alignment is not None:
-        token.attention.CopyFrom(_tensor(event.alignment))
-    return token
 
 
 class GrpcServicer:
@@ -268,7 +158,7 @@ class GrpcServicer:
         async for request in request_stream:
             try:
                 stream = request.parameters.get("stream")
-                if stream is not None and _parameter(stream) is True:
+                if stream is not None and codec.parameter(stream) is True:
                     async for response in self._model_stream(request):
                         yield pb.ModelStreamInferResponse(infer_response=response)
                     continue
@@ -282,22 +172,22 @@ class GrpcServicer:
 
     async def _model_infer(self, request: pb.ModelInferRequest, route: str) -> pb.ModelInferResponse:
         entry = self.server.resolve(request.model_name, None, request.model_version)
-        params = {k: _parameter(v) for k, v in request.parameters.items()}
+        params = {k: codec.parameter(v) for k, v in request.parameters.items()}
         outputs = kserve.requested_outputs(entry.manifest, [o.name for o in request.outputs], params)
-        requests = kserve.to_requests(entry.manifest, _inputs(request), params, outputs)
+        requests = kserve.to_requests(entry.manifest, codec.inputs(request), params, outputs)
         _, answers, _ = await self.server.predict_many(
             entry.name, None, route, requests, request.model_version
         )
-        return _response(
+        return codec.response(
             entry.name, entry.version, request.id, kserve.to_outputs(entry.manifest, answers, outputs)
         )
 
     async def _model_stream(self, request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferResponse]:
         """A translation's decoupled responses: a token each, then the whole answer."""
         entry = self.server.resolve(request.model_name, "translation", request.model_version)
-        params = {k: _parameter(v) for k, v in request.parameters.items() if k != "stream"}
+        params = {k: codec.parameter(v) for k, v in request.parameters.items() if k != "stream"}
         outputs = kserve.requested_outputs(entry.manifest, [o.name for o in request.outputs], params)
-        [job] = kserve.to_requests(entry.manifest, _inputs(request), params, outputs)
+        [job] = kserve.to_requests(entry.manifest, codec.inputs(request), params, outputs)
         attention = "ATTENTION" in outputs
         route, version = "grpc_stream_infer", request.model_version
         async for _, event, _ in self.server.stream(entry.name, "translation", route, job, version):
@@ -307,7 +197,7 @@ class GrpcServicer:
                 if isinstance(event, Answer)
                 else [kserve.token_outputs(token, attention) for token in event]
             ):
-                response = _response(entry.name, entry.version, request.id, tensors)
+                response = codec.response(entry.name, entry.version, request.id, tensors)
                 response.parameters["triton_final_response"].bool_param = final
                 yield response
 
@@ -319,9 +209,9 @@ class GrpcServicer:
     ) -> apb.TranslateResponse:
         self._authorize(grpc_context)
         entry, [answer], total = await self.server.predict_many(
-            request.model, "translation", "grpc_translate", [_translate_job(request)]
+            request.model, "translation", "grpc_translate", [codec.translate_job(request)]
         )
-        return _translate_response(entry.name, entry.version, answer, total, request.return_attention)
+        return codec.translate_response(entry.name, entry.version, answer, total, request.return_attention)
 
     async def TranslateStream(
         self, request: apb.TranslateRequest, grpc_context: GrpcContext
@@ -329,17 +219,17 @@ class GrpcServicer:
         """Server streaming: a ``Token`` per output token as it is chosen, then the ``answer``."""
         try:
             self._authorize(grpc_context)
-            job = _translate_job(request)
+            job = codec.translate_job(request)
             events = self.server.stream(request.model, "translation", "grpc_translate_stream", job)
             async for entry, event, total in events:
                 if isinstance(event, Answer):
-                    answer = _translate_response(
+                    answer = codec.translate_response(
                         entry.name, entry.version, event, total, request.return_attention
                     )
                     yield apb.TranslateEvent(answer=answer)
                 else:
                     for token in event:
-                        yield apb.TranslateEvent(token=_token(token))
+                        yield apb.TranslateEvent(token=codec.token(token))
         except ServiceError as exc:
             raise _abort(grpc_context, exc) from None
         except ValidationError as exc:
@@ -360,14 +250,14 @@ class GrpcServicer:
         result = answer.result
         assert isinstance(result, Classified)
         response = apb.ClassifyResponse(
-            model=entry.name, version=entry.version, metrics=_metrics(answer.metrics, total)
+            model=entry.name, version=entry.version, metrics=codec.metrics(answer.metrics, total)
         )
         for label, index, probability in zip(
             result.labels, result.indices, result.probabilities, strict=True
         ):
             response.predictions.add(label=label, index=int(index), probability=float(probability))
         if result.rollout is not None:
-            response.rollout.CopyFrom(_tensor(result.rollout))
+            response.rollout.CopyFrom(codec.tensor(result.rollout))
         return response
 
 

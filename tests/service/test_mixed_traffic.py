@@ -20,6 +20,7 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+import requests
 
 from benchmarks.run import free_port_block
 from service.api import kserve
@@ -334,3 +335,43 @@ def test_openapi_shows_the_limits_the_service_enforces(mixed_service: Service) -
         "/v1/models/dates-transformer/translate", json={"text": "1 mai 2000", "beam_size": 9}
     )
     assert too_wide.status_code == 422 and "beam_size" in too_wide.json()["error"]
+
+
+def test_streams_in_every_frontend(mixed_service: Service) -> None:
+    """Streams on two models at once, over SSE and attention.v1 TranslateStream — through Ray's
+    proxy and a streaming deployment handle in the ray-proxy frontend: the tokens as chosen,
+    then the answer the plain call gives."""
+
+    def sse(model: str, text: str) -> tuple[list[str], str]:
+        body = {"text": text, "stream": True}
+        url = f"{mixed_service.url}/v1/models/{model}/translate"
+        with requests.post(url, json=body, stream=True, timeout=60) as r:
+            assert r.status_code == 200, r.text
+            data = [
+                json.loads(line[6:])
+                for line in r.iter_lines(decode_unicode=True)
+                if line.startswith("data: ")
+            ]
+        *tokens, answer = data
+        return [t["text"] for t in tokens], answer["translations"][0]["text"]
+
+    def grpc_stream(model: str, text: str) -> tuple[list[str], str]:
+        with grpc.insecure_channel(mixed_service.grpc_target) as channel:
+            stub = apb_grpc.AttentionServiceStub(channel)
+            *tokens, last = stub.TranslateStream(apb.TranslateRequest(model=model, texts=[text]))
+        return [t.token.text for t in tokens], last.answer.translations[0].text
+
+    calls = [
+        (f, m, d)
+        for f in (sse, grpc_stream)
+        for m in ("dates-transformer", "dates-bahdanau")
+        for d in DATES[:4]
+    ]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda c: c[0](c[1], c[2]), calls))
+    for (_, model, text), (pieces, answer) in zip(calls, results, strict=True):
+        assert pieces and "".join(pieces) == answer
+        plain = requests.post(
+            f"{mixed_service.url}/v1/models/{model}/translate", json={"text": text}, timeout=60
+        )
+        assert plain.json()["translations"][0]["text"] == answer

@@ -1,0 +1,124 @@
+"""The gRPC codec: KServe v2 protobuf messages into the core's tensors and back, and the typed
+``attention.v1`` messages into jobs and from answers — once each way, as ``rest_codec.py`` does
+for REST. ``grpc_servicer.py`` holds the RPCs."""
+
+from typing import Any
+
+import numpy as np
+
+from service.api import kserve
+from service.api.protos import attention_pb2 as apb
+from service.api.protos import grpc_service_pb2 as pb
+from service.api.rest_codec import translate_job as rest_translate_job
+from service.api.schemas import TranslateRequest
+from service.errors import InvalidInput
+from service.inference import attention as maps
+from service.inference.jobs import Answer, AnswerMetrics, TokenEvent, Translated, TranslateJob
+
+_CONTENTS_FIELD = {
+    "BOOL": "bool_contents",
+    "INT8": "int_contents",
+    "INT16": "int_contents",
+    "INT32": "int_contents",
+    "INT64": "int64_contents",
+    "UINT8": "uint_contents",
+    "UINT16": "uint_contents",
+    "UINT32": "uint_contents",
+    "UINT64": "uint64_contents",
+    "FP32": "fp32_contents",
+    "FP64": "fp64_contents",
+    "BYTES": "bytes_contents",
+}
+#: what Ray's gRPC proxy registers (``grpc_servicer_functions``)
+
+
+def parameter(p: pb.InferParameter) -> Any:
+    kind = p.WhichOneof("parameter_choice")
+    return getattr(p, kind) if kind else None
+
+
+def inputs(request: pb.ModelInferRequest) -> list[kserve.Tensor]:
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(f"raw_input_contents: {len(raw)} entries for {len(request.inputs)} inputs")
+    tensors = []
+    for i, t in enumerate(request.inputs):
+        shape = list(t.shape)
+        if raw:
+            tensors.append(kserve.from_raw(t.name, t.datatype, shape, raw[i]))
+        else:
+            field = _CONTENTS_FIELD.get(t.datatype)
+            if field is None:
+                raise InvalidInput(f"{t.name}: unsupported datatype {t.datatype!r}")
+            tensors.append(kserve.from_list(t.name, t.datatype, shape, list(getattr(t.contents, field))))
+    return tensors
+
+
+def response(name: str, version: int, request_id: str, tensors: list[kserve.Tensor]) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(model_name=name, model_version=str(version), id=request_id)
+    for t in tensors:
+        response.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
+        raw = (
+            kserve.serialize_bytes(t.data)
+            if t.datatype == "BYTES"
+            else np.ascontiguousarray(t.data).tobytes()
+        )
+        response.raw_output_contents.append(raw)
+    return response
+
+
+def tensor(values: np.ndarray) -> apb.Tensor:
+    return apb.Tensor(shape=list(values.shape), values=values.astype(np.float32).ravel().tolist())
+
+
+def metrics(m: AnswerMetrics, total_ms: float) -> apb.Metrics:
+    return apb.Metrics(
+        queue_wait_ms=m.queue_wait_ms,
+        compute_ms=m.compute_ms,
+        total_ms=total_ms,
+        batch_size=m.batch_size,
+        tokens_generated=m.tokens_generated or 0,
+        time_to_first_token_ms=m.time_to_first_token_ms or 0.0,
+        time_per_output_token_ms=m.time_per_output_token_ms or 0.0,
+    )
+
+
+def translate_job(request: apb.TranslateRequest) -> TranslateJob:
+    """The request's fields, checked by the REST schema."""
+    return rest_translate_job(
+        TranslateRequest(
+            text=list(request.texts),
+            beam_size=request.beam_size or 1,
+            max_length=request.max_length or None,
+            length_penalty=request.length_penalty,
+            return_attention=request.return_attention,
+        )
+    )
+
+
+def translate_response(
+    name: str, version: int, answer: Answer, total: float, attention: bool
+) -> apb.TranslateResponse:
+    assert isinstance(answer.result, Translated)
+    response = apb.TranslateResponse(model=name, version=version, metrics=metrics(answer.metrics, total))
+    for t in answer.result.translations:
+        item = response.translations.add(
+            text=t.text,
+            source_tokens=t.source_tokens,
+            target_tokens=t.target_tokens,
+            score=t.score,
+            finished=t.finished,
+        )
+        if attention:
+            item.attention.CopyFrom(tensor(maps.alignment(t.attention)))
+    return response
+
+
+def token(event: TokenEvent) -> apb.Token:
+    token = apb.Token(
+        text_index=event.text_index, index=event.index, token=event.token, token_id=event.token_id,
+        text=event.piece, logprob=event.logprob,
+    )  # fmt: skip
+    if event.alignment is not None:
+        token.attention.CopyFrom(tensor(event.alignment))
+    return token
