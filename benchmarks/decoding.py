@@ -4,9 +4,9 @@ Writes ``benchmarks/results/<date>-decoding.{json,md,png}``:
 
 a. **Decoder cost per token vs output length**, KV-cached step (per-layer caches, what export
    writes; and the packed cache of older repositories) against the whole-prefix step of the same
-   weights, at batch 1 and 16: the dates-transformer demo checkpoint, and the same
-   architecture at opus-mt-en-de's shape (6 + 6 layers, d 512, 8 heads, FFN 2048; weights
-   random — the cost does not depend on them).
+   weights, at batch 1 and 16: the dates-transformer demo checkpoint, bible-fr-en-transformer
+   when ``make models-real`` has built it, and the same architecture at opus-mt-en-de's shape
+   (6 + 6 layers, d 512, 8 heads, FFN 2048; weights random — the cost does not depend on them).
 b. **Served tokens/s at 32 clients** through the model's scheduler against offline batched greedy
    decoding of the same graphs (one ORT thread each).
 c. **Short requests among long ones**: 8 clients send long translations (100 tokens) while 8
@@ -141,7 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         opus = Transformer(
             TransformerConfig(src_vocab=trained.cfg.src_vocab, tgt_vocab=trained.cfg.tgt_vocab, **OPUS_SHAPE)
         ).eval()
-        for name, model in (("dates-transformer", trained), ("opus-mt-shape", opus)):
+        models = [("dates-transformer", trained), ("opus-mt-shape", opus)]
+        bible = args.checkpoints / "bible-fr-en-transformer"
+        if bible.is_dir():  # make models-real
+            real = checkpoint.load(bible).model
+            assert isinstance(real, Transformer)
+            models.insert(1, ("bible-fr-en-transformer", real.eval()))
+        for name, model in models:
             for contract in CONTRACTS:
                 print(f"(a) {name} {contract}", flush=True)
                 d = export_version(
