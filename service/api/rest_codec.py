@@ -116,9 +116,9 @@ def _translation(t: Translation, request: TranslateRequest) -> dict[str, Any]:
             png = maps.alignment_png(grid, t.source_tokens, t.target_tokens)
             amap["png_base64"] = base64.b64encode(png).decode()
         else:
-            amap["values"] = _rounded(grid)
+            amap["values"] = rounded(grid)
         if request.attention_layers == "all" and t.attention.ndim == 4:
-            amap["layers"] = _rounded(t.attention.transpose(1, 2, 0, 3))  # (T, L, H, S) → (L, H, T, S)
+            amap["layers"] = rounded(t.attention.transpose(1, 2, 0, 3))  # (T, L, H, S) → (L, H, T, S)
         item["attention"] = amap
     return item
 
@@ -136,12 +136,13 @@ def _classification(result: Classified, options: ClassifyOptions) -> dict[str, A
             png = maps.image_overlay_png(result.image, result.rollout, options.overlay_opacity)
             amap["png_base64"] = base64.b64encode(png).decode()
         else:
-            amap["values"] = _rounded(result.rollout)
+            amap["values"] = rounded(result.rollout)
         if result.attentions is not None:
-            amap["layers"] = _rounded(result.attentions)
+            amap["layers"] = rounded(result.attentions)
         out["attention"] = amap
     return out
 
 
-def _rounded(array: np.ndarray) -> Any:
+def rounded(array: np.ndarray) -> Any:
+    """Attention values as JSON answers carry them: floats rounded to 6 decimals."""
     return np.round(array.astype(np.float64), 6).tolist()

@@ -30,11 +30,10 @@ import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
-import numpy as np
 from starlette.responses import StreamingResponse
 from starlette.types import Send
 
-from service.api.rest_codec import answer_json
+from service.api.rest_codec import answer_json, rounded
 from service.api.schemas import TranslateRequest
 from service.api.server import Server
 from service.errors import ServiceError, unexpected
@@ -92,14 +91,10 @@ def token_json(event: TokenEvent) -> dict[str, Any]:
         "token_id": event.token_id, "text": event.piece, "logprob": round(event.logprob, 6),
     }  # fmt: skip
     if event.alignment is not None:
-        item["attention"] = _rounded(event.alignment)
+        item["attention"] = rounded(event.alignment)
     if event.layers is not None:
-        item["attention_layers"] = _rounded(event.layers)
+        item["attention_layers"] = rounded(event.layers)
     return item
-
-
-def _rounded(array: Any) -> Any:
-    return np.round(np.asarray(array, dtype=np.float64), 6).tolist()
 
 
 def _event(name: str, data: bytes) -> bytes:

@@ -10,8 +10,9 @@ whatever the protocol and whatever the hosting: a model is anything with ``predi
 """
 
 import asyncio
+import contextlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from typing import Any, Protocol
 
 from fastapi import Request
@@ -115,9 +116,7 @@ class Server:
     ) -> tuple[ModelEntry, list[Answer], float]:
         """Send requests to a model's deployment concurrently (they batch there), with the
         deadline and overload mapping every protocol shares; record the request metrics."""
-        start = time.perf_counter()
-        status = 500
-        try:
+        with self._recorded(name, route) as start:
             entry = self.resolve(name, task, version)
             for request in requests:
                 limits.check(request, self.settings.limits)
@@ -131,16 +130,6 @@ class Server:
                         answers = list(await asyncio.gather(*(model.predict(r) for r in requests)))
             except TimeoutError as exc:  # the cancelled calls free their places in the batch
                 raise DeadlineExceeded(f"model {name!r} did not answer within {timeout} s") from exc
-            status = 200
-        except ServiceError as exc:
-            status = exc.http_status
-            raise
-        except asyncio.CancelledError:  # the client went away (nginx's 499): not a server error
-            status = CLIENT_CLOSED
-            raise
-        finally:
-            label = name if name in self.entries else "_unknown"
-            self.metrics.record(label, route, status, time.perf_counter() - start)
         return entry, answers, round((time.perf_counter() - start) * 1000, 3)
 
     async def stream(
@@ -150,33 +139,43 @@ class Server:
         (``ModelWorker.stream``) — each with the model and the milliseconds since the request
         began, under the limits, deadline and request metrics of :meth:`predict_many`. The deadline
         covers the whole stream. Closing the iterator early (the client left) cancels the request."""
+        with self._recorded(name, route) as start:
+            events: AsyncIterator[Tokens | Answer] | None = None
+            try:
+                entry = self.resolve(name, task, version)
+                limits.check(request, self.settings.limits)
+                timeout = self.settings.limits.request_timeout_s
+                events = self.models[name].stream(request)
+                deadline = asyncio.get_running_loop().time() + timeout
+                while True:
+                    try:  # the deadline around each wait alone: never around a yield to the caller
+                        async with asyncio.timeout_at(deadline):
+                            event = await anext(events)
+                    except StopAsyncIteration:
+                        break
+                    except TimeoutError as exc:  # the cancelled wait ended the model's stream
+                        raise DeadlineExceeded(f"model {name!r} did not answer within {timeout} s") from exc
+                    yield entry, event, round((time.perf_counter() - start) * 1000, 3)
+            finally:
+                if events is not None:
+                    await events.aclose()  # type: ignore[attr-defined]
+
+    @contextlib.contextmanager
+    def _recorded(self, name: str, route: str) -> Iterator[float]:
+        """One request's status and time in the request metrics, whichever way it ends: 200, the
+        service error's status, 499 for a client gone (nginx's code: not a server error; a stream
+        closed early too), else 500. Yields when the request began (``time.perf_counter()``)."""
         start = time.perf_counter()
         status = 500
-        events: AsyncIterator[Tokens | Answer] | None = None
         try:
-            entry = self.resolve(name, task, version)
-            limits.check(request, self.settings.limits)
-            timeout = self.settings.limits.request_timeout_s
-            events = self.models[name].stream(request)
-            deadline = asyncio.get_running_loop().time() + timeout
-            while True:
-                try:  # the deadline around each wait alone: never around a yield to the caller
-                    async with asyncio.timeout_at(deadline):
-                        event = await anext(events)
-                except StopAsyncIteration:
-                    break
-                except TimeoutError as exc:  # the cancelled wait ended the model's stream
-                    raise DeadlineExceeded(f"model {name!r} did not answer within {timeout} s") from exc
-                yield entry, event, round((time.perf_counter() - start) * 1000, 3)
+            yield start
             status = 200
         except ServiceError as exc:
             status = exc.http_status
             raise
-        except (asyncio.CancelledError, GeneratorExit):  # the client went away mid-stream
+        except (asyncio.CancelledError, GeneratorExit):
             status = CLIENT_CLOSED
             raise
         finally:
-            if events is not None:
-                await events.aclose()  # type: ignore[attr-defined]
             label = name if name in self.entries else "_unknown"
             self.metrics.record(label, route, status, time.perf_counter() - start)
