@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import datetime as dt
 import json
 import re
@@ -208,6 +209,20 @@ def write_report(r: dict[str, Any], path: Path) -> Path:
         )
     lines += [
         "",
+        "Tokens chosen within `stream_interval_ms` (default 16 ms, one display frame) of the last "
+        "token event go out together in the next; the first token goes at once and the answer as "
+        "soon as it is ready. The same top concurrency on a service that sends every decoder step's "
+        "tokens as chosen (`ATTN_STREAM_INTERVAL_MS=0`), streamed and plain interleaved:",
+        "",
+    ]
+    for model, e in r.get("every_step", {}).items():
+        lines.append(
+            f"- {model}: streamed {e['ratio']:.2f} × plain ({e['stream']['tokens_per_s']:.0f} against "
+            f"{e['plain']['tokens_per_s']:.0f} tokens/s), "
+            f"first token p50 {e['stream']['first_token_p50_ms']:.1f} ms."
+        )
+    lines += [
+        "",
         *r.get("notes", []),
         "",
         *(
@@ -221,6 +236,28 @@ def write_report(r: dict[str, Any], path: Path) -> Path:
     ]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def every_step(config: Any, target: Target, args: argparse.Namespace) -> dict[str, Any]:
+    """The top concurrency again on a service that sends every decoder step's tokens as they are
+    chosen (``ATTN_STREAM_INTERVAL_MS=0``), streamed and plain interleaved: what the default's
+    coalescing of tokens within a display frame saves."""
+    top = max(args.concurrency)
+    config = dataclasses.replace(config, env={**config.env, "ATTN_STREAM_INTERVAL_MS": "0"})
+    rows: dict[str, list[dict[str, Any]]] = {"stream": [], "plain": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        server = start("in-replica", config, Path(tmp))
+        try:
+            for r in range(args.rounds):
+                for mode in ("stream", "plain") if r % 2 == 0 else ("plain", "stream"):
+                    print(f"{target.model} every step, round {r + 1}: {top} clients, {mode}", flush=True)
+                    load = closed_loop(server.port, target, top, args.duration, mode == "stream")
+                    rows[mode].append(asyncio.run(load))
+        finally:
+            server.stop()
+    pairs = zip(rows["stream"], rows["plain"], strict=True)
+    ratios = [s["tokens_per_s"] / p["tokens_per_s"] for s, p in pairs]
+    return {m: median_of(v) for m, v in rows.items()} | {"ratio": statistics.median(ratios), "rounds": ratios}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -239,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
         "results": {},
         "ratios_by_round": {},
         "ratio_at_top": {},
+        "every_step": {},
     }
     for target in targets(args.repository):
         config = configurations(target.repository, ROOT / "build" / "checkpoints")["in-replica"]
@@ -259,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
                     ratios.append(top["stream"][-1]["tokens_per_s"] / top["plain"][-1]["tokens_per_s"])
             finally:
                 server.stop()
+        results["every_step"][target.model] = every_step(config, target, args)
         results["results"][target.model] = {
             str(c): {m: median_of(v) for m, v in by_mode.items()} for c, by_mode in rows.items()
         }

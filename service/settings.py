@@ -119,6 +119,11 @@ class Settings(BaseSettings):
     batching: Batching = Batching()
     model_overrides: dict[str, ModelOverride] = {}
     limits: Limits = Limits()
+    #: streamed translations: tokens chosen within this many ms of the last token event are sent
+    #: together in the next one (the first token is sent at once, the answer as soon as it is
+    #: ready). One display frame (16 ms) is invisible to a reader and lets a busy replica write a
+    #: few chunks per answer instead of one per token; 0 sends every decoder step's tokens
+    stream_interval_ms: float = Field(16.0, ge=0, le=1000)
     #: histogram buckets (seconds) for latency metrics
     latency_buckets_s: list[float] = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"

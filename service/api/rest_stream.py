@@ -28,10 +28,10 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 from starlette.responses import StreamingResponse
-from starlette.types import Send
+from starlette.types import Receive, Scope, Send
 
 from service.api.rest_codec import answer_json, rounded
 from service.api.schemas import TranslateRequest
@@ -61,16 +61,19 @@ async def _sse(
     first: tuple[Any, Tokens | Answer, float],
     rest: AsyncIterator[tuple[Any, Tokens | Answer, float]],
     body: TranslateRequest,
-) -> AsyncIterator[bytes]:
+) -> AsyncIterator[tuple[bytes, bool]]:
+    """The stream's chunks, each with whether it is the last (the answer or an error): the last
+    goes out with the chunked body's end in one write."""
     try:
         _, event, elapsed = first
-        yield _encode(event, body, elapsed)
+        yield _encode(event, body, elapsed), isinstance(event, Answer)
         async for _, event, elapsed in rest:
-            yield _encode(event, body, elapsed)
+            yield _encode(event, body, elapsed), isinstance(event, Answer)
     except ServiceError as exc:
-        yield _event("error", json.dumps({"error": exc.message}).encode())
+        yield _event("error", json.dumps({"error": exc.message}).encode()), True
     except Exception as exc:  # logged with its traceback and a request id, as every 500
-        yield _event("error", json.dumps({"error": unexpected(exc, "translate stream").message}).encode())
+        message = unexpected(exc, "translate stream").message
+        yield _event("error", json.dumps({"error": message}).encode()), True
     finally:
         await rest.aclose()  # type: ignore[attr-defined]
 
@@ -102,26 +105,71 @@ def _event(name: str, data: bytes) -> bytes:
 
 
 class EventStream(StreamingResponse):
-    """A ``text/event-stream`` response whose every write must complete within ``write_timeout_s``:
-    a client that stops reading fills the socket's buffers and blocks the write (uvicorn's flow
-    control); past the timeout the stream ends and its request is cancelled."""
+    """A ``text/event-stream`` response in the request's own task. The client leaving (the next
+    ``receive`` answers ``http.disconnect``) cancels it, and so does one write blocked for longer
+    than ``write_timeout_s`` (a client that stops reading fills the socket's buffers and uvicorn's
+    flow control holds the write); either way the request is cancelled and its rows leave the
+    batch. One waiting ``receive`` and one coarse timer per stream: Starlette's task group and a
+    timeout around every write cost more than the writes."""
 
     media_type = MEDIA_TYPE
 
-    def __init__(self, content: AsyncIterator[bytes], write_timeout_s: float) -> None:
-        super().__init__(content, headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(self, content: AsyncIterator[tuple[bytes, bool]], write_timeout_s: float) -> None:
+        super().__init__(cast(Any, content), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
         self.write_timeout_s = write_timeout_s
+        self._writing_since: float | None = None  # loop time the pending write began
+        self._cut = False  # cancelled here: the client left or stopped reading
+        self._over = False  # the last write is out: nothing more to cancel
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        loop = asyncio.get_running_loop()
+
+        def cut(why: str, level: int = logging.INFO) -> None:
+            if not self._cut and not self._over:
+                log.log(level, "a stream ended early: %s", why)
+                self._cut = True
+                task.cancel()
+
+        timer: asyncio.TimerHandle | None = None
+
+        def check() -> None:
+            nonlocal timer
+            since = self._writing_since
+            if since is not None and loop.time() - since >= self.write_timeout_s:
+                cut(f"its client stopped reading for {self.write_timeout_s} s", logging.WARNING)
+            else:
+                timer = loop.call_later(min(self.write_timeout_s / 4, 1.0), check)
+
+        left = asyncio.ensure_future(receive())  # completes when the client disconnects
+        left.add_done_callback(lambda f: None if f.cancelled() else cut("its client disconnected"))
+        timer = loop.call_later(min(self.write_timeout_s / 4, 1.0), check)
+        try:
+            await self.stream_response(send)
+        except asyncio.CancelledError:
+            if not self._cut:
+                raise
+            task.uncancel()  # ours: the connection closes unfinished, the request was cancelled
+        finally:
+            self._over = True
+            left.cancel()
+            if timer is not None:
+                timer.cancel()
 
     async def stream_response(self, send: Send) -> None:
+        loop = asyncio.get_running_loop()
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
         chunks: Any = self.body_iterator
         try:
-            async for chunk in chunks:
-                async with asyncio.timeout(self.write_timeout_s):
-                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        except TimeoutError:
-            log.warning("a stream's client stopped reading for %s s: stream ended", self.write_timeout_s)
-            return  # the connection closes unfinished; the request was cancelled
+            async for chunk, last in chunks:
+                self._writing_since = loop.time()
+                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+                self._writing_since = None
+                if last:
+                    self._over = True  # before the loop runs again: the client may close now
+                    return
         finally:
             await chunks.aclose()
         await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self._over = True

@@ -110,6 +110,7 @@ class ModelWorker:
         provider = self.runner.providers[0]
         self.metrics.loaded(entry.version, entry.manifest.task, entry.manifest.family, provider)
         self.replica, self.node = replica, node
+        self.stream_interval_s = settings.stream_interval_ms / 1000
         log.info(
             "%s v%s ready on %s, batch ≤ %d", entry.name, entry.version, provider, batching.max_batch_size
         )
@@ -140,35 +141,58 @@ class ModelWorker:
         static batches (whole-prefix graphs, images), yield the answer alone: a beam's best
         prefix can change until it ends. Closing the iterator early (a client gone) takes the
         request's rows out of the batch at the next step. What waits here is bounded by the
-        request's own tokens (texts × its target limit): the scheduler never runs ahead of that."""
+        request's own tokens (texts × its target limit): the scheduler never runs ahead of that.
+
+        Tokens chosen within ``stream_interval_ms`` of the last item wait and go together in the
+        next one (the first goes at once, the last with the answer's turn): a reader sees no
+        difference below a display frame, and a busy replica writes a few chunks per answer
+        instead of one per token."""
         work = self._accept(job)
         runner = self.runner
         if self.scheduler is None or not isinstance(runner, TranslationRunner) or work.job.beam_size > 1:
             yield await (self._decode(work) if self.scheduler is not None else self._batched(work))
             return
+        loop = asyncio.get_running_loop()
         chosen: list[StepToken] = []  # delivered by the scheduler, not yet yielded
         wake: asyncio.Future[None] | None = None
+        holding = False  # tokens are ready, held until the interval since the last item ends
 
         def arrived(tokens: list[StepToken] | None = None) -> None:
             if tokens:
                 chosen.extend(tokens)
+            if wake is not None and not wake.done() and (not holding or tokens is None):
+                wake.set_result(None)  # a held stream wakes at its interval's end or its answer
+
+        def interval_over() -> None:
             if wake is not None and not wake.done():
                 wake.set_result(None)
 
         decoding = asyncio.ensure_future(self._decode(work, arrived))
         decoding.add_done_callback(lambda _: arrived())  # after every token: the loop keeps the order
         streams = runner.token_streams(work)
+        sent: float | None = None  # loop time of the last token item
         try:
             while True:
-                if chosen:  # a step's tokens, or several steps' when this caller was busy: one item
+                due = sent is None or decoding.done() or loop.time() >= sent + self.stream_interval_s
+                if chosen and due:  # a step's tokens, or every token since the last item: one item
                     ready = chosen[:]
                     chosen.clear()
+                    sent = loop.time()
                     yield [runner.token_event(work, streams, token) for token in ready]
                 elif decoding.done():
                     break
                 else:
-                    wake = asyncio.get_running_loop().create_future()
-                    await wake
+                    wake = loop.create_future()
+                    timer = None
+                    if chosen and sent is not None:  # held: wait out the interval (or the answer)
+                        holding = True
+                        timer = loop.call_at(sent + self.stream_interval_s, interval_over)
+                    try:
+                        await wake
+                    finally:
+                        holding = False
+                        if timer is not None:
+                            timer.cancel()
             yield decoding.result()
         finally:
             decoding.cancel()  # done already, or the caller left: its rows leave the batch

@@ -4,6 +4,8 @@ loading its models, so it is checked here, without Ray."""
 from __future__ import annotations
 
 import ast
+import threading
+import time
 from pathlib import Path
 
 import service.hosting.metrics as metrics
@@ -20,3 +22,50 @@ def test_every_metric_description_is_ascii() -> None:
     ]
     assert len(descriptions) >= 12
     assert [d for d in descriptions if not d.isascii()] == []
+
+
+class Recorded:
+    """Stands where a Ray metric would: what ``Deferred.flush`` records into it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, float, dict[str, str]]] = []
+
+    def inc(self, value: float, tags: dict[str, str]) -> None:
+        self.calls.append(("inc", value, tags))
+
+    def set(self, value: float, tags: dict[str, str]) -> None:
+        self.calls.append(("set", value, tags))
+
+    def observe(self, value: float, tags: dict[str, str]) -> None:
+        self.calls.append(("observe", value, tags))
+
+
+def test_deferred_updates_sum_counters_keep_last_gauges_and_every_observation() -> None:
+    """What the serving threads queue reaches Ray on the flush thread: one increment per counter
+    series (the sum), a gauge's last value, every histogram observation; from several threads."""
+    counter, gauge, histogram = Recorded(), Recorded(), Recorded()
+    deferred = metrics.Deferred(flush_s=0.05)
+    a, b = (("model", "a"),), (("model", "b"),)
+
+    def serve(tags: metrics.Tags) -> None:
+        for i in range(1000):
+            deferred.push(counter, "inc", 2, tags)
+            deferred.push(gauge, "set", i, tags)
+            deferred.push(histogram, "observe", i / 1000, tags)
+
+    threads = [threading.Thread(target=serve, args=(t,)) for t in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    deadline = time.monotonic() + 10
+    while deferred.updates and time.monotonic() < deadline:  # the flush thread drains the queue
+        time.sleep(0.01)
+    time.sleep(0.1)  # its last flush records what it took
+    totals: dict[str, float] = {}
+    for kind, value, tags in counter.calls:
+        assert kind == "inc"
+        totals[tags["model"]] = totals.get(tags["model"], 0) + value
+    assert totals == {"a": 2000, "b": 2000} and len(counter.calls) < 2000
+    assert {tags["model"]: value for _, value, tags in gauge.calls} == {"a": 999, "b": 999}
+    assert sorted(v for _, v, t in histogram.calls if t["model"] == "a") == [i / 1000 for i in range(1000)]

@@ -40,9 +40,10 @@ class RowsSeen(NoMetrics):
         self.rows.append(rows)
 
 
-def worker(version: Path, metrics: Any = None) -> ModelWorker:
+def worker(version: Path, metrics: Any = None, interval_ms: float = 0.0) -> ModelWorker:
     entry = ModelEntry(version.parent.name, int(version.name), version, Manifest.load(version))
-    return ModelWorker(entry, Settings(repository=version.parent.parent), "r", "n", metrics)
+    settings = Settings(repository=version.parent.parent, stream_interval_ms=interval_ms)
+    return ModelWorker(entry, settings, "r", "n", metrics)
 
 
 def endless(tiny_repository: Path, directory: Path) -> Path:
@@ -116,6 +117,38 @@ def test_streams_equal_answers_under_mixed_traffic(tiny_repository: Path) -> Non
             assert times[0] < times[-1] and answer.metrics.time_to_first_token_ms is not None
 
     asyncio.run(go())
+
+
+def test_tokens_within_the_interval_travel_together(endless_version: Path) -> None:
+    """With ``stream_interval_ms`` the first token comes alone and at once, later ones in items at
+    least the interval apart (the last with the answer's turn); the tokens are those sent step by
+    step."""
+    job = TranslateJob(texts=DATES[:2], max_length=300)
+    every = worker(endless_version)
+    framed = worker(endless_version, interval_ms=25)
+
+    async def go(w: ModelWorker) -> tuple[list[list[TokenEvent]], list[float], Answer]:
+        start, items, times = time.perf_counter(), [], []
+        async for item in w.stream(job):
+            times.append(time.perf_counter() - start)
+            items.append(item)
+        *steps, answer = items
+        assert isinstance(answer, Answer)
+        return steps, times[:-1], answer  # type: ignore[return-value]
+
+    stepwise, _, alone = asyncio.run(go(every))
+    items, times, answer = asyncio.run(go(framed))
+    assert [t.token_id for t in stepwise[0]] == [t.token_id for t in items[0]]  # one step's
+    assert len(items[0]) == 2, "the first step's tokens go at once"
+    gaps = np.diff(times[:-1])  # the last item goes when the decode ends, whatever the interval
+    assert len(gaps) and gaps.min() >= 0.025 * 0.9, gaps
+    assert len(items) <= times[-1] / 0.025 + 2 < 300
+    assert [t.token_id for i in items for t in i] == [t.token_id for i in stepwise for t in i]
+    check_stream([t for i in items for t in i], answer, job)
+    assert [t.target_tokens for t in answer.result.translations] == [  # type: ignore[union-attr]
+        t.target_tokens
+        for t in alone.result.translations  # type: ignore[union-attr]
+    ]
 
 
 def test_beam_search_answers_alone(tiny_repository: Path) -> None:
