@@ -37,7 +37,7 @@ from service.api.rest_codec import answer_json, rounded
 from service.api.schemas import TranslateRequest
 from service.api.server import Server
 from service.errors import ServiceError, unexpected
-from service.inference.jobs import Answer, TokenEvent, Tokens, TranslateJob
+from service.inference.jobs import Answer, LastTokens, TokenEvent, Tokens, TranslateJob
 
 log = logging.getLogger(__name__)
 MEDIA_TYPE = "text/event-stream"
@@ -63,17 +63,26 @@ async def _sse(
     body: TranslateRequest,
 ) -> AsyncIterator[tuple[bytes, bool]]:
     """The stream's chunks, each with whether it is the last (the answer or an error): the last
-    goes out with the chunked body's end in one write."""
+    goes out with the chunked body's end in one write, and with the last tokens when they came
+    just before it."""
+    held = b""  # the last tokens (LastTokens), written with the answer that follows them at once
     try:
-        _, event, elapsed = first
-        yield _encode(event, body, elapsed), isinstance(event, Answer)
-        async for _, event, elapsed in rest:
-            yield _encode(event, body, elapsed), isinstance(event, Answer)
+        item: tuple[Any, Tokens | Answer, float] | None = first
+        while item is not None:
+            _, event, elapsed = item
+            if isinstance(event, LastTokens):
+                held = _encode(event, body, elapsed)
+            else:
+                yield held + _encode(event, body, elapsed), isinstance(event, Answer)
+                held = b""
+            item = await anext(rest, None)
+        if held:
+            yield held, False
     except ServiceError as exc:
-        yield _event("error", json.dumps({"error": exc.message}).encode()), True
+        yield held + _event("error", json.dumps({"error": exc.message}).encode()), True
     except Exception as exc:  # logged with its traceback and a request id, as every 500
         message = unexpected(exc, "translate stream").message
-        yield _event("error", json.dumps({"error": message}).encode()), True
+        yield held + _event("error", json.dumps({"error": message}).encode()), True
     finally:
         await rest.aclose()  # type: ignore[attr-defined]
 

@@ -84,8 +84,13 @@ class TokenEvent:
 
 
 #: a streamed translation's tokens chosen since the stream's previous item, in order: one step's,
-#: or several when the reader was busy (they travel and are written together)
+#: or several within the stream interval (they travel and are written together)
 Tokens = list[TokenEvent]
+
+
+class LastTokens(list[TokenEvent]):
+    """A stream's last tokens: its answer is the next item, already there, so a writer may hold
+    them for the answer's write."""
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from service.errors import InferenceFailed, Overloaded, ServiceError
 from service.inference.batcher import Batcher
-from service.inference.jobs import Answer, AnswerMetrics, Tokens, Translated
+from service.inference.jobs import Answer, AnswerMetrics, LastTokens, Tokens, Translated
 from service.inference.repository import ModelEntry
 from service.inference.runners import TranslateWork, TranslationRunner, make_runner
 from service.inference.runtime import choose_providers
@@ -178,7 +178,8 @@ class ModelWorker:
                     ready = chosen[:]
                     chosen.clear()
                     sent = loop.time()
-                    yield [runner.token_event(work, streams, token) for token in ready]
+                    events = [runner.token_event(work, streams, token) for token in ready]
+                    yield LastTokens(events) if decoding.done() else events
                 elif decoding.done():
                     break
                 else:
