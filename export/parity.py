@@ -81,6 +81,7 @@ def vision_map_diff(
     _, offline = model(torch.from_numpy(pixels))  # (N, layers, heads, T, T)
     diffs = dict.fromkeys(("attentions", *VISION_MAPS), 0.0)
     for ours, theirs in zip(served, offline.numpy(), strict=True):
+        assert ours.attentions is not None
         diffs["attentions"] = max(diffs["attentions"], float(np.abs(ours.attentions - theirs).max()))
         offline_maps = vision_maps(theirs, prefix)
         for name, grid in vision_maps(ours.attentions, prefix).items():

@@ -233,8 +233,9 @@ class ClassificationRunner:
 
     def infer(self, works: list[ClassifyWork]) -> list[Any]:
         if self.row_by_row:
-            return [self.classifier.classify(w.pixels[None])[0] for w in works]
-        return list(self.classifier.classify(np.stack([w.pixels for w in works])))
+            return [self.classifier.classify(w.pixels[None], w.job.attention != "none")[0] for w in works]
+        attention = any(w.job.attention != "none" for w in works)  # else: logits alone
+        return list(self.classifier.classify(np.stack([w.pixels for w in works]), attention))
 
     def postprocess(self, work: ClassifyWork, output: Any) -> Classified:
         job = work.job
@@ -244,6 +245,7 @@ class ClassificationRunner:
             indices=top, probabilities=probs[top], labels=[self.spec.labels[i] for i in top], image=work.image
         )
         if job.attention != "none":
+            assert output.attentions is not None  # its batch asked for attention
             result.rollout = maps.rollout(
                 output.attentions, job.head_fusion, job.discard_ratio, self.spec.prefix_tokens
             ).reshape(self.spec.grid)
@@ -257,6 +259,7 @@ class ClassificationRunner:
         grid does not fit the graph's attention fails here, at start, not on every request."""
         blank = np.zeros((2, self.spec.channels, self.spec.height, self.spec.width), dtype=np.float32)
         attentions = self.classifier.classify(blank)[0].attentions  # (layers, heads, T, T)
+        assert attentions is not None
         rows, cols = self.spec.grid
         if attentions.shape[-1] != self.spec.prefix_tokens + rows * cols:
             raise ValueError(

@@ -43,19 +43,22 @@ class GraphSession:
         self.providers = self.session.get_providers()
         self.on_gpu = self.providers[0] == "CUDAExecutionProvider"
 
-    def run(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def run(self, tensors: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
+        """The graph's outputs (or only ``outputs``: ONNX Runtime then neither keeps nor copies
+        out the others, e.g. a ViT's attention when nobody asked for it)."""
+        names = self.output_names if outputs is None else outputs
         if self.on_gpu:
-            return self._run_bound(tensors)
-        outputs = self.session.run(self.output_names, {name: tensors[name] for name in self.input_names})
-        return dict(zip(self.output_names, outputs, strict=True))
+            return self._run_bound(tensors, names)
+        values = self.session.run(names, {name: tensors[name] for name in self.input_names})
+        return dict(zip(names, values, strict=True))
 
-    def _run_bound(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run_bound(self, tensors: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         """CUDA: bind inputs and outputs explicitly (one host↔device copy each way, no per-run
         allocation negotiation) — ONNX Runtime's I/O binding."""
         binding = self.session.io_binding()
         for name in self.input_names:
             binding.bind_cpu_input(name, np.ascontiguousarray(tensors[name]))
-        for name in self.output_names:
+        for name in names:
             binding.bind_output(name, "cuda")
         self.session.run_with_iobinding(binding)
-        return dict(zip(self.output_names, binding.copy_outputs_to_cpu(), strict=True))
+        return dict(zip(names, binding.copy_outputs_to_cpu(), strict=True))

@@ -67,7 +67,7 @@ def preprocess(image: Image.Image, spec: ImageSpec) -> tuple[np.ndarray, np.ndar
 @dataclass
 class Classification:
     probabilities: np.ndarray  # (classes,)
-    attentions: np.ndarray  # (layers, heads, T, T)
+    attentions: np.ndarray | None  # (layers, heads, T, T); None when not asked for
 
 
 class Classifier:
@@ -78,9 +78,14 @@ class Classifier:
         graph = manifest.graphs["model"]
         self.session = GraphSession(directory / graph.file, graph, providers, threads)
 
-    def classify(self, pixels: np.ndarray) -> list[Classification]:
-        """pixels (B, C, H, W) normalised → one result per row."""
-        out = self.session.run({"pixels": pixels.astype(np.float32, copy=False)})
+    def classify(self, pixels: np.ndarray, attention: bool = True) -> list[Classification]:
+        """pixels (B, C, H, W) normalised → one result per row; without ``attention`` the graph's
+        attention output is neither kept nor copied out."""
+        wanted = None if attention else ["logits"]
+        out = self.session.run({"pixels": pixels.astype(np.float32, copy=False)}, wanted)
         logits = out["logits"] - out["logits"].max(axis=1, keepdims=True)
-        probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        probs = np.exp(logits)
+        probs /= probs.sum(axis=1, keepdims=True)
+        if not attention:
+            return [Classification(p, None) for p in probs]
         return [Classification(p, a) for p, a in zip(probs, out["attentions"], strict=True)]

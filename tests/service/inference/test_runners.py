@@ -73,6 +73,26 @@ def test_classification_typed_result(tiny_repository: Path) -> None:
     assert isinstance(from_pixels, Classified) and list(from_pixels.indices) == list(result.indices)
 
 
+def test_a_batch_without_attention_runs_logits_alone_with_the_same_answers(tiny_repository: Path) -> None:
+    """Nobody in the batch asked for attention: the graph's attention output is not fetched, and
+    every answer equals the one a batch with attention gives; one asker brings it back."""
+    r = runner(tiny_repository, "fashion-vit")
+    assert isinstance(r, ClassificationRunner)
+    plain = [r.preprocess(ClassifyJob(image=canvas_png(seed)[0], top_k=10)) for seed in range(5)]
+    asking = r.preprocess(ClassifyJob(image=canvas_png(9)[0], top_k=10, attention="default"))
+    without = r.infer(plain)
+    assert all(o.attentions is None for o in without)
+    mixed = r.infer([*plain, asking])
+    assert all(o.attentions is not None for o in mixed)
+    for work, a, b in zip(plain, without, mixed, strict=False):
+        np.testing.assert_allclose(a.probabilities, b.probabilities, atol=1e-6)
+        ra, rb = r.postprocess(work, a), r.postprocess(work, b)
+        assert isinstance(ra, Classified) and isinstance(rb, Classified)
+        assert list(ra.indices) == list(rb.indices) and ra.rollout is None
+    answer = r.postprocess(asking, mixed[-1])
+    assert isinstance(answer, Classified) and answer.rollout is not None
+
+
 def test_a_dynamically_quantized_model_answers_a_row_alike_in_any_batch(tiny_repository: Path) -> None:
     r = runner(tiny_repository, "fashion-vit-int8")
     assert batch_dependent(r.entry) and not batch_dependent(runner(tiny_repository, "fashion-vit").entry)
