@@ -11,7 +11,7 @@ TRITON_VENV ?= .venv-triton
 # drive the service from this separate environment, in a separate process
 TRITONCLIENT := tritonclient[http,grpc]==2.73.0
 
-.PHONY: help venv dataset system-deps models models-all models-real serve eval bench bench-serving bench-decoding bench-ctranslate2 bench-streaming bench-faults test test-fast lint typecheck protos clean
+.PHONY: help venv dataset system-deps models models-all models-real serve eval bench bench-serving bench-decoding bench-ctranslate2 bench-streaming bench-peers bench-faults test test-fast lint typecheck protos clean
 
 help:
 	@echo "make serve      build the demo models if missing, then run the service on 127.0.0.1:8000"
@@ -24,6 +24,7 @@ help:
 	@echo "make bench-serving   the serving configurations under load only"
 	@echo "make bench-decoding  KV cache vs whole prefix, the scheduler vs static batches"
 	@echo "make bench-faults  a replica killed under load and 10x overload, report into benchmarks/results/"
+	@echo "make bench-peers  the image path against TorchServe, Triton (PyTriton) and plain FastAPI (own venvs under build/)"
 	@echo "make bench-ctranslate2  CTranslate2 as a peer on an opus-mt-en-de-shaped Marian model (own venv under build/)"
 
 $(STAMP): pyproject.toml
@@ -91,7 +92,7 @@ serve: models
 # then the translation decoder's own reports (bench-decoding, bench-ctranslate2)
 bench: models
 	$(PY) -m benchmarks.run --repository $(REPO)
-	$(MAKE) bench-decoding bench-ctranslate2 bench-streaming
+	$(MAKE) bench-decoding bench-ctranslate2 bench-streaming bench-peers
 
 # benchmarks/results/<date>.{json,md,png} alone
 bench-serving: models
@@ -104,6 +105,11 @@ bench-decoding: models
 # benchmarks/results/<date>-streaming.{json,md}: time to first token, and what streaming costs in tokens/s
 bench-streaming: models
 	$(PY) -m benchmarks.streaming --repository $(REPO)
+
+# benchmarks/results/<date>-peers.{json,md,png}: fashion-vit behind attention-serve, TorchServe, Triton
+# (PyTriton) and plain FastAPI + ORT, the same graph and payloads (pinned peer venvs, build/venvs/)
+bench-peers: models
+	$(PY) -m benchmarks.image_peers
 
 # benchmarks/results/<date>-ctranslate2.{json,md}: CTranslate2 (its own pinned venv, build/venvs/ctranslate2)
 # against the service on the same locally built Marian checkpoint (build/ct2_peer/), offline and served

@@ -23,6 +23,8 @@ class Request:
     path: str
     body: bytes
     content_type: str = "application/json"
+    #: beyond Host, Content-Type and Content-Length (KServe v2's Inference-Header-Content-Length)
+    headers: tuple[tuple[str, str], ...] = ()
 
     @classmethod
     def json(cls, path: str, payload: dict[str, Any]) -> Request:
@@ -65,7 +67,9 @@ class Connection:
     async def send(self, request: Request) -> tuple[int, bytes]:
         head = (
             f"POST {request.path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: {request.content_type}\r\n"
-            f"Content-Length: {len(request.body)}\r\n\r\n"
+            f"Content-Length: {len(request.body)}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in request.headers)
+            + "\r\n"
         ).encode()
         self.writer.write(head + request.body)
         status_line = await self.reader.readline()

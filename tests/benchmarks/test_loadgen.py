@@ -20,7 +20,8 @@ class Echo(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
         status = 500 if b"fail" in body else 200
-        answer = json.dumps({"metrics": {"batch_size": 1}, "echo": body.decode()}).encode()
+        extra = self.headers.get("Inference-Header-Content-Length")
+        answer = json.dumps({"metrics": {"batch_size": 1}, "echo": body.decode(), "header": extra}).encode()
         self.send_response(status)
         self.send_header("Content-Length", str(len(answer)))
         self.end_headers()
@@ -45,6 +46,19 @@ def test_closed_loop_counts_answers_and_errors(port: int) -> None:
     assert sum(result.statuses.values()) == 200 == len(result.latencies_s)
     assert result.statuses == {200: 100, 500: 100} and result.errors == 100 and result.ok == 100
     assert result.bodies and json.loads(result.bodies[0])["metrics"]["batch_size"] == 1
+
+
+def test_requests_carry_their_extra_headers(port: int) -> None:
+    """KServe v2's binary extension needs Inference-Header-Content-Length beside the body."""
+    request = Request(
+        "/v2", b'{"inputs": []}tail', "application/octet-stream", (("Inference-Header-Content-Length", "14"),)
+    )
+    result = asyncio.run(closed_loop("127.0.0.1", port, [request], clients=2, duration_s=10, max_requests=20))
+    assert result.ok == 20 and json.loads(result.bodies[0]) == {
+        "metrics": {"batch_size": 1},
+        "echo": '{"inputs": []}tail',
+        "header": "14",
+    }
 
 
 def test_open_loop_keeps_its_rate(port: int) -> None:

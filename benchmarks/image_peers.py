@@ -1,0 +1,362 @@
+"""``make bench-peers``: the image path against its peers on the same graph and payloads (issue #19).
+
+The demo ``fashion-vit`` graph behind four servers, each with one worker / one replica and ONNX
+Runtime on one thread, on this machine's cores shared with the load generator:
+
+- **attention-serve**: ``python -m service`` on its defaults (in-replica frontend, one replica);
+- **fastapi-ort**: the plain FastAPI + ONNX Runtime baseline, no batching
+  (``benchmarks/baseline_server.py``);
+- **torchserve**: TorchServe with a custom ONNX Runtime handler and its batching (batchSize 32,
+  maxBatchDelay 5 ms), from pinned PyPI packages in its own venv (``benchmarks/peers/``);
+- **pytriton**: Triton's core through ``nvidia-pytriton``, a Python-backend model with its dynamic
+  batcher (32, 2 ms queue delay), in its own venv.
+
+The peers do what a user writes around the graph (``benchmarks/peers/peer_vision.py``): Pillow
+decode, grey 48×48 bilinear resize, normalise, one ``run`` on the batch, softmax, top 5. Payloads:
+JSON with a base64 PNG (every server), a multipart upload (attention-serve, TorchServe) and KServe
+v2 binary tensors (attention-serve, Triton); attention-serve also with the attention rollout asked
+for as an array. The images are Fashion-MNIST test items as PNGs (``benchmarks/peers/smoke.py``'s
+mix: 48×48 canvases, bare 28×28 items that go through the resize, RGB ones).
+
+Closed-loop clients on raw asyncio connections at 32 and 64, ``--rounds`` rounds; each round
+starts every server in turn (order rotated), warms it up, measures each payload and client count
+for ``--duration`` s, and stops it, so no idle server shares the cores with a measured one. The
+answers are checked first (every image's top 5 equal to ONNX Runtime's in this process); the
+report gives medians over rounds: images/s, p50/p99, server CPU per image (the whole process
+tree's CPU time over the answers), RSS; the goals of issue #19 judged in the same run.
+
+Writes ``benchmarks/results/<date>-peers.{json,md,png}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import contextlib
+import datetime as dt
+import json
+import statistics
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from benchmarks.loadgen import Connection, Request, closed_loop, percentile
+from benchmarks.peers import servers as peers
+from benchmarks.peers.smoke import reference, test_images
+from benchmarks.peers.versions import PINS, venv
+from benchmarks.run import Server, configurations, start
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = "fashion-vit"
+GOAL_IMAGES, GOAL_ROLLOUT = 1.2, 1.0  # × the best peer's images/s (issue #19)
+
+
+@dataclass(frozen=True)
+class Payload:
+    name: str
+    requests: list[Request]
+
+
+def ours(images: list[bytes]) -> list[Payload]:
+    """attention-serve's requests: REST JSON, multipart, KServe v2 binary; REST with the rollout."""
+    path = f"/v1/models/{MODEL}/classify"
+
+    def v2(png: bytes) -> Request:
+        tensor = len(png).to_bytes(4, "little") + png
+        head = json.dumps({
+            "inputs": [{"name": "IMAGE", "shape": [1], "datatype": "BYTES",
+                        "parameters": {"binary_data_size": len(tensor)}}],
+            "outputs": [{"name": "LABELS"}, {"name": "INDICES"}, {"name": "PROBABILITIES"}],
+            "parameters": {"top_k": 5},
+        }).encode()  # fmt: skip
+        return Request(f"/v2/models/{MODEL}/infer", head + tensor, "application/octet-stream",
+                       (("Inference-Header-Content-Length", str(len(head))),))  # fmt: skip
+
+    def multipart(png: bytes) -> Request:
+        boundary = "bench-boundary-7d2e"
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"i.png\"\r\n"
+                "Content-Type: image/png\r\n\r\n")  # fmt: skip
+        body = head.encode() + png + f"\r\n--{boundary}--\r\n".encode()
+        return Request(path, body, f"multipart/form-data; boundary={boundary}")
+
+    def rest(png: bytes, **options: Any) -> Request:
+        return Request.json(path, {"image": base64.b64encode(png).decode(), "top_k": 5, **options})
+
+    return [
+        Payload("json", [rest(p) for p in images]),
+        Payload("multipart", [multipart(p) for p in images]),
+        Payload("v2-binary", [v2(p) for p in images]),
+        Payload("json+rollout", [rest(p, return_attention=True) for p in images]),
+    ]
+
+
+class Measured:
+    """A started server, whatever it is: its port, its process tree's CPU and memory, and stop."""
+
+    def __init__(self, port: int, tree: Callable[[], list[psutil.Process]], stop: Callable[[], None]) -> None:
+        self.port, self.tree, self.stop = port, tree, stop
+
+    def cpu_s(self) -> float:
+        total = 0.0
+        for p in self.tree():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                t = p.cpu_times()
+                total += t.user + t.system
+        return total
+
+    def rss_bytes(self) -> int:
+        total = 0
+        for p in self.tree():
+            with contextlib.suppress(psutil.NoSuchProcess):
+                total += p.memory_info().rss
+        return total
+
+
+@contextlib.contextmanager
+def running(name: str, logs: Path) -> Iterator[Measured]:
+    if name in ("attention-serve", "fastapi-ort"):
+        configs = configurations(ROOT / "model_repository", ROOT / "build" / "checkpoints")
+        config = configs["in-replica" if name == "attention-serve" else "fastapi-baseline"]
+        server: Server = start(name, config, logs)
+        try:
+            yield Measured(server.port, server.tree, server.stop)
+        finally:
+            server.stop()
+        return
+    peer = peers.start(name)
+    try:
+        yield Measured(peer.port, peer.processes, peer.stop)
+    finally:
+        peer.stop()
+
+
+def payloads(name: str, images: list[bytes]) -> list[Payload]:
+    if name == "attention-serve":
+        return ours(images)
+    if name == "fastapi-ort":
+        return [ours(images)[0]]
+    return [
+        Payload(kind, [peers.request(name, kind, p).loadgen() for p in images]) for kind in peers.KINDS[name]
+    ]
+
+
+def top_indices(body: bytes) -> list[int]:
+    """The top-5 class indices of any server's answer: REST (attention-serve, TorchServe) or
+    KServe v2 JSON outputs (attention-serve's ``INDICES``, the Triton model's ``indices``)."""
+    answer = json.loads(body)
+    if "predictions" in answer:
+        return [int(p["index"]) for p in answer["predictions"]]
+    outputs = {o["name"].lower(): o["data"] for o in answer["outputs"]}
+    return [int(i) for i in outputs["indices"]]
+
+
+async def check(port: int, payload: Payload, expected: list[list[int]]) -> None:
+    """Every image of the payload, once: the answer's top 5 must be ONNX Runtime's in-process."""
+    conn = await Connection.open("127.0.0.1", port)
+    try:
+        for request, want in zip(payload.requests, expected, strict=True):
+            status, body = await conn.send(request)
+            if status != 200 or top_indices(body) != want:
+                raise RuntimeError(f"{payload.name}: status {status}, {body[:200]!r}; expected top 5 {want}")
+            if conn.closing:
+                conn.close()
+                conn = await Connection.open("127.0.0.1", port)
+    finally:
+        conn.close()
+
+
+def measure(server: Measured, payload: Payload, clients: int, seconds: float) -> dict[str, Any]:
+    before = server.cpu_s()
+    result = asyncio.run(closed_loop("127.0.0.1", server.port, payload.requests, clients, seconds))
+    cpu = server.cpu_s() - before
+    ok = result.ok
+    if not ok:
+        raise RuntimeError(f"{payload.name}: no answer ({result.statuses}, {result.errors} errors)")
+    return {
+        "images_per_s": ok / result.elapsed_s,
+        "p50_ms": percentile(result.latencies_s, 50) * 1000,
+        "p99_ms": percentile(result.latencies_s, 99) * 1000,
+        "cpu_ms_per_image": cpu / ok * 1000,
+        "errors": result.errors,
+        "rss_mib": server.rss_bytes() / 2**20,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.image_peers", description=__doc__.split("\n")[0]
+    )
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=6.0)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=[32, 64])
+    parser.add_argument(
+        "--servers", nargs="+", default=["attention-serve", "fastapi-ort", "torchserve", "pytriton"]
+    )
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args(argv)
+    for name in args.servers:
+        if name in PINS:
+            venv(name, ROOT)  # created once, from the pins
+    images = test_images(32)
+    expected = [list(map(int, row)) for row in reference(images)[0]]
+    rows: dict[str, dict[str, dict[int, list[dict[str, Any]]]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for r in range(args.rounds):
+            order = args.servers[r % len(args.servers) :] + args.servers[: r % len(args.servers)]
+            for name in order:
+                with running(name, Path(tmp)) as server:
+                    for payload in payloads(name, images):
+                        asyncio.run(check(server.port, payload, expected))
+                        asyncio.run(closed_loop("127.0.0.1", server.port, payload.requests, 8, 1.5))  # warm
+                        for clients in args.concurrency:
+                            print(f"round {r + 1}: {name} {payload.name}, {clients} clients", flush=True)
+                            point = measure(server, payload, clients, args.duration)
+                            rows.setdefault(name, {}).setdefault(payload.name, {}).setdefault(
+                                clients, []
+                            ).append(point)
+    results: dict[str, Any] = {
+        "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
+        "rounds": args.rounds,
+        "duration_s": args.duration,
+        "concurrency": args.concurrency,
+        "pins": {name: list(PINS[name]) for name in args.servers if name in PINS},
+        "results": {
+            name: {
+                kind: {str(c): median(points) | {"rounds": points} for c, points in by_clients.items()}
+                for kind, by_clients in by_kind.items()
+            }
+            for name, by_kind in rows.items()
+        },
+    }
+    results["goals"] = goals(results)
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{results['date']}-peers.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    report = write_report(results, path.with_suffix(".md"))
+    print(f"wrote {path}, {report} and {plot(results, path.with_suffix('.png'))}")
+    return 0
+
+
+def median(points: list[dict[str, Any]]) -> dict[str, Any]:
+    return {k: statistics.median(p[k] for p in points) for k in points[0]}
+
+
+def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue #19's goals at each client count: attention-serve's images/s against the best peer's
+    (any payload it speaks), at no more server CPU per image; with the rollout, ≥ 1.0 ×."""
+    out: list[dict[str, Any]] = []
+    res = r["results"]
+    if "attention-serve" not in res:
+        return out
+    for clients in map(str, r["concurrency"]):
+        peer_points = [
+            (name, kind, point[clients])
+            for name, by_kind in res.items()
+            if name != "attention-serve"
+            for kind, point in by_kind.items()
+        ]
+        if not peer_points:
+            continue
+        best_name, best_kind, best = max(peer_points, key=lambda x: x[2]["images_per_s"])
+        mine = max(
+            ((k, p[clients]) for k, p in res["attention-serve"].items() if k != "json+rollout"),
+            key=lambda x: x[1]["images_per_s"],
+        )
+        rollout = res["attention-serve"].get("json+rollout", {}).get(clients)
+        out.append({
+            "clients": int(clients),
+            "best_peer": f"{best_name} ({best_kind})",
+            "best_peer_images_per_s": best["images_per_s"],
+            "best_peer_cpu_ms": best["cpu_ms_per_image"],
+            "ours": f"attention-serve ({mine[0]})",
+            "ratio": mine[1]["images_per_s"] / best["images_per_s"],
+            "cpu_ms": mine[1]["cpu_ms_per_image"],
+            "rollout_ratio": rollout["images_per_s"] / best["images_per_s"] if rollout else None,
+        })  # fmt: skip
+    return out
+
+
+def write_report(r: dict[str, Any], path: Path) -> Path:
+    lines = [
+        f"# The image path against its peers ({r['date']})",
+        "",
+        "`python -m benchmarks.image_peers` (see its docstring): `fashion-vit` behind each server with one "
+        "worker / replica and ONNX Runtime on one thread; Fashion-MNIST test PNGs; closed-loop clients "
+        f"on raw asyncio connections; {r['rounds']} rounds of {r['duration_s']:.0f} s per point, each "
+        "server started alone in its turn (medians). 2-core machine, the load generator on the same "
+        "cores. Server CPU is the whole process tree's (Ray's processes, TorchServe's JVM and Python "
+        "worker, Triton's server and Python backend stub).",
+        "",
+        f"![images/s by server and payload]({path.with_suffix('.png').name})",
+        "",
+        "| server | payload | clients | images/s | p50 / p99 ms | server CPU ms / image | RSS MiB | errors |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, by_kind in r["results"].items():
+        for kind, by_clients in by_kind.items():
+            for clients, m in by_clients.items():
+                lines.append(
+                    f"| {name} | {kind} | {clients} | {m['images_per_s']:.0f} | {m['p50_ms']:.1f} / "
+                    f"{m['p99_ms']:.1f} | {m['cpu_ms_per_image']:.2f} | {m['rss_mib']:.0f} | "
+                    f"{m['errors']:.0f} |"
+                )
+    lines += ["", "## Goals (issue #19)", ""]
+    for g in r["goals"]:
+        met = g["ratio"] >= GOAL_IMAGES and g["cpu_ms"] <= g["best_peer_cpu_ms"]
+        lines.append(
+            f"- {g['clients']} clients: {g['ours']} {g['ratio']:.2f} × the best peer, {g['best_peer']} "
+            f"({g['best_peer_images_per_s']:.0f} images/s), at {g['cpu_ms']:.2f} against "
+            f"{g['best_peer_cpu_ms']:.2f} ms CPU per image — goal ≥ {GOAL_IMAGES} × at ≤ its CPU: "
+            f"**{'met' if met else 'missed'}**."
+        )
+        if g["rollout_ratio"] is not None:
+            ok = g["rollout_ratio"] >= GOAL_ROLLOUT
+            lines.append(
+                f"  With the rollout as an array: {g['rollout_ratio']:.2f} × — goal ≥ {GOAL_ROLLOUT} × "
+                f"**{'met' if ok else 'missed'}**."
+            )
+    lines += ["", "Pins of the peers' venvs (`benchmarks/peers/versions.py`):", ""]
+    lines += [f"- {name}: {', '.join(pins)}" for name, pins in r["pins"].items()]
+    lines += [
+        "",
+        "TorchServe runs with its logs cut to warnings (no access or metrics log files); the Java "
+        "frontend still reads the metrics line its worker prints per batch. Triton keeps its defaults.",
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def plot(r: dict[str, Any], path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels: list[str] = []
+    values: dict[str, list[float]] = {c: [] for c in map(str, r["concurrency"])}
+    for name, by_kind in r["results"].items():
+        for kind, by_clients in by_kind.items():
+            labels.append(f"{name}\n{kind}")
+            for c in values:
+                values[c].append(by_clients[c]["images_per_s"])
+    fig, ax = plt.subplots(figsize=(max(8, len(labels) * 1.1), 4))
+    width = 0.8 / len(values)
+    for i, (c, vals) in enumerate(values.items()):
+        ax.bar([x + i * width for x in range(len(labels))], vals, width, label=f"{c} clients")
+    ax.set_xticks([x + width * (len(values) - 1) / 2 for x in range(len(labels))], labels, fontsize=7)
+    ax.set_ylabel("images/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+if __name__ == "__main__":
+    sys.exit(main())
