@@ -1,8 +1,7 @@
 """Runners: the per-model compute behind a deployment, in three steps (TorchServe's handler split).
 
-``preprocess(request) → work`` runs per request on the event loop (validation, tokenising, an
-image's header); ``infer(works) → outputs`` runs once per formed batch in the model's thread
-(images decode there) — a list in, a list of the same length out;
+``preprocess(request) → work`` runs per request (validation, tokenising, image decoding);
+``infer(works) → outputs`` runs once per formed batch — a list in, a list of the same length out;
 ``postprocess(work, output) → result`` turns one output into the job's typed result
 (``service/inference/jobs.py``; the protocol adapters encode it).
 A work larger than a batch is cut by ``split(work, units)`` into parts whose outputs
@@ -18,10 +17,9 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
-from PIL import Image
 from tokenizers.decoders import DecodeStream
 
-from service.errors import InvalidInput, ResponseTooLarge, ServiceError
+from service.errors import InvalidInput, ResponseTooLarge
 from service.inference import attention as maps
 from service.inference.batching import group_by, length_buckets
 from service.inference.decoding import Hypothesis
@@ -29,14 +27,7 @@ from service.inference.jobs import Classified, ClassifyJob, TokenEvent, Translat
 from service.inference.repository import ModelEntry
 from service.inference.scheduler import Options, StepToken
 from service.inference.translation import Translation, Translator
-from service.inference.vision import (
-    Classification,
-    Classifier,
-    load_image,
-    open_image,
-    pixels_to_image,
-    preprocess,
-)
+from service.inference.vision import Classification, Classifier, decode_image, pixels_to_image, preprocess
 from service.settings import Limits
 
 
@@ -190,10 +181,8 @@ class TranslationRunner:
 @dataclass
 class ClassifyWork:
     job: ClassifyJob
-    #: the request's image, its header checked; decoded and preprocessed with its batch
-    source: Image.Image
-    pixels: np.ndarray | None = None  # (C, H, W) normalised
-    image: np.ndarray | None = None  # the model-sized uint8 image, for overlays
+    pixels: np.ndarray  # (C, H, W) normalised
+    image: np.ndarray  # the model-sized uint8 image, for overlays
 
 
 class ClassificationRunner:
@@ -206,13 +195,11 @@ class ClassificationRunner:
         self.row_by_row = batch_dependent(entry)
 
     def preprocess(self, job: ClassifyJob) -> ClassifyWork:
-        """Check the request under the limits: the image's header (format, pixel limit) or the
-        pixel array, and the answer's size. Decoding, resizing and normalising happen per batch
-        in :meth:`infer`, off the event loop."""
+        """Decode the image bytes or take the pixel array, under the limits; resize, normalise."""
         if (job.image is None) == (job.pixels is None):
             raise InvalidInput("image: give exactly one of an encoded image or pixels")
         if job.image is not None:
-            image = open_image(job.image, self.limits.max_image_pixels, job.field)  # decompression bombs
+            image = self._decode(job.image, job.field)
         else:
             image = pixels_to_image(self._pixel_array(job.pixels))
         if job.attention != "none":
@@ -221,13 +208,11 @@ class ClassificationRunner:
             if job.attention == "all":
                 values += self.spec.num_layers * self.spec.num_heads * tokens * tokens
             check_answer_size(values, self.limits.max_response_bytes, "attention_layers 'rollout'")
-        return ClassifyWork(job, image)
+        pixels, resized = preprocess(image, self.spec)
+        return ClassifyWork(job, pixels, resized)
 
-    def _prepare(self, work: ClassifyWork) -> np.ndarray:
-        """Decode, resize and normalise a work's image (once)."""
-        if work.pixels is None:
-            work.pixels, work.image = preprocess(load_image(work.source, work.job.field), self.spec)
-        return work.pixels
+    def _decode(self, data: bytes, field: str) -> Any:
+        return decode_image(data, self.limits.max_image_pixels, field)  # decompression bombs
 
     def _pixel_array(self, pixels: Any) -> np.ndarray:
         try:
@@ -247,33 +232,13 @@ class ClassificationRunner:
         return output
 
     def infer(self, works: list[ClassifyWork]) -> list[Any]:
-        """The batch's images decoded and classified; an image that fails to decode answers its
-        own request with the error (:meth:`postprocess` raises it), the others go on."""
-        out: list[Any] = [None] * len(works)
-        good: list[int] = []
-        for i, w in enumerate(works):
-            try:
-                self._prepare(w)
-                good.append(i)
-            except InvalidInput as exc:
-                out[i] = exc
-        ready = [works[i] for i in good]
-        pixels = [self._prepare(w) for w in ready]  # decoded above: returns them
         if self.row_by_row:
-            outputs = [
-                self.classifier.classify(p[None], w.job.attention != "none")[0]
-                for w, p in zip(ready, pixels, strict=True)
-            ]
-        elif ready:
-            attention = any(w.job.attention != "none" for w in ready)  # else: logits alone
-            outputs = self.classifier.classify(np.stack(pixels), attention)
-            if attention:
-                self._rollouts(ready, outputs)
-        else:
-            outputs = []
-        for i, output in zip(good, outputs, strict=True):
-            out[i] = output
-        return out
+            return [self.classifier.classify(w.pixels[None], w.job.attention != "none")[0] for w in works]
+        attention = any(w.job.attention != "none" for w in works)  # else: logits alone
+        outputs = self.classifier.classify(np.stack([w.pixels for w in works]), attention)
+        if attention:
+            self._rollouts(works, outputs)
+        return list(outputs)
 
     def _rollouts(self, works: list[ClassifyWork], outputs: list[Classification]) -> None:
         """The rollout of every image that asked for one, per head fusion in one batched call
@@ -290,9 +255,6 @@ class ClassificationRunner:
                 outputs[i].rollout = relevance
 
     def postprocess(self, work: ClassifyWork, output: Any) -> Classified:
-        if isinstance(output, ServiceError):  # its image did not decode (see infer)
-            raise output
-        assert work.image is not None  # decoded with its batch
         job = work.job
         probs = output.probabilities
         top = np.argsort(-probs, kind="stable")[: min(job.top_k, self.limits.max_top_k, len(probs))]

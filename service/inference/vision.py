@@ -21,14 +21,8 @@ from service.inference.runtime import GraphSession
 ALLOWED_FORMATS = {"PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM"}
 
 
-DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-                 Image.DecompressionBombWarning)  # fmt: skip
-
-
-def open_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Image:
-    """Bytes of an encoded image → a Pillow image whose header was read and checked (format, pixel
-    limit: decompression bombs are refused here) and whose pixels are not decoded yet
-    (:func:`load_image`), or :class:`InvalidInput` naming ``field``."""
+def decode_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Image:
+    """Bytes of an encoded image → a loaded Pillow image, or :class:`InvalidInput` naming ``field``."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -39,24 +33,11 @@ def open_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Imag
                 raise PayloadTooLarge(
                     f"{field}: {image.width}×{image.height} pixels exceeds the limit of {max_pixels}"
                 )
-    except DECODE_ERRORS as exc:
+            image.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
+            Image.DecompressionBombWarning) as exc:  # fmt: skip
         raise InvalidInput(f"{field}: not a decodable image ({type(exc).__name__})") from exc
     return image
-
-
-def load_image(image: Image.Image, field: str = "image") -> Image.Image:
-    """Decode an opened image's pixels, or :class:`InvalidInput` naming ``field`` (truncated or
-    corrupt data shows only now)."""
-    try:
-        image.load()
-    except DECODE_ERRORS as exc:
-        raise InvalidInput(f"{field}: not a decodable image ({type(exc).__name__})") from exc
-    return image
-
-
-def decode_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Image:
-    """Bytes of an encoded image → a loaded Pillow image, or :class:`InvalidInput` naming ``field``."""
-    return load_image(open_image(data, max_pixels, field), field)
 
 
 def pixels_to_image(pixels: np.ndarray, field: str = "pixels") -> Image.Image:
