@@ -66,23 +66,6 @@ def rollout(
     return (relevance / peak if peak > 0 else relevance).astype(np.float32)
 
 
-def rollouts(attentions: np.ndarray, head_fusion: HeadFusion = "mean", prefix_tokens: int = 1) -> np.ndarray:
-    """:func:`rollout` (no discarding) of a batch at once: attentions (B, layers, heads, T, T) →
-    (B, T - prefix_tokens). Only the CLS row of the product is needed, so it is carried through
-    the layers as a row vector (last layer first) instead of multiplying T × T matrices."""
-    a = _FUSE[head_fusion](attentions, axis=2).astype(np.float64)  # (B, layers, T, T)
-    tokens = a.shape[-1]
-    a += np.eye(tokens)
-    a /= a.sum(axis=-1, keepdims=True)
-    row = np.zeros((a.shape[0], tokens))
-    row[:, 0] = 1.0
-    for layer in range(a.shape[1] - 1, -1, -1):
-        row = np.einsum("bt,bts->bs", row, a[:, layer])
-    relevance = row[:, prefix_tokens:]
-    peak = relevance.max(axis=1, keepdims=True)
-    return (relevance / np.where(peak > 0, peak, 1.0)).astype(np.float32)
-
-
 def last_layer_cls(
     attentions: np.ndarray, head_fusion: HeadFusion = "mean", prefix_tokens: int = 1
 ) -> np.ndarray:

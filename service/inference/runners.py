@@ -27,7 +27,7 @@ from service.inference.jobs import Classified, ClassifyJob, TokenEvent, Translat
 from service.inference.repository import ModelEntry
 from service.inference.scheduler import Options, StepToken
 from service.inference.translation import Translation, Translator
-from service.inference.vision import Classification, Classifier, decode_image, pixels_to_image, preprocess
+from service.inference.vision import Classifier, decode_image, pixels_to_image, preprocess
 from service.settings import Limits
 
 
@@ -235,24 +235,7 @@ class ClassificationRunner:
         if self.row_by_row:
             return [self.classifier.classify(w.pixels[None], w.job.attention != "none")[0] for w in works]
         attention = any(w.job.attention != "none" for w in works)  # else: logits alone
-        outputs = self.classifier.classify(np.stack([w.pixels for w in works]), attention)
-        if attention:
-            self._rollouts(works, outputs)
-        return list(outputs)
-
-    def _rollouts(self, works: list[ClassifyWork], outputs: list[Classification]) -> None:
-        """The rollout of every image that asked for one, per head fusion in one batched call
-        (the per-image loop of :func:`maps.rollout` cost more than the graph); discarding images
-        keep the per-image path."""
-        groups: dict[maps.HeadFusion, list[int]] = {}
-        for i, w in enumerate(works):
-            if w.job.attention != "none" and w.job.discard_ratio == 0:
-                groups.setdefault(w.job.head_fusion, []).append(i)
-        for fusion, rows in groups.items():
-            stacked = np.stack([a for i in rows if (a := outputs[i].attentions) is not None])
-            batched = maps.rollouts(stacked, fusion, self.spec.prefix_tokens)
-            for i, relevance in zip(rows, batched, strict=True):
-                outputs[i].rollout = relevance
+        return list(self.classifier.classify(np.stack([w.pixels for w in works]), attention))
 
     def postprocess(self, work: ClassifyWork, output: Any) -> Classified:
         job = work.job
@@ -263,12 +246,9 @@ class ClassificationRunner:
         )
         if job.attention != "none":
             assert output.attentions is not None  # its batch asked for attention
-            relevance = output.rollout
-            if relevance is None:  # discarding, or a row-by-row model
-                relevance = maps.rollout(
-                    output.attentions, job.head_fusion, job.discard_ratio, self.spec.prefix_tokens
-                )
-            result.rollout = relevance.reshape(self.spec.grid)
+            result.rollout = maps.rollout(
+                output.attentions, job.head_fusion, job.discard_ratio, self.spec.prefix_tokens
+            ).reshape(self.spec.grid)
             result.rollout_kind = f"rollout-{job.head_fusion}"
         if job.attention == "all":
             result.attentions = output.attentions

@@ -68,7 +68,6 @@ def preprocess(image: Image.Image, spec: ImageSpec) -> tuple[np.ndarray, np.ndar
 class Classification:
     probabilities: np.ndarray  # (classes,)
     attentions: np.ndarray | None  # (layers, heads, T, T); None when not asked for
-    rollout: np.ndarray | None = None  # (T - prefix,) when computed with its batch
 
 
 class Classifier:

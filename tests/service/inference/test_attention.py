@@ -7,14 +7,7 @@ import io
 import numpy as np
 from PIL import Image
 
-from service.inference.attention import (
-    alignment_png,
-    colorize,
-    image_overlay_png,
-    last_layer_cls,
-    rollout,
-    rollouts,
-)
+from service.inference.attention import alignment_png, colorize, image_overlay_png, last_layer_cls, rollout
 
 
 def uniform(layers: int, heads: int, tokens: int) -> np.ndarray:
@@ -66,17 +59,3 @@ def test_pngs_decode_with_the_expected_sizes() -> None:
     grid = Image.open(io.BytesIO(alignment_png(np.eye(3)[:2], ["a", " ", "</s>"], ["1", "</s>"])))
     assert grid.format == "PNG" and grid.width > 3 * 18 and grid.height > 2 * 18
     assert colorize(np.array([0.0, 1.0])).tolist()[0] != colorize(np.array([0.0, 1.0])).tolist()[1]
-
-
-def test_batched_rollouts_equal_the_per_image_rollout() -> None:
-    """The batched CLS-row rollout of the serving path is the matrix rollout of each image, for
-    every head fusion and prefix."""
-    rng = np.random.default_rng(4)
-    raw = rng.random((6, 4, 3, 11, 11))
-    attentions = (raw / raw.sum(axis=-1, keepdims=True)).astype(np.float32)
-    for fusion in ("mean", "max", "min"):
-        for prefix in (1, 2):
-            batched = rollouts(attentions, fusion, prefix)  # type: ignore[arg-type]
-            assert batched.shape == (6, 11 - prefix) and batched.dtype == np.float32
-            for image, row in zip(attentions, batched, strict=True):
-                np.testing.assert_allclose(row, rollout(image, fusion, 0.0, prefix), atol=1e-6)  # type: ignore[arg-type]

@@ -93,29 +93,6 @@ def test_a_batch_without_attention_runs_logits_alone_with_the_same_answers(tiny_
     assert isinstance(answer, Classified) and answer.rollout is not None
 
 
-def test_rollouts_computed_with_their_batch_equal_each_image_alone(tiny_repository: Path) -> None:
-    """A batch mixing head fusions, a discarding request and one without attention: every rollout
-    equals the one its image's attention gives alone."""
-    from service.inference import attention as maps
-
-    r = runner(tiny_repository, "fashion-vit")
-    assert isinstance(r, ClassificationRunner)
-    jobs = [ClassifyJob(image=canvas_png(seed)[0], attention="default", head_fusion=("mean", "max")[seed % 2])
-            for seed in range(4)]  # fmt: skip
-    jobs += [ClassifyJob(image=canvas_png(7)[0], attention="default", discard_ratio=0.2),
-             ClassifyJob(image=canvas_png(8)[0])]  # fmt: skip
-    works = [r.preprocess(j) for j in jobs]
-    for work, output in zip(works, r.infer(works), strict=True):
-        result = r.postprocess(work, output)
-        assert isinstance(result, Classified)
-        if work.job.attention == "none":
-            assert result.rollout is None
-            continue
-        alone = r.infer([work])[0].attentions
-        want = maps.rollout(alone, work.job.head_fusion, work.job.discard_ratio, r.spec.prefix_tokens)
-        np.testing.assert_allclose(result.rollout, want.reshape(r.spec.grid), atol=1e-5)  # type: ignore[arg-type]
-
-
 def test_a_dynamically_quantized_model_answers_a_row_alike_in_any_batch(tiny_repository: Path) -> None:
     r = runner(tiny_repository, "fashion-vit-int8")
     assert batch_dependent(r.entry) and not batch_dependent(runner(tiny_repository, "fashion-vit").entry)
