@@ -44,24 +44,26 @@ def rollout(
     prefix_tokens: int = 1,
 ) -> np.ndarray:
     """attentions (layers, heads, T, T) with token 0 = CLS and ``prefix_tokens`` non-patch
-    tokens first → (T - prefix_tokens,) patch relevance, max 1."""
-    fuse = _FUSE[head_fusion]
-    tokens = attentions.shape[-1]
-    result = np.eye(tokens, dtype=np.float64)
-    for layer in attentions:
-        a = fuse(layer, axis=0).astype(np.float64)  # (T, T)
-        if discard_ratio > 0:
-            flat = a.reshape(-1).copy()
+    tokens first → (T - prefix_tokens,) patch relevance, max 1.
+
+    Only the CLS row of the product A_L ⋯ A_1 is kept, so it is carried through the layers as a
+    row vector (last layer first): T² work per layer instead of a T × T matrix product."""
+    a = _FUSE[head_fusion](attentions, axis=1).astype(np.float64)  # (layers, T, T)
+    tokens = a.shape[-1]
+    if discard_ratio > 0:
+        for layer in a:
+            flat = layer.reshape(-1)  # a view: dropped in place
             k = int(flat.size * discard_ratio)
             if k:
                 drop = np.argpartition(flat, k)[:k]
-                drop = drop[drop != 0]  # never drop CLS → CLS
-                flat[drop] = 0
-            a = flat.reshape(a.shape)
-        a = a + np.eye(tokens)
-        a = a / a.sum(axis=-1, keepdims=True)
-        result = a @ result
-    relevance = result[0, prefix_tokens:]
+                flat[drop[drop != 0]] = 0  # never drop CLS → CLS
+    a += np.eye(tokens)
+    a /= a.sum(axis=-1, keepdims=True)
+    row = np.zeros(tokens)
+    row[0] = 1.0
+    for layer in a[::-1]:
+        row = row @ layer
+    relevance = row[prefix_tokens:]
     peak = relevance.max()
     return (relevance / peak if peak > 0 else relevance).astype(np.float32)
 

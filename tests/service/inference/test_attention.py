@@ -59,3 +59,22 @@ def test_pngs_decode_with_the_expected_sizes() -> None:
     grid = Image.open(io.BytesIO(alignment_png(np.eye(3)[:2], ["a", " ", "</s>"], ["1", "</s>"])))
     assert grid.format == "PNG" and grid.width > 3 * 18 and grid.height > 2 * 18
     assert colorize(np.array([0.0, 1.0])).tolist()[0] != colorize(np.array([0.0, 1.0])).tolist()[1]
+
+
+def test_rollout_equals_the_matrix_product_of_its_layers() -> None:
+    """The CLS row carried through the layers is row 0 of (A_L ⋯ A_1), A = norm(fused + I), for
+    every head fusion, prefix and with discarding."""
+    rng = np.random.default_rng(4)
+    raw = rng.random((4, 3, 11, 11))
+    attentions = (raw / raw.sum(axis=-1, keepdims=True)).astype(np.float32)
+    fuse = {"mean": np.mean, "max": np.max, "min": np.min}
+    for fusion, f in fuse.items():
+        for prefix in (1, 2):
+            product = np.eye(11)
+            for layer in attentions:
+                a = f(layer, axis=0).astype(np.float64) + np.eye(11)
+                product = (a / a.sum(axis=-1, keepdims=True)) @ product
+            want = product[0, prefix:] / product[0, prefix:].max()
+            np.testing.assert_allclose(rollout(attentions, fusion, 0.0, prefix), want, atol=1e-6)  # type: ignore[arg-type]
+    discarded = rollout(attentions, "mean", 0.5, 1)
+    assert discarded.shape == (10,) and discarded.max() == 1.0
