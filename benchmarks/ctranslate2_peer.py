@@ -46,6 +46,7 @@ from typing import Any
 
 from benchmarks import ct2_checkpoint, ct2_offline, ct2_report, profiling, report, run
 from benchmarks.loadgen import Request, closed_loop, percentile
+from benchmarks.peers.versions import install
 from service.inference.manifest import Manifest, file_sha256
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -74,15 +75,7 @@ ROUND_FIGURES = ("tokens_per_s", "p50_ms", "p99_ms", "server_cpu_ms_per_request"
 
 def ct2_venv(directory: Path) -> Path:
     """The CTranslate2 venv's python, created or brought to :data:`CT2_PINS` when needed."""
-    python, stamp = directory / "bin" / "python", directory / ".pins"
-    if python.exists() and stamp.is_file() and stamp.read_text().split() == list(CT2_PINS):
-        return python
-    if not python.exists():
-        print(f"creating {directory}", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(directory)], check=True)
-    subprocess.run([str(python), "-m", "pip", "install", "--quiet", *CT2_PINS], check=True)
-    stamp.write_text("\n".join(CT2_PINS) + "\n")
-    return python
+    return install(directory, CT2_PINS)
 
 
 def import_ours(checkpoint: Path, repository: Path) -> Path:

@@ -50,7 +50,7 @@ from benchmarks.loadgen import Connection, Request, closed_loop, percentile
 from benchmarks.peers import servers as peers
 from benchmarks.peers.smoke import reference, test_images
 from benchmarks.peers.versions import PINS, venv
-from benchmarks.run import Server, configurations, start
+from benchmarks.run import Server, configurations, cpu_seconds, rss_bytes, start
 
 ROOT = Path(__file__).resolve().parents[1]
 MODEL = "fashion-vit"
@@ -103,19 +103,10 @@ class Measured:
         self.port, self.tree, self.stop = port, tree, stop
 
     def cpu_s(self) -> float:
-        total = 0.0
-        for p in self.tree():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                t = p.cpu_times()
-                total += t.user + t.system
-        return total
+        return cpu_seconds(self.tree())
 
     def rss_bytes(self) -> int:
-        total = 0
-        for p in self.tree():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                total += p.memory_info().rss
-        return total
+        return rss_bytes(self.tree())
 
 
 @contextlib.contextmanager

@@ -181,11 +181,7 @@ class Server:
         return sum(self.cpu_by_process().values())
 
     def rss_bytes(self) -> int:
-        total = 0
-        for p in self.tree():
-            with contextlib.suppress(psutil.NoSuchProcess):
-                total += p.memory_info().rss
-        return total
+        return rss_bytes(self.tree())
 
     def stop(self) -> None:
         self.proc.send_signal(signal.SIGINT)
@@ -194,6 +190,24 @@ class Server:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             self.proc.wait()
+
+
+def cpu_seconds(processes: list[psutil.Process]) -> float:
+    """User + system CPU seconds of ``processes`` (those gone meanwhile count nothing)."""
+    total = 0.0
+    for p in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            t = p.cpu_times()
+            total += t.user + t.system
+    return total
+
+
+def rss_bytes(processes: list[psutil.Process]) -> int:
+    total = 0
+    for p in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            total += p.memory_info().rss
+    return total
 
 
 def configurations(repository: Path, checkpoints: Path) -> dict[str, Configuration]:

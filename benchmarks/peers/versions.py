@@ -35,11 +35,13 @@ PINS: dict[str, tuple[str, ...]] = {
 
 
 def venv(name: str, root: Path) -> Path:
-    """The python of ``<root>/build/venvs/<name>``, created and brought to ``PINS[name]`` if needed.
+    """The python of ``<root>/build/venvs/<name>``, created and brought to ``PINS[name]`` if needed."""
+    return install(root / "build" / "venvs" / name, PINS[name])
 
-    A marker file records the pins installed; a second call with unchanged pins does nothing."""
-    pins = PINS[name]
-    directory = root / "build" / "venvs" / name
+
+def install(directory: Path, pins: tuple[str, ...]) -> Path:
+    """The python of the venv ``directory``, created and brought to ``pins`` if needed. A marker
+    file records the pins installed; a second call with unchanged pins does nothing."""
     python, stamp = directory / "bin" / "python", directory / ".pins"
     if python.exists() and stamp.is_file() and stamp.read_text().split() == list(pins):
         return python
