@@ -11,6 +11,7 @@ import numpy as np
 from service.inference.manifest import Manifest
 from service.inference.runtime import GraphSession
 from service.inference.translation import Translator
+from service.inference.vision import decode_image, preprocess
 
 BATCHES = (1, 8, 32, 64, 128)
 TEXTS = ["5 mars 2024", "Tuesday, July 4, 1995", "31.12.1999", "12 de mayo de 2003", "3 juin 1980",
@@ -40,6 +41,33 @@ def vit_images_per_s(directory: Path) -> dict[str, Any]:
         by_batch[b] = b * _timed(lambda x=x: session.run({"pixels": x}))
     best = max(by_batch, key=lambda b: by_batch[b])
     return {"images_per_s_by_batch": by_batch, "best_batch": best, "images_per_s": by_batch[best]}
+
+
+def vit_pipeline_images_per_s(directory: Path, images: list[bytes]) -> dict[str, Any]:
+    """What one process on one ONNX Runtime thread does with encoded images and nothing else: at
+    each batch size, the service's own decode + preprocess of every image, then one run for the
+    logits (``raw``: the run alone, on pixels ready) — the ceiling a server's image path has."""
+    manifest = Manifest.load(directory)
+    graph = manifest.graphs["model"]
+    session = GraphSession(directory / graph.file, graph, ["CPUExecutionProvider"], intra_op_threads=1)
+    spec = manifest.image
+    assert spec is not None
+
+    def pixels(batch: list[bytes]) -> np.ndarray:
+        return np.stack([preprocess(decode_image(d, 1 << 30), spec)[0] for d in batch])
+
+    pipeline, raw = {}, {}
+    for b in BATCHES:
+        batch = (images * (b // len(images) + 1))[:b]
+        x = pixels(batch)
+        raw[b] = b * _timed(lambda x=x: session.run({"pixels": x}, ["logits"]))
+        pipeline[b] = b * _timed(lambda batch=batch: session.run({"pixels": pixels(batch)}, ["logits"]))
+    best, best_raw = max(pipeline, key=lambda b: pipeline[b]), max(raw, key=lambda b: raw[b])
+    return {
+        "pipeline_images_per_s_by_batch": pipeline, "raw_images_per_s_by_batch": raw,
+        "best_batch": best, "images_per_s": pipeline[best],
+        "raw_best_batch": best_raw, "raw_images_per_s": raw[best_raw],
+    }  # fmt: skip
 
 
 def nmt_tokens_per_s(directory: Path, batch: int = 64) -> dict[str, Any]:

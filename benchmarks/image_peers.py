@@ -46,6 +46,7 @@ from typing import Any
 
 import psutil
 
+from benchmarks import ceilings
 from benchmarks.loadgen import Connection, Request, closed_loop, percentile
 from benchmarks.peers import servers as peers
 from benchmarks.peers.smoke import reference, test_images
@@ -196,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             venv(name, ROOT)  # created once, from the pins
     images = test_images(32)
     expected = [list(map(int, row)) for row in reference(images)[0]]
+    print("ceiling: decode + preprocess + ONNX Runtime in this process", flush=True)
+    ceiling = ceilings.vit_pipeline_images_per_s(ROOT / "model_repository" / MODEL / "1", images)
     rows: dict[str, dict[str, dict[int, list[dict[str, Any]]]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for r in range(args.rounds):
@@ -217,6 +220,7 @@ def main(argv: list[str] | None = None) -> int:
         "duration_s": args.duration,
         "concurrency": args.concurrency,
         "pins": {name: list(PINS[name]) for name in args.servers if name in PINS},
+        "ceiling": ceiling,
         "results": {
             name: {
                 kind: {str(c): median(points) | {"rounds": points} for c, points in by_clients.items()}
@@ -312,6 +316,30 @@ def write_report(r: dict[str, Any], path: Path) -> Path:
                 f"  With the rollout as an array: {g['rollout_ratio']:.2f} × — goal ≥ {GOAL_ROLLOUT} × "
                 f"**{'met' if ok else 'missed'}**."
             )
+    c = r["ceiling"]
+    top = str(max(r["concurrency"]))
+    served = r["results"].get("attention-serve", {}).get("json", {}).get(top)
+    lines += [
+        "",
+        "## The ceiling",
+        "",
+        "One process, one ONNX Runtime thread, no server: the service's decode + preprocess of every "
+        f"image and one run for the logits reach {c['images_per_s']:.0f} images/s (best batch "
+        f"{c['best_batch']}); the run alone on ready pixels {c['raw_images_per_s']:.0f} images/s (batch "
+        f"{c['raw_best_batch']}). By batch, pipeline / run alone: "
+        + ", ".join(
+            f"{b}: {c['pipeline_images_per_s_by_batch'][b]:.0f} / {c['raw_images_per_s_by_batch'][b]:.0f}"
+            for b in c["pipeline_images_per_s_by_batch"]
+        )
+        + ".",
+    ]
+    if served:
+        ratio = served["images_per_s"] / c["images_per_s"]
+        lines.append(
+            f"attention-serve at {top} clients (JSON): {ratio:.2f} × that pipeline ceiling — goal ≥ 0.9 ×: "
+            f"**{'met' if ratio >= 0.9 else 'missed'}** (the servers have both cores, shared with the "
+            "load generator; the ceiling one)."
+        )
     lines += ["", "Pins of the peers' venvs (`benchmarks/peers/versions.py`):", ""]
     lines += [f"- {name}: {', '.join(pins)}" for name, pins in r["pins"].items()]
     lines += [
