@@ -120,9 +120,9 @@ def test_streams_equal_answers_under_mixed_traffic(tiny_repository: Path) -> Non
 
 
 def test_tokens_within_the_interval_travel_together(endless_version: Path) -> None:
-    """With ``stream_interval_ms`` the first token comes alone and at once, later ones in items at
-    least the interval apart (the last with the answer's turn); the tokens are those sent step by
-    step."""
+    """With ``stream_interval_ms`` later tokens come in items at least the interval apart (the
+    last with the answer's turn), far fewer items than steps; the tokens are those sent step by
+    step (a step's, or several when the reader was busy)."""
     job = TranslateJob(texts=DATES[:2], max_length=300)
     every = worker(endless_version)
     framed = worker(endless_version, interval_ms=25)
@@ -138,8 +138,7 @@ def test_tokens_within_the_interval_travel_together(endless_version: Path) -> No
 
     stepwise, _, alone = asyncio.run(go(every))
     items, times, answer = asyncio.run(go(framed))
-    assert [t.token_id for t in stepwise[0]] == [t.token_id for t in items[0]]  # one step's
-    assert len(items[0]) == 2, "the first step's tokens go at once"
+    assert [t.index for t in items[0][:2]] == [0, 0], "the first item starts with each text's first token"
     gaps = np.diff(times[:-1])  # the last item goes when the decode ends, whatever the interval
     assert len(gaps) and gaps.min() >= 0.025 * 0.9, gaps
     assert len(items) <= times[-1] / 0.025 + 2 < 300
