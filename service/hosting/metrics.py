@@ -121,6 +121,7 @@ class ModelMetrics:
     def __init__(self, model: str, latency_buckets: list[float]) -> None:
         self.tags = {"model": model}
         self.key: Tags = (("model", model),)
+        self._in_flight_now = (-1, -1)
         self.queue_wait = metrics.Histogram(
             "attention_queue_wait_seconds", description="Time a request waited in the replica for its batch.",
             boundaries=latency_buckets, tag_keys=("model",),
@@ -198,7 +199,9 @@ class ModelMetrics:
             DEFERRED.push(self.per_token, "observe", per_token_s, self.key)
 
     def stepped(self, rows: int, tokens: int) -> None:
-        """After a decoder step: the counter moves; the gauges are recorded at their last value."""
+        """After a decoder step: the counter moves, the gauges only when the batch changed."""
         DEFERRED.push(self.steps, "inc", 1, self.key)
-        DEFERRED.push(self.rows, "set", rows, self.key)
-        DEFERRED.push(self.in_flight, "set", tokens, self.key)
+        if (rows, tokens) != self._in_flight_now:
+            self._in_flight_now = (rows, tokens)
+            DEFERRED.push(self.rows, "set", rows, self.key)
+            DEFERRED.push(self.in_flight, "set", tokens, self.key)
