@@ -12,6 +12,16 @@ from service.inference.manifest import GraphSpec
 
 log = logging.getLogger(__name__)
 
+#: ONNX Runtime's type strings of the dtypes a manifest may declare
+_ORT_DTYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(bool)": "bool",
+    "tensor(uint8)": "uint8",
+}
+
 
 def choose_providers(requested: list[str]) -> list[str]:
     """The requested execution providers that this onnxruntime build has, CPU always last.
@@ -27,6 +37,11 @@ def choose_providers(requested: list[str]) -> list[str]:
     return [*chosen, "CPUExecutionProvider"]
 
 
+def _declared(spec: GraphSpec, name: str, ort_type: str) -> np.dtype:
+    declared = spec.input(name)
+    return np.dtype(declared.dtype if declared else _ORT_DTYPES[ort_type])
+
+
 class GraphSession:
     """One ONNX graph. ``run`` takes a dict of every tensor the caller has and feeds only the
     inputs the graph declares, so optional inputs (e.g. an RNN decoder's ``step``) just work."""
@@ -39,6 +54,8 @@ class GraphSession:
         self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         self.spec = spec
         self.input_names = [i.name for i in self.session.get_inputs()]
+        #: what each input is fed as: the dtype the manifest declares (an fp16 graph takes float16)
+        self.input_dtypes = {i.name: _declared(spec, i.name, i.type) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in spec.outputs]
         self.providers = self.session.get_providers()
         self.on_gpu = self.providers[0] == "CUDAExecutionProvider"
@@ -49,15 +66,23 @@ class GraphSession:
         names = self.output_names if outputs is None else outputs
         if self.on_gpu:
             return self._run_bound(tensors, names)
-        values = self.session.run(names, {name: tensors[name] for name in self.input_names})
+        values = self.session.run(names, self.feeds(tensors))
         return dict(zip(names, values, strict=True))
+
+    def feeds(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """The graph's inputs from ``tensors``, each as the dtype the graph takes (no copy when it
+        already is)."""
+        return {
+            name: np.asarray(tensors[name]).astype(self.input_dtypes[name], copy=False)
+            for name in self.input_names
+        }
 
     def _run_bound(self, tensors: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         """CUDA: bind inputs and outputs explicitly (one host↔device copy each way, no per-run
         allocation negotiation) — ONNX Runtime's I/O binding."""
         binding = self.session.io_binding()
-        for name in self.input_names:
-            binding.bind_cpu_input(name, np.ascontiguousarray(tensors[name]))
+        for name, value in self.feeds(tensors).items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
         for name in names:
             binding.bind_output(name, "cuda")
         self.session.run_with_iobinding(binding)

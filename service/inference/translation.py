@@ -220,6 +220,7 @@ class Translator:
             present = {PAST + k.removeprefix(PRESENT): v for k, v in out.items() if k.startswith(PRESENT)}
             state = KVCache(present, np.concatenate([cache.mask, now], axis=1))
         attention = out["attention"] if contract == "rnn" else out["cross_attention"]
+        attention = attention.astype(np.float32, copy=False)  # an fp16 graph's maps, as every answer's
         return log_softmax(out["logits"]), attention, RowBatch(batch.src_mask, batch.tensors, state)
 
     def translate_ids(
