@@ -6,16 +6,23 @@ REPO   ?= model_repository
 STAMP  := $(VENV)/.installed
 FASHION_DIR := /usr/share/datasets/fashion-mnist
 
+# make serve-gpu: the service alone with onnxruntime-gpu (the serve-gpu extra). Its own venv:
+# onnxruntime-gpu and the CPU onnxruntime that export needs write the same package
+GPU_VENV  ?= .venv-gpu
+GPU_STAMP := $(GPU_VENV)/.installed
+GPU_PROVIDERS := ["CUDAExecutionProvider","CPUExecutionProvider"]
+
 TRITON_VENV ?= .venv-triton
 # tritonclient needs protobuf < 7 and its generated classes clash with ours, so the protocol tests
 # drive the service from this separate environment, in a separate process
 TRITONCLIENT := tritonclient[http,grpc]==2.73.0
 
-.PHONY: help venv dataset system-deps models models-all models-real serve eval bench bench-serving bench-decoding bench-ctranslate2 bench-streaming bench-peers bench-faults test test-fast lint typecheck protos clean
+.PHONY: help venv dataset system-deps nvidia-driver models models-all models-real serve serve-gpu eval bench bench-serving bench-decoding bench-ctranslate2 bench-streaming bench-peers bench-faults test test-fast lint typecheck protos clean
 
 help:
 	@echo "make serve      build the demo models if missing, then run the service on 127.0.0.1:8000"
 	@echo "make test       lint, type-check and run the whole test suite"
+	@echo "make serve-gpu  as make serve, on an NVIDIA GPU (onnxruntime-gpu in .venv-gpu; needs only the driver)"
 	@echo "make models     build the demo model repository ($(REPO)/)"
 	@echo "make models-all also build the Luong-scorer comparison models"
 	@echo "make models-real  build the French→English Bible translation models (~30 min on 2 cores)"
@@ -36,6 +43,12 @@ $(STAMP): pyproject.toml
 	touch $@
 
 venv: $(STAMP)
+
+$(GPU_STAMP): pyproject.toml
+	test -x $(GPU_VENV)/bin/python || $(PYTHON) -m venv $(GPU_VENV)
+	$(GPU_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(GPU_VENV)/bin/python -m pip install --quiet -e '.[serve-gpu]'
+	touch $@
 
 $(TRITON_VENV)/.installed:
 	test -x $(TRITON_VENV)/bin/python || $(PYTHON) -m venv $(TRITON_VENV)
@@ -87,6 +100,17 @@ eval: models-all
 
 serve: models
 	$(PY) -m service --repository $(REPO)
+
+# the CPU venv builds the models (export needs PyTorch and the CPU onnxruntime); .venv-gpu serves
+# them with CUDA first, each replica reserving ATTN_NUM_GPUS_PER_REPLICA of the GPU (default 0.25)
+serve-gpu: nvidia-driver models $(GPU_STAMP)
+	ATTN_PROVIDERS='$(GPU_PROVIDERS)' $(GPU_VENV)/bin/python -m service --repository $(REPO)
+
+# before anything is built: the CUDA libraries come as pip wheels, the driver cannot
+nvidia-driver:
+	@nvidia-smi -L >/dev/null 2>&1 || { \
+	  echo "no NVIDIA GPU or driver here (nvidia-smi -L fails): install the NVIDIA driver (CUDA 12, >= 525.60.13), or run make serve" >&2; \
+	  exit 2; }
 
 # benchmarks/results/<date>.{json,md,png}: ceilings, then each server configuration under load;
 # then the translation decoder's own reports (bench-decoding, bench-ctranslate2)

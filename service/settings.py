@@ -10,12 +10,26 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal, Self
+from typing import Annotated, Literal, Self
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import AfterValidator, BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GPU_MAX_BATCH_SIZE = 128
+#: a replica's share of a GPU when CUDA is asked for and no share is set: four serving replicas,
+#: or the three demo models' deployments (ray-proxy / ray-direct), on one GPU
+DEFAULT_GPU_SHARE = 0.25
+
+
+def _placeable(share: float) -> float:
+    """Ray places a fraction of one GPU or whole GPUs, never 1.5 (``num_gpus``)."""
+    if share > 1 and not share.is_integer():
+        raise ValueError("a GPU share is a fraction of one GPU (0 < share ≤ 1) or a whole number of GPUs")
+    return share
+
+
+#: what Ray reserves of a GPU per replica; replicas whose shares add up to ≤ 1 share a GPU
+GpuShare = Annotated[float, Field(gt=0, le=8), AfterValidator(_placeable)]
 
 
 class Batching(BaseModel):
@@ -34,6 +48,10 @@ class ModelOverride(BaseModel):
     batch_wait_timeout_s: float | None = Field(None, ge=0, le=10)
     token_budget: int | None = Field(None, ge=1, le=10_000_000)
     num_replicas: int | None = Field(None, ge=1, le=1024)
+    #: ray-proxy / ray-direct: the GPU share of each replica of this model's deployment (a small
+    #: model can take less of a GPU than a large one); in-replica replicas hold every model, so
+    #: only the global num_gpus_per_replica applies there
+    num_gpus_per_replica: GpuShare | None = None
 
 
 class Autoscaling(BaseModel):
@@ -111,9 +129,14 @@ class Settings(BaseSettings):
     autoscaling: Autoscaling | None = None
     #: logical CPUs Ray reserves per model replica (fractional: the demo's 3 models share 2 cores)
     replica_num_cpus: float = Field(0.5, ge=0, le=64)
-    #: per replica; a GPU is requested only when the CUDA provider is asked for
-    num_gpus_per_replica: float = Field(0.0, ge=0, le=8)
+    #: ONNX Runtime's execution providers in order of preference; CUDA falls back to the CPU
+    #: (logged) where the onnxruntime build has no CUDA provider or CUDA cannot start
     providers: list[Literal["CUDAExecutionProvider", "CPUExecutionProvider"]] = ["CPUExecutionProvider"]
+    #: the share of a GPU Ray reserves for each replica when CUDA is asked for — the in-replica
+    #: frontend's serving replicas, or each model deployment's replicas (Ray frontends). Shares
+    #: add up per GPU: 0.25 lets four replicas share one. None: DEFAULT_GPU_SHARE. Without CUDA
+    #: in providers no GPU is reserved, whatever this says
+    num_gpus_per_replica: GpuShare | None = None
     #: ORT intra-op threads per session; on a 2-core machine 1 beat 2 (one replica per core)
     intra_op_threads: int = Field(1, ge=1, le=256)
     batching: Batching = Batching()
@@ -211,10 +234,23 @@ class Settings(BaseSettings):
         (the in-replica server's own drain takes at most ``drain_s``)."""
         return {"graceful_shutdown_wait_loop_s": 0.5, "graceful_shutdown_timeout_s": self.drain_s + 1}
 
-    def actor_options(self) -> dict[str, object]:
+    def gpu_share(self, model: str | None = None) -> float:
+        """The GPU share Ray reserves per replica of a model's deployment (``None``: the in-replica
+        frontend's serving replicas); 0 when CUDA is not asked for."""
+        if not self.use_gpu:
+            return 0.0
+        override = self.model_overrides.get(model) if model else None
+        if override is not None and override.num_gpus_per_replica is not None:
+            return override.num_gpus_per_replica
+        return self.num_gpus_per_replica or DEFAULT_GPU_SHARE
+
+    def actor_options(self, model: str | None = None) -> dict[str, object]:
+        """Ray's actor options for a replica of a model's deployment (``None``: the serving
+        replicas of the in-replica frontend): its CPUs, and on CUDA its share of a GPU — so Ray
+        places replicas on GPUs by share, several to a GPU."""
         actor: dict[str, object] = {"num_cpus": self.replica_num_cpus}
         if self.use_gpu:
-            actor["num_gpus"] = self.num_gpus_per_replica
+            actor["num_gpus"] = self.gpu_share(model)
         return actor
 
     def ray_environment(self) -> dict[str, str]:
@@ -245,4 +281,5 @@ class Settings(BaseSettings):
 
     @property
     def use_gpu(self) -> bool:
-        return "CUDAExecutionProvider" in self.providers and self.num_gpus_per_replica > 0
+        """CUDA is asked for: replicas reserve a GPU share and batch larger by default."""
+        return "CUDAExecutionProvider" in self.providers

@@ -142,7 +142,7 @@ def replica_options(settings: Settings) -> dict[str, Any]:
         **settings.scaling_for(None),
         # HTTP and gRPC reach the replica directly, so Ray's request limits do not apply:
         # each model's worker sheds beyond its capacity (ModelWorker.capacity)
-        "ray_actor_options": settings.actor_options(),
+        "ray_actor_options": settings.actor_options(),  # on CUDA: a GPU share, every model on it
         "logging_config": settings.serve_logging,
         "health_check_period_s": 5,
         **settings.shutdown_options(),

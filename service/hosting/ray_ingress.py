@@ -80,17 +80,23 @@ class ModelDeployment:
 
 
 def model_deployment(entry: ModelEntry, settings: Settings) -> Any:
-    """The bound deployment for one model, with its replica, queue and resource options."""
-    return ModelDeployment.options(  # type: ignore[attr-defined]
-        name=entry.name,
-        **settings.scaling_for(entry.name),
-        max_ongoing_requests=max_ongoing_requests(settings, entry.name),
-        max_queued_requests=settings.limits.max_queued_requests,
-        ray_actor_options=settings.actor_options(),
-        logging_config=settings.serve_logging,
-        health_check_period_s=5,
+    """The bound deployment for one model."""
+    return ModelDeployment.options(**model_options(entry.name, settings)).bind(entry, settings)  # type: ignore[attr-defined]
+
+
+def model_options(name: str, settings: Settings) -> dict[str, Any]:
+    """One model deployment's replica, queue and resource options. On CUDA each replica reserves
+    the model's GPU share, not a GPU: the models' deployments share GPUs as their shares allow."""
+    return {
+        "name": name,
+        **settings.scaling_for(name),
+        "max_ongoing_requests": max_ongoing_requests(settings, name),
+        "max_queued_requests": settings.limits.max_queued_requests,
+        "ray_actor_options": settings.actor_options(name),
+        "logging_config": settings.serve_logging,
+        "health_check_period_s": 5,
         **settings.shutdown_options(),
-    ).bind(entry, settings)
+    }
 
 
 class RemoteModel:

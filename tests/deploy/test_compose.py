@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -14,15 +15,23 @@ ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = shutil.which("docker-compose")
 
 
-def config() -> dict[str, Any]:
-    """The configuration as docker-compose resolves it (1.29: validated, interpolated, short syntax)."""
+SERVING_PORTS = {"127.0.0.1:8000:8000/tcp", "127.0.0.1:9000:9000/tcp", "127.0.0.1:8080:8080/tcp"}
+
+
+def config(*files: str) -> dict[str, Any]:
+    """The configuration as docker-compose resolves it (1.29: validated, interpolated, short
+    syntax, override files merged in order)."""
     if COMPOSE is None:
         pytest.fail("docker-compose is missing: `make system-deps` installs Debian's docker-compose")
-    result = subprocess.run(
-        [COMPOSE, "-f", str(ROOT / "docker-compose.yml"), "config"], capture_output=True, text=True, cwd=ROOT
-    )
+    args = [arg for f in files or ("docker-compose.yml",) for arg in ("-f", str(ROOT / f))]
+    result = subprocess.run([COMPOSE, *args, "config"], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
+
+
+def started(services: dict[str, Any]) -> set[str]:
+    """The services a plain ``up`` starts: those in no profile."""
+    return {name for name, service in services.items() if "profiles" not in service}
 
 
 def volumes(service: dict[str, Any]) -> dict[str, str]:
@@ -32,30 +41,57 @@ def volumes(service: dict[str, Any]) -> dict[str, str]:
 
 def test_default_services_ports_and_healthchecks() -> None:
     services = config()["services"]
-    assert {n for n, s in services.items() if "profiles" not in s} == {"serve", "prometheus", "grafana"}
-    ports = set(services["serve"]["ports"])
-    assert {"127.0.0.1:8000:8000/tcp", "127.0.0.1:9000:9000/tcp", "127.0.0.1:8080:8080/tcp"} <= ports
+    assert started(services) == {"serve", "prometheus", "grafana"}
+    assert set(services["serve"]["ports"]) >= SERVING_PORTS
     assert all(p.startswith("127.0.0.1:") for s in services.values() for p in s.get("ports", []))
     for name, service in services.items():
         assert "healthcheck" in service, f"{name} has no healthcheck"
     assert "/readyz" in " ".join(services["serve"]["healthcheck"]["test"])
 
 
-def test_profiles_gpu_and_cluster() -> None:
-    cfg = config()
-    assert cfg["services"]["serve-gpu"]["profiles"] == ["gpu"]
-    assert cfg["services"]["ray-worker"]["profiles"] == ["cluster"]
-    gpu = cfg["services"]["serve-gpu"]
+def gpu_command() -> list[str]:
+    """The compose files of the GPU command documented atop docker-compose.yml, checked to be the
+    README's too."""
+    [command] = re.findall(r"docker compose (-f \S+ -f \S+) up", (ROOT / "docker-compose.yml").read_text())
+    assert f"docker compose {command} up" in (ROOT / "README.md").read_text()
+    return command.split()[1::2]
+
+
+def test_the_gpu_command_runs_the_gpu_image_instead_of_the_cpu_one() -> None:
+    """The documented GPU command yields one serving service, the GPU image on an NVIDIA GPU, under
+    the same name: Prometheus, Grafana and the workers find it as before, nothing else takes its
+    ports, and no CPU service is started beside it."""
+    files = gpu_command()
+    assert files == ["docker-compose.yml", "docker-compose.gpu.yml"]
+    services = config(*files)["services"]
+    assert started(services) == {"serve", "prometheus", "grafana"}
+    serving = [n for n, s in services.items() if SERVING_PORTS & set(s.get("ports", []))]
+    assert serving == ["serve"] and set(services["serve"]["ports"]) >= SERVING_PORTS
+    gpu = services["serve"]
+    assert gpu["image"] == "attention-serve:gpu" and gpu["build"]["dockerfile"] == "deploy/Dockerfile.gpu"
     [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
-    assert device["driver"] == "nvidia" and "gpu" in device["capabilities"]
-    assert gpu["build"]["dockerfile"] == "deploy/Dockerfile.gpu"
+    assert device == {"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}
+    # all else as without the override: healthcheck, volumes, shared memory, environment
+    cpu_services = config()["services"]
+    assert not any("deploy" in s for s in cpu_services.values()), "the CPU file asks for no GPU"
+    cpu = cpu_services["serve"]
+    assert set(gpu["ports"]) == set(cpu["ports"])  # the merge reorders them
+    assert {k: v for k, v in gpu.items() if k not in ("image", "build", "deploy", "ports")} == {
+        k: v for k, v in cpu.items() if k not in ("image", "build", "ports")
+    }
+
+
+def test_cluster_profile() -> None:
+    cfg = config()
+    assert cfg["services"]["ray-worker"]["profiles"] == ["cluster"]
     worker = cfg["services"]["ray-worker"]
     assert worker["command"] == ["worker"] and worker["environment"]["RAY_HEAD"] == "serve:6379"
     assert worker["depends_on"]["serve"]["condition"] == "service_healthy"
 
 
-def test_every_build_and_mounted_path_exists() -> None:
-    cfg = config()
+@pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])
+def test_every_build_and_mounted_path_exists(gpu: bool) -> None:
+    cfg = config(*gpu_command()) if gpu else config()
     for name, service in cfg["services"].items():
         if "build" in service:
             context = Path(service["build"]["context"])
@@ -68,7 +104,7 @@ def test_every_build_and_mounted_path_exists() -> None:
 
 def test_model_repository_and_cluster_token_are_shared_with_workers() -> None:
     cfg = config()
-    for name in ("serve", "serve-gpu", "ray-worker"):
+    for name in ("serve", "ray-worker"):
         assert volumes(cfg["services"][name])["/models"] == "models"
         assert volumes(cfg["services"][name])["/home/serve/.ray"] == "ray-auth"
     raw = (ROOT / "docker-compose.yml").read_text()

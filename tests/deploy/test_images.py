@@ -6,6 +6,7 @@ import re
 import subprocess
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -48,9 +49,30 @@ def test_multi_stage_build_uses_the_projects_own_commands(name: str) -> None:
     assert 'ENTRYPOINT ["attention-serve"]' in runtime
 
 
-def test_the_serve_extra_has_no_torch() -> None:
+def test_the_gpu_image_is_the_cpu_image_with_the_serve_gpu_extra() -> None:
+    """One pip install of ``.[serve-gpu]`` (no uninstall and reinstall of ONNX Runtime: the extras
+    keep the wheels apart, tests/deploy/test_extras.py) on the same base as the CPU image — the
+    CUDA libraries are the extra's pip wheels — with CUDA asked for and the driver mounted."""
+    cpu, gpu = (
+        [i for stage in stages(ROOT / "deploy" / name) for i in stage]
+        for name in ("Dockerfile", "Dockerfile.gpu")
+    )
+    installs = [i for i in gpu if "pip install" in i]
+    assert len(installs) == 1 and "'.[serve-gpu]'" in installs[0]
+    assert not any(word in " ".join(gpu) for word in ("uninstall", "--force-reinstall", "--no-deps"))
+    env = " ".join(i for i in gpu if i.startswith("ENV "))
+    assert """ATTN_PROVIDERS='["CUDAExecutionProvider","CPUExecutionProvider"]'""" in env
+    assert "NVIDIA_VISIBLE_DEVICES=all" in env and "NVIDIA_DRIVER_CAPABILITIES=compute,utility" in env
+    # everything else as in the CPU image, instruction by instruction: the two cannot drift apart
+    gpu_env = [i for i in gpu if i.startswith("ENV ") and "NVIDIA_VISIBLE_DEVICES" in i]
+    assert [i.replace("'.[serve-gpu]'", "'.[serve]'") for i in gpu if i not in gpu_env] == cpu
+
+
+def test_the_serve_extras_have_no_torch() -> None:
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert not any(d.startswith("torch") for d in extras["serve"] + extras["gpu"])
+    assert not any(
+        d.startswith("torch") for name in ("serve-core", "serve", "serve-gpu") for d in extras[name]
+    )
     assert "torch==2.13.0" in extras["export"]
 
 
@@ -63,33 +85,78 @@ def test_entrypoint_is_valid_shell_and_starts_the_same_service() -> None:
     assert "--metrics-export-port" in text and "--port=6379" in text
 
 
-def test_kuberay_serves_the_same_application_as_serve_config() -> None:
-    """The production path is the fast one: in-replica replicas on the worker pods, one per pod,
-    reached through a Kubernetes Service over those pods' own ports, ready once /readyz answers."""
-    service, clients = yaml.safe_load_all((ROOT / "deploy" / "kuberay" / "rayservice.yaml").read_text())
+def rayservice(name: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """A KubeRay manifest: its RayService, the application in its serveConfigV2, its Service."""
+    service, clients = yaml.safe_load_all((ROOT / "deploy" / "kuberay" / name).read_text())
     assert service["kind"] == "RayService" and service["apiVersion"] == "ray.io/v1"
+    assert clients["kind"] == "Service"
     embedded = yaml.safe_load(service["spec"]["serveConfigV2"])
-    local = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())
-    [app], [local_app] = embedded["applications"], local["applications"]
-    assert app["import_path"] == local_app["import_path"]
-    assert app["args"]["frontend"] == "in-replica" and embedded["proxy_location"] == "Disabled"
-    assert app["args"]["host"] == "0.0.0.0" and app["args"]["max_replicas_per_node"] == 1
-    groups = {g["groupName"]: g for g in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]}
-    assert app["args"]["num_replicas"] == groups["cpu"]["replicas"]
-    for group in groups.values():
+    assert embedded["proxy_location"] == "Disabled"
+    [app] = embedded["applications"]
+    return service, app, clients
+
+
+def check_serving_pods(service: dict[str, Any], app: dict[str, Any], clients: dict[str, Any]) -> None:
+    """In-replica replicas on the worker pods, listening on 0.0.0.0:8000/9000 themselves, reached
+    through the Kubernetes Service over the pods whose /readyz answers; valid settings."""
+    from service.settings import Settings
+
+    assert app["args"]["frontend"] == "in-replica" and app["args"]["host"] == "0.0.0.0"
+    for group in service["spec"]["rayClusterConfig"]["workerGroupSpecs"]:
         [container] = group["template"]["spec"]["containers"]
         assert {8000, 9000} <= {p["containerPort"] for p in container["ports"]}
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": 8000}
-    assert groups["gpu"]["rayStartParams"]["num-gpus"] == "1"
-    gpu_limits = groups["gpu"]["template"]["spec"]["containers"][0]["resources"]["limits"]
-    assert gpu_limits["nvidia.com/gpu"] == 1
-    assert clients["kind"] == "Service"
-    assert clients["spec"]["selector"] == {
-        "ray.io/cluster": service["metadata"]["name"],
-        "ray.io/node-type": "worker",
-    }
+        # KubeRay labels pods ray.io/cluster=<RayService name>-raycluster-<suffix>: our own label
+        # and the node type select them
+        assert clients["spec"]["selector"] == {
+            **group["template"]["metadata"]["labels"],
+            "ray.io/node-type": "worker",
+        }
     assert {p["port"] for p in clients["spec"]["ports"]} == {8000, 9000}
-    from service.settings import Settings
-
     assert set(app["args"]) <= set(Settings.model_fields), "app args must be Settings fields"
     Settings(**{**app["args"], "repository": ROOT})  # the args make a valid settings object
+
+
+def test_kuberay_serves_the_same_application_as_serve_config() -> None:
+    """The production path is the fast one: in-replica replicas on the worker pods, one per pod."""
+    service, app, clients = rayservice("rayservice.yaml")
+    [local_app] = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())["applications"]
+    assert app["import_path"] == local_app["import_path"]
+    check_serving_pods(service, app, clients)
+    [cpu] = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert app["args"]["max_replicas_per_node"] == 1 and app["args"]["num_replicas"] == cpu["replicas"]
+    assert "providers" not in app["args"]
+
+
+def test_kuberay_on_gpus_places_replicas_by_gpu_share() -> None:
+    """deploy/kuberay/rayservice.gpu.yaml: serve_config.gpu.yaml's application on GPU pods. Each
+    replica reserves a fraction of a GPU, and the replicas fit the gpu group's GPUs."""
+    from service.settings import Settings
+
+    service, app, clients = rayservice("rayservice.gpu.yaml")
+    [local_app] = yaml.safe_load((ROOT / "deploy" / "serve_config.gpu.yaml").read_text())["applications"]
+    assert app["import_path"] == local_app["import_path"]
+    for key in ("providers", "num_gpus_per_replica"):
+        assert app["args"][key] == local_app["args"][key], key
+    check_serving_pods(service, app, clients)
+    settings = Settings(**{**app["args"], "repository": ROOT})
+    share = settings.actor_options()["num_gpus"]
+    assert isinstance(share, float) and 0 < share < 1, "replicas share a GPU"
+    [gpu] = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    gpus_per_pod = int(gpu["rayStartParams"]["num-gpus"])
+    [container] = gpu["template"]["spec"]["containers"]
+    assert container["image"] == "attention-serve:gpu"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus_per_pod
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == gpus_per_pod
+    # every replica finds its share: they do not wait for a GPU that never comes
+    assert settings.num_replicas * share <= gpu["replicas"] * gpus_per_pod
+    assert "max_replicas_per_node" not in app["args"], "replicas share a pod's GPU"
+    # the rest is the CPU manifest's: head, thresholds, pod security
+    cpu, _, _ = rayservice("rayservice.yaml")
+    head, cpu_head = (s["spec"]["rayClusterConfig"]["headGroupSpec"] for s in (service, cpu))
+    assert head["rayStartParams"] == cpu_head["rayStartParams"]
+    [cpu_group] = cpu["spec"]["rayClusterConfig"]["workerGroupSpecs"]
+    assert gpu["template"]["spec"]["securityContext"] == cpu_group["template"]["spec"]["securityContext"]
+    assert {k: v for k, v in service["spec"].items() if k.endswith("Threshold")} == {
+        k: v for k, v in cpu["spec"].items() if k.endswith("Threshold")
+    }

@@ -30,3 +30,20 @@ def test_serve_config_builds_an_application_from_a_repository(tiny_repository: P
     from service.hosting.app import app_builder
 
     assert isinstance(app_builder({"repository": str(tiny_repository)}), Application)
+
+
+def test_the_gpu_serve_config_is_the_same_app_on_a_share_of_a_gpu(tmp_path: Path) -> None:
+    """deploy/serve_config.gpu.yaml: the same application, CUDA first, each replica reserving a
+    fraction of a GPU (several share one)."""
+    from service.settings import Settings
+
+    [cpu] = yaml.safe_load((ROOT / "deploy" / "serve_config.yaml").read_text())["applications"]
+    config = yaml.safe_load((ROOT / "deploy" / "serve_config.gpu.yaml").read_text())
+    [app] = config["applications"]
+    assert config["proxy_location"] == "Disabled" and app["import_path"] == cpu["import_path"]
+    gpu_only = ("providers", "num_gpus_per_replica")
+    assert {k: v for k, v in app["args"].items() if k not in gpu_only} == cpu["args"]
+    settings = Settings(**{**app["args"], "repository": tmp_path})
+    assert settings.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"] and settings.use_gpu
+    share = settings.actor_options()["num_gpus"]
+    assert isinstance(share, float) and 0 < share < 1

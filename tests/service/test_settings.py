@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
-from service.settings import Settings
+from service.settings import DEFAULT_GPU_SHARE, Settings
 
 
 def test_defaults_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -62,3 +62,40 @@ def test_in_replica_autoscaling_scales_on_what_replicas_hold(tmp_path: Path) -> 
     config = scaled.scaling_for(None)["autoscaling_config"]
     assert config["policy"] == {"policy_function": "service.hosting.autoscaling:held_requests_policy"}  # type: ignore[index]
     assert scaled.ray_environment()["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] == "1"
+
+
+def test_cuda_reserves_a_share_of_a_gpu_per_replica(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Asking for CUDA is enough: each replica then reserves DEFAULT_GPU_SHARE of a GPU unless
+    ATTN_NUM_GPUS_PER_REPLICA says otherwise; without CUDA no GPU is reserved, whatever the share."""
+    monkeypatch.setenv("ATTN_PROVIDERS", '["CUDAExecutionProvider", "CPUExecutionProvider"]')
+    cuda = Settings(repository=tmp_path)
+    assert cuda.use_gpu and cuda.gpu_share() == DEFAULT_GPU_SHARE == 0.25
+    monkeypatch.setenv("ATTN_NUM_GPUS_PER_REPLICA", "0.5")
+    monkeypatch.setenv("ATTN_MODEL_OVERRIDES", '{"big": {"num_gpus_per_replica": 1}}')
+    shared = Settings(repository=tmp_path)
+    assert shared.gpu_share() == shared.gpu_share("small") == 0.5 and shared.gpu_share("big") == 1
+    monkeypatch.setenv("ATTN_PROVIDERS", '["CPUExecutionProvider"]')
+    cpu = Settings(repository=tmp_path)
+    assert not cpu.use_gpu and cpu.gpu_share() == cpu.gpu_share("big") == 0
+    assert "num_gpus" not in cpu.actor_options()
+
+
+@pytest.mark.parametrize(
+    ("share", "valid"),
+    [("0.25", True), ("1", True), ("2", True), ("0", False), ("-0.5", False), ("1.5", False), ("9", False)],
+)
+def test_gpu_shares_are_what_ray_can_place(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, share: str, valid: bool
+) -> None:
+    """A fraction of one GPU or whole GPUs (Ray places no 1.5), for the global share and a
+    model's alike; the message names the setting."""
+    for env in ({"ATTN_NUM_GPUS_PER_REPLICA": share},
+                {"ATTN_MODEL_OVERRIDES": f'{{"m": {{"num_gpus_per_replica": {share}}}}}'}):  # fmt: skip
+        with monkeypatch.context() as m:
+            for key, value in env.items():
+                m.setenv(key, value)
+            if valid:
+                Settings(repository=tmp_path, providers=["CUDAExecutionProvider"])
+            else:
+                with pytest.raises(ValidationError, match="num_gpus_per_replica"):
+                    Settings(repository=tmp_path, providers=["CUDAExecutionProvider"])
