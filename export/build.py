@@ -2,8 +2,9 @@
 
 ``train`` writes a checkpoint directory; ``export`` turns a checkpoint into a repository version,
 refusing to overwrite without ``force``, refusing a model whose held-out metrics miss the
-recipe's floors, and optionally adding an int8 variant (``<name>-int8``) with its accuracy and
-attention drift next to the fp32 numbers.
+recipe's floors, and optionally adding an int8 and/or a float16 variant (``<name>-int8``,
+``<name>-fp16``: ``export/variants.py``) with its held-out metrics and attention drift next to
+the fp32 numbers.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from export.train import dates as dates_train
 from export.train import fashion as fashion_train
 from export.train import translation as translation_train
 from export.train.translation import ParallelData
+from export.variants import variant_name, write_variant
 from service.inference.manifest import ImageSpec, Manifest, TokenizerSpec, TranslationSpec, file_sha256
 
 log = logging.getLogger(__name__)
@@ -80,10 +82,15 @@ def export(
     version: int = 1,
     force: bool = False,
     quantize: str | None = None,
+    precision: str | None = None,
 ) -> Path:
-    """Export the checkpoint in ``ckpt_dir`` as ``repository/<recipe.name>/<version>``."""
+    """Export the checkpoint in ``ckpt_dir`` as ``repository/<recipe.name>/<version>``, and the
+    variants asked for: ``quantize="int8"`` writes ``<name>-int8``, ``precision="fp16"``
+    ``<name>-fp16``, at the same version."""
     name = recipe.name
-    check_target(repository, name, version, force)  # fail before any work
+    kinds = [kind for kind in (quantize, precision) if kind]
+    for target_name in (name, *(variant_name(name, kind) for kind in kinds)):
+        check_target(repository, target_name, version, force)  # fail before any work
     ckpt = checkpoint.load(ckpt_dir)
     with staged_version(repository, name, version, force) as staging:
         plans = plans_for(ckpt.model)
@@ -101,10 +108,8 @@ def export(
         _check_floors(recipe, manifest.eval)
         manifest.write(staging)
     target = repository / name / str(version)
-    if quantize:
-        from export.quantize import quantize_version
-
-        quantize_version(target, recipe, repository, quantize, force)
+    for kind in kinds:
+        write_variant(target, recipe, repository, kind, force)
     return target
 
 

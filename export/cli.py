@@ -1,11 +1,14 @@
 """``attention-export`` (or ``python -m export``): a thin CLI over ``export.build``.
 
-attention-export build [RECIPE ...] [--repository DIR] [--skip-existing] [--force] [--quantize int8]
+attention-export build [RECIPE ...] [--repository DIR] [--skip-existing] [--force] [VARIANTS]
 attention-export train RECIPE [--checkpoints DIR]
-attention-export export RECIPE [--checkpoint DIR] [--version N] [--force] [--quantize int8]
+attention-export export RECIPE [--checkpoint DIR] [--version N] [--force] [VARIANTS]
 attention-export eval [--repository DIR] [--checkpoints DIR] [--reports DIR] [--dates N] [--canvases N]
 attention-export import-hf CHECKPOINT_DIR --name NAME [--repository DIR] [--version N] [--force]
 attention-export list
+
+VARIANTS, beside the fp32 version and at the same version: ``--quantize int8`` (``<name>-int8``),
+``--precision fp16`` (``<name>-fp16``).
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ def _parser() -> argparse.ArgumentParser:
         sp.add_argument("--version", type=int, default=1)
         sp.add_argument("--force", action="store_true", help="replace an existing version")
         sp.add_argument("--quantize", choices=["int8"], help="also write an int8 variant <name>-int8")
+        sp.add_argument("--precision", choices=["fp16"], help="also write a float16 variant <name>-fp16")
 
     b = sub.add_parser("build", help="train (if no checkpoint) and export recipes")
     b.add_argument("recipes", nargs="*", default=list(recipes.DEFAULT))
@@ -118,7 +122,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "export":
         recipe = recipes.get(args.recipe)
         ckpt = args.checkpoint or args.checkpoints / recipe.name
-        target = build.export(ckpt, recipe, args.repository, args.version, args.force, args.quantize)
+        target = build.export(
+            ckpt, recipe, args.repository, args.version, args.force, args.quantize, args.precision
+        )
         print(f"wrote {target}")
         return 0
     selected = [recipes.get(n) for n in args.recipes]  # fail on a typo before any work
@@ -131,7 +137,9 @@ def _run(args: argparse.Namespace) -> int:
         ckpt = args.checkpoints / recipe.name
         if args.retrain or not (ckpt / "model.safetensors").exists():
             build.train(recipe, ckpt)
-        target = build.export(ckpt, recipe, args.repository, args.version, args.force, args.quantize)
+        target = build.export(
+            ckpt, recipe, args.repository, args.version, args.force, args.quantize, args.precision
+        )
         print(f"wrote {target} in {time.perf_counter() - start:.0f} s")
     return 0
 

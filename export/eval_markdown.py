@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING
 
-from export.quantize import DRIFT_SAMPLES
+from export.variants import DRIFT_SAMPLES
 
 if TYPE_CHECKING:
     from export.eval_report import ModelEval, Sizes

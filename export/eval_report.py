@@ -9,8 +9,8 @@ For every model in the repository whose recipe has ground truth:
   last-layer CLS attention (:func:`export.faithfulness.pointing_game`);
 * an int8 variant of each fp32 model (ONNX Runtime dynamic quantization, built afresh in a
   scratch directory so every model is compared the same way) — its held-out metric, how far its
-  maps drift from fp32 and its own faithfulness; an ``-int8`` model in the repository is scored
-  like any other;
+  maps drift from fp32 and its own faithfulness; a variant in the repository (``-int8``,
+  ``-fp16``) is scored like any other, with its base's recipe;
 * the service's maps against PyTorch's on the same inputs (:mod:`export.parity`), when the
   checkpoint the model was exported from is at hand (its sha256 must match the manifest's).
 
@@ -32,12 +32,11 @@ from tqdm import tqdm
 from export import checkpoint, evaluate, faithfulness, parity, recipes
 from export.data import fashion
 from export.eval_markdown import render
-from export.quantize import quantize_version
 from export.recipes import Recipe
+from export.variants import base_name, write_variant
 from service.inference.manifest import Manifest, file_sha256
 from service.inference.repository import discover
 
-INT8 = "-int8"
 #: the manifest ``eval`` keys this module writes (each run replaces all of them)
 EVAL_OWNED = ("alignment_", "pointing_game_", "service_vs_pytorch_")
 
@@ -63,9 +62,9 @@ class Sizes:
 
 
 def recipe_for(manifest: Manifest) -> Recipe | None:
-    """The recipe a repository model was built from (an int8 variant shares its base's), if it
-    has gold annotations to score against: the ``dates`` corpus or the ``fashion`` canvases."""
-    recipe = recipes.RECIPES.get(manifest.name.removesuffix(INT8))
+    """The recipe a repository model was built from (a variant shares its base's), if it has gold
+    annotations to score against: the ``dates`` corpus or the ``fashion`` canvases."""
+    recipe = recipes.RECIPES.get(base_name(manifest.name))
     if recipe is None or (recipe.task, recipe.family) != (manifest.task, manifest.family):
         return None  # not built by a recipe (e.g. an imported checkpoint that took the name)
     if recipe.task == "translation" and recipe.data["corpus"] != "dates":
@@ -115,7 +114,7 @@ def int8_metrics(
     """Quantise into ``scratch`` and measure: held-out metric, drift against fp32, faithfulness."""
     if sizes.held_out is not None:
         recipe = dataclasses.replace(recipe, data={**recipe.data, "n_test": sizes.held_out})
-    q_dir = quantize_version(directory, recipe, scratch, "int8", force=True)
+    q_dir = write_variant(directory, recipe, scratch, "int8", force=True)
     q = Manifest.load(q_dir)
     numbers = {k: v for k, v in q.eval.items() if k != "test_examples"}
     numbers.update({k: float(v) for k, v in q.eval_details.items() if k.startswith("attention_")})
@@ -131,7 +130,7 @@ def evaluate_model(
         return None
     result = ModelEval(manifest.name, manifest.family, manifest.task)
     result.metrics.update(faithfulness_metrics(directory, manifest, recipe, sizes))
-    if not manifest.name.endswith(INT8):
+    if base_name(manifest.name) == manifest.name:  # a variant is compared with fp32, not PyTorch
         numbers, note = parity_metrics(directory, manifest, recipe, checkpoints, sizes)
         result.metrics.update(numbers)
         result.notes += [note] if note else []

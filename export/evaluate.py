@@ -44,14 +44,15 @@ def exact_match(
 def classify(
     directory: Path, manifest: Manifest, pixels: np.ndarray, batch: int = 512
 ) -> tuple[np.ndarray, np.ndarray]:
-    """→ logits (N, classes) and attentions (N, layers, heads, T, T) for normalised pixels."""
+    """→ logits (N, classes) and attentions (N, layers, heads, T, T) for normalised pixels, float32
+    whatever the graph computes in."""
     graph = manifest.graphs["model"]
     session = GraphSession(directory / graph.file, graph, PROVIDERS, intra_op_threads=2)
     logits, attentions = [], []
     for i in tqdm(range(0, len(pixels), batch), desc=f"eval {manifest.name}", unit="batch", leave=False):
         out = session.run({"pixels": pixels[i : i + batch]})
-        logits.append(out["logits"])
-        attentions.append(out["attentions"])
+        logits.append(out["logits"].astype(np.float32, copy=False))
+        attentions.append(out["attentions"].astype(np.float32, copy=False))
     return np.concatenate(logits), np.concatenate(attentions)
 
 

@@ -51,6 +51,20 @@ def tiny_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return repository
 
 
+@pytest.fixture(scope="session")
+def fp16_repository(tiny_repository: Path) -> Path:
+    """The float16 variant (``<name>-fp16``) of each tiny model, in a repository of its own beside
+    the tiny one — the code path of ``--precision fp16``, from the fp32 versions already built."""
+    from export import recipes
+    from export.variants import write_variant
+
+    repository = tiny_repository.parent / "fp16_repository"
+    for name, (n, epochs) in TINY.items():
+        recipe = recipes.get(name).scaled(n_train=n, n_test=64, epochs=epochs)
+        write_variant(tiny_repository / name / "1", recipe, repository, "fp16", force=False)
+    return repository
+
+
 def wait_ready(url: str, proc: subprocess.Popen | None, timeout_s: float, logs: Callable[[], str]) -> None:
     """Poll ``url`` until it answers 200; fail with the logs if ``proc`` exits or time runs out."""
     deadline = time.monotonic() + timeout_s

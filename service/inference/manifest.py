@@ -189,7 +189,15 @@ class ExportInfo(_Strict):
     parity_max_abs_diff: dict[str, float]
     parity_tolerance: float = Field(gt=0)
     verified_shapes: list[dict[str, int]] = Field(min_length=3)
+    #: how a variant's graphs were made from the fp32 export's (``<name>-int8``, ``<name>-fp16``);
+    #: None for the fp32 export itself
     quantization: str | None = None
+    #: a variant's own verdict: max |variant − fp32| per graph output (``encoder.memory``), each
+    #: over ``max(1, max |fp32|)`` of that output — both graphs on ONNX Runtime, fed alike at
+    #: several batch sizes and lengths — and the tolerance every value met; None where no such
+    #: verdict was given (the fp32 export, an int8 variant)
+    variant_max_diff: dict[str, float] | None = None
+    variant_tolerance: float | None = Field(default=None, gt=0)
 
 
 class Manifest(_Strict):
@@ -267,7 +275,10 @@ class Manifest(_Strict):
         # a ViT with the usual single CLS token leaves prefix_tokens out, so services from before the
         # field existed (strict schema) still load it
         plain = self.image is not None and self.image.prefix_tokens == 1
-        exclude: Any = {"image": {"prefix_tokens"}} if plain else None
+        exclude: Any = {"image": {"prefix_tokens"}} if plain else {}
+        # likewise an export without a variant's verdict leaves its fields out
+        if self.export.variant_max_diff is None and self.export.variant_tolerance is None:
+            exclude["export"] = {"variant_max_diff", "variant_tolerance"}
         dumped = self.model_copy(update={"checksums": checksums}).model_dump(mode="json", exclude=exclude)
         partial = path.with_name(f".{MANIFEST_FILE}.partial")
         partial.write_text(json.dumps(dumped, indent=2) + "\n")

@@ -82,10 +82,13 @@ class Classifier:
         """pixels (B, C, H, W) normalised → one result per row; without ``attention`` the graph's
         attention output is neither kept nor copied out."""
         wanted = None if attention else ["logits"]
-        out = self.session.run({"pixels": pixels.astype(np.float32, copy=False)}, wanted)
-        logits = out["logits"] - out["logits"].max(axis=1, keepdims=True)
+        out = self.session.run({"pixels": pixels}, wanted)  # fed as the graph's declared dtype
+        # answers are float32 whatever the graph computes in (a float16 graph's too)
+        logits = out["logits"].astype(np.float32, copy=False)
+        logits = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(logits)
         probs /= probs.sum(axis=1, keepdims=True)
         if not attention:
             return [Classification(p, None) for p in probs]
-        return [Classification(p, a) for p, a in zip(probs, out["attentions"], strict=True)]
+        maps = out["attentions"].astype(np.float32, copy=False)
+        return [Classification(p, a) for p, a in zip(probs, maps, strict=True)]

@@ -162,3 +162,25 @@ def test_prefix_tokens_are_written_only_when_not_the_usual_single_cls(tmp_path: 
     deit.model_copy(update={"image": deit.image.model_copy(update={"prefix_tokens": 2})}).write(directory)
     assert json.loads((directory / "manifest.json").read_text())["image"]["prefix_tokens"] == 2
     assert Manifest.load(directory).image.prefix_tokens == 2  # type: ignore[union-attr]
+
+
+def test_a_variants_verdict_is_written_only_when_there_is_one(tmp_path: Path) -> None:
+    """fp32 and int8 manifests leave ``export.variant_*`` out (services from before the fields
+    load them); a float16 variant's verdict and its float16 tensors round-trip."""
+    directory = write(tmp_path, VALID)
+    (directory / "model.onnx").write_bytes(b"the graph")
+    Manifest.load(directory).write(directory)
+    exported = json.loads((directory / "manifest.json").read_text())["export"]
+    assert not {"variant_max_diff", "variant_tolerance"} & exported.keys()
+    half = mutate("export.variant_max_diff", {"model.logits": 2e-3})
+    half["export"]["variant_tolerance"] = 3e-2
+    half["export"]["quantization"] = "float16"
+    for tensor in (*half["graphs"]["model"]["inputs"], *half["graphs"]["model"]["outputs"]):
+        tensor["dtype"] = "float16"
+    directory = write(tmp_path / "half", half)
+    (directory / "model.onnx").write_bytes(b"the graph")
+    Manifest.load(directory).write(directory)
+    manifest = Manifest.load(directory)
+    assert manifest.export.variant_max_diff == {"model.logits": 2e-3}
+    assert manifest.export.variant_tolerance == 3e-2
+    assert manifest.graphs["model"].inputs[0].dtype == "float16"

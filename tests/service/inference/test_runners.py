@@ -1,6 +1,7 @@
 """The runners on the tiny exported models, without Ray or HTTP: typed jobs in, typed results out;
 a work split into parts joins back in order and equal to the whole; a dynamically quantized model
-answers a row the same inside a batch as alone; answers too large are refused up front."""
+answers a row the same inside a batch as alone; a float16 model answers as fp32 does, in float32;
+answers too large are refused up front."""
 
 from __future__ import annotations
 
@@ -101,3 +102,46 @@ def test_a_dynamically_quantized_model_answers_a_row_alike_in_any_batch(tiny_rep
     for work, together in zip(works, batched, strict=True):
         [alone] = r.infer([work])
         assert np.array_equal(alone.probabilities, together.probabilities)
+
+
+#: how far a float16 model's answers may be from fp32's: probabilities and attention values, and
+#: translation scores (sums of ~12 log-probabilities) — measured ≤ 1.5e-3 and ≤ 1.7e-3 here,
+#: ≤ 7e-3 for fashion-vit's attention
+FP16_ATTENTION, FP16_SCORE = 1e-2, 2e-2
+
+
+def answer(r: TranslationRunner | ClassificationRunner, job: ClassifyJob | TranslateJob) -> object:
+    work = r.preprocess(job)  # type: ignore[arg-type]
+    return r.postprocess(work, r.infer([work])[0])
+
+
+def test_a_float16_model_classifies_as_fp32_does(tiny_repository: Path, fp16_repository: Path) -> None:
+    full, half = runner(tiny_repository, "fashion-vit"), runner(fp16_repository, "fashion-vit-fp16")
+    half.warmup()
+    for seed in range(5):
+        job = ClassifyJob(image=canvas_png(seed)[0], top_k=3, attention="all")
+        a, b = answer(full, job), answer(half, job)
+        assert isinstance(a, Classified) and isinstance(b, Classified)
+        assert b.indices[0] == a.indices[0]
+        assert b.rollout is not None and b.attentions is not None
+        assert a.rollout is not None and a.attentions is not None
+        for values in (b.probabilities, b.rollout, b.attentions):  # answers stay float32
+            assert values.dtype == np.float32
+        assert np.abs(b.probabilities - a.probabilities).max() <= FP16_ATTENTION
+        assert np.abs(b.attentions - a.attentions).max() <= FP16_ATTENTION
+        assert np.abs(b.rollout - a.rollout).max() <= FP16_ATTENTION
+
+
+@pytest.mark.parametrize("name", ["dates-bahdanau", "dates-transformer"])
+def test_a_float16_model_translates_as_fp32_does(
+    name: str, tiny_repository: Path, fp16_repository: Path
+) -> None:
+    full, half = runner(tiny_repository, name), runner(fp16_repository, f"{name}-fp16")
+    job = TranslateJob(texts=DATES, beam_size=2, attention="all")
+    a, b = answer(full, job), answer(half, job)
+    assert isinstance(a, Translated) and isinstance(b, Translated)
+    for x, y in zip(a.translations, b.translations, strict=True):
+        assert y.target_tokens == x.target_tokens
+        assert y.attention.dtype == np.float32
+        assert np.abs(y.attention - x.attention).max() <= FP16_ATTENTION
+        assert abs(y.score - x.score) <= FP16_SCORE
