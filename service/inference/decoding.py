@@ -20,9 +20,27 @@ from typing import Any, Protocol
 
 import numpy as np
 
+
+@dataclass(frozen=True)
+class TopCandidates:
+    """Each row's ``k`` most likely next tokens, best first (ties: the lower id first, as
+    ``argmax``/a stable sort of the full row give): log-probabilities (N, k) and ids (N, k)."""
+
+    logp: np.ndarray
+    ids: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.logp)
+
+    def __getitem__(self, rows: slice) -> TopCandidates:
+        return TopCandidates(self.logp[rows], self.ids[rows])
+
+
+#: a step's scores: every row's log-probabilities (N, V), or only its best candidates
+Scores = np.ndarray | TopCandidates
 #: (rows (N,), prefixes (N, T), states or None, step t) →
 #: (log-probs (N, V), attention (N, ...), new states or None); states are indexed by row arrays
-StepFn = Callable[[np.ndarray, np.ndarray, Any, int], tuple[np.ndarray, np.ndarray, Any]]
+StepFn = Callable[[np.ndarray, np.ndarray, Any, int], tuple[Scores, np.ndarray, Any]]
 
 
 @dataclass
@@ -34,6 +52,8 @@ class Hypothesis:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """In float32 at least (an fp16 graph's logits too)."""
+    logits = logits.astype(np.promote_types(logits.dtype, np.float32), copy=False)
     shifted = logits - logits.max(axis=-1, keepdims=True)
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
@@ -55,7 +75,7 @@ class Search(Protocol):
         """The token each live row feeds next."""
         ...
 
-    def advance(self, logp: np.ndarray, attention: np.ndarray) -> np.ndarray: ...
+    def advance(self, logp: Scores, attention: np.ndarray) -> np.ndarray: ...
 
     def result(self) -> Hypothesis: ...
 
@@ -83,8 +103,11 @@ class GreedySearch:
     def feed(self) -> list[int]:
         return self.tokens[-1:]
 
-    def advance(self, logp: np.ndarray, attention: np.ndarray) -> np.ndarray:
-        """logp (1, V), attention (1, ...) of this step → the parent of the next row ([0] or [])."""
+    def advance(self, logp: Scores, attention: np.ndarray) -> np.ndarray:
+        """logp (1, V) or its best candidate, attention (1, ...) of this step → the parent of the
+        next row ([0] or [])."""
+        if isinstance(logp, TopCandidates):
+            return self.choose(int(logp.ids[0, 0]), float(logp.logp[0, 0]), attention[0])
         best = int(logp[0].argmax())
         return self.choose(best, float(logp[0, best]), attention[0])
 
@@ -134,31 +157,27 @@ class BeamSearch:
     def feed(self) -> list[int]:
         return [] if self.done else self._prefixes[:, -1].tolist()
 
-    def advance(self, logp: np.ndarray, attention: np.ndarray) -> np.ndarray:
-        """logp (rows, V), attention (rows, ...) → the parents (indices into this step's rows) of
-        the rows that live on, in order."""
+    def advance(self, logp: Scores, attention: np.ndarray) -> np.ndarray:
+        """logp (rows, V) or each row's best ≥ 2 × beam candidates, attention (rows, ...) → the
+        parents (indices into this step's rows) of the rows that live on, in order."""
         attention = attention[..., self.source]
-        cand = self.scores[:, None] + logp  # (rows, V)
-        flat = cand.ravel()
-        order = np.argsort(-flat, kind="stable")[: 2 * self.beam]
         parents: list[int] = []
         tokens: list[int] = []
         scores: list[float] = []
         history: list[list[np.ndarray]] = []
-        for rank, k in enumerate(order):
-            src, tok = int(k // cand.shape[1]), int(k % cand.shape[1])
+        for rank, (src, tok, score) in enumerate(self._best(logp)):
             hist = [*self.history[src], attention[src]]
             if tok == self.eos:
                 # like fairseq: an EOS only finalises if it ranks among the top beam_size
                 if rank < self.beam and len(self.finals) < self.beam:
                     self.finals.append(
-                        Hypothesis(self._prefixes[src, 1:].tolist(), float(flat[k]), np.stack(hist), True)
+                        Hypothesis(self._prefixes[src, 1:].tolist(), score, np.stack(hist), True)
                     )
                 continue
             if len(parents) < self.beam:
                 parents.append(src)
                 tokens.append(tok)
-                scores.append(flat[k])
+                scores.append(score)
                 history.append(hist)
         self.steps += 1
         live = [i for i in range(len(parents)) if not self._settled(scores[i], self.steps)]
@@ -179,6 +198,21 @@ class BeamSearch:
                 self.finals.append(hyp)
             self.done = True
         return np.empty(0, dtype=np.int64) if self.done else parent
+
+    def _best(self, logp: Scores) -> list[tuple[int, int, float]]:
+        """The 2 × beam best (row, token, score) continuations, best first; equal scores in row,
+        then token order (the order of a stable sort of the whole (rows, V) matrix)."""
+        if isinstance(logp, TopCandidates):  # every row's best 2 × beam hold the overall best 2 × beam
+            cand = self.scores[:, None] + logp.logp
+            rows = np.broadcast_to(np.arange(len(cand))[:, None], cand.shape).ravel()
+            ids, flat = logp.ids.ravel(), cand.ravel()
+            order = np.lexsort((ids, rows, -flat))[: 2 * self.beam]
+            return [(int(rows[k]), int(ids[k]), float(flat[k])) for k in order]
+        cand = self.scores[:, None] + logp  # (rows, V)
+        flat = cand.ravel()
+        order = np.argsort(-flat, kind="stable")[: 2 * self.beam]
+        width = cand.shape[1]
+        return [(int(k // width), int(k % width), float(flat[k])) for k in order]
 
     def _settled(self, live_score: float, live_len: int) -> bool:
         if len(self.finals) < self.beam:

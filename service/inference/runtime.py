@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from service.inference.device import DeviceArray
 from service.inference.manifest import GraphSpec
 
 log = logging.getLogger(__name__)
@@ -33,8 +35,28 @@ def choose_providers(requested: list[str]) -> list[str]:
     chosen = [p for p in requested if p in available and p != "CPUExecutionProvider"]
     missing = [p for p in requested if p not in available]
     if missing:
-        log.warning("execution providers %s are not available here; using %s", missing, [*chosen, "CPU"])
+        why = (
+            "this onnxruntime build has no CUDA provider: the GPU wheel comes with the serve-gpu "
+            "extra (make serve-gpu)"
+            if "CUDAExecutionProvider" in missing
+            else "this onnxruntime build lacks them"
+        )
+        log.warning("execution providers %s are not available (%s); using %s", missing, why, [*chosen, "CPU"])
+    if "CUDAExecutionProvider" in chosen:
+        _preload_cuda()
     return [*chosen, "CPUExecutionProvider"]
+
+
+def _preload_cuda() -> None:
+    """Load CUDA and cuDNN from the nvidia-* pip wheels the serve-gpu extra installs (ONNX Runtime
+    ≥ 1.21's ``preload_dlls``); a machine with system CUDA finds them without it."""
+    preload = getattr(ort, "preload_dlls", None)
+    if preload is None:
+        return
+    try:
+        preload()
+    except Exception as exc:  # the session's fallback below says what it means
+        log.warning("could not preload the CUDA/cuDNN libraries: %s", exc)
 
 
 def _declared(spec: GraphSpec, name: str, ort_type: str) -> np.dtype:
@@ -58,6 +80,12 @@ class GraphSession:
         self.input_dtypes = {i.name: _declared(spec, i.name, i.type) for i in self.session.get_inputs()}
         self.output_names = [o.name for o in spec.outputs]
         self.providers = self.session.get_providers()
+        if "CUDAExecutionProvider" in providers and "CUDAExecutionProvider" not in self.providers:
+            log.warning(
+                "%s: CUDA was asked for, but ONNX Runtime could not start it (no GPU visible, or the "
+                "driver / CUDA 12 / cuDNN 9 libraries missing: its own error is above); running on CPU",
+                path.name,
+            )
         self.on_gpu = self.providers[0] == "CUDAExecutionProvider"
 
     def run(self, tensors: dict[str, np.ndarray], outputs: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -69,13 +97,14 @@ class GraphSession:
         values = self.session.run(names, self.feeds(tensors))
         return dict(zip(names, values, strict=True))
 
-    def feeds(self, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def feeds(self, tensors: dict[str, Any]) -> dict[str, Any]:
         """The graph's inputs from ``tensors``, each as the dtype the graph takes (no copy when it
-        already is)."""
+        already is; a :class:`DeviceArray` — a previous output kept on the device — as it is)."""
         return {
-            name: np.asarray(tensors[name]).astype(self.input_dtypes[name], copy=False)
+            name: value if isinstance(value := tensors[name], DeviceArray)
+            else np.asarray(value).astype(self.input_dtypes[name], copy=False)
             for name in self.input_names
-        }
+        }  # fmt: skip
 
     def _run_bound(self, tensors: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
         """CUDA: bind inputs and outputs explicitly (one host↔device copy each way, no per-run

@@ -51,7 +51,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.inference.decoding import GreedySearch, Hypothesis, Search, keep_rows, new_search
+from service.inference.decoding import (
+    GreedySearch,
+    Hypothesis,
+    Scores,
+    Search,
+    TopCandidates,
+    keep_rows,
+    new_search,
+)
 
 
 class Decoder(Protocol):
@@ -60,8 +68,13 @@ class Decoder(Protocol):
     def encode(self, rows: list[list[int]]) -> Any: ...
 
     def step(
-        self, batch: Any, tokens: np.ndarray, positions: np.ndarray, prefixes: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray, Any]: ...
+        self,
+        batch: Any,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        prefixes: np.ndarray | None,
+        candidates: int = 1,
+    ) -> tuple[Scores, np.ndarray, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -293,12 +306,17 @@ class TranslationScheduler:
             return []
         fed = [(token, t.search.steps) for t in self._active for token in t.search.feed()]
         tokens, positions = np.ascontiguousarray(np.array(fed, dtype=np.int64).reshape(-1, 2).T)
-        logp, attention, batch = self.decoder.step(self._batch, tokens, positions, None)
+        beam = max(t.options.beam_size for t in self._active)
+        candidates = 1 if beam == 1 else 2 * beam  # what a resident step brings back per row
+        logp, attention, batch = self.decoder.step(self._batch, tokens, positions, None, candidates)
         self.steps += 1
         rows = self._rows_stepped = len(tokens)
         done_at = time.perf_counter()
-        best = logp.argmax(axis=1)  # every greedy row's choice, in one call
-        chosen = logp[np.arange(rows), best].tolist()
+        if isinstance(logp, TopCandidates):
+            best, chosen = logp.ids[:, 0], logp.logp[:, 0].tolist()
+        else:
+            best = logp.argmax(axis=1)  # every greedy row's choice, in one call
+            chosen = logp[np.arange(rows), best].tolist()
         best_ids = best.tolist()
         index, still, finished, offset = [], [], [], 0
         streamed: dict[_Request, list[StepToken]] = {}

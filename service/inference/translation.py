@@ -16,6 +16,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from service.inference.decoding import Hypothesis, log_softmax, new_search, run_searches
+from service.inference.device import DeviceArray, DeviceOps, TopCandidates
 from service.inference.manifest import Manifest
 from service.inference.runtime import GraphSession
 
@@ -42,7 +43,8 @@ class KVCache:
         mask = self.mask[index]
         held = mask.any(axis=0)
         start = int(held.argmax()) if held.any() else mask.shape[1]  # drop columns nobody holds
-        return KVCache({k: v[index, ..., start:, :] for k, v in self.tensors.items()}, mask[:, start:])
+        tensors = {k: _rows(v, index, v.ndim - 2, start=start) for k, v in self.tensors.items()}
+        return KVCache(tensors, mask[:, start:])
 
     @property
     def positions(self) -> int:
@@ -59,11 +61,13 @@ class KVCache:
         return KVCache(tensors, join([c.mask for c in caches], 1, width, left=True))
 
 
-def join(arrays: list[np.ndarray], axis: int, width: int, left: bool = False) -> np.ndarray:
+def join(arrays: list[Any], axis: int, width: int, left: bool = False) -> Any:
     """The rows (axis 0) of ``arrays`` in one array, each padded with zeros to ``width`` along
     ``axis`` — on the right, or on the left when ``left`` — in one allocation and one copy of each
     (an admission copies the whole running batch's state: this is its cost)."""
     first = arrays[0]
+    if isinstance(first, DeviceArray):
+        return first.ops.join(arrays, axis, width, left)
     shape = list(first.shape)
     shape[0], shape[axis] = sum(len(a) for a in arrays), width
     out = np.zeros(shape, dtype=first.dtype)
@@ -111,21 +115,26 @@ class RowBatch:
         if isinstance(states[0], KVCache):
             state = KVCache.concat(states)
         elif states[0] is not None:
-            state = np.concatenate(states)
+            state = join(states, 1, states[0].shape[1])
         return RowBatch(join([b.src_mask for b in batches], 1, width), tensors, state)
 
 
-def _empty_past(cross: np.ndarray) -> np.ndarray:
-    """A cache of no positions, laid out like the cross-attention keys/values it goes with."""
-    return np.zeros((*cross.shape[:-2], 0, cross.shape[-1]), dtype=cross.dtype)
+def _empty_past(cross: Any) -> Any:
+    """A cache of no positions, laid out like the cross-attention keys/values it goes with (and
+    where they are)."""
+    empty = np.zeros((*cross.shape[:-2], 0, cross.shape[-1]), dtype=cross.dtype)
+    return cross.ops.upload(empty) if isinstance(cross, DeviceArray) else empty
 
 
-def _rows(a: np.ndarray, index: np.ndarray, axis: int, width: int) -> np.ndarray:
-    """``a``'s rows ``index``, cut to ``width`` along ``axis``: one copy."""
-    if a.shape[axis] == width:
+def _rows(a: Any, index: np.ndarray, axis: int, width: int | None = None, start: int = 0) -> Any:
+    """``a``'s rows ``index``, cut to ``start:width`` along ``axis``: one copy (on the device for
+    a :class:`DeviceArray`)."""
+    if start == 0 and (width is None or a.shape[axis] == width):
         return a[index]
+    if isinstance(a, DeviceArray):
+        return a.ops.take(a, index, axis, start, width)
     where: list[Any] = [index] + [slice(None)] * (a.ndim - 1)
-    where[axis] = slice(0, width)
+    where[axis] = slice(start, width)
     return a[tuple(where)]
 
 
@@ -140,7 +149,18 @@ class Translation:
 
 
 class Translator:
-    def __init__(self, directory: Path, manifest: Manifest, providers: list[str], threads: int = 1) -> None:
+    """``resident`` (default: when the graphs run on CUDA) keeps the encoder's outputs and the
+    decoder state on the device between steps and picks each step's candidates there
+    (``service/inference/device.py``); else they are numpy arrays on the host."""
+
+    def __init__(
+        self,
+        directory: Path,
+        manifest: Manifest,
+        providers: list[str],
+        threads: int = 1,
+        resident: bool | None = None,
+    ) -> None:
         spec = manifest.translation
         if spec is None:
             raise ValueError(f"{manifest.name} is not a translation model")
@@ -154,6 +174,8 @@ class Translator:
             providers,
             threads,
         )
+        resident = self.decoder.on_gpu if resident is None else resident
+        self.ops = DeviceOps(self.decoder.providers) if resident else None
         self.source_tokenizer = Tokenizer.from_file(str(directory / spec.source_tokenizer.file))
         self.target_tokenizer = Tokenizer.from_file(str(directory / spec.target_tokenizer.file))
 
@@ -179,7 +201,14 @@ class Translator:
         for i, r in enumerate(rows):
             ids[i, : len(r)] = r
         mask = np.arange(width)[None, :] < np.array([len(r) for r in rows])[:, None]
-        encoded = self.encoder.run({"src": ids, "src_mask": mask})
+        if self.ops is None:
+            encoded = self.encoder.run({"src": ids, "src_mask": mask})
+        else:  # what the decoder reads stays on the device
+            kept = [
+                o for o in self.encoder.output_names if o in self.decoder.input_names or o == "init_state"
+            ]
+            feeds = self.encoder.feeds({"src": ids, "src_mask": mask})
+            encoded = self.ops.run(self.encoder.session, feeds, kept, [])
         state: Any = None
         if self.spec.decoder == "rnn":
             state = encoded["init_state"]
@@ -197,11 +226,18 @@ class Translator:
         return [n for n in self.decoder.input_names if n.startswith(PAST) and n != "past_mask"]
 
     def step(
-        self, batch: RowBatch, tokens: np.ndarray, positions: np.ndarray, prefixes: np.ndarray | None
-    ) -> tuple[np.ndarray, np.ndarray, RowBatch]:
+        self,
+        batch: RowBatch,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        prefixes: np.ndarray | None,
+        candidates: int = 1,
+    ) -> tuple[np.ndarray | TopCandidates, np.ndarray, RowBatch]:
         """One decoder step for every row of ``batch``: each row's newest token and its position
         (0 for BOS) → log-probabilities (N, V), attention (N, ..., S) and the batch with each
-        row's decoder state advanced. ``prefixes`` (N, T) only for the whole-prefix contract."""
+        row's decoder state advanced. ``prefixes`` (N, T) only for the whole-prefix contract.
+        Resident: each row's ``candidates`` best tokens (:class:`TopCandidates`) instead of the
+        whole (N, V) — greedy rows need 1, a beam of b needs 2b."""
         feeds: dict[str, Any] = {"src_mask": batch.src_mask, **batch.tensors}
         contract = self.spec.decoder
         if contract == "rnn":
@@ -211,7 +247,12 @@ class Translator:
         else:
             cache: KVCache = batch.state
             feeds |= {"tokens": tokens, "positions": positions, "past_mask": cache.mask, **cache.tensors}
-        out = self.decoder.run(feeds)
+        if self.ops is None:
+            out = self.decoder.run(feeds)
+        else:
+            host = ["attention" if contract == "rnn" else "cross_attention"]
+            resident = [o for o in self.decoder.output_names if o not in host]
+            out = self.ops.run(self.decoder.session, self.decoder.feeds(feeds), resident, host)
         state: Any = None
         if contract == "rnn":
             state = out["new_state"]
@@ -221,7 +262,9 @@ class Translator:
             state = KVCache(present, np.concatenate([cache.mask, now], axis=1))
         attention = out["attention"] if contract == "rnn" else out["cross_attention"]
         attention = attention.astype(np.float32, copy=False)  # an fp16 graph's maps, as every answer's
-        return log_softmax(out["logits"]), attention, RowBatch(batch.src_mask, batch.tensors, state)
+        logits = out["logits"]
+        logp = logits.ops.top(logits, candidates) if isinstance(logits, DeviceArray) else log_softmax(logits)
+        return logp, attention, RowBatch(batch.src_mask, batch.tensors, state)
 
     def translate_ids(
         self,
@@ -234,8 +277,10 @@ class Translator:
         """One padded batch through the encoder, then batched greedy/beam search."""
         tgt = self.spec.target_tokenizer
 
+        k = 1 if beam_size == 1 else 2 * beam_size
+
         def step(owners: np.ndarray, prefixes: np.ndarray, batch: RowBatch, t: int):
-            return self.step(batch, prefixes[:, -1], np.full(len(owners), t, dtype=np.int64), prefixes)
+            return self.step(batch, prefixes[:, -1], np.full(len(owners), t, dtype=np.int64), prefixes, k)
 
         limit = self.target_limit(max_length)
         searches = [

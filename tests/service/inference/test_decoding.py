@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from service.inference.decoding import beam_search, greedy
+from service.inference.decoding import BeamSearch, GreedySearch, TopCandidates, beam_search, greedy
 
 BOS, EOS, A, B = 1, 2, 3, 4
 V = 5
@@ -58,3 +58,28 @@ def test_max_length_stops_unfinished_hypotheses() -> None:
     assert hyp.tokens == [A] * 4 and not hyp.finished
     [beam] = beam_search(step, 1, BOS, EOS, 4, None, beam_size=2)
     assert beam.tokens == [A] * 4 and not beam.finished
+
+
+def test_searches_given_only_each_rows_best_candidates_decide_as_with_every_score() -> None:
+    """What a resident (GPU) step returns — each row's best 2 × beam log-probabilities and ids —
+    gives the same continuations as the whole (rows, V) matrix, ties included."""
+    rng = np.random.default_rng(0)
+    for trial in range(200):
+        rows, vocab, beam = int(rng.integers(1, 5)), 9, int(rng.integers(2, 4))
+        logp = np.round(rng.standard_normal((rows, vocab)), 1)  # rounding makes ties common
+        order = np.argsort(-logp, axis=1, kind="stable")[:, : 2 * beam]
+        top = TopCandidates(np.take_along_axis(logp, order, 1), order)
+        attention = rng.random((rows, 3))
+        dense, sparse = (BeamSearch(BOS, EOS, 6, beam, 0.5) for _ in range(2))
+        for search in (dense, sparse):  # the same live rows to start from
+            search._prefixes = np.array([[BOS, A + r % 2] for r in range(rows)])
+            search.scores = np.arange(rows) * -0.1
+            search.history = [[] for _ in range(rows)]
+        parents = dense.advance(logp, attention), sparse.advance(top, attention)
+        assert np.array_equal(*parents), trial
+        assert np.array_equal(dense.prefixes, sparse.prefixes) and np.allclose(dense.scores, sparse.scores)
+        assert [h.tokens for h in dense.finals] == [h.tokens for h in sparse.finals]
+        greedy_dense, greedy_sparse = GreedySearch(BOS, EOS, 6), GreedySearch(BOS, EOS, 6)
+        greedy_dense.advance(logp[:1], attention[:1])
+        greedy_sparse.advance(top[:1], attention[:1])
+        assert greedy_dense.tokens == greedy_sparse.tokens and greedy_dense.score == greedy_sparse.score

@@ -56,7 +56,12 @@ class TableDecoder:
         return RowBatch(mask, {"memory": ids}, cache)
 
     def step(
-        self, batch: RowBatch, tokens: np.ndarray, positions: np.ndarray, prefixes: np.ndarray | None
+        self,
+        batch: RowBatch,
+        tokens: np.ndarray,
+        positions: np.ndarray,
+        prefixes: np.ndarray | None,
+        candidates: int = 1,
     ) -> tuple[np.ndarray, np.ndarray, RowBatch]:
         time.sleep(self.seconds)
         self.calls += 1
