@@ -43,17 +43,3 @@ def test_graph_session_feeds_only_declared_inputs(tiny_repository: Path) -> None
     src = np.array([[5, 6, 2]], dtype=np.int64)
     out = session.run({"src": src, "src_mask": src > 0, "unrelated": np.zeros(1)})
     assert set(out) == {"memory", "init_state"} and out["memory"].shape[:2] == (1, 3)
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs onnxruntime-gpu and a CUDA GPU")
-def test_cuda_session_with_io_binding_matches_cpu(tiny_repository: Path) -> None:
-    directory = tiny_repository / "fashion-vit" / "1"
-    graph = Manifest.load(directory).graphs["model"]
-    cpu = GraphSession(directory / graph.file, graph, ["CPUExecutionProvider"])
-    gpu = GraphSession(directory / graph.file, graph, ["CUDAExecutionProvider", "CPUExecutionProvider"])
-    assert gpu.on_gpu
-    pixels = np.random.default_rng(0).standard_normal((64, 1, 48, 48)).astype(np.float32)
-    want, got = cpu.run({"pixels": pixels}), gpu.run({"pixels": pixels})
-    np.testing.assert_allclose(got["logits"], want["logits"], atol=1e-3)
-    np.testing.assert_allclose(got["attentions"], want["attentions"], atol=1e-4)

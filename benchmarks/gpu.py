@@ -1,0 +1,227 @@
+"""The GPU check (``benchmarks/gpu_check.sh``): CUDA against CPU, fp16 drift, and the ViT and NMT
+paths at GPU batch sizes against ONNX Runtime CUDA alone → ``benchmarks/results/<date>-gpu.{json,md}``.
+
+1. **Parity.** Every model of the repository on CUDA against the CPU provider: the ViT's logits
+   and attention on a batch of 64 (fp32 goal ≤ 1e-3; measured with TF32 off, ONNX Runtime's
+   ``use_tf32=0``, and as served, TF32 allowed); each translation model's greedy decodes — the
+   resident loop on CUDA against the numpy loop on CPU — tokens equal, attention's largest
+   difference. ``<name>-fp16`` variants: their drift from fp32 on CUDA.
+2. **ViT.** ONNX Runtime CUDA alone (I/O binding, logits only) at batch 1 … 512 → its best
+   images/s; then the service (in-replica frontend, CUDA, one replica) under 64 and 256 closed-loop
+   HTTP clients sending Fashion-MNIST PNGs. Goal: ≥ 0.9 × the best raw rate.
+3. **NMT.** Offline batched greedy decode (the resident loop, batches of 128) against the model's
+   worker with its scheduler under 128 in-process clients. Goal: served ≥ 0.8 × offline.
+
+Needs a CUDA GPU and onnxruntime-gpu (the ``serve-gpu`` extra); refuses to run without them.
+``--smoke-on-cpu`` runs every part on the CPU provider in seconds (the resident loop included) so
+that the test suite proves the script works on a machine without a GPU; its figures mean nothing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import datetime as dt
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from benchmarks.decoding_load import TEXTS, closed_loop
+from benchmarks.loadgen import Request, percentile
+from benchmarks.loadgen import closed_loop as http_closed_loop
+from service.inference.jobs import TranslateJob
+from service.inference.manifest import Manifest
+from service.inference.repository import ModelEntry
+from service.inference.runtime import GraphSession
+from service.inference.translation import Translator
+from service.inference.worker import ModelWorker
+from service.settings import Batching, Settings
+
+CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+CPU = ["CPUExecutionProvider"]
+VIT_BATCHES = (1, 8, 32, 64, 128, 256, 512)
+GOALS = {"vit_vs_raw": 0.9, "nmt_vs_offline": 0.8, "fp32_max_diff": 1e-3}
+
+
+def _time(fn: Any, seconds: float = 2.0) -> float:
+    """Calls per second of ``fn`` over about ``seconds`` (after one warm-up call)."""
+    fn()
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        fn()
+        n += 1
+    return n / (time.perf_counter() - start)
+
+
+def vit_parity(directory: Path, providers: list[str]) -> dict[str, float]:
+    manifest = Manifest.load(directory)
+    graph = manifest.graphs["model"]
+    pixels = np.random.default_rng(0).standard_normal((64, 1, 48, 48)).astype(np.float32)
+    want = GraphSession(directory / graph.file, graph, CPU).run({"pixels": pixels})
+    got = GraphSession(directory / graph.file, graph, providers).run({"pixels": pixels})
+    first: Any = ("CUDAExecutionProvider", {"use_tf32": "0"}) if providers == CUDA else providers[0]
+    strict = ort.InferenceSession(str(directory / graph.file), providers=list(dict.fromkeys([first, *CPU])))
+    logits, attentions = strict.run(
+        ["logits", "attentions"], {"pixels": pixels.astype(graph.inputs[0].dtype)}
+    )
+    return {
+        "logits_max_diff_tf32_off": float(np.abs(logits - want["logits"]).max()),
+        "attention_max_diff_tf32_off": float(np.abs(attentions - want["attentions"]).max()),
+        "logits_max_diff_served": float(np.abs(got["logits"].astype(np.float32) - want["logits"]).max()),
+        "attention_max_diff_served": float(
+            np.abs(got["attentions"].astype(np.float32) - want["attentions"]).max()
+        ),
+    }
+
+
+def translation_parity(directory: Path, providers: list[str]) -> dict[str, float]:
+    manifest = Manifest.load(directory)
+    cpu = Translator(directory, manifest, CPU)
+    gpu = Translator(directory, manifest, providers, resident=True)
+    assert gpu.ops is not None and gpu.ops.providers[0] == providers[0]
+    same, diff = 0, 0.0
+    for a, b in zip(cpu.translate(TEXTS), gpu.translate(TEXTS), strict=True):
+        same += a.target_tokens == b.target_tokens
+        n = min(len(a.attention), len(b.attention))
+        diff = max(diff, float(np.abs(a.attention[:n] - b.attention[:n]).max()))
+    return {"texts": len(TEXTS), "same_tokens": same, "attention_max_diff": diff}
+
+
+def vit_raw(directory: Path, providers: list[str], seconds: float) -> dict[str, Any]:
+    manifest = Manifest.load(directory)
+    graph = manifest.graphs["model"]
+    session = GraphSession(directory / graph.file, graph, providers)
+    rates = {}
+    for batch in VIT_BATCHES:
+        pixels = np.random.default_rng(batch).standard_normal((batch, 1, 48, 48)).astype(np.float32)
+        rates[batch] = batch * _time(lambda p=pixels: session.run({"pixels": p}, ["logits"]), seconds)
+    best = max(rates, key=rates.__getitem__)
+    return {"images_per_s_by_batch": rates, "best_batch": best, "best_images_per_s": rates[best]}
+
+
+def vit_served(
+    repository: Path, out: Path, clients: tuple[int, ...], providers: list[str], seconds: float
+) -> dict[int, dict[str, float]]:
+    import base64
+
+    from benchmarks.peers.smoke import test_images
+    from benchmarks.run import configurations, start
+
+    config = configurations(repository, repository.parent / "build" / "checkpoints")["in-replica"]
+    env = {"ATTN_PROVIDERS": json.dumps(providers)}
+    server = start("attention-serve-gpu", dataclasses.replace(config, env={**config.env, **env}), out)
+    requests = [
+        Request.json("/v1/models/fashion-vit/classify", {"image": base64.b64encode(p).decode(), "top_k": 5})
+        for p in test_images(256)
+    ]
+    results = {}
+    try:
+        for n in clients:
+            r = asyncio.run(http_closed_loop("127.0.0.1", server.port, requests, n, seconds))
+            results[n] = {
+                "images_per_s": r.ok / r.elapsed_s,
+                "p50_ms": percentile(r.latencies_s, 50) * 1000,
+                "p99_ms": percentile(r.latencies_s, 99) * 1000,
+                "errors": r.errors,
+            }
+    finally:
+        server.stop()
+    return results
+
+
+def nmt(directory: Path, providers: list[str], seconds: float) -> dict[str, Any]:
+    manifest = Manifest.load(directory)
+    translator = Translator(directory, manifest, providers, resident=True)
+    batch = [TEXTS[i % len(TEXTS)] for i in range(128)]
+    produced = sum(len(t.target_tokens) for t in translator.translate(batch))
+    offline = produced * _time(lambda: translator.translate(batch), seconds / 3)
+    settings = Settings(
+        repository=directory.parent.parent, providers=providers,
+        batching=Batching(max_batch_size=128, batch_wait_timeout_s=0.0),
+    )  # fmt: skip
+    worker = ModelWorker(ModelEntry(directory.parent.name, 1, directory, manifest), settings, "gpu", "local")
+    jobs = [TranslateJob(texts=[t]) for t in TEXTS]
+    if worker.scheduler is not None:  # what the service does on CUDA, forced for the CPU smoke run
+        worker.scheduler.decoder = translator
+    served = asyncio.run(closed_loop(worker, jobs, 128, seconds))
+    return {"offline_tokens_per_s": offline, "served": served, "ratio": served["tokens_per_s"] / offline}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--repository", type=Path, default=Path("model_repository"))
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    p.add_argument("--seconds", type=float, default=15.0, help="each load phase")
+    p.add_argument("--smoke-on-cpu", action="store_true", help="every part on the CPU provider, briefly")
+    args = p.parse_args(argv)
+    providers, seconds = (CPU, 1.0) if args.smoke_on_cpu else (CUDA, args.seconds)
+    if not args.smoke_on_cpu and "CUDAExecutionProvider" not in ort.get_available_providers():
+        print(
+            "no CUDA provider: install the serve-gpu extra on a machine with an NVIDIA GPU", file=sys.stderr
+        )
+        return 2
+    repo = args.repository
+    names = sorted(d.name for d in repo.iterdir() if (d / "1" / "manifest.json").exists())
+    r: dict[str, Any] = {"date": dt.date.today().isoformat(), "device": ort.get_device(), "parity": {}}
+    for name in names:
+        directory = repo / name / "1"
+        task = Manifest.load(directory).task
+        print(f"parity {name}", flush=True)
+        check = vit_parity if task == "image-classification" else translation_parity
+        r["parity"][name] = check(directory, providers)
+        if name.endswith("-fp16"):  # its drift from fp32, measured at export (CPU)
+            r["parity"][name] |= {f"export_{k}": v for k, v in Manifest.load(directory).eval_details.items()
+                                  if isinstance(v, float)}  # fmt: skip
+    print("ViT: ONNX Runtime CUDA alone, then served", flush=True)
+    r["vit_raw"] = vit_raw(repo / "fashion-vit" / "1", providers, seconds / 5)
+    with tempfile.TemporaryDirectory() as logs:
+        r["vit_served"] = vit_served(repo, Path(logs), (64, 256), providers, seconds)
+    print("NMT: offline vs served", flush=True)
+    r["nmt"] = {
+        n: nmt(repo / n / "1", providers, seconds)
+        for n in ("dates-transformer", "bible-fr-en-transformer")
+        if n in names
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{r['date']}-gpu"
+    stem.with_suffix(".json").write_text(json.dumps(r, indent=2, default=str))
+    stem.with_suffix(".md").write_text(markdown(r))
+    print(f"wrote {stem}.json and .md")
+    return 0
+
+
+def markdown(r: dict[str, Any]) -> str:
+    raw = r["vit_raw"]
+    best = raw["best_images_per_s"]
+    by_batch = ", ".join(f"{b}: {v:,.0f}" for b, v in raw["images_per_s_by_batch"].items())
+    lines = [f"# GPU check, {r['date']} ({r['device']})", "", "## CUDA against CPU", ""]
+    for name, p in r["parity"].items():
+        lines.append(f"- **{name}**: " + ", ".join(f"{k} {v:.3g}" for k, v in p.items()))
+    lines += [
+        "",
+        "## ViT",
+        "",
+        f"ONNX Runtime CUDA alone: best {best:,.0f} images/s at batch {raw['best_batch']}",
+    ]
+    lines += [f"({by_batch}).", "", "| clients | images/s | × raw best (goal ≥ 0.9) | p50 / p99 ms |"]
+    lines.append("|---|---|---|---|")
+    for n, s in r["vit_served"].items():
+        rate = s["images_per_s"]
+        lines.append(f"| {n} | {rate:,.0f} | {rate / best:.2f} | {s['p50_ms']:.1f} / {s['p99_ms']:.1f} |")
+    lines += ["", "## NMT (greedy, 128 clients in process)", ""]
+    lines += ["| model | offline tokens/s | served tokens/s | ratio (goal ≥ 0.8) |", "|---|---|---|---|"]
+    for n, m in r["nmt"].items():
+        served = m["served"]["tokens_per_s"]
+        lines.append(f"| {n} | {m['offline_tokens_per_s']:,.0f} | {served:,.0f} | {m['ratio']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""The GPU check's script and benchmark, on a machine without a GPU: ``benchmarks/gpu.py`` refuses
+without CUDA and runs every part on the CPU provider in its smoke mode (the report it writes has
+the parity rows, the raw and served ViT rates and the NMT ratios); ``gpu_check.sh`` parses and the
+make target it installs ``.venv-gpu`` with exists."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import onnxruntime as ort
+import pytest
+
+from benchmarks import gpu
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.mark.skipif("CUDAExecutionProvider" in ort.get_available_providers(), reason="a GPU is here")
+def test_the_gpu_benchmark_refuses_without_cuda(tmp_path: Path) -> None:
+    assert gpu.main(["--repository", str(tmp_path), "--out", str(tmp_path)]) == 2
+
+
+@pytest.mark.slow
+def test_every_part_of_the_gpu_benchmark_runs_on_the_cpu_provider(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    assert gpu.main(["--repository", str(tiny_repository), "--out", str(tmp_path), "--smoke-on-cpu"]) == 0
+    [report] = tmp_path.glob("*-gpu.json")
+    r = json.loads(report.read_text())
+    for name in ("dates-transformer", "dates-bahdanau"):
+        assert r["parity"][name]["same_tokens"] == r["parity"][name]["texts"]  # resident = numpy loop
+    assert r["parity"]["fashion-vit"]["logits_max_diff_tf32_off"] == 0.0
+    assert r["vit_raw"]["best_images_per_s"] > 0 and set(r["vit_served"]) == {"64", "256"}
+    assert r["vit_served"]["64"]["images_per_s"] > 0 and r["nmt"]["dates-transformer"]["ratio"] > 0
+    assert "× raw best (goal ≥ 0.9)" in report.with_suffix(".md").read_text()
+
+
+def test_the_gpu_check_script_parses_and_its_make_targets_exist() -> None:
+    script = ROOT / "benchmarks" / "gpu_check.sh"
+    subprocess.run(["bash", "-n", str(script)], check=True)
+    text = script.read_text()
+    assert "make .venv-gpu/.installed" in text and "benchmarks.gpu" in text
+    dry = subprocess.run(
+        ["make", "-n", "-B", "-C", str(ROOT), ".venv-gpu/.installed"], capture_output=True, text=True
+    )
+    assert dry.returncode == 0 and "serve-gpu" in dry.stdout
+    assert (ROOT / "tests" / "service" / "inference" / "test_gpu.py").exists()
