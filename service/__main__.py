@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -39,6 +40,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: bad settings:\n{exc}", file=sys.stderr)
         return 2
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if settings.use_gpu and settings.ray_address is None and (why := no_local_gpu()):
+        # replicas reserving a GPU share that this Ray will never have would wait forever
+        logging.getLogger("service").warning("CUDA was asked for, but %s: serving on the CPU", why)
+        cpu_only = [p for p in settings.providers if p != "CUDAExecutionProvider"] or ["CPUExecutionProvider"]
+        settings = settings.model_copy(update={"providers": cpu_only})
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(settings.grpc_max_message_bytes)
@@ -101,6 +107,21 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_serving(settings)
     return 0
+
+
+def no_local_gpu() -> str | None:
+    """Why this machine cannot run the CUDA provider, or None when it can."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDA provider (the serve-gpu extra brings it: make serve-gpu)"
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "nvidia-smi is not here (no NVIDIA driver)"
+    if listed.returncode != 0 or "GPU" not in listed.stdout:
+        return "nvidia-smi lists no GPU"
+    return None
 
 
 def stop_serving(settings: Settings) -> None:

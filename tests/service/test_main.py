@@ -8,11 +8,12 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import requests
 
-from tests.conftest import Service, free_port
+from tests.conftest import Service, free_port, running_service
 
 pytestmark = pytest.mark.slow
 
@@ -54,3 +55,22 @@ def test_replicas_that_cannot_fit_the_private_ray_are_refused_at_once(service: S
     )
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "ATTN_REPLICA_NUM_CPUS=0.75 each" in refused.stderr and "this Ray has 1" in refused.stderr
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    "CUDAExecutionProvider" in __import__("onnxruntime").get_available_providers(), reason="CUDA is here"
+)
+def test_cuda_asked_for_where_none_is_serves_on_the_cpu_and_says_why(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    """Replicas must not reserve a GPU share that this Ray will never have (they would wait
+    forever): the service falls back to the CPU at start and logs the reason."""
+    providers = '["CUDAExecutionProvider", "CPUExecutionProvider"]'
+    with running_service(tiny_repository, tmp_path, ATTN_PROVIDERS=providers) as svc:
+        answer = svc.post("/v1/models/dates-transformer/translate", json={"text": "3 mars 2011"})
+        assert answer.status_code == 200, answer.text
+        assert svc.get("/v1/models/dates-transformer").json()["providers"][0] == "CPUExecutionProvider"
+        log = svc.log.read_text()
+    assert "CUDA was asked for, but this onnxruntime build has no CUDA provider" in log
+    assert "serving on the CPU" in log
