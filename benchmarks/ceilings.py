@@ -18,7 +18,7 @@ TEXTS = ["5 mars 2024", "Tuesday, July 4, 1995", "31.12.1999", "12 de mayo de 20
          "Samstag, 15. Mai 1976", "9/9/1986", "mar, 31 mar 2009"]  # fmt: skip
 
 
-def _timed(fn: Any, min_s: float = 1.0) -> float:
+def timed(fn: Any, min_s: float = 1.0) -> float:
     """Calls per second of ``fn`` over at least ``min_s`` seconds (after one warm-up call)."""
     fn()
     n, start = 0, time.perf_counter()
@@ -38,7 +38,7 @@ def vit_images_per_s(directory: Path) -> dict[str, Any]:
         x = np.zeros(
             (b, manifest.image.channels, manifest.image.height, manifest.image.width), dtype=np.float32
         )
-        by_batch[b] = b * _timed(lambda x=x: session.run({"pixels": x}))
+        by_batch[b] = b * timed(lambda x=x: session.run({"pixels": x}))
     best = max(by_batch, key=lambda b: by_batch[b])
     return {"images_per_s_by_batch": by_batch, "best_batch": best, "images_per_s": by_batch[best]}
 
@@ -60,8 +60,8 @@ def vit_pipeline_images_per_s(directory: Path, images: list[bytes]) -> dict[str,
     for b in BATCHES:
         batch = (images * (b // len(images) + 1))[:b]
         x = pixels(batch)
-        raw[b] = b * _timed(lambda x=x: session.run({"pixels": x}, ["logits"]))
-        pipeline[b] = b * _timed(lambda batch=batch: session.run({"pixels": pixels(batch)}, ["logits"]))
+        raw[b] = b * timed(lambda x=x: session.run({"pixels": x}, ["logits"]))
+        pipeline[b] = b * timed(lambda batch=batch: session.run({"pixels": pixels(batch)}, ["logits"]))
     best, best_raw = max(pipeline, key=lambda b: pipeline[b]), max(raw, key=lambda b: raw[b])
     return {
         "pipeline_images_per_s_by_batch": pipeline, "raw_images_per_s_by_batch": raw,
@@ -75,7 +75,7 @@ def nmt_tokens_per_s(directory: Path, batch: int = 64) -> dict[str, Any]:
     translator = Translator(directory, Manifest.load(directory), ["CPUExecutionProvider"], threads=1)
     texts = (TEXTS * (batch // len(TEXTS) + 1))[:batch]
     tokens = sum(len(t.target_tokens) for t in translator.translate(texts))
-    return {"batch": batch, "tokens_per_s": tokens * _timed(lambda: translator.translate(texts))}
+    return {"batch": batch, "tokens_per_s": tokens * timed(lambda: translator.translate(texts))}
 
 
 def measure(repository: Path) -> dict[str, Any]:

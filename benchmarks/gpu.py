@@ -26,13 +26,13 @@ import datetime as dt
 import json
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnxruntime as ort
 
+from benchmarks.ceilings import timed
 from benchmarks.decoding_load import TEXTS, closed_loop
 from benchmarks.loadgen import Request, percentile
 from benchmarks.loadgen import closed_loop as http_closed_loop
@@ -48,16 +48,6 @@ CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
 CPU = ["CPUExecutionProvider"]
 VIT_BATCHES = (1, 8, 32, 64, 128, 256, 512)
 GOALS = {"vit_vs_raw": 0.9, "nmt_vs_offline": 0.8, "fp32_max_diff": 1e-3}
-
-
-def _time(fn: Any, seconds: float = 2.0) -> float:
-    """Calls per second of ``fn`` over about ``seconds`` (after one warm-up call)."""
-    fn()
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        fn()
-        n += 1
-    return n / (time.perf_counter() - start)
 
 
 def vit_parity(directory: Path, providers: list[str]) -> dict[str, float]:
@@ -101,7 +91,7 @@ def vit_raw(directory: Path, providers: list[str], seconds: float) -> dict[str, 
     rates = {}
     for batch in VIT_BATCHES:
         pixels = np.random.default_rng(batch).standard_normal((batch, 1, 48, 48)).astype(np.float32)
-        rates[batch] = batch * _time(lambda p=pixels: session.run({"pixels": p}, ["logits"]), seconds)
+        rates[batch] = batch * timed(lambda p=pixels: session.run({"pixels": p}, ["logits"]), seconds)
     best = max(rates, key=rates.__getitem__)
     return {"images_per_s_by_batch": rates, "best_batch": best, "best_images_per_s": rates[best]}
 
@@ -141,7 +131,7 @@ def nmt(directory: Path, providers: list[str], seconds: float) -> dict[str, Any]
     translator = Translator(directory, manifest, providers, resident=True)
     batch = [TEXTS[i % len(TEXTS)] for i in range(128)]
     produced = sum(len(t.target_tokens) for t in translator.translate(batch))
-    offline = produced * _time(lambda: translator.translate(batch), seconds / 3)
+    offline = produced * timed(lambda: translator.translate(batch), seconds / 3)
     settings = Settings(
         repository=directory.parent.parent, providers=providers,
         batching=Batching(max_batch_size=128, batch_wait_timeout_s=0.0),

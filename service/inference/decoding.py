@@ -38,6 +38,21 @@ class TopCandidates:
 
 #: a step's scores: every row's log-probabilities (N, V), or only its best candidates
 Scores = np.ndarray | TopCandidates
+
+
+def candidates_for(beam_size: int) -> int:
+    """How many best candidates per row a search needs of a step: greedy 1, a beam of b 2b."""
+    return 1 if beam_size == 1 else 2 * beam_size
+
+
+def best_tokens(logp: Scores) -> tuple[np.ndarray, np.ndarray]:
+    """Every row's best token and its log-probability, (N,) each, in one call (ties: the lower id)."""
+    if isinstance(logp, TopCandidates):
+        return logp.ids[:, 0], logp.logp[:, 0]
+    best = logp.argmax(axis=1)
+    return best, logp[np.arange(len(logp)), best]
+
+
 #: (rows (N,), prefixes (N, T), states or None, step t) →
 #: (log-probs (N, V), attention (N, ...), new states or None); states are indexed by row arrays
 StepFn = Callable[[np.ndarray, np.ndarray, Any, int], tuple[Scores, np.ndarray, Any]]
@@ -106,10 +121,8 @@ class GreedySearch:
     def advance(self, logp: Scores, attention: np.ndarray) -> np.ndarray:
         """logp (1, V) or its best candidate, attention (1, ...) of this step → the parent of the
         next row ([0] or [])."""
-        if isinstance(logp, TopCandidates):
-            return self.choose(int(logp.ids[0, 0]), float(logp.logp[0, 0]), attention[0])
-        best = int(logp[0].argmax())
-        return self.choose(best, float(logp[0, best]), attention[0])
+        best, value = best_tokens(logp[:1])
+        return self.choose(int(best[0]), float(value[0]), attention[0])
 
     def choose(self, best: int, logp: float, attention: np.ndarray) -> np.ndarray:
         """``advance`` with the row's argmax token and its log-probability already known (a caller

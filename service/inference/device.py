@@ -32,8 +32,8 @@ import onnxruntime as ort
 
 from service.inference.decoding import TopCandidates
 
-#: ONNX Runtime's type strings → numpy
-_NUMPY: dict[str, np.dtype] = {
+#: ONNX Runtime's type strings of the dtypes a manifest may declare → numpy
+ORT_DTYPES: dict[str, np.dtype] = {
     "tensor(float)": np.dtype(np.float32),
     "tensor(float16)": np.dtype(np.float16),
     "tensor(int64)": np.dtype(np.int64),
@@ -55,7 +55,7 @@ class DeviceArray:
     def __init__(self, value: ort.OrtValue, ops: DeviceOps) -> None:
         self.value, self.ops = value, ops
         self.shape: tuple[int, ...] = tuple(value.shape())
-        self.dtype: np.dtype = _NUMPY[value.data_type()]
+        self.dtype: np.dtype = ORT_DTYPES[value.data_type()]
 
     @property
     def ndim(self) -> int:

@@ -9,20 +9,10 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from service.inference.device import DeviceArray
+from service.inference.device import ORT_DTYPES, DeviceArray
 from service.inference.manifest import GraphSpec
 
 log = logging.getLogger(__name__)
-
-#: ONNX Runtime's type strings of the dtypes a manifest may declare
-_ORT_DTYPES = {
-    "tensor(float)": "float32",
-    "tensor(float16)": "float16",
-    "tensor(int64)": "int64",
-    "tensor(int32)": "int32",
-    "tensor(bool)": "bool",
-    "tensor(uint8)": "uint8",
-}
 
 
 def choose_providers(requested: list[str]) -> list[str]:
@@ -61,7 +51,7 @@ def _preload_cuda() -> None:
 
 def _declared(spec: GraphSpec, name: str, ort_type: str) -> np.dtype:
     declared = spec.input(name)
-    return np.dtype(declared.dtype if declared else _ORT_DTYPES[ort_type])
+    return np.dtype(declared.dtype if declared else ORT_DTYPES[ort_type])
 
 
 class GraphSession:

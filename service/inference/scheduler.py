@@ -56,7 +56,8 @@ from service.inference.decoding import (
     Hypothesis,
     Scores,
     Search,
-    TopCandidates,
+    best_tokens,
+    candidates_for,
     keep_rows,
     new_search,
 )
@@ -306,18 +307,13 @@ class TranslationScheduler:
             return []
         fed = [(token, t.search.steps) for t in self._active for token in t.search.feed()]
         tokens, positions = np.ascontiguousarray(np.array(fed, dtype=np.int64).reshape(-1, 2).T)
-        beam = max(t.options.beam_size for t in self._active)
-        candidates = 1 if beam == 1 else 2 * beam  # what a resident step brings back per row
+        candidates = candidates_for(max(t.options.beam_size for t in self._active))
         logp, attention, batch = self.decoder.step(self._batch, tokens, positions, None, candidates)
         self.steps += 1
         rows = self._rows_stepped = len(tokens)
         done_at = time.perf_counter()
-        if isinstance(logp, TopCandidates):
-            best, chosen = logp.ids[:, 0], logp.logp[:, 0].tolist()
-        else:
-            best = logp.argmax(axis=1)  # every greedy row's choice, in one call
-            chosen = logp[np.arange(rows), best].tolist()
-        best_ids = best.tolist()
+        best, values = best_tokens(logp)  # every greedy row's choice, in one call
+        chosen, best_ids = values.tolist(), best.tolist()
         index, still, finished, offset = [], [], [], 0
         streamed: dict[_Request, list[StepToken]] = {}
         for text in self._active:

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from service.inference.decoding import Hypothesis, log_softmax, new_search, run_searches
+from service.inference.decoding import Hypothesis, candidates_for, log_softmax, new_search, run_searches
 from service.inference.device import DeviceArray, DeviceOps, TopCandidates
 from service.inference.manifest import Manifest
 from service.inference.runtime import GraphSession
@@ -277,7 +277,7 @@ class Translator:
         """One padded batch through the encoder, then batched greedy/beam search."""
         tgt = self.spec.target_tokenizer
 
-        k = 1 if beam_size == 1 else 2 * beam_size
+        k = candidates_for(beam_size)
 
         def step(owners: np.ndarray, prefixes: np.ndarray, batch: RowBatch, t: int):
             return self.step(batch, prefixes[:, -1], np.full(len(owners), t, dtype=np.int64), prefixes, k)
