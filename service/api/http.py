@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.api import auth, explorer, kserve_routes, limits, rest
-from service.api.routes import error_response
+from service.api.routes import HotRoutes, error_response
 from service.api.schemas import ErrorBody
 from service.api.server import Server
 from service.errors import (
@@ -32,7 +32,7 @@ from service.errors import (
 )
 
 
-def create_app(server: Server) -> FastAPI:
+def create_app(server: Server) -> App:
     """The FastAPI app serving ``server`` over REST and KServe v2, with the explorer at ``/``."""
     app = App(
         title="attention-serve",
@@ -46,21 +46,57 @@ def create_app(server: Server) -> FastAPI:
     app.add_exception_handler(ServiceError, _service_error)  # type: ignore[arg-type]
     app.add_middleware(BearerToken, token=server.settings.api_token)
     app.add_middleware(InternalErrors)  # the outermost of ours: it also covers BearerToken
-    for router in (rest.router, kserve_routes.router, explorer.router):
-        app.include_router(router)
+    routers = (rest.router, kserve_routes.router, explorer.router)
+    for router in routers:
+        app.include_router(router)  # without a prefix: the paths below are the routers' own
     explorer.mount_static(app)
+    app.hot_routes = HotRoutes([route for router in routers for route in router.routes])
+    app.hot_path = InternalErrors(BearerToken(_hot_route, token=server.settings.api_token))
     return app
 
 
 class App(FastAPI):
-    """FastAPI whose OpenAPI document shows the limits this service enforces (its server's
-    ``Settings.limits``) in place of the schemas' ceilings, wherever a request schema appears
-    (components and inline bodies)."""
+    """FastAPI with the inference routes' hot path, whose OpenAPI document shows the limits this
+    service enforces (its server's ``Settings.limits``) in place of the schemas' ceilings,
+    wherever a request schema appears (components and inline bodies).
+
+    The hot path: a POST to a :class:`~service.api.routes.DirectRoute` (``HotRoutes``) goes
+    through our own two middlewares (``InternalErrors``, ``BearerToken``) straight to the route's
+    handler, with the same exception handlers as below — the rest of FastAPI's and Starlette's
+    per-request layers are skipped. Everything else is FastAPI as usual."""
+
+    hot_routes: HotRoutes | None = None
+    hot_path: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and self.hot_routes is not None and self.hot_path is not None:
+            hit = self.hot_routes.match(scope)
+            if hit is not None:
+                scope["app"], scope["route_handler"], scope["path_params"] = self, hit[0], hit[1]
+                await self.hot_path(scope, receive, send)
+                return
+        await super().__call__(scope, receive, send)
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:
             limits.write_openapi(super().openapi(), self.state.server.settings.limits)
         return self.openapi_schema or {}
+
+
+async def _hot_route(scope: Scope, receive: Receive, send: Send) -> None:
+    """A direct route's handler, with the exception handlers ``create_app`` registers for the
+    errors it can raise (a multipart parser's refusal arrives as Starlette's HTTPException)."""
+    request = Request(scope, receive, send)
+    try:
+        response = await scope["route_handler"](request)
+    except ServiceError as exc:
+        response = await _service_error(request, exc)
+    except StarletteHTTPException as exc:
+        response = await _http_error(request, exc)
+    try:
+        await response(scope, receive, send)
+    finally:
+        await request.close()  # an uploaded file's spool, when the form was read
 
 
 async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

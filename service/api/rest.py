@@ -136,7 +136,6 @@ async def classify(request: Request, name: str) -> Response:
 
 
 async def _classify_body(server: Server, request: Request) -> tuple[ClassifyOptions, ClassifyJob]:
-    server.check_declared_length(request)
     ctype = request.headers.get("content-type", "")
     try:
         if ctype.startswith("multipart/form-data"):

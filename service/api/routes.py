@@ -1,6 +1,7 @@
 """What every HTTP route module shares: the server dependency, the error body, and the lean route
-class of the inference hot path. Route modules (``rest.py``, ``kserve_routes.py``,
-``explorer.py``) each build an :class:`~fastapi.APIRouter`; ``create_app`` includes them."""
+class of the inference hot path with its dispatcher. Route modules (``rest.py``,
+``kserve_routes.py``, ``explorer.py``) each build an :class:`~fastapi.APIRouter`; ``create_app``
+includes them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.routing import BaseRoute
+from starlette.types import Scope
 
 from service.api.server import CLIENT_CLOSED, Server
 
@@ -32,6 +35,7 @@ async def server_of(request: Request) -> Server:
 
 ServerDep = Annotated[Server, Depends(server_of)]
 Endpoint = Callable[..., Awaitable[Response]]
+Handler = Callable[[Request], Coroutine[Any, Any, Response]]
 
 
 class DirectRoute(APIRoute):
@@ -43,7 +47,7 @@ class DirectRoute(APIRoute):
     inference (``benchmarks/results/``). The endpoint parses its body with the same pydantic
     schemas and raises the same :mod:`service.errors` types, so answers are unchanged."""
 
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+    def get_route_handler(self) -> Handler:
         endpoint: Endpoint = self.endpoint
 
         async def handler(request: Request) -> Response:
@@ -72,6 +76,49 @@ async def _cancel_on_disconnect(request: Request, task: asyncio.Task[Any] | None
         task.cancel()
         return True
     return False
+
+
+class HotRoutes:
+    """The :class:`DirectRoute` endpoints of an app, matched by splitting the path at ``/``
+    instead of walking the router's regular expressions; ``create_app``'s app sends a match
+    straight to the route's handler, past FastAPI's and Starlette's per-request layers (their
+    exception wrappers, exit stacks, telemetry and body-limit middlewares): on a small model
+    those cost more CPU than the inference (``benchmarks/results/``). Anything else — another
+    method, a trailing slash, an empty segment — goes the ordinary way, so answers are the same."""
+
+    def __init__(self, routes: list[BaseRoute]) -> None:
+        #: per route: its segments (None where a parameter goes), the parameters' (position,
+        #: name), its handler
+        self.table: list[tuple[tuple[str | None, ...], tuple[tuple[int, str], ...], Handler]] = []
+        for route in routes:
+            if isinstance(route, DirectRoute):
+                assert route.methods == {"POST"} and ":" not in route.path, route.path
+                segments = route.path.split("/")
+                fixed = tuple(None if s.startswith("{") else s for s in segments)
+                params = tuple((i, s[1:-1]) for i, s in enumerate(segments) if s.startswith("{"))
+                self.table.append((fixed, params, route.get_route_handler()))
+
+    def match(self, scope: Scope) -> tuple[Handler, dict[str, str]] | None:
+        """The handler of a POST to a direct route and its path parameters, or None."""
+        if scope["method"] != "POST":
+            return None
+        parts = route_path(scope).split("/")
+        for fixed, params, handler in self.table:
+            if len(fixed) == len(parts) and all(
+                p == f if f is not None else p for f, p in zip(fixed, parts, strict=True)
+            ):
+                return handler, {name: parts[i] for i, name in params}
+        return None
+
+
+def route_path(scope: Scope) -> str:
+    """The path the routes see: ``path`` without the ``root_path`` an ingress mounted it under
+    (Starlette's rule)."""
+    path: str = scope["path"]
+    root: str = scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] == "/":
+        return path[len(root) :]
+    return path
 
 
 def direct_post(router: APIRouter, *paths: str, **options: Any) -> Callable[[Endpoint], Endpoint]:

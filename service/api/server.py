@@ -68,9 +68,9 @@ class Server:
         """The whole body, under the limit whether or not its length was declared: a chunked
         body is read as it streams and cut with 413 at the limit, never held whole beyond it.
         Kept on the request (as Starlette's ``body()`` keeps it) for whoever reads it next."""
-        self.check_declared_length(request)
-        if hasattr(request, "_body"):
+        if hasattr(request, "_body"):  # read already (and checked, by the first call)
             return await request.body()
+        self.check_declared_length(request)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)

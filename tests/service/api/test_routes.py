@@ -1,0 +1,121 @@
+"""The inference routes' hot path (``HotRoutes`` in ``service/api/routes.py``, ``App.__call__`` in
+``service/api/http.py``): which requests take it, and that they are answered exactly as FastAPI's
+own routing answers them — successes, every error shape, auth, multipart refusals."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from service.api.http import App, create_app
+from service.api.routes import HotRoutes, route_path
+from tests.service.api.test_rest import call, png
+from tests.service.fakes import fake_server
+
+
+def scope(method: str, path: str, root_path: str = "") -> dict[str, Any]:
+    return {"type": "http", "method": method, "path": path, "root_path": root_path}
+
+
+def test_only_posts_to_the_direct_routes_match(tmp_path: Path) -> None:
+    app = create_app(fake_server(tmp_path)[0])
+    hot = app.hot_routes
+    assert isinstance(hot, HotRoutes) and len(hot.table) == 4  # translate, classify, v2 infer ×2
+    for path, params in [
+        ("/v1/models/m/translate", {"name": "m"}),
+        ("/v1/models/m/classify", {"name": "m"}),
+        ("/v2/models/m/infer", {"name": "m"}),
+        ("/v2/models/m/versions/3/infer", {"name": "m", "version": "3"}),
+    ]:
+        hit = hot.match(scope("POST", path))
+        assert hit is not None and hit[1] == params, path
+    for method, path in [
+        ("GET", "/v1/models/m/translate"),  # 405 from the router
+        ("POST", "/v1/models/m/translate/"),  # the router's redirect
+        ("POST", "/v1/models//translate"),  # an empty name: the router's 404
+        ("POST", "/v1/models/m/explain"),
+        ("POST", "/v2/models/m/versions/infer"),
+        ("POST", "/v1/models"),
+    ]:
+        assert hot.match(scope(method, path)) is None, (method, path)
+
+
+def test_a_root_path_is_taken_off_as_starlette_does() -> None:
+    assert route_path(scope("POST", "/api/v1/models/m/classify", "/api")) == "/v1/models/m/classify"
+    assert route_path(scope("POST", "/apiv1/x", "/api")) == "/apiv1/x"
+    assert route_path(scope("POST", "/v1/x")) == "/v1/x"
+
+
+def requests_to_compare() -> list[tuple[str, bytes, dict[str, str]]]:
+    image = png(np.array([[1, 1], [2, 0]]))
+    as_json = {"content-type": "application/json"}
+    boundary = "XyZ"
+    form = (
+        (
+            f'--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n2\r\n'
+            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{boundary}--\r\n".encode()
+    )
+    multipart = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    v2 = {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [2], "data": ["ab", "xyz"]}]}
+
+    def body(payload: Any) -> bytes:
+        return json.dumps(payload).encode()
+
+    return [
+        (
+            "/v1/models/fake-translator/translate",
+            body({"text": ["ab", "xyz"], "return_attention": True}),
+            as_json,
+        ),
+        ("/v1/models/fake-classifier/classify", body({"image": base64.b64encode(image).decode()}), as_json),
+        ("/v1/models/fake-classifier/classify", form, multipart),
+        ("/v2/models/fake-translator/infer", body(v2), as_json),
+        ("/v2/models/fake-translator/versions/1/infer", body(v2), as_json),
+        ("/v2/models/fake-translator/versions/7/infer", body(v2), as_json),  # 404: no such version
+        ("/v1/models/nope/translate", body({"text": "x"}), as_json),  # 404
+        ("/v1/models/fake-classifier/translate", body({"text": "x"}), as_json),  # 400: wrong task
+        ("/v1/models/fake-translator/translate", body({"text": "x", "beam_size": 0}), as_json),  # 422
+        ("/v1/models/fake-translator/translate", b"{not json", as_json),  # 422
+        ("/v1/models/fake-classifier/classify", b"x", {"content-type": "text/plain"}),  # 422
+        ("/v1/models/fake-classifier/classify", b"--XyZ\r\nbroken", multipart),  # 422: no file
+        ("/v1/models/fake-classifier/classify", form, {"content-type": "multipart/form-data"}),  # 400
+        ("/v2/models/fake-translator/infer", body({"inputs": []}), as_json),  # 422
+        ("/v1/models/fake-translator/translate", b"{}", {"content-length": str(10**9)}),  # 413
+    ]
+
+
+def compared(app: App, hot: bool, headers: dict[str, str] | None = None) -> list[tuple[int, Any, str]]:
+    app.hot_routes = app.hot_routes if hot else None
+    answers = []
+    for path, content, extra in requests_to_compare():
+        status, got_headers, body = call(app, "POST", path, content, {**extra, **(headers or {})})
+        answer = json.loads(body)
+        if "metrics" in answer:
+            answer["metrics"].pop("total_ms")  # the only field that differs between two calls
+        answers.append((status, answer, got_headers.get("content-type", "")))
+    return answers
+
+
+@pytest.mark.parametrize("token", [None, "a-token-of-32-characters-at-least"])
+def test_the_hot_path_answers_as_the_router_does(tmp_path: Path, token: str | None) -> None:
+    settings = {"api_token": token} if token else {}
+    app = create_app(fake_server(tmp_path, **settings)[0])
+    headers = {"authorization": f"Bearer {token}"} if token else {}
+    hot, routed = compared(app, True, headers), compared(app, False, headers)
+    assert hot == routed
+    statuses = [status for status, _, _ in hot]
+    assert statuses == [200, 200, 200, 200, 200, 404, 404, 400, 422, 422, 422, 422, 400, 422, 413], hot
+    assert all(ctype == "application/json" for _, _, ctype in hot)
+    if token:  # without the token: refused on both paths alike
+        app = create_app(fake_server(tmp_path, **settings)[0])
+        hot, routed = compared(app, True), compared(app, False)
+        assert hot == routed and {status for status, _, _ in hot} == {401}
