@@ -255,8 +255,7 @@ class TranslationScheduler:
                 continue
             if self._rows_stepped:  # a moving average of the step time, for admission
                 self._step_s += 0.1 * (time.perf_counter() - start - self._step_s)
-            for request in finished:
-                self._answer(request)
+            self._answer(finished)
             if self.on_step is not None and self._rows_stepped:
                 self.on_step(self._rows_stepped, self.rows, self._in_flight, time.perf_counter() - start)
 
@@ -377,22 +376,19 @@ class TranslationScheduler:
         self._active = [t for t in self._active if not t.request.cancelled]
         self._batch = self._batch[np.concatenate(keep)] if self._active else None
 
-    def _answer(self, request: _Request) -> None:
-        admitted, first_token = request.admitted, request.first_token
-        assert admitted is not None and first_token is not None
-        done = request.done or time.perf_counter()
-        searches = [s for s in request.searches if s is not None]
-        _settle(
-            request,
-            lambda: Decoded(
-                [s.result() for s in searches],
-                queue_wait_s=admitted - request.arrived,
-                time_to_first_token_s=first_token - request.arrived,
-                compute_s=done - admitted,
-                steps=request.steps,
-                mean_rows=request.rows_seen / max(1, request.steps),
-            ),
-        )
+    def _answer(self, finished: list[_Request]) -> None:
+        """Answer this step's finished requests: one wake-up per caller loop, not one per request
+        (each is a write to the loop's self-pipe, on the thread that steps the batch)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[Callable[[], None]]] = {}
+        for request in finished:
+            admitted, first_token = request.admitted, request.first_token
+            assert admitted is not None and first_token is not None
+            by_loop.setdefault(request.loop, []).append(
+                _settler(request, _decoded(request, admitted, first_token))
+            )
+        for loop, settlers in by_loop.items():
+            with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody to answer
+                loop.call_soon_threadsafe(_run_each, settlers)
 
     def _fail(self, admitted: list[_Text], exc: BaseException) -> None:
         """The step failed: every request in the batch ends with ``exc``."""
@@ -406,19 +402,48 @@ class TranslationScheduler:
         self._in_flight = 0
 
 
-def _settle(request: _Request, outcome: Callable[[], Decoded] | BaseException) -> None:
-    """Answer ``request`` on its caller's event loop (from the scheduler's thread); the answer is
-    built there (stacking each hypothesis's attention), off the thread that steps the batch."""
+def _decoded(request: _Request, admitted: float, first_token: float) -> Callable[[], Decoded]:
+    """The answer of a finished request, to be built on its caller's loop (stacking each
+    hypothesis's attention), off the thread that steps the batch."""
+    done = request.done or time.perf_counter()
+    searches = [s for s in request.searches if s is not None]
+    return lambda: Decoded(
+        [s.result() for s in searches],
+        queue_wait_s=admitted - request.arrived,
+        time_to_first_token_s=first_token - request.arrived,
+        compute_s=done - admitted,
+        steps=request.steps,
+        mean_rows=request.rows_seen / max(1, request.steps),
+    )
+
+
+def _settler(request: _Request, outcome: Callable[[], Decoded] | BaseException) -> Callable[[], None]:
+    """(To run on ``request``'s caller loop.) Resolve its future with the outcome, unless the
+    caller left meanwhile; an answer that fails to build fails the request, never the loop."""
 
     def settle() -> None:
         if request.future.done():  # the caller left meanwhile
             return
         if isinstance(outcome, BaseException):
             request.future.set_exception(outcome)
-        else:
+            return
+        try:
             request.future.set_result(outcome())
+        except Exception as exc:
+            request.future.set_exception(exc)
 
-    _call(request, settle)
+    return settle
+
+
+def _settle(request: _Request, outcome: Callable[[], Decoded] | BaseException) -> None:
+    """Answer ``request`` on its caller's event loop (from the scheduler's thread)."""
+    _call(request, _settler(request, outcome))
+
+
+def _run_each(fns: list[Callable[[], None]]) -> None:
+    """(On a caller loop.) Several settlers in one callback."""
+    for fn in fns:
+        fn()
 
 
 def _deliver(sinks: list[tuple[OnTokens, list[StepToken]]]) -> None:

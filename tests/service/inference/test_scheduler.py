@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.inference.decoding import new_search, run_searches
+from service.inference.decoding import GreedySearch, new_search, run_searches
 from service.inference.scheduler import Options, TranslationScheduler
 from service.inference.translation import KVCache, RowBatch
 
@@ -236,3 +236,57 @@ async def test_close_drains_then_stops() -> None:
             break
         await asyncio.sleep(0.005)
     assert not scheduler.running
+
+
+@synchronous
+async def test_requests_done_at_one_step_are_answered_in_one_wake_up() -> None:
+    """Eight equal texts admitted together finish at the same step: the scheduler's thread wakes
+    the caller loop once for all of them (each wake-up is a write to the loop's self-pipe)."""
+    loop = asyncio.get_running_loop()
+    wakeups = 0
+    threadsafe = loop.call_soon_threadsafe
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        nonlocal wakeups
+        wakeups += 1
+        return threadsafe(*args, **kwargs)
+
+    loop.call_soon_threadsafe = counted  # type: ignore[method-assign]
+    decoder = TableDecoder(seconds=0.01)  # a slow first step: all eight arrive during it
+    scheduler = TranslationScheduler(decoder, token_budget=1000)
+    first = asyncio.ensure_future(scheduler.submit([[9]], options(max_len=1)))
+    while decoder.calls < 1:
+        await asyncio.sleep(0.001)
+    tasks = [asyncio.ensure_future(scheduler.submit([[5, 6, 7]], options())) for _ in range(8)]
+    await first
+    before = wakeups
+    answers = await asyncio.gather(*tasks)
+    expected = alone(TableDecoder(), [5, 6, 7], options()).tokens
+    assert all(a.hypotheses[0].tokens == expected for a in answers)
+    assert len({a.steps for a in answers}) == 1  # admitted together, done together
+    assert wakeups - before == 1, f"eight answers of one step took {wakeups - before} wake-ups"
+
+
+@synchronous
+async def test_an_answer_that_fails_to_build_fails_its_request_alone() -> None:
+    """Answers are built on the caller's loop, several in one callback: one that raises (here the
+    hypothesis of a 4-token source) fails that request with its error; the others are answered."""
+    built = GreedySearch.result
+
+    def result(self: GreedySearch) -> Any:
+        if self.source.stop == 4:
+            raise ValueError("cannot build this one")
+        return built(self)
+
+    GreedySearch.result = result  # type: ignore[method-assign]
+    try:
+        scheduler = TranslationScheduler(TableDecoder(), token_budget=1000)
+        texts = [[5, 6, 7], [5, 6, 7, 8], [5, 6, 7]]
+        results = await asyncio.gather(
+            *(scheduler.submit([t], options()) for t in texts), return_exceptions=True
+        )
+    finally:
+        GreedySearch.result = built  # type: ignore[method-assign]
+    assert isinstance(results[1], ValueError)
+    expected = alone(TableDecoder(), [5, 6, 7], options()).tokens
+    assert [r.hypotheses[0].tokens for r in (results[0], results[2])] == [expected, expected]  # type: ignore[union-attr]
