@@ -140,9 +140,22 @@ class _Text:
     search: Search = field(init=False)
 
 
+@dataclass(eq=False)
+class _Retired:
+    """The rows of a text that is done, left in the batch until the next compaction (see
+    ``RETIRED_SHARE``): stepped with the others, their outputs ignored."""
+
+    rows: int
+
+
 #: while rows decode, newcomers are admitted once they are 1/GATHER_SHARE of the running rows or
 #: the oldest has waited GATHER_STEPS mean step times (see ``_admit``)
 GATHER_SHARE, GATHER_STEPS = 4, 4
+#: a finished text's rows stay in the batch until retired rows are 1/RETIRED_SHARE of it, or
+#: newcomers join, or a caller leaves: taking rows out copies every row's cache and encoder
+#: outputs, which cost more than stepping a few extra rows (one copy per retirement was a fifth
+#: of the stepping thread's time under open-loop load on the demo model)
+RETIRED_SHARE = 4
 OnStep = Callable[[int, int, int, float], None]
 
 
@@ -156,7 +169,9 @@ class TranslationScheduler:
         self.on_step = on_step
         self.token_budget = token_budget
         self._waiting: deque[_Text] = deque()
-        self._active: list[_Text] = []  # in row order: each owns search.rows consecutive rows
+        #: in row order: each text owns search.rows consecutive rows, each _Retired its rows
+        self._active: list[_Text | _Retired] = []
+        self._retired = 0  # rows of _Retired entries in the batch
         self._batch: Any = None
         self._in_flight = 0  # budget held by active texts
         self._lock = threading.Lock()  # guards _waiting, _requests, _closed, _thread
@@ -177,7 +192,8 @@ class TranslationScheduler:
 
     @property
     def rows(self) -> int:
-        return sum(t.search.rows for t in self._active)
+        """Rows of texts still decoding (not counting retired rows awaiting compaction)."""
+        return sum(t.search.rows for t in self._active if isinstance(t, _Text))
 
     @property
     def tokens_in_flight(self) -> int:
@@ -292,6 +308,8 @@ class TranslationScheduler:
             if text.request.cancelled:  # its caller left since admission
                 self._in_flight -= text.cost
         admitted = [t for t in admitted if not t.request.cancelled]
+        if admitted and self._retired:  # the join copies every row anyway: compact first
+            self._compact()
         if admitted:
             for text in admitted:
                 o, source = text.options, len(text.ids)
@@ -304,19 +322,32 @@ class TranslationScheduler:
         self._rows_stepped = 0
         if not self._active:
             return []
-        fed = [(token, t.search.steps) for t in self._active for token in t.search.feed()]
+        live = [t for t in self._active if isinstance(t, _Text)]
+        fed = [
+            (token, t.search.steps) if isinstance(t, _Text) else (0, 0)
+            for t in self._active
+            for token in (t.search.feed() if isinstance(t, _Text) else range(t.rows))
+        ]
         tokens, positions = np.ascontiguousarray(np.array(fed, dtype=np.int64).reshape(-1, 2).T)
-        candidates = candidates_for(max(t.options.beam_size for t in self._active))
+        candidates = candidates_for(max(t.options.beam_size for t in live))
         logp, attention, batch = self.decoder.step(self._batch, tokens, positions, None, candidates)
         self.steps += 1
         rows = self._rows_stepped = len(tokens)
         done_at = time.perf_counter()
         best, values = best_tokens(logp)  # every greedy row's choice, in one call
         chosen, best_ids = values.tolist(), best.tolist()
-        index, still, finished, offset = [], [], [], 0
+        index: list[np.ndarray] = []
+        still: list[_Text | _Retired] = []
+        finished: list[_Request] = []
+        offset = 0
         streamed: dict[_Request, list[StepToken]] = {}
-        for text in self._active:
-            search = text.search
+        for entry in self._active:
+            if isinstance(entry, _Retired):  # kept as they are
+                index.append(np.arange(offset, offset + entry.rows))
+                still.append(entry)
+                offset += entry.rows
+                continue
+            text, search = entry, entry.search
             n = search.rows
             request = text.request
             first = search.steps == 0
@@ -338,12 +369,16 @@ class TranslationScheduler:
                 self._in_flight -= text.cost
                 if request.remaining == 0:
                     finished.append(request)
+                index.append(np.arange(offset - n, offset))  # its rows stay until compaction
+                still.append(_Retired(n))
+                self._retired += n
             else:
                 index.append(kept + (offset - n))
                 still.append(text)
-        for request in {t.request for t in self._active}:
+        stepped = rows - sum(t.rows for t in self._active if isinstance(t, _Retired))
+        for request in {t.request for t in live}:
             request.steps += 1
-            request.rows_seen += rows
+            request.rows_seen += stepped
         if streamed:  # before any answer (each loop keeps the order): one wake-up per caller loop
             by_loop: dict[asyncio.AbstractEventLoop, list[tuple[OnTokens, list[StepToken]]]] = {}
             for request, tokens in streamed.items():
@@ -353,28 +388,34 @@ class TranslationScheduler:
                 with contextlib.suppress(RuntimeError):  # a closed loop: nobody to tell
                     loop.call_soon_threadsafe(_deliver, sinks)
         self._active = still
-        if not still:
-            self._batch = None
-        else:
-            self._batch = keep_rows(batch, np.concatenate(index), rows)
+        self._batch = keep_rows(batch, np.concatenate(index), rows)
+        if self._retired and self._retired * RETIRED_SHARE >= rows:
+            self._compact()
         for request in finished:
             request.done = done_at
         return finished
 
     def _drop_cancelled(self) -> None:
-        gone = [t for t in self._active if t.request.cancelled]
-        if not gone:
-            return
-        keep, offset = [], 0
+        """Take the rows of requests whose caller left out of the batch (and retired rows with
+        them: it is a copy of every row either way)."""
+        if any(isinstance(t, _Text) and t.request.cancelled for t in self._active):
+            for text in self._active:
+                if isinstance(text, _Text) and text.request.cancelled:
+                    self._in_flight -= text.cost
+            self._compact()
+
+    def _compact(self) -> None:
+        """Keep only the rows of texts still decoding (one copy of the batch's state)."""
+        keep: list[np.ndarray] = []
+        offset = 0
         for text in self._active:
-            n = text.search.rows
-            if text.request.cancelled:
-                self._in_flight -= text.cost
-            else:
+            n = text.rows if isinstance(text, _Retired) else text.search.rows
+            if isinstance(text, _Text) and not text.request.cancelled:
                 keep.append(np.arange(offset, offset + n))
             offset += n
-        self._active = [t for t in self._active if not t.request.cancelled]
+        self._active = [t for t in self._active if isinstance(t, _Text) and not t.request.cancelled]
         self._batch = self._batch[np.concatenate(keep)] if self._active else None
+        self._retired = 0
 
     def _answer(self, finished: list[_Request]) -> None:
         """Answer this step's finished requests: one wake-up per caller loop, not one per request
@@ -392,14 +433,15 @@ class TranslationScheduler:
 
     def _fail(self, admitted: list[_Text], exc: BaseException) -> None:
         """The step failed: every request in the batch ends with ``exc``."""
-        texts = [*self._active, *(t for t in admitted if t not in self._active)]
+        active = [t for t in self._active if isinstance(t, _Text)]
+        texts = [*active, *(t for t in admitted if t not in active)]
         failed = {t.request for t in texts}
         for request in failed:
             _settle(request, exc)
         with self._lock:
             self._waiting = deque(t for t in self._waiting if t.request not in failed)
         self._active, self._batch = [], None
-        self._in_flight = 0
+        self._in_flight = self._retired = 0
 
 
 def _decoded(request: _Request, admitted: float, first_token: float) -> Callable[[], Decoded]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import itertools
 import random
 import time
 from collections.abc import Callable, Coroutine
@@ -75,7 +76,8 @@ class TableDecoder:
         length = batch.src_mask.sum(axis=1)
         past = (keys[:, 0, :, 0] * cache.mask).sum(axis=1)  # (N,)
         held = cache.mask.sum(axis=1)
-        assert (held == positions).all(), "a row's cache must hold exactly its own past"
+        retired = tokens == 0  # a finished text's rows awaiting compaction: fed 0 at position 0
+        assert ((held == positions) | retired).all(), "a row's cache must hold exactly its own past"
         seed = source * 7.1 + past * 3.3 + tokens * 1.7 + positions * 0.9
         logits = np.sin(seed[:, None] * (np.arange(V)[None, :] + 1.3)) * 2.0
         logits[:, EOS] += np.where(positions >= length, 3.0, -1.0)  # stop around the source length
@@ -290,3 +292,23 @@ async def test_an_answer_that_fails_to_build_fails_its_request_alone() -> None:
     assert isinstance(results[1], ValueError)
     expected = alone(TableDecoder(), [5, 6, 7], options()).tokens
     assert [r.hypotheses[0].tokens for r in (results[0], results[2])] == [expected, expected]  # type: ignore[union-attr]
+
+
+@synchronous
+async def test_finished_rows_leave_the_batch_in_groups() -> None:
+    """Taking rows out copies the whole batch's state, so a finished text's rows stay (stepped,
+    ignored) until retired rows are a quarter of the batch: the batch shrinks by at least a
+    quarter at a time, never row by row — and every answer is still its text's alone."""
+    decoder = TableDecoder(seconds=0.005)  # all eight arrive during the first text's first step
+    scheduler = TranslationScheduler(decoder, token_budget=1000)
+    first = asyncio.ensure_future(scheduler.submit([[3] * 12], options()))
+    while decoder.calls < 1:
+        await asyncio.sleep(0.001)
+    texts = [[4 + i % 7] * (i + 1) for i in range(8)]  # they finish at different steps
+    answers = await asyncio.gather(*(scheduler.submit([t], options()) for t in texts), first)
+    for ids, answer in zip([*texts, [3] * 12], answers, strict=True):
+        assert answer.hypotheses[0].tokens == alone(TableDecoder(), ids, options()).tokens
+    sizes = decoder.rows_per_call[1:]
+    drops = [(a, a - b) for a, b in itertools.pairwise(sizes) if b < a]
+    assert drops and all(drop * 4 >= rows for rows, drop in drops), sizes
+    assert scheduler.rows == 0 and scheduler.tokens_in_flight == 0
