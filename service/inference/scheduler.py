@@ -148,8 +148,8 @@ class _Retired:
     rows: int
 
 
-#: while rows decode, newcomers are admitted once they are 1/GATHER_SHARE of the running rows or
-#: the oldest has waited GATHER_STEPS mean step times (see ``_admit``)
+#: while rows decode, newcomers are admitted once those that fit are 1/GATHER_SHARE of the running
+#: rows, or GATHER_STEPS steps after the last admission (see ``_admit``)
 GATHER_SHARE, GATHER_STEPS = 4, 4
 #: a finished text's rows stay in the batch until retired rows are 1/RETIRED_SHARE of it, or
 #: newcomers join, or a caller leaves: taking rows out copies every row's cache and encoder
@@ -181,7 +181,7 @@ class TranslationScheduler:
         self._closed = False
         self.steps = 0
         self._rows_stepped = 0  # rows in the last step (0: none ran)
-        self._step_s = 0.0
+        self._admitted_at = -GATHER_STEPS  # the step count at the last admission
 
     # -- what the worker and metrics read ---------------------------------------------------------
 
@@ -269,8 +269,6 @@ class TranslationScheduler:
             except Exception as exc:  # the graph failed: every request in the batch gets the error
                 self._fail(admitted, exc)
                 continue
-            if self._rows_stepped:  # a moving average of the step time, for admission
-                self._step_s += 0.1 * (time.perf_counter() - start - self._step_s)
             self._answer(finished)
             if self.on_step is not None and self._rows_stepped:
                 self.on_step(self._rows_stepped, self.rows, self._in_flight, time.perf_counter() - start)
@@ -278,14 +276,21 @@ class TranslationScheduler:
     def _admit(self) -> list[_Text]:
         """(Under the lock.) Oldest first while the budget allows; a text over the whole budget goes alone.
 
-        Admission costs an encoder call and a copy of the running batch's caches, so while rows are
-        decoding, newcomers are gathered: they join once they are a quarter of the running rows, or
-        once the oldest has waited four steps (an idle model admits at once)."""
+        Admission costs an encoder call and a copy of the running batch's state, so while rows are
+        decoding, newcomers are gathered: they join once those that fit the budget are a quarter
+        of the running rows, or four steps after the last admission (an idle model admits at
+        once). Under load, when every retirement frees room for one text, this admits groups
+        every few steps instead of one text (and one copy of the batch) at every step."""
         admitted: list[_Text] = []
         rows = self.rows
-        if rows and self._waiting:
-            waited = time.perf_counter() - self._waiting[0].request.arrived
-            if len(self._waiting) * GATHER_SHARE < rows and waited < GATHER_STEPS * self._step_s:
+        if rows and self._waiting and self.steps - self._admitted_at < GATHER_STEPS:
+            fit, held = 0, self._in_flight
+            for text in self._waiting:
+                if fit * GATHER_SHARE >= rows or held + text.cost > self.token_budget:
+                    break
+                if not text.request.cancelled:
+                    fit, held = fit + 1, held + text.cost
+            if fit * GATHER_SHARE < rows:
                 return admitted
         while self._waiting:
             text = self._waiting[0]
@@ -298,6 +303,8 @@ class TranslationScheduler:
             self._waiting.popleft()
             self._in_flight += text.cost
             admitted.append(text)
+        if admitted:
+            self._admitted_at = self.steps
         return admitted
 
     def _iterate(self, admitted: list[_Text]) -> list[_Request]:

@@ -312,3 +312,27 @@ async def test_finished_rows_leave_the_batch_in_groups() -> None:
     drops = [(a, a - b) for a, b in itertools.pairwise(sizes) if b < a]
     assert drops and all(drop * 4 >= rows for rows, drop in drops), sizes
     assert scheduler.rows == 0 and scheduler.tokens_in_flight == 0
+
+
+@synchronous
+async def test_under_load_newcomers_join_in_groups() -> None:
+    """A full batch frees room for about one text at a time (as texts finish); admitting each at
+    once would cost an encoder call and a copy of the batch per step. Newcomers join when those
+    that fit are a quarter of the running rows, or four steps after the last admission."""
+    decoder = TableDecoder()
+    scheduler = TranslationScheduler(decoder, token_budget=8 * (9 + 20))  # about 8 texts at once
+    admissions: list[tuple[int, int, int]] = []  # (step, rows decoding, texts admitted)
+    encode = decoder.encode
+
+    def recorded(rows: list[list[int]]) -> RowBatch:
+        admissions.append((scheduler.steps, scheduler.rows, len(rows)))
+        return encode(rows)
+
+    decoder.encode = recorded  # type: ignore[method-assign]
+    rng = random.Random(5)
+    texts = [source(rng, rng.randint(2, 9)) for _ in range(60)]
+    answers = await asyncio.gather(*(scheduler.submit([t], options()) for t in texts))
+    for ids, answer in zip(texts, answers, strict=True):
+        assert answer.hypotheses[0].tokens == alone(TableDecoder(), ids, options()).tokens
+    for (before, _, _), (step, rows, joined) in itertools.pairwise(admissions):
+        assert joined * 4 >= rows or step - before >= 4, admissions
