@@ -20,6 +20,7 @@ from benchmarks.loadgen import percentile
 from service.errors import Overloaded
 from service.inference.jobs import Translated, TranslateJob
 from service.inference.manifest import Manifest
+from service.inference.model_set import freeze_heap
 from service.inference.repository import ModelEntry
 from service.inference.translation import CROSS, PAST, RowBatch, Translator
 from service.inference.worker import ModelWorker
@@ -185,6 +186,7 @@ def worker(directory: Path, static: bool) -> ModelWorker:
     )
     if static:
         w.scheduler = None
+    freeze_heap()  # as a serving process does once its models are loaded (ModelSet.serve)
     return w
 
 
