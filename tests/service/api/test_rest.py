@@ -54,6 +54,22 @@ def post_json(app: Any, path: str, payload: Any) -> tuple[int, Any]:
     return status, json.loads(content)
 
 
+BOUNDARY = "XyZ"
+
+
+def multipart(image: bytes, top_k: int = 2) -> bytes:
+    """A form upload of ``image`` as ``file`` with ``top_k``, between :data:`BOUNDARY` lines."""
+    return (
+        (
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n{top_k}\r\n'
+            f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
+            "Content-Type: image/png\r\n\r\n"
+        ).encode()
+        + image
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+
+
 def png(pixels: np.ndarray) -> bytes:
     buffer = io.BytesIO()
     Image.fromarray(pixels.astype(np.uint8)).save(buffer, format="PNG")
@@ -104,18 +120,8 @@ def test_classify_json_multipart_and_kserve_give_the_core_the_same_job(served: A
     status, by_json = post_json(app, "/v1/models/fake-classifier/classify",
                                 {"image": base64.b64encode(image).decode(), "top_k": 2, "return_attention": True})  # fmt: skip
     assert status == 200, by_json
-    boundary = "XyZ"
-    form = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n2\r\n'
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
-            "Content-Type: image/png\r\n\r\n"
-        ).encode()
-        + image
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    status, _, content = call(app, "POST", "/v1/models/fake-classifier/classify", form,
-                              {"content-type": f"multipart/form-data; boundary={boundary}"})  # fmt: skip
+    status, _, content = call(app, "POST", "/v1/models/fake-classifier/classify", multipart(image),
+                              {"content-type": f"multipart/form-data; boundary={BOUNDARY}"})  # fmt: skip
     assert status == 200, content
     by_form = json.loads(content)
     infer = {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [1, 2, 2], "data": pixels.ravel().tolist()}],

@@ -14,7 +14,7 @@ import pytest
 
 from service.api.http import App, create_app
 from service.api.routes import HotRoutes, route_path
-from tests.service.api.test_rest import call, png
+from tests.service.api.test_rest import BOUNDARY, call, multipart, png
 from tests.service.fakes import fake_server
 
 
@@ -54,17 +54,8 @@ def test_a_root_path_is_taken_off_as_starlette_does() -> None:
 def requests_to_compare() -> list[tuple[str, bytes, dict[str, str]]]:
     image = png(np.array([[1, 1], [2, 0]]))
     as_json = {"content-type": "application/json"}
-    boundary = "XyZ"
-    form = (
-        (
-            f'--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n2\r\n'
-            f'--{boundary}\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n'
-            "Content-Type: image/png\r\n\r\n"
-        ).encode()
-        + image
-        + f"\r\n--{boundary}--\r\n".encode()
-    )
-    multipart = {"content-type": f"multipart/form-data; boundary={boundary}"}
+    form = multipart(image)
+    upload = {"content-type": f"multipart/form-data; boundary={BOUNDARY}"}
     v2 = {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [2], "data": ["ab", "xyz"]}]}
 
     def body(payload: Any) -> bytes:
@@ -77,7 +68,7 @@ def requests_to_compare() -> list[tuple[str, bytes, dict[str, str]]]:
             as_json,
         ),
         ("/v1/models/fake-classifier/classify", body({"image": base64.b64encode(image).decode()}), as_json),
-        ("/v1/models/fake-classifier/classify", form, multipart),
+        ("/v1/models/fake-classifier/classify", form, upload),
         ("/v2/models/fake-translator/infer", body(v2), as_json),
         ("/v2/models/fake-translator/versions/1/infer", body(v2), as_json),
         ("/v2/models/fake-translator/versions/7/infer", body(v2), as_json),  # 404: no such version
@@ -86,7 +77,7 @@ def requests_to_compare() -> list[tuple[str, bytes, dict[str, str]]]:
         ("/v1/models/fake-translator/translate", body({"text": "x", "beam_size": 0}), as_json),  # 422
         ("/v1/models/fake-translator/translate", b"{not json", as_json),  # 422
         ("/v1/models/fake-classifier/classify", b"x", {"content-type": "text/plain"}),  # 422
-        ("/v1/models/fake-classifier/classify", b"--XyZ\r\nbroken", multipart),  # 422: no file
+        ("/v1/models/fake-classifier/classify", b"--XyZ\r\nbroken", upload),  # 422: no file
         ("/v1/models/fake-classifier/classify", form, {"content-type": "multipart/form-data"}),  # 400
         ("/v2/models/fake-translator/infer", body({"inputs": []}), as_json),  # 422
         ("/v1/models/fake-translator/translate", b"{}", {"content-length": str(10**9)}),  # 413
