@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-WEB = ("fastapi", "starlette", "uvicorn", "grpc", "google.protobuf", "multipart")
+WEB = ("fastapi", "starlette", "uvicorn", "grpc", "google.protobuf", "multipart", "python_multipart")
 RULES: dict[str, tuple[str, ...]] = {
     "service/inference": ("ray", *WEB, "service.api", "service.hosting", "torch", "export"),
     "service/api": ("ray", "service.hosting", "torch", "export"),

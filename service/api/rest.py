@@ -12,6 +12,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
+from service.api import forms
 from service.api.rest_codec import answer_json, classify_job, classify_json_job, translate_job
 from service.api.rest_stream import translate_stream, wants_stream
 from service.api.routes import ServerDep, direct_post, server_from
@@ -139,12 +140,12 @@ async def _classify_body(server: Server, request: Request) -> tuple[ClassifyOpti
     ctype = request.headers.get("content-type", "")
     try:
         if ctype.startswith("multipart/form-data"):
-            form = await request.form(max_files=1, max_fields=16, max_part_size=server.max_body)
-            upload = form.get("file")
-            if upload is None or isinstance(upload, str):
+            form = forms.parse(await server.read_body(request), ctype, max_fields=16, max_files=1)
+            image = form.files.get("file")
+            if image is None:
                 raise InvalidInput("file: a multipart upload named 'file' is required")
-            options = ClassifyOptions.model_validate({k: v for k, v in form.items() if k != "file"})
-            return options, classify_job(options, image=await upload.read(), field="file")
+            options = ClassifyOptions.model_validate(form.fields)
+            return options, classify_job(options, image=image, field="file")
         if ctype.startswith("application/json") or not ctype:
             body = ClassifyRequest.model_validate_json(await server.read_body(request))
             return body, classify_json_job(body)

@@ -1,0 +1,78 @@
+"""``multipart/form-data`` bodies, parsed in memory with python-multipart's streaming parser.
+
+The body is already read and bounded (``Server.read_body``), so every part is kept as bytes.
+Starlette's form parser, used before, spools each upload to a temporary file and builds its own
+objects around the same parser: that cost more than the rest of an image request
+(``benchmarks/results/*-peers.md``). Every problem becomes an :class:`InvalidInput` naming what is
+wrong, as for any other body.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from python_multipart.exceptions import MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+
+from service.errors import InvalidInput
+
+
+@dataclass
+class Form:
+    fields: dict[str, str] = field(default_factory=dict)  # parts without a filename, decoded
+    files: dict[str, bytes] = field(default_factory=dict)  # uploads (parts with a filename)
+
+
+@dataclass
+class _Part:
+    headers: dict[bytes, bytes] = field(default_factory=dict)
+    data: bytearray = field(default_factory=bytearray)
+
+
+def parse(body: bytes, content_type: str, max_fields: int, max_files: int) -> Form:
+    """The form in ``body``; a later part of the same name replaces an earlier one."""
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise InvalidInput("content-type: multipart/form-data needs a boundary parameter")
+    parts: list[_Part] = []
+    name, value = bytearray(), bytearray()
+
+    def header_end() -> None:
+        parts[-1].headers[bytes(name).strip().lower()] = bytes(value).strip()
+        name.clear()
+        value.clear()
+
+    parser = MultipartParser(
+        boundary,
+        {
+            "on_part_begin": lambda: parts.append(_Part()),
+            "on_part_data": lambda data, start, end: parts[-1].data.extend(data[start:end]),
+            "on_header_field": lambda data, start, end: name.extend(data[start:end]),
+            "on_header_value": lambda data, start, end: value.extend(data[start:end]),
+            "on_header_end": header_end,
+        },
+    )
+    try:
+        parser.write(body)
+        parser.finalize()
+    except MultipartParseError as exc:
+        raise InvalidInput(f"body: not a valid multipart form ({exc})") from exc
+    form = Form()
+    for i, part in enumerate(parts):
+        _, disposition = parse_options_header(part.headers.get(b"content-disposition"))
+        if b"name" not in disposition:
+            raise InvalidInput(f"body: multipart part {i} has no name (Content-Disposition)")
+        key = disposition[b"name"].decode("utf-8", "replace")
+        if b"filename" in disposition:
+            form.files[key] = bytes(part.data)
+            if len(form.files) > max_files:
+                raise InvalidInput(f"body: at most {max_files} file(s) per form")
+            continue
+        try:
+            form.fields[key] = part.data.decode()
+        except UnicodeDecodeError as exc:
+            raise InvalidInput(f"{key}: not UTF-8 text") from exc
+        if len(form.fields) > max_fields:
+            raise InvalidInput(f"body: at most {max_fields} fields per form")
+    return form

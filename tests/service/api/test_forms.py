@@ -1,0 +1,53 @@
+"""``service/api/forms.py``: multipart bodies as a real client library encodes them (urllib3, what
+``requests`` uses), and every
+malformed one refused with a message naming what is wrong."""
+
+from __future__ import annotations
+
+import pytest
+from urllib3.filepost import encode_multipart_formdata
+
+from service.api import forms
+from service.errors import InvalidInput
+
+
+def encoded(data: dict[str, str], files: dict[str, tuple[str, bytes]]) -> tuple[bytes, str]:
+    body, ctype = encode_multipart_formdata({**data, **files})
+    return body, ctype
+
+
+def test_fields_and_files_as_a_client_library_sends_them() -> None:
+    image = bytes(range(256)) * 40  # binary, with CR/LF and dashes inside
+    body, ctype = encoded({"top_k": "3", "note": "café"}, {"file": ("a.png", image)})
+    form = forms.parse(body, ctype, max_fields=16, max_files=1)
+    assert form.fields == {"top_k": "3", "note": "café"}
+    assert form.files == {"file": image}
+
+
+def test_an_empty_upload_is_an_empty_file() -> None:
+    body, ctype = encoded({}, {"file": ("a.png", b"")})
+    assert forms.parse(body, ctype, 16, 1).files == {"file": b""}
+
+
+@pytest.mark.parametrize(
+    ("body", "ctype", "words"),
+    [
+        (b"--b\r\n\r\nx\r\n--b--\r\n", "multipart/form-data", "boundary"),
+        (b"--b\r\nContent-Type: text/plain\r\n\r\nx\r\n--b--\r\n", "multipart/form-data; boundary=b", "no name"),
+        (b'--b\r\nContent-Disposition: form-data; name="a"\r\n\r\n\xff\xfe\r\n--b--\r\n',
+         "multipart/form-data; boundary=b", "a: not UTF-8"),
+        (b"garbage that is no multipart at all", "multipart/form-data; boundary=b", "multipart"),
+    ],
+)  # fmt: skip
+def test_malformed_bodies_are_refused_by_name(body: bytes, ctype: str, words: str) -> None:
+    with pytest.raises(InvalidInput, match=words):
+        forms.parse(body, ctype, 16, 1)
+
+
+def test_limits_on_files_and_fields() -> None:
+    body, ctype = encoded({}, {"file": ("a.png", b"1"), "other": ("b.png", b"2")})
+    with pytest.raises(InvalidInput, match="at most 1 file"):
+        forms.parse(body, ctype, 16, 1)
+    body, ctype = encoded({f"f{i}": "x" for i in range(5)}, {})
+    with pytest.raises(InvalidInput, match="at most 4 fields"):
+        forms.parse(body, ctype, 4, 1)
