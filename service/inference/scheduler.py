@@ -286,10 +286,11 @@ class TranslationScheduler:
         if rows and self._waiting and self.steps - self._admitted_at < GATHER_STEPS:
             fit, held = 0, self._in_flight
             for text in self._waiting:
+                if text.request.cancelled:
+                    continue
                 if fit * GATHER_SHARE >= rows or held + text.cost > self.token_budget:
                     break
-                if not text.request.cancelled:
-                    fit, held = fit + 1, held + text.cost
+                fit, held = fit + 1, held + text.cost
             if fit * GATHER_SHARE < rows:
                 return admitted
         while self._waiting:
