@@ -85,7 +85,7 @@ class App(FastAPI):
 
 async def _hot_route(scope: Scope, receive: Receive, send: Send) -> None:
     """A direct route's handler, with the exception handlers ``create_app`` registers for the
-    errors it can raise (a multipart parser's refusal arrives as Starlette's HTTPException)."""
+    errors a handler can raise (the service's own, and Starlette's HTTPException)."""
     request = Request(scope, receive, send)
     try:
         response = await scope["route_handler"](request)
@@ -93,10 +93,7 @@ async def _hot_route(scope: Scope, receive: Receive, send: Send) -> None:
         response = await _service_error(request, exc)
     except StarletteHTTPException as exc:
         response = await _http_error(request, exc)
-    try:
-        await response(scope, receive, send)
-    finally:
-        await request.close()  # an uploaded file's spool, when the form was read
+    await response(scope, receive, send)
 
 
 async def _invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
