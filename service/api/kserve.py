@@ -249,8 +249,11 @@ def _pad(tokens: list[str], width: int) -> list[str]:
 
 
 def _bytes(values: list[Any]) -> np.ndarray:
+    """Strings (nested lists of one shape) → a BYTES tensor of their UTF-8 encodings."""
     array = np.array(values, dtype=np.object_)
-    return np.vectorize(lambda s: s.encode("utf-8"), otypes=[np.object_])(array) if array.size else array
+    out = np.empty(array.shape, dtype=np.object_)
+    out.reshape(-1)[:] = [s.encode("utf-8") for s in array.reshape(-1)]  # np.vectorize cost more
+    return out
 
 
 def _tensor(name: str, data: np.ndarray) -> Tensor:

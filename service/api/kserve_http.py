@@ -18,6 +18,7 @@ from service.api import kserve
 from service.errors import InvalidInput
 
 HEADER_LENGTH = "inference-header-content-length"
+_JSON = json.JSONEncoder(separators=(",", ":"))  # one encoder, not one per answer (json.dumps)
 
 
 @dataclass
@@ -112,7 +113,7 @@ def encode_response(
     header: dict[str, Any] = {"model_name": model, "model_version": str(version), "outputs": outputs}
     if request.id is not None:
         header["id"] = request.id
-    body = json.dumps(header, separators=(",", ":")).encode()
+    body = _JSON.encode(header).encode()
     if not tail:
         return body, {"content-type": "application/json"}
     return body + bytes(tail), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(body))}

@@ -20,6 +20,16 @@ from service.inference import attention as maps
 from service.inference.jobs import Answer, Classified, ClassifyJob, Translated, TranslateJob
 from service.inference.translation import Translation
 
+#: one encoder for every answer: ``json.dumps`` with options builds a new encoder per call, which
+#: on a streamed translation (one call per token) cost as much as the encoding itself
+_JSON = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def dumps(value: Any) -> bytes:
+    """Compact UTF-8 JSON, as every REST answer and event carries it."""
+    return _JSON.encode(value).encode()
+
+
 # -- requests → jobs -----------------------------------------------------------------------------
 
 
@@ -90,7 +100,7 @@ def answer_json(answer: Answer, options: TranslateRequest | ClassifyOptions, tot
     metrics.update(replica=m.replica, node=m.node, total_ms=total_ms)
     body = {"model": answer.model, "version": answer.version, **result_json(answer.result, options)}
     body["metrics"] = metrics
-    return json.dumps(body, ensure_ascii=False, separators=(",", ":")).encode()
+    return dumps(body)
 
 
 def result_json(

@@ -25,7 +25,6 @@ step. One that stops reading is not buffered for: a write blocked for longer tha
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, cast
@@ -33,7 +32,7 @@ from typing import Any, cast
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from service.api.rest_codec import answer_json, rounded
+from service.api.rest_codec import answer_json, dumps, rounded
 from service.api.schemas import TranslateRequest
 from service.api.server import Server
 from service.errors import ServiceError, unexpected
@@ -79,10 +78,10 @@ async def _sse(
         if held:
             yield held, False
     except ServiceError as exc:
-        yield held + _event("error", json.dumps({"error": exc.message}).encode()), True
+        yield held + _event("error", dumps({"error": exc.message})), True
     except Exception as exc:  # logged with its traceback and a request id, as every 500
         message = unexpected(exc, "translate stream").message
-        yield held + _event("error", json.dumps({"error": message}).encode()), True
+        yield held + _event("error", dumps({"error": message})), True
     finally:
         await rest.aclose()  # type: ignore[attr-defined]
 
@@ -91,10 +90,7 @@ def _encode(item: Tokens | Answer, body: TranslateRequest, elapsed_ms: float) ->
     """One write: the answer, or every token that is ready (several events in one chunk)."""
     if isinstance(item, Answer):
         return _event("answer", answer_json(item, body, elapsed_ms))
-    return b"".join(
-        _event("token", json.dumps(token_json(t), ensure_ascii=False, separators=(",", ":")).encode())
-        for t in item
-    )
+    return b"".join(_event("token", dumps(token_json(t))) for t in item)
 
 
 def token_json(event: TokenEvent) -> dict[str, Any]:
