@@ -22,10 +22,11 @@ from tokenizers.decoders import DecodeStream
 from service.errors import InvalidInput, ResponseTooLarge
 from service.inference import attention as maps
 from service.inference.batching import group_by, length_buckets
+from service.inference.callers import StepToken
 from service.inference.decoding import Hypothesis
 from service.inference.jobs import Classified, ClassifyJob, TokenEvent, Translated, TranslateJob
 from service.inference.repository import ModelEntry
-from service.inference.scheduler import Options, StepToken
+from service.inference.scheduler import Options
 from service.inference.translation import Translation, Translator
 from service.inference.vision import Classifier, decode_image, pixels_to_image, preprocess
 from service.settings import Limits

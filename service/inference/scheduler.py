@@ -27,8 +27,8 @@ put rows at different positions in one call; such models keep static batches.
 
 **Threads.** The loop runs on a thread of its own, which steps back to back while there are rows
 and sleeps when there are none; callers ``await`` on their event loop and are answered there
-(``call_soon_threadsafe``). ONNX Runtime releases the GIL while a step computes, so the event loop
-tokenises, answers and accepts meanwhile — and a step never waits for the event loop to get round
+(``service/inference/callers.py``). ONNX Runtime releases the GIL while a step computes, so the
+event loop tokenises, answers and accepts meanwhile — and a step never waits for the event loop to get round
 to it: handing every step to a thread pool and back cost two thread wake-ups per step (≈ 0.15 ms
 each on the 2-core reference machine, half a lone request's latency).
 
@@ -41,7 +41,7 @@ Plain threading + numpy. Unit-tested without Ray (``tests/service/inference/test
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import functools
 import threading
 import time
 from collections import deque
@@ -51,9 +51,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from service.inference.callers import Decoded, OnTokens, Request, StepToken, decoded, on_their_loops, settler
 from service.inference.decoding import (
     GreedySearch,
-    Hypothesis,
     Scores,
     Search,
     best_tokens,
@@ -87,52 +87,9 @@ class Options:
     length_penalty: float = 0.0
 
 
-@dataclass(frozen=True)
-class StepToken:
-    """A token a greedy text chose at a step, delivered to a streaming caller as it is chosen."""
-
-    text: int  # which of the request's texts
-    token: int  # its id (the EOS id when the text ends)
-    logprob: float
-    attention: np.ndarray  # that step's attention row: (S,) or (layers, heads, S), S the batch's width
-
-
-#: a streaming caller's sink: called on its event loop with the tokens of one step
-OnTokens = Callable[[list[StepToken]], None]
-
-
-@dataclass
-class Decoded:
-    """One request's hypotheses (one per text, in order) and what they cost."""
-
-    hypotheses: list[Hypothesis]
-    queue_wait_s: float  # arrival → its first text admitted
-    time_to_first_token_s: float  # arrival → the first step that gave every text a token
-    compute_s: float  # first admission → last text done
-    steps: int  # decoder steps it took part in
-    mean_rows: float  # rows per step over those steps (the batch it shared)
-
-
-@dataclass(eq=False)
-class _Request:
-    loop: asyncio.AbstractEventLoop  # the caller's: where its future is settled
-    future: asyncio.Future[Decoded]
-    arrived: float
-    searches: list[Search | None]
-    admitted: float | None = None
-    first_token: float | None = None
-    done: float | None = None
-    steps: int = 0
-    rows_seen: int = 0
-    cancelled: bool = False
-    remaining: int = 0
-    pending_first: int = 0  # texts that have not produced a token yet
-    on_tokens: OnTokens | None = None  # streaming: greedy texts' tokens as they are chosen
-
-
 @dataclass(eq=False)
 class _Text:
-    request: _Request
+    request: Request
     index: int
     ids: list[int]
     options: Options
@@ -177,7 +134,7 @@ class TranslationScheduler:
         self._lock = threading.Lock()  # guards _waiting, _requests, _closed, _thread
         self._arrival = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
-        self._requests: set[_Request] = set()
+        self._requests: set[Request] = set()
         self._closed = False
         self.steps = 0
         self._rows_stepped = 0  # rows in the last step (0: none ran)
@@ -213,7 +170,7 @@ class TranslationScheduler:
         if not ids:
             raise ValueError("give at least one text")
         loop = asyncio.get_running_loop()
-        request = _Request(loop, loop.create_future(), time.perf_counter(), [None] * len(ids))
+        request = Request(loop, loop.create_future(), time.perf_counter(), [None] * len(ids))
         request.on_tokens = on_tokens
         request.remaining = request.pending_first = len(ids)
         texts = [
@@ -308,7 +265,7 @@ class TranslationScheduler:
             self._admitted_at = self.steps
         return admitted
 
-    def _iterate(self, admitted: list[_Text]) -> list[_Request]:
+    def _iterate(self, admitted: list[_Text]) -> list[Request]:
         """One step: drop the cancelled, add the admitted, step, retire."""
         now = time.perf_counter()
         self._drop_cancelled()
@@ -346,9 +303,9 @@ class TranslationScheduler:
         chosen, best_ids = values.tolist(), best.tolist()
         index: list[np.ndarray] = []
         still: list[_Text | _Retired] = []
-        finished: list[_Request] = []
+        finished: list[Request] = []
         offset = 0
-        streamed: dict[_Request, list[StepToken]] = {}
+        streamed: dict[Request, list[StepToken]] = {}
         for entry in self._active:
             if isinstance(entry, _Retired):  # kept as they are
                 index.append(np.arange(offset, offset + entry.rows))
@@ -388,13 +345,11 @@ class TranslationScheduler:
             request.steps += 1
             request.rows_seen += stepped
         if streamed:  # before any answer (each loop keeps the order): one wake-up per caller loop
-            by_loop: dict[asyncio.AbstractEventLoop, list[tuple[OnTokens, list[StepToken]]]] = {}
-            for request, tokens in streamed.items():
-                if request.on_tokens is not None:
-                    by_loop.setdefault(request.loop, []).append((request.on_tokens, tokens))
-            for loop, sinks in by_loop.items():
-                with contextlib.suppress(RuntimeError):  # a closed loop: nobody to tell
-                    loop.call_soon_threadsafe(_deliver, sinks)
+            on_their_loops(
+                (r.loop, functools.partial(r.on_tokens, tokens))
+                for r, tokens in streamed.items()
+                if r.on_tokens is not None
+            )
         self._active = still
         self._batch = keep_rows(batch, np.concatenate(index), rows)
         if self._retired and self._retired * RETIRED_SHARE >= rows:
@@ -425,19 +380,10 @@ class TranslationScheduler:
         self._batch = self._batch[np.concatenate(keep)] if self._active else None
         self._retired = 0
 
-    def _answer(self, finished: list[_Request]) -> None:
+    def _answer(self, finished: list[Request]) -> None:
         """Answer this step's finished requests: one wake-up per caller loop, not one per request
         (each is a write to the loop's self-pipe, on the thread that steps the batch)."""
-        by_loop: dict[asyncio.AbstractEventLoop, list[Callable[[], None]]] = {}
-        for request in finished:
-            admitted, first_token = request.admitted, request.first_token
-            assert admitted is not None and first_token is not None
-            by_loop.setdefault(request.loop, []).append(
-                _settler(request, _decoded(request, admitted, first_token))
-            )
-        for loop, settlers in by_loop.items():
-            with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody to answer
-                loop.call_soon_threadsafe(_run_each, settlers)
+        on_their_loops((r.loop, settler(r, decoded(r))) for r in finished)
 
     def _fail(self, admitted: list[_Text], exc: BaseException) -> None:
         """The step failed: every request in the batch ends with ``exc``."""
@@ -445,64 +391,8 @@ class TranslationScheduler:
         texts = [*active, *(t for t in admitted if t not in active)]
         failed = {t.request for t in texts}
         for request in failed:
-            _settle(request, exc)
+            on_their_loops([(request.loop, settler(request, exc))])
         with self._lock:
             self._waiting = deque(t for t in self._waiting if t.request not in failed)
         self._active, self._batch = [], None
         self._in_flight = self._retired = 0
-
-
-def _decoded(request: _Request, admitted: float, first_token: float) -> Callable[[], Decoded]:
-    """The answer of a finished request, to be built on its caller's loop (stacking each
-    hypothesis's attention), off the thread that steps the batch."""
-    done = request.done or time.perf_counter()
-    searches = [s for s in request.searches if s is not None]
-    return lambda: Decoded(
-        [s.result() for s in searches],
-        queue_wait_s=admitted - request.arrived,
-        time_to_first_token_s=first_token - request.arrived,
-        compute_s=done - admitted,
-        steps=request.steps,
-        mean_rows=request.rows_seen / max(1, request.steps),
-    )
-
-
-def _settler(request: _Request, outcome: Callable[[], Decoded] | BaseException) -> Callable[[], None]:
-    """(To run on ``request``'s caller loop.) Resolve its future with the outcome, unless the
-    caller left meanwhile; an answer that fails to build fails the request, never the loop."""
-
-    def settle() -> None:
-        if request.future.done():  # the caller left meanwhile
-            return
-        if isinstance(outcome, BaseException):
-            request.future.set_exception(outcome)
-            return
-        try:
-            request.future.set_result(outcome())
-        except Exception as exc:
-            request.future.set_exception(exc)
-
-    return settle
-
-
-def _settle(request: _Request, outcome: Callable[[], Decoded] | BaseException) -> None:
-    """Answer ``request`` on its caller's event loop (from the scheduler's thread)."""
-    _call(request, _settler(request, outcome))
-
-
-def _run_each(fns: list[Callable[[], None]]) -> None:
-    """(On a caller loop.) Several settlers in one callback."""
-    for fn in fns:
-        fn()
-
-
-def _deliver(sinks: list[tuple[OnTokens, list[StepToken]]]) -> None:
-    """(On a caller loop.) One step's tokens to every streaming request of that loop."""
-    for sink, tokens in sinks:
-        sink(tokens)
-
-
-def _call(request: _Request, fn: Callable[..., None], *args: Any) -> None:
-    """``fn(*args)`` on ``request``'s caller's event loop, from the scheduler's thread."""
-    with contextlib.suppress(RuntimeError):  # the caller's loop is closed: nobody to answer
-        request.loop.call_soon_threadsafe(fn, *args)

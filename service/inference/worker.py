@@ -29,11 +29,12 @@ from typing import Any, Protocol
 
 from service.errors import InferenceFailed, Overloaded, ServiceError
 from service.inference.batcher import Batcher
+from service.inference.callers import OnTokens, StepToken
 from service.inference.jobs import Answer, AnswerMetrics, LastTokens, Tokens, Translated
 from service.inference.repository import ModelEntry
 from service.inference.runners import TranslateWork, TranslationRunner, make_runner
 from service.inference.runtime import choose_providers
-from service.inference.scheduler import OnTokens, StepToken, TranslationScheduler
+from service.inference.scheduler import TranslationScheduler
 from service.settings import Settings
 
 log = logging.getLogger("ray.serve")

@@ -1,0 +1,118 @@
+"""What the translation scheduler hands its callers, and how: from its own thread to each
+caller's event loop.
+
+The scheduler (``service/inference/scheduler.py``) steps on a thread of its own; its callers wait
+on their event loops. Everything that crosses is here: the tokens a step chose for a streaming
+caller (:class:`StepToken`), a finished request's answer (:class:`Decoded`, built on the
+caller's loop, off the stepping thread), and :func:`on_their_loops`, which runs a step's
+callbacks with one wake-up per loop — each wake-up is a write to the loop's self-pipe on the
+thread that steps the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.inference.decoding import Hypothesis, Search
+
+
+@dataclass(frozen=True)
+class StepToken:
+    """A token a greedy text chose at a step, delivered to a streaming caller as it is chosen."""
+
+    text: int  # which of the request's texts
+    token: int  # its id (the EOS id when the text ends)
+    logprob: float
+    attention: np.ndarray  # that step's attention row: (S,) or (layers, heads, S), S the batch's width
+
+
+#: a streaming caller's sink: called on its event loop with the tokens of one step
+OnTokens = Callable[[list[StepToken]], None]
+
+
+@dataclass
+class Decoded:
+    """One request's hypotheses (one per text, in order) and what they cost."""
+
+    hypotheses: list[Hypothesis]
+    queue_wait_s: float  # arrival → its first text admitted
+    time_to_first_token_s: float  # arrival → the first step that gave every text a token
+    compute_s: float  # first admission → last text done
+    steps: int  # decoder steps it took part in
+    mean_rows: float  # rows per step over those steps (the batch it shared)
+
+
+@dataclass(eq=False)
+class Request:
+    """A caller's request as the scheduler's thread tracks it."""
+
+    loop: asyncio.AbstractEventLoop  # the caller's: where its future is settled
+    future: asyncio.Future[Decoded]
+    arrived: float
+    searches: list[Search | None]
+    admitted: float | None = None
+    first_token: float | None = None
+    done: float | None = None
+    steps: int = 0
+    rows_seen: int = 0
+    cancelled: bool = False
+    remaining: int = 0
+    pending_first: int = 0  # texts that have not produced a token yet
+    on_tokens: OnTokens | None = None  # streaming: greedy texts' tokens as they are chosen
+
+
+def decoded(request: Request) -> Callable[[], Decoded]:
+    """The answer of a finished request, to be built on its caller's loop (stacking each
+    hypothesis's attention), off the thread that steps the batch."""
+    admitted, first_token = request.admitted, request.first_token
+    assert admitted is not None and first_token is not None
+    done = request.done or time.perf_counter()
+    searches = [s for s in request.searches if s is not None]
+    return lambda: Decoded(
+        [s.result() for s in searches],
+        queue_wait_s=admitted - request.arrived,
+        time_to_first_token_s=first_token - request.arrived,
+        compute_s=done - admitted,
+        steps=request.steps,
+        mean_rows=request.rows_seen / max(1, request.steps),
+    )
+
+
+def settler(request: Request, outcome: Callable[[], Decoded] | BaseException) -> Callable[[], None]:
+    """(To run on ``request``'s caller loop.) Resolve its future with the outcome, unless the
+    caller left meanwhile; an answer that fails to build fails the request, never the loop."""
+
+    def settle() -> None:
+        if request.future.done():  # the caller left meanwhile
+            return
+        if isinstance(outcome, BaseException):
+            request.future.set_exception(outcome)
+            return
+        try:
+            request.future.set_result(outcome())
+        except Exception as exc:
+            request.future.set_exception(exc)
+
+    return settle
+
+
+def on_their_loops(calls: Iterable[tuple[asyncio.AbstractEventLoop, Callable[[], None]]]) -> None:
+    """(From the scheduler's thread.) Run each call on its loop, in order, with one
+    ``call_soon_threadsafe`` per loop; a closed loop has nobody left to tell."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[Callable[[], None]]] = {}
+    for loop, fn in calls:
+        by_loop.setdefault(loop, []).append(fn)
+    for loop, fns in by_loop.items():
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(_run_each, fns)
+
+
+def _run_each(fns: list[Callable[[], None]]) -> None:
+    for fn in fns:
+        fn()
