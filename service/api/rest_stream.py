@@ -26,7 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
+from json.encoder import encode_basestring as _string  # the C escaper json uses
 from typing import Any, cast
 
 from starlette.responses import StreamingResponse
@@ -39,6 +41,8 @@ from service.errors import ServiceError, unexpected
 from service.inference.jobs import Answer, LastTokens, TokenEvent, Tokens, TranslateJob
 
 log = logging.getLogger(__name__)
+#: what ``Server.stream`` yields: (the model's entry, tokens or the answer, ms since the request began)
+Event = tuple[Any, Tokens | Answer, float]
 MEDIA_TYPE = "text/event-stream"
 
 
@@ -53,47 +57,39 @@ async def translate_stream(
     first event."""
     events = server.stream(name, "translation", "translate_stream", job)
     first = await anext(events)  # refusals and failures before any token: a plain error answer
-    return EventStream(_sse(first, events, body), server.settings.limits.stream_write_timeout_s)
-
-
-async def _sse(
-    first: tuple[Any, Tokens | Answer, float],
-    rest: AsyncIterator[tuple[Any, Tokens | Answer, float]],
-    body: TranslateRequest,
-) -> AsyncIterator[tuple[bytes, bool]]:
-    """The stream's chunks, each with whether it is the last (the answer or an error): the last
-    goes out with the chunked body's end in one write, and with the last tokens when they came
-    just before it."""
-    held = b""  # the last tokens (LastTokens), written with the answer that follows them at once
-    try:
-        item: tuple[Any, Tokens | Answer, float] | None = first
-        while item is not None:
-            _, event, elapsed = item
-            if isinstance(event, LastTokens):
-                held = _encode(event, body, elapsed)
-            else:
-                yield held + _encode(event, body, elapsed), isinstance(event, Answer)
-                held = b""
-            item = await anext(rest, None)
-        if held:
-            yield held, False
-    except ServiceError as exc:
-        yield held + _event("error", dumps({"error": exc.message})), True
-    except Exception as exc:  # logged with its traceback and a request id, as every 500
-        message = unexpected(exc, "translate stream").message
-        yield held + _event("error", dumps({"error": message})), True
-    finally:
-        await rest.aclose()  # type: ignore[attr-defined]
+    return EventStream(first, events, body, server.settings.limits.stream_write_timeout_s)
 
 
 def _encode(item: Tokens | Answer, body: TranslateRequest, elapsed_ms: float) -> bytes:
     """One write: the answer, or every token that is ready (several events in one chunk)."""
     if isinstance(item, Answer):
         return _event("answer", answer_json(item, body, elapsed_ms))
-    return b"".join(_event("token", dumps(token_json(t))) for t in item)
+    return "".join(map(token_event, item)).encode()
+
+
+def token_event(event: TokenEvent) -> str:
+    """A ``token`` event, its data the JSON object of ``token_json``'s fields, formatted
+    directly: a streamed answer has one per output token, and a dictionary handed to the JSON
+    encoder cost as much as the rest of the token's way from the scheduler to the socket. Strings
+    are escaped and floats written as ``json`` writes them (the tests compare the two)."""
+    data = (
+        f'{{"text_index":{event.text_index},"index":{event.index},"token":{_string(event.token)},'
+        f'"token_id":{event.token_id},"text":{_string(event.piece)},'
+        f'"logprob":{_number(round(event.logprob, 6))}'
+    )
+    if event.alignment is not None:
+        data += ',"attention":' + dumps(rounded(event.alignment)).decode()
+    if event.layers is not None:
+        data += ',"attention_layers":' + dumps(rounded(event.layers)).decode()
+    return f"event: token\ndata: {data}}}\n\n"
+
+
+def _number(value: float) -> str:
+    return repr(value) if math.isfinite(value) else dumps(value).decode()
 
 
 def token_json(event: TokenEvent) -> dict[str, Any]:
+    """A token event's data as a dictionary (what :func:`token_event` writes)."""
     item: dict[str, Any] = {
         "text_index": event.text_index, "index": event.index, "token": event.token,
         "token_id": event.token_id, "text": event.piece, "logprob": round(event.logprob, 6),
@@ -119,8 +115,15 @@ class EventStream(StreamingResponse):
 
     media_type = MEDIA_TYPE
 
-    def __init__(self, content: AsyncIterator[tuple[bytes, bool]], write_timeout_s: float) -> None:
-        super().__init__(cast(Any, content), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    def __init__(
+        self,
+        first: Event,
+        rest: AsyncIterator[Event],
+        body: TranslateRequest,
+        write_timeout_s: float,
+    ) -> None:
+        super().__init__(cast(Any, rest), headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.first, self.rest, self.request = first, rest, body
         self.write_timeout_s = write_timeout_s
         self._writing_since: float | None = None  # loop time the pending write began
         self._cut = False  # cancelled here: the client left or stopped reading
@@ -163,18 +166,46 @@ class EventStream(StreamingResponse):
                 timer.cancel()
 
     async def stream_response(self, send: Send) -> None:
-        loop = asyncio.get_running_loop()
+        """The events as chunks of the response body, each written as soon as it is encoded: the
+        last (the answer, or an error) with the chunked body's end in one write, and with the last
+        tokens when they came just before it."""
         await send({"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers})
-        chunks: Any = self.body_iterator
+        body, rest = self.request, self.rest
+        held = b""  # the last tokens (LastTokens), written with the answer that follows them at once
         try:
-            async for chunk, last in chunks:
-                self._writing_since = loop.time()
-                await send({"type": "http.response.body", "body": chunk, "more_body": not last})
-                self._writing_since = None
-                if last:
-                    self._over = True  # before the loop runs again: the client may close now
-                    return
+            try:
+                item: Event | None = self.first
+                while item is not None:
+                    _, event, elapsed = item
+                    if isinstance(event, LastTokens):
+                        held = _encode(event, body, elapsed)
+                    elif await self._write(
+                        send, held + _encode(event, body, elapsed), isinstance(event, Answer)
+                    ):
+                        return
+                    else:
+                        held = b""
+                    item = await anext(rest, None)
+                chunk, last = held, False
+            except ServiceError as exc:
+                chunk, last = held + _event("error", dumps({"error": exc.message})), True
+            except Exception as exc:  # logged with its traceback and a request id, as every 500
+                if self._writing_since is not None:  # a write failed, not the model: nobody to tell
+                    raise
+                message = unexpected(exc, "translate stream").message
+                chunk, last = held + _event("error", dumps({"error": message})), True
+            if chunk and await self._write(send, chunk, last):
+                return
         finally:
-            await chunks.aclose()
+            await rest.aclose()  # type: ignore[attr-defined]
         await send({"type": "http.response.body", "body": b"", "more_body": False})
         self._over = True
+
+    async def _write(self, send: Send, chunk: bytes, last: bool) -> bool:
+        """Write one chunk (timed, for the slow-reader cut); whether it ended the body."""
+        self._writing_since = asyncio.get_running_loop().time()
+        await send({"type": "http.response.body", "body": chunk, "more_body": not last})
+        self._writing_since = None
+        if last:
+            self._over = True  # before the loop runs again: the client may close now
+        return last

@@ -141,22 +141,24 @@ class Server:
         covers the whole stream. Closing the iterator early (the client left) cancels the request."""
         with self._recorded(name, route) as start:
             events: AsyncIterator[Tokens | Answer] | None = None
+            deadline = _Deadline(self.settings.limits.request_timeout_s)
             try:
                 entry = self.resolve(name, task, version)
                 limits.check(request, self.settings.limits)
-                timeout = self.settings.limits.request_timeout_s
                 events = self.models[name].stream(request)
-                deadline = asyncio.get_running_loop().time() + timeout
                 while True:
-                    try:  # the deadline around each wait alone: never around a yield to the caller
-                        async with asyncio.timeout_at(deadline):
+                    try:
+                        async with deadline:  # around each wait alone: never around a yield
                             event = await anext(events)
                     except StopAsyncIteration:
                         break
                     except TimeoutError as exc:  # the cancelled wait ended the model's stream
-                        raise DeadlineExceeded(f"model {name!r} did not answer within {timeout} s") from exc
+                        raise DeadlineExceeded(
+                            f"model {name!r} did not answer within {deadline.timeout_s} s"
+                        ) from exc
                     yield entry, event, round((time.perf_counter() - start) * 1000, 3)
             finally:
+                deadline.close()
                 if events is not None:
                     await events.aclose()  # type: ignore[attr-defined]
 
@@ -179,3 +181,46 @@ class Server:
         finally:
             label = name if name in self.entries else "_unknown"
             self.metrics.record(label, route, status, time.perf_counter() - start)
+
+
+class _Deadline:
+    """One deadline for a whole stream, entered around each wait for the model (never around a
+    yield to the stream's reader): a wait still pending when it passes is cancelled and leaves
+    as ``TimeoutError``, a wait entered after it fails at once. ``asyncio.timeout`` does the same
+    around one wait; a stream has one wait per event, and one timer for all of them costs less
+    than a timer scheduled and cancelled per event (``asyncio.timeout_at`` each time).
+
+    A cancellation from anyone else (the client left) passes through unchanged, even when it
+    coincides with the deadline — the rule ``asyncio.timeout`` follows (``Task.uncancel``)."""
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = loop.call_at(loop.time() + timeout_s, self._expire)
+        self._expired = False
+        self._waiting: asyncio.Task[Any] | None = None  # the task inside a wait, if any
+        self._cancelled_it = False
+
+    def _expire(self) -> None:
+        self._expired, self._timer = True, None
+        if self._waiting is not None:
+            self._waiting.cancel()
+            self._cancelled_it = True
+
+    async def __aenter__(self) -> None:
+        if self._expired:
+            raise TimeoutError
+        self._waiting = asyncio.current_task()
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        task, self._waiting = self._waiting, None
+        if self._cancelled_it:
+            self._cancelled_it = False
+            assert task is not None
+            if task.uncancel() == 0 and kind is asyncio.CancelledError:
+                raise TimeoutError from exc  # ours alone: the deadline, not a client gone
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None

@@ -167,6 +167,16 @@ class TranslationScheduler:
         ``on_tokens``, when given, is called on the caller's event loop after every step with the
         tokens its greedy texts chose at that step (all before the answer); beam texts deliver
         nothing before their answer — a beam's best prefix can still change."""
+        request = self.enqueue(ids, options, on_tokens)
+        try:
+            return await request.future
+        finally:
+            self.release(request)
+
+    def enqueue(self, ids: list[list[int]], options: Options, on_tokens: OnTokens | None = None) -> Request:
+        """:meth:`submit` without the wait, for a caller that waits on ``request.future`` itself
+        (a stream, which also waits for its tokens): it must :meth:`release` the request once done
+        with it, answered or not."""
         if not ids:
             raise ValueError("give at least one text")
         loop = asyncio.get_running_loop()
@@ -185,17 +195,17 @@ class TranslationScheduler:
                 self._thread = threading.Thread(target=self._run, name="translation-scheduler", daemon=True)
                 self._thread.start()
             self._arrival.notify()
-        try:
-            return await request.future
-        except asyncio.CancelledError:
-            # its waiting texts leave now; its rows leave the batch at the next step
-            request.cancelled = True
-            with self._lock:
+        return request
+
+    def release(self, request: Request) -> None:
+        """The caller is done with ``request``: unanswered (it left), its waiting texts leave now
+        and its rows leave the batch at the next step."""
+        with self._lock:
+            if not request.future.done() or request.future.cancelled():
+                request.cancelled = True
+                request.future.cancel()
                 self._waiting = deque(t for t in self._waiting if t.request is not request)
-            raise
-        finally:
-            with self._lock:
-                self._requests.discard(request)
+            self._requests.discard(request)
 
     def close(self) -> None:
         """Stop once what is queued and running is done (a replaced version drains, then ends)."""

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 from service.errors import InferenceFailed, Overloaded, ServiceError
 from service.inference.batcher import Batcher
-from service.inference.callers import OnTokens, StepToken
+from service.inference.callers import Decoded, StepToken
 from service.inference.jobs import Answer, AnswerMetrics, LastTokens, Tokens, Translated
 from service.inference.repository import ModelEntry
 from service.inference.runners import TranslateWork, TranslationRunner, make_runner
@@ -168,7 +168,9 @@ class ModelWorker:
             if wake is not None and not wake.done():
                 wake.set_result(None)
 
-        decoding = asyncio.ensure_future(self._decode(work, arrived))
+        # the scheduler's own future, waited on here with the tokens (no task of its own)
+        request = self.scheduler.enqueue(work.ids, runner.options(work.job), arrived)
+        decoding = request.future
         decoding.add_done_callback(lambda _: arrived())  # after every token: the loop keeps the order
         streams = runner.token_streams(work)
         sent: float | None = None  # loop time of the last token item
@@ -195,9 +197,11 @@ class ModelWorker:
                         holding = False
                         if timer is not None:
                             timer.cancel()
-            yield decoding.result()
+            with self._runtime_failures("decoding"):
+                decoded = decoding.result()
+            yield self._decoded_answer(work, decoded)
         finally:
-            decoding.cancel()  # done already, or the caller left: its rows leave the batch
+            self.scheduler.release(request)  # the caller left early: its rows leave the batch
 
     def _accept(self, job: Any) -> Any:
         if self.held >= self.capacity:
@@ -228,12 +232,16 @@ class ModelWorker:
         )
         return Answer(self.entry.name, self.entry.version, result, metrics)
 
-    async def _decode(self, work: TranslateWork, on_tokens: OnTokens | None = None) -> Answer:
+    async def _decode(self, work: TranslateWork) -> Answer:
         """A translation through the model's scheduler: its texts join the running batch at the
         next decoder step and it is answered as soon as its last text is done."""
         assert self.scheduler is not None and isinstance(self.runner, TranslationRunner)
         with self._runtime_failures("decoding"):
-            decoded = await self.scheduler.submit(work.ids, self.runner.options(work.job), on_tokens)
+            decoded = await self.scheduler.submit(work.ids, self.runner.options(work.job))
+        return self._decoded_answer(work, decoded)
+
+    def _decoded_answer(self, work: TranslateWork, decoded: Decoded) -> Answer:
+        assert isinstance(self.runner, TranslationRunner)
         result = self.runner.postprocess(work, self.runner.finish(work, decoded.hypotheses))
         tokens = result.tokens_generated
         longest = max(len(t.target_tokens) for t in result.translations)

@@ -29,7 +29,10 @@ from service.api.grpc_servicer import GrpcServicer, add_to_grpc_server
 from service.api.http import create_app
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
+from service.api.rest_codec import dumps
+from service.api.rest_stream import token_event, token_json
 from service.api.server import Server
+from service.inference.jobs import TokenEvent
 from service.settings import Settings
 from tests.conftest import Service, free_port
 from tests.service.inference.test_streaming import DATES, RowsSeen, endless, worker
@@ -274,3 +277,23 @@ def test_grpc_translate_stream(service: Service) -> None:
         with pytest.raises(grpc.RpcError) as err:
             list(stub.TranslateStream(apb.TranslateRequest(model="nope", texts=["x"])))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_token_events_are_the_json_of_their_fields() -> None:
+    """The token event written directly equals the JSON encoder's, whatever the strings and
+    numbers: quotes, backslashes, control characters, non-ASCII, non-finite log-probabilities,
+    attention rows."""
+    row = np.array([0.1234567891, 0.0, 0.8765432109], dtype=np.float32)
+    cases = [
+        TokenEvent(0, 0, 17, "▁2024", "2024", -0.0123456789),
+        TokenEvent(2, 5, 3, 'a"b\\c', "\n\t\x01\u2028é", -1e-12),
+        TokenEvent(1, 9, 2, "</s>", "", float("-inf"), alignment=row),
+        TokenEvent(0, 1, 4, "x", " x", -3.0, alignment=row, layers=np.stack([row[None], row[None]])),
+        TokenEvent(0, 2, 5, "😀", "😀", float("nan")),
+    ]
+    for event in cases:
+        written = token_event(event)
+        assert written.startswith("event: token\ndata: ") and written.endswith("\n\n")
+        data = written[len("event: token\ndata: ") : -2]
+        assert "\n" not in data  # one data line
+        assert data.encode() == dumps(token_json(event)), event

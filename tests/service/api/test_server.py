@@ -70,3 +70,60 @@ def test_serve_swaps_the_whole_set_at_once(tmp_path: Path) -> None:
     server.serve({}, {}, {"x/2": "why"})
     assert server.models == {} and server.entries == {} and server.model_info == {}
     assert server.rejected == {"x/2": "why"}
+
+
+class Trickle:
+    """A streaming model that yields an event every ``gap_s``, ``n`` of them, counting the waits
+    that were cancelled."""
+
+    def __init__(self, gap_s: float, n: int) -> None:
+        self.gap_s, self.n, self.cancelled = gap_s, n, 0
+
+    async def stream(self, job: Any) -> Any:
+        for i in range(self.n):
+            try:
+                await asyncio.sleep(self.gap_s)
+            except asyncio.CancelledError:
+                self.cancelled += 1
+                raise
+            yield i
+
+
+def test_a_stream_has_one_deadline_for_all_its_waits(tmp_path: Path) -> None:
+    """Waits within the deadline go on; the wait pending when it passes ends with 504; a deadline
+    that passes while the reader holds an event fails the next wait at once; a reader cancelled
+    meanwhile (the client left) is a 499, never a 504."""
+    server, _, _, recorded = fake_server(tmp_path, limits={"request_timeout_s": 0.25})
+    job = TranslateJob(texts=["ab"])
+
+    async def read(model: Trickle, hold_s: float = 0.0) -> list[int]:
+        server.models["fake-translator"] = model  # type: ignore[assignment]
+        seen = []
+        async for _, event, _ in server.stream("fake-translator", "translation", "s", job):
+            seen.append(event)
+            await asyncio.sleep(hold_s)  # the reader's own time: never cut by the deadline
+        return seen
+
+    async def go() -> None:
+        assert await read(Trickle(0.02, 5)) == [0, 1, 2, 3, 4]  # well within: 5 waits, one deadline
+        slow = Trickle(0.1, 5)
+        with pytest.raises(DeadlineExceeded):
+            await read(slow)  # the third wait is pending at 0.25 s
+        assert slow.cancelled == 1
+        held = Trickle(0.01, 5)
+        seen: list[int] = []
+        with pytest.raises(DeadlineExceeded):
+            server.models["fake-translator"] = held  # type: ignore[assignment]
+            async for _, event, _ in server.stream("fake-translator", "translation", "s", job):
+                seen.append(event)
+                await asyncio.sleep(0.3)  # past the deadline while holding the first event
+        assert seen == [0] and held.cancelled == 0  # failed before waiting again, not mid-wait
+        task = asyncio.create_task(read(Trickle(1.0, 2)))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert task.cancelled()
+
+    asyncio.run(go())
+    assert [r[2] for r in recorded.records] == [200, 504, 504, 499]
