@@ -106,7 +106,9 @@ def _event(name: str, data: bytes) -> bytes:
 
 
 class EventStream(StreamingResponse):
-    """A ``text/event-stream`` response in the request's own task. The client leaving (the next
+    """A streamed translation's events (``Server.stream``'s first one, already received, then the
+    rest) encoded and written one chunk each, as a ``text/event-stream`` response in the request's
+    own task. The client leaving (the next
     ``receive`` answers ``http.disconnect``) cancels it, and so does one write blocked for longer
     than ``write_timeout_s`` (a client that stops reading fills the socket's buffers and uvicorn's
     flow control holds the write); either way the request is cancelled and its rows leave the
