@@ -145,21 +145,25 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
+def parser() -> argparse.ArgumentParser:
+    options = argparse.ArgumentParser(
         prog="python -m benchmarks.in_process", description=__doc__.split("\n")[0]
     )
-    parser.add_argument("model")
-    parser.add_argument("kind", choices=["stream", "plain", *IMAGE_KINDS])
-    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
-    parser.add_argument("--version", type=int, default=1)
-    parser.add_argument("--callers", type=int, default=16)
-    parser.add_argument("--seconds", type=float, default=5.0)
-    parser.add_argument("--warmup", type=float, default=2.0)
-    parser.add_argument("--stream-interval-ms", type=float, default=Settings().stream_interval_ms)
-    parser.add_argument("--profile", action="store_true", help="cProfile the event loop thread")
-    parser.add_argument("--dump", type=Path, help="keep the profile (pstats) in this file")
-    args = parser.parse_args(argv)
+    options.add_argument("model")
+    options.add_argument("kind", choices=["stream", "plain", *IMAGE_KINDS])
+    options.add_argument("--repository", type=Path, default=ROOT / "model_repository")
+    options.add_argument("--version", type=int, default=1)
+    options.add_argument("--callers", type=int, default=16)
+    options.add_argument("--seconds", type=float, default=5.0)
+    options.add_argument("--warmup", type=float, default=2.0)
+    options.add_argument("--stream-interval-ms", type=float, default=Settings().stream_interval_ms)
+    options.add_argument("--profile", action="store_true", help="cProfile the event loop thread")
+    options.add_argument("--dump", type=Path, help="keep the profile (pstats) in this file")
+    return options
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     result = asyncio.run(run(args))
     print(json.dumps({"model": args.model, "kind": args.kind, "callers": args.callers, **result}))
     return 0

@@ -68,10 +68,11 @@ def _encode(item: Tokens | Answer, body: TranslateRequest, elapsed_ms: float) ->
 
 
 def token_event(event: TokenEvent) -> str:
-    """A ``token`` event, its data the JSON object of ``token_json``'s fields, formatted
-    directly: a streamed answer has one per output token, and a dictionary handed to the JSON
-    encoder cost as much as the rest of the token's way from the scheduler to the socket. Strings
-    are escaped and floats written as ``json`` writes them (the tests compare the two)."""
+    """A ``token`` event: its data a JSON object of the event's fields (``attention`` and
+    ``attention_layers`` rounded, when present), formatted directly — a streamed answer has one per
+    output token, and a dictionary handed to the JSON encoder cost as much as the rest of the
+    token's way from the scheduler to the socket. Strings are escaped and floats written as
+    ``json`` writes them (the tests compare the two)."""
     data = (
         f'{{"text_index":{event.text_index},"index":{event.index},"token":{_string(event.token)},'
         f'"token_id":{event.token_id},"text":{_string(event.piece)},'
@@ -86,19 +87,6 @@ def token_event(event: TokenEvent) -> str:
 
 def _number(value: float) -> str:
     return repr(value) if math.isfinite(value) else dumps(value).decode()
-
-
-def token_json(event: TokenEvent) -> dict[str, Any]:
-    """A token event's data as a dictionary (what :func:`token_event` writes)."""
-    item: dict[str, Any] = {
-        "text_index": event.text_index, "index": event.index, "token": event.token,
-        "token_id": event.token_id, "text": event.piece, "logprob": round(event.logprob, 6),
-    }  # fmt: skip
-    if event.alignment is not None:
-        item["attention"] = rounded(event.alignment)
-    if event.layers is not None:
-        item["attention_layers"] = rounded(event.layers)
-    return item
 
 
 def _event(name: str, data: bytes) -> bytes:

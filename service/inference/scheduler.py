@@ -400,8 +400,7 @@ class TranslationScheduler:
         active = [t for t in self._active if isinstance(t, _Text)]
         texts = [*active, *(t for t in admitted if t not in active)]
         failed = {t.request for t in texts}
-        for request in failed:
-            on_their_loops([(request.loop, settler(request, exc))])
+        on_their_loops((r.loop, settler(r, exc)) for r in failed)
         with self._lock:
             self._waiting = deque(t for t in self._waiting if t.request not in failed)
         self._active, self._batch = [], None

@@ -4,7 +4,6 @@ rate and CPU per request."""
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 from pathlib import Path
 
@@ -19,10 +18,20 @@ from benchmarks import in_process
      ("fashion-vit", "multipart"), ("fashion-vit", "v2"), ("fashion-vit", "rollout")],
 )  # fmt: skip
 def test_every_kind_is_answered(tiny_repository: Path, model: str, kind: str) -> None:
-    args = argparse.Namespace(
-        model=model, kind=kind, repository=tiny_repository, version=1, callers=4, seconds=0.3,
-        warmup=0.1, stream_interval_ms=16.0, profile=False, dump=None,
-    )  # fmt: skip
+    args = in_process.parser().parse_args(
+        [
+            model,
+            kind,
+            "--repository",
+            str(tiny_repository),
+            "--callers",
+            "4",
+            "--seconds",
+            "0.3",
+            "--warmup",
+            "0.1",
+        ]
+    )
     result = asyncio.run(in_process.run(args))
     assert result["requests_per_s"] > 0
     assert 0 < result["loop_cpu_us_per_request"] <= result["cpu_us_per_request"]

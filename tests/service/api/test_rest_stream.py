@@ -29,8 +29,8 @@ from service.api.grpc_servicer import GrpcServicer, add_to_grpc_server
 from service.api.http import create_app
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
-from service.api.rest_codec import dumps
-from service.api.rest_stream import token_event, token_json
+from service.api.rest_codec import dumps, rounded
+from service.api.rest_stream import token_event
 from service.api.server import Server
 from service.inference.jobs import TokenEvent
 from service.settings import Settings
@@ -277,6 +277,19 @@ def test_grpc_translate_stream(service: Service) -> None:
         with pytest.raises(grpc.RpcError) as err:
             list(stub.TranslateStream(apb.TranslateRequest(model="nope", texts=["x"])))
         assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def token_json(event: TokenEvent) -> dict[str, Any]:
+    """A token event's data as the JSON encoder would write it: the reference for ``token_event``."""
+    item: dict[str, Any] = {
+        "text_index": event.text_index, "index": event.index, "token": event.token,
+        "token_id": event.token_id, "text": event.piece, "logprob": round(event.logprob, 6),
+    }  # fmt: skip
+    if event.alignment is not None:
+        item["attention"] = rounded(event.alignment)
+    if event.layers is not None:
+        item["attention_layers"] = rounded(event.layers)
+    return item
 
 
 def test_token_events_are_the_json_of_their_fields() -> None:
