@@ -156,7 +156,9 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument("--callers", type=int, default=16)
     options.add_argument("--seconds", type=float, default=5.0)
     options.add_argument("--warmup", type=float, default=2.0)
-    options.add_argument("--stream-interval-ms", type=float, default=Settings().stream_interval_ms)
+    options.add_argument(
+        "--stream-interval-ms", type=float, default=Settings.model_fields["stream_interval_ms"].default
+    )
     options.add_argument("--profile", action="store_true", help="cProfile the event loop thread")
     options.add_argument("--dump", type=Path, help="keep the profile (pstats) in this file")
     return options
