@@ -28,7 +28,7 @@ from service.inference.jobs import Classified, ClassifyJob, TokenEvent, Translat
 from service.inference.repository import ModelEntry
 from service.inference.scheduler import Options
 from service.inference.translation import Translation, Translator
-from service.inference.vision import Classifier, decode_image, pixels_to_image, preprocess
+from service.inference.vision import Classifier, decode_image, mode_of, pixels_to_image, preprocess
 from service.settings import Limits
 
 
@@ -213,7 +213,7 @@ class ClassificationRunner:
         return ClassifyWork(job, pixels, resized)
 
     def _decode(self, data: bytes, field: str) -> Any:
-        return decode_image(data, self.limits.max_image_pixels, field)  # decompression bombs
+        return decode_image(data, self.limits.max_image_pixels, mode_of(self.spec), field)  # bombs too
 
     def _pixel_array(self, pixels: Any) -> np.ndarray:
         try:

@@ -1,17 +1,27 @@
 """Image classification over an exported ViT graph: decode → preprocess → batched run → top-k.
 
-Decoding is Pillow under a pixel limit (decompression bombs are refused before the pixels are
-allocated); preprocessing follows the manifest (resize, scale to [0, 1], normalise).
+Decoding yields a uint8 array in the model's colour mode, under a pixel limit (decompression bombs
+are refused from the header, before the pixels are allocated): an 8-bit PNG already in that mode
+(greyscale for a one-channel model, RGB for three) is decoded by libspng (``pyspng``) straight into
+an array — a third of Pillow's time on small images, the same pixels (PNG is lossless and no
+conversion runs). libspng stops reading once it has every row and does not check the chunks'
+CRCs as pyspng calls it, so a damaged file could decode to wrong pixels: the fast path takes only
+files whose chunks are whole and whose CRCs match up to IEND. Every other image goes through
+Pillow and its conversion, as before (which refuses a damaged one). Preprocessing follows
+the manifest (Pillow's bilinear resize, scale to [0, 1], normalise).
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyspng
 from PIL import Image, UnidentifiedImageError
 
 from service.errors import InvalidInput, PayloadTooLarge
@@ -19,9 +29,65 @@ from service.inference.manifest import ImageSpec, Manifest
 from service.inference.runtime import GraphSession
 
 ALLOWED_FORMATS = {"PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM"}
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: (PNG colour type, the model's mode) decoded by libspng: the image already is in that mode
+SPNG_MODES = {(0, "L"), (2, "RGB")}
 
 
-def decode_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Image:
+def mode_of(spec: ImageSpec) -> str:
+    """The Pillow mode the model takes: ``L`` for one channel, ``RGB`` for three."""
+    return "L" if spec.channels == 1 else "RGB"
+
+
+def decode_image(data: bytes, max_pixels: int, mode: str, field: str = "image") -> np.ndarray:
+    """Bytes of an encoded image → uint8 (H, W) for ``mode`` L, (H, W, 3) for RGB, or
+    :class:`InvalidInput` / :class:`PayloadTooLarge` naming ``field``."""
+    header = png_header(data)
+    if header is not None:
+        width, height, depth, colour = header
+        check_pixels(width, height, max_pixels, field)
+        if depth == 8 and (colour, mode) in SPNG_MODES and png_intact(data):
+            try:
+                return pyspng.load(data, mode)
+            except RuntimeError as exc:  # libspng's verdict: truncated, bad CRC, bad chunk …
+                reason = str(exc).removeprefix("pyspng: ")
+                raise InvalidInput(f"{field}: not a decodable image (PNG: {reason})") from exc
+    return np.asarray(pillow_image(data, max_pixels, field).convert(mode))
+
+
+def png_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(width, height, bit depth, colour type) from a PNG's IHDR, which the format puts first;
+    None for anything else (Pillow then decides what it is)."""
+    if len(data) < 33 or not data.startswith(PNG_SIGNATURE) or data[12:16] != b"IHDR":
+        return None
+    width, height, depth, colour = struct.unpack(">IIBB", data[16:26])
+    return width, height, depth, colour
+
+
+def png_intact(data: bytes) -> bool:
+    """Whether every chunk of a PNG is whole and matches its CRC, through IEND."""
+    at, end = len(PNG_SIGNATURE), len(data)
+    view = memoryview(data)
+    while at + 12 <= end:
+        (length,) = struct.unpack_from(">I", data, at)
+        after = at + 12 + length
+        if after > end:
+            return False
+        (crc,) = struct.unpack_from(">I", data, after - 4)
+        if zlib.crc32(view[at + 4 : after - 4]) != crc:
+            return False
+        if data[at + 4 : at + 8] == b"IEND":
+            return True
+        at = after
+    return False
+
+
+def check_pixels(width: int, height: int, max_pixels: int, field: str) -> None:
+    if width * height > max_pixels:
+        raise PayloadTooLarge(f"{field}: {width}×{height} pixels exceeds the limit of {max_pixels}")
+
+
+def pillow_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Image:
     """Bytes of an encoded image → a loaded Pillow image, or :class:`InvalidInput` naming ``field``."""
     try:
         with warnings.catch_warnings():
@@ -29,10 +95,7 @@ def decode_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Im
             image = Image.open(io.BytesIO(data))
             if image.format not in ALLOWED_FORMATS:
                 raise InvalidInput(f"{field}: unsupported image format {image.format}")
-            if image.width * image.height > max_pixels:
-                raise PayloadTooLarge(
-                    f"{field}: {image.width}×{image.height} pixels exceeds the limit of {max_pixels}"
-                )
+            check_pixels(image.width, image.height, max_pixels, field)
             image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:  # fmt: skip
@@ -51,17 +114,19 @@ def pixels_to_image(pixels: np.ndarray, field: str = "pixels") -> Image.Image:
     return Image.fromarray(pixels.astype(np.uint8))
 
 
-def preprocess(image: Image.Image, spec: ImageSpec) -> tuple[np.ndarray, np.ndarray]:
-    """→ (normalised float32 (C, H, W), the resized uint8 image (H, W[, C]) for overlays)."""
-    image = image.convert("L" if spec.channels == 1 else "RGB")
-    if image.size != (spec.width, spec.height):
-        image = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
-    resized = np.asarray(image)
-    x = resized.astype(np.float32) / 255.0
+def preprocess(image: np.ndarray | Image.Image, spec: ImageSpec) -> tuple[np.ndarray, np.ndarray]:
+    """A decoded image (an array in the model's mode, or any Pillow image) → (normalised float32
+    (C, H, W), the resized uint8 image (H, W[, C]) for overlays)."""
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert(mode_of(spec)))
+    if image.shape[:2] != (spec.height, spec.width):
+        resized = Image.fromarray(image).resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+        image = np.asarray(resized)
+    x = image.astype(np.float32) / 255.0
     x = x[None] if spec.channels == 1 else x.transpose(2, 0, 1)
     mean = np.asarray(spec.mean, dtype=np.float32)[:, None, None]
     std = np.asarray(spec.std, dtype=np.float32)[:, None, None]
-    return (x - mean) / std, resized
+    return (x - mean) / std, image
 
 
 @dataclass

@@ -1,0 +1,148 @@
+"""Image decoding and preprocessing: the libspng path gives Pillow's pixels exactly, every other
+image goes through Pillow, and bad or oversized images are refused naming the field."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pyspng
+import pytest
+from PIL import Image
+
+from service.errors import InvalidInput, PayloadTooLarge
+from service.inference import vision
+from service.inference.manifest import ImageSpec
+from service.inference.vision import decode_image, png_header, preprocess
+
+RNG = np.random.default_rng(0)
+LIMIT = 1 << 24
+
+
+def spec(channels: int) -> ImageSpec:
+    return ImageSpec(
+        height=48, width=48, channels=channels, mean=[0.1] * channels, std=[0.3] * channels,
+        labels=["a", "b"], patch_size=8, num_layers=1, num_heads=1, prefix_tokens=1,
+    )  # fmt: skip
+
+
+def encoded(image: Image.Image, fmt: str = "PNG", **options: object) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def with_chunk(png: bytes, kind: bytes, payload: bytes) -> bytes:
+    """``png`` with one more chunk right after IHDR (gAMA, sRGB … sit there)."""
+    chunk = struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+    return png[:33] + chunk + png[33:]
+
+
+def grey(size: tuple[int, int]) -> Image.Image:
+    return Image.fromarray(RNG.integers(0, 256, size[::-1], dtype=np.uint8))
+
+
+def rgb(size: tuple[int, int]) -> Image.Image:
+    return Image.fromarray(RNG.integers(0, 256, (*size[::-1], 3), dtype=np.uint8))
+
+
+IMAGES = {
+    "grey": lambda s: encoded(grey(s)),
+    "grey-transparency": lambda s: encoded(grey(s), transparency=7),
+    "grey-gamma": lambda s: with_chunk(encoded(grey(s)), b"gAMA", struct.pack(">I", 45455)),
+    "grey-srgb": lambda s: with_chunk(encoded(grey(s)), b"sRGB", b"\x00"),
+    "rgb": lambda s: encoded(rgb(s)),
+    "rgb-transparency": lambda s: encoded(rgb(s), transparency=(1, 2, 3)),
+    "rgb-gamma": lambda s: with_chunk(encoded(rgb(s)), b"gAMA", struct.pack(">I", 100000)),
+    "grey-16bit": lambda s: encoded(Image.fromarray(RNG.integers(0, 65536, s[::-1], dtype=np.uint16))),
+    "palette": lambda s: encoded(rgb(s).convert("P", palette=Image.Palette.ADAPTIVE)),
+    "grey-alpha": lambda s: encoded(rgb(s).convert("LA")),
+    "rgba": lambda s: encoded(rgb(s).convert("RGBA")),
+    "jpeg": lambda s: encoded(rgb(s), "JPEG"),
+    "bmp": lambda s: encoded(grey(s), "BMP"),
+}
+
+
+def reference(data: bytes, channels: int) -> tuple[np.ndarray, np.ndarray]:
+    """What the service did before libspng: Pillow decodes, converts, resizes."""
+    return preprocess(Image.open(io.BytesIO(data)), spec(channels))
+
+
+@pytest.mark.parametrize("size", [(28, 28), (48, 48), (61, 37)])
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_every_image_preprocesses_to_pillows_pixels(kind: str, channels: int, size: tuple[int, int]) -> None:
+    data = IMAGES[kind](size)
+    mode = "L" if channels == 1 else "RGB"
+    pixels, resized = preprocess(decode_image(data, LIMIT, mode), spec(channels))
+    want_pixels, want_resized = reference(data, channels)
+    assert resized.dtype == np.uint8 and resized.shape == want_resized.shape
+    np.testing.assert_array_equal(resized, want_resized)
+    np.testing.assert_array_equal(pixels, want_pixels)
+    assert pixels.shape == (channels, 48, 48) and pixels.dtype == np.float32
+
+
+@pytest.mark.parametrize(
+    ("kind", "mode", "fast"),
+    [("grey", "L", True), ("grey-transparency", "L", True), ("rgb", "RGB", True), ("rgb-gamma", "RGB", True),
+     ("rgb", "L", False), ("grey", "RGB", False), ("grey-16bit", "L", False), ("palette", "RGB", False),
+     ("jpeg", "RGB", False)],
+)  # fmt: skip
+def test_libspng_decodes_8bit_pngs_already_in_the_models_mode(
+    kind: str, mode: str, fast: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls, real = [], pyspng.load
+
+    def load(data: bytes, fmt: str) -> np.ndarray:
+        calls.append(fmt)
+        return real(data, fmt)
+
+    monkeypatch.setattr(vision.pyspng, "load", load)
+    decode_image(IMAGES[kind]((28, 28)), LIMIT, mode)
+    assert calls == ([mode] if fast else [])
+
+
+def test_the_png_header_is_read_without_decoding() -> None:
+    assert png_header(encoded(grey((30, 20)))) == (30, 20, 8, 0)
+    assert png_header(encoded(rgb((5, 7)))) == (5, 7, 8, 2)
+    assert png_header(encoded(rgb((5, 7)), "JPEG")) is None
+    assert png_header(b"\x89PNG\r\n\x1a\n") is None
+
+
+def lying_png(width: int, height: int) -> bytes:
+    """A small file whose header declares ``width`` × ``height`` 8-bit grey pixels."""
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    ihdr = struct.pack(">I", 13) + b"IHDR" + header + struct.pack(">I", zlib.crc32(b"IHDR" + header))
+    data = zlib.compress(b"\x00" * 100)
+    idat = struct.pack(">I", len(data)) + b"IDAT" + data + struct.pack(">I", zlib.crc32(b"IDAT" + data))
+    end = struct.pack(">I", 0) + b"IEND" + struct.pack(">I", zlib.crc32(b"IEND"))
+    return vision.PNG_SIGNATURE + ihdr + idat + end
+
+
+def test_oversized_images_are_refused_from_the_header() -> None:
+    with pytest.raises(PayloadTooLarge, match=r"upload: 100000×100000 pixels exceeds the limit"):
+        decode_image(lying_png(100_000, 100_000), LIMIT, "L", "upload")
+    with pytest.raises(PayloadTooLarge, match="pixels exceeds"):
+        decode_image(encoded(rgb((64, 64))), 64 * 63, "RGB")  # Pillow's path checks it too
+    with pytest.raises(PayloadTooLarge, match="pixels exceeds"):
+        decode_image(encoded(rgb((64, 64)), "JPEG"), 64 * 63, "RGB")
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        encoded(grey((28, 28)))[:60],  # truncated
+        lying_png(40, 40),  # too little pixel data for its header
+        bytearray(encoded(grey((28, 28)))),  # a bad CRC, set below
+        b"\x89PNG\r\n\x1a\n" + b"\x00" * 40,
+        b"not an image at all",
+    ],
+)
+def test_undecodable_images_are_invalid_input_naming_the_field(data: bytes | bytearray) -> None:
+    if isinstance(data, bytearray):
+        data[50] ^= 0xFF  # inside IDAT's data (from byte 41): its CRC no longer matches
+        data = bytes(data)
+    with pytest.raises(InvalidInput, match=r"^file: not a decodable image"):
+        decode_image(data, LIMIT, "L", "file")
