@@ -4,14 +4,17 @@ own routing answers them — successes, every error shape, auth, multipart refus
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 
+from service.api import routes
 from service.api.http import App, create_app
 from service.api.routes import HotRoutes, route_path
 from tests.service.api.test_rest import BOUNDARY, call, multipart, png
@@ -114,3 +117,59 @@ def test_the_hot_path_answers_as_the_router_does(tmp_path: Path, token: str | No
         app = create_app(fake_server(tmp_path, **settings)[0])
         hot, routed = compared(app, True), compared(app, False)
         assert hot == routed and {status for status, _, _ in hot} == {401}
+
+
+def exchange(app: Any, leave_after_s: float | None) -> tuple[list[int], int]:
+    """A translation whose client leaves ``leave_after_s`` after sending it (None: stays) →
+    (the statuses sent, the tasks running beside the exchange's own when it is answered)."""
+    statuses: list[int] = []
+    body = json.dumps({"text": "x"}).encode()
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/models/fake-translator/translate", "raw_path": b"",
+        "root_path": "", "query_string": b"", "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(body))],
+    }  # fmt: skip
+    others = 0
+
+    async def main() -> None:
+        sent = False
+        gone = asyncio.Event()
+
+        async def receive() -> dict[str, Any]:
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            await gone.wait()
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict[str, Any]) -> None:
+            nonlocal others
+            if message["type"] == "http.response.start":
+                statuses.append(message["status"])
+                others = len(asyncio.all_tasks()) - 2  # main and the app's
+
+        if leave_after_s is not None:
+            asyncio.get_running_loop().call_later(leave_after_s, gone.set)
+        await asyncio.wait_for(app(scope, receive, send), 10)
+
+    asyncio.run(main())
+    return statuses, others
+
+
+def test_a_client_that_leaves_is_answered_499_once_the_watch_starts(tmp_path: Path) -> None:
+    server, translator, _, recorded = fake_server(tmp_path)
+    app = create_app(server)
+    translator.delay_s = 0.0
+    assert exchange(app, None) == ([200], 0)  # answered before the watch began: no task was made
+    translator.delay_s = 2.0
+    for leave_after_s in (0.0, routes.WATCH_AFTER_S / 2, routes.WATCH_AFTER_S * 3):
+        start = time.perf_counter()
+        statuses, _ = exchange(app, leave_after_s)
+        took = time.perf_counter() - start
+        assert statuses == [499], leave_after_s
+        assert took < max(leave_after_s, routes.WATCH_AFTER_S) + 0.5, (leave_after_s, took)
+    translator.delay_s = routes.WATCH_AFTER_S * 3  # watched, and stays: answered
+    assert exchange(app, None)[0] == [200]
+    assert [r[2] for r in recorded.records] == [200, 499, 499, 499, 200]
