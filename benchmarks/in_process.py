@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import cProfile
+import dataclasses
 import json
 import pstats
 import sys
@@ -31,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.decoding_load import TEXTS
+from benchmarks.image_peers import MODEL as PEERS_MODEL
 from benchmarks.image_peers import ours
 from benchmarks.loadgen import Request
 from benchmarks.peers.smoke import test_images
@@ -54,7 +56,11 @@ def requests_for(model: str, kind: str) -> list[Request]:
         path = f"/v1/models/{model}/translate"
         return [Request.json(path, {"text": t, "stream": kind == "stream"}) for t in TEXTS]
     payloads = {p.name: p for p in ours(test_images(32))}
-    return payloads[IMAGE_KINDS[kind]].requests
+    # the payloads name the peers' model (fashion-vit); any image model takes the same bodies
+    return [
+        dataclasses.replace(r, path=r.path.replace(f"/models/{PEERS_MODEL}/", f"/models/{model}/"))
+        for r in payloads[IMAGE_KINDS[kind]].requests
+    ]
 
 
 def scope(request: Request) -> dict[str, Any]:
