@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import AsyncIterator
-from json.encoder import encode_basestring as _string  # the C escaper json uses
 from typing import Any, cast
 
 from starlette.responses import StreamingResponse
@@ -64,29 +62,21 @@ def _encode(item: Tokens | Answer, body: TranslateRequest, elapsed_ms: float) ->
     """One write: the answer, or every token that is ready (several events in one chunk)."""
     if isinstance(item, Answer):
         return _event("answer", answer_json(item, body, elapsed_ms))
-    return "".join(map(token_event, item)).encode()
+    return b"".join(map(token_event, item))
 
 
-def token_event(event: TokenEvent) -> str:
-    """A ``token`` event: its data a JSON object of the event's fields (``attention`` and
-    ``attention_layers`` rounded, when present), formatted directly — a streamed answer has one per
-    output token, and a dictionary handed to the JSON encoder cost as much as the rest of the
-    token's way from the scheduler to the socket. Strings are escaped and floats written as
-    ``json`` writes them (the tests compare the two)."""
-    data = (
-        f'{{"text_index":{event.text_index},"index":{event.index},"token":{_string(event.token)},'
-        f'"token_id":{event.token_id},"text":{_string(event.piece)},'
-        f'"logprob":{_number(round(event.logprob, 6))}'
-    )
+def token_event(event: TokenEvent) -> bytes:
+    """A ``token`` event: its data the JSON object of the event's fields (``attention`` and
+    ``attention_layers`` rounded, when present)."""
+    item: dict[str, Any] = {
+        "text_index": event.text_index, "index": event.index, "token": event.token,
+        "token_id": event.token_id, "text": event.piece, "logprob": round(event.logprob, 6),
+    }  # fmt: skip
     if event.alignment is not None:
-        data += ',"attention":' + dumps(rounded(event.alignment)).decode()
+        item["attention"] = rounded(event.alignment)
     if event.layers is not None:
-        data += ',"attention_layers":' + dumps(rounded(event.layers)).decode()
-    return f"event: token\ndata: {data}}}\n\n"
-
-
-def _number(value: float) -> str:
-    return repr(value) if math.isfinite(value) else dumps(value).decode()
+        item["attention_layers"] = rounded(event.layers)
+    return _event("token", dumps(item))
 
 
 def _event(name: str, data: bytes) -> bytes:
