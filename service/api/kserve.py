@@ -22,6 +22,7 @@ Attention outputs are computed only when the request names them in ``outputs`` o
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +59,10 @@ NUMPY_OF = {
     "BYTES": np.object_,
 }
 DATATYPE_OF = {np.dtype(v).name: k for k, v in NUMPY_OF.items() if k != "BYTES"}
+#: per numpy dtype (``dtype.name`` is a Python property, slow on every tensor of every answer)
+_DATATYPE_BY_DTYPE = {np.dtype(v): k for k, v in NUMPY_OF.items()}
+#: the little-endian dtype of each datatype, as raw tensor contents are read
+_LITTLE_ENDIAN = {k: np.dtype(v).newbyteorder("<") for k, v in NUMPY_OF.items() if k != "BYTES"}
 
 TRANSLATION_OUTPUTS = ["TRANSLATION", "SCORE", "SOURCE_TOKENS", "TARGET_TOKENS", "ATTENTION"]
 IMAGE_OUTPUTS = ["LABELS", "PROBABILITIES", "INDICES", "ROLLOUT", "ATTENTIONS"]
@@ -230,10 +235,13 @@ def _translation_values(result: Translated) -> dict[str, np.ndarray]:
 
 
 def _image_values(results: list[Classified]) -> dict[str, np.ndarray]:
+    """One row per image; every image of a request has the same top_k."""
+    labels = np.empty((len(results), len(results[0].labels)), dtype=np.object_)
+    labels[:] = [[label.encode("utf-8") for label in r.labels] for r in results]
     values = {
-        "LABELS": _bytes([r.labels for r in results]),
-        "PROBABILITIES": np.stack([r.probabilities for r in results]).astype(np.float32),
-        "INDICES": np.stack([r.indices for r in results]).astype(np.int64),
+        "LABELS": labels,
+        "PROBABILITIES": np.array([r.probabilities for r in results], dtype=np.float32),
+        "INDICES": np.array([r.indices for r in results], dtype=np.int64),
     }
     rollouts = [r.rollout for r in results if r.rollout is not None]
     if len(rollouts) == len(results):
@@ -257,7 +265,7 @@ def _bytes(values: list[Any]) -> np.ndarray:
 
 
 def _tensor(name: str, data: np.ndarray) -> Tensor:
-    datatype = "BYTES" if data.dtype == np.object_ else DATATYPE_OF[data.dtype.name]
+    datatype = _DATATYPE_BY_DTYPE[data.dtype]
     return Tensor(name, datatype, list(data.shape), data)
 
 
@@ -295,21 +303,20 @@ def deserialize_bytes(buffer: bytes, count: int, name: str) -> np.ndarray:
 def from_raw(name: str, datatype: str, shape: Any, raw: bytes) -> Tensor:
     """A tensor from raw little-endian bytes (binary extension, gRPC raw_input_contents)."""
     dims = _check_shape(name, shape)
-    count = int(np.prod(dims)) if dims else 1
+    count = math.prod(dims)
     if datatype == "BYTES":
         return Tensor(name, datatype, dims, deserialize_bytes(raw, count, name).reshape(dims))
-    dtype = _numpy_dtype(name, datatype)
-    if len(raw) != count * np.dtype(dtype).itemsize:
+    _numpy_dtype(name, datatype)
+    dtype = _LITTLE_ENDIAN[datatype]
+    if len(raw) != count * dtype.itemsize:
         raise InvalidInput(f"{name}: {len(raw)} bytes of data do not fit shape {dims} of {datatype}")
-    return Tensor(
-        name, datatype, dims, np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<")).reshape(dims)
-    )
+    return Tensor(name, datatype, dims, np.frombuffer(raw, dtype=dtype).reshape(dims))
 
 
 def from_list(name: str, datatype: str, shape: Any, data: Any) -> Tensor:
     """A tensor from JSON data (flat or nested lists; strings for BYTES)."""
     dims = _check_shape(name, shape)
-    count = int(np.prod(dims)) if dims else 1
+    count = math.prod(dims)
     if datatype == "BYTES":
         flat = np.array(data, dtype=np.object_).ravel()
         if flat.size != count or not all(isinstance(x, str | bytes) for x in flat):
@@ -339,6 +346,6 @@ MAX_ELEMENTS = 64 * 1024 * 1024
 def _check_shape(name: str, shape: Any) -> list[int]:
     if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 8:
         raise InvalidInput(f"{name}: shape must be a list of at most 8 non-negative integers")
-    if int(np.prod(shape, dtype=np.float64)) > MAX_ELEMENTS:
+    if math.prod(shape) > MAX_ELEMENTS:
         raise InvalidInput(f"{name}: shape {shape} is too large")
     return list(shape)

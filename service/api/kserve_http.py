@@ -8,17 +8,16 @@ bytes from the tail in order. Outputs go binary when the requested output says
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from service.api import kserve
 from service.errors import InvalidInput
 
 HEADER_LENGTH = "inference-header-content-length"
-_JSON = json.JSONEncoder(separators=(",", ":"))  # one encoder, not one per answer (json.dumps)
 
 
 @dataclass
@@ -42,8 +41,8 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     else:
         header_bytes, tail = body, b""
     try:
-        header = json.loads(header_bytes)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        header = orjson.loads(header_bytes)
+    except orjson.JSONDecodeError as exc:  # invalid UTF-8 too
         raise InvalidInput(f"body: not a JSON inference request ({exc.__class__.__name__})") from exc
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list) or not header["inputs"]:
         raise InvalidInput("inputs: a non-empty list of input tensors is required")
@@ -113,7 +112,7 @@ def encode_response(
     header: dict[str, Any] = {"model_name": model, "model_version": str(version), "outputs": outputs}
     if request.id is not None:
         header["id"] = request.id
-    body = _JSON.encode(header).encode()
+    body = orjson.dumps(header)
     if not tail:
         return body, {"content-type": "application/json"}
     return body + bytes(tail), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(body))}
