@@ -58,7 +58,6 @@ NUMPY_OF = {
     "FP64": np.float64,
     "BYTES": np.object_,
 }
-DATATYPE_OF = {np.dtype(v).name: k for k, v in NUMPY_OF.items() if k != "BYTES"}
 #: per numpy dtype (``dtype.name`` is a Python property, slow on every tensor of every answer)
 _DATATYPE_BY_DTYPE = {np.dtype(v): k for k, v in NUMPY_OF.items()}
 #: the little-endian dtype of each datatype, as raw tensor contents are read
