@@ -32,7 +32,7 @@ from service.api.grpc_servicer import GrpcServicer, add_to_grpc_server
 from service.api.http import create_app
 from service.api.server import Server
 from service.hosting.autoscaling import METRIC
-from service.hosting.listening import ConnectionRecycler, QuietServer, shared_socket
+from service.hosting.listening import ConnectionRecycler, CorkedHttp, QuietServer, shared_socket
 from service.hosting.metrics import IngressMetrics, ModelMetrics
 from service.inference.model_set import ModelSet
 from service.inference.repository import ModelEntry
@@ -79,7 +79,7 @@ class ServingReplica:
         self.http = QuietServer(
             uvicorn.Config(
                 recycled, lifespan="off", log_level="warning", access_log=settings.access_log,
-                timeout_keep_alive=30, proxy_headers=False,
+                timeout_keep_alive=30, proxy_headers=False, http=CorkedHttp,
             )
         )  # fmt: skip
         self.http_task = asyncio.create_task(

@@ -1,8 +1,10 @@
 """The listeners of an in-replica serving replica: sockets several replicas share, uvicorn without
-signal handlers, and keep-alive connections recycled so replicas that join get their share."""
+signal handlers, answers written in one system call, and keep-alive connections recycled so
+replicas that join get their share."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 from collections import OrderedDict
@@ -11,6 +13,7 @@ from typing import Any
 
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
 class ConnectionRecycler:
@@ -47,6 +50,48 @@ class QuietServer(uvicorn.Server):
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+
+class CorkedHttp(HttpToolsProtocol):
+    """uvicorn's HTTP/1.1 protocol (httptools) whose writes made in one event-loop callback leave
+    in one system call. uvicorn writes a response's status line and headers as soon as the app
+    sends ``http.response.start`` and the body when it sends the body: two ``send()`` calls, two
+    TCP segments (the socket has ``TCP_NODELAY``) and two wake-ups of the client for every answer,
+    although the app sends both in the same step. A streamed answer's headers leave with its first
+    event the same way; later events each leave when they are written."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(_Corked(transport))  # type: ignore[arg-type]
+
+
+class _Corked:
+    """A transport whose writes wait for the end of the current event-loop callback and then go
+    out joined; everything else is the transport's own. ``close`` writes what waits first."""
+
+    def __init__(self, transport: asyncio.Transport) -> None:
+        self._transport = transport
+        self._pending: list[bytes] = []
+        self._loop = asyncio.get_running_loop()
+
+    def write(self, data: bytes) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
+        self._pending = []
+        if not self._transport.is_closing():
+            self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
 
 
 def shared_socket(host: str, port: int) -> socket.socket:

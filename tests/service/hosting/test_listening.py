@@ -1,0 +1,94 @@
+"""The in-replica listeners (``service/hosting/listening.py``) on real sockets, without Ray: an
+answer leaves in one system call (uvicorn writes headers and body separately), streamed events
+still leave as they are written, a closing answer is whole before the connection ends."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import uvicorn
+
+from service.hosting.listening import CorkedHttp, QuietServer, shared_socket
+from tests.conftest import free_port
+
+WRITES: list[bytes] = []  # what reached the socket's transport, one item per send()
+
+
+class Counted(CorkedHttp):
+    """The protocol the replica runs, with each write to the real transport recorded."""
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        real = transport.write
+
+        def write(data: bytes | bytearray | memoryview) -> None:
+            WRITES.append(bytes(data))
+            real(data)
+
+        transport.write = write  # type: ignore[method-assign]
+        super().connection_made(transport)
+
+
+async def app(scope: dict[str, Any], receive: Callable[[], Awaitable[Any]], send: Any) -> None:
+    if scope["type"] != "http":
+        return
+    await receive()
+    if scope["path"] == "/stream":
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        for i in range(3):
+            await send({"type": "http.response.body", "body": b"data: %d\n\n" % i, "more_body": True})
+            await asyncio.sleep(0.05)
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        return
+    headers = [(b"content-length", b"5")]
+    if scope["path"] == "/close":
+        headers.append((b"connection", b"close"))
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.body", "body": b"hello"})
+
+
+async def exchange(port: int) -> list[tuple[str, list[bytes], bytes]]:
+    """Each path in turn on one keep-alive connection → (path, the writes its answer took, what
+    the client read)."""
+    server = QuietServer(uvicorn.Config(app, http=Counted, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve(sockets=[shared_socket("127.0.0.1", port)]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    seen = []
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for path in ("/a", "/b", "/stream", "/c", "/close"):
+            WRITES.clear()
+            writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            head = await reader.readuntil(b"\r\n\r\n")
+            if b"chunked" in head:
+                body = await reader.readuntil(b"0\r\n\r\n")
+            else:
+                body = await reader.readexactly(5)
+            await asyncio.sleep(0.05)
+            seen.append((path, list(WRITES), head + body))
+        assert await reader.read() == b""  # /close closed the connection, after its answer
+    finally:
+        writer.close()
+        server.should_exit = True
+        await task
+    return seen
+
+
+def test_an_answer_leaves_in_one_write_and_stream_events_as_written() -> None:
+    answers = asyncio.run(exchange(free_port()))
+    for path, writes, read in answers:
+        assert b"".join(writes) == read, path  # nothing lost, nothing reordered
+        if path == "/stream":
+            # the headers with the first event; each later event, and the end, when written
+            assert len(writes) == 4 and writes[0].startswith(b"HTTP/1.1 200") and b"data: 0" in writes[0]
+            assert [w.count(b"data:") for w in writes] == [1, 1, 1, 0]
+        else:
+            assert len(writes) == 1 and writes[0].startswith(b"HTTP/1.1 200") and writes[0].endswith(b"hello")
