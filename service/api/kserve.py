@@ -234,11 +234,8 @@ def _translation_values(result: Translated) -> dict[str, np.ndarray]:
 
 
 def _image_values(results: list[Classified]) -> dict[str, np.ndarray]:
-    """One row per image; every image of a request has the same top_k."""
-    labels = np.empty((len(results), len(results[0].labels)), dtype=np.object_)
-    labels[:] = [[label.encode("utf-8") for label in r.labels] for r in results]
     values = {
-        "LABELS": labels,
+        "LABELS": _bytes([r.labels for r in results]),
         "PROBABILITIES": np.array([r.probabilities for r in results], dtype=np.float32),
         "INDICES": np.array([r.indices for r in results], dtype=np.int64),
     }

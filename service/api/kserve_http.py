@@ -15,6 +15,7 @@ import numpy as np
 import orjson
 
 from service.api import kserve
+from service.api.rest_codec import dumps
 from service.errors import InvalidInput
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -112,7 +113,7 @@ def encode_response(
     header: dict[str, Any] = {"model_name": model, "model_version": str(version), "outputs": outputs}
     if request.id is not None:
         header["id"] = request.id
-    body = orjson.dumps(header)
+    body = dumps(header)
     if not tail:
         return body, {"content-type": "application/json"}
     return body + bytes(tail), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(body))}
