@@ -279,10 +279,13 @@ class TranslationScheduler:
         """One step: drop the cancelled, add the admitted, step, retire."""
         now = time.perf_counter()
         self._drop_cancelled()
+        joining: list[_Text] = []
         for text in admitted:
             if text.request.cancelled:  # its caller left since admission
                 self._in_flight -= text.cost
-        admitted = [t for t in admitted if not t.request.cancelled]
+            else:
+                joining.append(text)
+        admitted = joining
         if admitted and self._retired:  # the join copies every row anyway: compact first
             self._compact()
         if admitted:
@@ -372,22 +375,29 @@ class TranslationScheduler:
         """Take the rows of requests whose caller left out of the batch (and retired rows with
         them: it is a copy of every row either way)."""
         if any(isinstance(t, _Text) and t.request.cancelled for t in self._active):
-            for text in self._active:
-                if isinstance(text, _Text) and text.request.cancelled:
-                    self._in_flight -= text.cost
             self._compact()
 
     def _compact(self) -> None:
-        """Keep only the rows of texts still decoding (one copy of the batch's state)."""
+        """Keep only the rows of texts still decoding (one copy of the batch's state); the texts
+        of requests whose caller left go too, and give back their budget.
+
+        A caller leaves on its own event loop at any moment (``release``), so each text's
+        ``cancelled`` is read once here: the rows kept, the texts kept and the budget returned
+        must agree even when a caller leaves during the compaction."""
         keep: list[np.ndarray] = []
+        active: list[_Text | _Retired] = []
         offset = 0
-        for text in self._active:
-            n = text.rows if isinstance(text, _Retired) else text.search.rows
-            if isinstance(text, _Text) and not text.request.cancelled:
-                keep.append(np.arange(offset, offset + n))
+        for entry in self._active:
+            n = entry.rows if isinstance(entry, _Retired) else entry.search.rows
+            if isinstance(entry, _Text):
+                if entry.request.cancelled:
+                    self._in_flight -= entry.cost
+                else:
+                    keep.append(np.arange(offset, offset + n))
+                    active.append(entry)
             offset += n
-        self._active = [t for t in self._active if isinstance(t, _Text) and not t.request.cancelled]
-        self._batch = self._batch[np.concatenate(keep)] if self._active else None
+        self._active = active
+        self._batch = self._batch[np.concatenate(keep)] if active else None
         self._retired = 0
 
     def _answer(self, finished: list[Request]) -> None:

@@ -13,6 +13,7 @@ import asyncio
 import functools
 import itertools
 import random
+import threading
 import time
 from collections.abc import Callable, Coroutine
 from typing import Any
@@ -193,6 +194,53 @@ async def test_cancelled_request_leaves_the_batch_at_the_next_step() -> None:
     expected = alone(TableDecoder(), [9] * 14, options(max_len=40))
     assert answer.hypotheses[0].tokens == expected.tokens
     assert scheduler.tokens_in_flight == 0 and scheduler.held == 0
+
+
+class HeldWhenItEnds(TableDecoder):
+    """Stops inside the step at which the text with source ``ids`` chooses EOS, until ``go``:
+    what its caller's loop does meanwhile happens while the stepping thread is in the graph."""
+
+    def __init__(self, ids: list[int]) -> None:
+        super().__init__()
+        self.source = float(sum(ids))
+        self.inside, self.go = threading.Event(), threading.Event()
+
+    def step(self, batch: RowBatch, *args: Any, **kwargs: Any) -> tuple[np.ndarray, np.ndarray, RowBatch]:
+        logp, attention, out = super().step(batch, *args, **kwargs)
+        sources = (batch.tensors["memory"][..., 0] * batch.src_mask).sum(axis=1)
+        ends = (sources == self.source) & (logp.argmax(axis=1) == EOS)
+        if ends.any() and not self.inside.is_set():
+            self.inside.set()
+            assert self.go.wait(10)
+        return logp, attention, out
+
+
+@synchronous
+async def test_a_caller_leaving_during_a_step_gives_back_its_budget() -> None:
+    """A caller leaves (on its loop) while the stepping thread is in the graph, at the step where
+    another text ends: that step's compaction takes the leaver's rows out, and must give back
+    its budget too. Held budget that nobody decodes would shrink every later batch, down to one
+    text at a time."""
+    short, long = [5, 5], [9] * 14
+    decoder = HeldWhenItEnds(short)
+    scheduler = TranslationScheduler(decoder, token_budget=1000)
+    leaves = asyncio.ensure_future(scheduler.submit([long], options(max_len=40)))
+    while decoder.calls < 1:
+        await asyncio.sleep(0.001)
+    stays = asyncio.ensure_future(scheduler.submit([short], options(max_len=40)))
+    while not decoder.inside.is_set():
+        await asyncio.sleep(0.001)
+    leaves.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await leaves  # its release has run: the request is marked as left
+    decoder.go.set()
+    answer = await stays
+    assert answer.hypotheses[0].tokens == alone(TableDecoder(), short, options(max_len=40)).tokens
+    calls = decoder.calls
+    await asyncio.sleep(0.05)
+    assert decoder.calls == calls, "nothing left to decode"
+    assert scheduler.rows == 0 and scheduler.held == 0
+    assert scheduler.tokens_in_flight == 0
 
 
 @synchronous
