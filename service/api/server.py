@@ -138,7 +138,9 @@ class Server:
         """One request's events — a translation's tokens as they are chosen, then its answer
         (``ModelWorker.stream``) — each with the model and the milliseconds since the request
         began, under the limits, deadline and request metrics of :meth:`predict_many`. The deadline
-        covers the whole stream. Closing the iterator early (the client left) cancels the request."""
+        covers the whole stream. Closing the iterator early (the client left) cancels the request;
+        closing it once the answer was yielded (a writer that stops after the last event) is
+        recorded as answered (200)."""
         with self._recorded(name, route) as start:
             events: AsyncIterator[Tokens | Answer] | None = None
             deadline = _Deadline(self.settings.limits.request_timeout_s)
@@ -156,7 +158,12 @@ class Server:
                         raise DeadlineExceeded(
                             f"model {name!r} did not answer within {deadline.timeout_s} s"
                         ) from exc
-                    yield entry, event, round((time.perf_counter() - start) * 1000, 3)
+                    try:
+                        yield entry, event, round((time.perf_counter() - start) * 1000, 3)
+                    except GeneratorExit:
+                        if isinstance(event, Answer):  # closed once its answer is out: answered
+                            return
+                        raise  # closed before its answer: the client left (499)
             finally:
                 deadline.close()
                 if events is not None:

@@ -197,6 +197,32 @@ def rows_gone(w: Any, timeout_s: float = 20) -> float:
     return time.perf_counter() - start
 
 
+def test_answered_streams_are_recorded_as_answered(endless_app: tuple[str, Any, Statuses, str]) -> None:
+    """A stream that delivered its answer is a 200 in the request metrics, over REST and gRPC —
+    not a 499 because its writer closed it after the last event."""
+    address, _, statuses, target = endless_app
+    cut = len(statuses.records)
+    url = f"http://{address}/v1/models/dates-transformer/translate"
+    with requests.post(
+        url, json={"text": DATES[:2], "max_length": 6, "stream": True}, stream=True, timeout=60
+    ) as r:
+        events = sse(r)
+    assert r.status_code == 200 and events[-1][0] == "answer"
+    with grpc.insecure_channel(target) as channel:
+        stub = apb_grpc.AttentionServiceStub(channel)
+        request = apb.TranslateRequest(model="dates-transformer", texts=DATES[:2], max_length=6)
+        assert list(stub.TranslateStream(request))[-1].WhichOneof("event") == "answer"
+    wanted = {
+        ("dates-transformer", "translate_stream", 200),
+        ("dates-transformer", "grpc_translate_stream", 200),
+    }
+    deadline = time.perf_counter() + 10
+    while not wanted <= set(statuses.records[cut:]):  # recorded once the writer let go
+        assert time.perf_counter() < deadline, statuses.records[cut:]
+        time.sleep(0.02)
+    assert all(status == 200 for _, _, status in statuses.records[cut:]), statuses.records[cut:]
+
+
 def test_a_client_that_disconnects_frees_its_rows(endless_app: tuple[str, Any, Statuses, str]) -> None:
     address, w, statuses, _ = endless_app
     steps = w.scheduler.steps
