@@ -30,6 +30,8 @@ def check(job: Any, limits: Limits) -> None:
         if job.beam_size > limits.max_beam_size:
             raise InvalidInput(f"beam_size: {job.beam_size} exceeds the limit of {limits.max_beam_size}")
     elif isinstance(job, ClassifyJob):
+        if job.top_k > limits.max_top_k:
+            raise InvalidInput(f"top_k: {job.top_k} exceeds the limit of {limits.max_top_k}")
         if job.image is not None and len(job.image) > limits.max_image_bytes:
             raise PayloadTooLarge(
                 f"{job.field}: {len(job.image)} bytes exceed the limit of {limits.max_image_bytes}"

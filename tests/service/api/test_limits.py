@@ -11,7 +11,9 @@ from service.errors import InvalidInput, PayloadTooLarge
 from service.inference.jobs import ClassifyJob, TranslateJob
 from service.settings import Limits
 
-LIMITS = Limits(max_texts=2, max_text_chars=5, max_beam_size=3, max_image_bytes=2048, max_image_pixels=64)
+LIMITS = Limits(
+    max_texts=2, max_text_chars=5, max_beam_size=3, max_image_bytes=2048, max_image_pixels=64, max_top_k=7
+)
 
 
 @pytest.mark.parametrize(
@@ -23,6 +25,7 @@ LIMITS = Limits(max_texts=2, max_text_chars=5, max_beam_size=3, max_image_bytes=
         (ClassifyJob(image=b"x" * 2049), PayloadTooLarge, "image: 2049 bytes"),
         (ClassifyJob(image=b"x" * 2049, field="file"), PayloadTooLarge, "file: 2049 bytes"),
         (ClassifyJob(pixels=np.zeros((20, 20))), PayloadTooLarge, "pixels: 400 values"),
+        (ClassifyJob(image=b"x", top_k=8), InvalidInput, "top_k: 8 exceeds the limit of 7"),
     ],
 )
 def test_a_job_over_a_limit_is_refused_naming_the_field(job: object, error: type, words: str) -> None:
@@ -33,7 +36,7 @@ def test_a_job_over_a_limit_is_refused_naming_the_field(job: object, error: type
 
 def test_jobs_within_the_limits_pass() -> None:
     limits.check(TranslateJob(texts=["a", "bcdef"], beam_size=3), LIMITS)
-    limits.check(ClassifyJob(image=b"x" * 2048), LIMITS)
+    limits.check(ClassifyJob(image=b"x" * 2048, top_k=7), LIMITS)
     limits.check(ClassifyJob(pixels=np.zeros((8, 8, 4))), LIMITS)
 
 
