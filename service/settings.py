@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Literal, Self
 
-from pydantic import AfterValidator, BaseModel, Field, SecretStr, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 GPU_MAX_BATCH_SIZE = 128
@@ -33,6 +33,7 @@ GpuShare = Annotated[float, Field(gt=0, le=8), AfterValidator(_placeable)]
 
 
 class Batching(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an unknown name (a typo) stops the start
     max_batch_size: int = Field(32, ge=1, le=4096)
     #: how long a batch that is not full waits for more; 0 (the default): an idle model starts a
     #: lone request at once, a busy one takes what accumulated while it computed
@@ -44,6 +45,7 @@ class Batching(BaseModel):
 
 
 class ModelOverride(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # an unknown name (a typo) stops the start
     max_batch_size: int | None = Field(None, ge=1, le=4096)
     batch_wait_timeout_s: float | None = Field(None, ge=0, le=10)
     token_budget: int | None = Field(None, ge=1, le=10_000_000)
@@ -59,6 +61,7 @@ class Autoscaling(BaseModel):
     routes) or of the serving replicas (in-replica, on the requests each replica holds:
     ``service/hosting/autoscaling.py``)."""
 
+    model_config = ConfigDict(extra="forbid")  # an unknown name (a typo) stops the start
     min_replicas: int = Field(1, ge=1)
     max_replicas: int = Field(4, ge=1)
     #: ongoing requests per replica Ray aims for; a couple of full batches keeps replicas busy
@@ -75,6 +78,8 @@ class Limits(BaseModel):
     """What one request may ask for: applied at the API edge (``service/api/limits.py``), shown in
     the OpenAPI document and KServe model metadata. Each is at most the API schema's ceiling
     (``service/api/schemas.py``)."""
+
+    model_config = ConfigDict(extra="forbid")  # an unknown name (a typo) stops the start
 
     max_text_chars: int = Field(512, ge=1, le=4096)
     max_texts: int = Field(64, ge=1, le=256)

@@ -31,6 +31,10 @@ def test_defaults_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ({"ATTN_REPOSITORY": "/no/such/dir"}, "repository"),
         ({"ATTN_LATENCY_BUCKETS_S": "[1, 0.5]"}, "ascending"),
         ({"ATTN_NO_SUCH_SETTING": "1"}, "no_such_setting"),
+        ({"ATTN_LIMITS__MAX_BEAMSIZE": "3"}, "max_beamsize"),  # nested names are checked too
+        ({"ATTN_BATCHING__MAX_BATCHSIZE": "3"}, "max_batchsize"),
+        ({"ATTN_MODEL_OVERRIDES": '{"m": {"max_batchsize": 64}}'}, "max_batchsize"),
+        ({"ATTN_AUTOSCALING": '{"max_replica": 4}'}, "max_replica"),
         ({"ATTN_FRONTEND": "haproxy"}, "frontend"),
         ({"ATTN_AUTOSCALING": '{"min_replicas": 5, "max_replicas": 4}'}, "min_replicas must not exceed"),
     ],
