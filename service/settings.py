@@ -87,6 +87,9 @@ class Limits(BaseModel):
     max_image_bytes: int = Field(8 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(4096 * 4096, ge=64)
     max_top_k: int = Field(100, ge=1, le=1000)
+    #: images in one request (a KServe v2 IMAGE / PIXELS batch; REST takes one): each holds a
+    #: place in the model's queue, so a request larger than the queue could never be served
+    max_images: int = Field(64, ge=1, le=4096)
     #: the largest answer a request may ask for, estimated up front from what it asks (texts ×
     #: decode length × source length, × layers × heads for every layer's attention): larger
     #: requests are refused with 422 before any work, not encoded into huge JSON

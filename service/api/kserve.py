@@ -159,6 +159,10 @@ def _classify_jobs(
     by_name: dict[str, Tensor], params: dict[str, Any], attention: bool, raw: bool
 ) -> list[ClassifyJob]:
     tensor = _only_input(by_name, ["IMAGE", "PIXELS"])
+    if 0 in tensor.shape:
+        raise InvalidInput(
+            f"{tensor.name}: give at least one image of at least one pixel, got shape {tensor.shape}"
+        )
     given = {k: params[k] for k in ("top_k", "head_fusion", "discard_ratio") if k in params}
     options = ClassifyOptions(
         **given, return_attention=attention, attention_layers="all" if raw else "rollout"
@@ -340,7 +344,11 @@ MAX_ELEMENTS = 64 * 1024 * 1024
 
 
 def _check_shape(name: str, shape: Any) -> list[int]:
-    if not isinstance(shape, list) or not all(isinstance(d, int) and d >= 0 for d in shape) or len(shape) > 8:
+    if (
+        not isinstance(shape, list)
+        or not all(type(d) is int and d >= 0 for d in shape)  # JSON true / false are not dimensions
+        or len(shape) > 8
+    ):
         raise InvalidInput(f"{name}: shape must be a list of at most 8 non-negative integers")
     if math.prod(shape) > MAX_ELEMENTS:
         raise InvalidInput(f"{name}: shape {shape} is too large")

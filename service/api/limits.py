@@ -40,12 +40,19 @@ def check(job: Any, limits: Limits) -> None:
             raise PayloadTooLarge(f"pixels: {job.pixels.size} values exceed the limit")
 
 
+def check_count(jobs: list[Any], limits: Limits) -> None:
+    """Refuse a request of more images than ``limits.max_images`` (413): the jobs of one request
+    (a KServe v2 batch of images; a translation request is one job, its texts bounded above)."""
+    if len(jobs) > limits.max_images and isinstance(jobs[0], ClassifyJob):
+        raise PayloadTooLarge(f"inputs: {len(jobs)} images exceed the limit of {limits.max_images} per request")
+
+
 def request_limits(task: str, limits: Limits) -> dict[str, int]:
     """The limits on a request to a model of ``task``, as KServe model metadata shows them."""
     if task == "translation":
         names = ("max_texts", "max_text_chars", "max_beam_size", "max_response_bytes")
     else:
-        names = ("max_image_bytes", "max_image_pixels", "max_top_k", "max_response_bytes")
+        names = ("max_images", "max_image_bytes", "max_image_pixels", "max_top_k", "max_response_bytes")
     return {name: int(getattr(limits, name)) for name in names}
 
 

@@ -118,6 +118,7 @@ class Server:
         deadline and overload mapping every protocol shares; record the request metrics."""
         with self._recorded(name, route) as start:
             entry = self.resolve(name, task, version)
+            limits.check_count(requests, self.settings.limits)
             for request in requests:
                 limits.check(request, self.settings.limits)
             timeout = self.settings.limits.request_timeout_s

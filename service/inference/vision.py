@@ -109,6 +109,8 @@ def pixels_to_image(pixels: np.ndarray, field: str = "pixels") -> Image.Image:
         pixels = pixels[:, :, 0]
     if pixels.ndim not in (2, 3) or (pixels.ndim == 3 and pixels.shape[2] not in (3, 4)):
         raise InvalidInput(f"{field}: expected shape [H, W] or [H, W, 3|4], got {list(pixels.shape)}")
+    if pixels.size == 0:
+        raise InvalidInput(f"{field}: the image has no pixels (shape {list(pixels.shape)})")
     if not np.isfinite(pixels).all() or pixels.min() < 0 or pixels.max() > 255:
         raise InvalidInput(f"{field}: values must be finite and within 0..255")
     return Image.fromarray(pixels.astype(np.uint8))

@@ -53,6 +53,7 @@ def text_tensor(*texts: bytes) -> bytes:
 
 TRANSLATE, CLASSIFY = "/v1/models/dates-bahdanau/translate", "/v1/models/fashion-vit/classify"
 V2 = "/v2/models/dates-bahdanau/infer"
+V2_IMAGE = "/v2/models/fashion-vit/infer"
 CORPUS = [
     # text
     (TRANSLATE, {"data": b"", "headers": {"content-type": "application/json"}}, 422, "body"),
@@ -73,6 +74,15 @@ CORPUS = [
     (CLASSIFY, {"json": {"image": b64(png((48, 48))), "top_k": 10**6}}, 422, "top_k"),
     (CLASSIFY, {"json": {"image": b64(png((48, 48))), "head_fusion": "median"}}, 422, "head_fusion"),
     (CLASSIFY, {"files": {"file": ("x.png", b"", "image/png")}}, 422, ""),
+    (CLASSIFY, {"json": {"image": b64(png((48, 48))), "top_k": 101}}, 422, "top_k"),  # limits.max_top_k
+    (CLASSIFY, {"json": {"pixels": [[]]}}, 422, "pixels"),
+    (V2_IMAGE, {"json": {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [1, 0, 0], "data": []}]}},
+     422, "PIXELS"),
+    (V2_IMAGE, {"json": {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [0, 28, 28], "data": []}]}},
+     422, "PIXELS"),
+    (V2_IMAGE, {"json": {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [0], "data": []}]}}, 422, "IMAGE"),
+    (V2_IMAGE, {"json": {"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [65],
+                                     "data": [b64(png((28, 28)))] * 65}]}}, 413, "images"),
     # names that look like paths: a dictionary lookup, never the file system
     ("/v1/models/..%2f..%2fetc%2fpasswd/translate", {"json": {"text": "x"}}, 404, "not found"),
     ("/v1/models/%2Fetc%2Fpasswd/translate", {"json": {"text": "x"}}, 404, "not found"),
@@ -86,6 +96,7 @@ CORPUS = [
     (V2, {"json": {"inputs": [{"name": "TEXT", "datatype": "FP32", "shape": [1], "data": [1.0]}]}}, 422, "TEXT"),
     (V2, {"json": {"inputs": [{"name": "TEXT", "datatype": "NOPE", "shape": [1], "data": [1]}]}}, 422, "NOPE"),
     (V2, {"json": {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [-3], "data": []}]}}, 422, "shape"),
+    (V2, {"json": {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [True], "data": ["x"]}]}}, 422, "shape"),
     (V2, {"data": b"{", "headers": {"content-type": "application/json"}}, 422, ""),
     (V2, v2_binary({"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1],
                                 "parameters": {"binary_data_size": 100}}]}, text_tensor(b"x")), 422, "TEXT"),

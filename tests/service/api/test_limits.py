@@ -12,7 +12,13 @@ from service.inference.jobs import ClassifyJob, TranslateJob
 from service.settings import Limits
 
 LIMITS = Limits(
-    max_texts=2, max_text_chars=5, max_beam_size=3, max_image_bytes=2048, max_image_pixels=64, max_top_k=7
+    max_texts=2,
+    max_text_chars=5,
+    max_beam_size=3,
+    max_image_bytes=2048,
+    max_image_pixels=64,
+    max_top_k=7,
+    max_images=3,
 )
 
 
@@ -40,9 +46,19 @@ def test_jobs_within_the_limits_pass() -> None:
     limits.check(ClassifyJob(pixels=np.zeros((8, 8, 4))), LIMITS)
 
 
+def test_a_request_of_more_images_than_the_limit_is_refused() -> None:
+    """Each image of a KServe v2 batch holds a place in the model's queue: one request larger than
+    the queue would be shed as overloaded (503) for ever; a limit answers 413 at once."""
+    limits.check_count([ClassifyJob(image=b"x")] * 3, LIMITS)
+    limits.check_count([TranslateJob(texts=["a"])] * 4, LIMITS)  # texts are bounded per job
+    with pytest.raises(PayloadTooLarge, match="inputs: 4 images exceed the limit of 3 per request"):
+        limits.check_count([ClassifyJob(image=b"x")] * 4, LIMITS)
+
+
 def test_the_same_object_is_what_the_documents_show() -> None:
     assert limits.request_limits("translation", LIMITS)["max_texts"] == 2
     assert limits.request_limits("image-classification", LIMITS)["max_image_bytes"] == 2048
+    assert limits.request_limits("image-classification", LIMITS)["max_images"] == 3
     schema = {"properties": {"text": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}}]},
                              "beam_size": {"maximum": 64}}}  # fmt: skip
     limits.write_openapi({"paths": [schema]}, LIMITS)
