@@ -49,6 +49,7 @@ def check_count(jobs: list[Any], limits: Limits) -> None:
 
 def request_limits(task: str, limits: Limits) -> dict[str, int]:
     """The limits on a request to a model of ``task``, as KServe model metadata shows them."""
+    names: tuple[str, ...]
     if task == "translation":
         names = ("max_texts", "max_text_chars", "max_beam_size", "max_response_bytes")
     else:
