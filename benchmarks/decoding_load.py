@@ -157,7 +157,7 @@ async def solo_then_mixed(w: ModelWorker, seconds: float) -> tuple[float, dict[s
     steps of the whole batch — the floor under its latency."""
     steps: list[tuple[int, float]] = []
     if w.scheduler is not None:
-        w.scheduler.on_step = lambda rows, live, tokens, s: steps.append((rows, s))
+        w.scheduler.on_step = lambda rows, live, tokens, s: steps.append((rows, s)) if rows else None
     solo = await _solo(w, TranslateJob(texts=["3 juin 1980"], max_length=10))
     alone, steps[:] = list(steps), []
     mixed = await _mixed(w, seconds)

@@ -44,7 +44,8 @@ def check_count(jobs: list[Any], limits: Limits) -> None:
     """Refuse a request of more images than ``limits.max_images`` (413): the jobs of one request
     (a KServe v2 batch of images; a translation request is one job, its texts bounded above)."""
     if len(jobs) > limits.max_images and isinstance(jobs[0], ClassifyJob):
-        raise PayloadTooLarge(f"inputs: {len(jobs)} images exceed the limit of {limits.max_images} per request")
+        count, limit = len(jobs), limits.max_images
+        raise PayloadTooLarge(f"inputs: {count} images exceed the limit of {limit} per request")
 
 
 def request_limits(task: str, limits: Limits) -> dict[str, int]:

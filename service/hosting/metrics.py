@@ -198,9 +198,11 @@ class ModelMetrics:
         if per_token_s is not None:
             DEFERRED.push(self.per_token, "observe", per_token_s, self.key)
 
-    def stepped(self, rows: int, tokens: int) -> None:
-        """After a decoder step: the counter moves, the gauges only when the batch changed."""
-        DEFERRED.push(self.steps, "inc", 1, self.key)
+    def stepped(self, rows: int, tokens: int, steps: int = 1) -> None:
+        """After a decoder step (or a change without one: callers that left): the counter moves
+        by the steps run, the gauges only when the batch changed."""
+        if steps:
+            DEFERRED.push(self.steps, "inc", steps, self.key)
         if (rows, tokens) != self._in_flight_now:
             self._in_flight_now = (rows, tokens)
             DEFERRED.push(self.rows, "set", rows, self.key)

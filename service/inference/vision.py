@@ -101,7 +101,7 @@ def pillow_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Im
             Image.DecompressionBombWarning) as exc:  # fmt: skip
         raise InvalidInput(f"{field}: not a decodable image ({type(exc).__name__})") from exc
     if image.mode.startswith("I;16"):  # 16-bit grey: Pillow's convert("L") clips at 255, not scales
-        image = Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), "L")
+        return Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), "L")
     return image
 
 

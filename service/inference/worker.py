@@ -50,7 +50,7 @@ class WorkerMetrics(Protocol):
     def waited(self, seconds: float) -> None: ...
     def generated(self, tokens: int) -> None: ...
     def decoded(self, first_token_s: float, per_token_s: float | None) -> None: ...
-    def stepped(self, rows: int, tokens: int) -> None: ...
+    def stepped(self, rows: int, tokens: int, steps: int = 1) -> None: ...
 
 
 class NoMetrics:
@@ -72,7 +72,7 @@ class NoMetrics:
     def decoded(self, first_token_s: float, per_token_s: float | None) -> None:
         pass
 
-    def stepped(self, rows: int, tokens: int) -> None:
+    def stepped(self, rows: int, tokens: int, steps: int = 1) -> None:
         pass
 
 
@@ -278,8 +278,9 @@ class ModelWorker:
             raise InferenceFailed(f"inference failed: {type(exc).__name__}") from exc
 
     def _stepped(self, rows: int, live: int, tokens: int, seconds: float) -> None:
-        self.metrics.batch(rows, seconds)
-        self.metrics.stepped(live, tokens)
+        if rows:  # else: no step ran, the batch only lost the rows of callers that left
+            self.metrics.batch(rows, seconds)
+        self.metrics.stepped(live, tokens, 1 if rows else 0)
 
     async def _infer(self, works: list[Any]) -> list[Any]:
         """One formed batch, in a worker thread; a runtime failure reaches every caller in it."""

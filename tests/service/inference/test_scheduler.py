@@ -196,6 +196,26 @@ async def test_cancelled_request_leaves_the_batch_at_the_next_step() -> None:
     assert scheduler.tokens_in_flight == 0 and scheduler.held == 0
 
 
+@synchronous
+async def test_the_last_caller_leaving_is_reported_without_a_step() -> None:
+    """When the only request's caller leaves, its rows go without another step: the metrics hook
+    still hears of it (0 rows stepped, 0 rows and 0 tokens in flight), else the rows-in-flight
+    gauge would show the departed rows until the next request."""
+    seen: list[tuple[int, int, int]] = []
+    decoder = TableDecoder(seconds=0.002)
+    scheduler = TranslationScheduler(
+        decoder, token_budget=1000, on_step=lambda s, r, t, _: seen.append((s, r, t))
+    )
+    gone = asyncio.ensure_future(scheduler.submit([[7] * 14], options(max_len=40)))
+    while decoder.calls < 3:
+        await asyncio.sleep(0.001)
+    gone.cancel()
+    while scheduler.rows or scheduler.held:
+        await asyncio.sleep(0.001)
+    await asyncio.sleep(0.02)
+    assert seen[0][1] == 1 and seen[-1] == (0, 0, 0), seen
+
+
 class HeldWhenItEnds(TableDecoder):
     """Stops inside the step at which the text with source ``ids`` chooses EOS, until ``go``:
     what its caller's loop does meanwhile happens while the stepping thread is in the graph."""

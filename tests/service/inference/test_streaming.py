@@ -36,7 +36,7 @@ class RowsSeen(NoMetrics):
     def __init__(self) -> None:
         self.rows: list[int] = []
 
-    def stepped(self, rows: int, tokens: int) -> None:
+    def stepped(self, rows: int, tokens: int, steps: int = 1) -> None:
         self.rows.append(rows)
 
 
