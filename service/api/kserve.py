@@ -151,6 +151,11 @@ def _translate_job(by_name: dict[str, Tensor], params: dict[str, Any], attention
     if text.datatype != "BYTES" or text.data.ndim != 1:
         raise InvalidInput(f"TEXT: expected BYTES with shape [-1], got {text.datatype} {text.shape}")
     texts = [_utf8(item, "TEXT") for item in text.data]
+    if not texts:  # named here: the schema's own message would name a REST field (text)
+        raise InvalidInput("TEXT: give at least one text")
+    for i, t in enumerate(texts):
+        if not t.strip():
+            raise InvalidInput(f"TEXT[{i}]: must not be empty")
     options = {k: params[k] for k in ("beam_size", "max_length", "length_penalty") if k in params}
     return translate_job(TranslateRequest(text=texts, return_attention=attention, **options))
 
