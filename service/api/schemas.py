@@ -32,7 +32,7 @@ class TranslateRequest(_Request):
         None, ge=1, le=1024, description="max target tokens (default: the model's)"
     )
     length_penalty: float = Field(
-        0.0, ge=0.0, le=4.0, description="GNMT length-penalty alpha for beam search"
+        0.0, ge=0.0, le=4.0, allow_inf_nan=False, description="GNMT length-penalty alpha for beam search"
     )
     return_attention: bool = False
     attention_format: AttentionFormat = "array"
@@ -67,12 +67,18 @@ class ClassifyOptions(_Request):
     attention_format: AttentionFormat = "array"
     head_fusion: HeadFusion = "mean"
     discard_ratio: float = Field(
-        0.0, ge=0.0, lt=1.0, description="rollout: share of weakest links dropped per layer"
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        allow_inf_nan=False,
+        description="rollout: share of weakest links dropped per layer",
     )
     attention_layers: Literal["rollout", "all"] = Field(
         "rollout", description="'all' adds the raw attention of every layer and head [layers, heads, T, T]"
     )
-    overlay_opacity: float = Field(0.5, ge=0.0, le=1.0, description="PNG overlay: heatmap opacity")
+    overlay_opacity: float = Field(
+        0.5, ge=0.0, le=1.0, allow_inf_nan=False, description="PNG overlay: heatmap opacity"
+    )
 
 
 class ClassifyRequest(ClassifyOptions):

@@ -65,6 +65,8 @@ CORPUS = [
     (TRANSLATE, {"data": b"x" * 20_000_000, "headers": {"content-type": "application/json"}}, 413, "body"),
     (TRANSLATE, {"json": {"text": ["3 juin 1980"] * 65}}, 413, "text"),
     (TRANSLATE, {"json": {"text": "x", "beam_size": -1}}, 422, "beam_size"),
+    (TRANSLATE, {"data": b'{"text": "x", "length_penalty": NaN}', "headers": {"content-type": "application/json"}},
+     422, "length_penalty: Input should be a finite number"),
     (TRANSLATE, {"json": {"text": "x", "max_length": 10**9}}, 422, "max_length"),
     (TRANSLATE, {"json": ["not", "an", "object"]}, 422, ""),
     (TRANSLATE, {"json": {"text": None}}, 422, "text"),
