@@ -171,10 +171,11 @@ class GrpcServicer:
                 yield pb.ModelStreamInferResponse(error_message=error.message)
 
     async def _model_infer(self, request: pb.ModelInferRequest, route: str) -> pb.ModelInferResponse:
-        entry = self.server.resolve(request.model_name, None, request.model_version)
-        params = {k: codec.parameter(v) for k, v in request.parameters.items()}
-        outputs = kserve.requested_outputs(entry.manifest, [o.name for o in request.outputs], params)
-        requests = kserve.to_requests(entry.manifest, codec.inputs(request), params, outputs)
+        with self.server.refusals(request.model_name, route):
+            entry = self.server.resolve(request.model_name, None, request.model_version)
+            params = {k: codec.parameter(v) for k, v in request.parameters.items()}
+            outputs = kserve.requested_outputs(entry.manifest, [o.name for o in request.outputs], params)
+            requests = kserve.to_requests(entry.manifest, codec.inputs(request), params, outputs)
         _, answers, _ = await self.server.predict_many(
             entry.name, None, route, requests, request.model_version
         )
@@ -184,12 +185,13 @@ class GrpcServicer:
 
     async def _model_stream(self, request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferResponse]:
         """A translation's decoupled responses: a token each, then the whole answer."""
-        entry = self.server.resolve(request.model_name, "translation", request.model_version)
-        params = {k: codec.parameter(v) for k, v in request.parameters.items() if k != "stream"}
-        outputs = kserve.requested_outputs(entry.manifest, [o.name for o in request.outputs], params)
-        [job] = kserve.to_requests(entry.manifest, codec.inputs(request), params, outputs)
-        attention = "ATTENTION" in outputs
         route, version = "grpc_stream_infer", request.model_version
+        with self.server.refusals(request.model_name, route):
+            entry = self.server.resolve(request.model_name, "translation", version)
+            params = {k: codec.parameter(v) for k, v in request.parameters.items() if k != "stream"}
+            outputs = kserve.requested_outputs(entry.manifest, [o.name for o in request.outputs], params)
+            [job] = kserve.to_requests(entry.manifest, codec.inputs(request), params, outputs)
+        attention = "ATTENTION" in outputs
         async for _, event, _ in self.server.stream(entry.name, "translation", route, job, version):
             final = isinstance(event, Answer)
             for tensors in (
@@ -208,8 +210,10 @@ class GrpcServicer:
         self, request: apb.TranslateRequest, grpc_context: GrpcContext
     ) -> apb.TranslateResponse:
         self._authorize(grpc_context)
+        with self.server.refusals(request.model, "grpc_translate"):
+            job = codec.translate_job(request)
         entry, [answer], total = await self.server.predict_many(
-            request.model, "translation", "grpc_translate", [codec.translate_job(request)]
+            request.model, "translation", "grpc_translate", [job]
         )
         return codec.translate_response(entry.name, entry.version, answer, total, request.return_attention)
 
@@ -219,7 +223,8 @@ class GrpcServicer:
         """Server streaming: a ``Token`` per output token as it is chosen, then the ``answer``."""
         try:
             self._authorize(grpc_context)
-            job = codec.translate_job(request)
+            with self.server.refusals(request.model, "grpc_translate_stream"):
+                job = codec.translate_job(request)
             events = self.server.stream(request.model, "translation", "grpc_translate_stream", job)
             async for entry, event, total in events:
                 if isinstance(event, Answer):
@@ -238,12 +243,13 @@ class GrpcServicer:
     @rpc
     async def Classify(self, request: apb.ClassifyRequest, grpc_context: GrpcContext) -> apb.ClassifyResponse:
         self._authorize(grpc_context)
-        options = ClassifyOptions(
-            top_k=request.top_k or 5,
-            head_fusion=request.head_fusion or "mean",
-            return_attention=request.return_attention,
-        )
-        job = classify_job(options, image=request.image)
+        with self.server.refusals(request.model, "grpc_classify"):
+            options = ClassifyOptions(
+                top_k=request.top_k or 5,
+                head_fusion=request.head_fusion or "mean",
+                return_attention=request.return_attention,
+            )
+            job = classify_job(options, image=request.image)
         entry, [answer], total = await self.server.predict_many(
             request.model, "image-classification", "grpc_classify", [job]
         )

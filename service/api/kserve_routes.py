@@ -55,11 +55,12 @@ async def v2_model_ready(server: ServerDep, name: str, version: str | None = Non
 @direct_post(router, "/v2/models/{name}/infer", "/v2/models/{name}/versions/{version}/infer")
 async def v2_infer(request: Request, name: str, version: str | None = None) -> Response:
     server = server_from(request)
-    entry: ModelEntry = server.resolve(name, None, version)
-    body = await server.read_body(request)
-    parsed = kserve_http.parse_request(body, request.headers.get(kserve_http.HEADER_LENGTH))
-    outputs = kserve.requested_outputs(entry.manifest, parsed.outputs, parsed.parameters)
-    requests = kserve.to_requests(entry.manifest, parsed.inputs, parsed.parameters, outputs)
+    with server.refusals(name, "v2_infer"):
+        entry: ModelEntry = server.resolve(name, None, version)
+        body = await server.read_body(request)
+        parsed = kserve_http.parse_request(body, request.headers.get(kserve_http.HEADER_LENGTH))
+        outputs = kserve.requested_outputs(entry.manifest, parsed.outputs, parsed.parameters)
+        requests = kserve.to_requests(entry.manifest, parsed.inputs, parsed.parameters, outputs)
     _, answers, _ = await server.predict_many(name, None, "v2_infer", requests, version)
     tensors = kserve.to_outputs(entry.manifest, answers, outputs)
     content, headers = kserve_http.encode_response(entry.name, entry.version, parsed, tensors)

@@ -94,11 +94,12 @@ def _model_info(server: Server, name: str) -> ModelInfo:
 )
 async def translate(request: Request, name: str) -> Response:
     server = server_from(request)
-    try:
-        body = TranslateRequest.model_validate_json(await server.read_body(request))
-    except ValidationError as exc:
-        raise InvalidInput(validation_message(exc)) from exc
-    job = translate_job(body)
+    with server.refusals(name, "translate"):
+        try:
+            body = TranslateRequest.model_validate_json(await server.read_body(request))
+        except ValidationError as exc:
+            raise InvalidInput(validation_message(exc)) from exc
+        job = translate_job(body)
     if wants_stream(body, request.headers.get("accept", "")):
         return await translate_stream(server, name, body, job)
     _, [answer], elapsed_ms = await server.predict_many(name, "translation", "translate", [job])
@@ -130,8 +131,9 @@ _CLASSIFY_BODY = {
 )
 async def classify(request: Request, name: str) -> Response:
     server = server_from(request)
-    server.resolve(name, "image-classification")
-    options, job = await _classify_body(server, request)
+    with server.refusals(name, "classify"):
+        server.resolve(name, "image-classification")
+        options, job = await _classify_body(server, request)
     _, [answer], elapsed_ms = await server.predict_many(name, "image-classification", "classify", [job])
     return Response(answer_json(answer, options, elapsed_ms), media_type="application/json")
 

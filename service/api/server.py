@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Awaitable, Iterator, Mapping
 from typing import Any, Protocol
 
 from fastapi import Request
+from pydantic import ValidationError
 
 from service.api import limits
 from service.errors import (
@@ -169,6 +170,21 @@ class Server:
                 deadline.close()
                 if events is not None:
                     await events.aclose()  # type: ignore[attr-defined]
+
+    @contextlib.contextmanager
+    def refusals(self, name: str, route: str) -> Iterator[None]:
+        """Around what a protocol does before :meth:`predict_many` or :meth:`stream` — finding
+        the model, decoding the request: a request refused there (a malformed body or tensor, a
+        schema error, an unknown model) is counted in the request metrics like one refused later
+        (422 for a schema's ``ValidationError``, which the protocol then maps itself)."""
+        start = time.perf_counter()
+        try:
+            yield
+        except (ServiceError, ValidationError) as exc:
+            status = exc.http_status if isinstance(exc, ServiceError) else 422
+            label = name if name in self.entries else "_unknown"
+            self.metrics.record(label, route, status, time.perf_counter() - start)
+            raise
 
     @contextlib.contextmanager
     def _recorded(self, name: str, route: str) -> Iterator[float]:

@@ -22,11 +22,17 @@ from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
 from service.api.protos import grpc_service_pb2 as pb
 from service.api.protos import grpc_service_pb2_grpc as pb_grpc
+from service.api.server import Server
 from tests.service.fakes import fake_server
 
 
-def with_servicer(tmp: Path, use: Callable[[grpc.aio.Channel], Awaitable[Any]], **settings: Any) -> Any:
-    server, *_ = fake_server(tmp, **settings)
+def with_servicer(
+    tmp: Path,
+    use: Callable[[grpc.aio.Channel], Awaitable[Any]],
+    server: Server | None = None,
+    **settings: Any,
+) -> Any:
+    server = server or fake_server(tmp, **settings)[0]
 
     async def go() -> Any:
         grpc_server = grpc.aio.server()
@@ -148,3 +154,26 @@ def test_model_metadata_carries_the_limits(tmp_path: Path) -> None:
 
     meta = with_servicer(tmp_path, use, limits={"max_beam_size": 4})
     assert meta.parameters["max_beam_size"].int64_param == 4 and meta.inputs[0].name == "TEXT"
+
+
+def test_requests_refused_while_decoded_are_counted(tmp_path: Path) -> None:
+    """A schema refusal (an empty text) or an unknown model, before the request reaches Server's
+    own recording: counted with its status like every other refusal."""
+    server, _, _, recorded = fake_server(tmp_path)
+
+    async def use(channel: grpc.aio.Channel) -> None:
+        stub = apb_grpc.AttentionServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Translate(apb.TranslateRequest(model="fake-translator", texts=[""]))
+        with pytest.raises(grpc.aio.AioRpcError):
+            await stub.Classify(apb.ClassifyRequest(model="fake-classifier", top_k=5000, image=b"x"))
+        v2 = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError):
+            await v2.ModelInfer(pb.ModelInferRequest(model_name="nope"))
+
+    with_servicer(tmp_path, use, server)
+    assert recorded.records == [
+        ("fake-translator", "grpc_translate", 422),
+        ("fake-classifier", "grpc_classify", 422),
+        ("_unknown", "grpc_infer", 404),
+    ]

@@ -220,3 +220,23 @@ def test_kserve_metadata_shows_the_served_limits(tmp_path: Path) -> None:
     classifier = json.loads(call(app, "GET", "/v2/models/fake-classifier")[2])
     assert translator["parameters"]["max_texts"] == 7 and translator["parameters"]["max_beam_size"] == 8
     assert classifier["parameters"]["max_top_k"] == 9
+
+
+def test_requests_refused_before_a_model_sees_them_are_counted(served: Any) -> None:
+    """A malformed body, a tensor the model cannot take, an unknown model: refused while the
+    protocol decodes the request, and counted in the request metrics as the refusals after it are."""
+    server, translator, _, recorded = served
+    app = create_app(server)
+    status, _, _ = call(
+        app, "POST", "/v1/models/fake-translator/translate", b"{", {"content-type": "application/json"}
+    )
+    assert status == 422
+    assert post_json(app, "/v1/models/nope/classify", {"image": ""})[0] == 404
+    tensor = {"name": "TEXT", "datatype": "FP32", "shape": [1], "data": [1.0]}
+    assert post_json(app, "/v2/models/fake-translator/infer", {"inputs": [tensor]})[0] == 422
+    assert recorded.records == [
+        ("fake-translator", "translate", 422),
+        ("_unknown", "classify", 404),
+        ("fake-translator", "v2_infer", 422),
+    ]
+    assert not translator.jobs
