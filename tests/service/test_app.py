@@ -273,7 +273,7 @@ BAD = [
     ("/v1/models/dates-bahdanau/translate", {"json": {"text": "x", "beam_size": 9}}, 422, "beam_size"),
     ("/v1/models/dates-bahdanau/translate", {"json": {"text": ""}}, 422, "text"),
     ("/v1/models/dates-bahdanau/translate", {"json": {"text": "a" * 600}}, 413, "text[0]"),
-    ("/v1/models/dates-bahdanau/translate", {"json": {"text": ["a"] * 300}}, 422, "text"),
+    ("/v1/models/dates-bahdanau/translate", {"json": {"text": ["a"] * 300}}, 413, "300 texts exceed the limit of 64"),
     ("/v1/models/dates-bahdanau/translate", {"json": {"txt": "a"}}, 422, "text"),
     ("/v1/models/dates-bahdanau/translate", {"data": b"{not json", "headers": JSON}, 422, ""),
     ("/v1/models/fashion-vit/translate", {"json": {"text": "x"}}, 400, "image-classification"),
