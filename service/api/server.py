@@ -181,9 +181,7 @@ class Server:
         try:
             yield
         except (ServiceError, ValidationError) as exc:
-            status = exc.http_status if isinstance(exc, ServiceError) else 422
-            label = name if name in self.entries else "_unknown"
-            self.metrics.record(label, route, status, time.perf_counter() - start)
+            self._record(name, route, exc.http_status if isinstance(exc, ServiceError) else 422, start)
             raise
 
     @contextlib.contextmanager
@@ -203,8 +201,13 @@ class Server:
             status = CLIENT_CLOSED
             raise
         finally:
-            label = name if name in self.entries else "_unknown"
-            self.metrics.record(label, route, status, time.perf_counter() - start)
+            self._record(name, route, status, start)
+
+    def _record(self, name: str, route: str, status: int, start: float) -> None:
+        """One request in the request metrics: a name that is not served counts as ``_unknown``
+        (a client cannot create series)."""
+        label = name if name in self.entries else "_unknown"
+        self.metrics.record(label, route, status, time.perf_counter() - start)
 
 
 class _Deadline:
