@@ -119,8 +119,8 @@ OnStep = Callable[[int, int, int, float], None]
 class TranslationScheduler:
     def __init__(self, decoder: Decoder, token_budget: int, on_step: OnStep | None = None) -> None:
         """``on_step(rows stepped, rows live after it, tokens in flight, seconds)`` is called on the
-        scheduler's thread after each decoder step, and with 0 rows stepped when the batch
-        changed without one (its last callers left) — metrics; keep it cheap and thread-safe."""
+        scheduler's thread after each pass of its loop: a decoder step, or (0 rows stepped) a pass
+        that only took out the rows of callers that left — metrics; keep it cheap and thread-safe."""
         if token_budget < 1:
             raise ValueError(f"token_budget must be ≥ 1, got {token_budget}")
         self.decoder = decoder
@@ -139,7 +139,6 @@ class TranslationScheduler:
         self._closed = False
         self.steps = 0
         self._rows_stepped = 0  # rows in the last step (0: none ran)
-        self._reported = (0, 0)  # (rows, tokens in flight) as on_step last saw them
         self._admitted_at = -GATHER_STEPS  # the step count at the last admission
 
     # -- what the worker and metrics read ---------------------------------------------------------
@@ -239,11 +238,8 @@ class TranslationScheduler:
                 self._fail(admitted, exc)
                 continue
             self._answer(finished)
-            if self.on_step is not None:
-                state = (self.rows, self._in_flight)
-                if self._rows_stepped or state != self._reported:  # a last caller left: 0 rows
-                    self._reported = state
-                    self.on_step(self._rows_stepped, *state, time.perf_counter() - start)
+            if self.on_step is not None:  # also after a pass without a step: its last callers left
+                self.on_step(self._rows_stepped, self.rows, self._in_flight, time.perf_counter() - start)
 
     def _admit(self) -> list[_Text]:
         """(Under the lock.) Oldest first while the budget allows; a text over the whole budget goes alone.
