@@ -311,7 +311,7 @@ def from_raw(name: str, datatype: str, shape: Any, raw: bytes) -> Tensor:
     count = math.prod(dims)
     if datatype == "BYTES":
         return Tensor(name, datatype, dims, deserialize_bytes(raw, count, name).reshape(dims))
-    _numpy_dtype(name, datatype)
+    _numpy_dtype(name, datatype)  # refuses a datatype that is not one of NUMPY_OF's
     dtype = _LITTLE_ENDIAN[datatype]
     if len(raw) != count * dtype.itemsize:
         raise InvalidInput(f"{name}: {len(raw)} bytes of data do not fit shape {dims} of {datatype}")
