@@ -76,7 +76,7 @@ def token_event(event: TokenEvent) -> bytes:
         item["attention"] = rounded(event.alignment)
     if event.layers is not None:
         item["attention_layers"] = rounded(event.layers)
-    return _event("token", dumps(item))
+    return b"event: token\ndata: " + dumps(item) + b"\n\n"  # _event's, spelt out: once per token
 
 
 def _event(name: str, data: bytes) -> bytes:

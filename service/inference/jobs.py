@@ -67,7 +67,7 @@ class Classified:
     rollout_kind: str = ""  # e.g. "rollout-mean"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)  # one per token: a frozen dataclass is built ≈ 5 × slower
 class TokenEvent:
     """One output token of a streamed translation, as the scheduler chose it."""
 
