@@ -33,6 +33,8 @@ MANIFEST_FILE = "manifest.json"
 
 #: Model names: what may appear in a URL path segment and a directory name, nothing else.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
+#: Version directories: a positive integer in ASCII digits (``str.isdigit`` also takes ``²`` and ``٢``)
+VERSION_PATTERN = re.compile(r"[1-9][0-9]{0,8}")
 _FILE_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 Dtype = Literal["float32", "float16", "int64", "int32", "bool", "uint8"]
@@ -103,6 +105,14 @@ class TokenizerSpec(_Strict):
     vocab_size: int = Field(gt=0)
 
     _file = field_validator("file")(_check_file_name)
+
+    @model_validator(mode="after")
+    def _ids_in_vocabulary(self) -> Self:
+        ids = {"pad_id": self.pad_id, "bos_id": self.bos_id, "eos_id": self.eos_id, "unk_id": self.unk_id}
+        outside = [f"{k} {v}" for k, v in ids.items() if v >= self.vocab_size]
+        if outside:  # an EOS the model can never choose decodes every text to its length limit
+            raise ValueError(f"{', '.join(outside)} not below vocab_size {self.vocab_size}")
+        return self
 
 
 class TranslationSpec(_Strict):
@@ -220,6 +230,13 @@ class Manifest(_Strict):
     #: :meth:`load`: a truncated or replaced graph is refused before a session ever opens it
     checksums: dict[str, Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]] = Field(default_factory=dict)
 
+    @field_validator("checksums")
+    @classmethod
+    def _checksummed_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name in value:  # hashed at load: a path here would read any file (or /dev/zero for ever)
+            _check_file_name(name)
+        return value
+
     @model_validator(mode="after")
     def _task_fields(self) -> Self:
         required = {"translation": {"encoder", "decoder_step"}, "image-classification": {"model"}}[self.task]
@@ -230,6 +247,24 @@ class Manifest(_Strict):
             raise ValueError("translation: required when task is 'translation'")
         if self.task == "image-classification" and self.image is None:
             raise ValueError("image: required when task is 'image-classification'")
+        unused = sorted(set(self.checksums) - set(self.files()))
+        if unused:
+            raise ValueError(f"checksums: {unused} are not files the manifest names")
+        if self.image is not None:  # each class the graph scores needs its label, and no more
+            width = _last_dim(self.graphs["model"].output("logits"))
+            if width is not None and width != len(self.image.labels):
+                raise ValueError(
+                    f"image.labels: {len(self.image.labels)} labels, but the graph's logits "
+                    f"score {width} classes"
+                )
+        if self.translation is not None:
+            width = _last_dim(self.graphs["decoder_step"].output("logits"))
+            eos = self.translation.target_tokenizer.eos_id
+            if width is not None and eos >= width:
+                raise ValueError(
+                    f"translation.target_tokenizer.eos_id: {eos}, but the decoder's logits "
+                    f"score {width} tokens"
+                )
         return self
 
     # -- files -------------------------------------------------------------------------------------
@@ -244,6 +279,8 @@ class Manifest(_Strict):
             manifest = cls.model_validate_json(path.read_bytes())
         except FileNotFoundError as exc:
             raise ManifestError(f"{path}: no manifest") from exc
+        except OSError as exc:  # a directory, unreadable, …
+            raise ManifestError(f"{path}: cannot read the manifest: {exc.strerror or exc}") from exc
         except ValidationError as exc:
             raise ManifestError(f"{path}: invalid manifest: {_summarise(exc)}") from exc
         name, version = location or (version_dir.parent.name, version_dir.name)
@@ -254,7 +291,10 @@ class Manifest(_Strict):
         missing = [f for f in manifest.files() if not (version_dir / f).is_file()]
         if missing:
             raise ManifestError(f"{path}: files named in the manifest are missing: {missing}")
-        changed = [f for f, digest in manifest.checksums.items() if file_sha256(version_dir / f) != digest]
+        try:
+            changed = [f for f, want in manifest.checksums.items() if file_sha256(version_dir / f) != want]
+        except OSError as exc:
+            raise ManifestError(f"{path}: cannot read {exc.filename}: {exc.strerror or exc}") from exc
         if changed:
             raise ManifestError(
                 f"{path}: files differ from their sha256 in the manifest (corrupt?): {changed}"
@@ -286,6 +326,13 @@ class Manifest(_Strict):
         return path
 
 
+def _last_dim(tensor: TensorSpec | None) -> int | None:
+    """A tensor's last dimension when it is fixed (None: no such tensor, or a symbolic size)."""
+    if tensor is None or not tensor.shape or not isinstance(tensor.shape[-1], int):
+        return None
+    return tensor.shape[-1]
+
+
 def _summarise(exc: ValidationError) -> str:
     """One line per problem, each naming its field path — the message a human needs."""
     parts = []
@@ -303,4 +350,5 @@ def list_versions(repository: Path, name: str) -> list[int]:
     model_dir = repository / name
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
+    versions = (p for p in model_dir.iterdir() if VERSION_PATTERN.fullmatch(p.name) and p.is_dir())
+    return sorted(int(p.name) for p in versions)

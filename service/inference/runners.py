@@ -256,10 +256,16 @@ class ClassificationRunner:
         return result
 
     def warmup(self) -> None:
-        """Run a batch and lay its map on the patch grid: a manifest whose ``prefix_tokens`` or
-        grid does not fit the graph's attention fails here, at start, not on every request."""
+        """Run a batch and lay its map on the patch grid: a manifest whose labels, ``prefix_tokens``
+        or grid does not fit the graph's outputs fails here, at start, not on every request."""
         blank = np.zeros((2, self.spec.channels, self.spec.height, self.spec.width), dtype=np.float32)
-        attentions = self.classifier.classify(blank)[0].attentions  # (layers, heads, T, T)
+        output = self.classifier.classify(blank)[0]
+        if len(output.probabilities) != len(self.spec.labels):
+            raise ValueError(
+                f"{self.entry.name}: the graph scores {len(output.probabilities)} classes, the manifest "
+                f"names {len(self.spec.labels)} labels"
+            )
+        attentions = output.attentions  # (layers, heads, T, T)
         assert attentions is not None
         rows, cols = self.spec.grid
         if attentions.shape[-1] != self.spec.prefix_tokens + rows * cols:

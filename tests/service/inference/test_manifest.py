@@ -91,6 +91,12 @@ def test_valid_manifest_loads(tmp_path: Path) -> None:
         ("checkpoint_sha256", "xyz", "checkpoint_sha256"),
         ("export.verified_shapes", [{"batch": 1}], "export.verified_shapes"),
         ("surprise", 1, "surprise"),
+        # checksums are hashed at load: their names are plain files the manifest uses
+        ("checksums", {"/dev/zero": "0" * 64}, "checksums"),
+        ("checksums", {"../1/model.onnx": "0" * 64}, "checksums"),
+        ("checksums", {"extra.bin": "0" * 64}, "not files the manifest names"),
+        # a graph scoring 10 classes needs 10 labels (else every answer past the labels is a 500)
+        ("image.labels", list("abc"), "image.labels: 3 labels, but the graph's logits score 10"),
     ],
 )
 def test_bad_manifests_are_refused_naming_the_field(
@@ -119,6 +125,48 @@ def test_translation_needs_both_graphs_and_rnn_needs_state_size(tmp_path: Path) 
     assert "encoder" in str(info.value) or "state_size" in str(info.value)
 
 
+def translation(**target: int) -> dict[str, Any]:
+    tok = {"file": "t.json", "pad_id": 0, "bos_id": 1, "eos_id": 2, "unk_id": 3, "vocab_size": 20}
+    step = {
+        **GRAPH,
+        "file": "step.onnx",
+        "outputs": [{"name": "logits", "dtype": "float32", "shape": ["batch", 20]}],
+    }
+    data = mutate("task", "translation")
+    del data["image"]
+    data["graphs"] = {"encoder": {**GRAPH, "file": "encoder.onnx"}, "decoder_step": step}
+    data["translation"] = {
+        "source_language": "x", "target_language": "y", "source_tokenizer": tok,
+        "target_tokenizer": {**tok, **target}, "decoder": "rnn", "state_size": 4,
+        "max_source_tokens": 8, "max_target_tokens": 8,
+    }  # fmt: skip
+    return data
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [
+        ({}, None),
+        ({"eos_id": 20}, "eos_id 20 not below vocab_size 20"),
+        ({"pad_id": 25, "unk_id": 30}, "pad_id 25, unk_id 30 not below vocab_size 20"),
+        ({"eos_id": 24, "vocab_size": 32}, "eos_id: 24, but the decoder's logits score 20 tokens"),
+    ],
+)
+def test_special_ids_must_be_tokens_the_model_has(
+    tmp_path: Path, target: dict[str, int], message: str | None
+) -> None:
+    """An EOS the decoder can never choose would decode every text to its length limit."""
+    directory = write(tmp_path, translation(**target))
+    for name in ("t.json", "encoder.onnx", "step.onnx"):
+        (directory / name).write_bytes(b"")
+    if message is None:
+        Manifest.load(directory)
+        return
+    with pytest.raises(ManifestError, match="invalid manifest") as info:
+        Manifest.load(directory)
+    assert message in str(info.value)
+
+
 def test_directory_must_match_name_and_version(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="lives in"):
         Manifest.load(write(tmp_path, VALID, version="2"))
@@ -138,6 +186,31 @@ def test_list_versions_refuses_names_that_leave_the_repository(tmp_path: Path) -
     for bad in ("../x", "/abs", "a/b", ".."):
         with pytest.raises(ManifestError):
             list_versions(tmp_path, bad)
+
+
+def test_only_ascii_positive_integers_are_versions(tmp_path: Path) -> None:
+    """``str.isdigit`` is true for ``²`` and ``٢`` (whose ``int`` fails or reads 2) — such a
+    directory once stopped the service's start and every later repository poll."""
+    write(tmp_path, VALID)
+    for name in ("²", "٢", "0", "01", "v2", "1.5", "-3", "12"):
+        (tmp_path / "tiny-vit" / name).mkdir()
+    (tmp_path / "tiny-vit" / "7").write_text("a file, not a version")
+    assert list_versions(tmp_path, "tiny-vit") == [1, 12]
+
+
+def test_an_unreadable_manifest_or_checksummed_file_is_a_manifest_error(tmp_path: Path) -> None:
+    directory = write(tmp_path, VALID)
+    (directory / "manifest.json").unlink()
+    (directory / "manifest.json").mkdir()
+    with pytest.raises(ManifestError, match="cannot read the manifest"):
+        Manifest.load(directory)
+    directory = write(tmp_path, VALID, name="other")
+    data = {**VALID, "name": "other", "checksums": {"model.onnx": "0" * 64}}
+    (directory / "manifest.json").write_text(json.dumps(data))
+    (directory / "model.onnx").unlink()
+    (directory / "model.onnx").mkdir()  # "exists", but hashing it fails
+    with pytest.raises(ManifestError, match=r"model\.onnx"):
+        Manifest.load(directory)
 
 
 def test_write_records_checksums_and_load_refuses_a_changed_file(tmp_path: Path) -> None:
