@@ -16,6 +16,7 @@ import asyncio
 import gc
 import logging
 from collections.abc import Callable
+from pathlib import Path
 
 from service.inference.manifest import list_versions
 from service.inference.repository import ModelEntry, load_entry
@@ -26,6 +27,16 @@ log = logging.getLogger("ray.serve")
 
 #: told the new set after every swap: workers by model name, and what was refused (key → reason)
 OnChange = Callable[[dict[str, ModelWorker], dict[str, str]], None]
+Fingerprint = tuple[tuple[str, int, int], ...]
+
+
+def fingerprint(directory: Path) -> Fingerprint:
+    """Name, size and modification time of each file in a version directory: what changes when a
+    copy completes or a version is rewritten (empty when it cannot be read)."""
+    try:
+        return tuple(sorted((p.name, (st := p.stat()).st_size, st.st_mtime_ns) for p in directory.iterdir()))
+    except OSError:
+        return ()
 
 
 class ModelSet:
@@ -42,52 +53,109 @@ class ModelSet:
         self.workers: dict[str, ModelWorker] = {}
         self.rejected: dict[str, str] = {}
         self.configured_rejected: dict[str, str] = {}  # refused before this process started
+        #: "<name>/<version>" → (what its directory looked like, why it failed): listed as
+        #: rejected, and not loaded again until its files change
+        self._failed: dict[str, tuple[Fingerprint, str]] = {}
+        self._names: set[str] = set()  # every model this process was asked to serve
 
     @property
     def entries(self) -> dict[str, ModelEntry]:
         return {name: worker.entry for name, worker in self.workers.items()}
 
     async def serve(self, wanted: dict[str, int]) -> None:
-        """Serve version ``wanted[name]`` of each model: load what is new, then swap."""
-        workers = {n: w for n, w in self.workers.items() if n in wanted}
-        failed: dict[str, str] = {}
-        for name, version in wanted.items():
-            if name in workers and workers[name].entry.version == version:
-                continue
-            try:
-                entry = load_entry(self.settings.repository, name, version)
-                workers[name] = await asyncio.to_thread(
-                    ModelWorker, entry, self.settings, self.replica, self.node, self.metrics_for(name)
-                )
-                log.info("serving %s v%s", name, version)
-            except Exception as exc:
-                reason = f"failed to load: {type(exc).__name__}: {str(exc)[:300]}"
-                if self.rejected.get(f"{name}/{version}") != reason:  # log a failure once
-                    log.error("not serving %s v%s: %s", name, version, reason)
-                failed[f"{name}/{version}"] = reason
+        """Serve version ``wanted[name]`` of each model, and only those models: load what is new,
+        then swap."""
+        self._names = set(wanted)
+        await self._serve({name: [version] for name, version in wanted.items()})
+
+    async def _serve(self, candidates: dict[str, list[int]]) -> None:
+        """For each model, the first of its candidate versions that loads (the current worker
+        when a candidate is the version it serves); then one swap. A model whose every candidate
+        fails keeps its current version, if it has one."""
+        workers = {n: w for n, w in self.workers.items() if n in candidates}
+        for name, versions in candidates.items():
+            for version in versions:
+                if name in workers and workers[name].entry.version == version:
+                    break
+                if await self._load(workers, name, version):
+                    break
         if not workers:
+            failed = {k: why for k, (_, why) in self._failed.items()}
             raise RuntimeError(f"no model could be loaded: {failed}")
         replaced = [w for w in self.workers.values() if all(w is not v for v in workers.values())]
-        self.workers, self.rejected = workers, {**self.configured_rejected, **failed}
+        self.workers = workers
+        for key in [k for k in self._failed if not self._still_rejected(k)]:
+            del self._failed[key]
+        configured = {k: why for k, why in self.configured_rejected.items() if self._still_rejected(k)}
+        self.rejected = configured | {k: why for k, (_, why) in self._failed.items()}
         self.on_change(dict(workers), dict(self.rejected))
         for worker in replaced:  # the old version drains its queue, then its loop ends
             worker.close()
         freeze_heap()
 
+    async def _load(self, workers: dict[str, ModelWorker], name: str, version: int) -> bool:
+        """Load one version off the event loop (its manifest check hashes every file: seconds for a
+        large graph) into ``workers``; a failure is remembered with its reason."""
+        key = f"{name}/{version}"
+        try:
+            workers[name] = await asyncio.to_thread(self._worker, name, version)
+        except Exception as exc:
+            reason = f"failed to load: {type(exc).__name__}: {str(exc)[:300]}"
+            if key not in self._failed:  # log a failure once
+                log.error("not serving %s v%s: %s", name, version, reason)
+            self._failed[key] = (fingerprint(self.settings.repository / name / str(version)), reason)
+            return False
+        self._failed.pop(key, None)
+        log.info("serving %s v%s", name, version)
+        return True
+
+    def _worker(self, name: str, version: int) -> ModelWorker:
+        entry = load_entry(self.settings.repository, name, version)
+        return ModelWorker(entry, self.settings, self.replica, self.node, self.metrics_for(name))
+
+    def _still_rejected(self, key: str) -> bool:
+        """A refusal ("<name>/<version>", or "<name>": none of its versions) is no longer news
+        once that model serves that version or a newer one."""
+        name, _, version = key.partition("/")
+        served = self.workers.get(name)
+        return served is None or (bool(version) and int(version) > served.entry.version)
+
     async def poll(self) -> None:
         """Every ``repository_poll_s``, forever: serve the newest version directory of each
-        served model (as TensorFlow Serving does). Export writes a version atomically and the
-        manifest's checksums refuse a half-copied one, which is tried again at the next poll."""
+        model that loads (as TensorFlow Serving does; a newer one that fails is listed as
+        rejected and the next newest is tried, as at start). A version that failed is tried again
+        once its files change: export writes a version atomically and the manifest's checksums
+        refuse a half-copied one, which loads once the copy is complete."""
         while True:
             await asyncio.sleep(self.settings.repository_poll_s)
-            try:
-                newest = {name: max(list_versions(self.settings.repository, name), default=0)
-                          for name in self.workers}  # fmt: skip
-                wanted = {n: max(v, self.workers[n].entry.version) for n, v in newest.items()}
-                if any(self.workers[n].entry.version != v for n, v in wanted.items()):
-                    await self.serve(wanted)
-            except Exception:  # a repository that cannot be read now may be readable next time
-                log.exception("polling the repository failed")
+            await self.poll_once()
+
+    async def poll_once(self) -> None:
+        candidates: dict[str, list[int]] = {}
+        refused = {k.partition("/")[0] for k in self.configured_rejected}  # at discovery: a fix loads
+        for name in sorted(self._names | refused):
+            try:  # one unreadable model directory must not hold up the others
+                current = self.workers[name].entry.version if name in self.workers else 0
+                newer = [v for v in reversed(list_versions(self.settings.repository, name)) if v > current]
+            except Exception:
+                log.exception("polling the repository for %s failed", name)
+                continue
+            for key in [k for k in self._failed if k.startswith(f"{name}/")]:
+                if int(key.rsplit("/", 1)[1]) not in newer:  # its directory is gone
+                    del self._failed[key]
+            fresh = [v for v in newer if not self._unchanged_failure(name, v)]
+            if fresh:
+                candidates[name] = fresh + ([current] if current else [])
+        if not candidates:
+            return
+        try:
+            await self._serve({**{n: [w.entry.version] for n, w in self.workers.items()}, **candidates})
+        except Exception:  # a repository that cannot be read now may be readable next time
+            log.exception("polling the repository failed")
+
+    def _unchanged_failure(self, name: str, version: int) -> bool:
+        failed = self._failed.get(f"{name}/{version}")
+        return failed is not None and failed[0] == fingerprint(self.settings.repository / name / str(version))
 
     def refresh_metrics(self) -> None:
         for worker in self.workers.values():

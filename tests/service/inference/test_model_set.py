@@ -8,11 +8,15 @@ import asyncio
 import gc
 import json
 import shutil
+import threading
 import weakref
 from pathlib import Path
 
+import pytest
+
+from service.inference import model_set
 from service.inference.model_set import ModelSet
-from service.inference.worker import NoMetrics
+from service.inference.worker import ModelWorker, NoMetrics
 from service.settings import Settings
 
 
@@ -40,5 +44,112 @@ def test_a_swap_freezes_what_is_loaded_and_frees_what_it_replaced(
         assert models.workers["dates-bahdanau"].entry.version == 3
         served.clear()
         assert first() is None, "a replaced version stayed frozen after the next swap"
+    finally:
+        gc.unfreeze()
+
+
+def version_of(tiny_repository: Path, repository: Path, version: int, model: str = "dates-bahdanau") -> Path:
+    directory = repository / model / str(version)
+    shutil.copytree(tiny_repository / model / "1", directory)
+    manifest = directory / "manifest.json"
+    manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"version": version}))
+    return directory
+
+
+def corrupt(directory: Path) -> None:
+    with (directory / "encoder.onnx").open("ab") as f:
+        f.write(b"half a copy")
+
+
+class Loads:
+    """Which versions the set tried to load, and on which threads."""
+
+    def __init__(self, models: ModelSet, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.tried: list[tuple[str, int]] = []
+        self.threads: set[str] = set()
+        real = models._worker
+
+        def worker(name: str, version: int) -> ModelWorker:
+            self.tried.append((name, version))
+            self.threads.add(threading.current_thread().name)
+            return real(name, version)
+
+        monkeypatch.setattr(models, "_worker", worker)
+
+
+def test_the_poll_serves_the_newest_version_that_loads_and_retries_a_failure_once_fixed(
+    tiny_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A corrupt v3 beside a good v2: the poll serves v2 (as discovery at start would) and lists
+    v3 as rejected, does not hash v3 again while its files stay the same, and serves it once its
+    copy is complete. Loading (which hashes every file) runs off the event loop."""
+    repository = tmp_path / "repository"
+    version_of(tiny_repository, repository, 1)
+    models = ModelSet(
+        Settings(repository=repository), "replica", "node", lambda _: NoMetrics(), lambda *_: None
+    )
+    loads = Loads(models, monkeypatch)
+
+    async def go() -> None:
+        await models.serve({"dates-bahdanau": 1})
+        version_of(tiny_repository, repository, 2)
+        corrupt(version_of(tiny_repository, repository, 3))
+        await models.poll_once()
+        assert models.workers["dates-bahdanau"].entry.version == 2
+        assert (
+            list(models.rejected) == ["dates-bahdanau/3"] and "sha256" in models.rejected["dates-bahdanau/3"]
+        )
+        loads.tried.clear()
+        await models.poll_once()
+        assert loads.tried == [], "an unchanged failed version is not loaded (hashed) again"
+        shutil.rmtree(repository / "dates-bahdanau" / "3")
+        version_of(tiny_repository, repository, 3)  # the copy, complete this time
+        await models.poll_once()
+        assert models.workers["dates-bahdanau"].entry.version == 3 and models.rejected == {}
+
+    try:
+        asyncio.run(go())
+    finally:
+        gc.unfreeze()
+    assert "MainThread" not in loads.threads, "load_entry hashes files: never on the event loop"
+
+
+def test_a_model_that_failed_to_load_stays_listed_and_loads_when_a_good_version_comes(
+    tiny_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Load failures at start stayed in ``rejected`` only until the next swap of another model,
+    and a fixed version of the failed model was never looked for; one model whose directory
+    cannot be listed held up the poll of every other."""
+    repository = tmp_path / "repository"
+    version_of(tiny_repository, repository, 1)
+    corrupt(version_of(tiny_repository, repository, 1, "dates-transformer"))
+    models = ModelSet(
+        Settings(repository=repository), "replica", "node", lambda _: NoMetrics(), lambda *_: None
+    )
+    real_list = model_set.list_versions
+
+    def list_versions(repo: Path, name: str) -> list[int]:
+        if name == "fashion-vit":
+            raise PermissionError(f"{repo / name}: unreadable")
+        return real_list(repo, name)
+
+    monkeypatch.setattr(model_set, "list_versions", list_versions)
+
+    async def go() -> None:
+        models.configured_rejected = {"fashion-vit/1": "refused at discovery"}
+        await models.serve({"dates-bahdanau": 1, "dates-transformer": 1})
+        assert set(models.workers) == {"dates-bahdanau"}
+        assert set(models.rejected) == {"dates-transformer/1", "fashion-vit/1"}
+        version_of(tiny_repository, repository, 2)  # another model's swap keeps the refusals listed
+        await models.poll_once()
+        assert models.workers["dates-bahdanau"].entry.version == 2
+        assert set(models.rejected) == {"dates-transformer/1", "fashion-vit/1"}
+        version_of(tiny_repository, repository, 2, "dates-transformer")
+        await models.poll_once()
+        assert models.workers["dates-transformer"].entry.version == 2
+        assert set(models.rejected) == {"fashion-vit/1"}
+
+    try:
+        asyncio.run(go())
     finally:
         gc.unfreeze()
