@@ -3,14 +3,17 @@
 #   attention-serve            a Ray head on this container (GCS 6379, metrics 8080), then the service
 #   attention-serve worker     a Ray worker joining $RAY_HEAD (default serve:6379): more replicas
 set -eu
-# Ray 2.60 clusters authenticate with a token: the head writes ~/.ray/auth_token, which
-# docker-compose shares with the workers through the ray-auth volume.
+# Ray 2.60 clusters authenticate with a token, read from ~/.ray/auth_token; docker-compose shares
+# that directory with the workers through the ray-auth volume.
 export RAY_AUTH_MODE=token
 case "${1:-serve}" in
   worker)
     exec ray start --address="${RAY_HEAD:-serve:6379}" --metrics-export-port=8080 --block --disable-usage-stats
     ;;
   serve)
+    # `ray start --head` only reads a token: from an empty ~/.ray it fails with AuthenticationError.
+    # --generate keeps one that exists (a restarted head keeps its workers' token)
+    [ -s "$HOME/.ray/auth_token" ] || ray get-auth-token --generate >/dev/null
     ray start --head --port=6379 --metrics-export-port="${ATTN_METRICS_PORT:-8080}" \
       --include-dashboard=false --disable-usage-stats --num-cpus="${ATTN_NUM_CPUS:-$(nproc)}"
     export ATTN_RAY_ADDRESS=auto

@@ -1,0 +1,71 @@
+"""deploy/entrypoint.sh, run as the image runs it but with stand-ins for ``ray start`` and
+``python -m service`` first on PATH, which record their arguments and environment instead of
+starting a cluster: what each branch starts, and with what, from an empty home."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+ENTRYPOINT = ROOT / "deploy" / "entrypoint.sh"
+RAY = Path(sys.executable).with_name("ray")
+
+RECORD = """import json, os, sys
+with open(os.environ["CALLS"], "a") as calls:
+    calls.write(json.dumps({"argv": sys.argv[1:], "env": dict(os.environ)}) + "\\n")
+"""
+
+
+def stand_ins(tmp: Path) -> Path:
+    """A bin directory whose ``ray`` records every command but get-auth-token (the real one), and
+    whose ``python`` records ``-m service`` and runs anything else with the venv's Python."""
+    bin_ = tmp / "bin"
+    bin_.mkdir()
+    (tmp / "record.py").write_text(RECORD)
+    record = f"exec {sys.executable} {tmp / 'record.py'}"
+    scripts = {
+        "ray": f'[ "$1" = get-auth-token ] && exec {RAY} "$@"\n{record} ray "$@"\n',
+        "python": f'[ "$1 $2" = "-m service" ] && {record} python "$@"\nexec {sys.executable} "$@"\n',
+    }
+    for name, body in scripts.items():
+        (bin_ / name).write_text(f"#!/bin/sh\n{body}")
+        (bin_ / name).chmod(0o755)
+    return bin_
+
+
+def entrypoint(tmp: Path, *args: str, **env: str) -> list[dict[str, Any]]:
+    """Run the entrypoint in a clean environment (only what a container would have, plus ``env``)
+    with HOME at ``tmp/home``; the commands the stand-ins recorded, in order."""
+    (tmp / "home").mkdir(exist_ok=True)
+    (tmp / "models").mkdir(exist_ok=True)
+    base = {
+        "PATH": f"{stand_ins(tmp)}:{RAY.parent}:/usr/bin:/bin", "HOME": str(tmp / "home"),
+        "CALLS": str(tmp / "calls.jsonl"), "ATTN_REPOSITORY": str(tmp / "models"),
+    }  # fmt: skip
+    result = subprocess.run(["sh", str(ENTRYPOINT), *args], env={**base, **env}, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = (tmp / "calls.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_the_head_creates_the_cluster_token_in_an_empty_home(tmp_path: Path) -> None:
+    """Ray 2.60's ``ray start --head`` reads the token but never writes it: from an empty home the
+    head would stop with AuthenticationError and the container with it."""
+    head, service = entrypoint(tmp_path)
+    assert head["argv"][:3] == ["ray", "start", "--head"] and head["env"]["RAY_AUTH_MODE"] == "token"
+    token = tmp_path / "home" / ".ray" / "auth_token"
+    assert len(token.read_text().strip()) >= 32
+    assert service["argv"] == ["python", "-m", "service"] and service["env"]["ATTN_RAY_ADDRESS"] == "auto"
+
+
+def test_a_restarted_head_keeps_the_token_its_workers_hold(tmp_path: Path) -> None:
+    token = tmp_path / "home" / ".ray" / "auth_token"
+    token.parent.mkdir(parents=True)
+    token.write_text("kept-token")
+    entrypoint(tmp_path)
+    assert token.read_text() == "kept-token"
