@@ -102,6 +102,16 @@ def test_every_build_and_mounted_path_exists(gpu: bool) -> None:
     assert {"models", "prometheus-data", "grafana-data"} <= set(cfg["volumes"])
 
 
+def test_ray_clients_in_docker_exec_send_the_cluster_token() -> None:
+    """The entrypoint exports RAY_AUTH_MODE only to what it starts; the healthcheck's ``ray status``
+    runs through ``docker exec`` with the container's environment, so compose sets it there."""
+    services = config()["services"]
+    for name in ("serve", "ray-worker"):
+        assert services[name]["environment"]["RAY_AUTH_MODE"] == "token", name
+    assert services["ray-worker"]["healthcheck"]["test"][1] == "ray"
+    assert "export RAY_AUTH_MODE=token" in (ROOT / "deploy" / "entrypoint.sh").read_text()
+
+
 def test_model_repository_and_cluster_token_are_shared_with_workers() -> None:
     cfg = config()
     for name in ("serve", "ray-worker"):
