@@ -6,8 +6,29 @@ set -eu
 # Ray 2.60 clusters authenticate with a token, read from ~/.ray/auth_token; docker-compose shares
 # that directory with the workers through the ray-auth volume.
 export RAY_AUTH_MODE=token
+
+# Compose starts a worker with the head's container, not once the service is ready: Ray Serve
+# never moves a running replica, so replicas deployed before the workers joined would all stay on
+# the head. The head's token exists before its GCS listens.
+wait_for_head() {
+  python - "$1" <<'PY'
+import socket, sys, time
+host, _, port = sys.argv[1].rpartition(":")
+deadline = time.monotonic() + 300
+while True:
+    try:
+        socket.create_connection((host, int(port)), timeout=2).close()
+        break
+    except OSError as exc:
+        if time.monotonic() > deadline:
+            sys.exit(f"no Ray head answers at {sys.argv[1]} after 300 s: {exc}")
+        time.sleep(1)
+PY
+}
+
 case "${1:-serve}" in
   worker)
+    wait_for_head "${RAY_HEAD:-serve:6379}"
     exec ray start --address="${RAY_HEAD:-serve:6379}" --metrics-export-port=8080 --block --disable-usage-stats
     ;;
   serve)

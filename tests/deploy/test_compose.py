@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -18,13 +19,14 @@ COMPOSE = shutil.which("docker-compose")
 SERVING_PORTS = {"127.0.0.1:8000:8000/tcp", "127.0.0.1:9000:9000/tcp", "127.0.0.1:8080:8080/tcp"}
 
 
-def config(*files: str) -> dict[str, Any]:
+def config(*files: str, env: dict[str, str] | None = None) -> dict[str, Any]:
     """The configuration as docker-compose resolves it (1.29: validated, interpolated, short
-    syntax, override files merged in order)."""
+    syntax, override files merged in order), with ``env`` set in the shell that runs it."""
     if COMPOSE is None:
         pytest.fail("docker-compose is missing: `make system-deps` installs Debian's docker-compose")
     args = [arg for f in files or ("docker-compose.yml",) for arg in ("-f", str(ROOT / f))]
-    result = subprocess.run([COMPOSE, *args, "config"], capture_output=True, text=True, cwd=ROOT)
+    shell = {k: v for k, v in os.environ.items() if not k.startswith("ATTN_")} | (env or {})
+    result = subprocess.run([COMPOSE, *args, "config"], capture_output=True, text=True, cwd=ROOT, env=shell)
     assert result.returncode == 0, result.stderr
     return yaml.safe_load(result.stdout)
 
@@ -86,7 +88,28 @@ def test_cluster_profile() -> None:
     assert cfg["services"]["ray-worker"]["profiles"] == ["cluster"]
     worker = cfg["services"]["ray-worker"]
     assert worker["command"] == ["worker"] and worker["environment"]["RAY_HEAD"] == "serve:6379"
-    assert worker["depends_on"]["serve"]["condition"] == "service_healthy"
+    # not service_healthy: by then the service has placed its replicas, and Ray Serve never moves
+    # them; the worker waits for the head's GCS itself (tests/deploy/test_entrypoint.py)
+    assert worker["depends_on"]["serve"]["condition"] == "service_started"
+
+
+def test_the_cluster_command_puts_one_replica_on_each_node() -> None:
+    """The documented cluster command sets ATTN_MAX_REPLICAS_PER_NODE=1 (a real setting), which
+    compose passes to the service; a plain ``up`` leaves it unset: one machine may hold several
+    replicas."""
+    from service.settings import Settings
+
+    command = "ATTN_NUM_REPLICAS=4 ATTN_MAX_REPLICAS_PER_NODE=1 docker compose --profile cluster up"
+    assert (
+        command in (ROOT / "README.md").read_text() and command in (ROOT / "docker-compose.yml").read_text()
+    )
+    assert "max_replicas_per_node" in Settings.model_fields
+    assert "ATTN_MAX_REPLICAS_PER_NODE" not in {
+        k for k, v in config()["services"]["serve"]["environment"].items() if v is not None
+    }
+    cluster = config(env={"ATTN_NUM_REPLICAS": "4", "ATTN_MAX_REPLICAS_PER_NODE": "1"})["services"]["serve"]
+    assert cluster["environment"]["ATTN_MAX_REPLICAS_PER_NODE"] == "1"
+    assert cluster["environment"]["ATTN_NUM_REPLICAS"] == "4"
 
 
 @pytest.mark.parametrize("gpu", [False, True], ids=["cpu", "gpu"])

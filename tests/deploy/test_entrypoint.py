@@ -5,10 +5,15 @@ starting a cluster: what each branch starts, and with what, from an empty home."
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
+
+from tests.conftest import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 ENTRYPOINT = ROOT / "deploy" / "entrypoint.sh"
@@ -69,3 +74,24 @@ def test_a_restarted_head_keeps_the_token_its_workers_hold(tmp_path: Path) -> No
     token.write_text("kept-token")
     entrypoint(tmp_path)
     assert token.read_text() == "kept-token"
+
+
+def test_a_worker_joins_once_the_heads_gcs_answers(tmp_path: Path) -> None:
+    """Compose starts workers with the head's container; each waits for the GCS, then joins."""
+    port = free_port()
+    gcs = socket.socket()
+
+    def head_starts_later() -> None:
+        time.sleep(2)
+        gcs.bind(("127.0.0.1", port))
+        gcs.listen()
+
+    threading.Thread(target=head_starts_later, daemon=True).start()
+    start = time.monotonic()
+    try:
+        [worker] = entrypoint(tmp_path, "worker", RAY_HEAD=f"127.0.0.1:{port}")
+    finally:
+        gcs.close()
+    assert time.monotonic() - start >= 2
+    assert worker["argv"][:3] == ["ray", "start", f"--address=127.0.0.1:{port}"]
+    assert worker["env"]["RAY_AUTH_MODE"] == "token"
