@@ -54,14 +54,18 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from service.api.grpc_servicer import SERVICER_FUNCTIONS
-    from service.hosting.app import build_app, reserved_cpus
+    from service.hosting.app import NoModels, build_app, reserved_cpus
 
     busy = ports_in_use(settings)
     if busy:
         print(f"error: {busy}; is another service running? (ports: ATTN_HTTP_PORT, ATTN_GRPC_PORT, "
               "ATTN_METRICS_PORT)", file=sys.stderr)  # fmt: skip
         return 2
-    app = build_app(settings)  # validates the repository before Ray starts
+    try:
+        app = build_app(settings)  # validates the repository before Ray starts
+    except NoModels as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     if settings.ray_address is None and (need := reserved_cpus(settings)) > (
         have := settings.num_cpus or os.cpu_count() or 1
     ):
@@ -71,16 +75,20 @@ def main(argv: list[str] | None = None) -> int:
               "ATTN_REPLICA_NUM_CPUS (0 is allowed), serve fewer models (ATTN_MODELS) or raise "
               "ATTN_NUM_CPUS", file=sys.stderr)  # fmt: skip
         return 2
-    stop, serving = threading.Event(), threading.Event()
+    stop, serving, in_ray_init = threading.Event(), threading.Event(), threading.Event()
 
     def on_signal(*_: object) -> None:
         stop.set()
-        if not serving.is_set():  # still starting: interrupt it; `finally` stops what has started
+        # still starting: interrupt it, and `finally` stops what has started — except inside
+        # ray.init, where an interrupt left half-started Ray processes running on (they held the
+        # metrics port for a minute): there the stop waits until ray.init returns
+        if not serving.is_set() and not in_ray_init.is_set():
             raise KeyboardInterrupt
 
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     try:
+        in_ray_init.set()
         if settings.ray_address is None:  # a private Ray for this process, stopped with it
             ray.init(
                 address="local", num_cpus=settings.num_cpus or os.cpu_count(), include_dashboard=False,
@@ -88,8 +96,11 @@ def main(argv: list[str] | None = None) -> int:
             )  # fmt: skip
         else:  # a cluster started with `ray start`: its nodes export metrics on their own ports
             ray.init(address=settings.ray_address, logging_level=logging.WARNING)
+        in_ray_init.clear()
         for sig in (signal.SIGINT, signal.SIGTERM):  # ours again: ray.init installs its own
             signal.signal(sig, on_signal)
+        if stop.is_set():  # a signal came during ray.init
+            raise KeyboardInterrupt
         in_replica = settings.frontend == "in-replica"  # the replicas listen; no Ray proxy
         serve.start(
             proxy_location="Disabled" if in_replica else settings.proxy_location,
@@ -132,6 +143,8 @@ def stop_serving(settings: Settings) -> None:
     import ray
     from ray import serve
 
+    if not ray.is_initialized():  # stopped before Ray was up (serve.delete would start a Ray)
+        return
     with contextlib.suppress(Exception):  # nothing deployed yet: nothing to drain
         serve.delete("attention")
     ray.shutdown()

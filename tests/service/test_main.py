@@ -5,10 +5,13 @@ traffic), and the running service is untouched."""
 from __future__ import annotations
 
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
@@ -74,3 +77,53 @@ def test_cuda_asked_for_where_none_is_serves_on_the_cpu_and_says_why(
         log = svc.log.read_text()
     assert "CUDA was asked for, but this onnxruntime build has no CUDA provider" in log
     assert "serving on the CPU" in log
+
+
+def test_an_empty_repository_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    env = {**os.environ, "ATTN_REPOSITORY": str(tmp_path / "empty"), "ATTN_HTTP_PORT": str(free_port()),
+           "ATTN_GRPC_PORT": str(free_port()), "ATTN_METRICS_PORT": str(free_port())}  # fmt: skip
+    refused = subprocess.run(
+        [sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=60
+    )
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "error: no servable model" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def test_ctrl_c_while_ray_starts_stops_every_process_it_started(tiny_repository: Path) -> None:
+    """An interrupt inside ``ray.init`` once left half-started Ray processes running for a minute
+    (one held the metrics port, so a restart failed), and the stop started a second Ray. Now the
+    stop waits for ``ray.init`` and then stops all of it."""
+    psutil = pytest.importorskip("psutil")
+    metrics = free_port()
+    env = {**os.environ, "ATTN_REPOSITORY": str(tiny_repository), "ATTN_HTTP_PORT": str(free_port()),
+           "ATTN_GRPC_PORT": str(free_port()), "ATTN_METRICS_PORT": str(metrics)}  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "service"], env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        me = psutil.Process(proc.pid)
+        deadline = time.monotonic() + 60
+        while not any("gcs_server" in " ".join(c.cmdline()) for c in children(me)):  # Ray is starting
+            assert time.monotonic() < deadline and proc.poll() is None, "Ray never started"
+            time.sleep(0.05)
+        started = children(me)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err[-2000:]
+    assert "interrupted while starting" in err
+    gone = time.monotonic() + 15
+    while alive := [p for p in started if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]:
+        assert time.monotonic() < gone, f"left running: {[' '.join(p.cmdline())[:80] for p in alive]}"
+        time.sleep(0.2)
+    assert err.count("Started a local Ray instance") <= 1, "the stop must not start a second Ray"
+    with socket.socket() as probe:  # a restart can bind the metrics port
+        probe.bind(("0.0.0.0", metrics))
+
+
+def children(process: Any) -> list[Any]:
+    try:
+        return process.children(recursive=True)
+    except Exception:  # it just ended
+        return []
