@@ -14,6 +14,7 @@ ray_attention_request_duration_seconds                histogram    model, route
 ray_attention_queue_wait_seconds                      histogram    model
 ray_attention_compute_seconds                         histogram    model
 ray_attention_batch_size                              histogram    model
+ray_attention_batched_total                           counter      model
 ray_attention_tokens_generated_total                  counter      model
 ray_attention_time_to_first_token_seconds             histogram    model
 ray_attention_time_per_output_token_seconds           histogram    model
@@ -136,6 +137,13 @@ class ModelMetrics:
             description="Sequences or images per formed batch (decoder rows per step: scheduled).",
             boundaries=BATCH_BUCKETS, tag_keys=("model",),
         )  # fmt: skip
+        # Ray's exporter writes a histogram's _sum from its buckets' midpoints (a batch of 1 counts
+        # as 0.5): the exact mean batch is this counter's rate over the histogram's count's
+        self.batched = metrics.Counter(
+            "attention_batched_total",
+            description="Sequences or images computed in formed batches (decoder rows: scheduled).",
+            tag_keys=("model",),
+        )  # fmt: skip
         self.tokens = metrics.Counter(
             "attention_tokens_generated_total", description="Target tokens generated.", tag_keys=("model",)
         )
@@ -184,6 +192,7 @@ class ModelMetrics:
 
     def batch(self, size: int, compute_s: float) -> None:
         DEFERRED.push(self.batch_size, "observe", size, self.key)
+        DEFERRED.push(self.batched, "inc", size, self.key)
         DEFERRED.push(self.compute, "observe", compute_s, self.key)
 
     def waited(self, seconds: float) -> None:
