@@ -52,6 +52,7 @@ async def readyz(server: ServerDep) -> JSONResponse:
 
 @router.get("/v1/models", response_model=ModelList, summary="The served models")
 async def list_models(server: ServerDep) -> ModelList:
+    await server.is_ready()  # fills model_info (a model still loading leaves its fields null)
     return ModelList(
         models=[_model_info(server, n) for n in sorted(server.entries)], rejected=server.rejected
     )
@@ -60,6 +61,7 @@ async def list_models(server: ServerDep) -> ModelList:
 @router.get("/v1/models/{name}", response_model=ModelInfo, summary="One model")
 async def get_model(server: ServerDep, name: str) -> ModelInfo:
     server.resolve(name)
+    await server.is_ready()
     return _model_info(server, name)
 
 

@@ -90,12 +90,14 @@ class Server:
 
     async def is_ready(self) -> bool:
         try:
-            await asyncio.wait_for(self._load_info(), timeout=5)
+            await asyncio.wait_for(self.load_info(), timeout=5)
         except Exception:  # a model that does not answer its info call is not ready
             return False
         return True
 
-    async def _load_info(self) -> None:
+    async def load_info(self) -> None:
+        """Each model's runtime info (providers, batch size, warm-up time) in ``model_info``:
+        asked of each model once per served set (a swap starts a new set)."""
         missing = [n for n in self.models if n not in self.model_info]
         infos = await asyncio.gather(*(self.models[n].info() for n in missing))
         self.model_info.update(zip(missing, infos, strict=True))

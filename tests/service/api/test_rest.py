@@ -189,6 +189,12 @@ def test_models_and_readiness(served: Any) -> None:
     listed = json.loads(content)
     assert status == 200 and [m["name"] for m in listed["models"]] == ["fake-classifier", "fake-translator"]
     assert listed["rejected"] == {"broken/1": "failed to load: a reason"}
+    # the runtime fields before any readiness probe came (they were null until one did)
+    assert [(m["providers"], m["max_batch_size"]) for m in listed["models"]] == [
+        (["CPUExecutionProvider"], 4)
+    ] * 2
+    _, _, content = call(app, "GET", "/v1/models/fake-translator")
+    assert json.loads(content)["max_batch_size"] == 4
     status, _, content = call(app, "GET", "/readyz")
     assert status == 200 and json.loads(content)["warmup_ms"] == {
         "fake-classifier": 1.0,
