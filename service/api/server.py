@@ -131,7 +131,7 @@ class Server:
                     if len(requests) == 1:  # the common case, without gather's extra tasks
                         answers = [await model.predict(requests[0])]
                     else:
-                        answers = list(await asyncio.gather(*(model.predict(r) for r in requests)))
+                        answers = await _all_or_none([model.predict(r) for r in requests])
             except TimeoutError as exc:  # the cancelled calls free their places in the batch
                 raise DeadlineExceeded(f"model {name!r} did not answer within {timeout} s") from exc
         return entry, answers, round((time.perf_counter() - start) * 1000, 3)
@@ -210,6 +210,18 @@ class Server:
         (a client cannot create series)."""
         label = name if name in self.entries else "_unknown"
         self.metrics.record(label, route, status, time.perf_counter() - start)
+
+
+async def _all_or_none(calls: list[Any]) -> list[Any]:
+    """Every call's answer, in order; once one fails the others are cancelled (``gather`` let
+    them run: a request shed part-way still had its accepted images computed, holding places
+    that other requests were then refused)."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()  # a no-op for those done
 
 
 class _Deadline:

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from service.errors import DeadlineExceeded, ModelNotFound, WrongTask
+from service.errors import DeadlineExceeded, ModelNotFound, Overloaded, WrongTask
 from service.inference.jobs import TranslateJob
 from tests.service.fakes import fake_server
 
@@ -62,6 +62,30 @@ def test_many_requests_go_concurrently(tmp_path: Path) -> None:
         return loop.time() - start
 
     assert asyncio.run(go()) < 1.0  # not 10 × 0.2 s
+
+
+def test_a_request_refused_in_part_stops_its_other_parts(tmp_path: Path) -> None:
+    """One part of a multi-part request shed (503): the parts still waiting are cancelled, so
+    they neither compute nor hold places another request would then be refused."""
+    server, translator, _, recorded = fake_server(tmp_path)
+    finished: list[str] = []
+
+    async def predict(job: TranslateJob) -> Any:
+        if job.texts == ["shed"]:
+            raise Overloaded("model 'fake-translator' is overloaded; retry later")
+        await asyncio.sleep(0.3)
+        finished.append(job.texts[0])
+
+    translator.predict = predict  # type: ignore[method-assign]
+    jobs = [TranslateJob(texts=[t]) for t in ("a", "b", "shed", "c")]
+
+    async def go() -> None:
+        with pytest.raises(Overloaded):
+            await server.predict_many("fake-translator", None, "t", jobs)
+        await asyncio.sleep(0.5)
+
+    asyncio.run(go())
+    assert finished == [] and [r[2] for r in recorded.records] == [503]
 
 
 def test_serve_swaps_the_whole_set_at_once(tmp_path: Path) -> None:
