@@ -35,6 +35,9 @@ def prometheus(service: Service, tmp_path_factory: pytest.TempPathFactory) -> It
     job["static_configs"][0]["targets"] = [
         service.metrics_url.removeprefix("http://").removesuffix("/metrics")
     ]
+    # one node, as a compose without the cluster profile: the workers' name resolves to nothing
+    [workers] = job["dns_sd_configs"]
+    workers["names"] = ["ray-worker.invalid"]
     (workdir / "prometheus.yml").write_text(yaml.safe_dump(config))
     port = free_port()
     proc = subprocess.Popen(
@@ -82,6 +85,9 @@ def traffic(service: Service) -> None:
 def test_service_series_arrive_in_prometheus(service: Service, prometheus: str) -> None:
     traffic(service)
     assert wait_for(prometheus, 'up{job="attention-serve"} == 1')
+    # the workers' DNS name that resolves to nothing adds no target, hence no `up` series to alert on
+    [up] = query(prometheus, 'up{job="attention-serve"}')["result"]
+    assert up["metric"]["service"] == "attention-serve"
     requests_ = wait_for(prometheus, "sum by (model, route, status) (ray_attention_requests_total)")
     seen = {(r["metric"]["model"], r["metric"]["route"], r["metric"]["status"]) for r in requests_}
     assert ("dates-bahdanau", "translate", "200") in seen and ("fashion-vit", "classify", "200") in seen
