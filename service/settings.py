@@ -187,6 +187,18 @@ class Settings(BaseSettings):
             raise ValueError("autoscaling: min_replicas must not exceed max_replicas")
         if len({self.http_port, self.grpc_port, self.metrics_port}) < 3:
             raise ValueError("http_port, grpc_port and metrics_port must differ")
+        placed = sorted(
+            f"{model}.{key}"
+            for model, override in self.model_overrides.items()
+            for key in ("num_replicas", "num_gpus_per_replica")
+            if getattr(override, key) is not None
+        )
+        if placed and self.frontend == "in-replica":  # silently ignored there, once
+            raise ValueError(
+                f"model_overrides: {', '.join(placed)} place a model's own deployment (ATTN_FRONTEND "
+                "ray-proxy or ray-direct); the in-replica frontend's replicas each hold every model: "
+                "set ATTN_NUM_REPLICAS / ATTN_NUM_GPUS_PER_REPLICA instead"
+            )
         if sorted(self.latency_buckets_s) != self.latency_buckets_s or not self.latency_buckets_s:
             raise ValueError("latency_buckets_s must be a non-empty ascending list")
         prefix = self.model_config.get("env_prefix", "")

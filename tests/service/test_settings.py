@@ -14,6 +14,7 @@ def test_defaults_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setenv("ATTN_REPOSITORY", str(tmp_path))
     monkeypatch.setenv("ATTN_BATCHING__MAX_BATCH_SIZE", "64")
     monkeypatch.setenv("ATTN_MODEL_OVERRIDES", '{"m": {"max_batch_size": 8, "num_replicas": 2}}')
+    monkeypatch.setenv("ATTN_FRONTEND", "ray-proxy")  # a model's own replicas: a deployment per model
     s = Settings()
     assert s.host == "127.0.0.1" and s.http_port == 8000
     assert s.batching_for("other").max_batch_size == 64
@@ -76,10 +77,10 @@ def test_cuda_reserves_a_share_of_a_gpu_per_replica(tmp_path: Path, monkeypatch:
     assert cuda.use_gpu and cuda.gpu_share() == DEFAULT_GPU_SHARE == 0.25
     monkeypatch.setenv("ATTN_NUM_GPUS_PER_REPLICA", "0.5")
     monkeypatch.setenv("ATTN_MODEL_OVERRIDES", '{"big": {"num_gpus_per_replica": 1}}')
-    shared = Settings(repository=tmp_path)
+    shared = Settings(repository=tmp_path, frontend="ray-proxy")
     assert shared.gpu_share() == shared.gpu_share("small") == 0.5 and shared.gpu_share("big") == 1
     monkeypatch.setenv("ATTN_PROVIDERS", '["CPUExecutionProvider"]')
-    cpu = Settings(repository=tmp_path)
+    cpu = Settings(repository=tmp_path, frontend="ray-proxy")
     assert not cpu.use_gpu and cpu.gpu_share() == cpu.gpu_share("big") == 0
     assert "num_gpus" not in cpu.actor_options()
 
@@ -99,7 +100,24 @@ def test_gpu_shares_are_what_ray_can_place(
             for key, value in env.items():
                 m.setenv(key, value)
             if valid:
-                Settings(repository=tmp_path, providers=["CUDAExecutionProvider"])
+                Settings(repository=tmp_path, providers=["CUDAExecutionProvider"], frontend="ray-proxy")
             else:
                 with pytest.raises(ValidationError, match="num_gpus_per_replica"):
-                    Settings(repository=tmp_path, providers=["CUDAExecutionProvider"])
+                    Settings(repository=tmp_path, providers=["CUDAExecutionProvider"], frontend="ray-proxy")
+
+
+def test_placing_one_model_needs_a_deployment_per_model(tmp_path: Path) -> None:
+    """A model's own replica count or GPU share means nothing where every replica holds every
+    model (the in-replica default): refused with the settings to use, no longer ignored."""
+    overrides = {"fashion-vit": {"max_batch_size": 64, "num_replicas": 3, "num_gpus_per_replica": 0.5}}
+    with pytest.raises(
+        ValidationError, match=r"fashion-vit\.num_gpus_per_replica, fashion-vit\.num_replicas"
+    ):
+        Settings(repository=tmp_path, model_overrides=overrides)
+    Settings(repository=tmp_path, model_overrides={"fashion-vit": {"max_batch_size": 64}})
+    assert (
+        Settings(repository=tmp_path, model_overrides=overrides, frontend="ray-direct").replicas_for(
+            "fashion-vit"
+        )
+        == 3
+    )
