@@ -186,9 +186,19 @@ class ModelMetrics:
         self.refresh()
 
     def refresh(self) -> None:
-        """Re-set the info gauge: Ray's exporter drops gauge values that are not updated, so the
-        replica's health check calls this every few seconds."""
+        """Re-set the gauges: Ray's exporter drops gauge values that are not updated (an idle
+        model's rows in flight vanished instead of reading 0), so the replica's health check
+        calls this every few seconds."""
         self.info.set(1, tags=self._info_tags)
+        rows, tokens = self._in_flight_now
+        if rows >= 0:
+            DEFERRED.push(self.rows, "set", rows, self.key)
+            DEFERRED.push(self.in_flight, "set", tokens, self.key)
+
+    def unloaded(self) -> None:
+        """This version was replaced: its info reads 0 at once (it read 1 beside the new version's
+        until Ray dropped the series, about a minute later)."""
+        self.info.set(0, tags=self._info_tags)
 
     def batch(self, size: int, compute_s: float) -> None:
         DEFERRED.push(self.batch_size, "observe", size, self.key)

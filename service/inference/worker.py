@@ -47,6 +47,7 @@ class WorkerMetrics(Protocol):
 
     def loaded(self, version: int, task: str, family: str, provider: str) -> None: ...
     def refresh(self) -> None: ...
+    def unloaded(self) -> None: ...
     def batch(self, size: int, compute_s: float) -> None: ...
     def waited(self, seconds: float) -> None: ...
     def generated(self, tokens: int) -> None: ...
@@ -59,6 +60,9 @@ class NoMetrics:
         pass
 
     def refresh(self) -> None:
+        pass
+
+    def unloaded(self) -> None:
         pass
 
     def batch(self, size: int, compute_s: float) -> None:
@@ -283,6 +287,7 @@ class ModelWorker:
 
     def close(self) -> None:
         """This version is being replaced: finish what is queued, then let the loop end."""
+        self.metrics.unloaded()
         self.batcher.close()
         if self.scheduler is not None:
             self.scheduler.close()

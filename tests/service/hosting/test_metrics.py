@@ -69,3 +69,31 @@ def test_deferred_updates_sum_counters_keep_last_gauges_and_every_observation() 
     assert totals == {"a": 2000, "b": 2000} and len(counter.calls) < 2000
     assert {tags["model"]: value for _, value, tags in gauge.calls} == {"a": 999, "b": 999}
     assert sorted(v for _, v, t in histogram.calls if t["model"] == "a") == [i / 1000 for i in range(1000)]
+
+
+def test_gauges_are_kept_alive_and_a_replaced_version_reads_zero() -> None:
+    """Ray drops a gauge value nobody re-sets within about a minute: the health check's refresh
+    re-sets the info and in-flight gauges (an idle model's rows in flight vanished instead of
+    reading 0), and a replaced version's info goes to 0 at once (it read 1 beside the new one)."""
+    m = metrics.ModelMetrics("m", [0.1, 1.0])
+    m.info, m.rows, m.in_flight = info, rows, tokens = Recorded(), Recorded(), Recorded()  # type: ignore[assignment]
+    m.loaded(1, "translation", "transformer", "CPUExecutionProvider")
+    v1 = {
+        "model": "m",
+        "version": "1",
+        "task": "translation",
+        "family": "transformer",
+        "provider": "CPUExecutionProvider",
+    }
+    m.refresh()  # before any step: no in-flight value to keep
+    metrics.DEFERRED.flush()
+    assert rows.calls == [] and info.calls == [("set", 1, v1), ("set", 1, v1)]
+    m.stepped(3, 120)
+    m.stepped(0, 0)
+    metrics.DEFERRED.flush()
+    rows.calls.clear()
+    m.refresh()  # idle now: 0 again, not gone
+    metrics.DEFERRED.flush()
+    assert rows.calls == [("set", 0, {"model": "m"})] and tokens.calls[-1] == ("set", 0, {"model": "m"})
+    m.unloaded()
+    assert info.calls[-1] == ("set", 0, v1)
