@@ -2,11 +2,13 @@
 
 A version directory appears whole or not at all: files are written to a staging directory beside
 it, the manifest is validated by the same loader the service uses, and only then is the staging
-directory renamed. An existing version is never replaced without ``force``.
+directory renamed. An existing version is never replaced without ``force``, and a failed first
+export of a name leaves no empty ``<name>/`` behind.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 from collections.abc import Iterator
@@ -42,6 +44,7 @@ def staged_version(repository: Path, name: str, version: int, force: bool) -> It
     """Yield an empty staging directory; on success validate it and move it to its version."""
     target = check_target(repository, name, version, force)
     staging = target.parent / f".staging-{version}-{os.getpid()}"
+    model_existed = target.parent.exists()
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
@@ -52,3 +55,8 @@ def staged_version(repository: Path, name: str, version: int, force: bool) -> It
         staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+        if not model_existed and not target.exists():
+            # a failed first export leaves no trace: an empty <name>/ reads as a model with no
+            # version to whoever lists the repository
+            with contextlib.suppress(OSError):  # not empty: another writer put a version in it
+                target.parent.rmdir()
