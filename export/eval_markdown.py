@@ -96,6 +96,9 @@ def vision_table(models: Sequence[ModelEval]) -> list[str]:
 
 
 def int8_table(models: Sequence[ModelEval]) -> list[str]:
+    """The int8 section, or nothing when int8 was not measured (``--no-int8``)."""
+    if not any(m.int8 for m in models):
+        return []
     lines = [
         "## Quantised (ONNX Runtime dynamic int8) next to fp32",
         "",
@@ -140,6 +143,8 @@ def parity_lines(models: Sequence[ModelEval]) -> list[str]:
 def render(results: Sequence[ModelEval], skipped: Sequence[str], sizes: Sizes, stamp: datetime) -> str:
     translation = [r for r in results if r.task == "translation"]
     vision = [r for r in results if r.task == "image-classification"]
+    int8 = int8_table(results)
+    int8 += [""] if int8 else []
     lines = [
         f"# Attention faithfulness — {stamp:%Y-%m-%d}",
         "",
@@ -150,8 +155,7 @@ def render(results: Sequence[ModelEval], skipped: Sequence[str], sizes: Sizes, s
         "",
         *vision_table(vision),
         "",
-        *int8_table(results),
-        "",
+        *int8,
         *parity_lines(results),
     ]
     notes = [f"- `{r.name}`: {n}" for r in results for n in r.notes] + [f"- {s}" for s in skipped]
