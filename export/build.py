@@ -1,10 +1,10 @@
 """Recipe → checkpoint → verified ONNX → evaluated manifest in the model repository.
 
 ``train`` writes a checkpoint directory; ``export`` turns a checkpoint into a repository version,
-refusing to overwrite without ``force``, refusing a model whose held-out metrics miss the
-recipe's floors, and optionally adding an int8 and/or a float16 variant (``<name>-int8``,
-``<name>-fp16``: ``export/variants.py``) with its held-out metrics and attention drift next to
-the fp32 numbers.
+refusing to overwrite without ``force``, refusing a checkpoint that another recipe trained and a
+model whose held-out metrics miss the recipe's floors, and optionally adding an int8 and/or a
+float16 variant (``<name>-int8``, ``<name>-fp16``: ``export/variants.py``) with its held-out
+metrics and attention drift next to the fp32 numbers.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def export(
     kinds = [kind for kind in (quantize, precision) if kind]
     for target_name in (name, *(variant_name(name, kind) for kind in kinds)):
         check_target(repository, target_name, version, force)  # fail before any work
-    ckpt = checkpoint.load(ckpt_dir)
+    ckpt = _load_for(recipe, ckpt_dir)
     with staged_version(repository, name, version, force) as staging:
         plans = plans_for(ckpt.model)
         graphs = {plan.key: export_graph(plan, staging) for plan in plans}
@@ -111,6 +111,28 @@ def export(
     for kind in kinds:
         write_variant(target, recipe, repository, kind, force)
     return target
+
+
+def _load_for(recipe: Recipe, ckpt_dir: Path) -> Checkpoint:
+    """The checkpoint in ``ckpt_dir``, if ``recipe`` trained it. Another recipe's weights under this
+    recipe's name would be served and scored as this recipe's model: its family and description,
+    its data's metrics, and ``make eval`` crediting its attention to this one — even when the
+    family is the same (``bible-fr-en-bahdanau`` is ``rnn-additive`` like ``dates-bahdanau``, on
+    another corpus with other tokenizers). A renamed recipe is retrained, not relabelled."""
+    try:
+        ckpt = checkpoint.load(ckpt_dir)
+    except checkpoint.CheckpointMissing as exc:
+        if ckpt_dir.name == recipe.name:
+            hint = f"run `python -m export train {recipe.name} --checkpoints {ckpt_dir.parent}` first"
+        else:
+            hint = f"`python -m export train {recipe.name} --checkpoints DIR` writes one to DIR/{recipe.name}"
+        raise checkpoint.CheckpointMissing(f"{exc}: {hint}") from None
+    if (ckpt.recipe, ckpt.family) != (recipe.name, recipe.family):
+        raise checkpoint.CheckpointMismatch(
+            f"{ckpt_dir} holds recipe {ckpt.recipe!r} ({ckpt.family}), not {recipe.name!r} "
+            f"({recipe.family}): export it as {ckpt.recipe!r}, or train {recipe.name!r}"
+        )
+    return ckpt
 
 
 def _manifest(

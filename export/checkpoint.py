@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 from torch import nn
@@ -21,6 +21,18 @@ from export.models import build_model, model_config
 WEIGHTS = "model.safetensors"
 SOURCE_TOKENIZER = "source_tokenizer.json"
 TARGET_TOKENIZER = "target_tokenizer.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory that is missing, unreadable, or not the one asked for."""
+
+
+class CheckpointMissing(CheckpointError):
+    pass
+
+
+class CheckpointMismatch(CheckpointError):
+    """The checkpoint was trained by another recipe than the one it is exported as."""
 
 
 @dataclass
@@ -47,10 +59,18 @@ def save(ckpt: Checkpoint, directory: Path) -> Path:
 
 def load(directory: Path) -> Checkpoint:
     path = directory / WEIGHTS
-    with safe_open(str(path), framework="pt") as f:
-        meta = f.metadata()
-    model = build_model(meta["family"], json.loads(meta["config"]))
-    model.load_state_dict(load_file(str(path)))
+    if not path.is_file():
+        raise CheckpointMissing(f"no checkpoint at {directory} (no {WEIGHTS})")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata()
+        recipe, family = meta["recipe"], meta["family"]
+        model = build_model(family, json.loads(meta["config"]))
+        model.load_state_dict(load_file(str(path)))
+    # what a truncated file, a safetensors file of another program (no or other metadata) or
+    # weights that do not fit their config raise: each means "not a checkpoint we wrote"
+    except (SafetensorError, KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise CheckpointError(f"{path} is not a checkpoint export can load: {exc}") from exc
     model.eval()
     tokenizers = [
         Tokenizer.from_file(str(directory / name)) if (directory / name).exists() else None
@@ -58,4 +78,4 @@ def load(directory: Path) -> Checkpoint:
     ]
     info_path = directory / "train.json"
     info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    return Checkpoint(meta["recipe"], meta["family"], model, tokenizers[0], tokenizers[1], info)
+    return Checkpoint(recipe, family, model, tokenizers[0], tokenizers[1], info)

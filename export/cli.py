@@ -21,15 +21,23 @@ import time
 from pathlib import Path
 
 from export import build, eval_report, recipes
+from export.checkpoint import CheckpointError
 from export.data import DatasetMissing
 from export.eval_report import Sizes
 from export.onnx_export import ExportVerificationError
+from export.recipes import UnknownRecipe
 from export.repository import RefuseOverwrite
 from service.inference.manifest import ManifestError
 
 DEFAULT_REPOSITORY = Path("model_repository")
 DEFAULT_CHECKPOINTS = Path("build/checkpoints")
 DEFAULT_REPORTS = Path("reports/faithfulness")
+
+#: rc 2: what was asked cannot be done as asked — a typo, a missing or wrong input, an existing
+#: target; each is found before the model is written. Anything else is a bug and keeps its traceback
+CANNOT = (RefuseOverwrite, DatasetMissing, UnknownRecipe, ManifestError, CheckpointError)
+#: rc 3: the model was exported and failed its verdict (parity, floors); nothing was written
+REFUSED = (ExportVerificationError, build.FloorNotMet)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -85,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return _run(args)
-    except (RefuseOverwrite, DatasetMissing, KeyError, ManifestError) as exc:
+    except CANNOT as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2
-    except (ExportVerificationError, build.FloorNotMet) as exc:
+    except REFUSED as exc:
         print(f"refused: {exc}", file=sys.stderr)
         return 3
 
@@ -100,6 +108,9 @@ def _run(args: argparse.Namespace) -> int:
             print(f"{default} {r.name:24} {r.family:16} {r.description}")
         return 0
     if args.command == "eval":
+        if not args.repository.is_dir():
+            print(f"error: no model repository at {args.repository}", file=sys.stderr)
+            return 2
         sizes = Sizes(dates=args.dates, canvases=args.canvases)
         print(f"wrote {eval_report.run(args.repository, args.checkpoints, args.reports, sizes, args.int8)}")
         return 0

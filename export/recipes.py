@@ -188,7 +188,11 @@ _add(
 DEFAULT = ("dates-bahdanau", "dates-transformer", "fashion-vit")
 
 
+class UnknownRecipe(KeyError):
+    pass
+
+
 def get(name: str) -> Recipe:
     if name not in RECIPES:
-        raise KeyError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
+        raise UnknownRecipe(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))}")
     return RECIPES[name]

@@ -1,0 +1,81 @@
+"""The CLI's failures that are the caller's to fix: each is one ``error: …`` line and rc 2, found
+before any export work, with nothing left in the repository. Tiny random-weight checkpoints, no
+training (the end-to-end CLI runs are in test_build.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from export import checkpoint
+from export.checkpoint import Checkpoint
+from export.cli import main
+from export.models import build_model
+
+
+def tiny_checkpoint(directory: Path, recipe: str, family: str) -> Path:
+    """A checkpoint as ``export train`` writes it, recording ``recipe`` and ``family``."""
+    torch.manual_seed(0)
+    model = build_model(
+        family, {"src_vocab": 30, "tgt_vocab": 15, "emb_dim": 8, "enc_hidden": 8, "window": 2}
+    )
+    return checkpoint.save(Checkpoint(recipe, family, model), directory)
+
+
+def run_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    """Run the CLI, expect rc 2 and one ``error:`` line; → that line."""
+    assert main(list(argv)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err
+    return err
+
+
+@pytest.mark.parametrize(
+    "recipe",
+    [
+        "dates-luong-dot",  # another family: the manifest would credit Bahdanau's attention to Luong's
+        "dates-transformer",  # another family and contract: died after exporting, on cfg.dec_layers
+        "bible-fr-en-bahdanau",  # the same family, trained on another corpus with other tokenizers
+    ],
+)
+def test_export_refuses_a_checkpoint_of_another_recipe(
+    recipe: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = tiny_checkpoint(tmp_path / "ckpt", "dates-bahdanau", "rnn-additive")
+    repository = tmp_path / "repo"
+    err = run_error(capsys, "export", recipe, "--checkpoint", str(ckpt), "--repository", str(repository))
+    assert "'dates-bahdanau' (rnn-additive)" in err and f"not '{recipe}'" in err
+    assert not repository.exists() or not any(repository.iterdir())
+
+
+def test_export_without_a_checkpoint_says_how_to_train_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoints, repository = tmp_path / "none", tmp_path / "repo"
+    err = run_error(
+        capsys, "export", "dates-bahdanau", "--checkpoints", str(checkpoints), "--repository", str(repository)
+    )
+    assert f"no checkpoint at {checkpoints / 'dates-bahdanau'}" in err
+    assert f"python -m export train dates-bahdanau --checkpoints {checkpoints}" in err
+    assert not repository.exists()
+
+
+def test_export_refuses_a_file_that_is_not_a_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / checkpoint.WEIGHTS).write_bytes(b"not safetensors")
+    err = run_error(
+        capsys, "export", "dates-bahdanau", "--checkpoint", str(ckpt), "--repository", str(tmp_path)
+    )
+    assert "is not a checkpoint export can load" in err
+
+
+def test_unknown_recipe_and_missing_repository_are_errors(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert "unknown recipe 'nope'" in run_error(capsys, "export", "nope")
+    assert "no model repository at" in run_error(capsys, "eval", "--repository", str(tmp_path / "none"))
