@@ -26,8 +26,30 @@ while True:
 PY
 }
 
+# Ray Serve reads some switches from the environment of each Ray process as it starts (the
+# ray-direct frontend's ports, the autoscaling report interval: Settings.ray_environment), and
+# `python -m service` sets them only for the processes it starts. The head's and the workers'
+# start here, before it, so they get the same values here, from the same settings; a bad setting
+# stops the container now, naming it.
+ray_environment() {
+  python - <<'PY'
+import shlex, sys
+from pydantic import ValidationError
+from service.settings import Settings
+try:
+    settings = Settings()
+except ValidationError as exc:
+    sys.exit(f"error: bad settings:\n{exc}")
+env = {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(settings.grpc_max_message_bytes), **settings.ray_environment()}
+for key, value in env.items():
+    print(f"export {key}={shlex.quote(value)}")
+PY
+}
+
 case "${1:-serve}" in
   worker)
+    exports=$(ray_environment)  # an assignment: set -e stops here if it fails
+    eval "$exports"
     wait_for_head "${RAY_HEAD:-serve:6379}"
     exec ray start --address="${RAY_HEAD:-serve:6379}" --metrics-export-port=8080 --block --disable-usage-stats
     ;;
@@ -35,6 +57,8 @@ case "${1:-serve}" in
     # `ray start --head` only reads a token: from an empty ~/.ray it fails with AuthenticationError.
     # --generate keeps one that exists (a restarted head keeps its workers' token)
     [ -s "$HOME/.ray/auth_token" ] || ray get-auth-token --generate >/dev/null
+    exports=$(ray_environment)
+    eval "$exports"
     ray start --head --port=6379 --metrics-export-port="${ATTN_METRICS_PORT:-8080}" \
       --include-dashboard=false --disable-usage-stats --num-cpus="${ATTN_NUM_CPUS:-$(nproc)}"
     export ATTN_RAY_ADDRESS=auto

@@ -91,6 +91,8 @@ def test_cluster_profile() -> None:
     # not service_healthy: by then the service has placed its replicas, and Ray Serve never moves
     # them; the worker waits for the head's GCS itself (tests/deploy/test_entrypoint.py)
     assert worker["depends_on"]["serve"]["condition"] == "service_started"
+    # the service's settings too: the entrypoint derives every node's Ray environment from them
+    assert cfg["services"]["serve"]["environment"].items() <= worker["environment"].items()
 
 
 def test_the_cluster_command_puts_one_replica_on_each_node() -> None:

@@ -10,8 +10,11 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.conftest import free_port
 
@@ -42,20 +45,36 @@ def stand_ins(tmp: Path) -> Path:
     return bin_
 
 
-def entrypoint(tmp: Path, *args: str, **env: str) -> list[dict[str, Any]]:
+def run(tmp: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
     """Run the entrypoint in a clean environment (only what a container would have, plus ``env``)
-    with HOME at ``tmp/home``; the commands the stand-ins recorded, in order."""
-    (tmp / "home").mkdir(exist_ok=True)
+    with HOME at ``tmp/home``."""
+    (tmp / "home").mkdir(parents=True, exist_ok=True)
     (tmp / "models").mkdir(exist_ok=True)
     base = {
         "PATH": f"{stand_ins(tmp)}:{RAY.parent}:/usr/bin:/bin", "HOME": str(tmp / "home"),
         "CALLS": str(tmp / "calls.jsonl"), "ATTN_REPOSITORY": str(tmp / "models"),
     }  # fmt: skip
-    result = subprocess.run(["sh", str(ENTRYPOINT), *args], env={**base, **env}, capture_output=True,
-                            text=True, timeout=120)  # fmt: skip
+    return subprocess.run(["sh", str(ENTRYPOINT), *args], env={**base, **env}, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+
+
+def calls(tmp: Path) -> list[dict[str, Any]]:
+    """The commands the stand-ins recorded, in order."""
+    log = tmp / "calls.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
+
+
+def entrypoint(tmp: Path, *args: str, **env: str) -> list[dict[str, Any]]:
+    result = run(tmp, *args, **env)
     assert result.returncode == 0, result.stdout + result.stderr
-    lines = (tmp / "calls.jsonl").read_text().splitlines()
-    return [json.loads(line) for line in lines]
+    return calls(tmp)
+
+
+@pytest.fixture
+def gcs() -> Iterator[str]:
+    """A listening port where a worker expects the head's GCS."""
+    with socket.create_server(("127.0.0.1", free_port())) as server:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
 
 
 def test_the_head_creates_the_cluster_token_in_an_empty_home(tmp_path: Path) -> None:
@@ -95,3 +114,34 @@ def test_a_worker_joins_once_the_heads_gcs_answers(tmp_path: Path) -> None:
     assert time.monotonic() - start >= 2
     assert worker["argv"][:3] == ["ray", "start", f"--address=127.0.0.1:{port}"]
     assert worker["env"]["RAY_AUTH_MODE"] == "token"
+
+
+def test_every_ray_process_gets_the_frontends_ray_environment(tmp_path: Path, gcs: str) -> None:
+    """Settings.ray_environment() reaches the head's and the workers' Ray processes, which start
+    before ``python -m service`` could set it: ray-direct's ingress ports, for one."""
+    from service.settings import Settings
+
+    settings = {
+        "ATTN_FRONTEND": "ray-direct",
+        "ATTN_HTTP_PORT": "8100",
+        "ATTN_GRPC_MAX_MESSAGE_BYTES": "8388608",
+    }
+    head, _ = entrypoint(tmp_path / "head", **settings)
+    [worker] = entrypoint(tmp_path / "worker", "worker", RAY_HEAD=gcs, **settings)
+    expected = Settings(repository=tmp_path, frontend="ray-direct", http_port=8100).ray_environment()
+    assert expected["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1"
+    assert expected["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8101"
+    for node in (head, worker):
+        assert expected.items() <= node["env"].items(), node["argv"]
+        assert node["env"]["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] == "8388608"  # as python -m service sets it
+
+
+def test_autoscaling_replicas_report_every_second_on_every_node(tmp_path: Path) -> None:
+    head, _ = entrypoint(tmp_path, ATTN_AUTOSCALING='{"max_replicas": 3}')
+    assert head["env"]["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] == "1"
+
+
+def test_a_bad_setting_stops_the_container_before_ray_starts(tmp_path: Path) -> None:
+    result = run(tmp_path, ATTN_FRONTEND="nginx")
+    assert result.returncode != 0 and "frontend" in result.stderr
+    assert calls(tmp_path) == []
