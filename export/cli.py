@@ -47,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
         sp.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
-        sp.add_argument("--version", type=int, default=1)
+        sp.add_argument("--version", type=_positive, default=1)
         sp.add_argument("--force", action="store_true", help="replace an existing version")
         sp.add_argument("--quantize", choices=["int8"], help="also write an int8 variant <name>-int8")
         sp.add_argument("--precision", choices=["fp16"], help="also write a float16 variant <name>-fp16")
@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("checkpoint", type=Path)
     h.add_argument("--name", required=True, help="model name in the repository")
     h.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
-    h.add_argument("--version", type=int, default=1)
+    h.add_argument("--version", type=_positive, default=1)
     h.add_argument("--force", action="store_true", help="replace an existing version")
     sub.add_parser("list", help="list the recipes")
     return p

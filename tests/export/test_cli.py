@@ -74,6 +74,24 @@ def test_export_refuses_a_file_that_is_not_a_checkpoint(
     assert "is not a checkpoint export can load" in err
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["export", "dates-bahdanau", "--version", "0"],
+        ["export", "dates-bahdanau", "--version", "-1"],
+        ["import-hf", "somewhere", "--name", "x", "--version", "0"],
+    ],
+)
+def test_versions_below_one_are_refused_before_any_work(
+    argv: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--version 0`` exported for 20 s, then failed validating the manifest."""
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv, "--repository", str(tmp_path)])
+    assert exit_.value.code == 2
+    assert "--version: must be at least 1" in capsys.readouterr().err
+
+
 def test_unknown_recipe_and_missing_repository_are_errors(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
