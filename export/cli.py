@@ -1,7 +1,7 @@
 """``attention-export`` (or ``python -m export``): a thin CLI over ``export.build``.
 
 attention-export build [RECIPE ...] [--repository DIR] [--skip-existing] [--force] [VARIANTS]
-attention-export train RECIPE [--checkpoints DIR]
+attention-export train RECIPE [--checkpoints DIR] [--force]
 attention-export export RECIPE [--checkpoint DIR] [--version N] [--force] [VARIANTS]
 attention-export eval [--repository DIR] [--checkpoints DIR] [--reports DIR] [--dates N] [--canvases N]
 attention-export import-hf CHECKPOINT_DIR --name NAME [--repository DIR] [--version N] [--force]
@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from export import build, eval_report, recipes
+from export import build, checkpoint, eval_report, recipes
 from export.checkpoint import CheckpointError
 from export.data import DatasetMissing
 from export.eval_report import Sizes
@@ -60,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
     t = sub.add_parser("train", help="train a recipe into a checkpoint directory")
     t.add_argument("recipe")
     t.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
+    t.add_argument("--force", action="store_true", help="replace an existing checkpoint")
     e = sub.add_parser("export", help="export a checkpoint into the repository")
     e.add_argument("recipe")
     e.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: CHECKPOINTS/RECIPE)")
@@ -128,7 +129,12 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "train":
         recipe = recipes.get(args.recipe)
-        build.train(recipe, args.checkpoints / recipe.name)
+        directory = args.checkpoints / recipe.name
+        if (directory / checkpoint.WEIGHTS).exists() and not args.force:
+            # versions exported from it name it by its sha256; a new one would orphan them
+            raise RefuseOverwrite(f"{directory} already holds a checkpoint; pass --force to replace it")
+        build.train(recipe, directory)
+        print(f"wrote {directory}")
         return 0
     if args.command == "export":
         recipe = recipes.get(args.recipe)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from export import checkpoint
+from export import build, checkpoint
 from export.checkpoint import Checkpoint
 from export.cli import main
 from export.models import build_model
@@ -90,6 +90,22 @@ def test_versions_below_one_are_refused_before_any_work(
         main([*argv, "--repository", str(tmp_path)])
     assert exit_.value.code == 2
     assert "--version: must be at least 1" in capsys.readouterr().err
+
+
+def test_train_refuses_to_replace_a_checkpoint_without_force(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Versions exported from a checkpoint record its sha256; replacing it silently orphans them."""
+
+    def no_training(*_: object) -> None:
+        raise AssertionError("trained over an existing checkpoint")  # minutes of the real recipe
+
+    monkeypatch.setattr(build, "train", no_training)
+    ckpt = tiny_checkpoint(tmp_path / "dates-bahdanau", "dates-bahdanau", "rnn-additive")
+    before = (ckpt / checkpoint.WEIGHTS).read_bytes()
+    err = run_error(capsys, "train", "dates-bahdanau", "--checkpoints", str(tmp_path))
+    assert "already holds a checkpoint; pass --force" in err
+    assert (ckpt / checkpoint.WEIGHTS).read_bytes() == before
 
 
 def test_unknown_recipe_and_missing_repository_are_errors(
