@@ -1,7 +1,10 @@
 #!/bin/sh
 # Container entrypoint.
-#   attention-serve            a Ray head on this container (GCS 6379, metrics 8080), then the service
-#   attention-serve worker     a Ray worker joining $RAY_HEAD (default serve:6379): more replicas
+#   attention-serve [serve] [OPTION...]   a Ray head on this container (GCS 6379, metrics
+#                                         ATTN_METRICS_PORT, default 8080), then
+#                                         `python -m service OPTION...` (--repository, --host, --port)
+#   attention-serve worker                a Ray worker joining $RAY_HEAD (default serve:6379): more replicas
+#   attention-serve COMMAND [ARG...]      runs COMMAND (a shell, `ray status`)
 set -eu
 # Ray 2.60 clusters authenticate with a token, read from ~/.ray/auth_token; docker-compose shares
 # that directory with the workers through the ray-auth volume.
@@ -32,12 +35,19 @@ PY
 # start here, before it, so they get the same values here, from the same settings; a bad setting
 # stops the container now, naming it.
 ray_environment() {
-  python - <<'PY'
-import shlex, sys
+  python - "$@" <<'PY'
+import argparse, shlex, sys
 from pydantic import ValidationError
 from service.settings import Settings
+# python -m service's options (service/__main__.py): --port moves ray-direct's ingress ports
+options = argparse.ArgumentParser(add_help=False)
+options.add_argument("--repository")
+options.add_argument("--host")
+options.add_argument("--port", type=int)
+args, _ = options.parse_known_args()
+given = {"repository": args.repository, "host": args.host, "http_port": args.port}
 try:
-    settings = Settings()
+    settings = Settings(**{key: value for key, value in given.items() if value})
 except ValidationError as exc:
     sys.exit(f"error: bad settings:\n{exc}")
 env = {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(settings.grpc_max_message_bytes), **settings.ray_environment()}
@@ -46,23 +56,33 @@ for key, value in env.items():
 PY
 }
 
+start_head() {
+  # `ray start --head` only reads a token: from an empty ~/.ray it fails with AuthenticationError.
+  # --generate keeps one that exists (a restarted head keeps its workers' token)
+  [ -s "$HOME/.ray/auth_token" ] || ray get-auth-token --generate >/dev/null
+  exports=$(ray_environment "$@")  # an assignment: set -e stops here if it fails
+  eval "$exports"
+  ray start --head --port=6379 --metrics-export-port="${ATTN_METRICS_PORT:-8080}" \
+    --include-dashboard=false --disable-usage-stats --num-cpus="${ATTN_NUM_CPUS:-$(nproc)}"
+  export ATTN_RAY_ADDRESS=auto
+  exec python -m service "$@"
+}
+
 case "${1:-serve}" in
   worker)
-    exports=$(ray_environment)  # an assignment: set -e stops here if it fails
-    eval "$exports"
-    wait_for_head "${RAY_HEAD:-serve:6379}"
-    exec ray start --address="${RAY_HEAD:-serve:6379}" --metrics-export-port=8080 --block --disable-usage-stats
-    ;;
-  serve)
-    # `ray start --head` only reads a token: from an empty ~/.ray it fails with AuthenticationError.
-    # --generate keeps one that exists (a restarted head keeps its workers' token)
-    [ -s "$HOME/.ray/auth_token" ] || ray get-auth-token --generate >/dev/null
     exports=$(ray_environment)
     eval "$exports"
-    ray start --head --port=6379 --metrics-export-port="${ATTN_METRICS_PORT:-8080}" \
-      --include-dashboard=false --disable-usage-stats --num-cpus="${ATTN_NUM_CPUS:-$(nproc)}"
-    export ATTN_RAY_ADDRESS=auto
-    exec python -m service
+    wait_for_head "${RAY_HEAD:-serve:6379}"
+    # the port Prometheus scrapes on every node, as on the head
+    exec ray start --address="${RAY_HEAD:-serve:6379}" --metrics-export-port="${ATTN_METRICS_PORT:-8080}" \
+      --block --disable-usage-stats
+    ;;
+  serve)
+    shift $(($# > 0))
+    start_head "$@"
+    ;;
+  -*)  # options for the service: `docker run attention-serve --repository /data/models`
+    start_head "$@"
     ;;
   *)
     exec "$@"

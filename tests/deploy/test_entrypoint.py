@@ -145,3 +145,28 @@ def test_a_bad_setting_stops_the_container_before_ray_starts(tmp_path: Path) -> 
     result = run(tmp_path, ATTN_FRONTEND="nginx")
     assert result.returncode != 0 and "frontend" in result.stderr
     assert calls(tmp_path) == []
+
+
+@pytest.mark.parametrize("first", [[], ["serve"]], ids=["options", "serve-options"])
+def test_options_go_to_the_service_after_the_head_starts(tmp_path: Path, first: list[str]) -> None:
+    """``docker run attention-serve --repository /data`` ran ``--repository`` as a command; options
+    go to ``python -m service``, and its --port moves ray-direct's ingress ports on the head too."""
+    models = tmp_path / "data"
+    models.mkdir()
+    options = ["--repository", str(models), "--port", "8200"]
+    head, service = entrypoint(tmp_path, *first, *options, ATTN_FRONTEND="ray-direct")
+    assert head["argv"][:3] == ["ray", "start", "--head"]
+    assert head["env"]["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] == "8201"
+    assert service["argv"] == ["python", "-m", "service", *options]
+
+
+def test_head_and_workers_export_metrics_on_the_same_port(tmp_path: Path, gcs: str) -> None:
+    head, _ = entrypoint(tmp_path / "head", ATTN_METRICS_PORT="9100")
+    [worker] = entrypoint(tmp_path / "worker", "worker", RAY_HEAD=gcs, ATTN_METRICS_PORT="9100")
+    for node in (head, worker):
+        assert "--metrics-export-port=9100" in node["argv"]
+
+
+def test_any_other_command_runs_as_given(tmp_path: Path) -> None:
+    result = run(tmp_path, "sh", "-c", 'echo "$RAY_AUTH_MODE"')
+    assert result.returncode == 0 and result.stdout == "token\n" and calls(tmp_path) == []
