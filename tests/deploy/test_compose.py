@@ -81,6 +81,8 @@ def test_the_gpu_command_runs_the_gpu_image_instead_of_the_cpu_one() -> None:
     assert {k: v for k, v in gpu.items() if k not in ("image", "build", "deploy", "ports")} == {
         k: v for k, v in cpu.items() if k not in ("image", "build", "ports")
     }
+    # the cluster profile stays CPU-only, as both files and the README say: no GPU workers
+    assert services["ray-worker"] == cpu_services["ray-worker"]
 
 
 def test_cluster_profile() -> None:
