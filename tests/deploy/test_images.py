@@ -47,6 +47,8 @@ def test_multi_stage_build_uses_the_projects_own_commands(name: str) -> None:
     [health] = [i for i in runtime if i.startswith("HEALTHCHECK")]
     assert "/readyz" in health
     assert 'ENTRYPOINT ["attention-serve"]' in runtime
+    # KubeRay before 1.4 starts Ray with `bash -lc`, whose Debian login profile resets PATH
+    assert "ln -s /opt/venv/bin/ray /opt/venv/bin/serve /usr/local/bin/" in installs
 
 
 def test_the_gpu_image_is_the_cpu_image_with_the_serve_gpu_extra() -> None:
@@ -151,12 +153,16 @@ def test_kuberay_on_gpus_places_replicas_by_gpu_share() -> None:
     # every replica finds its share: they do not wait for a GPU that never comes
     assert settings.num_replicas * share <= gpu["replicas"] * gpus_per_pod
     assert "max_replicas_per_node" not in app["args"], "replicas share a pod's GPU"
-    # the rest is the CPU manifest's: head, thresholds, pod security
+    # the rest is the CPU manifest's: head, pod security
     cpu, _, _ = rayservice("rayservice.yaml")
     head, cpu_head = (s["spec"]["rayClusterConfig"]["headGroupSpec"] for s in (service, cpu))
     assert head["rayStartParams"] == cpu_head["rayStartParams"]
     [cpu_group] = cpu["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert gpu["template"]["spec"]["securityContext"] == cpu_group["template"]["spec"]["securityContext"]
-    assert {k: v for k, v in service["spec"].items() if k.endswith("Threshold")} == {
-        k: v for k, v in cpu["spec"].items() if k.endswith("Threshold")
-    }
+
+
+@pytest.mark.parametrize("name", ["rayservice.yaml", "rayservice.gpu.yaml"])
+def test_kuberay_manifests_use_no_deprecated_fields(name: str) -> None:
+    """KubeRay has deprecated serviceUnhealthySecondThreshold and deploymentUnhealthySecondThreshold."""
+    service, _, _ = rayservice(name)
+    assert not [key for key in service["spec"] if key.endswith("UnhealthySecondThreshold")]
