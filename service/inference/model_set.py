@@ -15,10 +15,11 @@ from __future__ import annotations
 import asyncio
 import gc
 import logging
+import re
 from collections.abc import Callable
 from pathlib import Path
 
-from service.inference.manifest import list_versions
+from service.inference.manifest import NAME_PATTERN, list_versions
 from service.inference.repository import ModelEntry, load_entry
 from service.inference.worker import ModelWorker, WorkerMetrics
 from service.settings import Settings
@@ -132,7 +133,8 @@ class ModelSet:
 
     async def poll_once(self) -> None:
         candidates: dict[str, list[int]] = {}
-        refused = {k.partition("/")[0] for k in self.configured_rejected}  # at discovery: a fix loads
+        # refused at discovery: a fixed version loads (names that are no model name never will)
+        refused = {n for k in self.configured_rejected if re.match(NAME_PATTERN, n := k.partition("/")[0])}
         for name in sorted(self._names | refused):
             try:  # one unreadable model directory must not hold up the others
                 current = self.workers[name].entry.version if name in self.workers else 0

@@ -35,11 +35,20 @@ class Discovery:
 def discover(repository: Path, only: list[str] | None = None) -> Discovery:
     models: dict[str, ModelEntry] = {}
     rejected: dict[str, str] = {}
-    names = sorted(p.name for p in repository.iterdir() if p.is_dir() and re.match(NAME_PATTERN, p.name))
-    for name in names:
+    directories = sorted(p.name for p in repository.iterdir() if p.is_dir() and not p.name.startswith("."))
+    names = []
+    for name in directories:
         if only is not None and name not in only:
             continue
-        for version in reversed(list_versions(repository, name)):
+        if re.match(NAME_PATTERN, name):
+            names.append(name)
+        else:  # said, not skipped in silence (`Dates-Bahdanau` was, and "the repository is empty")
+            rejected[name] = "not a model name: lowercase letters, digits, '.', '_' or '-', 64 at most"
+    for name in names:
+        versions = list_versions(repository, name)
+        if not versions:
+            rejected[name] = "no version directory (a positive integer: 1, 2, …)"
+        for version in reversed(versions):
             try:
                 models[name] = load_entry(repository, name, version)
             except ManifestError as exc:

@@ -48,3 +48,20 @@ def test_a_corrupt_version_is_refused_and_the_previous_one_served(
     found = discover(repository)
     assert found.models["dates-bahdanau"].version == 1
     assert "sha256" in found.rejected["dates-bahdanau/2"]
+
+
+def test_directories_that_are_not_models_are_named_not_skipped(tiny_repository: Path, tmp_path: Path) -> None:
+    """A model directory with an upper-case name or versions like ``v1`` used to be skipped in
+    silence (a repository of only those was "empty"); hidden directories stay unremarked."""
+    repository = tmp_path / "repository"
+    shutil.copytree(tiny_repository / "dates-bahdanau", repository / "dates-bahdanau")
+    shutil.copytree(tiny_repository / "dates-bahdanau" / "1", repository / "Dates-Upper" / "1")
+    shutil.copytree(tiny_repository / "dates-bahdanau" / "1", repository / "dates-v" / "v1")
+    (repository / ".git").mkdir()
+    found = discover(repository)
+    assert list(found.models) == ["dates-bahdanau"]
+    assert set(found.rejected) == {"Dates-Upper", "dates-v"}
+    assert (
+        "not a model name" in found.rejected["Dates-Upper"]
+        and "no version directory" in found.rejected["dates-v"]
+    )
