@@ -102,7 +102,7 @@ class ModelSet:
             workers[name] = await asyncio.to_thread(self._worker, name, version)
         except Exception as exc:
             reason = f"failed to load: {type(exc).__name__}: {str(exc)[:300]}"
-            if key not in self._failed:  # log a failure once
+            if key not in self._failed or self._failed[key][1] != reason:  # log a failure once
                 log.error("not serving %s v%s: %s", name, version, reason)
             self._failed[key] = (fingerprint(self.settings.repository / name / str(version)), reason)
             return False
