@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import re
 import subprocess
 import tomllib
@@ -68,6 +69,40 @@ def test_the_gpu_image_is_the_cpu_image_with_the_serve_gpu_extra() -> None:
     # everything else as in the CPU image, instruction by instruction: the two cannot drift apart
     gpu_env = [i for i in gpu if i.startswith("ENV ") and "NVIDIA_VISIBLE_DEVICES" in i]
     assert [i.replace("'.[serve-gpu]'", "'.[serve]'") for i in gpu if i not in gpu_env] == cpu
+
+
+def dockerignored(path: str, patterns: list[str]) -> bool:
+    """Whether .dockerignore's patterns leave ``path`` (or a folder above it) out of the build
+    context; ``*`` also crosses ``/`` here, so this errs on the side of "ignored"."""
+    parts = path.split("/")
+    for prefix in ("/".join(parts[: i + 1]) for i in range(len(parts))):
+        for pattern in patterns:
+            if fnmatch.fnmatchcase(prefix, pattern) or (
+                pattern.startswith("**/") and fnmatch.fnmatchcase(prefix.rsplit("/", 1)[-1], pattern[3:])
+            ):
+                return True
+    return False
+
+
+def test_the_build_context_has_what_the_images_copy_and_not_the_local_builds() -> None:
+    lines = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    assert not [p for p in patterns if p.startswith("!")], "no exceptions: the check below ignores them"
+    sources = {
+        source
+        for name in ("Dockerfile", "Dockerfile.gpu")
+        for stage in stages(ROOT / "deploy" / name)
+        for i in stage
+        if i.startswith("COPY ") and "--from=" not in i
+        for source in [w for w in i.split()[1:-1] if not w.startswith("--")]
+    }
+    assert {"service", "export", "pyproject.toml", "deploy/entrypoint.sh"} <= sources
+    tracked = subprocess.run(["git", "ls-files", *sources], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()  # fmt: skip
+    assert len(tracked) > 20 and not [f for f in tracked if dockerignored(f, patterns)]
+    # the images build their own demo models; local venvs, builds and models stay out
+    for local in (".venv", ".venv-triton", "build", "model_repository", "test-artifacts", ".git"):
+        assert dockerignored(local, patterns), local
 
 
 def test_the_serve_extras_have_no_torch() -> None:
