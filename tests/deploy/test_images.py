@@ -42,6 +42,9 @@ def test_multi_stage_build_uses_the_projects_own_commands(name: str) -> None:
     )
     assert "models" in make_targets()
     assert any("dataset-fashion-mnist" in r for r in runs)
+    # CPU PyTorch for export: PyPI's Linux torch wheel brings CUDA's nvidia-* wheels
+    pip_index = build.index("ENV PIP_EXTRA_INDEX_URL=https://download.pytorch.org/whl/cpu")
+    assert pip_index < next(n for n, i in enumerate(build) if "make models" in i)
     installs = " ".join(i for i in runtime if i.startswith("RUN "))
     assert "'.[serve" in installs and "export" not in installs and "torch" not in installs
     assert any(i.startswith("USER ") and i.split()[1] not in ("root", "0") for i in runtime)
