@@ -35,25 +35,7 @@ PY
 # start here, before it, so they get the same values here, from the same settings; a bad setting
 # stops the container now, naming it.
 ray_environment() {
-  python - "$@" <<'PY'
-import argparse, shlex, sys
-from pydantic import ValidationError
-from service.settings import Settings
-# python -m service's options (service/__main__.py): --port moves ray-direct's ingress ports
-options = argparse.ArgumentParser(add_help=False)
-options.add_argument("--repository")
-options.add_argument("--host")
-options.add_argument("--port", type=int)
-args, _ = options.parse_known_args()
-given = {"repository": args.repository, "host": args.host, "http_port": args.port}
-try:
-    settings = Settings(**{key: value for key, value in given.items() if value})
-except ValidationError as exc:
-    sys.exit(f"error: bad settings:\n{exc}")
-env = {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(settings.grpc_max_message_bytes), **settings.ray_environment()}
-for key, value in env.items():
-    print(f"export {key}={shlex.quote(value)}")
-PY
+  python -m service --ray-environment "$@"
 }
 
 start_head() {

@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import logging
 import os
+import shlex
 import signal
 import socket
 import subprocess
@@ -25,6 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repository", type=Path, help="model repository (ATTN_REPOSITORY)")
     parser.add_argument("--host", help="bind address (ATTN_HOST, default 127.0.0.1)")
     parser.add_argument("--port", type=int, help="HTTP port (ATTN_HTTP_PORT, default 8000)")
+    parser.add_argument(
+        "--ray-environment", action="store_true",
+        help="print what Ray's processes must find in their environment for these settings, as shell "
+        "`export` lines, and exit (for a Ray started before the service: deploy/entrypoint.sh)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     overrides = {
         k: v
@@ -39,6 +45,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValidationError as exc:
         print(f"error: bad settings:\n{exc}", file=sys.stderr)
         return 2
+    if args.ray_environment:
+        for key, value in ray_processes_environment(settings).items():
+            print(f"export {key}={shlex.quote(value)}")
+        return 0
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.use_gpu and settings.ray_address is None and (why := no_local_gpu()):
         # replicas reserving a GPU share that this Ray will never have would wait forever
@@ -47,8 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = settings.model_copy(update={"providers": cpu_only})
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_worker_niceness", "0")
-    os.environ["RAY_SERVE_GRPC_MAX_MESSAGE_SIZE"] = str(settings.grpc_max_message_bytes)
-    os.environ.update(settings.ray_environment())  # before Ray starts: its processes read them
+    os.environ.update(ray_processes_environment(settings))  # before Ray starts: its processes read them
 
     import ray
     from ray import serve
@@ -118,6 +127,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_serving(settings)
     return 0
+
+
+def ray_processes_environment(settings: Settings) -> dict[str, str]:
+    """What every Ray process must see when it starts: the gRPC proxy's message limit and the
+    frontend's switches (``Settings.ray_environment``)."""
+    grpc = {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(settings.grpc_max_message_bytes)}
+    return {**grpc, **settings.ray_environment()}
 
 
 def no_local_gpu() -> str | None:

@@ -30,14 +30,16 @@ with open(os.environ["CALLS"], "a") as calls:
 
 def stand_ins(tmp: Path) -> Path:
     """A bin directory whose ``ray`` records every command but get-auth-token (the real one), and
-    whose ``python`` records ``-m service`` and runs anything else with the venv's Python."""
+    whose ``python`` records ``-m service`` (but its ``--ray-environment``, which the entrypoint
+    runs for its exports) and runs anything else with the venv's Python."""
     bin_ = tmp / "bin"
     bin_.mkdir()
     (tmp / "record.py").write_text(RECORD)
     record = f"exec {sys.executable} {tmp / 'record.py'}"
     scripts = {
         "ray": f'[ "$1" = get-auth-token ] && exec {RAY} "$@"\n{record} ray "$@"\n',
-        "python": f'[ "$1 $2" = "-m service" ] && {record} python "$@"\nexec {sys.executable} "$@"\n',
+        "python": f'[ "$1 $2" = "-m service" ] && [ "${{3:-}}" != --ray-environment ] && {record} python "$@"\n'
+        f'exec {sys.executable} "$@"\n',
     }
     for name, body in scripts.items():
         (bin_ / name).write_text(f"#!/bin/sh\n{body}")
