@@ -4,6 +4,9 @@ simulated control loop with Ray's real ``AutoscalingContext`` and ``AutoscalingC
 
 from __future__ import annotations
 
+import time
+import types
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -20,13 +23,17 @@ TICK_S = 0.1  # Ray's control loop period
 class Controller:
     """Ray's controller around the policy: a decision per tick, replicas follow the decision."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, replicas: int, **autoscaling: Any) -> None:
-        settings = Settings(autoscaling={"max_replicas": 4, **autoscaling})
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, tmp: Path, replicas: int, **autoscaling: Any) -> None:
+        settings = Settings(repository=tmp, autoscaling={"max_replicas": 4, **autoscaling})
         scaling: Any = settings.scaling_for(None)["autoscaling_config"]  # as the service deploys it
         self.config = AutoscalingConfig(**{k: v for k, v in scaling.items() if k != "policy"})
         self.policy = _apply_autoscaling_config(held_requests_policy)
         self.replicas, self.state, self.now = replicas, {}, 1000.0
-        monkeypatch.setattr(autoscaling_policy.time, "time", lambda: self.now)
+        # Ray's delay logic reads time.time(): its module's clock only, not the process's
+        clock = types.ModuleType("time")
+        clock.time = lambda: self.now  # type: ignore[attr-defined]
+        clock.monotonic = time.monotonic  # type: ignore[attr-defined]
+        monkeypatch.setattr(autoscaling_policy, "time", clock)
 
     def run(self, seconds: float, held: float) -> list[int]:
         """Tick for ``seconds`` with ``held`` requests spread over the replicas; the replica count
@@ -51,28 +58,36 @@ class Controller:
         return counts
 
 
-def test_idle_replicas_scale_down_after_the_delay(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_idle_replicas_scale_down_after_the_delay(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """Two idle replicas become one once ``downscale_delay_s`` has passed — and not before. (The
     policy once kept a delay clock of its own on top of Ray's: while waiting it answered "no
     change", which restarted Ray's clock, and the replicas never scaled down.)"""
-    ray = Controller(monkeypatch, 2, downscale_delay_s=8, upscale_delay_s=1, target_ongoing_requests=2)
+    ray = Controller(
+        monkeypatch, tmp_path, 2, downscale_delay_s=8, upscale_delay_s=1, target_ongoing_requests=2
+    )
     counts = ray.run(20, held=0)
     assert counts[-1] == 1
     assert counts.index(1) * TICK_S == pytest.approx(8, abs=0.3)
 
 
 def test_load_scales_up_after_the_upscale_delay_to_cover_what_is_held(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    ray = Controller(monkeypatch, 1, downscale_delay_s=8, upscale_delay_s=1, target_ongoing_requests=10)
+    ray = Controller(
+        monkeypatch, tmp_path, 1, downscale_delay_s=8, upscale_delay_s=1, target_ongoing_requests=10
+    )
     counts = ray.run(3, held=25)  # 25 held at 10 each: 3 wanted
     assert counts[0] == 1 and counts[-1] == 3
     assert counts.index(3) * TICK_S == pytest.approx(1, abs=0.3)
     assert ray.run(5, held=30)[-1] == 3  # at the target: stays
 
 
-def test_demand_coming_back_restarts_the_downscale_clock(monkeypatch: pytest.MonkeyPatch) -> None:
-    ray = Controller(monkeypatch, 3, downscale_delay_s=8, upscale_delay_s=1, target_ongoing_requests=10)
+def test_demand_coming_back_restarts_the_downscale_clock(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    ray = Controller(
+        monkeypatch, tmp_path, 3, downscale_delay_s=8, upscale_delay_s=1, target_ongoing_requests=10
+    )
     assert ray.run(6, held=0)[-1] == 3  # quiet for less than the delay
     assert ray.run(1, held=30)[-1] == 3  # busy again at the target
     counts = ray.run(10, held=0)
