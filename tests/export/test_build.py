@@ -81,8 +81,7 @@ def test_cli_refuses_a_model_below_its_floor(tmp_path: Path, capsys: pytest.Capt
     )
     assert code == 3
     assert "below the recipe's floors" in capsys.readouterr().err
-    assert not (repository / "dates-bahdanau" / "1").exists()
-    assert not any(p.name.startswith(".staging") for p in (repository / "dates-bahdanau").iterdir())
+    assert not (repository / "dates-bahdanau").exists()  # no version, no staging, no empty model directory
 
 
 def test_cli_lists_and_rejects_unknown_recipes(capsys: pytest.CaptureFixture[str]) -> None:
