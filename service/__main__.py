@@ -87,11 +87,13 @@ def main(argv: list[str] | None = None) -> int:
     stop, serving, in_ray_init = threading.Event(), threading.Event(), threading.Event()
 
     def on_signal(*_: object) -> None:
+        again = stop.is_set()
         stop.set()
         # still starting: interrupt it, and `finally` stops what has started — except inside
         # ray.init, where an interrupt left half-started Ray processes running on (they held the
-        # metrics port for a minute): there the stop waits until ray.init returns
-        if not serving.is_set() and not in_ray_init.is_set():
+        # metrics port for a minute): there the stop waits until ray.init returns, unless asked
+        # twice (a ray.init that hangs)
+        if not serving.is_set() and (not in_ray_init.is_set() or again):
             raise KeyboardInterrupt
 
     for sig in (signal.SIGINT, signal.SIGTERM):
