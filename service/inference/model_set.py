@@ -54,9 +54,9 @@ class ModelSet:
         self.workers: dict[str, ModelWorker] = {}
         self.rejected: dict[str, str] = {}
         self.configured_rejected: dict[str, str] = {}  # refused before this process started
-        #: "<name>/<version>" → (what its directory looked like, why it failed): listed as
-        #: rejected, and not loaded again until its files change
-        self._failed: dict[str, tuple[Fingerprint, str]] = {}
+        #: (name, version) → (what its directory looked like, why it failed): listed as rejected
+        #: ("<name>/<version>"), and not loaded again until its files change
+        self._failed: dict[tuple[str, int], tuple[Fingerprint, str]] = {}
         self._names: set[str] = set()  # every model this process was asked to serve
 
     @property
@@ -81,14 +81,15 @@ class ModelSet:
                 if await self._load(workers, name, version):
                     break
         if not workers:
-            failed = {k: why for k, (_, why) in self._failed.items()}
-            raise RuntimeError(f"no model could be loaded: {failed}")
+            raise RuntimeError(f"no model could be loaded: {self._failures()}")
         replaced = [w for w in self.workers.values() if all(w is not v for v in workers.values())]
         self.workers = workers
-        for key in [k for k in self._failed if not self._still_rejected(k)]:
-            del self._failed[key]
-        configured = {k: why for k, why in self.configured_rejected.items() if self._still_rejected(k)}
-        self.rejected = configured | {k: why for k, (_, why) in self._failed.items()}
+        for name, version in [k for k in self._failed if not self._still_rejected(*k)]:
+            del self._failed[name, version]
+        configured = {
+            k: why for k, why in self.configured_rejected.items() if self._still_rejected(*_parse(k))
+        }
+        self.rejected = configured | self._failures()
         self.on_change(dict(workers), dict(self.rejected))
         for worker in replaced:  # the old version drains its queue, then its loop ends
             worker.close()
@@ -97,7 +98,7 @@ class ModelSet:
     async def _load(self, workers: dict[str, ModelWorker], name: str, version: int) -> bool:
         """Load one version off the event loop (its manifest check hashes every file: seconds for a
         large graph) into ``workers``; a failure is remembered with its reason."""
-        key = f"{name}/{version}"
+        key = (name, version)
         try:
             workers[name] = await asyncio.to_thread(self._worker, name, version)
         except Exception as exc:
@@ -114,12 +115,14 @@ class ModelSet:
         entry = load_entry(self.settings.repository, name, version)
         return ModelWorker(entry, self.settings, self.replica, self.node, self.metrics_for(name))
 
-    def _still_rejected(self, key: str) -> bool:
-        """A refusal ("<name>/<version>", or "<name>": none of its versions) is no longer news
-        once that model serves that version or a newer one."""
-        name, _, version = key.partition("/")
+    def _failures(self) -> dict[str, str]:
+        return {f"{name}/{version}": why for (name, version), (_, why) in self._failed.items()}
+
+    def _still_rejected(self, name: str, version: int | None) -> bool:
+        """A refusal of a version (None: of every version) is no longer news once that model
+        serves that version or a newer one."""
         served = self.workers.get(name)
-        return served is None or (bool(version) and int(version) > served.entry.version)
+        return served is None or (version is not None and version > served.entry.version)
 
     async def poll(self) -> None:
         """Every ``repository_poll_s``, forever: serve the newest version directory of each
@@ -134,7 +137,7 @@ class ModelSet:
     async def poll_once(self) -> None:
         candidates: dict[str, list[int]] = {}
         # refused at discovery: a fixed version loads (names that are no model name never will)
-        refused = {n for k in self.configured_rejected if re.match(NAME_PATTERN, n := k.partition("/")[0])}
+        refused = {n for k in self.configured_rejected if re.match(NAME_PATTERN, n := _parse(k)[0])}
         for name in sorted(self._names | refused):
             try:  # one unreadable model directory must not hold up the others
                 current = self.workers[name].entry.version if name in self.workers else 0
@@ -142,9 +145,8 @@ class ModelSet:
             except Exception:
                 log.exception("polling the repository for %s failed", name)
                 continue
-            for key in [k for k in self._failed if k.startswith(f"{name}/")]:
-                if int(key.rsplit("/", 1)[1]) not in newer:  # its directory is gone
-                    del self._failed[key]
+            for key in [k for k in self._failed if k[0] == name and k[1] not in newer]:
+                del self._failed[key]  # its directory is gone (or an older one serves)
             fresh = [v for v in newer if not self._unchanged_failure(name, v)]
             if fresh:
                 candidates[name] = fresh + ([current] if current else [])
@@ -156,12 +158,18 @@ class ModelSet:
             log.exception("polling the repository failed")
 
     def _unchanged_failure(self, name: str, version: int) -> bool:
-        failed = self._failed.get(f"{name}/{version}")
+        failed = self._failed.get((name, version))
         return failed is not None and failed[0] == fingerprint(self.settings.repository / name / str(version))
 
     def refresh_metrics(self) -> None:
         for worker in self.workers.values():
             worker.metrics.refresh()
+
+
+def _parse(key: str) -> tuple[str, int | None]:
+    """A refusal's key as ``discover`` writes it: "<name>/<version>", or "<name>" alone."""
+    name, _, version = key.partition("/")
+    return name, int(version) if version else None
 
 
 def freeze_heap() -> None:
