@@ -25,10 +25,7 @@ def test_a_swap_freezes_what_is_loaded_and_frees_what_it_replaced(
 ) -> None:
     repository = tmp_path / "repository"
     for version in (1, 2, 3):
-        directory = repository / "dates-bahdanau" / str(version)
-        shutil.copytree(tiny_repository / "dates-bahdanau" / "1", directory)
-        manifest = directory / "manifest.json"
-        manifest.write_text(json.dumps(json.loads(manifest.read_text()) | {"version": version}))
+        version_of(tiny_repository, repository, version)
     served: list[dict[str, object]] = []
     models = ModelSet(
         Settings(repository=repository), "replica", "node", lambda _: NoMetrics(),
