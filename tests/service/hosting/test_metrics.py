@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ast
 import threading
-import time
 from pathlib import Path
 
 import service.hosting.metrics as metrics
@@ -27,7 +26,8 @@ def test_every_metric_description_is_ascii() -> None:
 class Recorded:
     """Stands where a Ray metric would: what ``Deferred.flush`` records into it."""
 
-    def __init__(self) -> None:
+    def __init__(self, boundaries: list[float] | None = None) -> None:
+        self.boundaries = boundaries or [1.0]
         self.calls: list[tuple[str, float, dict[str, str]]] = []
 
     def inc(self, value: float, tags: dict[str, str]) -> None:
@@ -40,35 +40,80 @@ class Recorded:
         self.calls.append(("observe", value, tags))
 
 
+def le_counts(values: list[float], boundaries: list[float]) -> list[int]:
+    """Prometheus' cumulative bucket counts (``le``, then +Inf) — what Ray exports."""
+    return [sum(v <= b for v in values) for b in boundaries] + [len(values)]
+
+
 def test_deferred_updates_sum_counters_keep_last_gauges_and_every_observation() -> None:
-    """What the serving threads queue reaches Ray on the flush thread: one increment per counter
-    series (the sum), a gauge's last value, every histogram observation; from several threads."""
-    counter, gauge, histogram = Recorded(), Recorded(), Recorded()
-    deferred = metrics.Deferred(flush_s=0.05)
+    """What the serving threads change reaches Ray on the flush thread: one increment per counter
+    series (the sum), a gauge's last value, every histogram observation in its own bucket (a
+    value on a boundary in the bucket that boundary closes, as Ray counts it); from several
+    threads, while the flush thread runs."""
+    bounds = [0.25, 0.5, 1.0]
+    counter, gauge, histogram = Recorded(), Recorded(), Recorded(bounds)
+    deferred = metrics.Deferred(flush_s=0.01)
     a, b = (("model", "a"),), (("model", "b"),)
+    values = [i / 1000 for i in range(1001)] + [0.25, 0.5, 2.0, 7.0]
 
     def serve(tags: metrics.Tags) -> None:
-        for i in range(1000):
-            deferred.push(counter, "inc", 2, tags)
-            deferred.push(gauge, "set", i, tags)
-            deferred.push(histogram, "observe", i / 1000, tags)
+        for i, value in enumerate(values):
+            deferred.inc(counter, 2, tags)
+            deferred.set(gauge, i, tags)
+            deferred.observe(histogram, value, tags)
 
     threads = [threading.Thread(target=serve, args=(t,)) for t in (a, b)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    deadline = time.monotonic() + 10
-    while deferred.updates and time.monotonic() < deadline:  # the flush thread drains the queue
-        time.sleep(0.01)
-    time.sleep(0.1)  # its last flush records what it took
+    deferred.flush()
     totals: dict[str, float] = {}
     for kind, value, tags in counter.calls:
         assert kind == "inc"
         totals[tags["model"]] = totals.get(tags["model"], 0) + value
-    assert totals == {"a": 2000, "b": 2000} and len(counter.calls) < 2000
-    assert {tags["model"]: value for _, value, tags in gauge.calls} == {"a": 999, "b": 999}
-    assert sorted(v for _, v, t in histogram.calls if t["model"] == "a") == [i / 1000 for i in range(1000)]
+    assert totals == {"a": 2 * len(values), "b": 2 * len(values)} and len(counter.calls) < len(values)
+    last = {}
+    for _, value, tags in gauge.calls:
+        last[tags["model"]] = value
+    assert last == {"a": len(values) - 1, "b": len(values) - 1}
+    for tags in ({"model": "a"}, {"model": "b"}):
+        seen = [v for _, v, t in histogram.calls if t == tags]
+        assert le_counts(seen, bounds) == le_counts(values, bounds)
+
+
+def test_deferred_records_only_what_changed_and_keeps_an_ended_threads_totals() -> None:
+    """A flush records the increase since the last one (nothing when nothing moved); a thread
+    that ended leaves its totals counted once (they are folded, not dropped or recounted)."""
+    counter, histogram = Recorded(), Recorded([1.0, 2.0])
+    deferred = metrics.Deferred(flush_s=3600)  # flushed here only
+    tags = (("model", "m"),)
+
+    def work(n: int) -> None:
+        for _ in range(n):
+            deferred.inc(counter, 1, tags)
+            deferred.observe(histogram, 1.5, tags)
+
+    worker = threading.Thread(target=work, args=(3,))
+    worker.start()
+    worker.join()
+    work(2)  # this thread's own totals
+    deferred.flush()
+    assert [c[1] for c in counter.calls] == [5] and len(histogram.calls) == 5
+    deferred.flush()
+    assert len(counter.calls) == 1 and len(histogram.calls) == 5  # nothing moved, nothing recorded
+    work(1)
+    deferred.flush()
+    assert [c[1] for c in counter.calls] == [5, 1] and [v for _, v, _ in histogram.calls] == [2.0] * 6
+    counted, go_on = threading.Event(), threading.Event()
+    later = threading.Thread(target=lambda: (work(4), counted.set(), go_on.wait(10)))
+    later.start()
+    assert counted.wait(10)
+    deferred.flush()  # counted while its thread lives
+    go_on.set()
+    later.join()
+    deferred.flush()  # and not again once it ended
+    assert [c[1] for c in counter.calls] == [5, 1, 4] and len(histogram.calls) == 10
 
 
 def test_gauges_are_kept_alive_and_a_replaced_version_reads_zero() -> None:
