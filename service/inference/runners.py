@@ -241,7 +241,7 @@ class ClassificationRunner:
     def postprocess(self, work: ClassifyWork, output: Any) -> Classified:
         job = work.job
         probs = output.probabilities
-        top = np.argsort(-probs, kind="stable")[: min(job.top_k, len(probs))]
+        top = output.ranked[: min(job.top_k, len(probs))]
         result = Classified(
             indices=top, probabilities=probs[top], labels=[self.spec.labels[i] for i in top], image=work.image
         )

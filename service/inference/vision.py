@@ -136,6 +136,7 @@ def preprocess(image: np.ndarray | Image.Image, spec: ImageSpec) -> tuple[np.nda
 @dataclass
 class Classification:
     probabilities: np.ndarray  # (classes,)
+    ranked: np.ndarray  # (classes,) the classes from the most probable down (ties: lower index first)
     attentions: np.ndarray | None  # (layers, heads, T, T); None when not asked for
 
 
@@ -157,7 +158,10 @@ class Classifier:
         logits = logits - logits.max(axis=1, keepdims=True)
         probs = np.exp(logits)
         probs /= probs.sum(axis=1, keepdims=True)
+        # ranked for the whole batch in one call, on this thread: a sort per answer on the event
+        # loop was ≈ 5 % of its time per request on the demo image model
+        ranked = np.argsort(-probs, axis=1, kind="stable")
         if not attention:
-            return [Classification(p, None) for p in probs]
+            return [Classification(p, r, None) for p, r in zip(probs, ranked, strict=True)]
         maps = out["attentions"].astype(np.float32, copy=False)
-        return [Classification(p, a) for p, a in zip(probs, maps, strict=True)]
+        return [Classification(p, r, a) for p, a, r in zip(probs, maps, ranked, strict=True)]

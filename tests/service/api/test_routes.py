@@ -48,6 +48,26 @@ def test_only_posts_to_the_direct_routes_match(tmp_path: Path) -> None:
         assert hot.match(scope(method, path)) is None, (method, path)
 
 
+def test_matches_are_remembered_boundedly_and_answer_as_the_first_time(tmp_path: Path) -> None:
+    """A path matched before answers from memory — the same handler and parameters, in a dict
+    of the caller's own (a handler may change it) — misses and root paths included, and no
+    stream of new paths makes the memory grow past its bound."""
+    hot = create_app(fake_server(tmp_path)[0]).hot_routes
+    assert hot is not None
+    for _ in range(2):
+        first = hot.match(scope("POST", "/v1/models/m/classify"))
+        assert first is not None and first[1] == {"name": "m"}
+        first[1]["name"] = "changed by the caller"
+        assert hot.match(scope("POST", "/v1/models/m/explain")) is None
+        mounted = hot.match(scope("POST", "/api/v1/models/m/translate", "/api"))
+        assert mounted is not None and mounted[1] == {"name": "m"}
+        assert hot.match(scope("POST", "/api/v1/models/m/translate")) is None  # no root path: no route
+    for i in range(3 * routes.MATCHES_KEPT):
+        hit = hot.match(scope("POST", f"/v2/models/m{i}/infer"))
+        assert hit is not None and hit[1] == {"name": f"m{i}"}
+    assert len(hot._matched) <= routes.MATCHES_KEPT
+
+
 def test_a_root_path_is_taken_off_as_starlette_does() -> None:
     assert route_path(scope("POST", "/api/v1/models/m/classify", "/api")) == "/v1/models/m/classify"
     assert route_path(scope("POST", "/apiv1/x", "/api")) == "/apiv1/x"
