@@ -165,9 +165,10 @@ class Deferred:
         buckets: dict[Key, list[int]],
     ) -> None:
         for key, total in counts.items():
-            if total != self._sent_counts.get(key, 0.0):
+            gained = total - self._sent_counts.get(key, 0.0)
+            if gained > 0:  # Ray refuses an increment ≤ 0
                 metric, tags = key
-                metric.inc(total - self._sent_counts.get(key, 0.0), tags=dict(tags))
+                metric.inc(gained, tags=dict(tags))
                 self._sent_counts[key] = total
         for key, (set_at, value) in gauges.items():
             if set_at > self._sent_gauges.get(key, 0):
