@@ -126,9 +126,9 @@ class HotRoutes:
 
     def match(self, scope: Scope) -> tuple[Handler, dict[str, str]] | None:
         """The handler of a POST to a direct route and its path parameters (a fresh dict: the
-        caller's to keep), or None. Remembers the last :data:`MATCHES_KEPT` paths it matched:
-        clients send the same few paths again and again, and matching was ≈ 5 % of the event
-        loop's time per request on the image path."""
+        caller's to keep), or None. Remembers up to :data:`MATCHES_KEPT` paths with their answer
+        (all forgotten when full): clients send the same few paths again and again, and
+        matching was ≈ 5 % of the event loop's time per request on the image path."""
         if scope["method"] != "POST":
             return None
         key = (scope["path"], scope.get("root_path", ""))
