@@ -26,14 +26,14 @@ ray_attention_model_info                              gauge (=1)   model, versio
 
 The threads that serve (the event loop, a model's decoder-step thread) do not call Ray's metric
 API themselves: a record there costs ≈ 5-15 µs in a replica and, at thousands of decoder steps a
-second, was ≈ 7 % of a replica's samples. Nor do they queue their updates: a queue of update
-tuples, drained every half second, cost ≈ 20 % of the tiny path's server CPU (0.40 against 0.32
-ms a request, interleaved A/B; the tuples outlive the young GC generations). Each thread keeps
-running totals of its own instead — a counter's sum, a histogram's count per bucket, a gauge's
-last value — updated in place, and one background thread per process records into Ray what moved
-since its last look, every ``FLUSH_S``. Nothing is lost: Ray exports a histogram as its bucket
-counts (its ``_sum`` is rebuilt from bucket midpoints), so recording each observation as a value
-of its bucket gives the very series recording them one by one gives.
+second, was ≈ 7 % of a replica's samples. Nor do they queue their updates: with every update
+queued (a tuple on a deque drained every half second) the tiny path spent 0.40 ms of server CPU a
+request against 0.32 with none (interleaved A/B; which part of the queueing cost it was not
+isolated). Each thread keeps running totals of its own instead — a counter's sum, a histogram's
+count per bucket, a gauge's last value — updated in place, and one background thread per process
+records into Ray what moved since its last look, every ``FLUSH_S``. Nothing is lost: Ray exports a
+histogram as its bucket counts (its ``_sum`` is rebuilt from bucket midpoints), so recording each
+observation as a value of its bucket gives the very series recording them one by one gives.
 """
 
 from __future__ import annotations
@@ -59,7 +59,8 @@ Key = tuple[Any, Tags]  # (a Ray metric, its tags)
 
 
 class _Tally:
-    """One thread's running totals, changed by that thread alone and read by the flush thread."""
+    """One thread's running totals, changed by that thread alone and read by the flush thread
+    (which also keeps sums of them in tallies of its own: ``add``)."""
 
     __slots__ = ("buckets", "counts", "gauges", "thread")
 
@@ -68,6 +69,18 @@ class _Tally:
         self.counts: dict[Key, float] = {}
         self.buckets: dict[Key, list[int]] = {}  # per histogram series: its count per bucket
         self.gauges: dict[Key, tuple[int, float]] = {}  # (when it was set, the value)
+
+    def add(self, other: _Tally) -> None:
+        """Add ``other``'s totals to these: counts and bucket counts summed, each gauge's latest
+        setting kept. ``other`` is read through copies: its thread may be changing it."""
+        for key, value in other.counts.copy().items():
+            self.counts[key] = self.counts.get(key, 0.0) + value
+        for key, set_at in other.gauges.copy().items():
+            self.gauges[key] = max(self.gauges.get(key, (0, 0.0)), set_at)
+        for key, n in other.buckets.copy().items():
+            total = self.buckets.setdefault(key, [0] * len(n))
+            for i, count in enumerate(n.copy()):
+                total[i] += count
 
 
 class Deferred:
@@ -141,41 +154,29 @@ class Deferred:
     def flush(self) -> None:
         """Record into Ray what every thread's totals gained since the last flush."""
         with self._lock:
-            self._retire_ended()
-            tallies = [self._retired, *self._tallies]
-            counts: dict[Key, float] = {}
-            gauges: dict[Key, tuple[int, float]] = {}
-            buckets: dict[Key, list[int]] = {}
-            for tally in tallies:  # copies: the owner may add a series meanwhile
-                for key, value in tally.counts.copy().items():
-                    counts[key] = counts.get(key, 0.0) + value
-                for key, set_at in tally.gauges.copy().items():
-                    if set_at > gauges.get(key, (0, 0.0)):
-                        gauges[key] = set_at
-                for key, n in tally.buckets.copy().items():
-                    total = buckets.setdefault(key, [0] * len(n))
-                    for i, count in enumerate(n.copy()):
-                        total[i] += count
-            self._record(counts, gauges, buckets)
+            for ended in [t for t in self._tallies if not t.thread.is_alive()]:
+                # folded once into the retired totals: the list of tallies does not grow for
+                # ever (a model swapped out leaves its decoder-step thread's behind)
+                self._tallies.remove(ended)
+                self._retired.add(ended)
+            now = _Tally()
+            for tally in (self._retired, *self._tallies):
+                now.add(tally)
+            self._record(now)
 
-    def _record(
-        self,
-        counts: dict[Key, float],
-        gauges: dict[Key, tuple[int, float]],
-        buckets: dict[Key, list[int]],
-    ) -> None:
-        for key, total in counts.items():
+    def _record(self, now: _Tally) -> None:
+        for key, total in now.counts.items():
             gained = total - self._sent_counts.get(key, 0.0)
             if gained > 0:  # Ray refuses an increment ≤ 0
                 metric, tags = key
                 metric.inc(gained, tags=dict(tags))
                 self._sent_counts[key] = total
-        for key, (set_at, value) in gauges.items():
+        for key, (set_at, value) in now.gauges.items():
             if set_at > self._sent_gauges.get(key, 0):
                 metric, tags = key
                 metric.set(value, tags=dict(tags))
                 self._sent_gauges[key] = set_at
-        for key, n in buckets.items():
+        for key, n in now.buckets.items():
             sent = self._sent_buckets.get(key, [0] * len(n))
             metric, tags = key
             for value, count, before in zip(self._values(metric), n, sent, strict=True):
@@ -183,23 +184,8 @@ class Deferred:
                     metric.observe(value, tags=dict(tags))
             self._sent_buckets[key] = n
 
-    def _retire_ended(self) -> None:
-        """Fold the totals of threads that ended into ``_retired`` (a model swapped out leaves
-        its decoder-step thread's behind), so the list of tallies does not grow for ever."""
-        for tally in [t for t in self._tallies if not t.thread.is_alive()]:
-            self._tallies.remove(tally)
-            kept = self._retired
-            for key, value in tally.counts.items():
-                kept.counts[key] = kept.counts.get(key, 0.0) + value
-            for key, set_at in tally.gauges.items():
-                kept.gauges[key] = max(kept.gauges.get(key, (0, 0.0)), set_at)
-            for key, n in tally.buckets.items():
-                total = kept.buckets.setdefault(key, [0] * len(n))
-                for i, count in enumerate(n):
-                    total[i] += count
 
-
-#: this process's queue (a replica's event loop and step threads share it)
+#: this process's recorder (a replica's event loop and step threads share it)
 DEFERRED = Deferred()
 
 
