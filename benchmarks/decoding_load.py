@@ -110,8 +110,8 @@ async def open_loop(
     }
 
 
-async def _mixed(worker: ModelWorker, seconds: float) -> dict[str, Any]:
-    """8 clients of long requests and 8 of short ones at once; the short ones' latencies."""
+async def _mixed(worker: ModelWorker, seconds: float, longs: int = 8, shorts: int = 8) -> dict[str, Any]:
+    """``longs`` clients of long requests and ``shorts`` of short ones at once; the short ones' latencies."""
     long_job = TranslateJob(texts=["Samstag, 15. Mai 1976"], max_length=100)
     short = [TranslateJob(texts=[t], max_length=10) for t in TEXTS]
     stop = time.perf_counter() + seconds
@@ -132,13 +132,18 @@ async def _mixed(worker: ModelWorker, seconds: float) -> dict[str, Any]:
             await worker.predict(short[i % len(short)])
             short_latencies.append(time.perf_counter() - start)
 
-    await asyncio.gather(*(long_client() for _ in range(8)), *(short_client(i) for i in range(8)))
+    await asyncio.gather(*(long_client() for _ in range(longs)), *(short_client(i) for i in range(shorts)))
     return {
         "short_p50_ms": percentile(short_latencies, 50) * 1000,
         "short_p99_ms": percentile(short_latencies, 99) * 1000,
         "short_requests": len(short_latencies),
         "long_tokens_mean": statistics.fmean(long_tokens) if long_tokens else 0.0,
     }
+
+
+#: (c)'s parts, (long clients, short clients): what the 8 + 8 mix's short latency is made of —
+#: short requests sharing steps with each other, and with long ones
+PARTS = {"8 short alone": (0, 8), "1 short among 8 long": (8, 1), "8 short among 8 long": (8, 8)}
 
 
 async def _solo(worker: ModelWorker, job: TranslateJob, n: int = 30) -> float:
@@ -154,7 +159,8 @@ async def solo_then_mixed(w: ModelWorker, seconds: float) -> tuple[float, dict[s
     """(e) then (c), on one event loop (a worker's queue belongs to the loop it first ran on).
     With the scheduler, also the mean decoder step (ms, Python included) and rows per step in
     each phase: a short request shares steps with the long ones, so ten of its steps cost ten
-    steps of the whole batch — the floor under its latency."""
+    steps of the whole batch — the floor under its latency — and (``parts``) the short p50 of
+    :data:`PARTS`' mixes, each against the same solo latency."""
     steps: list[tuple[int, float]] = []
     if w.scheduler is not None:
         w.scheduler.on_step = lambda rows, live, tokens, s: steps.append((rows, s)) if rows else None
@@ -165,6 +171,11 @@ async def solo_then_mixed(w: ModelWorker, seconds: float) -> tuple[float, dict[s
         if seen:
             mixed[f"{phase}_step_ms"] = statistics.fmean(s for _, s in seen) * 1000
             mixed[f"{phase}_rows_per_step"] = statistics.fmean(r for r, _ in seen)
+    if w.scheduler is not None:
+        mixed["parts"] = {}
+        for part, (longs, shorts) in PARTS.items():
+            m = mixed if (longs, shorts) == (8, 8) else await _mixed(w, seconds, longs, shorts)
+            mixed["parts"][part] = {"short_p50_ms": m["short_p50_ms"], "vs_solo": m["short_p50_ms"] / solo}
     return solo, mixed
 
 

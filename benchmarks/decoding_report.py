@@ -114,5 +114,17 @@ def write_report(r: dict[str, Any], path: Path) -> Path:
             f"| {mode} | {m['solo_short_ms']:.1f} | {m['short_p50_ms']:.1f} | {m['short_p99_ms']:.1f} | "
             f"{m['short_p50_vs_solo']:.2f} | {m['long_tokens_mean']:.0f} | {step} |"
         )
+    parts = r["short_among_long"].get("scheduler", {}).get("parts")
+    if parts:
+        lines += [
+            "",
+            "What the scheduler's short p50 is made of (clients of each kind, the same solo latency): short "
+            "requests share decoder steps with each other as well as with long ones, and on CPU a step's "
+            "cost grows with its rows.",
+            "",
+            "| mix | short p50 ms | p50 / solo |",
+            "|---|---|---|",
+            *(f"| {part} | {m['short_p50_ms']:.1f} | {m['vs_solo']:.2f} |" for part, m in parts.items()),
+        ]
     path.write_text("\n".join(lines) + "\n")
     return path
