@@ -40,8 +40,12 @@ def validation_message(exc: _HasErrors) -> str:
     (``beam_size: Input should be greater than or equal to 1``) — the same text for every protocol."""
     parts = []
     for err in exc.errors():
-        loc = [str(p) for p in err["loc"] if p != "body"] or ["body"]
-        parts.append(f"{'.'.join(loc)}: {err['msg']}")
+        loc = [str(p) for p in err["loc"] if p != "body"]
+        if not loc and err["type"] == "value_error" and "error" in err.get("ctx", {}):
+            # a model validator's own message, which names its field
+            parts.append(str(err["ctx"]["error"]))
+            continue
+        parts.append(f"{'.'.join(loc or ['body'])}: {err['msg']}")
     return "; ".join(parts)
 
 

@@ -88,7 +88,7 @@ class ClassifyRequest(ClassifyOptions):
     @model_validator(mode="after")
     def _one_input(self) -> ClassifyRequest:
         if (self.image is None) == (self.pixels is None):
-            raise ValueError("give exactly one of image (base64) or pixels")
+            raise ValueError("body: give exactly one of image (base64) or pixels")
         return self
 
 

@@ -111,7 +111,9 @@ class Server:
         if version not in (None, "", str(entry.version)):
             raise ModelNotFound(f"model {name!r} has no version {version!r}; serving version {entry.version}")
         if task and entry.manifest.task != task:
-            raise WrongTask(f"model {name!r} is a {entry.manifest.task} model, not {task}")
+            kind = entry.manifest.task
+            article = "an" if kind[0] in "aeiou" else "a"
+            raise WrongTask(f"model {name!r} is {article} {kind} model, not {task}")
         return entry
 
     async def predict_many(

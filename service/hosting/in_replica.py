@@ -25,14 +25,13 @@ from typing import Any
 
 import grpc
 import ray
-import uvicorn
 from ray import serve
 
 from service.api.grpc_servicer import GrpcServicer, add_to_grpc_server
 from service.api.http import create_app
 from service.api.server import Server
 from service.hosting.autoscaling import METRIC
-from service.hosting.listening import ConnectionRecycler, CorkedHttp, QuietServer, shared_socket
+from service.hosting.listening import ConnectionRecycler, QuietServer, http_config, shared_socket
 from service.hosting.metrics import IngressMetrics, ModelMetrics
 from service.inference.model_set import ModelSet
 from service.inference.repository import ModelEntry
@@ -77,11 +76,8 @@ class ServingReplica:
         settings = self.settings
         recycled = ConnectionRecycler(create_app(self.server), settings.keepalive_requests)
         self.http = QuietServer(
-            uvicorn.Config(
-                recycled, lifespan="off", log_level="warning", access_log=settings.access_log,
-                timeout_keep_alive=30, proxy_headers=False, http=CorkedHttp,
-            )
-        )  # fmt: skip
+            http_config(recycled, access_log=settings.access_log, log_level=settings.log_level)
+        )
         self.http_task = asyncio.create_task(
             self.http.serve(sockets=[shared_socket(settings.host, settings.http_port)])
         )

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -42,6 +43,19 @@ class ConnectionRecycler:
             await send(message)
 
         await self.app(scope, receive, send_closing if last else send)
+
+
+def http_config(app: ASGIApp, *, access_log: bool, log_level: str) -> uvicorn.Config:
+    """uvicorn's configuration for a serving replica: its own messages at warning only, and with
+    ``access_log`` a line per request (client, method, path, status) at ``log_level``: uvicorn sets
+    its access logger to its own level, where its INFO lines would never be written."""
+    config = uvicorn.Config(
+        app, lifespan="off", log_level="warning", access_log=access_log,
+        timeout_keep_alive=30, proxy_headers=False, http=CorkedHttp,
+    )  # fmt: skip
+    if access_log:
+        logging.getLogger("uvicorn.access").setLevel(log_level)
+    return config
 
 
 class QuietServer(uvicorn.Server):

@@ -13,12 +13,14 @@ from typing import Any
 
 import grpc
 import pytest
+from pydantic import BaseModel, ValidationError
 
 from service.api.grpc_servicer import add_to_grpc_server, rpc
 from service.api.http import create_app
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
-from service.errors import ModelNotFound
+from service.api.schemas import ClassifyRequest, TranslateRequest
+from service.errors import ModelNotFound, validation_message
 from service.settings import Limits
 
 REQUEST_ID = re.compile(r"request id ([0-9a-f]{16})")
@@ -122,3 +124,31 @@ def test_grpc_answers_internal_with_the_request_id(caplog: pytest.LogCaptureFixt
     record = next(r for r in caplog.records if request_id in r.getMessage())
     assert record.exc_info and record.exc_info[0] is ZeroDivisionError
     assert missing.code() == grpc.StatusCode.NOT_FOUND
+
+
+@pytest.mark.parametrize(
+    ("model", "body", "message"),
+    [
+        (TranslateRequest, {"text": []}, "text: give at least one text"),
+        (TranslateRequest, {"text": ["a", " "]}, "text[1]: must not be empty"),
+        (ClassifyRequest, {}, "body: give exactly one of image (base64) or pixels"),
+        (
+            TranslateRequest,
+            {"text": "x", "beam_size": 0},
+            "beam_size: Input should be greater than or equal to 1",
+        ),
+    ],
+)
+def test_a_schema_error_names_its_field_without_pydantic_s_prefix(
+    model: type[BaseModel], body: dict[str, Any], message: str
+) -> None:
+    """A request-wide check's message already names its field: no "body: Value error, " before it."""
+    with pytest.raises(ValidationError) as failure:
+        model.model_validate(body)
+    assert validation_message(failure.value) == message
+
+
+def test_a_body_that_is_not_json_is_named_as_the_body() -> None:
+    with pytest.raises(ValidationError) as failure:
+        TranslateRequest.model_validate_json(b"")
+    assert validation_message(failure.value).startswith("body: Invalid JSON")

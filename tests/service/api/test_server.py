@@ -22,8 +22,12 @@ def test_lookup_by_name_task_and_version(tmp_path: Path) -> None:
             server.resolve(name)
     with pytest.raises(ModelNotFound, match="no version '2'"):
         server.resolve("fake-translator", None, "2")
-    with pytest.raises(WrongTask):
+    with pytest.raises(
+        WrongTask, match="'fake-classifier' is an image-classification model, not translation"
+    ):
         server.resolve("fake-classifier", "translation")
+    with pytest.raises(WrongTask, match="'fake-translator' is a translation model, not image-classification"):
+        server.resolve("fake-translator", "image-classification")
 
 
 def test_deadline_and_metrics(tmp_path: Path) -> None:

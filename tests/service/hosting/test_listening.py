@@ -5,12 +5,14 @@ still leave as they are written, a closing answer is whole before the connection
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import pytest
 import uvicorn
 
-from service.hosting.listening import CorkedHttp, QuietServer, shared_socket
+from service.hosting.listening import CorkedHttp, QuietServer, http_config, shared_socket
 from tests.conftest import free_port
 
 WRITES: list[bytes] = []  # what reached the socket's transport, one item per send()
@@ -92,3 +94,33 @@ def test_an_answer_leaves_in_one_write_and_stream_events_as_written() -> None:
             assert [w.count(b"data:") for w in writes] == [1, 1, 1, 0]
         else:
             assert len(writes) == 1 and writes[0].startswith(b"HTTP/1.1 200") and writes[0].endswith(b"hello")
+
+
+def test_the_access_log_writes_a_line_per_request(caplog: pytest.LogCaptureFixture) -> None:
+    """ATTN_ACCESS_LOG: uvicorn's access lines reach its logger (uvicorn would set it to the
+    replica's quiet level, warning, and drop them), and with it off there are none."""
+
+    async def one_request(config: uvicorn.Config) -> None:
+        server = QuietServer(config)
+        port = free_port()
+        task = asyncio.create_task(server.serve(sockets=[shared_socket("127.0.0.1", port)]))
+        while not server.started:
+            await asyncio.sleep(0.01)
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /logged HTTP/1.1\r\nHost: x\r\n\r\n")
+        await reader.readuntil(b"hello")
+        writer.close()
+        server.should_exit = True
+        await task
+
+    access = logging.getLogger("uvicorn.access")
+    for access_log in (True, False):
+        config = http_config(app, access_log=access_log, log_level="INFO")  # configures the loggers
+        caplog.clear()
+        access.addHandler(caplog.handler)  # uvicorn's logger does not propagate
+        try:
+            asyncio.run(one_request(config))
+        finally:
+            access.removeHandler(caplog.handler)
+        lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
+        assert (lines and "GET /logged" in lines[0] and "200" in lines[0]) if access_log else not lines
