@@ -17,7 +17,10 @@ Image classifiers
     params   ``top_k``, ``head_fusion``, ``discard_ratio``, ``return_attention``
 
 Attention outputs are computed only when the request names them in ``outputs`` or sets
-``return_attention``; unnamed, the default outputs are the first two of each list.
+``return_attention``. Unnamed, the outputs are the first two of each list, and with
+``return_attention`` also what reads the attention: a translation's ``SOURCE_TOKENS``,
+``TARGET_TOKENS`` and ``ATTENTION`` (the rows and columns of its map), an image's ``ROLLOUT`` and
+``ATTENTIONS``.
 """
 
 from __future__ import annotations
@@ -66,6 +69,9 @@ _LITTLE_ENDIAN = {k: np.dtype(v).newbyteorder("<") for k, v in NUMPY_OF.items() 
 TRANSLATION_OUTPUTS = ["TRANSLATION", "SCORE", "SOURCE_TOKENS", "TARGET_TOKENS", "ATTENTION"]
 IMAGE_OUTPUTS = ["LABELS", "PROBABILITIES", "INDICES", "ROLLOUT", "ATTENTIONS"]
 ATTENTION_OUTPUTS = {"ATTENTION", "ROLLOUT", "ATTENTIONS"}
+#: the outputs ``return_attention`` adds when the request names none: an attention map with the
+#: tokens that label its rows and columns
+WITH_ATTENTION = {"translation": TRANSLATION_OUTPUTS[2:], "image-classification": IMAGE_OUTPUTS[3:]}
 
 
 @dataclass
@@ -126,7 +132,7 @@ def requested_outputs(manifest: Manifest, names: list[str], params: dict[str, An
         raise InvalidInput(f"outputs: unknown output tensor(s) {unknown}; this model has {known}")
     if names:
         return names
-    return known[:2] + (known[-2:] if params.get("return_attention") else [])
+    return known[:2] + (WITH_ATTENTION[manifest.task] if params.get("return_attention") else [])
 
 
 def to_requests(

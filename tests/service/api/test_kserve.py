@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from service.api import kserve, kserve_http
 from service.errors import InvalidInput
+from tests.service.fakes import entry
 
 
 def binary_body(header: dict, *blobs: bytes) -> tuple[bytes, str]:
@@ -118,3 +120,24 @@ def test_binary_sizes_that_lie_are_refused() -> None:
     body, length = binary_body(header, b"\x01\x00\x00\x00a", b"extra")
     with pytest.raises(InvalidInput, match="belong to no input"):
         kserve_http.parse_request(body, length)
+
+
+@pytest.mark.parametrize(
+    ("task", "params", "named", "outputs"),
+    [
+        ("translation", {}, [], ["TRANSLATION", "SCORE"]),
+        ("translation", {"return_attention": True}, [],
+         ["TRANSLATION", "SCORE", "SOURCE_TOKENS", "TARGET_TOKENS", "ATTENTION"]),
+        ("translation", {"return_attention": True}, ["ATTENTION"], ["ATTENTION"]),
+        ("image-classification", {}, [], ["LABELS", "PROBABILITIES"]),
+        ("image-classification", {"return_attention": True}, [],
+         ["LABELS", "PROBABILITIES", "ROLLOUT", "ATTENTIONS"]),
+    ],
+)  # fmt: skip
+def test_return_attention_adds_the_map_with_what_labels_it(
+    tmp_path: Path, task: str, params: dict, named: list[str], outputs: list[str]
+) -> None:
+    """Unnamed outputs with ``return_attention``: a translation's map comes with the source tokens
+    (its columns) as well as the target tokens (its rows)."""
+    manifest = entry(f"fake-{task}", task, tmp_path).manifest
+    assert kserve.requested_outputs(manifest, named, params) == outputs
