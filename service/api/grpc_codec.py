@@ -92,6 +92,7 @@ def translate_job(request: apb.TranslateRequest) -> TranslateJob:
             max_length=request.max_length or None,
             length_penalty=request.length_penalty,
             return_attention=request.return_attention,
+            truncate=request.truncate,
         )
     )
 

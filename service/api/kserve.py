@@ -9,7 +9,7 @@ Translation models
     outputs  ``TRANSLATION`` BYTES [-1], ``SCORE`` FP32 [-1],
              ``SOURCE_TOKENS`` / ``TARGET_TOKENS`` BYTES [-1, -1] (padded with ""),
              ``ATTENTION`` FP32 [-1, -1, -1] (target × source, zero-padded; on request)
-    params   ``beam_size``, ``max_length``, ``length_penalty``, ``return_attention``
+    params   ``beam_size``, ``max_length``, ``length_penalty``, ``truncate``, ``return_attention``
 Image classifiers
     inputs   ``IMAGE`` BYTES [-1] (encoded images) or ``PIXELS`` UINT8/FP32 [-1, H, W(, C)]
     outputs  ``LABELS`` BYTES [-1, k], ``INDICES`` INT64 [-1, k], ``PROBABILITIES`` FP32 [-1, k],
@@ -162,7 +162,7 @@ def _translate_job(by_name: dict[str, Tensor], params: dict[str, Any], attention
     for i, t in enumerate(texts):
         if not t.strip():
             raise InvalidInput(f"TEXT[{i}]: must not be empty")
-    options = {k: params[k] for k in ("beam_size", "max_length", "length_penalty") if k in params}
+    options = {k: params[k] for k in ("beam_size", "max_length", "length_penalty", "truncate") if k in params}
     return translate_job(TranslateRequest(text=texts, return_attention=attention, **options))
 
 

@@ -76,6 +76,8 @@ def _model_info(server: Server, name: str) -> ModelInfo:
     return ModelInfo(
         name=m.name, version=m.version, task=m.task, family=m.family, description=m.description,
         labels=m.image.labels if m.image else None, languages=languages, eval=m.eval,
+        max_source_tokens=m.translation.max_source_tokens if m.translation else None,
+        max_target_tokens=m.translation.max_target_tokens if m.translation else None,
         providers=info.get("providers"), max_batch_size=info.get("max_batch_size"),
     )  # fmt: skip
 

@@ -40,6 +40,7 @@ def translate_job(request: TranslateRequest) -> TranslateJob:
         max_length=request.max_length,
         length_penalty=request.length_penalty,
         attention=attention,
+        truncate=request.truncate,
     )
 
 

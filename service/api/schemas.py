@@ -34,6 +34,11 @@ class TranslateRequest(_Request):
     length_penalty: float = Field(
         0.0, ge=0.0, le=4.0, allow_inf_nan=False, description="GNMT length-penalty alpha for beam search"
     )
+    truncate: bool = Field(
+        False,
+        description="a text longer than the model's source limit (max_source_tokens, /v1/models): "
+        "translate its first tokens only; false: answer 413",
+    )
     return_attention: bool = False
     attention_format: AttentionFormat = "array"
     attention_layers: Literal["default", "all"] = Field(
@@ -161,6 +166,10 @@ class ModelInfo(BaseModel):
     description: str
     labels: list[str] | None = None
     languages: dict[str, str] | None = None
+    #: translation: the longest text it reads (longer ones: 413, or cut with "truncate") and the
+    #: most tokens it writes per text
+    max_source_tokens: int | None = None
+    max_target_tokens: int | None = None
     eval: dict[str, float]
     providers: list[str] | None = None
     max_batch_size: int | None = None

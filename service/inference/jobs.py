@@ -30,6 +30,8 @@ class TranslateJob:
     max_length: int | None = None  # target tokens; None: the model's limit
     length_penalty: float = 0.0
     attention: TranslationAttention = "none"
+    #: a text over the model's source limit: cut to it (True) or refused (False)
+    truncate: bool = False
 
 
 @dataclass(frozen=True)

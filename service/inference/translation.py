@@ -138,6 +138,12 @@ def _rows(a: Any, index: np.ndarray, axis: int, width: int | None = None, start:
     return a[tuple(where)]
 
 
+class SourceTooLong(ValueError):
+    def __init__(self, tokens: int, limit: int) -> None:
+        super().__init__(f"{tokens} source tokens exceed the model's limit of {limit}")
+        self.tokens, self.limit = tokens, limit
+
+
 @dataclass
 class Translation:
     text: str
@@ -179,11 +185,15 @@ class Translator:
         self.source_tokenizer = Tokenizer.from_file(str(directory / spec.source_tokenizer.file))
         self.target_tokenizer = Tokenizer.from_file(str(directory / spec.target_tokenizer.file))
 
-    def tokenize(self, text: str) -> tuple[list[int], list[str]]:
-        """→ source ids (EOS last, truncated to the model's limit) and their token strings."""
+    def tokenize(self, text: str, truncate: bool = True) -> tuple[list[int], list[str]]:
+        """→ source ids (EOS last) and their token strings; a text over the model's limit
+        (``max_source_tokens``) is cut to it (its last token EOS), or with ``truncate`` false
+        refused: :class:`SourceTooLong`."""
         ids = self.source_tokenizer.encode(text).ids
         limit = self.spec.max_source_tokens
         if len(ids) > limit:
+            if not truncate:
+                raise SourceTooLong(len(ids), limit)
             ids = [*ids[: limit - 1], self.spec.source_tokenizer.eos_id]
         return ids, [self.source_tokenizer.id_to_token(t) or "" for t in ids]
 

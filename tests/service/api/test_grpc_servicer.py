@@ -60,6 +60,7 @@ def test_attention_v1_translate_and_classify(tmp_path: Path) -> None:
         translated = await stub.Translate(
             apb.TranslateRequest(model="fake-translator", texts=["abc"], return_attention=True)
         )
+        await stub.Translate(apb.TranslateRequest(model="fake-translator", texts=["abc"], truncate=True))
         classified = await stub.Classify(
             apb.ClassifyRequest(
                 model="fake-classifier", image=buffer.getvalue(), top_k=1, return_attention=True
@@ -67,7 +68,9 @@ def test_attention_v1_translate_and_classify(tmp_path: Path) -> None:
         )
         return translated, classified
 
-    translated, classified = with_servicer(tmp_path, use)
+    server, translator, _, _ = fake_server(tmp_path)
+    translated, classified = with_servicer(tmp_path, use, server)
+    assert [j.truncate for j in translator.jobs] == [False, True]
     [t] = translated.translations
     assert (t.text, t.score, list(t.attention.shape)) == ("cba", -3.0, [3, 3])
     assert list(t.attention.values) == [0, 0, 1, 0, 1, 0, 1, 0, 0]

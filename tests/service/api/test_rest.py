@@ -90,6 +90,7 @@ def test_translate_decodes_once_into_a_job_and_encodes_the_answer(served: Any) -
     assert status == 200, body
     [job] = translator.jobs
     assert job.texts == ["abc", "hello"] and job.beam_size == 3 and job.attention == "default"
+    assert job.truncate is False  # a text over the model's source limit is refused unless asked
     assert body["model"] == "fake-translator" and body["version"] == 1
     first = body["translations"][0]
     assert first["text"] == "cba" and first["score"] == -3.0 and first["finished"] is True
@@ -156,6 +157,20 @@ def test_kserve_translation_tensors(served: Any) -> None:
     assert attention[0, 2].sum() == 0  # zero-padded to the longest
 
 
+def test_truncate_reaches_the_job_over_rest_and_kserve(served: Any) -> None:
+    server, translator, _, _ = served
+    app = create_app(server)
+    status, _ = post_json(app, "/v1/models/fake-translator/translate", {"text": "abc", "truncate": True})
+    assert status == 200
+    infer = {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["ab"]}],
+             "parameters": {"truncate": True}}  # fmt: skip
+    status, _ = post_json(app, "/v2/models/fake-translator/infer", infer)
+    assert status == 200
+    status, _ = post_json(app, "/v2/models/fake-translator/infer", {**infer, "parameters": {}})
+    assert status == 200
+    assert [j.truncate for j in translator.jobs] == [True, True, False]
+
+
 @pytest.mark.parametrize(
     ("path", "payload", "status", "words"),
     [
@@ -194,7 +209,9 @@ def test_models_and_readiness(served: Any) -> None:
         (["CPUExecutionProvider"], 4)
     ] * 2
     _, _, content = call(app, "GET", "/v1/models/fake-translator")
-    assert json.loads(content)["max_batch_size"] == 4
+    one = json.loads(content)
+    assert one["max_batch_size"] == 4 and (one["max_source_tokens"], one["max_target_tokens"]) == (8, 8)
+    assert listed["models"][0]["max_source_tokens"] is None  # an image model
     status, _, content = call(app, "GET", "/readyz")
     assert status == 200 and json.loads(content)["warmup_ms"] == {
         "fake-classifier": 1.0,

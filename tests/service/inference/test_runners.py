@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.errors import ResponseTooLarge
+from service.errors import PayloadTooLarge, ResponseTooLarge
 from service.inference.jobs import Classified, ClassifyJob, Translated, TranslateJob
 from service.inference.repository import load_entry
 from service.inference.runners import ClassificationRunner, TranslationRunner, batch_dependent, make_runner
@@ -57,6 +57,20 @@ def test_an_answer_too_large_is_refused_before_any_work(tiny_repository: Path) -
     with pytest.raises(ResponseTooLarge, match=r"limits\.max_response_bytes"):
         r.preprocess(TranslateJob(texts=DATES, attention="all"))
     r.preprocess(TranslateJob(texts=DATES, attention="default"))  # a ninth of it fits
+
+
+def test_a_text_over_the_source_limit_is_refused_unless_truncated(tiny_repository: Path) -> None:
+    r = runner(tiny_repository, "dates-transformer")
+    assert isinstance(r, TranslationRunner)
+    limit = r.translator.spec.max_source_tokens
+    long = "3 juin 1980, " * limit  # a character model: one token per character
+    with pytest.raises(PayloadTooLarge, match=rf"text\[1\]: {len(long) + 1} source tokens exceed "
+                       rf"dates-transformer's limit of {limit} \(send \"truncate\": true"):  # fmt: skip
+        r.preprocess(TranslateJob(texts=[DATES[0], long]))
+    work = r.preprocess(TranslateJob(texts=[DATES[0], long], truncate=True))
+    assert [len(i) for i in work.ids] == [len(DATES[0]) + 1, limit]  # EOS last, as in training
+    assert work.tokens[1][-1] == "</s>" and "".join(work.tokens[1][:-1]) == long[: limit - 1]
+    r.preprocess(TranslateJob(texts=[long[: limit - 1]]))  # exactly the limit (with EOS): no refusal
 
 
 def test_classification_typed_result(tiny_repository: Path) -> None:
