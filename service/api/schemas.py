@@ -88,7 +88,9 @@ class ClassifyOptions(_Request):
 
 class ClassifyRequest(ClassifyOptions):
     image: str | None = Field(None, max_length=MAX_IMAGE_B64, description="base64 PNG/JPEG/… bytes")
-    pixels: list | None = Field(None, description="raw pixel values 0–255, shape [H, W] or [H, W, 3]")
+    pixels: list | None = Field(
+        None, description="raw pixel values 0–255, shape [H, W], [H, W, 3] or [H, W, 4]"
+    )
 
     @model_validator(mode="after")
     def _one_input(self) -> ClassifyRequest:

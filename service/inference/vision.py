@@ -84,7 +84,8 @@ def png_intact(data: bytes) -> bool:
 
 def check_pixels(width: int, height: int, max_pixels: int, field: str) -> None:
     if width * height > max_pixels:
-        raise PayloadTooLarge(f"{field}: {width}×{height} pixels exceeds the limit of {max_pixels}")
+        pixels = width * height
+        raise PayloadTooLarge(f"{field}: {width}×{height} = {pixels} pixels, over the limit of {max_pixels}")
 
 
 def pillow_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Image:
