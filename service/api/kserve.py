@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from service.api.limits import request_limits
 from service.api.rest_codec import classify_job, translate_job
@@ -125,14 +125,28 @@ def metadata(manifest: Manifest, limits: Limits) -> dict[str, Any]:
     }
 
 
+_BOOL = TypeAdapter(bool)
+
+
+def flag(params: dict[str, Any], name: str, where: str = "parameters") -> bool:
+    """A boolean parameter (absent: false), read as the REST schemas read a boolean field:
+    ``true``/``false``, ``1``/``0``, ``"true"``/``"false"``…; anything else is refused naming it
+    (``"false"`` is not true)."""
+    try:
+        return _BOOL.validate_python(params.get(name, False))
+    except ValidationError as exc:
+        raise InvalidInput(f"{where}: {name}: {exc.errors()[0]['msg']}") from exc
+
+
 def requested_outputs(manifest: Manifest, names: list[str], params: dict[str, Any]) -> list[str]:
     known = TRANSLATION_OUTPUTS if manifest.task == "translation" else IMAGE_OUTPUTS
     unknown = [n for n in names if n not in known]
     if unknown:
         raise InvalidInput(f"outputs: unknown output tensor(s) {unknown}; this model has {known}")
+    attention = flag(params, "return_attention")  # checked when outputs are named too
     if names:
         return names
-    return known[:2] + (WITH_ATTENTION[manifest.task] if params.get("return_attention") else [])
+    return known[:2] + (WITH_ATTENTION[manifest.task] if attention else [])
 
 
 def to_requests(
@@ -181,7 +195,8 @@ def _classify_jobs(
     if tensor.name == "IMAGE":
         if tensor.datatype != "BYTES" or tensor.data.ndim != 1:
             raise InvalidInput(f"IMAGE: expected BYTES with shape [-1], got {tensor.datatype} {tensor.shape}")
-        return [classify_job(options, image=bytes(item)) for item in tensor.data]
+        images = enumerate(tensor.data)  # errors name IMAGE[i], not the REST field
+        return [classify_job(options, image=bytes(item), field=f"IMAGE[{i}]") for i, item in images]
     if tensor.datatype not in ("UINT8", "FP32") or tensor.data.ndim not in (3, 4):
         raise InvalidInput(
             f"PIXELS: expected UINT8 or FP32 [-1, H, W(, C)], got {tensor.datatype} {tensor.shape}"

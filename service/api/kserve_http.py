@@ -33,7 +33,8 @@ class InferRequest:
 def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     """Decode a v2 infer body; every problem becomes an :class:`InvalidInput` naming the part."""
     if header_length is not None:
-        if not header_length.isdigit() or int(header_length) > len(body):
+        # ASCII digits only: str.isdigit() also takes "²", which int() refuses
+        if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
             raise InvalidInput(
                 f"Inference-Header-Content-Length: {header_length!r} does not fit a {len(body)}-byte body"
             )
@@ -74,9 +75,9 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise InvalidInput(f"outputs[{i}]: needs a name")
         outputs.append(spec["name"])
-        if _parameters(spec.get("parameters"), spec["name"]).get("binary_data", False):
+        if kserve.flag(_parameters(spec.get("parameters"), spec["name"]), "binary_data", spec["name"]):
             binary.add(spec["name"])
-    if params.get("binary_data_output"):
+    if kserve.flag(params, "binary_data_output"):
         binary.add("*")
     request_id = header.get("id")
     return InferRequest(str(request_id) if request_id is not None else None, inputs, params, outputs, binary)

@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
+from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute
 from starlette.types import Scope
 
@@ -51,7 +52,10 @@ class DirectRoute(APIRoute):
         endpoint: Endpoint = self.endpoint
 
         async def handler(request: Request) -> Response:
-            await server_from(request).read_body(request)  # bounded, and kept on the request for the endpoint
+            try:  # bounded, and kept on the request for the endpoint
+                await server_from(request).read_body(request)
+            except ClientDisconnect:  # gone before its body was in: nobody to answer, nothing failed
+                return Response(status_code=CLIENT_CLOSED)
             this = asyncio.current_task()
             watch = _DisconnectWatch(request, this)
             try:

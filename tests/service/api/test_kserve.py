@@ -102,6 +102,11 @@ def test_binary_request_and_response() -> None:
             "abc",
             "does not fit",
         ),
+        (  # a digit to str.isdigit(), not to int() (HTTP headers arrive as latin-1)
+            b'{"inputs": [{"name": "T", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}',
+            "\u00b2",
+            "does not fit",
+        ),
     ],
 )
 def test_malformed_bodies_name_the_problem(body: bytes, length: str | None, message: str) -> None:
@@ -141,3 +146,59 @@ def test_return_attention_adds_the_map_with_what_labels_it(
     (its columns) as well as the target tokens (its rows)."""
     manifest = entry(f"fake-{task}", task, tmp_path).manifest
     assert kserve.requested_outputs(manifest, named, params) == outputs
+
+
+@pytest.mark.parametrize(
+    ("params", "outputs"),
+    [
+        ({"return_attention": "false"}, ["TRANSLATION", "SCORE"]),  # a string, read as REST reads it
+        ({"return_attention": 0}, ["TRANSLATION", "SCORE"]),
+        (
+            {"return_attention": "true"},
+            ["TRANSLATION", "SCORE", "SOURCE_TOKENS", "TARGET_TOKENS", "ATTENTION"],
+        ),
+    ],
+)
+def test_boolean_parameters_are_read_as_booleans(tmp_path: Path, params: dict, outputs: list[str]) -> None:
+    manifest = entry("fake-translation", "translation", tmp_path).manifest
+    assert kserve.requested_outputs(manifest, [], params) == outputs
+
+
+@pytest.mark.parametrize(
+    ("params", "output_params", "message"),
+    [
+        ({"return_attention": "maybe"}, {}, "parameters: return_attention: Input should be a valid boolean"),
+        ({"return_attention": None}, {}, "parameters: return_attention: Input should be a valid boolean"),
+        ({"binary_data_output": [1]}, {}, "parameters: binary_data_output: Input should be a valid boolean"),
+        ({}, {"binary_data": "maybe"}, "SCORE: binary_data: Input should be a valid boolean"),
+    ],
+)
+def test_boolean_parameters_of_another_type_are_refused(
+    tmp_path: Path, params: dict, output_params: dict, message: str
+) -> None:
+    body = {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["a"]}],
+            "outputs": [{"name": "SCORE", "parameters": output_params}], "parameters": params}  # fmt: skip
+    manifest = entry("fake-translation", "translation", tmp_path).manifest
+    with pytest.raises(InvalidInput, match=message):
+        req = kserve_http.parse_request(json.dumps(body).encode(), None)
+        kserve.requested_outputs(manifest, req.outputs, req.parameters)
+
+
+def test_binary_data_output_false_as_a_string_answers_json() -> None:
+    body = {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["a"]}],
+            "outputs": [{"name": "SCORE", "parameters": {"binary_data": "false"}}],
+            "parameters": {"binary_data_output": "false"}}  # fmt: skip
+    req = kserve_http.parse_request(json.dumps(body).encode(), None)
+    out = kserve.Tensor("SCORE", "FP32", [1], np.array([0.5], dtype=np.float32))
+    content, headers = kserve_http.encode_response("m", 1, req, [out])
+    assert headers["content-type"] == "application/json" and json.loads(content)["outputs"][0]["data"] == [
+        0.5
+    ]
+
+
+def test_image_errors_name_the_v2_tensor_element(tmp_path: Path) -> None:
+    """A KServe image's errors (undecodable, too many bytes) name ``IMAGE[i]``, not REST's ``image``."""
+    manifest = entry("fake-image-classification", "image-classification", tmp_path).manifest
+    images = kserve.from_list("IMAGE", "BYTES", [2], ["a", "bb"])
+    jobs = kserve.to_requests(manifest, [images], {}, ["LABELS"])
+    assert [job.field for job in jobs] == ["IMAGE[0]", "IMAGE[1]"]  # type: ignore[union-attr]

@@ -193,3 +193,30 @@ def test_a_client_that_leaves_is_answered_499_once_the_watch_starts(tmp_path: Pa
     translator.delay_s = routes.WATCH_AFTER_S * 3  # watched, and stays: answered
     assert exchange(app, None)[0] == [200]
     assert [r[2] for r in recorded.records] == [200, 499, 499, 499, 200]
+
+
+def test_a_client_that_leaves_before_its_body_is_in_is_answered_499(tmp_path: Path) -> None:
+    """Not an internal error (no 500, no traceback logged as one): the client is gone."""
+    server, *_ = fake_server(tmp_path)
+    app = create_app(server)
+    statuses: list[int] = []
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+        "scheme": "http", "path": "/v1/models/fake-translator/translate", "raw_path": b"",
+        "root_path": "", "query_string": b"", "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
+        "headers": [(b"content-type", b"application/json"), (b"content-length", b"100")],
+    }  # fmt: skip
+    messages = [
+        {"type": "http.request", "body": b'{"text": ', "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
+    assert statuses == [499]
