@@ -47,6 +47,16 @@ def _abort(context: GrpcContext, exc: ServiceError) -> ServiceError:
 
 
 Reply = TypeVar("Reply")
+
+
+def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
+    """A failed request's answer in a stream, naming the request (its id, model and version)."""
+    which = pb.ModelInferResponse(
+        id=request.id, model_name=request.model_name, model_version=request.model_version
+    )
+    return pb.ModelStreamInferResponse(error_message=message, infer_response=which)
+
+
 Method = Callable[[Any, Any, GrpcContext], Awaitable[Reply]]
 
 
@@ -158,17 +168,16 @@ class GrpcServicer:
         async for request in request_stream:
             try:
                 stream = request.parameters.get("stream")
-                if stream is not None and codec.parameter(stream) is True:
+                if stream is not None and kserve.flag({"stream": codec.parameter(stream)}, "stream"):
                     async for response in self._model_stream(request):
                         yield pb.ModelStreamInferResponse(infer_response=response)
                     continue
                 result = await self._model_infer(request, "grpc_stream_infer")
                 yield pb.ModelStreamInferResponse(infer_response=result)
             except ServiceError as exc:
-                yield pb.ModelStreamInferResponse(error_message=exc.message)
+                yield _stream_error(request, exc.message)
             except Exception as exc:  # logged with its traceback; the stream goes on
-                error = unexpected(exc, "gRPC ModelStreamInfer")
-                yield pb.ModelStreamInferResponse(error_message=error.message)
+                yield _stream_error(request, unexpected(exc, "gRPC ModelStreamInfer").message)
 
     async def _model_infer(self, request: pb.ModelInferRequest, route: str) -> pb.ModelInferResponse:
         with self.server.refusals(request.model_name, route):
@@ -247,6 +256,7 @@ class GrpcServicer:
             options = ClassifyOptions(
                 top_k=request.top_k or 5,
                 head_fusion=request.head_fusion or "mean",
+                discard_ratio=request.discard_ratio,
                 return_attention=request.return_attention,
             )
             job = classify_job(options, image=request.image)

@@ -143,6 +143,8 @@ def requested_outputs(manifest: Manifest, names: list[str], params: dict[str, An
     unknown = [n for n in names if n not in known]
     if unknown:
         raise InvalidInput(f"outputs: unknown output tensor(s) {unknown}; this model has {known}")
+    if len(set(names)) != len(names):
+        raise InvalidInput(f"outputs: each output named once, got {names}")
     attention = flag(params, "return_attention")  # checked when outputs are named too
     if names:
         return names

@@ -80,6 +80,8 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     if kserve.flag(params, "binary_data_output"):
         binary.add("*")
     request_id = header.get("id")
+    if request_id is not None and (not isinstance(request_id, str | int) or isinstance(request_id, bool)):
+        raise InvalidInput(f"id: expected a string, got {type(request_id).__name__}")
     return InferRequest(str(request_id) if request_id is not None else None, inputs, params, outputs, binary)
 
 

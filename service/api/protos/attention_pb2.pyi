@@ -105,18 +105,20 @@ class TranslateEvent(_message.Message):
     def __init__(self, token: _Optional[_Union[Token, _Mapping]] = ..., answer: _Optional[_Union[TranslateResponse, _Mapping]] = ...) -> None: ...
 
 class ClassifyRequest(_message.Message):
-    __slots__ = ("model", "image", "top_k", "return_attention", "head_fusion")
+    __slots__ = ("model", "image", "top_k", "return_attention", "head_fusion", "discard_ratio")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     RETURN_ATTENTION_FIELD_NUMBER: _ClassVar[int]
     HEAD_FUSION_FIELD_NUMBER: _ClassVar[int]
+    DISCARD_RATIO_FIELD_NUMBER: _ClassVar[int]
     model: str
     image: bytes
     top_k: int
     return_attention: bool
     head_fusion: str
-    def __init__(self, model: _Optional[str] = ..., image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., return_attention: _Optional[bool] = ..., head_fusion: _Optional[str] = ...) -> None: ...
+    discard_ratio: float
+    def __init__(self, model: _Optional[str] = ..., image: _Optional[bytes] = ..., top_k: _Optional[int] = ..., return_attention: _Optional[bool] = ..., head_fusion: _Optional[str] = ..., discard_ratio: _Optional[float] = ...) -> None: ...
 
 class Prediction(_message.Message):
     __slots__ = ("label", "index", "probability")

@@ -63,14 +63,16 @@ def test_attention_v1_translate_and_classify(tmp_path: Path) -> None:
         await stub.Translate(apb.TranslateRequest(model="fake-translator", texts=["abc"], truncate=True))
         classified = await stub.Classify(
             apb.ClassifyRequest(
-                model="fake-classifier", image=buffer.getvalue(), top_k=1, return_attention=True
+                model="fake-classifier", image=buffer.getvalue(), top_k=1, return_attention=True,
+                discard_ratio=0.5,
             )
-        )
+        )  # fmt: skip
         return translated, classified
 
-    server, translator, _, _ = fake_server(tmp_path)
+    server, translator, classifier, _ = fake_server(tmp_path)
     translated, classified = with_servicer(tmp_path, use, server)
     assert [j.truncate for j in translator.jobs] == [False, True]
+    assert [j.discard_ratio for j in classifier.jobs] == [0.5]
     [t] = translated.translations
     assert (t.text, t.score, list(t.attention.shape)) == ("cba", -3.0, [3, 3])
     assert list(t.attention.values) == [0, 0, 1, 0, 1, 0, 1, 0, 0]
@@ -91,8 +93,11 @@ def test_kserve_v2_infer_and_stream(tmp_path: Path) -> None:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         single = await stub.ModelInfer(request(["ab", "cde"]))
 
+        undecided = request(["w"])
+        undecided.parameters["stream"].string_param = "maybe"  # a true/false parameter, neither
+
         async def requests() -> Any:
-            for r in (request(["x"]), request(["y"], model="nope"), request(["zz"])):
+            for r in (request(["x"]), request(["y"], model="nope"), request(["zz"]), undecided):
                 yield r
 
         streamed = [reply async for reply in stub.ModelStreamInfer(requests())]
@@ -102,8 +107,11 @@ def test_kserve_v2_infer_and_stream(tmp_path: Path) -> None:
     single, streamed, ready = with_servicer(tmp_path, use)
     texts = kserve.deserialize_bytes(single.raw_output_contents[0], 2, "TRANSLATION")
     assert [bytes(t) for t in texts] == [b"ba", b"edc"] and single.model_name == "fake-translator"
-    assert [bool(s.error_message) for s in streamed] == [False, True, False]
+    assert [bool(s.error_message) for s in streamed] == [False, True, False, True]
     assert "not found" in streamed[1].error_message
+    failed = streamed[1].infer_response  # an error names the request it answers
+    assert (failed.id, failed.model_name) == ("r", "nope")
+    assert "stream" in streamed[3].error_message and "boolean" in streamed[3].error_message
     assert ready.ready
 
 

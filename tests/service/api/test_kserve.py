@@ -202,3 +202,21 @@ def test_image_errors_name_the_v2_tensor_element(tmp_path: Path) -> None:
     images = kserve.from_list("IMAGE", "BYTES", [2], ["a", "bb"])
     jobs = kserve.to_requests(manifest, [images], {}, ["LABELS"])
     assert [job.field for job in jobs] == ["IMAGE[0]", "IMAGE[1]"]  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("request_id", "expected"), [("a-1", "a-1"), (7, "7"), ({"a": 1}, None), ([1], None), (True, None)]
+)
+def test_a_request_id_is_a_string_or_a_number(request_id: object, expected: str | None) -> None:
+    body = {"id": request_id, "inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}
+    if expected is None:
+        with pytest.raises(InvalidInput, match="id: expected a string"):
+            kserve_http.parse_request(json.dumps(body).encode(), None)
+    else:
+        assert kserve_http.parse_request(json.dumps(body).encode(), None).id == expected
+
+
+def test_an_output_named_twice_is_refused(tmp_path: Path) -> None:
+    manifest = entry("fake-translator", "translation", tmp_path).manifest
+    with pytest.raises(InvalidInput, match="outputs: each output named once"):
+        kserve.requested_outputs(manifest, ["TRANSLATION", "SCORE", "TRANSLATION"], {})
