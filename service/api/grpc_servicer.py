@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 from pydantic import ValidationError
 
 from service.api import auth, kserve
@@ -166,6 +167,9 @@ class GrpcServicer:
         except ServiceError as exc:  # the whole stream is refused
             raise _abort(grpc_context, exc) from None
         async for request in request_stream:
+            if isinstance(request, Undecodable):  # this message only: the stream goes on
+                yield pb.ModelStreamInferResponse(error_message=request.error.message)
+                continue
             try:
                 stream = request.parameters.get("stream")
                 if stream is not None and kserve.flag({"stream": codec.parameter(stream)}, "stream"):
@@ -282,7 +286,10 @@ class GrpcServicer:
 
 def add_to_grpc_server(grpc_server: grpc.aio.Server, servicer: GrpcServicer) -> None:
     """Serve both services of ``servicer`` on a grpc.aio server. The RPCs set the error's code on
-    their context and raise it; grpc.aio needs ``abort`` to send it."""
+    their context and raise it; grpc.aio needs ``abort`` to send it. A request protobuf cannot
+    parse (a string field that is not UTF-8, a corrupt message) reaches the RPC as
+    :class:`Undecodable` and is answered INVALID_ARGUMENT — grpc's own parser answered UNKNOWN,
+    and in ``ModelStreamInfer`` ended the whole stream."""
     kserve_v2, attention_v1 = grpc_service_pb2_grpc, attention_pb2_grpc
     for base, add in (
         (kserve_v2.GRPCInferenceServiceServicer, kserve_v2.add_GRPCInferenceServiceServicer_to_server),
@@ -295,12 +302,49 @@ def add_to_grpc_server(grpc_server: grpc.aio.Server, servicer: GrpcServicer) -> 
                 overrides[name] = (
                     _aio_streaming(impl) if inspect.isasyncgenfunction(impl) else _aio_unary(impl)
                 )
-        add(type(base.__name__, (base,), overrides)(), grpc_server)
+        add(type(base.__name__, (base,), overrides)(), _Lenient(grpc_server))
+
+
+class Undecodable:
+    """A request message that protobuf could not parse, handed to the RPC in its place."""
+
+    def __init__(self, reason: str) -> None:
+        self.error = InvalidInput(f"request: not a valid protobuf message ({reason})")
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return Undecodable(str(exc))
+
+    return deserialize
+
+
+class _Lenient:
+    """The server as the generated ``add_*_to_server`` functions see it: each method's handler is
+    passed on with a request parser that never raises (:func:`_lenient`)."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Left out: rebuilt from the same handlers in :meth:`add_registered_method_handlers`."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        lenient = {}
+        for name, handler in handlers.items():
+            lenient[name] = handler._replace(request_deserializer=_lenient(handler.request_deserializer))
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, lenient),))
+        self.server.add_registered_method_handlers(service, lenient)
 
 
 def _aio_unary(impl: Callable[..., Any]) -> Callable[..., Any]:
     async def call(_: object, request: Any, context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(request, Undecodable):
+                raise request.error
             return await impl(request, context)
         except ServiceError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
@@ -311,6 +355,8 @@ def _aio_unary(impl: Callable[..., Any]) -> Callable[..., Any]:
 def _aio_streaming(impl: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
     async def call(_: object, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
         try:
+            if isinstance(requests, Undecodable):  # the one request of a server-streaming RPC
+                raise requests.error
             async for response in impl(requests, context):
                 yield response
         except ServiceError as exc:

@@ -188,3 +188,36 @@ def test_requests_refused_while_decoded_are_counted(tmp_path: Path) -> None:
         ("fake-classifier", "grpc_classify", 422),
         ("_unknown", "grpc_infer", 404),
     ]
+
+
+def test_a_request_protobuf_cannot_parse_is_invalid_argument(tmp_path: Path) -> None:
+    """A string field that is not UTF-8: INVALID_ARGUMENT naming the request (grpc's own parser
+    answered UNKNOWN), and in ModelStreamInfer an error for that message while the stream goes on."""
+    model = b"fake-translator"
+    bad = b"\x0a" + bytes([len(model)]) + model + b"\x12\x02\xff\xfe"  # texts: ["\xff\xfe"]
+    good = pb.ModelInferRequest(model_name="fake-translator", id="g")
+    good.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
+    good.raw_input_contents.append(kserve.serialize_bytes(np.array([b"ab"], dtype=object)))
+    bad_infer = b"\x0a\x02\xff\xfe"  # model_name: "\xff\xfe"
+
+    async def use(channel: grpc.aio.Channel) -> Any:
+        translate = channel.unary_unary("/attention.v1.AttentionService/Translate")
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await translate(bad)
+        streamed = channel.unary_stream("/attention.v1.AttentionService/TranslateStream")
+        with pytest.raises(grpc.aio.AioRpcError) as stream_failure:
+            [reply async for reply in streamed(bad)]
+
+        async def requests() -> Any:
+            for message in (good.SerializeToString(), bad_infer, good.SerializeToString()):
+                yield message
+
+        infer = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        replies = [pb.ModelStreamInferResponse.FromString(r) async for r in infer(requests())]
+        return failure.value, stream_failure.value, replies
+
+    error, stream_error, replies = with_servicer(tmp_path, use)
+    for e in (error, stream_error):
+        assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid protobuf message" in e.details()
+    assert [r.error_message != "" for r in replies] == [False, True, False]
+    assert replies[2].infer_response.id == "g"
