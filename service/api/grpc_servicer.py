@@ -302,7 +302,10 @@ def add_to_grpc_server(grpc_server: grpc.aio.Server, servicer: GrpcServicer) -> 
                 overrides[name] = (
                     _aio_streaming(impl) if inspect.isasyncgenfunction(impl) else _aio_unary(impl)
                 )
-        add(type(base.__name__, (base,), overrides)(), _Lenient(grpc_server))
+        lenient = _Lenient(grpc_server)
+        add(type(base.__name__, (base,), overrides)(), lenient)
+        if not lenient.services:  # stubs from grpcio-tools < 1.62 register generic handlers only
+            raise RuntimeError(f"{add.__name__} registered no methods: regenerate the stubs (make protos)")
 
 
 class Undecodable:
@@ -328,6 +331,7 @@ class _Lenient:
 
     def __init__(self, server: grpc.aio.Server) -> None:
         self.server = server
+        self.services: list[str] = []
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
         """Left out: rebuilt from the same handlers in :meth:`add_registered_method_handlers`."""
@@ -338,6 +342,7 @@ class _Lenient:
             lenient[name] = handler._replace(request_deserializer=_lenient(handler.request_deserializer))
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, lenient),))
         self.server.add_registered_method_handlers(service, lenient)
+        self.services.append(service)
 
 
 def _aio_unary(impl: Callable[..., Any]) -> Callable[..., Any]:
