@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import numpy as np
 from tokenizers.decoders import DecodeStream
 
-from service.errors import InvalidInput, PayloadTooLarge, ResponseTooLarge
+from service.errors import InvalidInput, ResponseTooLarge
 from service.inference import attention as maps
 from service.inference.batching import group_by, length_buckets
 from service.inference.callers import StepToken
@@ -27,7 +27,7 @@ from service.inference.decoding import Hypothesis
 from service.inference.jobs import Classified, ClassifyJob, TokenEvent, Translated, TranslateJob
 from service.inference.repository import ModelEntry
 from service.inference.scheduler import Options
-from service.inference.translation import SourceTooLong, Translation, Translator
+from service.inference.translation import Translation, Translator
 from service.inference.vision import Classifier, decode_image, mode_of, pixels_to_image, preprocess
 from service.settings import Limits
 
@@ -115,20 +115,10 @@ class TranslationRunner:
         texts = request.texts
         if not texts:
             raise InvalidInput("text: give at least one text")
-        ids, tokens = zip(*(self._tokenize(request, i) for i in range(len(texts))), strict=True)
+        tokenized = (self.translator.tokenize(t, request.truncate, f"text[{i}]") for i, t in enumerate(texts))
+        ids, tokens = zip(*tokenized, strict=True)
         self._check_answer_size(request, [len(i) for i in ids])
         return TranslateWork(request, list(ids), list(tokens))
-
-    def _tokenize(self, request: TranslateJob, i: int) -> tuple[list[int], list[str]]:
-        """Text ``i``'s source ids and tokens: over the model's limit, cut when the request says
-        ``truncate``, else refused (413) — a cut text translates only its beginning."""
-        try:
-            return self.translator.tokenize(request.texts[i], request.truncate)
-        except SourceTooLong as exc:
-            raise PayloadTooLarge(
-                f"text[{i}]: {exc.tokens} source tokens exceed {self.entry.name}'s limit of {exc.limit} "
-                '(send "truncate": true to translate its first tokens only)'
-            ) from None
 
     def _check_answer_size(self, request: TranslateJob, source_lengths: list[int]) -> None:
         """Refuse up front an answer whose attention could exceed ``limits.max_response_bytes``:

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from service.errors import PayloadTooLarge
 from service.inference.decoding import Hypothesis, candidates_for, log_softmax, new_search, run_searches
 from service.inference.device import DeviceArray, DeviceOps, TopCandidates
 from service.inference.manifest import Manifest
@@ -138,12 +139,6 @@ def _rows(a: Any, index: np.ndarray, axis: int, width: int | None = None, start:
     return a[tuple(where)]
 
 
-class SourceTooLong(ValueError):
-    def __init__(self, tokens: int, limit: int) -> None:
-        super().__init__(f"{tokens} source tokens exceed the model's limit of {limit}")
-        self.tokens, self.limit = tokens, limit
-
-
 @dataclass
 class Translation:
     text: str
@@ -171,6 +166,7 @@ class Translator:
         if spec is None:
             raise ValueError(f"{manifest.name} is not a translation model")
         self.spec = spec
+        self.name = manifest.name
         self.encoder = GraphSession(
             directory / manifest.graphs["encoder"].file, manifest.graphs["encoder"], providers, threads
         )
@@ -185,15 +181,18 @@ class Translator:
         self.source_tokenizer = Tokenizer.from_file(str(directory / spec.source_tokenizer.file))
         self.target_tokenizer = Tokenizer.from_file(str(directory / spec.target_tokenizer.file))
 
-    def tokenize(self, text: str, truncate: bool = True) -> tuple[list[int], list[str]]:
+    def tokenize(self, text: str, truncate: bool = True, field: str = "text") -> tuple[list[int], list[str]]:
         """→ source ids (EOS last) and their token strings; a text over the model's limit
         (``max_source_tokens``) is cut to it (its last token EOS), or with ``truncate`` false
-        refused: :class:`SourceTooLong`."""
+        refused (:class:`PayloadTooLarge` naming ``field``: a cut text translates its beginning only)."""
         ids = self.source_tokenizer.encode(text).ids
         limit = self.spec.max_source_tokens
         if len(ids) > limit:
             if not truncate:
-                raise SourceTooLong(len(ids), limit)
+                raise PayloadTooLarge(
+                    f"{field}: {len(ids)} source tokens exceed {self.name}'s limit of {limit} "
+                    '(send "truncate": true to translate its first tokens only)'
+                )
             ids = [*ids[: limit - 1], self.spec.source_tokenizer.eos_id]
         return ids, [self.source_tokenizer.id_to_token(t) or "" for t in ids]
 

@@ -83,8 +83,8 @@ def png_intact(data: bytes) -> bool:
 
 
 def check_pixels(width: int, height: int, max_pixels: int, field: str) -> None:
-    if width * height > max_pixels:
-        pixels = width * height
+    pixels = width * height
+    if pixels > max_pixels:
         raise PayloadTooLarge(f"{field}: {width}×{height} = {pixels} pixels, over the limit of {max_pixels}")
 
 
