@@ -40,6 +40,7 @@ from service.inference.jobs import TranslateJob
 from service.inference.manifest import Manifest
 from service.inference.repository import ModelEntry
 from service.inference.runtime import GraphSession
+from service.inference.scheduler import TranslationScheduler
 from service.inference.translation import Translator
 from service.inference.worker import ModelWorker
 from service.settings import Batching, Settings
@@ -133,12 +134,14 @@ def nmt(directory: Path, providers: list[str], seconds: float) -> dict[str, Any]
     produced = sum(len(t.target_tokens) for t in translator.translate(batch))
     offline = produced * timed(lambda: translator.translate(batch), seconds / 3)
     settings = Settings(
-        repository=directory.parent.parent, providers=providers,
+        repository=directory.parent.parent,
+        providers=providers,
+        decode_process=False,
         batching=Batching(max_batch_size=128, batch_wait_timeout_s=0.0),
-    )  # fmt: skip
+    )  # fmt: skip: the scheduler on a thread, so the CPU smoke run can force its decoder resident
     worker = ModelWorker(ModelEntry(directory.parent.name, 1, directory, manifest), settings, "gpu", "local")
     jobs = [TranslateJob(texts=[t]) for t in TEXTS]
-    if worker.scheduler is not None:  # what the service does on CUDA, forced for the CPU smoke run
+    if isinstance(worker.scheduler, TranslationScheduler):  # as on CUDA, forced for the CPU smoke run
         worker.scheduler.decoder = translator
     served = asyncio.run(closed_loop(worker, jobs, 128, seconds))
     return {"offline_tokens_per_s": offline, "served": served, "ratio": served["tokens_per_s"] / offline}

@@ -147,6 +147,10 @@ class Settings(BaseSettings):
     num_gpus_per_replica: GpuShare | None = None
     #: ORT intra-op threads per session; on a 2-core machine 1 beat 2 (one replica per core)
     intra_op_threads: int = Field(1, ge=1, le=256)
+    #: translation models decoded by the scheduler run their decode loop in a process of their own
+    #: (one per model and replica), so its steps never wait for the serving event loop's
+    #: interpreter lock; false keeps it on a thread of the serving process
+    decode_process: bool = True
     batching: Batching = Batching()
     model_overrides: dict[str, ModelOverride] = {}
     limits: Limits = Limits()

@@ -64,15 +64,18 @@ class TokenStreams:
 
 
 class TranslationRunner:
-    def __init__(self, entry: ModelEntry, providers: list[str], threads: int, limits: Limits) -> None:
+    def __init__(
+        self, entry: ModelEntry, providers: list[str], threads: int, limits: Limits, graphs: bool = True
+    ) -> None:
+        """``graphs`` false: the model decodes in a process of its own (the worker's
+        :class:`~service.inference.decode_process.DecodeProcess`); this runner tokenises and
+        builds answers only, and its ``providers`` are the ones that process reports."""
         self.entry = entry
         self.limits = limits
-        self.translator = Translator(entry.directory, entry.manifest, providers, threads)
-        self.providers = self.translator.encoder.providers
+        self.translator = Translator(entry.directory, entry.manifest, providers, threads, graphs=graphs)
+        self.providers = self.translator.encoder.providers if graphs else list(providers)
         self.row_by_row = batch_dependent(entry)
-        #: rows carry their own state and position, so the scheduler can mix them at every step
-        #: (the whole-prefix ``transformer`` contract cannot; a batch-dependent graph must not)
-        self.continuous = self.translator.spec.decoder != "transformer" and not self.row_by_row
+        self.continuous = decodes_continuously(entry)
 
     def options(self, job: TranslateJob) -> Options:
         tgt = self.translator.spec.target_tokenizer
@@ -299,6 +302,17 @@ def check_answer_size(values: int, limit: int, smaller: str) -> None:
         )
 
 
-def make_runner(entry: ModelEntry, providers: list[str], threads: int, limits: Limits) -> Runner:
-    cls = TranslationRunner if entry.manifest.task == "translation" else ClassificationRunner
-    return cls(entry, providers, threads, limits)
+def decodes_continuously(entry: ModelEntry) -> bool:
+    """A translation model whose rows carry their own state and position, so the scheduler can mix
+    them at every step (the whole-prefix ``transformer`` contract cannot; a batch-dependent graph
+    must not)."""
+    spec = entry.manifest.translation
+    return spec is not None and spec.decoder != "transformer" and not batch_dependent(entry)
+
+
+def make_runner(
+    entry: ModelEntry, providers: list[str], threads: int, limits: Limits, graphs: bool = True
+) -> Runner:
+    if entry.manifest.task == "translation":
+        return TranslationRunner(entry, providers, threads, limits, graphs)
+    return ClassificationRunner(entry, providers, threads, limits)

@@ -161,29 +161,48 @@ class TranslationScheduler:
     # -- callers ---------------------------------------------------------------------------------
 
     async def submit(
-        self, ids: list[list[int]], options: Options, on_tokens: OnTokens | None = None
+        self,
+        ids: list[list[int]],
+        options: Options,
+        on_tokens: OnTokens | None = None,
+        attention: bool = True,
     ) -> Decoded:
         """Decode ``ids`` (one list of source ids per text) and wait for every text's hypothesis.
 
         ``on_tokens``, when given, is called on the caller's event loop after every step with the
         tokens its greedy texts chose at that step (all before the answer); beam texts deliver
         nothing before their answer — a beam's best prefix can still change."""
-        request = self.enqueue(ids, options, on_tokens)
+        request = self.enqueue(ids, options, on_tokens, attention)
         try:
             return await request.future
         finally:
             self.release(request)
 
-    def enqueue(self, ids: list[list[int]], options: Options, on_tokens: OnTokens | None = None) -> Request:
+    def enqueue(
+        self,
+        ids: list[list[int]],
+        options: Options,
+        on_tokens: OnTokens | None = None,
+        attention: bool = True,
+    ) -> Request:
         """:meth:`submit` without the wait, for a caller that waits on ``request.future`` itself
         (a stream, which also waits for its tokens): it must :meth:`release` the request once done
-        with it, answered or not."""
+        with it, answered or not. ``attention`` is a hint (the answer may come without it when
+        false: a decode process then does not copy it across); here it always comes."""
         if not ids:
             raise ValueError("give at least one text")
         loop = asyncio.get_running_loop()
         request = Request(loop, loop.create_future(), time.perf_counter(), [None] * len(ids))
         request.on_tokens = on_tokens
         request.remaining = request.pending_first = len(ids)
+        self._add(request, ids, options)
+        return request
+
+    #: whether the loop runs on a thread of its own (a decode process's runs on its main thread)
+    threaded = True
+
+    def _add(self, request: Request, ids: list[list[int]], options: Options) -> None:
+        """Queue ``request``'s texts and start the loop's thread if it is not running."""
         texts = [
             _Text(request, i, row, options, options.beam_size * (len(row) + options.max_len))
             for i, row in enumerate(ids)
@@ -191,12 +210,11 @@ class TranslationScheduler:
         with self._lock:
             self._waiting.extend(texts)
             self._requests.add(request)
-            if self._thread is None:
+            if self._thread is None and self.threaded:
                 self._closed = False
                 self._thread = threading.Thread(target=self._run, name="translation-scheduler", daemon=True)
                 self._thread.start()
             self._arrival.notify()
-        return request
 
     def release(self, request: Request) -> None:
         """The caller is done with ``request``: unanswered (it left), its waiting texts leave now
@@ -230,16 +248,26 @@ class TranslationScheduler:
                         self._thread = None
                         return
                     self._arrival.wait()
-                admitted = self._admit()
-            start = time.perf_counter()
-            try:
-                finished = self._iterate(admitted)
-            except Exception as exc:  # the graph failed: every request in the batch gets the error
-                self._fail(admitted, exc)
-                continue
-            self._answer(finished)
-            if self.on_step is not None:  # also after a pass without a step: its last callers left
-                self.on_step(self._rows_stepped, self.rows, self._in_flight, time.perf_counter() - start)
+            self._pass()
+
+    @property
+    def idle(self) -> bool:
+        """Nothing waiting, nothing decoding."""
+        return not self._waiting and not self._active
+
+    def _pass(self) -> None:
+        """One pass of the loop: admit, step, answer."""
+        with self._lock:
+            admitted = self._admit()
+        start = time.perf_counter()
+        try:
+            finished = self._iterate(admitted)
+        except Exception as exc:  # the graph failed: every request in the batch gets the error
+            self._fail(admitted, exc)
+            return
+        self._answer(finished)
+        if self.on_step is not None:  # also after a pass without a step: its last callers left
+            self.on_step(self._rows_stepped, self.rows, self._in_flight, time.perf_counter() - start)
 
     def _admit(self) -> list[_Text]:
         """(Under the lock.) Oldest first while the budget allows; a text over the whole budget goes alone.
@@ -358,12 +386,8 @@ class TranslationScheduler:
         for request in {t.request for t in live}:
             request.steps += 1
             request.rows_seen += stepped
-        if streamed:  # before any answer (each loop keeps the order): one wake-up per caller loop
-            on_their_loops(
-                (r.loop, functools.partial(r.on_tokens, tokens))
-                for r, tokens in streamed.items()
-                if r.on_tokens is not None
-            )
+        if streamed:  # before any answer
+            self._stream(streamed)
         self._active = still
         self._batch = keep_rows(batch, np.concatenate(index), rows)
         if self._retired and self._retired * RETIRED_SHARE >= rows:
@@ -401,17 +425,31 @@ class TranslationScheduler:
         self._batch = self._batch[np.concatenate(keep)] if active else None
         self._retired = 0
 
+    # -- what reaches the callers (on the stepping thread; a subclass may send it elsewhere) ------
+
+    def _stream(self, streamed: dict[Request, list[StepToken]]) -> None:
+        """A step's tokens for its streaming callers: one wake-up per caller loop (each loop
+        keeps the order, so they arrive before any answer)."""
+        on_their_loops(
+            (r.loop, functools.partial(r.on_tokens, tokens))
+            for r, tokens in streamed.items()
+            if r.on_tokens is not None
+        )
+
     def _answer(self, finished: list[Request]) -> None:
         """Answer this step's finished requests: one wake-up per caller loop, not one per request
         (each is a write to the loop's self-pipe, on the thread that steps the batch)."""
         on_their_loops((r.loop, settler(r, decoded(r))) for r in finished)
+
+    def _failed(self, failed: set[Request], exc: BaseException) -> None:
+        on_their_loops((r.loop, settler(r, exc)) for r in failed)
 
     def _fail(self, admitted: list[_Text], exc: BaseException) -> None:
         """The step failed: every request in the batch ends with ``exc``."""
         active = [t for t in self._active if isinstance(t, _Text)]
         texts = [*active, *(t for t in admitted if t not in active)]
         failed = {t.request for t in texts}
-        on_their_loops((r.loop, settler(r, exc)) for r in failed)
+        self._failed(failed, exc)
         with self._lock:
             self._waiting = deque(t for t in self._waiting if t.request not in failed)
         self._active, self._batch = [], None

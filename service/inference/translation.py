@@ -161,12 +161,20 @@ class Translator:
         providers: list[str],
         threads: int = 1,
         resident: bool | None = None,
+        graphs: bool = True,
     ) -> None:
+        """``graphs`` false: tokenisers and spec only (tokenise, build results) — the graphs are
+        loaded where the model decodes, a decode process of its own
+        (``service/inference/decode_process.py``)."""
         spec = manifest.translation
         if spec is None:
             raise ValueError(f"{manifest.name} is not a translation model")
         self.spec = spec
         self.name = manifest.name
+        self.source_tokenizer = Tokenizer.from_file(str(directory / spec.source_tokenizer.file))
+        self.target_tokenizer = Tokenizer.from_file(str(directory / spec.target_tokenizer.file))
+        if not graphs:
+            return
         self.encoder = GraphSession(
             directory / manifest.graphs["encoder"].file, manifest.graphs["encoder"], providers, threads
         )
@@ -178,8 +186,6 @@ class Translator:
         )
         resident = self.decoder.on_gpu if resident is None else resident
         self.ops = DeviceOps(self.decoder.providers) if resident else None
-        self.source_tokenizer = Tokenizer.from_file(str(directory / spec.source_tokenizer.file))
-        self.target_tokenizer = Tokenizer.from_file(str(directory / spec.target_tokenizer.file))
 
     def tokenize(self, text: str, truncate: bool = True, field: str = "text") -> tuple[list[int], list[str]]:
         """→ source ids (EOS last) and their token strings; a text over the model's limit

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import time
@@ -31,9 +32,11 @@ from typing import Any, Protocol
 from service.errors import InferenceFailed, Overloaded, ServiceError
 from service.inference.batcher import Batcher
 from service.inference.callers import Decoded, StepToken
+from service.inference.decode_child import translator_decoder
+from service.inference.decode_process import DecodeProcess
 from service.inference.jobs import Answer, AnswerMetrics, LastTokens, Tokens, Translated
 from service.inference.repository import ModelEntry
-from service.inference.runners import TranslateWork, TranslationRunner, make_runner
+from service.inference.runners import TranslateWork, TranslationRunner, decodes_continuously, make_runner
 from service.inference.runtime import choose_providers
 from service.inference.scheduler import TranslationScheduler
 from service.settings import Settings
@@ -92,23 +95,36 @@ class ModelWorker:
     ) -> None:
         self.entry = entry
         providers = choose_providers(list(settings.providers))
-        self.runner = make_runner(entry, providers, settings.intra_op_threads, settings.limits)
-        start = time.perf_counter()
-        self.runner.warmup()  # a replica takes traffic only once constructed, so only after this
-        self.warmup_ms = round((time.perf_counter() - start) * 1000, 3)
+        threads = settings.intra_op_threads
+        #: translation on a per-row-state contract: iteration-level batching instead of batches,
+        #: the decode loop in a process of its own unless settings.decode_process is off
+        continuous = decodes_continuously(entry)
+        remote = continuous and settings.decode_process
+        self.runner = make_runner(entry, providers, threads, settings.limits, graphs=not remote)
         batching = settings.batching_for(entry.name)
-        self.max_batch_size = batching.max_batch_size
-        self.batcher: Batcher[Any, Any] = Batcher(
-            self._infer, batching.max_batch_size, batching.batch_wait_timeout_s
-        )
-        #: translation on a per-row-state contract: iteration-level batching instead of batches
-        self.scheduler: TranslationScheduler | None = None
-        if isinstance(self.runner, TranslationRunner) and self.runner.continuous:
+        self.scheduler: TranslationScheduler | DecodeProcess | None = None
+        start = time.perf_counter()  # a replica takes traffic only once constructed and warm
+        if isinstance(self.runner, TranslationRunner) and continuous:
             spec = self.runner.translator.spec
             budget = batching.token_budget or batching.max_batch_size * (
                 spec.max_source_tokens + spec.max_target_tokens
             )
-            self.scheduler = TranslationScheduler(self.runner.translator, budget, self._stepped)
+            if remote:
+                load = functools.partial(
+                    translator_decoder, entry.directory, entry.manifest, providers, threads
+                )
+                self.scheduler = DecodeProcess(load, budget, self._stepped)  # it warms up there
+                self.runner.providers = self.scheduler.providers
+            else:
+                self.runner.warmup()
+                self.scheduler = TranslationScheduler(self.runner.translator, budget, self._stepped)
+        else:
+            self.runner.warmup()
+        self.warmup_ms = round((time.perf_counter() - start) * 1000, 3)
+        self.max_batch_size = batching.max_batch_size
+        self.batcher: Batcher[Any, Any] = Batcher(
+            self._infer, batching.max_batch_size, batching.batch_wait_timeout_s
+        )
         #: requests (or parts of one) this worker holds at once — waiting, or in the batch that is
         #: computing — before it sheds new ones
         self.capacity = max_ongoing_requests(settings, entry.name) + settings.limits.max_queued_requests
@@ -175,7 +191,8 @@ class ModelWorker:
                 wake.set_result(None)
 
         # the scheduler's own future, waited on here with the tokens (no task of its own)
-        request = self.scheduler.enqueue(work.ids, runner.options(work.job), arrived)
+        attention = work.job.attention != "none"
+        request = self.scheduler.enqueue(work.ids, runner.options(work.job), arrived, attention)
         decoding = request.future
         decoding.add_done_callback(lambda _: arrived())  # after every token: the loop keeps the order
         streams = runner.token_streams(work)
@@ -232,7 +249,8 @@ class ModelWorker:
         next decoder step and it is answered as soon as its last text is done."""
         assert self.scheduler is not None and isinstance(self.runner, TranslationRunner)
         with self._runtime_failures("decoding"):
-            decoded = await self.scheduler.submit(work.ids, self.runner.options(work.job))
+            options = self.runner.options(work.job)
+            decoded = await self.scheduler.submit(work.ids, options, attention=work.job.attention != "none")
         return self._decoded_answer(work, decoded)
 
     def _decoded_answer(self, work: TranslateWork, decoded: Decoded) -> Answer:

@@ -1,0 +1,175 @@
+"""The decode process's side (``service/inference/decode_process.py`` starts it and is its parent).
+
+One thread: a :class:`TranslationScheduler` whose passes (admit, step, answer) alternate with
+reading what the parent sent — waiting for a message only while nothing decodes. What would reach
+a caller's event loop in process is collected per pass and sent as one message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import select
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from service.inference.callers import Decoded, Request, StepToken, decoded
+from service.inference.scheduler import Decoder, Options, TranslationScheduler
+
+#: while only step counts would be sent, the child sends them at most this often (and always when
+#: it goes idle): they feed the metrics, nobody waits for them
+STATS_EVERY_S = 0.05
+
+
+@dataclass(eq=False)
+class _Remote(Request):
+    """A request as the child tracks it (no event loop there: what it produces is sent)."""
+
+    rid: int = 0
+    attention: bool = True
+
+
+class _ChildScheduler(TranslationScheduler):
+    """The scheduler in the child: what would reach callers' loops is sent to the parent, one
+    message per pass of the loop. Its loop runs on the child's only thread (:func:`_child`), which
+    also reads the parent's messages between passes."""
+
+    threaded = False
+
+    def __init__(self, decoder: Decoder, token_budget: int, send: Callable[[Any], None]) -> None:
+        super().__init__(decoder, token_budget, self._stepped)
+        self._send = send
+        self._stats: list[tuple[int, int, int, float, int]] = []
+        self._tokens: list[tuple[int, list[tuple[int, int, float, np.ndarray | None]]]] = []
+        self._answers: list[tuple[int, Decoded]] = []
+        self._sent_at = time.perf_counter()
+        self.by_rid: dict[int, _Remote] = {}
+
+    def add(
+        self, rid: int, ids: list[list[int]], options: Options, arrived: float, stream: bool, attention: bool
+    ) -> None:
+        request = _Remote(None, None, arrived, [None] * len(ids), rid=rid, attention=attention)  # type: ignore[arg-type]
+        request.remaining = request.pending_first = len(ids)
+        if stream:
+            request.on_tokens = _streams
+        self.by_rid[rid] = request
+        self._add(request, ids, options)
+
+    def cancel(self, rid: int) -> None:
+        request = self.by_rid.pop(rid, None)
+        if request is None:  # answered meanwhile
+            return
+        request.cancelled = True  # its rows leave at the next pass
+        self._waiting = deque(t for t in self._waiting if t.request is not request)
+        self._requests.discard(request)
+
+    def _stream(self, streamed: dict[Request, list[StepToken]]) -> None:
+        for request, tokens in streamed.items():
+            assert isinstance(request, _Remote)
+            keep = request.attention
+            self._tokens.append(
+                (request.rid, [(t.text, t.token, t.logprob, t.attention if keep else None) for t in tokens])
+            )
+
+    def _answer(self, finished: list[Request]) -> None:
+        failures = []
+        for request in finished:
+            assert isinstance(request, _Remote)
+            self._forget(request)
+            try:
+                answer = decoded(request)()
+            except Exception as exc:  # fails this request, as on the caller's loop in process
+                failures.append((request.rid, type(exc).__name__, str(exc)))
+                continue
+            if not request.attention:  # nobody reads them: not worth the copy
+                empty = np.empty((0, 0), np.float32)
+                answer.hypotheses = [dataclasses.replace(h, attention=empty) for h in answer.hypotheses]
+            self._answers.append((request.rid, answer))
+        if failures:
+            self._flush(failures)
+
+    def _failed(self, failed: set[Request], exc: BaseException) -> None:
+        rids = [r.rid for r in failed if isinstance(r, _Remote)]
+        for request in failed:
+            self._forget(request)
+        self._flush([(rid, type(exc).__name__, str(exc)) for rid in rids])
+
+    def _forget(self, request: Request) -> None:
+        assert isinstance(request, _Remote)
+        self.by_rid.pop(request.rid, None)
+        self._requests.discard(request)
+
+    def _stepped(self, rows: int, live: int, tokens: int, seconds: float) -> None:
+        self._stats.append((rows, live, tokens, seconds, self.steps))
+        now = time.perf_counter()
+        if self._tokens or self._answers or live == 0 or now - self._sent_at >= STATS_EVERY_S:
+            self._flush([])
+
+    def _flush(self, failures: list[tuple[int, str, str]]) -> None:
+        message = ("step", self._stats, self._tokens, self._answers, failures)
+        self._stats, self._tokens, self._answers = [], [], []
+        self._sent_at = time.perf_counter()
+        self._send(message)
+
+
+def _streams(tokens: list[StepToken]) -> None:  # marks a streaming request in the child
+    raise AssertionError("never called: the child sends tokens")
+
+
+def _child(fd: int) -> None:
+    """The child's one thread: load the model, then between passes of the scheduler's loop take
+    every message the parent sent (waiting for one while there is nothing to decode), until the
+    parent closes its end — or sends close and what is running drains."""
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    conn = Connection(fd)
+    try:
+        kind, factory, budget = conn.recv()
+        assert kind == "init"
+        decoder, providers = factory()
+        scheduler = _ChildScheduler(decoder, budget, conn.send)
+    except BaseException as exc:
+        conn.send(("failed", type(exc).__name__, str(exc)))
+        raise
+    conn.send(("ready", providers))
+    closing = False
+    waiting = select.poll()  # registered once: Connection.poll builds a selector per call
+    waiting.register(conn.fileno(), select.POLLIN)
+    while True:
+        idle = scheduler.idle
+        if idle and closing:
+            conn.close()
+            return
+        if idle or waiting.poll(0):
+            try:
+                message = conn.recv()  # waits while idle
+            except (EOFError, OSError):  # the parent is gone: nobody to answer
+                os._exit(0)
+            kind = message[0]
+            if kind == "submit":
+                scheduler.add(*message[1:])
+            elif kind == "release":
+                scheduler.cancel(message[1])
+            elif kind == "close":
+                closing = True
+            continue  # every message that is there before the next pass
+        scheduler._pass()
+
+
+def translator_decoder(
+    directory: Path, manifest: Any, providers: list[str], threads: int
+) -> tuple[Decoder, list[str]]:
+    """(In the child.) The model's :class:`Translator`, warmed up, and the providers it runs on."""
+    from service.inference.translation import Translator
+
+    translator = Translator(directory, manifest, providers, threads)
+    translator.translate(["warm-up 1", "warm up two"], beam_size=2, max_length=4)
+    return translator, list(translator.decoder.providers)

@@ -1,0 +1,194 @@
+"""The scheduler's loop in a process of its own (``service/inference/decode_process.py``).
+
+The child runs the deterministic stand-in decoder of ``test_scheduler`` (built there by a
+module-level factory, as the service builds the model's Translator), so every answer can be
+compared with the same text decoded alone in this process. Real processes, real sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import os
+import random
+import signal
+import time
+
+import numpy as np
+import pytest
+
+from service.errors import InferenceFailed
+from service.inference.decode_process import DecodeProcess
+from tests.service.inference.test_scheduler import BOS, EOS, TableDecoder, alone, options, source, synchronous
+
+
+def table(seconds: float = 0.0, fail_on: int | None = None) -> tuple[TableDecoder, list[str]]:
+    """(In the child.)"""
+    return TableDecoder(fail_on=fail_on, seconds=seconds), ["TableDecoder"]
+
+
+def slow() -> tuple[TableDecoder, list[str]]:
+    return table(seconds=0.01)
+
+
+def failing() -> tuple[TableDecoder, list[str]]:
+    return table(fail_on=3)
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is gone for our purpose
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+async def until(condition, seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        await asyncio.sleep(0.01)
+
+
+@synchronous
+async def test_concurrent_mixed_answers_equal_each_text_alone() -> None:
+    steps: list[tuple[int, int, int]] = []
+    process = DecodeProcess(table, token_budget=400, on_step=lambda r, live, t, _: steps.append((r, live, t)))
+    assert process.providers == ["TableDecoder"] and process.running
+    rng = random.Random(1)
+    jobs = [
+        ([source(rng, rng.choice([2, 3, 9, 14])) for _ in range(rng.randint(1, 3))], rng.choice([1, 1, 2, 4]))
+        for _ in range(40)
+    ]
+
+    async def one(texts: list[list[int]], beam: int):
+        await asyncio.sleep(rng.random() * 0.02)
+        return await process.submit(texts, options(beam))
+
+    answers = await asyncio.gather(*(one(t, b) for t, b in jobs))
+    for (texts, beam), answer in zip(jobs, answers, strict=True):
+        assert len(answer.hypotheses) == len(texts)
+        for ids, hyp in zip(texts, answer.hypotheses, strict=True):
+            expected = alone(TableDecoder(), ids, options(beam))
+            assert hyp.tokens == expected.tokens and hyp.finished == expected.finished
+            assert hyp.score == pytest.approx(expected.score, abs=1e-9)
+            np.testing.assert_allclose(hyp.attention, expected.attention, atol=1e-9)
+        assert answer.queue_wait_s >= 0 and answer.compute_s > 0 and answer.steps > 0
+    assert max(r for r, _, _ in steps) > 4  # requests shared steps in the child
+    await until(lambda: process.rows == 0)  # the last pass's counts arrive when the child idles
+    assert process.held == 0 and process.tokens_in_flight == 0 and steps[-1][1:] == (0, 0)
+    pid = process.pid
+    assert pid is not None
+    process.close()
+    await until(lambda: not alive(pid))
+
+
+@synchronous
+async def test_streamed_tokens_arrive_before_the_answer_and_attention_only_when_asked() -> None:
+    process = DecodeProcess(table, token_budget=400)
+    ids = [5, 7, 9, 3]
+    expected = alone(TableDecoder(), ids, options())
+    for attention in (True, False):
+        got: list = []
+        request = process.enqueue([ids], options(), got.extend, attention)
+        try:
+            answer = await request.future
+        finally:
+            process.release(request)
+        await asyncio.sleep(0)
+        tokens = [t.token for t in got]
+        assert tokens == [*expected.tokens, EOS][: len(tokens)] and len(tokens) == len(expected.tokens) + 1
+        assert BOS not in tokens
+        if attention:
+            np.testing.assert_allclose(np.stack([t.attention[: len(ids)] for t in got]), expected.attention)
+            np.testing.assert_allclose(answer.hypotheses[0].attention, expected.attention)
+        else:  # nothing copied across that nobody reads
+            assert all(t.attention is None for t in got) and answer.hypotheses[0].attention.size == 0
+        assert answer.hypotheses[0].tokens == expected.tokens
+    process.close()
+
+
+@synchronous
+async def test_a_caller_that_leaves_frees_its_rows_and_others_are_unaffected() -> None:
+    process = DecodeProcess(slow, token_budget=10_000)
+    long = options(max_len=200)
+    keep_ids = [4, 4, 6]
+    leaving = asyncio.create_task(process.submit([[3] * 30], long))
+    kept = asyncio.create_task(process.submit([keep_ids], options()))
+    await until(lambda: process.rows >= 1)
+    leaving.cancel()
+    answer = await kept
+    assert answer.hypotheses[0].tokens == alone(TableDecoder(), keep_ids, options()).tokens
+    await until(lambda: process.rows == 0 and process.held == 0)
+    stopped = process.steps
+    await asyncio.sleep(0.1)
+    assert process.steps == stopped, "the child kept stepping for nobody"
+    process.close()
+
+
+@synchronous
+async def test_a_failing_step_fails_its_requests_with_the_error_type_and_the_child_serves_on() -> None:
+    process = DecodeProcess(failing, token_budget=400)
+    with pytest.raises(RuntimeError, match="the graph failed") as failed:
+        await process.submit([[5, 6, 7, 8]], options())
+    assert type(failed.value).__name__ == "RuntimeError"
+    answer = await process.submit([[5, 6]], options())
+    assert answer.hypotheses[0].tokens == alone(TableDecoder(), [5, 6], options()).tokens
+    process.close()
+
+
+@synchronous
+async def test_a_child_that_dies_fails_what_it_held_and_is_started_again() -> None:
+    process = DecodeProcess(slow, token_budget=10_000)
+    held = asyncio.create_task(process.submit([[3] * 30], options(max_len=500)))
+    await until(lambda: process.rows >= 1)
+    first = process.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    with pytest.raises(InferenceFailed, match="decoder process exited"):
+        await held
+    await until(lambda: process.pid != first and process.running)
+    assert process.restarts == 1 and process.held == 0
+    answer = await process.submit([[5, 6]], options())
+    assert answer.hypotheses[0].tokens == alone(TableDecoder(), [5, 6], options()).tokens
+    process.close()
+
+
+@synchronous
+async def test_close_drains_what_is_running_then_the_child_exits() -> None:
+    process = DecodeProcess(slow, token_budget=10_000)
+    ids = [3, 4, 5] * 10
+    running = asyncio.create_task(process.submit([ids], options(max_len=40)))
+    await until(lambda: process.rows >= 1)  # step counts arrive every 50 ms while it decodes
+    pid = process.pid
+    assert pid is not None
+    process.close()
+    answer = await running
+    assert answer.hypotheses[0].tokens == alone(TableDecoder(), ids, options(max_len=40)).tokens
+    await until(lambda: not alive(pid))
+    assert not process.running
+
+
+def test_a_process_dropped_without_close_ends_its_child() -> None:
+    process = DecodeProcess(table, token_budget=400)
+    pid = process.pid
+    assert pid is not None and alive(pid)
+    del process
+    gc.collect()
+    deadline = time.monotonic() + 10
+    while alive(pid):
+        assert time.monotonic() < deadline, "the child outlived its owner"
+        time.sleep(0.02)
+
+
+def test_a_factory_that_fails_is_a_start_up_error() -> None:
+    with pytest.raises(RuntimeError, match="failed to start: ZeroDivisionError"):
+        DecodeProcess(broken, token_budget=400)
+
+
+def broken() -> tuple[TableDecoder, list[str]]:
+    raise ZeroDivisionError("no model here")
