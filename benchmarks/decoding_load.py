@@ -188,10 +188,13 @@ def median_round(rounds: list[dict[str, Any]], mode: str) -> dict[str, Any]:
 
 
 def worker(directory: Path, static: bool) -> ModelWorker:
-    """The model's worker as a replica holds it; ``static``: its static batcher with the wait the
-    service used before the scheduler (5 ms), as a baseline."""
+    """The model's worker as a replica holds it (the scheduler's loop in a decode process);
+    ``static``: its static batcher with the wait the service used before the scheduler (5 ms), as
+    a baseline (the graphs in this process)."""
     batching = Batching(max_batch_size=32, batch_wait_timeout_s=0.005 if static else 0.0)
-    settings = Settings(repository=directory.parent.parent, batching=batching, intra_op_threads=1)
+    settings = Settings(
+        repository=directory.parent.parent, batching=batching, intra_op_threads=1, decode_process=not static
+    )
     w = ModelWorker(
         ModelEntry(directory.parent.name, 1, directory, Manifest.load(directory)), settings, "bench", "local"
     )
