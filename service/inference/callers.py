@@ -16,6 +16,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -116,3 +117,39 @@ def on_their_loops(calls: Iterable[tuple[asyncio.AbstractEventLoop, Callable[[],
 def _run_each(fns: list[Callable[[], None]]) -> None:
     for fn in fns:
         fn()
+
+
+class Submitting:
+    """What a scheduler's callers call — the in-process one (``scheduler.py``) and the decode
+    process's parent (``decode_process.py``) both: :meth:`enqueue` a request, wait for it,
+    :meth:`release` it."""
+
+    def enqueue(
+        self,
+        ids: list[list[int]],
+        options: Any,
+        on_tokens: OnTokens | None = None,
+        attention: bool = True,
+    ) -> Request:
+        raise NotImplementedError
+
+    def release(self, request: Request) -> None:
+        raise NotImplementedError
+
+    async def submit(
+        self,
+        ids: list[list[int]],
+        options: Any,
+        on_tokens: OnTokens | None = None,
+        attention: bool = True,
+    ) -> Decoded:
+        """Decode ``ids`` (one list of source ids per text) and wait for every text's hypothesis.
+
+        ``on_tokens``, when given, is called on the caller's event loop after every step with the
+        tokens its greedy texts chose at that step (all before the answer); beam texts deliver
+        nothing before their answer — a beam's best prefix can still change."""
+        request = self.enqueue(ids, options, on_tokens, attention)
+        try:
+            return await request.future
+        finally:
+            self.release(request)

@@ -161,7 +161,10 @@ def _child(fd: int) -> None:
             elif kind == "close":
                 closing = True
             continue  # every message that is there before the next pass
-        scheduler._pass()
+        try:
+            scheduler._pass()
+        except (BrokenPipeError, ConnectionResetError):  # the parent went while we answered
+            os._exit(0)
 
 
 def translator_decoder(

@@ -44,7 +44,15 @@ from multiprocessing.connection import Connection
 import numpy as np
 
 from service.errors import InferenceFailed, Overloaded
-from service.inference.callers import Decoded, OnTokens, Request, StepToken, on_their_loops, settler
+from service.inference.callers import (
+    Decoded,
+    OnTokens,
+    Request,
+    StepToken,
+    Submitting,
+    on_their_loops,
+    settler,
+)
 from service.inference.scheduler import Decoder, OnStep, Options
 
 log = logging.getLogger("ray.serve")
@@ -53,7 +61,7 @@ log = logging.getLogger("ray.serve")
 START_TIMEOUT_S = 300.0
 
 
-class DecodeProcess:
+class DecodeProcess(Submitting):
     """:class:`TranslationScheduler`'s interface, its loop in a child process.
 
     ``factory()`` runs in the child and returns ``(decoder, providers)``: it must pickle (a
@@ -93,17 +101,23 @@ class DecodeProcess:
             conn.send(("init", self.factory, self.token_budget))
             if not conn.poll(START_TIMEOUT_S):
                 raise RuntimeError(f"the decode process did not start within {START_TIMEOUT_S:.0f} s")
-            message = conn.recv()
+            try:
+                message = conn.recv()
+            except EOFError:  # it died before a word (killed, out of memory, a crash in a library)
+                message = ("failed", "exit", f"it exited with code {process.wait()}")
+            if message[0] != "ready":
+                raise RuntimeError(f"the decode process failed to start: {message[1]}: {message[2]}")
         except BaseException:
             conn.close()
+            ours.close()
             process.kill()
             process.wait()
             raise
-        if message[0] != "ready":
-            conn.close()
-            process.wait()
-            raise RuntimeError(f"the decode process failed to start: {message[1]}: {message[2]}")
-        self._conn, self._process = conn, process
+        with self._lock:
+            self._conn, self._process = conn, process
+            if self._closed:  # closed while this one started (a restart): it drains nothing and ends
+                with contextlib.suppress(OSError):
+                    conn.send(("close",))
         # the reader holds this object weakly: dropped without close, its finalizer shuts the
         # socket, the reader sees the end and the child exits (its end closed)
         weakref.finalize(self, _shut, ours)
@@ -137,19 +151,6 @@ class DecodeProcess:
     def held(self) -> int:
         """Requests waiting or decoding: the places taken."""
         return len(self._live)
-
-    async def submit(
-        self,
-        ids: list[list[int]],
-        options: Options,
-        on_tokens: OnTokens | None = None,
-        attention: bool = True,
-    ) -> Decoded:
-        request = self.enqueue(ids, options, on_tokens, attention)
-        try:
-            return await request.future
-        finally:
-            self.release(request)
 
     def enqueue(
         self,

@@ -51,7 +51,15 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from service.inference.callers import Decoded, OnTokens, Request, StepToken, decoded, on_their_loops, settler
+from service.inference.callers import (
+    OnTokens,
+    Request,
+    StepToken,
+    Submitting,
+    decoded,
+    on_their_loops,
+    settler,
+)
 from service.inference.decoding import (
     GreedySearch,
     Scores,
@@ -116,7 +124,7 @@ RETIRED_SHARE = 4
 OnStep = Callable[[int, int, int, float], None]
 
 
-class TranslationScheduler:
+class TranslationScheduler(Submitting):
     def __init__(self, decoder: Decoder, token_budget: int, on_step: OnStep | None = None) -> None:
         """``on_step(rows stepped, rows live after it, tokens in flight, seconds)`` is called on the
         scheduler's thread after each pass of its loop: a decoder step, or (0 rows stepped) a pass
@@ -159,24 +167,6 @@ class TranslationScheduler:
         return self._in_flight
 
     # -- callers ---------------------------------------------------------------------------------
-
-    async def submit(
-        self,
-        ids: list[list[int]],
-        options: Options,
-        on_tokens: OnTokens | None = None,
-        attention: bool = True,
-    ) -> Decoded:
-        """Decode ``ids`` (one list of source ids per text) and wait for every text's hypothesis.
-
-        ``on_tokens``, when given, is called on the caller's event loop after every step with the
-        tokens its greedy texts chose at that step (all before the answer); beam texts deliver
-        nothing before their answer — a beam's best prefix can still change."""
-        request = self.enqueue(ids, options, on_tokens, attention)
-        try:
-            return await request.future
-        finally:
-            self.release(request)
 
     def enqueue(
         self,
