@@ -230,6 +230,8 @@ class DecodeProcess(Submitting):
         answers: list[tuple[int, Decoded]],
         failures: list[tuple[int, str, str]],
     ) -> None:
+        for _, live, in_flight, _, steps in stats:  # before the answers: a caller answered sees them
+            self.rows, self.tokens_in_flight, self.steps = live, in_flight, steps
         calls: list[tuple[asyncio.AbstractEventLoop, Callable[[], None]]] = []
         held = self._live
         for rid, chosen in tokens:
@@ -248,9 +250,8 @@ class DecodeProcess(Submitting):
         if calls:
             on_their_loops(calls)
         on_step = self.on_step  # after the answers: a failing metric must not lose one
-        for rows, live, in_flight, seconds, steps in stats:
-            self.rows, self.tokens_in_flight, self.steps = live, in_flight, steps
-            if on_step is not None:
+        if on_step is not None:
+            for rows, live, in_flight, seconds, _ in stats:
                 on_step(rows, live, in_flight, seconds)
 
 
