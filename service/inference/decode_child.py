@@ -101,6 +101,7 @@ class _ChildScheduler(TranslationScheduler):
         rids = [r.rid for r in failed if isinstance(r, _Remote)]
         for request in failed:
             self._forget(request)
+        self._stats.append((0, 0, 0, 0.0, self.steps))  # the batch is gone with them
         self._flush([(rid, type(exc).__name__, str(exc)) for rid in rids])
 
     def _forget(self, request: Request) -> None:

@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import inspect
 import logging
 import os
 import socket
@@ -75,7 +76,8 @@ class DecodeProcess(Submitting):
     ) -> None:
         if token_budget < 1:
             raise ValueError(f"token_budget must be ≥ 1, got {token_budget}")
-        self.factory, self.token_budget, self.on_step = factory, token_budget, on_step
+        self.factory, self.token_budget = factory, token_budget
+        self.on_step = on_step
         self._lock = threading.Lock()  # guards _live, _conn, _closed and the sends
         self._live: dict[int, Request] = {}
         self._next = 0
@@ -85,6 +87,18 @@ class DecodeProcess(Submitting):
         self._conn: Connection | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self.providers = self._start()
+
+    @property
+    def on_step(self) -> OnStep | None:
+        return self._on_step()
+
+    @on_step.setter
+    def on_step(self, on_step: OnStep | None) -> None:
+        """A bound method (the worker's) is held weakly: the worker holds this object, and the
+        cycle would keep a dropped worker and its child alive until a cyclic collection."""
+        self._on_step: Callable[[], OnStep | None] = (
+            weakref.WeakMethod(on_step) if inspect.ismethod(on_step) else lambda: on_step
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 
@@ -120,9 +134,13 @@ class DecodeProcess(Submitting):
                     conn.send(("close",))
         # the reader holds this object weakly: dropped without close, its finalizer shuts the
         # socket, the reader sees the end and the child exits (its end closed)
-        weakref.finalize(self, _shut, ours)
+        ending = threading.Event()  # the owner is gone, or the interpreter exits: never restart
+        finalizer = weakref.finalize(self, _shut, ours, ending)
         reader = threading.Thread(
-            target=_read, args=(weakref.ref(self), conn, process), name="decode-process-reader", daemon=True
+            target=_read,
+            args=(weakref.ref(self), conn, process, finalizer, ending),
+            name="decode-process-reader",
+            daemon=True,
         )
         reader.start()
         return list(message[1])
@@ -177,9 +195,11 @@ class DecodeProcess(Submitting):
             self._live[rid] = request
             try:
                 conn.send(("submit", rid, ids, options, arrived, on_tokens is not None, attention))
-            except OSError as exc:  # the child just died: the reader restarts it
+            except BaseException as exc:
                 del self._live[rid]
-                raise Overloaded("the model's decoder is restarting; retry later") from exc
+                if isinstance(exc, OSError):  # the child just died: the reader restarts it
+                    raise Overloaded("the model's decoder is restarting; retry later") from exc
+                raise
         return request
 
     def release(self, request: Request) -> None:
@@ -207,6 +227,10 @@ class DecodeProcess(Submitting):
             orphans = [r for r in self._live.values() if not r.future.done()]  # answered: not ours
             self._live.clear()
         self.rows = self.tokens_in_flight = 0
+        on_step = self._on_step()
+        if on_step is not None:  # the gauges: nothing in flight any more
+            with contextlib.suppress(Exception):
+                on_step(0, 0, 0, 0.0)
         if closed and not orphans:
             return
         # killed while idle: most often the replica stopping (its process group goes at once)
@@ -218,10 +242,18 @@ class DecodeProcess(Submitting):
         if closed:
             return
         self.restarts += 1
-        try:
-            self._start()
-        except Exception:
-            log.exception("the decode process could not be restarted")
+        delay = 1.0
+        while True:  # until one starts or the owner closes: requests meanwhile get 503
+            with self._lock:
+                if self._closed:
+                    return
+            try:
+                self._start()
+                return
+            except Exception:
+                log.exception("the decode process could not be restarted; next try in %.0f s", delay)
+                time.sleep(delay)
+                delay = min(2 * delay, 30.0)
 
     def _deliver(
         self,
@@ -239,24 +271,31 @@ class DecodeProcess(Submitting):
             if request is not None and request.on_tokens is not None:
                 step = [StepToken(*t) for t in chosen]  # type: ignore[arg-type]
                 calls.append((request.loop, functools.partial(request.on_tokens, step)))
-        for rid, answer in answers:
-            request = held.get(rid)
+        for rid, answer in answers:  # settled from here on: not an orphan if the child dies now
+            request = held.pop(rid, None)
             if request is not None:
                 calls.append((request.loop, settler(request, functools.partial(_same, answer))))
         for rid, name, text in failures:
-            request = held.get(rid)
+            request = held.pop(rid, None)
             if request is not None:
                 calls.append((request.loop, settler(request, _remote_error(name, text))))
         if calls:
             on_their_loops(calls)
-        on_step = self.on_step  # after the answers: a failing metric must not lose one
+        on_step = self._on_step()  # after the answers: a failing metric must not lose one
         if on_step is not None:
             for rows, live, in_flight, seconds, _ in stats:
                 on_step(rows, live, in_flight, seconds)
 
 
-def _read(ref: weakref.ref[DecodeProcess], conn: Connection, process: subprocess.Popen[bytes]) -> None:
-    """The parent's reader thread: deliver each message of the child until its end."""
+def _read(
+    ref: weakref.ref[DecodeProcess],
+    conn: Connection,
+    process: subprocess.Popen[bytes],
+    finalizer: weakref.finalize,
+    ending: threading.Event,
+) -> None:
+    """The parent's reader thread: deliver each message of the child until its end; then close
+    this child's socket and, unless the owner is gone or the interpreter exits, tell the owner."""
     while True:
         try:
             message = conn.recv()
@@ -271,15 +310,21 @@ def _read(ref: weakref.ref[DecodeProcess], conn: Connection, process: subprocess
             log.exception("decode process: a message could not be delivered")
         del owner
     conn.close()
+    detached = finalizer.detach()  # this child's socket: closed now, not when the owner is collected
+    if detached is not None:
+        _shut(detached[2][0])
     owner = ref()
-    if owner is None:
+    if owner is None or ending.is_set():
         process.wait()
     else:
         owner._ended(process)
 
 
-def _shut(sock: socket.socket) -> None:
-    """The owner is gone: end both directions (the reader's recv returns, the child's too)."""
+def _shut(sock: socket.socket, ending: threading.Event | None = None) -> None:
+    """End both directions (the reader's recv returns, the child's too). Called by the finalizer
+    when the owner is gone or the interpreter exits (``ending``: no restart), or by the reader."""
+    if ending is not None:
+        ending.set()
     with contextlib.suppress(OSError):
         sock.shutdown(socket.SHUT_RDWR)
     sock.close()

@@ -43,7 +43,7 @@ def alive(pid: int) -> bool:
     try:  # a zombie is gone for our purpose
         with open(f"/proc/{pid}/stat") as f:
             return f.read().split(")")[1].split()[0] != "Z"
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone between the two looks
         return False
 
 
