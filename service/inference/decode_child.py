@@ -172,8 +172,10 @@ def translator_decoder(
     directory: Path, manifest: Any, providers: list[str], threads: int
 ) -> tuple[Decoder, list[str]]:
     """(In the child.) The model's :class:`Translator`, warmed up, and the providers it runs on."""
+    from service.inference.runtime import choose_providers
     from service.inference.translation import Translator
 
-    translator = Translator(directory, manifest, providers, threads)
+    # again here: loading the CUDA libraries of the nvidia-* wheels counts per process
+    translator = Translator(directory, manifest, choose_providers(providers), threads)
     translator.translate(["warm-up 1", "warm up two"], beam_size=2, max_length=4)
     return translator, list(translator.decoder.providers)
