@@ -177,5 +177,5 @@ def translator_decoder(
 
     # again here: loading the CUDA libraries of the nvidia-* wheels counts per process
     translator = Translator(directory, manifest, choose_providers(providers), threads)
-    translator.translate(["warm-up 1", "warm up two"], beam_size=2, max_length=4)
+    translator.warmup()
     return translator, list(translator.decoder.providers)

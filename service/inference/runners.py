@@ -177,7 +177,7 @@ class TranslationRunner:
         return Translated(output)
 
     def warmup(self) -> None:
-        self.translator.translate(["warm-up 1", "warm up two"], beam_size=2, max_length=4)
+        self.translator.warmup()
 
 
 # -- image classification ------------------------------------------------------------------------

@@ -233,7 +233,7 @@ class TranslationScheduler(Submitting):
     def _run(self) -> None:
         while True:
             with self._lock:
-                while not self._waiting and not self._active:
+                while self.idle:
                     if self._closed:
                         self._thread = None
                         return

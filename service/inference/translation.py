@@ -304,6 +304,10 @@ class Translator:
         hyps = run_searches(step, searches, self.encode(rows))
         return [self.result(h, toks) for h, toks in zip(hyps, source_tokens, strict=True)]
 
+    def warmup(self) -> None:
+        """Two short texts through both graphs, beam 2, so the first request pays no first-run cost."""
+        self.translate(["warm-up 1", "warm up two"], beam_size=2, max_length=4)
+
     def target_limit(self, max_length: int | None) -> int:
         return min(max_length or self.spec.max_target_tokens, self.spec.max_target_tokens)
 

@@ -104,6 +104,8 @@ class ModelWorker:
         batching = settings.batching_for(entry.name)
         self.scheduler: TranslationScheduler | DecodeProcess | None = None
         start = time.perf_counter()  # a replica takes traffic only once constructed and warm
+        if not remote:  # a decode process warms up its own graphs
+            self.runner.warmup()
         if isinstance(self.runner, TranslationRunner) and continuous:
             spec = self.runner.translator.spec
             budget = batching.token_budget or batching.max_batch_size * (
@@ -116,10 +118,7 @@ class ModelWorker:
                 self.scheduler = DecodeProcess(load, budget, self._stepped)  # it warms up there
                 self.runner.providers = self.scheduler.providers
             else:
-                self.runner.warmup()
                 self.scheduler = TranslationScheduler(self.runner.translator, budget, self._stepped)
-        else:
-            self.runner.warmup()
         self.warmup_ms = round((time.perf_counter() - start) * 1000, 3)
         self.max_batch_size = batching.max_batch_size
         self.batcher: Batcher[Any, Any] = Batcher(
