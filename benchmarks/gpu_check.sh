@@ -22,6 +22,6 @@ make .venv-gpu/.installed
 .venv-gpu/bin/python -m pip install --quiet "pytest>=8" "requests>=2.31" "psutil>=5.9"
 export RAY_USAGE_STATS_ENABLED=0 RAY_worker_niceness=0
 # the tests that need CUDA (marked gpu), and the resident loop's parity tests on the GPU build
-ATTN_GPU_TEST_REPOSITORY="$REPO" .venv-gpu/bin/python -m pytest -q -p no:cacheprovider -m gpu tests/service/inference/test_gpu.py || status=$?
+GPU_TEST_REPOSITORY="$REPO" .venv-gpu/bin/python -m pytest -q -p no:cacheprovider -m gpu tests/service/inference/test_gpu.py || status=$?
 .venv-gpu/bin/python -m benchmarks.gpu --repository "$REPO"
 exit "${status:-0}"

@@ -1,7 +1,8 @@
 """On a CUDA GPU (skipped elsewhere): the built demo models on CUDA against the CPU provider.
 
 Needs no PyTorch, so ``benchmarks/gpu_check.sh`` runs it from ``.venv-gpu`` (onnxruntime-gpu) on
-the repository ``make models`` wrote (``ATTN_GPU_TEST_REPOSITORY``, default ``model_repository``).
+the repository ``make models`` wrote (``GPU_TEST_REPOSITORY``, default ``model_repository``; not
+ATTN_-prefixed: the service's settings refuse unknown ATTN_ variables).
 fp32 on CUDA matches CPU within 1e-3 with TF32 off (ONNX Runtime's CUDA provider allows TF32 by
 default: its matmuls then round inputs to 10-bit mantissas); the resident decoder loop decodes the
 same tokens as the numpy loop on CPU; an fp16 variant stays within its export tolerance.
@@ -9,16 +10,26 @@ same tokens as the numpy loop on CPU; an fp16 variant stays within its export to
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 import pytest
+from PIL import Image
 
+from service.inference.decode_process import DecodeProcess
+from service.inference.jobs import Classified, ClassifyJob, Translated, TranslateJob
 from service.inference.manifest import Manifest
+from service.inference.repository import ModelEntry
+from service.inference.runners import TranslationRunner
 from service.inference.runtime import GraphSession
+from service.inference.scheduler import TranslationScheduler
 from service.inference.translation import Translator
+from service.inference.worker import ModelWorker
+from service.settings import Settings
 
 pytestmark = [
     pytest.mark.gpu,
@@ -33,7 +44,7 @@ TEXTS = ["3 mars 2011", "Saturday, January 22, 1994", "1. Dezember 1987", "el 7 
 
 @pytest.fixture(scope="module")
 def repository() -> Path:
-    path = Path(os.environ.get("ATTN_GPU_TEST_REPOSITORY", "model_repository"))
+    path = Path(os.environ.get("GPU_TEST_REPOSITORY", "model_repository"))
     if not (path / "fashion-vit" / "1" / "manifest.json").exists():
         pytest.skip(f"no built demo models in {path} (make models)")
     return path
@@ -87,7 +98,78 @@ def test_fp16_variants_on_cuda_stay_near_fp32(repository: Path, name: str) -> No
             got.astype(np.float32), want, atol=3e-2 * max(1.0, float(np.abs(want).max()))
         )
     else:
-        fp16 = Translator(directory, manifest, CUDA).translate(TEXTS)
-        fp32 = Translator(base, Manifest.load(base), CPU).translate(TEXTS)
-        same = sum(a.target_tokens == b.target_tokens for a, b in zip(fp16, fp32, strict=True))
+        halves = Translator(directory, manifest, CUDA).translate(TEXTS)
+        singles = Translator(base, Manifest.load(base), CPU).translate(TEXTS)
+        same = sum(a.target_tokens == b.target_tokens for a, b in zip(halves, singles, strict=True))
         assert same >= len(TEXTS) - 1
+
+
+def worker(repository: Path, name: str, decode_process: bool = True) -> ModelWorker:
+    """The model's worker as a replica holds it, on CUDA."""
+    directory = repository / name / "1"
+    entry = ModelEntry(name, 1, directory, Manifest.load(directory))
+    settings = Settings(repository=repository, providers=CUDA, decode_process=decode_process)
+    return ModelWorker(entry, settings, "gpu", "local")
+
+
+@pytest.mark.parametrize("process", [True, False], ids=["decode-process", "thread"])
+def test_the_served_decode_loop_on_cuda_answers_as_each_text_alone_on_cpu(
+    repository: Path, process: bool
+) -> None:
+    """40 concurrent greedy and beam requests through the worker's scheduler — in a decode process
+    of its own (the default: the child picks CUDA and the resident loop itself) or on a thread —
+    each equal to its text decoded alone on the CPU."""
+    served = worker(repository, "dates-transformer", decode_process=process)
+    try:
+        if process:
+            assert isinstance(served.scheduler, DecodeProcess)
+            assert served.scheduler.providers[0] == "CUDAExecutionProvider"
+        else:
+            assert isinstance(served.scheduler, TranslationScheduler)
+            assert isinstance(served.runner, TranslationRunner)
+            assert served.runner.translator.ops is not None  # resident on the GPU
+        directory = repository / "dates-transformer" / "1"
+        cpu = Translator(directory, Manifest.load(directory), CPU)
+        jobs = [TranslateJob(texts=[t], beam_size=b) for _ in range(4) for b in (1, 3) for t in TEXTS]
+
+        async def everyone() -> list:
+            return await asyncio.gather(*(served.predict(j) for j in jobs))
+
+        for job, answer in zip(jobs, asyncio.run(everyone()), strict=True):
+            assert isinstance(answer.result, Translated)
+            [alone] = cpu.translate(job.texts, job.beam_size)
+            assert answer.result.translations[0].target_tokens == alone.target_tokens, job
+    finally:
+        served.close()
+
+
+def test_the_image_worker_batches_concurrent_requests_on_cuda(repository: Path) -> None:
+    """64 concurrent PNGs through the ViT's worker on CUDA: batched (the metrics say so), each
+    answer's classes those of the CPU provider."""
+    rng = np.random.default_rng(1)
+    pngs = []
+    for i in range(64):
+        buffer = io.BytesIO()
+        size = 28 if i % 2 else 48
+        Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), "L").save(buffer, "PNG")
+        pngs.append(buffer.getvalue())
+    jobs = [ClassifyJob(image=png, top_k=3) for png in pngs]
+    directory = repository / "fashion-vit" / "1"
+    entry = ModelEntry("fashion-vit", 1, directory, Manifest.load(directory))
+    cpu = ModelWorker(entry, Settings(repository=repository, providers=CPU), "cpu", "local")
+    gpu = worker(repository, "fashion-vit")
+    assert gpu.runner.providers[0] == "CUDAExecutionProvider" and gpu.max_batch_size == 128
+
+    async def everyone(w: ModelWorker) -> list:
+        return await asyncio.gather(*(w.predict(j) for j in jobs))
+
+    try:
+        got, want = asyncio.run(everyone(gpu)), asyncio.run(everyone(cpu))
+    finally:
+        gpu.close()
+        cpu.close()
+    assert max(a.metrics.batch_size for a in got) > 1
+    for a, b in zip(got, want, strict=True):
+        assert isinstance(a.result, Classified) and isinstance(b.result, Classified)
+        assert a.result.indices[0] == b.result.indices[0]
+        np.testing.assert_allclose(a.result.probabilities, b.result.probabilities, atol=1e-2)
