@@ -43,13 +43,20 @@ def vit_images_per_s(directory: Path) -> dict[str, Any]:
     return {"images_per_s_by_batch": by_batch, "best_batch": best, "images_per_s": by_batch[best]}
 
 
-def vit_pipeline_images_per_s(directory: Path, images: list[bytes]) -> dict[str, Any]:
+def vit_pipeline_images_per_s(
+    directory: Path,
+    images: list[bytes],
+    providers: tuple[str, ...] = ("CPUExecutionProvider",),
+    batches: tuple[int, ...] = BATCHES,
+    min_s: float = 1.0,
+) -> dict[str, Any]:
     """What one process on one ONNX Runtime thread does with encoded images and nothing else: at
     each batch size, the service's own decode + preprocess of every image, then one run for the
-    logits (``raw``: the run alone, on pixels ready) — the ceiling a server's image path has."""
+    logits (``raw``: the run alone, on pixels ready) — the ceiling a server's image path has
+    (``providers``: on a GPU the run is CUDA's, the decode and preprocessing still this core's)."""
     manifest = Manifest.load(directory)
     graph = manifest.graphs["model"]
-    session = GraphSession(directory / graph.file, graph, ["CPUExecutionProvider"], intra_op_threads=1)
+    session = GraphSession(directory / graph.file, graph, list(providers), intra_op_threads=1)
     spec = manifest.image
     assert spec is not None
 
@@ -57,11 +64,11 @@ def vit_pipeline_images_per_s(directory: Path, images: list[bytes]) -> dict[str,
         return np.stack([preprocess(decode_image(d, 1 << 30, mode_of(spec)), spec)[0] for d in batch])
 
     pipeline, raw = {}, {}
-    for b in BATCHES:
+    for b in batches:
         batch = (images * (b // len(images) + 1))[:b]
         x = pixels(batch)
-        raw[b] = b * timed(lambda x=x: session.run({"pixels": x}, ["logits"]))
-        pipeline[b] = b * timed(lambda batch=batch: session.run({"pixels": pixels(batch)}, ["logits"]))
+        raw[b] = b * timed(lambda x=x: session.run({"pixels": x}, ["logits"]), min_s)
+        pipeline[b] = b * timed(lambda batch=batch: session.run({"pixels": pixels(batch)}, ["logits"]), min_s)
     best, best_raw = max(pipeline, key=lambda b: pipeline[b]), max(raw, key=lambda b: raw[b])
     return {
         "pipeline_images_per_s_by_batch": pipeline, "raw_images_per_s_by_batch": raw,
