@@ -109,7 +109,7 @@ class ServingReplica:
         """Called by Ray Serve every few seconds; a raise here restarts the replica."""
         if self.http_task is not None and self.http_task.done():
             raise RuntimeError("the replica's HTTP server stopped")
-        self.models.refresh_metrics()
+        self.models.check_health()
 
     async def __del__(self) -> None:
         """Graceful stop: refuse new connections and let requests in flight finish, for at most

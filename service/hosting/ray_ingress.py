@@ -55,7 +55,7 @@ class ModelDeployment:
 
     def check_health(self) -> None:
         """Called by Ray Serve every few seconds; a raise here restarts the replica."""
-        self.models.refresh_metrics()
+        self.models.check_health()
 
     async def info(self) -> dict[str, Any]:
         worker = self.models.workers[self.name]

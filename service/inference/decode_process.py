@@ -60,6 +60,11 @@ log = logging.getLogger("ray.serve")
 
 #: how long a child may take to load its model and warm up
 START_TIMEOUT_S = 300.0
+#: the replica's health check fails (Ray replaces the replica) when the child has been down this
+#: long — its restarts failing — or has sent nothing this long while holding requests (hung: a
+#: child that decodes sends its step counts at least every 50 ms)
+DOWN_S = 30.0
+HUNG_S = 120.0
 
 
 class DecodeProcess(Submitting):
@@ -84,6 +89,11 @@ class DecodeProcess(Submitting):
         self._closed = False
         self.rows = self.tokens_in_flight = self.steps = 0
         self.restarts = 0
+        #: for the health check: since when the child is down (None: up), when it last spoke, and
+        #: why its last restart failed
+        self.down_since: float | None = None
+        self.heard = time.monotonic()
+        self.start_error = ""
         self._conn: Connection | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self.providers = self._start()
@@ -129,6 +139,7 @@ class DecodeProcess(Submitting):
             raise
         with self._lock:
             self._conn, self._process = conn, process
+            self.down_since, self.heard = None, time.monotonic()
             if self._closed:  # closed while this one started (a restart): it drains nothing and ends
                 with contextlib.suppress(OSError):
                     conn.send(("close",))
@@ -154,6 +165,22 @@ class DecodeProcess(Submitting):
     @property
     def pid(self) -> int | None:
         return None if self._process is None else self._process.pid
+
+    def problem(self, now: float | None = None) -> str | None:
+        """What makes this model unhealthy, for the replica's health check: the child down for
+        ``DOWN_S`` (its restarts failing), or silent for ``HUNG_S`` while holding requests."""
+        now = time.monotonic() if now is None else now
+        with self._lock:
+            if self._closed:
+                return None
+            down, held = self.down_since, len(self._live)
+        if down is not None and now - down >= DOWN_S:
+            why = f": {self.start_error}" if self.start_error else ""
+            return f"its decode process has been down for {now - down:.0f} s (restarts failing{why})"
+        if down is None and held and now - self.heard >= HUNG_S:
+            silent = now - self.heard
+            return f"its decode process has sent nothing for {silent:.0f} s while holding {held} requests"
+        return None
 
     def close(self) -> None:
         """Stop once what is queued and running is done (a replaced version drains, then ends)."""
@@ -191,6 +218,8 @@ class DecodeProcess(Submitting):
                 raise Overloaded("the model's decoder is restarting; retry later")
             rid = self._next = self._next + 1
             request.rid = rid  # type: ignore[attr-defined]
+            if not self._live:  # an idle child was silent with reason: its silence counts from now
+                self.heard = time.monotonic()
             # known before it is sent: the answer can arrive before this thread runs again
             self._live[rid] = request
             try:
@@ -224,6 +253,7 @@ class DecodeProcess(Submitting):
         with self._lock:
             closed = self._closed
             self._conn = None
+            self.down_since = time.monotonic()
             orphans = [r for r in self._live.values() if not r.future.done()]  # answered: not ours
             self._live.clear()
         self.rows = self.tokens_in_flight = 0
@@ -250,7 +280,8 @@ class DecodeProcess(Submitting):
             try:
                 self._start()
                 return
-            except Exception:
+            except Exception as exc:
+                self.start_error = str(exc)
                 log.exception("the decode process could not be restarted; next try in %.0f s", delay)
                 time.sleep(delay)
                 delay = min(2 * delay, 30.0)
@@ -262,6 +293,7 @@ class DecodeProcess(Submitting):
         answers: list[tuple[int, Decoded]],
         failures: list[tuple[int, str, str]],
     ) -> None:
+        self.heard = time.monotonic()
         for _, live, in_flight, _, steps in stats:  # before the answers: a caller answered sees them
             self.rows, self.tokens_in_flight, self.steps = live, in_flight, steps
         calls: list[tuple[asyncio.AbstractEventLoop, Callable[[], None]]] = []

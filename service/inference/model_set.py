@@ -165,6 +165,14 @@ class ModelSet:
         for worker in self.workers.values():
             worker.metrics.refresh()
 
+    def check_health(self) -> None:
+        """For the replica's health check: refresh the gauges; raise naming every model whose
+        worker is unhealthy (a raise makes Ray Serve replace the replica)."""
+        self.refresh_metrics()
+        problems = [f"{name}: {p}" for name, w in self.workers.items() if (p := w.problem()) is not None]
+        if problems:
+            raise RuntimeError("; ".join(problems))
+
 
 def _parse(key: str) -> tuple[str, int | None]:
     """A refusal's key as ``discover`` writes it: "<name>/<version>", or "<name>" alone."""

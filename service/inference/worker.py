@@ -302,6 +302,10 @@ class ModelWorker:
         self.metrics.batch(sum(self.runner.size(w) for w in works), time.perf_counter() - start)
         return outputs
 
+    def problem(self) -> str | None:
+        """What makes this model unhealthy (its decode process down or hung), else None."""
+        return self.scheduler.problem() if isinstance(self.scheduler, DecodeProcess) else None
+
     def close(self) -> None:
         """This version is being replaced: finish what is queued, then let the loop end."""
         self.metrics.unloaded()

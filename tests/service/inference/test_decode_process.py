@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 
 from service.errors import InferenceFailed
+from service.inference import decode_process
 from service.inference.decode_process import DecodeProcess
 from tests.service.inference.test_scheduler import BOS, EOS, TableDecoder, alone, options, source, synchronous
 
@@ -192,3 +193,46 @@ def test_a_factory_that_fails_is_a_start_up_error() -> None:
 
 def broken() -> tuple[TableDecoder, list[str]]:
     raise ZeroDivisionError("no model here")
+
+
+def stuck() -> tuple[TableDecoder, list[str]]:
+    return table(seconds=1.5)  # a step this long stands in for a hung one (HUNG_S lowered)
+
+
+@synchronous
+async def test_a_child_silent_while_holding_requests_makes_the_model_unhealthy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(decode_process, "HUNG_S", 0.5)
+    process = DecodeProcess(stuck, token_budget=10_000)
+    await asyncio.sleep(0.7)
+    assert process.problem() is None  # idle and silent: healthy
+    running = asyncio.create_task(process.submit([[3, 4]], options(max_len=2)))
+    await asyncio.sleep(0.2)
+    assert process.problem() is None  # its silence counts from the submit
+    await until(lambda: process.problem() is not None)
+    assert "sent nothing for" in (process.problem() or "") and "holding 1 requests" in (
+        process.problem() or ""
+    )
+    await running
+    assert process.problem() is None
+    process.close()
+
+
+@synchronous
+async def test_a_child_whose_restarts_fail_makes_the_model_unhealthy_until_one_starts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(decode_process, "DOWN_S", 0.3)
+    process = DecodeProcess(table, token_budget=400)
+    first = process.pid
+    assert first is not None and process.problem() is None
+    process.factory = broken  # every restart fails from now on
+    os.kill(first, signal.SIGKILL)
+    await until(lambda: process.problem() is not None and "no model here" in (process.problem() or ""))
+    assert "has been down for" in (process.problem() or "")
+    process.factory = table  # the next try (back-off 1 s, 2 s, …) starts
+    await until(lambda: process.running and process.problem() is None, seconds=15)
+    answer = await process.submit([[5, 6]], options())
+    assert answer.hypotheses[0].tokens == alone(TableDecoder(), [5, 6], options()).tokens
+    process.close()

@@ -7,17 +7,22 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import os
 import shutil
+import signal
 import threading
+import time
 import weakref
 from pathlib import Path
 
 import pytest
 
-from service.inference import model_set
+from service.inference import decode_process, model_set
+from service.inference.decode_process import DecodeProcess
 from service.inference.model_set import ModelSet
 from service.inference.worker import ModelWorker, NoMetrics
 from service.settings import Settings
+from tests.service.inference.test_decode_process import broken
 
 
 def test_a_swap_freezes_what_is_loaded_and_frees_what_it_replaced(
@@ -150,3 +155,37 @@ def test_a_model_that_failed_to_load_stays_listed_and_loads_when_a_good_version_
         asyncio.run(go())
     finally:
         gc.unfreeze()
+
+
+@pytest.mark.slow
+def test_the_health_check_names_a_model_whose_decode_process_cannot_restart(
+    tiny_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What Ray's health check calls (``check_health`` of either hosting adapter): healthy while
+    the decode process serves; once it died and its restarts keep failing for ``DOWN_S``, a raise
+    naming the model — Ray then replaces the replica."""
+    monkeypatch.setattr(decode_process, "DOWN_S", 0.3)
+    repository = tmp_path / "repository"
+    version_of(tiny_repository, repository, 1, "dates-transformer")
+    version_of(tiny_repository, repository, 1, "fashion-vit")
+    models = ModelSet(
+        Settings(repository=repository), "replica", "node", lambda _: NoMetrics(), lambda *_: None
+    )
+    asyncio.run(models.serve({"dates-transformer": 1, "fashion-vit": 1}))
+    scheduler = models.workers["dates-transformer"].scheduler
+    assert isinstance(scheduler, DecodeProcess) and scheduler.pid is not None
+    models.check_health()  # healthy
+    scheduler.factory = broken
+    os.kill(scheduler.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            models.check_health()
+        except RuntimeError as exc:
+            assert str(exc).startswith("dates-transformer: its decode process has been down for")
+            assert "no model here" in str(exc) and "fashion-vit" not in str(exc)
+            break
+        assert time.monotonic() < deadline, "the health check never failed"
+        time.sleep(0.05)
+    for worker in models.workers.values():
+        worker.close()

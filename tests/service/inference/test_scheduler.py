@@ -28,12 +28,13 @@ from service.inference.translation import KVCache, RowBatch
 V, BOS, EOS = 12, 1, 2
 
 
-def synchronous(test: Callable[[], Coroutine[Any, Any, None]]) -> Callable[[], None]:
-    """Run an async test on its own event loop, with a 20 s limit (a hang fails, not stalls)."""
+def synchronous(test: Callable[..., Coroutine[Any, Any, None]]) -> Callable[..., None]:
+    """Run an async test on its own event loop, with a 20 s limit (a hang fails, not stalls);
+    pytest's fixtures pass through."""
 
     @functools.wraps(test)
-    def run() -> None:
-        asyncio.run(asyncio.wait_for(test(), 20))
+    def run(*args: Any, **kwargs: Any) -> None:
+        asyncio.run(asyncio.wait_for(test(*args, **kwargs), 20))
 
     return run
 
