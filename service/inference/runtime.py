@@ -54,6 +54,14 @@ def _declared(spec: GraphSpec, name: str, ort_type: str) -> np.dtype:
     return np.dtype(declared.dtype if declared else ORT_DTYPES[ort_type])
 
 
+#: ONNX Runtime's CUDA provider benchmarks the cuDNN convolution algorithms per input shape by
+#: default (EXHAUSTIVE); a served batch has whatever size accumulated (1 … max batch), and on an
+#: H200 the ViT served over HTTP computed its batches in 48–56 ms with it against 8–14 ms with
+#: cuDNN's heuristic (8 and 64 clients: 82 → 453 and 571 → 2,178 images/s;
+#: benchmarks/results/2026-12-04-gpu.md).
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
+
+
 class GraphSession:
     """One ONNX graph. ``run`` takes a dict of every tensor the caller has and feeds only the
     inputs the graph declares, so optional inputs (e.g. an RNN decoder's ``step``) just work."""
@@ -63,7 +71,8 @@ class GraphSession:
         options.intra_op_num_threads = intra_op_threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        with_options = [(p, CUDA_OPTIONS) if p == "CUDAExecutionProvider" else p for p in providers]
+        self.session = ort.InferenceSession(str(path), sess_options=options, providers=with_options)
         self.spec = spec
         self.input_names = [i.name for i in self.session.get_inputs()]
         #: what each input is fed as: the dtype the manifest declares (an fp16 graph takes float16)
