@@ -84,7 +84,7 @@ def metrics(m: AnswerMetrics, total_ms: float) -> apb.Metrics:
 
 
 def translate_job(request: apb.TranslateRequest) -> TranslateJob:
-    """The request's fields, checked by the REST schema."""
+    """The request's fields, checked by the REST schema; messages name its ``texts``."""
     return rest_translate_job(
         TranslateRequest(
             text=list(request.texts),
@@ -93,7 +93,8 @@ def translate_job(request: apb.TranslateRequest) -> TranslateJob:
             length_penalty=request.length_penalty,
             return_attention=request.return_attention,
             truncate=request.truncate,
-        )
+        ),
+        "texts",
     )
 
 

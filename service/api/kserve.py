@@ -179,7 +179,7 @@ def _translate_job(by_name: dict[str, Tensor], params: dict[str, Any], attention
         if not t.strip():
             raise InvalidInput(f"TEXT[{i}]: must not be empty")
     options = {k: params[k] for k in ("beam_size", "max_length", "length_penalty", "truncate") if k in params}
-    return translate_job(TranslateRequest(text=texts, return_attention=attention, **options))
+    return translate_job(TranslateRequest(text=texts, return_attention=attention, **options), "TEXT")
 
 
 def _classify_jobs(

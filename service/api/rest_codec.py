@@ -32,7 +32,8 @@ def dumps(value: Any) -> bytes:
 # -- requests → jobs -----------------------------------------------------------------------------
 
 
-def translate_job(request: TranslateRequest) -> TranslateJob:
+def translate_job(request: TranslateRequest, field: str = "text") -> TranslateJob:
+    """``field``: the protocol's name for the texts, as error messages name them."""
     attention = request.attention_layers if request.return_attention else "none"
     return TranslateJob(
         texts=request.texts,
@@ -41,6 +42,7 @@ def translate_job(request: TranslateRequest) -> TranslateJob:
         length_penalty=request.length_penalty,
         attention=attention,
         truncate=request.truncate,
+        field=field,
     )
 
 

@@ -32,6 +32,8 @@ class TranslateJob:
     attention: TranslationAttention = "none"
     #: a text over the model's source limit: cut to it (True) or refused (False)
     truncate: bool = False
+    #: the request field the texts came from, as error messages name it ("text", "texts", "TEXT")
+    field: str = "text"
 
 
 @dataclass(frozen=True)

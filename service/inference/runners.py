@@ -115,10 +115,11 @@ class TranslationRunner:
         )
 
     def preprocess(self, request: TranslateJob) -> TranslateWork:
-        texts = request.texts
+        texts, field = request.texts, request.field
         if not texts:
-            raise InvalidInput("text: give at least one text")
-        tokenized = (self.translator.tokenize(t, request.truncate, f"text[{i}]") for i, t in enumerate(texts))
+            raise InvalidInput(f"{field}: give at least one text")
+        truncate = request.truncate
+        tokenized = (self.translator.tokenize(t, truncate, f"{field}[{i}]") for i, t in enumerate(texts))
         ids, tokens = zip(*tokenized, strict=True)
         self._check_answer_size(request, [len(i) for i in ids])
         return TranslateWork(request, list(ids), list(tokens))

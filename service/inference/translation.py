@@ -197,7 +197,7 @@ class Translator:
             if not truncate:
                 raise PayloadTooLarge(
                     f"{field}: {len(ids)} source tokens exceed {self.name}'s limit of {limit} "
-                    '(send "truncate": true to translate its first tokens only)'
+                    "(set truncate to true to translate its first tokens only)"
                 )
             ids = [*ids[: limit - 1], self.spec.source_tokenizer.eos_id]
         return ids, [self.source_tokenizer.id_to_token(t) or "" for t in ids]

@@ -72,6 +72,7 @@ def test_attention_v1_translate_and_classify(tmp_path: Path) -> None:
     server, translator, classifier, _ = fake_server(tmp_path)
     translated, classified = with_servicer(tmp_path, use, server)
     assert [j.truncate for j in translator.jobs] == [False, True]
+    assert {j.field for j in translator.jobs} == {"texts"}  # what messages name
     assert [j.discard_ratio for j in classifier.jobs] == [0.5]
     [t] = translated.translations
     assert (t.text, t.score, list(t.attention.shape)) == ("cba", -3.0, [3, 3])

@@ -169,6 +169,7 @@ def test_truncate_reaches_the_job_over_rest_and_kserve(served: Any) -> None:
     status, _ = post_json(app, "/v2/models/fake-translator/infer", {**infer, "parameters": {}})
     assert status == 200
     assert [j.truncate for j in translator.jobs] == [True, True, False]
+    assert [j.field for j in translator.jobs] == ["text", "TEXT", "TEXT"]  # what messages name
 
 
 @pytest.mark.parametrize(

@@ -65,12 +65,14 @@ def test_a_text_over_the_source_limit_is_refused_unless_truncated(tiny_repositor
     limit = r.translator.spec.max_source_tokens
     long = "3 juin 1980, " * limit  # a character model: one token per character
     with pytest.raises(PayloadTooLarge, match=rf"text\[1\]: {len(long) + 1} source tokens exceed "
-                       rf"dates-transformer's limit of {limit} \(send \"truncate\": true"):  # fmt: skip
+                       rf"dates-transformer's limit of {limit} \(set truncate to true"):  # fmt: skip
         r.preprocess(TranslateJob(texts=[DATES[0], long]))
     work = r.preprocess(TranslateJob(texts=[DATES[0], long], truncate=True))
     assert [len(i) for i in work.ids] == [len(DATES[0]) + 1, limit]  # EOS last, as in training
     assert work.tokens[1][-1] == "</s>" and "".join(work.tokens[1][:-1]) == long[: limit - 1]
     r.preprocess(TranslateJob(texts=[long[: limit - 1]]))  # exactly the limit (with EOS): no refusal
+    with pytest.raises(PayloadTooLarge, match=r"^TEXT\[0\]: "):  # the protocol's own name (KServe v2)
+        r.preprocess(TranslateJob(texts=[long], field="TEXT"))
 
 
 def test_classification_typed_result(tiny_repository: Path) -> None:
