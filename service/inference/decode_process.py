@@ -60,9 +60,10 @@ log = logging.getLogger("ray.serve")
 
 #: how long a child may take to load its model and warm up
 START_TIMEOUT_S = 300.0
-#: the replica's health check fails (Ray replaces the replica) when the child has been down this
-#: long — its restarts failing — or has sent nothing this long while holding requests (hung: a
-#: child that decodes sends its step counts at least every 50 ms)
+#: the replica's health check fails (Ray replaces the replica) when a restart of the child has
+#: failed and none has succeeded for this long (a restart that is still loading counts only from
+#: START_TIMEOUT_S, when it fails) — or when a busy child has sent nothing for HUNG_S: a decoding
+#: child reports after every step (at most every 50 ms), so only a step that long, or a hang, does
 DOWN_S = 30.0
 HUNG_S = 120.0
 
@@ -89,11 +90,13 @@ class DecodeProcess(Submitting):
         self._closed = False
         self.rows = self.tokens_in_flight = self.steps = 0
         self.restarts = 0
-        #: for the health check: since when the child is down (None: up), when it last spoke, and
-        #: why its last restart failed
+        #: for the health check: since when restarts fail (None: up, or restarting for the first
+        #: time), why the last one failed, when the child last spoke and whether it then had
+        #: nothing to decode (its silence is not a hang until it is given work)
         self.down_since: float | None = None
-        self.heard = time.monotonic()
         self.start_error = ""
+        self.heard = time.monotonic()
+        self._idle = True
         self._conn: Connection | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self.providers = self._start()
@@ -139,7 +142,8 @@ class DecodeProcess(Submitting):
             raise
         with self._lock:
             self._conn, self._process = conn, process
-            self.down_since, self.heard = None, time.monotonic()
+            self.down_since, self.start_error = None, ""
+            self.heard, self._idle = time.monotonic(), True
             if self._closed:  # closed while this one started (a restart): it drains nothing and ends
                 with contextlib.suppress(OSError):
                     conn.send(("close",))
@@ -167,8 +171,8 @@ class DecodeProcess(Submitting):
         return None if self._process is None else self._process.pid
 
     def problem(self, now: float | None = None) -> str | None:
-        """What makes this model unhealthy, for the replica's health check: the child down for
-        ``DOWN_S`` (its restarts failing), or silent for ``HUNG_S`` while holding requests."""
+        """What makes this model unhealthy, for the replica's health check: restarts failing for
+        ``DOWN_S``, or a busy child silent for ``HUNG_S`` while requests wait on it."""
         now = time.monotonic() if now is None else now
         with self._lock:
             if self._closed:
@@ -176,7 +180,7 @@ class DecodeProcess(Submitting):
             down, held = self.down_since, len(self._live)
         if down is not None and now - down >= DOWN_S:
             why = f": {self.start_error}" if self.start_error else ""
-            return f"its decode process has been down for {now - down:.0f} s (restarts failing{why})"
+            return f"its decode process has failed to restart for {now - down:.0f} s{why}"
         if down is None and held and now - self.heard >= HUNG_S:
             silent = now - self.heard
             return f"its decode process has sent nothing for {silent:.0f} s while holding {held} requests"
@@ -218,8 +222,8 @@ class DecodeProcess(Submitting):
                 raise Overloaded("the model's decoder is restarting; retry later")
             rid = self._next = self._next + 1
             request.rid = rid  # type: ignore[attr-defined]
-            if not self._live:  # an idle child was silent with reason: its silence counts from now
-                self.heard = time.monotonic()
+            if self._idle:  # an idle child was silent with reason: its silence counts from now
+                self.heard, self._idle = time.monotonic(), False
             # known before it is sent: the answer can arrive before this thread runs again
             self._live[rid] = request
             try:
@@ -253,7 +257,6 @@ class DecodeProcess(Submitting):
         with self._lock:
             closed = self._closed
             self._conn = None
-            self.down_since = time.monotonic()
             orphans = [r for r in self._live.values() if not r.future.done()]  # answered: not ours
             self._live.clear()
         self.rows = self.tokens_in_flight = 0
@@ -282,6 +285,8 @@ class DecodeProcess(Submitting):
                 return
             except Exception as exc:
                 self.start_error = str(exc)
+                if self.down_since is None:
+                    self.down_since = time.monotonic()
                 log.exception("the decode process could not be restarted; next try in %.0f s", delay)
                 time.sleep(delay)
                 delay = min(2 * delay, 30.0)
@@ -311,6 +316,8 @@ class DecodeProcess(Submitting):
             request = held.pop(rid, None)
             if request is not None:
                 calls.append((request.loop, settler(request, _remote_error(name, text))))
+        if stats:  # (after the answers left _live) the child flushes whenever it runs out of rows
+            self._idle = stats[-1][1] == 0 and not held
         if calls:
             on_their_loops(calls)
         on_step = self._on_step()  # after the answers: a failing metric must not lose one

@@ -230,9 +230,61 @@ async def test_a_child_whose_restarts_fail_makes_the_model_unhealthy_until_one_s
     process.factory = broken  # every restart fails from now on
     os.kill(first, signal.SIGKILL)
     await until(lambda: process.problem() is not None and "no model here" in (process.problem() or ""))
-    assert "has been down for" in (process.problem() or "")
+    assert "has failed to restart for" in (process.problem() or "")
     process.factory = table  # the next try (back-off 1 s, 2 s, …) starts
     await until(lambda: process.running and process.problem() is None, seconds=15)
+    answer = await process.submit([[5, 6]], options())
+    assert answer.hypotheses[0].tokens == alone(TableDecoder(), [5, 6], options()).tokens
+    process.close()
+
+
+def hung() -> tuple[TableDecoder, list[str]]:
+    return table(seconds=30.0)  # its first step outlasts the test: a hang
+
+
+def slow_to_start() -> tuple[TableDecoder, list[str]]:
+    time.sleep(1.0)  # a big model loading: longer than DOWN_S below
+    return table()
+
+
+@synchronous
+async def test_a_hung_child_is_found_although_its_callers_give_up(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each caller times out and leaves (its request leaves the held set) sooner than HUNG_S; a new
+    request must not restart the silence clock of a child that never reported being idle."""
+    monkeypatch.setattr(decode_process, "HUNG_S", 0.8)
+    process = DecodeProcess(hung, token_budget=10_000)
+    seen = None
+    for _ in range(5):  # requests 0.5 s apart, each abandoned after 0.4 s: never one held 0.8 s
+        caller = asyncio.create_task(process.submit([[3, 4]], options(max_len=2)))
+        for _ in range(8):
+            await asyncio.sleep(0.05)
+            seen = seen or process.problem()
+        caller.cancel()  # its timeout: the caller leaves
+        with pytest.raises(asyncio.CancelledError):
+            await caller
+        assert process.held == 0 and process.problem() is None  # nothing waits on it now
+        await asyncio.sleep(0.1)
+    assert seen is not None and "sent nothing for" in seen
+    pid = process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    process.close()
+
+
+@synchronous
+async def test_a_restart_that_takes_long_but_succeeds_is_not_unhealthy(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(decode_process, "DOWN_S", 0.3)
+    process = DecodeProcess(slow_to_start, token_budget=400)
+    first = process.pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while not (process.running and process.pid != first):
+        assert process.problem() is None, process.problem()  # loading, not failing
+        assert time.monotonic() < deadline, "no restart"
+        await asyncio.sleep(0.05)
     answer = await process.submit([[5, 6]], options())
     assert answer.hypotheses[0].tokens == alone(TableDecoder(), [5, 6], options()).tokens
     process.close()

@@ -23,7 +23,7 @@ from PIL import Image
 from service.inference.decode_process import DecodeProcess
 from service.inference.jobs import Classified, ClassifyJob, Translated, TranslateJob
 from service.inference.manifest import Manifest
-from service.inference.repository import ModelEntry
+from service.inference.repository import load_entry
 from service.inference.runners import TranslationRunner
 from service.inference.runtime import GraphSession
 from service.inference.scheduler import TranslationScheduler
@@ -104,12 +104,12 @@ def test_fp16_variants_on_cuda_stay_near_fp32(repository: Path, name: str) -> No
         assert same >= len(TEXTS) - 1
 
 
-def worker(repository: Path, name: str, decode_process: bool = True) -> ModelWorker:
-    """The model's worker as a replica holds it, on CUDA."""
-    directory = repository / name / "1"
-    entry = ModelEntry(name, 1, directory, Manifest.load(directory))
-    settings = Settings(repository=repository, providers=CUDA, decode_process=decode_process)
-    return ModelWorker(entry, settings, "gpu", "local")
+def worker(
+    repository: Path, name: str, decode_process: bool = True, providers: list[str] = CUDA
+) -> ModelWorker:
+    """The model's worker as a replica holds it, on CUDA (or ``providers``)."""
+    settings = Settings(repository=repository, providers=providers, decode_process=decode_process)
+    return ModelWorker(load_entry(repository, name, 1), settings, "gpu", "local")
 
 
 @pytest.mark.parametrize("process", [True, False], ids=["decode-process", "thread"])
@@ -154,10 +154,7 @@ def test_the_image_worker_batches_concurrent_requests_on_cuda(repository: Path) 
         Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), "L").save(buffer, "PNG")
         pngs.append(buffer.getvalue())
     jobs = [ClassifyJob(image=png, top_k=3) for png in pngs]
-    directory = repository / "fashion-vit" / "1"
-    entry = ModelEntry("fashion-vit", 1, directory, Manifest.load(directory))
-    cpu = ModelWorker(entry, Settings(repository=repository, providers=CPU), "cpu", "local")
-    gpu = worker(repository, "fashion-vit")
+    cpu, gpu = worker(repository, "fashion-vit", providers=CPU), worker(repository, "fashion-vit")
     assert gpu.runner.providers[0] == "CUDAExecutionProvider" and gpu.max_batch_size == 128
 
     async def everyone(w: ModelWorker) -> list:

@@ -182,7 +182,7 @@ def test_the_health_check_names_a_model_whose_decode_process_cannot_restart(
         try:
             models.check_health()
         except RuntimeError as exc:
-            assert str(exc).startswith("dates-transformer: its decode process has been down for")
+            assert str(exc).startswith("dates-transformer: its decode process has failed to restart for")
             assert "no model here" in str(exc) and "fashion-vit" not in str(exc)
             break
         assert time.monotonic() < deadline, "the health check never failed"
