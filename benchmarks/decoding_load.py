@@ -18,7 +18,7 @@ import numpy as np
 
 from benchmarks.loadgen import percentile
 from service.errors import Overloaded
-from service.inference.jobs import Translated, TranslateJob
+from service.inference.jobs import Answer, Translated, TranslateJob
 from service.inference.manifest import Manifest
 from service.inference.model_set import freeze_heap
 from service.inference.repository import ModelEntry
@@ -38,33 +38,42 @@ TEXTS = [
 ]
 
 
-async def closed_loop(
-    worker: ModelWorker, jobs: list[TranslateJob], clients: int, seconds: float
-) -> dict[str, Any]:
+async def calling(
+    worker: ModelWorker, jobs: list[Any], clients: int, seconds: float
+) -> tuple[list[tuple[float, Answer]], float]:
     """``clients`` callers of ``worker`` in this process, each sending its next job as soon as
-    the last is answered, for ``seconds``: requests/s, target tokens/s, p50/p99 and the mean
-    time per output token the answers report."""
-    latencies: list[float] = []
-    per_token: list[float] = []
-    tokens = 0
+    the last is answered, for ``seconds`` → ``(latency s, answer)`` of every request, and the
+    seconds it took."""
+    done: list[tuple[float, Answer]] = []
     stop = time.perf_counter() + seconds
 
     async def client(i: int) -> None:
-        nonlocal tokens
         k = i
         while time.perf_counter() < stop:
             start = time.perf_counter()
             answer = await worker.predict(jobs[k % len(jobs)])
-            latencies.append(time.perf_counter() - start)
-            assert isinstance(answer.result, Translated)
-            tokens += answer.result.tokens_generated
-            if answer.metrics.time_per_output_token_ms is not None:
-                per_token.append(answer.metrics.time_per_output_token_ms)
+            done.append((time.perf_counter() - start, answer))
             k += clients
 
     start = time.perf_counter()
     await asyncio.gather(*(client(i) for i in range(clients)))
-    elapsed = time.perf_counter() - start
+    return done, time.perf_counter() - start
+
+
+async def closed_loop(
+    worker: ModelWorker, jobs: list[TranslateJob], clients: int, seconds: float
+) -> dict[str, Any]:
+    """:func:`calling` on translations: requests/s, target tokens/s, p50/p99 and the mean time
+    per output token the answers report."""
+    done, elapsed = await calling(worker, jobs, clients, seconds)
+    latencies = [s for s, _ in done]
+    per_token: list[float] = []
+    tokens = 0
+    for _, answer in done:
+        assert isinstance(answer.result, Translated)
+        tokens += answer.result.tokens_generated
+        if answer.metrics.time_per_output_token_ms is not None:
+            per_token.append(answer.metrics.time_per_output_token_ms)
     return {
         "requests": len(latencies),
         "requests_per_s": len(latencies) / elapsed,

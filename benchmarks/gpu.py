@@ -45,7 +45,7 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.ceilings import timed, vit_pipeline_images_per_s
-from benchmarks.decoding_load import TEXTS, closed_loop
+from benchmarks.decoding_load import TEXTS, calling, closed_loop
 from benchmarks.loadgen import Request, percentile
 from benchmarks.loadgen import closed_loop as http_closed_loop
 from service.inference.jobs import ClassifyJob, TranslateJob
@@ -142,28 +142,14 @@ def vit_served(
 
 
 async def classify_load(worker: ModelWorker, jobs: list[ClassifyJob], clients: int, seconds: float) -> dict:
-    """``clients`` closed-loop callers of ``worker`` for ``seconds``."""
-    latencies: list[float] = []
-    sizes: list[int] = []
-    stop = time.perf_counter() + seconds
-
-    async def client(i: int) -> None:
-        k = i
-        while time.perf_counter() < stop:
-            start = time.perf_counter()
-            answer = await worker.predict(jobs[k % len(jobs)])
-            latencies.append(time.perf_counter() - start)
-            sizes.append(answer.metrics.batch_size)
-            k += clients
-
-    start = time.perf_counter()
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    elapsed = time.perf_counter() - start
+    """:func:`benchmarks.decoding_load.calling` on images: images/s, p50/p99, the mean batch."""
+    done, elapsed = await calling(worker, jobs, clients, seconds)
+    latencies = [s for s, _ in done]
     return {
         "images_per_s": len(latencies) / elapsed,
         "p50_ms": percentile(latencies, 50) * 1000,
         "p99_ms": percentile(latencies, 99) * 1000,
-        "mean_batch": float(np.mean(sizes)),
+        "mean_batch": float(np.mean([answer.metrics.batch_size for _, answer in done])),
         "latencies_s": latencies,
     }
 
