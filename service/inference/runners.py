@@ -133,7 +133,10 @@ class TranslationRunner:
         steps = min(request.max_length or spec.max_target_tokens, spec.max_target_tokens) + 1
         per_cell = 1 + (spec.num_layers * spec.num_heads if request.attention == "all" else 0)
         values = sum(steps * length * per_cell for length in source_lengths)
-        check_answer_size(values, self.limits.max_response_bytes, "fewer texts, a smaller max_length")
+        smaller = "fewer texts or a smaller max_length"
+        if request.attention == "all":
+            smaller += ", or attention_layers 'default' (not every layer)"
+        check_answer_size(values, self.limits.max_response_bytes, smaller)
 
     def size(self, work: TranslateWork) -> int:
         return len(work.ids)
@@ -213,7 +216,8 @@ class ClassificationRunner:
             values = self.spec.grid[0] * self.spec.grid[1]
             if job.attention == "all":
                 values += self.spec.num_layers * self.spec.num_heads * tokens * tokens
-            check_answer_size(values, self.limits.max_response_bytes, "attention_layers 'rollout'")
+            smaller = "attention_layers 'rollout' (not every layer)"
+            check_answer_size(values, self.limits.max_response_bytes, smaller)
         pixels, resized = preprocess(image, self.spec)
         return ClassifyWork(job, pixels, resized)
 
@@ -298,8 +302,7 @@ def check_answer_size(values: int, limit: int, smaller: str) -> None:
     if values * BYTES_PER_VALUE > limit:
         raise ResponseTooLarge(
             f"attention: the answer could reach {values * BYTES_PER_VALUE:,} bytes, over the service's "
-            f"limits.max_response_bytes ({limit:,}; ATTN_LIMITS__MAX_RESPONSE_BYTES); ask for {smaller} "
-            "or without every layer (attention_layers)"
+            f"limits.max_response_bytes ({limit:,}; ATTN_LIMITS__MAX_RESPONSE_BYTES); ask for {smaller}"
         )
 
 

@@ -54,9 +54,12 @@ def test_no_attention_asked_none_kept(tiny_repository: Path) -> None:
 def test_an_answer_too_large_is_refused_before_any_work(tiny_repository: Path) -> None:
     # 5 texts × 17 steps × ~15 source tokens × (1 + 2 layers × 4 heads) values × 9 bytes ≈ 100 kB
     r = runner(tiny_repository, "dates-transformer", Limits(max_response_bytes=64 * 1024))
-    with pytest.raises(ResponseTooLarge, match=r"limits\.max_response_bytes"):
+    with pytest.raises(ResponseTooLarge, match=r"limits\.max_response_bytes.*attention_layers 'default'"):
         r.preprocess(TranslateJob(texts=DATES, attention="all"))
     r.preprocess(TranslateJob(texts=DATES, attention="default"))  # a ninth of it fits
+    with pytest.raises(ResponseTooLarge) as refused:  # without every layer: that is no way out
+        r.preprocess(TranslateJob(texts=DATES * 9, attention="default"))
+    assert refused.value.message.endswith("ask for fewer texts or a smaller max_length")
 
 
 def test_a_text_over_the_source_limit_is_refused_unless_truncated(tiny_repository: Path) -> None:
