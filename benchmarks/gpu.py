@@ -154,15 +154,20 @@ async def classify_load(worker: ModelWorker, jobs: list[ClassifyJob], clients: i
     }
 
 
-def _replica(directory: Path, providers: list[str], clients: int, seconds: float, go: Any, out: Any) -> None:
-    """(A spawned process: one replica.) The ViT's worker, warm; then, once every replica is,
-    ``clients`` closed-loop callers for ``seconds``."""
+def vit_worker(directory: Path, providers: list[str], replica: str) -> tuple[ModelWorker, list[ClassifyJob]]:
+    """The ViT's worker as a replica holds it, and 256 Fashion-MNIST PNGs to send it (top 5)."""
     from benchmarks.peers.smoke import test_images
 
     settings = Settings(repository=directory.parent.parent, providers=providers)
     entry = load_entry(directory.parent.parent, directory.parent.name, 1)
-    worker = ModelWorker(entry, settings, f"replica-{os.getpid()}", "local")
-    jobs = [ClassifyJob(image=png, top_k=5) for png in test_images(256)]
+    worker = ModelWorker(entry, settings, replica, "local")
+    return worker, [ClassifyJob(image=png, top_k=5) for png in test_images(256)]
+
+
+def _replica(directory: Path, providers: list[str], clients: int, seconds: float, go: Any, out: Any) -> None:
+    """(A spawned process: one replica.) The ViT's worker, warm; then, once every replica is,
+    ``clients`` closed-loop callers for ``seconds``."""
+    worker, jobs = vit_worker(directory, providers, f"replica-{os.getpid()}")
     out.put("ready")
     go.wait()
     out.put(asyncio.run(classify_load(worker, jobs, clients, seconds)))
@@ -223,12 +228,7 @@ def vit_in_process(
 ) -> dict[int, dict[str, float]]:
     """The ViT's worker called by closed-loop callers in this process (no Ray, no HTTP): its
     batcher, each request's PNG decode and preprocessing, top-5."""
-    from benchmarks.peers.smoke import test_images
-
-    settings = Settings(repository=directory.parent.parent, providers=providers)
-    entry = load_entry(directory.parent.parent, directory.parent.name, 1)
-    worker = ModelWorker(entry, settings, "gpu", "local")
-    jobs = [ClassifyJob(image=png, top_k=5) for png in test_images(256)]
+    worker, jobs = vit_worker(directory, providers, "gpu")
 
     async def each() -> dict[int, dict[str, float]]:  # one event loop: the worker's batcher lives on it
         return {n: await classify_load(worker, jobs, n, seconds) for n in clients}
@@ -303,8 +303,8 @@ def main(argv: list[str] | None = None) -> int:
             r["parity"][name] |= {f"export_{k}": v for k, v in Manifest.load(directory).eval_details.items()
                                   if isinstance(v, float)}  # fmt: skip
     print("ViT: ONNX Runtime CUDA alone, then served", flush=True)
-    r["vit_raw"] = vit_raw(repo / "fashion-vit" / "1", providers, seconds / 5)
     vit = repo / "fashion-vit" / "1"
+    r["vit_raw"] = vit_raw(vit, providers, seconds / 5)
     from benchmarks.peers.smoke import test_images
 
     r["vit_pipeline"] = vit_pipeline_images_per_s(

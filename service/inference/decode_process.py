@@ -181,8 +181,8 @@ class DecodeProcess(Submitting):
         if down is not None and now - down >= DOWN_S:
             why = f": {self.start_error}" if self.start_error else ""
             return f"its decode process has failed to restart for {now - down:.0f} s{why}"
-        if down is None and held and now - self.heard >= HUNG_S:
-            silent = now - self.heard
+        silent = now - self.heard
+        if down is None and held and silent >= HUNG_S:
             return f"its decode process has sent nothing for {silent:.0f} s while holding {held} requests"
         return None
 

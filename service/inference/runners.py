@@ -130,7 +130,7 @@ class TranslationRunner:
         if request.attention == "none":
             return
         spec = self.translator.spec
-        steps = min(request.max_length or spec.max_target_tokens, spec.max_target_tokens) + 1
+        steps = self.translator.target_limit(request.max_length) + 1
         per_cell = 1 + (spec.num_layers * spec.num_heads if request.attention == "all" else 0)
         values = sum(steps * length * per_cell for length in source_lengths)
         smaller = "fewer texts or a smaller max_length"

@@ -48,6 +48,14 @@ def alive(pid: int) -> bool:
         return False
 
 
+def kill(process: DecodeProcess) -> int:
+    """SIGKILL the child (a crash, out of memory); → its pid."""
+    pid = process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
 async def until(condition, seconds: float = 10.0) -> None:
     deadline = time.monotonic() + seconds
     while not condition():
@@ -147,9 +155,7 @@ async def test_a_child_that_dies_fails_what_it_held_and_is_started_again() -> No
     process = DecodeProcess(slow, token_budget=10_000)
     held = asyncio.create_task(process.submit([[3] * 30], options(max_len=500)))
     await until(lambda: process.rows >= 1)
-    first = process.pid
-    assert first is not None
-    os.kill(first, signal.SIGKILL)
+    first = kill(process)
     with pytest.raises(InferenceFailed, match="decoder process exited"):
         await held
     await until(lambda: process.pid != first and process.running)
@@ -225,10 +231,9 @@ async def test_a_child_whose_restarts_fail_makes_the_model_unhealthy_until_one_s
 ) -> None:
     monkeypatch.setattr(decode_process, "DOWN_S", 0.3)
     process = DecodeProcess(table, token_budget=400)
-    first = process.pid
-    assert first is not None and process.problem() is None
+    assert process.problem() is None
     process.factory = broken  # every restart fails from now on
-    os.kill(first, signal.SIGKILL)
+    kill(process)
     await until(lambda: process.problem() is not None and "no model here" in (process.problem() or ""))
     assert "has failed to restart for" in (process.problem() or "")
     process.factory = table  # the next try (back-off 1 s, 2 s, …) starts
@@ -265,9 +270,7 @@ async def test_a_hung_child_is_found_although_its_callers_give_up(monkeypatch: p
         assert process.held == 0 and process.problem() is None  # nothing waits on it now
         await asyncio.sleep(0.1)
     assert seen is not None and "sent nothing for" in seen
-    pid = process.pid
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
+    kill(process)
     process.close()
 
 
@@ -277,9 +280,7 @@ async def test_a_restart_that_takes_long_but_succeeds_is_not_unhealthy(
 ) -> None:
     monkeypatch.setattr(decode_process, "DOWN_S", 0.3)
     process = DecodeProcess(slow_to_start, token_budget=400)
-    first = process.pid
-    assert first is not None
-    os.kill(first, signal.SIGKILL)
+    first = kill(process)
     deadline = time.monotonic() + 10
     while not (process.running and process.pid != first):
         assert process.problem() is None, process.problem()  # loading, not failing
