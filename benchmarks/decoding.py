@@ -95,6 +95,20 @@ def export_version(
     return directory
 
 
+def write_long_model(trained: Transformer, like: Path, root: Path) -> Path:
+    """(c)'s and (e)'s model: ``trained``'s architecture with random weights that never emit EOS,
+    so every request runs to its ``max_length`` (up to 120 tokens) → its version directory under
+    ``root`` (``root/dates-transformer/1``). The GPU check reads it from there
+    (``--write-long-model``)."""
+    torch.manual_seed(1)
+    random_model = Transformer(dataclasses.replace(trained.cfg, max_len=256)).eval()
+    spec = Manifest.load(like).translation
+    assert spec is not None
+    with torch.no_grad():  # never EOS: every request runs to its max_length
+        random_model.generator.bias[spec.target_tokenizer.eos_id] = -1e4
+    return export_version(random_model, like, root / MODEL / "1", "kv", 120)
+
+
 def _best_ms(fn: Any, repeat: int = 20) -> float:
     fn()
     times = []
@@ -128,12 +142,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoints", type=Path, default=ROOT / "build" / "checkpoints")
     parser.add_argument("--duration", type=float, default=5.0)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument(
+        "--write-long-model",
+        type=Path,
+        metavar="DIR",
+        help="only write (c)'s long-decoding model under DIR (for the GPU check) and stop",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     like = args.repository / MODEL / "1"
     trained = checkpoint.load(args.checkpoints / MODEL).model
     assert isinstance(trained, Transformer)
+    if args.write_long_model:
+        print(f"wrote {write_long_model(trained, like, args.write_long_model)}")
+        return 0
     results: dict[str, Any] = {"date": stamp, "cost_ms_per_step": {}}
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
@@ -185,13 +208,7 @@ def main(argv: list[str] | None = None) -> int:
             "static": static,
             "rounds": rounds,
         }
-        torch.manual_seed(1)
-        random_model = Transformer(dataclasses.replace(trained.cfg, max_len=256)).eval()
-        spec = Manifest.load(like).translation
-        assert spec is not None
-        with torch.no_grad():  # never EOS: every request runs to its max_length
-            random_model.generator.bias[spec.target_tokenizer.eos_id] = -1e4
-        long = export_version(random_model, like, root / "random" / MODEL / "1", "kv", 120)
+        long = write_long_model(trained, like, root / "random")
         results["short_among_long"] = {}
         for mode in ("scheduler", "static"):
             print(f"(c, e) {mode}", flush=True)

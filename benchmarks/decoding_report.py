@@ -114,6 +114,17 @@ def write_report(r: dict[str, Any], path: Path) -> Path:
             f"| {mode} | {m['solo_short_ms']:.1f} | {m['short_p50_ms']:.1f} | {m['short_p99_ms']:.1f} | "
             f"{m['short_p50_vs_solo']:.2f} | {m['long_tokens_mean']:.0f} | {step} |"
         )
+    brackets = [
+        f"{mode} {m['solo_before_ms']:.1f} / {m['solo_after_ms']:.1f} ms"
+        for mode, m in r["short_among_long"].items()
+        if "solo_before_ms" in m  # not in reports written before both were measured
+    ]
+    if brackets:
+        lines += [
+            "",
+            "Solo: the lower median of 30 lone requests measured before and after the mixes, each "
+            f"warmed first (before / after: {', '.join(brackets)}).",
+        ]
     parts = r["short_among_long"].get("scheduler", {}).get("parts")
     if parts:
         lines += [

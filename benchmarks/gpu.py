@@ -3,9 +3,9 @@ paths at GPU batch sizes against ONNX Runtime CUDA alone → ``benchmarks/result
 
 1. **Parity.** Every model of the repository on CUDA against the CPU provider: the ViT's logits
    and attention on a batch of 64 (fp32 goal ≤ 1e-3; measured with TF32 off, ONNX Runtime's
-   ``use_tf32=0``, and as served, TF32 allowed); each translation model's greedy decodes — the
-   resident loop on CUDA against the numpy loop on CPU — tokens equal, attention's largest
-   difference. ``<name>-fp16`` variants: their drift from fp32 on CUDA.
+   ``use_tf32=0``, and as served — TF32 off too since 2026-12-04); each translation model's
+   greedy decodes — the resident loop on CUDA against the numpy loop on CPU — tokens equal,
+   attention's largest difference. ``<name>-fp16`` variants: their drift from fp32 on CUDA.
 2. **ViT.** ONNX Runtime CUDA alone (I/O binding, logits only) at batch 1 … 512 → its best
    images/s, beside it the one-process pipeline ceiling (the service's PNG decode and
    preprocessing of each image, then one CUDA run per batch); then the service (in-replica
@@ -18,6 +18,11 @@ paths at GPU batch sizes against ONNX Runtime CUDA alone → ``benchmarks/result
 3. **NMT.** Offline batched greedy decode (the resident loop, batches of 128) against the model's
    worker with its scheduler under 128 in-process clients, the loop on a thread and in its decode
    process (the default; the child chooses CUDA itself). Goal: served ≥ 0.8 × offline.
+4. **Short requests among long ones** (issue #17, 5c) with ``--long-model DIR`` (written by
+   ``python -m benchmarks.decoding --write-long-model DIR``: random weights that never emit EOS):
+   ``make bench-decoding``'s (c) with the scheduler's loop on CUDA in its decode process — 8
+   clients of 100-token requests, 8 of 10-token ones; the short p50 against a lone short request
+   (goal ≤ 1.3 ×), and the mean step with rows per step alone and mixed.
 
 Needs a CUDA GPU and onnxruntime-gpu (the ``serve-gpu`` extra); refuses to run without them.
 ``--smoke-on-cpu`` runs every part on the CPU provider in seconds (the resident loop included) so
@@ -45,7 +50,8 @@ import numpy as np
 import onnxruntime as ort
 
 from benchmarks.ceilings import timed, vit_pipeline_images_per_s
-from benchmarks.decoding_load import TEXTS, calling, closed_loop
+from benchmarks.decoding_load import TEXTS, calling, closed_loop, solo_then_mixed
+from benchmarks.decoding_load import worker as decoding_worker
 from benchmarks.loadgen import Request, percentile
 from benchmarks.loadgen import closed_loop as http_closed_loop
 from service.inference.jobs import ClassifyJob, TranslateJob
@@ -272,6 +278,17 @@ def nmt(directory: Path, providers: list[str], seconds: float) -> dict[str, Any]
     return r
 
 
+def short_among_long(directory: Path, providers: list[str], seconds: float) -> dict[str, Any]:
+    """(4): ``make bench-decoding``'s (c) and (e) with the scheduler's loop in its decode process
+    on ``providers``."""
+    w = decoding_worker(directory, static=False, providers=providers)
+    try:
+        solo, mixed = asyncio.run(solo_then_mixed(w, seconds))
+    finally:
+        w.close()
+    return {"solo_short_ms": solo, **mixed, "short_p50_vs_solo": mixed["short_p50_ms"] / solo}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--repository", type=Path, default=Path("model_repository"))
@@ -282,6 +299,12 @@ def main(argv: list[str] | None = None) -> int:
         "--vit-in-process",
         action="store_true",
         help="the served ViT as its worker in this process, not over HTTP (the default where Ray is missing)",
+    )
+    p.add_argument(
+        "--long-model",
+        type=Path,
+        metavar="DIR",
+        help="part 4 on this model (python -m benchmarks.decoding --write-long-model DIR writes it)",
     )
     args = p.parse_args(argv)
     providers, seconds = (CPU, 1.0) if args.smoke_on_cpu else (CUDA, args.seconds)
@@ -325,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         for n in ("dates-transformer", "bible-fr-en-transformer")
         if n in names
     }
+    if args.long_model:
+        print("NMT: short requests among long ones", flush=True)
+        long = args.long_model / "dates-transformer" / "1"
+        r["short_among_long"] = short_among_long(long, providers, seconds)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"{r['date']}-gpu"
     stem.with_suffix(".json").write_text(json.dumps(r, indent=2, default=str))
@@ -394,6 +421,25 @@ def markdown(r: dict[str, Any]) -> str:
             f"| {n} | {m['offline_tokens_per_s']:,.0f} | {thread:,.0f} | {m['ratio']:.2f} "
             f"| {process:,.0f} ({m['served_process']['providers'][0]}) | {m['ratio_process']:.2f} |"
         )
+    c = r.get("short_among_long")
+    if c:
+        lines += [
+            "",
+            "## Short requests among long ones (#17 5c; the loop on CUDA in its decode process)",
+            "",
+            f"A lone 10-token request: {c['solo_short_ms']:.1f} ms (the lower median of 30, warmed, "
+            f"before / after the mixes: {c['solo_before_ms']:.1f} / {c['solo_after_ms']:.1f}). "
+            f"8 clients of 100-token requests and 8 of "
+            f"10-token ones: short p50 {c['short_p50_ms']:.1f} ms = **{c['short_p50_vs_solo']:.2f} × solo** "
+            f"(goal ≤ 1.3), p99 {c['short_p99_ms']:.1f} ms.",
+        ]
+        if "solo_step_ms" in c and "mixed_step_ms" in c:
+            lines.append(
+                f"Mean step {c['solo_step_ms']:.2f} ms at {c['solo_rows_per_step']:.1f} rows alone, "
+                f"{c['mixed_step_ms']:.2f} ms at {c['mixed_rows_per_step']:.1f} rows mixed."
+            )
+        for part, v in c.get("parts", {}).items():
+            lines.append(f"- {part}: short p50 {v['short_p50_ms']:.1f} ms ({v['vs_solo']:.2f} × solo)")
     return "\n".join(lines) + "\n"
 
 

@@ -7,7 +7,8 @@
 # 2. writes the fp16 variants of the demo models (export --precision fp16);
 # 3. runs the GPU tests (CUDA vs CPU parity, the resident decoder loop, fp16 on CUDA);
 # 4. runs benchmarks/gpu.py: parity figures, fp16 drift, ViT against ONNX Runtime CUDA at its
-#    best batch, NMT served against offline → benchmarks/results/<date>-gpu.{json,md}.
+#    best batch, NMT served against offline, short requests among long ones (#17 5c)
+#    → benchmarks/results/<date>-gpu.{json,md}.
 # Budget: ~5 minutes when the demo models exist (make models trains them once, a few minutes on
 # many cores); every step stops the script on failure.
 set -euo pipefail
@@ -18,10 +19,12 @@ make models REPO="$REPO"
 for name in fashion-vit dates-transformer; do
   [ -d "$REPO/$name-fp16" ] || .venv/bin/python -m export export "$name" --repository "$REPO" --precision fp16
 done
+# #17 5c's model: random weights that never emit EOS, so long requests decode 100 tokens
+[ -d build/long-model ] || .venv/bin/python -m benchmarks.decoding --repository "$REPO" --write-long-model build/long-model
 make .venv-gpu/.installed
 .venv-gpu/bin/python -m pip install --quiet "pytest>=8" "requests>=2.31" "psutil>=5.9"
 export RAY_USAGE_STATS_ENABLED=0 RAY_worker_niceness=0
 # the tests that need CUDA (marked gpu), and the resident loop's parity tests on the GPU build
 GPU_TEST_REPOSITORY="$REPO" .venv-gpu/bin/python -m pytest -q -p no:cacheprovider -m gpu tests/service/inference/test_gpu.py || status=$?
-.venv-gpu/bin/python -m benchmarks.gpu --repository "$REPO"
+.venv-gpu/bin/python -m benchmarks.gpu --repository "$REPO" --long-model build/long-model
 exit "${status:-0}"

@@ -79,7 +79,7 @@ class DeviceOps:
         self.providers = providers
         self.device = "cuda" if providers[0] == "CUDAExecutionProvider" else "cpu"
         self.device_id = device_id
-        self._sessions: dict[tuple[str, np.dtype], ort.InferenceSession] = {}
+        self._sessions: dict[tuple[str, Any], ort.InferenceSession] = {}
         self._lock = threading.Lock()  # the op cache: a model's loop and its warm-up may race
 
     # -- moving values ----------------------------------------------------------------------------
@@ -145,6 +145,46 @@ class DeviceOps:
             out = self.run(self._session("join", out.dtype), feeds, ["y"], [])["y"]
         return out
 
+    def take_all(
+        self,
+        xs: list[DeviceArray],
+        index: np.ndarray,
+        axes: list[int],
+        start: int = 0,
+        stop: int | None = None,
+    ) -> list[DeviceArray]:
+        """:meth:`take` of the same rows from every array of ``xs`` (each cut along its own axis)
+        in one graph run: a batch's state is a dozen tensors, and on CUDA each run costs its
+        launch and binding whatever its size."""
+        feeds: dict[str, Any] = {"index": np.asarray(index, dtype=np.int64)}
+        for i, (x, axis) in enumerate(zip(xs, axes, strict=True)):
+            feeds |= {
+                f"x{i}": x,
+                f"starts{i}": np.array([start], dtype=np.int64),
+                f"ends{i}": np.array([_END if stop is None else stop], dtype=np.int64),
+                f"axes{i}": np.array([axis % x.ndim], dtype=np.int64),
+            }
+        names = [f"y{i}" for i in range(len(xs))]
+        out = self.run(self._session("take_all", tuple(x.dtype for x in xs)), feeds, names, [])
+        return [out[n] for n in names]
+
+    def join_all(
+        self, pairs: list[tuple[DeviceArray, DeviceArray]], axes: list[int], width: int, left: bool = False
+    ) -> list[DeviceArray]:
+        """:meth:`join` of several pairs (the running batch's tensors and a newcomer's) in one
+        graph run."""
+        feeds: dict[str, Any] = {}
+        for i, ((a, b), axis) in enumerate(zip(pairs, axes, strict=True)):
+            feeds |= {
+                f"a{i}": a,
+                f"b{i}": b,
+                f"pads_a{i}": _pads(a, axis, width, left),
+                f"pads_b{i}": _pads(b, axis, width, left),
+            }
+        names = [f"y{i}" for i in range(len(pairs))]
+        out = self.run(self._session("join_all", tuple(a.dtype for a, _ in pairs)), feeds, names, [])
+        return [out[n] for n in names]
+
     def pad(self, x: DeviceArray, axis: int, width: int, left: bool = False) -> DeviceArray:
         feeds = {"x": x, "pads": _pads(x, axis, width, left)}
         return self.run(self._session("pad", x.dtype), feeds, ["y"], [])["y"]
@@ -157,15 +197,16 @@ class DeviceOps:
         out = self.run(self._session("top", logits.dtype), feeds, [], ["logp", "ids"])
         return TopCandidates(out["logp"], out["ids"])
 
-    def _session(self, op: str, dtype: np.dtype) -> ort.InferenceSession:
-        key = (op, np.dtype(dtype))
+    def _session(self, op: str, dtype: np.dtype | tuple[np.dtype, ...]) -> ort.InferenceSession:
+        """``op``'s graph for ``dtype`` (the ``*_all`` ops: one dtype per array they take)."""
+        key = (op, dtype if isinstance(dtype, tuple) else np.dtype(dtype))
         with self._lock:
             session = self._sessions.get(key)
             if session is None:
                 options = ort.SessionOptions()
                 options.intra_op_num_threads = 1
                 options.inter_op_num_threads = 1
-                model = _BUILDERS[op](np.dtype(dtype))
+                model = _BUILDERS[op](key[1])
                 session = ort.InferenceSession(model, sess_options=options, providers=self.providers)
                 self._sessions[key] = session
             return session
@@ -225,6 +266,41 @@ def _join(dtype: np.dtype) -> bytes:
     return _model(nodes, inputs, [_tensor("y", dtype)])
 
 
+def _take_all(dtypes: tuple[np.dtype, ...]) -> bytes:
+    from onnx import helper
+
+    nodes: list[Any] = []
+    inputs, outputs = [_tensor("index", np.int64)], []
+    for i, dtype in enumerate(dtypes):
+        nodes += [
+            helper.make_node("Gather", [f"x{i}", "index"], [f"rows{i}"], axis=0),
+            helper.make_node("Slice", [f"rows{i}", f"starts{i}", f"ends{i}", f"axes{i}"], [f"y{i}"]),
+        ]
+        inputs += [
+            _tensor(f"x{i}", dtype),
+            *(_tensor(f"{n}{i}", np.int64) for n in ("starts", "ends", "axes")),
+        ]
+        outputs.append(_tensor(f"y{i}", dtype))
+    return _model(nodes, inputs, outputs)
+
+
+def _join_all(dtypes: tuple[np.dtype, ...]) -> bytes:
+    from onnx import helper
+
+    nodes: list[Any] = []
+    inputs, outputs = [], []
+    for i, dtype in enumerate(dtypes):
+        nodes += [
+            helper.make_node("Pad", [f"a{i}", f"pads_a{i}"], [f"a_padded{i}"]),
+            helper.make_node("Pad", [f"b{i}", f"pads_b{i}"], [f"b_padded{i}"]),
+            helper.make_node("Concat", [f"a_padded{i}", f"b_padded{i}"], [f"y{i}"], axis=0),
+        ]
+        inputs += [_tensor(f"a{i}", dtype), _tensor(f"b{i}", dtype)]
+        inputs += [_tensor(f"pads_a{i}", np.int64), _tensor(f"pads_b{i}", np.int64)]
+        outputs.append(_tensor(f"y{i}", dtype))
+    return _model(nodes, inputs, outputs)
+
+
 def _pad(dtype: np.dtype) -> bytes:
     from onnx import helper
 
@@ -244,4 +320,11 @@ def _top(dtype: np.dtype) -> bytes:
     return _model(nodes, inputs, [_tensor("logp", np.float32), _tensor("ids", np.int64)])
 
 
-_BUILDERS = {"take": _take, "join": _join, "pad": _pad, "top": _top}
+_BUILDERS: dict[str, Any] = {
+    "take": _take,
+    "join": _join,
+    "pad": _pad,
+    "top": _top,
+    "take_all": _take_all,
+    "join_all": _join_all,
+}

@@ -58,8 +58,12 @@ def _declared(spec: GraphSpec, name: str, ort_type: str) -> np.dtype:
 #: default (EXHAUSTIVE); a served batch has whatever size accumulated (1 … max batch), and on an
 #: H200 the ViT served over HTTP computed its batches in 48–56 ms with it against 8–14 ms with
 #: cuDNN's heuristic (8 and 64 clients: 82 → 453 and 571 → 2,178 images/s;
-#: benchmarks/results/2026-12-04-gpu.md).
-CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC"}
+#: benchmarks/results/2026-12-04-gpu.md). TF32 off (ONNX Runtime allows it by default; PyTorch's
+#: matmuls do not): an fp32 model answers on CUDA what it answers on CPU — with TF32 the H200 gave
+#: the ViT's logits 1.3e-3 away from the CPU's and bible-fr-en-transformer a different greedy
+#: decode for 1 text in 8 — and these models are not bound by the GPU's matmuls (the speed path
+#: on a GPU is an fp16 variant, ``export --precision fp16``).
+CUDA_OPTIONS = {"cudnn_conv_algo_search": "HEURISTIC", "use_tf32": "0"}
 
 
 class GraphSession:

@@ -44,8 +44,7 @@ class KVCache:
         mask = self.mask[index]
         held = mask.any(axis=0)
         start = int(held.argmax()) if held.any() else mask.shape[1]  # drop columns nobody holds
-        tensors = {k: _rows(v, index, v.ndim - 2, start=start) for k, v in self.tensors.items()}
-        return KVCache(tensors, mask[:, start:])
+        return KVCache(_rows_all(self.tensors, index, start=start), mask[:, start:])
 
     @property
     def positions(self) -> int:
@@ -55,10 +54,7 @@ class KVCache:
     def concat(caches: list[KVCache]) -> KVCache:
         """Rows of several caches in one, the shorter ones padded (masked) on the left."""
         width = max(c.positions for c in caches)
-        tensors = {
-            k: join([c.tensors[k] for c in caches], v.ndim - 2, width, left=True)
-            for k, v in caches[0].tensors.items()
-        }
+        tensors = _join_all({k: [c.tensors[k] for c in caches] for k in caches[0].tensors}, width, left=True)
         return KVCache(tensors, join([c.mask for c in caches], 1, width, left=True))
 
 
@@ -100,7 +96,7 @@ class RowBatch:
     def __getitem__(self, index: np.ndarray) -> RowBatch:
         mask = self.src_mask[index]
         width = int(mask.sum(axis=1).max()) if len(mask) else 0  # drop padding nobody needs
-        tensors = {k: _rows(v, index, v.ndim - 2, width) for k, v in self.tensors.items()}
+        tensors = _rows_all(self.tensors, index, stop=width)
         return RowBatch(mask[:, :width], tensors, None if self.state is None else self.state[index])
 
     @staticmethod
@@ -108,9 +104,7 @@ class RowBatch:
         if len(batches) == 1:
             return batches[0]
         width = max(b.src_mask.shape[1] for b in batches)
-        tensors = {
-            k: join([b.tensors[k] for b in batches], v.ndim - 2, width) for k, v in batches[0].tensors.items()
-        }
+        tensors = _join_all({k: [b.tensors[k] for b in batches] for k in batches[0].tensors}, width)
         states = [b.state for b in batches]
         state: Any = None
         if isinstance(states[0], KVCache):
@@ -125,6 +119,33 @@ def _empty_past(cross: Any) -> Any:
     where they are)."""
     empty = np.zeros((*cross.shape[:-2], 0, cross.shape[-1]), dtype=cross.dtype)
     return cross.ops.upload(empty) if isinstance(cross, DeviceArray) else empty
+
+
+def _on_device(arrays: list[Any]) -> bool:
+    return len(arrays) > 1 and all(isinstance(a, DeviceArray) for a in arrays)
+
+
+def _rows_all(
+    tensors: dict[str, Any], index: np.ndarray, start: int = 0, stop: int | None = None
+) -> dict[str, Any]:
+    """Each of ``tensors``' rows ``index``, cut to ``start:stop`` along its second-to-last axis
+    (source or positions) — on the device in one graph run for all of them."""
+    arrays = list(tensors.values())
+    if _on_device(arrays):
+        axes = [a.ndim - 2 for a in arrays]
+        return dict(zip(tensors, arrays[0].ops.take_all(arrays, index, axes, start, stop), strict=True))
+    return {k: _rows(v, index, v.ndim - 2, stop, start) for k, v in tensors.items()}
+
+
+def _join_all(groups: dict[str, list[Any]], width: int, left: bool = False) -> dict[str, Any]:
+    """:func:`join` of each group (along its second-to-last axis) — on the device in one graph
+    run for all groups when each joins two arrays (the running batch and its newcomers)."""
+    firsts = [g[0] for g in groups.values()]
+    if _on_device(firsts) and all(len(g) == 2 and _on_device(g) for g in groups.values()):
+        pairs = [(g[0], g[1]) for g in groups.values()]
+        axes = [a.ndim - 2 for a in firsts]
+        return dict(zip(groups, firsts[0].ops.join_all(pairs, axes, width, left), strict=True))
+    return {k: join(g, g[0].ndim - 2, width, left) for k, g in groups.items()}
 
 
 def _rows(a: Any, index: np.ndarray, axis: int, width: int | None = None, start: int = 0) -> Any:

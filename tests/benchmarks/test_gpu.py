@@ -1,6 +1,6 @@
 """The GPU check's script and benchmark, on a machine without a GPU: ``benchmarks/gpu.py`` refuses
 without CUDA and runs every part on the CPU provider in its smoke mode (the report it writes has
-the parity rows, the raw and served ViT rates and the NMT ratios); ``gpu_check.sh`` parses and the
+the parity rows, the raw and served ViT rates, the NMT ratios and short requests among long ones); ``gpu_check.sh`` parses and the
 make target it installs ``.venv-gpu`` with exists."""
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import onnxruntime as ort
 import pytest
 
 from benchmarks import gpu
+from benchmarks.decoding_load import PARTS
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -26,7 +27,8 @@ def test_the_gpu_benchmark_refuses_without_cuda(tmp_path: Path) -> None:
 def test_every_part_of_the_gpu_benchmark_runs_on_the_cpu_provider(
     tiny_repository: Path, tmp_path: Path
 ) -> None:
-    assert gpu.main(["--repository", str(tiny_repository), "--out", str(tmp_path), "--smoke-on-cpu"]) == 0
+    args = ["--repository", str(tiny_repository), "--out", str(tmp_path), "--smoke-on-cpu"]
+    assert gpu.main([*args, "--long-model", str(tiny_repository)]) == 0  # the demo model stands in
     [report] = tmp_path.glob("*-gpu.json")
     r = json.loads(report.read_text())
     for name in ("dates-transformer", "dates-bahdanau"):
@@ -35,7 +37,10 @@ def test_every_part_of_the_gpu_benchmark_runs_on_the_cpu_provider(
     assert r["vit_raw"]["best_images_per_s"] > 0 and set(r["vit_served"]) == {"64", "256"}
     assert r["vit_served"]["64"]["images_per_s"] > 0 and r["nmt"]["dates-transformer"]["ratio"] > 0
     assert r["vit_pipeline"]["images_per_s"] > 0
-    assert "× pipeline ceiling (goal ≥ 0.9)" in report.with_suffix(".md").read_text()
+    c = r["short_among_long"]
+    assert c["short_requests"] > 0 and c["solo_short_ms"] > 0 and set(c["parts"]) == set(PARTS)
+    md = report.with_suffix(".md").read_text()
+    assert "× pipeline ceiling (goal ≥ 0.9)" in md and "× solo** (goal ≤ 1.3)" in md
 
 
 @pytest.mark.slow

@@ -136,3 +136,49 @@ def test_rows_of_a_resident_batch_stay_device_arrays(ops: DeviceOps) -> None:
     joined = RowBatch.concat([kept, batch])
     assert joined.tensors["memory"].shape == (5, 4, 2) and joined.state.shape == (5, 2)
     assert np.array_equal(joined.state.numpy(), np.concatenate([state.numpy()[[0, 2]], state.numpy()]))
+
+
+def test_a_batchs_tensors_move_in_one_graph_run_each_as_alone(ops: DeviceOps) -> None:
+    """take_all / join_all (a batch's dozen state tensors in one run, not one run each) give what
+    take / join give array by array — arrays of other dtypes and ranks together — and a
+    multi-tensor batch and cache index and join on the device as on the host."""
+    rng = np.random.default_rng(1)
+    xs = [
+        rng.standard_normal((5, 2, 4, 3)).astype(np.float32),
+        rng.standard_normal((5, 6, 3)).astype(np.float16),
+    ]
+    ys = [
+        rng.standard_normal((2, 2, 7, 3)).astype(np.float32),
+        rng.standard_normal((2, 6, 3)).astype(np.float16),
+    ]
+    index = np.array([4, 0, 0, 2])
+    for start, stop in ((0, None), (1, 3)):
+        got = ops.take_all([ops.upload(x) for x in xs], index, [2, 1], start, stop)
+        for x, g, axis in zip(xs, got, (2, 1), strict=True):
+            assert np.array_equal(g.numpy(), ops.take(ops.upload(x), index, axis, start, stop).numpy())
+    for left in (False, True):
+        pairs = [(ops.upload(xs[0]), ops.upload(ys[0])), (ops.upload(xs[1][:, :4]), ops.upload(ys[1]))]
+        got = ops.join_all(pairs, [2, 1], 9, left)
+        assert np.array_equal(got[0].numpy(), join([xs[0], ys[0]], 2, 9, left))
+        assert np.array_equal(got[1].numpy(), join([xs[1][:, :4], ys[1]], 1, 9, left))
+    mask = rng.random((5, 4)) > 0.3
+    mask[:, -1] = True
+    names = ["past_keys.0", "past_values.0", "past_keys.1"]
+    host = KVCache({n: rng.standard_normal((5, 2, 4, 3)).astype(np.float32) for n in names}, mask)
+    device = KVCache({n: ops.upload(v) for n, v in host.tensors.items()}, mask)
+    src = np.ones((5, 3), dtype=bool)
+    src[0, 2] = False
+    cross = {
+        f"cross_{n}": rng.standard_normal((5, 2, 3, 3)).astype(np.float32) for n in ("keys.0", "values.0")
+    }
+    on_host = RowBatch(src, cross, host)
+    on_device = RowBatch(src, {n: ops.upload(v) for n, v in cross.items()}, device)
+    for rows in (np.array([0]), np.array([3, 1, 1])):
+        a, b = on_host[rows], on_device[rows]
+        joined_host, joined_device = RowBatch.concat([on_host, a]), RowBatch.concat([on_device, b])
+        for h, d in ((a, b), (joined_host, joined_device)):
+            assert np.array_equal(h.src_mask, d.src_mask) and np.array_equal(h.state.mask, d.state.mask)
+            for n in h.tensors:
+                assert np.array_equal(h.tensors[n], d.tensors[n].numpy())
+            for n in h.state.tensors:
+                assert np.array_equal(h.state.tensors[n], d.state.tensors[n].numpy())
