@@ -72,6 +72,8 @@ ATTENTION_OUTPUTS = {"ATTENTION", "ROLLOUT", "ATTENTIONS"}
 #: the outputs ``return_attention`` adds when the request names none: an attention map with the
 #: tokens that label its rows and columns
 WITH_ATTENTION = {"translation": TRANSLATION_OUTPUTS[2:], "image-classification": IMAGE_OUTPUTS[3:]}
+#: a v2 request asks for every layer's attention by naming ATTENTIONS: the way to less
+FEWER_LAYERS = "the ROLLOUT output instead of ATTENTIONS (not every layer)"
 
 
 @dataclass
@@ -198,12 +200,18 @@ def _classify_jobs(
         if tensor.datatype != "BYTES" or tensor.data.ndim != 1:
             raise InvalidInput(f"IMAGE: expected BYTES with shape [-1], got {tensor.datatype} {tensor.shape}")
         images = enumerate(tensor.data)  # errors name IMAGE[i], not the REST field
-        return [classify_job(options, image=bytes(item), field=f"IMAGE[{i}]") for i, item in images]
+        return [
+            classify_job(options, image=bytes(item), field=f"IMAGE[{i}]", fewer_layers=FEWER_LAYERS)
+            for i, item in images
+        ]
     if tensor.datatype not in ("UINT8", "FP32") or tensor.data.ndim not in (3, 4):
         raise InvalidInput(
             f"PIXELS: expected UINT8 or FP32 [-1, H, W(, C)], got {tensor.datatype} {tensor.shape}"
         )
-    return [classify_job(options, pixels=row) for row in tensor.data]
+    rows = enumerate(tensor.data)
+    return [
+        classify_job(options, pixels=row, field=f"PIXELS[{i}]", fewer_layers=FEWER_LAYERS) for i, row in rows
+    ]
 
 
 def _only_input(by_name: dict[str, Tensor], allowed: list[str]) -> Tensor:

@@ -37,7 +37,7 @@ def check(job: Any, limits: Limits) -> None:
                 f"{job.field}: {len(job.image)} bytes exceed the limit of {limits.max_image_bytes}"
             )
         if job.pixels is not None and job.pixels.size > limits.max_image_pixels * 4:
-            raise PayloadTooLarge(f"pixels: {job.pixels.size} values exceed the limit")
+            raise PayloadTooLarge(f"{job.field}: {job.pixels.size} values exceed the limit")
 
 
 def check_count(jobs: list[Any], limits: Limits) -> None:

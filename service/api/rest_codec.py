@@ -50,8 +50,11 @@ def classify_job(
     options: ClassifyOptions,
     image: bytes | None = None,
     pixels: np.ndarray | None = None,
-    field: str = "image",
+    field: str | None = None,
+    fewer_layers: str | None = None,
 ) -> ClassifyJob:
+    """The core's job; ``field`` (default ``image`` or ``pixels``) and ``fewer_layers`` name the
+    request's parts as its protocol spells them, for error messages."""
     attention = options.attention_layers if options.return_attention else "none"
     return ClassifyJob(
         image=image,
@@ -60,7 +63,8 @@ def classify_job(
         attention=attention,
         head_fusion=options.head_fusion,
         discard_ratio=options.discard_ratio,
-        field=field,
+        field=field or "",
+        **({"fewer_layers": fewer_layers} if fewer_layers else {}),
     )
 
 

@@ -47,8 +47,16 @@ class ClassifyJob:
     attention: ImageAttention = "none"
     head_fusion: HeadFusion = "mean"
     discard_ratio: float = 0.0
-    #: the request field the image came from, as error messages name it ("image", "file", "IMAGE")
-    field: str = "image"
+    #: the request field the image came from, as error messages name it ("image", "file",
+    #: "pixels", "IMAGE[0]", "PIXELS[0]"); default "image" or "pixels", whichever was given
+    field: str = ""
+    #: how this request's protocol asks for less than every layer's attention (named when an
+    #: answer with every layer would be too large)
+    fewer_layers: str = "attention_layers 'rollout' (not every layer)"
+
+    def __post_init__(self) -> None:
+        if not self.field:
+            object.__setattr__(self, "field", "image" if self.image is not None else "pixels")
 
 
 @dataclass

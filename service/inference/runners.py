@@ -210,25 +210,24 @@ class ClassificationRunner:
         if job.image is not None:
             image = self._decode(job.image, job.field)
         else:
-            image = pixels_to_image(self._pixel_array(job.pixels))
+            image = pixels_to_image(self._pixel_array(job.pixels, job.field), job.field)
         if job.attention != "none":
             tokens = self.spec.prefix_tokens + self.spec.grid[0] * self.spec.grid[1]
             values = self.spec.grid[0] * self.spec.grid[1]
             if job.attention == "all":
                 values += self.spec.num_layers * self.spec.num_heads * tokens * tokens
-            smaller = "attention_layers 'rollout' (not every layer)"
-            check_answer_size(values, self.limits.max_response_bytes, smaller)
+            check_answer_size(values, self.limits.max_response_bytes, job.fewer_layers)
         pixels, resized = preprocess(image, self.spec)
         return ClassifyWork(job, pixels, resized)
 
     def _decode(self, data: bytes, field: str) -> Any:
         return decode_image(data, self.limits.max_image_pixels, mode_of(self.spec), field)  # bombs too
 
-    def _pixel_array(self, pixels: Any) -> np.ndarray:
+    def _pixel_array(self, pixels: Any, field: str) -> np.ndarray:
         try:
             array = np.asarray(pixels, dtype=np.float64)
         except (ValueError, TypeError) as exc:
-            raise InvalidInput("pixels: must be a rectangular array of numbers") from exc
+            raise InvalidInput(f"{field}: must be a rectangular array of numbers") from exc
         return array
 
     def size(self, work: ClassifyWork) -> int:

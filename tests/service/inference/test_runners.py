@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.errors import PayloadTooLarge, ResponseTooLarge
+from service.errors import InvalidInput, PayloadTooLarge, ResponseTooLarge
 from service.inference.jobs import Classified, ClassifyJob, Translated, TranslateJob
 from service.inference.repository import load_entry
 from service.inference.runners import ClassificationRunner, TranslationRunner, batch_dependent, make_runner
@@ -164,3 +164,29 @@ def test_a_float16_model_translates_as_fp32_does(
         assert y.attention.dtype == np.float32
         assert np.abs(y.attention - x.attention).max() <= FP16_ATTENTION
         assert abs(y.score - x.score) <= FP16_SCORE
+
+
+def test_image_refusals_name_the_request_as_its_protocol_spells_it(tiny_repository: Path) -> None:
+    """A v2 request's every-layer answer is refused with the v2 way out (the ROLLOUT output, not
+    ATTENTIONS; REST's is ``attention_layers``), and bad pixel rows are named PIXELS[i] (REST:
+    ``pixels``)."""
+    from service.api import kserve
+    from service.inference.manifest import Manifest
+
+    r = runner(tiny_repository, "fashion-vit", Limits(max_response_bytes=64 * 1024))  # every layer: ~197 kB
+    manifest = Manifest.load(tiny_repository / "fashion-vit" / "1")
+    png = canvas_png()[0]
+    image = kserve.Tensor("IMAGE", "BYTES", [1], np.array([png], dtype=np.object_))
+    [job] = kserve.to_requests(manifest, [image], {}, ["LABELS", "ATTENTIONS"])
+    with pytest.raises(ResponseTooLarge, match=r"ask for the ROLLOUT output instead of ATTENTIONS") as v2:
+        r.preprocess(job)
+    assert "attention_layers" not in v2.value.message
+    rest = ClassifyJob(image=png, attention="all")
+    with pytest.raises(ResponseTooLarge, match=r"attention_layers 'rollout'"):
+        r.preprocess(rest)
+    rows = np.full((2, 4, 4), np.nan, dtype=np.float32)
+    jobs = kserve.to_requests(manifest, [kserve.Tensor("PIXELS", "FP32", [2, 4, 4], rows)], {}, ["LABELS"])
+    with pytest.raises(InvalidInput, match=r"^PIXELS\[1\]: values must be finite"):
+        r.preprocess(jobs[1])
+    with pytest.raises(InvalidInput, match=r"^pixels: values must be finite"):
+        r.preprocess(ClassifyJob(pixels=rows[0]))
