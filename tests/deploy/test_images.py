@@ -204,3 +204,23 @@ def test_kuberay_manifests_use_no_deprecated_fields(name: str) -> None:
     """KubeRay has deprecated serviceUnhealthySecondThreshold and deploymentUnhealthySecondThreshold."""
     service, _, _ = rayservice(name)
     assert not [key for key in service["spec"] if key.endswith("UnhealthySecondThreshold")]
+
+
+@pytest.mark.parametrize("name", ["rayservice.yaml", "rayservice.gpu.yaml"])
+def test_kuberay_pods_take_the_api_token_from_a_secret(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every pod (the head builds the application's settings, the workers run its replicas) reads
+    ATTN_API_TOKEN from the Secret when it exists (optional: without it, no token); the settings
+    the application's args make then require it."""
+    from service.settings import Settings
+
+    service, app, _ = rayservice(name)
+    cluster = service["spec"]["rayClusterConfig"]
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    for group in groups:
+        [container] = group["template"]["spec"]["containers"]
+        [env] = [e for e in container["env"] if e["name"] == "ATTN_API_TOKEN"]
+        ref = env["valueFrom"]["secretKeyRef"]
+        assert ref == {"name": "attention-serve", "key": "api-token", "optional": True}
+    monkeypatch.setenv("ATTN_API_TOKEN", "x" * 48)
+    settings = Settings(**{**app["args"], "repository": ROOT})
+    assert settings.api_token is not None and settings.api_token.get_secret_value() == "x" * 48
