@@ -95,6 +95,9 @@ def test_cluster_profile() -> None:
     assert worker["depends_on"]["serve"]["condition"] == "service_started"
     # the service's settings too: the entrypoint derives every node's Ray environment from them
     assert cfg["services"]["serve"]["environment"].items() <= worker["environment"].items()
+    # the serve image, buildable from the worker too: never pulled from a registry
+    assert worker["image"] == cfg["services"]["serve"]["image"]
+    assert worker["build"] == cfg["services"]["serve"]["build"]
 
 
 def test_the_cluster_command_puts_one_replica_on_each_node() -> None:
