@@ -19,21 +19,24 @@ decoder steps, takes whatever the parent sent. Pickled over a socket pair:
   the requests that finished (attention only when asked for), failures, and the step counts for
   the metrics (held back up to ``decode_child.STATS_EVERY_S`` while nothing else is sent).
 
-A reader thread in the parent hands each caller its tokens and answer on its own event loop, as
-the in-process scheduler does. The child exits when the parent's end of the socket closes (the
-parent ended, however) or after a close, once drained; a child that dies fails the requests it
-held (InferenceFailed) and is started again.
+Sends to the child never block the caller (``_Sender``: into the socket while it has room, else
+through a writer thread), and a reader thread in the parent hands each caller its tokens and
+answer on its own event loop, as the in-process scheduler does. The child exits when the
+parent's end of the socket closes (the parent ended, however) or after a close, once drained; a
+child that dies fails the requests it held (InferenceFailed) and is started again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import functools
 import inspect
 import logging
 import os
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -41,6 +44,8 @@ import time
 import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from multiprocessing.reduction import ForkingPickler
+from typing import Any
 
 import numpy as np
 
@@ -66,6 +71,81 @@ START_TIMEOUT_S = 300.0
 #: child reports after every step (at most every 50 ms), so only a step that long, or a hang, does
 DOWN_S = 30.0
 HUNG_S = 120.0
+
+
+class _Sender:
+    """Messages to the child, never blocking the caller (the serving event loop): each goes
+    straight into the socket while it has room, else — and after it, every later one, to keep the
+    order — to a writer thread that waits for room. A child reads only between decoder steps, so
+    a request of many long texts sent during a long step fills the socket's buffer alone; a
+    blocking send would stop the event loop, and with it every model of the replica, until the
+    step ended. The framing is ``multiprocessing.connection.Connection``'s, which the child reads
+    with. What waits is bounded by the requests the model holds (its capacity)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self._sock = sock
+        self._pending: collections.deque[bytes] = collections.deque()
+        self._wake = threading.Condition()
+        self._writer: threading.Thread | None = None
+        self._broken: OSError | None = None  # the child went: every later send raises this
+        self._closed = False
+
+    def send(self, message: Any) -> None:
+        """Queue ``message``; raises OSError when the child is gone."""
+        data = bytes(ForkingPickler.dumps(message))
+        n = len(data)  # Connection._send_bytes's header
+        head = struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)
+        frame = head + data
+        with self._wake:
+            if self._broken is not None:
+                raise self._broken
+            if not self._pending:
+                try:
+                    sent = self._sock.send(frame, socket.MSG_DONTWAIT)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    self._broken = exc
+                    raise
+                if sent == len(frame):
+                    return
+                frame = frame[sent:]
+            self._pending.append(frame)
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write, name="decode-process-writer", daemon=True)
+                self._writer.start()
+            self._wake.notify()
+
+    def _write(self) -> None:
+        while True:
+            with self._wake:
+                while not self._pending and not self._closed:
+                    self._wake.wait()
+                if not self._pending:
+                    self._writer = None
+                    return
+                frame = self._pending[0]  # stays queued while it is written: later sends queue behind it
+            try:
+                self._sock.sendall(frame)
+            except OSError as exc:  # the child went: the reader fails what it held
+                with self._wake:
+                    self._broken = exc
+                    self._pending.clear()
+                    self._writer = None
+                return
+            with self._wake:
+                self._pending.popleft()
+
+    @property
+    def waiting(self) -> int:
+        """Messages not yet in the socket."""
+        return len(self._pending)
+
+    def close(self) -> None:
+        """The writer ends once what is queued is written (or the child is gone)."""
+        with self._wake:
+            self._closed = True
+            self._wake.notify()
 
 
 class DecodeProcess(Submitting):
@@ -97,7 +177,7 @@ class DecodeProcess(Submitting):
         self.start_error = ""
         self.heard = time.monotonic()
         self._idle = True
-        self._conn: Connection | None = None
+        self._conn: _Sender | None = None  # to the current child; None while it restarts
         self._process: subprocess.Popen[bytes] | None = None
         self.providers = self._start()
 
@@ -140,13 +220,14 @@ class DecodeProcess(Submitting):
             process.kill()
             process.wait()
             raise
+        sender = _Sender(ours)
         with self._lock:
-            self._conn, self._process = conn, process
+            self._conn, self._process = sender, process
             self.down_since, self.start_error = None, ""
             self.heard, self._idle = time.monotonic(), True
             if self._closed:  # closed while this one started (a restart): it drains nothing and ends
                 with contextlib.suppress(OSError):
-                    conn.send(("close",))
+                    sender.send(("close",))
         # the reader holds this object weakly: dropped without close, its finalizer shuts the
         # socket, the reader sees the end and the child exits (its end closed)
         ending = threading.Event()  # the owner is gone, or the interpreter exits: never restart
@@ -256,6 +337,8 @@ class DecodeProcess(Submitting):
         code = process.wait()
         with self._lock:
             closed = self._closed
+            if self._conn is not None:
+                self._conn.close()
             self._conn = None
             orphans = [r for r in self._live.values() if not r.future.done()]  # answered: not ours
             self._live.clear()

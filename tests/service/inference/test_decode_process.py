@@ -289,3 +289,40 @@ async def test_a_restart_that_takes_long_but_succeeds_is_not_unhealthy(
     answer = await process.submit([[5, 6]], options())
     assert answer.hypotheses[0].tokens == alone(TableDecoder(), [5, 6], options()).tokens
     process.close()
+
+
+def sluggish() -> tuple[TableDecoder, list[str]]:
+    return table(seconds=0.5)
+
+
+@synchronous
+async def test_a_request_larger_than_the_socket_buffer_never_blocks_the_event_loop() -> None:
+    """The child reads only between steps. A request of many long texts (megabytes pickled, over
+    the socket's buffer) sent during a long step is handed to a writer thread instead of blocking
+    the caller's event loop — every model of the replica — until the step ends; what follows it
+    (another request, a release) keeps its order, and every answer is the text's alone."""
+    process = DecodeProcess(sluggish, token_budget=10_000_000)
+    rng = random.Random(7)
+    small = [source(rng, 3)]
+    first = asyncio.create_task(process.submit(small, options(max_len=2)))
+    await until(lambda: process.steps >= 1 or process.rows >= 1, 5)  # the child is in a 0.5 s step
+    big = [source(rng, 3000) for _ in range(200)]  # ≈ 1.2 MB pickled
+    start = time.perf_counter()
+    request = process.enqueue(big, options(max_len=1))
+    gone = process.enqueue(big, options(max_len=1))  # queued behind it; its caller leaves at once
+    process.release(gone)
+    after = process.enqueue(small, options(max_len=1))
+    took = time.perf_counter() - start
+    assert took < 0.1, f"enqueue blocked the event loop for {took:.2f} s"
+    assert (await first).hypotheses[0].tokens == alone(TableDecoder(), small[0], options(max_len=2)).tokens
+    answer = await request.future
+    for i in (0, 99, 199):
+        assert answer.hypotheses[i].tokens == alone(TableDecoder(), big[i], options(max_len=1)).tokens
+    assert (await after.future).hypotheses[0].tokens == alone(
+        TableDecoder(), small[0], options(max_len=1)
+    ).tokens
+    process.release(request)
+    process.release(after)
+    await until(lambda: process.held == 0 and process.rows == 0, 10)
+    assert not gone.future.done() or gone.future.cancelled()
+    process.close()
