@@ -326,3 +326,25 @@ async def test_a_request_larger_than_the_socket_buffer_never_blocks_the_event_lo
     await until(lambda: process.held == 0 and process.rows == 0, 10)
     assert not gone.future.done() or gone.future.cancelled()
     process.close()
+
+
+@synchronous
+async def test_a_child_that_dies_while_a_large_request_waits_to_be_written() -> None:
+    """The writer thread is blocked on a full socket when the child dies: the request fails as
+    the others held, nothing of it reaches the restarted child, which serves the next one."""
+    process = DecodeProcess(sluggish, token_budget=10_000_000)
+    rng = random.Random(8)
+    first = asyncio.create_task(process.submit([source(rng, 3)], options(max_len=5)))
+    await until(lambda: process.steps >= 1 or process.rows >= 1, 5)
+    waiting = process.enqueue([source(rng, 3000) for _ in range(200)], options(max_len=1))
+    assert process._conn is not None and process._conn.waiting == 1  # in the writer's hands
+    dead = kill(process)
+    for held in (first, waiting.future):
+        with pytest.raises(InferenceFailed, match="decoder process exited"):
+            await held
+    await until(lambda: process.pid != dead and process.running, 10)
+    ids = [5, 6]
+    answer = await process.submit([ids], options(max_len=3))
+    assert answer.hypotheses[0].tokens == alone(TableDecoder(), ids, options(max_len=3)).tokens
+    assert process.held == 0
+    process.close()
