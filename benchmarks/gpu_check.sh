@@ -20,7 +20,7 @@ for name in fashion-vit dates-transformer; do
   [ -d "$REPO/$name-fp16" ] || .venv/bin/python -m export export "$name" --repository "$REPO" --precision fp16
 done
 # #17 5c's model: random weights that never emit EOS, so long requests decode 100 tokens
-[ -d build/long-model ] || .venv/bin/python -m benchmarks.decoding --repository "$REPO" --write-long-model build/long-model
+[ -f build/long-model/dates-transformer/1/manifest.json ] || .venv/bin/python -m benchmarks.decoding --repository "$REPO" --write-long-model build/long-model
 make .venv-gpu/.installed
 .venv-gpu/bin/python -m pip install --quiet "pytest>=8" "requests>=2.31" "psutil>=5.9"
 export RAY_USAGE_STATS_ENABLED=0 RAY_worker_niceness=0

@@ -73,29 +73,39 @@ DOWN_S = 30.0
 HUNG_S = 120.0
 
 
+#: bytes of messages not yet in the child's socket beyond which the model refuses new requests
+#: (503): the child is in a long step, or hung (the health check's business)
+MAX_WAITING_BYTES = 64 * 1024 * 1024
+
+
 class _Sender:
     """Messages to the child, never blocking the caller (the serving event loop): each goes
     straight into the socket while it has room, else — and after it, every later one, to keep the
-    order — to a writer thread that waits for room. A child reads only between decoder steps, so
-    a request of many long texts sent during a long step fills the socket's buffer alone; a
-    blocking send would stop the event loop, and with it every model of the replica, until the
-    step ended. The framing is ``multiprocessing.connection.Connection``'s, which the child reads
-    with. What waits is bounded by the requests the model holds (its capacity)."""
+    order — to a writer thread that waits for room and ends when nothing is left. A child reads
+    only between decoder steps, so a request of many long texts sent during a long step fills the
+    socket's buffer alone; a blocking send would stop the event loop, and with it every model of
+    the replica, until the step ended. The framing is ``multiprocessing.connection.Connection``'s,
+    which the child reads with.
+
+    The sender owns the socket: :meth:`shut` ends both directions at once (the reader's and the
+    child's receives return) and closes it only once no writer is sending on it — a descriptor
+    closed under a send could be reused by another file and take the rest of a frame."""
 
     def __init__(self, sock: socket.socket) -> None:
         self._sock = sock
-        self._pending: collections.deque[bytes] = collections.deque()
-        self._wake = threading.Condition()
+        self._pending: collections.deque[bytes | memoryview] = collections.deque()
+        self._wake = threading.Lock()
         self._writer: threading.Thread | None = None
-        self._broken: OSError | None = None  # the child went: every later send raises this
-        self._closed = False
+        self._broken: OSError | None = None  # every later send raises this
+        self._shut = False
+        self.waiting_bytes = 0  # in _pending
 
     def send(self, message: Any) -> None:
-        """Queue ``message``; raises OSError when the child is gone."""
-        data = bytes(ForkingPickler.dumps(message))
+        """Queue ``message``; raises OSError when the connection has ended."""
+        data = ForkingPickler.dumps(message)
         n = len(data)  # Connection._send_bytes's header
         head = struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)
-        frame = head + data
+        frame: bytes | memoryview = b"".join((head, data))
         with self._wake:
             if self._broken is not None:
                 raise self._broken
@@ -109,43 +119,51 @@ class _Sender:
                     raise
                 if sent == len(frame):
                     return
-                frame = frame[sent:]
+                frame = memoryview(frame)[sent:]
             self._pending.append(frame)
+            self.waiting_bytes += len(frame)
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write, name="decode-process-writer", daemon=True)
                 self._writer.start()
-            self._wake.notify()
 
     def _write(self) -> None:
         while True:
             with self._wake:
-                while not self._pending and not self._closed:
-                    self._wake.wait()
-                if not self._pending:
+                if not self._pending or self._broken is not None:  # done: a later send starts another
                     self._writer = None
+                    if self._shut:
+                        self._sock.close()
                     return
                 frame = self._pending[0]  # stays queued while it is written: later sends queue behind it
             try:
                 self._sock.sendall(frame)
-            except OSError as exc:  # the child went: the reader fails what it held
+            except OSError as exc:
                 with self._wake:
                     self._broken = exc
                     self._pending.clear()
-                    self._writer = None
-                return
+                    self.waiting_bytes = 0
+                # the child's end, or anything else (no buffer space…): either way end the
+                # connection, so that the reader fails what the child held and starts another
+                with contextlib.suppress(OSError):
+                    self._sock.shutdown(socket.SHUT_RDWR)
+                continue
             with self._wake:
                 self._pending.popleft()
+                self.waiting_bytes -= len(frame)
 
     @property
     def waiting(self) -> int:
         """Messages not yet in the socket."""
         return len(self._pending)
 
-    def close(self) -> None:
-        """The writer ends once what is queued is written (or the child is gone)."""
+    def shut(self) -> None:
+        """End both directions now; close the socket now, or when the writer sending on it ends."""
         with self._wake:
-            self._closed = True
-            self._wake.notify()
+            self._shut = True
+            with contextlib.suppress(OSError):
+                self._sock.shutdown(socket.SHUT_RDWR)
+            if self._writer is None:
+                self._sock.close()
 
 
 class DecodeProcess(Submitting):
@@ -231,7 +249,7 @@ class DecodeProcess(Submitting):
         # the reader holds this object weakly: dropped without close, its finalizer shuts the
         # socket, the reader sees the end and the child exits (its end closed)
         ending = threading.Event()  # the owner is gone, or the interpreter exits: never restart
-        finalizer = weakref.finalize(self, _shut, ours, ending)
+        finalizer = weakref.finalize(self, _shut, sender, ending)
         reader = threading.Thread(
             target=_read,
             args=(weakref.ref(self), conn, process, finalizer, ending),
@@ -301,6 +319,10 @@ class DecodeProcess(Submitting):
             conn = self._conn
             if conn is None or self._closed:
                 raise Overloaded("the model's decoder is restarting; retry later")
+            if conn.waiting_bytes > MAX_WAITING_BYTES:
+                raise Overloaded(
+                    f"the model's decoder has {conn.waiting_bytes:,} bytes of requests unread; retry later"
+                )
             rid = self._next = self._next + 1
             request.rid = rid  # type: ignore[attr-defined]
             if self._idle:  # an idle child was silent with reason: its silence counts from now
@@ -337,9 +359,7 @@ class DecodeProcess(Submitting):
         code = process.wait()
         with self._lock:
             closed = self._closed
-            if self._conn is not None:
-                self._conn.close()
-            self._conn = None
+            self._conn = None  # the reader shut it
             orphans = [r for r in self._live.values() if not r.future.done()]  # answered: not ours
             self._live.clear()
         self.rows = self.tokens_in_flight = 0
@@ -442,14 +462,12 @@ def _read(
         owner._ended(process)
 
 
-def _shut(sock: socket.socket, ending: threading.Event | None = None) -> None:
+def _shut(sender: _Sender, ending: threading.Event | None = None) -> None:
     """End both directions (the reader's recv returns, the child's too). Called by the finalizer
     when the owner is gone or the interpreter exits (``ending``: no restart), or by the reader."""
     if ending is not None:
         ending.set()
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    sock.close()
+    sender.shut()
 
 
 def _same(answer: Decoded) -> Decoded:
