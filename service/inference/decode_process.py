@@ -19,7 +19,7 @@ decoder steps, takes whatever the parent sent. Pickled over a socket pair:
   the requests that finished (attention only when asked for), failures, and the step counts for
   the metrics (held back up to ``decode_child.STATS_EVERY_S`` while nothing else is sent).
 
-Sends to the child never block the caller (``_Sender``: into the socket while it has room, else
+Sends to the child never block the caller (``Sender``: into the socket while it has room, else
 through a writer thread), and a reader thread in the parent hands each caller its tokens and
 answer on its own event loop, as the in-process scheduler does. The child exits when the
 parent's end of the socket closes (the parent ended, however) or after a close, once drained; a
@@ -29,14 +29,12 @@ child that dies fails the requests it held (InferenceFailed) and is started agai
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import functools
 import inspect
 import logging
 import os
 import socket
-import struct
 import subprocess
 import sys
 import threading
@@ -44,8 +42,6 @@ import time
 import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Connection
-from multiprocessing.reduction import ForkingPickler
-from typing import Any
 
 import numpy as np
 
@@ -59,6 +55,7 @@ from service.inference.callers import (
     on_their_loops,
     settler,
 )
+from service.inference.child_sender import Sender
 from service.inference.scheduler import Decoder, OnStep, Options
 
 log = logging.getLogger("ray.serve")
@@ -76,94 +73,6 @@ HUNG_S = 120.0
 #: bytes of messages not yet in the child's socket beyond which the model refuses new requests
 #: (503): the child is in a long step, or hung (the health check's business)
 MAX_WAITING_BYTES = 64 * 1024 * 1024
-
-
-class _Sender:
-    """Messages to the child, never blocking the caller (the serving event loop): each goes
-    straight into the socket while it has room, else — and after it, every later one, to keep the
-    order — to a writer thread that waits for room and ends when nothing is left. A child reads
-    only between decoder steps, so a request of many long texts sent during a long step fills the
-    socket's buffer alone; a blocking send would stop the event loop, and with it every model of
-    the replica, until the step ended. The framing is ``multiprocessing.connection.Connection``'s,
-    which the child reads with.
-
-    The sender owns the socket: :meth:`shut` ends both directions at once (the reader's and the
-    child's receives return) and closes it only once no writer is sending on it — a descriptor
-    closed under a send could be reused by another file and take the rest of a frame."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self._sock = sock
-        self._pending: collections.deque[bytes | memoryview] = collections.deque()
-        self._wake = threading.Lock()
-        self._writer: threading.Thread | None = None
-        self._broken: OSError | None = None  # every later send raises this
-        self._shut = False
-        self.waiting_bytes = 0  # in _pending
-
-    def send(self, message: Any) -> None:
-        """Queue ``message``; raises OSError when the connection has ended."""
-        data = ForkingPickler.dumps(message)
-        n = len(data)  # Connection._send_bytes's header
-        head = struct.pack("!i", n) if n <= 0x7FFFFFFF else struct.pack("!iQ", -1, n)
-        frame: bytes | memoryview = b"".join((head, data))
-        with self._wake:
-            if self._broken is not None:
-                raise self._broken
-            if not self._pending:
-                try:
-                    sent = self._sock.send(frame, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    sent = 0
-                except OSError as exc:
-                    self._broken = exc
-                    raise
-                if sent == len(frame):
-                    return
-                frame = memoryview(frame)[sent:]
-            self._pending.append(frame)
-            self.waiting_bytes += len(frame)
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write, name="decode-process-writer", daemon=True)
-                self._writer.start()
-
-    def _write(self) -> None:
-        while True:
-            with self._wake:
-                if not self._pending or self._broken is not None:  # done: a later send starts another
-                    self._writer = None
-                    if self._shut:
-                        self._sock.close()
-                    return
-                frame = self._pending[0]  # stays queued while it is written: later sends queue behind it
-            try:
-                self._sock.sendall(frame)
-            except OSError as exc:
-                with self._wake:
-                    self._broken = exc
-                    self._pending.clear()
-                    self.waiting_bytes = 0
-                # the child's end, or anything else (no buffer space…): either way end the
-                # connection, so that the reader fails what the child held and starts another
-                with contextlib.suppress(OSError):
-                    self._sock.shutdown(socket.SHUT_RDWR)
-                continue
-            with self._wake:
-                self._pending.popleft()
-                self.waiting_bytes -= len(frame)
-
-    @property
-    def waiting(self) -> int:
-        """Messages not yet in the socket."""
-        return len(self._pending)
-
-    def shut(self) -> None:
-        """End both directions now; close the socket now, or when the writer sending on it ends."""
-        with self._wake:
-            self._shut = True
-            with contextlib.suppress(OSError):
-                self._sock.shutdown(socket.SHUT_RDWR)
-            if self._writer is None:
-                self._sock.close()
 
 
 class DecodeProcess(Submitting):
@@ -195,7 +104,7 @@ class DecodeProcess(Submitting):
         self.start_error = ""
         self.heard = time.monotonic()
         self._idle = True
-        self._conn: _Sender | None = None  # to the current child; None while it restarts
+        self._conn: Sender | None = None  # to the current child; None while it restarts
         self._process: subprocess.Popen[bytes] | None = None
         self.providers = self._start()
 
@@ -238,7 +147,7 @@ class DecodeProcess(Submitting):
             process.kill()
             process.wait()
             raise
-        sender = _Sender(ours)
+        sender = Sender(ours)
         with self._lock:
             self._conn, self._process = sender, process
             self.down_since, self.start_error = None, ""
@@ -462,7 +371,7 @@ def _read(
         owner._ended(process)
 
 
-def _shut(sender: _Sender, ending: threading.Event | None = None) -> None:
+def _shut(sender: Sender, ending: threading.Event | None = None) -> None:
     """End both directions (the reader's recv returns, the child's too). Called by the finalizer
     when the owner is gone or the interpreter exits (``ending``: no restart), or by the reader."""
     if ending is not None:
