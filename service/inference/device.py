@@ -119,14 +119,7 @@ class DeviceOps:
         self, x: DeviceArray, index: np.ndarray, axis: int = 0, start: int = 0, stop: int | None = None
     ) -> DeviceArray:
         """``x[index]`` (rows), cut to ``start:stop`` along ``axis``: one Gather + Slice."""
-        feeds = {
-            "x": x,
-            "index": np.asarray(index, dtype=np.int64),
-            "starts": np.array([start], dtype=np.int64),
-            "ends": np.array([_END if stop is None else stop], dtype=np.int64),
-            "axes": np.array([axis % x.ndim], dtype=np.int64),
-        }
-        return self.run(self._session("take", x.dtype), feeds, ["y"], [])["y"]
+        return self.take_all([x], index, [axis], start, stop)[0]
 
     def join(self, arrays: list[DeviceArray], axis: int, width: int, left: bool = False) -> DeviceArray:
         """The rows of ``arrays`` in one, each padded with zeros to ``width`` along ``axis`` (on
@@ -136,13 +129,7 @@ class DeviceOps:
             return x if x.shape[axis] == width else self.pad(x, axis, width, left)
         out = arrays[0]
         for b in arrays[1:]:  # pairwise: the loop joins two (the running batch and newcomers)
-            feeds = {
-                "a": out,
-                "b": b,
-                "pads_a": _pads(out, axis, width, left),
-                "pads_b": _pads(b, axis, width, left),
-            }
-            out = self.run(self._session("join", out.dtype), feeds, ["y"], [])["y"]
+            out = self.join_all([(out, b)], [axis], width, left)[0]
         return out
 
     def take_all(
@@ -238,34 +225,6 @@ def _tensor(name: str, dtype: np.dtype | type) -> Any:
     return helper.make_tensor_value_info(name, helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), None)
 
 
-def _take(dtype: np.dtype) -> bytes:
-    from onnx import helper
-
-    nodes = [
-        helper.make_node("Gather", ["x", "index"], ["rows"], axis=0),
-        helper.make_node("Slice", ["rows", "starts", "ends", "axes"], ["y"]),
-    ]
-    ints = [_tensor(n, np.int64) for n in ("index", "starts", "ends", "axes")]
-    return _model(nodes, [_tensor("x", dtype), *ints], [_tensor("y", dtype)])
-
-
-def _join(dtype: np.dtype) -> bytes:
-    from onnx import helper
-
-    nodes = [
-        helper.make_node("Pad", ["a", "pads_a"], ["a_padded"]),
-        helper.make_node("Pad", ["b", "pads_b"], ["b_padded"]),
-        helper.make_node("Concat", ["a_padded", "b_padded"], ["y"], axis=0),
-    ]
-    inputs = [
-        _tensor("a", dtype),
-        _tensor("b", dtype),
-        _tensor("pads_a", np.int64),
-        _tensor("pads_b", np.int64),
-    ]
-    return _model(nodes, inputs, [_tensor("y", dtype)])
-
-
 def _take_all(dtypes: tuple[np.dtype, ...]) -> bytes:
     from onnx import helper
 
@@ -321,8 +280,6 @@ def _top(dtype: np.dtype) -> bytes:
 
 
 _BUILDERS: dict[str, Any] = {
-    "take": _take,
-    "join": _join,
     "pad": _pad,
     "top": _top,
     "take_all": _take_all,
