@@ -153,14 +153,6 @@ def test_clients_that_disconnect_free_their_places(crowded: Service) -> None:
                 b"POST /v1/models/dates-transformer/translate HTTP/1.1\r\nHost: x\r\n"
                 b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
             )
-    stub = apb_grpc.AttentionServiceStub(grpc.insecure_channel(crowded.grpc_target))
-    request = apb.TranslateRequest(
-        model="dates-transformer", texts=[SLOW["text"]], beam_size=8, truncate=True
-    )
-    calls = [stub.Translate.future(request, timeout=60) for _ in range(30)]
-    time.sleep(0.1)  # queued behind each other, then cancelled by the client
-    for call in calls:
-        call.cancel()
     deadline = time.monotonic() + 60
 
     def ended() -> dict[str, float]:  # the abandoned HTTP requests' statuses so far
@@ -170,6 +162,20 @@ def test_clients_that_disconnect_free_their_places(crowded: Service) -> None:
         assert time.monotonic() < deadline, f"not all 30 abandoned HTTP requests ended: {now}"
         time.sleep(2)
     assert sum(now.values()) == 30, now  # none left waiting
+    # then gRPC, once the HTTP requests left their places (else the channel's replica may shed
+    # every call): calls of 16 texts each, long enough to be still at work or queued when the
+    # client cancels them, on a channel already connected (a call cancelled before it reached
+    # the server is never seen there)
+    channel = grpc.insecure_channel(crowded.grpc_target)
+    grpc.channel_ready_future(channel).result(timeout=30)
+    stub = apb_grpc.AttentionServiceStub(channel)
+    request = apb.TranslateRequest(
+        model="dates-transformer", texts=[SLOW["text"]] * 16, beam_size=8, truncate=True
+    )
+    calls = [stub.Translate.future(request, timeout=60) for _ in range(30)]
+    time.sleep(0.2)
+    cancelled = sum(call.cancel() for call in calls)  # False: it had ended (answered or shed)
+    assert cancelled > 0, Counter(c.code() for c in calls)
     while _counted(crowded, model, "499", route="grpc_translate") - grpc_before < 1:
         assert time.monotonic() < deadline, "no cancelled gRPC call counted as 499"
         time.sleep(2)
