@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -33,7 +34,8 @@ class StepToken:
     attention: np.ndarray  # that step's attention row: (S,) or (layers, heads, S), S the batch's width
 
 
-#: a streaming caller's sink: called on its event loop with the tokens of one step
+#: a streaming caller's sink: called on its event loop with the tokens chosen since the last call
+#: (one step's, or every step's within the request's ``interval_s``)
 OnTokens = Callable[[list[StepToken]], None]
 
 
@@ -66,6 +68,11 @@ class Request:
     remaining: int = 0
     pending_first: int = 0  # texts that have not produced a token yet
     on_tokens: OnTokens | None = None  # streaming: greedy texts' tokens as they are chosen
+    #: streaming: tokens chosen within this many seconds of the last delivery wait for the next
+    #: (the first goes at once, the last with the answer): ``Submitting.enqueue``'s ``interval_s``
+    interval_s: float = 0.0
+    held: list[StepToken] = field(default_factory=list)  # chosen, not yet delivered
+    delivered_at: float = -math.inf  # perf_counter time of the last delivery
 
 
 def decoded(request: Request) -> Callable[[], Decoded]:
@@ -130,6 +137,7 @@ class Submitting:
         options: Any,
         on_tokens: OnTokens | None = None,
         attention: bool = True,
+        interval_s: float = 0.0,
     ) -> Request:
         raise NotImplementedError
 
@@ -147,7 +155,8 @@ class Submitting:
 
         ``on_tokens``, when given, is called on the caller's event loop after every step with the
         tokens its greedy texts chose at that step (all before the answer); beam texts deliver
-        nothing before their answer — a beam's best prefix can still change."""
+        nothing before their answer — a beam's best prefix can still change. (:meth:`enqueue`'s
+        ``interval_s`` coalesces those calls.)"""
         request = self.enqueue(ids, options, on_tokens, attention)
         try:
             return await request.future

@@ -55,12 +55,20 @@ class _ChildScheduler(TranslationScheduler):
         self.by_rid: dict[int, _Remote] = {}
 
     def add(
-        self, rid: int, ids: list[list[int]], options: Options, arrived: float, stream: bool, attention: bool
+        self,
+        rid: int,
+        ids: list[list[int]],
+        options: Options,
+        arrived: float,
+        interval_s: float | None,
+        attention: bool,
     ) -> None:
+        """``interval_s`` None: not streamed; else its tokens are sent at most once per interval
+        (``TranslationScheduler.enqueue``)."""
         request = _Remote(None, None, arrived, [None] * len(ids), rid=rid, attention=attention)  # type: ignore[arg-type]
         request.remaining = request.pending_first = len(ids)
-        if stream:
-            request.on_tokens = _streams
+        if interval_s is not None:
+            request.on_tokens, request.interval_s = _streams, interval_s
         self.by_rid[rid] = request
         self._add(request, ids, options)
 

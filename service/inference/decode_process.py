@@ -215,9 +215,11 @@ class DecodeProcess(Submitting):
         options: Options,
         on_tokens: OnTokens | None = None,
         attention: bool = True,
+        interval_s: float = 0.0,
     ) -> Request:
-        """As :meth:`TranslationScheduler.enqueue`; ``attention`` false: the answer's hypotheses and
-        the streamed tokens come without their attention (nothing to copy across)."""
+        """As :meth:`TranslationScheduler.enqueue` (the child holds tokens within ``interval_s``:
+        they cross only when due); ``attention`` false: the answer's hypotheses and the streamed
+        tokens come without their attention (nothing to copy across)."""
         if not ids:
             raise ValueError("give at least one text")
         loop = asyncio.get_running_loop()
@@ -238,8 +240,9 @@ class DecodeProcess(Submitting):
                 self.heard, self._idle = time.monotonic(), False
             # known before it is sent: the answer can arrive before this thread runs again
             self._live[rid] = request
+            stream = interval_s if on_tokens is not None else None  # None: not streamed
             try:
-                conn.send(("submit", rid, ids, options, arrived, on_tokens is not None, attention))
+                conn.send(("submit", rid, ids, options, arrived, stream, attention))
             except BaseException as exc:
                 del self._live[rid]
                 if isinstance(exc, OSError):  # the child just died: the reader restarts it

@@ -174,16 +174,22 @@ class TranslationScheduler(Submitting):
         options: Options,
         on_tokens: OnTokens | None = None,
         attention: bool = True,
+        interval_s: float = 0.0,
     ) -> Request:
         """:meth:`submit` without the wait, for a caller that waits on ``request.future`` itself
         (a stream, which also waits for its tokens): it must :meth:`release` the request once done
         with it, answered or not. ``attention`` is a hint (the answer may come without it when
-        false: a decode process then does not copy it across); here it always comes."""
+        false: a decode process then does not copy it across); here it always comes.
+
+        ``interval_s``: tokens chosen within this long of the last ``on_tokens`` call are held
+        and go with the first step after it (the first tokens go at once, the last ones just
+        before the answer): one wake-up of the caller's loop per interval instead of per step.
+        A decoding request steps until it is answered, so no timer is needed."""
         if not ids:
             raise ValueError("give at least one text")
         loop = asyncio.get_running_loop()
         request = Request(loop, loop.create_future(), time.perf_counter(), [None] * len(ids))
-        request.on_tokens = on_tokens
+        request.on_tokens, request.interval_s = on_tokens, interval_s
         request.remaining = request.pending_first = len(ids)
         self._add(request, ids, options)
         return request
@@ -337,7 +343,7 @@ class TranslationScheduler(Submitting):
         still: list[_Text | _Retired] = []
         finished: list[Request] = []
         offset = 0
-        streamed: dict[Request, list[StepToken]] = {}
+        streaming: set[Request] = set()  # requests whose greedy texts chose a token
         for entry in self._active:
             if isinstance(entry, _Retired):  # kept as they are
                 index.append(np.arange(offset, offset + entry.rows))
@@ -352,7 +358,8 @@ class TranslationScheduler(Submitting):
                 kept = search.choose(best_ids[offset], chosen[offset], attention[offset])
                 if request.on_tokens is not None:
                     token = StepToken(text.index, best_ids[offset], chosen[offset], attention[offset])
-                    streamed.setdefault(request, []).append(token)
+                    request.held.append(token)
+                    streaming.add(request)
             else:
                 kept = search.advance(logp[offset : offset + n], attention[offset : offset + n])
             offset += n
@@ -376,6 +383,11 @@ class TranslationScheduler(Submitting):
         for request in {t.request for t in live}:
             request.steps += 1
             request.rows_seen += stepped
+        streamed: dict[Request, list[StepToken]] = {}
+        for request in streaming:  # due, or answered now: its last tokens go before the answer
+            if request.remaining == 0 or done_at >= request.delivered_at + request.interval_s:
+                streamed[request], request.held = request.held, []
+                request.delivered_at = done_at
         if streamed:  # before any answer
             self._stream(streamed)
         self._active = still

@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import functools
 import logging
-import math
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any, Protocol
@@ -165,11 +164,10 @@ class ModelWorker:
         request's own tokens (texts × its target limit): the scheduler never runs ahead of that.
 
         Tokens chosen within ``stream_interval_ms`` of the last item wait and go together in the
-        next one (the first goes at once, the last with the answer's turn): a reader sees no
-        difference below a display frame, and a busy replica writes a few chunks per answer
-        instead of one per token. Held tokens leave with the first step whose tokens arrive once
-        the interval is over: a request steps until it is answered, so no timer per stream is
-        needed (a timer per stream cost ≈ 10 % of a stream's Python calls at 32 streams)."""
+        next one (the first goes at once, the last with the answer): a reader sees no difference
+        below a display frame, and a busy replica writes a few chunks per answer instead of one
+        per token. The scheduler holds them (``TranslationScheduler.enqueue``'s ``interval_s``):
+        a decode process sends them across, and this loop wakes, once per interval, not per step."""
         work = self._accept(job)
         runner = self.runner
         if self.scheduler is None or not isinstance(runner, TranslationRunner) or work.job.beam_size > 1:
@@ -178,29 +176,25 @@ class ModelWorker:
         loop = asyncio.get_running_loop()
         chosen: list[StepToken] = []  # delivered by the scheduler, not yet yielded
         wake: asyncio.Future[None] | None = None
-        interval = self.stream_interval_s
-        sent = -math.inf  # loop time of the last token item
 
         def arrived(tokens: list[StepToken] | None = None) -> None:
             if tokens:
                 chosen.extend(tokens)
-            # held tokens go with the first step after the interval (or with the answer): a
-            # decoding request steps until its answer, so no timer is needed
-            if wake is not None and not wake.done() and (tokens is None or loop.time() >= sent + interval):
+            if wake is not None and not wake.done():
                 wake.set_result(None)
 
         # the scheduler's own future, waited on here with the tokens (no task of its own)
         attention = work.job.attention != "none"
-        request = self.scheduler.enqueue(work.ids, runner.options(work.job), arrived, attention)
+        options = runner.options(work.job)
+        request = self.scheduler.enqueue(work.ids, options, arrived, attention, self.stream_interval_s)
         decoding = request.future
         decoding.add_done_callback(lambda _: arrived())  # after every token: the loop keeps the order
         streams = runner.token_streams(work)
         try:
             while True:
-                if chosen and (decoding.done() or loop.time() >= sent + interval):
-                    ready = chosen[:]  # a step's tokens, or every token since the last item: one item
+                if chosen:  # what arrived since the last item: one item
+                    ready = chosen[:]
                     chosen.clear()
-                    sent = loop.time()
                     events = [runner.token_event(work, streams, token) for token in ready]
                     yield LastTokens(events) if decoding.done() else events
                 elif decoding.done():

@@ -20,6 +20,7 @@ import pytest
 from service.errors import InferenceFailed, Overloaded
 from service.inference import decode_process
 from service.inference.decode_process import DecodeProcess
+from service.inference.scheduler import TranslationScheduler
 from tests.service.inference.test_scheduler import BOS, EOS, TableDecoder, alone, options, source, synchronous
 
 
@@ -119,6 +120,51 @@ async def test_streamed_tokens_arrive_before_the_answer_and_attention_only_when_
             assert all(t.attention is None for t in got) and answer.hypotheses[0].attention.size == 0
         assert answer.hypotheses[0].tokens == expected.tokens
     process.close()
+
+
+@pytest.mark.parametrize("where", ["decode-process", "thread"])
+def test_tokens_within_the_interval_are_held_where_they_are_chosen(where: str) -> None:
+    """With ``interval_s`` the scheduler calls a stream's ``on_tokens`` at most once per interval
+    (the first token at once, the last ones before the answer) — in a decode process the held
+    tokens never cross to the parent, on a thread they never wake the caller's loop — and the
+    tokens are those of the step-by-step stream."""
+    ids, opts, interval = [3, 4, 5, 6, 7, 8, 9, 10, 11] * 2, options(max_len=40), 0.03
+
+    @synchronous
+    async def go() -> None:
+        scheduler = (
+            DecodeProcess(slow, 400)
+            if where == "decode-process"
+            else TranslationScheduler(TableDecoder(seconds=0.01), 400)
+        )
+        calls: list[tuple[float, int]] = []  # (s since the request, tokens) per call
+        got: list = []
+
+        def on_tokens(tokens: list) -> None:
+            calls.append((time.perf_counter() - start, len(tokens)))
+            got.extend(tokens)
+
+        start = time.perf_counter()
+        request = scheduler.enqueue([ids], opts, on_tokens, True, interval)
+        try:
+            answer = await request.future
+            answered = time.perf_counter() - start
+        finally:
+            scheduler.release(request)
+        scheduler.close()
+        expected = alone(TableDecoder(), ids, opts)
+        assert [t.token for t in got] == [*expected.tokens, EOS] and answer.hypotheses[
+            0
+        ].tokens == expected.tokens
+        assert calls[0][1] == 1, "the first token goes at once"
+        assert answer.steps >= 8 and len(calls) <= answered / interval + 2 < answer.steps, (
+            calls,
+            answer.steps,
+        )
+        gaps = np.diff([t for t, _ in calls[:-1]])  # the last call comes with the answer
+        assert gaps.min() >= interval - 0.01, calls  # the receiving loop adds its own jitter
+
+    go()
 
 
 @synchronous

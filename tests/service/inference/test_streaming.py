@@ -40,9 +40,13 @@ class RowsSeen(NoMetrics):
         self.rows.append(rows)
 
 
-def worker(version: Path, metrics: Any = None, interval_ms: float = 0.0) -> ModelWorker:
+def worker(
+    version: Path, metrics: Any = None, interval_ms: float = 0.0, decode_process: bool = True
+) -> ModelWorker:
     entry = ModelEntry(version.parent.name, int(version.name), version, Manifest.load(version))
-    settings = Settings(repository=version.parent.parent, stream_interval_ms=interval_ms)
+    settings = Settings(
+        repository=version.parent.parent, stream_interval_ms=interval_ms, decode_process=decode_process
+    )
     return ModelWorker(entry, settings, "r", "n", metrics)
 
 
@@ -119,13 +123,15 @@ def test_streams_equal_answers_under_mixed_traffic(tiny_repository: Path) -> Non
     asyncio.run(go())
 
 
-def test_tokens_within_the_interval_travel_together(endless_version: Path) -> None:
+@pytest.mark.parametrize("decode_process", [True, False], ids=["decode-process", "thread"])
+def test_tokens_within_the_interval_travel_together(endless_version: Path, decode_process: bool) -> None:
     """With ``stream_interval_ms`` later tokens come in items at least the interval apart (the
     last with the answer's turn), far fewer items than steps; the tokens are those sent step by
-    step (a step's, or several when the reader was busy)."""
+    step (a step's, or several when the reader was busy). The scheduler holds them, in a decode
+    process or on the worker's thread alike."""
     job = TranslateJob(texts=DATES[:2], max_length=300)
-    every = worker(endless_version)
-    framed = worker(endless_version, interval_ms=25)
+    every = worker(endless_version, decode_process=decode_process)
+    framed = worker(endless_version, interval_ms=25, decode_process=decode_process)
 
     async def go(w: ModelWorker) -> tuple[list[list[TokenEvent]], list[float], Answer]:
         start, items, times = time.perf_counter(), [], []
@@ -140,7 +146,8 @@ def test_tokens_within_the_interval_travel_together(endless_version: Path) -> No
     items, times, answer = asyncio.run(go(framed))
     assert [t.index for t in items[0][:2]] == [0, 0], "the first item starts with each text's first token"
     gaps = np.diff(times[:-1])  # the last item goes when the decode ends, whatever the interval
-    assert len(gaps) and gaps.min() >= 0.025 * 0.9, gaps
+    # held where the tokens are chosen: the interval is the scheduler's, this loop adds its jitter
+    assert len(gaps) and gaps.min() >= 0.025 - 0.01, gaps
     assert len(items) <= times[-1] / 0.025 + 2 < 300
     assert [t.token_id for i in items for t in i] == [t.token_id for i in stepwise for t in i]
     check_stream([t for i in items for t in i], answer, job)
