@@ -2,20 +2,21 @@
 caller's event loop.
 
 The scheduler (``service/inference/scheduler.py``) steps on a thread of its own; its callers wait
-on their event loops. Everything that crosses is here: the tokens a step chose for a streaming
-caller (:class:`StepToken`), a finished request's answer (:class:`Decoded`, built on the
-caller's loop, off the stepping thread), and :func:`on_their_loops`, which runs a step's
-callbacks with one wake-up per loop — each wake-up is a write to the loop's self-pipe on the
-thread that steps the batch.
+on their event loops. Everything that crosses is here: the tokens chosen for a streaming caller
+(:class:`StepToken`; a step's, or the steps' within its interval), a finished request's answer
+(:class:`Decoded`, built on the caller's loop, off the stepping thread), and
+:func:`on_their_loops`, which runs a step's callbacks with one wake-up per loop — each wake-up is
+a write to the loop's self-pipe on the thread that steps the batch.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ from service.inference.decoding import Hypothesis, Search
 
 @dataclass(slots=True)  # one per token: a frozen dataclass is built ≈ 5 × slower
 class StepToken:
-    """A token a greedy text chose at a step, delivered to a streaming caller as it is chosen."""
+    """A token a greedy text chose at a step, for a streaming caller."""
 
     text: int  # which of the request's texts
     token: int  # its id (the EOS id when the text ends)
@@ -34,6 +35,8 @@ class StepToken:
     attention: np.ndarray  # that step's attention row: (S,) or (layers, heads, S), S the batch's width
 
 
+#: a call to run on an event loop (:func:`on_their_loops`)
+LoopCall = tuple[asyncio.AbstractEventLoop, Callable[[], None]]
 #: a streaming caller's sink: called on its event loop with the tokens chosen since the last call
 #: (one step's, or every step's within the request's ``interval_s``)
 OnTokens = Callable[[list[StepToken]], None]
@@ -67,7 +70,7 @@ class Request:
     cancelled: bool = False
     remaining: int = 0
     pending_first: int = 0  # texts that have not produced a token yet
-    on_tokens: OnTokens | None = None  # streaming: greedy texts' tokens as they are chosen
+    on_tokens: OnTokens | None = None  # streaming: where greedy texts' chosen tokens go
     #: streaming: tokens chosen within this many seconds of the last delivery wait for the next
     #: (the first goes at once, the last with the answer): ``Submitting.enqueue``'s ``interval_s``
     interval_s: float = 0.0
@@ -110,7 +113,23 @@ def settler(request: Request, outcome: Callable[[], Decoded] | BaseException) ->
     return settle
 
 
-def on_their_loops(calls: Iterable[tuple[asyncio.AbstractEventLoop, Callable[[], None]]]) -> None:
+def take_held(requests: Iterable[Request]) -> dict[Request, list[StepToken]]:
+    """The tokens these (ending) requests still hold for their streams, taken from them."""
+    held = {}
+    for request in requests:
+        if request.held:
+            held[request], request.held = request.held, []
+    return held
+
+
+def token_calls(streamed: dict[Request, list[StepToken]]) -> Iterator[LoopCall]:
+    """Each streaming request's tokens as a call for :func:`on_their_loops`."""
+    for request, tokens in streamed.items():
+        if request.on_tokens is not None:
+            yield request.loop, functools.partial(request.on_tokens, tokens)
+
+
+def on_their_loops(calls: Iterable[LoopCall]) -> None:
     """(From the scheduler's thread.) Run each call on its loop, in order, with one
     ``call_soon_threadsafe`` per loop; a closed loop has nobody left to tell."""
     by_loop: dict[asyncio.AbstractEventLoop, list[Callable[[], None]]] = {}

@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from service.inference.callers import Decoded, Request, StepToken, decoded
+from service.inference.callers import Decoded, Request, StepToken, decoded, take_held
 from service.inference.scheduler import Decoder, Options, TranslationScheduler
 
 #: while only step counts would be sent, the child sends them at most this often (and always when
@@ -89,6 +89,7 @@ class _ChildScheduler(TranslationScheduler):
             )
 
     def _answer(self, finished: list[Request]) -> None:
+        self._stream(take_held(finished))  # their last tokens, in the same message as the answers
         failures = []
         for request in finished:
             assert isinstance(request, _Remote)
@@ -106,6 +107,7 @@ class _ChildScheduler(TranslationScheduler):
             self._flush(failures)
 
     def _failed(self, failed: set[Request], exc: BaseException) -> None:
+        self._stream(take_held(failed))
         rids = [r.rid for r in failed if isinstance(r, _Remote)]
         for request in failed:
             self._forget(request)

@@ -13,11 +13,13 @@ a whole core. vLLM moved its engine loop into a process of its own for the same 
 :class:`TranslationScheduler` on its one thread, loads the model's graphs itself and, between
 decoder steps, takes whatever the parent sent. Pickled over a socket pair:
 
-- to the child: a request's source ids, options and arrival time, whether it streams and whether
-  it wants attention; a release (the caller left: its rows leave at the next step); close.
-- to the parent, at most once per step: the step's tokens for streaming requests, the answers of
-  the requests that finished (attention only when asked for), failures, and the step counts for
-  the metrics (held back up to ``decode_child.STATS_EVERY_S`` while nothing else is sent).
+- to the child: a request's source ids, options and arrival time, its stream interval (None: not
+  streamed) and whether it wants attention; a release (the caller left: its rows leave at the
+  next step); close.
+- to the parent, at most once per step: the tokens now due to streaming requests (the child
+  holds them within each one's interval), the answers of the requests that finished (attention
+  only when asked for), failures, and the step counts for the metrics (held back up to
+  ``decode_child.STATS_EVERY_S`` while nothing else is sent).
 
 Sends to the child never block the caller (``Sender``: into the socket while it has room, else
 through a writer thread), and a reader thread in the parent hands each caller its tokens and

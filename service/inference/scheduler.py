@@ -32,8 +32,9 @@ event loop tokenises, answers and accepts meanwhile — and a step never waits f
 to it: handing every step to a thread pool and back cost two thread wake-ups per step (≈ 0.15 ms
 each on the 2-core reference machine, half a lone request's latency).
 
-**Streaming.** A caller may pass a sink for its tokens: after each step, the tokens its greedy
-texts chose at that step reach it on its event loop, before its answer does.
+**Streaming.** A caller may pass a sink for its tokens: the tokens its greedy texts choose reach it
+on its event loop, before its answer does — after each step, or held here until a step after the
+caller's interval (the first at once, the last with the answer).
 
 Plain threading + numpy. Unit-tested without Ray (``tests/service/inference/test_scheduler.py``).
 """
@@ -41,7 +42,6 @@ Plain threading + numpy. Unit-tested without Ray (``tests/service/inference/test
 from __future__ import annotations
 
 import asyncio
-import functools
 import threading
 import time
 from collections import deque
@@ -59,6 +59,8 @@ from service.inference.callers import (
     decoded,
     on_their_loops,
     settler,
+    take_held,
+    token_calls,
 )
 from service.inference.decoding import (
     GreedySearch,
@@ -182,9 +184,11 @@ class TranslationScheduler(Submitting):
         false: a decode process then does not copy it across); here it always comes.
 
         ``interval_s``: tokens chosen within this long of the last ``on_tokens`` call are held
-        and go with the first step after it (the first tokens go at once, the last ones just
-        before the answer): one wake-up of the caller's loop per interval instead of per step.
-        A decoding request steps until it is answered, so no timer is needed."""
+        and go with the request's first step after it (the first tokens go at once, the last
+        ones with the answer, in the same wake-up; a failed request's before its error): one
+        wake-up of the caller's loop per interval instead of per step, and no timer — a request
+        with a text still decoding steps again (one whose last texts wait for admission under
+        the budget holds its tokens until they step)."""
         if not ids:
             raise ValueError("give at least one text")
         loop = asyncio.get_running_loop()
@@ -384,8 +388,8 @@ class TranslationScheduler(Submitting):
             request.steps += 1
             request.rows_seen += stepped
         streamed: dict[Request, list[StepToken]] = {}
-        for request in streaming:  # due, or answered now: its last tokens go before the answer
-            if request.remaining == 0 or done_at >= request.delivered_at + request.interval_s:
+        for request in streaming:  # due ones; an answered request's last go with its answer
+            if request.remaining and done_at >= request.delivered_at + request.interval_s:
                 streamed[request], request.held = request.held, []
                 request.delivered_at = done_at
         if streamed:  # before any answer
@@ -430,21 +434,21 @@ class TranslationScheduler(Submitting):
     # -- what reaches the callers (on the stepping thread; a subclass may send it elsewhere) ------
 
     def _stream(self, streamed: dict[Request, list[StepToken]]) -> None:
-        """A step's tokens for its streaming callers: one wake-up per caller loop (each loop
+        """Tokens now due to their streaming callers: one wake-up per caller loop (each loop
         keeps the order, so they arrive before any answer)."""
-        on_their_loops(
-            (r.loop, functools.partial(r.on_tokens, tokens))
-            for r, tokens in streamed.items()
-            if r.on_tokens is not None
-        )
+        on_their_loops(token_calls(streamed))
 
     def _answer(self, finished: list[Request]) -> None:
-        """Answer this step's finished requests: one wake-up per caller loop, not one per request
-        (each is a write to the loop's self-pipe, on the thread that steps the batch)."""
-        on_their_loops((r.loop, settler(r, decoded(r))) for r in finished)
+        """Answer this step's finished requests, each after its last held tokens: one wake-up per
+        caller loop, not one per request (each is a write to the loop's self-pipe, on the thread
+        that steps the batch), so a stream's last tokens and its answer are written together."""
+        settle = [(r.loop, settler(r, decoded(r))) for r in finished]
+        on_their_loops([*token_calls(take_held(finished)), *settle])
 
     def _failed(self, failed: set[Request], exc: BaseException) -> None:
-        on_their_loops((r.loop, settler(r, exc)) for r in failed)
+        """Fail these requests, each after the tokens it held (a stream shows what was chosen
+        before its error)."""
+        on_their_loops([*token_calls(take_held(failed)), *((r.loop, settler(r, exc)) for r in failed)])
 
     def _fail(self, admitted: list[_Text], exc: BaseException) -> None:
         """The step failed: every request in the batch ends with ``exc``."""

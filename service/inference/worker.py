@@ -155,8 +155,8 @@ class ModelWorker:
         return await self._batched(work)
 
     async def stream(self, job: Any) -> AsyncIterator[Tokens | Answer]:
-        """A translation's tokens as the scheduler chooses them (lists of :class:`TokenEvent`:
-        a step's, or all that were chosen since the caller last asked), then its :class:`Answer`
+        """A translation's tokens as the scheduler delivers them (lists of :class:`TokenEvent`:
+        those of the steps since the last item), then its :class:`Answer`
         — the one :meth:`predict` gives. Beam search, and models that decode in
         static batches (whole-prefix graphs, images), yield the answer alone: a beam's best
         prefix can change until it ends. Closing the iterator early (a client gone) takes the

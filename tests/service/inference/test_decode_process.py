@@ -122,47 +122,71 @@ async def test_streamed_tokens_arrive_before_the_answer_and_attention_only_when_
     process.close()
 
 
+def slow_failing() -> tuple[TableDecoder, list[str]]:
+    return TableDecoder(fail_on=6, seconds=0.01), ["TableDecoder"]
+
+
 @pytest.mark.parametrize("where", ["decode-process", "thread"])
 def test_tokens_within_the_interval_are_held_where_they_are_chosen(where: str) -> None:
     """With ``interval_s`` the scheduler calls a stream's ``on_tokens`` at most once per interval
-    (the first token at once, the last ones before the answer) — in a decode process the held
-    tokens never cross to the parent, on a thread they never wake the caller's loop — and the
-    tokens are those of the step-by-step stream."""
-    ids, opts, interval = [3, 4, 5, 6, 7, 8, 9, 10, 11] * 2, options(max_len=40), 0.03
+    — in a decode process the held tokens never cross to the parent, on a thread they never wake
+    the caller's loop — the first token at once and the last ones in the answer's own wake-up
+    (written together); each text's tokens are those of the step-by-step stream (two texts
+    ending at different steps). A failed request gets the tokens it held before its error."""
+    long, short = [3, 4, 5, 6, 7, 8, 9, 10, 11] * 2, [5, 7, 9, 3, 4, 6]
+    opts, interval = options(max_len=40), 0.03
+
+    def scheduler(failing: bool = False) -> DecodeProcess | TranslationScheduler:
+        if where == "decode-process":
+            return DecodeProcess(slow_failing if failing else slow, 400)
+        return TranslationScheduler(TableDecoder(fail_on=6 if failing else None, seconds=0.01), 400)
 
     @synchronous
     async def go() -> None:
-        scheduler = (
-            DecodeProcess(slow, 400)
-            if where == "decode-process"
-            else TranslationScheduler(TableDecoder(seconds=0.01), 400)
-        )
+        loop = asyncio.get_running_loop()
+        s = scheduler()
         calls: list[tuple[float, int]] = []  # (s since the request, tokens) per call
+        answered_with: list[bool] = []  # per call: the answer was settled in the same wake-up
         got: list = []
 
         def on_tokens(tokens: list) -> None:
             calls.append((time.perf_counter() - start, len(tokens)))
             got.extend(tokens)
+            loop.call_soon(lambda: answered_with.append(request.future.done()))
 
         start = time.perf_counter()
-        request = scheduler.enqueue([ids], opts, on_tokens, True, interval)
+        request = s.enqueue([long, short], opts, on_tokens, True, interval)
         try:
             answer = await request.future
             answered = time.perf_counter() - start
         finally:
-            scheduler.release(request)
-        scheduler.close()
-        expected = alone(TableDecoder(), ids, opts)
-        assert [t.token for t in got] == [*expected.tokens, EOS] and answer.hypotheses[
-            0
-        ].tokens == expected.tokens
-        assert calls[0][1] == 1, "the first token goes at once"
-        assert answer.steps >= 8 and len(calls) <= answered / interval + 2 < answer.steps, (
+            s.release(request)
+        s.close()
+        for i, ids in enumerate([long, short]):
+            expected = alone(TableDecoder(), ids, opts)
+            assert [t.token for t in got if t.text == i] == [*expected.tokens, EOS]
+            assert answer.hypotheses[i].tokens == expected.tokens
+        assert calls[0][1] == 2, "the first tokens (one per text) go at once"
+        assert answer.steps >= 15 and len(calls) <= answered / interval + 2 < answer.steps, (
             calls,
             answer.steps,
         )
         gaps = np.diff([t for t, _ in calls[:-1]])  # the last call comes with the answer
-        assert gaps.min() >= interval - 0.01, calls  # the receiving loop adds its own jitter
+        # the interval is the scheduler's: this loop adds its own jitter to each call
+        assert np.median(gaps) >= interval * 0.9 and gaps.min() >= interval / 2, calls
+        assert answered_with[-1] and not any(answered_with[:-1])
+
+        s = scheduler(failing=True)  # its 6th step fails: 5 tokens chosen, 1 sent at once
+        failed: list = []
+        request = s.enqueue([long], opts, failed.extend, True, 1.0)
+        try:
+            with pytest.raises((RuntimeError, InferenceFailed)):
+                await request.future
+        finally:
+            s.release(request)
+        s.close()
+        await asyncio.sleep(0)
+        assert [t.token for t in failed] == alone(TableDecoder(), long, opts).tokens[:5]
 
     go()
 

@@ -99,7 +99,11 @@ def check_stream(tokens: list[TokenEvent], answer: Answer, job: TranslateJob) ->
 
 
 def test_streams_equal_answers_under_mixed_traffic(tiny_repository: Path) -> None:
-    workers = {n: worker(tiny_repository / n / "1") for n in ("dates-transformer", "dates-bahdanau")}
+    # one model streams every step's tokens, the other holds them within the default interval
+    workers = {
+        n: worker(tiny_repository / n / "1", interval_ms=ms)
+        for n, ms in (("dates-transformer", 16.0), ("dates-bahdanau", 0.0))
+    }
     jobs = [
         (
             name,
@@ -147,7 +151,7 @@ def test_tokens_within_the_interval_travel_together(endless_version: Path, decod
     assert [t.index for t in items[0][:2]] == [0, 0], "the first item starts with each text's first token"
     gaps = np.diff(times[:-1])  # the last item goes when the decode ends, whatever the interval
     # held where the tokens are chosen: the interval is the scheduler's, this loop adds its jitter
-    assert len(gaps) and gaps.min() >= 0.025 - 0.01, gaps
+    assert len(gaps) and np.median(gaps) >= 0.025 * 0.9 and gaps.min() >= 0.025 / 2, gaps
     assert len(items) <= times[-1] / 0.025 + 2 < 300
     assert [t.token_id for i in items for t in i] == [t.token_id for i in stepwise for t in i]
     check_stream([t for i in items for t in i], answer, job)
