@@ -70,8 +70,10 @@ class Autoscaling(BaseModel):
     upscale_delay_s: float = Field(10.0, ge=0)
     #: less demand must last this long before a replica goes
     downscale_delay_s: float = Field(60.0, ge=0)
-    #: how far back a replica's reported load is averaged
-    look_back_period_s: float = Field(10.0, gt=0)
+    #: how far back a replica's reported load is averaged. Above 10 s: Ray Serve 2.60 warns that a
+    #: window no longer than its (deprecated) 10 s metrics interval will be refused in a future
+    #: release, although replicas here report every second
+    look_back_period_s: float = Field(15.0, gt=0)
 
 
 class Limits(BaseModel):

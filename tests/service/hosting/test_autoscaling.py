@@ -17,6 +17,9 @@ from ray.serve.config import AutoscalingConfig, AutoscalingContext
 from service.hosting.autoscaling import METRIC, held_requests_policy
 from service.settings import Settings
 
+# Ray Serve warns (FutureWarning: "will raise an exception in a future release") of a config it
+# will refuse: the service's own configs must not be one
+pytestmark = pytest.mark.filterwarnings("error::FutureWarning")
 TICK_S = 0.1  # Ray's control loop period
 
 
