@@ -113,6 +113,19 @@ def settler(request: Request, outcome: Callable[[], Decoded] | BaseException) ->
     return settle
 
 
+def due_tokens(requests: Iterable[Request], now: float) -> dict[Request, list[StepToken]]:
+    """The held tokens of these requests that are due at ``now`` (perf_counter time), taken from
+    them: those of a request still decoding whose interval since its last delivery is over (its
+    first tokens at once). A request whose texts are all done keeps its last ones for its answer
+    (:func:`take_held`)."""
+    due = {}
+    for request in requests:
+        if request.remaining and now >= request.delivered_at + request.interval_s:
+            due[request], request.held = request.held, []
+            request.delivered_at = now
+    return due
+
+
 def take_held(requests: Iterable[Request]) -> dict[Request, list[StepToken]]:
     """The tokens these (ending) requests still hold for their streams, taken from them."""
     held = {}

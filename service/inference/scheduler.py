@@ -57,6 +57,7 @@ from service.inference.callers import (
     StepToken,
     Submitting,
     decoded,
+    due_tokens,
     on_their_loops,
     settler,
     take_held,
@@ -387,11 +388,7 @@ class TranslationScheduler(Submitting):
         for request in {t.request for t in live}:
             request.steps += 1
             request.rows_seen += stepped
-        streamed: dict[Request, list[StepToken]] = {}
-        for request in streaming:  # due ones; an answered request's last go with its answer
-            if request.remaining and done_at >= request.delivered_at + request.interval_s:
-                streamed[request], request.held = request.held, []
-                request.delivered_at = done_at
+        streamed = due_tokens(streaming, done_at)  # an answered request's last go with its answer
         if streamed:  # before any answer
             self._stream(streamed)
         self._active = still
