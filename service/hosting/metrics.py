@@ -31,9 +31,10 @@ queued (a tuple on a deque drained every half second) the tiny path spent 0.40 m
 request against 0.32 with none (interleaved A/B; which part of the queueing cost it was not
 isolated). Each thread keeps running totals of its own instead — a counter's sum, a histogram's
 count per bucket, a gauge's last value — updated in place, and one background thread per process
-records into Ray what moved since its last look, every ``FLUSH_S``. Nothing is lost: Ray exports a
-histogram as its bucket counts (its ``_sum`` is rebuilt from bucket midpoints), so recording each
-observation as a value of its bucket gives the very series recording them one by one gives.
+records into Ray what moved since its last look, every ``FLUSH_S``. Nothing is lost: a bucket's
+new observations are recorded as that many of their mean, which gives the same bucket counts and
+the same ``_sum`` (exact through Ray's OpenCensus export, the default; Ray's OpenTelemetry
+export rebuilds ``_sum`` from bucket midpoints whatever was recorded).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class _Tally:
     def __init__(self) -> None:
         self.thread = threading.current_thread()
         self.counts: dict[Key, float] = {}
-        self.buckets: dict[Key, list[int]] = {}  # per histogram series: its count per bucket
+        #: per histogram series: its count per bucket, then the sum of each bucket's observations
+        self.buckets: dict[Key, list[float]] = {}
         self.gauges: dict[Key, tuple[int, float]] = {}  # (when it was set, the value)
 
     def add(self, other: _Tally) -> None:
@@ -90,9 +92,10 @@ class Deferred:
     no object kept per update); ``flush`` records into Ray, per series, what changed since the
     last flush: a counter's increase, a gauge's latest value (one a thread set again counts as
     changed: ``ModelMetrics.refresh`` keeps gauges alive so), and every new histogram
-    observation, as its bucket's upper boundary (above the last boundary: the next float).
-    Buckets are Prometheus' and Ray's: a value equal to a boundary counts in the bucket that
-    boundary closes (``le``)."""
+    observation, as the mean of its bucket's new observations — in the same bucket, and with
+    the same sum, so a histogram's ``_sum`` is exact where Ray exports the recorded sum (its
+    OpenCensus path, ``Settings.ray_open_telemetry`` false). Buckets are Prometheus' and Ray's: a
+    value equal to a boundary counts in the bucket that boundary closes (``le``)."""
 
     def __init__(self, flush_s: float = FLUSH_S) -> None:
         self.flush_s = flush_s
@@ -103,7 +106,7 @@ class Deferred:
         self._order = itertools.count(1)  # next() is atomic: which thread set a gauge last
         self._bounds: dict[Any, list[float]] = {}  # per histogram: its boundaries, sorted
         self._sent_counts: dict[Key, float] = {}
-        self._sent_buckets: dict[Key, list[int]] = {}
+        self._sent_buckets: dict[Key, list[float]] = {}
         self._sent_gauges: dict[Key, int] = {}
         self._thread: threading.Thread | None = None
 
@@ -122,14 +125,24 @@ class Deferred:
         bounds = self._bounds.get(metric)
         if bounds is None:
             bounds = self._bounds[metric] = sorted(float(b) for b in metric.boundaries)
+        n = len(bounds) + 1  # buckets: the last above every boundary
         if counts is None:
-            counts = buckets[key] = [0] * (len(bounds) + 1)  # the last: above every boundary
-        counts[bisect.bisect_left(bounds, value)] += 1
+            counts = buckets[key] = [0] * (2 * n)
+        i = bisect.bisect_left(bounds, value)
+        counts[i] += 1
+        counts[n + i] += value
 
-    def _values(self, metric: Any) -> list[float]:
-        """A value in each bucket of ``metric``: its upper boundary, then the float above the last."""
+    def _value(self, metric: Any, i: int, mean: float) -> float:
+        """What records ``metric``'s bucket ``i``: ``mean``, the mean of the observations it got,
+        kept inside the bucket (float rounding could carry it over a boundary); a mean that is
+        no number, the bucket's upper boundary (above the last: the next float)."""
         bounds = self._bounds[metric]
-        return [*bounds, math.nextafter(bounds[-1], math.inf)]
+        top = bounds[i] if i < len(bounds) else math.nextafter(bounds[-1], math.inf)
+        if not math.isfinite(mean):
+            return top
+        if i < len(bounds):
+            mean = min(mean, top)
+        return mean if i == 0 else max(mean, math.nextafter(bounds[i - 1], math.inf))
 
     def _tally(self) -> _Tally:
         try:
@@ -179,9 +192,13 @@ class Deferred:
         for key, n in now.buckets.items():
             sent = self._sent_buckets.get(key, [0] * len(n))
             metric, tags = key
-            for value, count, before in zip(self._values(metric), n, sent, strict=True):
-                for _ in range(count - before):
-                    metric.observe(value, tags=dict(tags))
+            half = len(n) // 2
+            for i in range(half):
+                count = int(n[i] - sent[i])
+                if count > 0:
+                    value = self._value(metric, i, (n[half + i] - sent[half + i]) / count)
+                    for _ in range(count):
+                        metric.observe(value, tags=dict(tags))
             self._sent_buckets[key] = n
 
 
@@ -225,8 +242,8 @@ class ModelMetrics:
             description="Sequences or images per formed batch (decoder rows per step: scheduled).",
             boundaries=BATCH_BUCKETS, tag_keys=("model",),
         )  # fmt: skip
-        # Ray's exporter writes a histogram's _sum from its buckets' midpoints (a batch of 1 counts
-        # as 0.5): the exact mean batch is this counter's rate over the histogram's count's
+        # the exact mean batch is this counter's rate over the histogram's count's, whichever way
+        # Ray exports (its OpenTelemetry export writes the histogram's _sum from bucket midpoints)
         self.batched = metrics.Counter(
             "attention_batched_total",
             description="Sequences or images computed in formed batches (decoder rows: scheduled).",

@@ -34,9 +34,10 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 #: Ray 2.60 clusters started with `ray start` require token authentication; every process of
-#: this one (head, worker, the service as a driver) shares one random token through the env
+#: this one (head, worker, the service as a driver) shares one random token through the env.
+#: RAY_enable_open_telemetry: the metrics export the service sets for the Ray it starts (README)
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0", "RAY_AUTH_MODE": "token",
-           "RAY_AUTH_TOKEN": secrets.token_hex(32)}  # fmt: skip
+           "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_enable_open_telemetry": "0"}  # fmt: skip
 
 
 def ray_node(args: list[str], log: Path, worker_ports: int) -> subprocess.Popen:

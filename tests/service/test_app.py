@@ -218,10 +218,15 @@ def test_concurrent_requests_form_batches(service: Service) -> None:
         bigger = series_sum(text, "ray_attention_batch_size_count", model="dates-bahdanau") - series_sum(
             text, "ray_attention_batch_size_bucket", model="dates-bahdanau", le="1.0"
         )
-        if bigger > 0:
+        # the histogram's _sum is the sum of the batch sizes (metrics.Deferred records each
+        # bucket's mean, Ray's OpenCensus export keeps the recorded sum), as the counter's
+        summed = series_sum(text, "ray_attention_batch_size_sum", model="dates-bahdanau")
+        batched = series_sum(text, "ray_attention_batched_total", model="dates-bahdanau")
+        if bigger > 0 and summed == pytest.approx(batched):
             break
         time.sleep(1)
     assert bigger > 0, "the batch-size histogram never saw a batch larger than 1"
+    assert summed == pytest.approx(batched), "the batch-size histogram's _sum is not the batches' sum"
 
 
 def test_scrape_endpoint_shows_metrics_moving(service: Service) -> None:
@@ -254,6 +259,9 @@ def test_scrape_endpoint_shows_metrics_moving(service: Service) -> None:
     total = series_sum(text, "ray_attention_requests_total", model="dates-transformer", status="200")
     assert total >= before + 3
     assert re.search(r"^ray_serve_", text, re.M), "Ray Serve's own series come with the same scrape"
+    # Ray's OpenCensus export (Settings.ray_open_telemetry false): histograms reach the agent as
+    # bucket counts, not replayed one observation at a time; OpenTelemetry's labels would show
+    assert "otel_scope_name" not in text
 
 
 # -- bad input -----------------------------------------------------------------------------------

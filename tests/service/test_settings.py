@@ -51,7 +51,11 @@ def test_bad_settings_name_the_field(
 
 
 def test_frontends_set_rays_switches_before_ray_starts(tmp_path: Path) -> None:
-    assert Settings(repository=tmp_path).ray_environment() == {}  # in-replica: no Ray proxy at all
+    # in-replica: no Ray proxy at all; histograms reach Ray's metrics agent as bucket counts
+    assert Settings(repository=tmp_path).ray_environment() == {"RAY_enable_open_telemetry": "0"}
+    for frontend in ("in-replica", "ray-proxy", "ray-direct"):
+        otel = Settings(repository=tmp_path, frontend=frontend, ray_open_telemetry=True)
+        assert otel.ray_environment()["RAY_enable_open_telemetry"] == "1"
     direct = Settings(repository=tmp_path, frontend="ray-direct", http_port=8000, grpc_port=9000)
     env = direct.ray_environment()
     assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1" and env["RAY_SERVE_PORT_QUARANTINE_S"] == "0"

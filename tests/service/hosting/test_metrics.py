@@ -7,6 +7,8 @@ import ast
 import threading
 from pathlib import Path
 
+import pytest
+
 import service.hosting.metrics as metrics
 
 
@@ -80,6 +82,25 @@ def test_deferred_updates_sum_counters_keep_last_gauges_and_every_observation() 
     for tags in ({"model": "a"}, {"model": "b"}):
         seen = [v for _, v, t in histogram.calls if t == tags]
         assert le_counts(seen, bounds) == le_counts(values, bounds)
+        assert sum(seen) == pytest.approx(sum(values), rel=1e-12)  # the histogram's _sum, exact
+
+
+def test_a_buckets_mean_stays_in_its_bucket() -> None:
+    """Observations on a boundary sum to a mean float rounding can carry over it (the mean of
+    1000 × 0.3 comes out 0.30000000000000565): recorded on the boundary, in the bucket it closes. A value that is no
+    number records its bucket's upper boundary, never NaN."""
+    histogram = Recorded([0.3, 1.0])
+    deferred = metrics.Deferred(flush_s=3600)
+    tags = (("model", "m"),)
+    for _ in range(1000):
+        deferred.observe(histogram, 0.3, tags)
+    deferred.observe(histogram, 5.0, tags)
+    deferred.flush()
+    seen = [v for _, v, _ in histogram.calls]
+    assert le_counts(seen, [0.3, 1.0]) == [1000, 1000, 1001] and seen[-1] == 5.0
+    deferred.observe(histogram, float("nan"), tags)
+    deferred.flush()
+    assert histogram.calls[-1][1] == 0.3
 
 
 def test_deferred_records_only_what_changed_and_keeps_an_ended_threads_totals() -> None:
@@ -104,7 +125,7 @@ def test_deferred_records_only_what_changed_and_keeps_an_ended_threads_totals() 
     assert len(counter.calls) == 1 and len(histogram.calls) == 5  # nothing moved, nothing recorded
     work(1)
     deferred.flush()
-    assert [c[1] for c in counter.calls] == [5, 1] and [v for _, v, _ in histogram.calls] == [2.0] * 6
+    assert [c[1] for c in counter.calls] == [5, 1] and [v for _, v, _ in histogram.calls] == [1.5] * 6
     counted, go_on = threading.Event(), threading.Event()
     later = threading.Thread(target=lambda: (work(4), counted.set(), go_on.wait(10)))
     later.start()
