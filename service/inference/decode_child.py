@@ -23,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from service.inference.callers import Decoded, Request, StepToken, decoded, take_held
-from service.inference.scheduler import Decoder, Options, TranslationScheduler
+from service.inference.decoding import Options
+from service.inference.scheduler import Decoder, TranslationScheduler
 
 #: while only step counts would be sent, the child sends them at most this often (and always when
 #: it goes idle): they feed the metrics, nobody waits for them
@@ -66,11 +67,9 @@ class _ChildScheduler(TranslationScheduler):
         """``interval_s`` None: not streamed; else its tokens are sent at most once per interval
         (``TranslationScheduler.enqueue``)."""
         request = _Remote(None, None, arrived, [None] * len(ids), rid=rid, attention=attention)  # type: ignore[arg-type]
-        request.remaining = request.pending_first = len(ids)
-        if interval_s is not None:
-            request.on_tokens, request.interval_s = _streams, interval_s
         self.by_rid[rid] = request
-        self._add(request, ids, options)
+        streamed = interval_s is not None
+        self._add(request, ids, options, _streams if streamed else None, interval_s or 0.0)
 
     def cancel(self, rid: int) -> None:
         request = self.by_rid.pop(rid, None)

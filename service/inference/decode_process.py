@@ -58,7 +58,8 @@ from service.inference.callers import (
     settler,
 )
 from service.inference.child_sender import Sender
-from service.inference.scheduler import Decoder, OnStep, Options
+from service.inference.decoding import Options
+from service.inference.scheduler import Decoder, OnStep
 
 log = logging.getLogger("ray.serve")
 

@@ -239,6 +239,17 @@ class BeamSearch:
         )
 
 
+@dataclass(frozen=True)
+class Options:
+    """A request's search: what :func:`new_search` takes for each of its texts."""
+
+    bos: int
+    eos: int
+    max_len: int  # target tokens, already capped by the model's limit
+    beam_size: int = 1
+    length_penalty: float = 0.0
+
+
 def new_search(
     bos: int, eos: int, max_len: int, beam_size: int = 1, length_penalty: float = 0.0,
     source_length: int | None = None,

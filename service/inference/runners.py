@@ -23,10 +23,9 @@ from service.errors import InvalidInput, ResponseTooLarge
 from service.inference import attention as maps
 from service.inference.batching import group_by, length_buckets
 from service.inference.callers import StepToken
-from service.inference.decoding import Hypothesis
+from service.inference.decoding import Hypothesis, Options
 from service.inference.jobs import Classified, ClassifyJob, TokenEvent, Translated, TranslateJob
 from service.inference.repository import ModelEntry
-from service.inference.scheduler import Options
 from service.inference.translation import Translation, Translator
 from service.inference.vision import Classifier, decode_image, mode_of, pixels_to_image, preprocess
 from service.settings import Limits

@@ -11,6 +11,10 @@ A long-lived loop per model. At every decoder step it
 4. advances each text's own search (``service/inference/decoding.py``), reorders the rows of
    beams, retires finished texts and answers a request as soon as its last text is done.
 
+What a step does to the rows (join, feed, advance, keep, compact) is ``RunningBatch``'s
+(``service/inference/running_batch.py``); this module decides who joins and when, runs the loop
+and reaches the callers.
+
 So a short request that arrives while long ones decode starts at the next step and leaves when it
 is done, instead of waiting for a whole static batch. The searches are the ones a static batch
 uses, so a text decodes to the same tokens alone or in any company.
@@ -46,7 +50,6 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -63,15 +66,8 @@ from service.inference.callers import (
     take_held,
     token_calls,
 )
-from service.inference.decoding import (
-    GreedySearch,
-    Scores,
-    Search,
-    best_tokens,
-    candidates_for,
-    keep_rows,
-    new_search,
-)
+from service.inference.decoding import Options, Scores, candidates_for
+from service.inference.running_batch import RunningBatch, Text
 
 
 class Decoder(Protocol):
@@ -89,41 +85,9 @@ class Decoder(Protocol):
     ) -> tuple[Scores, np.ndarray, Any]: ...
 
 
-@dataclass(frozen=True)
-class Options:
-    bos: int
-    eos: int
-    max_len: int  # target tokens, already capped by the model's limit
-    beam_size: int = 1
-    length_penalty: float = 0.0
-
-
-@dataclass(eq=False)
-class _Text:
-    request: Request
-    index: int
-    ids: list[int]
-    options: Options
-    cost: int
-    search: Search = field(init=False)
-
-
-@dataclass(eq=False)
-class _Retired:
-    """The rows of a text that is done, left in the batch until the next compaction (see
-    ``RETIRED_SHARE``): stepped with the others, their outputs ignored."""
-
-    rows: int
-
-
 #: while rows decode, newcomers are admitted once those that fit are 1/GATHER_SHARE of the running
 #: rows, or GATHER_STEPS steps after the last admission (see ``_admit``)
 GATHER_SHARE, GATHER_STEPS = 4, 4
-#: a finished text's rows stay in the batch until retired rows are 1/RETIRED_SHARE of it, or
-#: newcomers join, or a caller leaves: taking rows out copies every row's cache and encoder
-#: outputs, which cost more than stepping a few extra rows (one copy per retirement was a fifth
-#: of the stepping thread's time under open-loop load on the demo model)
-RETIRED_SHARE = 4
 OnStep = Callable[[int, int, int, float], None]
 
 
@@ -137,12 +101,8 @@ class TranslationScheduler(Submitting):
         self.decoder = decoder
         self.on_step = on_step
         self.token_budget = token_budget
-        self._waiting: deque[_Text] = deque()
-        #: in row order: each text owns search.rows consecutive rows, each _Retired its rows
-        self._active: list[_Text | _Retired] = []
-        self._retired = 0  # rows of _Retired entries in the batch
-        self._batch: Any = None
-        self._in_flight = 0  # budget held by active texts
+        self._waiting: deque[Text] = deque()
+        self._running = RunningBatch()  # the rows decoding, on the loop's thread only
         self._lock = threading.Lock()  # guards _waiting, _requests, _closed, _thread
         self._arrival = threading.Condition(self._lock)
         self._thread: threading.Thread | None = None
@@ -162,12 +122,12 @@ class TranslationScheduler(Submitting):
     @property
     def rows(self) -> int:
         """Rows of texts still decoding (not counting retired rows awaiting compaction)."""
-        return sum(t.search.rows for t in self._active if isinstance(t, _Text))
+        return self._running.rows
 
     @property
     def tokens_in_flight(self) -> int:
         """Positions the running batch holds (rows × their past): what the budget bounds."""
-        return self._in_flight
+        return self._running.in_flight
 
     # -- callers ---------------------------------------------------------------------------------
 
@@ -194,20 +154,21 @@ class TranslationScheduler(Submitting):
             raise ValueError("give at least one text")
         loop = asyncio.get_running_loop()
         request = Request(loop, loop.create_future(), time.perf_counter(), [None] * len(ids))
-        request.on_tokens, request.interval_s = on_tokens, interval_s
-        request.remaining = request.pending_first = len(ids)
-        self._add(request, ids, options)
+        self._add(request, ids, options, on_tokens, interval_s)
         return request
 
     #: whether the loop runs on a thread of its own (a decode process's runs on its main thread)
     threaded = True
 
-    def _add(self, request: Request, ids: list[list[int]], options: Options) -> None:
-        """Queue ``request``'s texts and start the loop's thread if it is not running."""
-        texts = [
-            _Text(request, i, row, options, options.beam_size * (len(row) + options.max_len))
-            for i, row in enumerate(ids)
-        ]
+    def _add(
+        self, request: Request, ids: list[list[int]], options: Options, on_tokens: OnTokens | None,
+        interval_s: float,
+    ) -> None:  # fmt: skip
+        """Set ``request`` up for its texts, queue them, and start the loop's thread if it is not
+        running."""
+        request.remaining = request.pending_first = len(ids)
+        request.on_tokens, request.interval_s = on_tokens, interval_s
+        texts = Text.of(request, ids, options)
         with self._lock:
             self._waiting.extend(texts)
             self._requests.add(request)
@@ -254,7 +215,7 @@ class TranslationScheduler(Submitting):
     @property
     def idle(self) -> bool:
         """Nothing waiting, nothing decoding."""
-        return not self._waiting and not self._active
+        return not self._waiting and self._running.empty
 
     def _pass(self) -> None:
         """One pass of the loop: admit, step, answer."""
@@ -268,9 +229,9 @@ class TranslationScheduler(Submitting):
             return
         self._answer(finished)
         if self.on_step is not None:  # also after a pass without a step: its last callers left
-            self.on_step(self._rows_stepped, self.rows, self._in_flight, time.perf_counter() - start)
+            self.on_step(self._rows_stepped, self.rows, self._running.in_flight, time.perf_counter() - start)
 
-    def _admit(self) -> list[_Text]:
+    def _admit(self) -> list[Text]:
         """(Under the lock.) Oldest first while the budget allows; a text over the whole budget goes alone.
 
         Admission costs an encoder call and a copy of the running batch's state, so while rows are
@@ -278,10 +239,11 @@ class TranslationScheduler(Submitting):
         of the running rows, or four steps after the last admission (an idle model admits at
         once). Under load, when every retirement frees room for one text, this admits groups
         every few steps instead of one text (and one copy of the batch) at every step."""
-        admitted: list[_Text] = []
-        rows = self.rows
+        admitted: list[Text] = []
+        running = self._running
+        rows = running.rows
         if rows and self._waiting and self.steps - self._admitted_at < GATHER_STEPS:
-            fit, held = 0, self._in_flight
+            fit, held = 0, running.in_flight
             for text in self._waiting:
                 if text.request.cancelled:
                     continue
@@ -295,138 +257,38 @@ class TranslationScheduler(Submitting):
             if text.request.cancelled:
                 self._waiting.popleft()
                 continue
-            alone = not self._active and not admitted
-            if not alone and self._in_flight + text.cost > self.token_budget:
+            alone = running.empty and not admitted
+            if not alone and running.in_flight + text.cost > self.token_budget:
                 break
             self._waiting.popleft()
-            self._in_flight += text.cost
+            running.in_flight += text.cost
             admitted.append(text)
         if admitted:
             self._admitted_at = self.steps
         return admitted
 
-    def _iterate(self, admitted: list[_Text]) -> list[Request]:
-        """One step: drop the cancelled, add the admitted, step, retire."""
-        now = time.perf_counter()
-        self._drop_cancelled()
-        joining: list[_Text] = []
-        for text in admitted:
-            if text.request.cancelled:  # its caller left since admission
-                self._in_flight -= text.cost
-            else:
-                joining.append(text)
-        admitted = joining
-        if admitted and self._retired:  # the join copies every row anyway: compact first
-            self._compact()
-        if admitted:
-            for text in admitted:
-                o, source = text.options, len(text.ids)
-                text.search = new_search(o.bos, o.eos, o.max_len, o.beam_size, o.length_penalty, source)
-                if text.request.admitted is None:
-                    text.request.admitted = now
-            fresh = self.decoder.encode([t.ids for t in admitted])
-            self._batch = fresh if self._batch is None else type(fresh).concat([self._batch, fresh])
-            self._active.extend(admitted)
+    def _iterate(self, admitted: list[Text]) -> list[Request]:
+        """One step: drop the cancelled, add the admitted, step, stream, retire."""
+        running = self._running
+        running.drop_cancelled()
+        running.join(admitted, self.decoder.encode, time.perf_counter())
         self._rows_stepped = 0
-        if not self._active:
+        if running.empty:
             return []
-        live = [t for t in self._active if isinstance(t, _Text)]
-        fed = [
-            (token, t.search.steps) if isinstance(t, _Text) else (0, 0)
-            for t in self._active
-            for token in (t.search.feed() if isinstance(t, _Text) else range(t.rows))
-        ]
-        tokens, positions = np.ascontiguousarray(np.array(fed, dtype=np.int64).reshape(-1, 2).T)
-        candidates = candidates_for(max(t.options.beam_size for t in live))
-        logp, attention, batch = self.decoder.step(self._batch, tokens, positions, None, candidates)
+        tokens, positions = running.feed()
+        candidates = candidates_for(max(t.options.beam_size for t in running.texts))
+        logp, attention, state = self.decoder.step(running.state, tokens, positions, None, candidates)
         self.steps += 1
         rows = self._rows_stepped = len(tokens)
         done_at = time.perf_counter()
-        best, values = best_tokens(logp)  # every greedy row's choice, in one call
-        chosen, best_ids = values.tolist(), best.tolist()
-        index: list[np.ndarray] = []
-        still: list[_Text | _Retired] = []
-        finished: list[Request] = []
-        offset = 0
-        streaming: set[Request] = set()  # requests whose greedy texts chose a token
-        for entry in self._active:
-            if isinstance(entry, _Retired):  # kept as they are
-                index.append(np.arange(offset, offset + entry.rows))
-                still.append(entry)
-                offset += entry.rows
-                continue
-            text, search = entry, entry.search
-            n = search.rows
-            request = text.request
-            first = search.steps == 0
-            if isinstance(search, GreedySearch):
-                kept = search.choose(best_ids[offset], chosen[offset], attention[offset])
-                if request.on_tokens is not None:
-                    token = StepToken(text.index, best_ids[offset], chosen[offset], attention[offset])
-                    request.held.append(token)
-                    streaming.add(request)
-            else:
-                kept = search.advance(logp[offset : offset + n], attention[offset : offset + n])
-            offset += n
-            if first:
-                request.pending_first -= 1
-                if request.pending_first == 0:
-                    request.first_token = done_at
-            if search.done:
-                request.searches[text.index] = search  # its hypothesis is built on the caller's loop
-                request.remaining -= 1
-                self._in_flight -= text.cost
-                if request.remaining == 0:
-                    finished.append(request)
-                index.append(np.arange(offset - n, offset))  # its rows stay until compaction
-                still.append(_Retired(n))
-                self._retired += n
-            else:
-                index.append(kept + (offset - n))
-                still.append(text)
-        stepped = rows - sum(t.rows for t in self._active if isinstance(t, _Retired))
-        for request in {t.request for t in live}:
-            request.steps += 1
-            request.rows_seen += stepped
-        streamed = due_tokens(streaming, done_at)  # an answered request's last go with its answer
-        if streamed:  # before any answer
+        step = running.advance(logp, attention, done_at)
+        streamed = due_tokens(step.streaming, done_at)  # an answered request's last go with its answer
+        if streamed:  # before any answer, and before the copy of the batch's state below
             self._stream(streamed)
-        self._active = still
-        self._batch = keep_rows(batch, np.concatenate(index), rows)
-        if self._retired and self._retired * RETIRED_SHARE >= rows:
-            self._compact()
-        for request in finished:
+        running.keep(state, step.index, rows)
+        for request in step.finished:
             request.done = done_at
-        return finished
-
-    def _drop_cancelled(self) -> None:
-        """Take the rows of requests whose caller left out of the batch (and retired rows with
-        them: it is a copy of every row either way)."""
-        if any(isinstance(t, _Text) and t.request.cancelled for t in self._active):
-            self._compact()
-
-    def _compact(self) -> None:
-        """Keep only the rows of texts still decoding (one copy of the batch's state); the texts
-        of requests whose caller left go too, and give back their budget.
-
-        A caller leaves on its own event loop at any moment (``release``), so each text's
-        ``cancelled`` is read once here: the rows kept, the texts kept and the budget returned
-        must agree even when a caller leaves during the compaction."""
-        keep: list[np.ndarray] = []
-        active: list[_Text | _Retired] = []
-        offset = 0
-        for entry in self._active:
-            n = entry.rows if isinstance(entry, _Retired) else entry.search.rows
-            if isinstance(entry, _Text):
-                if entry.request.cancelled:
-                    self._in_flight -= entry.cost
-                else:
-                    keep.append(np.arange(offset, offset + n))
-                    active.append(entry)
-            offset += n
-        self._active = active
-        self._batch = self._batch[np.concatenate(keep)] if active else None
-        self._retired = 0
+        return step.finished
 
     # -- what reaches the callers (on the stepping thread; a subclass may send it elsewhere) ------
 
@@ -447,13 +309,12 @@ class TranslationScheduler(Submitting):
         before its error)."""
         on_their_loops([*token_calls(take_held(failed)), *((r.loop, settler(r, exc)) for r in failed)])
 
-    def _fail(self, admitted: list[_Text], exc: BaseException) -> None:
+    def _fail(self, admitted: list[Text], exc: BaseException) -> None:
         """The step failed: every request in the batch ends with ``exc``."""
-        active = [t for t in self._active if isinstance(t, _Text)]
+        active = self._running.texts
         texts = [*active, *(t for t in admitted if t not in active)]
         failed = {t.request for t in texts}
         self._failed(failed, exc)
         with self._lock:
             self._waiting = deque(t for t in self._waiting if t.request not in failed)
-        self._active, self._batch = [], None
-        self._in_flight = self._retired = 0
+        self._running.clear()

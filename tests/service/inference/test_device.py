@@ -12,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.inference.decoding import log_softmax
+from service.inference.decoding import Options, log_softmax
 from service.inference.device import DeviceOps
 from service.inference.manifest import Manifest
-from service.inference.scheduler import Options, TranslationScheduler
+from service.inference.scheduler import TranslationScheduler
 from service.inference.translation import KVCache, RowBatch, Translator, join
 
 CPU = ["CPUExecutionProvider"]

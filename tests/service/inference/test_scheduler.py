@@ -21,8 +21,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from service.inference.decoding import GreedySearch, new_search, run_searches
-from service.inference.scheduler import Options, TranslationScheduler
+from service.inference.decoding import GreedySearch, Options, new_search, run_searches
+from service.inference.scheduler import TranslationScheduler
 from service.inference.translation import KVCache, RowBatch
 
 V, BOS, EOS = 12, 1, 2

@@ -1,0 +1,222 @@
+"""The rows one translation model decodes together: which text owns which rows, each text's search,
+the model's batch state (encoder outputs and KV cache, ``RowBatch``), and the budget they hold.
+
+``TranslationScheduler`` (``service/inference/scheduler.py``) decides who joins and when; this
+module does what a step does to the rows: texts join (one encoder call, the batch state
+concatenated), every row is fed its next token, each text's search advances on the step's
+scores (``service/inference/decoding.py``), beams reorder their rows, finished texts retire.
+
+**Retired rows.** A finished text's rows stay in the batch until retired rows are
+1/``RETIRED_SHARE`` of it, or newcomers join, or a caller leaves: taking rows out copies every
+row's cache and encoder outputs, which cost more than stepping a few extra rows (one copy per
+retirement was a fifth of the stepping thread's time under open-loop load on the demo model).
+
+Plain numpy, on the scheduler's stepping thread only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from service.inference.callers import Request, StepToken
+from service.inference.decoding import (
+    GreedySearch,
+    Options,
+    Scores,
+    Search,
+    best_tokens,
+    keep_rows,
+    new_search,
+)
+
+#: retired rows are taken out once they are 1/RETIRED_SHARE of the batch
+RETIRED_SHARE = 4
+
+
+@dataclass(eq=False)
+class Text:
+    """One text of a request: its source ids, its search, and the budget it holds while it
+    decodes (``beam × (source length + its target limit)``: the most rows × positions it can
+    ever need)."""
+
+    request: Request
+    index: int
+    ids: list[int]
+    options: Options
+    cost: int
+    search: Search = field(init=False)
+
+    @classmethod
+    def of(cls, request: Request, ids: list[list[int]], options: Options) -> list[Text]:
+        """The texts of ``request``, one per row of source ids."""
+        cost = [options.beam_size * (len(row) + options.max_len) for row in ids]
+        return [cls(request, i, row, options, cost[i]) for i, row in enumerate(ids)]
+
+
+@dataclass(eq=False)
+class _Retired:
+    """The rows of a text that is done, left in the batch until the next compaction: stepped with
+    the others, their outputs ignored."""
+
+    rows: int
+
+
+@dataclass
+class Advanced:
+    """What one step did to the callers: requests whose last text finished, requests whose greedy
+    texts chose tokens (now in ``request.held``), and which rows of the step's state go on."""
+
+    finished: list[Request]
+    streaming: set[Request]
+    index: np.ndarray
+
+
+class RunningBatch:
+    def __init__(self) -> None:
+        #: in row order: each text owns search.rows consecutive rows, each _Retired its rows
+        self.entries: list[Text | _Retired] = []
+        self.state: Any = None  # the model's batch state (a RowBatch), one row per row above
+        self.in_flight = 0  # budget held by texts admitted and not yet done
+        self._retired = 0  # rows of _Retired entries
+
+    @property
+    def empty(self) -> bool:
+        return not self.entries
+
+    @property
+    def texts(self) -> list[Text]:
+        """The texts still decoding."""
+        return [t for t in self.entries if isinstance(t, Text)]
+
+    @property
+    def rows(self) -> int:
+        """Rows of texts still decoding (not counting retired rows awaiting compaction)."""
+        return sum(t.search.rows for t in self.entries if isinstance(t, Text))
+
+    def clear(self) -> None:
+        """Every row goes (the step failed: their requests were given the error)."""
+        self.entries, self.state = [], None
+        self.in_flight = self._retired = 0
+
+    def join(self, admitted: list[Text], encode: Any, now: float) -> None:
+        """Add the admitted texts (their budget already counted in ``in_flight``) whose callers are
+        still there: one ``encode`` call for all of them, their rows after the running ones."""
+        joining: list[Text] = []
+        for text in admitted:
+            if text.request.cancelled:  # its caller left since admission
+                self.in_flight -= text.cost
+            else:
+                joining.append(text)
+        if not joining:
+            return
+        if self._retired:  # the join copies every row anyway: compact first
+            self.compact()
+        for text in joining:
+            o = text.options
+            text.search = new_search(o.bos, o.eos, o.max_len, o.beam_size, o.length_penalty, len(text.ids))
+            if text.request.admitted is None:
+                text.request.admitted = now
+        fresh = encode([t.ids for t in joining])
+        self.state = fresh if self.state is None else type(fresh).concat([self.state, fresh])
+        self.entries.extend(joining)
+
+    def feed(self) -> tuple[np.ndarray, np.ndarray]:
+        """Every row's next input token and position (retired rows: 0 at 0) → (tokens, positions)."""
+        fed = [
+            (token, t.search.steps) if isinstance(t, Text) else (0, 0)
+            for t in self.entries
+            for token in (t.search.feed() if isinstance(t, Text) else range(t.rows))
+        ]
+        tokens, positions = np.ascontiguousarray(np.array(fed, dtype=np.int64).reshape(-1, 2).T)
+        return tokens, positions
+
+    def advance(self, logp: Scores, attention: np.ndarray, done_at: float) -> Advanced:
+        """Each text's search takes the step's scores (greedy rows all at once, beams by their own
+        rows); finished texts retire and give back their budget, a request whose last text is done
+        is finished. Row order changes only in :meth:`keep`."""
+        best_ids, best_logp = best_tokens(logp)  # every greedy row's choice, in one call
+        best, values = best_ids.tolist(), best_logp.tolist()
+        index: list[np.ndarray] = []
+        still: list[Text | _Retired] = []
+        finished: list[Request] = []
+        streaming: set[Request] = set()
+        offset = 0
+        for entry in self.entries:
+            if isinstance(entry, _Retired):  # kept as they are
+                index.append(np.arange(offset, offset + entry.rows))
+                still.append(entry)
+                offset += entry.rows
+                continue
+            search, request, n = entry.search, entry.request, entry.search.rows
+            first = search.steps == 0
+            if isinstance(search, GreedySearch):
+                kept = search.choose(best[offset], values[offset], attention[offset])
+                if request.on_tokens is not None:
+                    token = StepToken(entry.index, best[offset], values[offset], attention[offset])
+                    request.held.append(token)
+                    streaming.add(request)
+            else:
+                kept = search.advance(logp[offset : offset + n], attention[offset : offset + n])
+            offset += n
+            if first:
+                request.pending_first -= 1
+                if request.pending_first == 0:
+                    request.first_token = done_at
+            if search.done:
+                request.searches[entry.index] = search  # its hypothesis is built on the caller's loop
+                request.remaining -= 1
+                self.in_flight -= entry.cost
+                if request.remaining == 0:
+                    finished.append(request)
+                index.append(np.arange(offset - n, offset))  # its rows stay until compaction
+                still.append(_Retired(n))
+                self._retired += n
+            else:
+                index.append(kept + (offset - n))
+                still.append(entry)
+        stepped = offset - sum(t.rows for t in self.entries if isinstance(t, _Retired))
+        for request in {t.request for t in self.entries if isinstance(t, Text)}:
+            request.steps += 1
+            request.rows_seen += stepped
+        self.entries = still
+        return Advanced(finished, streaming, np.concatenate(index))
+
+    def keep(self, state: Any, index: np.ndarray, rows: int) -> None:
+        """The step's new state (``rows`` rows, as stepped) reduced to the rows ``index`` names, in
+        its order (beams reordered, finished hypotheses dropped); retired rows go once they are
+        1/RETIRED_SHARE of the rows stepped."""
+        self.state = keep_rows(state, index, rows)
+        if self._retired and self._retired * RETIRED_SHARE >= rows:
+            self.compact()
+
+    def drop_cancelled(self) -> None:
+        """Take the rows of requests whose caller left out of the batch (and retired rows with
+        them: it is a copy of every row either way)."""
+        if any(isinstance(t, Text) and t.request.cancelled for t in self.entries):
+            self.compact()
+
+    def compact(self) -> None:
+        """Keep only the rows of texts still decoding (one copy of the batch's state); the texts
+        of requests whose caller left go too, and give back their budget.
+
+        A caller leaves on its own event loop at any moment (``release``), so each text's
+        ``cancelled`` is read once here: the rows kept, the texts kept and the budget returned
+        must agree even when a caller leaves during the compaction."""
+        keep: list[np.ndarray] = []
+        entries: list[Text | _Retired] = []
+        offset = 0
+        for entry in self.entries:
+            n = entry.rows if isinstance(entry, _Retired) else entry.search.rows
+            if isinstance(entry, Text):
+                if entry.request.cancelled:
+                    self.in_flight -= entry.cost
+                else:
+                    keep.append(np.arange(offset, offset + n))
+                    entries.append(entry)
+            offset += n
+        self.entries = entries
+        self.state = self.state[np.concatenate(keep)] if entries else None
+        self._retired = 0
