@@ -29,8 +29,9 @@ while True:
 PY
 }
 
-# Ray Serve reads some switches from the environment of each Ray process as it starts (the
-# ray-direct frontend's ports, the autoscaling report interval: Settings.ray_environment), and
+# Ray and Ray Serve read some switches from the environment of each Ray process as it starts (the
+# metrics export, the ray-direct frontend's ports, the autoscaling report interval:
+# Settings.ray_environment), and
 # `python -m service` sets them only for the processes it starts. The head's and the workers'
 # start here, before it, so they get the same values here, from the same settings; a bad setting
 # stops the container now, naming it.

@@ -132,8 +132,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def ray_processes_environment(settings: Settings) -> dict[str, str]:
-    """What every Ray process must see when it starts: the gRPC proxy's message limit and the
-    frontend's switches (``Settings.ray_environment``)."""
+    """What every Ray process must see when it starts: the gRPC proxy's message limit, Ray's
+    metrics export and the frontend's switches (``Settings.ray_environment``)."""
     grpc = {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(settings.grpc_max_message_bytes)}
     return {**grpc, **settings.ray_environment()}
 

@@ -291,9 +291,11 @@ class Settings(BaseSettings):
         variables every Ray process must see before it starts (``python -m service`` sets them
         before ``ray.init``; a cluster started with ``ray start`` needs them in its environment)."""
         metrics = {"RAY_enable_open_telemetry": "1" if self.ray_open_telemetry else "0"}
+        return {**metrics, **self._serve_environment()}
+
+    def _serve_environment(self) -> dict[str, str]:
         # a stopping proxy or ingress replica waits this long for load balancers (Ray's default 30 s)
         draining = {
-            **metrics,
             "RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": str(max(self.drain_s, 0.1)),
             "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(self.drain_s),
         }
@@ -311,8 +313,8 @@ class Settings(BaseSettings):
         if self.frontend == "ray-proxy":
             return draining
         if self.autoscaling is not None:  # replicas report what they hold every second, not 10 s
-            return {**metrics, "RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
-        return metrics
+            return {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
+        return {}
 
     @property
     def use_gpu(self) -> bool:

@@ -30,7 +30,7 @@ second, was ≈ 7 % of a replica's samples. Nor do they queue their updates: wit
 queued (a tuple on a deque drained every half second) the tiny path spent 0.40 ms of server CPU a
 request against 0.32 with none (interleaved A/B; which part of the queueing cost it was not
 isolated). Each thread keeps running totals of its own instead — a counter's sum, a histogram's
-count per bucket, a gauge's last value — updated in place, and one background thread per process
+count and sum per bucket, a gauge's last value — updated in place, and one background thread per process
 records into Ray what moved since its last look, every ``FLUSH_S``. Nothing is lost: a bucket's
 new observations are recorded as that many of their mean, which gives the same bucket counts and
 the same ``_sum`` (exact through Ray's OpenCensus export, the default; Ray's OpenTelemetry
@@ -130,18 +130,21 @@ class Deferred:
             counts = buckets[key] = [0] * (2 * n)
         i = bisect.bisect_left(bounds, value)
         counts[i] += 1
-        counts[n + i] += value
+        # a value that is no number (NaN, ±inf) would spoil its bucket's sum for good: it counts
+        # as the bucket's upper boundary there
+        counts[n + i] += value if math.isfinite(value) else self._top(bounds, i)
+
+    @staticmethod
+    def _top(bounds: list[float], i: int) -> float:
+        """Bucket ``i``'s upper boundary; above the last boundary, the float after it."""
+        return bounds[i] if i < len(bounds) else math.nextafter(bounds[-1], math.inf)
 
     def _value(self, metric: Any, i: int, mean: float) -> float:
         """What records ``metric``'s bucket ``i``: ``mean``, the mean of the observations it got,
-        kept inside the bucket (float rounding could carry it over a boundary); a mean that is
-        no number, the bucket's upper boundary (above the last: the next float)."""
+        kept inside the bucket (float rounding could carry it over either boundary)."""
         bounds = self._bounds[metric]
-        top = bounds[i] if i < len(bounds) else math.nextafter(bounds[-1], math.inf)
-        if not math.isfinite(mean):
-            return top
         if i < len(bounds):
-            mean = min(mean, top)
+            mean = min(mean, bounds[i])
         return mean if i == 0 else max(mean, math.nextafter(bounds[i - 1], math.inf))
 
     def _tally(self) -> _Tally:

@@ -11,7 +11,8 @@ scores (``service/inference/decoding.py``), beams reorder their rows, finished t
 row's cache and encoder outputs, which cost more than stepping a few extra rows (one copy per
 retirement was a fifth of the stepping thread's time under open-loop load on the demo model).
 
-Plain numpy, on the scheduler's stepping thread only.
+Plain numpy, changed on the scheduler's stepping thread only (``rows`` and ``in_flight`` are
+read from others, for metrics and admission under the scheduler's lock).
 """
 
 from __future__ import annotations
@@ -67,10 +68,12 @@ class _Retired:
 @dataclass
 class Advanced:
     """What one step did to the callers: requests whose last text finished, requests whose greedy
-    texts chose tokens (now in ``request.held``), and which rows of the step's state go on."""
+    texts chose tokens (now in ``request.held``); and what :meth:`RunningBatch.keep` makes of the
+    batch: its entries after the step, and which rows of the step's state they own."""
 
     finished: list[Request]
     streaming: set[Request]
+    entries: list[Text | _Retired]
     index: np.ndarray
 
 
@@ -136,7 +139,8 @@ class RunningBatch:
     def advance(self, logp: Scores, attention: np.ndarray, done_at: float) -> Advanced:
         """Each text's search takes the step's scores (greedy rows all at once, beams by their own
         rows); finished texts retire and give back their budget, a request whose last text is done
-        is finished. Row order changes only in :meth:`keep`."""
+        is finished. The batch itself changes only in :meth:`keep` (until then a failure fails
+        every text that stepped, finished or not)."""
         best_ids, best_logp = best_tokens(logp)  # every greedy row's choice, in one call
         best, values = best_ids.tolist(), best_logp.tolist()
         index: list[np.ndarray] = []
@@ -181,14 +185,14 @@ class RunningBatch:
         for request in {t.request for t in self.entries if isinstance(t, Text)}:
             request.steps += 1
             request.rows_seen += stepped
-        self.entries = still
-        return Advanced(finished, streaming, np.concatenate(index))
+        return Advanced(finished, streaming, still, np.concatenate(index))
 
-    def keep(self, state: Any, index: np.ndarray, rows: int) -> None:
-        """The step's new state (``rows`` rows, as stepped) reduced to the rows ``index`` names, in
-        its order (beams reordered, finished hypotheses dropped); retired rows go once they are
-        1/RETIRED_SHARE of the rows stepped."""
-        self.state = keep_rows(state, index, rows)
+    def keep(self, state: Any, step: Advanced, rows: int) -> None:
+        """The step's entries, and its new state (``rows`` rows, as stepped) reduced to the rows
+        they own, in their order (beams reordered, finished hypotheses dropped); retired rows go
+        once they are 1/RETIRED_SHARE of the rows stepped."""
+        self.entries = step.entries
+        self.state = keep_rows(state, step.index, rows)
         if self._retired and self._retired * RETIRED_SHARE >= rows:
             self.compact()
 

@@ -269,9 +269,9 @@ class TranslationScheduler(Submitting):
 
     def _iterate(self, admitted: list[Text]) -> list[Request]:
         """One step: drop the cancelled, add the admitted, step, stream, retire."""
-        running = self._running
+        running, now = self._running, time.perf_counter()
         running.drop_cancelled()
-        running.join(admitted, self.decoder.encode, time.perf_counter())
+        running.join(admitted, self.decoder.encode, now)
         self._rows_stepped = 0
         if running.empty:
             return []
@@ -285,7 +285,7 @@ class TranslationScheduler(Submitting):
         streamed = due_tokens(step.streaming, done_at)  # an answered request's last go with its answer
         if streamed:  # before any answer, and before the copy of the batch's state below
             self._stream(streamed)
-        running.keep(state, step.index, rows)
+        running.keep(state, step, rows)
         for request in step.finished:
             request.done = done_at
         return step.finished

@@ -71,6 +71,7 @@ def test_in_replica_autoscaling_scales_on_what_replicas_hold(tmp_path: Path) -> 
     config = scaled.scaling_for(None)["autoscaling_config"]
     assert config["policy"] == {"policy_function": "service.hosting.autoscaling:held_requests_policy"}  # type: ignore[index]
     assert scaled.ray_environment()["RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S"] == "1"
+    assert scaled.ray_environment()["RAY_enable_open_telemetry"] == "0"  # beside it, as always
 
 
 def test_cuda_reserves_a_share_of_a_gpu_per_replica(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,6 +4,7 @@ loading its models, so it is checked here, without Ray."""
 from __future__ import annotations
 
 import ast
+import math
 import threading
 from pathlib import Path
 
@@ -86,21 +87,28 @@ def test_deferred_updates_sum_counters_keep_last_gauges_and_every_observation() 
 
 
 def test_a_buckets_mean_stays_in_its_bucket() -> None:
-    """Observations on a boundary sum to a mean float rounding can carry over it (the mean of
-    1000 × 0.3 comes out 0.30000000000000565): recorded on the boundary, in the bucket it closes. A value that is no
-    number records its bucket's upper boundary, never NaN."""
-    histogram = Recorded([0.3, 1.0])
+    """Observations on or just above a boundary sum to a mean float rounding can carry over it
+    (the mean of 1000 × 0.3 comes out 0.30000000000000565, of 10 × the float after 0.3 exactly
+    0.3): each is recorded in its own bucket. A value that is no number counts as its bucket's
+    upper boundary and leaves the bucket's later means alone."""
+    bounds = [0.3, 1.0]
+    histogram = Recorded(bounds)
     deferred = metrics.Deferred(flush_s=3600)
     tags = (("model", "m"),)
-    for _ in range(1000):
-        deferred.observe(histogram, 0.3, tags)
-    deferred.observe(histogram, 5.0, tags)
+    above = math.nextafter(0.3, 1.0)
+    for value in [0.3] * 1000 + [above] * 10 + [5.0]:
+        deferred.observe(histogram, value, tags)
     deferred.flush()
     seen = [v for _, v, _ in histogram.calls]
-    assert le_counts(seen, [0.3, 1.0]) == [1000, 1000, 1001] and seen[-1] == 5.0
-    deferred.observe(histogram, float("nan"), tags)
+    assert le_counts(seen, bounds) == [1000, 1010, 1011] and seen[-1] == 5.0
+    assert seen[:1000] == [0.3] * 1000 and seen[1000:1010] == [above] * 10
+    for value in (float("nan"), math.inf, 0.1, 2.0):
+        deferred.observe(histogram, value, tags)
     deferred.flush()
-    assert histogram.calls[-1][1] == 0.3
+    assert [v for _, v, _ in histogram.calls[1011:]] == pytest.approx([0.2, 0.2, 1.5, 1.5])
+    deferred.observe(histogram, 0.1, tags)
+    deferred.flush()
+    assert histogram.calls[-1][1] == pytest.approx(0.1)
 
 
 def test_deferred_records_only_what_changed_and_keeps_an_ended_threads_totals() -> None:
