@@ -121,18 +121,18 @@ class Deferred:
     def observe(self, metric: Any, value: float, tags: Tags) -> None:
         buckets = self._tally().buckets
         key = (metric, tags)
-        counts = buckets.get(key)
+        totals = buckets.get(key)  # each bucket's count, then each bucket's sum
         bounds = self._bounds.get(metric)
         if bounds is None:
             bounds = self._bounds[metric] = sorted(float(b) for b in metric.boundaries)
         n = len(bounds) + 1  # buckets: the last above every boundary
-        if counts is None:
-            counts = buckets[key] = [0] * (2 * n)
+        if totals is None:
+            totals = buckets[key] = [0] * (2 * n)
         i = bisect.bisect_left(bounds, value)
-        counts[i] += 1
+        totals[i] += 1
         # a value that is no number (NaN, ±inf) would spoil its bucket's sum for good: it counts
         # as the bucket's upper boundary there
-        counts[n + i] += value if math.isfinite(value) else self._top(bounds, i)
+        totals[n + i] += value if math.isfinite(value) else self._top(bounds, i)
 
     @staticmethod
     def _top(bounds: list[float], i: int) -> float:
@@ -192,17 +192,17 @@ class Deferred:
                 metric, tags = key
                 metric.set(value, tags=dict(tags))
                 self._sent_gauges[key] = set_at
-        for key, n in now.buckets.items():
-            sent = self._sent_buckets.get(key, [0] * len(n))
+        for key, totals in now.buckets.items():
+            sent = self._sent_buckets.get(key, [0] * len(totals))
             metric, tags = key
-            half = len(n) // 2
-            for i in range(half):
-                count = int(n[i] - sent[i])
+            n = len(totals) // 2  # buckets: counts, then sums
+            for i in range(n):
+                count = int(totals[i] - sent[i])
                 if count > 0:
-                    value = self._value(metric, i, (n[half + i] - sent[half + i]) / count)
+                    value = self._value(metric, i, (totals[n + i] - sent[n + i]) / count)
                     for _ in range(count):
                         metric.observe(value, tags=dict(tags))
-            self._sent_buckets[key] = n
+            self._sent_buckets[key] = totals
 
 
 #: this process's recorder (a replica's event loop and step threads share it)
