@@ -14,7 +14,7 @@ Everything else (images, whole-prefix Transformers of older repositories, models
 depends on the batch) runs on a :class:`~service.inference.batcher.Batcher`: a batch holds up to
 ``max_batch_size`` sequences (a multi-text translation counts each text); an idle model starts at
 once, a busy one takes what accumulated meanwhile (``batch_wait_timeout_s``, default 0, can make a
-batch wait for more). It runs in a worker thread so the event loop keeps accepting. A request
+batch wait for more). It runs on the batcher's own thread so the event loop keeps accepting. A request
 larger than a batch is split into batch-sized parts, answered whole and in order.
 """
 
@@ -121,7 +121,7 @@ class ModelWorker:
         self.warmup_ms = round((time.perf_counter() - start) * 1000, 3)
         self.max_batch_size = batching.max_batch_size
         self.batcher: Batcher[Any, Any] = Batcher(
-            self._infer, batching.max_batch_size, batching.batch_wait_timeout_s
+            self._infer, batching.max_batch_size, batching.batch_wait_timeout_s, name=entry.name
         )
         #: requests (or parts of one) this worker holds at once — waiting, or in the batch that is
         #: computing — before it sheds new ones
@@ -288,11 +288,11 @@ class ModelWorker:
             self.metrics.batch(rows, seconds)
         self.metrics.stepped(live, tokens, 1 if rows else 0)
 
-    async def _infer(self, works: list[Any]) -> list[Any]:
-        """One formed batch, in a worker thread; a runtime failure reaches every caller in it."""
+    def _infer(self, works: list[Any]) -> list[Any]:
+        """One formed batch, on the batcher's thread; a runtime failure reaches every caller in it."""
         start = time.perf_counter()
         with self._runtime_failures(f"batch of {len(works)}"):
-            outputs = await asyncio.to_thread(self.runner.infer, works)
+            outputs = self.runner.infer(works)
         self.metrics.batch(sum(self.runner.size(w) for w in works), time.perf_counter() - start)
         return outputs
 

@@ -5,6 +5,8 @@ place of work that is computing, and give a batch's failure to every caller in i
 from __future__ import annotations
 
 import asyncio
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -13,18 +15,21 @@ from service.inference.batcher import Batcher
 
 
 class Model:
-    """A fake model that records its batches and answers (its name, the work)."""
+    """A fake model that records its batches and answers (its name, the work); it runs on the
+    batcher's thread, as a real one does."""
 
     def __init__(self, name: str, delay_s: float = 0.0, fail: bool = False) -> None:
         self.name, self.delay_s, self.fail = name, delay_s, fail
         self.batches: list[list[Any]] = []
-        self.release = asyncio.Event()
+        self.threads: set[str] = set()
+        self.release = threading.Event()
         self.release.set()
 
-    async def run(self, works: list[Any]) -> list[tuple[str, Any]]:
+    def run(self, works: list[Any]) -> list[tuple[str, Any]]:
         self.batches.append(list(works))
-        await self.release.wait()
-        await asyncio.sleep(self.delay_s)
+        self.threads.add(threading.current_thread().name)
+        assert self.release.wait(10)
+        time.sleep(self.delay_s)
         if self.fail:
             raise RuntimeError(f"{self.name} failed")
         return [(self.name, w) for w in works]
@@ -128,6 +133,23 @@ def test_one_batch_at_a_time_and_the_next_forms_meanwhile() -> None:
     run(go())
 
 
+def test_the_next_batch_starts_while_the_event_loop_is_busy() -> None:
+    """The model's thread takes the next batch itself: a busy event loop (decoding the next
+    requests, say) does not hold the model idle between batches."""
+
+    async def go() -> None:
+        model = Model("m")
+        batcher = Batcher(model.run, 1, 0.0, name="m")
+        tasks = [asyncio.create_task(batcher.submit(i, 1)) for i in range(3)]
+        await asyncio.sleep(0)  # every item is queued
+        time.sleep(0.3)  # the loop runs nothing meanwhile
+        assert model.batches == [[0], [1], [2]]
+        assert [d.output for d in await asyncio.gather(*tasks)] == [("m", 0), ("m", 1), ("m", 2)]
+        assert model.threads == {"m-batches"}
+
+    run(go())
+
+
 def test_closed_batcher_drains_and_still_answers_a_late_caller() -> None:
     async def go() -> None:
         model = Model("m")
@@ -136,8 +158,11 @@ def test_closed_batcher_drains_and_still_answers_a_late_caller() -> None:
         await asyncio.sleep(0)
         batcher.close()
         assert (await pending).output == ("m", "queued")
-        await asyncio.sleep(0.01)
-        assert batcher._loop_task is not None and batcher._loop_task.done()
+        for _ in range(100):  # its thread ends once the queue is empty
+            if batcher._thread is None:
+                break
+            await asyncio.sleep(0.01)
+        assert batcher._thread is None
         assert (await batcher.submit("late", 1)).output == ("m", "late")
 
     run(go())
