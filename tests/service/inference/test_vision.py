@@ -1,5 +1,6 @@
-"""Image decoding and preprocessing: the libspng path gives Pillow's pixels exactly, every other
-image goes through Pillow, and bad or oversized images are refused naming the field."""
+"""Image decoding and preprocessing: the libspng path (8-bit grey and RGB PNGs, converted to the
+model's mode by Pillow) gives Pillow's pixels exactly, every other image goes through Pillow, and
+bad or oversized images are refused naming the field."""
 
 from __future__ import annotations
 
@@ -103,14 +104,16 @@ def test_16bit_grey_pngs_read_as_their_8bit_pixels(channels: int, size: tuple[in
 
 
 @pytest.mark.parametrize(
-    ("kind", "mode", "fast"),
-    [("grey", "L", True), ("grey-transparency", "L", True), ("rgb", "RGB", True), ("rgb-gamma", "RGB", True),
-     ("rgb", "L", False), ("grey", "RGB", False), ("grey-16bit", "L", False), ("palette", "RGB", False),
-     ("jpeg", "RGB", False)],
+    ("kind", "mode", "native"),
+    [("grey", "L", "L"), ("grey-transparency", "L", "L"), ("rgb", "RGB", "RGB"), ("rgb-gamma", "RGB", "RGB"),
+     ("rgb", "L", "RGB"), ("rgb-transparency", "L", "RGB"), ("grey", "RGB", "L"), ("grey-16bit", "L", None),
+     ("palette", "RGB", None), ("grey-alpha", "L", None), ("rgba", "RGB", None), ("jpeg", "RGB", None)],
 )  # fmt: skip
-def test_libspng_decodes_8bit_pngs_already_in_the_models_mode(
-    kind: str, mode: str, fast: bool, monkeypatch: pytest.MonkeyPatch
+def test_libspng_decodes_8bit_grey_and_rgb_pngs(
+    kind: str, mode: str, native: str | None, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """Decoded by libspng in the PNG's own mode (then converted by Pillow where the model's
+    differs: the pixels are Pillow's, above), or not at all."""
     calls, real = [], pyspng.load
 
     def load(data: bytes, fmt: str) -> np.ndarray:
@@ -119,7 +122,7 @@ def test_libspng_decodes_8bit_pngs_already_in_the_models_mode(
 
     monkeypatch.setattr(vision.pyspng, "load", load)
     decode_image(IMAGES[kind]((28, 28)), LIMIT, mode)
-    assert calls == ([mode] if fast else [])
+    assert calls == ([native] if native else [])
 
 
 def test_the_png_header_is_read_without_decoding() -> None:
