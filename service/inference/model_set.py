@@ -3,7 +3,8 @@ version, and kept up to date by polling the repository.
 
 Loading happens off the event loop while the current versions keep answering; the swap is one
 synchronous step (``on_change``), so a request sees either the old set or the new one. After a
-swap, what is loaded is frozen out of the cyclic garbage collector's sight (:func:`freeze_heap`). Requests
+swap, what is loaded is frozen out of the cyclic garbage collector's sight (:func:`freeze_heap`); the
+process's interpreter-lock switch interval is the settings' (``gil_switch_interval_ms``). Requests
 already inside a replaced worker finish on it (each version has its own queue, which drains and
 ends); every answer names the version that produced it. A version that fails to load is listed
 as rejected and the previous one keeps serving. Ray-free: the hosting layer says which versions
@@ -16,6 +17,7 @@ import asyncio
 import gc
 import logging
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -50,6 +52,9 @@ class ModelSet:
         on_change: OnChange,
     ) -> None:
         self.settings, self.replica, self.node = settings, replica, node
+        # the serving process's threads (the event loop, each model's batch or decode thread)
+        # take turns with the interpreter lock this often
+        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
         self.metrics_for, self.on_change = metrics_for, on_change
         self.workers: dict[str, ModelWorker] = {}
         self.rejected: dict[str, str] = {}

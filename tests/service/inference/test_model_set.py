@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import threading
 import time
 import weakref
@@ -48,6 +49,18 @@ def test_a_swap_freezes_what_is_loaded_and_frees_what_it_replaced(
         assert first() is None, "a replaced version stayed frozen after the next swap"
     finally:
         gc.unfreeze()
+
+
+def test_the_serving_process_takes_the_settings_switch_interval(tiny_repository: Path) -> None:
+    before = sys.getswitchinterval()
+    try:
+        ModelSet(Settings(repository=tiny_repository, gil_switch_interval_ms=0.25), "r", "n",
+                 lambda _: NoMetrics(), lambda *_: None)  # fmt: skip
+        assert sys.getswitchinterval() == pytest.approx(0.00025)
+        ModelSet(Settings(repository=tiny_repository), "r", "n", lambda _: NoMetrics(), lambda *_: None)
+        assert sys.getswitchinterval() == pytest.approx(0.0005)  # the default
+    finally:
+        sys.setswitchinterval(before)
 
 
 def version_of(tiny_repository: Path, repository: Path, version: int, model: str = "dates-bahdanau") -> Path:
