@@ -150,6 +150,27 @@ def test_the_next_batch_starts_while_the_event_loop_is_busy() -> None:
     run(go())
 
 
+def test_an_idle_model_takes_what_one_pass_of_the_loop_queued() -> None:
+    """An idle batcher thread wakes once the loop's pass that queued items is over, not at the
+    first item: requests read in one pass share a batch even while the loop lets go of the
+    interpreter lock between them (as its I/O does)."""
+
+    async def go() -> None:
+        model = Model("m")
+        batcher = Batcher(model.run, 8, 0.0)
+        await batcher.submit("warm", 1)  # its thread is up, then idle
+        await asyncio.sleep(0.05)
+
+        async def after_io(i: int) -> Any:
+            time.sleep(0.02)  # the thread could take the lock (and the queue) meanwhile
+            return await batcher.submit(i, 1)
+
+        await asyncio.gather(*(after_io(i) for i in range(4)))
+        assert model.batches[1:] == [[0, 1, 2, 3]]
+
+    run(go())
+
+
 def test_closed_batcher_drains_and_still_answers_a_late_caller() -> None:
     async def go() -> None:
         model = Model("m")
