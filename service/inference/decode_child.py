@@ -13,7 +13,6 @@ import os
 import select
 import sys
 import time
-from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
@@ -75,9 +74,7 @@ class _ChildScheduler(TranslationScheduler):
         request = self.by_rid.pop(rid, None)
         if request is None:  # answered meanwhile
             return
-        request.cancelled = True  # its rows leave at the next pass
-        self._waiting = deque(t for t in self._waiting if t.request is not request)
-        self._requests.discard(request)
+        self._withdraw(request)  # its rows leave at the next pass
 
     def _stream(self, streamed: dict[Request, list[StepToken]]) -> None:
         for request, tokens in streamed.items():

@@ -183,10 +183,16 @@ class TranslationScheduler(Submitting):
         and its rows leave the batch at the next step."""
         with self._lock:
             if not request.future.done() or request.future.cancelled():
-                request.cancelled = True
                 request.future.cancel()
-                self._waiting = deque(t for t in self._waiting if t.request is not request)
+                self._withdraw(request)
             self._requests.discard(request)
+
+    def _withdraw(self, request: Request) -> None:
+        """Take an unanswered ``request`` out (the lock held, or on the loop's only thread): its
+        waiting texts leave now, its rows leave the batch at the next step."""
+        request.cancelled = True
+        self._waiting = deque(t for t in self._waiting if t.request is not request)
+        self._requests.discard(request)
 
     def close(self) -> None:
         """Stop once what is queued and running is done (a replaced version drains, then ends)."""
