@@ -236,7 +236,7 @@ def vit_in_process(
     batcher, each request's PNG decode and preprocessing, top-5."""
     worker, jobs = vit_worker(directory, providers, "gpu")
 
-    async def each() -> dict[int, dict[str, float]]:  # one event loop: the worker's batcher lives on it
+    async def each() -> dict[int, dict[str, float]]:  # one event loop for every caller
         return {n: await classify_load(worker, jobs, n, seconds) for n in clients}
 
     try:

@@ -160,8 +160,9 @@ class Settings(BaseSettings):
     #: waits for it (``sys.setswitchinterval``; CPython's default 5 ms). A model's batch thread,
     #: back from ONNX Runtime, needs the lock to hand its answers over and start the next batch;
     #: with the event loop busy decoding requests it waited up to the whole interval. 0.5 ms:
-    #: +5–11 % images/s at 32 and 64 clients on the demo image model (interleaved A/Bs), up to 4 %
-    #: less CPU per image; translation through a decode process unchanged within noise (−2 %)
+    #: interleaved A/Bs on the demo image model, +3 to +14 % images/s at 32 clients and +9 to +13 %
+    #: at 64, up to 4 % less CPU per image; translation through a decode process and the tiny
+    #: path unchanged within noise
     gil_switch_interval_ms: float = Field(0.5, gt=0, le=100)
     #: translation models decoded by the scheduler run their decode loop in a process of their own
     #: (one per model and replica), so its steps never wait for the serving event loop's

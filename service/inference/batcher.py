@@ -19,7 +19,8 @@ Semantics (those of ``@serve.batch``, plus what it lacked):
   clients) until the loop, busy decoding the next requests, got round to the finished one. An
   idle thread is woken once the loop's current pass has queued what it read (``call_soon``), not
   by the first item: on a tiny model that keeps batches as full as before (woken per item, the
-  CPU per request grew by a fifth).
+  CPU per request grew by a fifth). A thread starts with the first item (after :data:`IDLE_EXIT_S`
+  idle, or a drain after ``close``, it has ended) and takes what is queued when it gets going.
 - A caller cancelled while its item still waits (a client gone, a deadline passed) leaves the
   queue at once. An item whose batch already started keeps its place until the batch's answers
   are back on the event loop: :attr:`held` counts the work really in progress, so capacity
@@ -34,12 +35,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
+
+log = logging.getLogger("ray.serve")
 
 W = TypeVar("W")
 O = TypeVar("O")  # noqa: E741
@@ -67,11 +71,16 @@ class _Item(Generic[W, O]):
 
 RunBatch = Callable[[list[W]], list[O]]
 
+#: an idle batch thread ends after this long without items (the next item starts another), so a
+#: batcher nobody closes — or a replaced version's, restarted by a late caller — lets go of its model
+IDLE_EXIT_S = 30.0
+
 
 class Batcher(Generic[W, O]):
     """A queue and a thread for one model. ``run`` computes a list of works into a list of outputs
-    of the same length; it runs on the batcher's thread (started with the first item, ended by
-    :meth:`close` once the queue is empty), so the event loop keeps accepting meanwhile."""
+    of the same length; it runs on the batcher's thread (started by an item, ended once the queue
+    is empty after :meth:`close` or after :data:`IDLE_EXIT_S` idle), so the event loop keeps
+    accepting meanwhile."""
 
     def __init__(
         self, run: RunBatch[W, O], max_batch_size: int, wait_s: float, name: str = "batcher"
@@ -98,7 +107,8 @@ class Batcher(Generic[W, O]):
 
     @property
     def held(self) -> int:
-        """Items waiting plus items whose batch is computing or being answered: the places taken."""
+        """Items waiting plus items whose batch is computing or whose answers are on their way to
+        the event loop: the places taken."""
         return len(self._queue) + self._running
 
     async def submit(self, work: W, size: int) -> Done[O]:
@@ -111,14 +121,18 @@ class Batcher(Generic[W, O]):
                 # woken once this pass of the loop has queued what it read, not per item
                 self._kicked = True
                 loop.call_soon(self._kick)
-            if self._thread is None:
-                self._closed = False  # a late caller of a replaced version is still answered
-                self._thread = threading.Thread(target=self._serve, name=f"{self.name}-batches", daemon=True)
-                self._thread.start()
+            if self._thread is None:  # a closed batcher's thread still drains a late caller
+                thread = threading.Thread(target=self._serve, name=f"{self.name}-batches", daemon=True)
+                try:
+                    thread.start()
+                except BaseException:
+                    self._queue.remove(item)
+                    raise
+                self._thread = thread
         try:
             return await item.future
         except asyncio.CancelledError:
-            # still queued: leave now (once its batch started, it stays counted until it ends)
+            # still queued: leave now (once taken into a batch, it stays counted until answered)
             with self._lock, contextlib.suppress(ValueError):
                 self._queue.remove(item)
             raise
@@ -141,18 +155,22 @@ class Batcher(Generic[W, O]):
         while True:
             with self._lock:
                 batch = self._next()
-                if not batch:  # closed and drained
+                if not batch:  # closed and drained, or idle too long: the next item starts another
                     self._thread = None
                     return
-                self._running += len(batch)
-            self._compute(batch)
+            try:
+                self._compute(batch)
+            except Exception:  # a fault of ours here: logged, and the thread goes on serving
+                log.exception("%s: answering a batch failed", self.name)
 
     def _next(self) -> list[_Item[W, O]]:
         """The next batch (holding the lock): as soon as the queue holds a full batch or its
-        oldest item has waited ``wait_s``; empty once closed with nothing queued."""
+        oldest item has waited ``wait_s``; empty once closed with nothing queued, or after
+        :data:`IDLE_EXIT_S` without items."""
         while True:
+            idle_since = time.perf_counter()
             while not self._queue:
-                if self._closed:
+                if self._closed or time.perf_counter() - idle_since > IDLE_EXIT_S:
                     return []
                 self._idle = True
                 self._arrival.wait(1.0)  # a wake-up lost with a closed loop costs at most this
@@ -170,7 +188,9 @@ class Batcher(Generic[W, O]):
                 return batch
 
     def _take(self) -> list[_Item[W, O]]:
-        """Oldest first, up to ``max_batch_size`` units; an oversized first item goes alone."""
+        """Oldest first, up to ``max_batch_size`` units; an oversized first item goes alone. Each
+        is counted as running before it leaves the queue: :attr:`held`, read without the lock,
+        may count it twice for a moment, never not at all."""
         batch: list[_Item[W, O]] = []
         units = 0
         while self._queue:
@@ -180,6 +200,7 @@ class Batcher(Generic[W, O]):
                 continue
             if batch and units + item.size > self.max_batch_size:
                 break
+            self._running += 1
             batch.append(self._queue.popleft())
             units += item.size
         return batch
@@ -188,25 +209,27 @@ class Batcher(Generic[W, O]):
         start = time.perf_counter()
         units = sum(i.size for i in batch)
         batch_id = next(self._batch_ids)
-        outputs: list[O] | None = None
+        done: list[Done[O]] | None = None
         error: Exception | None = None
         try:
             outputs = self.run([i.work for i in batch])
             if len(outputs) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} gave {len(outputs)} outputs")
-        except Exception as exc:  # every caller of the batch gets the error
-            error = exc
-        compute = time.perf_counter() - start
+            compute = time.perf_counter() - start
+            done = [
+                Done(o, start - i.arrived, compute, units, batch_id)
+                for o, i in zip(outputs, batch, strict=True)
+            ]
+        except BaseException as exc:  # every caller of the batch gets the error; the thread goes on
+            error = exc if isinstance(exc, Exception) else RuntimeError(f"the batch failed: {exc!r}")
         by_loop: dict[asyncio.AbstractEventLoop, list[int]] = {}
         for n, item in enumerate(batch):
             by_loop.setdefault(item.loop, []).append(n)
         for loop, rows in by_loop.items():
             items = [batch[n] for n in rows]
-            done = None if outputs is None else [
-                Done(outputs[n], start - batch[n].arrived, compute, units, batch_id) for n in rows
-            ]  # fmt: skip
+            answers = None if done is None else [done[n] for n in rows]
             try:  # one wake-up of the loop per batch
-                loop.call_soon_threadsafe(self._answer, items, done, error)
+                loop.call_soon_threadsafe(self._answer, items, answers, error)
             except RuntimeError:  # that loop is closed: nobody waits for these any more
                 with self._lock:
                     self._running -= len(items)
@@ -219,8 +242,10 @@ class Batcher(Generic[W, O]):
         for n, item in enumerate(items):
             if item.future.done():  # its caller went away meanwhile
                 continue
-            if done is None:
-                assert error is not None
-                item.future.set_exception(error)
-            else:
+            if done is not None:
                 item.future.set_result(done[n])
+                continue
+            try:
+                item.future.set_exception(error if error is not None else RuntimeError("no answer"))
+            except TypeError:  # an exception a future refuses (StopIteration): the others still go
+                item.future.set_exception(RuntimeError(f"the batch failed: {error!r}"))

@@ -96,7 +96,7 @@ class ModelSet:
         }
         self.rejected = configured | self._failures()
         self.on_change(dict(workers), dict(self.rejected))
-        for worker in replaced:  # the old version drains its queue, then its loop ends
+        for worker in replaced:  # the old version drains its queue, then its thread ends
             worker.close()
         freeze_heap()
 

@@ -123,8 +123,8 @@ class ModelWorker:
         self.batcher: Batcher[Any, Any] = Batcher(
             self._infer, batching.max_batch_size, batching.batch_wait_timeout_s, name=entry.name
         )
-        #: requests (or parts of one) this worker holds at once — waiting, or in the batch that is
-        #: computing — before it sheds new ones
+        #: requests (or parts of one) this worker holds at once — waiting, or in a batch that is
+        #: computing or being answered — before it sheds new ones
         self.capacity = max_ongoing_requests(settings, entry.name) + settings.limits.max_queued_requests
         self.metrics = metrics or NoMetrics()
         provider = self.runner.providers[0]
@@ -144,7 +144,7 @@ class ModelWorker:
 
     @property
     def held(self) -> int:
-        """Requests (or parts of one) waiting or being computed."""
+        """Requests (or parts of one) waiting, being computed or being answered."""
         return self.batcher.held + (self.scheduler.held if self.scheduler else 0)
 
     async def predict(self, job: Any) -> Answer:
@@ -301,7 +301,8 @@ class ModelWorker:
         return self.scheduler.problem() if isinstance(self.scheduler, DecodeProcess) else None
 
     def close(self) -> None:
-        """This version is being replaced: finish what is queued, then let the loop end."""
+        """This version is being replaced: finish what is queued, then let the batch thread (or
+        the scheduler's loop) end."""
         self.metrics.unloaded()
         self.batcher.close()
         if self.scheduler is not None:

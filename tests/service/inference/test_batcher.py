@@ -1,6 +1,8 @@
 """The per-model batcher, without Ray: batches fill up to their size or their wait, never mix two
 batchers' items, give an oversized item a batch of its own, let cancelled waiters go, keep the
-place of work that is computing, and give a batch's failure to every caller in it."""
+place of work that is computing, and give a batch's failure to every caller in it; its thread
+goes from batch to batch without the event loop, wakes once per pass of the loop, survives any
+failure of ``run``, and ends when closed and drained or idle."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from service.inference import batcher as batcher_module
 from service.inference.batcher import Batcher
 
 
@@ -58,9 +61,11 @@ def test_batch_fills_to_its_size_in_units() -> None:
     async def go() -> None:
         model = Model("m")
         batcher = Batcher(model.run, 4, 5.0)  # a long wait: only a full batch may start it
+        start = time.perf_counter()
         done = await asyncio.gather(*(batcher.submit(i, 2) for i in range(4)))
         assert [len(b) for b in model.batches] == [2, 2]
         assert {d.batch_size for d in done} == {4}
+        assert time.perf_counter() - start < 2.0  # woken by the items that filled it, not the wait
 
     run(go())
 
@@ -114,6 +119,7 @@ def test_a_failed_batch_reaches_every_caller_and_the_next_batch_runs() -> None:
         batcher = Batcher(model.run, 8, 0.01)
         results = await asyncio.gather(*(batcher.submit(i, 1) for i in range(3)), return_exceptions=True)
         assert all(isinstance(r, RuntimeError) for r in results)
+        assert batcher.held == 0
         model.fail = False
         assert (await batcher.submit("after", 1)).output == ("m", "after")
 
@@ -139,13 +145,19 @@ def test_the_next_batch_starts_while_the_event_loop_is_busy() -> None:
 
     async def go() -> None:
         model = Model("m")
+        model.release.clear()
         batcher = Batcher(model.run, 1, 0.0, name="m")
-        tasks = [asyncio.create_task(batcher.submit(i, 1)) for i in range(3)]
-        await asyncio.sleep(0)  # every item is queued
+        tasks = [asyncio.create_task(batcher.submit(0, 1))]
+        while not model.batches:  # the thread is computing [0] and waits for the release
+            await asyncio.sleep(0.001)
+        tasks += [asyncio.create_task(batcher.submit(i, 1)) for i in (1, 2)]
+        await asyncio.sleep(0)  # 1 and 2 are queued behind it
+        threading.Timer(0.02, model.release.set).start()
         time.sleep(0.3)  # the loop runs nothing meanwhile
         assert model.batches == [[0], [1], [2]]
         assert [d.output for d in await asyncio.gather(*tasks)] == [("m", 0), ("m", 1), ("m", 2)]
         assert model.threads == {"m-batches"}
+        assert batcher.held == 0
 
     run(go())
 
@@ -171,7 +183,17 @@ def test_an_idle_model_takes_what_one_pass_of_the_loop_queued() -> None:
     run(go())
 
 
-def test_closed_batcher_drains_and_still_answers_a_late_caller() -> None:
+def test_closed_batcher_drains_answers_a_late_caller_and_lets_go_again() -> None:
+    """A replaced version's batcher: what is queued is answered, its thread ends; a late caller
+    is answered too, and the thread ends again (it would otherwise hold the old model for good)."""
+
+    async def ended(batcher: Batcher[Any, Any]) -> bool:
+        for _ in range(200):
+            if batcher._thread is None:
+                return True
+            await asyncio.sleep(0.01)
+        return False
+
     async def go() -> None:
         model = Model("m")
         batcher = Batcher(model.run, 4, 0.01)
@@ -179,12 +201,46 @@ def test_closed_batcher_drains_and_still_answers_a_late_caller() -> None:
         await asyncio.sleep(0)
         batcher.close()
         assert (await pending).output == ("m", "queued")
-        for _ in range(100):  # its thread ends once the queue is empty
+        assert await ended(batcher)
+        assert (await batcher.submit("late", 1)).output == ("m", "late")
+        assert await ended(batcher)
+
+    run(go())
+
+
+def test_an_idle_thread_ends_and_the_next_item_starts_another(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(batcher_module, "IDLE_EXIT_S", 0.05)
+
+    async def go() -> None:
+        model = Model("m")
+        batcher = Batcher(model.run, 4, 0.0, name="m")
+        assert (await batcher.submit(1, 1)).output == ("m", 1)
+        first = batcher._thread
+        for _ in range(300):
             if batcher._thread is None:
                 break
             await asyncio.sleep(0.01)
-        assert batcher._thread is None
-        assert (await batcher.submit("late", 1)).output == ("m", "late")
+        assert batcher._thread is None and first is not None and not first.is_alive()
+        assert (await batcher.submit(2, 1)).output == ("m", 2)
+
+    run(go())
+
+
+def test_a_run_that_raises_anything_fails_its_batch_not_the_thread() -> None:
+    """Even a BaseException out of ``run`` (SystemExit, say) reaches the batch's callers as an
+    error; the thread keeps serving and the places are given back."""
+
+    def run_once(works: list[Any]) -> list[Any]:
+        if works == ["exit"]:
+            raise SystemExit(3)
+        return works
+
+    async def go() -> None:
+        batcher = Batcher(run_once, 1, 0.0)
+        with pytest.raises(RuntimeError, match="SystemExit"):
+            await batcher.submit("exit", 1)
+        assert (await batcher.submit("after", 1)).output == "after"
+        assert batcher.held == 0
 
     run(go())
 
