@@ -195,13 +195,14 @@ class Deferred:
         for key, totals in now.buckets.items():
             sent = self._sent_buckets.get(key, [0] * len(totals))
             metric, tags = key
+            labels = dict(tags)  # one per series, not per observation
             n = len(totals) // 2  # buckets: counts, then sums
             for i in range(n):
                 count = int(totals[i] - sent[i])
                 if count > 0:
                     value = self._value(metric, i, (totals[n + i] - sent[n + i]) / count)
                     for _ in range(count):
-                        metric.observe(value, tags=dict(tags))
+                        metric.observe(value, tags=labels)
             self._sent_buckets[key] = totals
 
 

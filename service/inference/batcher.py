@@ -245,7 +245,8 @@ class Batcher(Generic[W, O]):
             if done is not None:
                 item.future.set_result(done[n])
                 continue
+            assert error is not None  # a batch without answers has its error
             try:
-                item.future.set_exception(error if error is not None else RuntimeError("no answer"))
+                item.future.set_exception(error)
             except TypeError:  # an exception a future refuses (StopIteration): the others still go
                 item.future.set_exception(RuntimeError(f"the batch failed: {error!r}"))

@@ -185,7 +185,8 @@ class TranslationScheduler(Submitting):
             if not request.future.done() or request.future.cancelled():
                 request.future.cancel()
                 self._withdraw(request)
-            self._requests.discard(request)
+            else:
+                self._requests.discard(request)
 
     def _withdraw(self, request: Request) -> None:
         """Take an unanswered ``request`` out (the lock held, or on the loop's only thread): its
