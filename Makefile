@@ -17,7 +17,7 @@ TRITON_VENV ?= .venv-triton
 # drive the service from this separate environment, in a separate process
 TRITONCLIENT := tritonclient[http,grpc]==2.73.0
 
-.PHONY: help venv dataset system-deps nvidia-driver models models-all models-real serve serve-gpu eval bench bench-serving bench-decoding bench-ctranslate2 bench-streaming bench-peers bench-faults test test-fast lint typecheck protos clean
+.PHONY: help venv dataset system-deps nvidia-driver models models-all models-real serve serve-gpu eval bench bench-serving bench-decoding bench-ctranslate2 bench-streaming bench-peers bench-faults bench-idle test test-fast lint typecheck protos clean
 
 help:
 	@echo "make serve      build the demo models if missing, then run the service on 127.0.0.1:8000"
@@ -32,6 +32,7 @@ help:
 	@echo "make bench-decoding  KV cache vs whole prefix, the scheduler vs static batches"
 	@echo "make bench-faults  a replica killed under load and 10x overload, report into benchmarks/results/"
 	@echo "make bench-peers  the image path against TorchServe, Triton (PyTriton) and plain FastAPI (own venvs under build/)"
+	@echo "make bench-idle   an idle service's CPU by process (Ray's control loop at 0.1 s against the service's 0.5 s)"
 	@echo "make bench-ctranslate2  CTranslate2 as a peer on an opus-mt-en-de-shaped Marian model (own venv under build/)"
 
 $(STAMP): pyproject.toml
@@ -116,7 +117,7 @@ nvidia-driver:
 # then the translation decoder's own reports (bench-decoding, bench-ctranslate2)
 bench: models
 	$(PY) -m benchmarks.run --repository $(REPO)
-	$(MAKE) bench-decoding bench-ctranslate2 bench-streaming bench-peers
+	$(MAKE) bench-decoding bench-ctranslate2 bench-streaming bench-peers bench-idle
 
 # benchmarks/results/<date>.{json,md,png} alone
 bench-serving: models
@@ -139,6 +140,10 @@ bench-peers: models
 # against the service on the same locally built Marian checkpoint (build/ct2_peer/), offline and served
 bench-ctranslate2: $(STAMP)
 	$(PY) -m benchmarks.ctranslate2_peer
+
+# benchmarks/results/<date>-idle.{json,md}: an idle service's CPU by process, and its start-up
+bench-idle: models
+	$(PY) -m benchmarks.idle --repository $(REPO)
 
 # benchmarks/results/<date>-faults.{json,md}: a replica killed under load, 10x overload
 bench-faults: models

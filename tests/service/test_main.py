@@ -40,6 +40,17 @@ def test_a_second_service_on_a_served_port_is_refused_at_once(service: Service) 
     assert requests.get(f"{service.url}/readyz", timeout=10).status_code == 200
 
 
+def test_rays_controller_runs_its_loop_at_the_configured_interval(service: Service) -> None:
+    """Settings.serve_control_loop_s reaches the Serve controller that the service's private Ray
+    starts (Ray reads it once, when the controller's process imports Ray Serve)."""
+    import psutil
+
+    [controller] = [
+        p for p in psutil.Process(service.pid).children(recursive=True) if "ServeController" in p.name()
+    ]
+    assert controller.environ()["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5"
+
+
 def test_replicas_that_cannot_fit_the_private_ray_are_refused_at_once(service: Service) -> None:
     """One deployment per model at 0.75 CPU each cannot fit a Ray of one CPU: a clear error before
     Ray starts, not replicas waiting forever to be scheduled."""

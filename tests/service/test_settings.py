@@ -52,7 +52,11 @@ def test_bad_settings_name_the_field(
 
 def test_frontends_set_rays_switches_before_ray_starts(tmp_path: Path) -> None:
     # in-replica: no Ray proxy at all; histograms reach Ray's metrics agent as bucket counts
-    assert Settings(repository=tmp_path).ray_environment() == {"RAY_enable_open_telemetry": "0"}
+    assert Settings(repository=tmp_path).ray_environment() == {
+        "RAY_enable_open_telemetry": "0", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"
+    }  # fmt: skip
+    slower = Settings(repository=tmp_path, frontend="ray-proxy", serve_control_loop_s=2)
+    assert slower.ray_environment()["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "2.0"
     for frontend in ("in-replica", "ray-proxy", "ray-direct"):
         otel = Settings(repository=tmp_path, frontend=frontend, ray_open_telemetry=True)
         assert otel.ray_environment()["RAY_enable_open_telemetry"] == "1"
