@@ -52,8 +52,8 @@ def process_name(p: psutil.Process, root: int) -> str:
     script = next((Path(a).name for a in argv[1:] if a.endswith(".py")), None)
     if script:
         return script
-    if len(argv) > 1 and argv[1] == "-c":
-        return "python worker (idle, pre-started by Ray)"
+    if any("decode_child" in a for a in argv):
+        return "decode processes (one per translation model, children of the replica)"
     return p.name()
 
 
