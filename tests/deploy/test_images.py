@@ -55,6 +55,27 @@ def test_multi_stage_build_uses_the_projects_own_commands(name: str) -> None:
     assert "ln -s /opt/venv/bin/ray /opt/venv/bin/serve /usr/local/bin/" in installs
 
 
+@pytest.mark.parametrize("name", ["Dockerfile", "Dockerfile.gpu"])
+def test_the_images_give_ray_the_services_defaults_that_kuberay_cannot_export(
+    name: str, tmp_path: Path
+) -> None:
+    """KubeRay starts Ray with `ray start`, not the entrypoint that exports Settings.ray_environment:
+    what that holds whatever the frontend (the metrics path, the controller's loop) is in the
+    image's own environment, with the same values."""
+    from service.settings import Settings
+
+    frontends = [
+        Settings(repository=tmp_path, frontend=f).ray_environment() for f in ("in-replica", "ray-proxy")
+    ]
+    common = {k: v for k, v in frontends[0].items() if all(env.get(k) == v for env in frontends)}
+    assert {"RAY_enable_open_telemetry", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S"} <= common.keys()
+    runtime = stages(ROOT / "deploy" / name)[-1]
+    env = dict(
+        word.split("=", 1) for i in runtime if i.startswith("ENV ") for word in i.split()[1:] if "=" in word
+    )
+    assert {k: env.get(k) for k in common} == common
+
+
 def test_the_gpu_image_is_the_cpu_image_with_the_serve_gpu_extra() -> None:
     """One pip install of ``.[serve-gpu]`` (no uninstall and reinstall of ONNX Runtime: the extras
     keep the wheels apart, tests/deploy/test_extras.py) on the same base as the CPU image — the
