@@ -42,6 +42,9 @@ class Result:
     retried: int = 0  # requests sent again after their connection failed (closed loop, retries > 0)
     dropped: int = 0  # requests whose connection failed (no answer), counted in errors too
     answered_at: list[float] = field(default_factory=list)  # perf_counter() of each 2xx answer
+    #: open loop: how late each request started against its arrival time (this generator's own lag:
+    #: large when it cannot offer the rate on the cores it shares with the server)
+    late_s: list[float] = field(default_factory=list)
 
     @property
     def ok(self) -> int:
@@ -176,8 +179,9 @@ async def open_loop(host: str, port: int, requests: list[Request], rate: float, 
     idle: list[Connection] = []
     tasks: list[asyncio.Task] = []
 
-    async def one(request: Request) -> None:
+    async def one(request: Request, arrival: float) -> None:
         start = time.perf_counter()
+        result.late_s.append(start - arrival)
         conn = None
         try:
             conn = idle.pop() if idle else await Connection.open(host, port)
@@ -198,7 +202,7 @@ async def open_loop(host: str, port: int, requests: list[Request], rate: float, 
     next_at, n = begin, 0
     while next_at < begin + duration_s:
         await asyncio.sleep(max(0.0, next_at - time.perf_counter()))
-        tasks.append(asyncio.create_task(one(requests[n % len(requests)])))
+        tasks.append(asyncio.create_task(one(requests[n % len(requests)], next_at)))
         n += 1
         next_at += rng.expovariate(rate)
     await asyncio.gather(*tasks)

@@ -128,10 +128,11 @@ class Settings(BaseSettings):
     #: Ray's default 0.1; Ray's performance guide raises it for a busy controller). Every pass asks
     #: Ray's GCS for every node's resources: at 0.1 s the controller and the GCS took 46 of the 88 ms
     #: of CPU a second an idle service's processes use here, at 0.5 s 20 of 62
-    #: (``make bench-idle``; this CPU is spent under load too: ≈ 8 µs of each image's at 3,200
-    #: images/s). A dead replica is replaced, an autoscaling decision made and a deploy step taken
-    #: up to one interval later (start-up: 6.9 against 6.7 s); set in every Ray process's
-    #: environment (``ray_environment``)
+    #: (``make bench-idle``). Under load the two were level within noise (two replicas, four
+    #: interleaved rounds: images and beam-4 translations at 64 clients); a dead replica is
+    #: replaced, an autoscaling decision made and a deploy step taken up to one interval later
+    #: (start-up: 6.9 against 6.7 s; recovery after a replica's kill unchanged: 5.5 / 7.5 against
+    #: 6.0 / 8.0 s). Set in every Ray process's environment (``ray_environment``)
     serve_control_loop_s: float = Field(0.5, gt=0, le=10)
     #: None: start a private local Ray (``make serve``); "auto" or "host:port": join that cluster
     #: (containers: deploy/entrypoint.sh starts a head; workers join it and take replicas)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from benchmarks.loadgen import Request, closed_loop, open_loop, percentile
+from benchmarks.loadgen import Request, Result, closed_loop, open_loop, percentile
 from benchmarks.report import median_row
 
 
@@ -73,6 +74,28 @@ def test_requests_carry_their_extra_headers(port: int) -> None:
 def test_open_loop_keeps_its_rate(port: int) -> None:
     result = asyncio.run(open_loop("127.0.0.1", port, [Request.json("/x", {})], rate=200, duration_s=1.0))
     assert 120 <= result.ok <= 300 and result.errors == 0
+    # every request's lateness against its arrival time: small while the generator keeps up
+    assert (
+        len(result.late_s) == result.ok and min(result.late_s) >= 0 and percentile(result.late_s, 50) < 0.05
+    )
+
+
+def test_open_loop_reports_how_late_requests_start_when_it_cannot_keep_up(port: int) -> None:
+    """Arrivals the generator's own loop cannot start on time (here: held up on purpose) show as
+    lateness, so a report can tell the generator's limit from the server's."""
+
+    async def with_a_stall() -> Result:
+        async def stall() -> None:
+            await asyncio.sleep(0.1)
+            time.sleep(0.3)  # the generator's loop blocked, as on a machine it shares with the server
+
+        blocker = asyncio.create_task(stall())
+        result = await open_loop("127.0.0.1", port, [Request.json("/x", {})], rate=200, duration_s=0.6)
+        await blocker
+        return result
+
+    result = asyncio.run(with_a_stall())
+    assert result.errors == 0 and max(result.late_s) >= 0.2
 
 
 def test_only_loopback_targets() -> None:

@@ -1,0 +1,32 @@
+"""The faults report: the kill's figures and one overload row per factor, with the generator's lag."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks import faults
+
+
+def overload_row(factor: float, late_p99_ms: float) -> dict[str, object]:
+    return {
+        "factor": factor, "capacity_per_s": 900.0, "offered_per_s": factor * 900, "requests": 100,
+        "answered_503_share": 0.75, "p99_503_ms": 412.3, "p99_accepted_ms": 1500.0, "other_errors": 0,
+        "rss_before_mib": 1800.0, "rss_after_mib": 1850.0, "healthy_after": True,
+        "late_p50_ms": late_p99_ms / 10, "late_p99_ms": late_p99_ms,
+    }  # fmt: skip
+
+
+def test_report_has_a_row_per_overload_factor_with_the_generators_lag(tmp_path: Path) -> None:
+    results = {
+        "kill": {
+            "requests": 1000, "failed": 1, "failed_share": 0.001, "retried": 3,
+            "throughput_before_per_s": 700.0, "seconds_to_full_throughput": 5.5, "replicas_after": 2,
+        },
+        "overload": [overload_row(4, 220.0), overload_row(10, 11400.0)],
+    }  # fmt: skip
+    text = faults.report(results, tmp_path, "2026-12-05").read_text()
+    assert (
+        "| 4× | 900 | 3600 | 75 % | 412.3 ms | 1500 ms | 0 | 1800 → 1850 | True | 22.0 / 220.0 ms |" in text
+    )
+    assert "| 10× | 900 | 9000 |" in text and "| 1140.0 / 11400.0 ms |" in text
+    assert "| 1000 | 1 (0.10 %; goal ≤ 0.1 %) | 3 | 700 | 5.5 s (goal ≤ 10 s) | 2 |" in text
