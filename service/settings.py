@@ -306,8 +306,9 @@ class Settings(BaseSettings):
 
     def ray_environment(self) -> dict[str, str]:
         """Ray's metrics export, Ray Serve's control loop and the chosen frontend's switches:
-        environment variables every Ray process must see before it starts (``python -m service`` sets them
-        before ``ray.init``; a cluster started with ``ray start`` needs them in its environment)."""
+        environment variables every Ray process must see before it starts (``python -m service``
+        sets them before ``ray.init``; a cluster started with ``ray start`` needs them in its
+        environment: the images carry the ones no frontend changes, for KubeRay)."""
         metrics = {"RAY_enable_open_telemetry": "1" if self.ray_open_telemetry else "0"}
         controller = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(self.serve_control_loop_s)}
         return {**metrics, **controller, **self._serve_environment()}
