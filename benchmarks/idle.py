@@ -9,9 +9,10 @@ helpers by script). Configurations: the service's defaults, and the same with Ra
 loop at Ray's own default, 0.1 s (``ATTN_SERVE_CONTROL_LOOP_S``; the service runs it every 0.5 s).
 Medians over ``--rounds``.
 
-Why it matters beyond an idle machine: this CPU is spent under load too, so it is part of every
-request's share — ≈ 28 µs an image at 3,200 images/s for 88 ms a second (the image path's
-server-CPU comparison with TorchServe, ``benchmarks/image_peers.py``, counts the whole tree).
+Why it matters beyond an idle machine: Ray's processes keep this up under load, where the image
+path's server-CPU comparison with TorchServe (``benchmarks/image_peers.py``) counts the whole
+tree — 88 ms a second is ≈ 28 µs an image at 3,200 images/s (an interleaved A/B under load did
+not resolve the control loop's share of it from that A/B's noise).
 
 Writes ``benchmarks/results/<date>-idle.{json,md}``.
 """
