@@ -58,26 +58,13 @@ def process_name(p: psutil.Process, root: int) -> str:
     return p.name()
 
 
-def cpu_by_process(server: Server) -> dict[str, float]:
-    """CPU seconds (user + system) so far per readable process name (same names summed)."""
-    out: dict[str, float] = {}
-    for p in server.tree():
-        try:
-            t = p.cpu_times()
-            name = process_name(p, server.proc.pid)
-        except psutil.NoSuchProcess:
-            continue
-        out[name] = out.get(name, 0.0) + t.user + t.system
-    return out
-
-
 def measure(server: Server, settle_s: float, window_s: float) -> dict[str, float]:
     """ms of CPU per second per process over ``window_s``, after ``settle_s`` of quiet."""
     time.sleep(settle_s)
-    before = cpu_by_process(server)
+    before = server.cpu_by_process(process_name)
     started = time.monotonic()
     time.sleep(window_s)
-    after = cpu_by_process(server)
+    after = server.cpu_by_process(process_name)
     elapsed = time.monotonic() - started
     return {name: (after[name] - before.get(name, 0.0)) / elapsed * 1000 for name in after}
 

@@ -25,6 +25,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -115,6 +116,18 @@ def free_port_block(n: int) -> int:
     raise RuntimeError(f"no block of {n} free ports")
 
 
+#: a readable name for a process of a server's tree (the process, the server's root pid)
+ProcessName = Callable[[psutil.Process, int], str]
+
+
+def process_title(p: psutil.Process, root: int) -> str:
+    """The process's name; Ray's actors by title, the server's own process as such."""
+    title = " ".join(p.cmdline())
+    if title.startswith("ray::"):
+        return title.split()[0]
+    return p.name() if p.pid != root else "server main process"
+
+
 class Server:
     """A server process we start and stop by PID, with its tree's CPU time and memory."""
 
@@ -154,19 +167,18 @@ class Server:
         root = psutil.Process(self.proc.pid)
         return [root, *root.children(recursive=True)]
 
-    def cpu_by_process(self) -> dict[str, float]:
-        """CPU seconds per process of the tree, keyed by a readable name (Ray actors by title)."""
+    def cpu_by_process(self, name: ProcessName | None = None) -> dict[str, float]:
+        """CPU seconds (user + system) per process of the tree, keyed by ``name(process, root
+        pid)`` (default: :func:`process_title`), processes of one name summed."""
+        name = name or process_title
         out: dict[str, float] = {}
         for p in self.tree():
             try:
                 t = p.cpu_times()
-                name = p.name() if p.pid != self.proc.pid else "server main process"
-                title = " ".join(p.cmdline())
-                if title.startswith("ray::"):
-                    name = title.split()[0]
-                out[name] = out.get(name, 0.0) + t.user + t.system
+                key = name(p, self.proc.pid)
             except psutil.NoSuchProcess:
-                pass
+                continue
+            out[key] = out.get(key, 0.0) + t.user + t.system
         return out
 
     def replica_pid(self) -> int | None:
