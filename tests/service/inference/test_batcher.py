@@ -42,6 +42,15 @@ def run(coro: Any) -> Any:
     return asyncio.run(asyncio.wait_for(coro, 10))
 
 
+async def ended(batcher: Batcher[Any, Any], within_s: float) -> bool:
+    """Whether the batcher's thread let go (its ``_thread`` cleared) within ``within_s``."""
+    for _ in range(round(within_s / 0.01)):
+        if batcher._thread is None:
+            return True
+        await asyncio.sleep(0.01)
+    return batcher._thread is None
+
+
 def test_two_batchers_in_one_process_never_share_a_batch() -> None:
     async def go() -> None:
         a, b = Model("a"), Model("b")
@@ -187,13 +196,6 @@ def test_closed_batcher_drains_answers_a_late_caller_and_lets_go_again() -> None
     """A replaced version's batcher: what is queued is answered, its thread ends; a late caller
     is answered too, and the thread ends again (it would otherwise hold the old model for good)."""
 
-    async def ended(batcher: Batcher[Any, Any]) -> bool:
-        for _ in range(200):
-            if batcher._thread is None:
-                return True
-            await asyncio.sleep(0.01)
-        return False
-
     async def go() -> None:
         model = Model("m")
         batcher = Batcher(model.run, 4, 0.01)
@@ -201,9 +203,9 @@ def test_closed_batcher_drains_answers_a_late_caller_and_lets_go_again() -> None
         await asyncio.sleep(0)
         batcher.close()
         assert (await pending).output == ("m", "queued")
-        assert await ended(batcher)
+        assert await ended(batcher, within_s=2.0)
         assert (await batcher.submit("late", 1)).output == ("m", "late")
-        assert await ended(batcher)
+        assert await ended(batcher, within_s=2.0)
 
     run(go())
 
@@ -216,11 +218,8 @@ def test_an_idle_thread_ends_and_the_next_item_starts_another(monkeypatch: pytes
         batcher = Batcher(model.run, 4, 0.0, name="m")
         assert (await batcher.submit(1, 1)).output == ("m", 1)
         first = batcher._thread
-        for _ in range(300):
-            if batcher._thread is None:
-                break
-            await asyncio.sleep(0.01)
-        assert batcher._thread is None and first is not None and not first.is_alive()
+        assert await ended(batcher, within_s=3.0)
+        assert first is not None and not first.is_alive()
         assert (await batcher.submit(2, 1)).output == ("m", 2)
 
     run(go())
