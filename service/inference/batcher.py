@@ -172,20 +172,23 @@ class Batcher(Generic[W, O]):
             while not self._queue:
                 if self._closed or time.perf_counter() - idle_since > IDLE_EXIT_S:
                     return []
-                self._idle = True
-                self._arrival.wait(1.0)  # a wake-up lost with a closed loop costs at most this
-                self._idle = self._kicked = False
+                self._wait(1.0)  # a wake-up lost with a closed loop costs at most this
             deadline = self._queue[0].arrived + self.wait_s
             while self._queue and sum(i.size for i in self._queue) < self.max_batch_size:
                 remaining = deadline - time.perf_counter()
                 if remaining <= 0:
                     break
-                self._idle = True
-                self._arrival.wait(remaining)
-                self._idle = self._kicked = False
+                self._wait(remaining)
             batch = self._take()
             if batch:
                 return batch
+
+    def _wait(self, timeout: float) -> None:
+        """(Holding the lock.) Wait for items, at most ``timeout``: meanwhile a submitter schedules
+        one wake-up (:meth:`_kick`) for the end of its loop's pass."""
+        self._idle = True
+        self._arrival.wait(timeout)
+        self._idle = self._kicked = False
 
     def _take(self) -> list[_Item[W, O]]:
         """Oldest first, up to ``max_batch_size`` units; an oversized first item goes alone. Each
