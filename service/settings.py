@@ -194,6 +194,15 @@ class Settings(BaseSettings):
     #: in-replica frontend: requests per keep-alive connection before the replica closes it, so
     #: clients reconnect and new or restarted replicas get their share (nginx's keepalive_requests)
     keepalive_requests: int = Field(100, ge=0)
+    #: in-replica frontend: how long a client connection may live before the replica asks its
+    #: client to reconnect — an HTTP keep-alive connection with ``Connection: close`` on its first
+    #: answer after this age, a gRPC connection with a GOAWAY (gRPC's MAX_CONNECTION_AGE, ±10 %
+    #: jitter; calls in flight then have ``limits.request_timeout_s`` to finish). Replicas share
+    #: their ports per connection, so without it a gRPC channel (one connection for its whole
+    #: life) never reaches a replica that joins or restarts, nor does an HTTP client too slow to
+    #: reach ``keepalive_requests``. nginx's keepalive_time, Envoy's max_connection_duration.
+    #: 0: no limit
+    connection_max_age_s: float = Field(5.0, ge=0)
     #: on stop (Ctrl-C, SIGTERM, a replica scaled down or replaced): how long requests in flight
     #: may finish before their connections are closed. Short for a laptop; in production set it
     #: to your longest request (e.g. 30) and give the orchestrator's grace period a few s more

@@ -80,6 +80,8 @@ def metrics(m: AnswerMetrics, total_ms: float) -> apb.Metrics:
         tokens_generated=m.tokens_generated or 0,
         time_to_first_token_ms=m.time_to_first_token_ms or 0.0,
         time_per_output_token_ms=m.time_per_output_token_ms or 0.0,
+        replica=m.replica,
+        node=m.node,
     )
 
 

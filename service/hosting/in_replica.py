@@ -31,7 +31,13 @@ from service.api.grpc_servicer import GrpcServicer, add_to_grpc_server
 from service.api.http import create_app
 from service.api.server import Server
 from service.hosting.autoscaling import METRIC
-from service.hosting.listening import ConnectionRecycler, QuietServer, http_config, shared_socket
+from service.hosting.listening import (
+    ConnectionRecycler,
+    QuietServer,
+    grpc_options,
+    http_config,
+    shared_socket,
+)
 from service.hosting.metrics import IngressMetrics, ModelMetrics
 from service.inference.model_set import ModelSet
 from service.inference.repository import ModelEntry
@@ -74,7 +80,9 @@ class ServingReplica:
 
     async def _listen(self) -> None:
         settings = self.settings
-        recycled = ConnectionRecycler(create_app(self.server), settings.keepalive_requests)
+        recycled = ConnectionRecycler(
+            create_app(self.server), settings.keepalive_requests, settings.connection_max_age_s
+        )
         self.http = QuietServer(
             http_config(recycled, access_log=settings.access_log, log_level=settings.log_level)
         )
@@ -82,11 +90,11 @@ class ServingReplica:
             self.http.serve(sockets=[shared_socket(settings.host, settings.http_port)])
         )
         self.grpc = grpc.aio.server(
-            options=[
-                ("grpc.so_reuseport", 1),
-                ("grpc.max_receive_message_length", settings.grpc_max_message_bytes),
-                ("grpc.max_send_message_length", settings.grpc_max_message_bytes),
-            ]
+            options=grpc_options(
+                settings.grpc_max_message_bytes,
+                settings.connection_max_age_s,
+                grace_s=settings.limits.request_timeout_s + 1,
+            )
         )
         add_to_grpc_server(self.grpc, GrpcServicer(self.server))
         address = f"[{settings.host}]" if ":" in settings.host else settings.host

@@ -1,6 +1,6 @@
 """The listeners of an in-replica serving replica: sockets several replicas share, uvicorn without
-signal handlers, answers written in one system call, and keep-alive connections recycled so
-replicas that join get their share."""
+signal handlers, answers written in one system call, and client connections (HTTP keep-alive and
+gRPC) recycled so replicas that join get their share."""
 
 from __future__ import annotations
 
@@ -8,6 +8,7 @@ import asyncio
 import contextlib
 import logging
 import socket
+import time
 from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
@@ -18,22 +19,27 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 
 class ConnectionRecycler:
-    """Close a keep-alive connection after ``limit`` requests (``Connection: close``), as nginx's
-    ``keepalive_requests`` does: replicas share the port per *connection*, so without this a
-    replica that restarts or joins would get no share of long-lived client connections."""
+    """Close a keep-alive connection (``Connection: close`` on an answer) after ``limit`` requests,
+    as nginx's ``keepalive_requests`` does, or on its first answer ``max_age_s`` after its first
+    request, as nginx's ``keepalive_time`` does (0: no such limit): replicas share the port per
+    *connection*, so without this a replica that restarts or joins would get no share of
+    long-lived client connections — the age bounds how long that takes whatever a client's rate."""
 
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-        self.served: OrderedDict[Any, int] = OrderedDict()  # client address → requests so far
+    def __init__(self, app: ASGIApp, limit: int, max_age_s: float = 0.0) -> None:
+        self.app, self.limit, self.max_age_s = app, limit, max_age_s
+        #: client address → (requests so far, when its first one came)
+        self.served: OrderedDict[Any, tuple[int, float]] = OrderedDict()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not self.limit:
+        if scope["type"] != "http" or not (self.limit or self.max_age_s):
             return await self.app(scope, receive, send)
         client = scope.get("client")
-        count = self.served.pop(client, 0) + 1
-        last = count >= self.limit
+        now = time.monotonic()
+        count, first = self.served.pop(client, (0, now))
+        count += 1
+        last = (0 < self.limit <= count) or (0 < self.max_age_s <= now - first)
         if not last:
-            self.served[client] = count
+            self.served[client] = (count, first)
             while len(self.served) > 65536:  # addresses of connections that went away
                 self.served.popitem(last=False)
 
@@ -43,6 +49,26 @@ class ConnectionRecycler:
             await send(message)
 
         await self.app(scope, receive, send_closing if last else send)
+
+
+def grpc_options(max_message_bytes: int, max_age_s: float, grace_s: float) -> list[tuple[str, int]]:
+    """The grpc.aio server options of a serving replica: the port shared with the node's other
+    replicas (SO_REUSEPORT), the message limit both ways, and with ``max_age_s`` a GOAWAY to each
+    client connection after that long (gRPC's MAX_CONNECTION_AGE, which adds ±10 % jitter), its
+    calls in flight given ``grace_s`` to finish. A gRPC channel keeps one connection for its whole
+    life: without an age it never reaches a replica that joined or restarted after it connected;
+    with one it reconnects, its next calls waiting for the new connection rather than failing."""
+    options = [
+        ("grpc.so_reuseport", 1),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+    if max_age_s > 0:
+        options += [
+            ("grpc.max_connection_age_ms", round(max_age_s * 1000)),
+            ("grpc.max_connection_age_grace_ms", round(grace_s * 1000)),
+        ]
+    return options
 
 
 def http_config(app: ASGIApp, *, access_log: bool, log_level: str) -> uvicorn.Config:

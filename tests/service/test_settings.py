@@ -20,6 +20,7 @@ def test_defaults_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert s.batching_for("other").max_batch_size == 64
     assert s.batching_for("m").max_batch_size == 8 and s.replicas_for("m") == 2
     assert not s.use_gpu
+    assert s.keepalive_requests == 100 and s.connection_max_age_s == 5.0
 
 
 @pytest.mark.parametrize(
@@ -37,6 +38,7 @@ def test_defaults_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ({"ATTN_MODEL_OVERRIDES": '{"m": {"max_batchsize": 64}}'}, "max_batchsize"),
         ({"ATTN_AUTOSCALING": '{"max_replica": 4}'}, "max_replica"),
         ({"ATTN_FRONTEND": "haproxy"}, "frontend"),
+        ({"ATTN_CONNECTION_MAX_AGE_S": "-1"}, "connection_max_age_s"),
         ({"ATTN_AUTOSCALING": '{"min_replicas": 5, "max_replicas": 4}'}, "min_replicas must not exceed"),
     ],
 )

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"service/api/protos/attention.proto\x12\x0c\x61ttention.v1\"\xb6\x01\n\x07Metrics\x12\x15\n\rqueue_wait_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x18\n\x10tokens_generated\x18\x05 \x01(\x05\x12\x1e\n\x16time_to_first_token_ms\x18\x06 \x01(\x01\x12 \n\x18time_per_output_token_ms\x18\x07 \x01(\x01\"\'\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x05\x12\x0e\n\x06values\x18\x02 \x03(\x02\"\x9b\x01\n\x10TranslateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x11\n\tbeam_size\x18\x03 \x01(\x05\x12\x12\n\nmax_length\x18\x04 \x01(\x05\x12\x16\n\x0elength_penalty\x18\x05 \x01(\x01\x12\x18\n\x10return_attention\x18\x06 \x01(\x08\x12\x10\n\x08truncate\x18\x07 \x01(\x08\"\x93\x01\n\x0bTranslation\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rsource_tokens\x18\x02 \x03(\t\x12\x15\n\rtarget_tokens\x18\x03 \x03(\t\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\'\n\tattention\x18\x06 \x01(\x0b\x32\x14.attention.v1.Tensor\"\x8c\x01\n\x11TranslateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12/\n\x0ctranslations\x18\x03 \x03(\x0b\x32\x19.attention.v1.Translation\x12&\n\x07metrics\x18\x04 \x01(\x0b\x32\x15.attention.v1.Metrics\"\x93\x01\n\x05Token\x12\x12\n\ntext_index\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05token\x18\x03 \x01(\t\x12\x10\n\x08token_id\x18\x04 \x01(\x03\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x0f\n\x07logprob\x18\x06 \x01(\x01\x12\'\n\tattention\x18\x07 \x01(\x0b\x32\x14.attention.v1.Tensor\"r\n\x0eTranslateEvent\x12$\n\x05token\x18\x01 \x01(\x0b\x32\x13.attention.v1.TokenH\x00\x12\x31\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x1f.attention.v1.TranslateResponseH\x00\x42\x07\n\x05\x65vent\"\x84\x01\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x18\n\x10return_attention\x18\x04 \x01(\x08\x12\x13\n\x0bhead_fusion\x18\x05 \x01(\t\x12\x15\n\rdiscard_ratio\x18\x06 \x01(\x02\"?\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\"\xb0\x01\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12-\n\x0bpredictions\x18\x03 \x03(\x0b\x32\x18.attention.v1.Prediction\x12%\n\x07rollout\x18\x04 \x01(\x0b\x32\x14.attention.v1.Tensor\x12&\n\x07metrics\x18\x05 \x01(\x0b\x32\x15.attention.v1.Metrics2\x84\x02\n\x10\x41ttentionService\x12N\n\tTranslate\x12\x1e.attention.v1.TranslateRequest\x1a\x1f.attention.v1.TranslateResponse\"\x00\x12S\n\x0fTranslateStream\x12\x1e.attention.v1.TranslateRequest\x1a\x1c.attention.v1.TranslateEvent\"\x00\x30\x01\x12K\n\x08\x43lassify\x12\x1d.attention.v1.ClassifyRequest\x1a\x1e.attention.v1.ClassifyResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"service/api/protos/attention.proto\x12\x0c\x61ttention.v1\"\xd5\x01\n\x07Metrics\x12\x15\n\rqueue_wait_ms\x18\x01 \x01(\x01\x12\x12\n\ncompute_ms\x18\x02 \x01(\x01\x12\x10\n\x08total_ms\x18\x03 \x01(\x01\x12\x12\n\nbatch_size\x18\x04 \x01(\x05\x12\x18\n\x10tokens_generated\x18\x05 \x01(\x05\x12\x1e\n\x16time_to_first_token_ms\x18\x06 \x01(\x01\x12 \n\x18time_per_output_token_ms\x18\x07 \x01(\x01\x12\x0f\n\x07replica\x18\x08 \x01(\t\x12\x0c\n\x04node\x18\t \x01(\t\"\'\n\x06Tensor\x12\r\n\x05shape\x18\x01 \x03(\x05\x12\x0e\n\x06values\x18\x02 \x03(\x02\"\x9b\x01\n\x10TranslateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05texts\x18\x02 \x03(\t\x12\x11\n\tbeam_size\x18\x03 \x01(\x05\x12\x12\n\nmax_length\x18\x04 \x01(\x05\x12\x16\n\x0elength_penalty\x18\x05 \x01(\x01\x12\x18\n\x10return_attention\x18\x06 \x01(\x08\x12\x10\n\x08truncate\x18\x07 \x01(\x08\"\x93\x01\n\x0bTranslation\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x15\n\rsource_tokens\x18\x02 \x03(\t\x12\x15\n\rtarget_tokens\x18\x03 \x03(\t\x12\r\n\x05score\x18\x04 \x01(\x01\x12\x10\n\x08\x66inished\x18\x05 \x01(\x08\x12\'\n\tattention\x18\x06 \x01(\x0b\x32\x14.attention.v1.Tensor\"\x8c\x01\n\x11TranslateResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12/\n\x0ctranslations\x18\x03 \x03(\x0b\x32\x19.attention.v1.Translation\x12&\n\x07metrics\x18\x04 \x01(\x0b\x32\x15.attention.v1.Metrics\"\x93\x01\n\x05Token\x12\x12\n\ntext_index\x18\x01 \x01(\x05\x12\r\n\x05index\x18\x02 \x01(\x05\x12\r\n\x05token\x18\x03 \x01(\t\x12\x10\n\x08token_id\x18\x04 \x01(\x03\x12\x0c\n\x04text\x18\x05 \x01(\t\x12\x0f\n\x07logprob\x18\x06 \x01(\x01\x12\'\n\tattention\x18\x07 \x01(\x0b\x32\x14.attention.v1.Tensor\"r\n\x0eTranslateEvent\x12$\n\x05token\x18\x01 \x01(\x0b\x32\x13.attention.v1.TokenH\x00\x12\x31\n\x06\x61nswer\x18\x02 \x01(\x0b\x32\x1f.attention.v1.TranslateResponseH\x00\x42\x07\n\x05\x65vent\"\x84\x01\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\r\n\x05top_k\x18\x03 \x01(\x05\x12\x18\n\x10return_attention\x18\x04 \x01(\x08\x12\x13\n\x0bhead_fusion\x18\x05 \x01(\t\x12\x15\n\rdiscard_ratio\x18\x06 \x01(\x02\"?\n\nPrediction\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\x05\x12\x13\n\x0bprobability\x18\x03 \x01(\x01\"\xb0\x01\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12-\n\x0bpredictions\x18\x03 \x03(\x0b\x32\x18.attention.v1.Prediction\x12%\n\x07rollout\x18\x04 \x01(\x0b\x32\x14.attention.v1.Tensor\x12&\n\x07metrics\x18\x05 \x01(\x0b\x32\x15.attention.v1.Metrics2\x84\x02\n\x10\x41ttentionService\x12N\n\tTranslate\x12\x1e.attention.v1.TranslateRequest\x1a\x1f.attention.v1.TranslateResponse\"\x00\x12S\n\x0fTranslateStream\x12\x1e.attention.v1.TranslateRequest\x1a\x1c.attention.v1.TranslateEvent\"\x00\x30\x01\x12K\n\x08\x43lassify\x12\x1d.attention.v1.ClassifyRequest\x1a\x1e.attention.v1.ClassifyResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -32,25 +32,25 @@ _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'service.api.protos.attentio
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_METRICS']._serialized_start=53
-  _globals['_METRICS']._serialized_end=235
-  _globals['_TENSOR']._serialized_start=237
-  _globals['_TENSOR']._serialized_end=276
-  _globals['_TRANSLATEREQUEST']._serialized_start=279
-  _globals['_TRANSLATEREQUEST']._serialized_end=434
-  _globals['_TRANSLATION']._serialized_start=437
-  _globals['_TRANSLATION']._serialized_end=584
-  _globals['_TRANSLATERESPONSE']._serialized_start=587
-  _globals['_TRANSLATERESPONSE']._serialized_end=727
-  _globals['_TOKEN']._serialized_start=730
-  _globals['_TOKEN']._serialized_end=877
-  _globals['_TRANSLATEEVENT']._serialized_start=879
-  _globals['_TRANSLATEEVENT']._serialized_end=993
-  _globals['_CLASSIFYREQUEST']._serialized_start=996
-  _globals['_CLASSIFYREQUEST']._serialized_end=1128
-  _globals['_PREDICTION']._serialized_start=1130
-  _globals['_PREDICTION']._serialized_end=1193
-  _globals['_CLASSIFYRESPONSE']._serialized_start=1196
-  _globals['_CLASSIFYRESPONSE']._serialized_end=1372
-  _globals['_ATTENTIONSERVICE']._serialized_start=1375
-  _globals['_ATTENTIONSERVICE']._serialized_end=1635
+  _globals['_METRICS']._serialized_end=266
+  _globals['_TENSOR']._serialized_start=268
+  _globals['_TENSOR']._serialized_end=307
+  _globals['_TRANSLATEREQUEST']._serialized_start=310
+  _globals['_TRANSLATEREQUEST']._serialized_end=465
+  _globals['_TRANSLATION']._serialized_start=468
+  _globals['_TRANSLATION']._serialized_end=615
+  _globals['_TRANSLATERESPONSE']._serialized_start=618
+  _globals['_TRANSLATERESPONSE']._serialized_end=758
+  _globals['_TOKEN']._serialized_start=761
+  _globals['_TOKEN']._serialized_end=908
+  _globals['_TRANSLATEEVENT']._serialized_start=910
+  _globals['_TRANSLATEEVENT']._serialized_end=1024
+  _globals['_CLASSIFYREQUEST']._serialized_start=1027
+  _globals['_CLASSIFYREQUEST']._serialized_end=1159
+  _globals['_PREDICTION']._serialized_start=1161
+  _globals['_PREDICTION']._serialized_end=1224
+  _globals['_CLASSIFYRESPONSE']._serialized_start=1227
+  _globals['_CLASSIFYRESPONSE']._serialized_end=1403
+  _globals['_ATTENTIONSERVICE']._serialized_start=1406
+  _globals['_ATTENTIONSERVICE']._serialized_end=1666
 # @@protoc_insertion_point(module_scope)

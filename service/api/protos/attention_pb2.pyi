@@ -7,7 +7,7 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class Metrics(_message.Message):
-    __slots__ = ("queue_wait_ms", "compute_ms", "total_ms", "batch_size", "tokens_generated", "time_to_first_token_ms", "time_per_output_token_ms")
+    __slots__ = ("queue_wait_ms", "compute_ms", "total_ms", "batch_size", "tokens_generated", "time_to_first_token_ms", "time_per_output_token_ms", "replica", "node")
     QUEUE_WAIT_MS_FIELD_NUMBER: _ClassVar[int]
     COMPUTE_MS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
@@ -15,6 +15,8 @@ class Metrics(_message.Message):
     TOKENS_GENERATED_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
     TIME_PER_OUTPUT_TOKEN_MS_FIELD_NUMBER: _ClassVar[int]
+    REPLICA_FIELD_NUMBER: _ClassVar[int]
+    NODE_FIELD_NUMBER: _ClassVar[int]
     queue_wait_ms: float
     compute_ms: float
     total_ms: float
@@ -22,7 +24,9 @@ class Metrics(_message.Message):
     tokens_generated: int
     time_to_first_token_ms: float
     time_per_output_token_ms: float
-    def __init__(self, queue_wait_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., time_to_first_token_ms: _Optional[float] = ..., time_per_output_token_ms: _Optional[float] = ...) -> None: ...
+    replica: str
+    node: str
+    def __init__(self, queue_wait_ms: _Optional[float] = ..., compute_ms: _Optional[float] = ..., total_ms: _Optional[float] = ..., batch_size: _Optional[int] = ..., tokens_generated: _Optional[int] = ..., time_to_first_token_ms: _Optional[float] = ..., time_per_output_token_ms: _Optional[float] = ..., replica: _Optional[str] = ..., node: _Optional[str] = ...) -> None: ...
 
 class Tensor(_message.Message):
     __slots__ = ("shape", "values")

@@ -133,7 +133,9 @@ def attention_stub(service: Service) -> apb_grpc.AttentionServiceStub:
     return apb_grpc.AttentionServiceStub(grpc.insecure_channel(service.grpc_target))
 
 
-def test_typed_translate_with_attention(attention_stub: apb_grpc.AttentionServiceStub) -> None:
+def test_typed_translate_with_attention(
+    attention_stub: apb_grpc.AttentionServiceStub, service: Service
+) -> None:
     r = attention_stub.Translate(
         apb.TranslateRequest(model="dates-bahdanau", texts=TEXTS[:2], return_attention=True)
     )
@@ -143,6 +145,9 @@ def test_typed_translate_with_attention(attention_stub: apb_grpc.AttentionServic
     assert grid.shape == (len(t.target_tokens), len(t.source_tokens))
     np.testing.assert_allclose(grid.sum(1), 1.0, atol=1e-4)
     assert r.metrics.batch_size >= 2 and r.metrics.tokens_generated == 22
+    # which replica and node answered, as REST's metrics say (one replica here: the same one)
+    rest = service.post("/v1/models/dates-bahdanau/translate", json={"text": TEXTS[0]}).json()["metrics"]
+    assert r.metrics.replica and (r.metrics.replica, r.metrics.node) == (rest["replica"], rest["node"])
 
 
 def test_typed_classify_with_rollout(attention_stub: apb_grpc.AttentionServiceStub) -> None:

@@ -51,12 +51,14 @@ def with_a_broken_model(repository: Path, root: Path) -> Path:
 @pytest.fixture(scope="module")
 def crowded(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """Two replicas; the Transformer batches one request at a time and queues one beyond the 16
-    it works on, so each replica holds at most 17 of its requests; one model cannot load."""
+    it works on, so each replica holds at most 17 of its requests; one model cannot load; client
+    connections are asked to reconnect after 1 s."""
     root = tmp_path_factory.mktemp("crowded")
     with running_service(
         with_a_broken_model(tiny_repository, root),
         root,
         ATTN_NUM_REPLICAS="2",
+        ATTN_CONNECTION_MAX_AGE_S="1",
         ATTN_LIMITS__MAX_QUEUED_REQUESTS="1",
         ATTN_MODEL_OVERRIDES='{"dates-transformer": {"max_batch_size": 1, "batch_wait_timeout_s": 0}}',
     ) as svc:
@@ -190,6 +192,56 @@ def test_clients_that_disconnect_free_their_places(crowded: Service) -> None:
     answer = requests.post(f"{crowded.url}/v1/models/dates-transformer/translate", json=SLOW, timeout=60)
     metrics = answer.json()["metrics"]
     assert metrics["queue_wait_ms"] < 4 * metrics["compute_ms"] + 100, metrics
+
+
+def test_long_lived_clients_reach_both_replicas(crowded: Service) -> None:
+    """ATTN_CONNECTION_MAX_AGE_S (1 s here): a gRPC channel keeps one connection for its whole life
+    (it stayed on one replica before the age existed), and an HTTP client slower than
+    ATTN_KEEPALIVE_REQUESTS (100) per connection would keep its connection for long; with the age
+    each is asked to reconnect, lands on either replica, and no call fails on the way — unary and
+    streamed gRPC calls and HTTP requests together, from concurrent clients."""
+    channel = grpc.insecure_channel(crowded.grpc_target)
+    stub = apb_grpc.AttentionServiceStub(channel)
+    request = apb.TranslateRequest(model="dates-bahdanau", texts=["3 juin 1980"])
+    streamed = apb.TranslateRequest(model="dates-transformer", texts=["15 mai 1976"])
+    deadline = time.monotonic() + 40
+    seen: dict[str, Counter[str]] = {"grpc": Counter(), "stream": Counter(), "http": Counter()}
+    http_closes = []  # requests sent on the session's connection when it was asked to close
+
+    def done() -> bool:
+        return all(len(c) == 2 for c in seen.values()) or time.monotonic() > deadline
+
+    def unary() -> None:
+        while not done():
+            seen["grpc"][stub.Translate(request, timeout=30).metrics.replica] += 1
+
+    def stream() -> None:
+        while not done():
+            *_, last = stub.TranslateStream(streamed, timeout=30)
+            seen["stream"][last.answer.metrics.replica] += 1
+
+    def http() -> None:
+        with requests.Session() as session:
+            sent = 0
+            while not done():
+                answer = session.post(
+                    f"{crowded.url}/v1/models/dates-bahdanau/translate",
+                    json={"text": "3 juin 1980"},
+                    timeout=30,
+                )
+                assert answer.status_code == 200, answer.text
+                seen["http"][answer.json()["metrics"]["replica"]] += 1
+                sent += 1
+                if answer.headers.get("connection") == "close":
+                    http_closes.append(sent)
+                    sent = 0
+                time.sleep(0.05)  # a client of ≈ 15 requests/s: 100 requests would take ≈ 7 s
+
+    with ThreadPoolExecutor(4) as pool:
+        for job in [pool.submit(f) for f in (unary, unary, stream, http)]:
+            job.result()  # raises a failed call
+    assert all(len(c) == 2 for c in seen.values()), seen
+    assert http_closes and max(http_closes) < 100, http_closes  # closed by age, not by count
 
 
 def test_a_killed_replica_is_replaced_and_at_most_a_thousandth_of_requests_fail(crowded: Service) -> None:

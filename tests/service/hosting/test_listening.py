@@ -1,6 +1,7 @@
 """The in-replica listeners (``service/hosting/listening.py``) on real sockets, without Ray: an
 answer leaves in one system call (uvicorn writes headers and body separately), streamed events
-still leave as they are written, a closing answer is whole before the connection ends."""
+still leave as they are written, a closing answer is whole before the connection ends, and
+keep-alive connections are closed after so many requests or so long."""
 
 from __future__ import annotations
 
@@ -12,7 +13,13 @@ from typing import Any
 import pytest
 import uvicorn
 
-from service.hosting.listening import CorkedHttp, QuietServer, http_config, shared_socket
+from service.hosting.listening import (
+    ConnectionRecycler,
+    CorkedHttp,
+    QuietServer,
+    http_config,
+    shared_socket,
+)
 from tests.conftest import free_port
 
 WRITES: list[bytes] = []  # what reached the socket's transport, one item per send()
@@ -124,3 +131,41 @@ def test_the_access_log_writes_a_line_per_request(caplog: pytest.LogCaptureFixtu
             access.removeHandler(caplog.handler)
         lines = [r.getMessage() for r in caplog.records if r.name == "uvicorn.access"]
         assert (lines and "GET /logged" in lines[0] and "200" in lines[0]) if access_log else not lines
+
+
+async def recycled(limit: int, max_age_s: float, gaps_s: list[float]) -> tuple[list[bool], bool]:
+    """Requests on one keep-alive connection to ``app`` behind a :class:`ConnectionRecycler`, each
+    after its gap → (whether each answer said ``Connection: close``, whether the server then
+    ended the connection); the requests stop at the first closing answer."""
+    recycler = ConnectionRecycler(app, limit, max_age_s)
+    port = free_port()
+    server = QuietServer(uvicorn.Config(recycler, http=CorkedHttp, log_level="warning", lifespan="off"))
+    task = asyncio.create_task(server.serve(sockets=[shared_socket("127.0.0.1", port)]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+    closing: list[bool] = []
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        for gap in gaps_s:
+            await asyncio.sleep(gap)
+            writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
+            head = await reader.readuntil(b"\r\n\r\n")
+            assert await reader.readexactly(5) == b"hello"
+            closing.append(b"connection: close" in head.lower())
+            if closing[-1]:
+                break
+        ended = await asyncio.wait_for(reader.read(), 1) == b"" if closing[-1] else False
+    finally:
+        writer.close()
+        server.should_exit = True
+        await task
+    return closing, ended
+
+
+def test_keep_alive_connections_are_recycled_by_count_and_by_age() -> None:
+    """ATTN_KEEPALIVE_REQUESTS and ATTN_CONNECTION_MAX_AGE_S: the answer that reaches either limit
+    says so and the connection ends after it; 0 turns a limit off."""
+    assert asyncio.run(recycled(3, 0, [0] * 5)) == ([False, False, True], True)
+    # a slow client: 0.5 s on, its next answer closes, whatever its count
+    assert asyncio.run(recycled(100, 0.5, [0, 0.3, 0.3, 0.3])) == ([False, False, True], True)
+    assert asyncio.run(recycled(0, 0, [0, 0.2, 0.2, 0.2])) == ([False] * 4, False)
