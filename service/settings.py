@@ -197,7 +197,7 @@ class Settings(BaseSettings):
     #: in-replica frontend: how long a client connection may live before the replica asks its
     #: client to reconnect — an HTTP keep-alive connection with ``Connection: close`` on its first
     #: answer after this age, a gRPC connection with a GOAWAY (gRPC's MAX_CONNECTION_AGE, ±10 %
-    #: jitter; calls in flight then have ``limits.request_timeout_s`` to finish). Replicas share
+    #: jitter; calls and streams in flight keep it until they end). Replicas share
     #: their ports per connection, so without it a gRPC channel (one connection for its whole
     #: life) never reaches a replica that joins or restarts, nor does an HTTP client too slow to
     #: reach ``keepalive_requests``. nginx's keepalive_time, Envoy's max_connection_duration.

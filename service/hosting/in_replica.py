@@ -90,11 +90,7 @@ class ServingReplica:
             self.http.serve(sockets=[shared_socket(settings.host, settings.http_port)])
         )
         self.grpc = grpc.aio.server(
-            options=grpc_options(
-                settings.grpc_max_message_bytes,
-                settings.connection_max_age_s,
-                grace_s=settings.limits.request_timeout_s + 1,
-            )
+            options=grpc_options(settings.grpc_max_message_bytes, settings.connection_max_age_s)
         )
         add_to_grpc_server(self.grpc, GrpcServicer(self.server))
         address = f"[{settings.host}]" if ":" in settings.host else settings.host

@@ -51,23 +51,22 @@ class ConnectionRecycler:
         await self.app(scope, receive, send_closing if last else send)
 
 
-def grpc_options(max_message_bytes: int, max_age_s: float, grace_s: float) -> list[tuple[str, int]]:
+def grpc_options(max_message_bytes: int, max_age_s: float) -> list[tuple[str, int]]:
     """The grpc.aio server options of a serving replica: the port shared with the node's other
     replicas (SO_REUSEPORT), the message limit both ways, and with ``max_age_s`` a GOAWAY to each
-    client connection after that long (gRPC's MAX_CONNECTION_AGE, which adds ±10 % jitter), its
-    calls in flight given ``grace_s`` to finish. A gRPC channel keeps one connection for its whole
-    life: without an age it never reaches a replica that joined or restarted after it connected;
-    with one it reconnects, its next calls waiting for the new connection rather than failing."""
+    client connection after that long (gRPC's MAX_CONNECTION_AGE, which adds ±10 % jitter). A
+    gRPC channel keeps one connection for its whole life: without an age it never reaches a
+    replica that joined or restarted after it connected; with one its next calls go out on a new
+    connection. Calls in flight keep the old one as long as they last — no MAX_CONNECTION_AGE_GRACE:
+    a KServe ``ModelStreamInfer`` stream (tritonclient's ``start_stream``) stays open for a whole
+    client session, and a grace would cut it; a stopping replica drains them (``drain_s``)."""
     options = [
         ("grpc.so_reuseport", 1),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
     ]
     if max_age_s > 0:
-        options += [
-            ("grpc.max_connection_age_ms", round(max_age_s * 1000)),
-            ("grpc.max_connection_age_grace_ms", round(grace_s * 1000)),
-        ]
+        options.append(("grpc.max_connection_age_ms", round(max_age_s * 1000)))
     return options
 
 

@@ -1,7 +1,8 @@
 """The in-replica listeners (``service/hosting/listening.py``) on real sockets, without Ray: an
 answer leaves in one system call (uvicorn writes headers and body separately), streamed events
 still leave as they are written, a closing answer is whole before the connection ends, and
-keep-alive connections are closed after so many requests or so long."""
+client connections are recycled: HTTP keep-alive after so many requests or so long, gRPC after
+so long without cutting a stream."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import grpc
 import pytest
 import uvicorn
 
@@ -17,6 +19,7 @@ from service.hosting.listening import (
     ConnectionRecycler,
     CorkedHttp,
     QuietServer,
+    grpc_options,
     http_config,
     shared_socket,
 )
@@ -169,3 +172,62 @@ def test_keep_alive_connections_are_recycled_by_count_and_by_age() -> None:
     # a slow client: 0.5 s on, its next answer closes, whatever its count
     assert asyncio.run(recycled(100, 0.5, [0, 0.3, 0.3, 0.3])) == ([False, False, True], True)
     assert asyncio.run(recycled(0, 0, [0, 0.2, 0.2, 0.2])) == ([False] * 4, False)
+
+
+async def across_ages(max_age_s: float, seconds: float) -> tuple[set[str], list[bytes]]:
+    """A gRPC server with a serving replica's options (``grpc_options``), and one channel that
+    calls a unary method every 20 ms while one bidirectional stream on it sends a message every
+    100 ms, both for ``seconds`` → (the client addresses the server saw, the stream's echoes)."""
+    peers: set[str] = set()
+
+    async def peer(_: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        peers.add(context.peer())
+        return b""
+
+    async def echo(messages: Any, _: grpc.aio.ServicerContext) -> Any:
+        async for message in messages:
+            yield message
+
+    server = grpc.aio.server(options=grpc_options(1 << 22, max_age_s))
+    handlers = {
+        "Peer": grpc.unary_unary_rpc_method_handler(peer),
+        "Echo": grpc.stream_stream_rpc_method_handler(echo),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    end = asyncio.get_running_loop().time() + seconds
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+
+            async def sent() -> Any:
+                i = 0
+                while asyncio.get_running_loop().time() < end:
+                    yield b"%d" % i
+                    i += 1
+                    await asyncio.sleep(0.1)
+
+            async def stream() -> list[bytes]:
+                return [m async for m in channel.stream_stream("/t.T/Echo")(sent())]
+
+            async def unary() -> None:
+                while asyncio.get_running_loop().time() < end:
+                    await channel.unary_unary("/t.T/Peer")(b"", timeout=5)
+                    await asyncio.sleep(0.02)
+
+            echoes, _ = await asyncio.gather(stream(), unary())
+    finally:
+        await server.stop(None)
+    return peers, echoes
+
+
+def test_grpc_connections_are_recycled_by_age_and_streams_outlive_it() -> None:
+    """ATTN_CONNECTION_MAX_AGE_S over gRPC: after the age the channel's next calls go out on new
+    connections (the server sees new client ports), while a stream open across many ages goes on
+    to its end — a MAX_CONNECTION_AGE_GRACE would have closed the connection under it (it cut
+    a KServe ModelStreamInfer stream, which tritonclient keeps open for a session). No call fails."""
+    peers, echoes = asyncio.run(across_ages(0.3, 2.0))
+    assert echoes == [b"%d" % i for i in range(len(echoes))] and len(echoes) >= 15, echoes
+    assert len(peers) >= 3, peers  # ≈ 6 ages: several connections
+    peers, _ = asyncio.run(across_ages(0, 1.0))
+    assert len(peers) == 1, peers  # 0: one connection for the channel's life
