@@ -82,11 +82,21 @@ def parse(body: bytes, content_type: str, max_fields: int, max_files: int) -> Fo
     return form
 
 
-@functools.lru_cache(maxsize=256)
 def disposition_options(value: bytes) -> Mapping[bytes, bytes]:
     """The parameters (``name``, ``filename``) of a part's Content-Disposition, read-only.
-    Remembered: clients send the same few again and again, and python-multipart's parsing of
-    them (regular expressions, ``email``'s unquoting) was a third of what a one-image form cost
-    on the event loop."""
-    _, options = parse_options_header(value)
-    return MappingProxyType(options)
+    Remembered up to :data:`REMEMBERED_BYTES` long: clients send the same few again and again,
+    and python-multipart's parsing of them (regular expressions, ``email``'s unquoting) was a third
+    of what a one-image form cost on the event loop; a longer one (a client's to choose, up to the
+    body limit) is parsed each time rather than kept."""
+    if len(value) <= REMEMBERED_BYTES:
+        return _remembered(value)
+    return MappingProxyType(parse_options_header(value)[1])
+
+
+#: the longest Content-Disposition :func:`disposition_options` remembers (256 of them at most)
+REMEMBERED_BYTES = 512
+
+
+@functools.lru_cache(maxsize=256)
+def _remembered(value: bytes) -> Mapping[bytes, bytes]:
+    return MappingProxyType(parse_options_header(value)[1])

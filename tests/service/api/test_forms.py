@@ -51,3 +51,16 @@ def test_limits_on_files_and_fields() -> None:
     body, ctype = encoded({f"f{i}": "x" for i in range(5)}, {})
     with pytest.raises(InvalidInput, match="at most 4 fields"):
         forms.parse(body, ctype, 4, 1)
+
+
+def test_a_long_disposition_is_parsed_and_not_remembered() -> None:
+    """Dispositions are remembered (they repeat), but only short ones: a client chooses their
+    length, up to the body limit, and 256 remembered megabytes would be a client's to fill."""
+    forms._remembered.cache_clear()
+    for name in ("a.png", "b" * 4096 + ".png"):  # the second: a 4 KiB file name
+        body, ctype = encoded({"top_k": "3"}, {"file": (name, b"\x89PNG")})
+        assert forms.parse(body, ctype, 16, 1).files == {"file": b"\x89PNG"}
+        assert forms.parse(body, ctype, 16, 1).fields == {"top_k": "3"}
+    # the short ones (top_k's and a.png's) once each, then found; the long one never kept
+    info = forms._remembered.cache_info()
+    assert (info.currsize, info.misses, info.hits) == (2, 2, 4), info
