@@ -139,9 +139,10 @@ class HotRoutes:
         hit = self._matched.get(key, _UNSEEN)
         if hit is _UNSEEN:
             hit = self._match(route_path(scope))
-            if len(self._matched) >= MATCHES_KEPT:
-                self._matched.clear()  # any client can send new paths: what is kept stays bounded
-            self._matched[key] = hit
+            if len(key[0]) <= KEPT_PATH_CHARS:  # a client chooses paths (up to ≈ 64 KiB each)
+                if len(self._matched) >= MATCHES_KEPT:
+                    self._matched.clear()  # and sends new ones: what is kept stays bounded
+                self._matched[key] = hit
         if hit is None:
             return None
         handler, params = hit
@@ -157,8 +158,10 @@ class HotRoutes:
         return None
 
 
-#: paths ``HotRoutes.match`` remembers (cleared when full)
+#: paths ``HotRoutes.match`` remembers (cleared when full), each at most ``KEPT_PATH_CHARS`` long:
+#: 1,024 paths of the 64 KiB uvicorn takes would be 64 MiB a client could fill
 MATCHES_KEPT = 1024
+KEPT_PATH_CHARS = 512
 _UNSEEN: Any = object()
 
 

@@ -51,7 +51,7 @@ def test_only_posts_to_the_direct_routes_match(tmp_path: Path) -> None:
 def test_matches_are_remembered_boundedly_and_answer_as_the_first_time(tmp_path: Path) -> None:
     """A path matched before answers from memory — the same handler and parameters, in a dict
     of the caller's own (a handler may change it) — misses and root paths included, and no
-    stream of new paths makes the memory grow past its bound."""
+    stream of new paths, nor of long ones, makes the memory grow past its bound."""
     hot = create_app(fake_server(tmp_path)[0]).hot_routes
     assert hot is not None
     for _ in range(2):
@@ -66,6 +66,12 @@ def test_matches_are_remembered_boundedly_and_answer_as_the_first_time(tmp_path:
         hit = hot.match(scope("POST", f"/v2/models/m{i}/infer"))
         assert hit is not None and hit[1] == {"name": f"m{i}"}
     assert len(hot._matched) <= routes.MATCHES_KEPT
+    hot._matched.clear()
+    long = "m" * 60_000  # a model name as long as uvicorn lets a path be: matched, never kept
+    for _ in range(2):
+        hit = hot.match(scope("POST", f"/v1/models/{long}/classify"))
+        assert hit is not None and hit[1] == {"name": long}
+    assert not hot._matched
 
 
 def test_a_root_path_is_taken_off_as_starlette_does() -> None:
