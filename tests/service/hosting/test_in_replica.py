@@ -1,6 +1,7 @@
 """The default in-replica frontend under pressure: two replicas behind one port, overload shed
 with 503 + Retry-After (HTTP) and RESOURCE_EXHAUSTED (gRPC) and counted in the metrics, the
-serving ports bound to the configured host only."""
+serving ports bound to the configured host only, long-lived clients (a gRPC channel, a slow HTTP
+client) moved between the replicas by the connection age."""
 
 from __future__ import annotations
 
@@ -200,8 +201,7 @@ def test_long_lived_clients_reach_both_replicas(crowded: Service) -> None:
     ATTN_KEEPALIVE_REQUESTS (100) per connection would keep its connection for long; with the age
     each is asked to reconnect, lands on either replica, and no call fails on the way — unary and
     streamed gRPC calls and HTTP requests together, from concurrent clients."""
-    channel = grpc.insecure_channel(crowded.grpc_target)
-    stub = apb_grpc.AttentionServiceStub(channel)
+    stub = apb_grpc.AttentionServiceStub(grpc.insecure_channel(crowded.grpc_target))
     request = apb.TranslateRequest(model="dates-bahdanau", texts=["3 juin 1980"])
     streamed = apb.TranslateRequest(model="dates-transformer", texts=["15 mai 1976"])
     deadline = time.monotonic() + 40
