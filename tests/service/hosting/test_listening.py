@@ -7,8 +7,9 @@ so long without cutting a stream."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -66,16 +67,32 @@ async def app(scope: dict[str, Any], receive: Callable[[], Awaitable[Any]], send
     await send({"type": "http.response.body", "body": b"hello"})
 
 
-async def exchange(port: int) -> list[tuple[str, list[bytes], bytes]]:
-    """Each path in turn on one keep-alive connection → (path, the writes its answer took, what
-    the client read)."""
-    server = QuietServer(uvicorn.Config(app, http=Counted, log_level="warning", lifespan="off"))
+@contextlib.asynccontextmanager
+async def connected(
+    config: uvicorn.Config,
+) -> AsyncIterator[tuple[asyncio.StreamReader, asyncio.StreamWriter]]:
+    """A replica's HTTP server (``QuietServer`` on a ``shared_socket``) with ``config``, started,
+    and one client connection to it; the connection closed and the server stopped after."""
+    server = QuietServer(config)
+    port = free_port()
     task = asyncio.create_task(server.serve(sockets=[shared_socket("127.0.0.1", port)]))
     while not server.started:
         await asyncio.sleep(0.01)
-    seen = []
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     try:
+        yield reader, writer
+    finally:
+        writer.close()
+        server.should_exit = True
+        await task
+
+
+async def exchange() -> list[tuple[str, list[bytes], bytes]]:
+    """Each path in turn on one keep-alive connection → (path, the writes its answer took, what
+    the client read)."""
+    seen = []
+    config = uvicorn.Config(app, http=Counted, log_level="warning", lifespan="off")
+    async with connected(config) as (reader, writer):
         for path in ("/a", "/b", "/stream", "/c", "/close"):
             WRITES.clear()
             writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
@@ -87,15 +104,11 @@ async def exchange(port: int) -> list[tuple[str, list[bytes], bytes]]:
             await asyncio.sleep(0.05)
             seen.append((path, list(WRITES), head + body))
         assert await reader.read() == b""  # /close closed the connection, after its answer
-    finally:
-        writer.close()
-        server.should_exit = True
-        await task
     return seen
 
 
 def test_an_answer_leaves_in_one_write_and_stream_events_as_written() -> None:
-    answers = asyncio.run(exchange(free_port()))
+    answers = asyncio.run(exchange())
     for path, writes, read in answers:
         assert b"".join(writes) == read, path  # nothing lost, nothing reordered
         if path == "/stream":
@@ -111,17 +124,9 @@ def test_the_access_log_writes_a_line_per_request(caplog: pytest.LogCaptureFixtu
     replica's quiet level, warning, and drop them), and with it off there are none."""
 
     async def one_request(config: uvicorn.Config) -> None:
-        server = QuietServer(config)
-        port = free_port()
-        task = asyncio.create_task(server.serve(sockets=[shared_socket("127.0.0.1", port)]))
-        while not server.started:
-            await asyncio.sleep(0.01)
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(b"GET /logged HTTP/1.1\r\nHost: x\r\n\r\n")
-        await reader.readuntil(b"hello")
-        writer.close()
-        server.should_exit = True
-        await task
+        async with connected(config) as (reader, writer):
+            writer.write(b"GET /logged HTTP/1.1\r\nHost: x\r\n\r\n")
+            await reader.readuntil(b"hello")
 
     access = logging.getLogger("uvicorn.access")
     for access_log in (True, False):
@@ -141,14 +146,9 @@ async def recycled(limit: int, max_age_s: float, gaps_s: list[float]) -> tuple[l
     after its gap → (whether each answer said ``Connection: close``, whether the server then
     ended the connection); the requests stop at the first closing answer."""
     recycler = ConnectionRecycler(app, limit, max_age_s)
-    port = free_port()
-    server = QuietServer(uvicorn.Config(recycler, http=CorkedHttp, log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve(sockets=[shared_socket("127.0.0.1", port)]))
-    while not server.started:
-        await asyncio.sleep(0.01)
     closing: list[bool] = []
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
+    config = uvicorn.Config(recycler, http=CorkedHttp, log_level="warning", lifespan="off")
+    async with connected(config) as (reader, writer):
         for gap in gaps_s:
             await asyncio.sleep(gap)
             writer.write(b"GET /a HTTP/1.1\r\nHost: x\r\n\r\n")
@@ -158,10 +158,6 @@ async def recycled(limit: int, max_age_s: float, gaps_s: list[float]) -> tuple[l
             if closing[-1]:
                 break
         ended = await asyncio.wait_for(reader.read(), 1) == b"" if closing[-1] else False
-    finally:
-        writer.close()
-        server.should_exit = True
-        await task
     return closing, ended
 
 
