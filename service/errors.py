@@ -6,7 +6,8 @@
     ├── InvalidInput                   422  INVALID_ARGUMENT   a field is wrong (named in the message)
     │   ├── PayloadTooLarge            413  INVALID_ARGUMENT   bytes / pixels / list length over a limit
     │   │   └── BodyTooLarge           413  —                  HTTP body cut at the limit, connection closed
-    │   └── ResponseTooLarge           422  INVALID_ARGUMENT   the answer asked for would exceed its limit
+    │   ├── ResponseTooLarge           422  INVALID_ARGUMENT   the answer asked for would exceed its limit
+    │   └── UnsupportedEncoding        415  —                  a body's Content-Encoding is not gzip / deflate
     ├── ModelNotFound                  404  NOT_FOUND          unknown model or version
     ├── WrongTask                      400  INVALID_ARGUMENT   e.g. /translate on an image model
     ├── Unauthorized                   401  UNAUTHENTICATED    no or wrong bearer token (when one is set)
@@ -73,6 +74,10 @@ class BodyTooLarge(PayloadTooLarge):
 
 class ResponseTooLarge(InvalidInput):
     pass
+
+
+class UnsupportedEncoding(InvalidInput):
+    http_status = 415
 
 
 class ModelNotFound(ServiceError):

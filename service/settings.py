@@ -203,6 +203,11 @@ class Settings(BaseSettings):
     #: reach ``keepalive_requests``. nginx's keepalive_time, Envoy's max_connection_duration.
     #: 0: no limit
     connection_max_age_s: float = Field(5.0, ge=0)
+    #: inference answers at least this long are compressed (gzip or deflate) for a client whose
+    #: ``Accept-Encoding`` takes it, as Triton's HTTP endpoint does; a top-5 classification is
+    #: shorter, attention maps as arrays are longer. 0: never compressed. Compressed request
+    #: bodies (``Content-Encoding``) are taken whatever this says
+    compress_min_bytes: int = Field(1024, ge=0)
     #: on stop (Ctrl-C, SIGTERM, a replica scaled down or replaced): how long requests in flight
     #: may finish before their connections are closed. Short for a laptop; in production set it
     #: to your longest request (e.g. 30) and give the orchestrator's grace period a few s more

@@ -18,7 +18,7 @@ from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import auth, explorer, kserve_routes, limits, rest
+from service.api import auth, content_coding, explorer, kserve_routes, limits, rest
 from service.api.routes import HotRoutes, error_response
 from service.api.schemas import ErrorBody
 from service.api.server import Server
@@ -27,6 +27,7 @@ from service.errors import (
     Overloaded,
     ServiceError,
     Unauthorized,
+    UnsupportedEncoding,
     unexpected,
     validation_message,
 )
@@ -110,6 +111,8 @@ async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
     headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
     if isinstance(exc, BodyTooLarge):  # the rest of the body is not read: the connection ends here
         headers = {"Connection": "close"}
+    if isinstance(exc, UnsupportedEncoding):  # the codings it takes (RFC 9110 §15.5.16)
+        headers = {"Accept-Encoding": content_coding.CODINGS}
     return error_response(exc.http_status, exc.message, headers)
 
 

@@ -16,6 +16,7 @@ from starlette.requests import ClientDisconnect
 from starlette.routing import BaseRoute
 from starlette.types import Scope
 
+from service.api import content_coding
 from service.api.server import CLIENT_CLOSED, Server
 
 
@@ -46,20 +47,22 @@ class DirectRoute(APIRoute):
     For the inference routes, the hot path: FastAPI's per-request machinery (dependency solving,
     body parsing, response-model validation and encoding) cost more CPU than a small model's
     inference (``benchmarks/results/``). The endpoint parses its body with the same pydantic
-    schemas and raises the same :mod:`service.errors` types, so answers are unchanged."""
+    schemas and raises the same :mod:`service.errors` types, so answers are unchanged. A long
+    answer is compressed when its client accepts that (:mod:`service.api.content_coding`)."""
 
     def get_route_handler(self) -> Handler:
         endpoint: Endpoint = self.endpoint
 
         async def handler(request: Request) -> Response:
+            server = server_from(request)
             try:  # bounded, and kept on the request for the endpoint
-                await server_from(request).read_body(request)
+                await server.read_body(request)
             except ClientDisconnect:  # gone before its body was in: nobody to answer, nothing failed
                 return Response(status_code=CLIENT_CLOSED)
             this = asyncio.current_task()
             watch = _DisconnectWatch(request, this)
             try:
-                return await endpoint(request, **request.path_params)
+                response = await endpoint(request, **request.path_params)
             except asyncio.CancelledError:
                 if not watch.cancelled_it or this is None:
                     raise  # cancelled by someone else: not ours to swallow
@@ -67,6 +70,11 @@ class DirectRoute(APIRoute):
                 return Response(status_code=CLIENT_CLOSED)  # nobody is listening any more
             finally:
                 watch.stop()
+            body = getattr(response, "body", None)  # a streamed answer has none: it goes as it is
+            least = server.settings.compress_min_bytes
+            if body is not None and least and len(body) >= least:
+                await content_coding.compress(response, request.headers.get("accept-encoding", ""))
+            return response
 
         return handler
 

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 from fastapi import Request
 from pydantic import ValidationError
 
-from service.api import limits
+from service.api import content_coding, limits
 from service.errors import (
     BodyTooLarge,
     DeadlineExceeded,
@@ -67,8 +67,9 @@ class Server:
 
     async def read_body(self, request: Request) -> bytes:
         """The whole body, under the limit whether or not its length was declared: a chunked
-        body is read as it streams and cut with 413 at the limit, never held whole beyond it.
-        Kept on the request (as Starlette's ``body()`` keeps it) for whoever reads it next."""
+        body is read as it streams and cut with 413 at the limit, never held whole beyond it; a
+        compressed one (``Content-Encoding``) is inflated under the same limit. Kept on the
+        request (as Starlette's ``body()`` keeps it) for whoever reads it next."""
         if hasattr(request, "_body"):  # read already (and checked, by the first call)
             return await request.body()
         self.check_declared_length(request)
@@ -78,7 +79,11 @@ class Server:
             if size > self.max_body:
                 raise BodyTooLarge(f"body: more than the limit of {self.max_body} bytes")
             chunks.append(chunk)
-        request._body = body = b"".join(chunks)
+        body = b"".join(chunks)
+        coding = request.headers.get("content-encoding")
+        if coding is not None:  # sent compressed: inflated under the same limit
+            body = await content_coding.decode(body, coding, self.max_body)
+        request._body = body
         return body
 
     def serve(

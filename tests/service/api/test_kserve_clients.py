@@ -73,6 +73,25 @@ def test_http_defaults_and_classification(probe: dict[str, Any]) -> None:
     assert h["classify_pixels_attentions_shape"] == [2, 4, 4, 37, 37]
 
 
+def test_http_compressed_requests_and_answers(probe: dict[str, Any]) -> None:
+    """tritonclient's request_/response_compression_algorithm (gzip, deflate, either alone), on
+    both models at once from 8 connections: every answer equals the plain one."""
+    seen = probe["http"]["compressed"]
+    assert len(seen) == 10 and all(len(answers) == 3 for answers in seen.values())
+    for model in ("dates-bahdanau", "fashion-vit"):
+        [plain, *_] = seen[f"{model} None None"]
+        assert plain.get("TRANSLATION", ISO) == ISO and len(plain) == (3 if model == "dates-bahdanau" else 2)
+        for key, answers in seen.items():
+            if key.startswith(model):
+                for got in answers:
+                    assert got.keys() == plain.keys(), key
+                    for name, value in got.items():
+                        if name == "TRANSLATION":
+                            assert value == plain[name], key
+                        else:
+                            np.testing.assert_allclose(value, plain[name], atol=1e-6, err_msg=key)
+
+
 def test_http_errors(probe: dict[str, Any]) -> None:
     e = probe["http"]["errors"]
     assert "nope" in e["unknown_model"]["message"] and e["unknown_model"]["status"] == "404"
@@ -92,6 +111,7 @@ def test_grpc_health_metadata_and_infer(probe: dict[str, Any], service: Service)
     assert g["translate"]["target_tokens"][0][:11] == [*"2024-03-05", "</s>"]
     assert g["translate"]["attention_shape"][:2] == [3, 11]
     assert g["classify"]["rollout_shape"] == [1, 6, 6] and len(g["classify"]["labels"]) == 5
+    assert g["compressed"] == {"gzip": ISO, "deflate": ISO}  # compressed requests: gRPC's own
 
 
 def test_grpc_decoupled_token_streams_with_tritonclient(probe: dict[str, Any]) -> None:

@@ -2,7 +2,7 @@
 
 Against the running service (Ray, in-replica frontend): concurrent streams on two models beside
 plain calls — every token event in order, the stream equal to the final answer and to the plain
-answer; beam search answers alone; errors before the stream are ordinary JSON. Against the app
+answer (which comes gzip-compressed when long, the stream never); beam search answers alone; errors before the stream are ordinary JSON. Against the app
 under uvicorn in this process, on a model that never stops: a client that disconnects, and one
 that stops reading, free their rows long before the decode would have ended, while another
 client's answer is unaffected."""
@@ -67,18 +67,26 @@ def test_streams_under_concurrent_mixed_traffic(service: Service) -> None:
         for model in ("dates-transformer", "dates-bahdanau")
     ]
 
+    compressed: list[bool] = []
+
     def one(call: tuple[str, dict[str, Any]]) -> tuple[list, dict[str, Any]]:
         model, body = call
         streamed = stream(service, model, {**body, "stream": True})
-        plain = service.post(f"/v1/models/{model}/translate", json=body).json()
-        return streamed, plain
+        plain = service.post(f"/v1/models/{model}/translate", json=body)
+        # requests asks for gzip: an answer past ATTN_COMPRESS_MIN_BYTES comes compressed
+        long = len(plain.content) >= Settings.model_fields["compress_min_bytes"].default
+        assert plain.headers.get("content-encoding") == ("gzip" if long else None)
+        compressed.append(long)
+        return streamed, plain.json()
 
     with ThreadPoolExecutor(8) as pool:
         results = list(pool.map(one, calls))
+    assert any(compressed) and not all(compressed)
     for (model, body), ((response, events), plain) in zip(calls, results, strict=True):
         assert response.status_code == 200 and response.headers["content-type"].startswith(
             "text/event-stream"
         )
+        assert "content-encoding" not in response.headers  # events go as they come, uncompressed
         *tokens, (last, answer) = events
         assert last == "answer" and answer["model"] == model and tokens
         assert {name for name, _ in tokens} == {"token"}

@@ -77,6 +77,7 @@ def probe_http(url: str, png: bytes) -> dict[str, Any]:
     wrong.set_data_from_numpy(np.array([b"x"], dtype=np.object_))
     bad_pixels = httpclient.InferInput("PIXELS", [1, 4], "FP64")
     bad_pixels.set_data_from_numpy(np.zeros((1, 4)))
+    out["compressed"] = probe_http_compression(url, png)
     out["errors"] = {
         "unknown_model": _error(lambda: c.infer("nope", [plain])),
         "unknown_version": _error(lambda: c.infer("dates-transformer", [plain], model_version="7")),
@@ -85,6 +86,40 @@ def probe_http(url: str, png: bytes) -> dict[str, Any]:
         "metadata_unknown": _error(lambda: c.get_model_metadata("nope")),
     }
     return out
+
+
+def probe_http_compression(url: str, png: bytes) -> dict[str, Any]:
+    """Both models at once from 8 connections, each request with its own request and answer
+    compression (tritonclient's request_/response_compression_algorithm), beside plain ones:
+    what each saw, keyed by compression, to compare with the plain answers."""
+    c = httpclient.InferenceServerClient(url, concurrency=8)
+    text = httpclient.InferInput("TEXT", [len(TEXTS)], "BYTES")
+    text.set_data_from_numpy(np.array([t.encode() for t in TEXTS], dtype=np.object_), binary_data=True)
+    image = httpclient.InferInput("IMAGE", [1], "BYTES")
+    image.set_data_from_numpy(np.array([png], dtype=np.object_))
+    asks = {
+        "dates-bahdanau": ([text], [httpclient.InferRequestedOutput(n, binary_data=b)
+                                    for n, b in (("TRANSLATION", False), ("SCORE", True), ("ATTENTION", True))]),
+        "fashion-vit": ([image], [httpclient.InferRequestedOutput(n) for n in ("PROBABILITIES", "ROLLOUT")]),
+    }  # fmt: skip
+    pending = []
+    codings = [(None, None), ("gzip", "gzip"), ("deflate", "deflate"), ("gzip", None), (None, "deflate")]
+    for _ in range(3):
+        for request, response in codings:
+            for model, (inputs, outputs) in asks.items():
+                handle = c.async_infer(model, inputs, outputs=outputs, request_compression_algorithm=request,
+                                       response_compression_algorithm=response)  # fmt: skip
+                pending.append((f"{model} {request} {response}", handle))
+    seen: dict[str, list[Any]] = {}
+    for key, handle in pending:
+        r = handle.get_result()
+        got = {name: r.as_numpy(name).tolist() for name in ("SCORE", "ATTENTION", "PROBABILITIES", "ROLLOUT")
+               if r.get_output(name) is not None}  # fmt: skip
+        if r.get_output("TRANSLATION") is not None:
+            got["TRANSLATION"] = [_s(t) for t in r.as_numpy("TRANSLATION")]
+        seen.setdefault(key, []).append(got)
+    c.close()
+    return seen
 
 
 def probe_grpc(url: str, png: bytes) -> dict[str, Any]:
@@ -129,6 +164,11 @@ def probe_grpc(url: str, png: bytes) -> dict[str, Any]:
                        "text": _s(result.as_numpy("TRANSLATION")[0]) if result else None})  # fmt: skip
     c.stop_stream()
     out["stream"] = stream
+    out["compressed"] = {
+        algorithm: [_s(t) for t in c.infer("dates-transformer", [text], outputs=outputs[:1],
+                                           compression_algorithm=algorithm).as_numpy("TRANSLATION")]
+        for algorithm in ("gzip", "deflate")
+    }  # fmt: skip
     out["decoupled"] = probe_decoupled(c)
     out["errors"] = {
         "unknown_model": _error(lambda: c.infer("nope", [text])),
