@@ -215,8 +215,9 @@ class Settings(BaseSettings):
     #: in-replica frontend: how often each replica looks for a newer version directory of the
     #: models it serves and swaps it in without a failed request (0: only on redeploy)
     repository_poll_s: float = Field(10.0, ge=0)
-    #: when set, every HTTP route but health and every gRPC method but ServerLive/ServerReady
-    #: needs ``Authorization: Bearer <token>`` (metrics are Ray's port, outside the app)
+    #: when set, every HTTP route but health and every gRPC method but ServerLive/ServerReady and
+    #: grpc.health.v1's needs ``Authorization: Bearer <token>`` (metrics are Ray's port, outside
+    #: the app)
     api_token: SecretStr | None = Field(None, min_length=16)
 
     @property

@@ -14,6 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 import grpc
 from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from pydantic import ValidationError
 
 from service.api import auth, kserve
@@ -284,13 +285,14 @@ class GrpcServicer:
 # -- grpc.aio --------------------------------------------------------------------------------------
 
 
-def add_to_grpc_server(grpc_server: grpc.aio.Server, servicer: GrpcServicer) -> None:
-    """Serve both services of ``servicer`` on a grpc.aio server. The RPCs set the error's code on
-    their context and raise it; grpc.aio needs ``abort`` to send it. A request protobuf cannot
-    parse (a string field that is not UTF-8, a corrupt message) reaches the RPC as
+def add_to_grpc_server(grpc_server: grpc.aio.Server, servicer: GrpcServicer) -> list[str]:
+    """Serve both services of ``servicer`` on a grpc.aio server; their full names. The RPCs set
+    the error's code on their context and raise it; grpc.aio needs ``abort`` to send it. A request
+    protobuf cannot parse (a string field that is not UTF-8, a corrupt message) reaches the RPC as
     :class:`Undecodable` and is answered INVALID_ARGUMENT — grpc's own parser answered UNKNOWN,
     and in ``ModelStreamInfer`` ended the whole stream."""
     kserve_v2, attention_v1 = grpc_service_pb2_grpc, attention_pb2_grpc
+    services = []
     for base, add in (
         (kserve_v2.GRPCInferenceServiceServicer, kserve_v2.add_GRPCInferenceServiceServicer_to_server),
         (attention_v1.AttentionServiceServicer, attention_v1.add_AttentionServiceServicer_to_server),
@@ -306,6 +308,29 @@ def add_to_grpc_server(grpc_server: grpc.aio.Server, servicer: GrpcServicer) -> 
         add(type(base.__name__, (base,), overrides)(), lenient)
         if not lenient.services:  # stubs from grpcio-tools < 1.62 register generic handlers only
             raise RuntimeError(f"{add.__name__} registered no methods: regenerate the stubs (make protos)")
+        services += lenient.services
+    return services
+
+
+class GrpcHealth:
+    """The standard gRPC health service, ``grpc.health.v1.Health`` (grpcio-health-checking's),
+    on a grpc.aio server: what Kubernetes' ``grpc`` probes, grpc-health-probe, Envoy's and most
+    gRPC load balancers' health checks call. ``Check`` / ``Watch`` for the server (``""``) and for
+    each of ``services``; another name is NOT_FOUND. Answered without a token, as ServerLive.
+    The hosting layer says when the server serves (:meth:`serving`) and when it stops
+    (:meth:`stopping`: NOT_SERVING for good, sent to every ``Watch`` before the drain)."""
+
+    def __init__(self, grpc_server: grpc.aio.Server, services: list[str]) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self.names = ["", *services]
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, grpc_server)
+
+    async def serving(self) -> None:
+        for name in self.names:
+            await self.servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stopping(self) -> None:
+        await self.servicer.enter_graceful_shutdown()
 
 
 class Undecodable:

@@ -27,7 +27,7 @@ import grpc
 import ray
 from ray import serve
 
-from service.api.grpc_servicer import GrpcServicer, add_to_grpc_server
+from service.api.grpc_servicer import GrpcHealth, GrpcServicer, add_to_grpc_server
 from service.api.http import create_app
 from service.api.server import Server
 from service.hosting.autoscaling import METRIC
@@ -67,6 +67,7 @@ class ServingReplica:
         )
         self.http_task: asyncio.Task[None] | None = None
         self.poll_task: asyncio.Task[None] | None = None
+        self.health: GrpcHealth | None = None
 
     async def reconfigure(self, config: dict[str, Any]) -> None:
         """Serve ``config["models"]`` (name → version): Ray calls this after the constructor and
@@ -92,7 +93,8 @@ class ServingReplica:
         self.grpc = grpc.aio.server(
             options=grpc_options(settings.grpc_max_message_bytes, settings.connection_max_age_s)
         )
-        add_to_grpc_server(self.grpc, GrpcServicer(self.server))
+        self.health = GrpcHealth(self.grpc, add_to_grpc_server(self.grpc, GrpcServicer(self.server)))
+        await self.health.serving()  # every model is loaded and warm by now
         address = f"[{settings.host}]" if ":" in settings.host else settings.host
         if not self.grpc.add_insecure_port(f"{address}:{settings.grpc_port}"):
             raise RuntimeError(f"gRPC: cannot listen on {address}:{settings.grpc_port}")
@@ -123,6 +125,8 @@ class ServingReplica:
         if self.http_task is None:
             return
         drain = self.settings.drain_s
+        if self.health is not None:  # health watchers learn it before the drain begins
+            await self.health.stopping()
         self.http.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(

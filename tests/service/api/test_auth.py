@@ -9,6 +9,7 @@ from pathlib import Path
 import grpc
 import pytest
 import requests
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from pydantic import SecretStr
 
 from service.api import auth
@@ -69,6 +70,8 @@ def test_grpc_needs_the_token_except_health(guarded: Service) -> None:
     v2, typed = pb_grpc.GRPCInferenceServiceStub(channel), apb_grpc.AttentionServiceStub(channel)
     assert v2.ServerLive(pb.ServerLiveRequest(), timeout=30).live
     assert v2.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
+    health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+    assert health.status == health_pb2.HealthCheckResponse.SERVING
     request = apb.TranslateRequest(model="dates-bahdanau", texts=["3 juin 1980"])
     with pytest.raises(grpc.RpcError) as refused:
         typed.Translate(request, timeout=30)

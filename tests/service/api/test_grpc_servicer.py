@@ -1,6 +1,7 @@
 """The gRPC servicer over fake models on a real grpc.aio server, without Ray: both services' RPCs
 send the core typed jobs and answer from its typed results; errors carry their status codes; the
-bidirectional stream answers every request in order and survives a failed one."""
+bidirectional stream answers every request in order and survives a failed one; the standard
+health service beside them."""
 
 from __future__ import annotations
 
@@ -14,10 +15,11 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from PIL import Image
 
 from service.api import kserve
-from service.api.grpc_servicer import GrpcServicer, add_to_grpc_server
+from service.api.grpc_servicer import GrpcHealth, GrpcServicer, add_to_grpc_server
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
 from service.api.protos import grpc_service_pb2 as pb
@@ -222,3 +224,40 @@ def test_a_request_protobuf_cannot_parse_is_invalid_argument(tmp_path: Path) -> 
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid protobuf message" in e.details()
     assert [r.error_message != "" for r in replies] == [False, True, False]
     assert replies[2].infer_response.id == "g"
+
+
+def test_grpc_health_checks_and_watches_the_server_and_each_service(tmp_path: Path) -> None:
+    """grpc.health.v1 beside both services, answering as the hosting layer says: SERVING for the
+    server ("") and each service once it serves, NOT_FOUND for another name, and NOT_SERVING for
+    good once it stops — sent to a Watch that is open."""
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    server = fake_server(tmp_path)[0]
+
+    async def go() -> Any:
+        grpc_server = grpc.aio.server()
+        health = GrpcHealth(grpc_server, add_to_grpc_server(grpc_server, GrpcServicer(server)))
+        assert health.names == ["", "inference.GRPCInferenceService", "attention.v1.AttentionService"]
+        port = grpc_server.add_insecure_port("127.0.0.1:0")
+        await grpc_server.start()
+        await health.serving()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = health_pb2_grpc.HealthStub(channel)
+                checks = {name: (await stub.Check(health_pb2.HealthCheckRequest(service=name))).status
+                          for name in health.names}  # fmt: skip
+                with pytest.raises(grpc.aio.AioRpcError) as unknown:
+                    await stub.Check(health_pb2.HealthCheckRequest(service="nope.Service"))
+                watch = stub.Watch(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"))
+                seen = [(await watch.read()).status]
+                await health.stopping()
+                seen.append((await watch.read()).status)
+                await health.serving()  # a stopping server stays NOT_SERVING
+                after = (await stub.Check(health_pb2.HealthCheckRequest())).status
+                watch.cancel()
+                return checks, unknown.value.code(), seen, after
+        finally:
+            await grpc_server.stop(None)
+
+    checks, unknown, seen, after = asyncio.run(asyncio.wait_for(go(), 20))
+    assert set(checks.values()) == {serving} and unknown == grpc.StatusCode.NOT_FOUND
+    assert seen == [serving, not_serving] and after == not_serving

@@ -1,7 +1,7 @@
 """The default in-replica frontend under pressure: two replicas behind one port, overload shed
 with 503 + Retry-After (HTTP) and RESOURCE_EXHAUSTED (gRPC) and counted in the metrics, the
 serving ports bound to the configured host only, long-lived clients (a gRPC channel, a slow HTTP
-client) moved between the replicas by the connection age."""
+client) moved between the replicas by the connection age; the gRPC health service until a stop."""
 
 from __future__ import annotations
 
@@ -17,11 +17,13 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psutil
 import pytest
 import requests
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.loadgen import Request, closed_loop
 from service.api.protos import attention_pb2 as apb
@@ -344,3 +346,36 @@ def test_serving_replicas_autoscale_on_the_requests_they_hold(tiny_repository: P
                 future.result()
         assert len(replicas) == 2, f"no second replica answered within 90 s: {replicas}"
         assert "Upscaling" in svc.log.read_text(errors="replace")
+
+
+def test_grpc_health_serves_while_the_replica_does_and_tells_watchers_it_stops(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    """grpc.health.v1 on the service's gRPC port: SERVING for the server and both services while
+    it serves; a Watch open across connection ages (1 s) hears NOT_SERVING when the service is
+    stopped (SIGINT), before the drain ends its stream."""
+    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+    heard: list[Any] = []
+    with running_service(tiny_repository, tmp_path, ATTN_CONNECTION_MAX_AGE_S="1") as svc:
+        stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(svc.grpc_target))
+        for name in ("", "inference.GRPCInferenceService", "attention.v1.AttentionService"):
+            assert stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=30).status == serving
+        with pytest.raises(grpc.RpcError) as unknown:
+            stub.Check(
+                health_pb2.HealthCheckRequest(service="grpc.reflection.v1.ServerReflection"), timeout=30
+            )
+        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
+        watch = stub.Watch(health_pb2.HealthCheckRequest())
+
+        def follow() -> None:
+            try:
+                heard.extend(reply.status for reply in watch)
+            except grpc.RpcError as exc:  # the drain ends the stream
+                heard.append(exc.code())
+
+        follower = threading.Thread(target=follow)
+        follower.start()
+        time.sleep(3)  # a few connection ages: the stream stays
+        assert heard == [serving]
+    follower.join(30)
+    assert heard[:2] == [serving, not_serving], heard
