@@ -15,7 +15,8 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from pydantic import ValidationError
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from pydantic import SecretStr, ValidationError
 
 from service.api import auth, kserve
 from service.api import grpc_codec as codec
@@ -310,6 +311,28 @@ def add_to_grpc_server(grpc_server: grpc.aio.Server, servicer: GrpcServicer) -> 
             raise RuntimeError(f"{add.__name__} registered no methods: regenerate the stubs (make protos)")
         services += lenient.services
     return services
+
+
+def add_reflection(grpc_server: grpc.aio.Server, services: list[str], token: SecretStr | None) -> None:
+    """gRPC server reflection (``grpc.reflection.v1alpha``, grpcio-reflection's) for ``services``,
+    the health service and itself: grpcurl, grpcui, Postman and ghz list and call the services
+    without their ``.proto`` files. Behind the token when one is set, as every RPC but health."""
+    names = [*services, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(_Reflection(names, token), grpc_server)
+
+
+class _Reflection(reflection.aio.ReflectionServicer):
+    def __init__(self, names: list[str], token: SecretStr | None) -> None:
+        super().__init__(names)
+        self.token = token
+
+    async def ServerReflectionInfo(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        try:
+            auth.check_metadata(self.token, context.invocation_metadata())
+        except ServiceError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
+        async for response in super().ServerReflectionInfo(request_iterator, context):
+            yield response
 
 
 class GrpcHealth:

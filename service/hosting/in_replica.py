@@ -27,7 +27,7 @@ import grpc
 import ray
 from ray import serve
 
-from service.api.grpc_servicer import GrpcHealth, GrpcServicer, add_to_grpc_server
+from service.api.grpc_servicer import GrpcHealth, GrpcServicer, add_reflection, add_to_grpc_server
 from service.api.http import create_app
 from service.api.server import Server
 from service.hosting.autoscaling import METRIC
@@ -93,7 +93,9 @@ class ServingReplica:
         self.grpc = grpc.aio.server(
             options=grpc_options(settings.grpc_max_message_bytes, settings.connection_max_age_s)
         )
-        self.health = GrpcHealth(self.grpc, add_to_grpc_server(self.grpc, GrpcServicer(self.server)))
+        services = add_to_grpc_server(self.grpc, GrpcServicer(self.server))
+        self.health = GrpcHealth(self.grpc, services)
+        add_reflection(self.grpc, services, settings.api_token)
         await self.health.serving()  # every model is loaded and warm by now
         address = f"[{settings.host}]" if ":" in settings.host else settings.host
         if not self.grpc.add_insecure_port(f"{address}:{settings.grpc_port}"):

@@ -10,6 +10,7 @@ import grpc
 import pytest
 import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 from pydantic import SecretStr
 
 from service.api import auth
@@ -72,6 +73,9 @@ def test_grpc_needs_the_token_except_health(guarded: Service) -> None:
     assert v2.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
     health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
     assert health.status == health_pb2.HealthCheckResponse.SERVING
+    with pytest.raises(grpc.RpcError) as refused:  # server reflection: with the token only
+        list(ProtoReflectionDescriptorDatabase(channel).get_services())
+    assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
     request = apb.TranslateRequest(model="dates-bahdanau", texts=["3 juin 1980"])
     with pytest.raises(grpc.RpcError) as refused:
         typed.Translate(request, timeout=30)

@@ -1,7 +1,7 @@
 """The gRPC servicer over fake models on a real grpc.aio server, without Ray: both services' RPCs
 send the core typed jobs and answer from its typed results; errors carry their status codes; the
 bidirectional stream answers every request in order and survives a failed one; the standard
-health service beside them."""
+health service and server reflection beside them."""
 
 from __future__ import annotations
 
@@ -15,11 +15,13 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import descriptor_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from service.api import kserve
-from service.api.grpc_servicer import GrpcHealth, GrpcServicer, add_to_grpc_server
+from service.api.grpc_servicer import GrpcHealth, GrpcServicer, add_reflection, add_to_grpc_server
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
 from service.api.protos import grpc_service_pb2 as pb
@@ -261,3 +263,45 @@ def test_grpc_health_checks_and_watches_the_server_and_each_service(tmp_path: Pa
     checks, unknown, seen, after = asyncio.run(asyncio.wait_for(go(), 20))
     assert set(checks.values()) == {serving} and unknown == grpc.StatusCode.NOT_FOUND
     assert seen == [serving, not_serving] and after == not_serving
+
+
+def test_reflection_lists_and_describes_every_service_behind_the_token(tmp_path: Path) -> None:
+    """Server reflection, as grpcurl uses it: the services listed, each one's file with its
+    methods; with a token set, only for a caller that sends it."""
+    token = "reflect-me-please-16"
+    server = fake_server(tmp_path, api_token=token)[0]
+
+    async def go() -> Any:
+        grpc_server = grpc.aio.server()
+        add_reflection(
+            grpc_server, add_to_grpc_server(grpc_server, GrpcServicer(server)), server.settings.api_token
+        )
+        port = grpc_server.add_insecure_port("127.0.0.1:0")
+        await grpc_server.start()
+        try:
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+                refused = stub.ServerReflectionInfo()
+                await refused.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+                with pytest.raises(grpc.aio.AioRpcError) as unauthenticated:
+                    await refused.read()
+                call = stub.ServerReflectionInfo(metadata=[("authorization", f"Bearer {token}")])
+                await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+                listed = [s.name for s in (await call.read()).list_services_response.service]
+                await call.write(
+                    reflection_pb2.ServerReflectionRequest(
+                        file_containing_symbol="inference.GRPCInferenceService"
+                    )
+                )
+                files = (await call.read()).file_descriptor_response.file_descriptor_proto
+                await call.done_writing()
+                return unauthenticated.value.code(), listed, files
+        finally:
+            await grpc_server.stop(None)
+
+    code, listed, files = asyncio.run(asyncio.wait_for(go(), 20))
+    assert code == grpc.StatusCode.UNAUTHENTICATED
+    assert sorted(listed) == ["attention.v1.AttentionService", "grpc.health.v1.Health",
+                              "grpc.reflection.v1alpha.ServerReflection", "inference.GRPCInferenceService"]  # fmt: skip
+    [service] = [s for f in files for s in descriptor_pb2.FileDescriptorProto.FromString(f).service]
+    assert {m.name for m in service.method} >= {"ModelInfer", "ModelStreamInfer", "ServerLive"}

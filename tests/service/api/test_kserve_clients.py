@@ -1,5 +1,6 @@
 """KServe v2 over HTTP and gRPC, proven with tritonclient (unchanged, in its own environment),
-and the typed attention.v1 gRPC service with our own stubs."""
+the typed attention.v1 gRPC service with our own stubs, and a client with no stubs at all
+(server reflection)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ from typing import Any
 import grpc
 import numpy as np
 import pytest
+from google.protobuf import descriptor_pool, message_factory
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
@@ -200,3 +203,23 @@ def test_typed_errors_map_to_codes(
     with pytest.raises(grpc.RpcError) as info:
         call(attention_stub)
     assert info.value.code() == code and info.value.details()
+
+
+def test_a_client_without_the_protos_calls_through_reflection(service: Service) -> None:
+    """What grpcurl does: the services and their messages from server reflection alone (a pool of
+    its own, none of our stubs), then a call built from those descriptors."""
+    channel = grpc.insecure_channel(service.grpc_target)
+    pool = descriptor_pool.DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
+    v2 = pool.FindServiceByName("inference.GRPCInferenceService")
+    assert {"ModelInfer", "ModelStreamInfer", "ModelMetadata"} <= {m.name for m in v2.methods}
+    method = v2.FindMethodByName("ModelMetadata")
+    ask, answer = (message_factory.GetMessageClass(t) for t in (method.input_type, method.output_type))
+    call = channel.unary_unary(
+        f"/{v2.full_name}/{method.name}",
+        request_serializer=ask.SerializeToString,
+        response_deserializer=answer.FromString,
+    )
+    metadata = call(ask(name="fashion-vit"), timeout=30)
+    assert metadata.name == "fashion-vit" and [i.name for i in metadata.inputs] == ["IMAGE", "PIXELS"]
+    assert pool.FindServiceByName("attention.v1.AttentionService").FindMethodByName("Translate")
+    assert pool.FindServiceByName("grpc.health.v1.Health").FindMethodByName("Watch")
