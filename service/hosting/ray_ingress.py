@@ -19,7 +19,7 @@ from typing import Any
 
 import ray
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from service.api.grpc_servicer import GrpcServicer
@@ -164,6 +164,8 @@ class IngressReplica:
                         )
                 if entries != self.server.entries:
                     self.server.serve(self.remote, entries, self.server.rejected)
+            except DeploymentUnavailableError:  # its replicas are gone: the app stopping (a stop
+                continue  # tears the deployments down together), or all of them restarting
             except Exception:  # asked again at the next poll
                 log.exception("following the models' versions failed")
 

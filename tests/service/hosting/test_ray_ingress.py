@@ -1,20 +1,28 @@
 """The Ray-ingress frontends stay selectable: ray-proxy (Ray Serve's HTTP/gRPC proxy) and
 ray-direct (the ingress replica listens itself, one port above the proxy's) serve REST and gRPC
-from the same app, and shed overload through Ray's own queue limit with the same 503."""
+from the same app, and shed overload through Ray's own queue limit with the same 503; the
+ingress's version follower stays quiet when a stop takes the model deployments away."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 import requests
+from ray.serve._private.common import DeploymentID
+from ray.serve.exceptions import DeploymentUnavailableError
 
 from benchmarks.run import free_port_block
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
+from service.hosting.ray_ingress import IngressReplica
+from service.settings import Settings
 from tests.conftest import running_service
 
 pytestmark = pytest.mark.slow
@@ -50,3 +58,34 @@ def test_ray_ingress_frontends_serve_rest_and_grpc(
                 pool.map(lambda _: requests.post(target, json=slow, timeout=60).status_code, range(128))
             )
         assert set(statuses) == {200, 503} and statuses[503] > 0, statuses
+
+
+class _Gone:
+    async def info(self) -> dict[str, Any]:
+        raise DeploymentUnavailableError(DeploymentID(name="dates-bahdanau", app_name="attention"))
+
+
+class _Broken:
+    async def info(self) -> dict[str, Any]:
+        raise RuntimeError("the info call broke")
+
+
+def test_the_version_follower_is_quiet_about_model_deployments_that_are_gone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A stop tears the model deployments down beside the ingress: a poll then finds one gone
+    (DeploymentUnavailableError) and says nothing — it logged an ERROR with a traceback, which
+    the stop check of the ray-proxy service caught. Any other failure is still logged."""
+    replica = IngressReplica({}, {}, {}, Settings(repository=tmp_path, repository_poll_s=0.01))
+
+    async def follow(remote: Any) -> None:
+        replica.remote = {"dates-bahdanau": remote}
+        task = asyncio.create_task(replica._follow_versions())
+        await asyncio.sleep(0.2)  # about 20 polls
+        task.cancel()
+
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        asyncio.run(follow(_Gone()))
+        assert not caplog.records
+        asyncio.run(follow(_Broken()))
+    assert "following the models' versions failed" in caplog.text and "the info call broke" in caplog.text
