@@ -24,6 +24,7 @@ from ray.serve.handle import DeploymentHandle
 
 from service.api.grpc_servicer import GrpcServicer
 from service.api.http import create_app
+from service.api.protos import attention_pb2, grpc_service_pb2
 from service.api.server import Server
 from service.errors import Overloaded, ServiceError
 from service.hosting.metrics import IngressMetrics, ModelMetrics
@@ -178,7 +179,11 @@ class IngressReplica:
 
 def _forward(name: str) -> Any:
     """An ingress method of the same name and signature as the servicer's: Ray's gRPC proxy
-    routes by method name and passes ``grpc_context`` by keyword."""
+    routes by method name and passes ``grpc_context`` by keyword. A unary RPC's refusal (an
+    unknown model, a bad field, overload) leaves as a code set on the context and an empty answer:
+    Ray logs every exception a replica's method raises as "Request failed." with its traceback,
+    which under overload was a traceback per shed request. A stream still raises: Ray's proxy
+    passes a context's code on only with a message."""
     if inspect.isasyncgenfunction(getattr(GrpcServicer, name)):
 
         async def stream(self: IngressReplica, request_stream: Any, grpc_context: Any) -> Any:
@@ -187,13 +192,26 @@ def _forward(name: str) -> Any:
 
         forward: Any = stream
     else:
+        empty = _reply_class(name)
 
         async def unary(self: IngressReplica, request: Any, grpc_context: Any) -> Any:
-            return await getattr(self.grpc, name)(request, grpc_context)
+            try:
+                return await getattr(self.grpc, name)(request, grpc_context)
+            except ServiceError:  # its code and details are on grpc_context, which Ray sends
+                return empty()  # with an answer; raised, Ray logged a traceback per refusal
 
         forward = unary
     forward.__name__ = forward.__qualname__ = name
     return forward
+
+
+def _reply_class(method: str) -> Any:
+    """The answer message of the unary RPC ``method`` of the gRPC services."""
+    for module in (grpc_service_pb2, attention_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            if method in service.methods_by_name:
+                return getattr(module, service.methods_by_name[method].output_type.name)
+    raise KeyError(method)
 
 
 for _name in GrpcServicer.METHODS:

@@ -58,6 +58,27 @@ def test_ray_ingress_frontends_serve_rest_and_grpc(
                 pool.map(lambda _: requests.post(target, json=slow, timeout=60).status_code, range(128))
             )
         assert set(statuses) == {200, 503} and statuses[503] > 0, statuses
+        asks = [
+            apb.TranslateRequest(model="dates-transformer", texts=[slow["text"]], beam_size=8, truncate=True)
+        ] * 96
+        asks += [apb.TranslateRequest(model="nope", texts=["3 juin 1980"]),
+                 apb.TranslateRequest(model="dates-bahdanau", texts=[""])]  # fmt: skip
+
+        def code(ask: apb.TranslateRequest) -> tuple[grpc.StatusCode, str]:
+            try:
+                stub.Translate(ask, timeout=60)
+            except grpc.RpcError as exc:
+                return exc.code(), exc.details()
+            return grpc.StatusCode.OK, ""
+
+        with ThreadPoolExecutor(64) as pool:
+            codes = list(pool.map(code, asks))
+        *shed, unknown, empty = codes
+        assert {c for c, _ in shed} == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, Counter(shed)
+        assert unknown[0] == grpc.StatusCode.NOT_FOUND and "'nope' not found" in unknown[1]
+        assert empty[0] == grpc.StatusCode.INVALID_ARGUMENT and "text[0]: must not be empty" in empty[1]
+    # refusals are answers, not failures: Ray logged each raised one with a traceback
+    assert "Request failed" not in svc.log.read_text()
 
 
 class _Gone:
