@@ -37,6 +37,15 @@ def parameter(p: pb.InferParameter) -> Any:
     return getattr(p, kind) if kind else None
 
 
+def classification(request: pb.ModelInferRequest) -> dict[str, Any]:
+    """Output name → its ``classification`` parameter (Triton's extension), where one is given."""
+    return {
+        o.name: parameter(o.parameters["classification"])
+        for o in request.outputs
+        if "classification" in o.parameters
+    }
+
+
 def inputs(request: pb.ModelInferRequest) -> list[kserve.Tensor]:
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):

@@ -189,14 +189,16 @@ class GrpcServicer:
         with self.server.refusals(request.model_name, route):
             entry = self.server.resolve(request.model_name, None, request.model_version)
             params = {k: codec.parameter(v) for k, v in request.parameters.items()}
-            outputs = kserve.requested_outputs(entry.manifest, [o.name for o in request.outputs], params)
+            classes = codec.classification(request)
+            outputs = kserve.requested_outputs(
+                entry.manifest, [o.name for o in request.outputs], params, classes
+            )
             requests = kserve.to_requests(entry.manifest, codec.inputs(request), params, outputs)
         _, answers, _ = await self.server.predict_many(
             entry.name, None, route, requests, request.model_version
         )
-        return codec.response(
-            entry.name, entry.version, request.id, kserve.to_outputs(entry.manifest, answers, outputs)
-        )
+        tensors = kserve.to_outputs(entry.manifest, answers, outputs, bool(classes))
+        return codec.response(entry.name, entry.version, request.id, tensors)
 
     async def _model_stream(self, request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferResponse]:
         """A translation's decoupled responses: a token each, then the whole answer."""
@@ -204,7 +206,8 @@ class GrpcServicer:
         with self.server.refusals(request.model_name, route):
             entry = self.server.resolve(request.model_name, "translation", version)
             params = {k: codec.parameter(v) for k, v in request.parameters.items() if k != "stream"}
-            outputs = kserve.requested_outputs(entry.manifest, [o.name for o in request.outputs], params)
+            names, classes = [o.name for o in request.outputs], codec.classification(request)
+            outputs = kserve.requested_outputs(entry.manifest, names, params, classes)  # refuses classes
             [job] = kserve.to_requests(entry.manifest, codec.inputs(request), params, outputs)
         attention = "ATTENTION" in outputs
         async for _, event, _ in self.server.stream(entry.name, "translation", route, job, version):

@@ -14,7 +14,8 @@ Image classifiers
     inputs   ``IMAGE`` BYTES [-1] (encoded images) or ``PIXELS`` UINT8/FP32 [-1, H, W(, C)]
     outputs  ``LABELS`` BYTES [-1, k], ``INDICES`` INT64 [-1, k], ``PROBABILITIES`` FP32 [-1, k],
              ``ROLLOUT`` FP32 [-1, rows, cols] and ``ATTENTIONS`` FP32 [-1, L, H, T, T] (on request)
-    params   ``top_k``, ``head_fusion``, ``discard_ratio``, ``return_attention``
+    params   ``top_k``, ``head_fusion``, ``discard_ratio``, ``return_attention``; on ``PROBABILITIES``
+             Triton's ``classification`` (BYTES ``"<score>:<index>:<label>"``, :func:`class_count`)
 
 Attention outputs are computed only when the request names them in ``outputs`` or sets
 ``return_attention``. Unnamed, the outputs are the first two of each list, and with
@@ -43,7 +44,7 @@ from service.settings import Limits
 
 SERVER_NAME = "attention-serve"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["binary_tensor_data", "model_repository_metadata", "attention_maps"]
+EXTENSIONS = ["binary_tensor_data", "classification", "model_repository_metadata", "attention_maps"]
 PLATFORM = "onnxruntime_onnx"
 
 NUMPY_OF = {
@@ -140,17 +141,41 @@ def flag(params: dict[str, Any], name: str, where: str = "parameters") -> bool:
         raise InvalidInput(f"{where}: {name}: {exc.errors()[0]['msg']}") from exc
 
 
-def requested_outputs(manifest: Manifest, names: list[str], params: dict[str, Any]) -> list[str]:
+def requested_outputs(
+    manifest: Manifest, names: list[str], params: dict[str, Any], classification: dict[str, Any] | None = None
+) -> list[str]:
+    """The outputs to answer with, in order. ``classification``: the outputs whose own
+    parameters carry one, with its value (:func:`class_count`; it sets ``params``' ``top_k``)."""
     known = TRANSLATION_OUTPUTS if manifest.task == "translation" else IMAGE_OUTPUTS
     unknown = [n for n in names if n not in known]
     if unknown:
         raise InvalidInput(f"outputs: unknown output tensor(s) {unknown}; this model has {known}")
     if len(set(names)) != len(names):
         raise InvalidInput(f"outputs: each output named once, got {names}")
+    if classification:
+        params["top_k"] = class_count(manifest, classification, params.get("top_k"))
     attention = flag(params, "return_attention")  # checked when outputs are named too
     if names:
         return names
     return known[:2] + (WITH_ATTENTION[manifest.task] if attention else [])
+
+
+def class_count(manifest: Manifest, classification: dict[str, Any], top_k: Any) -> int:
+    """Triton's classification extension: an output's ``classification`` parameter (tritonclient's
+    ``class_count``) asks for its best k classes as BYTES ``"<score>:<index>:<label>"``, best
+    first — what Triton's image_client prints. Here on an image model's ``PROBABILITIES``, whose k
+    becomes the request's ``top_k``; any other use is refused naming the output."""
+    for name, count in classification.items():
+        if name != "PROBABILITIES" or manifest.task != "image-classification":
+            raise InvalidInput(f"{name}: classification applies to an image model's PROBABILITIES output")
+        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+            raise InvalidInput(f"PROBABILITIES: classification must be a positive integer, got {count!r}")
+        if top_k is not None and top_k != count:
+            raise InvalidInput(
+                f"parameters: top_k {top_k!r} differs from PROBABILITIES' classification {count}"
+            )
+        return count
+    raise AssertionError("called with no classification")
 
 
 def to_requests(
@@ -228,15 +253,24 @@ def _utf8(item: Any, name: str) -> str:
         raise InvalidInput(f"{name}: element is not valid UTF-8") from exc
 
 
-def to_outputs(manifest: Manifest, answers: list[Answer], names: list[str]) -> list[Tensor]:
-    """The core's answers → the requested v2 output tensors, in the requested order."""
+def to_outputs(
+    manifest: Manifest, answers: list[Answer], names: list[str], classification: bool = False
+) -> list[Tensor]:
+    """The core's answers → the requested v2 output tensors, in the requested order; with
+    ``classification`` (:func:`class_count`), ``PROBABILITIES`` as Triton's class strings."""
     results = [a.result for a in answers]
     if all(isinstance(r, Translated) for r in results):
         [translated] = results
         assert isinstance(translated, Translated)
         values = _translation_values(translated)
     else:
-        values = _image_values([r for r in results if isinstance(r, Classified)])
+        classified = [r for r in results if isinstance(r, Classified)]
+        values = _image_values(classified)
+        if classification:  # Triton's format: the score as C's "%f", the index, the label
+            values["PROBABILITIES"] = _bytes([
+                [f"{p:f}:{i}:{name}" for p, i, name in zip(r.probabilities, r.indices, r.labels, strict=True)]
+                for r in classified
+            ])  # fmt: skip
     return [_tensor(name, values[name]) for name in names]
 
 

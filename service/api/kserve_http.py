@@ -28,6 +28,8 @@ class InferRequest:
     parameters: dict[str, Any]
     outputs: list[str]
     binary_outputs: set[str]
+    #: output name → its ``classification`` parameter (Triton's extension), where one is given
+    classification: dict[str, Any]
 
 
 def parse_request(body: bytes, header_length: str | None) -> InferRequest:
@@ -70,19 +72,23 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
             raise InvalidInput(f"{name}: needs data, or binary_data_size with the binary extension")
     if offset != len(tail):
         raise InvalidInput(f"body: {len(tail) - offset} bytes after the header belong to no input")
-    outputs, binary = [], set()
+    outputs, binary, classification = [], set(), {}
     for i, spec in enumerate(header.get("outputs") or []):
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise InvalidInput(f"outputs[{i}]: needs a name")
         outputs.append(spec["name"])
-        if kserve.flag(_parameters(spec.get("parameters"), spec["name"]), "binary_data", spec["name"]):
+        output_params = _parameters(spec.get("parameters"), spec["name"])
+        if kserve.flag(output_params, "binary_data", spec["name"]):
             binary.add(spec["name"])
+        if "classification" in output_params:
+            classification[spec["name"]] = output_params["classification"]
     if kserve.flag(params, "binary_data_output"):
         binary.add("*")
     request_id = header.get("id")
     if request_id is not None and (not isinstance(request_id, str | int) or isinstance(request_id, bool)):
         raise InvalidInput(f"id: expected a string, got {type(request_id).__name__}")
-    return InferRequest(str(request_id) if request_id is not None else None, inputs, params, outputs, binary)
+    request_id = str(request_id) if request_id is not None else None
+    return InferRequest(request_id, inputs, params, outputs, binary, classification)
 
 
 def _parameters(value: Any, where: str) -> dict[str, Any]:

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 
 from service.api import kserve, kserve_http
+from service.api.http import create_app
 from service.errors import InvalidInput
-from tests.service.fakes import entry
+from tests.service.api.test_rest import call
+from tests.service.fakes import entry, fake_server
 
 
 def binary_body(header: dict, *blobs: bytes) -> tuple[bytes, str]:
@@ -220,3 +222,56 @@ def test_an_output_named_twice_is_refused(tmp_path: Path) -> None:
     manifest = entry("fake-translator", "translation", tmp_path).manifest
     with pytest.raises(InvalidInput, match="outputs: each output named once"):
         kserve.requested_outputs(manifest, ["TRANSLATION", "SCORE", "TRANSLATION"], {})
+
+
+def test_classification_answers_probabilities_as_triton_s_class_strings(tmp_path: Path) -> None:
+    """Triton's classification extension (tritonclient's ``class_count``) on PROBABILITIES, over
+    HTTP JSON and binary: the best k as ``"<score>:<index>:<label>"``, k the request's top_k."""
+    server, _, classifier, _ = fake_server(tmp_path)
+    app = create_app(server)
+    pixels = {"name": "PIXELS", "datatype": "UINT8", "shape": [2, 2, 2], "data": [1, 1, 2, 0] * 2}
+    named = [{"name": "LABELS"}, {"name": "PROBABILITIES", "parameters": {"classification": 2}}]
+    status, _, plain = call(app, "POST", "/v2/models/fake-classifier/infer",
+                            json.dumps({"inputs": [pixels], "outputs": [{"name": "LABELS"}, {"name": "PROBABILITIES"},
+                                                                        {"name": "INDICES"}]}).encode())  # fmt: skip
+    assert status == 200
+    labels, probabilities, indices = (o["data"] for o in json.loads(plain)["outputs"])
+    for body in ({"inputs": [pixels], "outputs": named},
+                 {"inputs": [pixels], "outputs": named, "parameters": {"top_k": 2, "binary_data_output": True}}):  # fmt: skip
+        status, headers, content = call(
+            app, "POST", "/v2/models/fake-classifier/infer", json.dumps(body).encode()
+        )
+        assert status == 200, content
+        split = int(headers.get("inference-header-content-length", len(content)))
+        head = json.loads(content[:split])
+        [classes] = [o for o in head["outputs"] if o["name"] == "PROBABILITIES"]
+        assert classes["datatype"] == "BYTES" and classes["shape"] == [2, 2]
+        if split == len(content):
+            strings = classes["data"]
+        else:  # binary: after LABELS' bytes, each element is a 4-byte length and its bytes
+            tensor = kserve.from_raw(
+                "P", "BYTES", [2, 2], content[split:][-classes["parameters"]["binary_data_size"] :]
+            )
+            strings = [s.decode() for s in tensor.data.ravel()]
+        expected = [f"{p:f}:{i}:{name}" for p, i, name in zip(probabilities, indices, labels, strict=True)]
+        assert strings == [e for row in range(2) for e in expected[row * 4 : row * 4 + 2]], strings
+    assert [job.top_k for job in classifier.jobs[-4:]] == [2, 2, 2, 2]  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    ("task", "classification", "params", "message"),
+    [
+        ("image-classification", {"LABELS": 3}, {}, "LABELS: classification applies to an image model's PROBABILITIES"),
+        ("translation", {"SCORE": 3}, {}, "SCORE: classification applies to an image model's PROBABILITIES"),
+        ("image-classification", {"PROBABILITIES": 0}, {}, "must be a positive integer, got 0"),
+        ("image-classification", {"PROBABILITIES": "3"}, {}, "must be a positive integer, got '3'"),
+        ("image-classification", {"PROBABILITIES": True}, {}, "must be a positive integer, got True"),
+        ("image-classification", {"PROBABILITIES": 3}, {"top_k": 2}, "top_k 2 differs from PROBABILITIES' classification 3"),
+    ],
+)  # fmt: skip
+def test_classification_elsewhere_or_malformed_is_refused(
+    tmp_path: Path, task: str, classification: dict, params: dict, message: str
+) -> None:
+    manifest = entry(f"fake-{task}", task, tmp_path).manifest
+    with pytest.raises(InvalidInput, match=message):
+        kserve.requested_outputs(manifest, list(classification), params, classification)

@@ -74,6 +74,11 @@ def test_http_defaults_and_classification(probe: dict[str, Any]) -> None:
     assert len(c["labels"]) == 3 and c["probabilities"] == sorted(c["probabilities"], reverse=True)
     assert c["rollout_shape"] == [1, 6, 6] and c["rollout_max"] == pytest.approx(1.0)
     assert h["classify_pixels_attentions_shape"] == [2, 4, 4, 37, 37]
+    # class_count=3 (Triton's classification extension): the same best 3 as "score:index:label"
+    classes = [x.split(":") for x in h["classify_classes"]]
+    assert [label for _, _, label in classes] == c["labels"] and all(i.isdigit() for _, i, _ in classes)
+    np.testing.assert_allclose([float(p) for p, _, _ in classes], c["probabilities"], atol=1e-6)
+    assert probe["grpc"]["classify_classes"] == h["classify_classes"]
 
 
 def test_http_compressed_requests_and_answers(probe: dict[str, Any]) -> None:

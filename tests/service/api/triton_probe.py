@@ -69,6 +69,11 @@ def probe_http(url: str, png: bytes) -> dict[str, Any]:
                              "probabilities": r.as_numpy("PROBABILITIES")[0].tolist(),
                              "rollout_shape": list(r.as_numpy("ROLLOUT").shape),
                              "rollout_max": float(r.as_numpy("ROLLOUT").max())}  # fmt: skip
+    # Triton's classification extension, as its image_client asks for it (binary, class_count)
+    wanted = [httpclient.InferRequestedOutput("PROBABILITIES", binary_data=True, class_count=3)]
+    out["classify_classes"] = [
+        _s(x) for x in c.infer("fashion-vit", [image], outputs=wanted).as_numpy("PROBABILITIES")[0]
+    ]
     pixels = httpclient.InferInput("PIXELS", [2, 48, 48], "UINT8")
     pixels.set_data_from_numpy(np.zeros((2, 48, 48), dtype=np.uint8))
     r = c.infer("fashion-vit", [pixels], outputs=[httpclient.InferRequestedOutput("ATTENTIONS")])
@@ -147,6 +152,10 @@ def probe_grpc(url: str, png: bytes) -> dict[str, Any]:
                                                  grpcclient.InferRequestedOutput("ROLLOUT")])  # fmt: skip
     out["classify"] = {"labels": [_s(x) for x in r.as_numpy("LABELS")[0]],
                        "rollout_shape": list(r.as_numpy("ROLLOUT").shape)}  # fmt: skip
+    wanted = [grpcclient.InferRequestedOutput("PROBABILITIES", class_count=3)]
+    out["classify_classes"] = [
+        _s(x) for x in c.infer("fashion-vit", [image], outputs=wanted).as_numpy("PROBABILITIES")[0]
+    ]
     # streaming: two good requests and one for an unknown model, answered in order
     results: queue.Queue = queue.Queue()
     c.start_stream(callback=lambda result, error: results.put((result, error)))
