@@ -165,17 +165,15 @@ def class_count(manifest: Manifest, classification: dict[str, Any], top_k: Any) 
     ``class_count``) asks for its best k classes as BYTES ``"<score>:<index>:<label>"``, best
     first — what Triton's image_client prints. Here on an image model's ``PROBABILITIES``, whose k
     becomes the request's ``top_k``; any other use is refused naming the output."""
-    for name, count in classification.items():
+    for name in classification:
         if name != "PROBABILITIES" or manifest.task != "image-classification":
             raise InvalidInput(f"{name}: classification applies to an image model's PROBABILITIES output")
-        if not isinstance(count, int) or isinstance(count, bool) or count < 1:
-            raise InvalidInput(f"PROBABILITIES: classification must be a positive integer, got {count!r}")
-        if top_k is not None and top_k != count:
-            raise InvalidInput(
-                f"parameters: top_k {top_k!r} differs from PROBABILITIES' classification {count}"
-            )
-        return count
-    raise AssertionError("called with no classification")
+    count = classification["PROBABILITIES"]
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
+        raise InvalidInput(f"PROBABILITIES: classification must be a positive integer, got {count!r}")
+    if top_k is not None and top_k != count:
+        raise InvalidInput(f"parameters: top_k {top_k!r} differs from PROBABILITIES' classification {count}")
+    return count
 
 
 def to_requests(

@@ -262,6 +262,7 @@ def test_classification_answers_probabilities_as_triton_s_class_strings(tmp_path
     ("task", "classification", "params", "message"),
     [
         ("image-classification", {"LABELS": 3}, {}, "LABELS: classification applies to an image model's PROBABILITIES"),
+        ("image-classification", {"PROBABILITIES": 3, "INDICES": 3}, {}, "INDICES: classification applies to"),
         ("translation", {"SCORE": 3}, {}, "SCORE: classification applies to an image model's PROBABILITIES"),
         ("image-classification", {"PROBABILITIES": 0}, {}, "must be a positive integer, got 0"),
         ("image-classification", {"PROBABILITIES": "3"}, {}, "must be a positive integer, got '3'"),
