@@ -34,13 +34,18 @@ def with_servicer(
     tmp: Path,
     use: Callable[[grpc.aio.Channel], Awaitable[Any]],
     server: Server | None = None,
+    beside: Callable[[grpc.aio.Server, list[str]], None] | None = None,
     **settings: Any,
 ) -> Any:
+    """``use`` a channel to a started grpc.aio server with both services of ``server`` (a fake
+    one with ``settings`` if none), and what ``beside`` adds given their names."""
     server = server or fake_server(tmp, **settings)[0]
 
     async def go() -> Any:
         grpc_server = grpc.aio.server()
-        add_to_grpc_server(grpc_server, GrpcServicer(server))
+        services = add_to_grpc_server(grpc_server, GrpcServicer(server))
+        if beside is not None:
+            beside(grpc_server, services)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -233,34 +238,29 @@ def test_grpc_health_checks_and_watches_the_server_and_each_service(tmp_path: Pa
     server ("") and each service once it serves, NOT_FOUND for another name, and NOT_SERVING for
     good once it stops — sent to a Watch that is open."""
     serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-    server = fake_server(tmp_path)[0]
+    healths: list[GrpcHealth] = []
 
-    async def go() -> Any:
-        grpc_server = grpc.aio.server()
-        health = GrpcHealth(grpc_server, add_to_grpc_server(grpc_server, GrpcServicer(server)))
+    async def use(channel: grpc.aio.Channel) -> Any:
+        [health] = healths
         assert health.names == ["", "inference.GRPCInferenceService", "attention.v1.AttentionService"]
-        port = grpc_server.add_insecure_port("127.0.0.1:0")
-        await grpc_server.start()
         await health.serving()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = health_pb2_grpc.HealthStub(channel)
-                checks = {name: (await stub.Check(health_pb2.HealthCheckRequest(service=name))).status
-                          for name in health.names}  # fmt: skip
-                with pytest.raises(grpc.aio.AioRpcError) as unknown:
-                    await stub.Check(health_pb2.HealthCheckRequest(service="nope.Service"))
-                watch = stub.Watch(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"))
-                seen = [(await watch.read()).status]
-                await health.stopping()
-                seen.append((await watch.read()).status)
-                await health.serving()  # a stopping server stays NOT_SERVING
-                after = (await stub.Check(health_pb2.HealthCheckRequest())).status
-                watch.cancel()
-                return checks, unknown.value.code(), seen, after
-        finally:
-            await grpc_server.stop(None)
+        stub = health_pb2_grpc.HealthStub(channel)
+        checks = {name: (await stub.Check(health_pb2.HealthCheckRequest(service=name))).status
+                  for name in health.names}  # fmt: skip
+        with pytest.raises(grpc.aio.AioRpcError) as unknown:
+            await stub.Check(health_pb2.HealthCheckRequest(service="nope.Service"))
+        watch = stub.Watch(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"))
+        seen = [(await watch.read()).status]
+        await health.stopping()
+        seen.append((await watch.read()).status)
+        await health.serving()  # a stopping server stays NOT_SERVING
+        after = (await stub.Check(health_pb2.HealthCheckRequest())).status
+        watch.cancel()
+        return checks, unknown.value.code(), seen, after
 
-    checks, unknown, seen, after = asyncio.run(asyncio.wait_for(go(), 20))
+    checks, unknown, seen, after = with_servicer(
+        tmp_path, use, beside=lambda grpc_server, services: healths.append(GrpcHealth(grpc_server, services))
+    )
     assert set(checks.values()) == {serving} and unknown == grpc.StatusCode.NOT_FOUND
     assert seen == [serving, not_serving] and after == not_serving
 
@@ -271,35 +271,28 @@ def test_reflection_lists_and_describes_every_service_behind_the_token(tmp_path:
     token = "reflect-me-please-16"
     server = fake_server(tmp_path, api_token=token)[0]
 
-    async def go() -> Any:
-        grpc_server = grpc.aio.server()
-        add_reflection(
-            grpc_server, add_to_grpc_server(grpc_server, GrpcServicer(server)), server.settings.api_token
+    async def use(channel: grpc.aio.Channel) -> Any:
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        refused = stub.ServerReflectionInfo()
+        await refused.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        with pytest.raises(grpc.aio.AioRpcError) as unauthenticated:
+            await refused.read()
+        call = stub.ServerReflectionInfo(metadata=[("authorization", f"Bearer {token}")])
+        await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
+        listed = [s.name for s in (await call.read()).list_services_response.service]
+        await call.write(
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="inference.GRPCInferenceService")
         )
-        port = grpc_server.add_insecure_port("127.0.0.1:0")
-        await grpc_server.start()
-        try:
-            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-                stub = reflection_pb2_grpc.ServerReflectionStub(channel)
-                refused = stub.ServerReflectionInfo()
-                await refused.write(reflection_pb2.ServerReflectionRequest(list_services=""))
-                with pytest.raises(grpc.aio.AioRpcError) as unauthenticated:
-                    await refused.read()
-                call = stub.ServerReflectionInfo(metadata=[("authorization", f"Bearer {token}")])
-                await call.write(reflection_pb2.ServerReflectionRequest(list_services=""))
-                listed = [s.name for s in (await call.read()).list_services_response.service]
-                await call.write(
-                    reflection_pb2.ServerReflectionRequest(
-                        file_containing_symbol="inference.GRPCInferenceService"
-                    )
-                )
-                files = (await call.read()).file_descriptor_response.file_descriptor_proto
-                await call.done_writing()
-                return unauthenticated.value.code(), listed, files
-        finally:
-            await grpc_server.stop(None)
+        files = (await call.read()).file_descriptor_response.file_descriptor_proto
+        await call.done_writing()
+        return unauthenticated.value.code(), listed, files
 
-    code, listed, files = asyncio.run(asyncio.wait_for(go(), 20))
+    code, listed, files = with_servicer(
+        tmp_path,
+        use,
+        server,
+        beside=lambda grpc_server, services: add_reflection(grpc_server, services, server.settings.api_token),
+    )
     assert code == grpc.StatusCode.UNAUTHENTICATED
     assert sorted(listed) == ["attention.v1.AttentionService", "grpc.health.v1.Health",
                               "grpc.reflection.v1alpha.ServerReflection", "inference.GRPCInferenceService"]  # fmt: skip
