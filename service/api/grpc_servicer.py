@@ -2,26 +2,22 @@
 (stubs generated from ``service/api/protos/grpc_service.proto``) and our typed
 ``attention.v1.AttentionService``, both in :class:`GrpcServicer`.
 
-The hosting layer serves it with grpc.aio (:func:`add_to_grpc_server`, in-replica) or lets Ray's
+The hosting layer serves it with grpc.aio (``service/api/grpc_aio.py``, in-replica) or lets Ray's
 gRPC proxy call its methods by name (Ray ingress). Errors carry the gRPC code from the table in
 ``service/errors.py`` (:func:`rpc`); RPCs we do not declare answer UNIMPLEMENTED.
 """
 
 import functools
-import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import grpc
-from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
-from pydantic import SecretStr, ValidationError
+from google.protobuf import json_format
+from pydantic import ValidationError
 
-from service.api import auth, kserve
+from service.api import auth, kserve, triton_extensions
 from service.api import grpc_codec as codec
 from service.api.protos import attention_pb2 as apb
-from service.api.protos import attention_pb2_grpc, grpc_service_pb2_grpc
 from service.api.protos import grpc_service_pb2 as pb
 from service.api.rest_codec import classify_job
 from service.api.schemas import ClassifyOptions
@@ -90,7 +86,8 @@ class GrpcServicer:
     #: the RPCs implemented here; the others answer UNIMPLEMENTED from the generated base classes
     METHODS = (
         "ServerLive", "ServerReady", "ModelReady", "ServerMetadata", "ModelMetadata", "ModelInfer",
-        "ModelStreamInfer", "Translate", "TranslateStream", "Classify",
+        "ModelStreamInfer", "ModelConfig", "ModelStatistics", "RepositoryIndex", "Translate",
+        "TranslateStream", "Classify",
     )  # fmt: skip
 
     def __init__(self, server: Server) -> None:
@@ -184,6 +181,32 @@ class GrpcServicer:
                 yield _stream_error(request, exc.message)
             except Exception as exc:  # logged with its traceback; the stream goes on
                 yield _stream_error(request, unexpected(exc, "gRPC ModelStreamInfer").message)
+
+    # -- Triton's extensions (service/api/triton_extensions.py): the HTTP routes' dicts, parsed
+
+    @rpc
+    async def ModelConfig(
+        self, request: pb.ModelConfigRequest, grpc_context: GrpcContext
+    ) -> pb.ModelConfigResponse:
+        self._authorize(grpc_context)
+        config = await triton_extensions.served_config(self.server, request.name, request.version)
+        return pb.ModelConfigResponse(config=json_format.ParseDict(config, pb.ModelConfig()))
+
+    @rpc
+    async def ModelStatistics(
+        self, request: pb.ModelStatisticsRequest, grpc_context: GrpcContext
+    ) -> pb.ModelStatisticsResponse:
+        self._authorize(grpc_context)
+        stats = await triton_extensions.served_statistics(self.server, request.name or None, request.version)
+        return json_format.ParseDict(stats, pb.ModelStatisticsResponse())
+
+    @rpc
+    async def RepositoryIndex(
+        self, request: pb.RepositoryIndexRequest, grpc_context: GrpcContext
+    ) -> pb.RepositoryIndexResponse:
+        self._authorize(grpc_context)
+        index = await triton_extensions.served_index(self.server, request.ready)
+        return pb.RepositoryIndexResponse(models=[pb.RepositoryIndexResponse.ModelIndex(**m) for m in index])
 
     async def _model_infer(self, request: pb.ModelInferRequest, route: str) -> pb.ModelInferResponse:
         with self.server.refusals(request.model_name, route):
@@ -286,139 +309,8 @@ class GrpcServicer:
         return response
 
 
-# -- grpc.aio --------------------------------------------------------------------------------------
-
-
-def add_to_grpc_server(grpc_server: grpc.aio.Server, servicer: GrpcServicer) -> list[str]:
-    """Serve both services of ``servicer`` on a grpc.aio server; their full names. The RPCs set
-    the error's code on their context and raise it; grpc.aio needs ``abort`` to send it. A request
-    protobuf cannot parse (a string field that is not UTF-8, a corrupt message) reaches the RPC as
-    :class:`Undecodable` and is answered INVALID_ARGUMENT — grpc's own parser answered UNKNOWN,
-    and in ``ModelStreamInfer`` ended the whole stream."""
-    kserve_v2, attention_v1 = grpc_service_pb2_grpc, attention_pb2_grpc
-    services = []
-    for base, add in (
-        (kserve_v2.GRPCInferenceServiceServicer, kserve_v2.add_GRPCInferenceServiceServicer_to_server),
-        (attention_v1.AttentionServiceServicer, attention_v1.add_AttentionServiceServicer_to_server),
-    ):
-        overrides = {}
-        for name, _ in inspect.getmembers(base, inspect.isfunction):
-            if name in servicer.METHODS:
-                impl = getattr(servicer, name)
-                overrides[name] = (
-                    _aio_streaming(impl) if inspect.isasyncgenfunction(impl) else _aio_unary(impl)
-                )
-        lenient = _Lenient(grpc_server)
-        add(type(base.__name__, (base,), overrides)(), lenient)
-        if not lenient.services:  # stubs from grpcio-tools < 1.62 register generic handlers only
-            raise RuntimeError(f"{add.__name__} registered no methods: regenerate the stubs (make protos)")
-        services += lenient.services
-    return services
-
-
-def add_reflection(grpc_server: grpc.aio.Server, services: list[str], token: SecretStr | None) -> None:
-    """gRPC server reflection (``grpc.reflection.v1alpha``, grpcio-reflection's) for ``services``,
-    the health service and itself: grpcurl, grpcui, Postman and ghz list and call the services
-    without their ``.proto`` files. Behind the token when one is set, as every RPC but health."""
-    names = [*services, health.SERVICE_NAME, reflection.SERVICE_NAME]
-    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(_Reflection(names, token), grpc_server)
-
-
-class _Reflection(reflection.aio.ReflectionServicer):
-    def __init__(self, names: list[str], token: SecretStr | None) -> None:
-        super().__init__(names)
-        self.token = token
-
-    async def ServerReflectionInfo(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
-        try:
-            auth.check_metadata(self.token, context.invocation_metadata())
-        except ServiceError as exc:
-            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
-        async for response in super().ServerReflectionInfo(request_iterator, context):
-            yield response
-
-
-class GrpcHealth:
-    """The standard gRPC health service, ``grpc.health.v1.Health`` (grpcio-health-checking's),
-    on a grpc.aio server: what Kubernetes' ``grpc`` probes, grpc-health-probe, Envoy's and most
-    gRPC load balancers' health checks call. ``Check`` / ``Watch`` for the server (``""``) and for
-    each of ``services``; another name is NOT_FOUND. Answered without a token, as ServerLive.
-    The hosting layer says when the server serves (:meth:`serving`) and when it stops
-    (:meth:`stopping`: NOT_SERVING for good, sent to every ``Watch`` before the drain)."""
-
-    def __init__(self, grpc_server: grpc.aio.Server, services: list[str]) -> None:
-        self.servicer = health.aio.HealthServicer()
-        self.names = ["", *services]
-        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, grpc_server)
-
-    async def serving(self) -> None:
-        for name in self.names:
-            await self.servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-
-    async def stopping(self) -> None:
-        await self.servicer.enter_graceful_shutdown()
-
-
 class Undecodable:
     """A request message that protobuf could not parse, handed to the RPC in its place."""
 
     def __init__(self, reason: str) -> None:
         self.error = InvalidInput(f"request: not a valid protobuf message ({reason})")
-
-
-def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def deserialize(data: bytes) -> Any:
-        try:
-            return parse(data)
-        except DecodeError as exc:
-            return Undecodable(str(exc))
-
-    return deserialize
-
-
-class _Lenient:
-    """The server as the generated ``add_*_to_server`` functions see it: each method's handler is
-    passed on with a request parser that never raises (:func:`_lenient`)."""
-
-    def __init__(self, server: grpc.aio.Server) -> None:
-        self.server = server
-        self.services: list[str] = []
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        """Left out: rebuilt from the same handlers in :meth:`add_registered_method_handlers`."""
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        lenient = {}
-        for name, handler in handlers.items():
-            lenient[name] = handler._replace(request_deserializer=_lenient(handler.request_deserializer))
-        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, lenient),))
-        self.server.add_registered_method_handlers(service, lenient)
-        self.services.append(service)
-
-
-def _aio_unary(impl: Callable[..., Any]) -> Callable[..., Any]:
-    async def call(_: object, request: Any, context: grpc.aio.ServicerContext) -> Any:
-        try:
-            if isinstance(request, Undecodable):
-                raise request.error
-            return await impl(request, context)
-        except ServiceError as exc:
-            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
-
-    return call
-
-
-def _aio_streaming(impl: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
-    async def call(_: object, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
-        try:
-            if isinstance(requests, Undecodable):  # the one request of a server-streaming RPC
-                raise requests.error
-            async for response in impl(requests, context):
-                yield response
-        except ServiceError as exc:
-            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
-        except Exception as exc:
-            error = unexpected(exc, f"gRPC {impl.__name__}")
-            await context.abort(grpc.StatusCode.INTERNAL, error.message)
-
-    return call

@@ -44,7 +44,10 @@ from service.settings import Limits
 
 SERVER_NAME = "attention-serve"
 SERVER_VERSION = "0.1.0"
-EXTENSIONS = ["binary_tensor_data", "classification", "model_repository_metadata", "attention_maps"]
+EXTENSIONS = [
+    "binary_tensor_data", "classification", "model_configuration", "statistics",
+    "model_repository_metadata", "attention_maps",
+]  # fmt: skip
 PLATFORM = "onnxruntime_onnx"
 
 NUMPY_OF = {

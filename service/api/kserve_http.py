@@ -126,3 +126,19 @@ def encode_response(
     if not tail:
         return body, {"content-type": "application/json"}
     return body + bytes(tail), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(body))}
+
+
+def ready_flag(body: bytes) -> bool:
+    """The ``ready`` field of a repository-index request (an empty body: false)."""
+    if not body.strip():
+        return False
+    try:
+        request = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise InvalidInput(f"body: not a JSON repository-index request ({exc.__class__.__name__})") from exc
+    if not isinstance(request, dict):
+        raise InvalidInput("body: a JSON object is required")
+    ready = request.get("ready", False)
+    if not isinstance(ready, bool):
+        raise InvalidInput(f"ready: a boolean is required, got {ready!r}"[:200])
+    return ready

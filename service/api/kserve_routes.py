@@ -3,6 +3,10 @@
 GET  /v2/health/live | /v2/health/ready | /v2
 GET  /v2/models/{name}[/versions/{version}][/ready]
 POST /v2/models/{name}[/versions/{version}]/infer      JSON or binary tensor data extension
+Triton's extensions (``service/api/triton_extensions.py``):
+GET  /v2/models/{name}[/versions/{version}]/config     model configuration
+GET  /v2/models[/{name}[/versions/{version}]]/stats    statistics
+POST /v2/repository/index                              repository index
 """
 
 from enum import Enum
@@ -11,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.api import kserve, kserve_http
+from service.api import kserve, kserve_http, triton_extensions
 from service.api.routes import ServerDep, direct_post, error_response, server_from
 from service.errors import NotReady
 from service.inference.repository import ModelEntry
@@ -35,6 +39,26 @@ async def v2_ready(server: ServerDep) -> JSONResponse:
 @router.get("/v2")
 async def v2_server() -> dict[str, Any]:
     return {"name": kserve.SERVER_NAME, "version": kserve.SERVER_VERSION, "extensions": kserve.EXTENSIONS}
+
+
+@router.get("/v2/models/stats")  # before /v2/models/{name}, which would take "stats" for a name
+@router.get("/v2/models/{name}/stats")
+@router.get("/v2/models/{name}/versions/{version}/stats")
+async def v2_stats(server: ServerDep, name: str | None = None, version: str | None = None) -> dict[str, Any]:
+    return await triton_extensions.served_statistics(server, name, version)
+
+
+@router.get("/v2/models/{name}/config")
+@router.get("/v2/models/{name}/versions/{version}/config")
+async def v2_config(server: ServerDep, name: str, version: str | None = None) -> dict[str, Any]:
+    return await triton_extensions.served_config(server, name, version)
+
+
+@router.post("/v2/repository/index")
+async def v2_repository_index(server: ServerDep, request: Request) -> list[dict[str, Any]]:
+    """Triton's index; the body may be empty or ``{"ready": true}`` (served models only)."""
+    ready_only = kserve_http.ready_flag(await server.read_body(request))
+    return await triton_extensions.served_index(server, ready_only)
 
 
 @router.get("/v2/models/{name}")

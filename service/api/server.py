@@ -28,6 +28,7 @@ from service.errors import (
 )
 from service.inference.jobs import Answer, Tokens
 from service.inference.repository import ModelEntry
+from service.inference.statistics import Snapshot
 from service.settings import Settings
 
 #: the status recorded for a request whose client disconnected before its answer
@@ -40,6 +41,8 @@ class Model(Protocol):
     def stream(self, job: Any) -> AsyncIterator[Tokens | Answer]: ...
 
     def info(self) -> Awaitable[dict[str, Any]]: ...
+
+    def stats(self) -> Awaitable[Snapshot]: ...
 
 
 class RequestMetrics(Protocol):
@@ -120,6 +123,11 @@ class Server:
             article = "an" if kind[0] in "aeiou" else "a"
             raise WrongTask(f"model {name!r} is {article} {kind} model, not {task}")
         return entry
+
+    async def statistics(self, name: str | None = None, version: str | None = None) -> list[Snapshot]:
+        """Each served model's statistics (``name``: that model's, at ``version`` when given)."""
+        names = [self.resolve(name, None, version).name] if name else sorted(self.entries)
+        return list(await asyncio.gather(*(self.models[n].stats() for n in names)))
 
     async def predict_many(
         self, name: str, task: str | None, route: str, requests: list[Any], version: str | None = None

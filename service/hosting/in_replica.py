@@ -27,7 +27,8 @@ import grpc
 import ray
 from ray import serve
 
-from service.api.grpc_servicer import GrpcHealth, GrpcServicer, add_reflection, add_to_grpc_server
+from service.api.grpc_aio import GrpcHealth, add_reflection, add_to_grpc_server
+from service.api.grpc_servicer import GrpcServicer
 from service.api.http import create_app
 from service.api.server import Server
 from service.hosting.autoscaling import METRIC

@@ -31,6 +31,7 @@ from service.hosting.metrics import IngressMetrics, ModelMetrics
 from service.inference.jobs import Answer, Tokens
 from service.inference.model_set import ModelSet
 from service.inference.repository import ModelEntry, load_entry
+from service.inference.statistics import Snapshot
 from service.inference.worker import max_ongoing_requests
 from service.settings import Settings
 
@@ -61,6 +62,9 @@ class ModelDeployment:
     async def info(self) -> dict[str, Any]:
         worker = self.models.workers[self.name]
         return {**await worker.info(), "version": worker.entry.version}
+
+    async def stats(self) -> Snapshot:
+        return await self.models.workers[self.name].stats()
 
     async def predict(self, request: Any) -> Answer | ServiceError:
         """The answer, or the service error to answer with: a refusal is an answer, not a failed
@@ -129,6 +133,11 @@ class RemoteModel:
 
     async def info(self) -> dict[str, Any]:
         return await self.handle.info.remote()
+
+    async def stats(self) -> Snapshot:
+        """One replica's (the one Ray routes this call to), as each in-replica replica answers
+        its own."""
+        return await self.handle.stats.remote()
 
 
 class IngressReplica:

@@ -38,6 +38,7 @@ from service.inference.repository import ModelEntry
 from service.inference.runners import TranslateWork, TranslationRunner, decodes_continuously, make_runner
 from service.inference.runtime import choose_providers
 from service.inference.scheduler import TranslationScheduler
+from service.inference.statistics import Snapshot, Statistics
 from service.settings import Settings
 
 log = logging.getLogger("ray.serve")
@@ -127,6 +128,7 @@ class ModelWorker:
         #: computing or being answered — before it sheds new ones
         self.capacity = max_ongoing_requests(settings, entry.name) + settings.limits.max_queued_requests
         self.metrics = metrics or NoMetrics()
+        self.statistics = Statistics()
         provider = self.runner.providers[0]
         self.metrics.loaded(entry.version, entry.manifest.task, entry.manifest.family, provider)
         self.replica, self.node = replica, node
@@ -142,6 +144,10 @@ class ModelWorker:
             "warmup_ms": self.warmup_ms,
         }
 
+    async def stats(self) -> Snapshot:
+        """What this version did since it was loaded (Triton's statistics extension)."""
+        return self.statistics.snapshot(self.entry.name, self.entry.version)
+
     @property
     def held(self) -> int:
         """Requests (or parts of one) waiting, being computed or being answered."""
@@ -149,10 +155,23 @@ class ModelWorker:
 
     async def predict(self, job: Any) -> Answer:
         """Preprocess here (per request), infer in batches, postprocess here."""
-        work = self._accept(job)
-        if self.scheduler is not None:
-            return await self._decode(work)
-        return await self._batched(work)
+        start = time.perf_counter()
+        try:
+            work = self._accept(job)
+            accepted = time.perf_counter()
+            answer = await (self._decode(work) if self.scheduler is not None else self._batched(work))
+        except Exception:
+            self.statistics.failed(time.perf_counter() - start)
+            raise
+        self._answered(work, answer, start, accepted)
+        return answer
+
+    def _answered(self, work: Any, answer: Answer, start: float, accepted: float) -> None:
+        m = answer.metrics
+        self.statistics.answered(
+            self.runner.size(work), time.perf_counter() - start, accepted - start,
+            m.queue_wait_ms / 1000, m.compute_ms / 1000,
+        )  # fmt: skip
 
     async def stream(self, job: Any) -> AsyncIterator[Tokens | Answer]:
         """A translation's tokens as the scheduler delivers them (lists of :class:`TokenEvent`:
@@ -168,10 +187,16 @@ class ModelWorker:
         below a display frame, and a busy replica writes a few chunks per answer instead of one
         per token. The scheduler holds them (``TranslationScheduler.enqueue``'s ``interval_s``):
         a decode process sends them across, and this loop wakes, once per interval, not per step."""
-        work = self._accept(job)
+        start = time.perf_counter()
+        with self._failures_counted(start):
+            work = self._accept(job)
+        accepted = time.perf_counter()
         runner = self.runner
         if self.scheduler is None or not isinstance(runner, TranslationRunner) or work.job.beam_size > 1:
-            yield await (self._decode(work) if self.scheduler is not None else self._batched(work))
+            with self._failures_counted(start):
+                answer = await (self._decode(work) if self.scheduler is not None else self._batched(work))
+            self._answered(work, answer, start, accepted)
+            yield answer
             return
         loop = asyncio.get_running_loop()
         chosen: list[StepToken] = []  # delivered by the scheduler, not yet yielded
@@ -202,11 +227,23 @@ class ModelWorker:
                 else:
                     wake = loop.create_future()
                     await wake
-            with self._runtime_failures("decoding"):
+            with self._failures_counted(start), self._runtime_failures("decoding"):
                 decoded = decoding.result()
-            yield self._decoded_answer(work, decoded)
+            answer = self._decoded_answer(work, decoded)
+            self._answered(work, answer, start, accepted)
+            yield answer
         finally:
             self.scheduler.release(request)  # the caller left early: its rows leave the batch
+
+    @contextlib.contextmanager
+    def _failures_counted(self, start: float) -> Iterator[None]:
+        """A request that fails here is counted in the statistics' ``fail`` (a client that left is
+        not: that is a cancellation, not an exception)."""
+        try:
+            yield
+        except Exception:
+            self.statistics.failed(time.perf_counter() - start)
+            raise
 
     def _accept(self, job: Any) -> Any:
         if self.held >= self.capacity:
@@ -286,6 +323,7 @@ class ModelWorker:
     def _stepped(self, rows: int, live: int, tokens: int, seconds: float) -> None:
         if rows:  # else: no step ran, the batch only lost the rows of callers that left
             self.metrics.batch(rows, seconds)
+            self.statistics.executed(rows, seconds)
         self.metrics.stepped(live, tokens, 1 if rows else 0)
 
     def _infer(self, works: list[Any]) -> list[Any]:
@@ -293,7 +331,9 @@ class ModelWorker:
         start = time.perf_counter()
         with self._runtime_failures(f"batch of {len(works)}"):
             outputs = self.runner.infer(works)
-        self.metrics.batch(sum(self.runner.size(w) for w in works), time.perf_counter() - start)
+        size, seconds = sum(self.runner.size(w) for w in works), time.perf_counter() - start
+        self.metrics.batch(size, seconds)
+        self.statistics.executed(size, seconds)
         return outputs
 
     def problem(self) -> str | None:

@@ -23,6 +23,7 @@ from service.errors import InvalidInput
 from service.inference.jobs import Answer, AnswerMetrics, Classified, ClassifyJob, Translated, TranslateJob
 from service.inference.manifest import ImageSpec, Manifest, TokenizerSpec, TranslationSpec
 from service.inference.repository import ModelEntry
+from service.inference.statistics import Snapshot, Statistics
 from service.inference.translation import Translation
 from service.settings import Settings
 
@@ -41,8 +42,14 @@ class FakeTranslator:
     delay_s: float = 0.0
     jobs: list[TranslateJob] = field(default_factory=list)
 
+    statistics: Statistics = field(default_factory=Statistics)
+
+    async def stats(self) -> Snapshot:
+        return self.statistics.snapshot(self.name, self.version)
+
     async def predict(self, job: TranslateJob) -> Answer:
         self.jobs.append(job)
+        self.statistics.answered(len(job.texts), self.delay_s, 0.0, 0.0, self.delay_s)
         await asyncio.sleep(self.delay_s)
         out = []
         for text in job.texts:
@@ -62,8 +69,14 @@ class FakeClassifier:
     version: int = 1
     jobs: list[ClassifyJob] = field(default_factory=list)
 
+    statistics: Statistics = field(default_factory=Statistics)
+
+    async def stats(self) -> Snapshot:
+        return self.statistics.snapshot(self.name, self.version)
+
     async def predict(self, job: ClassifyJob) -> Answer:
         self.jobs.append(job)
+        self.statistics.answered(1, 0.0, 0.0, 0.0, 0.0)
         if job.image is not None:
             try:
                 pixels = np.asarray(Image.open(io.BytesIO(job.image)).convert("L"))

@@ -15,7 +15,8 @@ import grpc
 import pytest
 from pydantic import BaseModel, ValidationError
 
-from service.api.grpc_servicer import add_to_grpc_server, rpc
+from service.api.grpc_aio import add_to_grpc_server
+from service.api.grpc_servicer import rpc
 from service.api.http import create_app
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc

@@ -21,6 +21,7 @@ import grpc
 import numpy as np
 import pytest
 import requests
+from google.protobuf import json_format
 
 from benchmarks.run import free_port_block
 from service.api import kserve
@@ -375,3 +376,62 @@ def test_streams_in_every_frontend(mixed_service: Service) -> None:
             f"{mixed_service.url}/v1/models/{model}/translate", json={"text": text}, timeout=60
         )
         assert plain.json()["translations"][0]["text"] == answer
+
+
+def test_statistics_count_every_request_of_every_model(mixed_service: Service) -> None:
+    """Triton's statistics, configuration and repository-index extensions under the mixed load:
+    every protocol's requests to five models at once, from 16 threads, are each counted once, on
+    their own model, with their texts or images — the same over HTTP and gRPC, in both frontends."""
+    stub = pb_grpc.GRPCInferenceServiceStub(channel(mixed_service))
+
+    def http_stats() -> dict[str, dict[str, Any]]:
+        got = mixed_service.get("/v2/models/stats")
+        assert got.status_code == 200, got.text
+        return {s["name"]: s for s in got.json()["model_stats"]}
+
+    before = http_stats()
+    calls = [(protocol, model, payload) for protocol in PROTOCOLS for model, payload in workload()]
+    with ThreadPoolExecutor(16) as pool:
+        list(pool.map(lambda c: PROTOCOLS[c[0]](mixed_service, c[1], c[2]), calls))
+    after = http_stats()
+    over_grpc = json_format.MessageToDict(
+        stub.ModelStatistics(pb.ModelStatisticsRequest(), timeout=30), preserving_proto_field_name=True
+    )
+    assert (
+        sorted(after) == sorted(s["name"] for s in over_grpc["model_stats"]) == sorted(TRANSLATORS + IMAGES)
+    )
+    for model in TRANSLATORS + IMAGES:
+        sent = [payload for _, m, payload in calls if m == model]
+        items = len(sent) if model in IMAGES else sum(len(texts) for texts, _ in sent)
+        a, b = after[model], before[model]
+        requests_done = a["inference_stats"]["success"]["count"] - b["inference_stats"]["success"]["count"]
+        assert requests_done == len(sent), model
+        assert a["inference_count"] - b["inference_count"] == items, model
+        assert a["inference_stats"]["fail"]["count"] == b["inference_stats"]["fail"]["count"], model
+        assert a["execution_count"] > b["execution_count"] and a["last_inference"] >= b["last_inference"]
+        batched = sum(x["batch_size"] * x["compute_infer"]["count"] for x in a["batch_stats"])
+        if model in IMAGES:  # every image computed once, in batches of at most MAX_BATCH
+            assert (
+                batched - sum(x["batch_size"] * x["compute_infer"]["count"] for x in b["batch_stats"])
+                == items
+            )
+            assert max(x["batch_size"] for x in a["batch_stats"]) <= MAX_BATCH
+        grpc_side = next(s for s in over_grpc["model_stats"] if s["name"] == model)
+        assert int(grpc_side["inference_count"]) == a["inference_count"], model  # nothing sent since
+
+    for model in ("dates-transformer", "fashion-vit"):
+        config = mixed_service.get(f"/v2/models/{model}/config").json()
+        typed = stub.ModelConfig(pb.ModelConfigRequest(name=model), timeout=30).config
+        assert json_format.MessageToDict(typed, preserving_proto_field_name=True)["name"] == model
+        assert config["max_batch_size"] == typed.max_batch_size == 64  # limits.max_texts, max_images
+        assert config["dynamic_batching"]["preferred_batch_size"] == [MAX_BATCH]
+        metadata = mixed_service.get(f"/v2/models/{model}").json()
+        assert (
+            [t["name"] for t in config["input"]]
+            == [t.name for t in typed.input]
+            == [t["name"] for t in metadata["inputs"]]
+        )
+    index = mixed_service.post("/v2/repository/index").json()
+    assert {(m["name"], m["state"]) for m in index} == {(m, "READY") for m in TRANSLATORS + IMAGES}
+    typed_index = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=30)
+    assert sorted(m.name for m in typed_index.models) == sorted(TRANSLATORS + IMAGES)

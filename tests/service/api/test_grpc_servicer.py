@@ -21,7 +21,8 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from service.api import kserve
-from service.api.grpc_servicer import GrpcHealth, GrpcServicer, add_reflection, add_to_grpc_server
+from service.api.grpc_aio import GrpcHealth, add_reflection, add_to_grpc_server
+from service.api.grpc_servicer import GrpcServicer
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
 from service.api.protos import grpc_service_pb2 as pb

@@ -153,6 +153,61 @@ def test_grpc_errors_use_status_codes(probe: dict[str, Any]) -> None:
     assert e["metadata_unknown"]["status"] == "StatusCode.NOT_FOUND"
 
 
+def test_triton_statistics_configuration_and_index_through_tritonclient(probe: dict[str, Any]) -> None:
+    """tritonclient's get_inference_statistics, get_model_config and get_model_repository_index,
+    HTTP and gRPC: the probe's own traffic counted, both protocols saying the same."""
+    x = probe["extensions"]
+    http = {s["name"]: s for s in x["http_stats"]["model_stats"]}
+    grpc_side = {s["name"]: s for s in x["grpc_stats"]["model_stats"]}
+    served = ["dates-bahdanau", "dates-transformer", "fashion-vit", "fashion-vit-int8"]
+    assert sorted(http) == sorted(grpc_side) == served
+    for name in served[:3]:  # those the probe sent requests to
+        stats = http[name]
+        typed = grpc_side[name]  # protobuf's JSON: 64-bit numbers as strings, zeros left out
+        assert stats["version"] == typed["version"] == "1"
+        assert str(stats["inference_count"]) == typed["inference_count"]
+        assert (
+            str(stats["inference_stats"]["success"]["count"]) == typed["inference_stats"]["success"]["count"]
+        )
+        assert stats["inference_count"] >= stats["inference_stats"]["success"]["count"] >= 5
+        assert 0 < stats["inference_stats"]["compute_infer"]["ns"] < stats["inference_stats"]["success"]["ns"]
+        assert stats["execution_count"] == sum(b["compute_infer"]["count"] for b in stats["batch_stats"])
+    # a translation request counts its texts (the probe sends three at a time); an image request
+    # of N images reaches the model as N requests of one image
+    bahdanau = http["dates-bahdanau"]
+    assert bahdanau["inference_count"] - bahdanau["inference_stats"]["success"]["count"] >= 2
+    [one] = x["http_stats_one"]["model_stats"]
+    assert (
+        one["name"] == "dates-bahdanau"
+        and one["inference_count"] == http["dates-bahdanau"]["inference_count"]
+    )
+    assert x["grpc_stats_one"]["model_stats"][0]["name"] == "dates-bahdanau"
+
+    image, text = x["http_config"]["fashion-vit"], x["http_config"]["dates-transformer"]
+    assert image["max_batch_size"] == 64 and image["platform"] == "onnxruntime_onnx"
+    assert [(i["name"], i["data_type"], i["dims"]) for i in image["input"]] == [
+        ("IMAGE", "TYPE_STRING", [1]), ("PIXELS", "TYPE_UINT8", [48, 48])
+    ]  # fmt: skip
+    assert image["input"][0]["reshape"] == {"shape": []} and all(i["optional"] for i in image["input"])
+    assert {o["name"]: o["dims"] for o in image["output"]}["ROLLOUT"] == [6, 6]
+    assert [o["name"] for o in text["output"]][:2] == ["TRANSLATION", "SCORE"]
+    assert text["instance_group"][0]["kind"] == "KIND_CPU"
+    typed_config = x["grpc_config"]["dates-transformer"]["config"]
+    assert typed_config["name"] == "dates-transformer" and typed_config["max_batch_size"] == 64
+    assert [i["name"] for i in typed_config["input"]] == ["TEXT"] and typed_config["input"][0][
+        "data_type"
+    ] == "TYPE_STRING"
+
+    assert [(m["name"], m["version"], m["state"]) for m in x["http_index"]] == [
+        (m, "1", "READY") for m in served
+    ]
+    assert [m["name"] for m in x["grpc_index"]["models"]] == [m["name"] for m in x["http_index"]]
+    e = x["errors"]
+    assert e["http_stats_unknown"]["status"] == "404" and "nope" in e["http_stats_unknown"]["message"]
+    assert e["grpc_config_unknown"]["status"] == "StatusCode.NOT_FOUND"
+    assert e["http_config_version"]["status"] == "404" and "version" in e["http_config_version"]["message"]
+
+
 # -- attention.v1, with our own stubs ------------------------------------------------------------
 
 

@@ -25,7 +25,8 @@ import pytest
 import requests
 import uvicorn
 
-from service.api.grpc_servicer import GrpcServicer, add_to_grpc_server
+from service.api.grpc_aio import add_to_grpc_server
+from service.api.grpc_servicer import GrpcServicer
 from service.api.http import create_app
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc

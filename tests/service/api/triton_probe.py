@@ -182,7 +182,7 @@ def probe_grpc(url: str, png: bytes) -> dict[str, Any]:
     out["errors"] = {
         "unknown_model": _error(lambda: c.infer("nope", [text])),
         "wrong_input": _error(lambda: c.infer("fashion-vit", [text])),
-        "unimplemented": _error(lambda: c.get_model_repository_index()),
+        "unimplemented": _error(lambda: c.unload_model("dates-transformer")),
         "metadata_unknown": _error(lambda: c.get_model_metadata("nope")),
     }
     return out
@@ -229,8 +229,33 @@ def probe_decoupled(c: Any) -> dict[str, Any]:
     return got
 
 
+def probe_extensions(http_url: str, grpc_url: str) -> dict[str, Any]:
+    """Triton's model-configuration, statistics and repository-index calls, over both protocols
+    one right after the other (nothing else is sent meanwhile, so they must agree)."""
+    h, g = httpclient.InferenceServerClient(http_url), grpcclient.InferenceServerClient(grpc_url)
+    return {
+        "http_stats": h.get_inference_statistics(),
+        "grpc_stats": g.get_inference_statistics(as_json=True),
+        "http_stats_one": h.get_inference_statistics("dates-bahdanau", "1"),
+        "grpc_stats_one": g.get_inference_statistics("dates-bahdanau", as_json=True),
+        "http_config": {m: h.get_model_config(m) for m in ("fashion-vit", "dates-transformer")},
+        "grpc_config": {m: g.get_model_config(m, as_json=True) for m in ("fashion-vit", "dates-transformer")},
+        "http_index": h.get_model_repository_index(),
+        "grpc_index": g.get_model_repository_index(as_json=True),
+        "errors": {
+            "http_stats_unknown": _error(lambda: h.get_inference_statistics("nope")),
+            "grpc_config_unknown": _error(lambda: g.get_model_config("nope")),
+            "http_config_version": _error(lambda: h.get_model_config("fashion-vit", "9")),
+        },
+    }
+
+
 if __name__ == "__main__":
     http_url, grpc_url, image_path = sys.argv[1:4]
     with open(image_path, "rb") as f:
         png = f.read()
-    print(json.dumps({"http": probe_http(http_url, png), "grpc": probe_grpc(grpc_url, png)}, default=str))
+    print(json.dumps({
+        "http": probe_http(http_url, png),
+        "grpc": probe_grpc(grpc_url, png),
+        "extensions": probe_extensions(http_url, grpc_url),
+    }, default=str))  # fmt: skip

@@ -1,0 +1,149 @@
+"""Serving :class:`~service.api.grpc_servicer.GrpcServicer` with grpc.aio (the in-replica
+frontend, ``service/hosting/in_replica.py``): its two services with grpc.aio's error path, request
+parsing that never ends a stream, and beside them the standard health service and server
+reflection. Ray's gRPC proxy (the Ray-ingress frontends) calls the servicer's methods itself and
+uses none of this.
+"""
+
+import inspect
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
+from pydantic import SecretStr
+
+from service.api import auth
+from service.api.grpc_servicer import GrpcServicer, Undecodable
+from service.api.protos import attention_pb2_grpc, grpc_service_pb2_grpc
+from service.errors import ServiceError, unexpected
+
+
+def add_to_grpc_server(grpc_server: grpc.aio.Server, servicer: GrpcServicer) -> list[str]:
+    """Serve both services of ``servicer`` on a grpc.aio server; their full names. The RPCs set
+    the error's code on their context and raise it; grpc.aio needs ``abort`` to send it. A request
+    protobuf cannot parse (a string field that is not UTF-8, a corrupt message) reaches the RPC as
+    :class:`Undecodable` and is answered INVALID_ARGUMENT — grpc's own parser answered UNKNOWN,
+    and in ``ModelStreamInfer`` ended the whole stream."""
+    kserve_v2, attention_v1 = grpc_service_pb2_grpc, attention_pb2_grpc
+    services = []
+    for base, add in (
+        (kserve_v2.GRPCInferenceServiceServicer, kserve_v2.add_GRPCInferenceServiceServicer_to_server),
+        (attention_v1.AttentionServiceServicer, attention_v1.add_AttentionServiceServicer_to_server),
+    ):
+        overrides = {}
+        for name, _ in inspect.getmembers(base, inspect.isfunction):
+            if name in servicer.METHODS:
+                impl = getattr(servicer, name)
+                overrides[name] = (
+                    _aio_streaming(impl) if inspect.isasyncgenfunction(impl) else _aio_unary(impl)
+                )
+        lenient = _Lenient(grpc_server)
+        add(type(base.__name__, (base,), overrides)(), lenient)
+        if not lenient.services:  # stubs from grpcio-tools < 1.62 register generic handlers only
+            raise RuntimeError(f"{add.__name__} registered no methods: regenerate the stubs (make protos)")
+        services += lenient.services
+    return services
+
+
+def add_reflection(grpc_server: grpc.aio.Server, services: list[str], token: SecretStr | None) -> None:
+    """gRPC server reflection (``grpc.reflection.v1alpha``, grpcio-reflection's) for ``services``,
+    the health service and itself: grpcurl, grpcui, Postman and ghz list and call the services
+    without their ``.proto`` files. Behind the token when one is set, as every RPC but health."""
+    names = [*services, health.SERVICE_NAME, reflection.SERVICE_NAME]
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(_Reflection(names, token), grpc_server)
+
+
+class _Reflection(reflection.aio.ReflectionServicer):
+    def __init__(self, names: list[str], token: SecretStr | None) -> None:
+        super().__init__(names)
+        self.token = token
+
+    async def ServerReflectionInfo(self, request_iterator: Any, context: Any) -> AsyncIterator[Any]:
+        try:
+            auth.check_metadata(self.token, context.invocation_metadata())
+        except ServiceError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
+        async for response in super().ServerReflectionInfo(request_iterator, context):
+            yield response
+
+
+class GrpcHealth:
+    """The standard gRPC health service, ``grpc.health.v1.Health`` (grpcio-health-checking's),
+    on a grpc.aio server: what Kubernetes' ``grpc`` probes, grpc-health-probe, Envoy's and most
+    gRPC load balancers' health checks call. ``Check`` / ``Watch`` for the server (``""``) and for
+    each of ``services``; another name is NOT_FOUND. Answered without a token, as ServerLive.
+    The hosting layer says when the server serves (:meth:`serving`) and when it stops
+    (:meth:`stopping`: NOT_SERVING for good, sent to every ``Watch`` before the drain)."""
+
+    def __init__(self, grpc_server: grpc.aio.Server, services: list[str]) -> None:
+        self.servicer = health.aio.HealthServicer()
+        self.names = ["", *services]
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, grpc_server)
+
+    async def serving(self) -> None:
+        for name in self.names:
+            await self.servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+
+    async def stopping(self) -> None:
+        await self.servicer.enter_graceful_shutdown()
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return Undecodable(str(exc))
+
+    return deserialize
+
+
+class _Lenient:
+    """The server as the generated ``add_*_to_server`` functions see it: each method's handler is
+    passed on with a request parser that never raises (:func:`_lenient`)."""
+
+    def __init__(self, server: grpc.aio.Server) -> None:
+        self.server = server
+        self.services: list[str] = []
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        """Left out: rebuilt from the same handlers in :meth:`add_registered_method_handlers`."""
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        lenient = {}
+        for name, handler in handlers.items():
+            lenient[name] = handler._replace(request_deserializer=_lenient(handler.request_deserializer))
+        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, lenient),))
+        self.server.add_registered_method_handlers(service, lenient)
+        self.services.append(service)
+
+
+def _aio_unary(impl: Callable[..., Any]) -> Callable[..., Any]:
+    async def call(_: object, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            if isinstance(request, Undecodable):
+                raise request.error
+            return await impl(request, context)
+        except ServiceError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
+
+    return call
+
+
+def _aio_streaming(impl: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+    async def call(_: object, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+        try:
+            if isinstance(requests, Undecodable):  # the one request of a server-streaming RPC
+                raise requests.error
+            async for response in impl(requests, context):
+                yield response
+        except ServiceError as exc:
+            await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
+        except Exception as exc:
+            error = unexpected(exc, f"gRPC {impl.__name__}")
+            await context.abort(grpc.StatusCode.INTERNAL, error.message)
+
+    return call
