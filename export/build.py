@@ -132,6 +132,11 @@ def _load_for(recipe: Recipe, ckpt_dir: Path) -> Checkpoint:
             f"{ckpt_dir} holds recipe {ckpt.recipe!r} ({ckpt.family}), not {recipe.name!r} "
             f"({recipe.family}): export it as {ckpt.recipe!r}, or train {recipe.name!r}"
         )
+    if recipe.family != "vit" and (ckpt.source_tokenizer is None or ckpt.target_tokenizer is None):
+        raise checkpoint.CheckpointError(
+            f"{ckpt_dir}: a translation checkpoint needs {checkpoint.SOURCE_TOKENIZER} and "
+            f"{checkpoint.TARGET_TOKENIZER} beside its weights"
+        )
     return ckpt
 
 

@@ -72,10 +72,19 @@ def load(directory: Path) -> Checkpoint:
     except (SafetensorError, KeyError, TypeError, ValueError, RuntimeError) as exc:
         raise CheckpointError(f"{path} is not a checkpoint export can load: {exc}") from exc
     model.eval()
-    tokenizers = [
-        Tokenizer.from_file(str(directory / name)) if (directory / name).exists() else None
-        for name in (SOURCE_TOKENIZER, TARGET_TOKENIZER)
-    ]
+    tokenizers = [_tokenizer(directory / name) for name in (SOURCE_TOKENIZER, TARGET_TOKENIZER)]
     info_path = directory / "train.json"
-    info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    try:
+        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{info_path} is not valid JSON ({exc})") from exc
     return Checkpoint(recipe, family, model, tokenizers[0], tokenizers[1], info)
+
+
+def _tokenizer(path: Path) -> Tokenizer | None:
+    if not path.exists():
+        return None
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:  # tokenizers raises a bare Exception for a file it cannot parse
+        raise CheckpointError(f"{path} is not a tokenizer file ({exc})") from exc

@@ -188,12 +188,14 @@ def translation_spec(model: MarianMTModel, checkpoint: Path, staging: Path) -> T
     generation = model.generation_config
     tok_cfg = _read_json(checkpoint / "tokenizer_config.json")
     specials = {
-        k: str(tok_cfg.get(f"{k}_token") or d)
+        k: _token_text(tok_cfg.get(f"{k}_token"), d)
         for k, d in (("unk", "<unk>"), ("eos", "</s>"), ("pad", "<pad>"))
     }
-    source_vocab = read_vocab(checkpoint / "vocab.json")
+    source_vocab = read_vocab(checkpoint / "vocab.json", specials)
     target_vocab = (
-        read_vocab(checkpoint / "target_vocab.json") if tok_cfg.get("separate_vocabs") else source_vocab
+        read_vocab(checkpoint / "target_vocab.json", specials)
+        if tok_cfg.get("separate_vocabs")
+        else source_vocab
     )
     sides = {}
     for file, spm_file, vocab, source in (
@@ -225,6 +227,14 @@ def translation_spec(model: MarianMTModel, checkpoint: Path, staging: Path) -> T
         num_layers=cfg.decoder_layers,
         num_heads=cfg.decoder_attention_heads,
     )
+
+
+def _token_text(value: Any, default: str) -> str:
+    """A special token of ``tokenizer_config.json``: a string, or the ``AddedToken`` object older
+    transformers versions save (``{"__type": "AddedToken", "content": "<unk>", …}``)."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return str(value) if value else default
 
 
 def _single(value: int | list[int]) -> int:

@@ -25,6 +25,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
@@ -38,7 +39,10 @@ _NORMAL, _USER_DEFINED = 1, 4  # ModelProto.SentencePiece.type
 
 def load_spm(path: Path) -> Any:
     proto = spm_pb2.ModelProto()  # type: ignore[attr-defined]  # generated, no stubs
-    proto.ParseFromString(path.read_bytes())
+    try:
+        proto.ParseFromString(_required(path).read_bytes())
+    except DecodeError as exc:
+        raise UnsupportedCheckpoint(f"{path}: not a SentencePiece model ({exc})") from exc
     if proto.trainer_spec.model_type != _UNIGRAM:
         raise UnsupportedCheckpoint(f"{path.name}: only SentencePiece unigram models are supported")
     if proto.trainer_spec.byte_fallback:
@@ -113,6 +117,20 @@ def _normalizer(spec: Any) -> normalizers.Normalizer:
     return normalizers.Sequence(steps)
 
 
-def read_vocab(path: Path) -> dict[str, int]:
-    vocab: dict[str, int] = json.loads(path.read_text(encoding="utf-8"))
+def read_vocab(path: Path, specials: dict[str, str]) -> dict[str, int]:
+    """Marian's ``vocab.json`` (token → id), which must hold the special tokens."""
+    vocab = json.loads(_required(path).read_text(encoding="utf-8"))
+    if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
+        raise UnsupportedCheckpoint(f"{path}: a JSON object of token → id is expected")
+    missing = [token for token in specials.values() if token not in vocab]
+    if missing:
+        raise UnsupportedCheckpoint(f"{path}: no id for the special tokens {missing}")
     return vocab
+
+
+def _required(path: Path) -> Path:
+    if not path.is_file():
+        raise UnsupportedCheckpoint(
+            f"{path}: missing (a MarianMT checkpoint needs source.spm, target.spm and vocab.json)"
+        )
+    return path

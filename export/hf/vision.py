@@ -96,6 +96,9 @@ def image_spec(model: nn.Module, checkpoint: Path, family: str) -> tuple[ImageSp
     return spec, notes
 
 
+_BILINEAR = 2  # PIL.Image.Resampling.BILINEAR, as preprocessor_config.json's "resample" names it
+
+
 def _normalisation(
     checkpoint: Path, family: str, channels: int, size: tuple[int, int]
 ) -> tuple[list[float], list[float], list[str]]:
@@ -106,21 +109,35 @@ def _normalisation(
     """
     path = checkpoint / "preprocessor_config.json"
     proc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    if not isinstance(proc, dict):
+        raise UnsupportedCheckpoint(f"{path}: a JSON object is expected")
     mean, std = (list(v) for v in _DEFAULT_NORM[family])
+    where = f"{path.name}'s image_mean/image_std" if path.exists() else f"the {family} default mean/std"
     if proc.get("do_normalize", True):
-        mean, std = list(proc.get("image_mean", mean)), list(proc.get("image_std", std))
+        # a single number is every channel's, as transformers' processors take it
+        mean, std = (
+            [float(v)] * channels if isinstance(v, int | float) else list(v)
+            for v in (proc.get("image_mean", mean), proc.get("image_std", std))
+        )
     else:
         mean, std = [0.0] * channels, [1.0] * channels
     if len(mean) != channels or len(std) != channels:
-        raise UnsupportedCheckpoint(f"preprocessor_config.json: image_mean/image_std need {channels} values")
+        raise UnsupportedCheckpoint(f"{where}: {len(mean)} values for a {channels}-channel model")
     factor = proc.get("rescale_factor", 1 / 255) if proc.get("do_rescale", True) else 1.0
     scale = 255.0 * factor
     notes = []
     if proc.get("do_center_crop"):
         notes.append("the checkpoint's processor centre-crops; the service resizes the whole image")
     resize = proc.get("size", {})
-    if isinstance(resize, dict) and "height" in resize and (resize["height"], resize["width"]) != size:
+    exact = resize == size[0] == size[1] or (
+        isinstance(resize, dict) and (resize.get("height"), resize.get("width")) == size
+    )
+    if resize and not exact:  # {"height", "width"} elsewhere, an int, {"shortest_edge": …}
         notes.append(f"the checkpoint's processor resizes to {resize}; the service to {size}")
+    if proc.get("do_resize", True) and proc.get("resample", _BILINEAR) != _BILINEAR:
+        notes.append(
+            f"the checkpoint's processor resizes with PIL filter {proc['resample']}; the service bilinear"
+        )
     for note in notes:
         log.warning("%s: %s", checkpoint.name, note)
     return [m / scale for m in mean], [s / scale for s in std], notes

@@ -5,9 +5,11 @@ training (the end-to-end CLI runs are in test_build.py)."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from tokenizers import Tokenizer, models
 
 from export import build, checkpoint
 from export.checkpoint import Checkpoint
@@ -113,3 +115,46 @@ def test_unknown_recipe_and_missing_repository_are_errors(
 ) -> None:
     assert "unknown recipe 'nope'" in run_error(capsys, "export", "nope")
     assert "no model repository at" in run_error(capsys, "eval", "--repository", str(tmp_path / "none"))
+
+
+def tokenized_checkpoint(directory: Path) -> Path:
+    """``tiny_checkpoint`` with both tokenizers, as a trained translation checkpoint has them."""
+    tokenizer = Tokenizer(models.WordLevel({"<pad>": 0, "<unk>": 1}, unk_token="<unk>"))
+    torch.manual_seed(0)
+    model = build_model(
+        "rnn-additive", {"src_vocab": 30, "tgt_vocab": 15, "emb_dim": 8, "enc_hidden": 8, "window": 2}
+    )
+    ckpt = Checkpoint("dates-bahdanau", "rnn-additive", model, tokenizer, tokenizer, {"epochs": 1})
+    return checkpoint.save(ckpt, directory)
+
+
+@pytest.mark.parametrize(
+    ("damage", "named"),
+    [
+        (lambda d: (d / checkpoint.SOURCE_TOKENIZER).unlink(), "needs source_tokenizer.json"),
+        (lambda d: (d / checkpoint.TARGET_TOKENIZER).write_text("{not json"), "is not a tokenizer file"),
+        (lambda d: (d / "train.json").write_text('{"epochs": '), "train.json is not valid JSON"),
+    ],
+    ids=["tokenizer missing", "tokenizer corrupt", "train.json cut"],
+)
+def test_a_damaged_checkpoint_is_one_error_line_before_any_export(
+    damage: Any,
+    named: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each of these raised a traceback (a missing tokenizer only after the whole export)."""
+
+    def exported(*_: object) -> None:
+        raise AssertionError("export work started on a damaged checkpoint")
+
+    monkeypatch.setattr(build, "export_graph", exported)
+    ckpt = tokenized_checkpoint(tmp_path / "dates-bahdanau")
+    damage(ckpt)
+    repository = tmp_path / "repo"
+    err = run_error(
+        capsys, "export", "dates-bahdanau", "--checkpoint", str(ckpt), "--repository", str(repository)
+    )
+    assert named in err
+    assert not (repository / "dates-bahdanau").exists()
