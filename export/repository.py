@@ -33,6 +33,9 @@ def next_version(repository: Path, name: str) -> int:
 
 
 def check_target(repository: Path, name: str, version: int, force: bool) -> Path:
+    for folder in (repository, repository / name):  # a file in the way: said before any work
+        if folder.exists() and not folder.is_dir():
+            raise RefuseOverwrite(f"{folder} is a file, not a directory of model versions")
     target = version_dir(repository, name, version)
     if target.exists() and not force:
         raise RefuseOverwrite(f"{target} already exists; pass --force to replace it")

@@ -156,13 +156,10 @@ class ModelWorker:
     async def predict(self, job: Any) -> Answer:
         """Preprocess here (per request), infer in batches, postprocess here."""
         start = time.perf_counter()
-        try:
+        with self._failures_counted(start):
             work = self._accept(job)
             accepted = time.perf_counter()
             answer = await (self._decode(work) if self.scheduler is not None else self._batched(work))
-        except Exception:
-            self.statistics.failed(time.perf_counter() - start)
-            raise
         self._answered(work, answer, start, accepted)
         return answer
 

@@ -158,3 +158,17 @@ def test_a_damaged_checkpoint_is_one_error_line_before_any_export(
     )
     assert named in err
     assert not (repository / "dates-bahdanau").exists()
+
+
+@pytest.mark.parametrize("command", ["export", "import-hf"])
+def test_a_repository_that_is_a_file_is_an_error_line(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--repository`` naming a file raised NotADirectoryError from the staging step."""
+    ckpt = tokenized_checkpoint(tmp_path / "dates-bahdanau")
+    (tmp_path / "repo").write_text("not a folder")
+    source = (
+        ["dates-bahdanau", "--checkpoint", str(ckpt)] if command == "export" else [str(ckpt), "--name", "x"]
+    )
+    err = run_error(capsys, command, *source, "--repository", str(tmp_path / "repo"))
+    assert "is a file, not a directory of model versions" in err
