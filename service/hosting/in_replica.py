@@ -65,6 +65,7 @@ class ServingReplica:
             node=ray.get_runtime_context().get_node_id()[:12],
             metrics_for=lambda name: ModelMetrics(name, settings.latency_buckets_s),
             on_change=lambda workers, rejected: self.server.serve(workers, self.models.entries, rejected),
+            discover=settings.models is None,  # the whole repository: new model directories too
         )
         self.http_task: asyncio.Task[None] | None = None
         self.poll_task: asyncio.Task[None] | None = None

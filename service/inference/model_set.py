@@ -50,8 +50,13 @@ class ModelSet:
         node: str,
         metrics_for: Callable[[str], WorkerMetrics],
         on_change: OnChange,
+        discover: bool = False,
     ) -> None:
+        """``discover``: a model directory that appears in the repository joins the set at the next
+        poll, as a new version does (a process serving the whole repository; not one serving a
+        chosen list, nor a Ray deployment of one model)."""
         self.settings, self.replica, self.node = settings, replica, node
+        self.discover = discover
         # the serving process's threads (the event loop, each model's batch or decode thread)
         # take turns with the interpreter lock this often
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
@@ -143,7 +148,7 @@ class ModelSet:
         candidates: dict[str, list[int]] = {}
         # refused at discovery: a fixed version loads (names that are no model name never will)
         refused = {n for k in self.configured_rejected if re.match(NAME_PATTERN, n := _parse(k)[0])}
-        for name in sorted(self._names | refused):
+        for name in sorted(self._names | refused | self._new_names()):
             try:  # one unreadable model directory must not hold up the others
                 current = self.workers[name].entry.version if name in self.workers else 0
                 newer = [v for v in reversed(list_versions(self.settings.repository, name)) if v > current]
@@ -161,6 +166,18 @@ class ModelSet:
             await self._serve({**{n: [w.entry.version] for n, w in self.workers.items()}, **candidates})
         except Exception:  # a repository that cannot be read now may be readable next time
             log.exception("polling the repository failed")
+        self._names |= self.workers.keys()  # a new model that loaded is polled from now on
+
+    def _new_names(self) -> set[str]:
+        """Model directories of the repository this set does not serve yet (``discover``)."""
+        if not self.discover:
+            return set()
+        try:
+            names = {p.name for p in self.settings.repository.iterdir() if p.is_dir()}
+        except OSError:
+            log.exception("listing the repository %s failed", self.settings.repository)
+            return set()
+        return {n for n in names if re.match(NAME_PATTERN, n)} - self._names
 
     def _unchanged_failure(self, name: str, version: int) -> bool:
         failed = self._failed.get((name, version))

@@ -325,6 +325,41 @@ def test_a_new_version_is_swapped_in_under_load_without_a_failed_request(
     assert [m["version"] for m in models if m["name"] == "dates-bahdanau"] == [2]
 
 
+def test_a_model_published_after_the_start_is_served_at_the_poll(
+    swappable: tuple[Service, Path], request: pytest.FixtureRequest
+) -> None:
+    """In-replica serving the whole repository: a new model directory, written as export writes
+    it, answers within a few polls, and every protocol's listing has it. Behind Ray's proxy (a
+    deployment per model) a new name needs a redeploy: the served set stays as it was."""
+    svc, repository = swappable
+    model = repository / "dates-new"
+    model.mkdir()
+    publish = model / ".staging-1"
+    shutil.copytree(repository / "dates-bahdanau" / "1", publish)
+    manifest = json.loads((publish / "manifest.json").read_text())
+    (publish / "manifest.json").write_text(json.dumps({**manifest, "name": "dates-new", "version": 1}))
+    publish.rename(model / "1")
+    url = f"{svc.url}/v1/models/dates-new/translate"
+    in_replica = request.node.callspec.params["swappable"] == "in-replica"
+    deadline = time.monotonic() + (20 if in_replica else 5)  # polled every second
+    while (answer := requests.post(url, json={"text": "3 juin 1980"}, timeout=30)).status_code == 404:
+        if time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    if not in_replica:
+        assert answer.status_code == 404 and "dates-new" in answer.json()["error"]
+        return
+    assert answer.status_code == 200, answer.text
+    assert answer.json()["translations"][0]["text"] == "1980-06-03" and answer.json()["model"] == "dates-new"
+    listed = [m["name"] for m in requests.get(f"{svc.url}/v1/models", timeout=30).json()["models"]]
+    index = requests.post(f"{svc.url}/v2/repository/index", timeout=30).json()
+    assert (
+        "dates-new" in listed
+        and {"name": "dates-new", "version": "1", "state": "READY", "reason": ""} in index
+    )
+    assert requests.get(f"{svc.url}/v2/models/dates-new", timeout=30).json()["versions"] == ["1"]
+
+
 def test_serving_replicas_autoscale_on_the_requests_they_hold(tiny_repository: Path, tmp_path: Path) -> None:
     """In-replica autoscaling: Ray routes no request here, so each replica reports what it holds
     (Ray's custom autoscaling metrics) and the policy adds a replica under load; the new one

@@ -129,6 +129,36 @@ def test_the_poll_serves_the_newest_version_that_loads_and_retries_a_failure_onc
     assert "MainThread" not in loads.threads, "load_entry hashes files: never on the event loop"
 
 
+@pytest.mark.parametrize("discover", [True, False])
+def test_a_new_model_directory_joins_at_the_poll_when_the_whole_repository_is_served(
+    tiny_repository: Path, tmp_path: Path, discover: bool
+) -> None:
+    """A process serving the whole repository takes a model published after it started (and
+    lists a broken one as rejected, its others serving on); one serving a chosen list does not."""
+    repository = tmp_path / "repository"
+    version_of(tiny_repository, repository, 1)
+    served: list[dict[str, ModelWorker]] = []
+    models = ModelSet(Settings(repository=repository), "replica", "node", lambda _: NoMetrics(),
+                      lambda workers, _: served.append(workers), discover=discover)  # fmt: skip
+
+    async def go() -> None:
+        await models.serve({"dates-bahdanau": 1})
+        shutil.copytree(tiny_repository / "fashion-vit", repository / "fashion-vit")
+        corrupt(version_of(tiny_repository, repository, 1, model="dates-transformer"))
+        await models.poll_once()
+
+    try:
+        asyncio.run(go())
+    finally:
+        gc.unfreeze()
+    if not discover:
+        assert list(models.workers) == ["dates-bahdanau"] and models.rejected == {}
+        return
+    assert sorted(models.workers) == ["dates-bahdanau", "fashion-vit"]
+    assert sorted(served[-1]) == ["dates-bahdanau", "fashion-vit"], "the hosting layer was told"
+    assert list(models.rejected) == ["dates-transformer/1"]
+
+
 def test_a_model_that_failed_to_load_stays_listed_and_loads_when_a_good_version_comes(
     tiny_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
