@@ -22,6 +22,7 @@ from service.api import kserve
 from service.api.server import Server
 from service.inference.manifest import Manifest
 from service.inference.repository import ModelEntry
+from service.inference.runners import batch_dependent, decodes_continuously
 from service.inference.statistics import Duration, Snapshot
 from service.settings import Settings
 
@@ -31,7 +32,16 @@ async def served_config(server: Server, name: str, version: str | None) -> dict[
     entry = server.resolve(name, None, version)
     await server.is_ready()  # fills model_info (a model still loading: no providers yet)
     providers = server.model_info.get(entry.name, {}).get("providers")
-    return model_config(entry.manifest, server.settings, providers)
+    return model_config(entry.manifest, server.settings, providers, scheduling(entry))
+
+
+def scheduling(entry: ModelEntry) -> str:
+    """How the model's requests are batched (``service/inference/worker.py``), in a few words."""
+    if decodes_continuously(entry):
+        return "iteration-level: requests join and leave the running batch at every decoder step"
+    if batch_dependent(entry):
+        return "queued per model, one row per graph call (a row's output would depend on its batch)"
+    return "dynamic: an idle model starts a request at once, a busy one batches what accumulated"
 
 
 async def served_statistics(server: Server, name: str | None, version: str | None) -> dict[str, Any]:
@@ -61,18 +71,19 @@ def _tensor(spec: dict[str, Any], optional: bool) -> dict[str, Any]:
     return tensor
 
 
-def model_config(manifest: Manifest, settings: Settings, providers: list[str] | None) -> dict[str, Any]:
+def model_config(
+    manifest: Manifest, settings: Settings, providers: list[str] | None, scheduled: str
+) -> dict[str, Any]:
     """The model's configuration as Triton's ``ModelConfig`` says it (JSON field names). An image
-    model takes ``IMAGE`` or ``PIXELS``: both are ``optional``, one is required."""
+    model takes ``IMAGE`` or ``PIXELS``: both are ``optional``, one is required. ``scheduled``:
+    :func:`scheduling`, under ``parameters``."""
     meta = kserve.metadata(manifest, settings.limits)
     batching = settings.batching_for(manifest.name)
     images = manifest.task != "translation"
     limits = settings.limits
     gpu = bool(providers) and providers[0] == "CUDAExecutionProvider"  # type: ignore[index]
     parameters = {"task": manifest.task, "family": manifest.family, "description": manifest.description}
-    parameters |= {k: str(v) for k, v in meta["parameters"].items()}
-    if not images:
-        parameters["scheduler"] = "iteration-level (requests join and leave the batch at every decoder step)"
+    parameters |= {k: str(v) for k, v in meta["parameters"].items()} | {"scheduling": scheduled}
     return {
         "name": manifest.name,
         "platform": kserve.PLATFORM,

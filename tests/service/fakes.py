@@ -21,7 +21,7 @@ from PIL import Image
 from service.api.server import Server
 from service.errors import InvalidInput
 from service.inference.jobs import Answer, AnswerMetrics, Classified, ClassifyJob, Translated, TranslateJob
-from service.inference.manifest import ImageSpec, Manifest, TokenizerSpec, TranslationSpec
+from service.inference.manifest import ExportInfo, ImageSpec, Manifest, TokenizerSpec, TranslationSpec
 from service.inference.repository import ModelEntry
 from service.inference.statistics import Snapshot, Statistics
 from service.inference.translation import Translation
@@ -122,6 +122,7 @@ def entry(name: str, task: str, tmp: Path) -> ModelEntry:
     manifest = Manifest.model_construct(
         name=name, version=1, task=task, family="rnn-additive" if task == "translation" else "vit",
         description="fake", graphs={}, eval={}, eval_details={}, checksums={},
+        export=ExportInfo.model_construct(quantization=None),
         translation=translation if task == "translation" else None,
         image=image if task != "translation" else None,
     )  # fmt: skip

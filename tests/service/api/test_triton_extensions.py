@@ -22,9 +22,11 @@ from tests.service.fakes import entry, fake_server
 
 def test_the_configuration_describes_the_served_tensors_without_the_batch_axis(tmp_path: Path) -> None:
     settings = Settings(repository=tmp_path, batching={"max_batch_size": 8, "batch_wait_timeout_s": 0.002})
+    image_entry = entry("img", "image-classification", tmp_path)
     image = triton_extensions.model_config(
-        entry("img", "image-classification", tmp_path).manifest, settings, ["CUDAExecutionProvider"]
+        image_entry.manifest, settings, ["CUDAExecutionProvider"], triton_extensions.scheduling(image_entry)
     )
+    assert image["parameters"]["scheduling"]["string_value"].startswith("dynamic")
     assert image["max_batch_size"] == settings.limits.max_images
     assert image["input"] == [
         {
@@ -41,7 +43,11 @@ def test_the_configuration_describes_the_served_tensors_without_the_batch_axis(t
     }  # fmt: skip
     assert image["dynamic_batching"] == {"preferred_batch_size": [8], "max_queue_delay_microseconds": 2000}
     assert image["instance_group"][0]["kind"] == "KIND_GPU"
-    text = triton_extensions.model_config(entry("mt", "translation", tmp_path).manifest, settings, None)
+    text_entry = entry("mt", "translation", tmp_path)
+    text = triton_extensions.model_config(
+        text_entry.manifest, settings, None, triton_extensions.scheduling(text_entry)
+    )
+    assert text["parameters"]["scheduling"]["string_value"].startswith("iteration-level")
     assert (
         text["max_batch_size"] == settings.limits.max_texts
         and text["instance_group"][0]["kind"] == "KIND_CPU"
