@@ -12,6 +12,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -43,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        print(f"error: bad settings:\n{exc}", file=sys.stderr)
+        print(f"error: bad settings:\n{settings_errors(exc)}", file=sys.stderr)
         return 2
     if args.ray_environment:
         for key, value in ray_processes_environment(settings).items():
@@ -100,13 +101,14 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(sig, on_signal)
     try:
         in_ray_init.set()
-        if settings.ray_address is None:  # a private Ray for this process, stopped with it
-            ray.init(
-                address="local", num_cpus=settings.num_cpus or os.cpu_count(), include_dashboard=False,
-                _metrics_export_port=settings.metrics_port, logging_level=logging.WARNING,
-            )  # fmt: skip
-        else:  # a cluster started with `ray start`: its nodes export metrics on their own ports
-            ray.init(address=settings.ray_address, logging_level=logging.WARNING)
+        with our_sigterm_handler_through_ray_init():
+            if settings.ray_address is None:  # a private Ray for this process, stopped with it
+                ray.init(
+                    address="local", num_cpus=settings.num_cpus or os.cpu_count(), include_dashboard=False,
+                    _metrics_export_port=settings.metrics_port, logging_level=logging.WARNING,
+                )  # fmt: skip
+            else:  # a cluster started with `ray start`: its nodes export metrics on their own ports
+                ray.init(address=settings.ray_address, logging_level=logging.WARNING)
         in_ray_init.clear()
         for sig in (signal.SIGINT, signal.SIGTERM):  # ours again: ray.init installs its own
             signal.signal(sig, on_signal)
@@ -124,11 +126,28 @@ def main(argv: list[str] | None = None) -> int:
         print(f"serving on http://{settings.host}:{settings.http_port} (explorer at /, docs at /docs); "
               f"metrics on :{settings.metrics_port}/metrics — Ctrl-C to stop", flush=True)  # fmt: skip
         stop.wait()
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit) as exc:
+        # SystemExit: ray.init's own SIGTERM handler (installed first thing in ray.init, so ours
+        # cannot defer that signal); it left the processes ray.init had started running on
+        if isinstance(exc, SystemExit) and not in_ray_init.is_set():
+            raise
         print("interrupted while starting; stopping", file=sys.stderr, flush=True)
     finally:
         stop_serving(settings)
     return 0
+
+
+def settings_errors(exc: ValidationError) -> str:
+    """Each refused setting by its environment variable, with pydantic's reason — never the value:
+    pydantic's own text repeats the input, and the whole input (the API token included) for a
+    check across settings."""
+    lines = []
+    for error in exc.errors(include_url=False, include_input=False, include_context=False):
+        where = (
+            "ATTN_" + "__".join(str(part) for part in error["loc"]).upper() if error["loc"] else "settings"
+        )
+        lines.append(f"  {where}: {error['msg']}")
+    return "\n".join(lines)
 
 
 def ray_processes_environment(settings: Settings) -> dict[str, str]:
@@ -162,10 +181,49 @@ def stop_serving(settings: Settings) -> None:
     from ray import serve
 
     if not ray.is_initialized():  # stopped before Ray was up (serve.delete would start a Ray)
+        stop_what_ray_init_started()
         return
     with contextlib.suppress(Exception):  # nothing deployed yet: nothing to drain
         serve.delete("attention")
     ray.shutdown()
+
+
+@contextlib.contextmanager
+def our_sigterm_handler_through_ray_init() -> Iterator[None]:
+    """ray.init first replaces the SIGTERM handler with one that exits at once: a SIGTERM during
+    the start (what Docker and Kubernetes send) stopped ray.init part-way and left its raylet's
+    agents running, holding the metrics port. Ours stays instead and defers the stop until
+    ray.init returns, as for SIGINT. Ray installs its handler through
+    ``ray._private.utils.set_sigterm_handler``; should that move, Ray's handler applies and
+    :func:`stop_what_ray_init_started` cleans up after it."""
+    import ray._private.utils as ray_utils
+
+    real = getattr(ray_utils, "set_sigterm_handler", None)
+    if real is None:
+        yield
+        return
+    ray_utils.set_sigterm_handler = lambda handler: None
+    try:
+        yield
+    finally:
+        ray_utils.set_sigterm_handler = real
+
+
+def stop_what_ray_init_started() -> None:
+    """A ray.init stopped part-way (a SIGTERM lands in Ray's own handler, which exits): shut down
+    what it started of a node, then end any of those processes that outlived it — the raylet's
+    agents were left running for a minute, holding the metrics port. Only this process's own
+    descendants, by PID."""
+    import psutil
+    import ray
+
+    started = psutil.Process().children(recursive=True)
+    ray.shutdown()
+    _, alive = psutil.wait_procs(started, timeout=5)
+    for process in alive:
+        with contextlib.suppress(psutil.Error):
+            process.kill()
+    psutil.wait_procs(alive, timeout=5)
 
 
 def ports_in_use(settings: Settings) -> str | None:

@@ -132,3 +132,35 @@ def test_placing_one_model_needs_a_deployment_per_model(tmp_path: Path) -> None:
         )
         == 3
     )
+
+
+@pytest.mark.parametrize(
+    ("env", "named"),
+    [
+        (
+            {"ATTN_REPOSITORY": "/nonexistent"},
+            "settings: Value error, repository: /nonexistent is not a directory",
+        ),
+        ({"ATTN_GRPC_PORT": "8000"}, "must differ"),
+        (
+            {"ATTN_BATCHING__MAX_BATCH_SIZE": "abc"},
+            "ATTN_BATCHING__MAX_BATCH_SIZE: Input should be a valid integer",
+        ),
+    ],
+)
+def test_a_refused_start_names_the_setting_and_never_prints_the_token(
+    env: dict[str, str], named: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """pydantic's text repeats the input — for a check across settings, all of it: the token
+    (the last field) was printed whole to stderr, where container logs collect it."""
+    from service.__main__ import main
+
+    token = "S3cr3t-T0k3n-98765"
+    for key, value in {"ATTN_API_TOKEN": token, **env}.items():
+        monkeypatch.setenv(key, value)
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert named in err and token not in err and "T0k3n" not in err, err
+    monkeypatch.setenv("ATTN_API_TOKEN", "short-secret")
+    assert main([]) == 2
+    assert "ATTN_API_TOKEN: " in (err := capsys.readouterr().err) and "short-secret" not in err
