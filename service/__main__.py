@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from service.api.grpc_servicer import SERVICER_FUNCTIONS
-    from service.hosting.app import NoModels, build_app, reserved_cpus
+    from service.hosting.app import NoModels, build_app, over_node_cap, reserved_cpus
 
     busy = ports_in_use(settings)
     if busy:
@@ -84,6 +84,11 @@ def main(argv: list[str] | None = None) -> int:
               f"this Ray has {have}; they would wait forever to be scheduled. Lower "
               "ATTN_REPLICA_NUM_CPUS (0 is allowed), serve fewer models (ATTN_MODELS) or raise "
               "ATTN_NUM_CPUS", file=sys.stderr)  # fmt: skip
+        return 2
+    if settings.ray_address is None and (over := over_node_cap(settings)):
+        print(f"error: {over} on this one-node Ray, above ATTN_MAX_REPLICAS_PER_NODE="
+              f"{settings.max_replicas_per_node}; they would wait forever to be scheduled. Raise it, "
+              "or lower ATTN_NUM_REPLICAS (or ATTN_AUTOSCALING's min_replicas)", file=sys.stderr)  # fmt: skip
         return 2
     stop, serving, in_ray_init = threading.Event(), threading.Event(), threading.Event()
 

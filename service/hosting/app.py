@@ -57,5 +57,21 @@ def reserved_cpus(settings: Settings) -> float:
     return replicas * settings.replica_num_cpus
 
 
+def over_node_cap(settings: Settings) -> str | None:
+    """On a private Ray (one node), the deployment whose starting replicas exceed
+    ``max_replicas_per_node``: the rest would wait forever to be scheduled. None when all fit."""
+    cap = settings.max_replicas_per_node
+    if cap is None:
+        return None
+    minimum = settings.autoscaling.min_replicas if settings.autoscaling is not None else None
+    if settings.frontend == "in-replica":
+        starting = {"the serving replicas": minimum or settings.num_replicas}
+    else:
+        names = discover(settings.repository, settings.models).models
+        starting = {f"model {name!r}": minimum or settings.replicas_for(name) for name in names}
+    over = {what: n for what, n in starting.items() if n > cap}
+    return ", ".join(f"{what}: {n} replicas at start" for what, n in over.items()) or None
+
+
 def app_builder(args: dict[str, Any]) -> Application:
     return build_app(Settings(**args))

@@ -57,3 +57,29 @@ def test_a_model_can_take_its_own_share(tmp_path: Path) -> None:
 def test_whole_gpus_for_a_replica_that_needs_more(tmp_path: Path) -> None:
     settings = Settings(repository=tmp_path, providers=CUDA, num_gpus_per_replica=2)
     assert replica_options(settings)["ray_actor_options"]["num_gpus"] == 2
+
+
+@pytest.mark.parametrize("frontend", ["in-replica", "ray-proxy"])
+def test_replicas_above_the_per_node_cap_of_a_one_node_ray_are_named(
+    tiny_repository: Path, frontend: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ATTN_MAX_REPLICAS_PER_NODE=1 with two replicas on the private Ray: the start hung, a
+    replica waiting forever to be scheduled; now it is refused before Ray starts."""
+    from service.__main__ import main
+    from service.hosting.app import over_node_cap
+
+    base = {"repository": tiny_repository, "frontend": frontend, "max_replicas_per_node": 1}
+    assert over_node_cap(Settings(**base)) is None  # type: ignore[arg-type]
+    over = over_node_cap(Settings(**base, num_replicas=2))  # type: ignore[arg-type]
+    assert over is not None and "2 replicas at start" in over
+    if frontend == "ray-proxy":  # a deployment per model: each is named, one alone too
+        assert "'fashion-vit'" in over
+        override = {"fashion-vit": {"num_replicas": 2}}
+        alone = over_node_cap(Settings(**base, model_overrides=override))  # type: ignore[arg-type]
+        assert alone == "model 'fashion-vit': 2 replicas at start"
+    for key, value in {"ATTN_REPOSITORY": str(tiny_repository), "ATTN_FRONTEND": frontend,
+                       "ATTN_MAX_REPLICAS_PER_NODE": "1", "ATTN_NUM_REPLICAS": "2", "ATTN_REPLICA_NUM_CPUS": "0",
+                       "ATTN_HTTP_PORT": "18511", "ATTN_GRPC_PORT": "19511", "ATTN_METRICS_PORT": "18811"}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    assert main([]) == 2
+    assert "ATTN_MAX_REPLICAS_PER_NODE=1" in capsys.readouterr().err
