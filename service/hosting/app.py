@@ -25,9 +25,19 @@ class NoModels(RuntimeError):
 
 
 def build_app(settings: Settings) -> Application:
+    held = {p.name for p in settings.repository.iterdir() if p.is_dir()}
+    for variable, names in (
+        ("ATTN_MODELS", settings.models or []),
+        ("ATTN_MODEL_OVERRIDES", settings.model_overrides),
+    ):
+        if unknown := sorted(set(names) - held):  # a typo would otherwise do nothing, silently
+            raise NoModels(
+                f"{variable} names {unknown}, not in {settings.repository}: it holds {sorted(held)}"
+            )
     found = discover(settings.repository, settings.models)
     if not found.models:
-        raise NoModels(f"no servable model in {settings.repository}: {found.rejected or 'it is empty'}")
+        why = found.rejected or ("it is empty" if not held else f"ATTN_MODELS is {settings.models}")
+        raise NoModels(f"no servable model in {settings.repository}: {why}")
     for key, reason in found.rejected.items():
         log.error("not serving %s: %s", key, reason)
     if settings.frontend == "in-replica":
