@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{settings.max_replicas_per_node}; they would wait forever to be scheduled. Raise it, "
               "or lower ATTN_NUM_REPLICAS (or ATTN_AUTOSCALING's min_replicas)", file=sys.stderr)  # fmt: skip
         return 2
+    if settings.ray_address is not None and (why := unreachable(settings.ray_address)):
+        print(f"error: ATTN_RAY_ADDRESS={settings.ray_address}: {why}", file=sys.stderr)  # ray.init
+        return 2  # would retry for good, deaf to the first Ctrl-C
     stop, serving, in_ray_init = threading.Event(), threading.Event(), threading.Event()
 
     def on_signal(*_: object) -> None:
@@ -113,7 +116,11 @@ def main(argv: list[str] | None = None) -> int:
                     _metrics_export_port=settings.metrics_port, logging_level=logging.WARNING,
                 )  # fmt: skip
             else:  # a cluster started with `ray start`: its nodes export metrics on their own ports
-                ray.init(address=settings.ray_address, logging_level=logging.WARNING)
+                try:
+                    ray.init(address=settings.ray_address, logging_level=logging.WARNING)
+                except ConnectionError as exc:  # "auto" with no cluster running here
+                    print(f"error: ATTN_RAY_ADDRESS={settings.ray_address}: {exc}", file=sys.stderr)
+                    return 2
         in_ray_init.clear()
         for sig in (signal.SIGINT, signal.SIGTERM):  # ours again: ray.init installs its own
             signal.signal(sig, on_signal)
@@ -229,6 +236,21 @@ def stop_what_ray_init_started() -> None:
         with contextlib.suppress(psutil.Error):
             process.kill()
     psutil.wait_procs(alive, timeout=5)
+
+
+def unreachable(address: str) -> str | None:
+    """Why nothing answers at a ``host:port`` Ray address (its GCS), or None (it answers, or the
+    address is another form — ``auto``, ``ray://`` — that ray.init resolves and reports itself)."""
+    host, _, port = address.rpartition(":")
+    if "://" in address or not port.isdigit():
+        return None
+    try:
+        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+            return None
+    except OSError as exc:
+        return (
+            f"no Ray head answers at {host}:{port} ({exc.strerror or exc}); start one with `ray start --head`"
+        )
 
 
 def ports_in_use(settings: Settings) -> str | None:

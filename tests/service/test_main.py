@@ -141,3 +141,26 @@ def children(process: Any) -> list[Any]:
         return process.children(recursive=True)
     except Exception:  # it just ended
         return []
+
+
+def test_a_ray_address_where_nothing_answers_is_refused_at_once(
+    tiny_repository: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """ray.init retried an unreachable head for good (12 minutes and counting in an audit), deaf
+    to the first Ctrl-C."""
+    from service.__main__ import main
+
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # main() sets Ray's variables: this test's only
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for key, value in {"ATTN_REPOSITORY": str(tiny_repository), "ATTN_RAY_ADDRESS": f"127.0.0.1:{port}",
+                       "ATTN_HTTP_PORT": str(free_port()), "ATTN_GRPC_PORT": str(free_port())}.items():  # fmt: skip
+        monkeypatch.setenv(key, value)
+    started = time.monotonic()
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert (
+        f"ATTN_RAY_ADDRESS=127.0.0.1:{port}: no Ray head answers" in err and time.monotonic() - started < 30
+    )

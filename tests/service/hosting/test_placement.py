@@ -4,6 +4,7 @@ GPU per replica — the in-replica frontend's serving replicas, or each model de
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,8 @@ def test_replicas_above_the_per_node_cap_of_a_one_node_ray_are_named(
     """ATTN_MAX_REPLICAS_PER_NODE=1 with two replicas on the private Ray: the start hung, a
     replica waiting forever to be scheduled; now it is refused before Ray starts."""
     from service.__main__ import main
+
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # main() sets Ray's variables: this test's only
     from service.hosting.app import over_node_cap
 
     base = {"repository": tiny_repository, "frontend": frontend, "max_replicas_per_node": 1}
