@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import logging
 import os
 import shlex
@@ -68,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     busy = ports_in_use(settings)
     if busy:
-        print(f"error: {busy}; is another service running? (ports: ATTN_HTTP_PORT, ATTN_GRPC_PORT, "
-              "ATTN_METRICS_PORT)", file=sys.stderr)  # fmt: skip
+        print(f"error: {busy}", file=sys.stderr)
         return 2
     try:
         app = build_app(settings)  # validates the repository before Ray starts
@@ -135,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         serve.run(app, name="attention", route_prefix=None if in_replica else "/")
         serving.set()
-        print(f"serving on http://{settings.host}:{settings.http_port} (explorer at /, docs at /docs); "
+        host = f"[{settings.host}]" if ":" in settings.host else settings.host  # an IPv6 address
+        print(f"serving on http://{host}:{settings.http_port} (explorer at /, docs at /docs); "
               f"metrics on :{settings.metrics_port}/metrics — Ctrl-C to stop", flush=True)  # fmt: skip
         stop.wait()
     except (KeyboardInterrupt, SystemExit) as exc:
@@ -269,7 +270,13 @@ def ports_in_use(settings: Settings) -> str | None:
             try:
                 probe.bind((host, port))
             except OSError as exc:
-                return f"the {what} port {host}:{port} is taken ({exc.strerror})"
+                if exc.errno == errno.EADDRINUSE:
+                    return (
+                        f"the {what} port {host}:{port} is taken ({exc.strerror}); is another service "
+                        "running? (ports: ATTN_HTTP_PORT, ATTN_GRPC_PORT, ATTN_METRICS_PORT)"
+                    )
+                why = exc.strerror or exc
+                return f"cannot listen on {host}:{port} ({why}): is ATTN_HOST an address of this machine?"
     return None
 
 

@@ -164,3 +164,19 @@ def test_a_refused_start_names_the_setting_and_never_prints_the_token(
     monkeypatch.setenv("ATTN_API_TOKEN", "short-secret")
     assert main([]) == 2
     assert "ATTN_API_TOKEN: " in (err := capsys.readouterr().err) and "short-secret" not in err
+
+
+def test_a_host_that_is_not_this_machine_s_is_named_as_such(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """It was reported as a taken port ("is another service running?")."""
+    import os
+
+    from service.__main__ import main
+
+    monkeypatch.setattr(os, "environ", os.environ.copy())  # main() sets Ray's variables
+    monkeypatch.setenv("ATTN_HOST", "nosuchhost.invalid")
+    monkeypatch.setenv("ATTN_REPOSITORY", str(Path(__file__).parent))  # any directory: refused earlier
+    assert main([]) == 2
+    err = capsys.readouterr().err
+    assert "is ATTN_HOST an address of this machine?" in err and "taken" not in err
