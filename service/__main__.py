@@ -133,7 +133,13 @@ def main(argv: list[str] | None = None) -> int:
             http_options={"host": settings.host, "port": settings.http_port},
             grpc_options={"port": settings.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
         )
-        serve.run(app, name="attention", route_prefix=None if in_replica else "/")
+        try:
+            serve.run(app, name="attention", route_prefix=None if in_replica else "/")
+        except RuntimeError as exc:  # every replica failed to start (every model refused to load)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            print(f"error: the replicas could not start ({first}); their reasons are logged above",
+                  file=sys.stderr)  # fmt: skip
+            return 2
         serving.set()
         host = f"[{settings.host}]" if ":" in settings.host else settings.host  # an IPv6 address
         print(f"serving on http://{host}:{settings.http_port} (explorer at /, docs at /docs); "

@@ -164,3 +164,28 @@ def test_a_ray_address_where_nothing_answers_is_refused_at_once(
     assert (
         f"ATTN_RAY_ADDRESS=127.0.0.1:{port}: no Ray head answers" in err and time.monotonic() - started < 30
     )
+
+
+def test_a_repository_whose_every_model_fails_to_load_is_an_error_line(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    """The manifest's checks pass (its sha256 matches) but ONNX Runtime cannot load the graph:
+    the start ended with exit status 1 and Ray's deploy traceback last."""
+    import hashlib
+    import json
+    import shutil
+
+    repository = tmp_path / "repository"
+    version = repository / "fashion-vit" / "1"
+    shutil.copytree(tiny_repository / "fashion-vit" / "1", version)
+    (version / "model.onnx").write_bytes(b"\x00 not a graph " * 300)
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest["checksums"]["model.onnx"] = hashlib.sha256((version / "model.onnx").read_bytes()).hexdigest()
+    (version / "manifest.json").write_text(json.dumps(manifest))
+    env = {**os.environ, "ATTN_REPOSITORY": str(repository), "ATTN_HTTP_PORT": str(free_port()),
+           "ATTN_GRPC_PORT": str(free_port()), "ATTN_METRICS_PORT": str(free_port())}  # fmt: skip
+    refused = subprocess.run(
+        [sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert refused.returncode == 2, refused.stderr[-2000:]
+    assert "error: the replicas could not start" in refused.stderr
