@@ -65,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
 
     from service.api.grpc_servicer import SERVICER_FUNCTIONS
-    from service.hosting.app import NoModels, build_app, over_node_cap, reserved_cpus
+    from service.hosting.app import NoModels, build_app
 
     busy = ports_in_use(settings)
     if busy:
@@ -76,23 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     except NoModels as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if settings.ray_address is None and (need := reserved_cpus(settings)) > (
-        have := settings.num_cpus or os.cpu_count() or 1
-    ):
-        each = settings.replica_num_cpus
-        print(f"error: the replicas reserve {need:g} CPUs (ATTN_REPLICA_NUM_CPUS={each:g} each) but "
-              f"this Ray has {have}; they would wait forever to be scheduled. Lower "
-              "ATTN_REPLICA_NUM_CPUS (0 is allowed), serve fewer models (ATTN_MODELS) or raise "
-              "ATTN_NUM_CPUS", file=sys.stderr)  # fmt: skip
+    if why := placement_refusal(settings):
+        print(f"error: {why}", file=sys.stderr)
         return 2
-    if settings.ray_address is None and (over := over_node_cap(settings)):
-        print(f"error: {over} on this one-node Ray, above ATTN_MAX_REPLICAS_PER_NODE="
-              f"{settings.max_replicas_per_node}; they would wait forever to be scheduled. Raise it, "
-              "or lower ATTN_NUM_REPLICAS (or ATTN_AUTOSCALING's min_replicas)", file=sys.stderr)  # fmt: skip
-        return 2
-    if settings.ray_address is not None and (why := unreachable(settings.ray_address)):
-        print(f"error: ATTN_RAY_ADDRESS={settings.ray_address}: {why}", file=sys.stderr)  # ray.init
-        return 2  # would retry for good, deaf to the first Ctrl-C
     stop, serving, in_ray_init = threading.Event(), threading.Event(), threading.Event()
 
     def on_signal(*_: object) -> None:
@@ -146,14 +132,36 @@ def main(argv: list[str] | None = None) -> int:
               f"metrics on :{settings.metrics_port}/metrics — Ctrl-C to stop", flush=True)  # fmt: skip
         stop.wait()
     except (KeyboardInterrupt, SystemExit) as exc:
-        # SystemExit: ray.init's own SIGTERM handler (installed first thing in ray.init, so ours
-        # cannot defer that signal); it left the processes ray.init had started running on
+        # SystemExit: ray.init's own SIGTERM handler, should it be installed after all
+        # (our_sigterm_handler_through_ray_init); stop_serving ends what ray.init started
         if isinstance(exc, SystemExit) and not in_ray_init.is_set():
             raise
         print("interrupted while starting; stopping", file=sys.stderr, flush=True)
     finally:
         stop_serving(settings)
     return 0
+
+
+def placement_refusal(settings: Settings) -> str | None:
+    """Why the replicas could never be placed, said before Ray starts (None: they can be): on the
+    private Ray, more CPUs reserved than it has or more replicas than ``max_replicas_per_node``
+    (they would wait forever to be scheduled); on a cluster, an address where nothing answers
+    (ray.init would retry for good, deaf to the first Ctrl-C)."""
+    from service.hosting.app import over_node_cap, reserved_cpus
+
+    if settings.ray_address is not None:
+        why = unreachable(settings.ray_address)
+        return f"ATTN_RAY_ADDRESS={settings.ray_address}: {why}" if why else None
+    if (need := reserved_cpus(settings)) > (have := settings.num_cpus or os.cpu_count() or 1):
+        return (f"the replicas reserve {need:g} CPUs (ATTN_REPLICA_NUM_CPUS={settings.replica_num_cpus:g} "
+                f"each) but this Ray has {have}; they would wait forever to be scheduled. Lower "
+                "ATTN_REPLICA_NUM_CPUS (0 is allowed), serve fewer models (ATTN_MODELS) or raise "
+                "ATTN_NUM_CPUS")  # fmt: skip
+    if over := over_node_cap(settings):
+        return (f"{over} on this one-node Ray, above ATTN_MAX_REPLICAS_PER_NODE="
+                f"{settings.max_replicas_per_node}; they would wait forever to be scheduled. Raise it, "
+                "or lower ATTN_NUM_REPLICAS (or ATTN_AUTOSCALING's min_replicas)")  # fmt: skip
+    return None
 
 
 def settings_errors(exc: ValidationError) -> str:

@@ -149,14 +149,18 @@ def test_placing_one_model_needs_a_deployment_per_model(tmp_path: Path) -> None:
     ],
 )
 def test_a_refused_start_names_the_setting_and_never_prints_the_token(
-    env: dict[str, str], named: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    env: dict[str, str],
+    named: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     """pydantic's text repeats the input — for a check across settings, all of it: the token
     (the last field) was printed whole to stderr, where container logs collect it."""
     from service.__main__ import main
 
     token = "S3cr3t-T0k3n-98765"
-    for key, value in {"ATTN_API_TOKEN": token, **env}.items():
+    for key, value in {"ATTN_API_TOKEN": token, "ATTN_REPOSITORY": str(tmp_path), **env}.items():
         monkeypatch.setenv(key, value)
     assert main([]) == 2
     err = capsys.readouterr().err
