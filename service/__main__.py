@@ -147,17 +147,18 @@ def placement_refusal(settings: Settings) -> str | None:
     private Ray, more CPUs reserved than it has or more replicas than ``max_replicas_per_node``
     (they would wait forever to be scheduled); on a cluster, an address where nothing answers
     (ray.init would retry for good, deaf to the first Ctrl-C)."""
-    from service.hosting.app import over_node_cap, reserved_cpus
+    from service.hosting.app import over_node_cap, reserved_cpus, starting_replicas
 
     if settings.ray_address is not None:
         why = unreachable(settings.ray_address)
         return f"ATTN_RAY_ADDRESS={settings.ray_address}: {why}" if why else None
-    if (need := reserved_cpus(settings)) > (have := settings.num_cpus or os.cpu_count() or 1):
+    starting = starting_replicas(settings)  # discovers the repository's models: once
+    if (need := reserved_cpus(settings, starting)) > (have := settings.num_cpus or os.cpu_count() or 1):
         return (f"the replicas reserve {need:g} CPUs (ATTN_REPLICA_NUM_CPUS={settings.replica_num_cpus:g} "
                 f"each) but this Ray has {have}; they would wait forever to be scheduled. Lower "
                 "ATTN_REPLICA_NUM_CPUS (0 is allowed), serve fewer models (ATTN_MODELS) or raise "
                 "ATTN_NUM_CPUS")  # fmt: skip
-    if over := over_node_cap(settings):
+    if over := over_node_cap(settings, starting):
         return (f"{over} on this one-node Ray, above ATTN_MAX_REPLICAS_PER_NODE="
                 f"{settings.max_replicas_per_node}; they would wait forever to be scheduled. Raise it, "
                 "or lower ATTN_NUM_REPLICAS (or ATTN_AUTOSCALING's min_replicas)")  # fmt: skip

@@ -55,31 +55,30 @@ def build_app(settings: Settings) -> Application:
     )
 
 
-def reserved_cpus(settings: Settings) -> float:
-    """Logical CPUs the application's replicas reserve at start (autoscaling: its minimum) — on a
-    private Ray they must fit its ``num_cpus``, or replicas wait forever to be scheduled."""
+def starting_replicas(settings: Settings) -> dict[str, int]:
+    """Each deployment's replicas at start (autoscaling: its minimum), by a name for messages:
+    the serving replicas (in-replica), or each model's deployment (the ingress reserves none)."""
     minimum = settings.autoscaling.min_replicas if settings.autoscaling is not None else None
     if settings.frontend == "in-replica":
-        replicas = minimum or settings.num_replicas
-    else:  # one deployment per model (the ingress reserves none)
-        names = discover(settings.repository, settings.models).models
-        replicas = sum(minimum or settings.replicas_for(name) for name in names)
-    return replicas * settings.replica_num_cpus
+        return {"the serving replicas": minimum or settings.num_replicas}
+    names = discover(settings.repository, settings.models).models
+    return {f"model {name!r}": minimum or settings.replicas_for(name) for name in names}
 
 
-def over_node_cap(settings: Settings) -> str | None:
-    """On a private Ray (one node), the deployment whose starting replicas exceed
-    ``max_replicas_per_node``: the rest would wait forever to be scheduled. None when all fit."""
+def reserved_cpus(settings: Settings, starting: dict[str, int] | None = None) -> float:
+    """Logical CPUs the application's replicas reserve at start — on a private Ray they must fit
+    its ``num_cpus``, or replicas wait forever to be scheduled. ``starting``:
+    :func:`starting_replicas`, when the caller has it."""
+    return sum((starting or starting_replicas(settings)).values()) * settings.replica_num_cpus
+
+
+def over_node_cap(settings: Settings, starting: dict[str, int] | None = None) -> str | None:
+    """On a private Ray (one node), the deployments whose starting replicas exceed
+    ``max_replicas_per_node``: they would wait forever to be scheduled. None when all fit."""
     cap = settings.max_replicas_per_node
     if cap is None:
         return None
-    minimum = settings.autoscaling.min_replicas if settings.autoscaling is not None else None
-    if settings.frontend == "in-replica":
-        starting = {"the serving replicas": minimum or settings.num_replicas}
-    else:
-        names = discover(settings.repository, settings.models).models
-        starting = {f"model {name!r}": minimum or settings.replicas_for(name) for name in names}
-    over = {what: n for what, n in starting.items() if n > cap}
+    over = {what: n for what, n in (starting or starting_replicas(settings)).items() if n > cap}
     return ", ".join(f"{what}: {n} replicas at start" for what, n in over.items()) or None
 
 
