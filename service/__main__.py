@@ -202,7 +202,8 @@ def no_local_gpu() -> str | None:
 
 def stop_serving(settings: Settings) -> None:
     """Stop what we started, within ``drain_s`` + a few seconds: our application's replicas drain
-    (``ServingReplica.__del__``), then the driver leaves Ray — and our private Ray stops with it.
+    (``ServingReplica.__del__``; the Ray-ingress frontends' ``IngressReplica.drain``), then the
+    driver leaves Ray — and our private Ray stops with it.
     On a cluster we joined (a container's own head, a shared cluster), only our application goes:
     Serve's detached controller and proxies belong to the cluster."""
     import ray
@@ -211,8 +212,19 @@ def stop_serving(settings: Settings) -> None:
     if not ray.is_initialized():  # stopped before Ray was up (serve.delete would start a Ray)
         stop_what_ray_init_started()
         return
-    with contextlib.suppress(Exception):  # nothing deployed yet: nothing to drain
-        serve.delete("attention")
+    if settings.frontend == "in-replica":
+        with contextlib.suppress(Exception):  # nothing deployed yet: nothing to drain
+            serve.delete("attention")
+    else:
+        # Ray's proxy answers a deleted app's routes with a plain-text 404 until it stops itself:
+        # the ingress drains first (new requests 503, those in flight answered); then our private
+        # Ray stops whole, its proxy with it (new connections are refused), with nothing left in
+        # flight for a delete to wait for. On a cluster we joined, only our app goes.
+        with contextlib.suppress(Exception):  # nothing deployed yet: nothing to drain
+            serve.get_app_handle("attention").drain.remote().result(timeout_s=settings.drain_s + 5)
+        if settings.ray_address is not None:
+            with contextlib.suppress(Exception):
+                serve.delete("attention")
     ray.shutdown()
 
 

@@ -14,6 +14,7 @@
     ├── Overloaded                     503  RESOURCE_EXHAUSTED queue full; Retry-After is set
     ├── DeadlineExceeded               504  DEADLINE_EXCEEDED  the request's timeout passed
     ├── NotReady                       503  UNAVAILABLE        models still loading / warming up
+    │   └── Stopping                   503  UNAVAILABLE        the service is stopping; Retry-After is set
     ├── InferenceFailed                500  INTERNAL           the runtime raised (for all callers of a batch)
     └── InternalError                  500  INTERNAL           anything unexpected, logged under a request id
 
@@ -109,6 +110,10 @@ class DeadlineExceeded(ServiceError):
 class NotReady(ServiceError):
     http_status = 503
     grpc_code = "UNAVAILABLE"
+
+
+class Stopping(NotReady):
+    retry_after_s = 1
 
 
 class InferenceFailed(ServiceError):

@@ -26,6 +26,7 @@ from service.errors import (
     BodyTooLarge,
     Overloaded,
     ServiceError,
+    Stopping,
     Unauthorized,
     UnsupportedEncoding,
     unexpected,
@@ -33,8 +34,10 @@ from service.errors import (
 )
 
 
-def create_app(server: Server) -> App:
-    """The FastAPI app serving ``server`` over REST and KServe v2, with the explorer at ``/``."""
+def create_app(server: Server, client_gone: tuple[type[BaseException], ...] = ()) -> App:
+    """The FastAPI app serving ``server`` over REST and KServe v2, with the explorer at ``/``.
+    ``client_gone``: what the hosting's ``receive`` raises once the client can no longer be
+    answered (Ray's proxy died under the request), read as ``http.disconnect``."""
     app = App(
         title="attention-serve",
         description='Attention models with their attention maps. Errors are `{"error": "..."}`.',
@@ -42,6 +45,7 @@ def create_app(server: Server) -> App:
         responses={code: {"model": ErrorBody} for code in (400, 404, 413, 422, 500, 503, 504)},
     )
     app.state.server = server
+    app.client_gone = client_gone
     app.add_exception_handler(RequestValidationError, _invalid)  # type: ignore[arg-type]
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
     app.add_exception_handler(ServiceError, _service_error)  # type: ignore[arg-type]
@@ -68,8 +72,11 @@ class App(FastAPI):
 
     hot_routes: HotRoutes | None = None
     hot_path: ASGIApp | None = None
+    client_gone: tuple[type[BaseException], ...] = ()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self.client_gone:
+            receive = _disconnect_on(receive, self.client_gone)
         if scope["type"] == "http" and self.hot_routes is not None and self.hot_path is not None:
             hit = self.hot_routes.match(scope)
             if hit is not None:
@@ -82,6 +89,19 @@ class App(FastAPI):
         if self.openapi_schema is None:
             limits.write_openapi(super().openapi(), self.state.server.settings.limits)
         return self.openapi_schema or {}
+
+
+def _disconnect_on(receive: Receive, gone: tuple[type[BaseException], ...]) -> Receive:
+    """``receive``, answering ``http.disconnect`` where it would raise one of ``gone``: a request
+    whose client is gone is not a server error (no 500, no traceback in the log)."""
+
+    async def receiving() -> Message:
+        try:
+            return await receive()
+        except gone:
+            return {"type": "http.disconnect"}
+
+    return receiving
 
 
 async def _hot_route(scope: Scope, receive: Receive, send: Send) -> None:
@@ -108,7 +128,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded) else None
+    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded | Stopping) else None
     if isinstance(exc, BodyTooLarge):  # the rest of the body is not read: the connection ends here
         headers = {"Connection": "close"}
     if isinstance(exc, UnsupportedEncoding):  # the codings it takes (RFC 9110 §15.5.16)

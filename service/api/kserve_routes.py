@@ -32,7 +32,7 @@ async def v2_live() -> dict[str, bool]:
 @router.get("/v2/health/ready")
 async def v2_ready(server: ServerDep) -> JSONResponse:
     if not await server.is_ready():
-        raise NotReady("not ready: models are still loading")
+        raise NotReady(server.unready)
     return JSONResponse({"ready": True})
 
 

@@ -42,7 +42,7 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz", summary="Readiness: every model loaded and warmed up")
 async def readyz(server: ServerDep) -> JSONResponse:
     if not await server.is_ready():
-        raise NotReady("not ready: models are still loading")
+        raise NotReady(server.unready)
     warmup = {name: info["warmup_ms"] for name, info in sorted(server.model_info.items())}
     return JSONResponse({"status": "ready", "models": sorted(server.models), "warmup_ms": warmup})
 

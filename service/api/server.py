@@ -24,6 +24,7 @@ from service.errors import (
     DeadlineExceeded,
     ModelNotFound,
     ServiceError,
+    Stopping,
     WrongTask,
 )
 from service.inference.jobs import Answer, Tokens
@@ -59,6 +60,8 @@ class Server:
         self.entries: dict[str, ModelEntry] = {}
         self.rejected: dict[str, str] = {}
         self.model_info: dict[str, dict[str, Any]] = {}
+        self.in_flight = 0  # predictions and streams begun and not yet answered
+        self.stopping = False  # set by drain(): new predictions are refused with 503
         # the body limit: the largest image, base64-encoded, plus room for the JSON around it
         self.max_body = settings.limits.max_image_bytes * 4 // 3 + 64 * 1024
 
@@ -97,11 +100,29 @@ class Server:
         self.models, self.entries, self.rejected, self.model_info = dict(models), dict(entries), rejected, {}
 
     async def is_ready(self) -> bool:
+        if self.stopping:
+            return False
         try:
             await asyncio.wait_for(self.load_info(), timeout=5)
         except Exception:  # a model that does not answer its info call is not ready
             return False
         return True
+
+    @property
+    def unready(self) -> str:
+        """Why :meth:`is_ready` said no, for the readiness routes' 503."""
+        return f"not ready: {'the service is stopping' if self.stopping else 'models are still loading'}"
+
+    async def drain(self, timeout_s: float) -> int:
+        """Stop taking predictions — each new one is answered 503 ``Stopping`` (gRPC UNAVAILABLE)
+        with Retry-After, and readiness says no — and wait up to ``timeout_s`` for those in flight
+        to be answered. Returns how many were still in flight. For the Ray-ingress frontends,
+        whose proxy would otherwise answer 404 for the app's routes once it is deleted."""
+        self.stopping = True
+        deadline = time.monotonic() + timeout_s
+        while self.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        return self.in_flight
 
     async def load_info(self) -> None:
         """Each model's runtime info (providers, batch size, warm-up time) in ``model_info``:
@@ -208,7 +229,10 @@ class Server:
         closed early too), else 500. Yields when the request began (``time.perf_counter()``)."""
         start = time.perf_counter()
         status = 500
+        self.in_flight += 1
         try:
+            if self.stopping:
+                raise Stopping("the service is stopping; retry (another instance answers)")
             yield start
             status = 200
         except ServiceError as exc:
@@ -218,6 +242,7 @@ class Server:
             status = CLIENT_CLOSED
             raise
         finally:
+            self.in_flight -= 1
             self._record(name, route, status, start)
 
     def _record(self, name: str, route: str, status: int, start: float) -> None:

@@ -19,6 +19,7 @@ from typing import Any
 
 import ray
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from ray.serve.handle import DeploymentHandle
 
@@ -179,11 +180,23 @@ class IngressReplica:
             except Exception:  # asked again at the next poll
                 log.exception("following the models' versions failed")
 
+    async def drain(self) -> int:
+        """The first step of a stop (``python -m service``): refuse new predictions with 503 and
+        let those in flight finish, within ``drain_s``; how many were left. Ray's proxy answers a
+        deleted app's routes with a plain-text 404 until the proxy itself stops, so the stop
+        drains here first, while the routes still lead to this replica."""
+        left = await self.server.drain(self.settings.drain_s)
+        if left:
+            log.warning("stopping with %d requests still in flight after %s s", left, self.settings.drain_s)
+        return left
+
     async def __serve_build_asgi_app__(self) -> Any:
         """Called by Ray once the replica is constructed, on its event loop."""
         if self.settings.repository_poll_s > 0 and self.poll_task is None:
             self.poll_task = asyncio.create_task(self._follow_versions())
-        return create_app(self.server)
+        # Ray's proxy dying under a request (a stop, a node lost) reaches the request's body read
+        # as RayActorError, which Ray's own wrapper lets through: it is a client gone
+        return create_app(self.server, client_gone=(RayActorError,))
 
 
 def _forward(name: str) -> Any:

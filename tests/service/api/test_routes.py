@@ -226,3 +226,58 @@ def test_a_client_that_leaves_before_its_body_is_in_is_answered_499(tmp_path: Pa
 
     asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
     assert statuses == [499]
+
+
+def test_a_stopping_server_answers_503_with_retry_after_and_readiness_says_why(tmp_path: Path) -> None:
+    server = fake_server(tmp_path)[0]
+    server.stopping = True
+    app = create_app(server)
+    for path, body in [
+        ("/v1/models/fake-translator/translate", {"text": "ab"}),
+        ("/v2/models/fake-translator/infer",
+         {"inputs": [{"name": "TEXT", "shape": [1], "datatype": "BYTES", "data": ["ab"]}]}),
+    ]:  # fmt: skip
+        status, headers, content = call(app, "POST", path, json.dumps(body).encode(),
+                                        {"content-type": "application/json"})  # fmt: skip
+        assert status == 503 and headers["retry-after"] == "1", (path, content)
+        assert "stopping" in json.loads(content)["error"]
+    for path in ("/readyz", "/v2/health/ready"):
+        status, _, content = call(app, "GET", path)
+        assert status == 503 and json.loads(content) == {"error": "not ready: the service is stopping"}
+
+
+class _ProxyDied(Exception):
+    pass
+
+
+def test_a_receive_that_raises_what_the_hosting_calls_client_gone_is_a_disconnect(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Ray's proxy dying under a request reaches the body read as an exception from ``receive``:
+    with ``client_gone`` naming it, the request ends as a client gone (499, nothing logged), not
+    as a 500 with a traceback per request."""
+    server = fake_server(tmp_path)[0]
+
+    async def exchange(app: App) -> int:
+        sent: list[dict[str, Any]] = []
+
+        async def receive() -> dict[str, Any]:
+            raise _ProxyDied("the actor died unexpectedly")
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        headers = [(b"content-type", b"application/json"), (b"content-length", b"13")]
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": "/v1/models/fake-translator/translate", "root_path": "",
+            "raw_path": b"/v1/models/fake-translator/translate", "query_string": b"", "headers": headers,
+            "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
+        }  # fmt: skip
+        await app(scope, receive, send)
+        return int(next(m for m in sent if m["type"] == "http.response.start")["status"])
+
+    assert asyncio.run(exchange(create_app(server, client_gone=(_ProxyDied,)))) == 499
+    assert "failed unexpectedly" not in caplog.text
+    assert asyncio.run(exchange(create_app(server))) == 500  # without it: what Ray's replicas logged
+    assert "failed unexpectedly" in caplog.text

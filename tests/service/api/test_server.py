@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from service.errors import DeadlineExceeded, ModelNotFound, Overloaded, WrongTask
+from service.errors import DeadlineExceeded, ModelNotFound, Overloaded, Stopping, WrongTask
 from service.inference.jobs import TranslateJob
 from tests.service.fakes import fake_server
 
@@ -155,3 +155,45 @@ def test_a_stream_has_one_deadline_for_all_its_waits(tmp_path: Path) -> None:
 
     asyncio.run(go())
     assert [r[2] for r in recorded.records] == [200, 504, 504, 499]
+
+
+def test_a_drain_answers_what_is_in_flight_and_refuses_what_comes_after(tmp_path: Path) -> None:
+    """``drain`` (the Ray-ingress frontends' first step of a stop): predictions and streams
+    begun before it are answered; each one after is refused with ``Stopping`` (503, UNAVAILABLE),
+    counted in the metrics; readiness says no, and why; ``drain`` returns once none is in flight,
+    or at its timeout with how many are left."""
+    server, translator, _, recorded = fake_server(tmp_path)
+    translator.delay_s = 0.3
+    job = TranslateJob(texts=["ab"])
+
+    async def go() -> None:
+        assert await server.is_ready()
+        loop = asyncio.get_running_loop()
+        running = [
+            asyncio.create_task(server.predict_many("fake-translator", None, "t", [job])) for _ in range(3)
+        ]
+        await asyncio.sleep(0.05)
+        assert server.in_flight == 3
+        start = loop.time()
+        assert await server.drain(5.0) == 0
+        assert 0.2 < loop.time() - start < 1.0  # waited for the three, not the timeout
+        assert [len(r.result()[1]) for r in running] == [1, 1, 1]
+        with pytest.raises(Stopping, match="stopping"):
+            await server.predict_many("fake-translator", None, "t", [job])
+        with pytest.raises(Stopping):
+            async for _ in server.stream("fake-translator", None, "s", job):
+                pass
+        assert not await server.is_ready() and server.unready == "not ready: the service is stopping"
+        assert server.in_flight == 0
+        server.stopping = False
+        translator.delay_s = 2.0
+        slow = asyncio.create_task(server.predict_many("fake-translator", None, "t", [job]))
+        await asyncio.sleep(0.05)
+        start = loop.time()
+        assert await server.drain(0.2) == 1  # the timeout: one still in flight
+        assert loop.time() - start < 0.5
+        slow.cancel()
+
+    asyncio.run(go())
+    assert [r[2] for r in recorded.records] == [200, 200, 200, 503, 503, 499]
+    assert Stopping.http_status == 503 and Stopping.grpc_code == "UNAVAILABLE"
