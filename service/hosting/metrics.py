@@ -94,8 +94,9 @@ class Deferred:
     changed: ``ModelMetrics.refresh`` keeps gauges alive so), and every new histogram
     observation, as the mean of its bucket's new observations — in the same bucket, and with
     the same sum, so a histogram's ``_sum`` is exact where Ray exports the recorded sum (its
-    OpenCensus path, ``Settings.ray_open_telemetry`` false). Buckets are Prometheus' and Ray's: a
-    value equal to a boundary counts in the bucket that boundary closes (``le``)."""
+    OpenCensus path, ``Settings.ray_open_telemetry`` false). Buckets are Prometheus': a value
+    equal to a boundary counts in the bucket that boundary closes (``le``), whichever way Ray
+    exports (``_value``)."""
 
     def __init__(self, flush_s: float = FLUSH_S) -> None:
         self.flush_s = flush_s
@@ -141,10 +142,14 @@ class Deferred:
 
     def _value(self, metric: Any, i: int, mean: float) -> float:
         """What records ``metric``'s bucket ``i``: ``mean``, the mean of the observations it got,
-        kept inside the bucket (float rounding could carry it over either boundary)."""
+        kept strictly between the bucket's boundaries. On a boundary it would land in different
+        buckets by Ray's export: OpenCensus (the default) counts a value in the bucket *above* a
+        boundary it equals (``value < bound``), OpenTelemetry in the one below (``le``) — every
+        batch of 1, 2, 4 … 32 was exported one bucket too high. Strictly inside, both agree (and
+        float rounding cannot carry a mean over a boundary); the sum moves by a float's last bit."""
         bounds = self._bounds[metric]
         if i < len(bounds):
-            mean = min(mean, bounds[i])
+            mean = min(mean, math.nextafter(bounds[i], -math.inf))
         return mean if i == 0 else max(mean, math.nextafter(bounds[i - 1], math.inf))
 
     def _tally(self) -> _Tally:

@@ -6,6 +6,7 @@ import base64
 import io
 import re
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -227,6 +228,41 @@ def test_concurrent_requests_form_batches(service: Service) -> None:
         time.sleep(1)
     assert bigger > 0, "the batch-size histogram never saw a batch larger than 1"
     assert summed == pytest.approx(batched), "the batch-size histogram's _sum is not the batches' sum"
+
+
+def batch_buckets(text: str, model: str) -> list[float]:
+    """A model's cumulative batch-size bucket counts as scraped, by bucket, then the count."""
+    bounds = ["1.0", "2.0", "4.0", "8.0", "16.0", "32.0", "64.0"]
+    counts = [series_sum(text, "ray_attention_batch_size_bucket", model=model, le=le) for le in bounds]
+    return [*counts, series_sum(text, "ray_attention_batch_size_count", model=model)]
+
+
+def test_the_batch_size_histogram_counts_each_batch_under_its_own_size(service: Service) -> None:
+    """Batches of the image model, one by one and then concurrent: each counted in the bucket
+    ``le`` its size, as the answers report the sizes. Through Ray's (default) OpenCensus export
+    every batch of 1, 2, 4 … was counted one bucket higher: ``le="1.0"`` never moved."""
+    png, _ = canvas_png()
+    body = {"image": base64.b64encode(png).decode()}
+    before = batch_buckets(scrape(service), "fashion-vit")
+    sizes = [service.post("/v1/models/fashion-vit/classify", json=body).json()["metrics"]["batch_size"]
+             for _ in range(5)]  # fmt: skip
+    with ThreadPoolExecutor(16) as pool:
+        answers = list(
+            pool.map(lambda _: service.post("/v1/models/fashion-vit/classify", json=body), range(24))
+        )
+    sizes += [a.json()["metrics"]["batch_size"] for a in answers]
+    assert sizes[:5] == [1] * 5
+    batches = Counter(sizes)  # a batch of k gave k answers that each report k
+    assert all(n % k == 0 for k, n in batches.items()), batches
+    expected = [sum(n // k for k, n in batches.items() if k <= b) for b in (1, 2, 4, 8, 16, 32, 64)]
+    expected.append(sum(n // k for k, n in batches.items()))
+    deadline = time.monotonic() + 30  # Ray's metrics agent exports every few seconds
+    while time.monotonic() < deadline:
+        moved = [a - b for a, b in zip(batch_buckets(scrape(service), "fashion-vit"), before, strict=True)]
+        if moved[-1] >= expected[-1]:
+            break
+        time.sleep(1)
+    assert moved == expected, (moved, expected, batches)
 
 
 def test_scrape_endpoint_shows_metrics_moving(service: Service) -> None:

@@ -4,11 +4,13 @@ loading its models, so it is checked here, without Ray."""
 from __future__ import annotations
 
 import ast
+import itertools
 import math
 import threading
 from pathlib import Path
 
 import pytest
+from opencensus.stats.aggregation_data import DistributionAggregationData
 
 import service.hosting.metrics as metrics
 
@@ -44,8 +46,21 @@ class Recorded:
 
 
 def le_counts(values: list[float], boundaries: list[float]) -> list[int]:
-    """Prometheus' cumulative bucket counts (``le``, then +Inf) — what Ray exports."""
+    """Prometheus' cumulative bucket counts (``le``, then +Inf)."""
     return [sum(v <= b for v in values) for b in boundaries] + [len(values)]
+
+
+def exported_counts(recorded: list[float], boundaries: list[float]) -> list[int]:
+    """The cumulative bucket counts Prometheus scrapes for values recorded into a Ray histogram,
+    the same by both of Ray's exports: OpenTelemetry's (``le``) and OpenCensus' (the default),
+    here opencensus' own aggregation, which counts a value equal to a boundary in the bucket
+    above it."""
+    census = DistributionAggregationData(0, 0, 0, None, boundaries)
+    for value in recorded:
+        census.add_sample(value, None, None)
+    opencensus = list(itertools.accumulate(census.counts_per_bucket))
+    assert opencensus == le_counts(recorded, boundaries), "the two exports count differently"
+    return opencensus
 
 
 def test_deferred_updates_sum_counters_keep_last_gauges_and_every_observation() -> None:
@@ -82,7 +97,7 @@ def test_deferred_updates_sum_counters_keep_last_gauges_and_every_observation() 
     assert last == {"a": len(values) - 1, "b": len(values) - 1}
     for tags in ({"model": "a"}, {"model": "b"}):
         seen = [v for _, v, t in histogram.calls if t == tags]
-        assert le_counts(seen, bounds) == le_counts(values, bounds)
+        assert exported_counts(seen, bounds) == le_counts(values, bounds)
         assert sum(seen) == pytest.approx(sum(values), rel=1e-12)  # the histogram's _sum, exact
 
 
@@ -100,8 +115,8 @@ def test_a_buckets_mean_stays_in_its_bucket() -> None:
         deferred.observe(histogram, value, tags)
     deferred.flush()
     seen = [v for _, v, _ in histogram.calls]
-    assert le_counts(seen, bounds) == [1000, 1010, 1011] and seen[-1] == 5.0
-    assert seen[:1000] == [0.3] * 1000 and seen[1000:1010] == [above] * 10
+    assert exported_counts(seen, bounds) == [1000, 1010, 1011] and seen[-1] == 5.0
+    assert seen[:1000] == [math.nextafter(0.3, 0)] * 1000 and seen[1000:1010] == [above] * 10
     for value in (float("nan"), math.inf, 0.1, 2.0):
         deferred.observe(histogram, value, tags)
     deferred.flush()
@@ -171,3 +186,19 @@ def test_gauges_are_kept_alive_and_a_replaced_version_reads_zero() -> None:
     assert rows.calls == [("set", 0, {"model": "m"})] and tokens.calls[-1] == ("set", 0, {"model": "m"})
     m.unloaded()
     assert info.calls[-1] == ("set", 0, v1)
+
+
+def test_batch_sizes_on_the_boundaries_are_exported_in_the_buckets_they_close() -> None:
+    """Batches of 1, 2, 4 … 512 — the boundaries themselves — each in the bucket ``le`` its size
+    (a batch of 1 under ``le="1.0"``): through OpenCensus every one was counted a bucket higher,
+    so a batch-size median of all-1 batches read 1.5 and a full batch of 32 read "≤ 64"."""
+    batch_size = Recorded(metrics.BATCH_BUCKETS)
+    deferred = metrics.Deferred(flush_s=3600)
+    sizes = [int(b) for b in metrics.BATCH_BUCKETS] * 3 + [3, 5, 1000]
+    for size in sizes:
+        deferred.observe(batch_size, size, (("model", "m"),))
+    deferred.flush()
+    seen = [v for _, v, _ in batch_size.calls]
+    assert exported_counts(seen, metrics.BATCH_BUCKETS) == le_counts(sizes, metrics.BATCH_BUCKETS)
+    assert exported_counts(seen, metrics.BATCH_BUCKETS)[0] == 3  # the three batches of 1
+    assert sum(seen) == pytest.approx(sum(sizes), rel=1e-12)
