@@ -18,6 +18,7 @@ from starlette.types import Scope
 
 from service.api import content_coding
 from service.api.server import CLIENT_CLOSED, Server
+from service.errors import ServiceError
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -52,6 +53,7 @@ class DirectRoute(APIRoute):
 
     def get_route_handler(self) -> Handler:
         endpoint: Endpoint = self.endpoint
+        label = self.name  # the endpoint's name, its route label in the request metrics
 
         async def handler(request: Request) -> Response:
             server = server_from(request)
@@ -59,6 +61,9 @@ class DirectRoute(APIRoute):
                 await server.read_body(request)
             except ClientDisconnect:  # gone before its body was in: nobody to answer, nothing failed
                 return Response(status_code=CLIENT_CLOSED)
+            except ServiceError:  # too large, an unknown coding: counted like the endpoint's refusals
+                with server.refusals(request.path_params.get("name", ""), label):
+                    raise
             this = asyncio.current_task()
             watch = _DisconnectWatch(request, this)
             try:

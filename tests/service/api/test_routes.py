@@ -281,3 +281,22 @@ def test_a_receive_that_raises_what_the_hosting_calls_client_gone_is_a_disconnec
     assert "failed unexpectedly" not in caplog.text
     assert asyncio.run(exchange(create_app(server))) == 500  # without it: what Ray's replicas logged
     assert "failed unexpectedly" in caplog.text
+
+
+def test_bodies_refused_before_the_endpoint_are_counted_under_their_model_and_route(tmp_path: Path) -> None:
+    """A body over the limit (413) or in a coding the service does not take (415) is refused
+    while the direct route reads it, before its endpoint runs: counted in the request metrics
+    like every other refusal (neither was, so no error panel or ratio saw them)."""
+    server, _, _, recorded = fake_server(tmp_path, limits={"max_image_bytes": 1024})
+    app = create_app(server)
+    json_type = {"content-type": "application/json"}
+    too_large = b'{"image": "' + b"A" * (server.max_body + 10) + b'"}'
+    assert call(app, "POST", "/v1/models/fake-classifier/classify", too_large, json_type)[0] == 413
+    assert call(app, "POST", "/v2/models/fake-classifier/infer", too_large, json_type)[0] == 413
+    brotli = {**json_type, "content-encoding": "br"}
+    assert call(app, "POST", "/v1/models/fake-translator/translate", b'{"text": "ab"}', brotli)[0] == 415
+    assert recorded.records == [
+        ("fake-classifier", "classify", 413),
+        ("fake-classifier", "v2_infer", 413),
+        ("fake-translator", "translate", 415),
+    ]
