@@ -52,7 +52,7 @@ from ray.serve import metrics
 log = logging.getLogger("ray.serve")
 
 BATCH_BUCKETS = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]
-TOKEN_BUCKETS = [0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
+TOKEN_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
 FLUSH_S = 0.5
 
 Tags = tuple[tuple[str, str], ...]

@@ -25,9 +25,18 @@ def test_provisioning_matches_the_compose_mounts_and_the_dashboard() -> None:
     assert mounts["/etc/grafana/provisioning"] == "./deploy/grafana/provisioning"
     dashboard = json.loads((GRAFANA / "dashboards" / "attention-serve.json").read_text())
     assert dashboard["uid"] == "attention-serve"
+    # the datasource is a variable: the dashboard imports into a Grafana whose Prometheus has
+    # another uid; provisioned here, it starts on ours
+    [variable] = [v for v in dashboard["templating"]["list"] if v["type"] == "datasource"]
+    assert variable["query"] == "prometheus" and variable["current"]["value"] == datasource["uid"]
     for panel in dashboard["panels"]:
-        assert panel["datasource"]["uid"] == datasource["uid"], panel["title"]
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${" + variable["name"] + "}"}, panel[
+            "title"
+        ]
         assert panel["targets"], panel["title"]
+        for target in panel["targets"]:
+            assert target["datasource"] == panel["datasource"], panel["title"]
+    assert '"uid": "prometheus"' not in (GRAFANA / "dashboards" / "attention-serve.json").read_text()
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
     for topic in ("requests/s", "errors/s", "p99", "queue wait", "batch size", "tokens", "replicas",
                   "first token", "per output token", "steps/s", "in flight"):  # fmt: skip
