@@ -205,3 +205,16 @@ def service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     """The service on the tiny repository with the default settings (the in-replica frontend)."""
     with running_service(tiny_repository, tmp_path_factory.mktemp("service")) as svc:
         yield svc
+
+
+#: the bearer token of the ``guarded`` service
+API_TOKEN = "correct-horse-battery-staple"
+
+
+@pytest.fixture(scope="session")
+def guarded(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    """The service on the tiny repository with an API token (``API_TOKEN``)."""
+    with running_service(
+        tiny_repository, tmp_path_factory.mktemp("guarded"), ATTN_API_TOKEN=API_TOKEN
+    ) as svc:
+        yield svc

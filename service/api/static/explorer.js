@@ -4,6 +4,23 @@
 
 const $ = (id) => document.getElementById(id);
 const state = { models: [], translation: null, image: null };
+// the request each panel waits for: a newer one aborts it, so a late answer never overwrites it
+const calls = { translation: null, image: null };
+
+/** A fresh AbortSignal for ``panel``'s next request, aborting the one before. */
+function nextCall(panel) {
+  calls[panel]?.abort();
+  calls[panel] = new AbortController();
+  return calls[panel].signal;
+}
+
+/** The bearer header, if a token was typed; a token no HTTP header can carry is refused here. */
+function authorization() {
+  const token = $("token").value.trim();
+  if (!token) return {};
+  if (!/^[\x21-\x7e]+$/.test(token)) throw new Error("The API token can hold only printable ASCII characters.");
+  return { Authorization: `Bearer ${token}` };
+}
 
 function status(message, error = false) {
   $("status").textContent = message;
@@ -11,9 +28,7 @@ function status(message, error = false) {
 }
 
 async function api(path, options = {}) {
-  const headers = { ...(options.headers || {}) };
-  const token = $("token").value.trim();
-  if (token) headers.Authorization = `Bearer ${token}`;
+  const headers = { ...(options.headers || {}), ...authorization() };
   const response = await fetch(path, { ...options, headers });
   const body = await response.json().catch(() => ({}));
   if (!response.ok) throw new Error(body.error || `${response.status} ${response.statusText}`);
@@ -40,37 +55,54 @@ function showMetrics(dl, answer) {
   }
 }
 
+/** List the served models (again when the token changes: a service with a token lists none
+ * without it); models the service refused to load are named with their reason. */
 async function loadModels() {
+  let listed;
   try {
-    state.models = (await api("/v1/models")).models;
+    listed = await api("/v1/models");
   } catch (err) {
-    status(`Could not list the models: ${err.message}`, true);
+    const hint = err.message.startsWith("authorization:") ? " Enter the API token above." : "";
+    status(`Could not list the models: ${err.message}.${hint}`, true);
+    document.body.dataset.ready = "false";
     return;
   }
-  for (const m of state.models) {
-    const select = m.task === "translation" ? $("translation-model") : $("image-model");
-    option(select, m.name, `${m.name} (v${m.version}, ${m.family})`);
+  state.models = listed.models;
+  for (const [select, translation] of [[$("translation-model"), true], [$("image-model"), false]]) {
+    const keep = select.value;
+    select.replaceChildren();
+    for (const m of state.models.filter((m) => (m.task === "translation") === translation)) {
+      option(select, m.name, `${m.name} (v${m.version}, ${m.family})`);
+    }
+    if ([...select.options].some((o) => o.value === keep)) select.value = keep;
   }
-  status(`${state.models.length} models ready.`);
+  const refused = Object.entries(listed.rejected || {});
+  const note = refused.length ? ` Not loaded: ${refused.map(([n, why]) => `${n} (${why})`).join("; ")}.` : "";
+  status(`${state.models.length} models ready.${note}`, refused.length > 0);
   document.body.dataset.ready = "true";
+}
+
+/** The model chosen in ``select``, or an error saying why there is none. */
+function chosen(select) {
+  if (select.value) return select.value;
+  throw new Error(state.models.length ? "No model of this kind is served." : "No models listed yet: enter the API token above if the service has one.");
 }
 
 // -- translation --------------------------------------------------------------------------------
 
 async function translate(event) {
   event.preventDefault();
-  const model = $("translation-model").value;
+  const signal = nextCall("translation");
   // every layer and head: RNNs answer without them, Transformers (ours or imported) with them;
   // streamed: each token and its alignment row show as the model chooses it (greedy search)
   const body = { text: $("text").value, beam_size: Number($("search").value), return_attention: true,
-                 attention_layers: "all", stream: true };
+                 attention_layers: "all", stream: true, truncate: $("truncate").checked };
   status("Translating…");
-  const headers = { "Content-Type": "application/json" };
-  const token = $("token").value.trim();
-  if (token) headers.Authorization = `Bearer ${token}`;
   try {
+    const model = chosen($("translation-model"));
+    const headers = { "Content-Type": "application/json", ...authorization() };
     const response = await fetch(`/v1/models/${encodeURIComponent(model)}/translate`, {
-      method: "POST", headers, body: JSON.stringify(body),
+      method: "POST", headers, body: JSON.stringify(body), signal,
     });
     if (!response.ok) { // refused before the stream began: an ordinary JSON error
       const error = await response.json().catch(() => ({}));
@@ -98,6 +130,8 @@ async function translate(event) {
       status(`Translated by ${data.model} v${data.version}` + (streamed ? `, ${streamed} tokens streamed.` : "."));
     }
   } catch (err) {
+    if (signal.aborted) return; // a newer request took over: it owns the panel now
+    $("translation-result").hidden = true; // no answer on screen that is not this request's
     status(err.message, true);
   }
 }
@@ -215,7 +249,7 @@ function highlight(tr, row) {
 // -- images -------------------------------------------------------------------------------------
 
 async function classify(blob) {
-  const model = $("image-model").value;
+  const signal = nextCall("image");
   const form = new FormData();
   form.append("file", blob, "image.png");
   form.append("top_k", "5");
@@ -223,10 +257,13 @@ async function classify(blob) {
   form.append("head_fusion", $("fusion").value);
   status("Classifying…");
   try {
-    const answer = await api(`/v1/models/${encodeURIComponent(model)}/classify`, { method: "POST", body: form });
-    state.image = { blob, answer };
-    await drawPicture(blob);
-    drawOverlay();
+    const model = chosen($("image-model"));
+    const answer = await api(`/v1/models/${encodeURIComponent(model)}/classify`, { method: "POST", body: form, signal });
+    const shown = await drawPicture(blob);
+    if (signal.aborted) return;
+    state.image = shown ? { blob, answer } : null; // nothing to lay a heatmap over
+    $("picture").closest(".stack").hidden = !shown;
+    if (shown) drawOverlay();
     const labels = $("labels");
     labels.replaceChildren();
     for (const p of answer.predictions) {
@@ -236,18 +273,32 @@ async function classify(blob) {
     }
     showMetrics($("image-metrics"), answer);
     $("image-result").hidden = false;
-    status(`Classified by ${answer.model} v${answer.version}.`);
+    const top = answer.predictions[0];
+    $("picture").setAttribute("aria-label", `the image, classified ${top.label} (${(100 * top.probability).toFixed(1)} %)`);
+    const unseen = shown ? "" : " This browser cannot display the image's format, so no heatmap is drawn.";
+    status(`Classified by ${answer.model} v${answer.version}.${unseen}`);
   } catch (err) {
+    if (signal.aborted) return; // a newer request took over: it owns the panel now
+    $("image-result").hidden = true;
+    state.image = null;
     status(err.message, true);
   }
 }
 
+/** Draw the image, or say false when the browser cannot decode its format (TIFF, PPM …, which
+ * the service reads). */
 async function drawPicture(blob) {
-  const bitmap = await createImageBitmap(blob);
+  let bitmap;
+  try {
+    bitmap = await createImageBitmap(blob);
+  } catch {
+    return false;
+  }
   const ctx = $("picture").getContext("2d");
   ctx.imageSmoothingEnabled = false;
   ctx.clearRect(0, 0, 288, 288);
   ctx.drawImage(bitmap, 0, 0, 288, 288);
+  return true;
 }
 
 /** A blue → yellow → red ramp for a value in [0, 1]. */
@@ -295,6 +346,7 @@ $("samples").addEventListener("click", (e) => { if (e.target.dataset.sample) sam
 $("file").addEventListener("change", () => { if ($("file").files[0]) classify($("file").files[0]); });
 $("fusion").addEventListener("change", () => { if (state.image) classify(state.image.blob); });
 $("opacity").addEventListener("input", () => { if (state.image) drawOverlay(); });
+$("token").addEventListener("change", loadModels); // typed, then Enter or focus moved on
 const drop = $("drop");
 drop.addEventListener("dragover", (e) => { e.preventDefault(); drop.classList.add("over"); });
 drop.addEventListener("dragleave", () => drop.classList.remove("over"));

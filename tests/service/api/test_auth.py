@@ -3,9 +3,6 @@ gRPC; the check itself is constant-time and names what is wrong."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from pathlib import Path
-
 import grpc
 import pytest
 import requests
@@ -19,9 +16,9 @@ from service.api.protos import attention_pb2_grpc as apb_grpc
 from service.api.protos import grpc_service_pb2 as pb
 from service.api.protos import grpc_service_pb2_grpc as pb_grpc
 from service.errors import Unauthorized
-from tests.conftest import Service, running_service
+from tests.conftest import API_TOKEN, Service
 
-TOKEN = "correct-horse-battery-staple"
+TOKEN = API_TOKEN
 
 
 def test_check_accepts_only_the_bearer_token() -> None:
@@ -36,12 +33,6 @@ def test_check_accepts_only_the_bearer_token() -> None:
     auth.check_metadata(token, [("x-other", "1"), ("authorization", f"Bearer {TOKEN}")])
     with pytest.raises(Unauthorized):
         auth.check_metadata(token, [("x-other", "1")])
-
-
-@pytest.fixture(scope="module")
-def guarded(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    with running_service(tiny_repository, tmp_path_factory.mktemp("guarded"), ATTN_API_TOKEN=TOKEN) as svc:
-        yield svc
 
 
 @pytest.mark.slow

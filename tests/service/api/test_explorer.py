@@ -5,18 +5,21 @@ page's screenshot is kept in test-artifacts/."""
 from __future__ import annotations
 
 import shutil
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
+from PIL import Image
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service as Driver
 from selenium.webdriver.common.action_chains import ActionChains
 from selenium.webdriver.common.by import By
+from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.support.ui import Select, WebDriverWait
 
-from tests.conftest import Service
+from tests.conftest import API_TOKEN, Service
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[3]
@@ -38,6 +41,7 @@ def browser() -> Iterator[webdriver.Chrome]:
         "--window-size=1280,1500",
     ):
         options.add_argument(flag)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})  # the console, for get_log
     driver = webdriver.Chrome(service=Driver(executable_path=CHROMEDRIVER), options=options)
     try:
         yield driver
@@ -91,3 +95,131 @@ def test_explorer_translates_and_classifies(service: Service, browser: webdriver
     ARTIFACTS.mkdir(exist_ok=True)
     browser.save_screenshot(str(ARTIFACTS / "explorer.png"))
     assert browser.find_element(By.ID, "status").get_attribute("class") != "error"
+
+
+def ready(driver: webdriver.Chrome) -> bool:
+    return driver.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true"
+
+
+def status_text(driver: webdriver.Chrome) -> str:
+    return str(driver.find_element(By.ID, "status").text)
+
+
+def test_with_a_token_the_page_asks_for_it_and_lists_the_models_once_typed(
+    guarded: Service, browser: webdriver.Chrome
+) -> None:
+    """A service with an API token: the page said it could not list the models and stayed
+    empty whatever was typed (the models were listed once, at load), then posted to
+    ``/v1/models//translate``. Now it asks for the token, lists the models once it is entered,
+    and a wrong one is named."""
+    browser.get(guarded.url + "/")
+    wait(browser, lambda d: "Enter the API token above" in status_text(d))
+    browser.find_element(By.ID, "translate").click()
+    wait(browser, lambda d: "enter the API token" in status_text(d))
+    token = browser.find_element(By.ID, "token")
+    token.send_keys("wrong-token-of-some-length" + Keys.ENTER)
+    wait(browser, lambda d: "not valid" in status_text(d))
+    token.clear()
+    token.send_keys(API_TOKEN + Keys.ENTER)
+    wait(browser, ready)
+    assert "models ready" in status_text(browser)
+    Select(browser.find_element(By.ID, "translation-model")).select_by_value("dates-bahdanau")
+    text = browser.find_element(By.ID, "text")
+    text.clear()
+    text.send_keys("3 juin 1980")
+    browser.find_element(By.ID, "translate").click()
+    wait(browser, lambda d: d.find_element(By.ID, "translation").text == "1980-06-03")
+    token.send_keys(Keys.ENTER)  # listed again: each model once, the choice kept
+    options = [
+        o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#translation-model option")
+    ]
+    assert sorted(options) == ["dates-bahdanau", "dates-transformer"]
+    assert (
+        Select(browser.find_element(By.ID, "translation-model")).first_selected_option.get_attribute("value")
+        == "dates-bahdanau"
+    )
+
+
+#: the page's fetch, with the first call made after it is installed held back ``ms``
+SLOW_FIRST_FETCH = """
+const real = window.fetch, ms = arguments[0];
+let first = true;
+window.fetch = (...args) => {
+  const late = first; first = false;
+  return late ? new Promise((r) => setTimeout(r, ms)).then(() => real(...args)) : real(...args);
+};
+"""
+
+
+def test_only_the_latest_request_shows_and_a_refusal_clears_the_panel(
+    service: Service, browser: webdriver.Chrome, tmp_path: Path
+) -> None:
+    """A slow answer to an earlier request never overwrites a later one's (it did: the first
+    translation's text and grid, and the first image's labels, came back last and stayed); after
+    a refusal no earlier answer stays on screen; an image the browser cannot display (TIFF) still
+    gets its labels, without a heatmap; the file input is reached from the keyboard; a text over
+    the model's limit is translated when "truncate" is ticked."""
+    browser.get(service.url + "/")
+    wait(browser, ready)
+    model, text = (
+        Select(browser.find_element(By.ID, "translation-model")),
+        browser.find_element(By.ID, "text"),
+    )
+    browser.execute_script(SLOW_FIRST_FETCH, 1500)
+    model.select_by_value("dates-transformer")
+    text.clear()
+    text.send_keys("le 14 juillet 1789")
+    browser.find_element(By.ID, "translate").click()
+    model.select_by_value("dates-bahdanau")
+    text.clear()
+    text.send_keys("3 juin 1980")
+    browser.find_element(By.ID, "translate").click()
+    wait(browser, lambda d: "Translated by dates-bahdanau" in status_text(d))
+    time.sleep(2.5)  # the first answer would be in by now
+    assert browser.find_element(By.ID, "translation").text == "1980-06-03"
+    assert "dates-bahdanau" in status_text(browser)
+    # over the limit: refused, and the earlier answer leaves the screen; ticked, translated
+    text.clear()
+    text.send_keys("3 juin 1980 " * 30)
+    browser.find_element(By.ID, "translate").click()
+    wait(browser, lambda d: "truncate" in status_text(d))
+    assert not browser.find_element(By.ID, "translation-result").is_displayed()
+    browser.find_element(By.ID, "truncate").click()
+    browser.find_element(By.ID, "translate").click()
+    wait(browser, lambda d: "Translated by dates-bahdanau" in status_text(d))
+    assert browser.find_element(By.ID, "translation-result").is_displayed()
+    # images: the slow first sample never replaces the second one's labels
+    Select(browser.find_element(By.ID, "image-model")).select_by_value("fashion-vit")
+    browser.execute_script(SLOW_FIRST_FETCH, 1500)
+    browser.find_element(By.CSS_SELECTOR, "#samples button[data-sample='bag']").click()
+    browser.find_element(By.CSS_SELECTOR, "#samples button[data-sample='trouser']").click()
+    wait(browser, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#labels li")) == 5)
+    time.sleep(3.5)  # the bag's fetch, then its answer, would be in by now
+    trouser = requests.post(
+        f"{service.url}/v1/models/fashion-vit/classify",
+        files={"file": ("t.png", (ROOT / "docs" / "samples" / "trouser.png").read_bytes(), "image/png")},
+        timeout=30,
+    ).json()["predictions"][0]["label"]
+    assert browser.find_element(By.CSS_SELECTOR, "#labels li").text.startswith(trouser)
+    # a file that is no image: refused, the trouser's answer leaves the screen
+    upload = browser.find_element(By.ID, "file")
+    (tmp_path / "notes.txt").write_text("not an image")
+    upload.send_keys(str(tmp_path / "notes.txt"))
+    wait(browser, lambda d: d.find_element(By.ID, "status").get_attribute("class") == "error")
+    assert not browser.find_element(By.ID, "image-result").is_displayed()
+    # a TIFF: the service reads it, the browser cannot show it: labels, no picture, said so
+    tiff = tmp_path / "bag.tiff"
+    Image.open(ROOT / "docs" / "samples" / "bag.png").save(tiff)
+    upload.send_keys(str(tiff))
+    wait(browser, lambda d: "cannot display" in status_text(d))
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#labels li")) == 5
+    assert not browser.find_element(By.ID, "picture").is_displayed()
+    # the file input takes the keyboard's focus (it was display: none, out of the tab order)
+    browser.find_element(By.ID, "image-model").click()
+    focused = [browser.switch_to.active_element.get_attribute("id")]
+    for _ in range(6):
+        ActionChains(browser).send_keys(Keys.TAB).perform()
+        focused.append(browser.switch_to.active_element.get_attribute("id"))
+    assert "file" in focused, focused
+    errors = [e for e in browser.get_log("browser") if e["level"] == "SEVERE" and "favicon" in e["message"]]
+    assert not errors, errors
