@@ -32,6 +32,20 @@ def _placeable(share: float) -> float:
 GpuShare = Annotated[float, Field(gt=0, le=8), AfterValidator(_placeable)]
 
 
+def _token_is_usable(token: SecretStr | None) -> SecretStr | None:
+    """A bearer token a client can send: 16+ characters, each printable ASCII and no space (a
+    header value; a browser refuses to send other characters). The message never repeats it."""
+    if token is None:
+        return None
+    value = token.get_secret_value()
+    if len(value) < 16:
+        example = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+        raise ValueError(f"must be at least 16 characters, not {len(value)} (make one: {example})")
+    if not all("!" <= c <= "~" for c in value):
+        raise ValueError("must be printable ASCII without spaces (it travels in an HTTP header)")
+    return token
+
+
 class Batching(BaseModel):
     model_config = ConfigDict(extra="forbid")  # an unknown name (a typo) stops the start
     max_batch_size: int = Field(32, ge=1, le=4096)
@@ -234,8 +248,8 @@ class Settings(BaseSettings):
     repository_poll_s: float = Field(10.0, ge=0)
     #: when set, every HTTP route but health and every gRPC method but ServerLive/ServerReady and
     #: grpc.health.v1's needs ``Authorization: Bearer <token>`` (metrics are Ray's port, outside
-    #: the app)
-    api_token: SecretStr | None = Field(None, min_length=16)
+    #: the app). At least 16 printable ASCII characters, no spaces: what an HTTP header carries
+    api_token: Annotated[SecretStr | None, AfterValidator(_token_is_usable)] = None
 
     @property
     def serve_logging(self) -> dict[str, object]:

@@ -168,6 +168,10 @@ def test_a_refused_start_names_the_setting_and_never_prints_the_token(
     monkeypatch.setenv("ATTN_API_TOKEN", "short-secret")
     assert main([]) == 2
     assert "ATTN_API_TOKEN: " in (err := capsys.readouterr().err) and "short-secret" not in err
+    assert "at least 16 characters, not 12" in err and "items" not in err, err
+    monkeypatch.setenv("ATTN_API_TOKEN", "sécret-with-an-accent-and-length")  # no header can carry it
+    assert main([]) == 2
+    assert "printable ASCII" in (err := capsys.readouterr().err) and "accent" not in err, err
 
 
 def test_a_host_that_is_not_this_machine_s_is_named_as_such(
