@@ -88,9 +88,7 @@ def export(
     variants asked for: ``quantize="int8"`` writes ``<name>-int8``, ``precision="fp16"``
     ``<name>-fp16``, at the same version."""
     name = recipe.name
-    kinds = [kind for kind in (quantize, precision) if kind]
-    for target_name in (name, *(variant_name(name, kind) for kind in kinds)):
-        check_target(repository, target_name, version, force)  # fail before any work
+    kinds = check_targets(repository, name, version, force, quantize, precision)  # before any work
     ckpt = _load_for(recipe, ckpt_dir)
     with staged_version(repository, name, version, force) as staging:
         plans = plans_for(ckpt.model)
@@ -111,6 +109,17 @@ def export(
     for kind in kinds:
         write_variant(target, recipe, repository, kind, force)
     return target
+
+
+def check_targets(
+    repository: Path, name: str, version: int, force: bool, quantize: str | None, precision: str | None
+) -> list[str]:
+    """Refuse a version that exists (without ``force``) or a file in the way, for ``name`` and
+    each variant asked for; the variants' kinds."""
+    kinds = [kind for kind in (quantize, precision) if kind]
+    for target_name in (name, *(variant_name(name, kind) for kind in kinds)):
+        check_target(repository, target_name, version, force)
+    return kinds
 
 
 def _load_for(recipe: Recipe, ckpt_dir: Path) -> Checkpoint:

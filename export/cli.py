@@ -16,9 +16,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
+import signal
 import sys
+import tempfile
 import time
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 from export import build, checkpoint, eval_report, recipes
 from export.checkpoint import CheckpointError
@@ -33,57 +38,83 @@ DEFAULT_REPOSITORY = Path("model_repository")
 DEFAULT_CHECKPOINTS = Path("build/checkpoints")
 DEFAULT_REPORTS = Path("reports/faithfulness")
 
+
+class Unwritable(Exception):
+    """A directory the command must write into cannot be written (said before any training)."""
+
+
 #: rc 2: what was asked cannot be done as asked — a typo, a missing or wrong input, an existing
-#: target; each is found before the model is written. Anything else is a bug and keeps its traceback
-CANNOT = (RefuseOverwrite, DatasetMissing, UnknownRecipe, ManifestError, CheckpointError)
+#: target, a directory it cannot write; each is found before the model is trained or written.
+#: Anything else is a bug and keeps its traceback
+CANNOT = (RefuseOverwrite, DatasetMissing, UnknownRecipe, ManifestError, CheckpointError, Unwritable)
+#: rc 130, as a shell reports an interrupted command: Ctrl-C (versions are staged and renamed
+#: whole, so the repository holds no part of the one being written; a checkpoint is written last)
+INTERRUPTED = 130
 #: rc 3: the model was exported and failed its verdict (parity, floors); nothing was written
 REFUSED = (ExportVerificationError, build.FloorNotMet)
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="attention-export", description=__doc__.split("\n")[0])
-    sub = p.add_subparsers(dest="command", required=True)
+    p = argparse.ArgumentParser(
+        prog="attention-export",
+        description="Train the demo models, export them (or local Hugging Face checkpoints) to ONNX with "
+        "their attention as graph outputs, verified against PyTorch, into a versioned model repository.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    where: dict[str, Any] = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
 
     def common(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
-        sp.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
-        sp.add_argument("--version", type=_positive, default=1)
+        sp.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository")
+        sp.add_argument(
+            "--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS, help="checkpoints, one folder per recipe"
+        )
+        sp.add_argument("--version", type=_positive, default=1, help="version to write")
         sp.add_argument("--force", action="store_true", help="replace an existing version")
         sp.add_argument("--quantize", choices=["int8"], help="also write an int8 variant <name>-int8")
         sp.add_argument("--precision", choices=["fp16"], help="also write a float16 variant <name>-fp16")
 
-    b = sub.add_parser("build", help="train (if no checkpoint) and export recipes")
-    b.add_argument("recipes", nargs="*", default=list(recipes.DEFAULT))
+    b = sub.add_parser("build", help="train (if no checkpoint) and export recipes", **where)
+    b.add_argument("recipes", nargs="*", default=list(recipes.DEFAULT), help="recipes (`list` shows them)")
     b.add_argument("--skip-existing", action="store_true", help="leave versions that exist alone")
     b.add_argument("--retrain", action="store_true", help="train even if a checkpoint exists")
     common(b)
-    t = sub.add_parser("train", help="train a recipe into a checkpoint directory")
-    t.add_argument("recipe")
-    t.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
+    t = sub.add_parser("train", help="train a recipe into a checkpoint directory", **where)
+    t.add_argument("recipe", help="a recipe (`list` shows them)")
+    t.add_argument(
+        "--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS, help="checkpoints, one folder per recipe"
+    )
     t.add_argument("--force", action="store_true", help="replace an existing checkpoint")
-    e = sub.add_parser("export", help="export a checkpoint into the repository")
-    e.add_argument("recipe")
+    e = sub.add_parser("export", help="export a checkpoint into the repository", **where)
+    e.add_argument("recipe", help="a recipe (`list` shows them)")
     e.add_argument("--checkpoint", type=Path, help="checkpoint directory (default: CHECKPOINTS/RECIPE)")
     common(e)
-    v = sub.add_parser("eval", help="score attention faithfulness → manifests' eval + a report")
-    v.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
-    v.add_argument("--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS)
-    v.add_argument("--reports", type=Path, default=DEFAULT_REPORTS)
+    v = sub.add_parser("eval", help="score attention faithfulness → manifests' eval + a report", **where)
+    v.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository")
+    v.add_argument(
+        "--checkpoints", type=Path, default=DEFAULT_CHECKPOINTS, help="checkpoints, one folder per recipe"
+    )
+    v.add_argument("--reports", type=Path, default=DEFAULT_REPORTS, help="where the report is written")
     v.add_argument("--dates", type=_positive, default=Sizes.dates, help="held-out dates scored for alignment")
     v.add_argument("--canvases", type=_positive, default=Sizes.canvases, help="test canvases, pointing game")
     v.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 comparison")
-    h = sub.add_parser("import-hf", help="export a local Hugging Face ViT/DeiT/MarianMT checkpoint")
-    h.add_argument("checkpoint", type=Path)
+    h = sub.add_parser("import-hf", help="export a local Hugging Face ViT/DeiT/MarianMT checkpoint", **where)
+    h.add_argument(
+        "checkpoint", type=Path, help="the checkpoint's directory (config.json, safetensors weights)"
+    )
     h.add_argument("--name", required=True, help="model name in the repository")
-    h.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY)
-    h.add_argument("--version", type=_positive, default=1)
+    h.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository")
+    h.add_argument("--version", type=_positive, default=1, help="version to write")
     h.add_argument("--force", action="store_true", help="replace an existing version")
     sub.add_parser("list", help="list the recipes")
     return p
 
 
 def _positive(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, got {text!r}") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
@@ -92,8 +123,30 @@ def _positive(text: str) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    interrupted = False
+
+    def on_interrupt(signum: int, frame: FrameType | None) -> None:
+        nonlocal interrupted
+        interrupted = True
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
     try:
         return _run(args)
+    except BaseException as exc:
+        # Ctrl-C, however the code it landed in wrapped it (torch.onnx.export turns it into its
+        # own TorchExportError): one line, not a traceback
+        if not interrupted or isinstance(exc, SystemExit):
+            raise
+        print("interrupted: the repository holds no part of what was being written", file=sys.stderr)
+        return INTERRUPTED
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
+        return _command(args)
     except CANNOT as exc:
         print(f"error: {exc.args[0] if isinstance(exc, KeyError) else exc}", file=sys.stderr)
         return 2
@@ -102,7 +155,22 @@ def main(argv: list[str] | None = None) -> int:
         return 3
 
 
-def _run(args: argparse.Namespace) -> int:
+def writable(directory: Path, what: str) -> None:
+    """Refuse at once a ``directory`` that cannot be written (created, where it does not exist),
+    rather than after the training: by making and removing a folder in its nearest existing
+    ancestor (permissions alone do not say, as root or on a read-only mount)."""
+    ancestor = directory
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise Unwritable(f"{what} {directory}: {ancestor} is a file, not a directory")
+    try:
+        shutil.rmtree(tempfile.mkdtemp(prefix=".write-check-", dir=ancestor))
+    except OSError as exc:
+        raise Unwritable(f"{what} {directory}: cannot write in {ancestor} ({exc.strerror})") from exc
+
+
+def _command(args: argparse.Namespace) -> int:
     if args.command == "list":
         for r in recipes.RECIPES.values():
             default = "*" if r.name in recipes.DEFAULT else " "
@@ -118,6 +186,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.command == "import-hf":
         from export import hf  # transformers is only imported for this command
 
+        writable(args.repository, "--repository")
         try:
             target = hf.import_checkpoint(
                 args.checkpoint, args.name, args.repository, args.version, args.force
@@ -133,26 +202,34 @@ def _run(args: argparse.Namespace) -> int:
         if (directory / checkpoint.WEIGHTS).exists() and not args.force:
             # versions exported from it name it by its sha256; a new one would orphan them
             raise RefuseOverwrite(f"{directory} already holds a checkpoint; pass --force to replace it")
+        writable(directory, "--checkpoints")
         build.train(recipe, directory)
         print(f"wrote {directory}")
         return 0
     if args.command == "export":
         recipe = recipes.get(args.recipe)
         ckpt = args.checkpoint or args.checkpoints / recipe.name
+        writable(args.repository, "--repository")
         target = build.export(
             ckpt, recipe, args.repository, args.version, args.force, args.quantize, args.precision
         )
         print(f"wrote {target}")
         return 0
     selected = [recipes.get(n) for n in args.recipes]  # fail on a typo before any work
+    writable(args.repository, "--repository")
     for recipe in selected:
         target = args.repository / recipe.name / str(args.version)
         if target.exists() and args.skip_existing and not args.force:
             print(f"{target} exists, skipping")
             continue
+        # an existing version is refused before the training, not after it
+        build.check_targets(
+            args.repository, recipe.name, args.version, args.force, args.quantize, args.precision
+        )
         start = time.perf_counter()
         ckpt = args.checkpoints / recipe.name
-        if args.retrain or not (ckpt / "model.safetensors").exists():
+        if args.retrain or not (ckpt / checkpoint.WEIGHTS).exists():
+            writable(ckpt, "--checkpoints")
             build.train(recipe, ckpt)
         target = build.export(
             ckpt, recipe, args.repository, args.version, args.force, args.quantize, args.precision

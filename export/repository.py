@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -42,12 +43,46 @@ def check_target(repository: Path, name: str, version: int, force: bool) -> Path
     return target
 
 
+#: a staging directory of a writer that is gone, untouched this long, is removed by the next writer
+ABANDONED_AFTER_S = 3600.0
+
+
+def remove_abandoned_stagings(folder: Path, older_than_s: float = ABANDONED_AFTER_S) -> list[Path]:
+    """Remove what writers killed mid-export left in ``folder`` (a model's directory): staging
+    directories whose process is not running here and that nothing wrote into for
+    ``older_than_s`` — both, since a writer in another container on a shared volume has a process
+    id this machine cannot see. The service never reads them; they only hold disk. Returns them."""
+    removed = []
+    for staging in folder.glob(".staging-*-*") if folder.is_dir() else []:
+        pid = staging.name.rsplit("-", 1)[1]
+        with contextlib.suppress(OSError):
+            if (
+                pid.isdigit()
+                and not _running(int(pid))
+                and time.time() - staging.stat().st_mtime > older_than_s
+            ):
+                shutil.rmtree(staging)
+                removed.append(staging)
+    return removed
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: running
+        return True
+    return True
+
+
 @contextmanager
 def staged_version(repository: Path, name: str, version: int, force: bool) -> Iterator[Path]:
     """Yield an empty staging directory; on success validate it and move it to its version."""
     target = check_target(repository, name, version, force)
     staging = target.parent / f".staging-{version}-{os.getpid()}"
     model_existed = target.parent.exists()
+    remove_abandoned_stagings(target.parent)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:

@@ -171,4 +171,4 @@ def test_a_repository_that_is_a_file_is_an_error_line(
         ["dates-bahdanau", "--checkpoint", str(ckpt)] if command == "export" else [str(ckpt), "--name", "x"]
     )
     err = run_error(capsys, command, *source, "--repository", str(tmp_path / "repo"))
-    assert "is a file, not a directory of model versions" in err
+    assert "is a file, not a directory" in err

@@ -1,0 +1,108 @@
+"""What the CLI checks before it trains, and how it stops: a directory it cannot write and a
+version that exists are refused before minutes of training (they were found after it, as a
+traceback or an error line); Ctrl-C is one line and rc 130, however the code it landed in wrapped
+it; a staging directory a killed writer left behind is removed by the next writer."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from export import build
+from export.cli import INTERRUPTED, main
+from export.repository import ABANDONED_AFTER_S, remove_abandoned_stagings, staged_version
+from service.inference.manifest import ManifestError
+from tests.export.test_cli import run_error, tokenized_checkpoint
+
+#: a path no process can create, root included
+UNWRITABLE = Path("/proc/attention-serve-test/out")
+
+
+@pytest.fixture
+def no_training(monkeypatch: pytest.MonkeyPatch) -> None:
+    def trained(*_: object) -> None:
+        raise AssertionError("trained before refusing")  # minutes of the real recipe
+
+    monkeypatch.setattr(build, "train", trained)
+
+
+@pytest.mark.usefixtures("no_training")
+def test_directories_that_cannot_be_written_are_refused_before_any_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    err = run_error(capsys, "train", "dates-bahdanau", "--checkpoints", str(UNWRITABLE))
+    assert f"--checkpoints {UNWRITABLE}/dates-bahdanau: cannot write in /proc" in err
+    for argv in (["build", "dates-bahdanau"], ["export", "dates-bahdanau"]):
+        err = run_error(capsys, *argv, "--repository", str(UNWRITABLE), "--checkpoints", str(tmp_path))
+        assert f"--repository {UNWRITABLE}: cannot write in /proc" in err
+    err = run_error(capsys, "build", "dates-bahdanau", "--checkpoints", str(UNWRITABLE),
+                    "--repository", str(tmp_path / "repo"))  # fmt: skip
+    assert "--checkpoints" in err and "cannot write" in err
+    ckpt = tokenized_checkpoint(tmp_path / "hf-like")
+    err = run_error(capsys, "import-hf", str(ckpt), "--name", "x", "--repository", str(UNWRITABLE))
+    assert "cannot write in /proc" in err
+    assert not list(tmp_path.glob("repo/**/*.onnx"))
+
+
+@pytest.mark.usefixtures("no_training")
+def test_build_refuses_an_existing_version_before_training(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "repo" / "dates-bahdanau" / "1").mkdir(parents=True)
+    err = run_error(capsys, "build", "dates-bahdanau", "--repository", str(tmp_path / "repo"),
+                    "--checkpoints", str(tmp_path / "fresh"))  # fmt: skip
+    assert "dates-bahdanau/1 already exists; pass --force" in err
+    (tmp_path / "repo" / "fashion-vit-int8" / "1").mkdir(parents=True)  # a variant's version too
+    err = run_error(capsys, "build", "fashion-vit", "--quantize", "int8", "--repository", str(tmp_path / "repo"),
+                    "--checkpoints", str(tmp_path / "fresh"))  # fmt: skip
+    assert "fashion-vit-int8/1 already exists" in err
+
+
+def interrupt() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(1)  # the handler runs at the next bytecode: raised from here
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_ctrl_c_is_one_line_and_rc_130_and_leaves_no_version(
+    wrapped: bool, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C during an export: a KeyboardInterrupt traceback before, or — where torch.onnx.export
+    caught it — its own TorchExportError ('submit a PR to PyTorch')."""
+
+    def exporting(*_: object) -> None:
+        try:
+            interrupt()
+        except KeyboardInterrupt as exc:
+            if wrapped:
+                raise RuntimeError("Failed to export the model with torch.export") from exc
+            raise
+
+    monkeypatch.setattr(build, "export_graph", exporting)
+    ckpt = tokenized_checkpoint(tmp_path / "dates-bahdanau")
+    repository = tmp_path / "repo"
+    code = main(["export", "dates-bahdanau", "--checkpoint", str(ckpt), "--repository", str(repository)])
+    assert code == INTERRUPTED
+    err = capsys.readouterr().err
+    assert err.startswith("interrupted: ") and "Traceback" not in err and err.count("\n") == 1
+    assert not (repository / "dates-bahdanau").exists()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+
+
+def test_a_killed_writer_s_staging_is_removed_by_the_next_writer(tmp_path: Path) -> None:
+    folder = tmp_path / "dates-bahdanau"
+    gone, young, alive = (folder / f".staging-1-{pid}" for pid in (2**22 + 1, 2**22 + 2, os.getppid()))
+    for staging in (gone, young, alive):
+        staging.mkdir(parents=True)
+        (staging / "model.onnx").write_bytes(b"half written")
+    old = time.time() - ABANDONED_AFTER_S - 60
+    for staging in (gone, alive):
+        os.utime(staging, (old, old))
+    with pytest.raises(ManifestError), staged_version(tmp_path, "dates-bahdanau", 2, force=False):
+        assert not gone.exists()  # its writer is not running and it is old: removed
+        assert young.exists() and alive.exists()  # written lately, or its writer runs: kept
+    assert remove_abandoned_stagings(tmp_path / "nothing-here") == []
