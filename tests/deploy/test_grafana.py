@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import yaml
@@ -37,6 +38,18 @@ def test_provisioning_matches_the_compose_mounts_and_the_dashboard() -> None:
         for target in panel["targets"]:
             assert target["datasource"] == panel["datasource"], panel["title"]
     assert '"uid": "prometheus"' not in (GRAFANA / "dashboards" / "attention-serve.json").read_text()
+    # every series is this service's scrape job's (a variable, starting on the bundled job): a
+    # second environment or another Ray Serve app in the same Prometheus is not summed in
+    [job] = [v for v in dashboard["templating"]["list"] if v["name"] == "job"]
+    assert job["current"]["value"] == "attention-serve" and "label_values(" in job["definition"]
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            selectors = re.findall(r"\b(ray_[a-z_]+)(\{[^}]*\})?", target["expr"])
+            assert selectors, target["expr"]
+            for name, matchers in selectors:
+                assert 'job=~"$job"' in matchers, (panel["title"], target["expr"])
+                if name.startswith("ray_serve_"):
+                    assert 'application="attention"' in matchers, target["expr"]
     titles = " ".join(p["title"] for p in dashboard["panels"]).lower()
     for topic in ("requests/s", "errors/s", "p99", "queue wait", "batch size", "tokens", "replicas",
                   "first token", "per output token", "steps/s", "in flight"):  # fmt: skip

@@ -243,7 +243,17 @@ def test_the_batch_size_histogram_counts_each_batch_under_its_own_size(service: 
     every batch of 1, 2, 4 … was counted one bucket higher: ``le="1.0"`` never moved."""
     png, _ = canvas_png()
     body = {"image": base64.b64encode(png).decode()}
-    before = batch_buckets(scrape(service), "fashion-vit")
+    # earlier tests' batches reach the scrape seconds after they ran: start from a quiet count
+    before, quiet_since, deadline = (
+        batch_buckets(scrape(service), "fashion-vit"),
+        time.monotonic(),
+        time.monotonic() + 90,
+    )
+    while time.monotonic() - quiet_since < 12 and time.monotonic() < deadline:
+        time.sleep(1)
+        now = batch_buckets(scrape(service), "fashion-vit")
+        if now != before:
+            before, quiet_since = now, time.monotonic()
     sizes = [service.post("/v1/models/fashion-vit/classify", json=body).json()["metrics"]["batch_size"]
              for _ in range(5)]  # fmt: skip
     with ThreadPoolExecutor(16) as pool:
