@@ -53,16 +53,24 @@ def wait(driver: webdriver.Chrome, condition: object, timeout: float = 30) -> ob
     return WebDriverWait(driver, timeout).until(condition)
 
 
+def ready(driver: webdriver.Chrome) -> bool:
+    return driver.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true"
+
+
+def translate_on_page(driver: webdriver.Chrome, model: str, text: str, expected: str) -> None:
+    Select(driver.find_element(By.ID, "translation-model")).select_by_value(model)
+    field = driver.find_element(By.ID, "text")
+    field.clear()
+    field.send_keys(text)
+    driver.find_element(By.ID, "translate").click()
+    wait(driver, lambda d: d.find_element(By.ID, "translation").text == expected)
+
+
 def test_explorer_translates_and_classifies(service: Service, browser: webdriver.Chrome) -> None:
     browser.get(service.url + "/")
-    wait(browser, lambda d: d.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true")
+    wait(browser, ready)
     # -- translation: an RNN's alignment grid, one cell per (target, source) token pair
-    Select(browser.find_element(By.ID, "translation-model")).select_by_value("dates-bahdanau")
-    text = browser.find_element(By.ID, "text")
-    text.clear()
-    text.send_keys("3 juin 1980")
-    browser.find_element(By.ID, "translate").click()
-    wait(browser, lambda d: d.find_element(By.ID, "translation").text == "1980-06-03")
+    translate_on_page(browser, "dates-bahdanau", "3 juin 1980", "1980-06-03")
     expected = requests.post(
         f"{service.url}/v1/models/dates-bahdanau/translate", json={"text": "3 juin 1980"}, timeout=30
     ).json()["translations"][0]
@@ -97,10 +105,6 @@ def test_explorer_translates_and_classifies(service: Service, browser: webdriver
     assert browser.find_element(By.ID, "status").get_attribute("class") != "error"
 
 
-def ready(driver: webdriver.Chrome) -> bool:
-    return driver.find_element(By.TAG_NAME, "body").get_attribute("data-ready") == "true"
-
-
 def status_text(driver: webdriver.Chrome) -> str:
     return str(driver.find_element(By.ID, "status").text)
 
@@ -123,12 +127,7 @@ def test_with_a_token_the_page_asks_for_it_and_lists_the_models_once_typed(
     token.send_keys(API_TOKEN + Keys.ENTER)
     wait(browser, ready)
     assert "models ready" in status_text(browser)
-    Select(browser.find_element(By.ID, "translation-model")).select_by_value("dates-bahdanau")
-    text = browser.find_element(By.ID, "text")
-    text.clear()
-    text.send_keys("3 juin 1980")
-    browser.find_element(By.ID, "translate").click()
-    wait(browser, lambda d: d.find_element(By.ID, "translation").text == "1980-06-03")
+    translate_on_page(browser, "dates-bahdanau", "3 juin 1980", "1980-06-03")
     token.send_keys(Keys.ENTER)  # listed again: each model once, the choice kept
     options = [
         o.get_attribute("value") for o in browser.find_elements(By.CSS_SELECTOR, "#translation-model option")

@@ -37,18 +37,28 @@ from tests.conftest import STOP_WITHIN_S, logged_since, running_service
 pytestmark = pytest.mark.slow
 
 
+def frontend_service(frontend: str, repository: Path, directory: Path, **settings: str) -> Any:
+    """``running_service`` with ``frontend``, on port pairs (ray-direct's clients go to the
+    ingress replica's own port, one above the proxy's)."""
+    return running_service(
+        repository,
+        directory,
+        port_offset=1 if frontend == "ray-direct" else 0,
+        ATTN_FRONTEND=frontend,
+        ATTN_HTTP_PORT=str(free_port_block(2)),
+        ATTN_GRPC_PORT=str(free_port_block(2)),
+        **settings,
+    )
+
+
 @pytest.mark.parametrize("frontend", ["ray-proxy", "ray-direct"])
 def test_ray_ingress_frontends_serve_rest_and_grpc(
     frontend: str, tiny_repository: Path, tmp_path: Path
 ) -> None:
-    offset = 1 if frontend == "ray-direct" else 0
-    with running_service(
+    with frontend_service(
+        frontend,
         tiny_repository,
         tmp_path,
-        port_offset=offset,
-        ATTN_FRONTEND=frontend,
-        ATTN_HTTP_PORT=str(free_port_block(2)),
-        ATTN_GRPC_PORT=str(free_port_block(2)),
         ATTN_LIMITS__MAX_QUEUED_REQUESTS="1",
         ATTN_MODEL_OVERRIDES='{"dates-transformer": {"max_batch_size": 1, "batch_wait_timeout_s": 0}}',
     ) as svc:
@@ -129,15 +139,7 @@ def test_a_stop_answers_what_is_in_flight_and_refuses_the_rest_clearly(
     request sent before the signal is answered 200; after it, each answer is 200 or a JSON 503
     saying the service stops, with Retry-After, until connections are refused. Ray's proxy
     answered a plain-text 404 for ~2 s (the app deleted while the proxy still listened)."""
-    offset = 1 if frontend == "ray-direct" else 0
-    with running_service(
-        tiny_repository,
-        tmp_path,
-        port_offset=offset,
-        ATTN_FRONTEND=frontend,
-        ATTN_HTTP_PORT=str(free_port_block(2)),
-        ATTN_GRPC_PORT=str(free_port_block(2)),
-    ) as svc:
+    with frontend_service(frontend, tiny_repository, tmp_path) as svc:
         asks = [
             ("/v1/models/dates-bahdanau/translate", {"text": "3 juin 1980"}),
             ("/v1/models/dates-transformer/translate",
