@@ -54,15 +54,25 @@ INTERRUPTED = 130
 REFUSED = (ExportVerificationError, build.FloorNotMet)
 
 
+class _Defaults(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults shown where they say something: not a flag's True/False (``--no-int8``'s
+    "default: True" read as "skipped by default"), not None, not twice."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or isinstance(action.default, bool) or "default" in (action.help or ""):
+            return action.help
+        return super()._get_help_string(action)
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="attention-export",
         description="Train the demo models, export them (or local Hugging Face checkpoints) to ONNX with "
         "their attention as graph outputs, verified against PyTorch, into a versioned model repository.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=_Defaults,
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    where: dict[str, Any] = {"formatter_class": argparse.ArgumentDefaultsHelpFormatter}
+    where: dict[str, Any] = {"formatter_class": _Defaults}
 
     def common(sp: argparse.ArgumentParser) -> None:
         sp.add_argument("--repository", type=Path, default=DEFAULT_REPOSITORY, help="model repository")
@@ -97,7 +107,9 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--reports", type=Path, default=DEFAULT_REPORTS, help="where the report is written")
     v.add_argument("--dates", type=_positive, default=Sizes.dates, help="held-out dates scored for alignment")
     v.add_argument("--canvases", type=_positive, default=Sizes.canvases, help="test canvases, pointing game")
-    v.add_argument("--no-int8", dest="int8", action="store_false", help="skip the int8 comparison")
+    v.add_argument(
+        "--no-int8", dest="int8", action="store_false", help="skip the int8 comparison (it runs by default)"
+    )
     h = sub.add_parser("import-hf", help="export a local Hugging Face ViT/DeiT/MarianMT checkpoint", **where)
     h.add_argument(
         "checkpoint", type=Path, help="the checkpoint's directory (config.json, safetensors weights)"

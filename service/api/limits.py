@@ -5,7 +5,9 @@ and the same object is what the OpenAPI document (:func:`write_openapi`) and the
 metadata (:func:`request_limits`) show. Only what needs the model is checked below, with the same
 object: the answer-size bound (it needs the source token counts and the decoder's layers and
 heads) and the decoded pixel count (it needs the image's header) — ``service/inference/runners.py``.
-The pydantic ``Field`` bounds in ``schemas.py`` are ceilings that ``Settings.limits`` cannot exceed.
+The pydantic ``Field`` bounds in ``schemas.py`` are ceilings that ``Settings.limits`` cannot exceed
+(``beam_size`` has none there: its ceiling is the setting's, so any size over the served limit is
+refused naming that limit).
 """
 
 from __future__ import annotations
@@ -20,12 +22,14 @@ from service.settings import Limits
 def check(job: Any, limits: Limits) -> None:
     """Refuse a job over a limit, naming the field (413 for sizes, 422 for values)."""
     if isinstance(job, TranslateJob):
-        if len(job.texts) > limits.max_texts:
-            raise PayloadTooLarge(f"text: {len(job.texts)} texts exceed the limit of {limits.max_texts}")
+        if len(job.texts) > limits.max_texts:  # named as the request's protocol names the field
+            raise PayloadTooLarge(
+                f"{job.field}: {len(job.texts)} texts exceed the limit of {limits.max_texts}"
+            )
         for i, text in enumerate(job.texts):
             if len(text) > limits.max_text_chars:
                 raise PayloadTooLarge(
-                    f"text[{i}]: {len(text)} characters exceed the limit of {limits.max_text_chars}"
+                    f"{job.field}[{i}]: {len(text)} characters exceed the limit of {limits.max_text_chars}"
                 )
         if job.beam_size > limits.max_beam_size:
             raise InvalidInput(f"beam_size: {job.beam_size} exceeds the limit of {limits.max_beam_size}")

@@ -11,7 +11,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-MAX_BEAM = 64
 MAX_IMAGE_B64 = 48 * 1024 * 1024
 MAX_PIXEL_SIDE = 4096
 
@@ -27,7 +26,7 @@ class TranslateRequest(_Request):
     text: str | list[str] = Field(
         description="One text or a list of texts (each at most 4096 characters; at most 256 texts)."
     )
-    beam_size: int = Field(1, ge=1, le=MAX_BEAM, description="1 = greedy decoding")
+    beam_size: int = Field(1, ge=1, description="1 = greedy decoding")
     max_length: int | None = Field(
         None, ge=1, le=1024, description="max target tokens (default: the model's)"
     )

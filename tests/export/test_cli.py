@@ -172,3 +172,16 @@ def test_a_repository_that_is_a_file_is_an_error_line(
     )
     err = run_error(capsys, command, *source, "--repository", str(tmp_path / "repo"))
     assert "is a file, not a directory" in err
+
+
+def test_help_shows_defaults_that_say_something(capsys: pytest.CaptureFixture[str]) -> None:
+    """``eval --no-int8`` said "(default: True)", read as "skipped by default"; required or unset
+    options said "(default: None)"; the directories' defaults are shown."""
+    for command in ("build", "train", "export", "eval", "import-hf"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        text = " ".join(capsys.readouterr().out.split())
+        assert "(default: None)" not in text and "(default: True)" not in text, command
+        assert "(default: False)" not in text and text.count("(default: CHECKPOINTS/RECIPE)") <= 1, command
+        if command != "train":
+            assert "(default: model_repository)" in text, command

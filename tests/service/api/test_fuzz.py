@@ -65,6 +65,12 @@ CORPUS = [
     (TRANSLATE, {"data": b"x" * 20_000_000, "headers": {"content-type": "application/json"}}, 413, "body"),
     (TRANSLATE, {"json": {"text": ["3 juin 1980"] * 65}}, 413, "text"),
     (TRANSLATE, {"json": {"text": "x", "beam_size": -1}}, 422, "beam_size"),
+    # over any schema ceiling: the served limit named, as for 9 (it named the schema's 64)
+    (TRANSLATE, {"json": {"text": "x", "beam_size": 99}}, 422, "beam_size: 99 exceeds the limit of 8"),
+    (V2, {"json": {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["x"]}],
+                   "parameters": {"beam_size": 99}}}, 422, "beam_size: 99 exceeds the limit of 8"),
+    (V2, {"json": {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["x" * 513]}]}}, 413,
+     "TEXT[0]: 513 characters exceed the limit of 512"),
     (TRANSLATE, {"data": b'{"text": "x", "length_penalty": NaN}', "headers": {"content-type": "application/json"}},
      422, "length_penalty: Input should be a finite number"),
     (TRANSLATE, {"json": {"text": "x", "max_length": 10**9}}, 422, "max_length"),

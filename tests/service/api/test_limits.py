@@ -27,6 +27,8 @@ LIMITS = Limits(
     [
         (TranslateJob(texts=["a", "b", "c"]), PayloadTooLarge, "text: 3 texts exceed the limit of 2"),
         (TranslateJob(texts=["ok", "too long"]), PayloadTooLarge, "text[1]: 8 characters"),
+        (TranslateJob(texts=["ok", "too long"], field="TEXT"), PayloadTooLarge, "TEXT[1]: 8 characters"),
+        (TranslateJob(texts=["a", "b", "c"], field="texts"), PayloadTooLarge, "texts: 3 texts exceed"),
         (TranslateJob(texts=["a"], beam_size=4), InvalidInput, "beam_size: 4 exceeds the limit of 3"),
         (ClassifyJob(image=b"x" * 2049), PayloadTooLarge, "image: 2049 bytes"),
         (ClassifyJob(image=b"x" * 2049, field="file"), PayloadTooLarge, "file: 2049 bytes"),
