@@ -139,6 +139,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_interrupt(signum: int, frame: FrameType | None) -> None:
         nonlocal interrupted
+        if interrupted:  # again: the first one's clean-up (a staging folder's removal) goes on
+            print("interrupted; removing what was being written", file=sys.stderr)
+            return
         interrupted = True
         raise KeyboardInterrupt
 
@@ -148,12 +151,23 @@ def main(argv: list[str] | None = None) -> int:
     except BaseException as exc:
         # Ctrl-C, however the code it landed in wrapped it (torch.onnx.export turns it into its
         # own TorchExportError): one line, not a traceback
-        if not interrupted or isinstance(exc, SystemExit):
+        if not (interrupted and _from_interrupt(exc)):
             raise
         print("interrupted: the repository holds no part of what was being written", file=sys.stderr)
         return INTERRUPTED
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _from_interrupt(exc: BaseException | None) -> bool:
+    """``exc`` is a KeyboardInterrupt, or was raised while handling one."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, KeyboardInterrupt):
+            return True
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -228,20 +242,27 @@ def _command(args: argparse.Namespace) -> int:
         print(f"wrote {target}")
         return 0
     selected = [recipes.get(n) for n in args.recipes]  # fail on a typo before any work
-    writable(args.repository, "--repository")
+    todo = []
     for recipe in selected:
         target = args.repository / recipe.name / str(args.version)
         if target.exists() and args.skip_existing and not args.force:
             print(f"{target} exists, skipping")
             continue
-        # an existing version is refused before the training, not after it
+        todo.append(recipe)
+    # every recipe's refusals before the first one trains: an existing version, a directory
+    # that cannot be written (only where something will be written: a complete read-only
+    # repository with --skip-existing is fine)
+    for recipe in todo:
         build.check_targets(
             args.repository, recipe.name, args.version, args.force, args.quantize, args.precision
         )
+        writable(args.repository, "--repository")
+        if args.retrain or not (args.checkpoints / recipe.name / checkpoint.WEIGHTS).exists():
+            writable(args.checkpoints / recipe.name, "--checkpoints")
+    for recipe in todo:
         start = time.perf_counter()
         ckpt = args.checkpoints / recipe.name
         if args.retrain or not (ckpt / checkpoint.WEIGHTS).exists():
-            writable(ckpt, "--checkpoints")
             build.train(recipe, ckpt)
         target = build.export(
             ckpt, recipe, args.repository, args.version, args.force, args.quantize, args.precision

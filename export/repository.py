@@ -56,14 +56,21 @@ def remove_abandoned_stagings(folder: Path, older_than_s: float = ABANDONED_AFTE
     for staging in folder.glob(".staging-*-*") if folder.is_dir() else []:
         pid = staging.name.rsplit("-", 1)[1]
         with contextlib.suppress(OSError):
-            if (
-                pid.isdigit()
-                and not _running(int(pid))
-                and time.time() - staging.stat().st_mtime > older_than_s
-            ):
+            if pid.isdigit() and not _running(int(pid)) and time.time() - _last_write(staging) > older_than_s:
                 shutil.rmtree(staging)
                 removed.append(staging)
     return removed
+
+
+def _last_write(folder: Path) -> float:
+    """When anything in ``folder`` was last written: its files' times too, not only the folder's
+    (which moves only when an entry is added or removed)."""
+    latest = folder.stat().st_mtime
+    for root, _, files in os.walk(folder):
+        for name in [".", *files]:
+            with contextlib.suppress(OSError):
+                latest = max(latest, os.stat(os.path.join(root, name)).st_mtime)
+    return latest
 
 
 def _running(pid: int) -> bool:
@@ -84,13 +91,16 @@ def staged_version(repository: Path, name: str, version: int, force: bool) -> It
     model_existed = target.parent.exists()
     remove_abandoned_stagings(target.parent)
     shutil.rmtree(staging, ignore_errors=True)
+    shutil.rmtree(target.parent / f".replaced-{version}-{os.getpid()}", ignore_errors=True)
     staging.mkdir(parents=True)
     try:
         yield staging
         Manifest.load(staging, location=(name, str(version)))  # the service's own check
-        if target.exists():
-            shutil.rmtree(target)
+        replaced = target.parent / f".replaced-{version}-{os.getpid()}"
+        if target.exists():  # --force: the old version moves aside whole, then goes
+            target.rename(replaced)
         staging.rename(target)
+        shutil.rmtree(replaced, ignore_errors=True)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
         if not model_existed and not target.exists():

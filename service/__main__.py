@@ -223,8 +223,14 @@ def stop_serving(settings: Settings) -> None:
         with contextlib.suppress(Exception):  # nothing deployed yet: nothing to drain
             serve.get_app_handle("attention").drain.remote().result(timeout_s=settings.drain_s + 5)
         if settings.ray_address is not None:
-            with contextlib.suppress(Exception):
+            try:
                 serve.delete("attention")
+            except Exception as exc:  # its ingress drained: it answers 503 "stopping" until deleted
+                logging.getLogger("service").warning(
+                    "the app 'attention' was not deleted from the cluster (%s); delete it with "
+                    "`serve delete attention`",
+                    exc,
+                )
     ray.shutdown()
 
 

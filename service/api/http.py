@@ -75,15 +75,25 @@ class App(FastAPI):
     client_gone: tuple[type[BaseException], ...] = ()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":  # lifespan
+            await super().__call__(scope, receive, send)
+            return
         if self.client_gone:
             receive = _disconnect_on(receive, self.client_gone)
-        if scope["type"] == "http" and self.hot_routes is not None and self.hot_path is not None:
-            hit = self.hot_routes.match(scope)
-            if hit is not None:
-                scope["app"], scope["route_handler"], scope["path_params"] = self, hit[0], hit[1]
-                await self.hot_path(scope, receive, send)
-                return
-        await super().__call__(scope, receive, send)
+        server: Server = self.state.server
+        # in flight until its answer is sent (encoded, compressed, written): Server.drain waits
+        # for that, not only for the model's answer
+        server.in_flight += 1
+        try:
+            if self.hot_routes is not None and self.hot_path is not None:
+                hit = self.hot_routes.match(scope)
+                if hit is not None:
+                    scope["app"], scope["route_handler"], scope["path_params"] = self, hit[0], hit[1]
+                    await self.hot_path(scope, receive, send)
+                    return
+            await super().__call__(scope, receive, send)
+        finally:
+            server.in_flight -= 1
 
     def openapi(self) -> dict[str, Any]:
         if self.openapi_schema is None:

@@ -60,7 +60,9 @@ class Server:
         self.entries: dict[str, ModelEntry] = {}
         self.rejected: dict[str, str] = {}
         self.model_info: dict[str, dict[str, Any]] = {}
-        self.in_flight = 0  # predictions and streams begun and not yet answered
+        #: requests begun and not yet answered: predictions and streams (every protocol), and
+        #: HTTP exchanges until their answer is written (``App``)
+        self.in_flight = 0
         self.stopping = False  # set by drain(): new predictions are refused with 503
         # the body limit: the largest image, base64-encoded, plus room for the JSON around it
         self.max_body = settings.limits.max_image_bytes * 4 // 3 + 64 * 1024
@@ -113,15 +115,18 @@ class Server:
         """Why :meth:`is_ready` said no, for the readiness routes' 503."""
         return f"not ready: {'the service is stopping' if self.stopping else 'models are still loading'}"
 
-    async def drain(self, timeout_s: float) -> int:
+    async def drain(self, timeout_s: float, settle_s: float = 0.25) -> int:
         """Stop taking predictions — each new one is answered 503 ``Stopping`` (gRPC UNAVAILABLE)
         with Retry-After, and readiness says no — and wait up to ``timeout_s`` for those in flight
-        to be answered. Returns how many were still in flight. For the Ray-ingress frontends,
-        whose proxy would otherwise answer 404 for the app's routes once it is deleted."""
+        to be answered, then ``settle_s`` more for the hosting to carry the last answers out
+        (Ray ships a replica's reply to its proxy after the method returns). Returns how many
+        were still in flight. For the Ray-ingress frontends, whose proxy would otherwise answer
+        404 for the app's routes once it is deleted."""
         self.stopping = True
         deadline = time.monotonic() + timeout_s
         while self.in_flight and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
+        await asyncio.sleep(settle_s)
         return self.in_flight
 
     async def load_info(self) -> None:

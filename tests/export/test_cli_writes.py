@@ -9,10 +9,11 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from export import build
+from export import build, cli, repository
 from export.cli import INTERRUPTED, main
 from export.repository import ABANDONED_AFTER_S, remove_abandoned_stagings, staged_version
 from service.inference.manifest import ManifestError
@@ -101,8 +102,103 @@ def test_a_killed_writer_s_staging_is_removed_by_the_next_writer(tmp_path: Path)
         (staging / "model.onnx").write_bytes(b"half written")
     old = time.time() - ABANDONED_AFTER_S - 60
     for staging in (gone, alive):
-        os.utime(staging, (old, old))
+        for path in (staging / "model.onnx", staging):
+            os.utime(path, (old, old))
     with pytest.raises(ManifestError), staged_version(tmp_path, "dates-bahdanau", 2, force=False):
         assert not gone.exists()  # its writer is not running and it is old: removed
         assert young.exists() and alive.exists()  # written lately, or its writer runs: kept
     assert remove_abandoned_stagings(tmp_path / "nothing-here") == []
+
+
+def test_skip_existing_needs_no_write_and_every_recipe_is_checked_before_the_first_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, no_training: None
+) -> None:
+    """``make models`` (build --skip-existing) on a complete repository writes nothing, so a
+    read-only one is fine (the write check ran first and refused it); and the second recipe's
+    existing version is refused before the first recipe trains, not after."""
+    repository = tmp_path / "repo"
+    (repository / "dates-bahdanau" / "1").mkdir(parents=True)
+
+    def unwritable(directory: Path, what: str) -> None:
+        raise cli.Unwritable(f"{what} {directory}: read-only")
+
+    monkeypatch.setattr(cli, "writable", unwritable)
+    argv = ["build", "dates-bahdanau", "--repository", str(repository), "--checkpoints", str(tmp_path)]
+    assert main([*argv, "--skip-existing"]) == 0
+    assert "exists, skipping" in capsys.readouterr().out
+    monkeypatch.undo()
+    monkeypatch.setattr(build, "train", lambda *_: pytest.fail("trained before refusing"))
+    err = run_error(capsys, "build", "fashion-vit", "dates-bahdanau", "--repository", str(repository),
+                    "--checkpoints", str(tmp_path / "fresh"))  # fmt: skip
+    assert "dates-bahdanau/1 already exists" in err
+
+
+def test_a_second_ctrl_c_lets_the_first_one_s_clean_up_finish(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A second Ctrl-C while the staging folder was being removed cut the removal short and
+    left ``.staging-…`` in the repository (the service then listed the model as refused)."""
+    monkeypatch.setattr(build, "export_graph", lambda *_: interrupt())
+    real_rmtree, removals = repository.shutil.rmtree, []
+
+    def rmtree_interrupted(path: Any, *args: Any, **kwargs: Any) -> None:
+        if Path(path).name.startswith(".staging") and Path(path).exists():  # the clean-up after the first
+            removals.append(path)
+            interrupt()  # Ctrl-C again, during the clean-up
+        real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(repository.shutil, "rmtree", rmtree_interrupted)
+    ckpt = tokenized_checkpoint(tmp_path / "dates-bahdanau")
+    code = main(
+        ["export", "dates-bahdanau", "--checkpoint", str(ckpt), "--repository", str(tmp_path / "repo")]
+    )
+    assert code == INTERRUPTED and removals
+    assert "interrupted: " in capsys.readouterr().err
+    assert not (tmp_path / "repo" / "dates-bahdanau").exists(), list((tmp_path / "repo").rglob("*"))
+
+
+def test_a_staging_folder_with_recent_files_is_not_abandoned(tmp_path: Path) -> None:
+    """A folder's time moves only when entries are added or removed: a writer rewriting one file
+    for over an hour looked abandoned."""
+    staging = tmp_path / "m" / f".staging-1-{2**22 + 3}"
+    staging.mkdir(parents=True)
+    (staging / "model.onnx").write_bytes(b"still being written")
+    old = time.time() - ABANDONED_AFTER_S - 60
+    os.utime(staging, (old, old))
+    assert remove_abandoned_stagings(tmp_path / "m") == [] and staging.exists()
+    os.utime(staging / "model.onnx", (old, old))
+    assert remove_abandoned_stagings(tmp_path / "m") == [staging]
+
+
+def test_a_forced_replacement_moves_the_old_version_aside_whole(tmp_path: Path) -> None:
+    """--force removed the old version before the new one was renamed in: a Ctrl-C between left
+    half of it, or none. Now the old one is renamed aside, the new one in, and the old removed."""
+    old = tmp_path / "m" / "1"
+    old.mkdir(parents=True)
+    (old / "old.onnx").write_bytes(b"old")
+    with pytest.raises(ManifestError), staged_version(tmp_path, "m", 1, force=True) as staging:
+        (staging / "new.onnx").write_bytes(b"new")  # no manifest: refused, the old one stays
+    assert (old / "old.onnx").exists()
+    (old / "old.json").write_text("{}")
+    real_rmtree = repository.shutil.rmtree
+
+    def cut_short(path: Any, *args: Any, **kwargs: Any) -> None:
+        """Ctrl-C part-way through removing the old version: one file gone, then interrupted."""
+        if Path(path).exists() and not Path(path).name.startswith(".staging"):
+            next(Path(path).iterdir()).unlink()
+            raise KeyboardInterrupt
+        real_rmtree(path, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(repository.Manifest, "load", lambda *_, **__: None)
+        patch.setattr(repository.shutil, "rmtree", cut_short)
+        with pytest.raises(KeyboardInterrupt), staged_version(tmp_path, "m", 1, force=True) as staging:
+            (staging / "new.onnx").write_bytes(b"new")
+    # the version served is the new one, whole (the old code left half of the old one, no new)
+    assert [p.name for p in old.iterdir()] == ["new.onnx"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(repository.Manifest, "load", lambda *_, **__: None)
+        with staged_version(tmp_path, "m", 1, force=True) as staging:  # the next writer tidies up
+            (staging / "newer.onnx").write_bytes(b"newer")
+    assert [p.name for p in (tmp_path / "m").iterdir()] == ["1"]  # the half-removed old one went too
+    assert [p.name for p in old.iterdir()] == ["newer.onnx"]

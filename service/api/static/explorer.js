@@ -3,9 +3,9 @@
 "use strict";
 
 const $ = (id) => document.getElementById(id);
-const state = { models: [], translation: null, image: null };
+const state = { models: [], translation: null, image: null, pending: null };
 // the request each panel waits for: a newer one aborts it, so a late answer never overwrites it
-const calls = { translation: null, image: null };
+const calls = { models: null, translation: null, image: null };
 
 /** A fresh AbortSignal for ``panel``'s next request, aborting the one before. */
 function nextCall(panel) {
@@ -58,15 +58,21 @@ function showMetrics(dl, answer) {
 /** List the served models (again when the token changes: a service with a token lists none
  * without it); models the service refused to load are named with their reason. */
 async function loadModels() {
+  const signal = nextCall("models"); // a listing for a newer token wins over an older one
   let listed;
   try {
-    listed = await api("/v1/models");
+    listed = await api("/v1/models", { signal });
   } catch (err) {
+    if (signal.aborted) return;
     const hint = err.message.startsWith("authorization:") ? " Enter the API token above." : "";
-    status(`Could not list the models: ${err.message}.${hint}`, true);
+    status(`Could not list the models: ${err.message.replace(/\.$/, "")}.${hint}`, true);
+    state.models = [];
+    for (const select of [$("translation-model"), $("image-model")]) select.replaceChildren();
     document.body.dataset.ready = "false";
     return;
   }
+  if (signal.aborted) return;
+  document.body.dataset.listings = String(Number(document.body.dataset.listings || 0) + 1);
   state.models = listed.models;
   for (const [select, translation] of [[$("translation-model"), true], [$("image-model"), false]]) {
     const keep = select.value;
@@ -248,8 +254,10 @@ function highlight(tr, row) {
 
 // -- images -------------------------------------------------------------------------------------
 
-async function classify(blob) {
-  const signal = nextCall("image");
+/** Classify ``blob``; ``signal``: the request's, taken when the user asked (a sample is
+ * downloaded first, and a later click must still win). */
+async function classify(blob, signal = nextCall("image")) {
+  state.pending = blob; // what a change of head fusion classifies again
   const form = new FormData();
   form.append("file", blob, "image.png");
   form.append("top_k", "5");
@@ -332,8 +340,13 @@ function drawOverlay() {
 }
 
 async function sample(name) {
-  const response = await fetch(`/static/samples/${name}.png`);
-  await classify(await response.blob());
+  const signal = nextCall("image");
+  try {
+    const response = await fetch(`/static/samples/${name}.png`, { signal });
+    await classify(await response.blob(), signal);
+  } catch (err) {
+    if (!signal.aborted) status(err.message, true);
+  }
 }
 
 // -- wiring -------------------------------------------------------------------------------------
@@ -344,7 +357,7 @@ for (const id of ["layer", "head"]) {
 }
 $("samples").addEventListener("click", (e) => { if (e.target.dataset.sample) sample(e.target.dataset.sample); });
 $("file").addEventListener("change", () => { if ($("file").files[0]) classify($("file").files[0]); });
-$("fusion").addEventListener("change", () => { if (state.image) classify(state.image.blob); });
+$("fusion").addEventListener("change", () => { if (state.pending) classify(state.pending); });
 $("opacity").addEventListener("input", () => { if (state.image) drawOverlay(); });
 $("token").addEventListener("change", loadModels); // typed, then Enter or focus moved on
 const drop = $("drop");

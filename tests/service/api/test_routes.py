@@ -300,3 +300,40 @@ def test_bodies_refused_before_the_endpoint_are_counted_under_their_model_and_ro
         ("fake-classifier", "v2_infer", 413),
         ("fake-translator", "translate", 415),
     ]
+
+
+def test_a_drain_waits_for_an_answer_until_it_is_written(tmp_path: Path) -> None:
+    """The model's answer is in before its HTTP answer is encoded, compressed and written: the
+    drain waited for the first only, so the Ray-ingress stop could cut an answer in flight."""
+    server = fake_server(tmp_path)[0]
+    app = create_app(server)
+    written: list[float] = []
+
+    async def go() -> float:
+        loop = asyncio.get_running_loop()
+        body = json.dumps({"text": "ab"}).encode()
+
+        async def receive() -> dict[str, Any]:
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        async def send(message: dict[str, Any]) -> None:
+            if message["type"] == "http.response.start":
+                await asyncio.sleep(0.3)  # a slow write (a large answer, a slow link)
+            written.append(loop.time())
+
+        scope = {
+            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+            "scheme": "http", "path": "/v1/models/fake-translator/translate", "root_path": "",
+            "raw_path": b"/v1/models/fake-translator/translate", "query_string": b"",
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+            "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
+        }  # fmt: skip
+        exchange = asyncio.create_task(app(scope, receive, send))
+        await asyncio.sleep(0.1)  # answered by the model, its first write under way
+        assert await server.drain(5.0, settle_s=0) == 0
+        drained = loop.time()
+        await exchange
+        return drained
+
+    drained = asyncio.run(go())
+    assert written and drained >= written[-1]
