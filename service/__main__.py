@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import ipaddress
 import logging
 import os
 import shlex
@@ -127,6 +128,11 @@ def main(argv: list[str] | None = None) -> int:
                   file=sys.stderr)  # fmt: skip
             return 2
         serving.set()
+        if not in_replica and settings.api_token is None and ipaddress_is_loopback(settings.host):
+            logging.getLogger("service").warning(
+                "gRPC listens on every interface (port %d and up): Ray's gRPC proxy takes no host, "
+                "unlike ATTN_HOST=%s; set ATTN_API_TOKEN or firewall it", settings.grpc_port, settings.host,
+            )  # fmt: skip
         host = f"[{settings.host}]" if ":" in settings.host else settings.host  # an IPv6 address
         print(f"serving on http://{host}:{settings.http_port} (explorer at /, docs at /docs); "
               f"metrics on :{settings.metrics_port}/metrics — Ctrl-C to stop", flush=True)  # fmt: skip
@@ -140,6 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_serving(settings)
     return 0
+
+
+def ipaddress_is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def placement_refusal(settings: Settings) -> str | None:

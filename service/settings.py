@@ -131,13 +131,16 @@ class Settings(BaseSettings):
     grpc_max_message_bytes: int = Field(64 * 1024 * 1024, ge=4 * 1024 * 1024, le=2**31 - 1)
     #: Ray's metrics export port: the service's and Ray Serve's series are scraped here
     metrics_port: int = Field(8080, ge=1, le=65535)
-    #: how Ray's processes hand their metrics to Ray's metrics agent. False (default): Ray's
-    #: OpenCensus path, where a histogram reaches the agent as bucket counts; True: Ray 2.60's
-    #: default OpenTelemetry path, whose agent replays every histogram observation one by one in
-    #: Python (≈ 4 % of two cores at 32 clients, in a burst every 10 s). Same series either way
-    #: (OpenTelemetry adds ``otel_scope_*`` labels); set in every Ray process's environment
+    #: how Ray's processes hand their metrics to Ray's metrics agent. False: Ray's OpenCensus
+    #: path, where a histogram reaches the agent as bucket counts; True: Ray 2.60's default
+    #: OpenTelemetry path, whose agent replays every histogram observation one by one in Python
+    #: (≈ 4 % of two cores at 32 clients, in a burst every 10 s). Same series either way
+    #: (OpenTelemetry adds ``otel_scope_*`` labels). Unset: OpenCensus for in-replica,
+    #: OpenTelemetry for the Ray-ingress frontends — there Ray Serve's proxy records its event-loop
+    #: series with other tags than the replicas do, and Ray's OpenCensus export then fails every
+    #: scrape with a 500 (so false is refused with them). Set in every Ray process's environment
     #: (``ray_environment``)
-    ray_open_telemetry: bool = False
+    ray_open_telemetry: bool | None = None
     #: seconds between passes of Ray Serve's control loop (``RAY_SERVE_CONTROL_LOOP_INTERVAL_S``,
     #: Ray's default 0.1; Ray's performance guide raises it for a busy controller). Every pass asks
     #: Ray's GCS for every node's resources: at 0.1 s the controller and the GCS took 46 of the 88 ms
@@ -256,10 +259,20 @@ class Settings(BaseSettings):
         """Ray Serve's logging config for the proxies, the ingress and every model deployment."""
         return {"log_level": self.log_level, "enable_access_log": self.access_log}
 
+    @property
+    def open_telemetry(self) -> bool:
+        """Ray's metrics path (``ray_open_telemetry``, or the frontend's default when unset)."""
+        return self.frontend != "in-replica" if self.ray_open_telemetry is None else self.ray_open_telemetry
+
     @model_validator(mode="after")
     def _consistent(self) -> Self:
         if not self.repository.is_dir():
             raise ValueError(f"repository: {self.repository} is not a directory (run `make models` first)")
+        if self.ray_open_telemetry is False and self.frontend != "in-replica":
+            raise ValueError(
+                f"ray_open_telemetry: false with the {self.frontend} frontend: Ray's OpenCensus export fails "
+                "every metrics scrape (500) once Ray Serve's proxy reports; leave it unset"
+            )
         if self.autoscaling is not None and self.autoscaling.min_replicas > self.autoscaling.max_replicas:
             raise ValueError("autoscaling: min_replicas must not exceed max_replicas")
         if len({self.http_port, self.grpc_port, self.metrics_port}) < 3:
@@ -355,7 +368,7 @@ class Settings(BaseSettings):
         environment variables every Ray process must see before it starts (``python -m service``
         sets them before ``ray.init``; a cluster started with ``ray start`` needs them in its
         environment: the images carry the ones no frontend changes, for KubeRay)."""
-        metrics = {"RAY_enable_open_telemetry": "1" if self.ray_open_telemetry else "0"}
+        metrics = {"RAY_enable_open_telemetry": "1" if self.open_telemetry else "0"}
         controller = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(self.serve_control_loop_s)}
         return {**metrics, **controller, **self._serve_environment()}
 

@@ -12,6 +12,7 @@ autoscaling. The price is a second hop per request; the default ``in-replica`` h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import logging
 from collections.abc import AsyncIterator
@@ -61,8 +62,14 @@ class ModelDeployment:
         self.models.check_health()
 
     async def info(self) -> dict[str, Any]:
+        """The worker's info, the version served and the versions this replica refused to load
+        (the ingress lists them, as in-replica replicas list theirs)."""
         worker = self.models.workers[self.name]
-        return {**await worker.info(), "version": worker.entry.version}
+        return {
+            **await worker.info(),
+            "version": worker.entry.version,
+            "rejected": dict(self.models.rejected),
+        }
 
     async def stats(self) -> Snapshot:
         return await self.models.workers[self.name].stats()
@@ -130,7 +137,11 @@ class RemoteModel:
         except BackPressureError as exc:
             raise Overloaded("the model is overloaded; retry later") from exc
         finally:
-            events.cancel()  # the ingress stopped reading: the replica's generator ends too
+            # the ingress stopped reading: the replica's generator ends too. Ray's cancel raises
+            # the call's own error again (a shed call's BackPressureError), which replaced the
+            # 503 above with a 500
+            with contextlib.suppress(Exception):
+                events.cancel()
 
     async def info(self) -> dict[str, Any]:
         return await self.handle.info.remote()
@@ -157,24 +168,28 @@ class IngressReplica:
         self.server = Server(settings, IngressMetrics(settings.latency_buckets_s))
         self.remote = {name: RemoteModel(h) for name, h in handles.items()}
         self.server.serve(self.remote, entries, rejected)
+        self.refused_at_start = dict(rejected)  # models with no deployment: refused before it
         self.grpc = GrpcServicer(self.server)
         self.poll_task: asyncio.Task[None] | None = None
 
     async def _follow_versions(self) -> None:
         """Every ``repository_poll_s``: the version each model's replicas now serve (they swap on
-        their own), so ``/v1/models``, version lookups and KServe metadata name it too."""
+        their own), so ``/v1/models``, version lookups and KServe metadata name it too, and the
+        versions they refused to load, listed under ``rejected`` and in the repository index."""
         while True:
             await asyncio.sleep(self.settings.repository_poll_s)
             try:
-                entries = dict(self.server.entries)
+                entries, rejected = dict(self.server.entries), dict(self.refused_at_start)
                 for name, model in self.remote.items():
-                    version = int((await model.info())["version"])
+                    info = await model.info()
+                    rejected.update(info.get("rejected", {}))
+                    version = int(info["version"])
                     if version != entries[name].version:
                         entries[name] = await asyncio.to_thread(
                             load_entry, self.settings.repository, name, version
                         )
-                if entries != self.server.entries:
-                    self.server.serve(self.remote, entries, self.server.rejected)
+                if entries != self.server.entries or rejected != self.server.rejected:
+                    self.server.serve(self.remote, entries, rejected)
             except DeploymentUnavailableError:  # its replicas are gone: the app stopping (a stop
                 continue  # tears the deployments down together), or all of them restarting
             except Exception:  # asked again at the next poll

@@ -62,6 +62,19 @@ def test_frontends_set_rays_switches_before_ray_starts(tmp_path: Path) -> None:
     for frontend in ("in-replica", "ray-proxy", "ray-direct"):
         otel = Settings(repository=tmp_path, frontend=frontend, ray_open_telemetry=True)
         assert otel.ray_environment()["RAY_enable_open_telemetry"] == "1"
+    # unset, the Ray-ingress frontends take OpenTelemetry: Ray's OpenCensus export failed every
+    # scrape (500) once its proxy reported; false is refused with them
+    for frontend in ("ray-proxy", "ray-direct"):
+        assert (
+            Settings(repository=tmp_path, frontend=frontend).ray_environment()["RAY_enable_open_telemetry"]
+            == "1"
+        )
+        with pytest.raises(ValidationError, match="OpenCensus export fails every metrics scrape"):
+            Settings(repository=tmp_path, frontend=frontend, ray_open_telemetry=False)
+    assert (
+        Settings(repository=tmp_path, ray_open_telemetry=False).ray_environment()["RAY_enable_open_telemetry"]
+        == "0"
+    )
     direct = Settings(repository=tmp_path, frontend="ray-direct", http_port=8000, grpc_port=9000)
     env = direct.ray_environment()
     assert env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] == "1" and env["RAY_SERVE_PORT_QUARANTINE_S"] == "0"

@@ -25,14 +25,16 @@ import psutil
 import pytest
 import requests
 from ray.serve._private.common import DeploymentID
-from ray.serve.exceptions import DeploymentUnavailableError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from benchmarks.run import free_port_block
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
-from service.hosting.ray_ingress import IngressReplica
+from service.errors import Overloaded
+from service.hosting.ray_ingress import IngressReplica, RemoteModel
 from service.settings import Settings
 from tests.conftest import STOP_WITHIN_S, logged_since, running_service
+from tests.service.fakes import fake_server
 
 pytestmark = pytest.mark.slow
 
@@ -96,8 +98,19 @@ def test_ray_ingress_frontends_serve_rest_and_grpc(
         assert {c for c, _ in shed} == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, Counter(shed)
         assert unknown[0] == grpc.StatusCode.NOT_FOUND and "'nope' not found" in unknown[1]
         assert empty[0] == grpc.StatusCode.INVALID_ARGUMENT and "text[0]: must not be empty" in empty[1]
+        # the metrics answer, with the requests counted: under Ray's OpenCensus export every
+        # scrape was a 500 once Ray's proxy reported its own series (the frontends' default now
+        # is OpenTelemetry)
+        scrapes = []
+        for _ in range(12):  # 24 s: Ray's agent takes in every process's series within it
+            scrapes.append(requests.get(svc.metrics_url, timeout=10))
+            time.sleep(2)
+        assert [r.status_code for r in scrapes] == [200] * 12, scrapes[-1].text[:300]
+        assert "ray_attention_requests_total{" in scrapes[-1].text and 'status="503"' in scrapes[-1].text
     # refusals are answers, not failures: Ray logged each raised one with a traceback
     assert "Request failed" not in svc.log.read_text()
+    # no token, ATTN_HOST loopback: the start says Ray's gRPC proxy listens on every interface
+    assert "gRPC listens on every interface" in svc.log.read_text()
 
 
 class _Gone:
@@ -205,3 +218,68 @@ def test_a_stop_answers_what_is_in_flight_and_refuses_the_rest_clearly(
         stopping = out.read().decode(errors="replace")
     bad = [line for line in logged_since(stopping, moment) if re.search(r"ERROR|Traceback", line)]
     assert not bad, "errors while stopping:\n" + "\n".join(bad[:20])
+
+
+class _ShedStream:
+    """Ray's response generator for a call its queue limit shed: iterating raises
+    BackPressureError, and so does ``cancel`` (it fetches the call's result)."""
+
+    def __aiter__(self) -> _ShedStream:
+        return self
+
+    async def __anext__(self) -> Any:
+        raise BackPressureError(num_queued_requests=1, max_queued_requests=1)
+
+    def cancel(self) -> None:
+        raise BackPressureError(num_queued_requests=1, max_queued_requests=1)
+
+
+class _ShedHandle:
+    def options(self, **_: Any) -> _ShedHandle:
+        return self
+
+    @property
+    def stream(self) -> _ShedHandle:
+        return self
+
+    def remote(self, _: Any) -> _ShedStream:
+        return _ShedStream()
+
+
+def test_a_shed_stream_is_overloaded_not_an_internal_error() -> None:
+    """An overloaded streamed translation (SSE, ModelStreamInfer, TranslateStream) got a 500 with
+    a traceback: the generator's ``cancel`` in ``finally`` raised the shed call's error again."""
+
+    async def go() -> None:
+        with pytest.raises(Overloaded, match="overloaded"):
+            async for _ in RemoteModel(_ShedHandle()).stream(object()):  # type: ignore[arg-type]
+                pass
+
+    asyncio.run(go())
+
+
+class _Refusing:
+    """A model deployment serving version 1 that refused to load version 3."""
+
+    async def info(self) -> dict[str, Any]:
+        return {"version": 1, "rejected": {"fake-translator/3": "failed to load: a checksum differs"}}
+
+
+def test_versions_a_model_deployment_refused_are_listed_by_the_ingress(tmp_path: Path) -> None:
+    """A newer version that failed to load was logged in the model's replica only: ``rejected``
+    in /v1/models and the repository index said nothing (in-replica lists it)."""
+    server = fake_server(tmp_path)[0]
+    replica = IngressReplica({}, dict(server.entries), {"broken/1": "refused at start"},
+                             Settings(repository=tmp_path, repository_poll_s=0.01))  # fmt: skip
+    replica.remote = {"fake-translator": _Refusing()}  # type: ignore[dict-item]
+
+    async def follow() -> None:
+        task = asyncio.create_task(replica._follow_versions())
+        await asyncio.sleep(0.1)
+        task.cancel()
+
+    asyncio.run(follow())
+    assert replica.server.rejected == {
+        "broken/1": "refused at start",
+        "fake-translator/3": "failed to load: a checksum differs",
+    }
