@@ -34,6 +34,8 @@ class BrokenServer:
         api_token = None
         limits = Limits()
 
+    in_flight = 0  # the app counts each exchange on its server (Server.drain)
+
     def resolve(self, name: str, *args: Any) -> Any:
         if name == "missing":
             raise ModelNotFound(f"model {name!r} not found")
