@@ -54,6 +54,8 @@ def validation_message(exc: _HasErrors) -> str:
 class ServiceError(Exception):
     http_status = 500
     grpc_code = "INTERNAL"
+    #: seconds a client should wait before retrying (HTTP's Retry-After), where a retry helps
+    retry_after_s: int | None = None
 
     def __init__(self, message: str) -> None:
         super().__init__(message)

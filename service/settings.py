@@ -204,24 +204,8 @@ class Settings(BaseSettings):
     #: few chunks per answer instead of one per token; 0 sends every decoder step's tokens
     stream_interval_ms: float = Field(16.0, ge=0, le=1000)
     #: histogram buckets (seconds) for latency metrics
-    latency_buckets_s: list[float] = [
-        0.0001,
-        0.00025,
-        0.0005,
-        0.001,
-        0.0025,
-        0.005,
-        0.01,
-        0.025,
-        0.05,
-        0.1,
-        0.25,
-        0.5,
-        1,
-        2.5,
-        5,
-        10,
-    ]
+    latency_buckets_s: list[float] = [0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                      0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10]  # fmt: skip
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     #: Ray Serve's per-request access log lines (method, route, status, latency — never content)
     access_log: bool = False

@@ -24,9 +24,7 @@ from service.api.schemas import ErrorBody
 from service.api.server import Server
 from service.errors import (
     BodyTooLarge,
-    Overloaded,
     ServiceError,
-    Stopping,
     Unauthorized,
     UnsupportedEncoding,
     unexpected,
@@ -138,7 +136,7 @@ async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResp
 
 
 async def _service_error(_: Request, exc: ServiceError) -> JSONResponse:
-    headers = {"Retry-After": str(exc.retry_after_s)} if isinstance(exc, Overloaded | Stopping) else None
+    headers = {"Retry-After": str(exc.retry_after_s)} if exc.retry_after_s is not None else None
     if isinstance(exc, BodyTooLarge):  # the rest of the body is not read: the connection ends here
         headers = {"Connection": "close"}
     if isinstance(exc, UnsupportedEncoding):  # the codings it takes (RFC 9110 §15.5.16)
