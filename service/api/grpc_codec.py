@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-from service.api import kserve
+from service.api import kserve_tensors
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import grpc_service_pb2 as pb
 from service.api.rest_codec import translate_job as rest_translate_job
@@ -46,7 +46,7 @@ def classification(request: pb.ModelInferRequest) -> dict[str, Any]:
     }
 
 
-def inputs(request: pb.ModelInferRequest) -> list[kserve.Tensor]:
+def inputs(request: pb.ModelInferRequest) -> list[kserve_tensors.Tensor]:
     raw = list(request.raw_input_contents)
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(f"raw_input_contents: {len(raw)} entries for {len(request.inputs)} inputs")
@@ -54,21 +54,27 @@ def inputs(request: pb.ModelInferRequest) -> list[kserve.Tensor]:
     for i, t in enumerate(request.inputs):
         shape = list(t.shape)
         if raw:
-            tensors.append(kserve.from_raw(t.name, t.datatype, shape, raw[i]))
+            if t.HasField("contents"):  # Triton refuses both: which one would be the data?
+                raise InvalidInput(f"{t.name}: contents must not be given with raw_input_contents")
+            tensors.append(kserve_tensors.from_raw(t.name, t.datatype, shape, raw[i]))
         else:
             field = _CONTENTS_FIELD.get(t.datatype)
             if field is None:
                 raise InvalidInput(f"{t.name}: unsupported datatype {t.datatype!r}")
-            tensors.append(kserve.from_list(t.name, t.datatype, shape, list(getattr(t.contents, field))))
+            tensors.append(
+                kserve_tensors.from_list(t.name, t.datatype, shape, list(getattr(t.contents, field)))
+            )
     return tensors
 
 
-def response(name: str, version: int, request_id: str, tensors: list[kserve.Tensor]) -> pb.ModelInferResponse:
+def response(
+    name: str, version: int, request_id: str, tensors: list[kserve_tensors.Tensor]
+) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(model_name=name, model_version=str(version), id=request_id)
     for t in tensors:
         response.outputs.add(name=t.name, datatype=t.datatype, shape=t.shape)
         raw = (
-            kserve.serialize_bytes(t.data)
+            kserve_tensors.serialize_bytes(t.data)
             if t.datatype == "BYTES"
             else np.ascontiguousarray(t.data).tobytes()
         )

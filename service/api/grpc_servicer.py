@@ -7,6 +7,7 @@ gRPC proxy call its methods by name (Ray ingress). Errors carry the gRPC code fr
 ``service/errors.py`` (:func:`rpc`); RPCs we do not declare answer UNIMPLEMENTED.
 """
 
+import asyncio
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -22,7 +23,7 @@ from service.api.protos import grpc_service_pb2 as pb
 from service.api.rest_codec import classify_job
 from service.api.schemas import ClassifyOptions
 from service.api.server import Server
-from service.errors import InvalidInput, ServiceError, unexpected, validation_message
+from service.errors import InvalidInput, ModelNotFound, ServiceError, unexpected, validation_message
 from service.inference.jobs import Answer, Classified
 
 SERVICER_FUNCTIONS = [
@@ -46,6 +47,8 @@ def _abort(context: GrpcContext, exc: ServiceError) -> ServiceError:
 
 
 Reply = TypeVar("Reply")
+#: requests of one ``ModelStreamInfer`` stream answered at a time
+STREAM_WINDOW = 64
 
 
 def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
@@ -116,7 +119,10 @@ class GrpcServicer:
         self, request: pb.ModelReadyRequest, grpc_context: GrpcContext
     ) -> pb.ModelReadyResponse:
         self._authorize(grpc_context)
-        self.server.resolve(request.name, None, request.version)
+        try:  # Triton's answer for a model or version it does not serve: not ready, no error
+            self.server.resolve(request.name, None, request.version)
+        except ModelNotFound:
+            return pb.ModelReadyResponse(ready=False)
         return pb.ModelReadyResponse(ready=await self.server.is_ready())
 
     @rpc
@@ -156,31 +162,70 @@ class GrpcServicer:
     async def ModelStreamInfer(
         self, request_stream: AsyncIterator[pb.ModelInferRequest], grpc_context: GrpcContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Bidirectional stream: one response per request, in order; a failed request answers
-        with ``error_message`` and the stream goes on (Triton's semantics). A translation request
-        with the parameter ``stream: true`` is answered as a decoupled model does in Triton: one
-        response per output token as it is chosen (``kserve.token_outputs``), then the whole
-        answer, each flagged ``triton_final_response`` (true on the last)."""
+        """Bidirectional stream, with Triton's semantics: each request is taken as it arrives and
+        answered as it completes — responses may come out of order, each carries its request's
+        ``id`` — up to :data:`STREAM_WINDOW` at a time (then the stream is read no further until one
+        is answered, and gRPC's flow control holds the client back). A failed request answers
+        with ``error_message`` and the stream goes on. A translation request with the parameter
+        ``stream: true`` is answered as a decoupled model does in Triton: one response per output
+        token as it is chosen (``kserve.token_outputs``), then the whole answer, each flagged
+        ``triton_final_response`` (true on the last)."""
         try:
             self._authorize(grpc_context)
         except ServiceError as exc:  # the whole stream is refused
             raise _abort(grpc_context, exc) from None
-        async for request in request_stream:
-            if isinstance(request, Undecodable):  # this message only: the stream goes on
-                yield pb.ModelStreamInferResponse(error_message=request.error.message)
-                continue
+        replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(STREAM_WINDOW)
+        window = asyncio.Semaphore(STREAM_WINDOW)
+        answering: set[asyncio.Task[None]] = set()
+
+        async def answer(request: "pb.ModelInferRequest | Undecodable") -> None:
             try:
-                stream = request.parameters.get("stream")
-                if stream is not None and kserve.flag({"stream": codec.parameter(stream)}, "stream"):
-                    async for response in self._model_stream(request):
-                        yield pb.ModelStreamInferResponse(infer_response=response)
-                    continue
-                result = await self._model_infer(request, "grpc_stream_infer")
-                yield pb.ModelStreamInferResponse(infer_response=result)
-            except ServiceError as exc:
-                yield _stream_error(request, exc.message)
-            except Exception as exc:  # logged with its traceback; the stream goes on
-                yield _stream_error(request, unexpected(exc, "gRPC ModelStreamInfer").message)
+                async for reply in self._stream_replies(request):
+                    await replies.put(reply)
+            finally:
+                window.release()
+
+        async def read() -> None:
+            try:
+                async for request in request_stream:
+                    await window.acquire()
+                    task = asyncio.create_task(answer(request))
+                    answering.add(task)
+                    task.add_done_callback(answering.discard)
+                if answering:
+                    await asyncio.wait(set(answering))
+            finally:
+                await replies.put(None)  # the end, or the reader's failure (raised below)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (reply := await replies.get()) is not None:
+                yield reply
+            await reader
+        finally:  # the client left (or the stream failed): its requests are cancelled
+            for task in (reader, *answering):
+                task.cancel()
+
+    async def _stream_replies(
+        self, request: "pb.ModelInferRequest | Undecodable"
+    ) -> AsyncIterator[pb.ModelStreamInferResponse]:
+        """One request of a ``ModelStreamInfer`` stream: its answer, its tokens then its answer
+        (``stream: true``), or its error."""
+        if isinstance(request, Undecodable):  # this message only: the stream goes on
+            yield pb.ModelStreamInferResponse(error_message=request.error.message)
+            return
+        try:
+            stream = request.parameters.get("stream")
+            if stream is not None and kserve.flag({"stream": codec.parameter(stream)}, "stream"):
+                async for response in self._model_stream(request):
+                    yield pb.ModelStreamInferResponse(infer_response=response)
+                return
+            result = await self._model_infer(request, "grpc_stream_infer")
+            yield pb.ModelStreamInferResponse(infer_response=result)
+        except ServiceError as exc:
+            yield _stream_error(request, exc.message)
+        except Exception as exc:  # logged with its traceback; the stream goes on
+            yield _stream_error(request, unexpected(exc, "gRPC ModelStreamInfer").message)
 
     # -- Triton's extensions (service/api/triton_extensions.py): the HTTP routes' dicts, parsed
 
@@ -212,16 +257,14 @@ class GrpcServicer:
         with self.server.refusals(request.model_name, route):
             entry = self.server.resolve(request.model_name, None, request.model_version)
             params = {k: codec.parameter(v) for k, v in request.parameters.items()}
-            classes = codec.classification(request)
-            outputs = kserve.requested_outputs(
-                entry.manifest, [o.name for o in request.outputs], params, classes
-            )
-            requests = kserve.to_requests(entry.manifest, codec.inputs(request), params, outputs)
+            names, classes = [o.name for o in request.outputs], codec.classification(request)
+            prepared = kserve.prepare(entry.manifest, codec.inputs(request), params, names, classes)
         _, answers, _ = await self.server.predict_many(
-            entry.name, None, route, requests, request.model_version
+            entry.name, None, route, prepared.jobs, request.model_version
         )
-        tensors = kserve.to_outputs(entry.manifest, answers, outputs, bool(classes))
-        return codec.response(entry.name, entry.version, request.id, tensors)
+        tensors = kserve.to_outputs(answers, prepared)
+        # the version that answered: a newer one may have been swapped in since the lookup above
+        return codec.response(entry.name, answers[0].version, request.id, tensors)
 
     async def _model_stream(self, request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferResponse]:
         """A translation's decoupled responses: a token each, then the whole answer."""
@@ -230,17 +273,17 @@ class GrpcServicer:
             entry = self.server.resolve(request.model_name, "translation", version)
             params = {k: codec.parameter(v) for k, v in request.parameters.items() if k != "stream"}
             names, classes = [o.name for o in request.outputs], codec.classification(request)
-            outputs = kserve.requested_outputs(entry.manifest, names, params, classes)  # refuses classes
-            [job] = kserve.to_requests(entry.manifest, codec.inputs(request), params, outputs)
-        attention = "ATTENTION" in outputs
-        async for _, event, _ in self.server.stream(entry.name, "translation", route, job, version):
+            prepared = kserve.prepare(entry.manifest, codec.inputs(request), params, names, classes)
+        attention = "ATTENTION" in prepared.outputs
+        [job] = prepared.jobs  # a translation's texts are one job
+        async for served, event, _ in self.server.stream(entry.name, "translation", route, job, version):
             final = isinstance(event, Answer)
             for tensors in (
-                [kserve.to_outputs(entry.manifest, [event], outputs)]
+                [kserve.to_outputs([event], prepared)]
                 if isinstance(event, Answer)
                 else [kserve.token_outputs(token, attention) for token in event]
             ):
-                response = codec.response(entry.name, entry.version, request.id, tensors)
+                response = codec.response(served.name, served.version, request.id, tensors)
                 response.parameters["triton_final_response"].bool_param = final
                 yield response
 

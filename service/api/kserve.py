@@ -1,38 +1,38 @@
 """The KServe v2 (Open Inference Protocol) tensor contract of our models, transport-free.
 
 HTTP (``service/api/kserve_http.py``) and gRPC (``service/api/grpc_servicer.py``) decode their wire
-formats into :class:`Tensor` objects, call :func:`to_requests` to get the core's jobs (their
-options checked by the REST API's schemas), and encode the answers with :func:`to_outputs`.
+formats into :class:`Tensor` objects (``service/api/kserve_tensors.py``), call :func:`prepare` to
+get the core's jobs (their options checked by the REST API's schemas), and encode the answers with
+:func:`to_outputs`.
 
 Translation models
-    inputs   ``TEXT`` BYTES [-1]
+    inputs   ``TEXT`` BYTES [-1] (or [-1, 1], the shape Triton's configuration implies)
     outputs  ``TRANSLATION`` BYTES [-1], ``SCORE`` FP32 [-1],
              ``SOURCE_TOKENS`` / ``TARGET_TOKENS`` BYTES [-1, -1] (padded with ""),
              ``ATTENTION`` FP32 [-1, -1, -1] (target × source, zero-padded; on request)
     params   ``beam_size``, ``max_length``, ``length_penalty``, ``truncate``, ``return_attention``
 Image classifiers
-    inputs   ``IMAGE`` BYTES [-1] (encoded images) or ``PIXELS`` UINT8/FP32 [-1, H, W(, C)]
+    inputs   ``IMAGE`` BYTES [-1] or [-1, 1] (encoded images), or ``PIXELS`` UINT8/FP32 [-1, H, W(, C)]
     outputs  ``LABELS`` BYTES [-1, k], ``INDICES`` INT64 [-1, k], ``PROBABILITIES`` FP32 [-1, k],
              ``ROLLOUT`` FP32 [-1, rows, cols] and ``ATTENTIONS`` FP32 [-1, L, H, T, T] (on request)
     params   ``top_k``, ``head_fusion``, ``discard_ratio``, ``return_attention``; on ``PROBABILITIES``
              Triton's ``classification`` (BYTES ``"<score>:<index>:<label>"``, :func:`class_count`)
 
 Attention outputs are computed only when the request names them in ``outputs`` or sets
-``return_attention``. Unnamed, the outputs are the first two of each list, and with
-``return_attention`` also what reads the attention: a translation's ``SOURCE_TOKENS``,
-``TARGET_TOKENS`` and ``ATTENTION`` (the rows and columns of its map), an image's ``ROLLOUT`` and
-``ATTENTIONS``.
+``return_attention``. A request that names no outputs gets every output but the attention maps
+(the protocol's "all outputs"), and with ``return_attention`` the maps too.
 """
 
 from __future__ import annotations
 
-import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from pydantic import TypeAdapter, ValidationError
 
+from service.api.kserve_tensors import DATATYPE_BY_DTYPE, Tensor
 from service.api.limits import request_limits
 from service.api.rest_codec import classify_job, translate_job
 from service.api.schemas import ClassifyOptions, TranslateRequest
@@ -45,47 +45,16 @@ from service.settings import Limits
 SERVER_NAME = "attention-serve"
 SERVER_VERSION = "0.1.0"
 EXTENSIONS = [
-    "binary_tensor_data", "classification", "model_configuration", "statistics",
+    "binary_tensor_data", "classification", "model_configuration", "statistics", "parameters",
     "model_repository_metadata", "attention_maps",
 ]  # fmt: skip
 PLATFORM = "onnxruntime_onnx"
 
-NUMPY_OF = {
-    "BOOL": np.bool_,
-    "UINT8": np.uint8,
-    "UINT16": np.uint16,
-    "UINT32": np.uint32,
-    "UINT64": np.uint64,
-    "INT8": np.int8,
-    "INT16": np.int16,
-    "INT32": np.int32,
-    "INT64": np.int64,
-    "FP16": np.float16,
-    "FP32": np.float32,
-    "FP64": np.float64,
-    "BYTES": np.object_,
-}
-#: per numpy dtype (``dtype.name`` is a Python property, slow on every tensor of every answer)
-_DATATYPE_BY_DTYPE = {np.dtype(v): k for k, v in NUMPY_OF.items()}
-#: the little-endian dtype of each datatype, as raw tensor contents are read
-_LITTLE_ENDIAN = {k: np.dtype(v).newbyteorder("<") for k, v in NUMPY_OF.items() if k != "BYTES"}
-
 TRANSLATION_OUTPUTS = ["TRANSLATION", "SCORE", "SOURCE_TOKENS", "TARGET_TOKENS", "ATTENTION"]
 IMAGE_OUTPUTS = ["LABELS", "PROBABILITIES", "INDICES", "ROLLOUT", "ATTENTIONS"]
 ATTENTION_OUTPUTS = {"ATTENTION", "ROLLOUT", "ATTENTIONS"}
-#: the outputs ``return_attention`` adds when the request names none: an attention map with the
-#: tokens that label its rows and columns
-WITH_ATTENTION = {"translation": TRANSLATION_OUTPUTS[2:], "image-classification": IMAGE_OUTPUTS[3:]}
 #: a v2 request asks for every layer's attention by naming ATTENTIONS: the way to less
 FEWER_LAYERS = "the ROLLOUT output instead of ATTENTIONS (not every layer)"
-
-
-@dataclass
-class Tensor:
-    name: str
-    datatype: str
-    shape: list[int]
-    data: np.ndarray  # BYTES: an object array of ``bytes``
 
 
 def metadata(manifest: Manifest, limits: Limits) -> dict[str, Any]:
@@ -144,11 +113,45 @@ def flag(params: dict[str, Any], name: str, where: str = "parameters") -> bool:
         raise InvalidInput(f"{where}: {name}: {exc.errors()[0]['msg']}") from exc
 
 
+@dataclass
+class Prepared:
+    """A v2 request decoded for the core: its jobs, and how their answers become its outputs."""
+
+    jobs: list[TranslateJob] | list[ClassifyJob]
+    outputs: list[str]
+    #: ``PROBABILITIES`` as Triton's class strings, the best this many (:func:`class_count`)
+    classes: int | None = None
+    #: how many classes ``LABELS`` and ``INDICES`` keep where the jobs rank more for ``classes``
+    top_k: int | None = None
+
+
+def prepare(
+    manifest: Manifest,
+    inputs: list[Tensor],
+    params: dict[str, Any],
+    names: list[str],
+    classification: dict[str, Any] | None = None,
+) -> Prepared:
+    """A decoded v2 request → the core's jobs and the outputs to answer with. Triton's
+    classification changes only the output it is set on: the jobs rank as many classes as it
+    asks (when that is more than ``top_k``), and the other outputs keep ``top_k``."""
+    outputs = requested_outputs(manifest, names, params, classification)
+    jobs = to_requests(manifest, inputs, params, outputs)
+    if not classification:
+        return Prepared(jobs, outputs)
+    classes = class_count(manifest, classification)
+    shown = min(job.top_k for job in jobs if isinstance(job, ClassifyJob))
+    if classes <= shown:
+        return Prepared(jobs, outputs, classes)
+    widened = [dataclasses.replace(job, top_k=classes) for job in jobs if isinstance(job, ClassifyJob)]
+    return Prepared(widened, outputs, classes, shown)
+
+
 def requested_outputs(
     manifest: Manifest, names: list[str], params: dict[str, Any], classification: dict[str, Any] | None = None
 ) -> list[str]:
     """The outputs to answer with, in order. ``classification``: the outputs whose own
-    parameters carry one, with its value (:func:`class_count`; it sets ``params``' ``top_k``)."""
+    parameters carry one, with its value (checked by :func:`class_count`)."""
     known = TRANSLATION_OUTPUTS if manifest.task == "translation" else IMAGE_OUTPUTS
     unknown = [n for n in names if n not in known]
     if unknown:
@@ -156,26 +159,24 @@ def requested_outputs(
     if len(set(names)) != len(names):
         raise InvalidInput(f"outputs: each output named once, got {names}")
     if classification:
-        params["top_k"] = class_count(manifest, classification, params.get("top_k"))
+        class_count(manifest, classification)
     attention = flag(params, "return_attention")  # checked when outputs are named too
     if names:
         return names
-    return known[:2] + (WITH_ATTENTION[manifest.task] if attention else [])
+    return [name for name in known if attention or name not in ATTENTION_OUTPUTS]
 
 
-def class_count(manifest: Manifest, classification: dict[str, Any], top_k: Any) -> int:
+def class_count(manifest: Manifest, classification: dict[str, Any]) -> int:
     """Triton's classification extension: an output's ``classification`` parameter (tritonclient's
     ``class_count``) asks for its best k classes as BYTES ``"<score>:<index>:<label>"``, best
-    first — what Triton's image_client prints. Here on an image model's ``PROBABILITIES``, whose k
-    becomes the request's ``top_k``; any other use is refused naming the output."""
+    first — what Triton's image_client prints. Here on an image model's ``PROBABILITIES``; any
+    other use is refused naming the output."""
     for name in classification:
         if name != "PROBABILITIES" or manifest.task != "image-classification":
             raise InvalidInput(f"{name}: classification applies to an image model's PROBABILITIES output")
     count = classification["PROBABILITIES"]
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise InvalidInput(f"PROBABILITIES: classification must be a positive integer, got {count!r}")
-    if top_k is not None and top_k != count:
-        raise InvalidInput(f"parameters: top_k {top_k!r} differs from PROBABILITIES' classification {count}")
     return count
 
 
@@ -198,9 +199,12 @@ def to_requests(
 
 def _translate_job(by_name: dict[str, Tensor], params: dict[str, Any], attention: bool) -> TranslateJob:
     text = _only_input(by_name, ["TEXT"])
-    if text.datatype != "BYTES" or text.data.ndim != 1:
-        raise InvalidInput(f"TEXT: expected BYTES with shape [-1], got {text.datatype} {text.shape}")
-    texts = [_utf8(item, "TEXT") for item in text.data]
+    column = _one_per_row(text.data)
+    if text.datatype != "BYTES" or column is None:
+        raise InvalidInput(
+            f"TEXT: expected BYTES with shape [-1] or [-1, 1], got {text.datatype} {text.shape}"
+        )
+    texts = [_utf8(item, "TEXT") for item in column]
     if not texts:  # named here: the schema's own message would name a REST field (text)
         raise InvalidInput("TEXT: give at least one text")
     for i, t in enumerate(texts):
@@ -223,9 +227,12 @@ def _classify_jobs(
         **given, return_attention=attention, attention_layers="all" if raw else "rollout"
     )
     if tensor.name == "IMAGE":
-        if tensor.datatype != "BYTES" or tensor.data.ndim != 1:
-            raise InvalidInput(f"IMAGE: expected BYTES with shape [-1], got {tensor.datatype} {tensor.shape}")
-        images = enumerate(tensor.data)  # errors name IMAGE[i], not the REST field
+        column = _one_per_row(tensor.data)
+        if tensor.datatype != "BYTES" or column is None:
+            raise InvalidInput(
+                f"IMAGE: expected BYTES with shape [-1] or [-1, 1], got {tensor.datatype} {tensor.shape}"
+            )
+        images = enumerate(column)  # errors name IMAGE[i], not the REST field
         return [
             classify_job(options, image=bytes(item), field=f"IMAGE[{i}]", fewer_layers=FEWER_LAYERS)
             for i, item in images
@@ -238,6 +245,15 @@ def _classify_jobs(
     return [
         classify_job(options, pixels=row, field=f"PIXELS[{i}]", fewer_layers=FEWER_LAYERS) for i, row in rows
     ]
+
+
+def _one_per_row(data: np.ndarray) -> np.ndarray | None:
+    """An element per batch row: ``[N]``, or ``[N, 1]`` — what Triton's configuration of such a
+    tensor (``dims: [1]`` reshaped to ``[]``, :mod:`service.api.triton_extensions`) asks clients
+    to send. Another shape: None."""
+    if data.ndim == 2 and data.shape[1] == 1:
+        return data[:, 0]
+    return data if data.ndim == 1 else None
 
 
 def _only_input(by_name: dict[str, Tensor], allowed: list[str]) -> Tensor:
@@ -254,11 +270,9 @@ def _utf8(item: Any, name: str) -> str:
         raise InvalidInput(f"{name}: element is not valid UTF-8") from exc
 
 
-def to_outputs(
-    manifest: Manifest, answers: list[Answer], names: list[str], classification: bool = False
-) -> list[Tensor]:
+def to_outputs(answers: list[Answer], prepared: Prepared) -> list[Tensor]:
     """The core's answers → the requested v2 output tensors, in the requested order; with
-    ``classification`` (:func:`class_count`), ``PROBABILITIES`` as Triton's class strings."""
+    ``prepared.classes`` (:func:`class_count`), ``PROBABILITIES`` as Triton's class strings."""
     results = [a.result for a in answers]
     if all(isinstance(r, Translated) for r in results):
         [translated] = results
@@ -266,13 +280,14 @@ def to_outputs(
         values = _translation_values(translated)
     else:
         classified = [r for r in results if isinstance(r, Classified)]
-        values = _image_values(classified)
-        if classification:  # Triton's format: the score as C's "%f", the index, the label
+        values = _image_values(classified, prepared.top_k)
+        if prepared.classes:  # Triton's format: the score as C's "%f", the index, the label; best first
             values["PROBABILITIES"] = _bytes([
                 [f"{p:f}:{i}:{name}" for p, i, name in zip(r.probabilities, r.indices, r.labels, strict=True)]
+                [: prepared.classes]
                 for r in classified
             ])  # fmt: skip
-    return [_tensor(name, values[name]) for name in names]
+    return [_tensor(name, values[name]) for name in prepared.outputs]
 
 
 def token_outputs(event: TokenEvent, attention: bool) -> list[Tensor]:
@@ -308,11 +323,12 @@ def _translation_values(result: Translated) -> dict[str, np.ndarray]:
     }
 
 
-def _image_values(results: list[Classified]) -> dict[str, np.ndarray]:
+def _image_values(results: list[Classified], top_k: int | None = None) -> dict[str, np.ndarray]:
+    """``top_k``: how many of each result's classes to keep (None: all it ranked)."""
     values = {
-        "LABELS": _bytes([r.labels for r in results]),
-        "PROBABILITIES": np.array([r.probabilities for r in results], dtype=np.float32),
-        "INDICES": np.array([r.indices for r in results], dtype=np.int64),
+        "LABELS": _bytes([r.labels[:top_k] for r in results]),
+        "PROBABILITIES": np.array([r.probabilities[:top_k] for r in results], dtype=np.float32),
+        "INDICES": np.array([r.indices[:top_k] for r in results], dtype=np.int64),
     }
     rollouts = [r.rollout for r in results if r.rollout is not None]
     if len(rollouts) == len(results):
@@ -336,91 +352,5 @@ def _bytes(values: list[Any]) -> np.ndarray:
 
 
 def _tensor(name: str, data: np.ndarray) -> Tensor:
-    datatype = _DATATYPE_BY_DTYPE[data.dtype]
+    datatype = DATATYPE_BY_DTYPE[data.dtype]
     return Tensor(name, datatype, list(data.shape), data)
-
-
-# -- BYTES serialisation (binary extension and gRPC raw contents) ---------------------------------
-
-
-def serialize_bytes(data: np.ndarray) -> bytes:
-    """Each element as a 4-byte little-endian length and its bytes, row-major."""
-    out = bytearray()
-    for item in data.ravel():
-        raw = item if isinstance(item, bytes) else str(item).encode("utf-8")
-        out += len(raw).to_bytes(4, "little") + raw
-    return bytes(out)
-
-
-def deserialize_bytes(buffer: bytes, count: int, name: str) -> np.ndarray:
-    items: list[bytes] = []
-    offset = 0
-    while offset < len(buffer):
-        if offset + 4 > len(buffer):
-            raise InvalidInput(f"{name}: truncated BYTES element header")
-        size = int.from_bytes(buffer[offset : offset + 4], "little")
-        offset += 4
-        if offset + size > len(buffer):
-            raise InvalidInput(f"{name}: BYTES element of {size} bytes overruns the tensor data")
-        items.append(buffer[offset : offset + size])
-        offset += size
-    if len(items) != count:
-        raise InvalidInput(f"{name}: shape needs {count} elements, data holds {len(items)}")
-    array = np.empty(count, dtype=np.object_)
-    array[:] = items
-    return array
-
-
-def from_raw(name: str, datatype: str, shape: Any, raw: bytes) -> Tensor:
-    """A tensor from raw little-endian bytes (binary extension, gRPC raw_input_contents)."""
-    dims = _check_shape(name, shape)
-    count = math.prod(dims)
-    if datatype == "BYTES":
-        return Tensor(name, datatype, dims, deserialize_bytes(raw, count, name).reshape(dims))
-    _numpy_dtype(name, datatype)  # refuses a datatype that is not one of NUMPY_OF's
-    dtype = _LITTLE_ENDIAN[datatype]
-    if len(raw) != count * dtype.itemsize:
-        raise InvalidInput(f"{name}: {len(raw)} bytes of data do not fit shape {dims} of {datatype}")
-    return Tensor(name, datatype, dims, np.frombuffer(raw, dtype=dtype).reshape(dims))
-
-
-def from_list(name: str, datatype: str, shape: Any, data: Any) -> Tensor:
-    """A tensor from JSON data (flat or nested lists; strings for BYTES)."""
-    dims = _check_shape(name, shape)
-    count = math.prod(dims)
-    if datatype == "BYTES":
-        flat = np.array(data, dtype=np.object_).ravel()
-        if flat.size != count or not all(isinstance(x, str | bytes) for x in flat):
-            raise InvalidInput(f"{name}: BYTES data must be {count} strings for shape {dims}")
-        array = np.empty(count, dtype=np.object_)
-        array[:] = [x.encode("utf-8") if isinstance(x, str) else x for x in flat]
-        return Tensor(name, datatype, dims, array.reshape(dims))
-    dtype = _numpy_dtype(name, datatype)
-    try:
-        array = np.asarray(data, dtype=dtype).ravel()
-    except (ValueError, TypeError, OverflowError) as exc:
-        raise InvalidInput(f"{name}: data is not a rectangular array of {datatype}") from exc
-    if array.size != count:
-        raise InvalidInput(f"{name}: shape {dims} needs {count} values, data holds {array.size}")
-    return Tensor(name, datatype, dims, array.reshape(dims))
-
-
-def _numpy_dtype(name: str, datatype: str) -> Any:
-    if datatype not in NUMPY_OF:
-        raise InvalidInput(f"{name}: unknown datatype {datatype!r}")
-    return NUMPY_OF[datatype]
-
-
-MAX_ELEMENTS = 64 * 1024 * 1024
-
-
-def _check_shape(name: str, shape: Any) -> list[int]:
-    if (
-        not isinstance(shape, list)
-        or not all(type(d) is int and d >= 0 for d in shape)  # JSON true / false are not dimensions
-        or len(shape) > 8
-    ):
-        raise InvalidInput(f"{name}: shape must be a list of at most 8 non-negative integers")
-    if math.prod(shape) > MAX_ELEMENTS:
-        raise InvalidInput(f"{name}: shape {shape} is too large")
-    return list(shape)

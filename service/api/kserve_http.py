@@ -2,8 +2,9 @@
 
 Binary extension: the body is a JSON header followed by raw tensor bytes; the header's length is
 in ``Inference-Header-Content-Length``. Inputs with ``parameters.binary_data_size`` take their
-bytes from the tail in order. Outputs go binary when the requested output says
-``"binary_data": true`` or the request sets ``"binary_data_output": true`` (tritonclient's default).
+bytes from the tail in order. An output goes binary when its own parameters say
+``"binary_data": true``, or say nothing and the request sets ``"binary_data_output": true``
+(tritonclient's default): an output's own ``binary_data`` overrides the request's, either way.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.api import kserve
+from service.api import kserve, kserve_tensors
 from service.api.rest_codec import dumps
 from service.errors import InvalidInput
 
@@ -24,12 +25,18 @@ HEADER_LENGTH = "inference-header-content-length"
 @dataclass
 class InferRequest:
     id: str | None
-    inputs: list[kserve.Tensor]
+    inputs: list[kserve_tensors.Tensor]
     parameters: dict[str, Any]
     outputs: list[str]
-    binary_outputs: set[str]
+    #: output name → its own ``binary_data`` parameter, where it gives one
+    binary_outputs: dict[str, bool]
+    #: the request's ``binary_data_output``: for the outputs that say nothing themselves
+    binary_default: bool
     #: output name → its ``classification`` parameter (Triton's extension), where one is given
     classification: dict[str, Any]
+
+    def binary(self, output: str) -> bool:
+        return self.binary_outputs.get(output, self.binary_default)
 
 
 def parse_request(body: bytes, header_length: str | None) -> InferRequest:
@@ -60,35 +67,38 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
             raise InvalidInput(f"{name}: datatype is required")
         size = _parameters(spec.get("parameters"), name).get("binary_data_size")
         if size is not None:
-            if not isinstance(size, int) or size < 0 or offset + size > len(tail):
+            if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+                raise InvalidInput(f"{name}: binary_data_size must be a non-negative integer, got {size!r}")
+            if offset + size > len(tail):
                 raise InvalidInput(
                     f"{name}: binary_data_size {size!r} overruns the {len(tail)} bytes after the header"
                 )
-            inputs.append(kserve.from_raw(name, datatype, shape, tail[offset : offset + size]))
+            inputs.append(kserve_tensors.from_raw(name, datatype, shape, tail[offset : offset + size]))
             offset += size
         elif "data" in spec:
-            inputs.append(kserve.from_list(name, datatype, shape, spec["data"]))
+            inputs.append(kserve_tensors.from_list(name, datatype, shape, spec["data"]))
         else:
             raise InvalidInput(f"{name}: needs data, or binary_data_size with the binary extension")
     if offset != len(tail):
         raise InvalidInput(f"body: {len(tail) - offset} bytes after the header belong to no input")
-    outputs, binary, classification = [], set(), {}
+    outputs: list[str] = []
+    binary: dict[str, bool] = {}
+    classification: dict[str, Any] = {}
     for i, spec in enumerate(header.get("outputs") or []):
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise InvalidInput(f"outputs[{i}]: needs a name")
         outputs.append(spec["name"])
         output_params = _parameters(spec.get("parameters"), spec["name"])
-        if kserve.flag(output_params, "binary_data", spec["name"]):
-            binary.add(spec["name"])
+        if "binary_data" in output_params:
+            binary[spec["name"]] = kserve.flag(output_params, "binary_data", spec["name"])
         if "classification" in output_params:
             classification[spec["name"]] = output_params["classification"]
-    if kserve.flag(params, "binary_data_output"):
-        binary.add("*")
     request_id = header.get("id")
     if request_id is not None and (not isinstance(request_id, str | int) or isinstance(request_id, bool)):
         raise InvalidInput(f"id: expected a string, got {type(request_id).__name__}")
     request_id = str(request_id) if request_id is not None else None
-    return InferRequest(request_id, inputs, params, outputs, binary, classification)
+    binary_default = kserve.flag(params, "binary_data_output")
+    return InferRequest(request_id, inputs, params, outputs, binary, binary_default, classification)
 
 
 def _parameters(value: Any, where: str) -> dict[str, Any]:
@@ -100,15 +110,15 @@ def _parameters(value: Any, where: str) -> dict[str, Any]:
 
 
 def encode_response(
-    model: str, version: int, request: InferRequest, tensors: list[kserve.Tensor]
+    model: str, version: int, request: InferRequest, tensors: list[kserve_tensors.Tensor]
 ) -> tuple[bytes, dict[str, str]]:
     """→ body and headers. JSON only, or JSON header + binary tail when any output is binary."""
     outputs, tail = [], bytearray()
     for t in tensors:
         entry: dict[str, Any] = {"name": t.name, "datatype": t.datatype, "shape": t.shape}
-        if t.name in request.binary_outputs or "*" in request.binary_outputs:
+        if request.binary(t.name):
             raw = (
-                kserve.serialize_bytes(t.data)
+                kserve_tensors.serialize_bytes(t.data)
                 if t.datatype == "BYTES"
                 else np.ascontiguousarray(t.data).tobytes()
             )

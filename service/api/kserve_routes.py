@@ -83,11 +83,11 @@ async def v2_infer(request: Request, name: str, version: str | None = None) -> R
         entry: ModelEntry = server.resolve(name, None, version)
         body = await server.read_body(request)
         parsed = kserve_http.parse_request(body, request.headers.get(kserve_http.HEADER_LENGTH))
-        outputs = kserve.requested_outputs(
-            entry.manifest, parsed.outputs, parsed.parameters, parsed.classification
+        prepared = kserve.prepare(
+            entry.manifest, parsed.inputs, parsed.parameters, parsed.outputs, parsed.classification
         )
-        requests = kserve.to_requests(entry.manifest, parsed.inputs, parsed.parameters, outputs)
-    _, answers, _ = await server.predict_many(name, None, "v2_infer", requests, version)
-    tensors = kserve.to_outputs(entry.manifest, answers, outputs, bool(parsed.classification))
-    content, headers = kserve_http.encode_response(entry.name, entry.version, parsed, tensors)
+    _, answers, _ = await server.predict_many(name, None, "v2_infer", prepared.jobs, version)
+    tensors = kserve.to_outputs(answers, prepared)
+    # the version that answered: a newer one may have been swapped in since the lookup above
+    content, headers = kserve_http.encode_response(entry.name, answers[0].version, parsed, tensors)
     return Response(content=content, headers=headers)

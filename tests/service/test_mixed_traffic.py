@@ -24,7 +24,7 @@ import requests
 from google.protobuf import json_format
 
 from benchmarks.run import free_port_block
-from service.api import kserve
+from service.api import kserve_tensors
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
 from service.api.protos import grpc_service_pb2 as pb
@@ -160,7 +160,7 @@ def kserve_grpc(svc: Service, model: str, payload: Any) -> Answer:
         texts, beam = payload
         request.inputs.add(name="TEXT", datatype="BYTES", shape=[len(texts)])
         request.raw_input_contents.append(
-            kserve.serialize_bytes(np.array([t.encode() for t in texts], dtype=object))
+            kserve_tensors.serialize_bytes(np.array([t.encode() for t in texts], dtype=object))
         )
         request.parameters["beam_size"].int64_param = beam
         names = ["TRANSLATION", "SCORE"]
@@ -172,7 +172,7 @@ def kserve_grpc(svc: Service, model: str, payload: Any) -> Answer:
         indices = np.frombuffer(raw["INDICES"], dtype=np.int64)
         probs = np.frombuffer(raw["PROBABILITIES"], dtype=np.float32)
         return image_answer(reply.model_name, list(zip(indices.tolist(), probs.tolist(), strict=True)))
-    texts = kserve.deserialize_bytes(raw["TRANSLATION"], len(payload[0]), "TRANSLATION")
+    texts = kserve_tensors.deserialize_bytes(raw["TRANSLATION"], len(payload[0]), "TRANSLATION")
     scores = np.frombuffer(raw["SCORE"], dtype=np.float32)
     return Answer(reply.model_name, tuple(bytes(t).decode() for t in texts), tuple(scores.tolist()))
 

@@ -20,7 +20,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
-from service.api import kserve
+from service.api import kserve_tensors
 from service.api.grpc_aio import GrpcHealth, add_reflection, add_to_grpc_server
 from service.api.grpc_servicer import GrpcServicer
 from service.api.protos import attention_pb2 as apb
@@ -96,7 +96,7 @@ def test_kserve_v2_infer_and_stream(tmp_path: Path) -> None:
         r = pb.ModelInferRequest(model_name=model, id="r")
         r.inputs.add(name="TEXT", datatype="BYTES", shape=[len(texts)])
         r.raw_input_contents.append(
-            kserve.serialize_bytes(np.array([t.encode() for t in texts], dtype=object))
+            kserve_tensors.serialize_bytes(np.array([t.encode() for t in texts], dtype=object))
         )
         return r
 
@@ -108,7 +108,8 @@ def test_kserve_v2_infer_and_stream(tmp_path: Path) -> None:
         undecided.parameters["stream"].string_param = "maybe"  # a true/false parameter, neither
 
         async def requests() -> Any:
-            for r in (request(["x"]), request(["y"], model="nope"), request(["zz"]), undecided):
+            for i, r in enumerate((request(["x"]), request(["y"], model="nope"), request(["zz"]), undecided)):
+                r.id = f"r{i}"
                 yield r
 
         streamed = [reply async for reply in stub.ModelStreamInfer(requests())]
@@ -116,14 +117,64 @@ def test_kserve_v2_infer_and_stream(tmp_path: Path) -> None:
         return single, streamed, ready
 
     single, streamed, ready = with_servicer(tmp_path, use)
-    texts = kserve.deserialize_bytes(single.raw_output_contents[0], 2, "TRANSLATION")
+    texts = kserve_tensors.deserialize_bytes(single.raw_output_contents[0], 2, "TRANSLATION")
     assert [bytes(t) for t in texts] == [b"ba", b"edc"] and single.model_name == "fake-translator"
-    assert [bool(s.error_message) for s in streamed] == [False, True, False, True]
-    assert "not found" in streamed[1].error_message
-    failed = streamed[1].infer_response  # an error names the request it answers
-    assert (failed.id, failed.model_name) == ("r", "nope")
-    assert "stream" in streamed[3].error_message and "boolean" in streamed[3].error_message
+    by_id = {s.infer_response.id: s for s in streamed}  # answered as each completes: matched by id
+    assert sorted(by_id) == ["r0", "r1", "r2", "r3"]
+    assert [bool(by_id[f"r{i}"].error_message) for i in range(4)] == [False, True, False, True]
+    assert "not found" in by_id["r1"].error_message
+    assert by_id["r1"].infer_response.model_name == "nope"  # an error names the request it answers
+    assert "stream" in by_id["r3"].error_message and "boolean" in by_id["r3"].error_message
     assert ready.ready
+
+
+def test_a_stream_answers_each_request_as_it_completes_within_its_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As Triton takes a stream's requests: a quick request sent after a slow one is answered
+    first (it waited behind it); at most STREAM_WINDOW of one stream's requests are in the server
+    at a time, the rest wait unread."""
+    from service.api import grpc_servicer
+
+    monkeypatch.setattr(grpc_servicer, "STREAM_WINDOW", 2)
+    server, translator, _, _ = fake_server(tmp_path)
+    translator.delay_s = 0.3
+    busy = {"now": 0, "most": 0}
+    predict = translator.predict
+
+    async def counted(job: Any) -> Any:
+        busy["now"] += 1
+        busy["most"] = max(busy["most"], busy["now"])
+        try:
+            return await predict(job)
+        finally:
+            busy["now"] -= 1
+
+    translator.predict = counted  # type: ignore[method-assign]
+
+    def slow(i: int) -> pb.ModelInferRequest:
+        r = pb.ModelInferRequest(model_name="fake-translator", id=f"slow{i}")
+        r.inputs.add(name="TEXT", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"ab")
+        return r
+
+    quick = pb.ModelInferRequest(model_name="fake-classifier", id="quick")
+    quick.inputs.add(name="PIXELS", datatype="UINT8", shape=[1, 2, 2]).contents.uint_contents.extend(
+        [1, 1, 2, 0]
+    )
+
+    async def use(channel: grpc.aio.Channel) -> list[str]:
+        async def requests() -> Any:
+            yield slow(0)
+            yield quick
+            for i in range(1, 5):
+                yield slow(i)
+
+        stream = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests())
+        return [reply.infer_response.id async for reply in stream if not reply.error_message]
+
+    order = with_servicer(tmp_path, use, server)
+    assert order[0] == "quick" and sorted(order[1:]) == [f"slow{i}" for i in range(5)]
+    assert busy["most"] == 2
 
 
 @pytest.mark.parametrize(
@@ -178,6 +229,37 @@ def test_model_metadata_carries_the_limits(tmp_path: Path) -> None:
     assert meta.parameters["max_beam_size"].int64_param == 4 and meta.inputs[0].name == "TEXT"
 
 
+def test_model_ready_answers_false_for_a_model_or_version_not_served(tmp_path: Path) -> None:
+    """As Triton's ModelReady (and HTTP's ``…/ready``, which tritonclient reads as False): not
+    ready, no error, for a model or version the server does not serve."""
+
+    async def use(channel: grpc.aio.Channel) -> list[bool]:
+        v2 = pb_grpc.GRPCInferenceServiceStub(channel)
+        asked = [("fake-translator", ""), ("fake-translator", "1"), ("fake-translator", "2"), ("nope", "")]
+        replies = [await v2.ModelReady(pb.ModelReadyRequest(name=n, version=v)) for n, v in asked]
+        return [r.ready for r in replies]
+
+    assert with_servicer(tmp_path, use) == [True, True, False, False]
+
+
+def test_contents_beside_raw_input_contents_are_refused(tmp_path: Path) -> None:
+    """Triton: "contents field must not be specified when using raw_input_contents" — one of the
+    two would be dropped without a word."""
+    request = pb.ModelInferRequest(model_name="fake-translator", id="both")
+    text = request.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
+    text.contents.bytes_contents.append(b"junk")
+    request.raw_input_contents.append(kserve_tensors.serialize_bytes(np.array([b"ab"], dtype=object)))
+
+    async def use(channel: grpc.aio.Channel) -> Any:
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+        return failure.value
+
+    error = with_servicer(tmp_path, use)
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details() == "TEXT: contents must not be given with raw_input_contents"
+
+
 def test_requests_refused_while_decoded_are_counted(tmp_path: Path) -> None:
     """A schema refusal (an empty text) or an unknown model, before the request reaches Server's
     own recording: counted with its status like every other refusal."""
@@ -208,7 +290,7 @@ def test_a_request_protobuf_cannot_parse_is_invalid_argument(tmp_path: Path) -> 
     bad = b"\x0a" + bytes([len(model)]) + model + b"\x12\x02\xff\xfe"  # texts: ["\xff\xfe"]
     good = pb.ModelInferRequest(model_name="fake-translator", id="g")
     good.inputs.add(name="TEXT", datatype="BYTES", shape=[1])
-    good.raw_input_contents.append(kserve.serialize_bytes(np.array([b"ab"], dtype=object)))
+    good.raw_input_contents.append(kserve_tensors.serialize_bytes(np.array([b"ab"], dtype=object)))
     bad_infer = b"\x0a\x02\xff\xfe"  # model_name: "\xff\xfe"
 
     async def use(channel: grpc.aio.Channel) -> Any:

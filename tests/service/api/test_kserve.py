@@ -1,4 +1,4 @@
-"""The v2 tensor codec: BYTES serialisation, JSON and binary bodies, and every malformed case."""
+"""The v2 contract: JSON and binary bodies, outputs, classification, and every malformed case."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from service.api import kserve, kserve_http
+from service.api import kserve, kserve_http, kserve_tensors
 from service.api.http import create_app
 from service.errors import InvalidInput
 from tests.service.api.test_rest import call
@@ -18,39 +18,6 @@ from tests.service.fakes import entry, fake_server
 def binary_body(header: dict, *blobs: bytes) -> tuple[bytes, str]:
     head = json.dumps(header).encode()
     return head + b"".join(blobs), str(len(head))
-
-
-def test_bytes_round_trip_keeps_empty_and_non_ascii_elements() -> None:
-    data = np.array([b"", "mars é".encode(), b"\x00\xff"], dtype=np.object_)
-    raw = kserve.serialize_bytes(data)
-    assert raw[:4] == b"\x00\x00\x00\x00"
-    assert kserve.deserialize_bytes(raw, 3, "T").tolist() == data.tolist()
-
-
-@pytest.mark.parametrize(
-    ("raw", "count", "message"),
-    [
-        (b"\x05\x00\x00\x00ab", 1, "overruns"),
-        (b"\x01\x00", 1, "truncated"),
-        (b"\x01\x00\x00\x00a\x01\x00\x00\x00b", 1, "holds 2"),
-    ],
-)
-def test_bytes_that_lie_about_lengths_are_refused(raw: bytes, count: int, message: str) -> None:
-    with pytest.raises(InvalidInput, match=message):
-        kserve.deserialize_bytes(raw, count, "T")
-
-
-def test_raw_numeric_tensors_check_their_byte_length() -> None:
-    t = kserve.from_raw("P", "FP32", [2, 2], np.arange(4, dtype="<f4").tobytes())
-    assert t.data.tolist() == [[0, 1], [2, 3]]
-    with pytest.raises(InvalidInput, match="do not fit"):
-        kserve.from_raw("P", "FP32", [2, 3], np.arange(4, dtype="<f4").tobytes())
-    with pytest.raises(InvalidInput, match="datatype"):
-        kserve.from_raw("P", "COMPLEX", [1], b"")
-    with pytest.raises(InvalidInput, match="shape"):
-        kserve.from_raw("P", "FP32", [-1], b"")
-    with pytest.raises(InvalidInput, match="too large"):
-        kserve.from_raw("P", "UINT8", [1 << 20, 1 << 20], b"")
 
 
 def test_json_request_and_response() -> None:
@@ -67,7 +34,7 @@ def test_json_request_and_response() -> None:
 
 
 def test_binary_request_and_response() -> None:
-    text = kserve.serialize_bytes(np.array([b"5 mars 2024"], dtype=np.object_))
+    text = kserve_tensors.serialize_bytes(np.array([b"5 mars 2024"], dtype=np.object_))
     pixels = np.zeros((1, 2, 2), dtype=np.uint8).tobytes()
     header = {"inputs": [
         {"name": "TEXT", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(text)}},
@@ -81,7 +48,7 @@ def test_binary_request_and_response() -> None:
     split = int(headers[kserve_http.HEADER_LENGTH])
     meta = json.loads(content[:split])
     assert meta["outputs"][0]["parameters"]["binary_data_size"] == len(content) - split
-    assert kserve.deserialize_bytes(content[split:], 1, "x").tolist() == [b"2024-03-05"]
+    assert kserve_tensors.deserialize_bytes(content[split:], 1, "x").tolist() == [b"2024-03-05"]
 
 
 @pytest.mark.parametrize(
@@ -132,20 +99,20 @@ def test_binary_sizes_that_lie_are_refused() -> None:
 @pytest.mark.parametrize(
     ("task", "params", "named", "outputs"),
     [
-        ("translation", {}, [], ["TRANSLATION", "SCORE"]),
+        ("translation", {}, [], ["TRANSLATION", "SCORE", "SOURCE_TOKENS", "TARGET_TOKENS"]),
         ("translation", {"return_attention": True}, [],
          ["TRANSLATION", "SCORE", "SOURCE_TOKENS", "TARGET_TOKENS", "ATTENTION"]),
         ("translation", {"return_attention": True}, ["ATTENTION"], ["ATTENTION"]),
-        ("image-classification", {}, [], ["LABELS", "PROBABILITIES"]),
+        ("image-classification", {}, [], ["LABELS", "PROBABILITIES", "INDICES"]),
         ("image-classification", {"return_attention": True}, [],
-         ["LABELS", "PROBABILITIES", "ROLLOUT", "ATTENTIONS"]),
+         ["LABELS", "PROBABILITIES", "INDICES", "ROLLOUT", "ATTENTIONS"]),
     ],
 )  # fmt: skip
-def test_return_attention_adds_the_map_with_what_labels_it(
+def test_unnamed_outputs_are_every_output_but_the_attention_maps_unless_asked(
     tmp_path: Path, task: str, params: dict, named: list[str], outputs: list[str]
 ) -> None:
-    """Unnamed outputs with ``return_attention``: a translation's map comes with the source tokens
-    (its columns) as well as the target tokens (its rows)."""
+    """The protocol: "if not specified all outputs produced by the model will be returned" — all
+    but the attention maps, which are computed only on request; ``return_attention`` adds them."""
     manifest = entry(f"fake-{task}", task, tmp_path).manifest
     assert kserve.requested_outputs(manifest, named, params) == outputs
 
@@ -153,8 +120,11 @@ def test_return_attention_adds_the_map_with_what_labels_it(
 @pytest.mark.parametrize(
     ("params", "outputs"),
     [
-        ({"return_attention": "false"}, ["TRANSLATION", "SCORE"]),  # a string, read as REST reads it
-        ({"return_attention": 0}, ["TRANSLATION", "SCORE"]),
+        (
+            {"return_attention": "false"},
+            ["TRANSLATION", "SCORE", "SOURCE_TOKENS", "TARGET_TOKENS"],
+        ),  # a string
+        ({"return_attention": 0}, ["TRANSLATION", "SCORE", "SOURCE_TOKENS", "TARGET_TOKENS"]),
         (
             {"return_attention": "true"},
             ["TRANSLATION", "SCORE", "SOURCE_TOKENS", "TARGET_TOKENS", "ATTENTION"],
@@ -186,6 +156,73 @@ def test_boolean_parameters_of_another_type_are_refused(
         kserve.requested_outputs(manifest, req.outputs, req.parameters)
 
 
+@pytest.mark.parametrize(
+    ("request_flag", "output_flags", "binary"),
+    [
+        (True, {"SCORE": False}, {"TRANSLATION"}),  # an output's own false overrides the request's true
+        (False, {"SCORE": True}, {"SCORE"}),
+        (True, {}, {"TRANSLATION", "SCORE"}),
+        (None, {"TRANSLATION": "true"}, {"TRANSLATION"}),
+    ],
+)
+def test_an_output_s_own_binary_data_overrides_the_request_s(
+    request_flag: bool | None, output_flags: dict, binary: set[str]
+) -> None:
+    """Triton's binary extension: "If binary_data is specified on an output it overrides this
+    setting" (``binary_data_output``) — in both directions."""
+    outputs = [
+        {
+            "name": name,
+            **({"parameters": {"binary_data": output_flags[name]}} if name in output_flags else {}),
+        }
+        for name in ("TRANSLATION", "SCORE")
+    ]
+    params = {} if request_flag is None else {"binary_data_output": request_flag}
+    body = {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["a"]}],
+            "outputs": outputs, "parameters": params}  # fmt: skip
+    req = kserve_http.parse_request(json.dumps(body).encode(), None)
+    tensors = [
+        kserve.Tensor("TRANSLATION", "BYTES", [1], np.array([b"x"], dtype=np.object_)),
+        kserve.Tensor("SCORE", "FP32", [1], np.array([0.5], dtype=np.float32)),
+    ]
+    content, headers = kserve_http.encode_response("m", 1, req, tensors)
+    split = int(headers.get(kserve_http.HEADER_LENGTH, len(content)))
+    answered = {o["name"]: o for o in json.loads(content[:split])["outputs"]}
+    assert {n for n, o in answered.items() if "binary_data_size" in o.get("parameters", {})} == binary
+    assert {n for n, o in answered.items() if "data" in o} == {"TRANSLATION", "SCORE"} - binary
+
+
+def test_a_binary_data_size_that_is_not_a_count_is_named_so() -> None:
+    body = {
+        "inputs": [
+            {"name": "TEXT", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": "5"}}
+        ]
+    }
+    head = json.dumps(body).encode()
+    with pytest.raises(InvalidInput, match=r"TEXT: binary_data_size must be a non-negative integer, got '5'"):
+        kserve_http.parse_request(head + b"\x01\x00\x00\x00a", str(len(head)))
+
+
+def test_a_column_of_one_element_per_row_is_taken_as_triton_s_configuration_describes_it(
+    tmp_path: Path,
+) -> None:
+    """``TEXT`` and ``IMAGE`` are ``dims: [1]`` reshaped to ``[]`` in the model configuration: a
+    Triton client sends ``[N, 1]`` for them, the metadata's ``[-1]`` is ``[N]``; both are taken."""
+    translator = entry("fake-translation", "translation", tmp_path).manifest
+    column = kserve_tensors.from_list("TEXT", "BYTES", [2, 1], [["a"], ["b"]])
+    [job] = kserve.to_requests(translator, [column], {}, ["TRANSLATION"])
+    assert job.texts == ["a", "b"]  # type: ignore[union-attr]
+    classifier = entry("fake-image-classification", "image-classification", tmp_path).manifest
+    images = kserve_tensors.from_list("IMAGE", "BYTES", [2, 1], [["a"], ["bb"]])
+    jobs = kserve.to_requests(classifier, [images], {}, ["LABELS"])
+    assert [job.image for job in jobs] == [b"a", b"bb"]  # type: ignore[union-attr]
+    wide = kserve_tensors.from_list("TEXT", "BYTES", [1, 2], [["a", "b"]])
+    with pytest.raises(
+        InvalidInput, match=r"TEXT: expected BYTES with shape \[-1\] or \[-1, 1\], got BYTES \[1, 2\]"
+    ):
+        kserve.to_requests(translator, [wide], {}, ["TRANSLATION"])
+
+
 def test_binary_data_output_false_as_a_string_answers_json() -> None:
     body = {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["a"]}],
             "outputs": [{"name": "SCORE", "parameters": {"binary_data": "false"}}],
@@ -201,7 +238,7 @@ def test_binary_data_output_false_as_a_string_answers_json() -> None:
 def test_image_errors_name_the_v2_tensor_element(tmp_path: Path) -> None:
     """A KServe image's errors (undecodable, too many bytes) name ``IMAGE[i]``, not REST's ``image``."""
     manifest = entry("fake-image-classification", "image-classification", tmp_path).manifest
-    images = kserve.from_list("IMAGE", "BYTES", [2], ["a", "bb"])
+    images = kserve_tensors.from_list("IMAGE", "BYTES", [2], ["a", "bb"])
     jobs = kserve.to_requests(manifest, [images], {}, ["LABELS"])
     assert [job.field for job in jobs] == ["IMAGE[0]", "IMAGE[1]"]  # type: ignore[union-attr]
 
@@ -224,38 +261,56 @@ def test_an_output_named_twice_is_refused(tmp_path: Path) -> None:
         kserve.requested_outputs(manifest, ["TRANSLATION", "SCORE", "TRANSLATION"], {})
 
 
-def test_classification_answers_probabilities_as_triton_s_class_strings(tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    ("parameters", "classes", "shown", "ranked"),
+    [
+        ({}, 2, 4, 5),  # LABELS keep the default top_k (5; the fake has 4 classes)
+        ({"top_k": 2, "binary_data_output": True}, 2, 2, 2),
+        ({"top_k": 1}, 3, 1, 3),  # the jobs rank 3 for PROBABILITIES; LABELS keep 1
+    ],
+)
+def test_classification_answers_probabilities_as_triton_s_class_strings_and_only_them(
+    tmp_path: Path, parameters: dict, classes: int, shown: int, ranked: int
+) -> None:
     """Triton's classification extension (tritonclient's ``class_count``) on PROBABILITIES, over
-    HTTP JSON and binary: the best k as ``"<score>:<index>:<label>"``, k the request's top_k."""
+    HTTP JSON and binary: the best k as ``"<score>:<index>:<label>"``; the other outputs keep the
+    request's ``top_k``, as in Triton, where the parameter changes only the output it is set on."""
     server, _, classifier, _ = fake_server(tmp_path)
     app = create_app(server)
     pixels = {"name": "PIXELS", "datatype": "UINT8", "shape": [2, 2, 2], "data": [1, 1, 2, 0] * 2}
-    named = [{"name": "LABELS"}, {"name": "PROBABILITIES", "parameters": {"classification": 2}}]
     status, _, plain = call(app, "POST", "/v2/models/fake-classifier/infer",
                             json.dumps({"inputs": [pixels], "outputs": [{"name": "LABELS"}, {"name": "PROBABILITIES"},
                                                                         {"name": "INDICES"}]}).encode())  # fmt: skip
     assert status == 200
     labels, probabilities, indices = (o["data"] for o in json.loads(plain)["outputs"])
-    for body in ({"inputs": [pixels], "outputs": named},
-                 {"inputs": [pixels], "outputs": named, "parameters": {"top_k": 2, "binary_data_output": True}}):  # fmt: skip
-        status, headers, content = call(
-            app, "POST", "/v2/models/fake-classifier/infer", json.dumps(body).encode()
-        )
-        assert status == 200, content
-        split = int(headers.get("inference-header-content-length", len(content)))
-        head = json.loads(content[:split])
-        [classes] = [o for o in head["outputs"] if o["name"] == "PROBABILITIES"]
-        assert classes["datatype"] == "BYTES" and classes["shape"] == [2, 2]
-        if split == len(content):
-            strings = classes["data"]
-        else:  # binary: after LABELS' bytes, each element is a 4-byte length and its bytes
-            tensor = kserve.from_raw(
-                "P", "BYTES", [2, 2], content[split:][-classes["parameters"]["binary_data_size"] :]
-            )
-            strings = [s.decode() for s in tensor.data.ravel()]
-        expected = [f"{p:f}:{i}:{name}" for p, i, name in zip(probabilities, indices, labels, strict=True)]
-        assert strings == [e for row in range(2) for e in expected[row * 4 : row * 4 + 2]], strings
-    assert [job.top_k for job in classifier.jobs[-4:]] == [2, 2, 2, 2]  # type: ignore[attr-defined]
+    expected = [f"{p:f}:{i}:{name}" for p, i, name in zip(probabilities, indices, labels, strict=True)]
+    named = [{"name": "LABELS"}, {"name": "PROBABILITIES", "parameters": {"classification": classes}}]
+    body = {"inputs": [pixels], "outputs": named, "parameters": parameters}
+    status, headers, content = call(
+        app, "POST", "/v2/models/fake-classifier/infer", json.dumps(body).encode()
+    )
+    assert status == 200, content
+    split = int(headers.get("inference-header-content-length", len(content)))
+    head = json.loads(content[:split])
+    answered = {o["name"]: o for o in head["outputs"]}
+    assert answered["PROBABILITIES"]["datatype"] == "BYTES" and answered["PROBABILITIES"]["shape"] == [
+        2,
+        classes,
+    ]
+    assert answered["LABELS"]["shape"] == [2, shown]
+    if split == len(content):
+        strings, label_rows = answered["PROBABILITIES"]["data"], answered["LABELS"]["data"]
+    else:  # binary: LABELS' bytes, then PROBABILITIES'; each element a 4-byte length and its bytes
+        size = answered["LABELS"]["parameters"]["binary_data_size"]
+        label_rows = [
+            s.decode()
+            for s in kserve_tensors.from_raw("L", "BYTES", [2, shown], content[split:][:size]).data.ravel()
+        ]
+        tensor = kserve_tensors.from_raw("P", "BYTES", [2, classes], content[split:][size:])
+        strings = [s.decode() for s in tensor.data.ravel()]
+    assert strings == [e for row in range(2) for e in expected[row * 4 : row * 4 + classes]], strings
+    assert label_rows == [e for row in range(2) for e in labels[row * 4 : row * 4 + shown]]
+    assert [job.top_k for job in classifier.jobs[-2:]] == [ranked, ranked]  # type: ignore[attr-defined]
 
 
 @pytest.mark.parametrize(
@@ -267,7 +322,6 @@ def test_classification_answers_probabilities_as_triton_s_class_strings(tmp_path
         ("image-classification", {"PROBABILITIES": 0}, {}, "must be a positive integer, got 0"),
         ("image-classification", {"PROBABILITIES": "3"}, {}, "must be a positive integer, got '3'"),
         ("image-classification", {"PROBABILITIES": True}, {}, "must be a positive integer, got True"),
-        ("image-classification", {"PROBABILITIES": 3}, {"top_k": 2}, "top_k 2 differs from PROBABILITIES' classification 3"),
     ],
 )  # fmt: skip
 def test_classification_elsewhere_or_malformed_is_refused(

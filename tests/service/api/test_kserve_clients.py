@@ -69,7 +69,15 @@ def test_http_translate_json_and_binary(probe: dict[str, Any], service: Service,
 
 def test_http_defaults_and_classification(probe: dict[str, Any]) -> None:
     h = probe["http"]
-    assert h["translate_defaults"] == {"outputs": ["TRANSLATION", "SCORE"], "text": "1980-06-03"}
+    # no outputs named: every output but the attention map (the protocol's "all outputs")
+    assert h["translate_defaults"] == {
+        "outputs": ["TRANSLATION", "SCORE", "SOURCE_TOKENS", "TARGET_TOKENS"],
+        "text": "1980-06-03",
+    }
+    assert h["translate_column"] == ["1980-06-03", "1976-07-04"]  # TEXT [2, 1], as its config has it
+    beside = h["classify_classes_beside_labels"]
+    assert len(beside["labels"]) == 5 and len(beside["classes"]) == 2
+    assert [c.split(":")[2] for c in beside["classes"]] == beside["labels"][:2]
     c = h["classify_image"]
     assert len(c["labels"]) == 3 and c["probabilities"] == sorted(c["probabilities"], reverse=True)
     assert c["rollout_shape"] == [1, 6, 6] and c["rollout_max"] == pytest.approx(1.0)
@@ -111,7 +119,7 @@ def test_http_errors(probe: dict[str, Any]) -> None:
 
 def test_grpc_health_metadata_and_infer(probe: dict[str, Any], service: Service) -> None:
     g = probe["grpc"]
-    assert g["live"] and g["ready"] and g["model_ready"]
+    assert g["live"] and g["ready"] and g["model_ready"] and g["model_ready_not_served"] == [False, False]
     assert g["server"]["name"] == "attention-serve"
     assert g["metadata"]["inputs"][0]["name"] == "TEXT"
     expected = reference_decode(service, "dates-transformer", beam=2)
@@ -136,7 +144,7 @@ def test_grpc_decoupled_token_streams_with_tritonclient(probe: dict[str, Any]) -
     assert all(t["attention_shape"] is None for t in d1["tokens"])
 
 
-def test_grpc_streaming_answers_in_order_and_survives_errors(probe: dict[str, Any]) -> None:
+def test_grpc_streaming_answers_each_request_and_survives_errors(probe: dict[str, Any]) -> None:
     stream = probe["grpc"]["stream"]
     assert [s["text"] for s in stream] == ["2001-05-01", None, "2002-05-02"]
     assert [s["id"] for s in stream] == ["s0", None, "s2"]

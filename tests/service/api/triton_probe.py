@@ -61,6 +61,11 @@ def probe_http(url: str, png: bytes) -> dict[str, Any]:
     r = c.infer("dates-transformer", [plain])  # no outputs named: the defaults, binary by default
     out["translate_defaults"] = {"outputs": [o["name"] for o in r.get_response()["outputs"]],
                                  "text": _s(r.as_numpy("TRANSLATION")[0])}  # fmt: skip
+    # TEXT as the model configuration describes it to a Triton client: dims [1] under the batch
+    column = httpclient.InferInput("TEXT", [2, 1], "BYTES")
+    column.set_data_from_numpy(np.array([[b"3 juin 1980"], [b"July 4, 1976"]], dtype=np.object_))
+    r = c.infer("dates-transformer", [column], outputs=[httpclient.InferRequestedOutput("TRANSLATION")])
+    out["translate_column"] = [_s(t) for t in r.as_numpy("TRANSLATION")]
     image = httpclient.InferInput("IMAGE", [1], "BYTES")
     image.set_data_from_numpy(np.array([png], dtype=np.object_))
     wanted = [httpclient.InferRequestedOutput(n) for n in ("LABELS", "PROBABILITIES", "INDICES", "ROLLOUT")]
@@ -74,6 +79,16 @@ def probe_http(url: str, png: bytes) -> dict[str, Any]:
     out["classify_classes"] = [
         _s(x) for x in c.infer("fashion-vit", [image], outputs=wanted).as_numpy("PROBABILITIES")[0]
     ]
+    # beside LABELS, which keep the default top_k: class_count changes only its own output
+    wanted = [
+        httpclient.InferRequestedOutput("LABELS"),
+        httpclient.InferRequestedOutput("PROBABILITIES", class_count=2),
+    ]
+    r = c.infer("fashion-vit", [image], outputs=wanted)
+    out["classify_classes_beside_labels"] = {
+        "labels": [_s(x) for x in r.as_numpy("LABELS")[0]],
+        "classes": [_s(x) for x in r.as_numpy("PROBABILITIES")[0]],
+    }
     pixels = httpclient.InferInput("PIXELS", [2, 48, 48], "UINT8")
     pixels.set_data_from_numpy(np.zeros((2, 48, 48), dtype=np.uint8))
     r = c.infer("fashion-vit", [pixels], outputs=[httpclient.InferRequestedOutput("ATTENTIONS")])
@@ -134,6 +149,8 @@ def probe_grpc(url: str, png: bytes) -> dict[str, Any]:
         "ready": c.is_server_ready(),
         "server": c.get_server_metadata(as_json=True),
         "model_ready": c.is_model_ready("fashion-vit"),
+        # Triton's answer for what it does not serve: False, not an error
+        "model_ready_not_served": [c.is_model_ready("fashion-vit", "2"), c.is_model_ready("nope")],
         "metadata": c.get_model_metadata("dates-bahdanau", as_json=True),
     }
     text = grpcclient.InferInput("TEXT", [len(TEXTS)], "BYTES")
@@ -156,7 +173,7 @@ def probe_grpc(url: str, png: bytes) -> dict[str, Any]:
     out["classify_classes"] = [
         _s(x) for x in c.infer("fashion-vit", [image], outputs=wanted).as_numpy("PROBABILITIES")[0]
     ]
-    # streaming: two good requests and one for an unknown model, answered in order
+    # streaming: two good requests and one for an unknown model, each answered as it completes
     results: queue.Queue = queue.Queue()
     c.start_stream(callback=lambda result, error: results.put((result, error)))
     for i, (model, t) in enumerate(
@@ -172,7 +189,7 @@ def probe_grpc(url: str, png: bytes) -> dict[str, Any]:
                        "id": result.get_response().id if result else None,
                        "text": _s(result.as_numpy("TRANSLATION")[0]) if result else None})  # fmt: skip
     c.stop_stream()
-    out["stream"] = stream
+    out["stream"] = sorted(stream, key=lambda s: s["id"] or "s1")  # an error has no result to name it
     out["compressed"] = {
         algorithm: [_s(t) for t in c.infer("dates-transformer", [text], outputs=outputs[:1],
                                            compression_algorithm=algorithm).as_numpy("TRANSLATION")]
