@@ -330,3 +330,29 @@ def test_classification_elsewhere_or_malformed_is_refused(
     manifest = entry(f"fake-{task}", task, tmp_path).manifest
     with pytest.raises(InvalidInput, match=message):
         kserve.requested_outputs(manifest, list(classification), params, classification)
+
+
+def test_an_answer_names_the_version_that_produced_it(tmp_path: Path) -> None:
+    """A newer version swapped in between the route's lookup and the model's answer: the answer
+    names the version that computed it (the REST answers always did), over HTTP and gRPC."""
+    from service.api.grpc_servicer import GrpcServicer
+    from service.api.protos import grpc_service_pb2 as pb
+
+    server, translator, _, _ = fake_server(tmp_path)
+    translator.version = 2  # the model answers as version 2; the served entry still says 1
+    body = {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["ab"]}]}
+    status, _, content = call(
+        create_app(server), "POST", "/v2/models/fake-translator/infer", json.dumps(body).encode()
+    )
+    assert status == 200 and json.loads(content)["model_version"] == "2"
+    request = pb.ModelInferRequest(model_name="fake-translator")
+    request.inputs.add(name="TEXT", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"ab")
+
+    class Context:
+        def invocation_metadata(self) -> list:
+            return []
+
+    import asyncio
+
+    reply = asyncio.run(GrpcServicer(server).ModelInfer(request, Context()))  # type: ignore[arg-type]
+    assert reply.model_version == "2"
