@@ -81,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {why}", file=sys.stderr)
         return 2
     stop, serving, in_ray_init = threading.Event(), threading.Event(), threading.Event()
+    ours = False
 
     def on_signal(*_: object) -> None:
         again = stop.is_set()
@@ -103,10 +104,13 @@ def main(argv: list[str] | None = None) -> int:
                     _metrics_export_port=settings.metrics_port, logging_level=logging.WARNING,
                 )  # fmt: skip
             else:  # a cluster started with `ray start`: its nodes export metrics on their own ports
+                token_auth_as_ray_start_does()
                 try:
                     ray.init(address=settings.ray_address, logging_level=logging.WARNING)
                 except ConnectionError as exc:  # "auto" with no cluster running here
-                    print(f"error: ATTN_RAY_ADDRESS={settings.ray_address}: {exc}", file=sys.stderr)
+                    print(
+                        f"error: ATTN_RAY_ADDRESS={settings.ray_address}: {exc}{AUTH_HINT}", file=sys.stderr
+                    )
                     return 2
         in_ray_init.clear()
         for sig in (signal.SIGINT, signal.SIGTERM):  # ours again: ray.init installs its own
@@ -120,8 +124,12 @@ def main(argv: list[str] | None = None) -> int:
             http_options={"host": settings.host, "port": settings.http_port},
             grpc_options={"port": settings.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
         )
+        if settings.ray_address is not None and (why := app_already_served(settings)):
+            print(f"error: ATTN_RAY_ADDRESS={settings.ray_address}: {why}", file=sys.stderr)
+            return 2  # and the other's app is left alone: not ours to stop
+        ours = True  # from here on, the app named "attention" on this Ray is this process's
         try:
-            serve.run(app, name="attention", route_prefix=None if in_replica else "/")
+            serve.run(app, name=APP, route_prefix=None if in_replica else "/")
         except RuntimeError as exc:  # every replica failed to start (every model refused to load)
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             print(f"error: the replicas could not start ({first}); their reasons are logged above",
@@ -144,8 +152,52 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print("interrupted while starting; stopping", file=sys.stderr, flush=True)
     finally:
-        stop_serving(settings)
+        stop_serving(settings, ours)
     return 0
+
+
+APP = "attention"
+AUTH_HINT = (
+    " — if the cluster uses token authentication (Ray 2.60's `ray start --head` turns it on where "
+    "a token exists), this machine needs its token: RAY_AUTH_MODE=token with RAY_AUTH_TOKEN, or the "
+    "head's ~/.ray/auth_token (`ray get-auth-token` prints it)"
+)
+
+
+def token_auth_as_ray_start_does() -> None:
+    """``ray start --head`` turns token authentication on where a token exists and RAY_AUTH_MODE
+    is unset; ``ray.init`` with an explicit address never does, so a driver beside such a head
+    sent no token and, after 20 s of retries, Ray said only "Failed to connect". The driver takes
+    the head's rule (Ray's own, for ``address="auto"``)."""
+    if "RAY_AUTH_MODE" in os.environ:
+        return
+    from ray._private.authentication.authentication_token_setup import (
+        maybe_enable_token_auth_if_token_available,
+    )
+
+    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+
+
+def app_already_served(settings: Settings) -> str | None:
+    """Why a cluster we joined cannot take our app: it serves one of the same name already
+    (another ``python -m service``, ``serve run``, KubeRay), which deploying would replace and our
+    stop would delete. An app still being deleted (a stop just before this start) is waited for."""
+    import time
+
+    from ray import serve
+
+    deadline = time.monotonic() + settings.drain_s + 15
+    while (app := serve.status().applications.get(APP)) is not None:
+        status = str(getattr(app.status, "value", app.status))
+        if status != "DELETING" or time.monotonic() > deadline:
+            return (
+                f"this cluster already serves an application named {APP!r} ({status}; another "
+                "attention-serve?), which this start would replace and its stop delete. Stop that one "
+                'first (Ctrl-C where it runs), or delete it: `python -c "import ray; from ray import '
+                f"serve; ray.init(address='{settings.ray_address}'); serve.delete('{APP}')\"`"
+            )
+        time.sleep(0.5)
+    return None
 
 
 def ipaddress_is_loopback(host: str) -> bool:
@@ -156,26 +208,19 @@ def ipaddress_is_loopback(host: str) -> bool:
 
 
 def placement_refusal(settings: Settings) -> str | None:
-    """Why the replicas could never be placed, said before Ray starts (None: they can be): on the
-    private Ray, more CPUs reserved than it has or more replicas than ``max_replicas_per_node``
-    (they would wait forever to be scheduled); on a cluster, an address where nothing answers
-    (ray.init would retry for good, deaf to the first Ctrl-C)."""
-    from service.hosting.app import over_node_cap, reserved_cpus, starting_replicas
+    """Why the replicas could never be placed, said before Ray starts (None: they can be): on a
+    cluster, an address where nothing answers (ray.init would retry for good, deaf to the first
+    Ctrl-C); on the private Ray, :func:`service.hosting.app.private_ray_refusal`. What autoscaling
+    could never reach there is logged as a warning."""
+    from service.hosting.app import private_ray_refusal, private_ray_warning
 
     if settings.ray_address is not None:
         why = unreachable(settings.ray_address)
         return f"ATTN_RAY_ADDRESS={settings.ray_address}: {why}" if why else None
-    starting = starting_replicas(settings)  # discovers the repository's models: once
-    if (need := reserved_cpus(settings, starting)) > (have := settings.num_cpus or os.cpu_count() or 1):
-        return (f"the replicas reserve {need:g} CPUs (ATTN_REPLICA_NUM_CPUS={settings.replica_num_cpus:g} "
-                f"each) but this Ray has {have}; they would wait forever to be scheduled. Lower "
-                "ATTN_REPLICA_NUM_CPUS (0 is allowed), serve fewer models (ATTN_MODELS) or raise "
-                "ATTN_NUM_CPUS")  # fmt: skip
-    if over := over_node_cap(settings, starting):
-        return (f"{over} on this one-node Ray, above ATTN_MAX_REPLICAS_PER_NODE="
-                f"{settings.max_replicas_per_node}; they would wait forever to be scheduled. Raise it, "
-                "or lower ATTN_NUM_REPLICAS (or ATTN_AUTOSCALING's min_replicas)")  # fmt: skip
-    return None
+    cpus = settings.num_cpus or os.cpu_count() or 1
+    if warning := private_ray_warning(settings, cpus):
+        logging.getLogger("service").warning("%s", warning)
+    return private_ray_refusal(settings, cpus)
 
 
 def settings_errors(exc: ValidationError) -> str:
@@ -213,31 +258,35 @@ def no_local_gpu() -> str | None:
     return None
 
 
-def stop_serving(settings: Settings) -> None:
+def stop_serving(settings: Settings, ours: bool = True) -> None:
     """Stop what we started, within ``drain_s`` + a few seconds: our application's replicas drain
     (``ServingReplica.__del__``; the Ray-ingress frontends' ``IngressReplica.drain``), then the
     driver leaves Ray — and our private Ray stops with it.
     On a cluster we joined (a container's own head, a shared cluster), only our application goes:
-    Serve's detached controller and proxies belong to the cluster."""
+    Serve's detached controller and proxies belong to the cluster. ``ours``: whether this process
+    deployed the app (not when it found another's and refused to start)."""
     import ray
     from ray import serve
 
     if not ray.is_initialized():  # stopped before Ray was up (serve.delete would start a Ray)
         stop_what_ray_init_started()
         return
+    if not ours:  # another's app, or none deployed: nothing of ours to drain or delete
+        ray.shutdown()
+        return
     if settings.frontend == "in-replica":
         with contextlib.suppress(Exception):  # nothing deployed yet: nothing to drain
-            serve.delete("attention")
+            serve.delete(APP)
     else:
         # Ray's proxy answers a deleted app's routes with a plain-text 404 until it stops itself:
         # the ingress drains first (new requests 503, those in flight answered); then our private
         # Ray stops whole, its proxy with it (new connections are refused), with nothing left in
         # flight for a delete to wait for. On a cluster we joined, only our app goes.
         with contextlib.suppress(Exception):  # nothing deployed yet: nothing to drain
-            serve.get_app_handle("attention").drain.remote().result(timeout_s=settings.drain_s + 5)
+            serve.get_app_handle(APP).drain.remote().result(timeout_s=settings.drain_s + 5)
         if settings.ray_address is not None:
             try:
-                serve.delete("attention")
+                serve.delete(APP)
             except Exception as exc:  # its ingress drained: it answers 503 "stopping" until deleted
                 logging.getLogger("service").warning(
                     "the app 'attention' was not deleted from the cluster (%s); delete it with "

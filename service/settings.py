@@ -89,6 +89,14 @@ class Autoscaling(BaseModel):
     #: release, although replicas here report every second
     look_back_period_s: float = Field(15.0, gt=0)
 
+    @model_validator(mode="after")
+    def _bounds(self) -> Self:  # here, so that the refusal names ATTN_AUTOSCALING
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(
+                f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
+            )
+        return self
+
 
 class Limits(BaseModel):
     """What one request may ask for: applied at the API edge (``service/api/limits.py``), shown in
@@ -257,8 +265,6 @@ class Settings(BaseSettings):
                 f"ray_open_telemetry: false with the {self.frontend} frontend: Ray's OpenCensus export fails "
                 "every metrics scrape (500) once Ray Serve's proxy reports; leave it unset"
             )
-        if self.autoscaling is not None and self.autoscaling.min_replicas > self.autoscaling.max_replicas:
-            raise ValueError("autoscaling: min_replicas must not exceed max_replicas")
         if len({self.http_port, self.grpc_port, self.metrics_port}) < 3:
             raise ValueError("http_port, grpc_port and metrics_port must differ")
         placed = sorted(

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -56,8 +57,15 @@ def ray_node(args: list[str], log: Path, worker_ports: int) -> subprocess.Popen:
     )
 
 
+@dataclass
+class Cluster:
+    url: str  # the service's HTTP
+    gcs: int  # the head's port
+    tmp: Path
+
+
 @pytest.fixture(scope="module")
-def two_node_service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def two_node_service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("cluster")
     gcs = free_port()
     # two disjoint ranges in 10100–19999: Ray's worker-port range, outside both the kernel's
@@ -87,18 +95,41 @@ def two_node_service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFac
             lambda: str({p.name: p.read_text()[-1500:] for p in tmp.glob("*.log")}),
         )
         wait_deployed(tmp / "service.log", service, 240)
-        yield url
+        yield Cluster(url, gcs, tmp)
     finally:
         for proc in reversed(started):  # the service disconnects first, then the worker, then the head
             stop(proc)
 
 
-def test_replicas_on_both_nodes_serve_requests(two_node_service: str) -> None:
+def test_replicas_on_both_nodes_serve_requests(two_node_service: Cluster) -> None:
     nodes, replicas = set(), set()
     for i in range(40):
-        body = requests.post(f"{two_node_service}/v1/models/dates-bahdanau/translate",
+        body = requests.post(f"{two_node_service.url}/v1/models/dates-bahdanau/translate",
                              json={"text": f"{i % 28 + 1} mars 2001"}, timeout=60).json()  # fmt: skip
         assert body["translations"][0]["text"] == f"2001-03-{i % 28 + 1:02d}"
         nodes.add(body["metrics"]["node"])
         replicas.add(body["metrics"]["replica"])
     assert len(replicas) == 2 and len(nodes) == 2, (replicas, nodes)
+
+
+def test_a_second_service_joining_the_cluster_is_refused_and_the_first_serves_on(
+    two_node_service: Cluster, tiny_repository: Path
+) -> None:
+    """A second ``python -m service`` on the same cluster (other ports) replaced the first's app —
+    its port went dark while its process still said "serving" — and a stop of either deleted the
+    other's. Now it is refused, naming the app, and leaves the first alone. Its driver has no
+    RAY_AUTH_MODE, only a token in reach, as ``ray start --head`` had: it joins by the head's rule
+    (before, ray.init with an explicit address sent no token and failed after 20 s)."""
+    env = {k: v for k, v in {**os.environ, **RAY_ENV}.items() if k != "RAY_AUTH_MODE"}
+    env |= {"ATTN_REPOSITORY": str(tiny_repository), "ATTN_RAY_ADDRESS": f"127.0.0.1:{two_node_service.gcs}",
+            "ATTN_MODELS": '["dates-bahdanau"]', "ATTN_HTTP_PORT": str(free_port()),
+            "ATTN_GRPC_PORT": str(free_port()), "ATTN_METRICS_PORT": str(free_port())}  # fmt: skip
+    second = subprocess.run(
+        [sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=180
+    )
+    assert second.returncode == 2, second.stderr[-3000:]
+    assert "already serves an application named 'attention'" in second.stderr, second.stderr[-3000:]
+    for i in range(6):  # the first still serves, on both nodes' replicas
+        body = requests.post(f"{two_node_service.url}/v1/models/dates-bahdanau/translate",
+                             json={"text": f"{i + 1} mars 2001"}, timeout=60).json()  # fmt: skip
+        assert body["translations"][0]["text"] == f"2001-03-{i + 1:02d}"

@@ -39,7 +39,10 @@ def test_defaults_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ({"ATTN_AUTOSCALING": '{"max_replica": 4}'}, "max_replica"),
         ({"ATTN_FRONTEND": "haproxy"}, "frontend"),
         ({"ATTN_CONNECTION_MAX_AGE_S": "-1"}, "connection_max_age_s"),
-        ({"ATTN_AUTOSCALING": '{"min_replicas": 5, "max_replicas": 4}'}, "min_replicas must not exceed"),
+        (
+            {"ATTN_AUTOSCALING": '{"min_replicas": 5, "max_replicas": 4}'},
+            r"min_replicas \(5\) must not exceed",
+        ),
     ],
 )
 def test_bad_settings_name_the_field(
@@ -50,6 +53,18 @@ def test_bad_settings_name_the_field(
         monkeypatch.setenv(k, v)
     with pytest.raises(ValidationError, match=message):
         Settings()
+
+
+def test_autoscaling_bounds_out_of_order_are_refused_naming_their_variable(tmp_path: Path) -> None:
+    """The start names each refused setting by its variable: a check across the whole settings
+    object has none to name (it printed "settings: …")."""
+    from service.__main__ import settings_errors
+
+    with pytest.raises(ValidationError) as refused:
+        Settings(repository=tmp_path, autoscaling={"min_replicas": 3, "max_replicas": 1})  # type: ignore[arg-type]
+    assert settings_errors(refused.value).strip() == (
+        "ATTN_AUTOSCALING: Value error, min_replicas (3) must not exceed max_replicas (1)"
+    )
 
 
 def test_frontends_set_rays_switches_before_ray_starts(tmp_path: Path) -> None:

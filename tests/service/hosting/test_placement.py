@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from service.hosting.in_replica import replica_options
 from service.hosting.ray_ingress import ingress_options, model_options
+from service.inference.repository import discover
 from service.settings import DEFAULT_GPU_SHARE, Settings
 
 CUDA = ["CUDAExecutionProvider", "CPUExecutionProvider"]
@@ -86,3 +88,27 @@ def test_replicas_above_the_per_node_cap_of_a_one_node_ray_are_named(
         monkeypatch.setenv(key, value)
     assert main([]) == 2
     assert "ATTN_MAX_REPLICAS_PER_NODE=1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("frontend", ["in-replica", "ray-proxy"])
+def test_autoscaling_beyond_the_private_ray_is_a_warning_naming_what_fits(
+    tiny_repository: Path, frontend: str
+) -> None:
+    """ATTN_AUTOSCALING's max_replicas, on a private Ray that can never place them, was taken
+    silently; under load Ray then waited on replicas it could not schedule. It is said at start
+    (a warning: the minimum still serves)."""
+    from service.hosting.app import private_ray_warning
+
+    def settings(**extra: Any) -> Settings:
+        scaling = {"min_replicas": 1, "max_replicas": 3}
+        return Settings(repository=tiny_repository, frontend=frontend, autoscaling=scaling, **extra)  # type: ignore[arg-type]
+
+    deployments = 1 if frontend == "in-replica" else len(discover(tiny_repository).models)
+    roomy = deployments * 3 * 0.5
+    assert private_ray_warning(settings(), cpus=int(roomy) + 1) is None
+    warning = private_ray_warning(settings(), cpus=deployments)  # the minimum fits, the maximum not
+    assert warning is not None and "max_replicas=3 cannot all be placed" in warning
+    assert "at most 2 per deployment" in warning
+    capped = private_ray_warning(settings(max_replicas_per_node=2, replica_num_cpus=0), cpus=2)
+    assert capped is not None and "at most 2 per deployment" in capped
+    assert private_ray_warning(Settings(repository=tiny_repository, frontend=frontend), cpus=1) is None  # type: ignore[arg-type]
