@@ -70,6 +70,10 @@ class ModelOverride(BaseModel):
     num_gpus_per_replica: GpuShare | None = None
 
 
+#: ray-direct: the ports above ATTN_HTTP_PORT / ATTN_GRPC_PORT its ingress may listen on
+DIRECT_PORTS = 10
+
+
 class Autoscaling(BaseModel):
     """Ray Serve autoscaling: of each model deployment (Ray-ingress frontends, on the requests Ray
     routes) or of the serving replicas (in-replica, on the requests each replica holds:
@@ -267,6 +271,8 @@ class Settings(BaseSettings):
             )
         if len({self.http_port, self.grpc_port, self.metrics_port}) < 3:
             raise ValueError("http_port, grpc_port and metrics_port must differ")
+        if self.frontend == "ray-direct" and (clash := self._direct_port_clash()):
+            raise ValueError(clash)
         placed = sorted(
             f"{model}.{key}"
             for model, override in self.model_overrides.items()
@@ -291,6 +297,26 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown settings in the environment (a typo?): {', '.join(unknown).lower()}")
         return self
+
+    def _direct_port_clash(self) -> str | None:
+        """ray-direct's ingress replica listens on one of the :data:`DIRECT_PORTS` ports above
+        ATTN_HTTP_PORT and above ATTN_GRPC_PORT (:meth:`_serve_environment`; a restarted one may
+        take the next while the old one's is held): those ranges must hold no other port."""
+        ranges = {"ATTN_HTTP_PORT": self.http_port, "ATTN_GRPC_PORT": self.grpc_port}
+        ports = {**ranges, "ATTN_METRICS_PORT": self.metrics_port}
+        for name, base in ranges.items():
+            inside = [
+                other
+                for other, port in ports.items()
+                if other != name and base <= port <= base + DIRECT_PORTS
+            ]
+            if inside:
+                return (
+                    f"ray-direct: the ingress takes {name}+1 … +{DIRECT_PORTS} "
+                    f"({base + 1}–{base + DIRECT_PORTS}), which holds {', '.join(inside)}; move it at least "
+                    f"{DIRECT_PORTS + 1} away"
+                )
+        return None
 
     def batching_for(self, model: str) -> Batching:
         """The model's override, else the global setting; on a GPU an unset global batch size
@@ -374,9 +400,9 @@ class Settings(BaseSettings):
                 "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
                 # the ingress replicas' ports: just above the proxy's, reused at once
                 "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(self.http_port + 1),
-                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(self.http_port + 101),
+                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(self.http_port + DIRECT_PORTS),
                 "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(self.grpc_port + 1),
-                "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(self.grpc_port + 101),
+                "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(self.grpc_port + DIRECT_PORTS),
                 "RAY_SERVE_PORT_QUARANTINE_S": "0",
             }
         if self.frontend == "ray-proxy":

@@ -142,7 +142,8 @@ class Server:
         entry = self.entries.get(name)
         if entry is None:
             raise ModelNotFound(f"model {name!r} not found; available: {sorted(self.entries)}")
-        if version not in (None, "", str(entry.version)):
+        # a version is a number, as Triton parses it: "01" is 1
+        if version and not (version.isascii() and version.isdigit() and int(version) == entry.version):
             raise ModelNotFound(f"model {name!r} has no version {version!r}; serving version {entry.version}")
         if task and entry.manifest.task != task:
             kind = entry.manifest.task

@@ -40,6 +40,14 @@ def test_defaults_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ({"ATTN_FRONTEND": "haproxy"}, "frontend"),
         ({"ATTN_CONNECTION_MAX_AGE_S": "-1"}, "connection_max_age_s"),
         (
+            {"ATTN_FRONTEND": "ray-direct", "ATTN_HTTP_PORT": "18100", "ATTN_GRPC_PORT": "18105"},
+            r"ATTN_HTTP_PORT\+1 … \+10 \(18101–18110\), which holds ATTN_GRPC_PORT",
+        ),
+        (
+            {"ATTN_FRONTEND": "ray-direct", "ATTN_GRPC_PORT": "9000", "ATTN_METRICS_PORT": "9010"},
+            "which holds ATTN_METRICS_PORT",
+        ),
+        (
             {"ATTN_AUTOSCALING": '{"min_replicas": 5, "max_replicas": 4}'},
             r"min_replicas \(5\) must not exceed",
         ),

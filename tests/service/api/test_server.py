@@ -22,6 +22,10 @@ def test_lookup_by_name_task_and_version(tmp_path: Path) -> None:
             server.resolve(name)
     with pytest.raises(ModelNotFound, match="no version '2'"):
         server.resolve("fake-translator", None, "2")
+    assert server.resolve("fake-translator", None, "01").version == 1  # a number, as Triton reads it
+    for version in ("1.0", "²", " 1", "-1", "x"):
+        with pytest.raises(ModelNotFound, match="no version"):
+            server.resolve("fake-translator", None, version)
     with pytest.raises(
         WrongTask, match="'fake-classifier' is an image-classification model, not translation"
     ):
