@@ -35,6 +35,7 @@ import requests
 
 from benchmarks import ceilings, profiling, report, targets, tiny
 from benchmarks.loadgen import Request, closed_loop, percentile
+from service.settings import DIRECT_PORTS
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the checkpoint the PyTorch-eager reference serves: the demo NMT model of the nmt-transformer workload
@@ -252,11 +253,20 @@ def configurations(repository: Path, checkpoints: Path) -> dict[str, Configurati
     }
 
 
+def service_ports() -> tuple[int, int, int]:
+    """Free loopback ports for a service's HTTP, gRPC and metrics, each with the
+    ``DIRECT_PORTS`` above it free too: ray-direct's ingress listens there, and the settings refuse
+    ports inside those ranges."""
+    gap = DIRECT_PORTS + 1
+    base = free_port_block(3 * gap)
+    return base, base + gap, base + 2 * gap
+
+
 def start(name: str, config: Configuration, out: Path) -> Server:
     """``config``'s server on free loopback ports (room above them for ray-direct's replicas)."""
-    port = free_port_block(102)
-    env = {**config.env, "ATTN_HTTP_PORT": str(port), "ATTN_GRPC_PORT": str(free_port_block(102)),
-           "ATTN_METRICS_PORT": str(free_port())}  # fmt: skip
+    port, grpc, metrics = service_ports()
+    env = {**config.env, "ATTN_HTTP_PORT": str(port), "ATTN_GRPC_PORT": str(grpc),
+           "ATTN_METRICS_PORT": str(metrics)}  # fmt: skip
     cmd = config.cmd if "ATTN_FRONTEND" in env else [*config.cmd, "--port", str(port)]
     return Server(name, cmd, env, port + config.port_offset, out / f"{name}.log", config.cwd)
 

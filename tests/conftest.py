@@ -97,6 +97,12 @@ def free_port() -> int:
     return outside_ephemeral_range()
 
 
+def service_ports() -> tuple[int, int, int]:
+    from benchmarks.run import service_ports as spaced
+
+    return spaced()
+
+
 @dataclass
 class Service:
     url: str
@@ -120,9 +126,7 @@ def running_service(
     """``python -m service`` on free loopback ports with ``settings`` (ATTN_* variables) added;
     ready when yielded, stopped by PID (SIGINT: serve.shutdown(); ray.shutdown()) after.
     Clients connect ``port_offset`` above the configured ports (the ray-direct frontend)."""
-    http = int(settings.pop("ATTN_HTTP_PORT", 0)) or free_port()
-    grpc = int(settings.pop("ATTN_GRPC_PORT", 0)) or free_port()
-    metrics = free_port()
+    http, grpc, metrics = service_ports()  # ray-direct's ingress ranges above each free as well
     log = directory / "service.log"
     env = {
         **os.environ,

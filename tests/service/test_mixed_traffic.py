@@ -23,7 +23,6 @@ import pytest
 import requests
 from google.protobuf import json_format
 
-from benchmarks.run import free_port_block
 from service.api import kserve_tensors
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
@@ -89,8 +88,6 @@ def mixed_service(
         mixed_repository,
         tmp_path_factory.mktemp(f"mixed-{request.param}"),
         ATTN_FRONTEND=request.param,
-        ATTN_HTTP_PORT=str(free_port_block(1)),
-        ATTN_GRPC_PORT=str(free_port_block(1)),
         ATTN_BATCHING__MAX_BATCH_SIZE=str(MAX_BATCH),
         ATTN_LIMITS__MAX_RESPONSE_BYTES=str(MAX_RESPONSE),
     ) as svc:

@@ -27,7 +27,6 @@ import requests
 from ray.serve._private.common import DeploymentID
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
-from benchmarks.run import free_port_block
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
 from service.errors import Overloaded
@@ -47,8 +46,6 @@ def frontend_service(frontend: str, repository: Path, directory: Path, **setting
         directory,
         port_offset=1 if frontend == "ray-direct" else 0,
         ATTN_FRONTEND=frontend,
-        ATTN_HTTP_PORT=str(free_port_block(2)),
-        ATTN_GRPC_PORT=str(free_port_block(2)),
         **settings,
     )
 
