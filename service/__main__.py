@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
-import ipaddress
 import logging
 import os
 import shlex
@@ -19,6 +18,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
+
+from service.hosting.cluster import (
+    APP,
+    AUTH_HINT,
+    app_already_served,
+    ipaddress_is_loopback,
+    token_auth_as_ray_start_does,
+    unreachable,
+)
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -104,13 +112,12 @@ def main(argv: list[str] | None = None) -> int:
                     _metrics_export_port=settings.metrics_port, logging_level=logging.WARNING,
                 )  # fmt: skip
             else:  # a cluster started with `ray start`: its nodes export metrics on their own ports
-                token_auth_as_ray_start_does()
+                token_auth_as_ray_start_does(settings.ray_address)
                 try:
                     ray.init(address=settings.ray_address, logging_level=logging.WARNING)
-                except ConnectionError as exc:  # "auto" with no cluster running here
-                    print(
-                        f"error: ATTN_RAY_ADDRESS={settings.ray_address}: {exc}{AUTH_HINT}", file=sys.stderr
-                    )
+                except ConnectionError as exc:  # "auto" with no cluster running here, a token missing
+                    hint = AUTH_HINT if settings.ray_address != "auto" else ""
+                    print(f"error: ATTN_RAY_ADDRESS={settings.ray_address}: {exc}{hint}", file=sys.stderr)
                     return 2
         in_ray_init.clear()
         for sig in (signal.SIGINT, signal.SIGTERM):  # ours again: ray.init installs its own
@@ -156,57 +163,6 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-APP = "attention"
-AUTH_HINT = (
-    " — if the cluster uses token authentication (Ray 2.60's `ray start --head` turns it on where "
-    "a token exists), this machine needs its token: RAY_AUTH_MODE=token with RAY_AUTH_TOKEN, or the "
-    "head's ~/.ray/auth_token (`ray get-auth-token` prints it)"
-)
-
-
-def token_auth_as_ray_start_does() -> None:
-    """``ray start --head`` turns token authentication on where a token exists and RAY_AUTH_MODE
-    is unset; ``ray.init`` with an explicit address never does, so a driver beside such a head
-    sent no token and, after 20 s of retries, Ray said only "Failed to connect". The driver takes
-    the head's rule (Ray's own, for ``address="auto"``)."""
-    if "RAY_AUTH_MODE" in os.environ:
-        return
-    from ray._private.authentication.authentication_token_setup import (
-        maybe_enable_token_auth_if_token_available,
-    )
-
-    maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
-
-
-def app_already_served(settings: Settings) -> str | None:
-    """Why a cluster we joined cannot take our app: it serves one of the same name already
-    (another ``python -m service``, ``serve run``, KubeRay), which deploying would replace and our
-    stop would delete. An app still being deleted (a stop just before this start) is waited for."""
-    import time
-
-    from ray import serve
-
-    deadline = time.monotonic() + settings.drain_s + 15
-    while (app := serve.status().applications.get(APP)) is not None:
-        status = str(getattr(app.status, "value", app.status))
-        if status != "DELETING" or time.monotonic() > deadline:
-            return (
-                f"this cluster already serves an application named {APP!r} ({status}; another "
-                "attention-serve?), which this start would replace and its stop delete. Stop that one "
-                'first (Ctrl-C where it runs), or delete it: `python -c "import ray; from ray import '
-                f"serve; ray.init(address='{settings.ray_address}'); serve.delete('{APP}')\"`"
-            )
-        time.sleep(0.5)
-    return None
-
-
-def ipaddress_is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def placement_refusal(settings: Settings) -> str | None:
     """Why the replicas could never be placed, said before Ray starts (None: they can be): on a
     cluster, an address where nothing answers (ray.init would retry for good, deaf to the first
@@ -218,9 +174,11 @@ def placement_refusal(settings: Settings) -> str | None:
         why = unreachable(settings.ray_address)
         return f"ATTN_RAY_ADDRESS={settings.ray_address}: {why}" if why else None
     cpus = settings.num_cpus or os.cpu_count() or 1
+    if refusal := private_ray_refusal(settings, cpus):
+        return refusal
     if warning := private_ray_warning(settings, cpus):
         logging.getLogger("service").warning("%s", warning)
-    return private_ray_refusal(settings, cpus)
+    return None
 
 
 def settings_errors(exc: ValidationError) -> str:
@@ -290,8 +248,10 @@ def stop_serving(settings: Settings, ours: bool = True) -> None:
             except Exception as exc:  # its ingress drained: it answers 503 "stopping" until deleted
                 logging.getLogger("service").warning(
                     "the app 'attention' was not deleted from the cluster (%s); delete it with "
-                    "`serve delete attention`",
+                    "`python -c \"import ray; from ray import serve; ray.init(address='%s'); "
+                    "serve.delete('attention')\"`",
                     exc,
+                    settings.ray_address,
                 )
     ray.shutdown()
 
@@ -332,21 +292,6 @@ def stop_what_ray_init_started() -> None:
         with contextlib.suppress(psutil.Error):
             process.kill()
     psutil.wait_procs(alive, timeout=5)
-
-
-def unreachable(address: str) -> str | None:
-    """Why nothing answers at a ``host:port`` Ray address (its GCS), or None (it answers, or the
-    address is another form — ``auto``, ``ray://`` — that ray.init resolves and reports itself)."""
-    host, _, port = address.rpartition(":")
-    if "://" in address or not port.isdigit():
-        return None
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
-            return None
-    except OSError as exc:
-        return (
-            f"no Ray head answers at {host}:{port} ({exc.strerror or exc}); start one with `ray start --head`"
-        )
 
 
 def ports_in_use(settings: Settings) -> str | None:

@@ -7,7 +7,6 @@ gRPC proxy call its methods by name (Ray ingress). Errors carry the gRPC code fr
 ``service/errors.py`` (:func:`rpc`); RPCs we do not declare answer UNIMPLEMENTED.
 """
 
-import asyncio
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -16,7 +15,7 @@ import grpc
 from google.protobuf import json_format
 from pydantic import ValidationError
 
-from service.api import auth, kserve, triton_extensions
+from service.api import auth, grpc_stream, kserve, triton_extensions
 from service.api import grpc_codec as codec
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import grpc_service_pb2 as pb
@@ -47,8 +46,9 @@ def _abort(context: GrpcContext, exc: ServiceError) -> ServiceError:
 
 
 Reply = TypeVar("Reply")
-#: requests of one ``ModelStreamInfer`` stream answered at a time
-STREAM_WINDOW = 64
+#: requests of one ``ModelStreamInfer`` stream in the server at a time (its first ones take a
+#: model's queue places like as many unary clients: ``limits.max_queued_requests`` is 128)
+STREAM_WINDOW = 16
 
 
 def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
@@ -162,49 +162,22 @@ class GrpcServicer:
     async def ModelStreamInfer(
         self, request_stream: AsyncIterator[pb.ModelInferRequest], grpc_context: GrpcContext
     ) -> AsyncIterator[pb.ModelStreamInferResponse]:
-        """Bidirectional stream, with Triton's semantics: each request is taken as it arrives and
-        answered as it completes — responses may come out of order, each carries its request's
-        ``id`` — up to :data:`STREAM_WINDOW` at a time (then the stream is read no further until one
-        is answered, and gRPC's flow control holds the client back). A failed request answers
-        with ``error_message`` and the stream goes on. A translation request with the parameter
-        ``stream: true`` is answered as a decoupled model does in Triton: one response per output
-        token as it is chosen (``kserve.token_outputs``), then the whole answer, each flagged
-        ``triton_final_response`` (true on the last)."""
+        """Bidirectional stream, with Triton's semantics (``service/api/grpc_stream.py``): the
+        requests are computed concurrently as they arrive, up to :data:`STREAM_WINDOW` at a time,
+        and answered in the order they came; a failed request answers with ``error_message`` and
+        the stream goes on. A translation request with the parameter ``stream: true`` is answered
+        as a decoupled model does in Triton, as its responses are made: one per output token
+        (``kserve.token_outputs``), then the whole answer, each flagged ``triton_final_response``
+        (true on the last)."""
         try:
             self._authorize(grpc_context)
         except ServiceError as exc:  # the whole stream is refused
             raise _abort(grpc_context, exc) from None
-        replies: asyncio.Queue[pb.ModelStreamInferResponse | None] = asyncio.Queue(STREAM_WINDOW)
-        window = asyncio.Semaphore(STREAM_WINDOW)
-        answering: set[asyncio.Task[None]] = set()
-
-        async def answer(request: "pb.ModelInferRequest | Undecodable") -> None:
-            try:
-                async for reply in self._stream_replies(request):
-                    await replies.put(reply)
-            finally:
-                window.release()
-
-        async def read() -> None:
-            try:
-                async for request in request_stream:
-                    await window.acquire()
-                    task = asyncio.create_task(answer(request))
-                    answering.add(task)
-                    task.add_done_callback(answering.discard)
-                if answering:
-                    await asyncio.wait(set(answering))
-            finally:
-                await replies.put(None)  # the end, or the reader's failure (raised below)
-
-        reader = asyncio.create_task(read())
-        try:
-            while (reply := await replies.get()) is not None:
-                yield reply
-            await reader
-        finally:  # the client left (or the stream failed): its requests are cancelled
-            for task in (reader, *answering):
-                task.cancel()
+        replies = grpc_stream.answer_in_order(
+            request_stream, self._stream_replies, _decoupled, _cancelled, STREAM_WINDOW
+        )
+        async for reply in replies:
+            yield reply
 
     async def _stream_replies(
         self, request: "pb.ModelInferRequest | Undecodable"
@@ -258,13 +231,14 @@ class GrpcServicer:
             entry = self.server.resolve(request.model_name, None, request.model_version)
             params = {k: codec.parameter(v) for k, v in request.parameters.items()}
             names, classes = [o.name for o in request.outputs], codec.classification(request)
-            prepared = kserve.prepare(entry.manifest, codec.inputs(request), params, names, classes)
+            limit = self.server.settings.limits.max_top_k
+            prepared = kserve.prepare(entry.manifest, codec.inputs(request), params, names, classes, limit)
         _, answers, _ = await self.server.predict_many(
             entry.name, None, route, prepared.jobs, request.model_version
         )
         tensors = kserve.to_outputs(answers, prepared)
         # the version that answered: a newer one may have been swapped in since the lookup above
-        return codec.response(entry.name, answers[0].version, request.id, tensors)
+        return codec.response(entry.name, kserve.answered_version(answers), request.id, tensors)
 
     async def _model_stream(self, request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferResponse]:
         """A translation's decoupled responses: a token each, then the whole answer."""
@@ -283,7 +257,9 @@ class GrpcServicer:
                 if isinstance(event, Answer)
                 else [kserve.token_outputs(token, attention) for token in event]
             ):
-                response = codec.response(served.name, served.version, request.id, tensors)
+                # the answer names the version that computed it (a swap since the lookup: a newer one)
+                answered = event.version if isinstance(event, Answer) else served.version
+                response = codec.response(served.name, answered, request.id, tensors)
                 response.parameters["triton_final_response"].bool_param = final
                 yield response
 
@@ -350,6 +326,27 @@ class GrpcServicer:
         if result.rollout is not None:
             response.rollout.CopyFrom(codec.tensor(result.rollout))
         return response
+
+
+def _decoupled(request: "pb.ModelInferRequest | Undecodable") -> bool:
+    """A ``stream: true`` request, answered token by token as the tokens come; one whose flag
+    cannot be read is a plain request (its answer is the error naming it)."""
+    if isinstance(request, Undecodable) or (stream := request.parameters.get("stream")) is None:
+        return False
+    try:
+        return kserve.flag({"stream": codec.parameter(stream)}, "stream")
+    except ServiceError:
+        return False
+
+
+def _cancelled(
+    request: "pb.ModelInferRequest | Undecodable", exc: BaseException
+) -> pb.ModelStreamInferResponse:
+    """The answer of a stream's request whose computation was cancelled from elsewhere."""
+    message = unexpected(exc, "gRPC ModelStreamInfer").message
+    if isinstance(request, Undecodable):
+        return pb.ModelStreamInferResponse(error_message=message)
+    return _stream_error(request, message)
 
 
 class Undecodable:

@@ -36,7 +36,7 @@ from service.api.kserve_tensors import DATATYPE_BY_DTYPE, Tensor
 from service.api.limits import request_limits
 from service.api.rest_codec import classify_job, translate_job
 from service.api.schemas import ClassifyOptions, TranslateRequest
-from service.errors import InvalidInput, validation_message
+from service.errors import InvalidInput, NotReady, validation_message
 from service.inference import attention as maps
 from service.inference.jobs import Answer, Classified, ClassifyJob, TokenEvent, Translated, TranslateJob
 from service.inference.manifest import Manifest
@@ -131,15 +131,17 @@ def prepare(
     params: dict[str, Any],
     names: list[str],
     classification: dict[str, Any] | None = None,
+    max_top_k: int | None = None,
 ) -> Prepared:
     """A decoded v2 request → the core's jobs and the outputs to answer with. Triton's
     classification changes only the output it is set on: the jobs rank as many classes as it
-    asks (when that is more than ``top_k``), and the other outputs keep ``top_k``."""
+    asks (when that is more than ``top_k``; at most ``max_top_k``, ``limits.max_top_k``), and the
+    other outputs keep ``top_k``."""
     outputs = requested_outputs(manifest, names, params, classification)
     jobs = to_requests(manifest, inputs, params, outputs)
     if not classification:
         return Prepared(jobs, outputs)
-    classes = class_count(manifest, classification)
+    classes = class_count(manifest, classification, max_top_k)
     shown = min(job.top_k for job in jobs if isinstance(job, ClassifyJob))
     if classes <= shown:
         return Prepared(jobs, outputs, classes)
@@ -166,7 +168,7 @@ def requested_outputs(
     return [name for name in known if attention or name not in ATTENTION_OUTPUTS]
 
 
-def class_count(manifest: Manifest, classification: dict[str, Any]) -> int:
+def class_count(manifest: Manifest, classification: dict[str, Any], max_top_k: int | None = None) -> int:
     """Triton's classification extension: an output's ``classification`` parameter (tritonclient's
     ``class_count``) asks for its best k classes as BYTES ``"<score>:<index>:<label>"``, best
     first — what Triton's image_client prints. Here on an image model's ``PROBABILITIES``; any
@@ -177,6 +179,8 @@ def class_count(manifest: Manifest, classification: dict[str, Any]) -> int:
     count = classification["PROBABILITIES"]
     if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise InvalidInput(f"PROBABILITIES: classification must be a positive integer, got {count!r}")
+    if max_top_k is not None and count > max_top_k:  # named here: the jobs' top_k would name top_k
+        raise InvalidInput(f"PROBABILITIES: classification {count} exceeds the limit of {max_top_k}")
     return count
 
 
@@ -288,6 +292,18 @@ def to_outputs(answers: list[Answer], prepared: Prepared) -> list[Tensor]:
                 for r in classified
             ])  # fmt: skip
     return [_tensor(name, values[name]) for name in prepared.outputs]
+
+
+def answered_version(answers: list[Answer]) -> int:
+    """The model version that computed ``answers``. One v2 answer names one version: a request
+    whose images a version swap split between two versions is refused, to be retried (503)."""
+    versions = sorted({a.version for a in answers})
+    if len(versions) > 1:
+        raise NotReady(
+            f"model {answers[0].model!r} moved from version {versions[0]} to {versions[-1]} while this "
+            "request's images were computed; retry it"
+        )
+    return versions[0]
 
 
 def token_outputs(event: TokenEvent, attention: bool) -> list[Tensor]:

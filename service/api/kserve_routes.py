@@ -83,11 +83,14 @@ async def v2_infer(request: Request, name: str, version: str | None = None) -> R
         entry: ModelEntry = server.resolve(name, None, version)
         body = await server.read_body(request)
         parsed = kserve_http.parse_request(body, request.headers.get(kserve_http.HEADER_LENGTH))
+        limit = server.settings.limits.max_top_k
         prepared = kserve.prepare(
-            entry.manifest, parsed.inputs, parsed.parameters, parsed.outputs, parsed.classification
+            entry.manifest, parsed.inputs, parsed.parameters, parsed.outputs, parsed.classification, limit
         )
     _, answers, _ = await server.predict_many(name, None, "v2_infer", prepared.jobs, version)
     tensors = kserve.to_outputs(answers, prepared)
     # the version that answered: a newer one may have been swapped in since the lookup above
-    content, headers = kserve_http.encode_response(entry.name, answers[0].version, parsed, tensors)
+    content, headers = kserve_http.encode_response(
+        entry.name, kserve.answered_version(answers), parsed, tensors
+    )
     return Response(content=content, headers=headers)

@@ -86,7 +86,7 @@ def private_ray_refusal(settings: Settings, cpus: int) -> str | None:
     """Why the replicas could never be placed on the private Ray of ``cpus`` CPUs (one node), or
     None: more CPUs reserved than it has, or more replicas than ``max_replicas_per_node`` — they
     would wait forever to be scheduled."""
-    starting = starting_replicas(settings)  # discovers the repository's models: once
+    starting = starting_replicas(settings)
     if (need := reserved_cpus(settings, starting)) > cpus:
         return (f"the replicas reserve {need:g} CPUs (ATTN_REPLICA_NUM_CPUS={settings.replica_num_cpus:g} "
                 f"each) but this Ray has {cpus}; they would wait forever to be scheduled. Lower "
@@ -100,30 +100,26 @@ def private_ray_refusal(settings: Settings, cpus: int) -> str | None:
 
 
 def private_ray_warning(settings: Settings, cpus: int) -> str | None:
-    """What autoscaling asks for that the private Ray of ``cpus`` CPUs could never place: the
-    replicas beyond it would wait to be scheduled (Ray logs it every 30 s) while the others carry
-    the load. None when ``max_replicas`` fits, or without autoscaling."""
+    """What autoscaling asks for that the private Ray of ``cpus`` CPUs (one node) could never
+    place: the replicas beyond it would wait to be scheduled (Ray logs it every 30 s) while the
+    others carry the load. None when ``max_replicas`` fits, or without autoscaling. Said only of a
+    start :func:`private_ray_refusal` lets through."""
     scaling = settings.autoscaling
     if scaling is None:
         return None
-    most = {what: scaling.max_replicas for what in starting_replicas(settings)}
-    need = reserved_cpus(settings, most)
-    capped = (
-        settings.max_replicas_per_node is not None and scaling.max_replicas > settings.max_replicas_per_node
-    )
-    if need <= cpus and not capped:
+    deployments = list(starting_replicas(settings))
+    per_node = settings.max_replicas_per_node
+    if per_node is not None and scaling.max_replicas > per_node:
+        return (f"ATTN_AUTOSCALING's max_replicas={scaling.max_replicas} is above ATTN_MAX_REPLICAS_PER_NODE="
+                f"{per_node} on this one-node Ray: at most {per_node} replicas per deployment will run, the "
+                "rest wait to be scheduled")  # fmt: skip
+    need = reserved_cpus(settings, {what: scaling.max_replicas for what in deployments})
+    if need <= cpus:
         return None
-    fits = (
-        int(cpus // settings.replica_num_cpus // len(most))
-        if settings.replica_num_cpus
-        else scaling.max_replicas
-    )
-    if settings.max_replicas_per_node is not None:
-        fits = min(fits, settings.max_replicas_per_node)
-    return (f"ATTN_AUTOSCALING's max_replicas={scaling.max_replicas} cannot all be placed on this one-node "
-            f"Ray ({cpus} CPUs, ATTN_REPLICA_NUM_CPUS={settings.replica_num_cpus:g} per replica, "
-            f"{len(most)} deployment(s)): at most {fits} per deployment will run, the rest wait to be "
-            "scheduled. Lower max_replicas or ATTN_REPLICA_NUM_CPUS, or raise ATTN_NUM_CPUS")  # fmt: skip
+    return (f"ATTN_AUTOSCALING's max_replicas={scaling.max_replicas} for {len(deployments)} deployment(s) "
+            f"reserve {need:g} CPUs (ATTN_REPLICA_NUM_CPUS={settings.replica_num_cpus:g} each), more than "
+            f"this Ray's {cpus}: replicas beyond {cpus} CPUs' worth wait to be scheduled. Lower "
+            "max_replicas or ATTN_REPLICA_NUM_CPUS, or raise ATTN_NUM_CPUS")  # fmt: skip
 
 
 def app_builder(args: dict[str, Any]) -> Application:

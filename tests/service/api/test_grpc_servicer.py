@@ -128,16 +128,16 @@ def test_kserve_v2_infer_and_stream(tmp_path: Path) -> None:
     assert ready.ready
 
 
-def test_a_stream_answers_each_request_as_it_completes_within_its_window(
+def test_a_stream_computes_its_requests_together_and_answers_them_in_order(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """As Triton takes a stream's requests: a quick request sent after a slow one is answered
-    first (it waited behind it); at most STREAM_WINDOW of one stream's requests are in the server
-    at a time, the rest wait unread."""
+    """As Triton's stream handler: a quick request sent after a slow one is computed at once (it
+    used to wait behind it), and answered after it, in request order; at most STREAM_WINDOW of
+    one stream's requests are in the server at a time."""
     from service.api import grpc_servicer
 
     monkeypatch.setattr(grpc_servicer, "STREAM_WINDOW", 2)
-    server, translator, _, _ = fake_server(tmp_path)
+    server, translator, classifier, _ = fake_server(tmp_path)
     translator.delay_s = 0.3
     busy = {"now": 0, "most": 0}
     predict = translator.predict
@@ -162,7 +162,7 @@ def test_a_stream_answers_each_request_as_it_completes_within_its_window(
         [1, 1, 2, 0]
     )
 
-    async def use(channel: grpc.aio.Channel) -> list[str]:
+    async def use(channel: grpc.aio.Channel) -> tuple[list[str], int]:
         async def requests() -> Any:
             yield slow(0)
             yield quick
@@ -170,10 +170,16 @@ def test_a_stream_answers_each_request_as_it_completes_within_its_window(
                 yield slow(i)
 
         stream = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests())
-        return [reply.infer_response.id async for reply in stream if not reply.error_message]
+        order, classified_while_slow = [], 0
+        async for reply in stream:
+            if reply.infer_response.id == "slow0":
+                classified_while_slow = len(classifier.jobs)  # the quick one ran beside the slow one
+            order.append(reply.infer_response.id)
+        return order, classified_while_slow
 
-    order = with_servicer(tmp_path, use, server)
-    assert order[0] == "quick" and sorted(order[1:]) == [f"slow{i}" for i in range(5)]
+    order, classified_while_slow = with_servicer(tmp_path, use, server)
+    assert order == ["slow0", "quick", "slow1", "slow2", "slow3", "slow4"]
+    assert classified_while_slow == 1
     assert busy["most"] == 2
 
 

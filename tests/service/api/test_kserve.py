@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -352,7 +354,38 @@ def test_an_answer_names_the_version_that_produced_it(tmp_path: Path) -> None:
         def invocation_metadata(self) -> list:
             return []
 
-    import asyncio
-
     reply = asyncio.run(GrpcServicer(server).ModelInfer(request, Context()))  # type: ignore[arg-type]
     assert reply.model_version == "2"
+
+
+def test_a_classification_over_the_top_k_limit_is_named_as_itself(tmp_path: Path) -> None:
+    server, _, _, _ = fake_server(tmp_path, limits={"max_top_k": 3})
+    pixels = {"name": "PIXELS", "datatype": "UINT8", "shape": [1, 2, 2], "data": [1, 1, 2, 0]}
+    body = {"inputs": [pixels], "parameters": {"top_k": 2},
+            "outputs": [{"name": "PROBABILITIES", "parameters": {"classification": 4}}]}  # fmt: skip
+    status, _, content = call(
+        create_app(server), "POST", "/v2/models/fake-classifier/infer", json.dumps(body).encode()
+    )
+    assert status == 422
+    assert json.loads(content) == {"error": "PROBABILITIES: classification 4 exceeds the limit of 3"}
+
+
+def test_images_split_between_two_versions_by_a_swap_are_refused_to_be_retried(tmp_path: Path) -> None:
+    """One v2 answer names one version: a batch whose images two versions computed (a swap in
+    between) answers 503, retryable, instead of naming one of them for all."""
+    server, _, classifier, _ = fake_server(tmp_path)
+    predict, calls = classifier.predict, {"n": 0}
+
+    async def swapping(job: Any) -> Any:
+        calls["n"] += 1
+        classifier.version = 1 if calls["n"] == 1 else 2
+        return await predict(job)
+
+    classifier.predict = swapping  # type: ignore[method-assign]
+    pixels = {"name": "PIXELS", "datatype": "UINT8", "shape": [2, 2, 2], "data": [1, 1, 2, 0] * 2}
+    body = json.dumps({"inputs": [pixels]}).encode()
+    status, _, content = call(create_app(server), "POST", "/v2/models/fake-classifier/infer", body)
+    assert status == 503 and "moved from version 1 to 2" in json.loads(content)["error"]
+    calls["n"] = 1  # from here on, every image is version 2's
+    status, _, content = call(create_app(server), "POST", "/v2/models/fake-classifier/infer", body)
+    assert status == 200 and json.loads(content)["model_version"] == "2"

@@ -144,7 +144,7 @@ def test_grpc_decoupled_token_streams_with_tritonclient(probe: dict[str, Any]) -
     assert all(t["attention_shape"] is None for t in d1["tokens"])
 
 
-def test_grpc_streaming_answers_each_request_and_survives_errors(probe: dict[str, Any]) -> None:
+def test_grpc_streaming_answers_in_order_and_survives_errors(probe: dict[str, Any]) -> None:
     stream = probe["grpc"]["stream"]
     assert [s["text"] for s in stream] == ["2001-05-01", None, "2002-05-02"]
     assert [s["id"] for s in stream] == ["s0", None, "s2"]

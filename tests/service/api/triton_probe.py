@@ -173,7 +173,7 @@ def probe_grpc(url: str, png: bytes) -> dict[str, Any]:
     out["classify_classes"] = [
         _s(x) for x in c.infer("fashion-vit", [image], outputs=wanted).as_numpy("PROBABILITIES")[0]
     ]
-    # streaming: two good requests and one for an unknown model, each answered as it completes
+    # streaming: two good requests and one for an unknown model, answered in order
     results: queue.Queue = queue.Queue()
     c.start_stream(callback=lambda result, error: results.put((result, error)))
     for i, (model, t) in enumerate(
@@ -189,7 +189,7 @@ def probe_grpc(url: str, png: bytes) -> dict[str, Any]:
                        "id": result.get_response().id if result else None,
                        "text": _s(result.as_numpy("TRANSLATION")[0]) if result else None})  # fmt: skip
     c.stop_stream()
-    out["stream"] = sorted(stream, key=lambda s: s["id"] or "s1")  # an error has no result to name it
+    out["stream"] = stream
     out["compressed"] = {
         algorithm: [_s(t) for t in c.infer("dates-transformer", [text], outputs=outputs[:1],
                                            compression_algorithm=algorithm).as_numpy("TRANSLATION")]

@@ -107,8 +107,9 @@ def test_autoscaling_beyond_the_private_ray_is_a_warning_naming_what_fits(
     roomy = deployments * 3 * 0.5
     assert private_ray_warning(settings(), cpus=int(roomy) + 1) is None
     warning = private_ray_warning(settings(), cpus=deployments)  # the minimum fits, the maximum not
-    assert warning is not None and "max_replicas=3 cannot all be placed" in warning
-    assert "at most 2 per deployment" in warning
-    capped = private_ray_warning(settings(max_replicas_per_node=2, replica_num_cpus=0), cpus=2)
-    assert capped is not None and "at most 2 per deployment" in capped
+    assert warning is not None and f"reserve {deployments * 1.5:g} CPUs" in warning
+    assert f"more than this Ray's {deployments}" in warning and "ATTN_NUM_CPUS" in warning
+    capped = private_ray_warning(settings(max_replicas_per_node=2, replica_num_cpus=0), cpus=8)
+    assert capped is not None and "above ATTN_MAX_REPLICAS_PER_NODE=2" in capped  # the limit that binds
+    assert "at most 2 replicas per deployment" in capped and "ATTN_NUM_CPUS" not in capped
     assert private_ray_warning(Settings(repository=tiny_repository, frontend=frontend), cpus=1) is None  # type: ignore[arg-type]
