@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,10 @@ class FakeTranslator:
             out.append(Translation(text[::-1], list(text), list(text[::-1]), -float(n), grid, True))
         result = Translated(out)
         return Answer(self.name, self.version, result, metrics(result.tokens_generated))
+
+    async def stream(self, job: TranslateJob) -> AsyncIterator[Answer]:
+        """A streamed translation without its tokens: the answer alone."""
+        yield await self.predict(job)
 
     async def info(self) -> dict[str, Any]:
         return {"providers": ["CPUExecutionProvider"], "max_batch_size": 4, "warmup_ms": 1.0}

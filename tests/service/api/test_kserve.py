@@ -356,6 +356,16 @@ def test_an_answer_names_the_version_that_produced_it(tmp_path: Path) -> None:
 
     reply = asyncio.run(GrpcServicer(server).ModelInfer(request, Context()))  # type: ignore[arg-type]
     assert reply.model_version == "2"
+    request.parameters["stream"].bool_param = True  # a decoupled answer: its final response too
+
+    async def streamed() -> list[Any]:
+        async def one() -> Any:
+            yield request
+
+        return [r async for r in GrpcServicer(server).ModelStreamInfer(one(), Context())]  # type: ignore[arg-type]
+
+    [final] = asyncio.run(streamed())
+    assert not final.error_message and final.infer_response.model_version == "2"
 
 
 def test_a_classification_over_the_top_k_limit_is_named_as_itself(tmp_path: Path) -> None:
