@@ -27,7 +27,7 @@ help:
 	@echo "make models-all also build the Luong-scorer comparison models"
 	@echo "make models-real  build the French→English Bible translation models (~30 min on 2 cores)"
 	@echo "make eval       attention faithfulness of every model → manifests + reports/faithfulness/"
-	@echo "make bench      every benchmark report into benchmarks/results/ (serving, decoding, CTranslate2, streaming, peers)"
+	@echo "make bench      every benchmark report into benchmarks/results/ (serving, decoding, CTranslate2, streaming, peers, idle, faults)"
 	@echo "make bench-serving   the serving configurations under load only"
 	@echo "make bench-decoding  KV cache vs whole prefix, the scheduler vs static batches"
 	@echo "make bench-faults  a replica killed under load, 4x and 10x overload, report into benchmarks/results/"
@@ -117,7 +117,7 @@ nvidia-driver:
 # then the translation decoder's own reports (bench-decoding, bench-ctranslate2)
 bench: models
 	$(PY) -m benchmarks.run --repository $(REPO)
-	$(MAKE) bench-decoding bench-ctranslate2 bench-streaming bench-peers bench-idle
+	$(MAKE) bench-decoding bench-ctranslate2 bench-streaming bench-peers bench-idle bench-faults
 
 # benchmarks/results/<date>.{json,md,png} alone
 bench-serving: models

@@ -44,7 +44,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from benchmarks import ct2_checkpoint, ct2_offline, ct2_report, profiling, report, run
+from benchmarks import ct2_checkpoint, ct2_offline, ct2_report, outputs, profiling, report, run
 from benchmarks.loadgen import Request, closed_loop, percentile
 from benchmarks.peers.versions import install
 from service.inference.manifest import Manifest, file_sha256
@@ -265,6 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(args.report_only.read_text())
         print(f"wrote {ct2_report.write(results, args.report_only.with_suffix('.md'), OURS)}")
         return 0
+    outputs.stop_on_sigterm()
     build: Path = args.build
     build.mkdir(parents=True, exist_ok=True)
     print("checkpoint", flush=True)
@@ -308,9 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     results |= {"in_process": report.median_row(in_process), "step_profile": step, "replica_profile": spy}
     results["goals"] = ct2_report.goals(results, OURS, f"ctranslate2-{args.ct2_compute[0]}")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{results['date']}-ctranslate2.json"
+    path = args.out / f"{outputs.free_stem(args.out, results['date'] + '-ctranslate2')}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
-    md = ct2_report.write(results, args.out / f"{results['date']}-ctranslate2.md", OURS)
+    md = ct2_report.write(results, path.with_suffix(".md"), OURS)
     print(f"wrote {path} and {md}")
     return 0
 

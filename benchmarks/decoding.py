@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from benchmarks import outputs
 from benchmarks.decoding_load import (
     TEXTS,
     closed_loop,
@@ -150,8 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
+    outputs.stop_on_sigterm()
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     like = args.repository / MODEL / "1"
+    if not (args.checkpoints / MODEL).is_dir():  # `make models` skips what the repository holds
+        print(f"error: no checkpoint at {args.checkpoints / MODEL} (the PyTorch side of (a)); train it: "
+              f"`.venv/bin/python -m export train {MODEL} --checkpoints {args.checkpoints}`",
+              file=sys.stderr)  # fmt: skip
+        return 2
     trained = checkpoint.load(args.checkpoints / MODEL).model
     assert isinstance(trained, Transformer)
     if args.write_long_model:
@@ -219,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
                 "short_p50_vs_solo": mixed["short_p50_ms"] / solo,
             }
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{stamp}-decoding.json"
+    path = args.out / f"{outputs.free_stem(args.out, f'{stamp}-decoding')}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
-    md = write_report(results, args.out / f"{stamp}-decoding.md")
+    md = write_report(results, path.with_suffix(".md"))
     print(f"wrote {path} and {md}")
     return 0
 

@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from benchmarks import outputs
 from benchmarks.loadgen import Request, Result, closed_loop, open_loop, percentile
 from benchmarks.run import ROOT, TEXTS, Server, configurations, start
 from benchmarks.targets import SERVICE_X2
@@ -52,6 +53,19 @@ def throughput(result: Result, begin: float, bucket_s: float = 0.5) -> list[floa
     return [counts.get(i, 0) / bucket_s for i in range(max(counts, default=-1) + 1)]
 
 
+def recovery_bucket(rates: list[float], k: int, before: float) -> int | None:
+    """The first half-second bucket from the kill (``k``) on after which throughput, averaged over
+    1 s, stays at ≥ 90 % of ``before`` to the end (the last, partial bucket left out): ``k`` when it
+    never dipped; None when it never came back for good. A dip that comes later (the clients'
+    connections moving to the replacement replica) counts."""
+    full = rates[:-1]
+    smooth = [sum(full[j : j + 2]) / len(full[j : j + 2]) for j in range(len(full))]
+    for i in range(k, len(smooth)):
+        if all(r >= 0.9 * before for r in smooth[i:]):
+            return i
+    return None
+
+
 def kill(server: Server, duration_s: float = 20, kill_at_s: float = 5) -> dict[str, Any]:
     victim = replicas(server)[0]
     begin = time.perf_counter()
@@ -62,8 +76,7 @@ def kill(server: Server, duration_s: float = 20, kill_at_s: float = 5) -> dict[s
     rates = throughput(result, begin)
     k = int(kill_at_s / 0.5)
     before = statistics.median(rates[2:k]) if k > 2 else max(rates, default=0)
-    recovered = next((i for i in range(k + 1, len(rates)) if all(r >= 0.9 * before for r in rates[i:i + 2])),
-                     None)  # fmt: skip
+    recovered = recovery_bucket(rates, k, before)
     total = result.ok + result.errors
     return {
         "requests": total,
@@ -118,10 +131,14 @@ def _overload_row(o: dict[str, Any]) -> str:
     )
 
 
-def report(results: dict[str, Any], out: Path, stamp: str) -> Path:
+def _recovery(seconds: float | None) -> str:
+    return "not recovered" if seconds is None else f"{seconds} s"
+
+
+def report(results: dict[str, Any], path: Path) -> Path:
     k = results["kill"]
     lines = [
-        f"# attention-serve under faults and overload, {stamp}", "",
+        f"# attention-serve under faults and overload, {results['date']}", "",
         f"Machine: {os.cpu_count()} CPUs. Service: in-replica frontend, 2 replicas on one port, demo "
         "repository; load: dates-transformer, beam 4 (python -m benchmarks.faults).", "",
         "## A replica killed under load (SIGKILL, 16 clients, one retry on a dropped connection)", "",
@@ -129,7 +146,7 @@ def report(results: dict[str, Any], out: Path, stamp: str) -> Path:
         "replicas after |", "|---|---|---|---|---|---|",
         f"| {k['requests']} | {k['failed']} ({k['failed_share'] * 100:.2f} %; goal ≤ 0.1 %) | "
         f"{k['retried']} | "
-        f"{k['throughput_before_per_s']:.0f} | {k['seconds_to_full_throughput']} s (goal ≤ 10 s) | "
+        f"{k['throughput_before_per_s']:.0f} | {_recovery(k['seconds_to_full_throughput'])} (goal ≤ 10 s) | "
         f"{k['replicas_after']} |", "",
         "Where retries happen: in the client. A replica that dies drops its connections; the "
         "requests on them were idempotent inference, so the client sends them again and the kernel "
@@ -146,7 +163,6 @@ def report(results: dict[str, Any], out: Path, stamp: str) -> Path:
         "then measures the machine, the generator's own backlog and new connections included, more "
         "than the service's shedding.", "",
     ]  # fmt: skip
-    path = out / f"{stamp}-faults.md"
     path.write_text("\n".join(lines))
     return path
 
@@ -156,9 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    outputs.stop_on_sigterm()
     args.out.mkdir(parents=True, exist_ok=True)
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
     results: dict[str, Any] = {"date": stamp}
+    stem = outputs.free_stem(args.out, f"{stamp}-faults")
     service = configurations(args.repository, ROOT / "build" / "checkpoints")[SERVICE_X2]
     server = start(SERVICE_X2, service, args.out)
     try:
@@ -166,8 +184,8 @@ def main(argv: list[str] | None = None) -> int:
         results["kill"] = kill(server)
     finally:
         server.stop()
-    (args.out / f"{stamp}-faults.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {report(results, args.out, stamp)}")
+    (args.out / f"{stem}.json").write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {report(results, args.out / f'{stem}.md')}")
     return 0
 
 

@@ -25,13 +25,13 @@ import datetime as dt
 import json
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 import psutil
 
+from benchmarks import outputs
 from benchmarks.run import Server, configurations, start
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,22 +72,22 @@ def measure(server: Server, settle_s: float, window_s: float) -> dict[str, float
 def run(args: argparse.Namespace) -> dict[str, Any]:
     base = configurations(args.repository, ROOT / "build" / "checkpoints")["in-replica"]
     rows: dict[str, list[dict[str, Any]]] = {name: [] for name in CONFIGS}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            order = list(CONFIGS) if r % 2 == 0 else list(CONFIGS)[::-1]
-            for name in order:
-                print(f"round {r + 1}: {name}", flush=True)
-                config = dataclasses.replace(base, env={**base.env, **CONFIGS[name]})
-                server = start("idle", config, Path(tmp))
-                try:
-                    rows[name].append(
-                        {
-                            "startup_s": server.startup_s,
-                            "cpu_ms_per_s": measure(server, args.settle, args.window),
-                        }
-                    )
-                finally:
-                    server.stop()
+    # the servers' logs stay in --out (*.log, not committed): a failed start names one
+    for r in range(args.rounds):
+        order = list(CONFIGS) if r % 2 == 0 else list(CONFIGS)[::-1]
+        for name in order:
+            print(f"round {r + 1}: {name}", flush=True)
+            config = dataclasses.replace(base, env={**base.env, **CONFIGS[name]})
+            server = start("idle", config, args.out)
+            try:
+                rows[name].append(
+                    {
+                        "startup_s": server.startup_s,
+                        "cpu_ms_per_s": measure(server, args.settle, args.window),
+                    }
+                )
+            finally:
+                server.stop()
     results = {}
     for name, runs in rows.items():
         names = sorted({p for run in runs for p in run["cpu_ms_per_s"]})
@@ -165,9 +165,10 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    r = run(args)
+    outputs.stop_on_sigterm()
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{r['date']}-idle"
+    r = run(args)
+    stem = args.out / outputs.free_stem(args.out, f"{r['date']}-idle")
     stem.with_suffix(".json").write_text(json.dumps(r, indent=2) + "\n")
     print(write_report(r, stem.with_suffix(".md")).read_text())
     return 0

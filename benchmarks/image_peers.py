@@ -36,9 +36,9 @@ import base64
 import contextlib
 import datetime as dt
 import json
+import shutil
 import statistics
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +46,7 @@ from typing import Any
 
 import psutil
 
-from benchmarks import ceilings
+from benchmarks import ceilings, outputs
 from benchmarks.loadgen import Connection, Request, closed_loop, percentile
 from benchmarks.peers import servers as peers
 from benchmarks.peers.smoke import reference, test_images
@@ -192,6 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    outputs.stop_on_sigterm()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if "torchserve" in args.servers and shutil.which("java") is None:  # before anything is measured
+        print("error: TorchServe needs a Java runtime (`apt-get install -y default-jre-headless`), or "
+              "leave it out: --servers attention-serve fastapi-ort pytriton", file=sys.stderr)  # fmt: skip
+        return 2
     for name in args.servers:
         if name in PINS:
             venv(name, ROOT)  # created once, from the pins
@@ -200,20 +206,20 @@ def main(argv: list[str] | None = None) -> int:
     print("ceiling: decode + preprocess + ONNX Runtime in this process", flush=True)
     ceiling = ceilings.vit_pipeline_images_per_s(ROOT / "model_repository" / MODEL / "1", images)
     rows: dict[str, dict[str, dict[int, list[dict[str, Any]]]]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for r in range(args.rounds):
-            order = args.servers[r % len(args.servers) :] + args.servers[: r % len(args.servers)]
-            for name in order:
-                with running(name, Path(tmp)) as server:
-                    for payload in payloads(name, images):
-                        asyncio.run(check(server.port, payload, expected))
-                        asyncio.run(closed_loop("127.0.0.1", server.port, payload.requests, 8, 1.5))  # warm
-                        for clients in args.concurrency:
-                            print(f"round {r + 1}: {name} {payload.name}, {clients} clients", flush=True)
-                            point = measure(server, payload, clients, args.duration)
-                            rows.setdefault(name, {}).setdefault(payload.name, {}).setdefault(
-                                clients, []
-                            ).append(point)
+    # our servers' logs stay in --out (*.log, not committed): a failed start names one
+    for r in range(args.rounds):
+        order = args.servers[r % len(args.servers) :] + args.servers[: r % len(args.servers)]
+        for name in order:
+            with running(name, args.out) as server:
+                for payload in payloads(name, images):
+                    asyncio.run(check(server.port, payload, expected))
+                    asyncio.run(closed_loop("127.0.0.1", server.port, payload.requests, 8, 1.5))  # warm
+                    for clients in args.concurrency:
+                        print(f"round {r + 1}: {name} {payload.name}, {clients} clients", flush=True)
+                        point = measure(server, payload, clients, args.duration)
+                        rows.setdefault(name, {}).setdefault(payload.name, {}).setdefault(clients, []).append(
+                            point
+                        )
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
         "rounds": args.rounds,
@@ -230,8 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         },
     }
     results["goals"] = goals(results)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{results['date']}-peers.json"
+    path = args.out / f"{outputs.free_stem(args.out, results['date'] + '-peers')}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     report = write_report(results, path.with_suffix(".md"))
     print(f"wrote {path}, {report} and {plot(results, path.with_suffix('.png'))}")

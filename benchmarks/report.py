@@ -118,8 +118,10 @@ def write(results: dict[str, Any], out: Path, stamp: str) -> Path:
     lines += _cpu_breakdown(results)
     lines += _profile(results)
     analysis = Path(__file__).with_name("analysis.md")
-    if analysis.exists():
-        lines += ["", analysis.read_text().strip()]
+    if analysis.exists():  # hand-written, dated notes: they may disagree with this run's figures
+        notes = analysis.read_text().strip()
+        demoted = "\n".join("#" + line if line.startswith("## ") else line for line in notes.splitlines())
+        lines += ["", "## Notes kept beside the benchmark (benchmarks/analysis.md, each dated)", "", demoted]
     lines += [""] + [f"![{name}]({name})" for name in _plots(results, out, stamp)] + [""]
     path = out / f"{stamp}.md"
     path.write_text("\n".join(lines))

@@ -33,7 +33,7 @@ from typing import Any
 import psutil
 import requests
 
-from benchmarks import ceilings, profiling, report, targets, tiny
+from benchmarks import ceilings, outputs, profiling, report, targets, tiny
 from benchmarks.loadgen import Request, closed_loop, percentile
 from service.settings import DIRECT_PORTS
 
@@ -117,15 +117,21 @@ def free_port_block(n: int) -> int:
     raise RuntimeError(f"no block of {n} free ports")
 
 
+#: the module a replica's decode processes run, and the name they are reported under
+DECODE_CHILD = "decode_child"
+DECODE_PROCESS = "decode process (a replica's translation loop)"
 #: a readable name for a process of a server's tree (the process, the server's root pid)
 ProcessName = Callable[[psutil.Process, int], str]
 
 
 def process_title(p: psutil.Process, root: int) -> str:
-    """The process's name; Ray's actors by title, the server's own process as such."""
+    """The process's name; Ray's actors by title, a replica's decode processes as such (the
+    translation loop: they are "python" by name), the server's own process as such."""
     title = " ".join(p.cmdline())
     if title.startswith("ray::"):
         return title.split()[0]
+    if DECODE_CHILD in title:
+        return DECODE_PROCESS
     return p.name() if p.pid != root else "server main process"
 
 
@@ -341,8 +347,9 @@ def main(argv: list[str] | None = None) -> int:
         help="also run the service configurations from this checkout (another commit), interleaved",
     )
     args = parser.parse_args(argv)
+    outputs.stop_on_sigterm()
     args.out.mkdir(parents=True, exist_ok=True)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d")
+    stamp = outputs.free_stem(args.out, dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"))
     repository = tiny.repository(args.repository, ROOT / "build" / "bench_repository")
     print("ceilings: raw ONNX Runtime, no server", flush=True)
     ceiling = ceilings.measure(repository)

@@ -24,12 +24,12 @@ import json
 import re
 import statistics
 import sys
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from benchmarks import outputs
 from benchmarks.decoding_load import TEXTS
 from benchmarks.loadgen import Connection, Request, percentile
 from benchmarks.run import configurations, start
@@ -245,16 +245,16 @@ def every_step(config: Any, target: Target, args: argparse.Namespace) -> dict[st
     top = max(args.concurrency)
     config = dataclasses.replace(config, env={**config.env, "ATTN_STREAM_INTERVAL_MS": "0"})
     rows: dict[str, list[dict[str, Any]]] = {"stream": [], "plain": []}
-    with tempfile.TemporaryDirectory() as tmp:
-        server = start("in-replica", config, Path(tmp))
-        try:
-            for r in range(args.rounds):
-                for mode in ("stream", "plain") if r % 2 == 0 else ("plain", "stream"):
-                    print(f"{target.model} every step, round {r + 1}: {top} clients, {mode}", flush=True)
-                    load = closed_loop(server.port, target, top, args.duration, mode == "stream")
-                    rows[mode].append(asyncio.run(load))
-        finally:
-            server.stop()
+    # the server's log stays in --out (*.log, not committed): a failed start names it
+    server = start("in-replica", config, args.out)
+    try:
+        for r in range(args.rounds):
+            for mode in ("stream", "plain") if r % 2 == 0 else ("plain", "stream"):
+                print(f"{target.model} every step, round {r + 1}: {top} clients, {mode}", flush=True)
+                load = closed_loop(server.port, target, top, args.duration, mode == "stream")
+                rows[mode].append(asyncio.run(load))
+    finally:
+        server.stop()
     pairs = zip(rows["stream"], rows["plain"], strict=True)
     ratios = [s["tokens_per_s"] / p["tokens_per_s"] for s, p in pairs]
     return {m: median_of(v) for m, v in rows.items()} | {"ratio": statistics.median(ratios), "rounds": ratios}
@@ -268,6 +268,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args(argv)
+    outputs.stop_on_sigterm()
+    args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d"),
         "rounds": args.rounds,
@@ -284,27 +286,26 @@ def main(argv: list[str] | None = None) -> int:
             c: {"stream": [], "plain": []} for c in args.concurrency
         }
         ratios = []
-        with tempfile.TemporaryDirectory() as tmp:
-            server = start("in-replica", config, Path(tmp))
-            try:
-                for r in range(args.rounds):
-                    for clients in args.concurrency:
-                        for mode in ("stream", "plain") if r % 2 == 0 else ("plain", "stream"):
-                            print(f"{target.model} round {r + 1}: {clients} clients, {mode}", flush=True)
-                            load = closed_loop(server.port, target, clients, args.duration, mode == "stream")
-                            rows[clients][mode].append(asyncio.run(load))
-                    top = rows[max(args.concurrency)]
-                    ratios.append(top["stream"][-1]["tokens_per_s"] / top["plain"][-1]["tokens_per_s"])
-            finally:
-                server.stop()
+        # the server's log stays in --out (*.log, not committed): a failed start names it
+        server = start("in-replica", config, args.out)
+        try:
+            for r in range(args.rounds):
+                for clients in args.concurrency:
+                    for mode in ("stream", "plain") if r % 2 == 0 else ("plain", "stream"):
+                        print(f"{target.model} round {r + 1}: {clients} clients, {mode}", flush=True)
+                        load = closed_loop(server.port, target, clients, args.duration, mode == "stream")
+                        rows[clients][mode].append(asyncio.run(load))
+                top = rows[max(args.concurrency)]
+                ratios.append(top["stream"][-1]["tokens_per_s"] / top["plain"][-1]["tokens_per_s"])
+        finally:
+            server.stop()
         results["every_step"][target.model] = every_step(config, target, args)
         results["results"][target.model] = {
             str(c): {m: median_of(v) for m, v in by_mode.items()} for c, by_mode in rows.items()
         }
         results["ratios_by_round"][target.model] = ratios
         results["ratio_at_top"][target.model] = statistics.median(ratios)
-    args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{results['date']}-streaming.json"
+    path = args.out / f"{outputs.free_stem(args.out, results['date'] + '-streaming')}.json"
     path.write_text(json.dumps(results, indent=2) + "\n")
     print(f"wrote {path} and {write_report(results, path.with_suffix('.md'))}")
     return 0

@@ -22,11 +22,24 @@ def test_report_has_a_row_per_overload_factor_with_the_generators_lag(tmp_path: 
             "requests": 1000, "failed": 1, "failed_share": 0.001, "retried": 3,
             "throughput_before_per_s": 700.0, "seconds_to_full_throughput": 5.5, "replicas_after": 2,
         },
-        "overload": [overload_row(4, 220.0), overload_row(10, 11400.0)],
+        "overload": [overload_row(4, 220.0), overload_row(10, 11400.0)], "date": "2026-12-05",
     }  # fmt: skip
-    text = faults.report(results, tmp_path, "2026-12-05").read_text()
+    text = faults.report(results, tmp_path / "r.md").read_text()
     assert (
         "| 4× | 900 | 3600 | 75 % | 412.3 ms | 1500 ms | 0 | 1800 → 1850 | True | 22.0 / 220.0 ms |" in text
     )
     assert "| 10× | 900 | 9000 |" in text and "| 1140.0 / 11400.0 ms |" in text
     assert "| 1000 | 1 (0.10 %; goal ≤ 0.1 %) | 3 | 700 | 5.5 s (goal ≤ 10 s) | 2 |" in text
+    results["kill"]["seconds_to_full_throughput"] = None
+    assert "| 700 | not recovered (goal ≤ 10 s) |" in faults.report(results, tmp_path / "r.md").read_text()
+
+
+def test_recovery_is_when_throughput_came_back_for_good() -> None:
+    """From the kill (bucket 4) on: no dip reads 0 s (it read 0.5 s), a late dip counts (a
+    first recovery of two buckets was taken, the dip after it missed), and a throughput that
+    never comes back is None; the last, partial bucket is left out."""
+    steady = [100.0] * 12 + [40.0]
+    assert faults.recovery_bucket(steady, 4, 100.0) == 4
+    late_dip = [100.0] * 4 + [30, 95, 95, 60, 60, 95, 95, 95, 95, 95] + [10.0]
+    assert faults.recovery_bucket(late_dip, 4, 100.0) == 9
+    assert faults.recovery_bucket([100.0] * 4 + [50.0] * 8, 4, 100.0) is None

@@ -1,0 +1,27 @@
+"""What every benchmark's ``main`` shares: the name its report takes — never one already in the
+results folder, whose committed reports the README links — and a SIGTERM that stops what it
+started, as Ctrl-C does."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+
+
+def free_stem(out: Path, name: str) -> str:
+    """``name`` (say ``2026-12-05-idle``), or ``name-2``, ``name-3``… — the first that no file in
+    ``out`` is named after (``<stem>.json``, ``<stem>.md``, ``<stem>-<plot>.png``): a run never
+    overwrites a report."""
+    stem, n = name, 1
+    while any(out.glob(f"{stem}.*")) or any(out.glob(f"{stem}-*.png")):
+        n += 1
+        stem = f"{name}-{n}"
+    return stem
+
+
+def stop_on_sigterm() -> None:
+    """A SIGTERM (a ``timeout``, a cancelled CI job, ``kill``) leaves through ``SystemExit(143)``
+    in the main thread, so every ``finally`` stops the servers the benchmark started and their
+    private Ray; without it they outlived the benchmark, re-parented to PID 1."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

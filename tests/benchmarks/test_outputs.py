@@ -1,0 +1,44 @@
+"""What every benchmark's main shares: a report never overwrites another, and a SIGTERM runs the
+``finally`` blocks that stop its servers."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.outputs import free_stem
+
+
+def test_a_report_takes_the_first_name_no_report_has(tmp_path: Path) -> None:
+    assert free_stem(tmp_path, "2026-12-05-idle") == "2026-12-05-idle"
+    (tmp_path / "2026-12-05-idle.json").write_text("{}")
+    (tmp_path / "2026-12-05-idle-2.md").write_text("")
+    assert free_stem(tmp_path, "2026-12-05-idle") == "2026-12-05-idle-3"
+    (tmp_path / "2026-12-05-requests_per_s.png").write_bytes(b"")  # bench-serving's plots alone
+    assert free_stem(tmp_path, "2026-12-05") == "2026-12-05-2"
+    assert free_stem(tmp_path, "2026-12-05-peers") == "2026-12-05-peers"
+
+
+def test_a_sigterm_runs_the_finally_that_stops_the_servers(tmp_path: Path) -> None:
+    """What a ``timeout``, a cancelled CI job or ``kill`` sends: the benchmark's servers (and
+    their private Ray) were left running, re-parented to PID 1."""
+    stopped = tmp_path / "stopped"
+    script = (
+        "import time\n"
+        "from benchmarks.outputs import stop_on_sigterm\n"
+        "stop_on_sigterm()\n"
+        "try:\n"
+        "    print('serving', flush=True)\n"
+        "    time.sleep(60)\n"
+        "finally:\n"
+        f"    open({str(stopped)!r}, 'w').write('server.stop()')\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "serving"
+    time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 143
+    assert stopped.read_text() == "server.stop()"
