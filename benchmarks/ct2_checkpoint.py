@@ -1,7 +1,7 @@
 """A MarianMT checkpoint of opus-mt-en-de's shape, built here from nothing that needs a model hub.
 
 The CTranslate2 peer benchmark (``benchmarks/ctranslate2_peer.py``) needs one Hugging Face
-checkpoint that both engines load: ``export import-hf`` turns it into our ``transformer-kv``
+checkpoint that both engines load: ``export import-hf`` turns it into our ``transformer-kv-layers``
 graphs, ``ct2-transformers-converter`` into CTranslate2's format. opus-mt-en-de itself cannot be
 downloaded here, so this builds one of its shape (Junczys-Dowmunt et al. 2018; Tiedemann &
 Thottingal 2020): d_model 512, 6 + 6 post-norm layers, 8 heads, FFN 2048, swish, scaled

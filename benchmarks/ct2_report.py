@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -293,7 +294,7 @@ def why(r: dict[str, Any], ours: str) -> list[str]:
         loads = ", ".join(f"{a[0]:.1f}" for a in r["machine"]["load_avg_by_round"])
         lines.append(
             f"- **Noise**: {r['note']} 1-min load average at each round's start and at the end: {loads} "
-            "(2 cores). The ratios by round show how far a verdict can be trusted."
+            f"({os.cpu_count()} cores). The ratios by round show how far a verdict can be trusted."
         )
     return lines
 

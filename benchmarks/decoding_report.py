@@ -3,6 +3,7 @@ its results — also when read back from the json (``write_report(json.load(...)
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,8 @@ def write_report(r: dict[str, Any], path: Path) -> Path:
     lines = [
         f"# Translation decoding: KV cache and the per-model scheduler ({r['date']})",
         "",
-        "`python -m benchmarks.decoding` (see its docstring). One ONNX Runtime thread, 2-core machine.",
+        "`python -m benchmarks.decoding` (see its docstring). One ONNX Runtime thread, "
+        f"{os.cpu_count()}-core machine.",
         "",
         f"![step cost and open-loop latency]({image.name})",
         "",

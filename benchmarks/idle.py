@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import datetime as dt
 import json
+import os
 import statistics
 import sys
 import time
@@ -120,7 +121,7 @@ def write_report(r: dict[str, Any], path: Path) -> Path:
         "",
         "`python -m benchmarks.idle` (see its docstring): `python -m service` with its defaults on the "
         f"demo repository, no requests; CPU over {r['window_s']:.0f} s windows after {r['settle_s']:.0f} s "
-        f"of quiet, {r['rounds']} rounds, configurations in turns (medians). 2-core machine.",
+        f"of quiet, {r['rounds']} rounds, configurations in turns (medians). {os.cpu_count()}-core machine.",
         "",
         "| process | " + " | ".join(f"{n}: ms CPU / s" for n in names) + " |",
         "|---|" + "---|" * len(names),

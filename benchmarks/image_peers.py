@@ -36,6 +36,7 @@ import base64
 import contextlib
 import datetime as dt
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -289,9 +290,9 @@ def write_report(r: dict[str, Any], path: Path) -> Path:
         "`python -m benchmarks.image_peers` (see its docstring): `fashion-vit` behind each server with one "
         "worker / replica and ONNX Runtime on one thread; Fashion-MNIST test PNGs; closed-loop clients "
         f"on raw asyncio connections; {r['rounds']} rounds of {r['duration_s']:.0f} s per point, each "
-        "server started alone in its turn (medians). 2-core machine, the load generator on the same "
-        "cores. Server CPU is the whole process tree's (Ray's processes, TorchServe's JVM and Python "
-        "worker, Triton's server and Python backend stub).",
+        f"server started alone in its turn (medians). {os.cpu_count()}-core machine, the load generator "
+        "on the same cores. Server CPU is the whole process tree's (Ray's processes, TorchServe's JVM and "
+        "Python worker, Triton's server and Python backend stub).",
         "",
         f"![images/s by server and payload]({path.with_suffix('.png').name})",
         "",

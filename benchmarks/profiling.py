@@ -1,8 +1,8 @@
 """A py-spy profile of a serving replica while it is under load, summarised for the report.
 
 py-spy samples the replica's Python stacks from outside (no change to the service); the summary
-lists the frames that hold the most busy samples (inclusive), so the report shows where the CPU
-of the tiny path goes. Waiting threads (idle pools, condition waits) are left out.
+lists the frames that hold the most busy samples (self time: the innermost frame), so the report
+shows where the CPU of the tiny path goes. Waiting threads (idle pools, condition waits) are left out.
 """
 
 from __future__ import annotations

@@ -31,6 +31,10 @@ def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
 def _plots(results: dict[str, Any], out: Path, stamp: str) -> list[str]:
     files = []
     workloads = sorted({w for by_w in results["runs"].values() for w in by_w})
+    # one colour per configuration in every panel (a configuration missing from one panel shifted
+    # the colours of the others there)
+    palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    colour = {config: palette[i % len(palette)] for i, config in enumerate(results["runs"])}
     for metric, label in (("requests_per_s", "requests/s"), ("p99_ms", "p99 latency (ms)")):
         fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 3.6), squeeze=False)
         for ax, workload in zip(axes[0], workloads, strict=True):
@@ -38,7 +42,8 @@ def _plots(results: dict[str, Any], out: Path, stamp: str) -> list[str]:
                 if workload not in by_w:
                     continue
                 points = sorted((int(c), row[metric]) for c, row in by_w[workload].items())
-                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=config)
+                ax.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=config,
+                        color=colour[config])  # fmt: skip
             ax.set_title(workload)
             ax.set_xlabel("concurrent clients")
             ax.set_ylabel(label)

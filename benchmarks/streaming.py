@@ -21,6 +21,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import json
+import os
 import re
 import statistics
 import sys
@@ -180,7 +181,7 @@ def write_report(r: dict[str, Any], path: Path) -> Path:
         "",
         "`python -m benchmarks.streaming` (see its docstring): the in-replica service with one replica, "
         f"closed-loop clients, {r['rounds']} interleaved rounds of {r['duration_s']:.0f} s per point "
-        "(medians). 2-core machine, the load generator on the same cores.",
+        f"(medians). {os.cpu_count()}-core machine, the load generator on the same cores.",
         "",
         "| model | clients | mode | tokens/s | first token p50 / p99 ms | whole answer p50 / p99 ms "
         "| errors |",

@@ -17,9 +17,9 @@ was started.
   whatever is left.
 
 :func:`request` builds one request per peer and payload kind (``KINDS``) for a PNG: path,
-content type, extra headers and body. ``benchmarks.loadgen.Request`` carries no extra headers, so
-Triton's binary tensor extension (``Inference-Header-Content-Length``) cannot go through it:
-:meth:`PeerRequest.raw` gives the full HTTP/1.1 request bytes for a plain socket instead.
+content type, extra headers and body (``PeerRequest.loadgen`` as a ``benchmarks.loadgen.Request``,
+whose extra headers carry Triton's ``Inference-Header-Content-Length``); :meth:`PeerRequest.raw`
+gives the full HTTP/1.1 request bytes for a plain socket.
 :func:`parse_answer` reads either peer's answer into (index, label, probability) rows.
 """
 
