@@ -59,7 +59,7 @@ def recovery_bucket(rates: list[float], k: int, before: float) -> int | None:
     never dipped; None when it never came back for good. A dip that comes later (the clients'
     connections moving to the replacement replica) counts."""
     full = rates[:-1]
-    smooth = [sum(full[j : j + 2]) / len(full[j : j + 2]) for j in range(len(full))]
+    smooth = [(full[j] + full[j + 1]) / 2 for j in range(len(full) - 1)]  # whole seconds only
     for i in range(k, len(smooth)):
         if all(r >= 0.9 * before for r in smooth[i:]):
             return i
@@ -70,9 +70,13 @@ def kill(server: Server, duration_s: float = 20, kill_at_s: float = 5) -> dict[s
     victim = replicas(server)[0]
     begin = time.perf_counter()
     timer = threading.Timer(kill_at_s, os.kill, (victim, signal.SIGKILL))
+    timer.daemon = True
     timer.start()
-    result = asyncio.run(closed_loop("127.0.0.1", server.port, SLOW, 16, duration_s, retries=1))
-    timer.join()
+    try:
+        result = asyncio.run(closed_loop("127.0.0.1", server.port, SLOW, 16, duration_s, retries=1))
+        timer.join()
+    finally:  # a Ctrl-C or SIGTERM before the kill: no SIGKILL later, to a PID that may be reused
+        timer.cancel()
     rates = throughput(result, begin)
     k = int(kill_at_s / 0.5)
     before = statistics.median(rates[2:k]) if k > 2 else max(rates, default=0)

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 
 
-def free_stem(out: Path, name: str) -> str:
-    """``name`` (say ``2026-12-05-idle``), or ``name-2``, ``name-3``… — the first that no file in
-    ``out`` is named after (``<stem>.json``, ``<stem>.md``, ``<stem>-<plot>.png``): a run never
-    overwrites a report."""
+def free_stem(out: Path, name: str, plots: Iterable[str] = ()) -> str:
+    """``name`` (say ``2026-12-05-idle``), or ``name-2``, ``name-3``… — the first that none of the
+    report's files in ``out`` has (``<stem>.json``, ``.md``, ``.png``, and ``<stem>-<plot>.png`` for
+    each of ``plots``): a run never overwrites a report."""
     stem, n = name, 1
-    while any(out.glob(f"{stem}.*")) or any(out.glob(f"{stem}-*.png")):
+    while any(out.glob(f"{stem}.*")) or any((out / f"{stem}-{plot}.png").exists() for plot in plots):
         n += 1
         stem = f"{name}-{n}"
     return stem

@@ -28,6 +28,10 @@ def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+#: the plots of a serving report, ``<stamp>-<metric>.png``, with their axis labels
+PLOTS = {"requests_per_s": "requests/s", "p99_ms": "p99 latency (ms)"}
+
+
 def _plots(results: dict[str, Any], out: Path, stamp: str) -> list[str]:
     files = []
     workloads = sorted({w for by_w in results["runs"].values() for w in by_w})
@@ -35,7 +39,7 @@ def _plots(results: dict[str, Any], out: Path, stamp: str) -> list[str]:
     # the colours of the others there)
     palette = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     colour = {config: palette[i % len(palette)] for i, config in enumerate(results["runs"])}
-    for metric, label in (("requests_per_s", "requests/s"), ("p99_ms", "p99 latency (ms)")):
+    for metric, label in PLOTS.items():
         fig, axes = plt.subplots(1, len(workloads), figsize=(5 * len(workloads), 3.6), squeeze=False)
         for ax, workload in zip(axes[0], workloads, strict=True):
             for config, by_w in results["runs"].items():

@@ -198,16 +198,20 @@ def _wait_ready(server: PeerServer, checks: list[Callable[[], bool]], timeout_s:
     """Until every check holds in turn, or fail with the log's tail (and stop the peer)."""
     deadline = time.monotonic() + timeout_s
     pending = list(checks)
-    while pending:
-        if not server.running() or time.monotonic() > deadline:
-            why = "exited" if not server.running() else f"not ready after {timeout_s:.0f} s"
-            server.stop()
-            tail = "\n".join(server.log.read_text(errors="replace").splitlines()[-40:])
-            raise RuntimeError(f"{server.name} {why}; end of {server.log}:\n{tail}")
-        if pending[0]():
-            pending.pop(0)
-        else:
-            time.sleep(0.25)
+    try:
+        while pending:
+            if not server.running() or time.monotonic() > deadline:
+                why = "exited" if not server.running() else f"not ready after {timeout_s:.0f} s"
+                server.stop()
+                tail = "\n".join(server.log.read_text(errors="replace").splitlines()[-40:])
+                raise RuntimeError(f"{server.name} {why}; end of {server.log}:\n{tail}")
+            if pending[0]():
+                pending.pop(0)
+            else:
+                time.sleep(0.25)
+    except BaseException:  # Ctrl-C or a SIGTERM while it starts: it is in a session of its own
+        server.stop()
+        raise
 
 
 def _answers_200(port: int, path: str) -> Callable[[], bool]:

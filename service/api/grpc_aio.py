@@ -5,8 +5,9 @@ reflection. Ray's gRPC proxy (the Ray-ingress frontends) calls the servicer's me
 uses none of this.
 """
 
+import contextlib
 import inspect
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import Any
 
 import grpc
@@ -133,13 +134,14 @@ def _aio_unary(impl: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def _aio_streaming(impl: Callable[..., AsyncIterator[Any]]) -> Callable[..., AsyncIterator[Any]]:
+def _aio_streaming(impl: Callable[..., AsyncGenerator[Any, None]]) -> Callable[..., AsyncIterator[Any]]:
     async def call(_: object, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
         try:
             if isinstance(requests, Undecodable):  # the one request of a server-streaming RPC
                 raise requests.error
-            async for response in impl(requests, context):
-                yield response
+            async with contextlib.aclosing(impl(requests, context)) as responses:  # closed with us
+                async for response in responses:
+                    yield response
         except ServiceError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
         except Exception as exc:

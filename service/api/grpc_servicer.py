@@ -7,6 +7,7 @@ gRPC proxy call its methods by name (Ray ingress). Errors carry the gRPC code fr
 ``service/errors.py`` (:func:`rpc`); RPCs we do not declare answer UNIMPLEMENTED.
 """
 
+import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
@@ -51,11 +52,16 @@ Reply = TypeVar("Reply")
 STREAM_WINDOW = 16
 
 
-def _stream_error(request: pb.ModelInferRequest, message: str) -> pb.ModelStreamInferResponse:
-    """A failed request's answer in a stream, naming the request (its id, model and version)."""
+def _stream_error(
+    request: pb.ModelInferRequest, message: str, decoupled: bool = False
+) -> pb.ModelStreamInferResponse:
+    """A failed request's answer in a stream, naming the request (its id, model and version); a
+    decoupled request's is its last response, flagged ``triton_final_response`` like an answer."""
     which = pb.ModelInferResponse(
         id=request.id, model_name=request.model_name, model_version=request.model_version
     )
+    if decoupled:
+        which.parameters["triton_final_response"].bool_param = True
     return pb.ModelStreamInferResponse(error_message=message, infer_response=which)
 
 
@@ -176,8 +182,9 @@ class GrpcServicer:
         replies = grpc_stream.answer_in_order(
             request_stream, self._stream_replies, _decoupled, _cancelled, STREAM_WINDOW
         )
-        async for reply in replies:
-            yield reply
+        async with contextlib.aclosing(replies):  # closed with this RPC: its requests are cancelled
+            async for reply in replies:
+                yield reply
 
     async def _stream_replies(
         self, request: "pb.ModelInferRequest | Undecodable"
@@ -187,18 +194,20 @@ class GrpcServicer:
         if isinstance(request, Undecodable):  # this message only: the stream goes on
             yield pb.ModelStreamInferResponse(error_message=request.error.message)
             return
+        decoupled = False
         try:
-            stream = request.parameters.get("stream")
-            if stream is not None and kserve.flag({"stream": codec.parameter(stream)}, "stream"):
+            stream = request.parameters.get("stream")  # a flag neither true nor false: an error
+            decoupled = stream is not None and kserve.flag({"stream": codec.parameter(stream)}, "stream")
+            if decoupled:
                 async for response in self._model_stream(request):
                     yield pb.ModelStreamInferResponse(infer_response=response)
                 return
             result = await self._model_infer(request, "grpc_stream_infer")
             yield pb.ModelStreamInferResponse(infer_response=result)
         except ServiceError as exc:
-            yield _stream_error(request, exc.message)
+            yield _stream_error(request, exc.message, decoupled)
         except Exception as exc:  # logged with its traceback; the stream goes on
-            yield _stream_error(request, unexpected(exc, "gRPC ModelStreamInfer").message)
+            yield _stream_error(request, unexpected(exc, "gRPC ModelStreamInfer").message, decoupled)
 
     # -- Triton's extensions (service/api/triton_extensions.py): the HTTP routes' dicts, parsed
 
@@ -238,7 +247,7 @@ class GrpcServicer:
         )
         tensors = kserve.to_outputs(answers, prepared)
         # the version that answered: a newer one may have been swapped in since the lookup above
-        return codec.response(entry.name, kserve.answered_version(answers), request.id, tensors)
+        return codec.response(entry.name, answers[0].version, request.id, tensors)
 
     async def _model_stream(self, request: pb.ModelInferRequest) -> AsyncIterator[pb.ModelInferResponse]:
         """A translation's decoupled responses: a token each, then the whole answer."""
@@ -346,7 +355,7 @@ def _cancelled(
     message = unexpected(exc, "gRPC ModelStreamInfer").message
     if isinstance(request, Undecodable):
         return pb.ModelStreamInferResponse(error_message=message)
-    return _stream_error(request, message)
+    return _stream_error(request, message, _decoupled(request))
 
 
 class Undecodable:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
@@ -36,11 +36,11 @@ async def answer_in_order(
     decoupled: Callable[[Request], bool],
     failed: Callable[[Request, BaseException], Reply],
     window: int,
-) -> AsyncIterator[Reply]:
+) -> AsyncGenerator[Reply, None]:
     """The stream's responses. ``replies_of(request)``: its responses (one for a plain request);
     ``decoupled(request)``: whether they go out as made rather than in request order;
-    ``failed(request, exc)``: the response of a request whose computation was cancelled from
-    elsewhere (a plain request always gets one). Closing the generator (the client left) cancels
+    ``failed(request, exc)``: the response of a request whose computation raised, or was cancelled
+    from elsewhere (every request gets an answer). Closing the generator (the client left) cancels
     every request still computing."""
     events: asyncio.Queue[tuple[str, object]] = asyncio.Queue()  # bounded by the window
     slots = asyncio.Semaphore(window)
@@ -54,11 +54,11 @@ async def answer_in_order(
                     events.put_nowait(("reply", reply))
                 else:
                     plain.replies.append(reply)
-        except asyncio.CancelledError as exc:
+        except BaseException as exc:  # what replies_of did not answer itself
             task = asyncio.current_task()
-            if task is not None and task.cancelling():
+            if isinstance(exc, asyncio.CancelledError) and task is not None and task.cancelling():
                 raise  # the stream is being torn down: nobody to answer
-            reply = failed(request, exc)  # cancelled by something else: still answered
+            reply = failed(request, exc)  # a failure, or cancelled by something else: still answered
             events.put_nowait(("reply", reply)) if plain is None else plain.replies.append(reply)
         finally:
             if plain is not None:

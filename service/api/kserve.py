@@ -36,7 +36,7 @@ from service.api.kserve_tensors import DATATYPE_BY_DTYPE, Tensor
 from service.api.limits import request_limits
 from service.api.rest_codec import classify_job, translate_job
 from service.api.schemas import ClassifyOptions, TranslateRequest
-from service.errors import InvalidInput, NotReady, validation_message
+from service.errors import InvalidInput, validation_message
 from service.inference import attention as maps
 from service.inference.jobs import Answer, Classified, ClassifyJob, TokenEvent, Translated, TranslateJob
 from service.inference.manifest import Manifest
@@ -292,18 +292,6 @@ def to_outputs(answers: list[Answer], prepared: Prepared) -> list[Tensor]:
                 for r in classified
             ])  # fmt: skip
     return [_tensor(name, values[name]) for name in prepared.outputs]
-
-
-def answered_version(answers: list[Answer]) -> int:
-    """The model version that computed ``answers``. One v2 answer names one version: a request
-    whose images a version swap split between two versions is refused, to be retried (503)."""
-    versions = sorted({a.version for a in answers})
-    if len(versions) > 1:
-        raise NotReady(
-            f"model {answers[0].model!r} moved from version {versions[0]} to {versions[-1]} while this "
-            "request's images were computed; retry it"
-        )
-    return versions[0]
 
 
 def token_outputs(event: TokenEvent, attention: bool) -> list[Tensor]:

@@ -90,7 +90,5 @@ async def v2_infer(request: Request, name: str, version: str | None = None) -> R
     _, answers, _ = await server.predict_many(name, None, "v2_infer", prepared.jobs, version)
     tensors = kserve.to_outputs(answers, prepared)
     # the version that answered: a newer one may have been swapped in since the lookup above
-    content, headers = kserve_http.encode_response(
-        entry.name, kserve.answered_version(answers), parsed, tensors
-    )
+    content, headers = kserve_http.encode_response(entry.name, answers[0].version, parsed, tensors)
     return Response(content=content, headers=headers)

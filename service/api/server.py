@@ -23,6 +23,7 @@ from service.errors import (
     BodyTooLarge,
     DeadlineExceeded,
     ModelNotFound,
+    NotReady,
     ServiceError,
     Stopping,
     WrongTask,
@@ -176,6 +177,10 @@ class Server:
                         answers = await _all_or_none([model.predict(r) for r in requests])
             except TimeoutError as exc:  # the cancelled calls free their places in the batch
                 raise DeadlineExceeded(f"model {name!r} did not answer within {timeout} s") from exc
+            if len(versions := sorted({a.version for a in answers})) > 1:
+                # one answer names one version: jobs a swap split between two are refused, to be retried
+                raise NotReady(f"model {name!r} moved from version {versions[0]} to {versions[-1]} while "
+                               "this request was computed; retry it")  # fmt: skip
         return entry, answers, round((time.perf_counter() - start) * 1000, 3)
 
     async def stream(

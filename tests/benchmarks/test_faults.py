@@ -43,3 +43,4 @@ def test_recovery_is_when_throughput_came_back_for_good() -> None:
     late_dip = [100.0] * 4 + [30, 95, 95, 60, 60, 95, 95, 95, 95, 95] + [10.0]
     assert faults.recovery_bucket(late_dip, 4, 100.0) == 9
     assert faults.recovery_bucket([100.0] * 4 + [50.0] * 8, 4, 100.0) is None
+    assert faults.recovery_bucket([100.0] * 12 + [85.0, 40.0], 4, 100.0) == 4  # one last dip, averaged

@@ -17,9 +17,11 @@ def test_a_report_takes_the_first_name_no_report_has(tmp_path: Path) -> None:
     (tmp_path / "2026-12-05-idle.json").write_text("{}")
     (tmp_path / "2026-12-05-idle-2.md").write_text("")
     assert free_stem(tmp_path, "2026-12-05-idle") == "2026-12-05-idle-3"
-    (tmp_path / "2026-12-05-requests_per_s.png").write_bytes(b"")  # bench-serving's plots alone
-    assert free_stem(tmp_path, "2026-12-05") == "2026-12-05-2"
-    assert free_stem(tmp_path, "2026-12-05-peers") == "2026-12-05-peers"
+    (tmp_path / "2026-12-05-peers.png").write_bytes(b"")  # another kind's plot: not the serving report's
+    assert free_stem(tmp_path, "2026-12-05", ("requests_per_s", "p99_ms")) == "2026-12-05"
+    (tmp_path / "2026-12-05-requests_per_s.png").write_bytes(b"")  # the serving report's plot alone
+    assert free_stem(tmp_path, "2026-12-05", ("requests_per_s", "p99_ms")) == "2026-12-05-2"
+    assert free_stem(tmp_path, "2026-12-05-peers") == "2026-12-05-peers-2"
 
 
 def test_a_sigterm_runs_the_finally_that_stops_the_servers(tmp_path: Path) -> None:

@@ -235,6 +235,24 @@ def test_model_metadata_carries_the_limits(tmp_path: Path) -> None:
     assert meta.parameters["max_beam_size"].int64_param == 4 and meta.inputs[0].name == "TEXT"
 
 
+def test_a_decoupled_request_s_error_is_its_final_response(tmp_path: Path) -> None:
+    """A ``stream: true`` request that fails answers an error flagged ``triton_final_response``,
+    as its answer would be: a client waiting for the flag on that request finishes it."""
+    failing = pb.ModelInferRequest(model_name="nope", id="d")
+    failing.inputs.add(name="TEXT", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"ab")
+    failing.parameters["stream"].bool_param = True
+
+    async def use(channel: grpc.aio.Channel) -> list[Any]:
+        async def requests() -> Any:
+            yield failing
+
+        return [r async for r in pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests())]
+
+    [reply] = with_servicer(tmp_path, use)
+    assert "not found" in reply.error_message and reply.infer_response.id == "d"
+    assert reply.infer_response.parameters["triton_final_response"].bool_param
+
+
 def test_model_ready_answers_false_for_a_model_or_version_not_served(tmp_path: Path) -> None:
     """As Triton's ModelReady (and HTTP's ``…/ready``, which tritonclient reads as False): not
     ready, no error, for a model or version the server does not serve."""

@@ -120,3 +120,22 @@ def test_a_failing_request_stream_ends_the_answers_with_its_error() -> None:
         return got
 
     assert asyncio.run(asyncio.wait_for(go(), 5)) in (["a"], [])
+
+
+def test_a_request_whose_computation_raises_is_answered_in_its_place() -> None:
+    """Clients that match answers by order would get shifted answers: every request is answered."""
+
+    async def go() -> list[str]:
+        async def source() -> AsyncIterator[str]:
+            for r in ("a", "boom", "b"):
+                yield r
+
+        async def replies_of(request: str) -> AsyncIterator[str]:
+            if request == "boom":
+                raise RuntimeError("what replies_of did not answer itself")
+            yield request
+
+        stream = answer_in_order(source(), replies_of, lambda r: False, lambda r, e: f"{r}: {e}", 4)
+        return [reply async for reply in stream]
+
+    assert asyncio.run(go()) == ["a", "boom: what replies_of did not answer itself", "b"]

@@ -383,7 +383,7 @@ def test_a_classification_over_the_top_k_limit_is_named_as_itself(tmp_path: Path
 def test_images_split_between_two_versions_by_a_swap_are_refused_to_be_retried(tmp_path: Path) -> None:
     """One v2 answer names one version: a batch whose images two versions computed (a swap in
     between) answers 503, retryable, instead of naming one of them for all."""
-    server, _, classifier, _ = fake_server(tmp_path)
+    server, _, classifier, recorded = fake_server(tmp_path)
     predict, calls = classifier.predict, {"n": 0}
 
     async def swapping(job: Any) -> Any:
@@ -396,6 +396,7 @@ def test_images_split_between_two_versions_by_a_swap_are_refused_to_be_retried(t
     body = json.dumps({"inputs": [pixels]}).encode()
     status, _, content = call(create_app(server), "POST", "/v2/models/fake-classifier/infer", body)
     assert status == 503 and "moved from version 1 to 2" in json.loads(content)["error"]
+    assert recorded.records[-1] == ("fake-classifier", "v2_infer", 503)  # counted as what it answered
     calls["n"] = 1  # from here on, every image is version 2's
     status, _, content = call(create_app(server), "POST", "/v2/models/fake-classifier/infer", body)
     assert status == 200 and json.loads(content)["model_version"] == "2"
