@@ -18,9 +18,7 @@ import dataclasses
 import datetime as dt
 import json
 import os
-import random
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -35,7 +33,7 @@ import requests
 
 from benchmarks import ceilings, outputs, profiling, report, targets, tiny
 from benchmarks.loadgen import Request, closed_loop, percentile
-from service.settings import DIRECT_PORTS
+from benchmarks.ports import service_ports
 
 ROOT = Path(__file__).resolve().parents[1]
 #: the checkpoint the PyTorch-eager reference serves: the demo NMT model of the nmt-transformer workload
@@ -80,41 +78,6 @@ class Configuration:
     port_offset: int = 0
     #: the checkout whose code it runs (None: this one)
     cwd: Path | None = None
-
-
-#: where our servers' ports come from: above Ray's worker ports (10002–19999) and below the
-#: kernel's ephemeral range (32768+), from which Ray's own processes keep taking ports — a port
-#: the kernel handed us as free could be taken by one of them before our server binds it
-PORTS = range(20000, 32768)
-
-
-def free_port() -> int:
-    for _ in range(1000):
-        port = random.choice(PORTS)
-        with socket.socket() as s:
-            try:
-                s.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError(f"no free port in {PORTS}")
-
-
-def free_port_block(n: int) -> int:
-    """A port p with p … p+n-1 free (ray-direct's replicas take the ports above the proxy's)."""
-    for _ in range(100):
-        base = free_port()
-        if base + n > 65535:
-            continue
-        try:
-            with contextlib.ExitStack() as stack:
-                for p in range(base, base + n):
-                    s = stack.enter_context(socket.socket())
-                    s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError(f"no block of {n} free ports")
 
 
 #: the module a replica's decode processes run, and the name they are reported under
@@ -257,15 +220,6 @@ def configurations(repository: Path, checkpoints: Path) -> dict[str, Configurati
         "ray-proxy": Configuration(service, ray("ray-proxy")),
         "ray-direct": Configuration(service, ray("ray-direct"), port_offset=1),
     }
-
-
-def service_ports() -> tuple[int, int, int]:
-    """Free loopback ports for a service's HTTP, gRPC and metrics, each with the
-    ``DIRECT_PORTS`` above it free too: ray-direct's ingress listens there, and the settings refuse
-    ports inside those ranges."""
-    gap = DIRECT_PORTS + 1
-    base = free_port_block(3 * gap)
-    return base, base + gap, base + 2 * gap
 
 
 def start(name: str, config: Configuration, out: Path) -> Server:

@@ -92,13 +92,13 @@ def wait_deployed(log: Path, proc: subprocess.Popen, timeout_s: float = 120) -> 
 
 
 def free_port() -> int:
-    from benchmarks.run import free_port as outside_ephemeral_range
+    from benchmarks.ports import free_port as outside_ephemeral_range
 
     return outside_ephemeral_range()
 
 
 def service_ports() -> tuple[int, int, int]:
-    from benchmarks.run import service_ports as spaced
+    from benchmarks.ports import service_ports as spaced
 
     return spaced()
 
