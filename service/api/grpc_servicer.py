@@ -7,6 +7,7 @@ gRPC proxy call its methods by name (Ray ingress). Errors carry the gRPC code fr
 ``service/errors.py`` (:func:`rpc`); RPCs we do not declare answer UNIMPLEMENTED.
 """
 
+import asyncio
 import contextlib
 import functools
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -180,7 +181,7 @@ class GrpcServicer:
         except ServiceError as exc:  # the whole stream is refused
             raise _abort(grpc_context, exc) from None
         replies = grpc_stream.answer_in_order(
-            request_stream, self._stream_replies, _decoupled, _cancelled, STREAM_WINDOW
+            request_stream, self._stream_replies, _decoupled, _failed, STREAM_WINDOW
         )
         async with contextlib.aclosing(replies):  # closed with this RPC: its requests are cancelled
             async for reply in replies:
@@ -348,11 +349,14 @@ def _decoupled(request: "pb.ModelInferRequest | Undecodable") -> bool:
         return False
 
 
-def _cancelled(
-    request: "pb.ModelInferRequest | Undecodable", exc: BaseException
-) -> pb.ModelStreamInferResponse:
-    """The answer of a stream's request whose computation was cancelled from elsewhere."""
-    message = unexpected(exc, "gRPC ModelStreamInfer").message
+def _failed(request: "pb.ModelInferRequest | Undecodable", exc: BaseException) -> pb.ModelStreamInferResponse:
+    """The answer of a stream's request whose computation raised what ``_stream_replies`` does not
+    answer itself. A ``CancelledError`` is the client's cancel reaching the model call before the
+    stream closes (Ray passes it on to the model deployment): answered, not logged as an error."""
+    if isinstance(exc, asyncio.CancelledError):
+        message = "the request was cancelled"
+    else:
+        message = unexpected(exc, "gRPC ModelStreamInfer").message
     if isinstance(request, Undecodable):
         return pb.ModelStreamInferResponse(error_message=message)
     return _stream_error(request, message, _decoupled(request))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import logging
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -251,6 +252,33 @@ def test_a_decoupled_request_s_error_is_its_final_response(tmp_path: Path) -> No
     [reply] = with_servicer(tmp_path, use)
     assert "not found" in reply.error_message and reply.infer_response.id == "d"
     assert reply.infer_response.parameters["triton_final_response"].bool_param
+
+
+def test_a_client_cancel_that_reaches_the_model_call_first_is_not_an_internal_error(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Behind Ray's gRPC proxy a client's cancel reaches the model deployment's call as a
+    CancelledError before the stream closes: it was logged as an unexpected internal error with a
+    traceback, once per cancelled request. It is answered (nobody reads it) and not logged."""
+    server, translator, _, _ = fake_server(tmp_path)
+
+    async def cancelled(job: Any) -> Any:
+        raise asyncio.CancelledError
+
+    translator.predict = cancelled  # type: ignore[method-assign]
+    request = pb.ModelInferRequest(model_name="fake-translator", id="c")
+    request.inputs.add(name="TEXT", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"ab")
+
+    async def use(channel: grpc.aio.Channel) -> list[Any]:
+        async def requests() -> Any:
+            yield request
+
+        return [r async for r in pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests())]
+
+    with caplog.at_level(logging.ERROR):
+        [reply] = with_servicer(tmp_path, use, server)
+    assert reply.error_message == "the request was cancelled" and reply.infer_response.id == "c"
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_model_ready_answers_false_for_a_model_or_version_not_served(tmp_path: Path) -> None:
