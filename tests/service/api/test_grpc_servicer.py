@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import logging
 import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -129,61 +128,6 @@ def test_kserve_v2_infer_and_stream(tmp_path: Path) -> None:
     assert ready.ready
 
 
-def test_a_stream_computes_its_requests_together_and_answers_them_in_order(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """As Triton's stream handler: a quick request sent after a slow one is computed at once (it
-    used to wait behind it), and answered after it, in request order; at most STREAM_WINDOW of
-    one stream's requests are in the server at a time."""
-    from service.api import grpc_servicer
-
-    monkeypatch.setattr(grpc_servicer, "STREAM_WINDOW", 2)
-    server, translator, classifier, _ = fake_server(tmp_path)
-    translator.delay_s = 0.3
-    busy = {"now": 0, "most": 0}
-    predict = translator.predict
-
-    async def counted(job: Any) -> Any:
-        busy["now"] += 1
-        busy["most"] = max(busy["most"], busy["now"])
-        try:
-            return await predict(job)
-        finally:
-            busy["now"] -= 1
-
-    translator.predict = counted  # type: ignore[method-assign]
-
-    def slow(i: int) -> pb.ModelInferRequest:
-        r = pb.ModelInferRequest(model_name="fake-translator", id=f"slow{i}")
-        r.inputs.add(name="TEXT", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"ab")
-        return r
-
-    quick = pb.ModelInferRequest(model_name="fake-classifier", id="quick")
-    quick.inputs.add(name="PIXELS", datatype="UINT8", shape=[1, 2, 2]).contents.uint_contents.extend(
-        [1, 1, 2, 0]
-    )
-
-    async def use(channel: grpc.aio.Channel) -> tuple[list[str], int]:
-        async def requests() -> Any:
-            yield slow(0)
-            yield quick
-            for i in range(1, 5):
-                yield slow(i)
-
-        stream = pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests())
-        order, classified_while_slow = [], 0
-        async for reply in stream:
-            if reply.infer_response.id == "slow0":
-                classified_while_slow = len(classifier.jobs)  # the quick one ran beside the slow one
-            order.append(reply.infer_response.id)
-        return order, classified_while_slow
-
-    order, classified_while_slow = with_servicer(tmp_path, use, server)
-    assert order == ["slow0", "quick", "slow1", "slow2", "slow3", "slow4"]
-    assert classified_while_slow == 1
-    assert busy["most"] == 2
-
-
 @pytest.mark.parametrize(
     ("call", "code"),
     [
@@ -234,51 +178,6 @@ def test_model_metadata_carries_the_limits(tmp_path: Path) -> None:
 
     meta = with_servicer(tmp_path, use, limits={"max_beam_size": 4})
     assert meta.parameters["max_beam_size"].int64_param == 4 and meta.inputs[0].name == "TEXT"
-
-
-def test_a_decoupled_request_s_error_is_its_final_response(tmp_path: Path) -> None:
-    """A ``stream: true`` request that fails answers an error flagged ``triton_final_response``,
-    as its answer would be: a client waiting for the flag on that request finishes it."""
-    failing = pb.ModelInferRequest(model_name="nope", id="d")
-    failing.inputs.add(name="TEXT", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"ab")
-    failing.parameters["stream"].bool_param = True
-
-    async def use(channel: grpc.aio.Channel) -> list[Any]:
-        async def requests() -> Any:
-            yield failing
-
-        return [r async for r in pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests())]
-
-    [reply] = with_servicer(tmp_path, use)
-    assert "not found" in reply.error_message and reply.infer_response.id == "d"
-    assert reply.infer_response.parameters["triton_final_response"].bool_param
-
-
-def test_a_client_cancel_that_reaches_the_model_call_first_is_not_an_internal_error(
-    tmp_path: Path, caplog: pytest.LogCaptureFixture
-) -> None:
-    """Behind Ray's gRPC proxy a client's cancel reaches the model deployment's call as a
-    CancelledError before the stream closes: it was logged as an unexpected internal error with a
-    traceback, once per cancelled request. It is answered (nobody reads it) and not logged."""
-    server, translator, _, _ = fake_server(tmp_path)
-
-    async def cancelled(job: Any) -> Any:
-        raise asyncio.CancelledError
-
-    translator.predict = cancelled  # type: ignore[method-assign]
-    request = pb.ModelInferRequest(model_name="fake-translator", id="c")
-    request.inputs.add(name="TEXT", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"ab")
-
-    async def use(channel: grpc.aio.Channel) -> list[Any]:
-        async def requests() -> Any:
-            yield request
-
-        return [r async for r in pb_grpc.GRPCInferenceServiceStub(channel).ModelStreamInfer(requests())]
-
-    with caplog.at_level(logging.ERROR):
-        [reply] = with_servicer(tmp_path, use, server)
-    assert reply.error_message == "the request was cancelled" and reply.infer_response.id == "c"
-    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
 def test_model_ready_answers_false_for_a_model_or_version_not_served(tmp_path: Path) -> None:
