@@ -23,6 +23,7 @@ from service.hosting.cluster import (
     APP,
     AUTH_HINT,
     app_already_served,
+    delete_command,
     ipaddress_is_loopback,
     token_auth_as_ray_start_does,
     unreachable,
@@ -247,11 +248,10 @@ def stop_serving(settings: Settings, ours: bool = True) -> None:
                 serve.delete(APP)
             except Exception as exc:  # its ingress drained: it answers 503 "stopping" until deleted
                 logging.getLogger("service").warning(
-                    "the app 'attention' was not deleted from the cluster (%s); delete it with "
-                    "`python -c \"import ray; from ray import serve; ray.init(address='%s'); "
-                    "serve.delete('attention')\"`",
+                    "the app %r was not deleted from the cluster (%s); delete it with %s",
+                    APP,
                     exc,
-                    settings.ray_address,
+                    delete_command(settings.ray_address),
                 )
     ray.shutdown()
 

@@ -197,8 +197,7 @@ class GrpcServicer:
             return
         decoupled = False
         try:
-            stream = request.parameters.get("stream")  # a flag neither true nor false: an error
-            decoupled = stream is not None and kserve.flag({"stream": codec.parameter(stream)}, "stream")
+            decoupled = _stream_flag(request)  # a flag neither true nor false: an error
             if decoupled:
                 async for response in self._model_stream(request):
                     yield pb.ModelStreamInferResponse(infer_response=response)
@@ -338,13 +337,20 @@ class GrpcServicer:
         return response
 
 
+def _stream_flag(request: pb.ModelInferRequest) -> bool:
+    """The request's ``stream`` parameter (absent: false); neither true nor false: InvalidInput
+    naming it."""
+    stream = request.parameters.get("stream")
+    return stream is not None and kserve.flag({"stream": codec.parameter(stream)}, "stream")
+
+
 def _decoupled(request: "pb.ModelInferRequest | Undecodable") -> bool:
     """A ``stream: true`` request, answered token by token as the tokens come; one whose flag
     cannot be read is a plain request (its answer is the error naming it)."""
-    if isinstance(request, Undecodable) or (stream := request.parameters.get("stream")) is None:
+    if isinstance(request, Undecodable):
         return False
     try:
-        return kserve.flag({"stream": codec.parameter(stream)}, "stream")
+        return _stream_flag(request)
     except ServiceError:
         return False
 

@@ -67,11 +67,19 @@ def app_already_served(settings: Settings) -> str | None:
             return (
                 f"this cluster already serves an application named {APP!r} ({status}; another "
                 "attention-serve?), which this start would replace and its stop delete. Stop that one "
-                'first (Ctrl-C where it runs), or delete it: `python -c "import ray; from ray import '
-                f"serve; ray.init(address='{settings.ray_address}'); serve.delete('{APP}')\"`"
+                f"first (Ctrl-C where it runs), or delete it: {delete_command(settings.ray_address)}"
             )
         time.sleep(0.5)
     return None
+
+
+def delete_command(address: str | None) -> str:
+    """The command that deletes our app from the cluster at ``address`` (``serve delete`` needs
+    the head's dashboard, which the entrypoint's head runs without)."""
+    return (
+        f"`python -c \"import ray; from ray import serve; ray.init(address='{address}'); "
+        f"serve.delete('{APP}')\"`"
+    )
 
 
 def ipaddress_is_loopback(host: str) -> bool:

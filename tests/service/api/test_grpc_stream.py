@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -95,21 +95,33 @@ def test_a_client_that_leaves_leaves_nothing_running(read: int) -> None:
     assert result["left"] == []
 
 
-def test_a_request_cancelled_from_elsewhere_is_still_answered() -> None:
+def plain_answers(
+    requests: list[str], raises: dict[str, BaseException], failed: Callable[[str, BaseException], str]
+) -> list[str]:
+    """Plain requests, each answered with itself, but those in ``raises`` raise that instead."""
+
     async def go() -> list[str]:
         async def source() -> AsyncIterator[str]:
-            for r in ("a", "cancelled", "b"):
+            for r in requests:
                 yield r
 
         async def replies_of(request: str) -> AsyncIterator[str]:
-            if request == "cancelled":
-                raise asyncio.CancelledError  # e.g. a model call cancelled by what it awaited
+            if request in raises:
+                raise raises[request]
             yield request
 
-        stream = answer_in_order(source(), replies_of, lambda r: False, lambda r, e: f"{r}: failed", 4)
+        stream = answer_in_order(source(), replies_of, lambda r: False, failed, 4)
         return [reply async for reply in stream]
 
-    assert asyncio.run(asyncio.wait_for(go(), 5)) == ["a", "cancelled: failed", "b"]
+    return asyncio.run(asyncio.wait_for(go(), 5))
+
+
+def test_a_request_cancelled_from_elsewhere_is_still_answered() -> None:
+    # e.g. a model call cancelled by what it awaited
+    answers = plain_answers(
+        ["a", "cancelled", "b"], {"cancelled": asyncio.CancelledError()}, lambda r, e: f"{r}: failed"
+    )
+    assert answers == ["a", "cancelled: failed", "b"]
 
 
 def test_a_failing_request_stream_ends_the_answers_with_its_error() -> None:
@@ -133,21 +145,9 @@ def test_a_failing_request_stream_ends_the_answers_with_its_error() -> None:
 
 def test_a_request_whose_computation_raises_is_answered_in_its_place() -> None:
     """Clients that match answers by order would get shifted answers: every request is answered."""
-
-    async def go() -> list[str]:
-        async def source() -> AsyncIterator[str]:
-            for r in ("a", "boom", "b"):
-                yield r
-
-        async def replies_of(request: str) -> AsyncIterator[str]:
-            if request == "boom":
-                raise RuntimeError("what replies_of did not answer itself")
-            yield request
-
-        stream = answer_in_order(source(), replies_of, lambda r: False, lambda r, e: f"{r}: {e}", 4)
-        return [reply async for reply in stream]
-
-    assert asyncio.run(go()) == ["a", "boom: what replies_of did not answer itself", "b"]
+    boom = RuntimeError("what replies_of did not answer itself")
+    answers = plain_answers(["a", "boom", "b"], {"boom": boom}, lambda r, e: f"{r}: {e}")
+    assert answers == ["a", "boom: what replies_of did not answer itself", "b"]
 
 
 def test_a_stream_computes_its_requests_together_and_answers_them_in_order(
