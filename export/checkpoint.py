@@ -76,7 +76,7 @@ def load(directory: Path) -> Checkpoint:
     info_path = directory / "train.json"
     try:
         info = json.loads(info_path.read_text()) if info_path.exists() else {}
-    except json.JSONDecodeError as exc:
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{info_path} is not valid JSON ({exc})") from exc
     return Checkpoint(recipe, family, model, tokenizers[0], tokenizers[1], info)
 

@@ -14,7 +14,6 @@ VARIANTS, beside the fp32 version and at the same version: ``--quantize int8`` (
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import shutil
 import signal
@@ -217,7 +216,7 @@ def _command(args: argparse.Namespace) -> int:
             target = hf.import_checkpoint(
                 args.checkpoint, args.name, args.repository, args.version, args.force
             )
-        except (hf.UnsupportedCheckpoint, json.JSONDecodeError) as exc:  # e.g. a broken config.json
+        except hf.UnsupportedCheckpoint as exc:  # e.g. a broken config.json, named
             print(f"error: {exc}", file=sys.stderr)
             return 2
         print(f"wrote {target}")

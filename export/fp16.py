@@ -31,6 +31,7 @@ how far whole float16 decodes drift is measured separately (held-out metrics, at
 
 from __future__ import annotations
 
+import heapq
 from pathlib import Path
 
 import numpy as np
@@ -58,8 +59,40 @@ DESCRIPTION = f"float16 (onnxruntime.transformers.float16, constants clamped to 
 def convert(source: Path, target: Path) -> None:
     """The float16 twin of the graph at ``source``, checked by ``onnx.checker``, at ``target``."""
     model = convert_float_to_float16(onnx.load(str(source)), max_finite_val=MAX_FINITE, keep_io_types=False)
+    topologically_sorted(model.graph)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, str(target))
+
+
+def topologically_sorted(graph: onnx.GraphProto) -> None:
+    """Put ``graph``'s nodes in an order where each comes after the nodes whose outputs it reads
+    (ONNX requires it), keeping the given order wherever it is already right. The converter
+    appends the Casts it puts around an op it keeps in float32 (``Range``, ``Min`` in the Luong
+    local scorers' window) at the end of the graph, after the node that reads them."""
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
+    waiting_on = [
+        {producer[name] for name in node.input if name in producer and producer[name] != i}
+        for i, node in enumerate(graph.node)
+    ]
+    readers: dict[int, list[int]] = {}
+    for i, needs in enumerate(waiting_on):
+        for j in needs:
+            readers.setdefault(j, []).append(i)
+    ready = [i for i, needs in enumerate(waiting_on) if not needs]
+    heapq.heapify(ready)  # the lowest index first: the given order where it is right
+    order: list[int] = []
+    while ready:
+        i = heapq.heappop(ready)
+        order.append(i)
+        for k in readers.get(i, []):
+            waiting_on[k].discard(i)
+            if not waiting_on[k]:
+                heapq.heappush(ready, k)
+    if len(order) != len(graph.node):
+        raise ExportVerificationError("the float16 graph has a cycle: its nodes cannot be ordered")
+    nodes = [graph.node[i] for i in order]
+    del graph.node[:]
+    graph.node.extend(nodes)
 
 
 class _Shadowed(GraphSession):

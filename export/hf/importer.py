@@ -11,7 +11,6 @@ imported model, so ``eval`` stays empty; the description and ``export`` record t
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,7 +20,7 @@ from pydantic import ValidationError
 from safetensors import SafetensorError, safe_open
 
 from export.hf import marian, vision
-from export.hf.errors import UnsupportedCheckpoint
+from export.hf.errors import UnsupportedCheckpoint, read_json
 from export.onnx_export import export_graph, export_info
 from export.repository import check_target, staged_version
 from service.inference.manifest import Manifest, file_sha256
@@ -38,7 +37,7 @@ def architecture(checkpoint: Path) -> str:
     path = checkpoint / "config.json"
     if not path.is_file():
         raise UnsupportedCheckpoint(f"{checkpoint}: no config.json (not a Hugging Face checkpoint)")
-    config = json.loads(path.read_text())
+    config = read_json(path)
     if not isinstance(config, dict):
         raise UnsupportedCheckpoint(f"{path}: a JSON object is expected, not {type(config).__name__}")
     names = config.get("architectures") or []
@@ -60,8 +59,8 @@ def weights_files(checkpoint: Path) -> list[Path]:
         files = [single]
     elif index.is_file():
         try:
-            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
+            shards = sorted(set(read_json(index)["weight_map"].values()))
+        except (KeyError, TypeError, AttributeError) as exc:
             raise UnsupportedCheckpoint(f"{index}: not a shard index ({type(exc).__name__})") from exc
         for shard in shards:
             if not (isinstance(shard, str) and shard.endswith(".safetensors") and Path(shard).name == shard

@@ -25,7 +25,6 @@ sets it to ``decoder_start_token_id``. Tokens the generation config bans outrigh
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from pathlib import Path
@@ -36,7 +35,7 @@ from torch import Tensor, nn
 from transformers import GenerationConfig, MarianMTModel
 
 from export.graphs import SEQ_SHAPES, GraphPlan, seq2seq_kv_plans
-from export.hf.errors import UnsupportedCheckpoint
+from export.hf.errors import UnsupportedCheckpoint, read_json
 from export.hf.spm import marian_tokenizer, read_vocab
 from export.models.transformer import padding_bias
 from export.onnx_export import TOLERANCE, ExportVerificationError
@@ -255,5 +254,5 @@ def _languages(checkpoint: Path, tok_cfg: dict[str, Any]) -> tuple[str, str]:
 
 
 def _read_json(path: Path) -> dict[str, Any]:
-    data: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    data: dict[str, Any] = read_json(path, default={})
     return data

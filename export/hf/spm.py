@@ -21,7 +21,6 @@ tokens, join the pieces, ``▁`` → space, strip. Both sides append ``</s>`` li
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +28,7 @@ from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2 as spm_pb2
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from export.hf.errors import UnsupportedCheckpoint
+from export.hf.errors import UnsupportedCheckpoint, read_json
 
 #: the score of a vocabulary entry the SentencePiece model does not know (never preferred)
 FOREIGN_SCORE = -1e6
@@ -119,7 +118,7 @@ def _normalizer(spec: Any) -> normalizers.Normalizer:
 
 def read_vocab(path: Path, specials: dict[str, str]) -> dict[str, int]:
     """Marian's ``vocab.json`` (token → id), which must hold the special tokens."""
-    vocab = json.loads(_required(path).read_text(encoding="utf-8"))
+    vocab = read_json(_required(path))
     if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
         raise UnsupportedCheckpoint(f"{path}: a JSON object of token → id is expected")
     missing = [token for token in specials.values() if token not in vocab]

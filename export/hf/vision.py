@@ -14,7 +14,6 @@ distillation heads, as in transformers.
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -30,7 +29,7 @@ from transformers.image_utils import (
 )
 
 from export.graphs import GraphPlan, image_plans
-from export.hf.errors import UnsupportedCheckpoint
+from export.hf.errors import UnsupportedCheckpoint, read_json
 from service.inference.manifest import ImageSpec
 
 log = logging.getLogger(__name__)
@@ -108,7 +107,7 @@ def _normalisation(
     all) and normalises with (m, s) gives the same numbers with (m, s) / (255 f).
     """
     path = checkpoint / "preprocessor_config.json"
-    proc: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {}
+    proc: dict[str, Any] = read_json(path, default={})
     if not isinstance(proc, dict):
         raise UnsupportedCheckpoint(f"{path}: a JSON object is expected")
     mean, std = (list(v) for v in _DEFAULT_NORM[family])

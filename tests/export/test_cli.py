@@ -134,8 +134,9 @@ def tokenized_checkpoint(directory: Path) -> Path:
         (lambda d: (d / checkpoint.SOURCE_TOKENIZER).unlink(), "needs source_tokenizer.json"),
         (lambda d: (d / checkpoint.TARGET_TOKENIZER).write_text("{not json"), "is not a tokenizer file"),
         (lambda d: (d / "train.json").write_text('{"epochs": '), "train.json is not valid JSON"),
+        (lambda d: (d / "train.json").write_bytes(b"\xff\xfe"), "train.json is not valid JSON"),
     ],
-    ids=["tokenizer missing", "tokenizer corrupt", "train.json cut"],
+    ids=["tokenizer missing", "tokenizer corrupt", "train.json cut", "train.json not UTF-8"],
 )
 def test_a_damaged_checkpoint_is_one_error_line_before_any_export(
     damage: Any,

@@ -58,6 +58,23 @@ VISION_DAMAGE = {
         "not a readable safetensors file",
     ),
     "config not an object": (lambda d: (d / "config.json").write_text("[1, 2]"), "a JSON object is expected"),
+    # each was a traceback (not UTF-8) or an error that did not name the file (broken JSON)
+    "config not UTF-8": (
+        lambda d: (d / "config.json").write_bytes(b"\xff\xfe"),
+        "config.json: not valid JSON",
+    ),
+    "config cut": (lambda d: (d / "config.json").write_text('{"archi'), "config.json: not valid JSON"),
+    "processor not UTF-8": (
+        lambda d: (d / "preprocessor_config.json").write_bytes(b"\xff\xfe"),
+        "preprocessor_config.json: not valid JSON",
+    ),
+    "index cut": (
+        lambda d: (
+            (d / "model.safetensors").rename(d / "model-00001-of-00001.safetensors"),
+            (d / "model.safetensors.index.json").write_bytes(b"{\xff"),
+        ),
+        "model.safetensors.index.json: not valid JSON",
+    ),
     "too few means": (
         lambda d: (d / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5]})),
         "2 values for a 3-channel model",
@@ -71,6 +88,11 @@ VISION_DAMAGE = {
 }
 MARIAN_DAMAGE = {
     "no vocab.json": (lambda d: (d / "vocab.json").unlink(), "vocab.json: missing"),
+    "vocab not UTF-8": (lambda d: (d / "vocab.json").write_bytes(b"\xff\xfe"), "vocab.json: not valid JSON"),
+    "tokenizer config cut": (
+        lambda d: (d / "tokenizer_config.json").write_text("{"),
+        "tokenizer_config.json: not valid JSON",
+    ),
     "corrupt spm": (lambda d: (d / "source.spm").write_bytes(b"\xff" * 40), "not a SentencePiece model"),
     "vocab without <unk>": (
         lambda d: (d / "vocab.json").write_text(
