@@ -9,6 +9,7 @@ metrics and attention drift next to the fp32 numbers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -32,7 +33,7 @@ from export.train import dates as dates_train
 from export.train import fashion as fashion_train
 from export.train import translation as translation_train
 from export.train.translation import ParallelData
-from export.variants import variant_name, write_variant
+from export.variants import staged_variant, variant_name
 from service.inference.manifest import ImageSpec, Manifest, TokenizerSpec, TranslationSpec, file_sha256
 
 log = logging.getLogger(__name__)
@@ -105,10 +106,12 @@ def export(
         manifest = manifest.model_copy(update={"eval": metrics, "eval_details": details})
         _check_floors(recipe, manifest.eval)
         manifest.write(staging)
-    target = repository / name / str(version)
-    for kind in kinds:
-        write_variant(target, recipe, repository, kind, force)
-    return target
+        # the variants from the staged fp32 graphs, each moved to its version once all are made:
+        # a variant that fails (its verdict, a conversion) leaves no version of any of them
+        with contextlib.ExitStack() as variants:
+            for kind in kinds:
+                variants.enter_context(staged_variant(staging, recipe, repository, kind, force, version))
+    return repository / name / str(version)
 
 
 def check_targets(

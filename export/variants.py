@@ -13,7 +13,8 @@ the maps and the share of rows whose argmax position is unchanged.
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -79,10 +80,23 @@ def base_name(name: str) -> str:
 def write_variant(fp32_dir: Path, recipe: Recipe, repository: Path, kind: str, force: bool) -> Path:
     """Write the ``kind`` variant of the fp32 version in ``fp32_dir`` as ``<name>-<kind>`` at the
     same version in ``repository`` (refusing to replace one without ``force``); → its directory."""
+    with staged_variant(fp32_dir, recipe, repository, kind, force) as target:
+        pass
+    return target
+
+
+@contextmanager
+def staged_variant(
+    fp32_dir: Path, recipe: Recipe, repository: Path, kind: str, force: bool, staged_as: int | None = None
+) -> Iterator[Path]:
+    """:func:`write_variant`, written into a staging directory and moved to its version (yielded)
+    when the ``with`` block ends without an error, so that the fp32 version and its variants are
+    written all or none (``export.build.export``). ``staged_as``: ``fp32_dir`` is the staging
+    directory of the fp32 model's version ``staged_as``."""
     if kind not in VARIANTS:
         raise ValueError(f"unknown variant {kind!r}; known: {tuple(VARIANTS)}")
     variant = VARIANTS[kind]
-    base = Manifest.load(fp32_dir)
+    base = Manifest.load(fp32_dir, (recipe.name, str(staged_as)) if staged_as else None)
     name = variant_name(base.name, kind)
     with staged_version(repository, name, base.version, force) as staging:
         graphs = {key: _convert(variant, fp32_dir, staging, spec) for key, spec in base.graphs.items()}
@@ -101,9 +115,13 @@ def write_variant(fp32_dir: Path, recipe: Recipe, repository: Path, kind: str, f
             manifest = manifest.model_copy(update={"export": export})
         metrics = evaluate.evaluate_recipe(recipe, staging, manifest)
         details: dict[str, float | str] = {f"fp32_{k}": v for k, v in base.eval.items()}
+        details["parity_of"] = (
+            f"{base.name} version {base.version}: export.parity_max_abs_diff and verified_shapes are "
+            "its fp32 graphs' against PyTorch, from which these were made"
+        )
         details.update(attention_drift(recipe, fp32_dir, base, staging, manifest))
         manifest.model_copy(update={"eval": metrics, "eval_details": details}).write(staging)
-    return repository / name / str(base.version)
+        yield repository / name / str(base.version)
 
 
 def _convert(variant: Variant, fp32_dir: Path, staging: Path, spec: GraphSpec) -> GraphSpec:

@@ -195,7 +195,8 @@ class ExportInfo(_Strict):
 
     tool_versions: dict[str, str]
     opset: int = Field(gt=0)
-    #: max |ORT - PyTorch| per graph output over every verified shape
+    #: max |ORT - PyTorch| per graph output over every verified shape; a variant (``quantization``
+    #: set) keeps its fp32 graphs' figures and shapes (its ``eval_details["parity_of"]`` says so)
     parity_max_abs_diff: dict[str, float]
     parity_tolerance: float = Field(gt=0)
     verified_shapes: list[dict[str, int]] = Field(min_length=3)

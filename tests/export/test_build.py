@@ -33,6 +33,7 @@ def test_int8_variant_records_drift_next_to_fp32(tiny_repository: Path) -> None:
     details = manifest.eval_details
     assert {"fp32_accuracy", "attention_correlation", "attention_argmax_agreement"} <= details.keys()
     assert 0.5 < float(details["attention_correlation"]) <= 1.0
+    assert str(details["parity_of"]).startswith("fashion-vit version 1: export.parity_max_abs_diff")
 
 
 def test_exported_translator_decodes_with_attention(tiny_repository: Path) -> None:

@@ -12,9 +12,9 @@ from pathlib import Path
 import onnx
 import pytest
 
-from export import fp16, recipes
+from export import build, fp16, recipes
 from export.cli import main
-from export.onnx_export import graph_spec
+from export.onnx_export import ExportVerificationError, graph_spec
 from export.repository import RefuseOverwrite
 from export.variants import base_name, variant_name, write_variant
 from service.inference.manifest import Manifest
@@ -43,6 +43,9 @@ def test_fp16_round_trip(name: str, tiny_repository: Path, fp16_repository: Path
     assert max(export.variant_max_diff.values()) <= fp16.TOLERANCE
     details = manifest.eval_details
     assert {f"fp32_{k}" for k in base.eval} <= details.keys()
+    # the parity figures it carries are its fp32 graphs', and it says so
+    assert export.parity_max_abs_diff == base.export.parity_max_abs_diff
+    assert str(details["parity_of"]).startswith(f"{name} version 1: export.parity_max_abs_diff")
     assert 0.99 < float(details["attention_correlation"]) <= 1.0
     assert 0.9 < float(details["attention_argmax_agreement"]) <= 1.0
     assert manifest.eval["test_examples"] == 64
@@ -58,6 +61,22 @@ def test_an_int8_manifest_leaves_the_verdict_fields_out(tiny_repository: Path) -
     exported = json.loads(path.read_text())["export"]
     assert "variant_max_diff" not in exported and "variant_tolerance" not in exported
     assert Manifest.load(tiny_repository / "fashion-vit-int8" / "1").export.variant_max_diff is None
+
+
+@pytest.mark.slow
+def test_a_variant_that_fails_leaves_no_version_of_any_model(
+    tiny_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The fp32 version used to be final before its variants were made: a float16 verdict that
+    failed left it (and the int8 variant) written, and a retry then needed --force."""
+    monkeypatch.setattr(fp16, "TOLERANCE", 0.0)  # no float16 graph meets it
+    name = "dates-bahdanau"
+    recipe = recipes.get(name).scaled(n_train=TINY[name][0], n_test=64, epochs=TINY[name][1])
+    checkpoints = tiny_repository.parent / "checkpoints" / name
+    repository = tmp_path / "repository"
+    with pytest.raises(ExportVerificationError, match="float16 graphs differ from fp32"):
+        build.export(checkpoints, recipe, repository, quantize="int8", precision="fp16")
+    assert not repository.exists() or list(repository.iterdir()) == []
 
 
 @pytest.mark.slow
