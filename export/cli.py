@@ -30,7 +30,8 @@ from export.data import DatasetMissing
 from export.eval_report import Sizes
 from export.onnx_export import ExportVerificationError
 from export.recipes import UnknownRecipe
-from export.repository import RefuseOverwrite
+from export.repository import RefuseOverwrite, check_target
+from export.variants import variant_name, write_variant
 from service.inference.manifest import ManifestError
 
 DEFAULT_REPOSITORY = Path("model_repository")
@@ -241,16 +242,23 @@ def _command(args: argparse.Namespace) -> int:
         print(f"wrote {target}")
         return 0
     selected = [recipes.get(n) for n in args.recipes]  # fail on a typo before any work
-    todo = []
+    kinds = [kind for kind in (args.quantize, args.precision) if kind]
+    todo, variants_of = [], []  # recipes to build; existing versions whose variants are missing
     for recipe in selected:
-        target = args.repository / recipe.name / str(args.version)
+        target = _version_dir(args, recipe.name)
         if target.exists() and args.skip_existing and not args.force:
-            print(f"{target} exists, skipping")
+            missing = [k for k in kinds if not _version_dir(args, variant_name(recipe.name, k)).exists()]
+            also = f"; writing its {', '.join(missing)} variants from it" if missing else ""
+            print(f"{target} exists, skipping{also}")
+            variants_of += [(recipe, target, kind) for kind in missing]
             continue
         todo.append(recipe)
     # every recipe's refusals before the first one trains: an existing version, a directory
     # that cannot be written (only where something will be written: a complete read-only
     # repository with --skip-existing is fine)
+    for recipe, _, kind in variants_of:
+        check_target(args.repository, variant_name(recipe.name, kind), args.version, force=False)
+        writable(args.repository, "--repository")
     for recipe in todo:
         build.check_targets(
             args.repository, recipe.name, args.version, args.force, args.quantize, args.precision
@@ -258,6 +266,8 @@ def _command(args: argparse.Namespace) -> int:
         writable(args.repository, "--repository")
         if args.retrain or not (args.checkpoints / recipe.name / checkpoint.WEIGHTS).exists():
             writable(args.checkpoints / recipe.name, "--checkpoints")
+    for recipe, target, kind in variants_of:
+        print(f"wrote {write_variant(target, recipe, args.repository, kind, force=False)}")
     for recipe in todo:
         start = time.perf_counter()
         ckpt = args.checkpoints / recipe.name
@@ -268,6 +278,10 @@ def _command(args: argparse.Namespace) -> int:
         )
         print(f"wrote {target} in {time.perf_counter() - start:.0f} s")
     return 0
+
+
+def _version_dir(args: argparse.Namespace, name: str) -> Path:
+    return Path(args.repository) / name / str(args.version)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ it; a staging directory a killed writer left behind is removed by the next write
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 from export import build, cli, repository
 from export.cli import INTERRUPTED, main
 from export.repository import ABANDONED_AFTER_S, remove_abandoned_stagings, staged_version
-from service.inference.manifest import ManifestError
+from service.inference.manifest import Manifest, ManifestError
 from tests.export.test_cli import run_error, tokenized_checkpoint
 
 #: a path no process can create, root included
@@ -131,6 +132,23 @@ def test_skip_existing_needs_no_write_and_every_recipe_is_checked_before_the_fir
     err = run_error(capsys, "build", "fashion-vit", "dates-bahdanau", "--repository", str(repository),
                     "--checkpoints", str(tmp_path / "fresh"))  # fmt: skip
     assert "dates-bahdanau/1 already exists" in err
+
+
+@pytest.mark.slow
+def test_skip_existing_writes_the_missing_variants_of_an_existing_version(
+    tiny_repository: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], no_training: None
+) -> None:
+    """``build --skip-existing --quantize int8`` on a repository holding the fp32 version and no
+    int8 one said "exists, skipping", exited 0 and wrote nothing."""
+    repository = tmp_path / "repo"
+    shutil.copytree(tiny_repository / "dates-bahdanau", repository / "dates-bahdanau")
+    argv = ["build", "dates-bahdanau", "--repository", str(repository), "--skip-existing"]
+    assert main([*argv, "--checkpoints", str(tmp_path / "none"), "--quantize", "int8"]) == 0
+    assert "exists, skipping; writing its int8 variants from it" in capsys.readouterr().out
+    manifest = Manifest.load(repository / "dates-bahdanau-int8" / "1")
+    assert manifest.export.quantization is not None and manifest.eval["test_examples"] > 0
+    assert main([*argv, "--checkpoints", str(tmp_path / "none"), "--quantize", "int8"]) == 0
+    assert capsys.readouterr().out.strip().endswith("exists, skipping")  # nothing missing now
 
 
 def test_a_second_ctrl_c_lets_the_first_one_s_clean_up_finish(
