@@ -125,6 +125,15 @@ class Limits(BaseModel):
     #: requests waiting in a model's queue beyond which new ones are shed with 503
     max_queued_requests: int = Field(128, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
+    #: HTTP (in-replica): a request's line and headers together; more is answered 431
+    max_request_head_bytes: int = Field(64 * 1024, ge=4096, le=1024 * 1024)
+    #: HTTP (in-replica): a request's line and headers must be in within this long of its first
+    #: byte (a new connection's first request: of the connection), and its body may pause this
+    #: long at most; else 408 and the connection closes, so slow clients cannot hold connections
+    request_read_timeout_s: float = Field(10.0, gt=0, le=600)
+    #: HTTP (in-replica): open client connections per replica; a new one beyond is answered 503
+    #: and closed (file descriptors stay for the models, the repository and gRPC)
+    max_connections: int = Field(4096, ge=1, le=1_000_000)
     #: a streamed answer whose client stops reading: after this long blocked on one write, the
     #: stream ends and the request's rows leave the batch (nothing is buffered without bound)
     stream_write_timeout_s: float = Field(10.0, gt=0)

@@ -86,9 +86,10 @@ class ServingReplica:
         recycled = ConnectionRecycler(
             create_app(self.server), settings.keepalive_requests, settings.connection_max_age_s
         )
-        self.http = QuietServer(
-            http_config(recycled, access_log=settings.access_log, log_level=settings.log_level)
+        config = http_config(
+            recycled, settings.limits, access_log=settings.access_log, log_level=settings.log_level
         )
+        self.http = QuietServer(config)
         self.http_task = asyncio.create_task(
             self.http.serve(sockets=[shared_socket(settings.host, settings.http_port)])
         )

@@ -2,7 +2,8 @@
 answer leaves in one system call (uvicorn writes headers and body separately), streamed events
 still leave as they are written, a closing answer is whole before the connection ends, and
 client connections are recycled: HTTP keep-alive after so many requests or so long, gRPC after
-so long without cutting a stream."""
+so long without cutting a stream. What a client cannot do to a replica's HTTP listener (head
+size, slow or idle connections, too many of them) is in ``test_guarded_http.py``."""
 
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ from service.hosting.listening import (
     http_config,
     shared_socket,
 )
+from service.settings import Limits
 from tests.conftest import free_port
 
 WRITES: list[bytes] = []  # what reached the socket's transport, one item per send()
@@ -130,7 +132,7 @@ def test_the_access_log_writes_a_line_per_request(caplog: pytest.LogCaptureFixtu
 
     access = logging.getLogger("uvicorn.access")
     for access_log in (True, False):
-        config = http_config(app, access_log=access_log, log_level="INFO")  # configures the loggers
+        config = http_config(app, Limits(), access_log=access_log, log_level="INFO")  # configures the loggers
         caplog.clear()
         access.addHandler(caplog.handler)  # uvicorn's logger does not propagate
         try:
