@@ -27,7 +27,7 @@ import grpc
 import ray
 from ray import serve
 
-from service.api.grpc_aio import GrpcHealth, add_reflection, add_to_grpc_server
+from service.api.grpc_aio import GrpcHealth, add_reflection, add_to_grpc_server, interceptors
 from service.api.grpc_servicer import GrpcServicer
 from service.api.http import create_app
 from service.api.server import Server
@@ -94,11 +94,12 @@ class ServingReplica:
             self.http.serve(sockets=[shared_socket(settings.host, settings.http_port)])
         )
         self.grpc = grpc.aio.server(
-            options=grpc_options(settings.grpc_max_message_bytes, settings.connection_max_age_s)
+            interceptors=interceptors(settings.api_token),
+            options=grpc_options(settings.grpc_max_message_bytes, settings.connection_max_age_s),
         )
         services = add_to_grpc_server(self.grpc, GrpcServicer(self.server))
         self.health = GrpcHealth(self.grpc, services)
-        add_reflection(self.grpc, services, settings.api_token)
+        add_reflection(self.grpc, services)
         await self.health.serving()  # every model is loaded and warm by now
         address = f"[{settings.host}]" if ":" in settings.host else settings.host
         if not self.grpc.add_insecure_port(f"{address}:{settings.grpc_port}"):

@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from PIL import Image
 
 from service.api import kserve_tensors
-from service.api.grpc_aio import GrpcHealth, add_reflection, add_to_grpc_server
+from service.api.grpc_aio import GrpcHealth, add_reflection, add_to_grpc_server, interceptors
 from service.api.grpc_servicer import GrpcServicer
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
@@ -43,7 +43,7 @@ def with_servicer(
     server = server or fake_server(tmp, **settings)[0]
 
     async def go() -> Any:
-        grpc_server = grpc.aio.server()
+        grpc_server = grpc.aio.server(interceptors=interceptors(server.settings.api_token))
         services = add_to_grpc_server(grpc_server, GrpcServicer(server))
         if beside is not None:
             beside(grpc_server, services)
@@ -169,6 +169,32 @@ def test_the_token_guards_every_rpc_but_health(tmp_path: Path) -> None:
         return failure.value.code(), authorized.translations[0].text, live.live
 
     assert with_servicer(tmp_path, use, api_token="t" * 16) == (grpc.StatusCode.UNAUTHENTICATED, "x", True)
+
+
+def test_the_token_is_checked_before_the_request_is_read(tmp_path: Path) -> None:
+    """A request that does not parse, sent without the token, is UNAUTHENTICATED (it was
+    INVALID_ARGUMENT: parsed first), on unary and streaming RPCs alike; with the token it is the
+    parse error. Health stays open."""
+    token = "t" * 16
+
+    async def use(channel: grpc.aio.Channel) -> Any:
+        codes = []
+        for method in ("ModelInfer", "ModelMetadata"):
+            raw = channel.unary_unary(f"/inference.GRPCInferenceService/{method}")
+            for metadata in ((), (("authorization", f"Bearer {token}"),)):
+                with pytest.raises(grpc.aio.AioRpcError) as failure:
+                    await raw(b"\x0a\x03\xff\xfe\xfd", metadata=metadata)  # a name not UTF-8
+                codes.append(failure.value.code())
+        stream = channel.stream_stream("/inference.GRPCInferenceService/ModelStreamInfer")
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await stream(iter([b"\x0a\x03\xff\xfe\xfd"])).read()
+        codes.append(failure.value.code())
+        ready = await pb_grpc.GRPCInferenceServiceStub(channel).ServerReady(pb.ServerReadyRequest())
+        return codes, ready.ready
+
+    codes, ready = with_servicer(tmp_path, use, api_token=token)
+    unauthenticated, invalid = grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.INVALID_ARGUMENT
+    assert codes == [unauthenticated, invalid, unauthenticated, invalid, unauthenticated] and ready
 
 
 def test_model_metadata_carries_the_limits(tmp_path: Path) -> None:
@@ -326,7 +352,7 @@ def test_reflection_lists_and_describes_every_service_behind_the_token(tmp_path:
         tmp_path,
         use,
         server,
-        beside=lambda grpc_server, services: add_reflection(grpc_server, services, server.settings.api_token),
+        beside=add_reflection,
     )
     assert code == grpc.StatusCode.UNAUTHENTICATED
     assert sorted(listed) == ["attention.v1.AttentionService", "grpc.health.v1.Health",
