@@ -142,10 +142,14 @@ class Server:
         name a client sends can reach the file system."""
         entry = self.entries.get(name)
         if entry is None:
-            raise ModelNotFound(f"model {name!r} not found; available: {sorted(self.entries)}")
-        # a version is a number, as Triton parses it: "01" is 1
-        if version and not (version.isascii() and version.isdigit() and int(version) == entry.version):
-            raise ModelNotFound(f"model {name!r} has no version {version!r}; serving version {entry.version}")
+            raise ModelNotFound(f"model {shown(name)} not found; available: {sorted(self.entries)}")
+        # a version is a number, as Triton parses it: "01" is 1 (Python refuses to parse more
+        # than 4,300 digits: a 500 before the length was looked at)
+        if version and not (
+            len(version) <= 20 and version.isascii() and version.isdigit() and int(version) == entry.version
+        ):
+            serving = entry.version
+            raise ModelNotFound(f"model {name!r} has no version {shown(version)}; serving version {serving}")
         if task and entry.manifest.task != task:
             kind = entry.manifest.task
             article = "an" if kind[0] in "aeiou" else "a"
@@ -261,6 +265,13 @@ class Server:
         (a client cannot create series)."""
         label = name if name in self.entries else "_unknown"
         self.metrics.record(label, route, status, time.perf_counter() - start)
+
+
+def shown(text: str, limit: int = 80) -> str:
+    """A client's string as an error message repeats it: quoted, cut after ``limit`` characters
+    (a model name in a URL may be 64 KiB long; a gRPC status message over 16 KiB reached the
+    client as RESOURCE_EXHAUSTED instead of the error)."""
+    return repr(text) if len(text) <= limit else f"{text[:limit]!r}… ({len(text)} characters)"
 
 
 async def _all_or_none(calls: list[Any]) -> list[Any]:

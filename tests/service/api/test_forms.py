@@ -4,6 +4,8 @@ malformed one refused with a message naming what is wrong."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 from urllib3.filepost import encode_multipart_formdata
 
@@ -51,6 +53,21 @@ def test_limits_on_files_and_fields() -> None:
     body, ctype = encoded({f"f{i}": "x" for i in range(5)}, {})
     with pytest.raises(InvalidInput, match="at most 4 fields"):
         forms.parse(body, ctype, 4, 1)
+
+
+def test_parts_are_counted_as_they_come() -> None:
+    """150,000 parts of one name (one field, replaced again and again) were all parsed before any
+    limit was looked at: a second of the event loop for a 10 MB body. Parsing now stops at the
+    first part past the limit."""
+    part = b'--b\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n5\r\n'
+    body = part * 150_000 + b"--b--\r\n"
+    start = time.perf_counter()
+    with pytest.raises(InvalidInput, match="more than 17 parts in the form"):
+        forms.parse(body, "multipart/form-data; boundary=b", 16, 1)
+    assert time.perf_counter() - start < 0.1
+    assert forms.parse(part * 17 + b"--b--\r\n", "multipart/form-data; boundary=b", 16, 1).fields == {
+        "top_k": "5"
+    }
 
 
 def test_a_long_disposition_is_parsed_and_not_remembered() -> None:

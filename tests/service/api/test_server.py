@@ -23,9 +23,15 @@ def test_lookup_by_name_task_and_version(tmp_path: Path) -> None:
     with pytest.raises(ModelNotFound, match="no version '2'"):
         server.resolve("fake-translator", None, "2")
     assert server.resolve("fake-translator", None, "01").version == 1  # a number, as Triton reads it
-    for version in ("1.0", "²", " 1", "-1", "x"):
+    for version in ("1.0", "²", " 1", "-1", "x", "1" * 4301):  # 4,301 digits: Python's int() raised
         with pytest.raises(ModelNotFound, match="no version"):
             server.resolve("fake-translator", None, version)
+    # a client's long name or version is cut in the message (a gRPC status over 16 KiB never
+    # reached the client)
+    for name, version in (("x" * 100_000, None), ("fake-translator", "9" * 100_000)):
+        with pytest.raises(ModelNotFound, match=r"… \(100000 characters\)") as refused:
+            server.resolve(name, None, version)
+        assert len(str(refused.value)) < 300
     with pytest.raises(
         WrongTask, match="'fake-classifier' is an image-classification model, not translation"
     ):
