@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 
 from export import checkpoint, evaluate
 from export.checkpoint import Checkpoint
-from export.data import fashion
+from export.data import bible, fashion
 from export.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, UNK_ID
 from export.graphs import Shape, plans_for
 from export.models.transformer import Transformer
@@ -112,6 +112,16 @@ def export(
             for kind in kinds:
                 variants.enter_context(staged_variant(staging, recipe, repository, kind, force, version))
     return repository / name / str(version)
+
+
+def check_data(recipe: Recipe) -> None:
+    """Raise :class:`~export.data.DatasetMissing`, with the command that installs it, when the
+    data ``recipe`` trains or evaluates on is not on this machine: checked for every recipe of a
+    build before the first one trains (it was found when its turn came, after the others)."""
+    if recipe.task == "image-classification":
+        fashion.find_dataset()
+    elif recipe.data.get("corpus") == "bible":
+        bible.find_database()
 
 
 def check_targets(

@@ -229,6 +229,7 @@ def _command(args: argparse.Namespace) -> int:
             # versions exported from it name it by its sha256; a new one would orphan them
             raise RefuseOverwrite(f"{directory} already holds a checkpoint; pass --force to replace it")
         writable(directory, "--checkpoints")
+        build.check_data(recipe)
         build.train(recipe, directory)
         print(f"wrote {directory}")
         return 0
@@ -236,6 +237,7 @@ def _command(args: argparse.Namespace) -> int:
         recipe = recipes.get(args.recipe)
         ckpt = args.checkpoint or args.checkpoints / recipe.name
         writable(args.repository, "--repository")
+        build.check_data(recipe)  # the held-out evaluation reads it, after the export work
         target = build.export(
             ckpt, recipe, args.repository, args.version, args.force, args.quantize, args.precision
         )
@@ -259,7 +261,9 @@ def _command(args: argparse.Namespace) -> int:
     for recipe, _, kind in variants_of:
         check_target(args.repository, variant_name(recipe.name, kind), args.version, force=False)
         writable(args.repository, "--repository")
+        build.check_data(recipe)
     for recipe in todo:
+        build.check_data(recipe)
         build.check_targets(
             args.repository, recipe.name, args.version, args.force, args.quantize, args.precision
         )

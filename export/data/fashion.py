@@ -11,6 +11,7 @@ downloaded.
 from __future__ import annotations
 
 import gzip
+import os
 import shutil
 import struct
 from dataclasses import dataclass
@@ -57,7 +58,10 @@ def read_idx(path: Path) -> np.ndarray:
 def find_dataset(directory: Path = DEBIAN_DIR) -> Path:
     if (directory / "t10k-labels-idx1-ubyte.gz").exists():
         return directory
-    hint = INSTALL_HINT if shutil.which("apt-get") else "install Debian's dataset-fashion-mnist package"
+    if not shutil.which("apt-get"):
+        hint = "install Debian's dataset-fashion-mnist package"
+    else:
+        hint = INSTALL_HINT if os.geteuid() == 0 else "sudo " + INSTALL_HINT.replace("&& ", "&& sudo ")
     raise DatasetMissing(f"Fashion-MNIST not found in {directory}; run: {hint}")
 
 

@@ -16,6 +16,7 @@ import pytest
 
 from export import build, cli, repository
 from export.cli import INTERRUPTED, main
+from export.data import DatasetMissing, fashion
 from export.repository import ABANDONED_AFTER_S, remove_abandoned_stagings, staged_version
 from service.inference.manifest import Manifest, ManifestError
 from tests.export.test_cli import run_error, tokenized_checkpoint
@@ -149,6 +150,22 @@ def test_skip_existing_writes_the_missing_variants_of_an_existing_version(
     assert manifest.export.quantization is not None and manifest.eval["test_examples"] > 0
     assert main([*argv, "--checkpoints", str(tmp_path / "none"), "--quantize", "int8"]) == 0
     assert capsys.readouterr().out.strip().endswith("exists, skipping")  # nothing missing now
+
+
+def test_a_missing_dataset_is_found_before_the_first_recipe_trains(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, no_training: None
+) -> None:
+    """``build dates-bahdanau fashion-vit`` without Fashion-MNIST trained and wrote the dates
+    model first, then stopped at the ViT's turn."""
+
+    def missing(*_: object) -> None:
+        raise DatasetMissing("Fashion-MNIST not found in /nowhere; run: apt-get install …")
+
+    monkeypatch.setattr(fashion, "find_dataset", missing)
+    err = run_error(capsys, "build", "dates-bahdanau", "fashion-vit", "--repository", str(tmp_path / "r"),
+                    "--checkpoints", str(tmp_path / "c"))  # fmt: skip
+    assert "Fashion-MNIST not found" in err
+    assert not (tmp_path / "r").exists() and not (tmp_path / "c").exists()
 
 
 def test_a_second_ctrl_c_lets_the_first_one_s_clean_up_finish(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import os
 import struct
 from pathlib import Path
 
@@ -33,8 +34,11 @@ def test_read_idx_rejects_truncated_files(tmp_path: Path) -> None:
         fashion.read_idx(path)
 
 
-def test_missing_dataset_names_the_install_command(tmp_path: Path) -> None:
+def test_missing_dataset_names_the_install_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with pytest.raises(fashion.DatasetMissing, match="dataset-fashion-mnist"):
+        fashion.find_dataset(tmp_path)
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)  # not root: the command says sudo
+    with pytest.raises(fashion.DatasetMissing, match="run: sudo apt-get update && sudo apt-get install -y"):
         fashion.find_dataset(tmp_path)
 
 
