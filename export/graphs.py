@@ -146,6 +146,8 @@ SEQ_SHAPES: list[Shape] = [
     {"batch": 5, "src_len": 23, "tgt_len": 9},
     {"batch": 16, "src_len": 4, "tgt_len": 3},
 ]
+#: for the RNN graphs, which see no target length (the step takes one token per row)
+RNN_SHAPES: list[Shape] = [{"batch": s["batch"], "src_len": s["src_len"]} for s in SEQ_SHAPES]
 #: for the KV-cached step: ``past_len`` 0 is the first step (BOS only)
 KV_SHAPES: list[Shape] = [
     {"batch": 3, "src_len": 11, "past_len": 5},
@@ -172,7 +174,7 @@ def rnn_plans(model: RNNSeq2Seq) -> list[GraphPlan]:
 
     seq = {0: "batch", 1: "src_len"}
     return [
-        _encoder_plan(_Encode(model), cfg.src_vocab, {"init_state": {0: "batch"}}, SEQ_SHAPES),
+        _encoder_plan(_Encode(model), cfg.src_vocab, {"init_state": {0: "batch"}}, RNN_SHAPES),
         GraphPlan(
             "decoder_step",
             "decoder_step.onnx",
@@ -190,7 +192,7 @@ def rnn_plans(model: RNNSeq2Seq) -> list[GraphPlan]:
                 "attention": seq,
             },
             step_inputs,
-            SEQ_SHAPES,
+            RNN_SHAPES,
         ),
     ]
 

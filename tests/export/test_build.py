@@ -25,6 +25,11 @@ def test_tiny_repository_has_valid_manifests(tiny_repository: Path) -> None:
         assert max(manifest.export.parity_max_abs_diff.values()) <= manifest.export.parity_tolerance
         assert len(manifest.export.verified_shapes) >= 3
         assert all(isinstance(t.shape[0], str) for g in manifest.graphs.values() for t in g.inputs)
+    # the axes each family's graphs have: the RNN's see no target length (it was listed)
+    shapes = {n: Manifest.load(tiny_repository / n / "1").export.verified_shapes for n in names}
+    axes = {n: {k for shape in s for k in shape} for n, s in shapes.items()}
+    assert axes["dates-bahdanau"] == {"batch", "src_len"} and axes["fashion-vit"] == {"batch"}
+    assert axes["dates-transformer"] == {"batch", "src_len", "past_len"}
 
 
 def test_int8_variant_records_drift_next_to_fp32(tiny_repository: Path) -> None:
