@@ -151,10 +151,8 @@ def render(results: Sequence[ModelEval], skipped: Sequence[str], sizes: Sizes, s
         f"`make eval`: {sizes.dates} held-out dates, {sizes.canvases} test canvases, {sizes.parity} inputs",
         "per model for the PyTorch comparison; all through ONNX Runtime on CPU, on the exported graphs.",
         "",
-        *translation_table(translation),
-        "",
-        *vision_table(vision),
-        "",
+        *([*translation_table(translation), ""] if translation else []),
+        *([*vision_table(vision), ""] if vision else []),
         *int8,
         *parity_lines(results),
     ]

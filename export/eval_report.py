@@ -15,12 +15,14 @@ For every model in the repository whose recipe has ground truth:
   checkpoint the model was exported from is at hand (its sha256 must match the manifest's).
 
 The scores are merged into each manifest's ``eval`` (so ``GET /v1/models/<name>`` shows them) and
-written as ``reports/faithfulness/<date>.{json,md}``.
+written as ``reports/faithfulness/<date>.{json,md}`` (a later run that day: ``<date>-2``, …; a
+report is never overwritten: the README links them).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -163,7 +165,7 @@ def run(repository: Path, checkpoints: Path, out_dir: Path, sizes: Sizes, int8: 
         "models": [asdict(r) for r in results],
         "skipped": skipped,
     }
-    path = out_dir / f"{stamp:%Y-%m-%d}"
+    path = report_stem(out_dir, f"{stamp:%Y-%m-%d}")
     path.with_suffix(".json").write_text(json.dumps(payload, indent=2) + "\n")
     path.with_suffix(".md").write_text(render(results, skipped, sizes, stamp))
     return path.with_suffix(".md")
@@ -172,3 +174,12 @@ def run(repository: Path, checkpoints: Path, out_dir: Path, sizes: Sizes, int8: 
 def _canvases(recipe: Recipe, n: int) -> fashion.Canvases:
     full = evaluate.image_test_set(recipe)
     return fashion.Canvases(full.images[:n], full.labels[:n], full.boxes[:n])
+
+
+def report_stem(out_dir: Path, day: str) -> Path:
+    """``out_dir/<day>``, or ``<day>-2``, ``<day>-3``, … : the first no report was written to."""
+    for n in itertools.count(1):
+        stem = out_dir / (day if n == 1 else f"{day}-{n}")
+        if not stem.with_suffix(".md").exists() and not stem.with_suffix(".json").exists():
+            return stem
+    raise AssertionError("unreachable")

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 from export.eval_markdown import render
-from export.eval_report import ModelEval, Sizes
+from export.eval_report import ModelEval, Sizes, report_stem
 
 METRICS = {"exact_match": 1.0, "alignment_error_rate": 0.02, "alignment_mass": 0.9}
 INT8 = {"exact_match": 1.0, "alignment_error_rate": 0.03, "attention_correlation": 0.999,
@@ -28,3 +29,18 @@ def test_no_int8_section_without_int8_numbers() -> None:
     text = page({})
     assert "Quantised" not in text and "Map drift" not in text
     assert "\n\n\n" not in text and "## Service vs PyTorch" in text
+
+
+def test_a_section_only_for_the_tasks_scored() -> None:
+    """A repository of translation models only had a vision heading over an empty table."""
+    text = page(INT8)
+    assert "## Translation" in text and "## Vision" not in text and "\n\n\n" not in text
+
+
+def test_a_later_report_that_day_gets_a_name_of_its_own(tmp_path: Path) -> None:
+    """A second ``make eval`` the same day overwrote the report the README links to."""
+    assert report_stem(tmp_path, "2026-12-05") == tmp_path / "2026-12-05"
+    (tmp_path / "2026-12-05.md").write_text("first")
+    assert report_stem(tmp_path, "2026-12-05") == tmp_path / "2026-12-05-2"
+    (tmp_path / "2026-12-05-2.json").write_text("{}")
+    assert report_stem(tmp_path, "2026-12-05") == tmp_path / "2026-12-05-3"
