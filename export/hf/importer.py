@@ -100,6 +100,8 @@ def weights_sha256(files: list[Path]) -> str:
 def _load(load: Any, checkpoint: Path, *args: Any) -> Any:
     try:
         return load(checkpoint, *args)
+    except UnsupportedCheckpoint:  # our own refusal, already naming the checkpoint
+        raise
     except _LOAD_ERRORS as exc:
         message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise UnsupportedCheckpoint(f"{checkpoint}: transformers cannot load it: {message}") from exc

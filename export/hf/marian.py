@@ -36,6 +36,7 @@ from transformers import GenerationConfig, MarianMTModel
 
 from export.graphs import SEQ_SHAPES, GraphPlan, seq2seq_kv_plans
 from export.hf.errors import UnsupportedCheckpoint, read_json
+from export.hf.loading import pretrained
 from export.hf.spm import marian_tokenizer, read_vocab
 from export.models.transformer import padding_bias
 from export.onnx_export import TOLERANCE, ExportVerificationError
@@ -121,8 +122,8 @@ def ban_mask(model: MarianMTModel, banned: list[int]) -> Tensor:
 
 
 def load(checkpoint: Path) -> MarianMTModel:
-    model = MarianMTModel.from_pretrained(checkpoint, attn_implementation="eager", use_safetensors=True)
-    return model.eval()
+    model: MarianMTModel = pretrained(MarianMTModel, checkpoint)
+    return model
 
 
 def banned_tokens(generation: GenerationConfig) -> list[int]:

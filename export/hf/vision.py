@@ -30,6 +30,7 @@ from transformers.image_utils import (
 
 from export.graphs import GraphPlan, image_plans
 from export.hf.errors import UnsupportedCheckpoint, read_json
+from export.hf.loading import pretrained
 from service.inference.manifest import ImageSpec
 
 log = logging.getLogger(__name__)
@@ -60,9 +61,8 @@ class Classifier(nn.Module):
 
 
 def load(checkpoint: Path, architecture: str) -> nn.Module:
-    cls = getattr(transformers, architecture)
-    model: nn.Module = cls.from_pretrained(checkpoint, attn_implementation="eager", use_safetensors=True)
-    return model.eval()
+    model: nn.Module = pretrained(getattr(transformers, architecture), checkpoint)
+    return model
 
 
 def side(size: int | list[int] | tuple[int, int]) -> tuple[int, int]:

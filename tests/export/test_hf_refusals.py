@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 import transformers
+from safetensors.torch import load_file, save_file
 
 from export.cli import main
 from tests.export.test_hf import save_marian, save_vision
@@ -42,8 +43,6 @@ def copy_of(checkpoint: Path, root: Path, name: str) -> Path:
 def pickle_behind_an_index(d: Path) -> None:
     """The weights as pytorch_model.bin, named by a safetensors index: transformers would load
     (unpickle) them."""
-    from safetensors.torch import load_file
-
     torch.save(load_file(d / "model.safetensors"), d / "pytorch_model.bin")
     keys = load_file(d / "model.safetensors").keys()
     (d / "model.safetensors").unlink()
@@ -78,6 +77,15 @@ VISION_DAMAGE = {
     "too few means": (
         lambda d: (d / "preprocessor_config.json").write_text(json.dumps({"image_mean": [0.5, 0.5]})),
         "2 values for a 3-channel model",
+    ),
+    # transformers filled them with random values, and the import went on: exit 0
+    "no classifier weights": (
+        lambda d: save_file(
+            {k: t for k, t in load_file(d / "model.safetensors").items() if not k.startswith("classifier.")},
+            d / "model.safetensors",
+            metadata={"format": "pt"},
+        ),
+        "lacks weights the ViTForImageClassification needs (classifier.bias, classifier.weight)",
     ),
     "weights of another shape": (
         lambda d: (d / "config.json").write_text(
