@@ -164,8 +164,6 @@ class GuardedHttp(CorkedHttp):
             self._head_bytes += len(data)
         self._last_data = self.loop.time()
         super().data_received(data)
-        if self.transport.is_closing():
-            return
         if self._in_head and self._head_bytes > self.limits.max_request_head_bytes:
             limit = self.limits.max_request_head_bytes
             self._refuse(431, f"request: its line and headers exceed the limit of {limit} bytes")
@@ -176,7 +174,7 @@ class GuardedHttp(CorkedHttp):
         super().on_message_begin()
         self._begun = True
         if self._head_since is None:
-            self._head_since = self.loop.time()
+            self._head_since = self._last_data  # the data it began in came then
 
     def on_headers_complete(self) -> None:
         self._in_head, self._head_bytes, self._head_since = False, 0, None
@@ -193,7 +191,8 @@ class GuardedHttp(CorkedHttp):
         self._refuse(400, "request: not valid HTTP/1.1")
 
     def _arm(self, delay: float) -> None:
-        self._timer = self.loop.call_later(delay, self._check_reading)
+        if not self._refused:  # a refused connection has its closing timer
+            self._timer = self.loop.call_later(delay, self._check_reading)
 
     def _check_reading(self) -> None:
         """The timer: refuse a request that is too slow in coming, or look again when it may be."""
