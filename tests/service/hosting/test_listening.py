@@ -17,9 +17,9 @@ import grpc
 import pytest
 import uvicorn
 
+from service.hosting.http_protocol import CorkedHttp
 from service.hosting.listening import (
     ConnectionRecycler,
-    CorkedHttp,
     QuietServer,
     grpc_options,
     http_config,
