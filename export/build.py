@@ -91,7 +91,10 @@ def export(
     name = recipe.name
     kinds = check_targets(repository, name, version, force, quantize, precision)  # before any work
     ckpt = _load_for(recipe, ckpt_dir)
-    with staged_version(repository, name, version, force) as staging:
+    # the variants are made from the staged fp32 graphs and moved to their versions after fp32's,
+    # once all are made: a variant that fails (its verdict, a conversion) leaves no version of any
+    # of them, and one whose move fails leaves the fp32 version (`build --skip-existing` adds it)
+    with contextlib.ExitStack() as variants, staged_version(repository, name, version, force) as staging:
         plans = plans_for(ckpt.model)
         graphs = {plan.key: export_graph(plan, staging) for plan in plans}
         manifest = _manifest(recipe, ckpt, ckpt_dir, version, graphs, plans[0].shapes, staging)
@@ -106,11 +109,8 @@ def export(
         manifest = manifest.model_copy(update={"eval": metrics, "eval_details": details})
         _check_floors(recipe, manifest.eval)
         manifest.write(staging)
-        # the variants from the staged fp32 graphs, each moved to its version once all are made:
-        # a variant that fails (its verdict, a conversion) leaves no version of any of them
-        with contextlib.ExitStack() as variants:
-            for kind in kinds:
-                variants.enter_context(staged_variant(staging, recipe, repository, kind, force, version))
+        for kind in kinds:
+            variants.enter_context(staged_variant(staging, recipe, repository, kind, force, version))
     return repository / name / str(version)
 
 

@@ -75,7 +75,7 @@ def load(directory: Path) -> Checkpoint:
     tokenizers = [_tokenizer(directory / name) for name in (SOURCE_TOKENIZER, TARGET_TOKENIZER)]
     info_path = directory / "train.json"
     try:
-        info = json.loads(info_path.read_text()) if info_path.exists() else {}
+        info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.exists() else {}
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise CheckpointError(f"{info_path} is not valid JSON ({exc})") from exc
     return Checkpoint(recipe, family, model, tokenizers[0], tokenizers[1], info)

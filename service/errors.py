@@ -51,6 +51,11 @@ def validation_message(exc: _HasErrors) -> str:
     return "; ".join(parts)
 
 
+#: the longest error message answered: a gRPC status message travels in a trailer, and one over
+#: 16 KiB (a client's 20 KB tensor name, repeated) reached the client as RESOURCE_EXHAUSTED
+MAX_MESSAGE_CHARS = 2000
+
+
 class ServiceError(Exception):
     http_status = 500
     grpc_code = "INTERNAL"
@@ -58,6 +63,8 @@ class ServiceError(Exception):
     retry_after_s: int | None = None
 
     def __init__(self, message: str) -> None:
+        if len(message) > MAX_MESSAGE_CHARS:  # it may repeat what a client sent (a tensor's name…)
+            message = f"{message[:MAX_MESSAGE_CHARS]}… ({len(message)} characters)"
         super().__init__(message)
         self.message = message
 

@@ -186,7 +186,7 @@ def translation_spec(model: MarianMTModel, checkpoint: Path, staging: Path) -> T
     """Writes both tokenizers into ``staging`` and returns the manifest's translation section."""
     cfg: Any = model.config
     generation = model.generation_config
-    tok_cfg = _read_json(checkpoint / "tokenizer_config.json")
+    tok_cfg: dict[str, Any] = read_json(checkpoint / "tokenizer_config.json", default={})
     specials = {
         k: _token_text(tok_cfg.get(f"{k}_token"), d)
         for k, d in (("unk", "<unk>"), ("eos", "</s>"), ("pad", "<pad>"))
@@ -252,8 +252,3 @@ def _languages(checkpoint: Path, tok_cfg: dict[str, Any]) -> tuple[str, str]:
     match = re.search(r"opus-mt-([A-Za-z_]+)-([A-Za-z_]+)$", checkpoint.resolve().name)
     fallback = match.groups() if match else ("source", "target")
     return str(tok_cfg.get("source_lang") or fallback[0]), str(tok_cfg.get("target_lang") or fallback[1])
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    data: dict[str, Any] = read_json(path, default={})
-    return data

@@ -21,7 +21,7 @@ from service.api.http import create_app
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
 from service.api.schemas import ClassifyRequest, TranslateRequest
-from service.errors import ModelNotFound, validation_message
+from service.errors import MAX_MESSAGE_CHARS, InvalidInput, ModelNotFound, validation_message
 from service.settings import Limits
 
 REQUEST_ID = re.compile(r"request id ([0-9a-f]{16})")
@@ -155,3 +155,11 @@ def test_a_body_that_is_not_json_is_named_as_the_body() -> None:
     with pytest.raises(ValidationError) as failure:
         TranslateRequest.model_validate_json(b"")
     assert validation_message(failure.value).startswith("body: Invalid JSON")
+
+
+def test_a_long_message_is_cut() -> None:
+    """An error may repeat what a client sent: a 20 KB tensor name made a gRPC status over 16 KiB,
+    which reached the client as RESOURCE_EXHAUSTED instead of the error."""
+    error = InvalidInput(f"input {'x' * 20_000!r}: unknown")
+    assert len(error.message) < MAX_MESSAGE_CHARS + 40 and error.message.endswith("(20017 characters)")
+    assert str(error) == error.message and InvalidInput("short").message == "short"
