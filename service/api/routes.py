@@ -18,7 +18,6 @@ from starlette.types import Scope
 
 from service.api import content_coding
 from service.api.server import CLIENT_CLOSED, Server
-from service.errors import ServiceError
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
@@ -58,12 +57,10 @@ class DirectRoute(APIRoute):
         async def handler(request: Request) -> Response:
             server = server_from(request)
             try:  # bounded, and kept on the request for the endpoint
-                await server.read_body(request)
+                with server.refusals(request.path_params.get("name", ""), label):  # counted as theirs
+                    await server.read_body(request)
             except ClientDisconnect:  # gone before its body was in: nobody to answer, nothing failed
                 return Response(status_code=CLIENT_CLOSED)
-            except ServiceError:  # too large, an unknown coding: counted like the endpoint's refusals
-                with server.refusals(request.path_params.get("name", ""), label):
-                    raise
             this = asyncio.current_task()
             watch = _DisconnectWatch(request, this)
             try:

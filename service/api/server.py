@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from fastapi import Request
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 
 from service.api import content_coding, limits
 from service.errors import (
@@ -226,15 +227,19 @@ class Server:
 
     @contextlib.contextmanager
     def refusals(self, name: str, route: str) -> Iterator[None]:
-        """Around what a protocol does before :meth:`predict_many` or :meth:`stream` — finding
-        the model, decoding the request: a request refused there (a malformed body or tensor, a
-        schema error, an unknown model) is counted in the request metrics like one refused later
-        (422 for a schema's ``ValidationError``, which the protocol then maps itself)."""
+        """Around what a protocol does before :meth:`predict_many` or :meth:`stream` — reading
+        the body, finding the model, decoding the request: a request refused there (a body too
+        large, a malformed body or tensor, a schema error, an unknown model) is counted in the
+        request metrics like one refused later (422 for a schema's ``ValidationError``, which the
+        protocol then maps itself), and one whose client left while sending it as 499."""
         start = time.perf_counter()
         try:
             yield
         except (ServiceError, ValidationError) as exc:
             self._record(name, route, exc.http_status if isinstance(exc, ServiceError) else 422, start)
+            raise
+        except ClientDisconnect:
+            self._record(name, route, CLIENT_CLOSED, start)
             raise
 
     @contextlib.contextmanager

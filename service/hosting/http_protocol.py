@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from http import HTTPStatus
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -25,11 +25,22 @@ class CorkedHttp(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(_Corked(transport))  # type: ignore[arg-type]
 
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        """The client closed its side: ours closes after what waits corked is written (asyncio
+        would close the socket under it, and an answer made in the same pass was lost)."""
+        self.transport.close()
+        return None
+
 
 #: how long a refused connection's further input is read and dropped before it closes
 LINGER_S = 2.0
 #: the same for a connection refused because the replica holds its limit of them
 LINGER_OVER_LIMIT_S = 0.2
+
+
+class RefusalCounter(Protocol):
+    def refused(self, status: int, seconds: float) -> None:
+        """A connection refused with ``status``, ``seconds`` after it was made."""
 
 
 class GuardedHttp(CorkedHttp):
@@ -54,18 +65,20 @@ class GuardedHttp(CorkedHttp):
     in one piece, as nearly all do, starts none."""
 
     limits: ClassVar[Limits]
+    #: told of each refusal (the request metrics count them)
+    counter: ClassVar[RefusalCounter | None] = None
 
     @classmethod
-    def under(cls, limits: Limits) -> type[GuardedHttp]:
+    def under(cls, limits: Limits, counter: RefusalCounter | None = None) -> type[GuardedHttp]:
         """The protocol class uvicorn instantiates per connection, under ``limits``."""
-        return type(cls.__name__, (cls,), {"limits": limits})
+        return type(cls.__name__, (cls,), {"limits": limits, "counter": counter})
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
         self._head_bytes = 0  # of the request head under way (counted from whole reads)
         self._in_head = True  # no request line and headers complete since the last message
         self._begun = False  # a request begun and not complete
-        self._last_data = self.loop.time()
+        self._made_at = self._last_data = self.loop.time()
         self._head_since: float | None = self._last_data  # the first request's: from the connection
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False
@@ -125,6 +138,18 @@ class GuardedHttp(CorkedHttp):
     def send_400_response(self, msg: str) -> None:
         self._refuse(400, "request: not valid HTTP/1.1")
 
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        """The client closed its side. A request it sent whole is still answered (HTTP/1.1
+        allows the half close: ``nc -N``, ``socat``, ``curl`` piping a body) and the connection
+        ends after that answer; without one in progress it ends now. uvicorn's protocol ended it
+        at once, and the request was computed and counted as answered for nobody."""
+        cycle = self.cycle
+        if self._refused or self._begun or cycle is None or (cycle.response_complete and not self.pipeline):
+            return super().eof_received()  # nothing to answer (or a request that can never be whole)
+        last = self.pipeline[0][0] if self.pipeline else cycle  # the newest request: its answer ends it
+        last.keep_alive = False
+        return True
+
     def _too_long(self) -> str:
         return f"request: its line and headers exceed the limit of {self.limits.max_request_head_bytes} bytes"
 
@@ -174,6 +199,8 @@ class GuardedHttp(CorkedHttp):
         if self._refused:
             return
         self._refused = True
+        if self.counter is not None:
+            self.counter.refused(status, self.loop.time() - self._made_at)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -58,7 +58,8 @@ class ServingReplica:
     # replica takes traffic (and joins the port) only once both returned
     async def __init__(self, settings: Settings) -> None:  # type: ignore[misc]
         self.settings = settings
-        self.server = Server(settings, IngressMetrics(settings.latency_buckets_s))
+        self.metrics = IngressMetrics(settings.latency_buckets_s)
+        self.server = Server(settings, self.metrics)
         self.models = ModelSet(
             settings,
             replica=serve.get_replica_context().replica_id.unique_id,
@@ -87,7 +88,11 @@ class ServingReplica:
             create_app(self.server), settings.keepalive_requests, settings.connection_max_age_s
         )
         config = http_config(
-            recycled, settings.limits, access_log=settings.access_log, log_level=settings.log_level
+            recycled,
+            settings.limits,
+            self.metrics,
+            access_log=settings.access_log,
+            log_level=settings.log_level,
         )
         self.http = QuietServer(config)
         self.http_task = asyncio.create_task(

@@ -16,7 +16,7 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.hosting.http_protocol import GuardedHttp
+from service.hosting.http_protocol import GuardedHttp, RefusalCounter
 from service.settings import Limits
 
 
@@ -72,7 +72,9 @@ def grpc_options(max_message_bytes: int, max_age_s: float) -> list[tuple[str, in
     return options
 
 
-def http_config(app: ASGIApp, limits: Limits, *, access_log: bool, log_level: str) -> uvicorn.Config:
+def http_config(
+    app: ASGIApp, limits: Limits, counter: RefusalCounter | None = None, *, access_log: bool, log_level: str
+) -> uvicorn.Config:
     """uvicorn's configuration for a serving replica: :class:`GuardedHttp` under ``limits`` (no
     WebSocket upgrade: the app has no such route, and an upgraded connection would leave its
     bounds), its own messages at warning only, and with ``access_log`` a line per request (client, method,
@@ -80,7 +82,7 @@ def http_config(app: ASGIApp, limits: Limits, *, access_log: bool, log_level: st
     INFO lines would never be written."""
     config = uvicorn.Config(
         app, lifespan="off", log_level="warning", access_log=access_log,
-        timeout_keep_alive=30, proxy_headers=False, http=GuardedHttp.under(limits), ws="none",
+        timeout_keep_alive=30, proxy_headers=False, http=GuardedHttp.under(limits, counter), ws="none",
     )  # fmt: skip
     if access_log:
         logging.getLogger("uvicorn.access").setLevel(log_level)

@@ -226,6 +226,11 @@ class IngressMetrics:
             boundaries=latency_buckets, tag_keys=("model", "route"),  # type: ignore[arg-type]
         )  # fmt: skip
 
+    def refused(self, status: int, seconds: float) -> None:
+        """A connection the replica's HTTP listener refused before any route saw a request
+        (``GuardedHttp``: a head too long, a client too slow, too many connections)."""
+        self.record("_unknown", "http_connection", status, seconds)
+
     def record(self, model: str, route: str, status: int, seconds: float) -> None:
         route_tags = (("model", model), ("route", route))
         DEFERRED.inc(self.requests, 1, (*route_tags, ("status", str(status))))

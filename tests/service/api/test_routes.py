@@ -202,8 +202,9 @@ def test_a_client_that_leaves_is_answered_499_once_the_watch_starts(tmp_path: Pa
 
 
 def test_a_client_that_leaves_before_its_body_is_in_is_answered_499(tmp_path: Path) -> None:
-    """Not an internal error (no 500, no traceback logged as one): the client is gone."""
-    server, *_ = fake_server(tmp_path)
+    """Not an internal error (no 500, no traceback logged as one): the client is gone — and
+    counted so in the request metrics (it was not counted at all)."""
+    server, _, _, recorded = fake_server(tmp_path)
     app = create_app(server)
     statuses: list[int] = []
     scope = {
@@ -225,7 +226,7 @@ def test_a_client_that_leaves_before_its_body_is_in_is_answered_499(tmp_path: Pa
             statuses.append(message["status"])
 
     asyncio.run(asyncio.wait_for(app(scope, receive, send), 10))
-    assert statuses == [499]
+    assert statuses == [499] and recorded.records == [("fake-translator", "translate", 499)]
 
 
 def test_a_stopping_server_answers_503_with_retry_after_and_readiness_says_why(tmp_path: Path) -> None:

@@ -58,10 +58,24 @@ async def echo(scope: dict[str, Any], receive: Callable[[], Awaitable[Any]], sen
     await send({"type": "http.response.body", "body": body})
 
 
+class Refusals:
+    """The listener's refusals as the request metrics are told of them."""
+
+    def __init__(self) -> None:
+        self.statuses: list[int] = []
+
+    def refused(self, status: int, seconds: float) -> None:
+        assert seconds >= 0
+        self.statuses.append(status)
+
+
+REFUSALS = Refusals()
+
+
 @asynccontextmanager
 async def listening(limits: Limits = LIMITS) -> AsyncIterator[int]:
     """A replica's HTTP listener for :func:`echo` under ``limits``, started; → its port."""
-    server = QuietServer(http_config(echo, limits, access_log=False, log_level="WARNING"))
+    server = QuietServer(http_config(echo, limits, REFUSALS, access_log=False, log_level="WARNING"))
     port = free_port()
     task = asyncio.create_task(server.serve(sockets=[shared_socket("127.0.0.1", port)]))
     while not server.started:
@@ -124,6 +138,8 @@ def test_a_request_head_over_the_limit_is_431_and_others_are_served_meanwhile(ru
 
 
 def test_idle_and_slow_connections_are_answered_408_and_closed(run: Any) -> None:
+    REFUSALS.statuses.clear()
+
     async def main() -> None:
         async with listening() as port:
             start = time.monotonic()
@@ -150,6 +166,7 @@ def test_idle_and_slow_connections_are_answered_408_and_closed(run: Any) -> None
             assert results[2][1] == "body: no data for 1 s"
 
     run(main())
+    assert REFUSALS.statuses == [408, 408, 408]  # counted in the request metrics
 
 
 def test_bytes_before_a_request_start_its_clock(run: Any) -> None:
@@ -186,6 +203,30 @@ def test_no_refusal_is_written_into_an_answer_on_its_way(run: Any) -> None:
             await asyncio.sleep(0.2)
             writer.write(b"\x00 not http at all\r\n\r\n")
             assert await asyncio.wait_for(reader.read(), 10) == b""  # no 400 in place of the answer
+
+    run(main())
+
+
+def test_a_client_that_closes_its_side_after_a_request_gets_its_answer(run: Any) -> None:
+    """HTTP/1.1 allows the half close (``nc -N``, ``socat``): the answer was computed, counted as
+    answered and never sent. The connection now ends after it; with nothing sent, at once."""
+
+    async def main() -> None:
+        async with listening() as port:
+            for path in (b"/echo", b"/slow"):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(POST.replace(b"/echo", path) + b"0123456789")
+                writer.write_eof()
+                assert await answer(reader) == (200, b"0123456789")
+                assert await asyncio.wait_for(reader.read(), 10) == b""
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(POST + b"aaaaaaaaaa" + POST.replace(b"/echo", b"/slow") + b"bbbbbbbbbb")
+            writer.write_eof()  # two pipelined: both answered, then the end
+            assert [await answer(reader), await answer(reader)] == [(200, b"a" * 10), (200, b"b" * 10)]
+            assert await asyncio.wait_for(reader.read(), 10) == b""
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write_eof()
+            assert await asyncio.wait_for(reader.read(), 10) == b""
 
     run(main())
 
