@@ -28,11 +28,6 @@ def version_dir(repository: Path, name: str, version: int) -> Path:
     return repository / name / str(version)
 
 
-def next_version(repository: Path, name: str) -> int:
-    versions = list_versions(repository, name)
-    return versions[-1] + 1 if versions else 1
-
-
 def check_target(repository: Path, name: str, version: int, force: bool) -> Path:
     for folder in (repository, repository / name):  # a file in the way: said before any work
         if folder.exists() and not folder.is_dir():
