@@ -57,7 +57,7 @@ class DirectRoute(APIRoute):
         async def handler(request: Request) -> Response:
             server = server_from(request)
             try:  # bounded, and kept on the request for the endpoint
-                with server.refusals(request.path_params.get("name", ""), label):  # counted as theirs
+                with server.refusals(request.path_params.get("name", ""), label, request.scope):
                     await server.read_body(request)
             except ClientDisconnect:  # gone before its body was in: nobody to answer, nothing failed
                 return Response(status_code=CLIENT_CLOSED)

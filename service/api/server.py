@@ -36,6 +36,10 @@ from service.settings import Settings
 
 #: the status recorded for a request whose client disconnected before its answer
 CLIENT_CLOSED = 499
+#: the key in a request's ASGI ``scope["state"]`` where the hosting's listener puts the status it
+#: refused the request with while its body was coming (a body too slow, not HTTP): the request
+#: is counted with that status, not as a client gone
+REFUSED_WITH = "attention.refused_with"
 
 
 class Model(Protocol):
@@ -226,12 +230,13 @@ class Server:
                     await events.aclose()  # type: ignore[attr-defined]
 
     @contextlib.contextmanager
-    def refusals(self, name: str, route: str) -> Iterator[None]:
+    def refusals(self, name: str, route: str, scope: Mapping[str, Any] | None = None) -> Iterator[None]:
         """Around what a protocol does before :meth:`predict_many` or :meth:`stream` — reading
         the body, finding the model, decoding the request: a request refused there (a body too
         large, a malformed body or tensor, a schema error, an unknown model) is counted in the
         request metrics like one refused later (422 for a schema's ``ValidationError``, which the
-        protocol then maps itself), and one whose client left while sending it as 499."""
+        protocol then maps itself), and one whose client left while sending it as 499 — or as
+        the status the listener refused it with (``scope["state"][REFUSED_WITH]``)."""
         start = time.perf_counter()
         try:
             yield
@@ -239,7 +244,8 @@ class Server:
             self._record(name, route, exc.http_status if isinstance(exc, ServiceError) else 422, start)
             raise
         except ClientDisconnect:
-            self._record(name, route, CLIENT_CLOSED, start)
+            refused = (scope or {}).get("state", {}).get(REFUSED_WITH)
+            self._record(name, route, refused or CLIENT_CLOSED, start)
             raise
 
     @contextlib.contextmanager

@@ -5,13 +5,17 @@ writes corked (:class:`CorkedHttp`) and the bounds a server facing clients needs
 from __future__ import annotations
 
 import asyncio
+import logging
 from http import HTTPStatus
 from typing import Any, ClassVar, Protocol
 
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from service.api.server import REFUSED_WITH
 from service.settings import Limits
+
+log = logging.getLogger("ray.serve")
 
 
 class CorkedHttp(HttpToolsProtocol):
@@ -27,7 +31,9 @@ class CorkedHttp(HttpToolsProtocol):
 
     def eof_received(self) -> bool | None:  # type: ignore[override]
         """The client closed its side: ours closes after what waits corked is written (asyncio
-        would close the socket under it, and an answer made in the same pass was lost)."""
+        would close the socket under it, and an answer made in the same pass was lost). A client
+        that only half-closes (``nc -N``) is taken as gone, as nginx takes it: the same FIN is
+        how a client that gives up closes, and its request must leave the batch."""
         self.transport.close()
         return None
 
@@ -82,6 +88,7 @@ class GuardedHttp(CorkedHttp):
         self._head_since: float | None = self._last_data  # the first request's: from the connection
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False
+        self._got_data = False
         if len(self.connections) > self.limits.max_connections:
             limit = self.limits.max_connections
             self._refuse(
@@ -99,6 +106,7 @@ class GuardedHttp(CorkedHttp):
     def data_received(self, data: bytes) -> None:
         if self._refused:  # answered already: the rest is read and dropped until the close
             return
+        self._got_data = True
         if self._in_head:
             self._head_bytes += len(data)
         self._last_data = self.loop.time()
@@ -137,18 +145,6 @@ class GuardedHttp(CorkedHttp):
 
     def send_400_response(self, msg: str) -> None:
         self._refuse(400, "request: not valid HTTP/1.1")
-
-    def eof_received(self) -> bool | None:  # type: ignore[override]
-        """The client closed its side. A request it sent whole is still answered (HTTP/1.1
-        allows the half close: ``nc -N``, ``socat``, ``curl`` piping a body) and the connection
-        ends after that answer; without one in progress it ends now. uvicorn's protocol ended it
-        at once, and the request was computed and counted as answered for nobody."""
-        cycle = self.cycle
-        if self._refused or self._begun or cycle is None or (cycle.response_complete and not self.pipeline):
-            return super().eof_received()  # nothing to answer (or a request that can never be whole)
-        last = self.pipeline[0][0] if self.pipeline else cycle  # the newest request: its answer ends it
-        last.keep_alive = False
-        return True
 
     def _too_long(self) -> str:
         return f"request: its line and headers exceed the limit of {self.limits.max_request_head_bytes} bytes"
@@ -199,14 +195,15 @@ class GuardedHttp(CorkedHttp):
         if self._refused:
             return
         self._refused = True
-        if self.counter is not None:
-            self.counter.refused(status, self.loop.time() - self._made_at)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
         answer = self._may_answer()
-        cycle = self.cycle
+        cycle, counted_by_route = self.cycle, False
         if cycle is not None and not cycle.response_complete:  # its app's writes go nowhere now
+            if not self._in_head:  # this request's own body: its route counts it, with this status
+                cycle.scope.setdefault("state", {})[REFUSED_WITH] = status
+                counted_by_route = True
             cycle.disconnected = True
             cycle.message_event.set()
         if answer:
@@ -218,9 +215,16 @@ class GuardedHttp(CorkedHttp):
             self.transport.write(head.encode() + body)
         if not self.transport.can_write_eof():
             self.transport.close()
-            return
-        self.transport.write_eof()
-        self._timer = self.loop.call_later(linger_s, self.transport.close)
+        else:
+            self.transport.write_eof()
+            self._timer = self.loop.call_later(linger_s, self.transport.close)
+        # in the request metrics, last (the connection is ended whatever the counter does); not a
+        # connection that never sent a byte (a browser's preconnect, a balancer's spare), as nginx
+        if self.counter is not None and not counted_by_route and (self._got_data or status == 503):
+            try:
+                self.counter.refused(status, self.loop.time() - self._made_at)
+            except Exception:
+                log.exception("counting a refused connection failed")
 
 
 class _Refused(Exception):
