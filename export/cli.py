@@ -30,7 +30,7 @@ from export.data import DatasetMissing
 from export.eval_report import Sizes
 from export.onnx_export import ExportVerificationError
 from export.recipes import UnknownRecipe
-from export.repository import RefuseOverwrite, check_target
+from export.repository import RefuseOverwrite, check_target, version_dir
 from export.variants import variant_name, write_variant
 from service.inference.manifest import ManifestError
 
@@ -247,9 +247,13 @@ def _command(args: argparse.Namespace) -> int:
     kinds = [kind for kind in (args.quantize, args.precision) if kind]
     todo, variants_of = [], []  # recipes to build; existing versions whose variants are missing
     for recipe in selected:
-        target = _version_dir(args, recipe.name)
+        target = version_dir(args.repository, recipe.name, args.version)
         if target.exists() and args.skip_existing and not args.force:
-            missing = [k for k in kinds if not _version_dir(args, variant_name(recipe.name, k)).exists()]
+            missing = [
+                k
+                for k in kinds
+                if not version_dir(args.repository, variant_name(recipe.name, k), args.version).exists()
+            ]
             also = f"; writing its {', '.join(missing)} variants from it" if missing else ""
             print(f"{target} exists, skipping{also}")
             variants_of += [(recipe, target, kind) for kind in missing]
@@ -282,10 +286,6 @@ def _command(args: argparse.Namespace) -> int:
         )
         print(f"wrote {target} in {time.perf_counter() - start:.0f} s")
     return 0
-
-
-def _version_dir(args: argparse.Namespace, name: str) -> Path:
-    return Path(args.repository) / name / str(args.version)
 
 
 if __name__ == "__main__":

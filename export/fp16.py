@@ -31,12 +31,12 @@ how far whole float16 decodes drift is measured separately (held-out metrics, at
 
 from __future__ import annotations
 
-import heapq
 from pathlib import Path
 
 import numpy as np
 import onnx
 from onnxruntime.transformers.float16 import convert_float_to_float16
+from onnxruntime.transformers.onnx_model import OnnxModel
 
 from export import evaluate
 from export.data import fashion
@@ -66,33 +66,13 @@ def convert(source: Path, target: Path) -> None:
 
 def topologically_sorted(graph: onnx.GraphProto) -> None:
     """Put ``graph``'s nodes in an order where each comes after the nodes whose outputs it reads
-    (ONNX requires it), keeping the given order wherever it is already right. The converter
-    appends the Casts it puts around an op it keeps in float32 (``Range``, ``Min`` in the Luong
-    local scorers' window) at the end of the graph, after the node that reads them."""
-    producer = {out: i for i, node in enumerate(graph.node) for out in node.output if out}
-    waiting_on = [
-        {producer[name] for name in node.input if name in producer and producer[name] != i}
-        for i, node in enumerate(graph.node)
-    ]
-    readers: dict[int, list[int]] = {}
-    for i, needs in enumerate(waiting_on):
-        for j in needs:
-            readers.setdefault(j, []).append(i)
-    ready = [i for i, needs in enumerate(waiting_on) if not needs]
-    heapq.heapify(ready)  # the lowest index first: the given order where it is right
-    order: list[int] = []
-    while ready:
-        i = heapq.heappop(ready)
-        order.append(i)
-        for k in readers.get(i, []):
-            waiting_on[k].discard(i)
-            if not waiting_on[k]:
-                heapq.heappush(ready, k)
-    if len(order) != len(graph.node):
-        raise ExportVerificationError("the float16 graph has a cycle: its nodes cannot be ordered")
-    nodes = [graph.node[i] for i in order]
-    del graph.node[:]
-    graph.node.extend(nodes)
+    (ONNX requires it; ONNX Runtime's own sort). The converter appends the Casts it puts around an
+    op it keeps in float32 (``Range``, ``Min`` in the Luong local scorers' window) at the end of
+    the graph, after the node that reads them."""
+    try:
+        OnnxModel.graph_topological_sort(graph)
+    except RuntimeError as exc:  # "Graph is not a DAG"
+        raise ExportVerificationError(f"the float16 graph's nodes cannot be ordered: {exc}") from exc
 
 
 class _Shadowed(GraphSession):
