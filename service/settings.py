@@ -125,6 +125,10 @@ class Limits(BaseModel):
     #: requests waiting in a model's queue beyond which new ones are shed with 503
     max_queued_requests: int = Field(128, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)
+    #: shed a request at once (503 / RESOURCE_EXHAUSTED, Retry-After) when the work its model
+    #: holds would not drain within 0.8 × ``request_timeout_s`` at the rate the model drained work
+    #: while saturated, rather than queue it to be cut off there (``service/inference/admission.py``)
+    shed_by_predicted_wait: bool = True
     #: HTTP (in-replica): a request's line and headers together; more is answered 431
     max_request_head_bytes: int = Field(64 * 1024, ge=4096, le=1024 * 1024)
     #: HTTP (in-replica): a request's line and headers must be in within this long of its first

@@ -53,8 +53,13 @@ class Text:
     @classmethod
     def of(cls, request: Request, ids: list[list[int]], options: Options) -> list[Text]:
         """The texts of ``request``, one per row of source ids."""
-        cost = [options.beam_size * (len(row) + options.max_len) for row in ids]
-        return [cls(request, i, row, options, cost[i]) for i, row in enumerate(ids)]
+        return [cls(request, i, row, options, text_cost(row, options)) for i, row in enumerate(ids)]
+
+
+def text_cost(ids: list[int], options: Options) -> int:
+    """The positions of the token budget a text of source ``ids`` holds while it decodes: the
+    most rows × positions it can ever need."""
+    return options.beam_size * (len(ids) + options.max_len)
 
 
 @dataclass(eq=False)

@@ -24,18 +24,22 @@ import asyncio
 import contextlib
 import functools
 import logging
+import math
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from service.errors import InferenceFailed, Overloaded, ServiceError
+from service.inference.admission import Admission
 from service.inference.batcher import Batcher
 from service.inference.callers import Decoded, StepToken
 from service.inference.decode_child import translator_decoder
 from service.inference.decode_process import DecodeProcess
-from service.inference.jobs import Answer, AnswerMetrics, LastTokens, Tokens, Translated
+from service.inference.jobs import Answer, AnswerMetrics, LastTokens, Tokens, Translated, TranslateJob
 from service.inference.repository import ModelEntry
 from service.inference.runners import TranslateWork, TranslationRunner, decodes_continuously, make_runner
+from service.inference.running_batch import text_cost
 from service.inference.runtime import choose_providers
 from service.inference.scheduler import TranslationScheduler
 from service.inference.statistics import Snapshot, Statistics
@@ -84,6 +88,14 @@ class NoMetrics:
         pass
 
 
+@dataclass
+class Holding:
+    """A request's place in its model's admission, as its computation goes (``ModelWorker._held``)."""
+
+    answered: bool = False
+    shed: Overloaded | None = None  # set when the admission shed it
+
+
 class ModelWorker:
     def __init__(
         self,
@@ -103,6 +115,7 @@ class ModelWorker:
         self.runner = make_runner(entry, providers, threads, settings.limits, graphs=not remote)
         batching = settings.batching_for(entry.name)
         self.scheduler: TranslationScheduler | DecodeProcess | None = None
+        batch_units = batching.max_batch_size  # what one batch holds, in the units of its work
         start = time.perf_counter()  # a replica takes traffic only once constructed and warm
         if not remote:  # a decode process warms up its own graphs
             self.runner.warmup()
@@ -111,6 +124,7 @@ class ModelWorker:
             budget = batching.token_budget or batching.max_batch_size * (
                 spec.max_source_tokens + spec.max_target_tokens
             )
+            batch_units = budget
             if remote:
                 load = functools.partial(
                     translator_decoder, entry.directory, entry.manifest, providers, threads
@@ -127,6 +141,15 @@ class ModelWorker:
         #: requests (or parts of one) this worker holds at once — waiting, or in a batch that is
         #: computing or being answered — before it sheds new ones
         self.capacity = max_ongoing_requests(settings, entry.name) + settings.limits.max_queued_requests
+        #: and before that, work that would not drain within the request timeout is shed at once
+        #: (``service/inference/admission.py``), in the units of the model's batch: positions of
+        #: the token budget on the scheduler, texts or images on the batcher
+        limits = settings.limits
+        self.admission = Admission(
+            entry.name,
+            batch_units,
+            limits.request_timeout_s if limits.shed_by_predicted_wait else math.inf,
+        )
         self.metrics = metrics or NoMetrics()
         self.statistics = Statistics()
         provider = self.runner.providers[0]
@@ -159,7 +182,9 @@ class ModelWorker:
         with self._failures_counted(start):
             work = self._accept(job)
             accepted = time.perf_counter()
-            answer = await (self._decode(work) if self.scheduler is not None else self._batched(work))
+            with self._held(work) as holding:
+                answer = await (self._decode(work) if self.scheduler is not None else self._batched(work))
+                holding.answered = True
         self._answered(work, answer, start, accepted)
         return answer
 
@@ -185,8 +210,18 @@ class ModelWorker:
         per token. The scheduler holds them (``TranslationScheduler.enqueue``'s ``interval_s``):
         a decode process sends them across, and this loop wakes, once per interval, not per step."""
         start = time.perf_counter()
-        with self._failures_counted(start):
-            work = self._accept(job)
+        with contextlib.ExitStack() as stack:
+            with self._failures_counted(start):
+                work = self._accept(job)
+                # refused when it comes, never shed later: its caller also waits outside (writing)
+                holding = stack.enter_context(self._held(work, sheddable=False))
+            async with contextlib.aclosing(self._events(work, start)) as events:
+                async for item in events:
+                    holding.answered = isinstance(item, Answer)  # the last item
+                    yield item
+
+    async def _events(self, work: Any, start: float) -> AsyncGenerator[Tokens | Answer, None]:
+        """:meth:`stream`'s items, for admitted ``work``."""
         accepted = time.perf_counter()
         runner = self.runner
         if self.scheduler is None or not isinstance(runner, TranslationRunner) or work.job.beam_size > 1:
@@ -245,7 +280,53 @@ class ModelWorker:
     def _accept(self, job: Any) -> Any:
         if self.held >= self.capacity:
             raise Overloaded(f"model {self.entry.name!r} is overloaded; retry later")
+        self.admission.check(self._least_cost(job))  # before tokenising or decoding it
         return self.runner.preprocess(job)
+
+    @contextlib.contextmanager
+    def _held(self, work: Any, sheddable: bool = True) -> Iterator[Holding]:
+        """``work``'s cost held by the admission while it is computed: refused at once when the
+        model would not get to it in time and, when ``sheddable``, shed later (this task
+        cancelled, the cancellation turned into the admission's :class:`Overloaded`) when the
+        work ahead of it would no longer drain before its deadline — only for a caller whose
+        every wait meanwhile is inside this block. The caller marks it ``answered`` (its units
+        then count towards the model's rate); else it failed, was cancelled or its client left."""
+        task = asyncio.current_task()
+        assert task is not None
+        holding = Holding()
+
+        def shed(error: Overloaded) -> None:
+            holding.shed = error
+            task.cancel()
+
+        held = self.admission.admit(self._cost(work), shed if sheddable else None)
+        try:
+            yield holding
+        except asyncio.CancelledError:
+            if holding.shed is not None and task.uncancel() == 0:  # shed, and nothing else cancelled it
+                raise holding.shed from None
+            raise
+        finally:
+            self.admission.release(held, holding.answered)
+
+    def _least_cost(self, job: Any) -> int:
+        """:meth:`_cost` of ``job``'s work at least, known before its preprocessing: each text
+        one source token long. Under overload, refusing a request of 64 texts before tokenising
+        them leaves that time to the model."""
+        if not isinstance(job, TranslateJob):
+            return 1
+        if self.scheduler is None or not isinstance(self.runner, TranslationRunner):
+            return len(job.texts)
+        return len(job.texts) * text_cost([0], self.runner.options(job))
+
+    def _cost(self, work: Any) -> int:
+        """What ``work`` holds of a batch: on the scheduler, its texts' positions of the token
+        budget (what a text holds there); else its size (texts, images)."""
+        if self.scheduler is None or not isinstance(work, TranslateWork):
+            return self.runner.size(work)
+        assert isinstance(self.runner, TranslationRunner)
+        options = self.runner.options(work.job)
+        return sum(text_cost(ids, options) for ids in work.ids)
 
     async def _batched(self, work: Any) -> Answer:
         size = self.runner.size(work)
