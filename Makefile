@@ -30,7 +30,7 @@ help:
 	@echo "make bench      every benchmark report into benchmarks/results/ (serving, decoding, CTranslate2, streaming, peers, idle, faults)"
 	@echo "make bench-serving   the serving configurations under load only"
 	@echo "make bench-decoding  KV cache vs whole prefix, the scheduler vs static batches"
-	@echo "make bench-faults  a replica killed under load, 4x and 10x overload, report into benchmarks/results/"
+	@echo "make bench-faults  a replica killed under load, 4x and 10x overload, sustained heavy overload, report into benchmarks/results/"
 	@echo "make bench-peers  the image path against TorchServe, Triton (PyTriton) and plain FastAPI (own venvs under build/)"
 	@echo "make bench-idle   an idle service's CPU by process (Ray's control loop at 0.1 s against the service's 0.5 s)"
 	@echo "make bench-ctranslate2  CTranslate2 as a peer on an opus-mt-en-de-shaped Marian model (own venv under build/)"
