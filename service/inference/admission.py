@@ -34,8 +34,16 @@ refusal (the caller's task is cancelled and the cancellation turned into ``Overl
 the newest would make it: they were never going to be answered, and their rows go to those that
 will.
 
-Cancelled and failed work is not counted as answered: when deadlines cut requests off, the rate
-falls and the model sheds more, which is the direction that ends the cutting off.
+The oldest request (the one being computed) is never shed late, and a stream is not shed once
+admitted (``shed`` None: its caller also waits outside the computation, writing what it has).
+
+**Never stuck.** A request that finds nothing waiting (at most a batch held) is always admitted,
+whatever the rate: a rate learned in a slow spell would otherwise refuse a lone request bigger
+than a batch for ever, since refusals keep the model idle and the rate is measured only while it
+is saturated. Cancelled and failed work is not counted as answered: when deadlines cut requests
+off, the rate falls and the model sheds more, which is the direction that ends the cutting off;
+a model that answered nothing over its whole memory has a rate of 0 and refuses whatever would
+wait (:meth:`Admission._stalled_rate`).
 
 Plain Python on the caller's event loop (one per model), unit-tested with a fake clock
 (``tests/service/inference/test_admission.py``).
@@ -84,6 +92,8 @@ class Admission:
         saturated seconds, the last ``memory_s`` of them."""
         if capacity <= 0 or timeout_s <= 0:
             raise ValueError(f"capacity and timeout_s must be > 0, got {capacity}, {timeout_s}")
+        if memory_s < sample_s:
+            raise ValueError(f"memory_s must be ≥ sample_s, got {memory_s} < {sample_s}")
         self.model, self.capacity, self.timeout_s = model, capacity, timeout_s
         self.horizon_s = HORIZON_SHARE * timeout_s
         self.clock, self.sample_s, self.memory_s = clock, sample_s, memory_s
@@ -113,12 +123,22 @@ class Admission:
 
     def check(self, cost: float) -> None:
         """Raise :class:`Overloaded` when ``cost`` more units would not drain in time (a lower
-        bound of a request's cost refuses it before its preprocessing is spent on it)."""
+        bound of a request's cost refuses it before its preprocessing is spent on it). Never
+        while nothing waits (the model holds at most a batch): a request then starts at once,
+        whatever the rate says — and a rate learned in a slow spell is measured again."""
         self._tick()
-        wait = self.predicted_s(cost) if self.held + cost > self.capacity else None  # else: one batch
+        if not self.saturated:
+            return
+        rate = self.rate if self._memory_done else self._stalled_rate()
+        wait = None if rate is None else math.inf if rate == 0 else (self.held + cost) / rate
         if wait is not None and wait > self.horizon_s:
             self.shed += 1
-            raise self._overloaded(f"the work it holds would take {wait:.1f} s to drain", wait)
+            why = (
+                f"the work it holds would take {wait:.1f} s to drain"
+                if math.isfinite(wait)
+                else f"it answered nothing in its last {self._memory_s:.0f} s of work"
+            )
+            raise self._overloaded(why, wait)
 
     def release(self, held: Held, answered: bool) -> None:
         """Give ``held`` back: answered (its units count towards the rate), or failed or cancelled
@@ -146,6 +166,13 @@ class Admission:
         """How long the work held plus ``cost`` would take to drain; None without a rate."""
         rate = self.rate
         return None if rate is None else (self.held + cost) / rate
+
+    def _stalled_rate(self) -> float | None:
+        """0 once the model has spent its whole memory (``memory_s``) saturated without
+        answering anything — it stopped answering, or its work is slower than the memory: new
+        work that would wait is refused (late shedding needs a rate above 0 and does not act).
+        Before that, None: no prediction."""
+        return 0.0 if self._memory_s >= self.memory_s * 0.999 else None  # full, as floats add up
 
     @property
     def saturated(self) -> bool:
@@ -179,9 +206,10 @@ class Admission:
         now = self.clock()
         ahead = self.held - self.capacity  # the work before each request's end, newest first
         late: list[tuple[Held, Callable[[Overloaded], None], float]] = []
+        oldest = next(iter(self._holders), None)  # the head is being computed: never shed
         for held in reversed(self._holders):
             wait = ahead / rate
-            if now + wait <= held.deadline:
+            if held is oldest or now + wait <= held.deadline:
                 break
             if held.shed is not None:
                 late.append((held, held.shed, wait))
@@ -200,5 +228,6 @@ class Admission:
             f"model {self.model!r} is overloaded: {why}, with the request timeout at "
             f"{self.timeout_s:g} s; retry later"
         )
-        error.retry_after_s = min(max(1, math.ceil(wait_s - self.horizon_s)), math.ceil(self.horizon_s))
+        excess = wait_s - self.horizon_s if math.isfinite(wait_s) else self.horizon_s
+        error.retry_after_s = min(max(1, math.ceil(excess)), math.ceil(self.horizon_s))
         return error

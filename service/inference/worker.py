@@ -26,7 +26,7 @@ import functools
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -92,8 +92,15 @@ class NoMetrics:
 class Holding:
     """A request's place in its model's admission, as its computation goes (``ModelWorker._held``)."""
 
+    give_back: Callable[[bool], None]  # the units back to the admission, answered or not (once)
     answered: bool = False
     shed: Overloaded | None = None  # set when the admission shed it
+
+    def computed(self) -> None:
+        """The work is answered: its units go back now (a stream's client may read on for long
+        after; holding them meanwhile made the model look saturated while it answered nothing)."""
+        self.answered = True
+        self.give_back(True)
 
 
 class ModelWorker:
@@ -184,7 +191,7 @@ class ModelWorker:
             accepted = time.perf_counter()
             with self._held(work) as holding:
                 answer = await (self._decode(work) if self.scheduler is not None else self._batched(work))
-                holding.answered = True
+                holding.computed()
         self._answered(work, answer, start, accepted)
         return answer
 
@@ -215,18 +222,21 @@ class ModelWorker:
                 work = self._accept(job)
                 # refused when it comes, never shed later: its caller also waits outside (writing)
                 holding = stack.enter_context(self._held(work, sheddable=False))
-            async with contextlib.aclosing(self._events(work, start)) as events:
+            async with contextlib.aclosing(self._events(work, start, holding)) as events:
                 async for item in events:
-                    holding.answered = isinstance(item, Answer)  # the last item
                     yield item
 
-    async def _events(self, work: Any, start: float) -> AsyncGenerator[Tokens | Answer, None]:
-        """:meth:`stream`'s items, for admitted ``work``."""
+    async def _events(
+        self, work: Any, start: float, holding: Holding
+    ) -> AsyncGenerator[Tokens | Answer, None]:
+        """:meth:`stream`'s items, for admitted ``work``; ``holding`` is given back as soon as
+        the work is computed, however slowly its client reads."""
         accepted = time.perf_counter()
         runner = self.runner
         if self.scheduler is None or not isinstance(runner, TranslationRunner) or work.job.beam_size > 1:
             with self._failures_counted(start):
                 answer = await (self._decode(work) if self.scheduler is not None else self._batched(work))
+            holding.computed()
             self._answered(work, answer, start, accepted)
             yield answer
             return
@@ -246,6 +256,8 @@ class ModelWorker:
         request = self.scheduler.enqueue(work.ids, options, arrived, attention, self.stream_interval_s)
         decoding = request.future
         decoding.add_done_callback(lambda _: arrived())  # after every token: the loop keeps the order
+        # decoded: the units go back now, while the client may still be reading its tokens
+        decoding.add_done_callback(lambda f: None if f.cancelled() or f.exception() else holding.computed())
         streams = runner.token_streams(work)
         try:
             while True:
@@ -293,21 +305,22 @@ class ModelWorker:
         then count towards the model's rate); else it failed, was cancelled or its client left."""
         task = asyncio.current_task()
         assert task is not None
-        holding = Holding()
+        cancelling = task.cancelling()  # cancellations already asked for (asyncio.timeout's rule)
 
         def shed(error: Overloaded) -> None:
             holding.shed = error
             task.cancel()
 
         held = self.admission.admit(self._cost(work), shed if sheddable else None)
+        holding = Holding(functools.partial(self.admission.release, held))
         try:
             yield holding
         except asyncio.CancelledError:
-            if holding.shed is not None and task.uncancel() == 0:  # shed, and nothing else cancelled it
+            if holding.shed is not None and task.uncancel() <= cancelling:  # shed, nothing else cancelled it
                 raise holding.shed from None
             raise
         finally:
-            self.admission.release(held, holding.answered)
+            self.admission.release(held, holding.answered)  # nothing if given back already
 
     def _least_cost(self, job: Any) -> int:
         """:meth:`_cost` of ``job``'s work at least, known before its preprocessing: each text

@@ -83,14 +83,51 @@ def test_a_request_that_would_wait_past_the_horizon_is_refused_at_once() -> None
     assert HORIZON_SHARE == 0.8
 
 
-def test_work_that_fits_one_batch_is_never_refused() -> None:
+def test_while_nothing_waits_a_request_starts_at_once_whatever_the_rate() -> None:
+    """A rate learned in a slow spell (another process had the cores) would otherwise refuse a
+    lone request bigger than a batch for ever: refusals keep the model idle, so the rate is
+    never measured again."""
     a, clock = admission(capacity=4, timeout_s=1)
     held = [keep(a, 1)[0] for _ in range(8)]
-    drain(a, clock, held, every_s=1.0)  # a slow model: 1 unit/s
+    drain(a, clock, held, every_s=1.0)  # a slow spell: 1 unit/s
     assert a.rate == pytest.approx(1.0) and a.held == 0
-    keep(a, 4)  # 4 s of work against a 0.8 s horizon, but one batch: nothing waits behind it
+    big, _ = keep(a, 40)  # 40 s at that rate against a 0.8 s horizon, but nothing waits
     with pytest.raises(Overloaded):
+        a.check(1)  # now work waits
+    clock.now += 0.5
+    a.release(big, answered=True)  # the cores are back: 40 units in 0.5 s
+    assert a.rate > 10 and a.held == 0
+    keep(a, 4)
+    keep(a, 4)  # 8 units at the new rate: well within the horizon
+
+
+def test_a_model_that_answers_nothing_for_its_whole_memory_refuses_work_that_would_wait() -> None:
+    """No answer over its last 10 saturated seconds: a rate of 0, not none — else the model
+    that stopped answering would admit everything again, each request to wait for a 504."""
+    a, clock = admission(capacity=2, timeout_s=30)
+    head, _ = keep(a, 1)
+    burst = [keep(a, 1) for _ in range(5)]
+    for _ in range(25):  # 12.5 s saturated, nothing answered
+        clock.now += 0.5
+        with contextlib.suppress(Overloaded):
+            a.check(0)
+    with pytest.raises(Overloaded) as refused:
         a.check(1)
+    assert "answered nothing in its last 1" in refused.value.message and refused.value.retry_after_s == 24
+    assert not any(errors for _, errors in burst), "late shedding needs a rate above 0"
+    a.release(head, answered=False)
+    assert a.held == 5
+
+
+def test_the_oldest_request_is_never_shed_late() -> None:
+    """The head of the queue is the one being computed: with a rate that makes even it late
+    (one huge request after a slow spell), it is left to finish."""
+    a, clock = admission(capacity=4, timeout_s=1)
+    _, errors = keep(a, 40)  # no rate yet: both admitted
+    small, _ = keep(a, 1)
+    clock.now += 40
+    a.release(small, answered=True)  # 1 unit in 40 s: the lone request would take 1,600 s
+    assert a.rate == pytest.approx(1 / 40) and not errors and a.held == 40
 
 
 def test_cancelled_work_does_not_count_towards_the_rate() -> None:
@@ -173,6 +210,31 @@ HEAVY = TranslateJob(TEXTS, beam_size=8)
 STREAMED = TranslateJob(TEXTS * 2)  # greedy: its tokens stream as they are chosen
 
 
+@pytest.mark.parametrize("decode_process", [False, True])
+def test_a_stream_gives_its_work_back_once_decoded_not_once_read(
+    tiny_repository: Path, decode_process: bool
+) -> None:
+    """A client that reads its tokens slowly held the stream's units until it had read the last:
+    the model looked saturated while it answered nothing, and the rate it learned fell."""
+    settings = Settings(repository=tiny_repository, decode_process=decode_process)
+    worker = ModelWorker(load_entry(tiny_repository, "dates-transformer", 1), settings, "replica", "node")
+
+    async def slow_reader() -> None:
+        async with contextlib.aclosing(worker.stream(STREAMED)) as events:
+            first = await anext(events)
+            deadline = time.perf_counter() + 20
+            while worker.admission.held and time.perf_counter() < deadline:
+                await asyncio.sleep(0.01)  # reading nothing meanwhile
+            assert worker.admission.held == 0, "still held after the decode"
+            items = [first, *[event async for event in events]]
+        assert isinstance(items[-1], Answer) and len(items) > 1
+
+    try:
+        asyncio.run(slow_reader())
+    finally:
+        worker.close()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("decode_process", [False, True])
 def test_sustained_overload_is_answered_in_time_or_refused_at_once(
@@ -182,7 +244,7 @@ def test_sustained_overload_is_answered_in_time_or_refused_at_once(
     a refusal 0.2 s later) against a 2 s timeout: seconds of work queued for each. Counting
     requests, the model let them all in and most were cut off at 2 s (DEADLINE_EXCEEDED) after
     holding rows of the batch; predicting the wait, a request is answered within its timeout or
-    refused at once — a stream too, before or while its tokens come."""
+    refused at once (a stream when it comes: it is not shed once admitted)."""
     timeout_s = 2.0
     settings = Settings(
         repository=tiny_repository, decode_process=decode_process, limits={"request_timeout_s": timeout_s}
