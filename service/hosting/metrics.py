@@ -54,6 +54,8 @@ log = logging.getLogger("ray.serve")
 BATCH_BUCKETS = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0]
 TOKEN_BUCKETS = [0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
 FLUSH_S = 0.5
+#: the predicted wait of a model that answers nothing (an infinite wait) is exported as an hour
+MAX_PREDICTED_WAIT_S = 3600.0
 
 Tags = tuple[tuple[str, str], ...]
 Key = tuple[Any, Tags]  # (a Ray metric, its tags)
@@ -289,6 +291,12 @@ class ModelMetrics:
             description="Token budget held by the running batch (beam x (source + target limit) per text).",
             tag_keys=("model",),
         )  # fmt: skip
+        self.wait = metrics.Gauge(
+            "attention_predicted_wait_seconds",
+            description="Time the work the model holds would take to drain at the rate it answers "
+            "while saturated; requests are shed beyond 0.8 x the request timeout (0: nothing waits).",
+            tag_keys=("model",),
+        )  # fmt: skip
         self.info = metrics.Gauge(
             "attention_model_info", description="A loaded model (value 1).",
             tag_keys=("model", "version", "task", "family", "provider"),  # type: ignore[arg-type]
@@ -335,6 +343,11 @@ class ModelMetrics:
         DEFERRED.observe(self.first_token, first_token_s, self.key)
         if per_token_s is not None:
             DEFERRED.observe(self.per_token, per_token_s, self.key)
+
+    def predicted_wait(self, seconds: float) -> None:
+        """Every few seconds (the health check's refresh); a model that answers nothing reads an
+        hour, not an infinity that would make every sum over models +Inf."""
+        DEFERRED.set(self.wait, min(seconds, MAX_PREDICTED_WAIT_S), self.key)
 
     def stepped(self, rows: int, tokens: int, steps: int = 1) -> None:
         """After a decoder step (or a change without one: callers that left): the counter moves

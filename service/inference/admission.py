@@ -167,6 +167,15 @@ class Admission:
         rate = self.rate
         return None if rate is None else (self.held + cost) / rate
 
+    @property
+    def wait_s(self) -> float:
+        """The time the work held would take to drain at the learned rate: what a request would
+        wait now (0 while nothing waits or before a rate; inf when the model answers nothing)."""
+        if not self.saturated:
+            return 0.0
+        rate = self.rate if self._memory_done else self._stalled_rate()
+        return 0.0 if rate is None else math.inf if rate == 0 else self.held / rate
+
     def _stalled_rate(self) -> float | None:
         """0 once the model has spent its whole memory (``memory_s``) saturated without
         answering anything — it stopped answering, or its work is slower than the memory: new

@@ -185,7 +185,7 @@ class ModelSet:
 
     def refresh_metrics(self) -> None:
         for worker in self.workers.values():
-            worker.metrics.refresh()
+            worker.refresh_metrics()
 
     def check_health(self) -> None:
         """For the replica's health check: refresh the gauges; raise naming every model whose

@@ -60,6 +60,7 @@ class WorkerMetrics(Protocol):
     def generated(self, tokens: int) -> None: ...
     def decoded(self, first_token_s: float, per_token_s: float | None) -> None: ...
     def stepped(self, rows: int, tokens: int, steps: int = 1) -> None: ...
+    def predicted_wait(self, seconds: float) -> None: ...
 
 
 class NoMetrics:
@@ -85,6 +86,9 @@ class NoMetrics:
         pass
 
     def stepped(self, rows: int, tokens: int, steps: int = 1) -> None:
+        pass
+
+    def predicted_wait(self, seconds: float) -> None:
         pass
 
 
@@ -426,6 +430,12 @@ class ModelWorker:
         self.metrics.batch(size, seconds)
         self.statistics.executed(size, seconds)
         return outputs
+
+    def refresh_metrics(self) -> None:
+        """Every few seconds (the replica's health check): the gauges again, with the wait the
+        admission predicts now."""
+        self.metrics.predicted_wait(self.admission.wait_s)
+        self.metrics.refresh()
 
     def problem(self) -> str | None:
         """What makes this model unhealthy (its decode process down or hung), else None."""

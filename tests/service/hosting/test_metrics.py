@@ -188,6 +188,16 @@ def test_gauges_are_kept_alive_and_a_replaced_version_reads_zero() -> None:
     assert info.calls[-1] == ("set", 0, v1)
 
 
+def test_the_predicted_wait_is_a_gauge_and_an_infinite_one_reads_an_hour() -> None:
+    m = metrics.ModelMetrics("m", [0.1, 1.0])
+    m.wait = wait = Recorded()  # type: ignore[assignment]
+    m.predicted_wait(2.5)
+    metrics.DEFERRED.flush()
+    m.predicted_wait(float("inf"))  # a model that answered nothing for its whole memory
+    metrics.DEFERRED.flush()
+    assert wait.calls == [("set", 2.5, {"model": "m"}), ("set", 3600.0, {"model": "m"})]
+
+
 def test_batch_sizes_on_the_boundaries_are_exported_in_the_buckets_they_close() -> None:
     """Batches of 1, 2, 4 … 512 — the boundaries themselves — each in the bucket ``le`` its size
     (a batch of 1 under ``le="1.0"``): through OpenCensus every one was counted a bucket higher,

@@ -65,6 +65,17 @@ def test_the_rate_is_learned_only_while_work_waits() -> None:
     assert a.predicted_s(2) == pytest.approx((6 + 2) / 4)
 
 
+def test_the_wait_it_would_predict_now() -> None:
+    """What the ``ray_attention_predicted_wait_seconds`` gauge shows."""
+    a, clock = admission(capacity=4, timeout_s=10)
+    held = [keep(a, 1)[0] for _ in range(12)]
+    assert a.wait_s == 0  # no rate yet
+    drain(a, clock, held[:4], every_s=0.5)  # 2 units/s, 8 held
+    assert a.wait_s == pytest.approx(4.0)
+    drain(a, clock, held[4:], every_s=0.5)
+    assert a.wait_s == 0  # nothing waits
+
+
 def test_a_request_that_would_wait_past_the_horizon_is_refused_at_once() -> None:
     a, clock = admission(capacity=4, timeout_s=10)
     held = [keep(a, 1)[0] for _ in range(12)]
@@ -226,6 +237,7 @@ def test_a_stream_gives_its_work_back_once_decoded_not_once_read(
             while worker.admission.held and time.perf_counter() < deadline:
                 await asyncio.sleep(0.01)  # reading nothing meanwhile
             assert worker.admission.held == 0, "still held after the decode"
+            worker.refresh_metrics()  # the health check's: the gauge reads what the admission says
             items = [first, *[event async for event in events]]
         assert isinstance(items[-1], Answer) and len(items) > 1
 
