@@ -45,16 +45,19 @@ off, the rate falls and the model sheds more, which is the direction that ends t
 a model that answered nothing over its whole memory has a rate of 0 and refuses whatever would
 wait (:meth:`Admission._stalled_rate`).
 
-Plain Python on the caller's event loop (one per model), unit-tested with a fake clock
+Plain Python and asyncio on the caller's event loop (one per model), unit-tested with a fake clock
 (``tests/service/inference/test_admission.py``).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import functools
 import math
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from service.errors import Overloaded
@@ -71,6 +74,21 @@ class Held:
     cost: float
     deadline: float
     shed: Callable[[Overloaded], None] | None
+
+
+@dataclass
+class Holding:
+    """A request's place in its model's admission, as its computation goes (:meth:`Admission.holding`)."""
+
+    give_back: Callable[[bool], None]  # the units back to the admission, answered or not (once)
+    answered: bool = False
+    shed: Overloaded | None = None  # set when the admission shed it
+
+    def computed(self) -> None:
+        """The work is answered: its units go back now (a stream's client may read on for long
+        after; holding them meanwhile made the model look saturated while it answered nothing)."""
+        self.answered = True
+        self.give_back(True)
 
 
 class Admission:
@@ -120,6 +138,33 @@ class Admission:
         self._holders[held] = None
         self.held += cost
         return held
+
+    @contextlib.contextmanager
+    def holding(self, cost: float, sheddable: bool = True) -> Iterator[Holding]:
+        """``cost`` held while the calling task computes it: refused at once when the model would
+        not get to it in time and, when ``sheddable``, shed later — this task cancelled, the
+        cancellation turned into the :class:`Overloaded` — when the work ahead of it would no
+        longer drain before its deadline; only for a caller whose every wait meanwhile is inside
+        this block. The caller calls :meth:`Holding.computed` once answered (its units then
+        count towards the rate); else it failed, was cancelled or its client left."""
+        task = asyncio.current_task()
+        assert task is not None
+        cancelling = task.cancelling()  # cancellations already asked for (asyncio.timeout's rule)
+
+        def shed(error: Overloaded) -> None:
+            holding.shed = error
+            task.cancel()
+
+        held = self.admit(cost, shed if sheddable else None)
+        holding = Holding(functools.partial(self.release, held))
+        try:
+            yield holding
+        except asyncio.CancelledError:
+            if holding.shed is not None and task.uncancel() <= cancelling:  # shed, nothing else cancelled it
+                raise holding.shed from None
+            raise
+        finally:
+            self.release(held, holding.answered)  # nothing if given back already
 
     def check(self, cost: float) -> None:
         """Raise :class:`Overloaded` when ``cost`` more units would not drain in time (a lower

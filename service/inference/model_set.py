@@ -23,7 +23,8 @@ from pathlib import Path
 
 from service.inference.manifest import NAME_PATTERN, list_versions
 from service.inference.repository import ModelEntry, load_entry
-from service.inference.worker import ModelWorker, WorkerMetrics
+from service.inference.worker import ModelWorker
+from service.inference.worker_metrics import WorkerMetrics
 from service.settings import Settings
 
 log = logging.getLogger("ray.serve")

@@ -26,12 +26,11 @@ import functools
 import logging
 import math
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
-from dataclasses import dataclass
-from typing import Any, Protocol
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
+from typing import Any
 
 from service.errors import InferenceFailed, Overloaded, ServiceError
-from service.inference.admission import Admission
+from service.inference.admission import Admission, Holding
 from service.inference.batcher import Batcher
 from service.inference.callers import Decoded, StepToken
 from service.inference.decode_child import translator_decoder
@@ -43,68 +42,10 @@ from service.inference.running_batch import text_cost
 from service.inference.runtime import choose_providers
 from service.inference.scheduler import TranslationScheduler
 from service.inference.statistics import Snapshot, Statistics
+from service.inference.worker_metrics import NoMetrics, WorkerMetrics
 from service.settings import Settings
 
 log = logging.getLogger("ray.serve")
-
-
-class WorkerMetrics(Protocol):
-    """Where a worker records what it did; the hosting layer gives one that exports them (Ray's
-    metrics API, ``service/hosting/metrics.py``), tests and offline use need none."""
-
-    def loaded(self, version: int, task: str, family: str, provider: str) -> None: ...
-    def refresh(self) -> None: ...
-    def unloaded(self) -> None: ...
-    def batch(self, size: int, compute_s: float) -> None: ...
-    def waited(self, seconds: float) -> None: ...
-    def generated(self, tokens: int) -> None: ...
-    def decoded(self, first_token_s: float, per_token_s: float | None) -> None: ...
-    def stepped(self, rows: int, tokens: int, steps: int = 1) -> None: ...
-    def predicted_wait(self, seconds: float) -> None: ...
-
-
-class NoMetrics:
-    def loaded(self, version: int, task: str, family: str, provider: str) -> None:
-        pass
-
-    def refresh(self) -> None:
-        pass
-
-    def unloaded(self) -> None:
-        pass
-
-    def batch(self, size: int, compute_s: float) -> None:
-        pass
-
-    def waited(self, seconds: float) -> None:
-        pass
-
-    def generated(self, tokens: int) -> None:
-        pass
-
-    def decoded(self, first_token_s: float, per_token_s: float | None) -> None:
-        pass
-
-    def stepped(self, rows: int, tokens: int, steps: int = 1) -> None:
-        pass
-
-    def predicted_wait(self, seconds: float) -> None:
-        pass
-
-
-@dataclass
-class Holding:
-    """A request's place in its model's admission, as its computation goes (``ModelWorker._held``)."""
-
-    give_back: Callable[[bool], None]  # the units back to the admission, answered or not (once)
-    answered: bool = False
-    shed: Overloaded | None = None  # set when the admission shed it
-
-    def computed(self) -> None:
-        """The work is answered: its units go back now (a stream's client may read on for long
-        after; holding them meanwhile made the model look saturated while it answered nothing)."""
-        self.answered = True
-        self.give_back(True)
 
 
 class ModelWorker:
@@ -299,32 +240,9 @@ class ModelWorker:
         self.admission.check(self._least_cost(job))  # before tokenising or decoding it
         return self.runner.preprocess(job)
 
-    @contextlib.contextmanager
-    def _held(self, work: Any, sheddable: bool = True) -> Iterator[Holding]:
-        """``work``'s cost held by the admission while it is computed: refused at once when the
-        model would not get to it in time and, when ``sheddable``, shed later (this task
-        cancelled, the cancellation turned into the admission's :class:`Overloaded`) when the
-        work ahead of it would no longer drain before its deadline — only for a caller whose
-        every wait meanwhile is inside this block. The caller marks it ``answered`` (its units
-        then count towards the model's rate); else it failed, was cancelled or its client left."""
-        task = asyncio.current_task()
-        assert task is not None
-        cancelling = task.cancelling()  # cancellations already asked for (asyncio.timeout's rule)
-
-        def shed(error: Overloaded) -> None:
-            holding.shed = error
-            task.cancel()
-
-        held = self.admission.admit(self._cost(work), shed if sheddable else None)
-        holding = Holding(functools.partial(self.admission.release, held))
-        try:
-            yield holding
-        except asyncio.CancelledError:
-            if holding.shed is not None and task.uncancel() <= cancelling:  # shed, nothing else cancelled it
-                raise holding.shed from None
-            raise
-        finally:
-            self.admission.release(held, holding.answered)  # nothing if given back already
+    def _held(self, work: Any, sheddable: bool = True) -> contextlib.AbstractContextManager[Holding]:
+        """``work``'s place in the admission while it is computed (:meth:`Admission.holding`)."""
+        return self.admission.holding(self._cost(work), sheddable)
 
     def _least_cost(self, job: Any) -> int:
         """:meth:`_cost` of ``job``'s work at least, known before its preprocessing: each text

@@ -21,7 +21,8 @@ import pytest
 from service.inference import decode_process, model_set
 from service.inference.decode_process import DecodeProcess
 from service.inference.model_set import ModelSet
-from service.inference.worker import ModelWorker, NoMetrics
+from service.inference.worker import ModelWorker
+from service.inference.worker_metrics import NoMetrics
 from service.settings import Settings
 from tests.service.inference.test_decode_process import broken
 
