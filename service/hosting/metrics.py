@@ -294,7 +294,8 @@ class ModelMetrics:
         self.wait = metrics.Gauge(
             "attention_predicted_wait_seconds",
             description="Time the work the model holds would take to drain at the rate it answers "
-            "while saturated; requests are shed beyond 0.8 x the request timeout (0: nothing waits).",
+            "while saturated; requests are shed beyond 0.8 x the request timeout (0: nothing waits, or no "
+            "rate learned yet).",
             tag_keys=("model",),
         )  # fmt: skip
         self.info = metrics.Gauge(

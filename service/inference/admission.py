@@ -42,8 +42,9 @@ whatever the rate: a rate learned in a slow spell would otherwise refuse a lone 
 than a batch for ever, since refusals keep the model idle and the rate is measured only while it
 is saturated. Cancelled and failed work is not counted as answered: when deadlines cut requests
 off, the rate falls and the model sheds more, which is the direction that ends the cutting off;
-a model that answered nothing over its whole memory has a rate of 0 and refuses whatever would
-wait (:meth:`Admission._stalled_rate`).
+a model saturated for the horizon without answering anything (it stopped answering: whatever
+waits would miss its deadline) refuses whatever would wait (:meth:`Admission._drain_s`). One
+request that takes longer than the rate's memory does not count as that.
 
 Plain Python and asyncio on the caller's event loop (one per model), unit-tested with a fake clock
 (``tests/service/inference/test_admission.py``).
@@ -122,7 +123,9 @@ class Admission:
         self._slot_done = 0.0
         self._slots: deque[tuple[float, float]] = deque()  # (saturated s, units answered)
         self._memory_s = self._memory_done = 0.0  # the slots' sums
+        self._unanswered_s = 0.0  # saturated seconds since the last answer
         self.shed = 0  # requests refused or shed by the prediction
+        self.answered = 0.0  # units answered
 
     # -- what the worker calls -------------------------------------------------------------------
 
@@ -174,14 +177,13 @@ class Admission:
         self._tick()
         if not self.saturated:
             return
-        rate = self.rate if self._memory_done else self._stalled_rate()
-        wait = None if rate is None else math.inf if rate == 0 else (self.held + cost) / rate
+        wait = self._drain_s(self.held + cost, self._unanswered_s)
         if wait is not None and wait > self.horizon_s:
             self.shed += 1
             why = (
                 f"the work it holds would take {wait:.1f} s to drain"
                 if math.isfinite(wait)
-                else f"it answered nothing in its last {self._memory_s:.0f} s of work"
+                else f"it answered nothing in its last {self._unanswered_s:.0f} s of work"
             )
             raise self._overloaded(why, wait)
 
@@ -191,10 +193,12 @@ class Admission:
         if held not in self._holders:  # shed already
             return
         del self._holders[held]
-        saturated = self.saturated
-        if answered and saturated:  # answered while work waited: the model's full rate
-            self._slot_done += held.cost
+        if answered and self.saturated:  # answered while work waited: the model's full rate
+            self._slot_done += held.cost  # (in the slot this event may close)
         self._tick()
+        if answered:
+            self.answered += held.cost
+            self._unanswered_s = 0.0
         self.held = max(0.0, self.held - held.cost)
         self._shed_late()
 
@@ -215,18 +219,23 @@ class Admission:
     @property
     def wait_s(self) -> float:
         """The time the work held would take to drain at the learned rate: what a request would
-        wait now (0 while nothing waits or before a rate; inf when the model answers nothing)."""
+        wait now — 0 while nothing waits or before a rate is learned, inf when the model has
+        answered nothing for the horizon. Reads the clock, changes nothing (the gauge's)."""
         if not self.saturated:
             return 0.0
-        rate = self.rate if self._memory_done else self._stalled_rate()
-        return 0.0 if rate is None else math.inf if rate == 0 else self.held / rate
+        unanswered = self._unanswered_s + (self.clock() - self._last)  # saturated since the last event
+        wait = self._drain_s(self.held, unanswered)
+        return 0.0 if wait is None else wait
 
-    def _stalled_rate(self) -> float | None:
-        """0 once the model has spent its whole memory (``memory_s``) saturated without
-        answering anything — it stopped answering, or its work is slower than the memory: new
-        work that would wait is refused (late shedding needs a rate above 0 and does not act).
-        Before that, None: no prediction."""
-        return 0.0 if self._memory_s >= self.memory_s * 0.999 else None  # full, as floats add up
+    def _drain_s(self, units: float, unanswered_s: float) -> float | None:
+        """How long ``units`` would take to drain: inf once the model has been saturated for the
+        horizon (``HORIZON_SHARE`` × the timeout) without answering anything — it stopped
+        answering, and whatever waits now would miss its deadline (late shedding needs a rate
+        above 0 and does not act); None without a rate."""
+        if unanswered_s >= self.horizon_s:
+            return math.inf
+        rate = self.rate
+        return None if rate is None else units / rate
 
     @property
     def saturated(self) -> bool:
@@ -237,6 +246,7 @@ class Admission:
         now = self.clock()
         if self.saturated:
             self._slot_s += now - self._last
+            self._unanswered_s += now - self._last
         self._last = now
         if self._slot_s >= self.sample_s:
             self._slots.append((self._slot_s, self._slot_done))
@@ -282,6 +292,6 @@ class Admission:
             f"model {self.model!r} is overloaded: {why}, with the request timeout at "
             f"{self.timeout_s:g} s; retry later"
         )
-        excess = wait_s - self.horizon_s if math.isfinite(wait_s) else self.horizon_s
+        excess = wait_s - self.horizon_s if math.isfinite(wait_s) else self.horizon_s  # stalled
         error.retry_after_s = min(max(1, math.ceil(excess)), math.ceil(self.horizon_s))
         return error

@@ -218,6 +218,7 @@ class ModelWorker:
                     await wake
             with self._failures_counted(start), self._runtime_failures("decoding"):
                 decoded = decoding.result()
+            holding.computed()  # (if the done-callback, queued behind this task, has not yet)
             answer = self._decoded_answer(work, decoded)
             self._answered(work, answer, start, accepted)
             yield answer

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -112,22 +113,38 @@ def test_while_nothing_waits_a_request_starts_at_once_whatever_the_rate() -> Non
     keep(a, 4)  # 8 units at the new rate: well within the horizon
 
 
-def test_a_model_that_answers_nothing_for_its_whole_memory_refuses_work_that_would_wait() -> None:
-    """No answer over its last 10 saturated seconds: a rate of 0, not none — else the model
-    that stopped answering would admit everything again, each request to wait for a 504."""
+def test_a_model_that_answers_nothing_for_the_horizon_refuses_work_that_would_wait() -> None:
+    """Saturated for 0.8 × the timeout without an answer: whatever waits now would miss its
+    deadline. A rate of 0, not none — else a model that stopped answering would admit everything
+    again, each request to wait for a 504."""
     a, clock = admission(capacity=2, timeout_s=30)
     head, _ = keep(a, 1)
     burst = [keep(a, 1) for _ in range(5)]
-    for _ in range(25):  # 12.5 s saturated, nothing answered
-        clock.now += 0.5
-        with contextlib.suppress(Overloaded):
-            a.check(0)
+    clock.now += 23
+    a.check(1)  # 23 s without an answer: not yet
+    clock.now += 1.5
+    assert a.wait_s == math.inf  # the gauge reads the clock itself
     with pytest.raises(Overloaded) as refused:
         a.check(1)
-    assert "answered nothing in its last 1" in refused.value.message and refused.value.retry_after_s == 24
+    assert "answered nothing in its last 24 s of work" in refused.value.message
+    assert refused.value.retry_after_s == 24
     assert not any(errors for _, errors in burst), "late shedding needs a rate above 0"
-    a.release(head, answered=False)
+    a.release(head, answered=True)  # it answers again
+    a.check(1)
     assert a.held == 5
+
+
+def test_one_request_longer_than_the_rates_memory_is_not_a_stall() -> None:
+    """A request bigger than a batch saturates the model alone; 12 s of it under a 30 s timeout
+    is legitimate, and what comes meanwhile is admitted (there is no rate yet)."""
+    a, clock = admission(capacity=100, timeout_s=30)
+    big, _ = keep(a, 1000)
+    for _ in range(24):
+        clock.now += 0.5
+        keep(a, 1)
+    clock.now += 0.5
+    a.release(big, answered=True)
+    assert a.rate is not None and a.answered == 1000 and a.shed == 0
 
 
 def test_the_oldest_request_is_never_shed_late() -> None:
@@ -222,13 +239,19 @@ STREAMED = TranslateJob(TEXTS * 2)  # greedy: its tokens stream as they are chos
 
 
 @pytest.mark.parametrize("decode_process", [False, True])
-def test_a_stream_gives_its_work_back_once_decoded_not_once_read(
+def test_a_stream_gives_its_work_back_once_decoded_and_counts_it_answered(
     tiny_repository: Path, decode_process: bool
 ) -> None:
     """A client that reads its tokens slowly held the stream's units until it had read the last:
     the model looked saturated while it answered nothing, and the rate it learned fell."""
     settings = Settings(repository=tiny_repository, decode_process=decode_process)
     worker = ModelWorker(load_entry(tiny_repository, "dates-transformer", 1), settings, "replica", "node")
+
+    async def prompt_reader() -> None:
+        for _ in range(3):
+            async with contextlib.aclosing(worker.stream(STREAMED)) as events:
+                items = [event async for event in events]
+            assert isinstance(items[-1], Answer)
 
     async def slow_reader() -> None:
         async with contextlib.aclosing(worker.stream(STREAMED)) as events:
@@ -243,6 +266,12 @@ def test_a_stream_gives_its_work_back_once_decoded_not_once_read(
 
     try:
         asyncio.run(slow_reader())
+        answered = worker.admission.answered
+        assert answered > 0
+        # read at once: the scheduler wakes the reader with its last tokens before the future's
+        # callbacks run, and the generator closed with the units not counted as answered
+        asyncio.run(prompt_reader())
+        assert worker.admission.answered > answered and worker.admission.held == 0
     finally:
         worker.close()
 
