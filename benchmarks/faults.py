@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import outputs
-from benchmarks.loadgen import Connection, Request, Result, closed_loop, open_loop, percentile
+from benchmarks.loadgen import Request, Result, closed_loop, open_loop, percentile
 from benchmarks.run import ROOT, TEXTS, Server, configurations, start
 from benchmarks.targets import SERVICE_X2
 
@@ -145,41 +145,29 @@ def sustained(
                "ATTN_LIMITS__SHED_BY_PREDICTED_WAIT": str(predicted).lower()}  # fmt: skip
         server = start("sustained", dataclasses.replace(base, env={**base.env, **env}), out)
         try:
-            answers = asyncio.run(_sustained(server.port, clients, duration_s))
+            result = asyncio.run(
+                closed_loop("127.0.0.1", server.port, [HEAVY], clients, duration_s, shed_wait_s=1.0)
+            )
         finally:
             server.stop()
-        rows.append({"predicted_wait": predicted, "clients": clients, "timeout_s": timeout_s, **answers})
+        rows.append(
+            {"predicted_wait": predicted, "clients": clients, "timeout_s": timeout_s, **_answers(result)}
+        )
     return rows
 
 
-async def _sustained(port: int, clients: int, duration_s: float) -> dict[str, Any]:
-    latencies: dict[int, list[float]] = {}
-    begin = time.perf_counter()
-
-    async def client() -> None:
-        conn = await Connection.open("127.0.0.1", port)
-        try:
-            while time.perf_counter() - begin < duration_s:
-                start = time.perf_counter()
-                status, _ = await conn.send(HEAVY)
-                latencies.setdefault(status, []).append(time.perf_counter() - start)
-                if conn.closing:
-                    conn.close()
-                    conn = await Connection.open("127.0.0.1", port)
-                if status == 503:
-                    await asyncio.sleep(1.0)
-        finally:
-            conn.close()
-
-    await asyncio.gather(*(client() for _ in range(clients)))
-    elapsed = time.perf_counter() - begin
-    ok, shed = latencies.get(200, []), latencies.get(503, [])
+def _answers(result: Result) -> dict[str, Any]:
+    """A sustained run's answers, 504s and 503s."""
+    by_status: dict[int, list[float]] = {}
+    for latency, code in zip(result.latencies_s, result.codes, strict=True):
+        by_status.setdefault(code, []).append(latency)
+    ok, shed = by_status.get(200, []), by_status.get(503, [])
     return {
-        "answered": len(ok), "answered_per_s": len(ok) / elapsed,
+        "answered": len(ok), "answered_per_s": len(ok) / result.elapsed_s,
         "p50_answered_ms": percentile(ok, 50) * 1000, "p99_answered_ms": percentile(ok, 99) * 1000,
-        "timed_out_504": len(latencies.get(504, [])), "refused_503": len(shed),
+        "timed_out_504": len(by_status.get(504, [])), "refused_503": len(shed),
         "p99_503_ms": percentile(shed, 99) * 1000,
-        "other": sum(len(v) for s, v in latencies.items() if s not in (200, 503, 504)),
+        "other": sum(len(v) for s, v in by_status.items() if s not in (200, 503, 504)) + result.dropped,
     }  # fmt: skip
 
 

@@ -121,10 +121,11 @@ def _record(result: Result, status: int, body: bytes, latency: float, keep_every
 
 async def closed_loop(host: str, port: int, requests: list[Request], clients: int, duration_s: float,
                       max_requests: int = 1_000_000, keep_every: int = 10,
-                      retries: int = 0) -> Result:  # fmt: skip
+                      retries: int = 0, shed_wait_s: float = 0.0) -> Result:  # fmt: skip
     """N clients on keep-alive connections. With ``retries``, a request whose connection fails
     (a replica gone) is sent again on a new connection, as an HTTP client with a retry policy
-    does — safe here because inference is idempotent."""
+    does — safe here because inference is idempotent. With ``shed_wait_s``, a client answered
+    503 waits that long before its next request, as ``Retry-After`` asks."""
     check_host(host)
     result = Result()
     deadline = time.perf_counter() + duration_s
@@ -160,6 +161,8 @@ async def closed_loop(host: str, port: int, requests: list[Request], clients: in
                     continue
                 _record(result, status, body, time.perf_counter() - start, keep_every)
                 n += clients
+                if status == 503 and shed_wait_s:
+                    await asyncio.sleep(shed_wait_s)
         finally:
             if conn is not None:
                 conn.close()

@@ -177,7 +177,7 @@ class Admission:
         self._tick()
         if not self.saturated:
             return
-        wait = self._drain_s(self.held + cost, self._unanswered_s)
+        wait = self.predicted_s(cost)
         if wait is not None and wait > self.horizon_s:
             self.shed += 1
             why = (
@@ -212,9 +212,9 @@ class Admission:
         return done / seconds if seconds >= self.sample_s and done > 0 else None
 
     def predicted_s(self, cost: float) -> float | None:
-        """How long the work held plus ``cost`` would take to drain; None without a rate."""
-        rate = self.rate
-        return None if rate is None else (self.held + cost) / rate
+        """How long the work held plus ``cost`` would take to drain (inf for a stalled model);
+        None without a rate."""
+        return self._drain_s(self.held + cost, self._unanswered_s)
 
     @property
     def wait_s(self) -> float:

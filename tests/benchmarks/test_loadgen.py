@@ -20,7 +20,7 @@ class Echo(BaseHTTPRequestHandler):
 
     def do_POST(self) -> None:
         body = self.rfile.read(int(self.headers["Content-Length"]))
-        status = 500 if b"fail" in body else 200
+        status = 500 if b"fail" in body else 503 if b"shed" in body else 200
         extra = self.headers.get("Inference-Header-Content-Length")
         answer = json.dumps({"metrics": {"batch_size": 1}, "echo": body.decode(), "header": extra}).encode()
         self.send_response(status)
@@ -56,6 +56,14 @@ def test_closed_loop_counts_answers_and_errors(port: int) -> None:
     assert set(result.statuses) == {200, 500}
     assert result.errors == result.statuses[500] and result.ok == result.statuses[200]
     assert result.bodies and json.loads(result.bodies[0])["metrics"]["batch_size"] == 1
+
+
+def test_a_client_answered_503_waits_before_its_next_request(port: int) -> None:
+    """As a client that honours Retry-After: 0.2 s between sheds, so 0.5 s hold three requests."""
+    shed = [Request.json("/x", {"a": "shed"})]
+    result = asyncio.run(closed_loop("127.0.0.1", port, shed, clients=1, duration_s=0.5, shed_wait_s=0.2))
+    assert result.statuses == {503: 3}
+    assert asyncio.run(closed_loop("127.0.0.1", port, shed, clients=1, duration_s=0.5)).statuses[503] > 10
 
 
 def test_requests_carry_their_extra_headers(port: int) -> None:
