@@ -135,9 +135,14 @@ class Limits(BaseModel):
     #: byte (a new connection's first request: of the connection), and its body may pause this
     #: long at most; else 408 and the connection closes, so slow clients cannot hold connections
     request_read_timeout_s: float = Field(10.0, gt=0, le=600)
-    #: HTTP (in-replica): open client connections per replica; a new one beyond is answered 503
-    #: and closed (file descriptors stay for the models, the repository and gRPC)
+    #: HTTP and gRPC (in-replica): open client connections per replica, each protocol its own;
+    #: a new HTTP one beyond is answered 503 and closed, a gRPC one closed (its client sees
+    #: UNAVAILABLE). File descriptors stay for the models and the repository. The gRPC preface
+    #: must come within ``request_read_timeout_s`` too
     max_connections: int = Field(4096, ge=1, le=1_000_000)
+    #: gRPC (in-replica): calls in progress per replica, an open stream counting as one for its
+    #: whole life; one more is answered RESOURCE_EXHAUSTED at once
+    max_grpc_calls: int = Field(4096, ge=1, le=1_000_000)
     #: a streamed answer whose client stops reading: after this long blocked on one write, the
     #: stream ends and the request's rows leave the batch (nothing is buffered without bound)
     stream_write_timeout_s: float = Field(10.0, gt=0)

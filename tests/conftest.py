@@ -213,12 +213,18 @@ def service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 #: the bearer token of the ``guarded`` service
 API_TOKEN = "correct-horse-battery-staple"
+#: the gRPC calls the ``guarded`` service holds at once (``max_grpc_calls``)
+GUARDED_GRPC_CALLS = 8
 
 
 @pytest.fixture(scope="session")
 def guarded(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """The service on the tiny repository with an API token (``API_TOKEN``)."""
+    """The service on the tiny repository with an API token (``API_TOKEN``), taking at most
+    ``GUARDED_GRPC_CALLS`` gRPC calls at once."""
     with running_service(
-        tiny_repository, tmp_path_factory.mktemp("guarded"), ATTN_API_TOKEN=API_TOKEN
+        tiny_repository,
+        tmp_path_factory.mktemp("guarded"),
+        ATTN_API_TOKEN=API_TOKEN,
+        ATTN_LIMITS__MAX_GRPC_CALLS=str(GUARDED_GRPC_CALLS),
     ) as svc:
         yield svc

@@ -23,7 +23,6 @@ import contextlib
 import logging
 from typing import Any
 
-import grpc
 import ray
 from ray import serve
 
@@ -35,7 +34,7 @@ from service.hosting.autoscaling import METRIC
 from service.hosting.listening import (
     ConnectionRecycler,
     QuietServer,
-    grpc_options,
+    grpc_server,
     http_config,
     shared_socket,
 )
@@ -98,9 +97,11 @@ class ServingReplica:
         self.http_task = asyncio.create_task(
             self.http.serve(sockets=[shared_socket(settings.host, settings.http_port)])
         )
-        self.grpc = grpc.aio.server(
-            interceptors=interceptors(settings.api_token),
-            options=grpc_options(settings.grpc_max_message_bytes, settings.connection_max_age_s),
+        self.grpc = grpc_server(
+            settings.limits,
+            settings.grpc_max_message_bytes,
+            settings.connection_max_age_s,
+            interceptors(settings.api_token),
         )
         services = add_to_grpc_server(self.grpc, GrpcServicer(self.server))
         self.health = GrpcHealth(self.grpc, services)

@@ -13,6 +13,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from typing import Any
 
+import grpc
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -53,7 +54,15 @@ class ConnectionRecycler:
         await self.app(scope, receive, send_closing if last else send)
 
 
-def grpc_options(max_message_bytes: int, max_age_s: float) -> list[tuple[str, int]]:
+#: a client connection with nothing in progress for this long is closed: HTTP between requests
+#: (uvicorn's keep-alive timeout), gRPC without a call (a GOAWAY: the channel reconnects for its
+#: next call, as after a connection's age), so idle clients do not hold the connection slots
+IDLE_CONNECTION_S = 30.0
+
+
+def grpc_options(
+    max_message_bytes: int, max_age_s: float, limits: Limits | None = None
+) -> list[tuple[str, int]]:
     """The grpc.aio server options of a serving replica: the port shared with the node's other
     replicas (SO_REUSEPORT), the message limit both ways, and with ``max_age_s`` a GOAWAY to each
     client connection after that long (gRPC's MAX_CONNECTION_AGE, which adds ±10 % jitter). A
@@ -61,7 +70,14 @@ def grpc_options(max_message_bytes: int, max_age_s: float) -> list[tuple[str, in
     replica that joined or restarted after it connected; with one its next calls go out on a new
     connection. Calls in flight keep the old one as long as they last — no MAX_CONNECTION_AGE_GRACE:
     a KServe ``ModelStreamInfer`` stream (tritonclient's ``start_stream``) stays open for a whole
-    client session, and a grace would cut it; a stopping replica drains them (``drain_s``)."""
+    client session, and a grace would cut it; a stopping replica drains them (``drain_s``).
+
+    With ``limits``, the client bounds of the HTTP listener's (:class:`GuardedHttp`), in gRPC's
+    terms: at most ``max_connections`` client connections (one more is closed as it comes: its
+    client sees UNAVAILABLE and retries), each with its HTTP/2 preface and settings in within
+    ``request_read_timeout_s`` (gRPC's handshake timeout, 120 s by default), closed after
+    :data:`IDLE_CONNECTION_S` without a call. Calls in progress are bounded by
+    :func:`grpc_server`."""
     options = [
         ("grpc.so_reuseport", 1),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -69,7 +85,29 @@ def grpc_options(max_message_bytes: int, max_age_s: float) -> list[tuple[str, in
     ]
     if max_age_s > 0:
         options.append(("grpc.max_connection_age_ms", round(max_age_s * 1000)))
+    if limits is not None:
+        options += [
+            ("grpc.max_allowed_incoming_connections", limits.max_connections),
+            ("grpc.server_handshake_timeout_ms", round(limits.request_read_timeout_s * 1000)),
+            ("grpc.max_connection_idle_ms", round(IDLE_CONNECTION_S * 1000)),
+        ]
     return options
+
+
+def grpc_server(
+    limits: Limits,
+    max_message_bytes: int,
+    max_age_s: float,
+    interceptors: list[grpc.aio.ServerInterceptor] | None = None,
+) -> grpc.aio.Server:
+    """A serving replica's grpc.aio server (:func:`grpc_options`): at most ``max_grpc_calls``
+    calls in progress, streams included (an open ``ModelStreamInfer`` stream is one call however
+    long it lasts); one more is answered RESOURCE_EXHAUSTED at once, before any of our code runs."""
+    return grpc.aio.server(
+        interceptors=interceptors,
+        options=grpc_options(max_message_bytes, max_age_s, limits),
+        maximum_concurrent_rpcs=limits.max_grpc_calls,
+    )
 
 
 def http_config(
@@ -82,7 +120,8 @@ def http_config(
     INFO lines would never be written."""
     config = uvicorn.Config(
         app, lifespan="off", log_level="warning", access_log=access_log,
-        timeout_keep_alive=30, proxy_headers=False, http=GuardedHttp.under(limits, counter), ws="none",
+        timeout_keep_alive=round(IDLE_CONNECTION_S), proxy_headers=False,
+        http=GuardedHttp.under(limits, counter), ws="none",
     )  # fmt: skip
     if access_log:
         logging.getLogger("uvicorn.access").setLevel(log_level)

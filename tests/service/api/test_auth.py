@@ -3,6 +3,9 @@ gRPC; the check itself is constant-time and names what is wrong."""
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
+
 import grpc
 import pytest
 import requests
@@ -16,9 +19,11 @@ from service.api.protos import attention_pb2_grpc as apb_grpc
 from service.api.protos import grpc_service_pb2 as pb
 from service.api.protos import grpc_service_pb2_grpc as pb_grpc
 from service.errors import Unauthorized
-from tests.conftest import API_TOKEN, Service
+from tests.conftest import API_TOKEN, GUARDED_GRPC_CALLS, Service
 
 TOKEN = API_TOKEN
+BEARER = {"Authorization": f"Bearer {TOKEN}"}
+GRPC_CALLS = GUARDED_GRPC_CALLS
 
 
 def test_check_accepts_only_the_bearer_token() -> None:
@@ -80,3 +85,37 @@ def test_grpc_needs_the_token_except_health(guarded: Service) -> None:
     with pytest.raises(grpc.RpcError) as refused:
         list(stream)
     assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+
+
+@pytest.mark.slow
+def test_an_authenticated_clients_grpc_calls_are_bounded(guarded: Service) -> None:
+    """The guarded service runs with ``ATTN_LIMITS__MAX_GRPC_CALLS=8``: eight KServe streams held
+    open by a client with the token (each answered once, then idle) take every call; one call
+    more is RESOURCE_EXHAUSTED at once while HTTP answers on; the streams closed, calls pass."""
+    metadata = [("authorization", f"Bearer {TOKEN}")]
+    channel = grpc.insecure_channel(guarded.grpc_target)
+    v2 = pb_grpc.GRPCInferenceServiceStub(channel)
+    request = pb.ModelInferRequest(model_name="dates-bahdanau", id="held")
+    request.inputs.add(name="TEXT", datatype="BYTES", shape=[1]).contents.bytes_contents.append(
+        b"3 juin 1980"
+    )
+    ends = [threading.Event() for _ in range(GRPC_CALLS)]
+
+    def held(end: threading.Event) -> Iterator[pb.ModelInferRequest]:
+        yield request
+        end.wait(60)
+
+    streams = [v2.ModelStreamInfer(held(end), metadata=metadata, timeout=90) for end in ends]
+    try:
+        answers = [next(stream) for stream in streams]
+        assert all(not a.error_message and a.infer_response.id == "held" for a in answers), answers
+        with pytest.raises(grpc.RpcError) as refused:
+            v2.ServerMetadata(pb.ServerMetadataRequest(), metadata=metadata, timeout=30)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert requests.get(guarded.url + "/v1/models", headers=BEARER, timeout=30).status_code == 200
+    finally:
+        for end in ends:
+            end.set()
+    assert [list(stream) for stream in streams] == [[]] * GRPC_CALLS  # ended cleanly, nothing more
+    assert v2.ServerMetadata(pb.ServerMetadataRequest(), metadata=metadata, timeout=30).name
+    channel.close()

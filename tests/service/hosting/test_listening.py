@@ -2,7 +2,8 @@
 answer leaves in one system call (uvicorn writes headers and body separately), streamed events
 still leave as they are written, a closing answer is whole before the connection ends, and
 client connections are recycled: HTTP keep-alive after so many requests or so long, gRPC after
-so long without cutting a stream. What a client cannot do to a replica's HTTP listener (head
+so long without cutting a stream, gRPC clients bounded (connections, their preface and idle
+time, calls in progress). What a client cannot do to a replica's HTTP listener (head
 size, slow or idle connections, too many of them) is in ``test_guarded_http.py``."""
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ import grpc
 import pytest
 import uvicorn
 
+from service.hosting import listening
 from service.hosting.http_protocol import CorkedHttp
 from service.hosting.listening import (
     ConnectionRecycler,
     QuietServer,
     grpc_options,
+    grpc_server,
     http_config,
     shared_socket,
 )
@@ -229,3 +232,103 @@ def test_grpc_connections_are_recycled_by_age_and_streams_outlive_it() -> None:
     assert len(peers) >= 3, peers  # ≈ 6 ages: several connections
     peers, _ = asyncio.run(across_ages(0, 1.0))
     assert len(peers) == 1, peers  # 0: one connection for the channel's life
+
+
+async def bounded_grpc(limits: Limits) -> AsyncIterator[tuple[int, set[str]]]:
+    """A serving replica's gRPC server (``grpc_server``) under ``limits``, with a unary method
+    ``Peer`` (adds the client's address to the set) and a stream ``Echo``; (port, addresses)."""
+    peers: set[str] = set()
+
+    async def peer(_: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        peers.add(context.peer())
+        return b""
+
+    async def echo(messages: Any, _: grpc.aio.ServicerContext) -> Any:
+        async for message in messages:
+            yield message
+
+    server = grpc_server(limits, 1 << 22, 0)
+    handlers = {
+        "Peer": grpc.unary_unary_rpc_method_handler(peer),
+        "Echo": grpc.stream_stream_rpc_method_handler(echo),
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", handlers),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield port, peers
+    finally:
+        await server.stop(None)
+
+
+def channel_of(port: int) -> grpc.aio.Channel:
+    """A channel with a connection of its own (channels in one process share them by default)."""
+    return grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=[("grpc.use_local_subchannel_pool", 1)])
+
+
+def test_grpc_client_connections_are_bounded_in_number_and_time(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``max_connections`` over gRPC: one connection more is closed as it comes (its call fails
+    UNAVAILABLE) and gets in once another leaves; a connection that never sends gRPC's preface is
+    closed after ``request_read_timeout_s``; an idle one after ``IDLE_CONNECTION_S``, and its
+    channel's next call goes out on a new connection without failing."""
+    monkeypatch.setattr(listening, "IDLE_CONNECTION_S", 1.0)
+
+    async def scenario() -> None:
+        limits = Limits(max_connections=2, request_read_timeout_s=0.5)
+        async with contextlib.asynccontextmanager(bounded_grpc)(limits) as (port, peers):
+            # silent: the server's settings come at once, then its GOAWAY and the close
+            loop = asyncio.get_running_loop()
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            started = loop.time()
+            received = await asyncio.wait_for(reader.read(), 5)
+            assert b"handshake timeout" in received and 0.4 < loop.time() - started < 2, received
+            writer.close()
+
+            first, second, third = channel_of(port), channel_of(port), channel_of(port)
+            await first.unary_unary("/t.T/Peer")(b"", timeout=5)
+            await second.unary_unary("/t.T/Peer")(b"", timeout=5)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await third.unary_unary("/t.T/Peer")(b"", timeout=5)
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            await second.close()
+            await third.unary_unary("/t.T/Peer")(b"", timeout=10, wait_for_ready=True)
+            assert len(peers) == 3, peers
+
+            # idle past the limit: the server closed both; the next calls connect again
+            await asyncio.sleep(3.0)
+            await first.unary_unary("/t.T/Peer")(b"", timeout=5)
+            await third.unary_unary("/t.T/Peer")(b"", timeout=5)
+            assert len(peers) == 5, peers
+            await first.close()
+            await third.close()
+
+    asyncio.run(scenario())
+
+
+def test_grpc_calls_in_progress_are_bounded_streams_included() -> None:
+    """``max_grpc_calls``: with that many streams open (one channel, one connection), one call
+    more is answered RESOURCE_EXHAUSTED at once, and passes again once a stream has ended."""
+
+    async def scenario() -> None:
+        async with contextlib.asynccontextmanager(bounded_grpc)(Limits(max_grpc_calls=3)) as (port, _):
+            channel = channel_of(port)
+            ends = [asyncio.Event() for _ in range(3)]
+
+            async def held(end: asyncio.Event) -> Any:
+                yield b"open"
+                await end.wait()
+
+            streams = [channel.stream_stream("/t.T/Echo")(held(end)) for end in ends]
+            assert [await s.read() for s in streams] == [b"open"] * 3
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await channel.unary_unary("/t.T/Peer")(b"", timeout=5)
+            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            ends[0].set()
+            assert await streams[0].code() == grpc.StatusCode.OK
+            await channel.unary_unary("/t.T/Peer")(b"", timeout=5)
+            for end in ends[1:]:
+                end.set()
+            assert [await s.code() for s in streams[1:]] == [grpc.StatusCode.OK] * 2
+            await channel.close()
+
+    asyncio.run(scenario())
