@@ -7,7 +7,7 @@
 - nothing in ``service/`` imports torch or ``export``;
 - ``export/`` uses the service only through its core (to evaluate the very artifact it serves).
 
-``service/settings.py`` and ``service/errors.py`` are shared by every layer.
+``service/settings/`` and ``service/errors.py`` are shared by every layer.
 """
 
 from __future__ import annotations

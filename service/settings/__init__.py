@@ -1,4 +1,5 @@
-"""The service's one settings object, read once at start (environment prefix ``ATTN_``).
+"""The service's one settings object, read once at start (environment prefix ``ATTN_``); what one
+request and one client may do is its section ``limits`` (:mod:`service.settings.limits`).
 
 Every knob has a default that runs the demo on a laptop; a bad value fails at start with a
 message naming the setting. Only this module reads the environment. Nested values use ``__``:
@@ -14,6 +15,11 @@ from typing import Annotated, Literal, Self
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from service.settings.limits import Limits
+
+__all__ = ["DEFAULT_GPU_SHARE", "DIRECT_PORTS", "GPU_MAX_BATCH_SIZE", "Autoscaling", "Batching", "Limits",
+           "ModelOverride", "Settings"]  # fmt: skip
 
 GPU_MAX_BATCH_SIZE = 128
 #: a replica's share of a GPU when CUDA is asked for and no share is set: four serving replicas,
@@ -100,52 +106,6 @@ class Autoscaling(BaseModel):
                 f"min_replicas ({self.min_replicas}) must not exceed max_replicas ({self.max_replicas})"
             )
         return self
-
-
-class Limits(BaseModel):
-    """What one request may ask for: applied at the API edge (``service/api/limits.py``), shown in
-    the OpenAPI document and KServe model metadata. Each is at most the API schema's ceiling
-    (``service/api/schemas.py``)."""
-
-    model_config = ConfigDict(extra="forbid")  # an unknown name (a typo) stops the start
-
-    max_text_chars: int = Field(512, ge=1, le=4096)
-    max_texts: int = Field(64, ge=1, le=256)
-    max_beam_size: int = Field(8, ge=1, le=64)
-    max_image_bytes: int = Field(8 * 1024 * 1024, ge=1024)
-    max_image_pixels: int = Field(4096 * 4096, ge=64)
-    max_top_k: int = Field(100, ge=1, le=1000)
-    #: images in one request (a KServe v2 IMAGE / PIXELS batch; REST takes one): each holds a
-    #: place in the model's queue, so a request larger than the queue could never be served
-    max_images: int = Field(64, ge=1, le=4096)
-    #: the largest answer a request may ask for, estimated up front from what it asks (texts ×
-    #: decode length × source length, × layers × heads for every layer's attention): larger
-    #: requests are refused with 422 before any work, not encoded into huge JSON
-    max_response_bytes: int = Field(32 * 1024 * 1024, ge=64 * 1024)
-    #: requests waiting in a model's queue beyond which new ones are shed with 503
-    max_queued_requests: int = Field(128, ge=1)
-    request_timeout_s: float = Field(30.0, gt=0)
-    #: shed a request at once (503 / RESOURCE_EXHAUSTED, Retry-After) when the work its model
-    #: holds would not drain within 0.8 × ``request_timeout_s`` at the rate the model drained work
-    #: while saturated, rather than queue it to be cut off there (``service/inference/admission.py``)
-    shed_by_predicted_wait: bool = True
-    #: HTTP (in-replica): a request's line and headers together; more is answered 431
-    max_request_head_bytes: int = Field(64 * 1024, ge=4096, le=1024 * 1024)
-    #: HTTP (in-replica): a request's line and headers must be in within this long of its first
-    #: byte (a new connection's first request: of the connection), and its body may pause this
-    #: long at most; else 408 and the connection closes, so slow clients cannot hold connections
-    request_read_timeout_s: float = Field(10.0, gt=0, le=600)
-    #: HTTP and gRPC (in-replica): open client connections per replica, each protocol its own;
-    #: a new HTTP one beyond is answered 503 and closed, a gRPC one closed (its client sees
-    #: UNAVAILABLE). File descriptors stay for the models and the repository. The gRPC preface
-    #: must come within ``request_read_timeout_s`` too
-    max_connections: int = Field(4096, ge=1, le=1_000_000)
-    #: gRPC (in-replica): calls in progress per replica, an open stream counting as one for its
-    #: whole life; one more is answered RESOURCE_EXHAUSTED at once
-    max_grpc_calls: int = Field(4096, ge=1, le=1_000_000)
-    #: a streamed answer whose client stops reading: after this long blocked on one write, the
-    #: stream ends and the request's rows leave the batch (nothing is buffered without bound)
-    stream_write_timeout_s: float = Field(10.0, gt=0)
 
 
 class Settings(BaseSettings):
