@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
+from collections.abc import Callable
 from http import HTTPStatus
 from typing import Any, ClassVar, Protocol
 
@@ -44,6 +47,55 @@ LINGER_S = 2.0
 LINGER_OVER_LIMIT_S = 0.2
 
 
+#: uvicorn's warnings that any client causes at will, one per request (a line that is not HTTP;
+#: a WebSocket upgrade, which this listener does not take, costs two)
+CLIENT_CAUSED = (
+    "Invalid HTTP request received.",
+    "Unsupported upgrade request.",
+    "No supported WebSocket library",
+)
+#: of each, at most one line this often; the request metrics count every refusal
+CLIENT_CAUSED_EVERY_S = 60.0
+
+
+class ClientCaused(logging.Filter):
+    """Lets one of each :data:`CLIENT_CAUSED` warning through per ``every_s``, telling how many
+    were left out since the last; everything else passes. Without it a client sending garbage in
+    a loop wrote a warning per request into the replica's log."""
+
+    def __init__(
+        self, every_s: float = CLIENT_CAUSED_EVERY_S, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        super().__init__()
+        self.every_s, self.clock = every_s, clock
+        self._last: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not isinstance(record.msg, str) or not record.msg.startswith(CLIENT_CAUSED):
+            return True
+        now, key = self.clock(), record.msg
+        last = self._last.get(key, -math.inf)
+        if now - last < self.every_s:
+            self._left_out[key] = self._left_out.get(key, 0) + 1
+            return False
+        self._last[key] = now
+        left_out = self._left_out.pop(key, 0)
+        if left_out:
+            record.msg = f"{record.msg} (and {left_out} more in the {now - last:.0f} s before this one)"
+        return True
+
+
+def quiet_logger(every_s: float = CLIENT_CAUSED_EVERY_S) -> logging.Logger:
+    """uvicorn's ``uvicorn.error`` for one listener's connections, :class:`ClientCaused` warnings
+    thinned: a logger of its own whose records go to ``uvicorn.error``'s handlers."""
+    parent = logging.getLogger("uvicorn.error")
+    logger = logging.Logger(parent.name)  # its level: the parent's, as uvicorn configures it
+    logger.parent = parent
+    logger.addFilter(ClientCaused(every_s))
+    return logger
+
+
 class RefusalCounter(Protocol):
     def refused(self, status: int, seconds: float) -> None:
         """A connection refused with ``status``, ``seconds`` after it was made."""
@@ -63,7 +115,8 @@ class GuardedHttp(CorkedHttp):
       ``client_header_timeout`` and ``client_body_timeout``); an idle keep-alive connection
       between requests is uvicorn's ``timeout_keep_alive``'s;
     - at most ``max_connections`` connections are open; one more is answered 503 and closed;
-    - a request httptools cannot parse is answered 400 in JSON like every error, not text.
+    - a request httptools cannot parse is answered 400 in JSON like every error, not text, and
+      logged once a minute at most (:class:`ClientCaused`), as a WebSocket upgrade is.
 
     A refusal is never written into an answer on its way (a slow answer, pipelined ones): for
     the next request's head the connection waits until they are out, or closes without a word.
@@ -73,13 +126,17 @@ class GuardedHttp(CorkedHttp):
     limits: ClassVar[Limits]
     #: told of each refusal (the request metrics count them)
     counter: ClassVar[RefusalCounter | None] = None
+    #: uvicorn's logger for the connections, warnings a client causes thinned (:func:`quiet_logger`)
+    quiet: ClassVar[logging.Logger | None] = None
 
     @classmethod
     def under(cls, limits: Limits, counter: RefusalCounter | None = None) -> type[GuardedHttp]:
         """The protocol class uvicorn instantiates per connection, under ``limits``."""
-        return type(cls.__name__, (cls,), {"limits": limits, "counter": counter})
+        return type(cls.__name__, (cls,), {"limits": limits, "counter": counter, "quiet": quiet_logger()})
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        if self.quiet is not None:
+            self.logger = self.quiet
         super().connection_made(transport)
         self._head_bytes = 0  # of the request head under way (counted from whole reads)
         self._in_head = True  # no request line and headers complete since the last message

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ import pytest
 import uvloop
 
 from service.api.http import create_app
+from service.hosting.http_protocol import ClientCaused
 from service.hosting.listening import QuietServer, http_config, shared_socket
 from service.settings import Limits
 from tests.conftest import free_port
@@ -311,3 +313,68 @@ def test_a_request_httptools_cannot_parse_is_a_json_400(run: Any) -> None:
             assert status == 400 and error == "request: not valid HTTP/1.1"
 
     run(main())
+
+
+class Lines(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+def test_what_a_client_sends_wrong_is_logged_once_a_minute_and_counted_always(run: Any) -> None:
+    """Thirty requests that are not HTTP and ten WebSocket upgrades (each of these made uvicorn
+    write two warnings) leave one line of each kind in the log, while every 400 is counted; a
+    minute on, the next line tells how many were left out (``ClientCaused``)."""
+    lines = Lines()
+
+    async def main() -> None:
+        async with listening() as port:
+            logging.getLogger("uvicorn.error").addHandler(lines)  # after uvicorn configured its logging
+            before = len(REFUSALS.statuses)
+            for _ in range(30):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(b"\x16\x03\x01 not http\r\n\r\n")
+                assert (await refused_by(reader))[0] == 400
+                writer.close()
+            for _ in range(10):
+                reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                writer.write(
+                    b"GET / HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\r\n"
+                )
+                assert (await answer(reader))[0] == 200
+                writer.close()
+            assert REFUSALS.statuses[before:] == [400] * 30
+
+    try:
+        run(main())
+    finally:
+        logging.getLogger("uvicorn.error").removeHandler(lines)
+    assert [line[:30] for line in lines.lines] == [
+        "Invalid HTTP request received.",
+        "Unsupported upgrade request.",
+        "No supported WebSocket library",
+    ], lines.lines
+
+
+def test_client_caused_lines_pass_again_after_the_interval_with_the_count_left_out() -> None:
+    now = [0.0]
+    thinned = ClientCaused(60.0, clock=lambda: now[0])
+
+    def passes(message: str, level: int = logging.WARNING) -> str | None:
+        record = logging.LogRecord("uvicorn.error", level, __file__, 1, message, None, None)
+        return record.getMessage() if thinned.filter(record) else None
+
+    assert passes("Invalid HTTP request received.") == "Invalid HTTP request received."
+    for _ in range(5):
+        now[0] += 1
+        assert passes("Invalid HTTP request received.") is None
+    assert passes("Exception in ASGI application\n") == "Exception in ASGI application\n"  # not thinned
+    assert passes("Unsupported upgrade request.") == "Unsupported upgrade request."
+    now[0] = 61.0
+    assert passes("Invalid HTTP request received.") == (
+        "Invalid HTTP request received. (and 5 more in the 61 s before this one)"
+    )
+    assert passes("Invalid HTTP request received.") is None
