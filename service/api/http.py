@@ -66,7 +66,8 @@ class App(FastAPI):
     The hot path: a POST to a :class:`~service.api.routes.DirectRoute` (``HotRoutes``) goes
     through our own two middlewares (``InternalErrors``, ``BearerToken``) straight to the route's
     handler, with the same exception handlers as below — the rest of FastAPI's and Starlette's
-    per-request layers are skipped. Everything else is FastAPI as usual."""
+    per-request layers are skipped. Everything else is FastAPI as usual. A HEAD request is
+    answered as its GET (health checks, balancers probing with HEAD), the body left out."""
 
     hot_routes: HotRoutes | None = None
     hot_path: ASGIApp | None = None
@@ -76,6 +77,9 @@ class App(FastAPI):
         if scope["type"] != "http":  # lifespan
             await super().__call__(scope, receive, send)
             return
+        if scope["method"] == "HEAD":  # a GET's answer without its body: the HTTP server (uvicorn,
+            # ours or Ray's proxy's) writes the head alone for a HEAD request (RFC 9110 §9.3.2)
+            scope = {**scope, "method": "GET"}
         if self.client_gone:
             receive = _disconnect_on(receive, self.client_gone)
         server: Server = self.state.server

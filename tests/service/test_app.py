@@ -55,6 +55,20 @@ def test_health_and_readiness(service: Service) -> None:
     )
 
 
+def test_head_is_answered_as_get_without_the_body(service: Service) -> None:
+    """Balancers and uptime checkers probe with HEAD: the GET routes answer it (the head alone,
+    with the GET's length); a POST route says HEAD is not allowed, and which method is."""
+    for path in ("/healthz", "/readyz", "/v2/health/live", "/v2/health/ready", "/v1/models", "/"):
+        got = service.get(path)
+        head = requests.head(service.url + path, timeout=30)
+        assert (head.status_code, head.content) == (200, b""), path
+        assert head.headers["content-length"] == got.headers["content-length"] == str(len(got.content)), path
+        assert head.headers["content-type"] == got.headers["content-type"], path
+    refused = requests.head(service.url + "/v1/models/dates-bahdanau/translate", timeout=30)
+    assert (refused.status_code, refused.headers["allow"]) == (405, "POST")
+    assert service.get("/healthz").json() == {"status": "live"}  # the connection pool is fine after
+
+
 def test_models_list_carries_metadata(service: Service) -> None:
     models = {m["name"]: m for m in service.get("/v1/models").json()["models"]}
     vit = models["fashion-vit"]

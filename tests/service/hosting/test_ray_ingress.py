@@ -64,6 +64,8 @@ def test_ray_ingress_frontends_serve_rest_and_grpc(
         url = svc.url
         answer = requests.post(f"{url}/v1/models/dates-bahdanau/translate", json={"text": "3 juin 1980"})
         assert answer.status_code == 200 and answer.json()["translations"][0]["text"] == "1980-06-03"
+        head = requests.head(f"{url}/v2/health/ready", timeout=30)  # through Ray's proxy too
+        assert (head.status_code, head.content) == (200, b"") and int(head.headers["content-length"]) > 0
         stub = apb_grpc.AttentionServiceStub(grpc.insecure_channel(svc.grpc_target))
         reply = stub.Translate(
             apb.TranslateRequest(model="dates-bahdanau", texts=["3 juin 1980"]), timeout=30
