@@ -10,6 +10,7 @@ app per serving process, so nothing here is a module global.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -67,7 +68,8 @@ class App(FastAPI):
     through our own two middlewares (``InternalErrors``, ``BearerToken``) straight to the route's
     handler, with the same exception handlers as below — the rest of FastAPI's and Starlette's
     per-request layers are skipped. Everything else is FastAPI as usual. A HEAD request is
-    answered as its GET (health checks, balancers probing with HEAD), the body left out."""
+    answered as its GET (health checks, balancers probing with HEAD), the body left out; a path
+    with a trailing slash is redirected to the route without it by a relative ``Location``."""
 
     hot_routes: HotRoutes | None = None
     hot_path: ASGIApp | None = None
@@ -93,6 +95,8 @@ class App(FastAPI):
                     scope["app"], scope["route_handler"], scope["path_params"] = self, hit[0], hit[1]
                     await self.hot_path(scope, receive, send)
                     return
+            if scope["path"].endswith("/") and scope["path"] != "/":
+                send = _relative_redirect(send)
             await super().__call__(scope, receive, send)
         finally:
             server.in_flight -= 1
@@ -101,6 +105,28 @@ class App(FastAPI):
         if self.openapi_schema is None:
             limits.write_openapi(super().openapi(), self.state.server.settings.limits)
         return self.openapi_schema or {}
+
+
+def _relative_redirect(send: Send) -> Send:
+    """``send``, with the ``Location`` of a redirect made relative (its path and query): the
+    router redirects a path with a trailing slash to the route without it (307), and writes the
+    URL from the request's ``Host`` header, which a client sets to what it likes."""
+
+    async def sending(message: Message) -> None:
+        if message["type"] == "http.response.start" and 300 <= message["status"] < 400:
+            headers = [
+                (name, _path_and_query(value) if name == b"location" else value)
+                for name, value in message.get("headers", [])
+            ]
+            message = {**message, "headers": headers}
+        await send(message)
+
+    return sending
+
+
+def _path_and_query(url: bytes) -> bytes:
+    parts = urlsplit(url)
+    return parts.path + (b"?" + parts.query if parts.query else b"")
 
 
 def _disconnect_on(receive: Receive, gone: tuple[type[BaseException], ...]) -> Receive:
