@@ -59,14 +59,17 @@ def add_reflection(grpc_server: grpc.aio.Server, services: list[str]) -> None:
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, grpc_server)
 
 
-def interceptors(token: SecretStr | None) -> list[grpc.aio.ServerInterceptor]:
-    """The interceptors of a grpc.aio server: with a token, :class:`TokenFirst`."""
-    return [TokenFirst(token)] if token is not None else []
+def interceptors(token: SecretStr | None, max_calls: int) -> list[grpc.aio.ServerInterceptor]:
+    """The interceptors of a grpc.aio server: with a token, :class:`TokenFirst`; then
+    :class:`CallLimit` (a call refused for want of the token is never counted)."""
+    return [*([TokenFirst(token)] if token is not None else []), CallLimit(max_calls)]
 
 
 #: RPCs answered without a token: the KServe v2 health RPCs and ``grpc.health.v1``
 OPEN_RPCS = frozenset(f"/inference.GRPCInferenceService/{m}" for m in auth.OPEN_METHODS)
 OPEN_SERVICES = (f"/{health.SERVICE_NAME}/",)
+#: the health service's stream: open to anyone, so counted apart from the other calls
+HEALTH_WATCH = f"/{health.SERVICE_NAME}/Watch"
 
 
 class TokenFirst(grpc.aio.ServerInterceptor):
@@ -91,6 +94,75 @@ class TokenFirst(grpc.aio.ServerInterceptor):
         except ServiceError as exc:
             return grpc.stream_stream_rpc_method_handler(_refusal(exc))  # reads no request
         return await continuation(details)
+
+
+class _Pool:
+    """Calls in progress of one kind, at most ``limit``."""
+
+    def __init__(self, limit: int, what: str) -> None:
+        self.limit, self.what, self.held = limit, what, 0
+
+    async def take(self, context: grpc.aio.ServicerContext) -> None:
+        """A place for the calling RPC, or it ends RESOURCE_EXHAUSTED before it reads a request."""
+        if self.held >= self.limit:
+            message = f"{self.what}: this replica holds its limit of {self.limit} in progress; retry"
+            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        self.held += 1
+
+
+class CallLimit(grpc.aio.ServerInterceptor):
+    """At most ``limit`` calls in progress, an open stream counting as one for its whole life
+    (``ATTN_LIMITS__MAX_GRPC_CALLS``); one more ends RESOURCE_EXHAUSTED at once. Health's
+    ``Watch`` streams, which need no token, have a pool of their own of the same size: a client
+    without the token cannot take the places of those who have it. The open unary RPCs (health
+    ``Check``, KServe's ``ServerLive`` …), answered at once, are not counted: a probe is answered
+    whatever the load. After :class:`TokenFirst`: a call refused for want of the token is not
+    counted either. Handlers that are not coroutines or async generators (none here) are not
+    counted."""
+
+    def __init__(self, limit: int) -> None:
+        self.calls, self.watches = _Pool(limit, "gRPC calls"), _Pool(limit, "gRPC health watches")
+
+    async def intercept_service(
+        self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails
+    ) -> Any:
+        handler = await continuation(details)
+        method = details.method
+        open_unary = method in OPEN_RPCS or (method.startswith(OPEN_SERVICES) and method != HEALTH_WATCH)
+        if handler is None or open_unary:
+            return handler  # no such method (UNIMPLEMENTED), or an open unary RPC
+        return _counted(handler, self.watches if method == HEALTH_WATCH else self.calls)
+
+
+def _counted(handler: Any, pool: _Pool) -> Any:
+    """``handler`` (grpc's RpcMethodHandler) whose behaviour holds a place in ``pool`` while it runs."""
+    kind = ("stream_" if handler.request_streaming else "unary_") + (
+        "stream" if handler.response_streaming else "unary"
+    )
+    behaviour = getattr(handler, kind)
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            await pool.take(context)
+            try:
+                async with contextlib.aclosing(behaviour(request, context)) as replies:
+                    async for reply in replies:
+                        yield reply
+            finally:
+                pool.held -= 1
+
+        return handler._replace(**{kind: streaming})
+    if inspect.iscoroutinefunction(behaviour):
+
+        async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await pool.take(context)
+            try:
+                return await behaviour(request, context)
+            finally:
+                pool.held -= 1
+
+        return handler._replace(**{kind: call})
+    return handler
 
 
 def _refusal(error: ServiceError) -> Callable[[Any, grpc.aio.ServicerContext], Awaitable[None]]:

@@ -68,8 +68,8 @@ class App(FastAPI):
     through our own two middlewares (``InternalErrors``, ``BearerToken``) straight to the route's
     handler, with the same exception handlers as below — the rest of FastAPI's and Starlette's
     per-request layers are skipped. Everything else is FastAPI as usual. A HEAD request is
-    answered as its GET (health checks, balancers probing with HEAD), the body left out; a path
-    with a trailing slash is redirected to the route without it by a relative ``Location``."""
+    answered as its GET (health checks, balancers probing with HEAD), the body left out; the
+    router's slash redirects carry a relative ``Location``."""
 
     hot_routes: HotRoutes | None = None
     hot_path: ASGIApp | None = None
@@ -95,9 +95,7 @@ class App(FastAPI):
                     scope["app"], scope["route_handler"], scope["path_params"] = self, hit[0], hit[1]
                     await self.hot_path(scope, receive, send)
                     return
-            if scope["path"].endswith("/") and scope["path"] != "/":
-                send = _relative_redirect(send)
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, _relative_redirect(send))
         finally:
             server.in_flight -= 1
 
@@ -109,8 +107,9 @@ class App(FastAPI):
 
 def _relative_redirect(send: Send) -> Send:
     """``send``, with the ``Location`` of a redirect made relative (its path and query): the
-    router redirects a path with a trailing slash to the route without it (307), and writes the
-    URL from the request's ``Host`` header, which a client sets to what it likes."""
+    router redirects a path with a trailing slash to the route without it, and one without to a
+    mount with it (``/static`` → ``/static/``), writing the URL from the request's ``Host``
+    header, which a client sets to what it likes."""
 
     async def sending(message: Message) -> None:
         if message["type"] == "http.response.start" and 300 <= message["status"] < 400:

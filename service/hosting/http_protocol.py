@@ -87,11 +87,12 @@ class ClientCaused(logging.Filter):
 
 
 def quiet_logger(every_s: float = CLIENT_CAUSED_EVERY_S) -> logging.Logger:
-    """uvicorn's ``uvicorn.error`` for one listener's connections, :class:`ClientCaused` warnings
-    thinned: a logger of its own whose records go to ``uvicorn.error``'s handlers."""
-    parent = logging.getLogger("uvicorn.error")
-    logger = logging.Logger(parent.name)  # its level: the parent's, as uvicorn configures it
-    logger.parent = parent
+    """uvicorn's ``uvicorn.error`` for a listener's connections, :class:`ClientCaused` warnings
+    thinned: its child ``uvicorn.error.clients``, whose records go to the parent's handlers at the
+    parent's level, with a new filter (one per process: the last listener built sets it)."""
+    logger = logging.getLogger("uvicorn.error.clients")
+    for old in [f for f in logger.filters if isinstance(f, ClientCaused)]:
+        logger.removeFilter(old)
     logger.addFilter(ClientCaused(every_s))
     return logger
 

@@ -74,10 +74,9 @@ def grpc_options(
 
     With ``limits``, the client bounds of the HTTP listener's (:class:`GuardedHttp`), in gRPC's
     terms: at most ``max_connections`` client connections (one more is closed as it comes: its
-    client sees UNAVAILABLE and retries), each with its HTTP/2 preface and settings in within
+    call fails UNAVAILABLE), each with its HTTP/2 preface and settings in within
     ``request_read_timeout_s`` (gRPC's handshake timeout, 120 s by default), closed after
-    :data:`IDLE_CONNECTION_S` without a call. Calls in progress are bounded by
-    :func:`grpc_server`."""
+    :data:`IDLE_CONNECTION_S` to twice that without a call (gRPC arms its idle timer again)."""
     options = [
         ("grpc.so_reuseport", 1),
         ("grpc.max_receive_message_length", max_message_bytes),
@@ -100,13 +99,12 @@ def grpc_server(
     max_age_s: float,
     interceptors: list[grpc.aio.ServerInterceptor] | None = None,
 ) -> grpc.aio.Server:
-    """A serving replica's grpc.aio server (:func:`grpc_options`): at most ``max_grpc_calls``
-    calls in progress, streams included (an open ``ModelStreamInfer`` stream is one call however
-    long it lasts); one more is answered RESOURCE_EXHAUSTED at once, before any of our code runs."""
+    """A serving replica's grpc.aio server under :func:`grpc_options`; its calls in progress are
+    bounded by ``interceptors`` (``service.api.grpc_aio.CallLimit``), which know which RPCs need
+    the token: grpc's own ``maximum_concurrent_rpcs`` counts every call, so clients without the
+    token held open health ``Watch`` streams until every call was refused, probes included."""
     return grpc.aio.server(
-        interceptors=interceptors,
-        options=grpc_options(max_message_bytes, max_age_s, limits),
-        maximum_concurrent_rpcs=limits.max_grpc_calls,
+        interceptors=interceptors, options=grpc_options(max_message_bytes, max_age_s, limits)
     )
 
 

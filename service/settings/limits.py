@@ -45,7 +45,9 @@ class Limits(BaseModel):
     #: must come within ``request_read_timeout_s`` too
     max_connections: int = Field(4096, ge=1, le=1_000_000)
     #: gRPC (in-replica): calls in progress per replica, an open stream counting as one for its
-    #: whole life; one more is answered RESOURCE_EXHAUSTED at once
+    #: whole life; one more is answered RESOURCE_EXHAUSTED at once. Health ``Watch`` streams
+    #: (open to clients without the token) have a pool of their own of this size; the open unary
+    #: RPCs (health ``Check``, ``ServerLive`` …) are not counted (``service/api/grpc_aio.py``)
     max_grpc_calls: int = Field(4096, ge=1, le=1_000_000)
     #: a streamed answer whose client stops reading: after this long blocked on one write, the
     #: stream ends and the request's rows leave the batch (nothing is buffered without bound)

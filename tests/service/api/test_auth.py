@@ -91,7 +91,8 @@ def test_grpc_needs_the_token_except_health(guarded: Service) -> None:
 def test_an_authenticated_clients_grpc_calls_are_bounded(guarded: Service) -> None:
     """The guarded service runs with ``ATTN_LIMITS__MAX_GRPC_CALLS=8``: eight KServe streams held
     open by a client with the token (each answered once, then idle) take every call; one call
-    more is RESOURCE_EXHAUSTED at once while HTTP answers on; the streams closed, calls pass."""
+    more is RESOURCE_EXHAUSTED at once while health probes and HTTP answer on; the streams
+    closed, calls pass."""
     metadata = [("authorization", f"Bearer {TOKEN}")]
     channel = grpc.insecure_channel(guarded.grpc_target)
     v2 = pb_grpc.GRPCInferenceServiceStub(channel)
@@ -112,6 +113,11 @@ def test_an_authenticated_clients_grpc_calls_are_bounded(guarded: Service) -> No
         with pytest.raises(grpc.RpcError) as refused:
             v2.ServerMetadata(pb.ServerMetadataRequest(), metadata=metadata, timeout=30)
         assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "limit of 8" in (refused.value.details() or "")
+        # probes still answer: the open unary RPCs are not counted
+        probe = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=30)
+        assert probe.status == health_pb2.HealthCheckResponse.SERVING
+        assert v2.ServerReady(pb.ServerReadyRequest(), timeout=30).ready
         assert requests.get(guarded.url + "/v1/models", headers=BEARER, timeout=30).status_code == 200
     finally:
         for end in ends:

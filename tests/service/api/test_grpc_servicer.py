@@ -43,7 +43,9 @@ def with_servicer(
     server = server or fake_server(tmp, **settings)[0]
 
     async def go() -> Any:
-        grpc_server = grpc.aio.server(interceptors=interceptors(server.settings.api_token))
+        grpc_server = grpc.aio.server(
+            interceptors=interceptors(server.settings.api_token, server.settings.limits.max_grpc_calls)
+        )
         services = add_to_grpc_server(grpc_server, GrpcServicer(server))
         if beside is not None:
             beside(grpc_server, services)

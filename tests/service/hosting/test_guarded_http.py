@@ -21,7 +21,7 @@ import pytest
 import uvloop
 
 from service.api.http import create_app
-from service.hosting.http_protocol import ClientCaused
+from service.hosting.http_protocol import ClientCaused, quiet_logger
 from service.hosting.listening import QuietServer, http_config, shared_socket
 from service.settings import Limits
 from tests.conftest import free_port
@@ -378,3 +378,22 @@ def test_client_caused_lines_pass_again_after_the_interval_with_the_count_left_o
         "Invalid HTTP request received. (and 5 more in the 61 s before this one)"
     )
     assert passes("Invalid HTTP request received.") is None
+
+
+def test_the_quiet_logger_follows_uvicorns_level_as_it_changes() -> None:
+    """Its records reach ``uvicorn.error``'s handlers at that logger's level, also when the level
+    changes after the first record (a logger outside logging's registry kept its first answer)."""
+    parent, lines = logging.getLogger("uvicorn.error"), Lines()
+    level = parent.level
+    parent.addHandler(lines)
+    try:
+        quiet = quiet_logger()
+        parent.setLevel(logging.WARNING)
+        quiet.warning("Unsupported upgrade request.")
+        parent.setLevel(logging.ERROR)
+        quiet.warning("Invalid HTTP request received.")
+        quiet.error("Exception in ASGI application")
+    finally:
+        parent.removeHandler(lines)
+        parent.setLevel(level)
+    assert lines.lines == ["Unsupported upgrade request.", "Exception in ASGI application"]

@@ -3,7 +3,7 @@ answer leaves in one system call (uvicorn writes headers and body separately), s
 still leave as they are written, a closing answer is whole before the connection ends, and
 client connections are recycled: HTTP keep-alive after so many requests or so long, gRPC after
 so long without cutting a stream, gRPC clients bounded (connections, their preface and idle
-time, calls in progress). What a client cannot do to a replica's HTTP listener (head
+time). What a client cannot do to a replica's HTTP listener (head
 size, slow or idle connections, too many of them) is in ``test_guarded_http.py``."""
 
 from __future__ import annotations
@@ -236,7 +236,8 @@ def test_grpc_connections_are_recycled_by_age_and_streams_outlive_it() -> None:
 
 async def bounded_grpc(limits: Limits) -> AsyncIterator[tuple[int, set[str]]]:
     """A serving replica's gRPC server (``grpc_server``) under ``limits``, with a unary method
-    ``Peer`` (adds the client's address to the set) and a stream ``Echo``; (port, addresses)."""
+    ``Peer`` (adds the client's address to the set) and a stream ``Echo``; (port, addresses).
+    Its calls in progress are bounded by an interceptor: ``tests/service/api/test_grpc_aio.py``."""
     peers: set[str] = set()
 
     async def peer(_: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -301,34 +302,5 @@ def test_grpc_client_connections_are_bounded_in_number_and_time(monkeypatch: pyt
             assert len(peers) == 5, peers
             await first.close()
             await third.close()
-
-    asyncio.run(scenario())
-
-
-def test_grpc_calls_in_progress_are_bounded_streams_included() -> None:
-    """``max_grpc_calls``: with that many streams open (one channel, one connection), one call
-    more is answered RESOURCE_EXHAUSTED at once, and passes again once a stream has ended."""
-
-    async def scenario() -> None:
-        async with contextlib.asynccontextmanager(bounded_grpc)(Limits(max_grpc_calls=3)) as (port, _):
-            channel = channel_of(port)
-            ends = [asyncio.Event() for _ in range(3)]
-
-            async def held(end: asyncio.Event) -> Any:
-                yield b"open"
-                await end.wait()
-
-            streams = [channel.stream_stream("/t.T/Echo")(held(end)) for end in ends]
-            assert [await s.read() for s in streams] == [b"open"] * 3
-            with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await channel.unary_unary("/t.T/Peer")(b"", timeout=5)
-            assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-            ends[0].set()
-            assert await streams[0].code() == grpc.StatusCode.OK
-            await channel.unary_unary("/t.T/Peer")(b"", timeout=5)
-            for end in ends[1:]:
-                end.set()
-            assert [await s.code() for s in streams[1:]] == [grpc.StatusCode.OK] * 2
-            await channel.close()
 
     asyncio.run(scenario())
