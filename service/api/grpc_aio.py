@@ -59,10 +59,13 @@ def add_reflection(grpc_server: grpc.aio.Server, services: list[str]) -> None:
     reflection_pb2_grpc.add_ServerReflectionServicer_to_server(servicer, grpc_server)
 
 
-def interceptors(token: SecretStr | None, max_calls: int) -> list[grpc.aio.ServerInterceptor]:
+def interceptors(
+    token: SecretStr | None, max_calls: int, refused: Callable[[], None] | None = None
+) -> list[grpc.aio.ServerInterceptor]:
     """The interceptors of a grpc.aio server: with a token, :class:`TokenFirst`; then
-    :class:`CallLimit` (a call refused for want of the token is never counted)."""
-    return [*([TokenFirst(token)] if token is not None else []), CallLimit(max_calls)]
+    :class:`CallLimit` (a call refused for want of the token is never counted), which calls
+    ``refused()`` for each call it refuses."""
+    return [*([TokenFirst(token)] if token is not None else []), CallLimit(max_calls, refused)]
 
 
 #: RPCs answered without a token: the KServe v2 health RPCs and ``grpc.health.v1``
@@ -99,12 +102,14 @@ class TokenFirst(grpc.aio.ServerInterceptor):
 class _Pool:
     """Calls in progress of one kind, at most ``limit``."""
 
-    def __init__(self, limit: int, what: str) -> None:
-        self.limit, self.what, self.held = limit, what, 0
+    def __init__(self, limit: int, what: str, refused: Callable[[], None] | None) -> None:
+        self.limit, self.what, self.refused, self.held = limit, what, refused, 0
 
     async def take(self, context: grpc.aio.ServicerContext) -> None:
         """A place for the calling RPC, or it ends RESOURCE_EXHAUSTED before it reads a request."""
         if self.held >= self.limit:
+            if self.refused is not None:
+                self.refused()
             message = f"{self.what}: this replica holds its limit of {self.limit} in progress; retry"
             await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
         self.held += 1
@@ -118,10 +123,11 @@ class CallLimit(grpc.aio.ServerInterceptor):
     ``Check``, KServe's ``ServerLive`` …), answered at once, are not counted: a probe is answered
     whatever the load. After :class:`TokenFirst`: a call refused for want of the token is not
     counted either. Handlers that are not coroutines or async generators (none here) are not
-    counted."""
+    counted. ``refused()`` is told of each refusal (the request metrics count it)."""
 
-    def __init__(self, limit: int) -> None:
-        self.calls, self.watches = _Pool(limit, "gRPC calls"), _Pool(limit, "gRPC health watches")
+    def __init__(self, limit: int, refused: Callable[[], None] | None = None) -> None:
+        self.calls = _Pool(limit, "gRPC calls", refused)
+        self.watches = _Pool(limit, "gRPC health watches", refused)
 
     async def intercept_service(
         self, continuation: Callable[[Any], Awaitable[Any]], details: grpc.HandlerCallDetails

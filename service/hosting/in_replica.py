@@ -101,7 +101,7 @@ class ServingReplica:
             settings.limits,
             settings.grpc_max_message_bytes,
             settings.connection_max_age_s,
-            interceptors(settings.api_token, settings.limits.max_grpc_calls),
+            interceptors(settings.api_token, settings.limits.max_grpc_calls, self.metrics.grpc_refused),
         )
         services = add_to_grpc_server(self.grpc, GrpcServicer(self.server))
         self.health = GrpcHealth(self.grpc, services)

@@ -233,6 +233,10 @@ class IngressMetrics:
         (``GuardedHttp``: a head too long, a client too slow, too many connections)."""
         self.record("_unknown", "http_connection", status, seconds)
 
+    def grpc_refused(self) -> None:
+        """A gRPC call refused at the replica's limit of calls in progress (``CallLimit``)."""
+        self.record("_unknown", "grpc_call", 503, 0.0)
+
     def record(self, model: str, route: str, status: int, seconds: float) -> None:
         route_tags = (("model", model), ("route", route))
         DEFERRED.inc(self.requests, 1, (*route_tags, ("status", str(status))))

@@ -3,7 +3,9 @@ gRPC; the check itself is constant-time and names what is wrong."""
 
 from __future__ import annotations
 
+import re
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -125,3 +127,12 @@ def test_an_authenticated_clients_grpc_calls_are_bounded(guarded: Service) -> No
     assert [list(stream) for stream in streams] == [[]] * GRPC_CALLS  # ended cleanly, nothing more
     assert v2.ServerMetadata(pb.ServerMetadataRequest(), metadata=metadata, timeout=30).name
     channel.close()
+    counted = 0.0
+    for _ in range(30):  # Ray's metrics agent takes them in within seconds
+        text = requests.get(guarded.metrics_url, timeout=10).text
+        found = re.search(r'^ray_attention_requests_total{[^}]*route="grpc_call"[^}]*} (\S+)$', text, re.M)
+        counted = float(found.group(1)) if found else 0.0
+        if counted:
+            break
+        time.sleep(1)
+    assert counted == 1.0  # the call refused at the limit, in the request metrics

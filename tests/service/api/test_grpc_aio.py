@@ -46,6 +46,7 @@ def test_calls_in_progress_are_bounded_and_clients_without_the_token_cannot_take
     and ``ServerLive`` still answer; a stream closed, calls pass again. With grpc's own
     ``maximum_concurrent_rpcs`` the watches had refused everything, probes included."""
     healths: list[GrpcHealth] = []
+    refusals: list[None] = []
 
     async def use(channel: grpc.aio.Channel) -> dict[str, Any]:
         await healths[0].serving()
@@ -85,6 +86,7 @@ def test_calls_in_progress_are_bounded_and_clients_without_the_token_cannot_take
         tmp_path,
         use,
         beside=lambda grpc_server, services: healths.append(GrpcHealth(grpc_server, services)),
+        refused=lambda: refusals.append(None),
         api_token=TOKEN,
         limits={"max_grpc_calls": LIMIT},
     )
@@ -101,3 +103,4 @@ def test_calls_in_progress_are_bounded_and_clients_without_the_token_cannot_take
     assert seen["without the token"] == grpc.StatusCode.UNAUTHENTICATED
     assert seen["check, full"] == serving and seen["live, full"] is True
     assert seen["closed"] == ok and seen["after"] == ok and seen["ended"] == [ok, ok]
+    assert len(refusals) == 3  # the fourth watch, one more call, one more stream: counted

@@ -36,15 +36,19 @@ def with_servicer(
     use: Callable[[grpc.aio.Channel], Awaitable[Any]],
     server: Server | None = None,
     beside: Callable[[grpc.aio.Server, list[str]], None] | None = None,
+    refused: Callable[[], None] | None = None,
     **settings: Any,
 ) -> Any:
     """``use`` a channel to a started grpc.aio server with both services of ``server`` (a fake
-    one with ``settings`` if none), and what ``beside`` adds given their names."""
+    one with ``settings`` if none), and what ``beside`` adds given their names; ``refused()`` is
+    told of each call refused at the limit."""
     server = server or fake_server(tmp, **settings)[0]
 
     async def go() -> Any:
         grpc_server = grpc.aio.server(
-            interceptors=interceptors(server.settings.api_token, server.settings.limits.max_grpc_calls)
+            interceptors=interceptors(
+                server.settings.api_token, server.settings.limits.max_grpc_calls, refused
+            )
         )
         services = add_to_grpc_server(grpc_server, GrpcServicer(server))
         if beside is not None:
