@@ -105,14 +105,23 @@ class _Pool:
     def __init__(self, limit: int, what: str, refused: Callable[[], None] | None) -> None:
         self.limit, self.what, self.refused, self.held = limit, what, refused, 0
 
+    @property
+    def full(self) -> bool:
+        return self.held >= self.limit
+
     async def take(self, context: grpc.aio.ServicerContext) -> None:
-        """A place for the calling RPC, or it ends RESOURCE_EXHAUSTED before it reads a request."""
-        if self.held >= self.limit:
-            if self.refused is not None:
-                self.refused()
-            message = f"{self.what}: this replica holds its limit of {self.limit} in progress; retry"
-            await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        """A place for the calling RPC, or it ends RESOURCE_EXHAUSTED (a call let in while there
+        was room, whose request grpc read meanwhile; one that finds the pool full is refused by
+        :meth:`refuse` before its request is read)."""
+        if self.full:
+            await self.refuse(None, context)
         self.held += 1
+
+    async def refuse(self, _: Any, context: grpc.aio.ServicerContext) -> None:
+        if self.refused is not None:
+            self.refused()
+        message = f"{self.what}: this replica holds its limit of {self.limit} in progress; retry"
+        await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
 
 
 class CallLimit(grpc.aio.ServerInterceptor):
@@ -137,7 +146,10 @@ class CallLimit(grpc.aio.ServerInterceptor):
         open_unary = method in OPEN_RPCS or (method.startswith(OPEN_SERVICES) and method != HEALTH_WATCH)
         if handler is None or open_unary:
             return handler  # no such method (UNIMPLEMENTED), or an open unary RPC
-        return _counted(handler, self.watches if method == HEALTH_WATCH else self.calls)
+        pool = self.watches if method == HEALTH_WATCH else self.calls
+        if pool.full:  # refused by a handler that reads nothing: grpc reads and parses a unary
+            return grpc.stream_stream_rpc_method_handler(pool.refuse)  # request before its handler
+        return _counted(handler, pool)
 
 
 def _counted(handler: Any, pool: _Pool) -> Any:

@@ -4,6 +4,7 @@ once, and whose."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +13,7 @@ import numpy as np
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service.api import kserve_tensors
-from service.api.grpc_aio import GrpcHealth
+from service.api.grpc_aio import CallLimit, GrpcHealth
 from service.api.protos import grpc_service_pb2 as pb
 from service.api.protos import grpc_service_pb2_grpc as pb_grpc
 from tests.service.api.test_grpc_servicer import with_servicer
@@ -104,3 +105,51 @@ def test_calls_in_progress_are_bounded_and_clients_without_the_token_cannot_take
     assert seen["check, full"] == serving and seen["live, full"] is True
     assert seen["closed"] == ok and seen["after"] == ok and seen["ended"] == [ok, ok]
     assert len(refusals) == 3  # the fourth watch, one more call, one more stream: counted
+
+
+def test_a_call_refused_at_the_limit_has_nothing_read() -> None:
+    """A unary call that finds every place taken is refused before grpc reads and parses its
+    request (grpc.aio parses a unary request before calling the handler): a client retrying at
+    the limit does not have megabytes parsed each time."""
+    parsed: list[int] = []
+
+    def parse(data: bytes) -> bytes:
+        parsed.append(len(data))
+        return data
+
+    async def held(requests: Any, _: grpc.aio.ServicerContext) -> Any:
+        async for request in requests:
+            yield request
+
+    async def unary(request: bytes, _: grpc.aio.ServicerContext) -> bytes:
+        return b"%d" % len(request)
+
+    async def scenario() -> tuple[grpc.StatusCode, list[int], bytes]:
+        server = grpc.aio.server(
+            interceptors=[CallLimit(1)], options=[("grpc.max_receive_message_length", 1 << 24)]
+        )
+        handlers = {
+            "Held": grpc.stream_stream_rpc_method_handler(held, request_deserializer=parse),
+            "Unary": grpc.unary_unary_rpc_method_handler(unary, request_deserializer=parse),
+        }
+        server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", handlers),))
+        port = server.add_insecure_port("127.0.0.1:0")
+        await server.start()
+        try:
+            options = [("grpc.max_send_message_length", 1 << 24)]
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+                stream = channel.stream_stream("/t.T/Held")()
+                await stream.write(b"x")
+                assert await stream.read() == b"x"  # the one place is taken
+                parsed.clear()
+                code = await code_of(channel.unary_unary("/t.T/Unary")(b"\0" * (8 << 20), timeout=10))
+                refused_parsed = parsed[:]
+                await stream.done_writing()
+                assert await stream.code() == grpc.StatusCode.OK
+                after = await channel.unary_unary("/t.T/Unary")(b"abc", timeout=10)
+                return code, refused_parsed, after
+        finally:
+            await server.stop(None)
+
+    code, refused_parsed, after = asyncio.run(scenario())
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED and refused_parsed == [] and after == b"3"
