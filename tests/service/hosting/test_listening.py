@@ -175,10 +175,10 @@ def test_keep_alive_connections_are_recycled_by_count_and_by_age() -> None:
     assert asyncio.run(recycled(0, 0, [0, 0.2, 0.2, 0.2])) == ([False] * 4, False)
 
 
-async def across_ages(max_age_s: float, seconds: float) -> tuple[set[str], list[bytes]]:
-    """A gRPC server with a serving replica's options (``grpc_options``), and one channel that
-    calls a unary method every 20 ms while one bidirectional stream on it sends a message every
-    100 ms, both for ``seconds`` → (the client addresses the server saw, the stream's echoes)."""
+@contextlib.asynccontextmanager
+async def peer_and_echo(server: grpc.aio.Server) -> AsyncIterator[tuple[int, set[str]]]:
+    """``server`` with a unary method ``Peer`` (adds the client's address to the set) and a
+    stream ``Echo``, started; → (its port, the addresses)."""
     peers: set[str] = set()
 
     async def peer(_: bytes, context: grpc.aio.ServicerContext) -> bytes:
@@ -189,7 +189,6 @@ async def across_ages(max_age_s: float, seconds: float) -> tuple[set[str], list[
         async for message in messages:
             yield message
 
-    server = grpc.aio.server(options=grpc_options(1 << 22, max_age_s))
     handlers = {
         "Peer": grpc.unary_unary_rpc_method_handler(peer),
         "Echo": grpc.stream_stream_rpc_method_handler(echo),
@@ -197,28 +196,38 @@ async def across_ages(max_age_s: float, seconds: float) -> tuple[set[str], list[
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", handlers),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
-    end = asyncio.get_running_loop().time() + seconds
     try:
-        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
-
-            async def sent() -> Any:
-                i = 0
-                while asyncio.get_running_loop().time() < end:
-                    yield b"%d" % i
-                    i += 1
-                    await asyncio.sleep(0.1)
-
-            async def stream() -> list[bytes]:
-                return [m async for m in channel.stream_stream("/t.T/Echo")(sent())]
-
-            async def unary() -> None:
-                while asyncio.get_running_loop().time() < end:
-                    await channel.unary_unary("/t.T/Peer")(b"", timeout=5)
-                    await asyncio.sleep(0.02)
-
-            echoes, _ = await asyncio.gather(stream(), unary())
+        yield port, peers
     finally:
         await server.stop(None)
+
+
+async def across_ages(max_age_s: float, seconds: float) -> tuple[set[str], list[bytes]]:
+    """A gRPC server with a serving replica's options (``grpc_options``), and one channel that
+    calls a unary method every 20 ms while one bidirectional stream on it sends a message every
+    100 ms, both for ``seconds`` → (the client addresses the server saw, the stream's echoes)."""
+    async with (
+        peer_and_echo(grpc.aio.server(options=grpc_options(1 << 22, max_age_s))) as (port, peers),
+        grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
+    ):
+        end = asyncio.get_running_loop().time() + seconds
+
+        async def sent() -> Any:
+            i = 0
+            while asyncio.get_running_loop().time() < end:
+                yield b"%d" % i
+                i += 1
+                await asyncio.sleep(0.1)
+
+        async def stream() -> list[bytes]:
+            return [m async for m in channel.stream_stream("/t.T/Echo")(sent())]
+
+        async def unary() -> None:
+            while asyncio.get_running_loop().time() < end:
+                await channel.unary_unary("/t.T/Peer")(b"", timeout=5)
+                await asyncio.sleep(0.02)
+
+        echoes, _ = await asyncio.gather(stream(), unary())
     return peers, echoes
 
 
@@ -232,34 +241,6 @@ def test_grpc_connections_are_recycled_by_age_and_streams_outlive_it() -> None:
     assert len(peers) >= 3, peers  # ≈ 6 ages: several connections
     peers, _ = asyncio.run(across_ages(0, 1.0))
     assert len(peers) == 1, peers  # 0: one connection for the channel's life
-
-
-async def bounded_grpc(limits: Limits) -> AsyncIterator[tuple[int, set[str]]]:
-    """A serving replica's gRPC server (``grpc_server``) under ``limits``, with a unary method
-    ``Peer`` (adds the client's address to the set) and a stream ``Echo``; (port, addresses).
-    Its calls in progress are bounded by an interceptor: ``tests/service/api/test_grpc_aio.py``."""
-    peers: set[str] = set()
-
-    async def peer(_: bytes, context: grpc.aio.ServicerContext) -> bytes:
-        peers.add(context.peer())
-        return b""
-
-    async def echo(messages: Any, _: grpc.aio.ServicerContext) -> Any:
-        async for message in messages:
-            yield message
-
-    server = grpc_server(limits, 1 << 22, 0)
-    handlers = {
-        "Peer": grpc.unary_unary_rpc_method_handler(peer),
-        "Echo": grpc.stream_stream_rpc_method_handler(echo),
-    }
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("t.T", handlers),))
-    port = server.add_insecure_port("127.0.0.1:0")
-    await server.start()
-    try:
-        yield port, peers
-    finally:
-        await server.stop(None)
 
 
 def channel_of(port: int) -> grpc.aio.Channel:
@@ -276,7 +257,7 @@ def test_grpc_client_connections_are_bounded_in_number_and_time(monkeypatch: pyt
 
     async def scenario() -> None:
         limits = Limits(max_connections=2, request_read_timeout_s=0.5)
-        async with contextlib.asynccontextmanager(bounded_grpc)(limits) as (port, peers):
+        async with peer_and_echo(grpc_server(limits, 1 << 22, 0)) as (port, peers):
             # silent: the server's settings come at once, then its GOAWAY and the close
             loop = asyncio.get_running_loop()
             reader, writer = await asyncio.open_connection("127.0.0.1", port)
