@@ -69,6 +69,10 @@ class ModelSet:
         #: ("<name>/<version>"), and not loaded again until its files change
         self._failed: dict[tuple[str, int], tuple[Fingerprint, str]] = {}
         self._names: set[str] = set()  # every model this process was asked to serve
+        #: one change of the set at a time: a deploy's and a poll's, each loading off the event
+        #: loop, each swapped in the workers it saw at its start, and the second put back (and
+        #: served) workers the first had closed
+        self._changing = asyncio.Lock()
 
     @property
     def entries(self) -> dict[str, ModelEntry]:
@@ -77,8 +81,9 @@ class ModelSet:
     async def serve(self, wanted: dict[str, int]) -> None:
         """Serve version ``wanted[name]`` of each model, and only those models: load what is new,
         then swap."""
-        self._names = set(wanted)
-        await self._serve({name: [version] for name, version in wanted.items()})
+        async with self._changing:
+            self._names = set(wanted)
+            await self._serve({name: [version] for name, version in wanted.items()})
 
     async def _serve(self, candidates: dict[str, list[int]]) -> None:
         """For each model, the first of its candidate versions that loads (the current worker
@@ -110,13 +115,16 @@ class ModelSet:
         """Load one version off the event loop (its manifest check hashes every file: seconds for a
         large graph) into ``workers``; a failure is remembered with its reason."""
         key = (name, version)
+        # what its files were before the load: a copy that completes during a failed load then
+        # differs from it, and the version is tried again (taken after, it never was)
+        before = fingerprint(self.settings.repository / name / str(version))
         try:
             workers[name] = await asyncio.to_thread(self._worker, name, version)
         except Exception as exc:
             reason = f"failed to load: {type(exc).__name__}: {str(exc)[:300]}"
             if key not in self._failed or self._failed[key][1] != reason:  # log a failure once
                 log.error("not serving %s v%s: %s", name, version, reason)
-            self._failed[key] = (fingerprint(self.settings.repository / name / str(version)), reason)
+            self._failed[key] = (before, reason)
             return False
         self._failed.pop(key, None)
         log.info("serving %s v%s", name, version)
@@ -146,6 +154,10 @@ class ModelSet:
             await self.poll_once()
 
     async def poll_once(self) -> None:
+        async with self._changing:
+            await self._poll_once()
+
+    async def _poll_once(self) -> None:
         candidates: dict[str, list[int]] = {}
         # refused at discovery: a fixed version loads (names that are no model name never will)
         refused = {n for k in self.configured_rejected if re.match(NAME_PATTERN, n := _parse(k)[0])}

@@ -201,6 +201,91 @@ def test_a_model_that_failed_to_load_stays_listed_and_loads_when_a_good_version_
         gc.unfreeze()
 
 
+def test_a_deploy_and_a_poll_at_once_leave_no_closed_worker_serving(
+    tiny_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poll loading a new fashion-vit (slowly) while a deploy pins dates-bahdanau back to v1:
+    each swapped in the workers it saw at its start, so the poll, ending last, put back the
+    dates-bahdanau v2 the deploy had closed — a model answering every request with 503 and
+    healthy to its checks. One change at a time: the deploy's set is served, nothing closed."""
+    repository = tmp_path / "repository"
+    for model in ("dates-bahdanau", "fashion-vit"):
+        version_of(tiny_repository, repository, 1, model)
+    models = ModelSet(
+        Settings(repository=repository), "replica", "node", lambda _: NoMetrics(), lambda *_: None
+    )
+    closed: list[ModelWorker] = []
+    real_close, real_worker = ModelWorker.close, models._worker
+
+    def close(worker: ModelWorker) -> None:
+        closed.append(worker)
+        real_close(worker)
+
+    def worker(name: str, version: int) -> ModelWorker:
+        if (name, version) == ("fashion-vit", 2):
+            time.sleep(3)  # a large graph hashed and loaded
+        return real_worker(name, version)
+
+    monkeypatch.setattr(ModelWorker, "close", close)
+    monkeypatch.setattr(models, "_worker", worker)
+
+    async def go() -> None:
+        await models.serve({"dates-bahdanau": 1, "fashion-vit": 1})
+        version_of(tiny_repository, repository, 2)
+        await models.poll_once()
+        version_of(tiny_repository, repository, 2, "fashion-vit")
+        poll = asyncio.create_task(models.poll_once())
+        await asyncio.sleep(0.2)
+        await models.serve({"dates-bahdanau": 1, "fashion-vit": 1})  # a deploy pinning v1
+        await poll
+
+    try:
+        asyncio.run(go())
+    finally:
+        gc.unfreeze()
+    served = {name: w.entry.version for name, w in models.workers.items()}
+    assert served == {"dates-bahdanau": 1, "fashion-vit": 1}, served
+    assert not [w for w in models.workers.values() if any(w is c for c in closed)], "a closed worker serves"
+
+
+def test_a_version_whose_copy_completes_during_its_failed_load_is_tried_again(
+    tiny_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The failed version's files were looked at after its load: a copy that completed meanwhile
+    was taken for the failure's, and the version stayed rejected for good. Now the files as they
+    were before the load are kept, and the next poll loads the completed copy."""
+    repository = tmp_path / "repository"
+    version_of(tiny_repository, repository, 1)
+    models = ModelSet(
+        Settings(repository=repository), "replica", "node", lambda _: NoMetrics(), lambda *_: None
+    )
+    real_worker = models._worker
+
+    def worker(name: str, version: int) -> ModelWorker:
+        try:
+            return real_worker(name, version)
+        except Exception:
+            if version == 2:  # the copy completes while the failed load is still on its way out
+                good = tiny_repository / name / "1" / "encoder.onnx"
+                shutil.copyfile(good, repository / name / "2" / "encoder.onnx")
+            raise
+
+    monkeypatch.setattr(models, "_worker", worker)
+
+    async def go() -> None:
+        await models.serve({"dates-bahdanau": 1})
+        corrupt(version_of(tiny_repository, repository, 2))
+        await models.poll_once()
+        assert list(models.rejected) == ["dates-bahdanau/2"]
+        await models.poll_once()
+        assert models.workers["dates-bahdanau"].entry.version == 2 and models.rejected == {}
+
+    try:
+        asyncio.run(go())
+    finally:
+        gc.unfreeze()
+
+
 @pytest.mark.slow
 def test_the_health_check_names_a_model_whose_decode_process_cannot_restart(
     tiny_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
