@@ -171,6 +171,7 @@ class IngressReplica:
         self.refused_at_start = dict(rejected)  # models with no deployment: refused before it
         self.grpc = GrpcServicer(self.server)
         self.poll_task: asyncio.Task[None] | None = None
+        self._follow_failed: dict[str, str] = {}  # model → why following it failed (logged once)
 
     async def _follow_versions(self) -> None:
         """Every ``repository_poll_s``: the version each model's replicas now serve (they swap on
@@ -178,22 +179,35 @@ class IngressReplica:
         versions they refused to load, listed under ``rejected`` and in the repository index."""
         while True:
             await asyncio.sleep(self.settings.repository_poll_s)
+            await self._follow_once()
+
+    async def _follow_once(self) -> None:
+        """One pass, model by model: one whose deployment cannot be asked, or whose served
+        version cannot be read here (its directory removed, or not on this node), keeps what was
+        known of it — it held up every other model's, every poll. Its failure is logged once,
+        until it changes."""
+        entries, rejected = dict(self.server.entries), dict(self.refused_at_start)
+        for name, model in self.remote.items():
             try:
-                entries, rejected = dict(self.server.entries), dict(self.refused_at_start)
-                for name, model in self.remote.items():
-                    info = await model.info()
-                    rejected.update(info.get("rejected", {}))
-                    version = int(info["version"])
-                    if version != entries[name].version:
-                        entries[name] = await asyncio.to_thread(
-                            load_entry, self.settings.repository, name, version
-                        )
-                if entries != self.server.entries or rejected != self.server.rejected:
-                    self.server.serve(self.remote, entries, rejected)
+                info = await model.info()
+                version = int(info["version"])
+                if version != entries[name].version:
+                    entries[name] = await asyncio.to_thread(
+                        load_entry, self.settings.repository, name, version
+                    )
+                rejected.update(info.get("rejected", {}))
+                self._follow_failed.pop(name, None)
+                continue
             except DeploymentUnavailableError:  # its replicas are gone: the app stopping (a stop
-                continue  # tears the deployments down together), or all of them restarting
-            except Exception:  # asked again at the next poll
-                log.exception("following the models' versions failed")
+                pass  # tears the deployments down together), or all of them restarting
+            except Exception as exc:  # asked again at the next poll
+                why = f"{type(exc).__name__}: {exc}"
+                if self._follow_failed.get(name) != why:
+                    log.exception("following the versions of %s failed", name)
+                self._follow_failed[name] = why
+            rejected.update({k: v for k, v in self.server.rejected.items() if k.split("/")[0] == name})
+        if entries != self.server.entries or rejected != self.server.rejected:
+            self.server.serve(self.remote, entries, rejected)
 
     async def drain(self) -> int:
         """The first step of a stop (``python -m service``): refuse new predictions with 503 and

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import threading
 import time
@@ -31,9 +32,11 @@ from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
 from service.errors import Overloaded
 from service.hosting.ray_ingress import IngressReplica, RemoteModel
+from service.inference.repository import load_entry
 from service.settings import Settings
 from tests.conftest import STOP_WITHIN_S, logged_since, running_service
 from tests.service.fakes import fake_server
+from tests.service.inference.test_model_set import version_of
 
 pytestmark = pytest.mark.slow
 
@@ -127,7 +130,8 @@ def test_the_version_follower_is_quiet_about_model_deployments_that_are_gone(
 ) -> None:
     """A stop tears the model deployments down beside the ingress: a poll then finds one gone
     (DeploymentUnavailableError) and says nothing — it logged an ERROR with a traceback, which
-    the stop check of the ray-proxy service caught. Any other failure is still logged."""
+    the stop check of the ray-proxy service caught. Any other failure is still logged, once
+    (not at each of the 20 polls)."""
     replica = IngressReplica({}, {}, {}, Settings(repository=tmp_path, repository_poll_s=0.01))
 
     async def follow(remote: Any) -> None:
@@ -140,7 +144,44 @@ def test_the_version_follower_is_quiet_about_model_deployments_that_are_gone(
         asyncio.run(follow(_Gone()))
         assert not caplog.records
         asyncio.run(follow(_Broken()))
-    assert "following the models' versions failed" in caplog.text and "the info call broke" in caplog.text
+    assert "the info call broke" in caplog.text
+    assert [r.getMessage() for r in caplog.records] == ["following the versions of dates-bahdanau failed"]
+
+
+class _Serving:
+    def __init__(self, version: int, rejected: dict[str, str]) -> None:
+        self.version, self.rejected = version, rejected
+
+    async def info(self) -> dict[str, Any]:
+        return {"version": self.version, "rejected": self.rejected}
+
+
+def test_one_model_that_cannot_be_followed_does_not_hold_up_the_others(
+    tiny_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """dates-bahdanau's deployment cannot be asked (or its version read here); fashion-vit's
+    replicas went to v2 and refused v3: the ingress lists fashion-vit v2 and the refusal, and
+    keeps what it knew of dates-bahdanau — one failing model stopped every other's updates."""
+    repository = tmp_path / "repository"
+    for name in ("dates-bahdanau", "fashion-vit"):
+        shutil.copytree(tiny_repository / name / "1", repository / name / "1")
+    version_of(tiny_repository, repository, 2, "fashion-vit")
+    entries = {name: load_entry(repository, name, 1) for name in ("dates-bahdanau", "fashion-vit")}
+    known = {"dates-bahdanau/2": "failed to load: before"}
+    replica = IngressReplica({}, entries, known, Settings(repository=repository, repository_poll_s=0.01))
+
+    async def follow() -> None:
+        replica.remote = {"dates-bahdanau": _Broken(), "fashion-vit": _Serving(2, {"fashion-vit/3": "bad"})}  # type: ignore[dict-item]
+        task = asyncio.create_task(replica._follow_versions())
+        await asyncio.sleep(0.3)
+        task.cancel()
+
+    with caplog.at_level(logging.INFO, logger="ray.serve"):
+        asyncio.run(follow())
+    served = {name: e.version for name, e in replica.server.entries.items()}
+    assert served == {"dates-bahdanau": 1, "fashion-vit": 2}, served
+    assert replica.server.rejected == {"dates-bahdanau/2": "failed to load: before", "fashion-vit/3": "bad"}
+    assert [r.getMessage() for r in caplog.records] == ["following the versions of dates-bahdanau failed"]
 
 
 @pytest.mark.parametrize("frontend", ["ray-proxy", "ray-direct", "in-replica"])
