@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import stat
 from datetime import datetime
 from pathlib import Path
 from typing import Annotated, Any, Literal, Self
@@ -30,6 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 SCHEMA_VERSION = 1
 MANIFEST_FILE = "manifest.json"
+#: the largest manifest read (the demo models' are 2–10 KB)
+MAX_MANIFEST_BYTES = 1024 * 1024
 
 #: Model names: what may appear in a URL path segment and a directory name, nothing else.
 NAME_PATTERN = r"^[a-z0-9][a-z0-9._-]{0,63}$"
@@ -277,7 +281,7 @@ class Manifest(_Strict):
         for a directory still being staged). Raises :class:`ManifestError`."""
         path = version_dir / MANIFEST_FILE
         try:
-            manifest = cls.model_validate_json(path.read_bytes())
+            manifest = cls.model_validate_json(_read_manifest(path))
         except FileNotFoundError as exc:
             raise ManifestError(f"{path}: no manifest") from exc
         except OSError as exc:  # a directory, unreadable, …
@@ -353,3 +357,18 @@ def list_versions(repository: Path, name: str) -> list[int]:
         return []
     versions = (p for p in model_dir.iterdir() if VERSION_PATTERN.fullmatch(p.name) and p.is_dir())
     return sorted(int(p.name) for p in versions)
+
+
+def _read_manifest(path: Path) -> bytes:
+    """The manifest's bytes, from a regular file of at most :data:`MAX_MANIFEST_BYTES`: a FIFO
+    in its place held up the repository's poll for good, a link to ``/dev/zero`` would have
+    filled the memory. Opened without blocking and checked on the open file, not by its name."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise ManifestError(f"{path}: cannot read the manifest: not a regular file")
+        data = f.read(MAX_MANIFEST_BYTES + 1)
+    if len(data) > MAX_MANIFEST_BYTES:
+        raise ManifestError(f"{path}: cannot read the manifest: more than {MAX_MANIFEST_BYTES} bytes")
+    return data

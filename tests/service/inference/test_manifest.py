@@ -5,12 +5,14 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from service.inference.manifest import Manifest, ManifestError, list_versions
+from service.inference.manifest import MAX_MANIFEST_BYTES, Manifest, ManifestError, list_versions
 
 GRAPH = {
     "file": "model.onnx",
@@ -210,6 +212,40 @@ def test_an_unreadable_manifest_or_checksummed_file_is_a_manifest_error(tmp_path
     (directory / "model.onnx").unlink()
     (directory / "model.onnx").mkdir()  # "exists", but hashing it fails
     with pytest.raises(ManifestError, match=r"model\.onnx"):
+        Manifest.load(directory)
+
+
+def refusal_within(seconds: float, directory: Path) -> str:
+    """Manifest.load's refusal of ``directory``, on a daemon thread (a read blocked for good must
+    not hold up the test run's exit)."""
+    outcome: list[str] = []
+
+    def load() -> None:
+        try:
+            Manifest.load(directory)
+            outcome.append("loaded")
+        except ManifestError as exc:
+            outcome.append(str(exc))
+
+    thread = threading.Thread(target=load, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return outcome[0] if outcome else f"still loading after {seconds} s"
+
+
+def test_a_manifest_that_is_no_regular_file_or_too_large_is_refused_at_once(tmp_path: Path) -> None:
+    """A FIFO in the manifest's place held up the repository's poll for good (the read waited for
+    a writer), a link to /dev/zero would have filled the memory: both are refused at once, as is
+    a file beyond MAX_MANIFEST_BYTES."""
+    directory = write(tmp_path, VALID)
+    manifest = directory / "manifest.json"
+    for make in (lambda: os.mkfifo(manifest), lambda: manifest.symlink_to("/dev/zero")):
+        manifest.unlink()
+        make()
+        assert "not a regular file" in refusal_within(5, directory)
+    manifest.unlink()
+    manifest.write_bytes(b" " * (MAX_MANIFEST_BYTES + 1))
+    with pytest.raises(ManifestError, match="more than"):
         Manifest.load(directory)
 
 
