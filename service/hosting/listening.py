@@ -60,9 +60,7 @@ class ConnectionRecycler:
 IDLE_CONNECTION_S = 30.0
 
 
-def grpc_options(
-    max_message_bytes: int, max_age_s: float, limits: Limits | None = None
-) -> list[tuple[str, int]]:
+def grpc_options(limits: Limits, max_message_bytes: int, max_age_s: float) -> list[tuple[str, int]]:
     """The grpc.aio server options of a serving replica: the port shared with the node's other
     replicas (SO_REUSEPORT), the message limit both ways, and with ``max_age_s`` a GOAWAY to each
     client connection after that long (gRPC's MAX_CONNECTION_AGE, which adds ±10 % jitter). A
@@ -72,24 +70,21 @@ def grpc_options(
     a KServe ``ModelStreamInfer`` stream (tritonclient's ``start_stream``) stays open for a whole
     client session, and a grace would cut it; a stopping replica drains them (``drain_s``).
 
-    With ``limits``, the client bounds of the HTTP listener's (:class:`GuardedHttp`), in gRPC's
-    terms: at most ``max_connections`` client connections (one more is closed as it comes: its
-    call fails UNAVAILABLE), each with its HTTP/2 preface and settings in within
-    ``request_read_timeout_s`` (gRPC's handshake timeout, 120 s by default), closed after
-    :data:`IDLE_CONNECTION_S` to twice that without a call (gRPC arms its idle timer again)."""
+    The client bounds of the HTTP listener's (:class:`GuardedHttp`), in gRPC's terms: at most
+    ``max_connections`` client connections (one more is closed as it comes: its call fails
+    UNAVAILABLE), each with its HTTP/2 preface and settings in within ``request_read_timeout_s``
+    (gRPC's handshake timeout, 120 s by default), closed after :data:`IDLE_CONNECTION_S` to twice
+    that without a call (gRPC arms its idle timer again)."""
     options = [
         ("grpc.so_reuseport", 1),
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_allowed_incoming_connections", limits.max_connections),
+        ("grpc.server_handshake_timeout_ms", round(limits.request_read_timeout_s * 1000)),
+        ("grpc.max_connection_idle_ms", round(IDLE_CONNECTION_S * 1000)),
     ]
     if max_age_s > 0:
         options.append(("grpc.max_connection_age_ms", round(max_age_s * 1000)))
-    if limits is not None:
-        options += [
-            ("grpc.max_allowed_incoming_connections", limits.max_connections),
-            ("grpc.server_handshake_timeout_ms", round(limits.request_read_timeout_s * 1000)),
-            ("grpc.max_connection_idle_ms", round(IDLE_CONNECTION_S * 1000)),
-        ]
     return options
 
 
@@ -104,7 +99,7 @@ def grpc_server(
     the token: grpc's own ``maximum_concurrent_rpcs`` counts every call, so clients without the
     token held open health ``Watch`` streams until every call was refused, probes included."""
     return grpc.aio.server(
-        interceptors=interceptors, options=grpc_options(max_message_bytes, max_age_s, limits)
+        interceptors=interceptors, options=grpc_options(limits, max_message_bytes, max_age_s)
     )
 
 

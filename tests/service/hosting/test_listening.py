@@ -23,7 +23,6 @@ from service.hosting.http_protocol import CorkedHttp
 from service.hosting.listening import (
     ConnectionRecycler,
     QuietServer,
-    grpc_options,
     grpc_server,
     http_config,
     shared_socket,
@@ -203,11 +202,11 @@ async def peer_and_echo(server: grpc.aio.Server) -> AsyncIterator[tuple[int, set
 
 
 async def across_ages(max_age_s: float, seconds: float) -> tuple[set[str], list[bytes]]:
-    """A gRPC server with a serving replica's options (``grpc_options``), and one channel that
+    """A gRPC server as a serving replica builds it (``grpc_server``), and one channel that
     calls a unary method every 20 ms while one bidirectional stream on it sends a message every
     100 ms, both for ``seconds`` → (the client addresses the server saw, the stream's echoes)."""
     async with (
-        peer_and_echo(grpc.aio.server(options=grpc_options(1 << 22, max_age_s))) as (port, peers),
+        peer_and_echo(grpc_server(Limits(), 1 << 22, max_age_s)) as (port, peers),
         grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel,
     ):
         end = asyncio.get_running_loop().time() + seconds
