@@ -11,7 +11,7 @@ import numpy as np
 from service.inference.manifest import Manifest
 from service.inference.runtime import GraphSession
 from service.inference.translation import Translator
-from service.inference.vision import decode_image, mode_of, preprocess
+from service.inference.vision import decode_image, mode_of, normalise, resize
 
 BATCHES = (1, 8, 32, 64, 128)
 TEXTS = ["5 mars 2024", "Tuesday, July 4, 1995", "31.12.1999", "12 de mayo de 2003", "3 juin 1980",
@@ -61,7 +61,9 @@ def vit_pipeline_images_per_s(
     assert spec is not None
 
     def pixels(batch: list[bytes]) -> np.ndarray:
-        return np.stack([preprocess(decode_image(d, 1 << 30, mode_of(spec)), spec)[0] for d in batch])
+        # as the service: decode and resize per image, normalise per batch
+        images = [resize(decode_image(d, 1 << 30, mode_of(spec)), spec) for d in batch]
+        return normalise(np.stack(images), spec)
 
     pipeline, raw = {}, {}
     for b in batches:

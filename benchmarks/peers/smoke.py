@@ -31,7 +31,7 @@ from benchmarks.loadgen import check_host
 from benchmarks.peers import servers
 from export.data import fashion
 from service.inference.manifest import Manifest
-from service.inference.vision import decode_image, mode_of, preprocess
+from service.inference.vision import decode_image, mode_of, normalise, resize
 
 HOST = "127.0.0.1"
 TOLERANCE = 1e-5
@@ -62,7 +62,8 @@ def reference(images: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     manifest = Manifest.load(servers.MODEL_DIR)
     assert manifest.image is not None
     spec = manifest.image
-    pixels = np.stack([preprocess(decode_image(data, 1 << 24, mode_of(spec)), spec)[0] for data in images])
+    resized = [resize(decode_image(data, 1 << 24, mode_of(spec)), spec) for data in images]
+    pixels = normalise(np.stack(resized), spec)  # as the service: resized per image, normalised per batch
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1

@@ -27,7 +27,7 @@ from service.inference.decoding import Hypothesis, Options
 from service.inference.jobs import Classified, ClassifyJob, TokenEvent, Translated, TranslateJob
 from service.inference.repository import ModelEntry
 from service.inference.translation import Translation, Translator
-from service.inference.vision import Classifier, decode_image, mode_of, pixels_to_image, preprocess
+from service.inference.vision import Classifier, decode_image, mode_of, normalise, pixels_to_image, resize
 from service.settings import Limits
 
 
@@ -189,8 +189,7 @@ class TranslationRunner:
 @dataclass
 class ClassifyWork:
     job: ClassifyJob
-    pixels: np.ndarray  # (C, H, W) normalised
-    image: np.ndarray  # the model-sized uint8 image, for overlays
+    image: np.ndarray  # the model-sized uint8 image (H, W[, C]): normalised per batch, and for overlays
 
 
 class ClassificationRunner:
@@ -203,7 +202,8 @@ class ClassificationRunner:
         self.row_by_row = batch_dependent(entry)
 
     def preprocess(self, job: ClassifyJob) -> ClassifyWork:
-        """Decode the image bytes or take the pixel array, under the limits; resize, normalise."""
+        """Decode the image bytes or take the pixel array, under the limits; resize (the batch is
+        normalised in :meth:`infer`)."""
         if (job.image is None) == (job.pixels is None):
             raise InvalidInput("image: give exactly one of an encoded image or pixels")
         if job.image is not None:
@@ -216,8 +216,7 @@ class ClassificationRunner:
             if job.attention == "all":
                 values += self.spec.num_layers * self.spec.num_heads * tokens * tokens
             check_answer_size(values, self.limits.max_response_bytes, job.fewer_layers)
-        pixels, resized = preprocess(image, self.spec)
-        return ClassifyWork(job, pixels, resized)
+        return ClassifyWork(job, resize(image, self.spec))
 
     def _decode(self, data: bytes, field: str) -> Any:
         return decode_image(data, self.limits.max_image_pixels, mode_of(self.spec), field)  # bombs too
@@ -241,9 +240,13 @@ class ClassificationRunner:
 
     def infer(self, works: list[ClassifyWork]) -> list[Any]:
         if self.row_by_row:
-            return [self.classifier.classify(w.pixels[None], w.job.attention != "none")[0] for w in works]
+            return [self._classify([w], w.job.attention != "none")[0] for w in works]
         attention = any(w.job.attention != "none" for w in works)  # else: logits alone
-        return list(self.classifier.classify(np.stack([w.pixels for w in works]), attention))
+        return self._classify(works, attention)
+
+    def _classify(self, works: list[ClassifyWork], attention: bool) -> list[Any]:
+        pixels = normalise(np.stack([w.image for w in works]), self.spec)  # (B, C, H, W)
+        return list(self.classifier.classify(pixels, attention))
 
     def postprocess(self, work: ClassifyWork, output: Any) -> Classified:
         job = work.job

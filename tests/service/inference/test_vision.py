@@ -16,7 +16,7 @@ from PIL import Image
 from service.errors import InvalidInput, PayloadTooLarge
 from service.inference import vision
 from service.inference.manifest import ImageSpec
-from service.inference.vision import decode_image, png_header, preprocess
+from service.inference.vision import decode_image, normalise, png_header, preprocess, resize
 
 RNG = np.random.default_rng(0)
 LIMIT = 1 << 24
@@ -83,6 +83,24 @@ def test_every_image_preprocesses_to_pillows_pixels(kind: str, channels: int, si
     np.testing.assert_array_equal(resized, want_resized)
     np.testing.assert_array_equal(pixels, want_pixels)
     assert pixels.shape == (channels, 48, 48) and pixels.dtype == np.float32
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_a_batch_normalises_to_each_images_own_pixels(channels: int) -> None:
+    """The runner resizes per request and normalises per batch: every row is, bit for bit, the
+    image normalised alone and the plain formula ((x / 255 - mean) / std per channel, float32)."""
+    s = spec(channels).model_copy(update={"mean": [0.1, 0.2, 0.3][:channels], "std": [0.3, 0.25, 0.2][:channels]})
+    make = grey if channels == 1 else rgb
+    images = [resize(np.asarray(make(size)), s) for size in [(48, 48), (28, 28), (61, 37), (48, 48)]]
+    batch = normalise(np.stack(images), s)
+    assert batch.shape == (4, channels, 48, 48) and batch.dtype == np.float32 and batch.flags.c_contiguous
+    for row, image in zip(batch, images, strict=True):
+        x = image.astype(np.float32) / 255.0
+        x = x[None] if channels == 1 else x.transpose(2, 0, 1)
+        mean = np.asarray(s.mean, dtype=np.float32)[:, None, None]
+        std = np.asarray(s.std, dtype=np.float32)[:, None, None]
+        np.testing.assert_array_equal(row, (x - mean) / std)
+        np.testing.assert_array_equal(row, preprocess(image, s)[0])
 
 
 @pytest.mark.parametrize("size", [(28, 28), (61, 37)])
