@@ -117,7 +117,13 @@ class GuardedHttp(CorkedHttp):
       between requests is uvicorn's ``timeout_keep_alive``'s;
     - at most ``max_connections`` connections are open; one more is answered 503 and closed;
     - a request httptools cannot parse is answered 400 in JSON like every error, not text, and
-      logged once a minute at most (:class:`ClientCaused`), as a WebSocket upgrade is.
+      logged once a minute at most (:class:`ClientCaused`), as a WebSocket upgrade is;
+    - a keep-alive connection is closed (``Connection: close`` on the answer) after
+      ``keepalive_requests`` requests, as nginx's ``keepalive_requests``, or with its first answer
+      ``max_age_s`` after its first request, as nginx's ``keepalive_time`` (0: no such limit):
+      replicas share the port per *connection*, so without this a replica that restarts or joins
+      would get no share of long-lived client connections — the age bounds how long that takes
+      whatever a client's rate.
 
     A refusal is never written into an answer on its way (a slow answer, pipelined ones): for
     the next request's head the connection waits until they are out, or closes without a word.
@@ -129,11 +135,22 @@ class GuardedHttp(CorkedHttp):
     counter: ClassVar[RefusalCounter | None] = None
     #: uvicorn's logger for the connections, warnings a client causes thinned (:func:`quiet_logger`)
     quiet: ClassVar[logging.Logger | None] = None
+    #: requests per connection, and seconds from its first, after which it closes (0: no limit)
+    keepalive_requests: ClassVar[int] = 0
+    max_age_s: ClassVar[float] = 0.0
 
     @classmethod
-    def under(cls, limits: Limits, counter: RefusalCounter | None = None) -> type[GuardedHttp]:
+    def under(
+        cls,
+        limits: Limits,
+        counter: RefusalCounter | None = None,
+        keepalive_requests: int = 0,
+        max_age_s: float = 0.0,
+    ) -> type[GuardedHttp]:
         """The protocol class uvicorn instantiates per connection, under ``limits``."""
-        return type(cls.__name__, (cls,), {"limits": limits, "counter": counter, "quiet": quiet_logger()})
+        attributes = {"limits": limits, "counter": counter, "quiet": quiet_logger(),
+                      "keepalive_requests": keepalive_requests, "max_age_s": max_age_s}  # fmt: skip
+        return type(cls.__name__, (cls,), attributes)
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         if self.quiet is not None:
@@ -147,6 +164,8 @@ class GuardedHttp(CorkedHttp):
         self._timer: asyncio.TimerHandle | None = None
         self._refused = False
         self._got_data = False
+        self._requests = 0  # requests begun on this connection
+        self._first_request_at = 0.0
         if len(self.connections) > self.limits.max_connections:
             limit = self.limits.max_connections
             self._refuse(
@@ -193,6 +212,14 @@ class GuardedHttp(CorkedHttp):
                 raise _Refused  # the parser stops; uvicorn's 400 for it is a no-op now
         self._in_head, self._head_bytes, self._head_since = False, 0, None
         super().on_headers_complete()
+        self._requests += 1
+        if self._requests == 1:
+            self._first_request_at = self._last_data
+        last = (0 < self.keepalive_requests <= self._requests) or (
+            0 < self.max_age_s <= self._last_data - self._first_request_at
+        )
+        if last and self.cycle is not None:  # its answer says Connection: close, then uvicorn closes
+            self.cycle.keep_alive = False
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

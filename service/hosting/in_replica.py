@@ -32,7 +32,6 @@ from service.api.http import create_app
 from service.api.server import Server
 from service.hosting.autoscaling import METRIC
 from service.hosting.listening import (
-    ConnectionRecycler,
     QuietServer,
     grpc_server,
     http_config,
@@ -83,15 +82,14 @@ class ServingReplica:
 
     async def _listen(self) -> None:
         settings = self.settings
-        recycled = ConnectionRecycler(
-            create_app(self.server), settings.keepalive_requests, settings.connection_max_age_s
-        )
         config = http_config(
-            recycled,
+            create_app(self.server),
             settings.limits,
             self.metrics,
             access_log=settings.access_log,
             log_level=settings.log_level,
+            keepalive_requests=settings.keepalive_requests,
+            max_age_s=settings.connection_max_age_s,
         )
         self.http = QuietServer(config)
         self.http_task = asyncio.create_task(

@@ -8,51 +8,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import socket
-import time
-from collections import OrderedDict
 from collections.abc import Iterator
-from typing import Any
 
 import grpc
 import uvicorn
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp
 
 from service.hosting.http_protocol import GuardedHttp, RefusalCounter
 from service.settings import Limits
-
-
-class ConnectionRecycler:
-    """Close a keep-alive connection (``Connection: close`` on an answer) after ``limit`` requests,
-    as nginx's ``keepalive_requests`` does, or on its first answer ``max_age_s`` after its first
-    request, as nginx's ``keepalive_time`` does (0: no such limit): replicas share the port per
-    *connection*, so without this a replica that restarts or joins would get no share of
-    long-lived client connections — the age bounds how long that takes whatever a client's rate."""
-
-    def __init__(self, app: ASGIApp, limit: int, max_age_s: float = 0.0) -> None:
-        self.app, self.limit, self.max_age_s = app, limit, max_age_s
-        #: client address → (requests so far, when its first one came)
-        self.served: OrderedDict[Any, tuple[int, float]] = OrderedDict()
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not (self.limit or self.max_age_s):
-            return await self.app(scope, receive, send)
-        client = scope.get("client")
-        now = time.monotonic()
-        count, first = self.served.pop(client, (0, now))
-        count += 1
-        last = (0 < self.limit <= count) or (0 < self.max_age_s <= now - first)
-        if not last:
-            self.served[client] = (count, first)
-            while len(self.served) > 65536:  # addresses of connections that went away
-                self.served.popitem(last=False)
-
-        async def send_closing(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
-            await send(message)
-
-        await self.app(scope, receive, send_closing if last else send)
-
 
 #: a client connection with nothing in progress for this long is closed: HTTP between requests
 #: (uvicorn's keep-alive timeout), gRPC without a call (a GOAWAY: the channel reconnects for its
@@ -104,17 +67,25 @@ def grpc_server(
 
 
 def http_config(
-    app: ASGIApp, limits: Limits, counter: RefusalCounter | None = None, *, access_log: bool, log_level: str
+    app: ASGIApp,
+    limits: Limits,
+    counter: RefusalCounter | None = None,
+    *,
+    access_log: bool,
+    log_level: str,
+    keepalive_requests: int = 0,
+    max_age_s: float = 0.0,
 ) -> uvicorn.Config:
-    """uvicorn's configuration for a serving replica: :class:`GuardedHttp` under ``limits`` (no
-    WebSocket upgrade: the app has no such route, and an upgraded connection would leave its
-    bounds), its own messages at warning only, and with ``access_log`` a line per request (client, method,
-    path, status) at ``log_level``: uvicorn sets its access logger to its own level, where its
-    INFO lines would never be written."""
+    """uvicorn's configuration for a serving replica: :class:`GuardedHttp` under ``limits``,
+    closing a connection after ``keepalive_requests`` or ``max_age_s`` (no WebSocket upgrade: the
+    app has no such route, and an upgraded connection would leave its bounds), its own messages at
+    warning only, and with ``access_log`` a line per request (client, method, path, status) at
+    ``log_level``: uvicorn sets its access logger to its own level, where its INFO lines would
+    never be written."""
+    protocol = GuardedHttp.under(limits, counter, keepalive_requests, max_age_s)
     config = uvicorn.Config(
         app, lifespan="off", log_level="warning", access_log=access_log,
-        timeout_keep_alive=round(IDLE_CONNECTION_S), proxy_headers=False,
-        http=GuardedHttp.under(limits, counter), ws="none",
+        timeout_keep_alive=round(IDLE_CONNECTION_S), proxy_headers=False, http=protocol, ws="none",
     )  # fmt: skip
     if access_log:
         logging.getLogger("uvicorn.access").setLevel(log_level)

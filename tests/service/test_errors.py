@@ -5,10 +5,12 @@ log line carrying the same id and the traceback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import re
 import socket
+from collections.abc import Iterator
 from typing import Any
 
 import grpc
@@ -36,13 +38,20 @@ class BrokenServer:
 
     in_flight = 0  # the app counts each exchange on its server (Server.drain)
 
+    @contextlib.contextmanager
+    def refusals(self, *args: Any) -> Iterator[None]:
+        yield
+
+    async def read_body(self, request: Any) -> bytes:
+        return b"{}"
+
     def resolve(self, name: str, *args: Any) -> Any:
         if name == "missing":
             raise ModelNotFound(f"model {name!r} not found")
         raise KeyError("a bug far below the API")
 
 
-async def asgi_get(path: str) -> tuple[int, dict[str, str], bytes]:
+async def asgi_get(path: str, method: str = "GET") -> tuple[int, dict[str, str], bytes]:
     messages: list[dict[str, Any]] = []
 
     async def receive() -> dict[str, Any]:
@@ -52,7 +61,7 @@ async def asgi_get(path: str) -> tuple[int, dict[str, str], bytes]:
         messages.append(message)
 
     scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
         "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
         "headers": [], "client": ("127.0.0.1", 5000), "server": ("127.0.0.1", 8000),
     }  # fmt: skip
@@ -62,13 +71,17 @@ async def asgi_get(path: str) -> tuple[int, dict[str, str], bytes]:
     return start["status"], {k.decode(): v.decode() for k, v in start["headers"]}, body
 
 
+@pytest.mark.parametrize(
+    ("method", "path"),
+    [("GET", "/v1/models/anything"), ("POST", "/v1/models/anything/classify")],  # the second: the hot path
+)
 def test_an_unexpected_exception_is_a_json_500_with_a_logged_request_id(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, method: str, path: str
 ) -> None:
     with caplog.at_level(logging.ERROR, logger="ray.serve"):
         logging.getLogger("ray.serve").addHandler(caplog.handler)  # Ray may stop its propagation
         try:
-            status, headers, body = asyncio.run(asgi_get("/v1/models/anything"))
+            status, headers, body = asyncio.run(asgi_get(path, method))
         finally:
             logging.getLogger("ray.serve").removeHandler(caplog.handler)
     assert status == 500 and headers["content-type"] == "application/json"
@@ -76,7 +89,7 @@ def test_an_unexpected_exception_is_a_json_500_with_a_logged_request_id(
     request_id = REQUEST_ID.search(message).group(1)  # type: ignore[union-attr]
     assert headers["x-request-id"] == request_id
     record = next(r for r in caplog.records if request_id in r.getMessage())
-    assert "GET /v1/models/anything" in record.getMessage()
+    assert f"{method} {path}" in record.getMessage()
     assert record.exc_info and record.exc_info[0] is KeyError  # the traceback is in the log
 
 

@@ -21,7 +21,6 @@ import uvicorn
 from service.hosting import listening
 from service.hosting.http_protocol import CorkedHttp
 from service.hosting.listening import (
-    ConnectionRecycler,
     QuietServer,
     grpc_server,
     http_config,
@@ -146,12 +145,14 @@ def test_the_access_log_writes_a_line_per_request(caplog: pytest.LogCaptureFixtu
 
 
 async def recycled(limit: int, max_age_s: float, gaps_s: list[float]) -> tuple[list[bool], bool]:
-    """Requests on one keep-alive connection to ``app`` behind a :class:`ConnectionRecycler`, each
-    after its gap → (whether each answer said ``Connection: close``, whether the server then
-    ended the connection); the requests stop at the first closing answer."""
-    recycler = ConnectionRecycler(app, limit, max_age_s)
+    """Requests on one keep-alive connection to ``app`` on a replica's listener (:func:`http_config`)
+    closing connections after ``limit`` requests or ``max_age_s``, each after its gap → (whether
+    each answer said ``Connection: close``, whether the server then ended the connection); the
+    requests stop at the first closing answer."""
     closing: list[bool] = []
-    config = uvicorn.Config(recycler, http=CorkedHttp, log_level="warning", lifespan="off")
+    config = http_config(
+        app, Limits(), access_log=False, log_level="INFO", keepalive_requests=limit, max_age_s=max_age_s
+    )
     async with connected(config) as (reader, writer):
         for gap in gaps_s:
             await asyncio.sleep(gap)
