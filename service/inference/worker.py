@@ -131,12 +131,15 @@ class ModelWorker:
     async def predict(self, job: Any) -> Answer:
         """Preprocess here (per request), infer in batches, postprocess here."""
         start = time.perf_counter()
-        with self._failures_counted(start):
+        try:  # as _failures_counted, inline: this is every request's path
             work = self._accept(job)
             accepted = time.perf_counter()
             with self._held(work) as holding:
                 answer = await (self._decode(work) if self.scheduler is not None else self._batched(work))
                 holding.computed()
+        except Exception:
+            self.statistics.failed(time.perf_counter() - start)
+            raise
         self._answered(work, answer, start, accepted)
         return answer
 
@@ -241,7 +244,7 @@ class ModelWorker:
         self.admission.check(self._least_cost(job))  # before tokenising or decoding it
         return self.runner.preprocess(job)
 
-    def _held(self, work: Any, sheddable: bool = True) -> contextlib.AbstractContextManager[Holding]:
+    def _held(self, work: Any, sheddable: bool = True) -> Holding:
         """``work``'s place in the admission while it is computed (:meth:`Admission.holding`)."""
         return self.admission.holding(self._cost(work), sheddable)
 
