@@ -44,6 +44,7 @@ import time
 import weakref
 from collections.abc import Callable
 from multiprocessing.connection import Connection
+from pathlib import Path
 
 import numpy as np
 
@@ -81,18 +82,27 @@ MAX_WAITING_BYTES = 64 * 1024 * 1024
 class DecodeProcess(Submitting):
     """:class:`TranslationScheduler`'s interface, its loop in a child process.
 
-    ``factory()`` runs in the child and returns ``(decoder, providers)``: it must pickle (a
-    module-level function or a ``functools.partial`` of one)."""
+    ``factory`` runs in the child and returns ``(decoder, providers)``: it must pickle (a
+    module-level function or a ``functools.partial`` of one). With ``files`` (a model version's
+    directory) it is called with a directory holding that directory's files as they were when
+    this object was made: they are held open here (:class:`PinnedFiles`), so a child started
+    again after a crash loads the same bytes although the version's directory was removed or
+    replaced meanwhile (a newer version serving, the old one deleted). Without, it is called
+    with no argument."""
 
     def __init__(
         self,
-        factory: Callable[[], tuple[Decoder, list[str]]],
+        factory: Callable[..., tuple[Decoder, list[str]]],
         token_budget: int,
         on_step: OnStep | None = None,
+        files: Path | None = None,
     ) -> None:
         if token_budget < 1:
             raise ValueError(f"token_budget must be ≥ 1, got {token_budget}")
         self.factory, self.token_budget = factory, token_budget
+        self.pinned = PinnedFiles(files) if files is not None else None
+        if self.pinned is not None:  # closed with the last child, or when this object is dropped
+            weakref.finalize(self, self.pinned.close)
         self.on_step = on_step
         self._lock = threading.Lock()  # guards _live, _conn, _closed and the sends
         self._live: dict[int, Request] = {}
@@ -109,7 +119,12 @@ class DecodeProcess(Submitting):
         self._idle = True
         self._conn: Sender | None = None  # to the current child; None while it restarts
         self._process: subprocess.Popen[bytes] | None = None
-        self.providers = self._start()
+        try:
+            self.providers = self._start()
+        except BaseException:
+            if self.pinned is not None:
+                self.pinned.close()
+            raise
 
     @property
     def on_step(self) -> OnStep | None:
@@ -131,11 +146,13 @@ class DecodeProcess(Submitting):
         # the child imports this package from where this process found it
         run = f"from service.inference.decode_child import _child; _child({theirs.fileno()})"
         boot = f"import sys; sys.path[:0] = {sys.path!r}; {run}"
-        process = subprocess.Popen([sys.executable, "-c", boot], pass_fds=(theirs.fileno(),))
+        files = self.pinned.fds if self.pinned is not None else None
+        passed = (theirs.fileno(), *(files or {}).values())
+        process = subprocess.Popen([sys.executable, "-c", boot], pass_fds=passed)
         theirs.close()
         conn = Connection(os.dup(ours.fileno()))
         try:
-            conn.send(("init", self.factory, self.token_budget))
+            conn.send(("init", self.factory, self.token_budget, files))
             if not conn.poll(START_TIMEOUT_S):
                 raise RuntimeError(f"the decode process did not start within {START_TIMEOUT_S:.0f} s")
             try:
@@ -282,6 +299,8 @@ class DecodeProcess(Submitting):
         if on_step is not None:  # the gauges: nothing in flight any more
             with contextlib.suppress(Exception):
                 on_step(0, 0, 0, 0.0)
+        if closed and self.pinned is not None:  # no child will start again
+            self.pinned.close()
         if closed and not orphans:
             return
         # killed while idle: most often the replica stopping (its process group goes at once)
@@ -342,6 +361,30 @@ class DecodeProcess(Submitting):
         if on_step is not None:
             for rows, live, in_flight, seconds, _ in stats:
                 on_step(rows, live, in_flight, seconds)
+
+
+class PinnedFiles:
+    """The regular files of a directory, each held open (read-only, not inherited but by the
+    decode process it is passed to): their contents outlive their names, whatever is done to the
+    directory. ``fds``: name → descriptor."""
+
+    def __init__(self, directory: Path) -> None:
+        self.fds: dict[str, int] = {}
+        self._lock = threading.Lock()
+        try:
+            for path in sorted(directory.iterdir()):
+                if path.is_file():
+                    self.fds[path.name] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        with self._lock:
+            fds, self.fds = self.fds, {}
+        for fd in fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def _read(

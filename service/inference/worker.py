@@ -79,9 +79,10 @@ class ModelWorker:
             batch_units = budget
             if remote:
                 load = functools.partial(
-                    translator_decoder, entry.directory, entry.manifest, providers, threads
+                    translator_decoder, manifest=entry.manifest, providers=providers, threads=threads
                 )
-                self.scheduler = DecodeProcess(load, budget, self._stepped)  # it warms up there
+                # it warms up there, from the version's files held open here (a restart too)
+                self.scheduler = DecodeProcess(load, budget, self._stepped, files=entry.directory)
                 self.runner.providers = self.scheduler.providers
             else:
                 self.scheduler = TranslationScheduler(self.runner.translator, budget, self._stepped)

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import json
 import os
 import random
+import shutil
 import signal
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,6 +39,13 @@ def slow() -> tuple[TableDecoder, list[str]]:
 
 def failing() -> tuple[TableDecoder, list[str]]:
     return table(fail_on=3)
+
+
+def from_files(directory: Path) -> tuple[TableDecoder, list[str]]:
+    """(In the child.) The stand-in decoder as ``directory/decoder.json`` configures it: a
+    translation model's child loads its graphs and tokenizers from the version's directory so."""
+    seconds = json.loads((directory / "decoder.json").read_text())["seconds"]
+    return TableDecoder(seconds=seconds), ["TableDecoder", str(seconds)]
 
 
 def alive(pid: int) -> bool:
@@ -236,6 +247,30 @@ async def test_a_child_that_dies_fails_what_it_held_and_is_started_again() -> No
 
 
 @synchronous
+async def test_a_child_started_again_loads_its_files_although_their_directory_was_removed(
+    tmp_path: Path,
+) -> None:
+    """A newer version serves and the old version's directory is deleted, then the old one's
+    child crashes while it drains: its restart loads the files as they were when it was made."""
+    version = tmp_path / "1"
+    version.mkdir()
+    (version / "decoder.json").write_text('{"seconds": 0.01}')
+    views = set(Path(tempfile.gettempdir()).glob("attention-decode-*"))
+    process = DecodeProcess(from_files, token_budget=10_000, files=version)
+    assert process.providers == ["TableDecoder", "0.01"]
+    shutil.rmtree(version)
+    first = kill(process)
+    await until(lambda: process.pid != first and process.running)
+    assert process.restarts == 1 and process.down_since is None
+    answer = await process.submit([[5, 6]], options())
+    assert answer.hypotheses[0].tokens == alone(TableDecoder(), [5, 6], options()).tokens
+    process.close()
+    await until(lambda: not process.running)
+    await until(lambda: process.pinned is not None and not process.pinned.fds)  # closed with the last child
+    assert set(Path(tempfile.gettempdir()).glob("attention-decode-*")) == views  # the children's links: gone
+
+
+@synchronous
 async def test_close_drains_what_is_running_then_the_child_exits() -> None:
     process = DecodeProcess(slow, token_budget=10_000)
     ids = [3, 4, 5] * 10
@@ -267,7 +302,7 @@ def test_a_factory_that_fails_is_a_start_up_error() -> None:
         DecodeProcess(broken, token_budget=400)
 
 
-def broken() -> tuple[TableDecoder, list[str]]:
+def broken(*_: object) -> tuple[TableDecoder, list[str]]:  # with or without a directory
     raise ZeroDivisionError("no model here")
 
 

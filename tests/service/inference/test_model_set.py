@@ -20,6 +20,7 @@ import pytest
 
 from service.inference import decode_process, model_set
 from service.inference.decode_process import DecodeProcess
+from service.inference.jobs import TranslateJob
 from service.inference.model_set import ModelSet
 from service.inference.worker import ModelWorker
 from service.inference.worker_metrics import NoMetrics
@@ -287,6 +288,38 @@ def test_a_version_whose_copy_completes_during_its_failed_load_is_tried_again(
 
 
 @pytest.mark.slow
+def test_a_decode_process_restarts_from_the_served_versions_files_after_they_were_deleted(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    """The served version's directory removed (a newer one was meant to replace it), then its
+    decode process crashes: it starts again on the files the replica holds open, ONNX Runtime's
+    graphs and the tokenizers alike, and answers as before."""
+    repository = tmp_path / "repository"
+    directory = version_of(tiny_repository, repository, 1, "dates-transformer")
+    models = ModelSet(
+        Settings(repository=repository), "replica", "node", lambda _: NoMetrics(), lambda *_: None
+    )
+    asyncio.run(models.serve({"dates-transformer": 1}))
+    worker = models.workers["dates-transformer"]
+    scheduler = worker.scheduler
+    assert isinstance(scheduler, DecodeProcess) and scheduler.pid is not None
+    job = TranslateJob(texts=["5 mars 2024", "Tuesday, July 4, 1995"])
+    before = asyncio.run(worker.predict(job))
+    shutil.rmtree(directory)
+    first = scheduler.pid
+    os.kill(first, signal.SIGKILL)
+    deadline = time.monotonic() + 60
+    while not (scheduler.pid != first and scheduler.running):
+        assert scheduler.down_since is None, scheduler.start_error
+        assert time.monotonic() < deadline, "the decode process did not start again"
+        time.sleep(0.05)
+    after = asyncio.run(worker.predict(job))
+    texts = [[t.text for t in a.result.translations] for a in (before, after)]  # type: ignore[union-attr]
+    assert texts[0] == texts[1] and all(texts[0])
+    models.check_health()
+    worker.close()
+
+
 def test_the_health_check_names_a_model_whose_decode_process_cannot_restart(
     tiny_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -89,7 +89,9 @@ def test_every_image_preprocesses_to_pillows_pixels(kind: str, channels: int, si
 def test_a_batch_normalises_to_each_images_own_pixels(channels: int) -> None:
     """The runner resizes per request and normalises per batch: every row is, bit for bit, the
     image normalised alone and the plain formula ((x / 255 - mean) / std per channel, float32)."""
-    s = spec(channels).model_copy(update={"mean": [0.1, 0.2, 0.3][:channels], "std": [0.3, 0.25, 0.2][:channels]})
+    s = spec(channels).model_copy(
+        update={"mean": [0.1, 0.2, 0.3][:channels], "std": [0.3, 0.25, 0.2][:channels]}
+    )
     make = grey if channels == 1 else rgb
     images = [resize(np.asarray(make(size)), s) for size in [(48, 48), (28, 28), (61, 37), (48, 48)]]
     batch = normalise(np.stack(images), s)
