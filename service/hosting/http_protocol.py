@@ -220,6 +220,10 @@ class GuardedHttp(CorkedHttp):
         )
         if last and self.cycle is not None:  # its answer says Connection: close, then uvicorn closes
             self.cycle.keep_alive = False
+            # the header too: older uvicorn releases write none for keep_alive alone, and a pooling
+            # client would send its next request into the closing socket (a new list: the
+            # server's default headers are shared by every connection)
+            self.cycle.default_headers = [*self.cycle.default_headers, (b"connection", b"close")]
 
     def on_message_complete(self) -> None:
         super().on_message_complete()

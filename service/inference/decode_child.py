@@ -11,15 +11,13 @@ import dataclasses
 import logging
 import os
 import select
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import numpy as np
 
@@ -143,7 +141,8 @@ def _child(fd: int) -> None:
     try:
         kind, factory, budget, files = conn.recv()
         assert kind == "init"
-        decoder, providers = factory() if files is None else _from_pinned(factory, files)
+        # files: the parent's view of the model's files (PinnedFiles), whose descriptors we have
+        decoder, providers = factory() if files is None else factory(Path(files))
         scheduler = _ChildScheduler(decoder, budget, conn.send)
     except BaseException as exc:
         conn.send(("failed", type(exc).__name__, str(exc)))
@@ -174,22 +173,6 @@ def _child(fd: int) -> None:
             scheduler._pass()
         except (BrokenPipeError, ConnectionResetError):  # the parent went while we answered
             os._exit(0)
-
-
-T = TypeVar("T")
-
-
-def _from_pinned(factory: Callable[[Path], T], files: dict[str, int]) -> T:
-    """``factory`` called with a directory of the parent's pinned files (``PinnedFiles``, passed
-    to this process by descriptor): a private temporary directory of links to them, removed once
-    the factory has loaded what it needs."""
-    view = Path(tempfile.mkdtemp(prefix="attention-decode-"))
-    try:
-        for name, fd in files.items():
-            (view / name).symlink_to(f"/proc/self/fd/{fd}")  # the file itself, whatever its name now
-        return factory(view)
-    finally:
-        shutil.rmtree(view, ignore_errors=True)
 
 
 def translator_decoder(

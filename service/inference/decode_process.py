@@ -36,9 +36,11 @@ import functools
 import inspect
 import logging
 import os
+import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import weakref
@@ -84,11 +86,11 @@ class DecodeProcess(Submitting):
 
     ``factory`` runs in the child and returns ``(decoder, providers)``: it must pickle (a
     module-level function or a ``functools.partial`` of one). With ``files`` (a model version's
-    directory) it is called with a directory holding that directory's files as they were when
+    directory) it is called with a directory that shows that directory's files as they were when
     this object was made: they are held open here (:class:`PinnedFiles`), so a child started
-    again after a crash loads the same bytes although the version's directory was removed or
-    replaced meanwhile (a newer version serving, the old one deleted). Without, it is called
-    with no argument."""
+    again after a crash loads the same files although the version's directory was removed or
+    renamed meanwhile (a newer version serving, the old one deleted) — not a file overwritten in
+    place. Without, it is called with no argument."""
 
     def __init__(
         self,
@@ -146,13 +148,18 @@ class DecodeProcess(Submitting):
         # the child imports this package from where this process found it
         run = f"from service.inference.decode_child import _child; _child({theirs.fileno()})"
         boot = f"import sys; sys.path[:0] = {sys.path!r}; {run}"
-        files = self.pinned.fds if self.pinned is not None else None
-        passed = (theirs.fileno(), *(files or {}).values())
-        process = subprocess.Popen([sys.executable, "-c", boot], pass_fds=passed)
+        pinned = self.pinned if self.pinned is not None else PinnedFiles(None)
+        with pinned.lock:  # the files stay open until the child has its own copies
+            if pinned.closed:
+                theirs.close()
+                ours.close()
+                raise RuntimeError("the model's files were let go: the decode process is closed")
+            passed = (theirs.fileno(), *pinned.fds.values())
+            process = subprocess.Popen([sys.executable, "-c", boot], pass_fds=passed)
         theirs.close()
         conn = Connection(os.dup(ours.fileno()))
         try:
-            conn.send(("init", self.factory, self.token_budget, files))
+            conn.send(("init", self.factory, self.token_budget, pinned.view))
             if not conn.poll(START_TIMEOUT_S):
                 raise RuntimeError(f"the decode process did not start within {START_TIMEOUT_S:.0f} s")
             try:
@@ -316,6 +323,8 @@ class DecodeProcess(Submitting):
         while True:  # until one starts or the owner closes: requests meanwhile get 503
             with self._lock:
                 if self._closed:
+                    if self.pinned is not None:  # no child will start again
+                        self.pinned.close()
                     return
             try:
                 self._start()
@@ -364,27 +373,39 @@ class DecodeProcess(Submitting):
 
 
 class PinnedFiles:
-    """The regular files of a directory, each held open (read-only, not inherited but by the
-    decode process it is passed to): their contents outlive their names, whatever is done to the
-    directory. ``fds``: name → descriptor."""
+    """The regular files of a directory, each held open (read-only; inherited only by the decode
+    processes they are passed to): their contents outlive their names, whatever is done to the
+    directory. ``view``: a private directory of links named as the files, each to
+    ``/proc/self/fd/<its descriptor>`` — in a process that has the descriptors (a decode
+    process), the file itself. Linux's ``/proc``; built once here and removed by :meth:`close`,
+    so a child killed while it loads leaves nothing behind. ``PinnedFiles(None)``: no files."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path | None) -> None:
         self.fds: dict[str, int] = {}
-        self._lock = threading.Lock()
+        self.view: str | None = None
+        self.closed = False
+        self.lock = threading.Lock()
+        if directory is None:
+            return
         try:
             for path in sorted(directory.iterdir()):
                 if path.is_file():
                     self.fds[path.name] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            self.view = tempfile.mkdtemp(prefix="attention-decode-")
+            for name, fd in self.fds.items():
+                os.symlink(f"/proc/self/fd/{fd}", os.path.join(self.view, name))
         except BaseException:
             self.close()
             raise
 
     def close(self) -> None:
-        with self._lock:
-            fds, self.fds = self.fds, {}
+        with self.lock:
+            fds, view, self.fds, self.view, self.closed = self.fds, self.view, {}, None, True
         for fd in fds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
+        if view is not None:
+            shutil.rmtree(view, ignore_errors=True)
 
 
 def _read(

@@ -160,6 +160,7 @@ async def recycled(limit: int, max_age_s: float, gaps_s: list[float]) -> tuple[l
             head = await reader.readuntil(b"\r\n\r\n")
             assert await reader.readexactly(5) == b"hello"
             closing.append(b"connection: close" in head.lower())
+            assert head.lower().count(b"connection:") <= 1  # one header, whoever writes it
             if closing[-1]:
                 break
         ended = await asyncio.wait_for(reader.read(), 1) == b"" if closing[-1] else False

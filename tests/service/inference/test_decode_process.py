@@ -266,7 +266,7 @@ async def test_a_child_started_again_loads_its_files_although_their_directory_wa
     assert answer.hypotheses[0].tokens == alone(TableDecoder(), [5, 6], options()).tokens
     process.close()
     await until(lambda: not process.running)
-    await until(lambda: process.pinned is not None and not process.pinned.fds)  # closed with the last child
+    await until(lambda: process.pinned is not None and process.pinned.closed)  # with the last child
     assert set(Path(tempfile.gettempdir()).glob("attention-decode-*")) == views  # the children's links: gone
 
 
