@@ -36,11 +36,9 @@ import functools
 import inspect
 import logging
 import os
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import weakref
@@ -62,6 +60,7 @@ from service.inference.callers import (
 )
 from service.inference.child_sender import Sender
 from service.inference.decoding import Options
+from service.inference.pinned_files import PinnedFiles
 from service.inference.scheduler import Decoder, OnStep
 
 log = logging.getLogger("ray.serve")
@@ -149,13 +148,7 @@ class DecodeProcess(Submitting):
         run = f"from service.inference.decode_child import _child; _child({theirs.fileno()})"
         boot = f"import sys; sys.path[:0] = {sys.path!r}; {run}"
         pinned = self.pinned if self.pinned is not None else PinnedFiles(None)
-        with pinned.lock:  # the files stay open until the child has its own copies
-            if pinned.closed:
-                theirs.close()
-                ours.close()
-                raise RuntimeError("the model's files were let go: the decode process is closed")
-            passed = (theirs.fileno(), *pinned.fds.values())
-            process = subprocess.Popen([sys.executable, "-c", boot], pass_fds=passed)
+        process = pinned.popen([sys.executable, "-c", boot], theirs.fileno())
         theirs.close()
         conn = Connection(os.dup(ours.fileno()))
         try:
@@ -370,42 +363,6 @@ class DecodeProcess(Submitting):
         if on_step is not None:
             for rows, live, in_flight, seconds, _ in stats:
                 on_step(rows, live, in_flight, seconds)
-
-
-class PinnedFiles:
-    """The regular files of a directory, each held open (read-only; inherited only by the decode
-    processes they are passed to): their contents outlive their names, whatever is done to the
-    directory. ``view``: a private directory of links named as the files, each to
-    ``/proc/self/fd/<its descriptor>`` — in a process that has the descriptors (a decode
-    process), the file itself. Linux's ``/proc``; built once here and removed by :meth:`close`,
-    so a child killed while it loads leaves nothing behind. ``PinnedFiles(None)``: no files."""
-
-    def __init__(self, directory: Path | None) -> None:
-        self.fds: dict[str, int] = {}
-        self.view: str | None = None
-        self.closed = False
-        self.lock = threading.Lock()
-        if directory is None:
-            return
-        try:
-            for path in sorted(directory.iterdir()):
-                if path.is_file():
-                    self.fds[path.name] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            self.view = tempfile.mkdtemp(prefix="attention-decode-")
-            for name, fd in self.fds.items():
-                os.symlink(f"/proc/self/fd/{fd}", os.path.join(self.view, name))
-        except BaseException:
-            self.close()
-            raise
-
-    def close(self) -> None:
-        with self.lock:
-            fds, view, self.fds, self.view, self.closed = self.fds, self.view, {}, None, True
-        for fd in fds.values():
-            with contextlib.suppress(OSError):
-                os.close(fd)
-        if view is not None:
-            shutil.rmtree(view, ignore_errors=True)
 
 
 def _read(

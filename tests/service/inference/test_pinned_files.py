@@ -1,0 +1,56 @@
+"""A version's files held open (``service/inference/pinned_files.py``): a process started on them
+later reads what they held when they were pinned, whatever became of their directory; closing
+lets the descriptors and the links go. Real files, a real child process."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service.inference.pinned_files import PinnedFiles
+
+#: a child's view of the files: their names and contents, into the file argv[2]
+READ = (
+    "import pathlib, sys; view = pathlib.Path(sys.argv[1]); "
+    "pathlib.Path(sys.argv[2]).write_text(repr(sorted((p.name, p.read_text()) for p in view.iterdir())))"
+)
+
+
+def test_a_process_started_later_reads_the_files_after_their_directory_was_removed(tmp_path: Path) -> None:
+    version = tmp_path / "1"
+    (version / "sub").mkdir(parents=True)
+    (version / "model.onnx").write_text("graph")
+    (version / "tokenizer.json").write_text("vocabulary")
+    (version / "sub" / "other.txt").write_text("not a file of the version's own")
+    out = tmp_path / "seen"
+    pinned = PinnedFiles(version)
+    try:
+        assert sorted(pinned.fds) == ["model.onnx", "tokenizer.json"] and pinned.view is not None
+        shutil.rmtree(version)
+        assert pinned.popen([sys.executable, "-c", READ, pinned.view, str(out)]).wait(60) == 0
+        assert out.read_text() == repr([("model.onnx", "graph"), ("tokenizer.json", "vocabulary")])
+        # a process not given the descriptors finds nothing behind the links
+        alone = subprocess.run([sys.executable, "-c", READ, pinned.view, str(out)], capture_output=True)
+        assert alone.returncode != 0 and b"No such file" in alone.stderr
+    finally:
+        pinned.close()
+
+
+def test_closing_lets_the_descriptors_and_the_links_go(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_text("graph")
+    pinned = PinnedFiles(tmp_path)
+    fds, view = list(pinned.fds.values()), pinned.view
+    assert view is not None and os.path.islink(os.path.join(view, "model.onnx"))
+    pinned.close()
+    pinned.close()  # twice: nothing more
+    assert pinned.closed and not pinned.fds and not os.path.exists(view)
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+    with pytest.raises(RuntimeError, match="let go"):
+        pinned.popen([sys.executable, "-c", "pass"])
