@@ -25,7 +25,7 @@ from service.inference.model_set import ModelSet
 from service.inference.worker import ModelWorker
 from service.inference.worker_metrics import NoMetrics
 from service.settings import Settings
-from tests.service.inference.test_decode_process import broken
+from tests.service.inference.decode_stand_ins import broken
 
 
 def test_a_swap_freezes_what_is_loaded_and_frees_what_it_replaced(

@@ -1,22 +1,19 @@
-"""The scheduler's loop in a process of its own (``service/inference/decode_process.py``).
+"""What crosses between the serving process and its decode child
+(``service/inference/decode_process.py``): answers under concurrent mixed traffic, streamed
+tokens and the stream interval, a caller that leaves, a failing step, and requests larger than
+the socket's buffer — handed to a writer thread, lost with a child that dies, refused while too
+many bytes wait for the child.
 
-The child runs the deterministic stand-in decoder of ``test_scheduler`` (built there by a
-module-level factory, as the service builds the model's Translator), so every answer can be
-compared with the same text decoded alone in this process. Real processes, real sockets.
+The child runs the deterministic stand-in decoder of ``test_scheduler`` (built by a module-level
+factory of ``decode_stand_ins``, as the service builds the model's Translator), so every answer
+can be compared with the same text decoded alone in this process. Real processes, real sockets.
 """
 
 from __future__ import annotations
 
 import asyncio
-import gc
-import json
-import os
 import random
-import shutil
-import signal
-import tempfile
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -25,54 +22,17 @@ from service.errors import InferenceFailed, Overloaded
 from service.inference import decode_process
 from service.inference.decode_process import DecodeProcess
 from service.inference.scheduler import TranslationScheduler
+from tests.service.inference.decode_stand_ins import (
+    alive,
+    failing,
+    kill,
+    slow,
+    slow_failing,
+    sluggish,
+    table,
+    until,
+)
 from tests.service.inference.test_scheduler import BOS, EOS, TableDecoder, alone, options, source, synchronous
-
-
-def table(seconds: float = 0.0, fail_on: int | None = None) -> tuple[TableDecoder, list[str]]:
-    """(In the child.)"""
-    return TableDecoder(fail_on=fail_on, seconds=seconds), ["TableDecoder"]
-
-
-def slow() -> tuple[TableDecoder, list[str]]:
-    return table(seconds=0.01)
-
-
-def failing() -> tuple[TableDecoder, list[str]]:
-    return table(fail_on=3)
-
-
-def from_files(directory: Path) -> tuple[TableDecoder, list[str]]:
-    """(In the child.) The stand-in decoder as ``directory/decoder.json`` configures it: a
-    translation model's child loads its graphs and tokenizers from the version's directory so."""
-    seconds = json.loads((directory / "decoder.json").read_text())["seconds"]
-    return TableDecoder(seconds=seconds), ["TableDecoder", str(seconds)]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is gone for our purpose
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):  # gone between the two looks
-        return False
-
-
-def kill(process: DecodeProcess) -> int:
-    """SIGKILL the child (a crash, out of memory); → its pid."""
-    pid = process.pid
-    assert pid is not None
-    os.kill(pid, signal.SIGKILL)
-    return pid
-
-
-async def until(condition, seconds: float = 10.0) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        await asyncio.sleep(0.01)
 
 
 @synchronous
@@ -131,10 +91,6 @@ async def test_streamed_tokens_arrive_before_the_answer_and_attention_only_when_
             assert all(t.attention is None for t in got) and answer.hypotheses[0].attention.size == 0
         assert answer.hypotheses[0].tokens == expected.tokens
     process.close()
-
-
-def slow_failing() -> tuple[TableDecoder, list[str]]:
-    return TableDecoder(fail_on=6, seconds=0.01), ["TableDecoder"]
 
 
 @pytest.mark.parametrize("where", ["decode-process", "thread"])
@@ -229,175 +185,6 @@ async def test_a_failing_step_fails_its_requests_with_the_error_type_and_the_chi
     answer = await process.submit([[5, 6]], options())
     assert answer.hypotheses[0].tokens == alone(TableDecoder(), [5, 6], options()).tokens
     process.close()
-
-
-@synchronous
-async def test_a_child_that_dies_fails_what_it_held_and_is_started_again() -> None:
-    process = DecodeProcess(slow, token_budget=10_000)
-    held = asyncio.create_task(process.submit([[3] * 30], options(max_len=500)))
-    await until(lambda: process.rows >= 1)
-    first = kill(process)
-    with pytest.raises(InferenceFailed, match="decoder process exited"):
-        await held
-    await until(lambda: process.pid != first and process.running)
-    assert process.restarts == 1 and process.held == 0
-    answer = await process.submit([[5, 6]], options())
-    assert answer.hypotheses[0].tokens == alone(TableDecoder(), [5, 6], options()).tokens
-    process.close()
-
-
-@synchronous
-async def test_a_child_started_again_loads_its_files_although_their_directory_was_removed(
-    tmp_path: Path,
-) -> None:
-    """A newer version serves and the old version's directory is deleted, then the old one's
-    child crashes while it drains: its restart loads the files as they were when it was made."""
-    version = tmp_path / "1"
-    version.mkdir()
-    (version / "decoder.json").write_text('{"seconds": 0.01}')
-    views = set(Path(tempfile.gettempdir()).glob("attention-decode-*"))
-    process = DecodeProcess(from_files, token_budget=10_000, files=version)
-    assert process.providers == ["TableDecoder", "0.01"]
-    shutil.rmtree(version)
-    first = kill(process)
-    await until(lambda: process.pid != first and process.running)
-    assert process.restarts == 1 and process.down_since is None
-    answer = await process.submit([[5, 6]], options())
-    assert answer.hypotheses[0].tokens == alone(TableDecoder(), [5, 6], options()).tokens
-    process.close()
-    await until(lambda: not process.running)
-    await until(lambda: process.pinned is not None and process.pinned.closed)  # with the last child
-    assert set(Path(tempfile.gettempdir()).glob("attention-decode-*")) == views  # the children's links: gone
-
-
-@synchronous
-async def test_close_drains_what_is_running_then_the_child_exits() -> None:
-    process = DecodeProcess(slow, token_budget=10_000)
-    ids = [3, 4, 5] * 10
-    running = asyncio.create_task(process.submit([ids], options(max_len=40)))
-    await until(lambda: process.rows >= 1)  # step counts arrive every 50 ms while it decodes
-    pid = process.pid
-    assert pid is not None
-    process.close()
-    answer = await running
-    assert answer.hypotheses[0].tokens == alone(TableDecoder(), ids, options(max_len=40)).tokens
-    await until(lambda: not alive(pid))
-    assert not process.running
-
-
-def test_a_process_dropped_without_close_ends_its_child() -> None:
-    process = DecodeProcess(table, token_budget=400)
-    pid = process.pid
-    assert pid is not None and alive(pid)
-    del process
-    gc.collect()
-    deadline = time.monotonic() + 10
-    while alive(pid):
-        assert time.monotonic() < deadline, "the child outlived its owner"
-        time.sleep(0.02)
-
-
-def test_a_factory_that_fails_is_a_start_up_error() -> None:
-    with pytest.raises(RuntimeError, match="failed to start: ZeroDivisionError"):
-        DecodeProcess(broken, token_budget=400)
-
-
-def broken(*_: object) -> tuple[TableDecoder, list[str]]:  # with or without a directory
-    raise ZeroDivisionError("no model here")
-
-
-def stuck() -> tuple[TableDecoder, list[str]]:
-    return table(seconds=1.5)  # a step this long stands in for a hung one (HUNG_S lowered)
-
-
-@synchronous
-async def test_a_child_silent_while_holding_requests_makes_the_model_unhealthy(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(decode_process, "HUNG_S", 0.5)
-    process = DecodeProcess(stuck, token_budget=10_000)
-    await asyncio.sleep(0.7)
-    assert process.problem() is None  # idle and silent: healthy
-    running = asyncio.create_task(process.submit([[3, 4]], options(max_len=2)))
-    await asyncio.sleep(0.2)
-    assert process.problem() is None  # its silence counts from the submit
-    await until(lambda: process.problem() is not None)
-    assert "sent nothing for" in (process.problem() or "") and "holding 1 requests" in (
-        process.problem() or ""
-    )
-    await running
-    assert process.problem() is None
-    process.close()
-
-
-@synchronous
-async def test_a_child_whose_restarts_fail_makes_the_model_unhealthy_until_one_starts(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(decode_process, "DOWN_S", 0.3)
-    process = DecodeProcess(table, token_budget=400)
-    assert process.problem() is None
-    process.factory = broken  # every restart fails from now on
-    kill(process)
-    await until(lambda: process.problem() is not None and "no model here" in (process.problem() or ""))
-    assert "has failed to restart for" in (process.problem() or "")
-    process.factory = table  # the next try (back-off 1 s, 2 s, …) starts
-    await until(lambda: process.running and process.problem() is None, seconds=15)
-    answer = await process.submit([[5, 6]], options())
-    assert answer.hypotheses[0].tokens == alone(TableDecoder(), [5, 6], options()).tokens
-    process.close()
-
-
-def hung() -> tuple[TableDecoder, list[str]]:
-    return table(seconds=30.0)  # its first step outlasts the test: a hang
-
-
-def slow_to_start() -> tuple[TableDecoder, list[str]]:
-    time.sleep(1.0)  # a big model loading: longer than DOWN_S below
-    return table()
-
-
-@synchronous
-async def test_a_hung_child_is_found_although_its_callers_give_up(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Each caller times out and leaves (its request leaves the held set) sooner than HUNG_S; a new
-    request must not restart the silence clock of a child that never reported being idle."""
-    monkeypatch.setattr(decode_process, "HUNG_S", 0.8)
-    process = DecodeProcess(hung, token_budget=10_000)
-    seen = None
-    for _ in range(5):  # requests 0.5 s apart, each abandoned after 0.4 s: never one held 0.8 s
-        caller = asyncio.create_task(process.submit([[3, 4]], options(max_len=2)))
-        for _ in range(8):
-            await asyncio.sleep(0.05)
-            seen = seen or process.problem()
-        caller.cancel()  # its timeout: the caller leaves
-        with pytest.raises(asyncio.CancelledError):
-            await caller
-        assert process.held == 0 and process.problem() is None  # nothing waits on it now
-        await asyncio.sleep(0.1)
-    assert seen is not None and "sent nothing for" in seen
-    kill(process)
-    process.close()
-
-
-@synchronous
-async def test_a_restart_that_takes_long_but_succeeds_is_not_unhealthy(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setattr(decode_process, "DOWN_S", 0.3)
-    process = DecodeProcess(slow_to_start, token_budget=400)
-    first = kill(process)
-    deadline = time.monotonic() + 10
-    while not (process.running and process.pid != first):
-        assert process.problem() is None, process.problem()  # loading, not failing
-        assert time.monotonic() < deadline, "no restart"
-        await asyncio.sleep(0.05)
-    answer = await process.submit([[5, 6]], options())
-    assert answer.hypotheses[0].tokens == alone(TableDecoder(), [5, 6], options()).tokens
-    process.close()
-
-
-def sluggish() -> tuple[TableDecoder, list[str]]:
-    return table(seconds=0.5)
 
 
 @synchronous
