@@ -14,6 +14,7 @@ bilinear resize, scale to [0, 1], normalise).
 
 from __future__ import annotations
 
+import functools
 import io
 import struct
 import warnings
@@ -141,15 +142,26 @@ def resize(image: np.ndarray | Image.Image, spec: ImageSpec) -> np.ndarray:
 
 def normalise(images: np.ndarray, spec: ImageSpec) -> np.ndarray:
     """Model-sized uint8 images (B, H, W[, C]) → the graph's input, float32 (B, C, H, W): scaled
-    to [0, 1], then (x - mean) / std per channel. Once per batch, on the batcher's thread: done
-    per image on the event loop, these few operations on a 48×48 image cost as much as its PNG
-    decoding. The same operations in the same order as per image, so the same values, bit for bit."""
-    # (B, C, H, W): a channel axis for grey, channels first for RGB
-    images = images[:, None] if spec.channels == 1 else images.transpose(0, 3, 1, 2)
-    x = images.astype(np.float32, order="C")  # a contiguous copy, whatever the view
+    to [0, 1], then (x - mean) / std per channel. Once per batch, on the batcher's thread, as one
+    lookup in the table of the 256 values a channel's byte can take (:func:`_table`, the same
+    operations in the same order, so the same values bit for bit). Arithmetic over the batch took
+    four array operations, and numpy lets go of the interpreter lock for each one: with the event
+    loop busy, taking it back cost the batch thread up to a switch interval each time."""
+    table = _table(tuple(spec.mean), tuple(spec.std))  # (C, 256)
+    if spec.channels == 1:
+        return table[0][images[:, None]]  # (B, 1, H, W)
+    pixels = table[np.arange(spec.channels), images]  # (B, H, W, C)
+    return np.ascontiguousarray(pixels.transpose(0, 3, 1, 2))  # (B, C, H, W)
+
+
+@functools.lru_cache(maxsize=64)
+def _table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(C, 256) float32: what :func:`normalise` gives each byte value of each channel."""
+    x = np.tile(np.arange(256, dtype=np.float32), (len(mean), 1))
     x /= 255.0
-    x -= np.asarray(spec.mean, dtype=np.float32)[:, None, None]
-    x /= np.asarray(spec.std, dtype=np.float32)[:, None, None]
+    x -= np.asarray(mean, dtype=np.float32)[:, None]
+    x /= np.asarray(std, dtype=np.float32)[:, None]
+    x.flags.writeable = False  # shared by every batch of the models with these values
     return x
 
 

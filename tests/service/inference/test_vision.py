@@ -94,8 +94,12 @@ def test_a_batch_normalises_to_each_images_own_pixels(channels: int) -> None:
     )
     make = grey if channels == 1 else rgb
     images = [resize(np.asarray(make(size)), s) for size in [(48, 48), (28, 28), (61, 37), (48, 48)]]
+    every_byte = (np.arange(48 * 48 * channels) % 256).astype(np.uint8)  # each value in each channel
+    images.append(
+        every_byte.reshape(48, 48) if channels == 1 else every_byte.reshape(3, 48, 48).transpose(1, 2, 0)
+    )
     batch = normalise(np.stack(images), s)
-    assert batch.shape == (4, channels, 48, 48) and batch.dtype == np.float32 and batch.flags.c_contiguous
+    assert batch.shape == (5, channels, 48, 48) and batch.dtype == np.float32 and batch.flags.c_contiguous
     for row, image in zip(batch, images, strict=True):
         x = image.astype(np.float32) / 255.0
         x = x[None] if channels == 1 else x.transpose(2, 0, 1)
