@@ -63,7 +63,7 @@ def vit_pipeline_images_per_s(
     def pixels(batch: list[bytes]) -> np.ndarray:
         # as the service: decode and resize per image, normalise per batch
         images = [resize(decode_image(d, 1 << 30, mode_of(spec)), spec) for d in batch]
-        return normalise(np.stack(images), spec)
+        return normalise(images, spec)
 
     pipeline, raw = {}, {}
     for b in batches:

@@ -63,7 +63,7 @@ def reference(images: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     assert manifest.image is not None
     spec = manifest.image
     resized = [resize(decode_image(data, 1 << 24, mode_of(spec)), spec) for data in images]
-    pixels = normalise(np.stack(resized), spec)  # as the service: resized per image, normalised per batch
+    pixels = normalise(resized, spec)  # as the service: resized per image, normalised per batch
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1

@@ -245,7 +245,7 @@ class ClassificationRunner:
         return self._classify(works, attention)
 
     def _classify(self, works: list[ClassifyWork], attention: bool) -> list[Any]:
-        pixels = normalise(np.stack([w.image for w in works]), self.spec)  # (B, C, H, W)
+        pixels = normalise([w.image for w in works], self.spec)  # (B, C, H, W)
         return list(self.classifier.classify(pixels, attention))
 
     def postprocess(self, work: ClassifyWork, output: Any) -> Classified:

@@ -98,7 +98,7 @@ def test_a_batch_normalises_to_each_images_own_pixels(channels: int) -> None:
     images.append(
         every_byte.reshape(48, 48) if channels == 1 else every_byte.reshape(3, 48, 48).transpose(1, 2, 0)
     )
-    batch = normalise(np.stack(images), s)
+    batch = normalise(images, s)
     assert batch.shape == (5, channels, 48, 48) and batch.dtype == np.float32 and batch.flags.c_contiguous
     for row, image in zip(batch, images, strict=True):
         x = image.astype(np.float32) / 255.0
