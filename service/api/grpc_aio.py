@@ -201,7 +201,7 @@ class GrpcHealth:
     def __init__(self, grpc_server: grpc.aio.Server, services: list[str]) -> None:
         self.servicer = health.aio.HealthServicer()
         self.names = ["", *services]
-        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, grpc_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, _Lenient(grpc_server, _refusing))
 
     async def serving(self) -> None:
         for name in self.names:
@@ -221,12 +221,32 @@ def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
     return deserialize
 
 
+def _refusing(handler: Any) -> Any:
+    """``handler`` (grpc's RpcMethodHandler, a unary or server-streaming one) answering INVALID_ARGUMENT
+    for an :class:`Undecodable` request before its servicer sees it: for servicers that are not
+    ours (the health service), which would fail on it with UNKNOWN."""
+    kind = ("stream_" if handler.request_streaming else "unary_") + (
+        "stream" if handler.response_streaming else "unary"
+    )
+    behaviour = getattr(handler, kind)
+    waits = inspect.iscoroutinefunction(behaviour)  # the health service's List is a plain method
+
+    async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if isinstance(request, Undecodable):
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error.message)
+        return await behaviour(request, context) if waits else behaviour(request, context)
+
+    return handler._replace(**{kind: call})
+
+
 class _Lenient:
     """The server as the generated ``add_*_to_server`` functions see it: each method's handler is
-    passed on with a request parser that never raises (:func:`_lenient`)."""
+    passed on with a request parser that never raises (:func:`_lenient`), and through ``wrap``
+    (our servicers answer an :class:`Undecodable` request themselves; others need
+    :func:`_refusing`)."""
 
-    def __init__(self, server: grpc.aio.Server) -> None:
-        self.server = server
+    def __init__(self, server: grpc.aio.Server, wrap: Callable[[Any], Any] = lambda handler: handler) -> None:
+        self.server, self.wrap = server, wrap
         self.services: list[str] = []
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
@@ -235,7 +255,8 @@ class _Lenient:
     def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
         lenient = {}
         for name, handler in handlers.items():
-            lenient[name] = handler._replace(request_deserializer=_lenient(handler.request_deserializer))
+            parsing = handler._replace(request_deserializer=_lenient(handler.request_deserializer))
+            lenient[name] = self.wrap(parsing)
         self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, lenient),))
         self.server.add_registered_method_handlers(service, lenient)
         self.services.append(service)

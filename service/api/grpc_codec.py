@@ -10,8 +10,8 @@ from service.api import kserve_tensors
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import grpc_service_pb2 as pb
 from service.api.rest_codec import translate_job as rest_translate_job
-from service.api.schemas import TranslateRequest
-from service.errors import InvalidInput
+from service.api.schemas import TranslateRequest, text_problem
+from service.errors import InvalidInput, PayloadTooLarge
 from service.inference import attention as maps
 from service.inference.jobs import Answer, AnswerMetrics, TokenEvent, Translated, TranslateJob
 
@@ -46,24 +46,27 @@ def classification(request: pb.ModelInferRequest) -> dict[str, Any]:
     }
 
 
-def inputs(request: pb.ModelInferRequest) -> list[kserve_tensors.Tensor]:
-    raw = list(request.raw_input_contents)
+def inputs(request: pb.ModelInferRequest, max_items: int) -> list[kserve_tensors.Tensor]:
+    """The request's tensors; ``max_items``: the most elements a BYTES input may hold
+    (``limits.tensor_items``)."""
+    # counts first: repeated fields of millions of small entries fit in a message
+    kserve_tensors.check_input_count(len(request.inputs))
+    raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(f"raw_input_contents: {len(raw)} entries for {len(request.inputs)} inputs")
     tensors = []
     for i, t in enumerate(request.inputs):
-        shape = list(t.shape)
+        shape = list(t.shape[: kserve_tensors.MAX_DIMS + 1])  # one more is refused as it is
         if raw:
             if t.HasField("contents"):  # Triton refuses both: which one would be the data?
                 raise InvalidInput(f"{t.name}: contents must not be given with raw_input_contents")
-            tensors.append(kserve_tensors.from_raw(t.name, t.datatype, shape, raw[i]))
+            tensors.append(kserve_tensors.from_raw(t.name, t.datatype, shape, raw[i], max_items))
         else:
             field = _CONTENTS_FIELD.get(t.datatype)
             if field is None:
                 raise InvalidInput(f"{t.name}: unsupported datatype {t.datatype!r}")
-            tensors.append(
-                kserve_tensors.from_list(t.name, t.datatype, shape, list(getattr(t.contents, field)))
-            )
+            contents = getattr(t.contents, field)  # read by numpy as it is, not as a list
+            tensors.append(kserve_tensors.from_list(t.name, t.datatype, shape, contents, max_items))
     return tensors
 
 
@@ -100,8 +103,13 @@ def metrics(m: AnswerMetrics, total_ms: float) -> apb.Metrics:
     )
 
 
-def translate_job(request: apb.TranslateRequest) -> TranslateJob:
-    """The request's fields, checked by the REST schema; messages name its ``texts``."""
+def translate_job(request: apb.TranslateRequest, max_texts: int) -> TranslateJob:
+    """The request's fields, checked by the REST schema; messages name its ``texts``. More than
+    ``max_texts`` texts are refused before any is read (a message holds millions of short ones)."""
+    if len(request.texts) > max_texts:
+        raise PayloadTooLarge(f"texts: {len(request.texts)} texts exceed the limit of {max_texts}")
+    if (problem := text_problem(request.texts, "texts")) is not None:
+        raise InvalidInput(problem)
     return rest_translate_job(
         TranslateRequest(
             text=list(request.texts),

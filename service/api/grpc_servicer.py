@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from service.api import auth, grpc_stream, kserve, triton_extensions
 from service.api import grpc_codec as codec
+from service.api.limits import tensor_items
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import grpc_service_pb2 as pb
 from service.api.rest_codec import classify_job
@@ -240,8 +241,9 @@ class GrpcServicer:
             entry = self.server.resolve(request.model_name, None, request.model_version)
             params = {k: codec.parameter(v) for k, v in request.parameters.items()}
             names, classes = [o.name for o in request.outputs], codec.classification(request)
-            limit = self.server.settings.limits.max_top_k
-            prepared = kserve.prepare(entry.manifest, codec.inputs(request), params, names, classes, limit)
+            limits = self.server.settings.limits
+            inputs = codec.inputs(request, tensor_items(limits))
+            prepared = kserve.prepare(entry.manifest, inputs, params, names, classes, limits)
         _, answers, _ = await self.server.predict_many(
             entry.name, None, route, prepared.jobs, request.model_version
         )
@@ -256,7 +258,9 @@ class GrpcServicer:
             entry = self.server.resolve(request.model_name, "translation", version)
             params = {k: codec.parameter(v) for k, v in request.parameters.items() if k != "stream"}
             names, classes = [o.name for o in request.outputs], codec.classification(request)
-            prepared = kserve.prepare(entry.manifest, codec.inputs(request), params, names, classes)
+            limits = self.server.settings.limits
+            inputs = codec.inputs(request, tensor_items(limits))
+            prepared = kserve.prepare(entry.manifest, inputs, params, names, classes, limits)
         attention = "ATTENTION" in prepared.outputs
         [job] = prepared.jobs  # a translation's texts are one job
         async for served, event, _ in self.server.stream(entry.name, "translation", route, job, version):
@@ -280,7 +284,7 @@ class GrpcServicer:
     ) -> apb.TranslateResponse:
         self._authorize(grpc_context)
         with self.server.refusals(request.model, "grpc_translate"):
-            job = codec.translate_job(request)
+            job = codec.translate_job(request, self.server.settings.limits.max_texts)
         entry, [answer], total = await self.server.predict_many(
             request.model, "translation", "grpc_translate", [job]
         )
@@ -293,7 +297,7 @@ class GrpcServicer:
         try:
             self._authorize(grpc_context)
             with self.server.refusals(request.model, "grpc_translate_stream"):
-                job = codec.translate_job(request)
+                job = codec.translate_job(request, self.server.settings.limits.max_texts)
             events = self.server.stream(request.model, "translation", "grpc_translate_stream", job)
             async for entry, event, total in events:
                 if isinstance(event, Answer):

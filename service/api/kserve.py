@@ -35,8 +35,8 @@ from pydantic import TypeAdapter, ValidationError
 from service.api.kserve_tensors import DATATYPE_BY_DTYPE, Tensor
 from service.api.limits import request_limits
 from service.api.rest_codec import classify_job, translate_job
-from service.api.schemas import ClassifyOptions, TranslateRequest
-from service.errors import InvalidInput, validation_message
+from service.api.schemas import ClassifyOptions, TranslateRequest, text_problem
+from service.errors import InvalidInput, PayloadTooLarge, validation_message
 from service.inference import attention as maps
 from service.inference.jobs import Answer, Classified, ClassifyJob, TokenEvent, Translated, TranslateJob
 from service.inference.manifest import Manifest
@@ -131,17 +131,18 @@ def prepare(
     params: dict[str, Any],
     names: list[str],
     classification: dict[str, Any] | None = None,
-    max_top_k: int | None = None,
+    limits: Limits | None = None,
 ) -> Prepared:
     """A decoded v2 request → the core's jobs and the outputs to answer with. Triton's
     classification changes only the output it is set on: the jobs rank as many classes as it
-    asks (when that is more than ``top_k``; at most ``max_top_k``, ``limits.max_top_k``), and the
-    other outputs keep ``top_k``."""
+    asks (when that is more than ``top_k``; at most ``limits.max_top_k``), and the other outputs
+    keep ``top_k``. A batch of more than ``limits.max_images`` rows is refused before a job is
+    made for each."""
     outputs = requested_outputs(manifest, names, params, classification)
-    jobs = to_requests(manifest, inputs, params, outputs)
+    jobs = to_requests(manifest, inputs, params, outputs, limits.max_images if limits else None)
     if not classification:
         return Prepared(jobs, outputs)
-    classes = class_count(manifest, classification, max_top_k)
+    classes = class_count(manifest, classification, limits.max_top_k if limits else None)
     shown = min(job.top_k for job in jobs if isinstance(job, ClassifyJob))
     if classes <= shown:
         return Prepared(jobs, outputs, classes)
@@ -185,7 +186,11 @@ def class_count(manifest: Manifest, classification: dict[str, Any], max_top_k: i
 
 
 def to_requests(
-    manifest: Manifest, inputs: list[Tensor], params: dict[str, Any], outputs: list[str]
+    manifest: Manifest,
+    inputs: list[Tensor],
+    params: dict[str, Any],
+    outputs: list[str],
+    max_images: int | None = None,
 ) -> list[TranslateJob] | list[ClassifyJob]:
     """v2 inputs + parameters → the core's jobs (one per batch row for images, one multi-text job
     for translation); the options are checked by the REST API's schemas, the same limits."""
@@ -196,7 +201,7 @@ def to_requests(
     try:
         if manifest.task == "translation":
             return [_translate_job(by_name, params, attention)]
-        return _classify_jobs(by_name, params, attention, "ATTENTIONS" in outputs)
+        return _classify_jobs(by_name, params, attention, "ATTENTIONS" in outputs, max_images)
     except ValidationError as exc:
         raise InvalidInput(f"parameters: {validation_message(exc)}") from exc
 
@@ -209,23 +214,23 @@ def _translate_job(by_name: dict[str, Tensor], params: dict[str, Any], attention
             f"TEXT: expected BYTES with shape [-1] or [-1, 1], got {text.datatype} {text.shape}"
         )
     texts = [_utf8(item, "TEXT") for item in column]
-    if not texts:  # named here: the schema's own message would name a REST field (text)
-        raise InvalidInput("TEXT: give at least one text")
-    for i, t in enumerate(texts):
-        if not t.strip():
-            raise InvalidInput(f"TEXT[{i}]: must not be empty")
+    if (problem := text_problem(texts, "TEXT")) is not None:  # the schema's would name REST's text
+        raise InvalidInput(problem)
     options = {k: params[k] for k in ("beam_size", "max_length", "length_penalty", "truncate") if k in params}
     return translate_job(TranslateRequest(text=texts, return_attention=attention, **options), "TEXT")
 
 
 def _classify_jobs(
-    by_name: dict[str, Tensor], params: dict[str, Any], attention: bool, raw: bool
+    by_name: dict[str, Tensor], params: dict[str, Any], attention: bool, raw: bool, max_images: int | None
 ) -> list[ClassifyJob]:
     tensor = _only_input(by_name, ["IMAGE", "PIXELS"])
     if 0 in tensor.shape:
         raise InvalidInput(
             f"{tensor.name}: give at least one image of at least one pixel, got shape {tensor.shape}"
         )
+    if tensor.shape and max_images is not None and tensor.shape[0] > max_images:
+        count = tensor.shape[0]  # before a job per row: a [2000000, 1, 1] PIXELS fits the body limit
+        raise PayloadTooLarge(f"{tensor.name}: {count} images exceed the limit of {max_images} per request")
     given = {k: params[k] for k in ("top_k", "head_fusion", "discard_ratio") if k in params}
     options = ClassifyOptions(
         **given, return_attention=attention, attention_layers="all" if raw else "rollout"

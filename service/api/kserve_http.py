@@ -39,8 +39,9 @@ class InferRequest:
         return self.binary_outputs.get(output, self.binary_default)
 
 
-def parse_request(body: bytes, header_length: str | None) -> InferRequest:
-    """Decode a v2 infer body; every problem becomes an :class:`InvalidInput` naming the part."""
+def parse_request(body: bytes, header_length: str | None, max_items: int) -> InferRequest:
+    """Decode a v2 infer body; every problem becomes an :class:`InvalidInput` naming the part.
+    ``max_items``: the most elements a BYTES input may hold (``limits.tensor_items``)."""
     if header_length is not None:
         # ASCII digits only: str.isdigit() also takes "²", which int() refuses
         if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
@@ -57,6 +58,7 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         raise InvalidInput(f"body: not a JSON inference request ({exc.__class__.__name__})") from exc
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list) or not header["inputs"]:
         raise InvalidInput("inputs: a non-empty list of input tensors is required")
+    kserve_tensors.check_input_count(len(header["inputs"]))
     params = _parameters(header.get("parameters"), "parameters")
     inputs, offset = [], 0
     for i, spec in enumerate(header["inputs"]):
@@ -73,10 +75,11 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
                 raise InvalidInput(
                     f"{name}: binary_data_size {size!r} overruns the {len(tail)} bytes after the header"
                 )
-            inputs.append(kserve_tensors.from_raw(name, datatype, shape, tail[offset : offset + size]))
+            data = tail[offset : offset + size]
+            inputs.append(kserve_tensors.from_raw(name, datatype, shape, data, max_items))
             offset += size
         elif "data" in spec:
-            inputs.append(kserve_tensors.from_list(name, datatype, shape, spec["data"]))
+            inputs.append(kserve_tensors.from_list(name, datatype, shape, spec["data"], max_items))
         else:
             raise InvalidInput(f"{name}: needs data, or binary_data_size with the binary extension")
     if offset != len(tail):
@@ -84,7 +87,10 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     outputs: list[str] = []
     binary: dict[str, bool] = {}
     classification: dict[str, Any] = {}
-    for i, spec in enumerate(header.get("outputs") or []):
+    requested = header.get("outputs")
+    if requested is not None and not isinstance(requested, list):
+        raise InvalidInput(f"outputs: a list of output tensors, got {type(requested).__name__}")
+    for i, spec in enumerate(requested or []):
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise InvalidInput(f"outputs[{i}]: needs a name")
         outputs.append(spec["name"])

@@ -16,6 +16,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
 from service.api import kserve, kserve_http, triton_extensions
+from service.api.limits import tensor_items
 from service.api.routes import ServerDep, direct_post, error_response, server_from
 from service.errors import NotReady
 from service.inference.repository import ModelEntry
@@ -82,10 +83,11 @@ async def v2_infer(request: Request, name: str, version: str | None = None) -> R
     with server.refusals(name, "v2_infer"):
         entry: ModelEntry = server.resolve(name, None, version)
         body = await server.read_body(request)
-        parsed = kserve_http.parse_request(body, request.headers.get(kserve_http.HEADER_LENGTH))
-        limit = server.settings.limits.max_top_k
+        limits = server.settings.limits
+        length = request.headers.get(kserve_http.HEADER_LENGTH)
+        parsed = kserve_http.parse_request(body, length, tensor_items(limits))
         prepared = kserve.prepare(
-            entry.manifest, parsed.inputs, parsed.parameters, parsed.outputs, parsed.classification, limit
+            entry.manifest, parsed.inputs, parsed.parameters, parsed.outputs, parsed.classification, limits
         )
     _, answers, _ = await server.predict_many(name, None, "v2_infer", prepared.jobs, version)
     tensors = kserve.to_outputs(answers, prepared)

@@ -1,17 +1,21 @@
 """KServe v2 tensors on the wire, transport-free: JSON data, raw little-endian bytes (the binary
 extension over HTTP, ``raw_input_contents`` over gRPC) and BYTES elements (a 4-byte length each),
 decoded into :class:`Tensor` objects under a size bound, every problem an :class:`InvalidInput`
-naming the tensor."""
+naming the tensor. A request's BYTES tensor is refused past ``max_items`` elements from its
+shape, before any element is decoded: one element per text or encoded image, and decoding
+millions of one-byte elements held the event loop for seconds before the per-request limits
+were looked at."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from service.errors import InvalidInput
+from service.errors import InvalidInput, PayloadTooLarge
 
 NUMPY_OF = {
     "BOOL": np.bool_,
@@ -55,9 +59,13 @@ def serialize_bytes(data: np.ndarray) -> bytes:
 
 
 def deserialize_bytes(buffer: bytes, count: int, name: str) -> np.ndarray:
+    """``count`` elements, each a 4-byte little-endian length and its bytes; data holding more
+    or fewer is refused (more: as soon as the count is reached, not after reading them all)."""
     items: list[bytes] = []
     offset = 0
     while offset < len(buffer):
+        if len(items) == count:
+            raise InvalidInput(f"{name}: data holds more than the {count} elements of its shape")
         if offset + 4 > len(buffer):
             raise InvalidInput(f"{name}: truncated BYTES element header")
         size = int.from_bytes(buffer[offset : offset + 4], "little")
@@ -73,11 +81,13 @@ def deserialize_bytes(buffer: bytes, count: int, name: str) -> np.ndarray:
     return array
 
 
-def from_raw(name: str, datatype: str, shape: Any, raw: bytes) -> Tensor:
-    """A tensor from raw little-endian bytes (binary extension, gRPC raw_input_contents)."""
+def from_raw(name: str, datatype: str, shape: Any, raw: bytes, max_items: int | None = None) -> Tensor:
+    """A tensor from raw little-endian bytes (binary extension, gRPC raw_input_contents);
+    ``max_items``: a request's bound on BYTES elements (None: an answer's, unbounded)."""
     dims = _check_shape(name, shape)
     count = math.prod(dims)
     if datatype == "BYTES":
+        _check_items(name, count, max_items)
         return Tensor(name, datatype, dims, deserialize_bytes(raw, count, name).reshape(dims))
     _numpy_dtype(name, datatype)  # refuses a datatype that is not one of NUMPY_OF's
     dtype = _LITTLE_ENDIAN[datatype]
@@ -86,11 +96,17 @@ def from_raw(name: str, datatype: str, shape: Any, raw: bytes) -> Tensor:
     return Tensor(name, datatype, dims, np.frombuffer(raw, dtype=dtype).reshape(dims))
 
 
-def from_list(name: str, datatype: str, shape: Any, data: Any) -> Tensor:
-    """A tensor from JSON data (flat or nested lists; strings for BYTES)."""
+def from_list(name: str, datatype: str, shape: Any, data: Any, max_items: int | None = None) -> Tensor:
+    """A tensor from JSON data (flat or nested lists; strings for BYTES) or gRPC's typed contents
+    (a repeated field, read by numpy without a list of Python numbers); ``max_items`` as for
+    :func:`from_raw`."""
     dims = _check_shape(name, shape)
     count = math.prod(dims)
     if datatype == "BYTES":
+        _check_items(name, count, max_items)
+        # flat data holds count elements, nested data dims[0] lists: more is refused unread
+        if not isinstance(data, Sequence) or len(data) > max(count, dims[0] if dims else 1):
+            raise InvalidInput(f"{name}: BYTES data must be {count} strings for shape {dims}")
         flat = np.array(data, dtype=np.object_).ravel()
         if flat.size != count or not all(isinstance(x, str | bytes) for x in flat):
             raise InvalidInput(f"{name}: BYTES data must be {count} strings for shape {dims}")
@@ -114,15 +130,32 @@ def _numpy_dtype(name: str, datatype: str) -> Any:
 
 
 MAX_ELEMENTS = 64 * 1024 * 1024
+MAX_DIMS = 8
+#: input tensors per request: the models here take one, Triton's ensembles a handful
+MAX_INPUTS = 16
+
+
+def check_input_count(count: int) -> None:
+    """Refuse a request of more than :data:`MAX_INPUTS` input tensors before decoding any."""
+    if count > MAX_INPUTS:
+        raise InvalidInput(f"inputs: {count} tensors, at most {MAX_INPUTS} per request")
 
 
 def _check_shape(name: str, shape: Any) -> list[int]:
     if (
         not isinstance(shape, list)
         or not all(type(d) is int and d >= 0 for d in shape)  # JSON true / false are not dimensions
-        or len(shape) > 8
+        or len(shape) > MAX_DIMS
     ):
-        raise InvalidInput(f"{name}: shape must be a list of at most 8 non-negative integers")
-    if math.prod(shape) > MAX_ELEMENTS:
+        raise InvalidInput(f"{name}: shape must be a list of at most {MAX_DIMS} non-negative integers")
+    # each dimension too: beside a zero the product passes, and numpy refuses such a shape
+    if math.prod(shape) > MAX_ELEMENTS or any(d > MAX_ELEMENTS for d in shape):
         raise InvalidInput(f"{name}: shape {shape} is too large")
     return list(shape)
+
+
+def _check_items(name: str, count: int, max_items: int | None) -> None:
+    if max_items is not None and count > max_items:
+        raise PayloadTooLarge(
+            f"{name}: shape holds {count} elements, over the limit of {max_items} texts or images per request"
+        )

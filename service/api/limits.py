@@ -12,6 +12,7 @@ refused naming that limit).
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from service.errors import InvalidInput, PayloadTooLarge
@@ -40,8 +41,19 @@ def check(job: Any, limits: Limits) -> None:
             raise PayloadTooLarge(
                 f"{job.field}: {len(job.image)} bytes exceed the limit of {limits.max_image_bytes}"
             )
-        if job.pixels is not None and job.pixels.size > limits.max_image_pixels * 4:
-            raise PayloadTooLarge(f"{job.field}: {job.pixels.size} values exceed the limit")
+        if job.pixels is not None:
+            _check_pixels(job.pixels.shape, job.field, limits.max_image_pixels)
+
+
+def _check_pixels(shape: tuple[int, ...], field: str, max_pixels: int) -> None:
+    """An array of pixels (H, W[, C]) within ``max_pixels`` (H × W, as an encoded image's), and
+    within four values a pixel whatever its shape (RGBA at most)."""
+    values = math.prod(shape)
+    if len(shape) >= 2 and shape[0] * shape[1] > max_pixels:
+        size = f"{shape[0]}×{shape[1]} = {shape[0] * shape[1]} pixels"
+        raise PayloadTooLarge(f"{field}: {size}, over the limit of {max_pixels}")
+    if values > max_pixels * 4:
+        raise PayloadTooLarge(f"{field}: {values} values exceed the limit of {max_pixels * 4}")
 
 
 def check_count(jobs: list[Any], limits: Limits) -> None:
@@ -50,6 +62,12 @@ def check_count(jobs: list[Any], limits: Limits) -> None:
     if len(jobs) > limits.max_images and isinstance(jobs[0], ClassifyJob):
         count, limit = len(jobs), limits.max_images
         raise PayloadTooLarge(f"inputs: {count} images exceed the limit of {limit} per request")
+
+
+def tensor_items(limits: Limits) -> int:
+    """The most elements a KServe v2 BYTES input of a request may hold: one per text or per
+    encoded image, whichever limit is larger (the request's own is checked on its jobs)."""
+    return max(limits.max_texts, limits.max_images)
 
 
 def request_limits(task: str, limits: Limits) -> dict[str, int]:

@@ -7,6 +7,7 @@ the served limits into these schemas in the OpenAPI document.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -52,17 +53,25 @@ class TranslateRequest(_Request):
 
     @model_validator(mode="after")
     def _texts(self) -> TranslateRequest:
-        texts = self.texts
-        if not texts:
-            raise ValueError("text: give at least one text")
-        for i, t in enumerate(texts):  # how many and how long: limits.check (413, the served limits)
-            if not t.strip():
-                raise ValueError(f"text[{i}]: must not be empty")
+        if (problem := text_problem(self.texts, "text")) is not None:
+            raise ValueError(problem)
         return self
 
     @property
     def texts(self) -> list[str]:
         return [self.text] if isinstance(self.text, str) else list(self.text)
+
+
+def text_problem(texts: Sequence[str], field: str) -> str | None:
+    """What is wrong with a request's texts, named as its protocol names them (``text`` here,
+    ``texts`` in gRPC, ``TEXT`` in KServe v2), or None. How many and how long: ``limits.check``
+    (413, the served limits)."""
+    if not texts:
+        return f"{field}: give at least one text"
+    for i, t in enumerate(texts):
+        if not t.strip():
+            return f"{field}[{i}]: must not be empty"
+    return None
 
 
 class ClassifyOptions(_Request):

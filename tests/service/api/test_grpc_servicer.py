@@ -134,32 +134,69 @@ def test_kserve_v2_infer_and_stream(tmp_path: Path) -> None:
     assert ready.ready
 
 
+def _infer(name: str, datatype: str, shape: list[int]) -> Any:
+    request = pb.ModelInferRequest(model_name="fake-classifier")
+    request.inputs.add(name=name, datatype=datatype, shape=shape)
+    request.raw_input_contents.append(b"")
+    return lambda channel: pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+
+
+def _translate(texts: list[str]) -> Any:
+    request = apb.TranslateRequest(model="fake-translator", texts=texts)
+    return lambda channel: apb_grpc.AttentionServiceStub(channel).Translate(request)
+
+
 @pytest.mark.parametrize(
-    ("call", "code"),
+    ("call", "code", "words"),
     [
-        (lambda s: s.Translate(apb.TranslateRequest(model="nope", texts=["x"])), grpc.StatusCode.NOT_FOUND),
         (
-            lambda s: s.Translate(apb.TranslateRequest(model="fake-translator", texts=[""])),
+            lambda c: apb_grpc.AttentionServiceStub(c).Translate(
+                apb.TranslateRequest(model="nope", texts=["x"])
+            ),
+            grpc.StatusCode.NOT_FOUND,
+            "model 'nope' not found",
+        ),
+        # named as gRPC names the field (the REST schema's message said text[0])
+        (_translate([""]), grpc.StatusCode.INVALID_ARGUMENT, "texts[0]: must not be empty"),
+        (_translate([]), grpc.StatusCode.INVALID_ARGUMENT, "texts: give at least one text"),
+        # refused from the count, before millions of short texts are read
+        (
+            _translate(["a"] * 65),
             grpc.StatusCode.INVALID_ARGUMENT,
+            "texts: 65 texts exceed the limit of 64",
         ),
         (
-            lambda s: s.Translate(apb.TranslateRequest(model="fake-classifier", texts=["x"])),
+            lambda c: apb_grpc.AttentionServiceStub(c).Translate(
+                apb.TranslateRequest(model="fake-classifier", texts=["x"])
+            ),
             grpc.StatusCode.INVALID_ARGUMENT,
+            "not translation",
         ),
         (
-            lambda s: s.Classify(apb.ClassifyRequest(model="fake-classifier", image=b"junk")),
+            lambda c: apb_grpc.AttentionServiceStub(c).Classify(
+                apb.ClassifyRequest(model="fake-classifier", image=b"junk")
+            ),
             grpc.StatusCode.INVALID_ARGUMENT,
+            "image: not a decodable image",
         ),
+        # beside a zero the product of the dimensions passed, and numpy's refusal was INTERNAL
+        (_infer("PIXELS", "UINT8", [0, 1 << 62, 2]), grpc.StatusCode.INVALID_ARGUMENT, "PIXELS: shape"),
+        (
+            _infer("IMAGE", "BYTES", [7_000_000]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "IMAGE: shape holds 7000000",
+        ),
+        (_infer("PIXELS", "UINT8", [2_000_000, 1, 1]), grpc.StatusCode.INVALID_ARGUMENT, "do not fit"),
     ],
 )
-def test_errors_carry_their_codes(tmp_path: Path, call: Any, code: grpc.StatusCode) -> None:
+def test_errors_carry_their_codes(tmp_path: Path, call: Any, code: grpc.StatusCode, words: str) -> None:
     async def use(channel: grpc.aio.Channel) -> Any:
         with pytest.raises(grpc.aio.AioRpcError) as failure:
-            await call(apb_grpc.AttentionServiceStub(channel))
+            await call(channel)
         return failure.value
 
     error = with_servicer(tmp_path, use)
-    assert error.code() == code and error.details()
+    assert error.code() == code and words in error.details(), error.details()
 
 
 def test_the_token_guards_every_rpc_but_health(tmp_path: Path) -> None:
@@ -315,6 +352,10 @@ def test_grpc_health_checks_and_watches_the_server_and_each_service(tmp_path: Pa
                   for name in health.names}  # fmt: skip
         with pytest.raises(grpc.aio.AioRpcError) as unknown:
             await stub.Check(health_pb2.HealthCheckRequest(service="nope.Service"))
+        with pytest.raises(grpc.aio.AioRpcError) as undecodable:  # the health servicer answered UNKNOWN
+            await channel.unary_unary("/grpc.health.v1.Health/Check")(b"\xff\xff\xff\xff\xff")
+        assert undecodable.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid protobuf message" in (undecodable.value.details() or "")
         watch = stub.Watch(health_pb2.HealthCheckRequest(service="inference.GRPCInferenceService"))
         seen = [(await watch.read()).status]
         await health.stopping()

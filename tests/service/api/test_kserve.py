@@ -1,4 +1,5 @@
-"""The v2 contract: JSON and binary bodies, outputs, classification, and every malformed case."""
+"""The v2 contract over the core: outputs asked for and answered, parameters, classification, limits
+and versions (the HTTP body itself: ``test_kserve_http.py``)."""
 
 from __future__ import annotations
 
@@ -7,95 +8,30 @@ import json
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 
 from service.api import kserve, kserve_http, kserve_tensors
 from service.api.http import create_app
 from service.errors import InvalidInput
+from tests.service.api.test_kserve_http import ITEMS, binary_body
 from tests.service.api.test_rest import call
 from tests.service.fakes import entry, fake_server
 
 
-def binary_body(header: dict, *blobs: bytes) -> tuple[bytes, str]:
-    head = json.dumps(header).encode()
-    return head + b"".join(blobs), str(len(head))
-
-
-def test_json_request_and_response() -> None:
-    body = {"id": "7", "inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [2], "data": ["a", "b"]}],
-            "outputs": [{"name": "TRANSLATION"}], "parameters": {"beam_size": 2}}  # fmt: skip
-    req = kserve_http.parse_request(json.dumps(body).encode(), None)
-    assert req.id == "7" and req.parameters == {"beam_size": 2} and req.outputs == ["TRANSLATION"]
-    assert req.inputs[0].data.tolist() == [b"a", b"b"] and not req.binary_outputs
-    out = kserve.Tensor("SCORE", "FP32", [2], np.array([0.5, -1], dtype=np.float32))
-    content, headers = kserve_http.encode_response("m", 1, req, [out])
-    assert headers["content-type"] == "application/json"
-    assert json.loads(content) == {"model_name": "m", "model_version": "1", "id": "7",
-                                   "outputs": [{"name": "SCORE", "datatype": "FP32", "shape": [2], "data": [0.5, -1.0]}]}  # fmt: skip
-
-
-def test_binary_request_and_response() -> None:
-    text = kserve_tensors.serialize_bytes(np.array([b"5 mars 2024"], dtype=np.object_))
-    pixels = np.zeros((1, 2, 2), dtype=np.uint8).tobytes()
-    header = {"inputs": [
-        {"name": "TEXT", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": len(text)}},
-        {"name": "PIXELS", "datatype": "UINT8", "shape": [1, 2, 2], "parameters": {"binary_data_size": len(pixels)}},
-    ], "parameters": {"binary_data_output": True}}  # fmt: skip
-    body, length = binary_body(header, text, pixels)
-    req = kserve_http.parse_request(body, length)
-    assert req.inputs[0].data.tolist() == [b"5 mars 2024"] and req.inputs[1].data.shape == (1, 2, 2)
-    out = kserve.Tensor("TRANSLATION", "BYTES", [1], np.array([b"2024-03-05"], dtype=np.object_))
-    content, headers = kserve_http.encode_response("m", 1, req, [out])
-    split = int(headers[kserve_http.HEADER_LENGTH])
-    meta = json.loads(content[:split])
-    assert meta["outputs"][0]["parameters"]["binary_data_size"] == len(content) - split
-    assert kserve_tensors.deserialize_bytes(content[split:], 1, "x").tolist() == [b"2024-03-05"]
-
-
-@pytest.mark.parametrize(
-    ("body", "length", "message"),
-    [
-        (b"{not json", None, "JSON"),
-        (b"[]", None, "inputs"),
-        (b'{"inputs": []}', None, "inputs"),
-        (b'{"inputs": [{"name": "T", "shape": [1], "data": ["a"]}]}', None, "datatype"),
-        (b'{"inputs": [{"name": "T", "datatype": "BYTES", "shape": [1]}]}', None, "needs data"),
-        (b'{"inputs": [{"name": "T", "datatype": "BYTES", "shape": [2], "data": ["a"]}]}', None, "2 strings"),
-        (b'{"inputs": [{"name": "T", "datatype": "FP32", "shape": [1], "data": [[1, 2], [3]]}]}', None, "T"),
-        (
-            b'{"inputs": [{"name": "T", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}',
-            "9999",
-            "does not fit",
-        ),
-        (
-            b'{"inputs": [{"name": "T", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}',
-            "abc",
-            "does not fit",
-        ),
-        (  # a digit to str.isdigit(), not to int() (HTTP headers arrive as latin-1)
-            b'{"inputs": [{"name": "T", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}',
-            "\u00b2",
-            "does not fit",
-        ),
-    ],
-)
-def test_malformed_bodies_name_the_problem(body: bytes, length: str | None, message: str) -> None:
-    with pytest.raises(InvalidInput, match=message):
-        kserve_http.parse_request(body, length)
-
-
-def test_binary_sizes_that_lie_are_refused() -> None:
-    header = {
-        "inputs": [{"name": "T", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": 100}}]
-    }
-    body, length = binary_body(header, b"\x01\x00\x00\x00a")
-    with pytest.raises(InvalidInput, match="overruns"):
-        kserve_http.parse_request(body, length)
-    header["inputs"][0]["parameters"]["binary_data_size"] = 5  # type: ignore[index]
-    body, length = binary_body(header, b"\x01\x00\x00\x00a", b"extra")
-    with pytest.raises(InvalidInput, match="belong to no input"):
-        kserve_http.parse_request(body, length)
+def test_a_pixel_batch_over_the_image_limit_is_refused_before_a_job_per_row(tmp_path: Path) -> None:
+    """A [2000000, 1, 1] PIXELS tensor is 2 MB: a job per row was made before the images-per-request
+    limit was looked at. Served: 413 naming the tensor."""
+    server, _, _, _ = fake_server(tmp_path, limits={"max_images": 4})
+    n = 2_000_000
+    header = {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [n, 1, 1],
+                          "parameters": {"binary_data_size": n}}]}  # fmt: skip
+    body, length = binary_body(header, bytes(n))
+    status, _, content = call(
+        create_app(server), "POST", "/v2/models/fake-classifier/infer", body,
+        {"inference-header-content-length": length},
+    )  # fmt: skip
+    assert status == 413
+    assert json.loads(content) == {"error": f"PIXELS: {n} images exceed the limit of 4 per request"}
 
 
 @pytest.mark.parametrize(
@@ -154,55 +90,8 @@ def test_boolean_parameters_of_another_type_are_refused(
             "outputs": [{"name": "SCORE", "parameters": output_params}], "parameters": params}  # fmt: skip
     manifest = entry("fake-translation", "translation", tmp_path).manifest
     with pytest.raises(InvalidInput, match=message):
-        req = kserve_http.parse_request(json.dumps(body).encode(), None)
+        req = kserve_http.parse_request(json.dumps(body).encode(), None, ITEMS)
         kserve.requested_outputs(manifest, req.outputs, req.parameters)
-
-
-@pytest.mark.parametrize(
-    ("request_flag", "output_flags", "binary"),
-    [
-        (True, {"SCORE": False}, {"TRANSLATION"}),  # an output's own false overrides the request's true
-        (False, {"SCORE": True}, {"SCORE"}),
-        (True, {}, {"TRANSLATION", "SCORE"}),
-        (None, {"TRANSLATION": "true"}, {"TRANSLATION"}),
-    ],
-)
-def test_an_output_s_own_binary_data_overrides_the_request_s(
-    request_flag: bool | None, output_flags: dict, binary: set[str]
-) -> None:
-    """Triton's binary extension: "If binary_data is specified on an output it overrides this
-    setting" (``binary_data_output``) — in both directions."""
-    outputs = [
-        {
-            "name": name,
-            **({"parameters": {"binary_data": output_flags[name]}} if name in output_flags else {}),
-        }
-        for name in ("TRANSLATION", "SCORE")
-    ]
-    params = {} if request_flag is None else {"binary_data_output": request_flag}
-    body = {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["a"]}],
-            "outputs": outputs, "parameters": params}  # fmt: skip
-    req = kserve_http.parse_request(json.dumps(body).encode(), None)
-    tensors = [
-        kserve.Tensor("TRANSLATION", "BYTES", [1], np.array([b"x"], dtype=np.object_)),
-        kserve.Tensor("SCORE", "FP32", [1], np.array([0.5], dtype=np.float32)),
-    ]
-    content, headers = kserve_http.encode_response("m", 1, req, tensors)
-    split = int(headers.get(kserve_http.HEADER_LENGTH, len(content)))
-    answered = {o["name"]: o for o in json.loads(content[:split])["outputs"]}
-    assert {n for n, o in answered.items() if "binary_data_size" in o.get("parameters", {})} == binary
-    assert {n for n, o in answered.items() if "data" in o} == {"TRANSLATION", "SCORE"} - binary
-
-
-def test_a_binary_data_size_that_is_not_a_count_is_named_so() -> None:
-    body = {
-        "inputs": [
-            {"name": "TEXT", "datatype": "BYTES", "shape": [1], "parameters": {"binary_data_size": "5"}}
-        ]
-    }
-    head = json.dumps(body).encode()
-    with pytest.raises(InvalidInput, match=r"TEXT: binary_data_size must be a non-negative integer, got '5'"):
-        kserve_http.parse_request(head + b"\x01\x00\x00\x00a", str(len(head)))
 
 
 def test_a_column_of_one_element_per_row_is_taken_as_triton_s_configuration_describes_it(
@@ -225,36 +114,12 @@ def test_a_column_of_one_element_per_row_is_taken_as_triton_s_configuration_desc
         kserve.to_requests(translator, [wide], {}, ["TRANSLATION"])
 
 
-def test_binary_data_output_false_as_a_string_answers_json() -> None:
-    body = {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["a"]}],
-            "outputs": [{"name": "SCORE", "parameters": {"binary_data": "false"}}],
-            "parameters": {"binary_data_output": "false"}}  # fmt: skip
-    req = kserve_http.parse_request(json.dumps(body).encode(), None)
-    out = kserve.Tensor("SCORE", "FP32", [1], np.array([0.5], dtype=np.float32))
-    content, headers = kserve_http.encode_response("m", 1, req, [out])
-    assert headers["content-type"] == "application/json" and json.loads(content)["outputs"][0]["data"] == [
-        0.5
-    ]
-
-
 def test_image_errors_name_the_v2_tensor_element(tmp_path: Path) -> None:
     """A KServe image's errors (undecodable, too many bytes) name ``IMAGE[i]``, not REST's ``image``."""
     manifest = entry("fake-image-classification", "image-classification", tmp_path).manifest
     images = kserve_tensors.from_list("IMAGE", "BYTES", [2], ["a", "bb"])
     jobs = kserve.to_requests(manifest, [images], {}, ["LABELS"])
     assert [job.field for job in jobs] == ["IMAGE[0]", "IMAGE[1]"]  # type: ignore[union-attr]
-
-
-@pytest.mark.parametrize(
-    ("request_id", "expected"), [("a-1", "a-1"), (7, "7"), ({"a": 1}, None), ([1], None), (True, None)]
-)
-def test_a_request_id_is_a_string_or_a_number(request_id: object, expected: str | None) -> None:
-    body = {"id": request_id, "inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}
-    if expected is None:
-        with pytest.raises(InvalidInput, match="id: expected a string"):
-            kserve_http.parse_request(json.dumps(body).encode(), None)
-    else:
-        assert kserve_http.parse_request(json.dumps(body).encode(), None).id == expected
 
 
 def test_an_output_named_twice_is_refused(tmp_path: Path) -> None:

@@ -32,7 +32,19 @@ LIMITS = Limits(
         (TranslateJob(texts=["a"], beam_size=4), InvalidInput, "beam_size: 4 exceeds the limit of 3"),
         (ClassifyJob(image=b"x" * 2049), PayloadTooLarge, "image: 2049 bytes"),
         (ClassifyJob(image=b"x" * 2049, field="file"), PayloadTooLarge, "file: 2049 bytes"),
-        (ClassifyJob(pixels=np.zeros((20, 20))), PayloadTooLarge, "pixels: 400 values"),
+        (
+            ClassifyJob(pixels=np.zeros((20, 20))),
+            PayloadTooLarge,
+            "pixels: 20×20 = 400 pixels, over the limit of 64",
+        ),
+        # within four values a pixel (RGBA), but more pixels than an encoded image may have: the
+        # values alone let a 64-megapixel UINT8 tensor through a 16-megapixel limit
+        (ClassifyJob(pixels=np.zeros((16, 16), np.uint8)), PayloadTooLarge, "pixels: 16×16 = 256 pixels"),
+        (
+            ClassifyJob(pixels=np.zeros((8, 8, 5))),
+            PayloadTooLarge,
+            "pixels: 320 values exceed the limit of 256",
+        ),
         (ClassifyJob(image=b"x", top_k=8), InvalidInput, "top_k: 8 exceeds the limit of 7"),
     ],
 )
