@@ -144,15 +144,16 @@ async def classify(request: Request, name: str) -> Response:
 
 async def _classify_body(server: Server, request: Request) -> tuple[ClassifyOptions, ClassifyJob]:
     ctype = request.headers.get("content-type", "")
+    media = ctype.partition(";")[0].strip().lower()  # a media type is case-insensitive (RFC 9110 §8.3.1)
     try:
-        if ctype.startswith("multipart/form-data"):
+        if media == "multipart/form-data":
             form = forms.parse(await server.read_body(request), ctype, max_fields=16, max_files=1)
             image = form.files.get("file")
             if image is None:
                 raise InvalidInput("file: a multipart upload named 'file' is required")
             options = ClassifyOptions.model_validate(form.fields)
             return options, classify_job(options, image=image, field="file")
-        if ctype.startswith("application/json") or not ctype:
+        if media == "application/json" or not ctype:
             body = ClassifyRequest.model_validate_json(await server.read_body(request))
             return body, classify_json_job(body)
     except ValidationError as exc:

@@ -264,3 +264,28 @@ def test_requests_refused_before_a_model_sees_them_are_counted(served: Any) -> N
         ("fake-translator", "v2_infer", 422),
     ]
     assert not translator.jobs
+
+
+@pytest.mark.parametrize(
+    ("ctype", "status"),
+    [
+        (f"Multipart/Form-Data; boundary={BOUNDARY}", 200),  # a media type is case-insensitive
+        (f"MULTIPART/FORM-DATA ; boundary={BOUNDARY}", 200),
+        ("multipart/form-datax", 422),  # another type, not a prefix of this one
+        ("text/plain", 422),
+    ],
+)
+def test_a_classify_upload_s_media_type_is_read_in_any_case(served: Any, ctype: str, status: int) -> None:
+    app = create_app(served[0])
+    got, _, content = call(app, "POST", "/v1/models/fake-classifier/classify", multipart(png(np.eye(2))),
+                           {"content-type": ctype})  # fmt: skip
+    assert got == status, content
+    if status == 422:
+        assert json.loads(content)["error"].startswith("content-type: expected application/json")
+
+
+def test_a_json_body_s_media_type_is_read_in_any_case(served: Any) -> None:
+    image = base64.b64encode(png(np.eye(2))).decode()
+    got, _, content = call(create_app(served[0]), "POST", "/v1/models/fake-classifier/classify",
+                           json.dumps({"image": image}).encode(), {"content-type": "Application/JSON; charset=UTF-8"})  # fmt: skip
+    assert got == 200, content
