@@ -222,14 +222,28 @@ def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
 
 
 def _refusing(handler: Any) -> Any:
-    """``handler`` (grpc's RpcMethodHandler, a unary or server-streaming one) answering INVALID_ARGUMENT
-    for an :class:`Undecodable` request before its servicer sees it: for servicers that are not
-    ours (the health service), which would fail on it with UNKNOWN."""
+    """``handler`` (grpc's RpcMethodHandler) answering INVALID_ARGUMENT for an
+    :class:`Undecodable` request before its servicer sees it: for servicers that are not ours (the
+    health service), which would fail on it with UNKNOWN. A coroutine (``Check``; ``Watch``,
+    which writes through its context), an async generator, or a plain function (the health
+    service's ``List``, then called on the event loop); a sync generator is left as it is."""
     kind = ("stream_" if handler.request_streaming else "unary_") + (
         "stream" if handler.response_streaming else "unary"
     )
     behaviour = getattr(handler, kind)
-    waits = inspect.iscoroutinefunction(behaviour)  # the health service's List is a plain method
+    if inspect.isasyncgenfunction(behaviour):
+
+        async def streaming(request: Any, context: grpc.aio.ServicerContext) -> AsyncIterator[Any]:
+            if isinstance(request, Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.error.message)
+            async with contextlib.aclosing(behaviour(request, context)) as replies:
+                async for reply in replies:
+                    yield reply
+
+        return handler._replace(**{kind: streaming})
+    if inspect.isgeneratorfunction(behaviour):
+        return handler
+    waits = inspect.iscoroutinefunction(behaviour)
 
     async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
         if isinstance(request, Undecodable):

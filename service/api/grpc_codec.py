@@ -46,11 +46,15 @@ def classification(request: pb.ModelInferRequest) -> dict[str, Any]:
     }
 
 
+def check_counts(request: pb.ModelInferRequest) -> None:
+    """Inputs, outputs and parameters within their bounds, before any is read: repeated fields of
+    millions of empty entries fit in a message (walking 33 million outputs took ≈ 14 s)."""
+    kserve_tensors.check_counts(len(request.inputs), len(request.outputs), len(request.parameters))
+
+
 def inputs(request: pb.ModelInferRequest, max_items: int) -> list[kserve_tensors.Tensor]:
     """The request's tensors; ``max_items``: the most elements a BYTES input may hold
     (``limits.tensor_items``)."""
-    # counts first: repeated fields of millions of small entries fit in a message
-    kserve_tensors.check_input_count(len(request.inputs))
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidInput(f"raw_input_contents: {len(raw)} entries for {len(request.inputs)} inputs")

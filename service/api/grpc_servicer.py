@@ -239,6 +239,7 @@ class GrpcServicer:
     async def _model_infer(self, request: pb.ModelInferRequest, route: str) -> pb.ModelInferResponse:
         with self.server.refusals(request.model_name, route):
             entry = self.server.resolve(request.model_name, None, request.model_version)
+            codec.check_counts(request)
             params = {k: codec.parameter(v) for k, v in request.parameters.items()}
             names, classes = [o.name for o in request.outputs], codec.classification(request)
             limits = self.server.settings.limits
@@ -256,6 +257,7 @@ class GrpcServicer:
         route, version = "grpc_stream_infer", request.model_version
         with self.server.refusals(request.model_name, route):
             entry = self.server.resolve(request.model_name, "translation", version)
+            codec.check_counts(request)
             params = {k: codec.parameter(v) for k, v in request.parameters.items() if k != "stream"}
             names, classes = [o.name for o in request.outputs], codec.classification(request)
             limits = self.server.settings.limits

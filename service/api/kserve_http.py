@@ -58,8 +58,11 @@ def parse_request(body: bytes, header_length: str | None, max_items: int) -> Inf
         raise InvalidInput(f"body: not a JSON inference request ({exc.__class__.__name__})") from exc
     if not isinstance(header, dict) or not isinstance(header.get("inputs"), list) or not header["inputs"]:
         raise InvalidInput("inputs: a non-empty list of input tensors is required")
-    kserve_tensors.check_input_count(len(header["inputs"]))
     params = _parameters(header.get("parameters"), "parameters")
+    requested = header.get("outputs")
+    if requested is not None and not isinstance(requested, list):
+        raise InvalidInput(f"outputs: a list of output tensors, got {type(requested).__name__}")
+    kserve_tensors.check_counts(len(header["inputs"]), len(requested or ()), len(params))
     inputs, offset = [], 0
     for i, spec in enumerate(header["inputs"]):
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
@@ -87,9 +90,6 @@ def parse_request(body: bytes, header_length: str | None, max_items: int) -> Inf
     outputs: list[str] = []
     binary: dict[str, bool] = {}
     classification: dict[str, Any] = {}
-    requested = header.get("outputs")
-    if requested is not None and not isinstance(requested, list):
-        raise InvalidInput(f"outputs: a list of output tensors, got {type(requested).__name__}")
     for i, spec in enumerate(requested or []):
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise InvalidInput(f"outputs[{i}]: needs a name")

@@ -104,8 +104,8 @@ def from_list(name: str, datatype: str, shape: Any, data: Any, max_items: int | 
     count = math.prod(dims)
     if datatype == "BYTES":
         _check_items(name, count, max_items)
-        # flat data holds count elements, nested data dims[0] lists: more is refused unread
-        if not isinstance(data, Sequence) or len(data) > max(count, dims[0] if dims else 1):
+        # flat data holds count elements, nested data dims[0] (≤ count) lists: more is refused unread
+        if not isinstance(data, Sequence) or len(data) > max(count, 1):
             raise InvalidInput(f"{name}: BYTES data must be {count} strings for shape {dims}")
         flat = np.array(data, dtype=np.object_).ravel()
         if flat.size != count or not all(isinstance(x, str | bytes) for x in flat):
@@ -131,14 +131,18 @@ def _numpy_dtype(name: str, datatype: str) -> Any:
 
 MAX_ELEMENTS = 64 * 1024 * 1024
 MAX_DIMS = 8
-#: input tensors per request: the models here take one, Triton's ensembles a handful
-MAX_INPUTS = 16
+#: input and output tensors per request (the models here take one and answer at most five),
+#: parameters per request: a message of millions of empty entries fits the size limits
+MAX_INPUTS = MAX_OUTPUTS = 16
+MAX_PARAMETERS = 64
 
 
-def check_input_count(count: int) -> None:
-    """Refuse a request of more than :data:`MAX_INPUTS` input tensors before decoding any."""
-    if count > MAX_INPUTS:
-        raise InvalidInput(f"inputs: {count} tensors, at most {MAX_INPUTS} per request")
+def check_counts(inputs: int, outputs: int, parameters: int) -> None:
+    """Refuse a request of more tensors or parameters than the bounds above, before any is read."""
+    for what, count, most in (("inputs", inputs, MAX_INPUTS), ("outputs", outputs, MAX_OUTPUTS),
+                              ("parameters", parameters, MAX_PARAMETERS)):  # fmt: skip
+        if count > most:
+            raise InvalidInput(f"{what}: {count} entries, at most {most} per request")
 
 
 def _check_shape(name: str, shape: Any) -> list[int]:
@@ -148,8 +152,9 @@ def _check_shape(name: str, shape: Any) -> list[int]:
         or len(shape) > MAX_DIMS
     ):
         raise InvalidInput(f"{name}: shape must be a list of at most {MAX_DIMS} non-negative integers")
-    # each dimension too: beside a zero the product passes, and numpy refuses such a shape
-    if math.prod(shape) > MAX_ELEMENTS or any(d > MAX_ELEMENTS for d in shape):
+    # zeros counted as ones: beside a zero the product passes, and numpy still refuses a shape
+    # whose other dimensions multiply past what it can address
+    if math.prod(max(d, 1) for d in shape) > MAX_ELEMENTS:
         raise InvalidInput(f"{name}: shape {shape} is too large")
     return list(shape)
 

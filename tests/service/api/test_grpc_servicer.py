@@ -134,10 +134,12 @@ def test_kserve_v2_infer_and_stream(tmp_path: Path) -> None:
     assert ready.ready
 
 
-def _infer(name: str, datatype: str, shape: list[int]) -> Any:
+def _infer(name: str, datatype: str, shape: list[int], raw: bytes = b"", outputs: int = 0) -> Any:
     request = pb.ModelInferRequest(model_name="fake-classifier")
     request.inputs.add(name=name, datatype=datatype, shape=shape)
-    request.raw_input_contents.append(b"")
+    request.raw_input_contents.append(raw)
+    for _ in range(outputs):
+        request.outputs.add()
     return lambda channel: pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
 
 
@@ -186,7 +188,23 @@ def _translate(texts: list[str]) -> Any:
             grpc.StatusCode.INVALID_ARGUMENT,
             "IMAGE: shape holds 7000000",
         ),
-        (_infer("PIXELS", "UINT8", [2_000_000, 1, 1]), grpc.StatusCode.INVALID_ARGUMENT, "do not fit"),
+        (
+            _infer("PIXELS", "UINT8", [2_000_000, 1, 1], bytes(2_000_000)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "PIXELS: 2000000 images exceed the limit of 64 per request",
+        ),
+        # a zero beside dimensions numpy cannot address together
+        (
+            _infer("PIXELS", "UINT8", [0, 1 << 26, 1 << 26, 1 << 26]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "PIXELS: shape",
+        ),
+        # counted before they are walked: millions of empty outputs fit in a message
+        (
+            _infer("PIXELS", "UINT8", [1, 2, 2], bytes(4), outputs=100_000),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "outputs: 100000 entries, at most 16 per request",
+        ),
     ],
 )
 def test_errors_carry_their_codes(tmp_path: Path, call: Any, code: grpc.StatusCode, words: str) -> None:

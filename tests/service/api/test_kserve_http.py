@@ -103,7 +103,19 @@ def test_binary_request_and_response() -> None:
             + b", ".join([b'{"name": "T", "datatype": "BYTES", "shape": [1], "data": ["a"]}'] * 17)
             + b"]}",
             None,
-            "inputs: 17 tensors, at most 16",
+            "inputs: 17 entries, at most 16 per request",
+        ),
+        (  # counted before they are walked
+            b'{"inputs": [{"name": "T", "datatype": "BYTES", "shape": [1], "data": ["a"]}], "outputs": ['
+            + b", ".join([b"{}"] * 17)
+            + b"]}",
+            None,
+            "outputs: 17 entries, at most 16 per request",
+        ),
+        (  # a zero beside dimensions numpy cannot address together
+            b'{"inputs": [{"name": "P", "datatype": "UINT8", "shape": [0, 67108864, 67108864, 67108864], "data": []}]}',
+            None,
+            "P: shape .* is too large",
         ),
         (  # a digit to str.isdigit(), not to int() (HTTP headers arrive as latin-1)
             b'{"inputs": [{"name": "T", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}',
