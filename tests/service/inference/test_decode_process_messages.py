@@ -32,7 +32,16 @@ from tests.service.inference.decode_stand_ins import (
     table,
     until,
 )
-from tests.service.inference.test_scheduler import BOS, EOS, TableDecoder, alone, options, source, synchronous
+from tests.service.inference.test_scheduler import (
+    BOS,
+    EOS,
+    TableDecoder,
+    alone,
+    mixed_jobs,
+    options,
+    source,
+    synchronous,
+)
 
 
 @synchronous
@@ -41,10 +50,7 @@ async def test_concurrent_mixed_answers_equal_each_text_alone() -> None:
     process = DecodeProcess(table, token_budget=400, on_step=lambda r, live, t, _: steps.append((r, live, t)))
     assert process.providers == ["TableDecoder"] and process.running
     rng = random.Random(1)
-    jobs = [
-        ([source(rng, rng.choice([2, 3, 9, 14])) for _ in range(rng.randint(1, 3))], rng.choice([1, 1, 2, 4]))
-        for _ in range(40)
-    ]
+    jobs = mixed_jobs(rng)
 
     async def one(texts: list[list[int]], beam: int):
         await asyncio.sleep(rng.random() * 0.02)

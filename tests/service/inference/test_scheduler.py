@@ -114,16 +114,21 @@ def source(rng: random.Random, n: int) -> list[int]:
     return [rng.randint(3, 11) for _ in range(n)]
 
 
+def mixed_jobs(rng: random.Random, count: int = 40) -> list[tuple[list[list[int]], int]]:
+    """``count`` requests of 1–3 texts, short and long, each with its beam (greedy half the time)."""
+    return [
+        ([source(rng, rng.choice([2, 3, 9, 14])) for _ in range(rng.randint(1, 3))], rng.choice([1, 1, 2, 4]))
+        for _ in range(count)
+    ]
+
+
 @synchronous
 async def test_mixed_traffic_answers_equal_each_text_alone() -> None:
     """Greedy and beam requests of 1–3 texts, short and long, arriving at different steps."""
     decoder = TableDecoder()
     scheduler = TranslationScheduler(decoder, token_budget=400)
     rng = random.Random(0)
-    jobs = [
-        ([source(rng, rng.choice([2, 3, 9, 14])) for _ in range(rng.randint(1, 3))], rng.choice([1, 1, 2, 4]))
-        for _ in range(40)
-    ]
+    jobs = mixed_jobs(rng)
 
     async def one(texts: list[list[int]], beam: int):
         await asyncio.sleep(rng.random() * 0.02)
