@@ -153,7 +153,12 @@ async def _classify_body(server: Server, request: Request) -> tuple[ClassifyOpti
                 raise InvalidInput("file: a multipart upload named 'file' is required")
             options = ClassifyOptions.model_validate(form.fields)
             return options, classify_job(options, image=image, field="file")
-        if media == "application/json" or not ctype:
+        # as FastAPI's JSON routes: application/json and any application/*+json
+        if (
+            media == "application/json"
+            or (media.startswith("application/") and media.endswith("+json"))
+            or not ctype
+        ):
             body = ClassifyRequest.model_validate_json(await server.read_body(request))
             return body, classify_json_job(body)
     except ValidationError as exc:

@@ -284,8 +284,10 @@ def test_a_classify_upload_s_media_type_is_read_in_any_case(served: Any, ctype: 
         assert json.loads(content)["error"].startswith("content-type: expected application/json")
 
 
-def test_a_json_body_s_media_type_is_read_in_any_case(served: Any) -> None:
+@pytest.mark.parametrize("ctype", ["Application/JSON; charset=UTF-8", "application/vnd.api+json"])
+def test_a_json_body_s_media_type_is_read_in_any_case(served: Any, ctype: str) -> None:
+    """As FastAPI's JSON routes read theirs: application/json, or any application/*+json."""
     image = base64.b64encode(png(np.eye(2))).decode()
     got, _, content = call(create_app(served[0]), "POST", "/v1/models/fake-classifier/classify",
-                           json.dumps({"image": image}).encode(), {"content-type": "Application/JSON; charset=UTF-8"})  # fmt: skip
+                           json.dumps({"image": image}).encode(), {"content-type": ctype})  # fmt: skip
     assert got == 200, content
