@@ -291,3 +291,25 @@ def test_a_json_body_s_media_type_is_read_in_any_case(served: Any, ctype: str) -
     got, _, content = call(create_app(served[0]), "POST", "/v1/models/fake-classifier/classify",
                            json.dumps({"image": image}).encode(), {"content-type": ctype})  # fmt: skip
     assert got == 200, content
+
+
+@pytest.mark.parametrize(
+    ("ctype", "status"),
+    [
+        ("", 200),
+        ("application/json", 200),
+        ("Application/JSON; charset=UTF-8", 200),
+        ("application/vnd.api+json", 200),
+        # what a web page sends a local service without a CORS preflight: refused, as FastAPI does
+        ("text/plain", 422),
+        ("application/x-www-form-urlencoded", 422),
+        ("multipart/form-data; boundary=x", 422),
+    ],
+)
+def test_translate_reads_json_bodies_only(served: Any, ctype: str, status: int) -> None:
+    headers = {"content-type": ctype} if ctype else {}
+    got, _, content = call(create_app(served[0]), "POST", "/v1/models/fake-translator/translate",
+                           json.dumps({"text": "abc"}).encode(), headers)  # fmt: skip
+    assert got == status, content
+    if status == 422:
+        assert json.loads(content) == {"error": f"content-type: expected application/json, got {ctype!r}"}
