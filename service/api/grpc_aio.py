@@ -11,13 +11,13 @@ from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
-from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from pydantic import SecretStr
 
 from service.api import auth
-from service.api.grpc_servicer import GrpcServicer, Undecodable
+from service.api.grpc_parsing import Lenient, Undecodable
+from service.api.grpc_servicer import GrpcServicer
 from service.api.protos import attention_pb2_grpc, grpc_service_pb2_grpc
 from service.errors import ServiceError, unexpected
 
@@ -41,7 +41,7 @@ def add_to_grpc_server(grpc_server: grpc.aio.Server, servicer: GrpcServicer) -> 
                 overrides[name] = (
                     _aio_streaming(impl) if inspect.isasyncgenfunction(impl) else _aio_unary(impl)
                 )
-        lenient = _Lenient(grpc_server)
+        lenient = Lenient(grpc_server)
         add(type(base.__name__, (base,), overrides)(), lenient)
         if not lenient.services:  # stubs from grpcio-tools < 1.62 register generic handlers only
             raise RuntimeError(f"{add.__name__} registered no methods: regenerate the stubs (make protos)")
@@ -201,7 +201,7 @@ class GrpcHealth:
     def __init__(self, grpc_server: grpc.aio.Server, services: list[str]) -> None:
         self.servicer = health.aio.HealthServicer()
         self.names = ["", *services]
-        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, _Lenient(grpc_server, _refusing))
+        health_pb2_grpc.add_HealthServicer_to_server(self.servicer, Lenient(grpc_server, _refusing))
 
     async def serving(self) -> None:
         for name in self.names:
@@ -209,16 +209,6 @@ class GrpcHealth:
 
     async def stopping(self) -> None:
         await self.servicer.enter_graceful_shutdown()
-
-
-def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
-    def deserialize(data: bytes) -> Any:
-        try:
-            return parse(data)
-        except DecodeError as exc:
-            return Undecodable(str(exc))
-
-    return deserialize
 
 
 def _refusing(handler: Any) -> Any:
@@ -251,29 +241,6 @@ def _refusing(handler: Any) -> Any:
         return await behaviour(request, context) if waits else behaviour(request, context)
 
     return handler._replace(**{kind: call})
-
-
-class _Lenient:
-    """The server as the generated ``add_*_to_server`` functions see it: each method's handler is
-    passed on with a request parser that never raises (:func:`_lenient`), and through ``wrap``
-    (our servicers answer an :class:`Undecodable` request themselves; others need
-    :func:`_refusing`)."""
-
-    def __init__(self, server: grpc.aio.Server, wrap: Callable[[Any], Any] = lambda handler: handler) -> None:
-        self.server, self.wrap = server, wrap
-        self.services: list[str] = []
-
-    def add_generic_rpc_handlers(self, handlers: Any) -> None:
-        """Left out: rebuilt from the same handlers in :meth:`add_registered_method_handlers`."""
-
-    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
-        lenient = {}
-        for name, handler in handlers.items():
-            parsing = handler._replace(request_deserializer=_lenient(handler.request_deserializer))
-            lenient[name] = self.wrap(parsing)
-        self.server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service, lenient),))
-        self.server.add_registered_method_handlers(service, lenient)
-        self.services.append(service)
 
 
 def _aio_unary(impl: Callable[..., Any]) -> Callable[..., Any]:

@@ -19,6 +19,7 @@ from pydantic import ValidationError
 
 from service.api import auth, grpc_stream, kserve, triton_extensions
 from service.api import grpc_codec as codec
+from service.api.grpc_parsing import Undecodable
 from service.api.limits import tensor_items
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import grpc_service_pb2 as pb
@@ -28,10 +29,8 @@ from service.api.server import Server
 from service.errors import InvalidInput, ModelNotFound, ServiceError, unexpected, validation_message
 from service.inference.jobs import Answer, Classified
 
-SERVICER_FUNCTIONS = [
-    "service.api.protos.grpc_service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server",
-    "service.api.protos.attention_pb2_grpc.add_AttentionServiceServicer_to_server",
-]
+#: what Ray's gRPC proxy registers (the Ray-ingress frontends): both services, parsed leniently
+SERVICER_FUNCTIONS = ["service.api.grpc_parsing.add_kserve_v2", "service.api.grpc_parsing.add_attention_v1"]
 
 
 class GrpcContext(Protocol):
@@ -78,6 +77,9 @@ def rpc(method: Method[Reply]) -> Method[Reply]:
     @functools.wraps(method)  # Ray passes the context by this keyword: the name matters
     async def call(self: Any, request: Any, grpc_context: GrpcContext) -> Reply:
         try:
+            if isinstance(request, Undecodable):  # parsed by Ray's proxy (grpc.aio's: grpc_aio)
+                self._authorize(grpc_context)  # a caller without the token learns only that
+                raise request.error
             return await method(self, request, grpc_context)
         except ServiceError as exc:
             raise _abort(grpc_context, exc) from None
@@ -298,6 +300,8 @@ class GrpcServicer:
         """Server streaming: a ``Token`` per output token as it is chosen, then the ``answer``."""
         try:
             self._authorize(grpc_context)
+            if isinstance(request, Undecodable):  # parsed by Ray's proxy (grpc.aio's: grpc_aio)
+                raise request.error
             with self.server.refusals(request.model, "grpc_translate_stream"):
                 job = codec.translate_job(request, self.server.settings.limits.max_texts)
             events = self.server.stream(request.model, "translation", "grpc_translate_stream", job)
@@ -372,10 +376,3 @@ def _failed(request: "pb.ModelInferRequest | Undecodable", exc: BaseException) -
     if isinstance(request, Undecodable):
         return pb.ModelStreamInferResponse(error_message=message)
     return _stream_error(request, message, _decoupled(request))
-
-
-class Undecodable:
-    """A request message that protobuf could not parse, handed to the RPC in its place."""
-
-    def __init__(self, reason: str) -> None:
-        self.error = InvalidInput(f"request: not a valid protobuf message ({reason})")

@@ -74,6 +74,15 @@ def test_ray_ingress_frontends_serve_rest_and_grpc(
             apb.TranslateRequest(model="dates-bahdanau", texts=["3 juin 1980"]), timeout=30
         )
         assert reply.translations[0].text == "1980-06-03"
+        # a message protobuf cannot parse, parsed in Ray's proxy: INVALID_ARGUMENT as in-replica
+        # (grpc_parsing), not UNKNOWN
+        garbage = grpc.insecure_channel(svc.grpc_target).unary_unary(
+            "/attention.v1.AttentionService/Translate"
+        )
+        with pytest.raises(grpc.RpcError) as undecodable:
+            garbage(b"\xff\xff\xff\xff\x0f", timeout=30)
+        assert undecodable.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid protobuf message" in (undecodable.value.details() or "")
         slow = {"text": "Samstag, 15. Mai 1976 " * 8, "beam_size": 8, "truncate": True}
         target = f"{url}/v1/models/dates-transformer/translate"
         with ThreadPoolExecutor(64) as pool:
@@ -99,7 +108,7 @@ def test_ray_ingress_frontends_serve_rest_and_grpc(
         *shed, unknown, empty = codes
         assert {c for c, _ in shed} == {grpc.StatusCode.OK, grpc.StatusCode.RESOURCE_EXHAUSTED}, Counter(shed)
         assert unknown[0] == grpc.StatusCode.NOT_FOUND and "'nope' not found" in unknown[1]
-        assert empty[0] == grpc.StatusCode.INVALID_ARGUMENT and "text[0]: must not be empty" in empty[1]
+        assert empty[0] == grpc.StatusCode.INVALID_ARGUMENT and "texts[0]: must not be empty" in empty[1]
         # the metrics answer, with the requests counted: under Ray's OpenCensus export every
         # scrape was a 500 once Ray's proxy reported its own series (the frontends' default now
         # is OpenTelemetry)
