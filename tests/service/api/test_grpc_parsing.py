@@ -38,12 +38,16 @@ def test_ray_s_proxy_keeps_the_lenient_parser_of_every_method() -> None:
         "service.api.grpc_parsing.add_kserve_v2",
         "service.api.grpc_parsing.add_attention_v1",
     ]
-    server = gRPCGenericServer(lambda service_method, streaming_type: None)
-    grpc_parsing.add_kserve_v2(AnyServicer(), server)
-    grpc_parsing.add_attention_v1(AnyServicer(), server)
-    handlers = {
-        m: h for [generic] in server.generic_rpc_handlers for m, h in generic._method_handlers.items()
-    }
+
+    async def registered() -> dict[str, Any]:  # a grpc.aio server is made on an event loop
+        server = gRPCGenericServer(lambda service_method, streaming_type: None)
+        grpc_parsing.add_kserve_v2(AnyServicer(), server)
+        grpc_parsing.add_attention_v1(AnyServicer(), server)
+        return {
+            m: h for [generic] in server.generic_rpc_handlers for m, h in generic._method_handlers.items()
+        }
+
+    handlers = asyncio.run(registered())
     services = [*pb.DESCRIPTOR.services_by_name.values(), *apb.DESCRIPTOR.services_by_name.values()]
     assert set(handlers) == {f"/{s.full_name}/{m.name}" for s in services for m in s.methods}
     for method, handler in handlers.items():
