@@ -148,8 +148,13 @@ class DecodeProcess(Submitting):
         run = f"from service.inference.decode_child import _child; _child({theirs.fileno()})"
         boot = f"import sys; sys.path[:0] = {sys.path!r}; {run}"
         pinned = self.pinned if self.pinned is not None else PinnedFiles(None)
-        process = pinned.popen([sys.executable, "-c", boot], theirs.fileno())
-        theirs.close()
+        try:
+            process = pinned.popen([sys.executable, "-c", boot], theirs.fileno())
+        except BaseException:  # the files were let go (closed meanwhile), or no process started
+            ours.close()
+            raise
+        finally:
+            theirs.close()
         conn = Connection(os.dup(ours.fileno()))
         try:
             conn.send(("init", self.factory, self.token_budget, pinned.view))
