@@ -99,8 +99,7 @@ def _model_info(server: Server, name: str) -> ModelInfo:
 async def translate(request: Request, name: str) -> Response:
     server = server_from(request)
     with server.refusals(name, "translate"):
-        if not json_media(request.headers.get("content-type", "")):
-            ctype = request.headers.get("content-type", "")
+        if not json_media(ctype := request.headers.get("content-type", "")):
             raise InvalidInput(f"content-type: expected application/json, got {ctype!r}")
         try:
             body = TranslateRequest.model_validate_json(await server.read_body(request))
@@ -151,7 +150,7 @@ def json_media(ctype: str) -> bool:
     ``text/plain`` nor a form: a web page can send those to a local service without a CORS
     preflight, which FastAPI's body parsing refuses for that reason (0.65.2) and the direct routes,
     reading their bodies themselves, had let through."""
-    media = ctype.partition(";")[0].strip().lower()
+    media = media_type(ctype)
     return (
         not ctype
         or media == "application/json"
@@ -159,11 +158,16 @@ def json_media(ctype: str) -> bool:
     )
 
 
+def media_type(ctype: str) -> str:
+    """A Content-Type's media type, without parameters, in lower case: media types are
+    case-insensitive (RFC 9110 §8.3.1)."""
+    return ctype.partition(";")[0].strip().lower()
+
+
 async def _classify_body(server: Server, request: Request) -> tuple[ClassifyOptions, ClassifyJob]:
     ctype = request.headers.get("content-type", "")
-    media = ctype.partition(";")[0].strip().lower()  # a media type is case-insensitive (RFC 9110 §8.3.1)
     try:
-        if media == "multipart/form-data":
+        if media_type(ctype) == "multipart/form-data":
             form = forms.parse(await server.read_body(request), ctype, max_fields=16, max_files=1)
             image = form.files.get("file")
             if image is None:
