@@ -203,13 +203,15 @@ def translation_spec(model: MarianMTModel, checkpoint: Path, staging: Path) -> T
         (TARGET_TOKENIZER, "target.spm", target_vocab, False),
     ):
         marian_tokenizer(checkpoint / spm_file, vocab, specials, source).save(str(staging / file))
+        # the source side's ids are its own vocabulary's (the tokenizer just written ends every
+        # text with that ``</s>``; a separate target vocabulary may number it differently); the
+        # target side's are the model's, which generation decodes with
+        eos = _single(generation.eos_token_id if generation.eos_token_id is not None else cfg.eos_token_id)
         sides[file] = TokenizerSpec(
             file=file,
-            pad_id=cfg.pad_token_id,
+            pad_id=vocab[specials["pad"]] if source else cfg.pad_token_id,
             bos_id=cfg.decoder_start_token_id,  # the first token of every decoder prefix
-            eos_id=_single(
-                generation.eos_token_id if generation.eos_token_id is not None else cfg.eos_token_id
-            ),
+            eos_id=vocab[specials["eos"]] if source else eos,
             unk_id=vocab[specials["unk"]],
             vocab_size=len(vocab),
         )

@@ -69,8 +69,9 @@ class PatchEmbed(nn.Module):
     """Image → one token per ``patch_size`` square, row-major: (B, C, H, W) → (B, P, D).
 
     With ``stem_channels`` the tokens come from a two-layer convolutional stem (stride 2) and
-    half-size patches of its map, so each token still covers exactly one input patch — the
-    attention grid stays aligned with the image — but early layers get local features, which
+    half-size patches of its map, so each token is centred on one input patch — the attention
+    grid stays aligned with the image; its 3×3 convolutions let a token see a pixel or two of the
+    neighbouring patches — and early layers get local features, which
     makes small ViTs train much faster on small data (Xiao et al. 2021, "Early convolutions
     help transformers see better").
     """

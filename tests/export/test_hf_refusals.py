@@ -210,3 +210,31 @@ def test_added_token_objects_in_the_tokenizer_config(marian_checkpoint: Path, ro
     assert spec == marian.translation_spec(marian.load(marian_checkpoint), marian_checkpoint, plain)
     for file in ("source_tokenizer.json", "target_tokenizer.json"):
         assert (staging / file).read_text() == (plain / file).read_text()
+
+
+def test_separate_vocabularies_keep_the_source_side_s_own_ids(marian_checkpoint: Path, root: Path) -> None:
+    """With ``separate_vocabs``, the source tokenizer ends a text with the *source* vocabulary's
+    ``</s>``; the manifest's source ``eos_id`` (what the service ends a truncated text with) and
+    ``pad_id`` were the target's, here ``<unk>``."""
+    from tokenizers import Tokenizer
+
+    from export.hf import marian
+
+    checkpoint = copy_of(marian_checkpoint, root / "separate", marian_checkpoint.name)
+    shared = json.loads((checkpoint / "vocab.json").read_text())
+    (checkpoint / "target_vocab.json").write_text(json.dumps(shared))
+    source = {**shared, "</s>": shared["<unk>"], "<unk>": shared["</s>"]}  # </s> 1, <unk> 0
+    fifth = next(token for token, i in shared.items() if i == 5)
+    source["<pad>"], source[fifth] = 5, shared["<pad>"]  # <pad> 5
+    (checkpoint / "vocab.json").write_text(json.dumps(source))
+    config = json.loads((checkpoint / "tokenizer_config.json").read_text())
+    (checkpoint / "tokenizer_config.json").write_text(json.dumps({**config, "separate_vocabs": True}))
+    staging = root / "separate-staging"
+    staging.mkdir()
+    spec = marian.translation_spec(marian.load(checkpoint), checkpoint, staging)
+    ids = Tokenizer.from_file(str(staging / spec.source_tokenizer.file)).encode("12 mars 2021").ids
+    assert ids[-1] == source["</s>"] == spec.source_tokenizer.eos_id == 1
+    assert spec.source_tokenizer.pad_id == source["<pad>"] == 5
+    assert spec.source_tokenizer.unk_id == source["<unk>"] == 0
+    # the target side keeps the model's ids, which generation decodes with
+    assert (spec.target_tokenizer.eos_id, spec.target_tokenizer.pad_id) == (0, shared["<pad>"])
