@@ -87,7 +87,11 @@ def _parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build", help="train (if no checkpoint) and export recipes", **where)
     b.add_argument("recipes", nargs="*", default=list(recipes.DEFAULT), help="recipes (`list` shows them)")
     b.add_argument("--skip-existing", action="store_true", help="leave versions that exist alone")
-    b.add_argument("--retrain", action="store_true", help="train even if a checkpoint exists")
+    b.add_argument(
+        "--retrain", action="store_true",
+        help="train even if a checkpoint exists, replacing it (versions exported from the old one keep "
+        "serving; `make eval` can no longer compare them with PyTorch)",
+    )  # fmt: skip
     common(b)
     t = sub.add_parser("train", help="train a recipe into a checkpoint directory", **where)
     t.add_argument("recipe", help="a recipe (`list` shows them)")
