@@ -15,7 +15,7 @@ import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
@@ -71,10 +71,6 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.update(ray_processes_environment(settings))  # before Ray starts: its processes read them
 
-    import ray
-    from ray import serve
-
-    from service.api.grpc_servicer import SERVICER_FUNCTIONS
     from service.hosting.app import NoModels, build_app
 
     busy = ports_in_use(settings)
@@ -89,6 +85,13 @@ def main(argv: list[str] | None = None) -> int:
     if why := placement_refusal(settings):
         print(f"error: {why}", file=sys.stderr)
         return 2
+    return serve_until_stopped(settings, app)
+
+
+def serve_until_stopped(settings: Settings, app: Any) -> int:
+    """Start Ray (:func:`start_ray`), deploy ``app`` (:func:`deploy`) and serve until SIGINT or
+    SIGTERM; then stop what this process started. 2 (after one ``error:`` line) when it cannot
+    start, 0 otherwise."""
     stop, serving, in_ray_init = threading.Event(), threading.Event(), threading.Event()
     ours = False
 
@@ -107,51 +110,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         in_ray_init.set()
         with our_sigterm_handler_through_ray_init():
-            if settings.ray_address is None:  # a private Ray for this process, stopped with it
-                ray.init(
-                    address="local", num_cpus=settings.num_cpus or os.cpu_count(), include_dashboard=False,
-                    _metrics_export_port=settings.metrics_port, logging_level=logging.WARNING,
-                )  # fmt: skip
-            else:  # a cluster started with `ray start`: its nodes export metrics on their own ports
-                token_auth_as_ray_start_does(settings.ray_address)
-                try:
-                    ray.init(address=settings.ray_address, logging_level=logging.WARNING)
-                except ConnectionError as exc:  # "auto" with no cluster running here, a token missing
-                    hint = AUTH_HINT if settings.ray_address != "auto" else ""
-                    print(f"error: ATTN_RAY_ADDRESS={settings.ray_address}: {exc}{hint}", file=sys.stderr)
-                    return 2
+            if why := start_ray(settings):
+                print(f"error: {why}", file=sys.stderr)
+                return 2
         in_ray_init.clear()
         for sig in (signal.SIGINT, signal.SIGTERM):  # ours again: ray.init installs its own
             signal.signal(sig, on_signal)
         if stop.is_set():  # a signal came during ray.init
             raise KeyboardInterrupt
-        in_replica = settings.frontend == "in-replica"  # the replicas listen; no Ray proxy
-        serve.start(
-            proxy_location="Disabled" if in_replica else settings.proxy_location,
-            logging_config=settings.serve_logging,
-            http_options={"host": settings.host, "port": settings.http_port},
-            grpc_options={"port": settings.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
-        )
-        if settings.ray_address is not None and (why := app_already_served(settings)):
-            print(f"error: ATTN_RAY_ADDRESS={settings.ray_address}: {why}", file=sys.stderr)
+        if why := start_serve(settings):
+            print(f"error: {why}", file=sys.stderr)
             return 2  # and the other's app is left alone: not ours to stop
         ours = True  # from here on, the app named "attention" on this Ray is this process's
-        try:
-            serve.run(app, name=APP, route_prefix=None if in_replica else "/")
-        except RuntimeError as exc:  # every replica failed to start (every model refused to load)
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            print(f"error: the replicas could not start ({first}); their reasons are logged above",
-                  file=sys.stderr)  # fmt: skip
+        if why := deploy(settings, app):
+            print(f"error: {why}", file=sys.stderr)
             return 2
         serving.set()
-        if not in_replica and settings.api_token is None and ipaddress_is_loopback(settings.host):
-            logging.getLogger("service").warning(
-                "gRPC listens on every interface (port %d and up): Ray's gRPC proxy takes no host, "
-                "unlike ATTN_HOST=%s; set ATTN_API_TOKEN or firewall it", settings.grpc_port, settings.host,
-            )  # fmt: skip
-        host = f"[{settings.host}]" if ":" in settings.host else settings.host  # an IPv6 address
-        print(f"serving on http://{host}:{settings.http_port} (explorer at /, docs at /docs); "
-              f"metrics on :{settings.metrics_port}/metrics — Ctrl-C to stop", flush=True)  # fmt: skip
+        announce(settings)
         stop.wait()
     except (KeyboardInterrupt, SystemExit) as exc:
         # SystemExit: ray.init's own SIGTERM handler, should it be installed after all
@@ -162,6 +137,71 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         stop_serving(settings, ours)
     return 0
+
+
+def start_ray(settings: Settings) -> str | None:
+    """A private Ray for this process (stopped with it), or the cluster ``ATTN_RAY_ADDRESS`` names;
+    why not, if it cannot be joined."""
+    import ray
+
+    if settings.ray_address is None:
+        ray.init(
+            address="local", num_cpus=settings.num_cpus or os.cpu_count(), include_dashboard=False,
+            _metrics_export_port=settings.metrics_port, logging_level=logging.WARNING,
+        )  # fmt: skip
+        return None
+    # a cluster started with `ray start`: its nodes export metrics on their own ports
+    token_auth_as_ray_start_does(settings.ray_address)
+    try:
+        ray.init(address=settings.ray_address, logging_level=logging.WARNING)
+    except ConnectionError as exc:  # "auto" with no cluster running here, a token missing
+        hint = AUTH_HINT if settings.ray_address != "auto" else ""
+        return f"ATTN_RAY_ADDRESS={settings.ray_address}: {exc}{hint}"
+    return None
+
+
+def start_serve(settings: Settings) -> str | None:
+    """Ray Serve on this Ray (no Ray proxy for the in-replica frontend: the replicas listen);
+    why not, if a cluster already serves an app of this name (another service's)."""
+    from ray import serve
+
+    from service.api.grpc_servicer import SERVICER_FUNCTIONS
+
+    serve.start(
+        proxy_location="Disabled" if settings.frontend == "in-replica" else settings.proxy_location,
+        logging_config=settings.serve_logging,
+        http_options={"host": settings.host, "port": settings.http_port},
+        grpc_options={"port": settings.grpc_port, "grpc_servicer_functions": SERVICER_FUNCTIONS},
+    )
+    if settings.ray_address is not None and (why := app_already_served(settings)):
+        return f"ATTN_RAY_ADDRESS={settings.ray_address}: {why}"
+    return None
+
+
+def deploy(settings: Settings, app: Any) -> str | None:
+    """Run ``app`` as this Ray's app :data:`APP`; why not, if no replica could start (every model
+    refused to load: their reasons are in the log)."""
+    from ray import serve
+
+    try:
+        serve.run(app, name=APP, route_prefix=None if settings.frontend == "in-replica" else "/")
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        return f"the replicas could not start ({first}); their reasons are logged above"
+    return None
+
+
+def announce(settings: Settings) -> None:
+    """Where the service answers (and a warning where Ray's gRPC proxy listens wider than asked)."""
+    warn = settings.frontend != "in-replica" and settings.api_token is None
+    if warn and ipaddress_is_loopback(settings.host):
+        logging.getLogger("service").warning(
+            "gRPC listens on every interface (port %d and up): Ray's gRPC proxy takes no host, "
+            "unlike ATTN_HOST=%s; set ATTN_API_TOKEN or firewall it", settings.grpc_port, settings.host,
+        )  # fmt: skip
+    host = f"[{settings.host}]" if ":" in settings.host else settings.host  # an IPv6 address
+    print(f"serving on http://{host}:{settings.http_port} (explorer at /, docs at /docs); "
+          f"metrics on :{settings.metrics_port}/metrics — Ctrl-C to stop", flush=True)  # fmt: skip
 
 
 def placement_refusal(settings: Settings) -> str | None:
