@@ -20,6 +20,7 @@ import signal
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -201,52 +202,64 @@ def writable(directory: Path, what: str) -> None:
 
 
 def _command(args: argparse.Namespace) -> int:
-    if args.command == "list":
-        for r in recipes.RECIPES.values():
-            default = "*" if r.name in recipes.DEFAULT else " "
-            print(f"{default} {r.name:24} {r.family:16} {r.description}")
-        return 0
-    if args.command == "eval":
-        if not args.repository.is_dir():
-            print(f"error: no model repository at {args.repository}", file=sys.stderr)
-            return 2
-        sizes = Sizes(dates=args.dates, canvases=args.canvases)
-        print(f"wrote {eval_report.run(args.repository, args.checkpoints, args.reports, sizes, args.int8)}")
-        return 0
-    if args.command == "import-hf":
-        from export import hf  # transformers is only imported for this command
+    return COMMANDS[args.command](args)
 
-        writable(args.repository, "--repository")
-        try:
-            target = hf.import_checkpoint(
-                args.checkpoint, args.name, args.repository, args.version, args.force
-            )
-        except hf.UnsupportedCheckpoint as exc:  # e.g. a broken config.json, named
-            print(f"error: {exc}", file=sys.stderr)
-            return 2
-        print(f"wrote {target}")
-        return 0
-    if args.command == "train":
-        recipe = recipes.get(args.recipe)
-        directory = args.checkpoints / recipe.name
-        if (directory / checkpoint.WEIGHTS).exists() and not args.force:
-            # versions exported from it name it by its sha256; a new one would orphan them
-            raise RefuseOverwrite(f"{directory} already holds a checkpoint; pass --force to replace it")
-        writable(directory, "--checkpoints")
-        build.check_data(recipe)
-        build.train(recipe, directory)
-        print(f"wrote {directory}")
-        return 0
-    if args.command == "export":
-        recipe = recipes.get(args.recipe)
-        ckpt = args.checkpoint or args.checkpoints / recipe.name
-        writable(args.repository, "--repository")
-        build.check_data(recipe)  # the held-out evaluation reads it, after the export work
-        target = build.export(
-            ckpt, recipe, args.repository, args.version, args.force, args.quantize, args.precision
-        )
-        print(f"wrote {target}")
-        return 0
+
+def _list(args: argparse.Namespace) -> int:
+    for r in recipes.RECIPES.values():
+        default = "*" if r.name in recipes.DEFAULT else " "
+        print(f"{default} {r.name:24} {r.family:16} {r.description}")
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    if not args.repository.is_dir():
+        print(f"error: no model repository at {args.repository}", file=sys.stderr)
+        return 2
+    sizes = Sizes(dates=args.dates, canvases=args.canvases)
+    print(f"wrote {eval_report.run(args.repository, args.checkpoints, args.reports, sizes, args.int8)}")
+    return 0
+
+
+def _import_hf(args: argparse.Namespace) -> int:
+    from export import hf  # transformers is only imported for this command
+
+    writable(args.repository, "--repository")
+    try:
+        target = hf.import_checkpoint(args.checkpoint, args.name, args.repository, args.version, args.force)
+    except hf.UnsupportedCheckpoint as exc:  # e.g. a broken config.json, named
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {target}")
+    return 0
+
+
+def _train(args: argparse.Namespace) -> int:
+    recipe = recipes.get(args.recipe)
+    directory = args.checkpoints / recipe.name
+    if (directory / checkpoint.WEIGHTS).exists() and not args.force:
+        # versions exported from it name it by its sha256; a new one would orphan them
+        raise RefuseOverwrite(f"{directory} already holds a checkpoint; pass --force to replace it")
+    writable(directory, "--checkpoints")
+    build.check_data(recipe)
+    build.train(recipe, directory)
+    print(f"wrote {directory}")
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    recipe = recipes.get(args.recipe)
+    ckpt = args.checkpoint or args.checkpoints / recipe.name
+    writable(args.repository, "--repository")
+    build.check_data(recipe)  # the held-out evaluation reads it, after the export work
+    target = build.export(
+        ckpt, recipe, args.repository, args.version, args.force, args.quantize, args.precision
+    )
+    print(f"wrote {target}")
+    return 0
+
+
+def _build(args: argparse.Namespace) -> int:
     selected = [recipes.get(n) for n in args.recipes]  # fail on a typo before any work
     kinds = [kind for kind in (args.quantize, args.precision) if kind]
     todo, variants_of = [], []  # recipes to build; existing versions whose variants are missing
@@ -291,6 +304,12 @@ def _command(args: argparse.Namespace) -> int:
         print(f"wrote {target} in {time.perf_counter() - start:.0f} s")
     return 0
 
+
+#: each subcommand's function (its arguments: ``_parser``)
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "list": _list, "eval": _eval, "import-hf": _import_hf,
+    "train": _train, "export": _export, "build": _build,
+}  # fmt: skip
 
 if __name__ == "__main__":
     sys.exit(main())
