@@ -1,8 +1,12 @@
 """Right answers under mixed traffic: several models at once — two RNN translators of one family
 sharing a tokenizer, a Transformer, a ViT and its int8 variant — over REST, KServe v2 HTTP, KServe
 v2 gRPC and attention.v1 gRPC at the same time, in the default frontend and behind Ray's proxy.
-Every answer must name the model asked for and equal what that model answers alone, and requests
-larger than a batch (up to ``limits.max_texts``) must come back whole and in order."""
+Every answer must name the model asked for and equal what that model answers alone, streams must
+end in the plain call's answer, and Triton's statistics must count every request once. Under the
+same service (batches of 4, a small response limit), the limits: requests larger than a batch (up
+to ``limits.max_texts``) come back whole and in order, an answer over
+``limits.max_response_bytes`` and a chunked body over the body limit are refused, and OpenAPI
+shows the limits as enforced. The workload and its clients are ``mixed_workload``'s."""
 
 from __future__ import annotations
 
@@ -12,7 +16,7 @@ import hashlib
 import json
 import random
 import socket
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,38 +27,27 @@ import pytest
 import requests
 from google.protobuf import json_format
 
-from service.api import kserve_tensors
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
 from service.api.protos import grpc_service_pb2 as pb
 from service.api.protos import grpc_service_pb2_grpc as pb_grpc
 from tests.conftest import Service, running_service
-from tests.service.test_app import canvas_png
+from tests.service.mixed_workload import (
+    DATES,
+    IMAGES,
+    MAX_BATCH,
+    MAX_RESPONSE,
+    MAX_TEXTS,
+    PROTOCOLS,
+    TRANSLATORS,
+    TWINS,
+    Answer,
+    channel,
+    rest,
+    workload,
+)
 
 pytestmark = pytest.mark.slow
-MAX_BATCH = 4  # small, so that batches fill across clients and larger requests are split
-MAX_TEXTS = 64  # limits.max_texts (the default)
-MAX_RESPONSE = 256 * 1024  # limits.max_response_bytes, small enough to reach with the tiny models
-TWINS = ("dates-bahdanau", "dates-bahdanau-b")  # family rnn-additive, one tokenizer
-TRANSLATORS = (*TWINS, "dates-transformer")
-IMAGES = ("fashion-vit", "fashion-vit-int8")
-DATES = ["5 mars 2024", "Tuesday, July 4, 1995", "31.12.1999", "3 juin 1980", "Samstag, 15. Mai 1976",
-         "1 janvier 2000", "martes, 9 de abril de 2019", "Dec 24, 1850", "7/8/2011"]  # fmt: skip
-
-
-@dataclasses.dataclass(frozen=True)
-class Answer:
-    model: str
-    texts: tuple[str, ...] = ()
-    values: tuple[float, ...] = ()  # translation scores, or probabilities by class index
-
-    def matches(self, other: Answer) -> bool:
-        return (
-            self.model == other.model
-            and self.texts == other.texts
-            and len(self.values) == len(other.values)
-            and np.allclose(self.values, other.values, atol=1e-4)
-        )
 
 
 @pytest.fixture(scope="module")
@@ -94,140 +87,6 @@ def mixed_service(
         yield svc
 
 
-# -- one client per protocol, each giving an Answer ---------------------------------------------
-
-
-def rest(svc: Service, model: str, payload: Any) -> Answer:
-    if model in IMAGES:
-        body = {"image": __import__("base64").b64encode(payload).decode(), "top_k": 10}
-        got = svc.post(f"/v1/models/{model}/classify", json=body)
-        assert got.status_code == 200, got.text
-        return image_answer(
-            got.json()["model"], [(p["index"], p["probability"]) for p in got.json()["predictions"]]
-        )
-    texts, beam = payload
-    got = svc.post(f"/v1/models/{model}/translate", json={"text": texts, "beam_size": beam})
-    assert got.status_code == 200, got.text
-    items = got.json()["translations"]
-    return Answer(got.json()["model"], tuple(t["text"] for t in items), tuple(t["score"] for t in items))
-
-
-def kserve_http(svc: Service, model: str, payload: Any) -> Answer:
-    if model in IMAGES:
-        pixels = canvas_pixels(payload)
-        body = {
-            "inputs": [
-                {
-                    "name": "PIXELS",
-                    "datatype": "UINT8",
-                    "shape": [1, *pixels.shape],
-                    "data": pixels.ravel().tolist(),
-                }
-            ],
-            "outputs": [{"name": "PROBABILITIES"}, {"name": "INDICES"}],
-            "parameters": {"top_k": 10},
-        }
-    else:
-        texts, beam = payload
-        body = {
-            "inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [len(texts)], "data": texts}],
-            "outputs": [{"name": "TRANSLATION"}, {"name": "SCORE"}],
-            "parameters": {"beam_size": beam},
-        }
-    got = svc.post(f"/v2/models/{model}/infer", json=body)
-    assert got.status_code == 200, got.text
-    outputs = {o["name"]: o["data"] for o in got.json()["outputs"]}
-    if model in IMAGES:
-        return image_answer(
-            got.json()["model_name"], list(zip(outputs["INDICES"], outputs["PROBABILITIES"], strict=True))
-        )
-    return Answer(got.json()["model_name"], tuple(outputs["TRANSLATION"]), tuple(outputs["SCORE"]))
-
-
-def kserve_grpc(svc: Service, model: str, payload: Any) -> Answer:
-    stub = pb_grpc.GRPCInferenceServiceStub(channel(svc))
-    request = pb.ModelInferRequest(model_name=model, id="mixed")
-    if model in IMAGES:
-        pixels = canvas_pixels(payload)
-        request.inputs.add(name="PIXELS", datatype="UINT8", shape=[1, *pixels.shape])
-        request.raw_input_contents.append(pixels.tobytes())
-        request.parameters["top_k"].int64_param = 10
-        names = ["PROBABILITIES", "INDICES"]
-    else:
-        texts, beam = payload
-        request.inputs.add(name="TEXT", datatype="BYTES", shape=[len(texts)])
-        request.raw_input_contents.append(
-            kserve_tensors.serialize_bytes(np.array([t.encode() for t in texts], dtype=object))
-        )
-        request.parameters["beam_size"].int64_param = beam
-        names = ["TRANSLATION", "SCORE"]
-    for name in names:
-        request.outputs.add(name=name)
-    reply = stub.ModelInfer(request, timeout=60)
-    raw = dict(zip([o.name for o in reply.outputs], reply.raw_output_contents, strict=True))
-    if model in IMAGES:
-        indices = np.frombuffer(raw["INDICES"], dtype=np.int64)
-        probs = np.frombuffer(raw["PROBABILITIES"], dtype=np.float32)
-        return image_answer(reply.model_name, list(zip(indices.tolist(), probs.tolist(), strict=True)))
-    texts = kserve_tensors.deserialize_bytes(raw["TRANSLATION"], len(payload[0]), "TRANSLATION")
-    scores = np.frombuffer(raw["SCORE"], dtype=np.float32)
-    return Answer(reply.model_name, tuple(bytes(t).decode() for t in texts), tuple(scores.tolist()))
-
-
-def attention_grpc(svc: Service, model: str, payload: Any) -> Answer:
-    stub = apb_grpc.AttentionServiceStub(channel(svc))
-    if model in IMAGES:
-        reply = stub.Classify(apb.ClassifyRequest(model=model, image=payload, top_k=10), timeout=60)
-        return image_answer(reply.model, [(p.index, p.probability) for p in reply.predictions])
-    texts, beam = payload
-    reply = stub.Translate(apb.TranslateRequest(model=model, texts=texts, beam_size=beam), timeout=60)
-    return Answer(
-        reply.model, tuple(t.text for t in reply.translations), tuple(t.score for t in reply.translations)
-    )
-
-
-PROTOCOLS: dict[str, Callable[[Service, str, Any], Answer]] = {
-    "rest": rest, "kserve-http": kserve_http, "kserve-grpc": kserve_grpc, "attention-grpc": attention_grpc,
-}  # fmt: skip
-_channels: dict[str, grpc.Channel] = {}
-
-
-def channel(svc: Service) -> grpc.Channel:
-    if svc.grpc_target not in _channels:
-        _channels[svc.grpc_target] = grpc.insecure_channel(svc.grpc_target)
-    return _channels[svc.grpc_target]
-
-
-def canvas_pixels(png: bytes) -> np.ndarray:
-    import io
-
-    from PIL import Image
-
-    return np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=np.uint8)
-
-
-def image_answer(model: str, pairs: list[tuple[int, float]]) -> Answer:
-    return Answer(model, (), tuple(p for _, p in sorted(pairs)))
-
-
-def workload() -> list[tuple[str, Any]]:
-    """(model, payload) pairs: translations of 1 to 9 texts (beyond the batch of 4), greedy and
-    beam, and images."""
-    rng = random.Random(7)
-    calls: list[tuple[str, Any]] = []
-    for model in TRANSLATORS:
-        for n in (1, 3, MAX_BATCH + 1, 9):
-            for beam in (1, 3):
-                calls.append((model, (rng.sample(DATES, k=n), beam)))
-    for model in IMAGES:
-        for seed in range(4):
-            calls.append((model, canvas_png(seed)[0]))
-    return calls
-
-
-# -- the tests -----------------------------------------------------------------------------------
-
-
 def test_every_answer_is_its_own_models_under_mixed_concurrent_traffic(mixed_service: Service) -> None:
     calls = [(protocol, model, payload) for protocol in PROTOCOLS for model, payload in workload()]
     alone = {i: PROTOCOLS[p](mixed_service, m, x) for i, (p, m, x) in enumerate(calls)}
@@ -254,85 +113,6 @@ def test_every_answer_is_its_own_models_under_mixed_concurrent_traffic(mixed_ser
         together = list(pool.map(send, order))
     wrong = [(calls[i][:2], got, alone[i]) for i, got in together if not got.matches(alone[i])]
     assert not wrong, f"{len(wrong)} of {len(together)} answers differ from the model's own: {wrong[:3]}"
-
-
-@pytest.mark.parametrize("beam", [1, 3])
-def test_requests_larger_than_a_batch_come_back_whole_and_in_order(mixed_service: Service, beam: int) -> None:
-    for n in (MAX_BATCH + 1, MAX_TEXTS):
-        texts = [DATES[i % len(DATES)] for i in range(n)]
-        whole = rest(mixed_service, "dates-transformer", (texts, beam))
-        assert len(whole.texts) == n
-        singles = {t: rest(mixed_service, "dates-transformer", ([t], beam)) for t in DATES}
-        for i, text in enumerate(texts):
-            assert whole.texts[i] == singles[text].texts[0]
-            assert abs(whole.values[i] - singles[text].values[0]) < 1e-4
-    too_many = mixed_service.post(
-        "/v1/models/dates-transformer/translate", json={"text": ["1 mai 2000"] * (MAX_TEXTS + 1)}
-    )
-    assert too_many.status_code == 413 and "limit of 64" in too_many.json()["error"]
-
-
-def test_an_answer_over_the_size_limit_is_refused_up_front(mixed_service: Service) -> None:
-    """64 texts with every layer's attention could reach ~1 MB of JSON on the tiny Transformer
-    (2 layers × 4 heads): refused before any work, naming the setting; without every layer it
-    fits and is answered."""
-    texts = ["3 juin 1980"] * MAX_TEXTS
-    url = "/v1/models/dates-transformer/translate"
-    body = {"text": texts, "return_attention": True, "attention_layers": "all"}
-    refused = mixed_service.post(url, json=body)
-    assert refused.status_code == 422, refused.text
-    assert "limits.max_response_bytes" in refused.json()["error"]
-    fits = mixed_service.post(url, json={**body, "attention_layers": "default"})
-    assert fits.status_code == 200 and len(fits.content) < MAX_RESPONSE
-
-
-def test_a_chunked_body_is_cut_at_the_limit(mixed_service: Service, request: pytest.FixtureRequest) -> None:
-    """No Content-Length: the service reads the stream up to its limit (the largest image,
-    base64, plus room: ~11 MB by default), answers 413 and closes, while the client still has
-    most of its 200 MB to send. Behind Ray's proxy only the 413 is ours: the proxy reads the
-    client's socket and goes on reading after the replica refused (117 MB once, under 100 MB
-    in three other runs), so how much it reads is Ray's, not the service's."""
-    host, port = mixed_service.url.removeprefix("http://").split(":")
-    chunk = b"x" * (1 << 20)
-    with socket.create_connection((host, int(port)), timeout=30) as sock:
-        sock.sendall(
-            b"POST /v1/models/dates-transformer/translate HTTP/1.1\r\nHost: test\r\n"
-            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
-        )
-        sent = 0
-        with contextlib.suppress(OSError):  # the server closing mid-stream is the point
-            while sent < 200 * len(chunk):
-                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
-                sent += len(chunk)
-        answer = b""
-        with contextlib.suppress(OSError):
-            while part := sock.recv(65536):
-                answer += part
-    head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 413"), answer[:500]
-    assert "body" in json.loads(body)["error"]
-    if request.node.callspec.params["mixed_service"] == "in-replica":  # our own server reads it
-        assert sent < 100 * len(chunk), f"the server read {sent >> 20} MB before refusing"
-
-
-def test_openapi_shows_the_limits_the_service_enforces(mixed_service: Service) -> None:
-    document = mixed_service.get("/openapi.json").json()
-    bodies = [
-        document["paths"]["/v1/models/{name}/translate"]["post"]["requestBody"]["content"][
-            "application/json"
-        ],
-        document["paths"]["/v1/models/{name}/classify"]["post"]["requestBody"]["content"]["application/json"],
-    ]
-    translate, classify = (b["schema"]["properties"] for b in bodies)
-    assert translate["beam_size"]["maximum"] == 8  # limits.max_beam_size, not the schema's 64
-    [array] = [v for v in translate["text"]["anyOf"] if v.get("type") == "array"]
-    assert array["maxItems"] == MAX_TEXTS and array["items"]["maxLength"] == 512
-    assert "at most 64 texts" in translate["text"]["description"]
-    assert classify["top_k"]["maximum"] == 100
-    too_wide = mixed_service.post(
-        "/v1/models/dates-transformer/translate", json={"text": "1 mai 2000", "beam_size": 9}
-    )
-    assert too_wide.status_code == 422 and "beam_size" in too_wide.json()["error"]
 
 
 def test_streams_in_every_frontend(mixed_service: Service) -> None:
@@ -432,3 +212,82 @@ def test_statistics_count_every_request_of_every_model(mixed_service: Service) -
     assert {(m["name"], m["state"]) for m in index} == {(m, "READY") for m in TRANSLATORS + IMAGES}
     typed_index = stub.RepositoryIndex(pb.RepositoryIndexRequest(ready=True), timeout=30)
     assert sorted(m.name for m in typed_index.models) == sorted(TRANSLATORS + IMAGES)
+
+
+@pytest.mark.parametrize("beam", [1, 3])
+def test_requests_larger_than_a_batch_come_back_whole_and_in_order(mixed_service: Service, beam: int) -> None:
+    for n in (MAX_BATCH + 1, MAX_TEXTS):
+        texts = [DATES[i % len(DATES)] for i in range(n)]
+        whole = rest(mixed_service, "dates-transformer", (texts, beam))
+        assert len(whole.texts) == n
+        singles = {t: rest(mixed_service, "dates-transformer", ([t], beam)) for t in DATES}
+        for i, text in enumerate(texts):
+            assert whole.texts[i] == singles[text].texts[0]
+            assert abs(whole.values[i] - singles[text].values[0]) < 1e-4
+    too_many = mixed_service.post(
+        "/v1/models/dates-transformer/translate", json={"text": ["1 mai 2000"] * (MAX_TEXTS + 1)}
+    )
+    assert too_many.status_code == 413 and "limit of 64" in too_many.json()["error"]
+
+
+def test_an_answer_over_the_size_limit_is_refused_up_front(mixed_service: Service) -> None:
+    """64 texts with every layer's attention could reach ~1 MB of JSON on the tiny Transformer
+    (2 layers × 4 heads): refused before any work, naming the setting; without every layer it
+    fits and is answered."""
+    texts = ["3 juin 1980"] * MAX_TEXTS
+    url = "/v1/models/dates-transformer/translate"
+    body = {"text": texts, "return_attention": True, "attention_layers": "all"}
+    refused = mixed_service.post(url, json=body)
+    assert refused.status_code == 422, refused.text
+    assert "limits.max_response_bytes" in refused.json()["error"]
+    fits = mixed_service.post(url, json={**body, "attention_layers": "default"})
+    assert fits.status_code == 200 and len(fits.content) < MAX_RESPONSE
+
+
+def test_a_chunked_body_is_cut_at_the_limit(mixed_service: Service, request: pytest.FixtureRequest) -> None:
+    """No Content-Length: the service reads the stream up to its limit (the largest image,
+    base64, plus room: ~11 MB by default), answers 413 and closes, while the client still has
+    most of its 200 MB to send. Behind Ray's proxy only the 413 is ours: the proxy reads the
+    client's socket and goes on reading after the replica refused (117 MB once, under 100 MB
+    in three other runs), so how much it reads is Ray's, not the service's."""
+    host, port = mixed_service.url.removeprefix("http://").split(":")
+    chunk = b"x" * (1 << 20)
+    with socket.create_connection((host, int(port)), timeout=30) as sock:
+        sock.sendall(
+            b"POST /v1/models/dates-transformer/translate HTTP/1.1\r\nHost: test\r\n"
+            b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
+        sent = 0
+        with contextlib.suppress(OSError):  # the server closing mid-stream is the point
+            while sent < 200 * len(chunk):
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+        answer = b""
+        with contextlib.suppress(OSError):
+            while part := sock.recv(65536):
+                answer += part
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), answer[:500]
+    assert "body" in json.loads(body)["error"]
+    if request.node.callspec.params["mixed_service"] == "in-replica":  # our own server reads it
+        assert sent < 100 * len(chunk), f"the server read {sent >> 20} MB before refusing"
+
+
+def test_openapi_shows_the_limits_the_service_enforces(mixed_service: Service) -> None:
+    document = mixed_service.get("/openapi.json").json()
+    bodies = [
+        document["paths"]["/v1/models/{name}/translate"]["post"]["requestBody"]["content"][
+            "application/json"
+        ],
+        document["paths"]["/v1/models/{name}/classify"]["post"]["requestBody"]["content"]["application/json"],
+    ]
+    translate, classify = (b["schema"]["properties"] for b in bodies)
+    assert translate["beam_size"]["maximum"] == 8  # limits.max_beam_size, not the schema's 64
+    [array] = [v for v in translate["text"]["anyOf"] if v.get("type") == "array"]
+    assert array["maxItems"] == MAX_TEXTS and array["items"]["maxLength"] == 512
+    assert "at most 64 texts" in translate["text"]["description"]
+    assert classify["top_k"]["maximum"] == 100
+    too_wide = mixed_service.post(
+        "/v1/models/dates-transformer/translate", json={"text": "1 mai 2000", "beam_size": 9}
+    )
+    assert too_wide.status_code == 422 and "beam_size" in too_wide.json()["error"]

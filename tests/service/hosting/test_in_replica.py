@@ -1,7 +1,9 @@
 """The default in-replica frontend under pressure: two replicas behind one port, overload shed
 with 503 + Retry-After (HTTP) and RESOURCE_EXHAUSTED (gRPC) and counted in the metrics, the
 serving ports bound to the configured host only, long-lived clients (a gRPC channel, a slow HTTP
-client) moved between the replicas by the connection age; the gRPC health service until a stop."""
+client) moved between the replicas by the connection age, a killed replica replaced, a replica
+added by autoscaling. A repository that changes while served is ``test_in_replica_repository``'s;
+the gRPC health service until a stop, ``test_in_replica_health``'s."""
 
 from __future__ import annotations
 
@@ -17,13 +19,11 @@ from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import grpc
 import psutil
 import pytest
 import requests
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from benchmarks.loadgen import Request, closed_loop
 from service.api.protos import attention_pb2 as apb
@@ -280,86 +280,6 @@ def test_a_killed_replica_is_replaced_and_at_most_a_thousandth_of_requests_fail(
         time.sleep(2)
 
 
-@pytest.fixture(scope="module", params=["in-replica", "ray-proxy"])
-def swappable(
-    request: pytest.FixtureRequest, tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[Service, Path]]:
-    """The tiny repository with a writable copy of dates-bahdanau, polled every second, in the
-    default frontend and behind Ray's proxy (a deployment per model)."""
-    root = tmp_path_factory.mktemp("swappable")
-    repository = root / "repository"
-    repository.mkdir()
-    for model in tiny_repository.iterdir():
-        if model.name == "dates-bahdanau":
-            shutil.copytree(model, repository / model.name)
-        else:
-            (repository / model.name).symlink_to(model, target_is_directory=True)
-    with running_service(repository, root, ATTN_REPOSITORY_POLL_S="1", ATTN_FRONTEND=request.param) as svc:
-        yield svc, repository
-
-
-def publish_version_2(model: Path) -> None:
-    """What export does: stage the new version beside the others, then rename it into place."""
-    staging = model / ".staging-2"
-    shutil.copytree(model / "1", staging)
-    manifest = json.loads((staging / "manifest.json").read_text())
-    (staging / "manifest.json").write_text(json.dumps({**manifest, "version": 2}))
-    staging.rename(model / "2")
-
-
-def test_a_new_version_is_swapped_in_under_load_without_a_failed_request(
-    swappable: tuple[Service, Path],
-) -> None:
-    svc, repository = swappable
-    host, port = svc.url.removeprefix("http://").split(":")
-    work = [Request.json("/v1/models/dates-bahdanau/translate", {"text": "3 juin 1980"})]
-    timer = threading.Timer(3, publish_version_2, (repository / "dates-bahdanau",))
-    timer.start()
-    result = asyncio.run(closed_loop(host, int(port), work, 4, 12, keep_every=1))
-    timer.join()
-    assert result.errors == 0 and result.ok > 100, (result.statuses, result.errors)
-    versions = [json.loads(body)["version"] for body in result.bodies]
-    assert versions[0] == 1 and versions[-1] == 2, "the swap did not happen within the load"
-    assert {json.loads(body)["translations"][0]["text"] for body in result.bodies} == {"1980-06-03"}
-    models = requests.get(f"{svc.url}/v1/models", timeout=30).json()["models"]
-    assert [m["version"] for m in models if m["name"] == "dates-bahdanau"] == [2]
-
-
-def test_a_model_published_after_the_start_is_served_at_the_poll(
-    swappable: tuple[Service, Path], request: pytest.FixtureRequest
-) -> None:
-    """In-replica serving the whole repository: a new model directory, written as export writes
-    it, answers within a few polls, and every protocol's listing has it. Behind Ray's proxy (a
-    deployment per model) a new name needs a redeploy: the served set stays as it was."""
-    svc, repository = swappable
-    model = repository / "dates-new"
-    model.mkdir()
-    publish = model / ".staging-1"
-    shutil.copytree(repository / "dates-bahdanau" / "1", publish)
-    manifest = json.loads((publish / "manifest.json").read_text())
-    (publish / "manifest.json").write_text(json.dumps({**manifest, "name": "dates-new", "version": 1}))
-    publish.rename(model / "1")
-    url = f"{svc.url}/v1/models/dates-new/translate"
-    in_replica = request.node.callspec.params["swappable"] == "in-replica"
-    deadline = time.monotonic() + (20 if in_replica else 5)  # polled every second
-    while (answer := requests.post(url, json={"text": "3 juin 1980"}, timeout=30)).status_code == 404:
-        if time.monotonic() > deadline:
-            break
-        time.sleep(0.5)
-    if not in_replica:
-        assert answer.status_code == 404 and "dates-new" in answer.json()["error"]
-        return
-    assert answer.status_code == 200, answer.text
-    assert answer.json()["translations"][0]["text"] == "1980-06-03" and answer.json()["model"] == "dates-new"
-    listed = [m["name"] for m in requests.get(f"{svc.url}/v1/models", timeout=30).json()["models"]]
-    index = requests.post(f"{svc.url}/v2/repository/index", timeout=30).json()
-    assert (
-        "dates-new" in listed
-        and {"name": "dates-new", "version": "1", "state": "READY", "reason": ""} in index
-    )
-    assert requests.get(f"{svc.url}/v2/models/dates-new", timeout=30).json()["versions"] == ["1"]
-
-
 def test_serving_replicas_autoscale_on_the_requests_they_hold(tiny_repository: Path, tmp_path: Path) -> None:
     """In-replica autoscaling: Ray routes no request here, so each replica reports what it holds
     (Ray's custom autoscaling metrics) and the policy adds a replica under load; the new one
@@ -381,36 +301,3 @@ def test_serving_replicas_autoscale_on_the_requests_they_hold(tiny_repository: P
                 future.result()
         assert len(replicas) == 2, f"no second replica answered within 90 s: {replicas}"
         assert "Upscaling" in svc.log.read_text(errors="replace")
-
-
-def test_grpc_health_serves_while_the_replica_does_and_tells_watchers_it_stops(
-    tiny_repository: Path, tmp_path: Path
-) -> None:
-    """grpc.health.v1 on the service's gRPC port: SERVING for the server and both services while
-    it serves; a Watch open across connection ages (1 s) hears NOT_SERVING when the service is
-    stopped (SIGINT), before the drain ends its stream."""
-    serving, not_serving = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
-    heard: list[Any] = []
-    with running_service(tiny_repository, tmp_path, ATTN_CONNECTION_MAX_AGE_S="1") as svc:
-        stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(svc.grpc_target))
-        for name in ("", "inference.GRPCInferenceService", "attention.v1.AttentionService"):
-            assert stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=30).status == serving
-        with pytest.raises(grpc.RpcError) as unknown:
-            stub.Check(
-                health_pb2.HealthCheckRequest(service="grpc.reflection.v1.ServerReflection"), timeout=30
-            )
-        assert unknown.value.code() == grpc.StatusCode.NOT_FOUND
-        watch = stub.Watch(health_pb2.HealthCheckRequest())
-
-        def follow() -> None:
-            try:
-                heard.extend(reply.status for reply in watch)
-            except grpc.RpcError as exc:  # the drain ends the stream
-                heard.append(exc.code())
-
-        follower = threading.Thread(target=follow)
-        follower.start()
-        time.sleep(3)  # a few connection ages: the stream stays
-        assert heard == [serving]
-    follower.join(30)
-    assert heard[:2] == [serving, not_serving], heard

@@ -2,7 +2,7 @@
 ``test_decode_process_messages``; ``test_model_set`` borrows ``broken``).
 
 Each factory returns ``(decoder, providers)`` as the service's factory returns the model's
-Translator: the deterministic stand-in decoder of ``test_scheduler``, slowed, failing or hung to
+Translator: the deterministic stand-in decoder of ``table_decoder``, slowed, failing or hung to
 order. ``DecodeProcess`` pickles a factory by reference and the child imports it by name, so the
 factories are module-level functions of an importable module — not of a test module, which two
 test modules would then import from each other.
@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from service.inference.decode_process import DecodeProcess
-from tests.service.inference.test_scheduler import TableDecoder
+from tests.service.inference.table_decoder import TableDecoder
 
 
 def table(seconds: float = 0.0, fail_on: int | None = None) -> tuple[TableDecoder, list[str]]:

@@ -4,7 +4,7 @@ dies and is started again (on its files although their directory was removed), a
 health check makes of a silent or hung child, of restarts that keep failing and of one that is
 only slow.
 
-The child runs the deterministic stand-in decoder of ``test_scheduler`` (built by a module-level
+The child runs the deterministic stand-in decoder of ``table_decoder`` (built by a module-level
 factory of ``decode_stand_ins``, as the service builds the model's Translator), so every answer
 after a restart can be compared with the same text decoded alone in this process. Real
 processes, real sockets; ``HUNG_S`` and ``DOWN_S`` lowered where a test waits on them.
@@ -36,7 +36,7 @@ from tests.service.inference.decode_stand_ins import (
     table,
     until,
 )
-from tests.service.inference.test_scheduler import TableDecoder, alone, options, synchronous
+from tests.service.inference.table_decoder import TableDecoder, alone, options, synchronous
 
 
 @synchronous

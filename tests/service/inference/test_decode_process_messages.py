@@ -4,7 +4,7 @@ tokens and the stream interval, a caller that leaves, a failing step, and reques
 the socket's buffer — handed to a writer thread, lost with a child that dies, refused while too
 many bytes wait for the child.
 
-The child runs the deterministic stand-in decoder of ``test_scheduler`` (built by a module-level
+The child runs the deterministic stand-in decoder of ``table_decoder`` (built by a module-level
 factory of ``decode_stand_ins``, as the service builds the model's Translator), so every answer
 can be compared with the same text decoded alone in this process. Real processes, real sockets.
 """
@@ -32,7 +32,7 @@ from tests.service.inference.decode_stand_ins import (
     table,
     until,
 )
-from tests.service.inference.test_scheduler import (
+from tests.service.inference.table_decoder import (
     BOS,
     EOS,
     TableDecoder,

@@ -1,6 +1,6 @@
 """The rows a translation model decodes together, stepped by hand (no scheduler, no thread): the
 budget they hold, retired rows kept until they are a quarter of the batch, callers that leave.
-The decoder is test_scheduler's stand-in, whose steps check that each row's cache holds exactly
+The decoder is table_decoder's stand-in, whose steps check that each row's cache holds exactly
 its own past; that every text decodes as it would alone is test_scheduler's."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 from service.inference.callers import Request
 from service.inference.decoding import Options
 from service.inference.running_batch import RETIRED_SHARE, RunningBatch, Text
-from tests.service.inference.test_scheduler import BOS, EOS, TableDecoder
+from tests.service.inference.table_decoder import BOS, EOS, TableDecoder
 
 
 def request(texts: int) -> Request:
