@@ -273,7 +273,7 @@ class Settings(BaseSettings):
             if key.upper().startswith(prefix) and key[len(prefix) :].split("__")[0].lower() not in fields
         )
         if unknown:
-            raise ValueError(f"unknown settings in the environment (a typo?): {', '.join(unknown).lower()}")
+            raise ValueError(f"unknown settings in the environment (a typo?): {', '.join(unknown)}")
         return self
 
     def _direct_port_clash(self) -> str | None:

@@ -32,7 +32,10 @@ def test_defaults_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ({"ATTN_METRICS_PORT": "8000"}, "must differ"),
         ({"ATTN_REPOSITORY": "/no/such/dir"}, "repository"),
         ({"ATTN_LATENCY_BUCKETS_S": "[1, 0.5]"}, "ascending"),
-        ({"ATTN_NO_SUCH_SETTING": "1"}, "no_such_setting"),
+        (
+            {"ATTN_NO_SUCH_SETTING": "1"},
+            r"\(a typo\?\): ATTN_NO_SUCH_SETTING ",
+        ),  # as the environment spells it
         ({"ATTN_LIMITS__MAX_BEAMSIZE": "3"}, "max_beamsize"),  # nested names are checked too
         ({"ATTN_BATCHING__MAX_BATCHSIZE": "3"}, "max_batchsize"),
         ({"ATTN_MODEL_OVERRIDES": '{"m": {"max_batchsize": 64}}'}, "max_batchsize"),
@@ -182,6 +185,7 @@ def test_placing_one_model_needs_a_deployment_per_model(tmp_path: Path) -> None:
             {"ATTN_BATCHING__MAX_BATCH_SIZE": "abc"},
             "ATTN_BATCHING__MAX_BATCH_SIZE: Input should be a valid integer",
         ),
+        ({"ATTN_BOGUS_SETTING": "1"}, "(a typo?): ATTN_BOGUS_SETTING"),
     ],
 )
 def test_a_refused_start_names_the_setting_and_never_prints_the_token(
