@@ -89,7 +89,8 @@ class DecodeProcess(Submitting):
     this object was made: they are held open here (:class:`PinnedFiles`), so a child started
     again after a crash loads the same files although the version's directory was removed or
     renamed meanwhile (a newer version serving, the old one deleted) — not a file overwritten in
-    place. Without, it is called with no argument."""
+    place. That directory is there only until the factory returns: it opens what it needs then.
+    Without, it is called with no argument."""
 
     def __init__(
         self,
@@ -149,28 +150,22 @@ class DecodeProcess(Submitting):
         boot = f"import sys; sys.path[:0] = {sys.path!r}; {run}"
         pinned = self.pinned if self.pinned is not None else PinnedFiles(None)
         try:
-            process = pinned.popen([sys.executable, "-c", boot], theirs.fileno())
-        except BaseException:  # the files were let go (closed meanwhile), or no process started
-            ours.close()
-            raise
-        finally:
+            with pinned.view() as view:  # the files, for as long as the child takes to open them
+                try:
+                    process = pinned.popen([sys.executable, "-c", boot], theirs.fileno())
+                finally:
+                    theirs.close()
+                conn = Connection(os.dup(ours.fileno()))
+                try:
+                    providers = self._handshake(conn, process, view)
+                except BaseException:
+                    conn.close()
+                    process.kill()
+                    process.wait()
+                    raise
+        except BaseException:  # the files were let go (closed meanwhile), or no child started
             theirs.close()
-        conn = Connection(os.dup(ours.fileno()))
-        try:
-            conn.send(("init", self.factory, self.token_budget, pinned.view))
-            if not conn.poll(START_TIMEOUT_S):
-                raise RuntimeError(f"the decode process did not start within {START_TIMEOUT_S:.0f} s")
-            try:
-                message = conn.recv()
-            except EOFError:  # it died before a word (killed, out of memory, a crash in a library)
-                message = ("failed", "exit", f"it exited with code {process.wait()}")
-            if message[0] != "ready":
-                raise RuntimeError(f"the decode process failed to start: {message[1]}: {message[2]}")
-        except BaseException:
-            conn.close()
             ours.close()
-            process.kill()
-            process.wait()
             raise
         sender = Sender(ours)
         with self._lock:
@@ -191,6 +186,19 @@ class DecodeProcess(Submitting):
             daemon=True,
         )
         reader.start()
+        return providers
+
+    def _handshake(self, conn: Connection, process: subprocess.Popen[bytes], view: str | None) -> list[str]:
+        """Hand the new child the model (its files through ``view``); the providers it runs on."""
+        conn.send(("init", self.factory, self.token_budget, view))
+        if not conn.poll(START_TIMEOUT_S):
+            raise RuntimeError(f"the decode process did not start within {START_TIMEOUT_S:.0f} s")
+        try:
+            message = conn.recv()
+        except EOFError:  # it died before a word (killed, out of memory, a crash in a library)
+            message = ("failed", "exit", f"it exited with code {process.wait()}")
+        if message[0] != "ready":
+            raise RuntimeError(f"the decode process failed to start: {message[1]}: {message[2]}")
         return list(message[1])
 
     @property

@@ -10,20 +10,18 @@ import shutil
 import subprocess
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 
 class PinnedFiles:
     """The regular files of a directory, each held open (read-only; inherited only by the decode
     processes they are passed to): their contents outlive their names, whatever is done to the
-    directory. ``view``: a private directory of links named as the files, each to
-    ``/proc/self/fd/<its descriptor>`` — in a process that has the descriptors (a decode
-    process), the file itself. Linux's ``/proc``; built once here and removed by :meth:`close`,
-    so a child killed while it loads leaves nothing behind. ``PinnedFiles(None)``: no files."""
+    directory. A child sees them through :meth:`view`. ``PinnedFiles(None)``: no files."""
 
     def __init__(self, directory: Path | None) -> None:
         self.fds: dict[str, int] = {}
-        self.view: str | None = None
+        self.has_files = directory is not None
         self.closed = False
         self.lock = threading.Lock()
         if directory is None:
@@ -32,12 +30,31 @@ class PinnedFiles:
             for path in sorted(directory.iterdir()):
                 if path.is_file():
                     self.fds[path.name] = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            self.view = tempfile.mkdtemp(prefix="attention-decode-")
-            for name, fd in self.fds.items():
-                os.symlink(f"/proc/self/fd/{fd}", os.path.join(self.view, name))
         except BaseException:
             self.close()
             raise
+
+    @contextlib.contextmanager
+    def view(self) -> Iterator[str | None]:
+        """A private directory of links named as the files, each to ``/proc/self/fd/<its
+        descriptor>`` — in a process that has the descriptors (one :meth:`popen` started), the
+        file itself (Linux's ``/proc``). Removed on leaving: a child needs it only while it opens
+        the files, and a process that is killed runs no clean-up (Ray ends a stopped replica so),
+        so none outlives a child's start. None without files."""
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("the model's files were let go: nothing may start on them")
+            fds = dict(self.fds)
+        if not self.has_files:
+            yield None
+            return
+        view = tempfile.mkdtemp(prefix="attention-decode-")
+        try:
+            for name, fd in fds.items():
+                os.symlink(f"/proc/self/fd/{fd}", os.path.join(view, name))
+            yield view
+        finally:
+            shutil.rmtree(view, ignore_errors=True)
 
     def popen(self, command: list[str], *fds: int) -> subprocess.Popen[bytes]:
         """``command`` started with these files' descriptors and ``fds`` passed to it, none of
@@ -49,9 +66,7 @@ class PinnedFiles:
 
     def close(self) -> None:
         with self.lock:
-            fds, view, self.fds, self.view, self.closed = self.fds, self.view, {}, None, True
+            fds, self.fds, self.closed = self.fds, {}, True
         for fd in fds.values():
             with contextlib.suppress(OSError):
                 os.close(fd)
-        if view is not None:
-            shutil.rmtree(view, ignore_errors=True)

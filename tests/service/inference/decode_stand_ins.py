@@ -40,9 +40,10 @@ def slow_failing() -> tuple[TableDecoder, list[str]]:
 
 def from_files(directory: Path) -> tuple[TableDecoder, list[str]]:
     """(In the child.) The stand-in decoder as ``directory/decoder.json`` configures it: a
-    translation model's child loads its graphs and tokenizers from the version's directory so."""
+    translation model's child loads its graphs and tokenizers from the version's directory so.
+    Its "providers" name the directory it was given."""
     seconds = json.loads((directory / "decoder.json").read_text())["seconds"]
-    return TableDecoder(seconds=seconds), ["TableDecoder", str(seconds)]
+    return TableDecoder(seconds=seconds), ["TableDecoder", str(seconds), str(directory)]
 
 
 def broken(*_: object) -> tuple[TableDecoder, list[str]]:  # with or without a directory

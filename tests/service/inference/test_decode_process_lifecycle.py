@@ -96,9 +96,9 @@ async def test_a_child_started_again_loads_its_files_although_their_directory_wa
     version.mkdir()
     (version / "decoder.json").write_text('{"seconds": 0.01}')
     process = DecodeProcess(from_files, token_budget=10_000, files=version)
-    assert process.providers == ["TableDecoder", "0.01"]
-    assert process.pinned is not None and process.pinned.view is not None
-    view = Path(process.pinned.view)  # the children's links, one directory for every child
+    assert process.providers[:2] == ["TableDecoder", "0.01"]
+    # the links it loaded through went once it was ready: a replica killed leaves none behind
+    assert not Path(process.providers[2]).exists()
     shutil.rmtree(version)
     first = kill(process)
     await until(lambda: process.pid != first and process.running)
@@ -107,8 +107,7 @@ async def test_a_child_started_again_loads_its_files_although_their_directory_wa
     assert answer.hypotheses[0].tokens == alone(TableDecoder(), [5, 6], options()).tokens
     process.close()
     await until(lambda: not process.running)
-    # let go with the last child (``closed`` is set first, the links removed after it)
-    await until(lambda: process.pinned is not None and process.pinned.closed and not view.exists())
+    await until(lambda: process.pinned is not None and process.pinned.closed)  # with the last child
 
 
 @synchronous

@@ -1,6 +1,7 @@
 """A version's files held open (``service/inference/pinned_files.py``): a process started on them
-later reads what they held when they were pinned, whatever became of their directory; closing
-lets the descriptors and the links go. Real files, a real child process."""
+later reads what they held when they were pinned, whatever became of their directory, through
+links that are there only while it starts; closing lets the descriptors go. Real files, a real
+child process."""
 
 from __future__ import annotations
 
@@ -30,27 +31,49 @@ def test_a_process_started_later_reads_the_files_after_their_directory_was_remov
     out = tmp_path / "seen"
     pinned = PinnedFiles(version)
     try:
-        assert sorted(pinned.fds) == ["model.onnx", "tokenizer.json"] and pinned.view is not None
+        assert sorted(pinned.fds) == ["model.onnx", "tokenizer.json"]
         shutil.rmtree(version)
-        assert pinned.popen([sys.executable, "-c", READ, pinned.view, str(out)]).wait(60) == 0
-        assert out.read_text() == repr([("model.onnx", "graph"), ("tokenizer.json", "vocabulary")])
-        # a process not given the descriptors finds nothing behind the links
-        alone = subprocess.run([sys.executable, "-c", READ, pinned.view, str(out)], capture_output=True)
-        assert alone.returncode != 0 and b"No such file" in alone.stderr
+        with pinned.view() as view:
+            assert view is not None
+            assert pinned.popen([sys.executable, "-c", READ, view, str(out)]).wait(60) == 0
+            assert out.read_text() == repr([("model.onnx", "graph"), ("tokenizer.json", "vocabulary")])
+            # a process not given the descriptors finds nothing behind the links
+            alone = subprocess.run([sys.executable, "-c", READ, view, str(out)], capture_output=True)
+            assert alone.returncode != 0 and b"No such file" in alone.stderr
+        assert not os.path.exists(view)  # only while a child opens the files
     finally:
         pinned.close()
 
 
-def test_closing_lets_the_descriptors_and_the_links_go(tmp_path: Path) -> None:
+def test_a_view_goes_when_its_child_has_started_or_failed_to(tmp_path: Path) -> None:
+    """A replica that Ray stops is killed, and runs no clean-up: no view may outlive a start."""
     (tmp_path / "model.onnx").write_text("graph")
     pinned = PinnedFiles(tmp_path)
-    fds, view = list(pinned.fds.values()), pinned.view
-    assert view is not None and os.path.islink(os.path.join(view, "model.onnx"))
+    try:
+        with pytest.raises(ZeroDivisionError), pinned.view() as view:
+            assert view is not None and os.path.islink(os.path.join(view, "model.onnx"))
+            raise ZeroDivisionError  # the child failed to load
+        assert not os.path.exists(view)
+        with pinned.view() as again:  # a restart gets a view of its own
+            assert again is not None and os.listdir(again) == ["model.onnx"]
+        assert not os.path.exists(again)
+    finally:
+        pinned.close()
+    with PinnedFiles(None).view() as none:
+        assert none is None
+
+
+def test_closing_lets_the_descriptors_go(tmp_path: Path) -> None:
+    (tmp_path / "model.onnx").write_text("graph")
+    pinned = PinnedFiles(tmp_path)
+    fds = list(pinned.fds.values())
     pinned.close()
     pinned.close()  # twice: nothing more
-    assert pinned.closed and not pinned.fds and not os.path.exists(view)
+    assert pinned.closed and not pinned.fds
     for fd in fds:
         with pytest.raises(OSError):
             os.fstat(fd)
     with pytest.raises(RuntimeError, match="let go"):
         pinned.popen([sys.executable, "-c", "pass"])
+    with pytest.raises(RuntimeError, match="let go"), pinned.view():
+        pass
