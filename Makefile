@@ -17,7 +17,7 @@ TRITON_VENV ?= .venv-triton
 # drive the service from this separate environment, in a separate process
 TRITONCLIENT := tritonclient[http,grpc]==2.73.0
 
-.PHONY: help venv dataset system-deps nvidia-driver models models-all models-real serve serve-gpu eval bench bench-serving bench-decoding bench-ctranslate2 bench-streaming bench-peers bench-faults bench-idle test test-fast lint typecheck protos clean
+.PHONY: help venv dataset system-deps nvidia-driver models models-all models-real serve serve-gpu eval bench bench-serving bench-decoding bench-ctranslate2 bench-streaming bench-peers bench-faults bench-idle bench-soak test test-fast lint typecheck protos clean
 
 help:
 	@echo "make serve      build the demo models if missing, then run the service on 127.0.0.1:8000"
@@ -27,12 +27,13 @@ help:
 	@echo "make models-all also build the Luong-scorer comparison models"
 	@echo "make models-real  build the French→English Bible translation models (~30 min on 2 cores)"
 	@echo "make eval       attention faithfulness of every model → manifests + reports/faithfulness/"
-	@echo "make bench      every benchmark report into benchmarks/results/ (serving, decoding, CTranslate2, streaming, peers, idle, faults)"
+	@echo "make bench      every benchmark report into benchmarks/results/ (serving, decoding, CTranslate2, streaming, peers, idle, faults, soak)"
 	@echo "make bench-serving   the serving configurations under load only"
 	@echo "make bench-decoding  KV cache vs whole prefix, the scheduler vs static batches"
 	@echo "make bench-faults  a replica killed under load, 4x and 10x overload, sustained heavy overload, report into benchmarks/results/"
 	@echo "make bench-peers  the image path against TorchServe, Triton (PyTriton) and plain FastAPI (own venvs under build/)"
 	@echo "make bench-idle   an idle service's CPU by process (Ray's control loop at 0.1 s against the service's 0.5 s)"
+	@echo "make bench-soak   15 min of every kind of traffic and new versions: memory, descriptors, threads by process"
 	@echo "make bench-ctranslate2  CTranslate2 as a peer on an opus-mt-en-de-shaped Marian model (own venv under build/)"
 
 $(STAMP): pyproject.toml
@@ -117,7 +118,7 @@ nvidia-driver:
 # then the translation decoder's own reports (bench-decoding, bench-ctranslate2)
 bench: models
 	$(PY) -m benchmarks.run --repository $(REPO)
-	$(MAKE) bench-decoding bench-ctranslate2 bench-streaming bench-peers bench-idle bench-faults
+	$(MAKE) bench-decoding bench-ctranslate2 bench-streaming bench-peers bench-idle bench-faults bench-soak
 
 # benchmarks/results/<date>.{json,md,png} alone
 bench-serving: models
@@ -148,6 +149,10 @@ bench-idle: models
 # benchmarks/results/<date>-faults.{json,md}: a replica killed under load, 4x and 10x overload
 bench-faults: models
 	$(PY) -m benchmarks.faults --repository $(REPO)
+
+# benchmarks/results/<date>-soak.{json,md,png}: 15 min of mixed traffic and new versions, by process
+bench-soak: models
+	$(PY) -m benchmarks.soak --repository $(REPO)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check export service tests benchmarks

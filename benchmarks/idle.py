@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import datetime as dt
-import json
 import os
 import statistics
 import sys
@@ -167,11 +166,9 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     outputs.stop_on_sigterm()
-    args.out.mkdir(parents=True, exist_ok=True)
+    args.out.mkdir(parents=True, exist_ok=True)  # the servers' logs go there
     r = run(args)
-    stem = args.out / outputs.free_stem(args.out, f"{r['date']}-idle")
-    stem.with_suffix(".json").write_text(json.dumps(r, indent=2) + "\n")
-    print(write_report(r, stem.with_suffix(".md")).read_text())
+    print(outputs.save(args.out, f"{r['date']}-idle", r, write_report).read_text())
     return 0
 
 

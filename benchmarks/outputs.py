@@ -1,13 +1,18 @@
 """What every benchmark's ``main`` shares: the name its report takes — never one already in the
-results folder, whose committed reports the README links — and a SIGTERM that stops what it
-started, as Ctrl-C does."""
+results folder, whose committed reports the README links — the report's files written under it,
+and a SIGTERM that stops what it started, as Ctrl-C does."""
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
+
+#: writes a report's Markdown (or plot) from its results to the path given, and returns the path
+Writer = Callable[[dict[str, Any], Path], Path]
 
 
 def free_stem(out: Path, name: str, plots: Iterable[str] = ()) -> str:
@@ -19,6 +24,17 @@ def free_stem(out: Path, name: str, plots: Iterable[str] = ()) -> str:
         n += 1
         stem = f"{name}-{n}"
     return stem
+
+
+def save(out: Path, name: str, results: dict[str, Any], report: Writer, plot: Writer | None = None) -> Path:
+    """``results`` as ``<stem>.json``, its plot as ``<stem>.png`` and its report as ``<stem>.md``
+    in ``out`` (created if need be), ``stem`` the first free one for ``name``; the report's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = out / free_stem(out, name)
+    stem.with_suffix(".json").write_text(json.dumps(results, indent=2) + "\n")
+    if plot is not None:
+        plot(results, stem.with_suffix(".png"))
+    return report(results, stem.with_suffix(".md"))
 
 
 def stop_on_sigterm() -> None:

@@ -104,7 +104,7 @@ class Server:
     def __init__(
         self, name: str, cmd: list[str], env: dict[str, str], port: int, log: Path, cwd: Path | None = None
     ) -> None:
-        self.name, self.port = name, port
+        self.name, self.port, self.env = name, port, env
         start = time.perf_counter()
         self.proc = subprocess.Popen(
             cmd, env={**os.environ, **env}, stdout=log.open("wb"), stderr=subprocess.STDOUT, cwd=cwd
