@@ -164,12 +164,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    outputs.stop_on_sigterm()
-    args.out.mkdir(parents=True, exist_ok=True)  # the servers' logs go there
-    r = run(args)
-    print(outputs.save(args.out, f"{r['date']}-idle", r, write_report).read_text())
-    return 0
+    return outputs.main(argv, parser(), run, "idle", write_report)
 
 
 if __name__ == "__main__":

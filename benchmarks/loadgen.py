@@ -30,6 +30,16 @@ class Request:
     def json(cls, path: str, payload: dict[str, Any]) -> Request:
         return cls(path, json.dumps(payload).encode())
 
+    def encode(self, host: str) -> bytes:
+        """The request as it goes on the wire: an HTTP/1.1 POST to ``host``."""
+        head = (
+            f"POST {self.path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {self.content_type}\r\n"
+            f"Content-Length: {len(self.body)}\r\n"
+            + "".join(f"{k}: {v}\r\n" for k, v in self.headers)
+            + "\r\n"
+        ).encode()
+        return head + self.body
+
 
 @dataclass
 class Result:
@@ -68,13 +78,7 @@ class Connection:
         return cls(reader, writer, host)
 
     async def send(self, request: Request) -> tuple[int, bytes]:
-        head = (
-            f"POST {request.path} HTTP/1.1\r\nHost: {self.host}\r\nContent-Type: {request.content_type}\r\n"
-            f"Content-Length: {len(request.body)}\r\n"
-            + "".join(f"{k}: {v}\r\n" for k, v in request.headers)
-            + "\r\n"
-        ).encode()
-        self.writer.write(head + request.body)
+        self.writer.write(request.encode(self.host))
         status_line = await self.reader.readline()
         if not status_line:
             raise ConnectionError("connection closed")

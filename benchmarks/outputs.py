@@ -4,6 +4,7 @@ and a SIGTERM that stops what it started, as Ctrl-C does."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import signal
 import sys
@@ -35,6 +36,25 @@ def save(out: Path, name: str, results: dict[str, Any], report: Writer, plot: Wr
     if plot is not None:
         plot(results, stem.with_suffix(".png"))
     return report(results, stem.with_suffix(".md"))
+
+
+def main(
+    argv: list[str] | None,
+    parser: argparse.ArgumentParser,
+    run: Callable[[argparse.Namespace], dict[str, Any]],
+    kind: str,
+    report: Writer,
+    plot: Writer | None = None,
+) -> int:
+    """A benchmark whose options have ``--out``: ``run`` (its servers' logs go to ``--out``, and a
+    SIGTERM stops them), then its results saved there as ``<date>-<kind>`` (:func:`save`, the
+    date ``run`` gives) and the report printed."""
+    args = parser.parse_args(argv)
+    stop_on_sigterm()
+    args.out.mkdir(parents=True, exist_ok=True)
+    r = run(args)
+    print(save(args.out, f"{r['date']}-{kind}", r, report, plot).read_text())
+    return 0
 
 
 def stop_on_sigterm() -> None:

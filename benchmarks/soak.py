@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import dataclasses
 import datetime as dt
 import json
@@ -64,8 +65,6 @@ VISION = "fashion-vit"
 
 def answered() -> list[Request]:
     """What must be answered 200: every model, with and without attention, arrays and PNGs."""
-    import base64
-
     image = base64.b64encode(SAMPLE.read_bytes()).decode()
     out = []
     for model in TRANSLATORS:
@@ -94,12 +93,6 @@ def refused() -> list[Request]:
     ]
 
 
-def _post(path: str, payload: dict[str, Any]) -> bytes:
-    body = json.dumps(payload).encode()
-    head = f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-    return f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
-
-
 async def refuse(port: int, deadline: float, pause_s: float = 0.02) -> Counter[int]:
     """The refusals, one after another on a keep-alive connection, ``pause_s`` apart (so they
     are a share of the traffic, not most of it): their statuses."""
@@ -122,19 +115,19 @@ async def refuse(port: int, deadline: float, pause_s: float = 0.02) -> Counter[i
 
 async def abandon(port: int, deadline: float) -> int:
     """A request hung up on before its answer, then a stream after its first bytes; how many."""
-    heavy = _post(f"/v1/models/{TRANSLATORS[0]}/translate", {"text": list(TEXTS), "beam_size": 4})
-    stream = _post(f"/v1/models/{TRANSLATORS[1]}/translate", {"text": TEXTS[1], "stream": True})
+    heavy = Request.json(f"/v1/models/{TRANSLATORS[0]}/translate", {"text": list(TEXTS), "beam_size": 4})
+    stream = Request.json(f"/v1/models/{TRANSLATORS[1]}/translate", {"text": TEXTS[1], "stream": True})
     n = 0
     while time.perf_counter() < deadline:
         for request, read in ((heavy, 0), (stream, 64)):
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(request)
-            await writer.drain()
+            conn = await Connection.open("127.0.0.1", port)
+            conn.writer.write(request.encode(conn.host))
+            await conn.writer.drain()
             if read:
-                await reader.read(read)
+                await conn.reader.read(read)
             else:
                 await asyncio.sleep(0.02)
-            writer.close()
+            conn.close()
             n += 1
         await asyncio.sleep(0.05)
     return n
@@ -297,7 +290,7 @@ def parser() -> argparse.ArgumentParser:
     options.add_argument(
         "--warmup", type=float, default=60.0, help="seconds of load before the first reading"
     )
-    options.add_argument("--cooldown", type=float, default=20.0, help="quiet seconds before the last reading")
+    options.add_argument("--cooldown", type=float, default=20.0, help="quiet seconds before each reading")
     options.add_argument("--clients", type=int, default=16, help="REST clients that must be answered")
     options.add_argument("--swap-every", type=float, default=20.0, help="seconds between new versions")
     options.add_argument("--sample-every", type=float, default=10.0)
@@ -306,12 +299,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    outputs.stop_on_sigterm()
-    args.out.mkdir(parents=True, exist_ok=True)  # the servers' logs go there
-    r = run(args)
-    print(outputs.save(args.out, f"{r['date']}-soak", r, write_report, plot).read_text())
-    return 0
+    return outputs.main(argv, parser(), run, "soak", write_report, plot)
 
 
 if __name__ == "__main__":
