@@ -39,8 +39,8 @@ class PinnedFiles:
         """A private directory of links named as the files, each to ``/proc/self/fd/<its
         descriptor>`` — in a process that has the descriptors (one :meth:`popen` started), the
         file itself (Linux's ``/proc``). Removed on leaving: a child needs it only while it opens
-        the files, and a process that is killed runs no clean-up (Ray ends a stopped replica so),
-        so none outlives a child's start. None without files."""
+        the files, and a process that is killed runs no clean-up (Ray ends a stopped replica so):
+        only one killed while a child starts leaves its view behind. None without files."""
         with self.lock:
             if self.closed:
                 raise RuntimeError("the model's files were let go: nothing may start on them")
