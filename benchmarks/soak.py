@@ -16,7 +16,9 @@ a copy of the demo repository that it polls every second. The load, every stream
 * **new versions** — every ``--swap-every`` seconds a new version of each translation model is
   published (copied under a temporary name, renamed into place) and, half a period later, the
   version before it deleted, as a deployment pipeline does: the replica swaps to it at its poll
-  and lets the old one go (its decode process ends, its files are closed).
+  and lets the old one go (its decode process ends, its files are closed). Each swap is timed:
+  from the rename until both translators answer with the new version, and until the replica is
+  down to one decode process per translator (polled every 100 ms).
 
 First ``--warmup`` seconds of that load (everything loaded lazily is loaded, the allocators have
 their working sets), ``--cooldown`` seconds of quiet and a reading of every process of the
@@ -25,8 +27,9 @@ title, the replica's decode processes together). Then ``--duration`` seconds of 
 every ``--sample-every`` seconds, the same quiet and a last reading. Reported per process: RSS
 idle before and after the load and its slope under load over the run's second half (MiB an
 hour, least squares); descriptors and threads before, at their peak and after; the answers by
-stream; the readings over time as a plot. The verdict names any answer that was not as it must
-be, and any serving process with more descriptors or processes after the load than before it.
+stream; the swaps' times; the readings over time as a plot. The verdict names any answer that was
+not as it must be, any swap not done within half a period, and any serving process with more
+descriptors or processes after the load than before it.
 
 Writes ``benchmarks/results/<date>-soak.{json,md,png}``.
 """
@@ -175,17 +178,67 @@ def publish(repository: Path, version: int) -> None:
         staging.rename(repository / model / str(version))
 
 
-async def swap_versions(repository: Path, version: int, every_s: float, deadline: float) -> int:
+async def swap_versions(server: Server, repository: Path, version: int, every_s: float,
+                        deadline: float, since: float) -> list[dict[str, Any]]:  # fmt: skip
     """A new version of each translator every ``every_s`` after ``version`` (the one served);
-    the one before it deleted half a period later. The last version published."""
+    the one before it deleted half a period later. Each swap: its version, when it was published
+    (seconds after ``since``) and how long it took (``swap_times``, within that half period)."""
+    swaps = []
     while time.perf_counter() + every_s < deadline:
         await asyncio.sleep(every_s / 2)
         version += 1
         await asyncio.to_thread(publish, repository, version)
-        await asyncio.sleep(every_s / 2)
+        published = time.perf_counter()
+        times = await swap_times(server, version, every_s / 2)
+        swaps.append({"version": version, "t_s": round(published - since, 1), **times})
+        await asyncio.sleep(max(0.0, published + every_s / 2 - time.perf_counter()))
         for model in TRANSLATORS:
             await asyncio.to_thread(shutil.rmtree, repository / model / str(version - 1))
-    return version
+    return swaps
+
+
+def decode_processes(server: Server) -> int:
+    root = server.proc.pid
+    n = 0
+    for p in server.tree():
+        try:
+            n += process_name(p, root).startswith("decode processes")
+        except (psutil.NoSuchProcess, psutil.ZombieProcess):
+            continue
+    return n
+
+
+async def swap_times(server: Server, version: int, limit_s: float, every_s: float = 0.1) -> dict[str, Any]:
+    """Polling every ``every_s`` from ``version``'s publishing on: seconds until every translator
+    answers with it (``serving_s``; the replica reads the repository every second) and until the
+    replica is down to one decode process per translator (``retired_s``: the versions before it
+    let go); None where not within ``limit_s``. The polls' statuses other than 200 (``wrong``)."""
+    began = time.perf_counter()
+    waiting, wrong = set(TRANSLATORS), Counter[str]()
+    times: dict[str, Any] = {"serving_s": None, "retired_s": None}
+    conn = await Connection.open("127.0.0.1", server.port)
+    try:
+        while time.perf_counter() - began < limit_s:
+            for model in sorted(waiting):
+                if conn.closing:
+                    conn.close()
+                    conn = await Connection.open("127.0.0.1", server.port)
+                request = Request.json(f"/v1/models/{model}/translate", {"text": TEXTS[0]})
+                status, body = await conn.send(request)
+                if status != 200:
+                    wrong[str(status)] += 1
+                elif json.loads(body)["version"] == version:
+                    waiting.discard(model)
+            if not waiting:
+                if times["serving_s"] is None:
+                    times["serving_s"] = round(time.perf_counter() - began, 2)
+                if await asyncio.to_thread(decode_processes, server) == len(TRANSLATORS):
+                    times["retired_s"] = round(time.perf_counter() - began, 2)
+                    break
+            await asyncio.sleep(every_s)
+    finally:
+        conn.close()
+    return {**times, "wrong": dict(wrong)}
 
 
 def reading(server: Server, began: float) -> dict[str, Any]:
@@ -215,21 +268,23 @@ def sample_until(
 async def load(server: Server, repository: Path, duration_s: float, version: int, clients: int,
                swap_every_s: float) -> dict[str, Any]:  # fmt: skip
     """Every stream at once for ``duration_s``, new versions from ``version`` + 1 on."""
-    deadline = time.perf_counter() + duration_s
+    since = time.perf_counter()
+    deadline = since + duration_s
     grpc_port = int(server.env["ATTN_GRPC_PORT"])
-    good, bad, gone, rpcs, last = await asyncio.gather(
+    good, bad, gone, rpcs, swaps = await asyncio.gather(
         closed_loop("127.0.0.1", server.port, answered(), clients, duration_s, keep_every=10**9),
         refuse(server.port, deadline),
         abandon(server.port, deadline),
         kserve_grpc(grpc_port, deadline),
-        swap_versions(repository, version, swap_every_s, deadline),
+        swap_versions(server, repository, version, swap_every_s, deadline, since),
     )
     return {
         "rest": {"statuses": dict(good.statuses), "errors": good.errors, "per_s": good.ok / good.elapsed_s},
         "refusals": {"statuses": dict(bad)},
         "abandoned": gone,
         "grpc": dict(rpcs),
-        "versions": [version + 1, last],
+        "versions": [version + 1, swaps[-1]["version"] if swaps else version],
+        "swaps": swaps,
     }
 
 

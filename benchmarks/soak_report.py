@@ -1,6 +1,7 @@
 """The soak run's report (``benchmarks/soak.py``): per process, memory idle before and after the
 load with its slope under load over the second half, descriptors and threads before, at their
-peak and after; the answers by stream; the readings over time as a plot."""
+peak and after; the answers by stream; how long the version swaps took; the readings and the
+swaps over time as a plot."""
 
 from __future__ import annotations
 
@@ -46,10 +47,42 @@ def summary(r: dict[str, Any], name: str) -> dict[str, Any]:
     }
 
 
+def swap_summary(r: dict[str, Any]) -> dict[str, Any]:
+    """The swaps under load: how many; p50 / p95 / max seconds until the new version answered
+    (``serving``) and until the versions before it were let go (``retired``), over the swaps that
+    got there within half a period; how many did not (``late``)."""
+    swaps = r["answers"].get("swaps", [])
+    out: dict[str, Any] = {"n": len(swaps)}
+    for key in ("serving", "retired"):
+        done = sorted(s[f"{key}_s"] for s in swaps if s[f"{key}_s"] is not None)
+        out[key] = (
+            (statistics.median(done), done[min(len(done) - 1, round(0.95 * (len(done) - 1)))], done[-1])
+            if done
+            else None
+        )
+        out[f"{key}_late"] = len(swaps) - len(done)
+    return out
+
+
+def swap_problems(phase: str, swaps: list[dict[str, Any]], within_s: float) -> list[str]:
+    """A swap whose version did not answer within ``within_s``, whose versions before it kept a
+    decode process that long, or whose polls were answered otherwise than 200."""
+    out = []
+    for s in swaps:
+        v = f"{phase}: version {s['version']}"
+        if s["serving_s"] is None:
+            out.append(f"{v} not answering {within_s:.0f} s after it was published")
+        elif s["retired_s"] is None:
+            out.append(f"{v}: the versions before it still had a decode process {within_s:.0f} s after")
+        if s["wrong"]:
+            out.append(f"{v}: polls answered {s['wrong']}")
+    return out
+
+
 def problems(r: dict[str, Any]) -> list[str]:
     """What the run must not show, warm-up included: an answer other than 200, a refusal other
-    than 4xx, a gRPC call that failed (not cancelled by its client); a serving process with
-    more descriptors or processes after the load than before it."""
+    than 4xx, a gRPC call that failed (not cancelled by its client), a swap not done within half
+    a period; a serving process with more descriptors or processes after the load than before it."""
     out = []
     for phase, a in (("warm-up", r["warmup"]), ("load", r["answers"])):
         wrong = {s: n for s, n in a["rest"]["statuses"].items() if int(s) != 200}
@@ -60,6 +93,7 @@ def problems(r: dict[str, Any]) -> list[str]:
         failed = {k: n for k, n in a["grpc"].items() if k not in ("ok", "cancelled")}
         if failed:
             out.append(f"{phase}: gRPC calls that failed: {failed}")
+        out += swap_problems(phase, a.get("swaps", []), r["swap_every_s"] / 2)
     for name in sorted(r["after"]["processes"]):
         if name.startswith(SERVING):
             s = summary(r, name)
@@ -73,6 +107,30 @@ def problems(r: dict[str, Any]) -> list[str]:
 
 def _cells(values: tuple[float | None, ...]) -> str:
     return " / ".join("—" if v is None else f"{v:.0f}" for v in values)
+
+
+def _swap_lines(r: dict[str, Any]) -> list[str]:
+    s = swap_summary(r)
+    if not s["n"]:
+        return []
+    half = r["swap_every_s"] / 2
+
+    def p(key: str) -> str:
+        t = s[key]
+        return "—" if t is None else " / ".join(f"{v:.2f}" for v in t)
+
+    return [
+        "## Version swaps under load",
+        "",
+        f"{s['n']} swaps of both translators, each timed from its publishing (a rename), polling "
+        "every 100 ms; p50 / p95 / max seconds:",
+        "",
+        f"- until both translators answer with the new version: {p('serving')} (the replica reads "
+        "the repository every second)",
+        f"- until the versions before it are let go, one decode process per translator left: {p('retired')}",
+        f"- not there within half a period ({half:.0f} s): {s['serving_late']} and {s['retired_late']}",
+        "",
+    ]
 
 
 def write_report(r: dict[str, Any], path: Path) -> Path:
@@ -105,6 +163,7 @@ def write_report(r: dict[str, Any], path: Path) -> Path:
         f"- versions {a['versions'][0]}–{a['versions'][1]} of each translator published and swapped "
         "to under load, each one before deleted",
         "",
+        *_swap_lines(r),
         "## By process",
         "",
         "| process | RSS MiB idle before → after | MiB / hour under load, second half "
@@ -133,7 +192,7 @@ def plot(r: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4))
     names = sorted(r["after"]["processes"], key=lambda n: -r["after"]["processes"][n]["rss_mib"])
     for ax, key, label, shown in (
         (axes[0], "rss_mib", "RSS, MiB", names[:6]),
@@ -147,6 +206,15 @@ def plot(r: dict[str, Any], path: Path) -> Path:
         ax.set_xlabel("seconds of load")
         ax.set_ylabel(label)
         ax.legend(fontsize=6)
+    swaps = r["answers"].get("swaps", [])
+    for key, label in (("serving_s", "new version answering"), ("retired_s", "versions before let go")):
+        done = [(s["t_s"], s[key]) for s in swaps if s[key] is not None]
+        if done:
+            axes[3].scatter(*zip(*done, strict=True), s=8, label=label)
+    axes[3].set_xlabel("seconds of load (when published)")
+    axes[3].set_ylabel("seconds after publishing")
+    axes[3].set_ylim(bottom=0)
+    axes[3].legend(fontsize=6)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -20,6 +20,16 @@ def proc(rss: float, fds: int, threads: int, processes: int = 1) -> dict[str, fl
     return {"rss_mib": rss, "fds": fds, "threads": threads, "processes": processes}
 
 
+def swap(version: int, serving: float | None, retired: float | None, **wrong: int) -> dict[str, Any]:
+    return {
+        "version": version,
+        "t_s": 20.0 * version,
+        "serving_s": serving,
+        "retired_s": retired,
+        "wrong": wrong,
+    }
+
+
 def answers(**changes: Any) -> dict[str, Any]:
     a: dict[str, Any] = {
         "rest": {"statuses": {"200": 1000}, "errors": 0, "per_s": 250.0},
@@ -27,6 +37,7 @@ def answers(**changes: Any) -> dict[str, Any]:
         "abandoned": 40,
         "grpc": {"ok": 80, "cancelled": 20},
         "versions": [3, 7],
+        "swaps": [swap(v, 1.0 + v / 10, 1.5 + v / 10) for v in range(3, 8)],
     }
     return {**a, **changes}
 
@@ -56,6 +67,31 @@ def test_a_steady_run_reports_its_figures_and_names_nothing(tmp_path: Path) -> N
     assert f"| {REPLICA} | 100 → 110 | +60.0 | 84 / 96 / 84 | 42 / 42 / 42 | 1 / 1 |" in text
     assert "REST: 1,000 answers (250/s), by status 200: 1,000; connections dropped 0" in text
     assert "versions 3–7 of each translator" in text and "Every answer as it must be" in text
+    assert soak_report.swap_summary(r) == {
+        "n": 5,
+        "serving": (pytest.approx(1.5), pytest.approx(1.7), pytest.approx(1.7)),
+        "retired": (pytest.approx(2.0), pytest.approx(2.2), pytest.approx(2.2)),
+        "serving_late": 0,
+        "retired_late": 0,
+    }
+    assert "both translators answer with the new version: 1.50 / 1.70 / 1.70" in text
+    assert "one decode process per translator left: 2.00 / 2.20 / 2.20" in text
+
+
+def test_the_verdict_names_a_swap_not_done_within_half_a_period(tmp_path: Path) -> None:
+    swaps = [swap(3, 1.2, 1.4), swap(4, None, None), swap(5, 1.1, None), swap(6, 1.3, 1.6, **{"503": 2})]
+    r = run(proc(110, 84, 42), answers(swaps=swaps))
+    assert soak_report.problems(r) == [
+        "load: version 4 not answering 10 s after it was published",
+        "load: version 5: the versions before it still had a decode process 10 s after",
+        "load: version 6: polls answered {'503': 2}",
+    ]
+    s = soak_report.swap_summary(r)
+    assert (s["serving_late"], s["retired_late"]) == (1, 2) and s["retired"][2] == pytest.approx(1.6)
+    text = soak_report.write_report(r, tmp_path / "soak.md").read_text()
+    assert "not there within half a period (10 s): 1 and 2" in text
+    soak_report.plot(r, tmp_path / "soak.png")
+    assert (tmp_path / "soak.png").stat().st_size > 10_000
 
 
 def test_the_verdict_names_a_descriptor_left_open_a_process_left_and_wrong_answers(tmp_path: Path) -> None:
