@@ -78,7 +78,7 @@ def classify_json_job(request: ClassifyRequest) -> ClassifyJob:
         return classify_job(request, image=data)
     try:
         pixels = np.asarray(request.pixels, dtype=np.float64)
-    except (ValueError, TypeError) as exc:
+    except (ValueError, TypeError, OverflowError) as exc:  # OverflowError: an integer past float's range
         raise InvalidInput("pixels: must be a rectangular array of numbers") from exc
     return classify_job(request, pixels=pixels)
 

@@ -21,6 +21,7 @@ ray_attention_time_per_output_token_seconds           histogram    model
 ray_attention_decoder_steps_total                     counter      model
 ray_attention_rows_in_flight                          gauge        model
 ray_attention_tokens_in_flight                        gauge        model
+ray_attention_predicted_wait_seconds                  gauge        model
 ray_attention_model_info                              gauge (=1)   model, version, task, family, provider
 ====================================================  ===========  ==========================
 

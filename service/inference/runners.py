@@ -224,7 +224,7 @@ class ClassificationRunner:
     def _pixel_array(self, pixels: Any, field: str) -> np.ndarray:
         try:
             array = np.asarray(pixels, dtype=np.float64)
-        except (ValueError, TypeError) as exc:
+        except (ValueError, TypeError, OverflowError) as exc:
             raise InvalidInput(f"{field}: must be a rectangular array of numbers") from exc
         return array
 

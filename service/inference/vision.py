@@ -33,6 +33,9 @@ from service.inference.runtime import GraphSession
 
 ALLOWED_FORMATS = {"PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM"}
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: libjpeg's own progressive scripts write 10 scans (colour) or 6 (grey), a baseline JPEG one
+#: per component at most: ten times that
+MAX_JPEG_SCANS = 100
 #: the PNG colour types libspng decodes (8-bit grey, 8-bit RGB) and the Pillow mode of their pixels
 SPNG_MODES = {0: "L", 2: "RGB"}
 
@@ -62,7 +65,23 @@ def decode_image(data: bytes, max_pixels: int, mode: str, field: str = "image") 
             # pixels, half the time of Pillow's decoding and conversion
             image = Image.frombuffer(native, (width, height), pixels, "raw", native, 0, 1)
             return np.asarray(image.convert(mode))
-    return np.asarray(pillow_image(data, max_pixels, field).convert(mode))
+    return converted(pillow_image(data, max_pixels, field), mode, field)
+
+
+def converted(image: Image.Image, mode: str, field: str) -> np.ndarray:
+    """``image``'s pixels in ``mode``. Pillow converts some modes to grey only through RGB (a
+    CIELAB TIFF), which it takes when asked; a mode it cannot convert at all (premultiplied ``La``)
+    is :class:`InvalidInput` naming ``field``."""
+    failure = None
+    for path in ((mode,), ("RGB", mode)):
+        try:
+            out = image
+            for step in path:
+                out = out.convert(step)
+            return np.asarray(out)
+        except ValueError as exc:
+            failure = exc
+    raise InvalidInput(f"{field}: an image in colour mode {image.mode} cannot be read ({failure})")
 
 
 def png_header(data: bytes) -> tuple[int, int, int, int] | None:
@@ -98,6 +117,18 @@ def check_pixels(width: int, height: int, max_pixels: int, field: str) -> None:
         raise PayloadTooLarge(f"{field}: {width}×{height} = {pixels} pixels, over the limit of {max_pixels}")
 
 
+def check_scans(jpeg: bytes, field: str) -> None:
+    """A JPEG's scans under :data:`MAX_JPEG_SCANS`, counted before it is decoded: libjpeg reads
+    every scan over every block of the image, so a small file of thousands of scans holding
+    nothing (end-of-band runs) keeps a decoder busy for minutes within the pixel limit
+    (libjpeg-turbo's djpeg has ``-maxscans`` against it; the library itself sets no limit). A scan
+    starts with the marker FF DA, which the entropy-coded data never holds (an FF there is
+    followed by 00 or a restart marker); an embedded thumbnail adds its own."""
+    scans = jpeg.count(b"\xff\xda")
+    if scans > MAX_JPEG_SCANS:
+        raise PayloadTooLarge(f"{field}: a JPEG of {scans} scans, over the limit of {MAX_JPEG_SCANS}")
+
+
 def pillow_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Image:
     """Bytes of an encoded image → a loaded Pillow image, or :class:`InvalidInput` naming ``field``."""
     try:
@@ -107,6 +138,8 @@ def pillow_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Im
             if image.format not in ALLOWED_FORMATS:
                 raise InvalidInput(f"{field}: unsupported image format {image.format}")
             check_pixels(image.width, image.height, max_pixels, field)
+            if image.format == "JPEG":
+                check_scans(data, field)
             image.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
             Image.DecompressionBombWarning) as exc:  # fmt: skip

@@ -25,6 +25,7 @@ from PIL import Image
 from schemathesis import GenerationMode
 
 from tests.conftest import Service
+from tests.service.inference.test_vision import with_scans
 from tests.service.test_app import bomb_png
 
 pytestmark = pytest.mark.slow
@@ -39,6 +40,13 @@ def png(size: tuple[int, int], mode: str = "L") -> bytes:
     out = io.BytesIO()
     Image.new(mode, size).save(out, format="PNG")
     return out.getvalue()
+
+
+def many_scans() -> bytes:
+    """A 64×64 progressive JPEG of 5,000 scans (its last repeated): refused before decoding."""
+    out = io.BytesIO()
+    Image.new("L", (64, 64)).save(out, format="JPEG", progressive=True)
+    return with_scans(out.getvalue(), 4_994)
 
 
 def v2_binary(header: dict, blob: bytes, declared: int | None = None) -> dict:
@@ -86,6 +94,11 @@ CORPUS = [
     (CLASSIFY, {"files": {"file": ("x.png", b"", "image/png")}}, 422, ""),
     (CLASSIFY, {"json": {"image": b64(png((48, 48))), "top_k": 101}}, 422, "top_k"),  # limits.max_top_k
     (CLASSIFY, {"json": {"pixels": [[]]}}, 422, "pixels"),
+    # an integer JSON reads whole and float64 cannot hold
+    (CLASSIFY, {"data": b'{"pixels": [[1' + b"0" * 400 + b"]]}", "headers": {"content-type": "application/json"}},
+     422, "pixels"),
+    (CLASSIFY, {"json": {"image": b64(many_scans())}}, 413, "image: a JPEG of 5000 scans"),
+    (CLASSIFY, {"files": {"file": ("x.jpg", many_scans(), "image/jpeg")}}, 413, "scans"),
     (V2_IMAGE, {"json": {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [1, 0, 0], "data": []}]}},
      422, "PIXELS"),
     (V2_IMAGE, {"json": {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [0, 28, 28], "data": []}]}},

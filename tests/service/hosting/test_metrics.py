@@ -28,6 +28,19 @@ def test_every_metric_description_is_ascii() -> None:
     assert [d for d in descriptions if not d.isascii()] == []
 
 
+def test_the_modules_table_lists_every_series_it_defines() -> None:
+    tree = ast.parse(Path(metrics.__file__).read_text())
+    defined = {
+        node.args[0].value
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant)
+        and str(node.args[0].value).startswith("attention_")
+    }  # fmt: skip
+    listed = {line.split()[0].removeprefix("ray_") for line in (metrics.__doc__ or "").splitlines()
+              if line.startswith("ray_attention_")}  # fmt: skip
+    assert len(defined) >= 14 and defined == listed
+
+
 class Recorded:
     """Stands where a Ray metric would: what ``Deferred.flush`` records into it."""
 

@@ -191,3 +191,41 @@ def test_undecodable_images_are_invalid_input_naming_the_field(data: bytes | byt
         data = bytes(data)
     with pytest.raises(InvalidInput, match=r"^file: not a decodable image"):
         decode_image(data, LIMIT, "L", "file")
+
+
+def with_scans(jpeg: bytes, copies: int) -> bytes:
+    """A progressive JPEG whose last scan is repeated ``copies`` more times before its end: scans
+    that refine nothing, as in the many-scan files that keep libjpeg busy."""
+    last = jpeg.rindex(b"\xff\xda")
+    return jpeg[:-2] + jpeg[last:-2] * copies + b"\xff\xd9"
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB"])
+def test_jpegs_of_a_few_scans_decode_and_many_scans_are_refused_before_decoding(mode: str) -> None:
+    image = grey((64, 64)) if mode == "L" else rgb((64, 64))
+    progressive = encoded(image, "JPEG", progressive=True)
+    assert progressive.count(b"\xff\xda") == (6 if mode == "L" else 10)  # libjpeg's scripts
+    pillows = np.asarray(Image.open(io.BytesIO(progressive)).convert(mode))
+    assert np.array_equal(decode_image(progressive, LIMIT, mode), pillows)
+    scans = progressive.count(b"\xff\xda")
+    at_limit = with_scans(progressive, vision.MAX_JPEG_SCANS - scans)
+    decode_image(at_limit, LIMIT, mode)  # libjpeg warns of the repeated scans, and decodes
+    over = with_scans(progressive, 5_000 - scans)
+    with pytest.raises(PayloadTooLarge, match=r"^file: a JPEG of 5000 scans, over the limit of 100$"):
+        decode_image(over, LIMIT, mode, "file")
+
+
+def test_images_pillow_converts_to_grey_only_through_rgb_are_read() -> None:
+    lab = Image.fromarray(np.dstack([np.full((8, 8), v, np.uint8) for v in (60, 128, 128)]), "LAB")
+    data = encoded(lab, "TIFF")
+    with pytest.raises(ValueError):  # Pillow's direct conversion
+        Image.open(io.BytesIO(data)).convert("L")
+    expected = np.asarray(Image.open(io.BytesIO(data)).convert("RGB").convert("L"))
+    assert np.array_equal(decode_image(data, LIMIT, "L"), expected)
+    assert decode_image(data, LIMIT, "RGB").shape == (8, 8, 3)
+
+
+def test_an_image_in_a_mode_pillow_cannot_convert_is_invalid_input() -> None:
+    premultiplied = Image.new("La", (8, 8))
+    with pytest.raises(InvalidInput, match=r"^file: an image in colour mode La cannot be read"):
+        vision.converted(premultiplied, "L", "file")
