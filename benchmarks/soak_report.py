@@ -33,14 +33,21 @@ def slope_per_hour(points: list[tuple[float, float]]) -> float | None:
 
 def summary(r: dict[str, Any], name: str) -> dict[str, Any]:
     """One process group: RSS idle before and after the load, its slope under load over the
-    second half; descriptors and threads before, at their peak and after; processes before and
-    after (None where the group was not there)."""
+    second half (over the readings with as many of its processes as before); descriptors and
+    threads before, at their peak and after; processes before and after (None where the group
+    was not there)."""
     before = r["before"]["processes"].get(name, {})
     after = r["after"]["processes"].get(name, {})
     peak = {k: max((v for _, v in series(r, name, k)), default=None) for k in ("fds", "threads")}
+    # the slope over the readings with the group's own processes: one taken during a swap, with
+    # an old version's decode processes beside the new ones, is not the same group growing
+    half = r["loaded_s"] / 2
+    counts = series(r, name, "processes", half)
+    rss = [p for p, (_, n) in zip(series(r, name, "rss_mib", half), counts, strict=True)
+           if n == before.get("processes")]  # fmt: skip
     return {
         "rss": (before.get("rss_mib"), after.get("rss_mib")),
-        "slope_mib_h": slope_per_hour(series(r, name, "rss_mib", r["loaded_s"] / 2)),
+        "slope_mib_h": slope_per_hour(rss),
         "fds": (before.get("fds"), peak["fds"], after.get("fds")),
         "threads": (before.get("threads"), peak["threads"], after.get("threads")),
         "processes": (before.get("processes"), after.get("processes")),
@@ -166,7 +173,7 @@ def write_report(r: dict[str, Any], path: Path) -> Path:
         *_swap_lines(r),
         "## By process",
         "",
-        "| process | RSS MiB idle before → after | MiB / hour under load, second half "
+        "| process | RSS MiB idle before → after | MiB / hour under load, second half, its own processes "
         "| descriptors before / peak / after | threads before / peak / after | processes before / after |",
         "|---|---|---|---|---|---|",
     ]  # fmt: skip

@@ -78,6 +78,13 @@ def test_a_steady_run_reports_its_figures_and_names_nothing(tmp_path: Path) -> N
     assert "one decode process per translator left: 2.00 / 2.20 / 2.20" in text
 
 
+def test_readings_taken_during_a_swap_are_left_out_of_a_groups_slope() -> None:
+    r = run(proc(110, 84, 42))
+    for sample in r["samples"][40::5]:  # an old version's decode processes beside the new ones
+        sample["processes"][DECODE] = proc(380, 48, 8, 4)
+    assert soak_report.summary(r, DECODE)["slope_mib_h"] == pytest.approx(0.0)
+
+
 def test_the_verdict_names_a_swap_not_done_within_half_a_period(tmp_path: Path) -> None:
     swaps = [swap(3, 1.2, 1.4), swap(4, None, None), swap(5, 1.1, None), swap(6, 1.3, 1.6, **{"503": 2})]
     r = run(proc(110, 84, 42), answers(swaps=swaps))
