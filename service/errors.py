@@ -37,17 +37,25 @@ class _HasErrors(Protocol):
     def errors(self) -> Any: ...
 
 
+#: the problems of one validation error a message names (the rest counted)
+MAX_PROBLEMS = 20
+
+
 def validation_message(exc: _HasErrors) -> str:
     """A pydantic/FastAPI validation error as one line per problem, each naming its field
-    (``beam_size: Input should be greater than or equal to 1``) — the same text for every protocol."""
+    (``beam_size: Input should be greater than or equal to 1``) — the same text for every protocol;
+    past :data:`MAX_PROBLEMS` problems, how many more."""
     parts = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:MAX_PROBLEMS]:
         loc = [str(p) for p in err["loc"] if p != "body"]
         if not loc and err["type"] == "value_error" and "error" in err.get("ctx", {}):
             # a model validator's own message, which names its field
             parts.append(str(err["ctx"]["error"]))
             continue
         parts.append(f"{'.'.join(loc or ['body'])}: {err['msg']}")
+    if len(errors) > MAX_PROBLEMS:
+        parts.append(f"{len(errors) - MAX_PROBLEMS} more problems")
     return "; ".join(parts)
 
 

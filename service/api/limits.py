@@ -7,7 +7,8 @@ object: the answer-size bound (it needs the source token counts and the decoder'
 heads) and the decoded pixel count (it needs the image's header) — ``service/inference/runners.py``.
 The pydantic ``Field`` bounds in ``schemas.py`` are ceilings that ``Settings.limits`` cannot exceed
 (``beam_size`` has none there: its ceiling is the setting's, so any size over the served limit is
-refused naming that limit).
+refused naming that limit; a list of texts over its ceiling is refused as one over the served
+limit, :func:`over_ceiling`).
 """
 
 from __future__ import annotations
@@ -15,9 +16,21 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from pydantic import ValidationError
+
 from service.errors import InvalidInput, PayloadTooLarge
 from service.inference.jobs import ClassifyJob, TranslateJob
 from service.settings import Limits
+
+
+def over_ceiling(exc: ValidationError, limits: Limits) -> PayloadTooLarge | None:
+    """A REST list of texts longer than the schema's ceiling (``schemas.MAX_TEXTS``) as :func:`check`
+    refuses one longer than the served limit: 413 with its count (None for other errors)."""
+    for err in exc.errors(include_url=False):
+        if err["type"] == "too_long" and err["loc"][:1] == ("text",):
+            count = err["ctx"]["actual_length"]
+            return PayloadTooLarge(f"text: {count} texts exceed the limit of {limits.max_texts}")
+    return None
 
 
 def check(job: Any, limits: Limits) -> None:

@@ -12,7 +12,7 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from service.api import forms
+from service.api import forms, limits
 from service.api.rest_codec import answer_json, classify_job, classify_json_job, translate_job
 from service.api.rest_stream import translate_stream, wants_stream
 from service.api.routes import ServerDep, direct_post, server_from
@@ -104,7 +104,8 @@ async def translate(request: Request, name: str) -> Response:
         try:
             body = TranslateRequest.model_validate_json(await server.read_body(request))
         except ValidationError as exc:
-            raise InvalidInput(validation_message(exc)) from exc
+            refusal = limits.over_ceiling(exc, server.settings.limits)
+            raise refusal or InvalidInput(validation_message(exc)) from exc
         job = translate_job(body)
     if wants_stream(body, request.headers.get("accept", "")):
         return await translate_stream(server, name, body, job)

@@ -8,11 +8,14 @@ the served limits into these schemas in the OpenAPI document.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 MAX_IMAGE_B64 = 48 * 1024 * 1024
+#: texts in one request (``Limits.max_texts`` at most this): pydantic checks a list's length before
+#: its items, so a body of millions of items is refused at once, not item by item
+MAX_TEXTS = 256
 MAX_PIXEL_SIDE = 4096
 
 AttentionFormat = Literal["array", "png"]
@@ -24,7 +27,7 @@ class _Request(BaseModel):
 
 
 class TranslateRequest(_Request):
-    text: str | list[str] = Field(
+    text: str | Annotated[list[str], Field(max_length=MAX_TEXTS)] = Field(
         description="One text or a list of texts (each at most 4096 characters; at most 256 texts)."
     )
     beam_size: int = Field(1, ge=1, description="1 = greedy decoding")

@@ -17,13 +17,14 @@ import grpc
 import pytest
 from pydantic import BaseModel, ValidationError
 
+from service.api import limits
 from service.api.grpc_aio import add_to_grpc_server
 from service.api.grpc_servicer import rpc
 from service.api.http import create_app
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
 from service.api.schemas import ClassifyRequest, TranslateRequest
-from service.errors import MAX_MESSAGE_CHARS, InvalidInput, ModelNotFound, validation_message
+from service.errors import MAX_MESSAGE_CHARS, InvalidInput, ModelNotFound, PayloadTooLarge, validation_message
 from service.settings import Limits
 
 REQUEST_ID = re.compile(r"request id ([0-9a-f]{16})")
@@ -176,3 +177,23 @@ def test_a_long_message_is_cut() -> None:
     error = InvalidInput(f"input {'x' * 20_000!r}: unknown")
     assert len(error.message) < MAX_MESSAGE_CHARS + 40 and error.message.endswith("(20017 characters)")
     assert str(error) == error.message and InvalidInput("short").message == "short"
+
+
+def test_a_message_names_its_first_problems_and_counts_the_rest() -> None:
+    with pytest.raises(ValidationError) as failure:
+        TranslateRequest.model_validate({"text": [1] * 30})  # the string variant's problem, then 30
+    message = validation_message(failure.value)
+    assert message.count("Input should be a valid string") == 20 and message.endswith("; 11 more problems")
+    assert message.startswith("text.str: Input should be a valid string; text.list[str].0: ")
+
+
+def test_a_list_of_texts_past_the_ceiling_is_refused_before_its_items_are_read() -> None:
+    with pytest.raises(ValidationError) as failure:
+        TranslateRequest.model_validate_json(b'{"text": [' + b",".join([b"1"] * 100_000) + b"]}")
+    assert failure.value.error_count() == 2  # not one per item
+    refusal = limits.over_ceiling(failure.value, Limits(max_texts=64))
+    assert isinstance(refusal, PayloadTooLarge)
+    assert str(refusal) == "text: 100000 texts exceed the limit of 64"
+    with pytest.raises(ValidationError) as other:
+        TranslateRequest.model_validate({"text": "x", "beam_size": 0})
+    assert limits.over_ceiling(other.value, Limits()) is None

@@ -69,6 +69,10 @@ CORPUS = [
     (TRANSLATE, {"data": b"\xff" * 64, "headers": {"content-type": "application/json"}}, 422, ""),
     (TRANSLATE, {"json": {"text": "x" * 2_000_000}}, 413, "text[0]: 2000000 characters exceed the limit of 512"),
     (TRANSLATE, {"json": {"text": ["3 juin 1980"] * 300}}, 413, "text: 300 texts exceed the limit of 64"),
+    # a million items that are not texts: refused from the list's length, not item by item (this
+    # held the event loop for seconds and GBs building one error per item)
+    (TRANSLATE, {"json": {"text": [1] * 1_000_000}}, 413, "text: 1000000 texts exceed the limit of 64"),
+    (TRANSLATE, {"json": {"text": [{}] * 200}}, 422, "; 181 more problems"),
     (TRANSLATE, {"json": {"text": []}}, 422, "text: give at least one text"),
     (TRANSLATE, {"data": b"x" * 20_000_000, "headers": {"content-type": "application/json"}}, 413, "body"),
     (TRANSLATE, {"json": {"text": ["3 juin 1980"] * 65}}, 413, "text"),
