@@ -6,6 +6,7 @@ so the same app runs under Ray Serve's ingress and under a replica's own HTTP se
 anywhere below arrive as :mod:`service.errors` types and leave as ``{"error": "..."}``.
 """
 
+import asyncio
 import json
 
 from fastapi import APIRouter, Request, Response
@@ -13,7 +14,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from service.api import forms, limits
-from service.api.rest_codec import answer_json, classify_job, classify_json_job, translate_job
+from service.api.rest_codec import answer_json, classify_job, classify_json_job, draws, translate_job
 from service.api.rest_stream import translate_stream, wants_stream
 from service.api.routes import ServerDep, direct_post, server_from
 from service.api.schemas import (
@@ -110,7 +111,11 @@ async def translate(request: Request, name: str) -> Response:
     if wants_stream(body, request.headers.get("accept", "")):
         return await translate_stream(server, name, body, job)
     _, [answer], elapsed_ms = await server.predict_many(name, "translation", "translate", [job])
-    return Response(answer_json(answer, body, elapsed_ms), media_type="application/json")
+    if draws(body):  # PNGs drawn in a thread, the event loop free meanwhile
+        content = await asyncio.to_thread(answer_json, answer, body, elapsed_ms)
+    else:
+        content = answer_json(answer, body, elapsed_ms)
+    return Response(content, media_type="application/json")
 
 
 _CLASSIFY_BODY = {
@@ -142,7 +147,11 @@ async def classify(request: Request, name: str) -> Response:
         server.resolve(name, "image-classification")
         options, job = await _classify_body(server, request)
     _, [answer], elapsed_ms = await server.predict_many(name, "image-classification", "classify", [job])
-    return Response(answer_json(answer, options, elapsed_ms), media_type="application/json")
+    if draws(options):  # PNGs drawn in a thread, the event loop free meanwhile
+        content = await asyncio.to_thread(answer_json, answer, options, elapsed_ms)
+    else:
+        content = answer_json(answer, options, elapsed_ms)
+    return Response(content, media_type="application/json")
 
 
 def json_media(ctype: str) -> bool:

@@ -86,6 +86,13 @@ def classify_json_job(request: ClassifyRequest) -> ClassifyJob:
 # -- answers → JSON ------------------------------------------------------------------------------
 
 
+def draws(options: TranslateRequest | ClassifyOptions) -> bool:
+    """Whether the answer holds PNGs, which :func:`answer_json` draws: a translation's heat map
+    takes ≈ 16 ms, 64 of them a second, so the routes build such an answer in a thread and the
+    event loop goes on serving every other request meanwhile."""
+    return options.return_attention and options.attention_format == "png"
+
+
 def answer_json(answer: Answer, options: TranslateRequest | ClassifyOptions, total_ms: float) -> bytes:
     """The answer body, None fields left out, built directly: the hot path skips FastAPI's
     response-model round trip (validate → dump → encode), which cost more CPU than the model on
