@@ -32,7 +32,7 @@ from typing import Any, cast
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from service.api.rest_codec import answer_json, dumps, rounded
+from service.api.rest_codec import answer_json, draws, dumps, rounded
 from service.api.schemas import TranslateRequest
 from service.api.server import Server
 from service.errors import ServiceError, unexpected
@@ -63,6 +63,13 @@ def _encode(item: Tokens | Answer, body: TranslateRequest, elapsed_ms: float) ->
     if isinstance(item, Answer):
         return _event("answer", answer_json(item, body, elapsed_ms))
     return b"".join(map(token_event, item))
+
+
+async def _encoded(item: Tokens | Answer, body: TranslateRequest, elapsed_ms: float) -> bytes:
+    """:func:`_encode`, in a thread for an answer with PNG heat maps (``rest_codec.draws``)."""
+    if isinstance(item, Answer) and draws(body):
+        return await asyncio.to_thread(_encode, item, body, elapsed_ms)
+    return _encode(item, body, elapsed_ms)
 
 
 def token_event(event: TokenEvent) -> bytes:
@@ -160,7 +167,7 @@ class EventStream(StreamingResponse):
                     if isinstance(event, LastTokens):
                         held = _encode(event, body, elapsed)
                     elif await self._write(
-                        send, held + _encode(event, body, elapsed), isinstance(event, Answer)
+                        send, held + await _encoded(event, body, elapsed), isinstance(event, Answer)
                     ):
                         return
                     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import re
 import time
 from collections import Counter
@@ -115,11 +116,13 @@ def test_png_alignment_decodes(service: Service) -> None:
     assert image.format == "PNG" and image.width > 100 and image.height > 100
 
 
-def test_heat_maps_are_drawn_while_the_replica_answers_other_requests(service: Service) -> None:
-    """64 texts with PNG heat maps: the drawing (milliseconds a text) runs in a thread, so requests
-    sent meanwhile are answered at once, not after it (on the event loop they waited for all 64)."""
+@pytest.mark.parametrize("stream", [False, True])
+def test_heat_maps_are_drawn_while_the_replica_answers_other_requests(service: Service, stream: bool) -> None:
+    """64 texts with PNG heat maps, answered whole or as a token stream: the drawing (milliseconds
+    a text) runs in a thread, so requests sent meanwhile are answered at once, not after it (on the
+    event loop they waited for all 64)."""
     texts = [f"{d} {m} {1950 + d}" for d in range(1, 29) for m in ("janvier", "mars", "mai")][:64]
-    heavy = {"text": texts, "return_attention": True, "attention_format": "png"}
+    heavy = {"text": texts, "return_attention": True, "attention_format": "png", "stream": stream}
     service.post("/v1/models/dates-transformer/translate", json=heavy)  # warm
     with ThreadPoolExecutor(1) as pool:
         began = time.perf_counter()
@@ -129,7 +132,12 @@ def test_heat_maps_are_drawn_while_the_replica_answers_other_requests(service: S
             sent = time.perf_counter()
             assert service.get("/v1/models").status_code == 200
             waits.append(time.perf_counter() - sent)
-        body = answer.result().json()
+        if stream:  # the stream's last event: "event: answer\ndata: {...}"
+            last = answer.result().text.strip().split("\n\n")[-1]
+            assert last.startswith("event: answer\n")
+            body = json.loads(last.split("data: ", 1)[1])
+        else:
+            body = answer.result().json()
     drawing = time.perf_counter() - began - body["metrics"]["total_ms"] / 1000  # after the model answered
     assert len(body["translations"]) == 64 and all(
         "png_base64" in t["attention"] for t in body["translations"]
