@@ -156,9 +156,7 @@ async def check(port: int, payload: Payload, expected: list[list[int]]) -> None:
             status, body = await conn.send(request)
             if status != 200 or top_indices(body) != want:
                 raise RuntimeError(f"{payload.name}: status {status}, {body[:200]!r}; expected top 5 {want}")
-            if conn.closing:
-                conn.close()
-                conn = await Connection.open("127.0.0.1", port)
+            conn = await conn.renewed()
     finally:
         conn.close()
 

@@ -67,15 +67,25 @@ def check_host(host: str) -> None:
 
 
 class Connection:
-    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str) -> None:
-        self.reader, self.writer, self.host = reader, writer, host
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, port: int
+    ) -> None:
+        self.reader, self.writer, self.host, self.port = reader, writer, host, port
         self.closing = False
 
     @classmethod
     async def open(cls, host: str, port: int) -> Connection:
         check_host(host)
         reader, writer = await asyncio.open_connection(host, port)
-        return cls(reader, writer, host)
+        return cls(reader, writer, host, port)
+
+    async def renewed(self) -> Connection:
+        """This connection, or a new one to the same server when the server ends this one
+        after its last answer (``closing``)."""
+        if not self.closing:
+            return self
+        self.close()
+        return await Connection.open(self.host, self.port)
 
     async def send(self, request: Request) -> tuple[int, bytes]:
         self.writer.write(request.encode(self.host))

@@ -104,9 +104,7 @@ async def refuse(port: int, deadline: float, pause_s: float = 0.02) -> Counter[i
     conn = await Connection.open("127.0.0.1", port)
     try:
         while time.perf_counter() < deadline:
-            if conn.closing:
-                conn.close()
-                conn = await Connection.open("127.0.0.1", port)
+            conn = await conn.renewed()
             status, _ = await conn.send(requests[n % len(requests)])
             statuses[status] += 1
             n += 1
@@ -220,9 +218,7 @@ async def swap_times(server: Server, version: int, limit_s: float, every_s: floa
     try:
         while time.perf_counter() - began < limit_s:
             for model in sorted(waiting):
-                if conn.closing:
-                    conn.close()
-                    conn = await Connection.open("127.0.0.1", server.port)
+                conn = await conn.renewed()
                 request = Request.json(f"/v1/models/{model}/translate", {"text": TEXTS[0]})
                 status, body = await conn.send(request)
                 if status != 200:

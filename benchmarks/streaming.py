@@ -143,9 +143,7 @@ async def closed_loop(
                     continue
                 whole.append(w)
                 tokens += k
-                if conn.closing:
-                    conn.close()
-                    conn = await Connection.open("127.0.0.1", port)
+                conn = await conn.renewed()
         finally:
             conn.close()
 

@@ -11,7 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from benchmarks.loadgen import Request, Result, closed_loop, open_loop, percentile
+from benchmarks.loadgen import Connection, Request, Result, closed_loop, open_loop, percentile
 from benchmarks.report import median_row
 
 
@@ -64,6 +64,20 @@ def test_a_client_answered_503_waits_before_its_next_request(port: int) -> None:
     result = asyncio.run(closed_loop("127.0.0.1", port, shed, clients=1, duration_s=0.5, shed_wait_s=0.2))
     assert result.statuses == {503: 3}
     assert asyncio.run(closed_loop("127.0.0.1", port, shed, clients=1, duration_s=0.5)).statuses[503] > 10
+
+
+def test_a_connection_the_server_ends_is_renewed_and_one_it_keeps_is_kept(port: int) -> None:
+    async def run() -> None:
+        conn = await Connection.open("127.0.0.1", port)
+        assert await conn.renewed() is conn
+        conn.closing = True  # as after an answer with "Connection: close"
+        fresh = await conn.renewed()
+        assert fresh is not conn and not fresh.closing and (fresh.host, fresh.port) == ("127.0.0.1", port)
+        status, _ = await fresh.send(Request.json("/x", {"a": 1}))
+        fresh.close()
+        assert status == 200
+
+    asyncio.run(run())
 
 
 def test_requests_carry_their_extra_headers(port: int) -> None:
