@@ -10,6 +10,8 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from benchmarks.loadgen import percentile
+
 #: the processes whose descriptors and threads the plot follows (the serving ones)
 SERVING = ("ray::ServeReplica", "decode processes")
 
@@ -62,11 +64,7 @@ def swap_summary(r: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"n": len(swaps)}
     for key in ("serving", "retired"):
         done = sorted(s[f"{key}_s"] for s in swaps if s[f"{key}_s"] is not None)
-        out[key] = (
-            (statistics.median(done), done[min(len(done) - 1, round(0.95 * (len(done) - 1)))], done[-1])
-            if done
-            else None
-        )
+        out[key] = (statistics.median(done), percentile(done, 95), done[-1]) if done else None
         out[f"{key}_late"] = len(swaps) - len(done)
     return out
 
