@@ -17,7 +17,6 @@ from __future__ import annotations
 import functools
 import io
 import struct
-import warnings
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -38,6 +37,11 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 MAX_JPEG_SCANS = 100
 #: the PNG colour types libspng decodes (8-bit grey, 8-bit RGB) and the Pillow mode of their pixels
 SPNG_MODES = {0: "L", 2: "RGB"}
+#: the most pixels (256 × 256; times its scans for a JPEG: :func:`decode_cost`) an image may have
+#: to be decoded on the event loop: about a millisecond at most (1.1–1.3 ms for a 256 × 256 noise
+#: PNG or JPEG, decoded and resized); a larger one is preprocessed in a thread by
+#: :func:`decode_resized`, the loop free meanwhile
+INLINE_PIXELS = 1 << 16
 
 
 def mode_of(spec: ImageSpec) -> str:
@@ -65,10 +69,35 @@ def decode_image(data: bytes, max_pixels: int, mode: str, field: str = "image") 
             # pixels, half the time of Pillow's decoding and conversion
             image = Image.frombuffer(native, (width, height), pixels, "raw", native, 0, 1)
             return np.asarray(image.convert(mode))
-    return converted(pillow_image(data, max_pixels, field), mode, field)
+    return np.asarray(converted(pillow_image(data, max_pixels, field), mode, field))
 
 
-def converted(image: Image.Image, mode: str, field: str) -> np.ndarray:
+def decode_cost(data: bytes) -> int:
+    """The pixels decoding ``data`` writes, from its header: width × height, times the scans of a
+    JPEG (libjpeg reads each scan over the whole image); 0 where no header can be read (such
+    bytes are refused at once). What decides where an image is decoded (:data:`INLINE_PIXELS`)."""
+    header = png_header(data)
+    if header is not None:
+        return header[0] * header[1]
+    try:
+        with Image.open(io.BytesIO(data)) as image:  # the header alone: no pixels yet
+            pixels = image.width * image.height
+            return pixels * max(1, data.count(b"\xff\xda")) if image.format == "JPEG" else pixels
+    except Exception:  # whatever Pillow makes of it, decode_image refuses it
+        return 0
+
+
+def decode_resized(data: bytes, max_pixels: int, spec: ImageSpec, field: str = "image") -> np.ndarray:
+    """Bytes of a large image → the model-sized uint8 image (H, W[, C]), the pixels of
+    ``resize(decode_image(…))``, for a thread beside the event loop: it stays in Pillow up to the
+    resized image, because Pillow's decoding, conversion and resizing let go of the interpreter
+    lock, and a numpy copy of the full-size image, or libspng's decoding, hold it throughout (the
+    loop would wait as long). A one-colour 4096 × 4096 PNG held the loop 49 ms through libspng,
+    16 ms at most through Pillow."""
+    return resize(converted(pillow_image(data, max_pixels, field), mode_of(spec), field), spec)
+
+
+def converted(image: Image.Image, mode: str, field: str) -> Image.Image:
     """``image``'s pixels in ``mode``. Pillow converts some modes to grey only through RGB (a
     CIELAB TIFF), which it takes when asked; a mode it cannot convert at all (premultiplied ``La``)
     is :class:`InvalidInput` naming ``field``."""
@@ -78,7 +107,7 @@ def converted(image: Image.Image, mode: str, field: str) -> np.ndarray:
             out = image
             for step in path:
                 out = out.convert(step)
-            return np.asarray(out)
+            return out
         except ValueError as exc:
             failure = exc
     raise InvalidInput(f"{field}: an image in colour mode {image.mode} cannot be read ({failure})")
@@ -130,19 +159,23 @@ def check_scans(jpeg: bytes, field: str) -> None:
 
 
 def pillow_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Image:
-    """Bytes of an encoded image → a loaded Pillow image, or :class:`InvalidInput` naming ``field``."""
+    """Bytes of an encoded image → a loaded Pillow image, or :class:`InvalidInput` naming ``field``
+    (:class:`PayloadTooLarge` over the limits). Pillow's own decompression-bomb check comes first,
+    in ``Image.open``: past ``Image.MAX_IMAGE_PIXELS`` (89 Mpx) it warns, which only a
+    ``max_pixels`` above that would let through to decoding, and past twice that it refuses. Its
+    warning is not turned into an error here: ``warnings.catch_warnings`` swaps the process's
+    filters, which threads decoding at once (:func:`decode_resized`) would leave crossed."""
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            image = Image.open(io.BytesIO(data))
-            if image.format not in ALLOWED_FORMATS:
-                raise InvalidInput(f"{field}: unsupported image format {image.format}")
-            check_pixels(image.width, image.height, max_pixels, field)
-            if image.format == "JPEG":
-                check_scans(data, field)
-            image.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError,
-            Image.DecompressionBombWarning) as exc:  # fmt: skip
+        image = Image.open(io.BytesIO(data))
+        if image.format not in ALLOWED_FORMATS:
+            raise InvalidInput(f"{field}: unsupported image format {image.format}")
+        check_pixels(image.width, image.height, max_pixels, field)
+        if image.format == "JPEG":
+            check_scans(data, field)
+        image.load()
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise PayloadTooLarge(f"{field}: over the limit of {max_pixels} pixels ({exc})") from exc
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
         raise InvalidInput(f"{field}: not a decodable image ({type(exc).__name__})") from exc
     if image.mode.startswith("I;16"):  # 16-bit grey: Pillow's convert("L") clips at 255, not scales
         return Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), "L")
@@ -166,8 +199,12 @@ def resize(image: np.ndarray | Image.Image, spec: ImageSpec) -> np.ndarray:
     """A decoded image (an array in the model's mode, or any Pillow image) → the model-sized
     uint8 image (H, W[, C]): Pillow's bilinear resize where the size differs. The per-request half
     of the preprocessing; :func:`normalise` does the rest for a whole batch."""
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert(mode_of(spec)))
+    if isinstance(image, Image.Image):  # resized before its pixels are copied out
+        if image.mode != (mode := mode_of(spec)):
+            image = image.convert(mode)
+        if image.size != (spec.width, spec.height):
+            image = image.resize((spec.width, spec.height), Image.Resampling.BILINEAR)
+        return np.asarray(image)
     if image.shape[:2] != (spec.height, spec.width):
         resized = Image.fromarray(image).resize((spec.width, spec.height), Image.Resampling.BILINEAR)
         image = np.asarray(resized)

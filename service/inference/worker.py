@@ -133,7 +133,7 @@ class ModelWorker:
         """Preprocess here (per request), infer in batches, postprocess here."""
         start = time.perf_counter()
         try:  # as _failures_counted, inline: this is every request's path
-            work = self._accept(job)
+            work = self._accept(job) if self.runner.inline(job) else await self._accept_in_thread(job)
             accepted = time.perf_counter()
             with self._held(work) as holding:
                 answer = await (self._decode(work) if self.scheduler is not None else self._batched(work))
@@ -168,7 +168,7 @@ class ModelWorker:
         start = time.perf_counter()
         with contextlib.ExitStack() as stack:
             with self._failures_counted(start):
-                work = self._accept(job)
+                work = self._accept(job) if self.runner.inline(job) else await self._accept_in_thread(job)
                 # refused when it comes, never shed later: its caller also waits outside (writing)
                 holding = stack.enter_context(self._held(work, sheddable=False))
             async with contextlib.aclosing(self._events(work, start, holding)) as events:
@@ -240,10 +240,20 @@ class ModelWorker:
             raise
 
     def _accept(self, job: Any) -> Any:
+        self._admit(job)
+        return self.runner.preprocess(job)
+
+    async def _accept_in_thread(self, job: Any) -> Any:
+        """:meth:`_accept` for a job whose preprocessing would hold the event loop, and with it
+        every model and protocol of the replica (a large image's decoding): admitted here, then
+        preprocessed in a thread of the loop's executor."""
+        self._admit(job)
+        return await asyncio.to_thread(self.runner.preprocess, job)
+
+    def _admit(self, job: Any) -> None:
         if self.held >= self.capacity:
             raise Overloaded(f"model {self.entry.name!r} is overloaded; retry later")
         self.admission.check(self._least_cost(job))  # before tokenising or decoding it
-        return self.runner.preprocess(job)
 
     def _held(self, work: Any, sheddable: bool = True) -> Holding:
         """``work``'s place in the admission while it is computed (:meth:`Admission.holding`)."""

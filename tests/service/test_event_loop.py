@@ -3,11 +3,15 @@ time in proportion to what it asked for runs off it, so other requests are answe
 
 from __future__ import annotations
 
+import io
 import json
+import struct
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from tests.conftest import Service
 
@@ -42,3 +46,43 @@ def test_heat_maps_are_drawn_while_the_replica_answers_other_requests(service: S
     )
     assert drawing > 0.1, drawing  # long enough to tell
     assert max(waits) < drawing / 2, (max(waits), drawing)
+
+
+def v2_images(*pngs: bytes) -> tuple[bytes, dict[str, str]]:
+    """A KServe v2 binary request of one IMAGE row per PNG, and its headers."""
+    blobs = b"".join(struct.pack("<I", len(p)) + p for p in pngs)
+    header = json.dumps({"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [len(pngs)],
+                                     "parameters": {"binary_data_size": len(blobs)}}]}).encode()  # fmt: skip
+    return header + blobs, {"Inference-Header-Content-Length": str(len(header))}
+
+
+def png(side: int, grey: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), grey).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def test_large_images_are_decoded_while_the_replica_answers_other_requests(service: Service) -> None:
+    """16 one-colour 4096 × 4096 PNGs in one KServe request (25 kB each; 50–70 ms each to decode
+    and resize): decoded in threads, so requests sent meanwhile are answered at once (on the
+    event loop they waited for all 16). Each is answered as its 48 × 48 copy is."""
+    body, headers = v2_images(*(png(4096, 16 * i) for i in range(16)))
+    small, small_headers = v2_images(*(png(48, 16 * i) for i in range(16)))
+    want = service.post("/v2/models/fashion-vit/infer", data=small, headers=small_headers)
+    assert want.status_code == 200, want.text
+    with ThreadPoolExecutor(1) as pool:
+        began = time.perf_counter()
+        answer = pool.submit(service.post, "/v2/models/fashion-vit/infer", data=body, headers=headers)
+        waits = []
+        while not answer.done():
+            sent = time.perf_counter()
+            assert service.get("/v1/models").status_code == 200
+            waits.append(time.perf_counter() - sent)
+        took = time.perf_counter() - began
+    assert answer.result().status_code == 200, answer.result().text
+    got = {o["name"]: o["data"] for o in answer.result().json()["outputs"]}
+    expected = {o["name"]: o["data"] for o in want.json()["outputs"]}
+    assert got["LABELS"] == expected["LABELS"] and got["INDICES"] == expected["INDICES"]
+    np.testing.assert_allclose(got["PROBABILITIES"], expected["PROBABILITIES"], atol=1e-6)
+    assert took > 0.5, took  # long enough to tell
+    assert max(waits) < took / 4, (max(waits), took)

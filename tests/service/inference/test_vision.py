@@ -229,3 +229,52 @@ def test_an_image_in_a_mode_pillow_cannot_convert_is_invalid_input() -> None:
     premultiplied = Image.new("La", (8, 8))
     with pytest.raises(InvalidInput, match=r"^file: an image in colour mode La cannot be read"):
         vision.converted(premultiplied, "L", "file")
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("kind", sorted(IMAGES))
+def test_large_images_preprocess_off_the_loop_to_the_loops_pixels(kind: str, channels: int) -> None:
+    """An image over ``INLINE_PIXELS`` is preprocessed in a thread, in Pillow throughout
+    (``decode_resized``): the same model-sized pixels as the loop's path (libspng where it
+    applies, numpy's full-size copies) gives."""
+    data = IMAGES[kind]((300, 260))
+    assert vision.decode_cost(data) > vision.INLINE_PIXELS
+    mode = "L" if channels == 1 else "RGB"
+    want = resize(decode_image(data, LIMIT, mode), spec(channels))
+    got = vision.decode_resized(data, LIMIT, spec(channels))
+    assert got.shape == want.shape == ((48, 48) if channels == 1 else (48, 48, 3))
+    np.testing.assert_array_equal(got, want)
+
+
+def lying_bmp(width: int, height: int) -> bytes:
+    """A small BMP whose header declares ``width`` × ``height`` pixels (Pillow reads only it on open)."""
+    data = bytearray(encoded(grey((4, 4)), "BMP"))
+    data[18:26] = struct.pack("<ii", width, height)
+    return bytes(data)
+
+
+def test_the_decoding_cost_is_read_from_the_header() -> None:
+    assert vision.decode_cost(encoded(grey((30, 20)))) == 600
+    assert vision.decode_cost(lying_png(100_000, 100_000)) == 10**10
+    assert vision.decode_cost(lying_bmp(3000, 2000)) == 6 * 10**6
+    progressive = encoded(rgb((64, 64)), "JPEG", progressive=True)
+    assert vision.decode_cost(progressive) == 64 * 64 * 10  # libjpeg reads each scan over the image
+    assert vision.decode_cost(encoded(rgb((64, 64)), "JPEG")) == 64 * 64
+    assert vision.decode_cost(b"not an image at all") == 0  # refused at once, on the loop
+    assert vision.decode_cost(lying_bmp(20_000, 20_000)) == 0  # Pillow's own bomb refusal
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
+def test_large_images_off_the_loop_are_refused_as_on_it() -> None:
+    with pytest.raises(
+        PayloadTooLarge, match=r"^file: 3000×2000 = 6000000 pixels, over the limit of 4000000$"
+    ):
+        vision.decode_resized(lying_bmp(3000, 2000), 4_000_000, spec(1), "file")
+    for side in (10_000, 20_000):  # past Pillow's warning (89 Mpx), and past its own refusal
+        with pytest.raises(PayloadTooLarge, match=r"^file: .*over the limit of"):
+            vision.decode_resized(lying_bmp(side, side), LIMIT, spec(1), "file")
+    many = with_scans(encoded(grey((300, 300)), "JPEG", progressive=True), 500)
+    with pytest.raises(PayloadTooLarge, match=r"^file: a JPEG of 506 scans"):
+        vision.decode_resized(many, LIMIT, spec(1), "file")
+    with pytest.raises(InvalidInput, match=r"^file: not a decodable image"):
+        vision.decode_resized(lying_bmp(300, 300), LIMIT, spec(1), "file")

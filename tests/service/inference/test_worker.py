@@ -1,0 +1,100 @@
+"""The model worker on the tiny exported models, without Ray or HTTP: preprocessing that would
+hold the replica's event loop (a large image's decoding, long texts' tokenising) runs in a thread,
+and answers as it does on the loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.inference.jobs import Answer, Classified, ClassifyJob, Translated, TranslateJob
+from service.inference.repository import load_entry
+from service.inference.runners import INLINE_CHARS
+from service.inference.worker import ModelWorker
+from service.settings import Settings
+
+pytestmark = pytest.mark.slow
+
+
+def png(side: int, grey: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("L", (side, side), grey).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def worker(repository: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> tuple[ModelWorker, list[int]]:
+    """The worker, and the threads its runner's preprocessing ran on, in order."""
+    w = ModelWorker(load_entry(repository, name, 1), Settings(repository=repository, decode_process=False),
+                    "replica", "node")  # fmt: skip
+    threads: list[int] = []
+    real: Callable[[Any], Any] = w.runner.preprocess
+
+    def preprocess(job: Any) -> Any:
+        threads.append(threading.get_ident())
+        return real(job)
+
+    monkeypatch.setattr(w.runner, "preprocess", preprocess)
+    return w, threads
+
+
+def test_large_images_are_preprocessed_off_the_loop_and_answered_as_their_small_copy(
+    tiny_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    w, threads = worker(tiny_repository, "fashion-vit", monkeypatch)
+
+    async def main() -> tuple[int, list[Answer]]:
+        jobs = [
+            ClassifyJob(image=png(48, 90)),
+            ClassifyJob(image=png(1000, 90), attention="rollout"),
+            ClassifyJob(pixels=np.full((600, 600), 90.0)),
+        ]
+        return threading.get_ident(), [await w.predict(j) for j in jobs]
+
+    try:
+        loop, (small, *large) = asyncio.run(main())
+    finally:
+        w.close()
+    assert threads[0] == loop and loop not in threads[1:] and len(threads) == 3
+    assert isinstance(small.result, Classified)
+    for answer in large:
+        assert isinstance(answer.result, Classified) and answer.result.labels == small.result.labels
+        np.testing.assert_allclose(answer.result.probabilities, small.result.probabilities, atol=1e-6)
+    assert isinstance(large[0].result, Classified) and large[0].result.rollout is not None
+    assert large[0].result.rollout.shape == w.runner.spec.grid
+
+
+def test_long_texts_are_tokenised_off_the_loop_and_translated_as_on_it(
+    tiny_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Three texts of 400 characters (1,200 > ``INLINE_CHARS``) in one request, whole and as a
+    stream, translate as each does alone on the loop (cut to the model's 64 source tokens)."""
+    texts = [" ".join(f"{d} mars {1900 + d}" for d in range(i, i + 40))[:400] for i in (1, 5, 9)]
+    assert sum(map(len, texts)) > INLINE_CHARS >= max(map(len, texts))
+    w, threads = worker(tiny_repository, "dates-transformer", monkeypatch)
+
+    async def main() -> tuple[int, list[Answer], Answer, Answer]:
+        alone = [await w.predict(TranslateJob([t], truncate=True)) for t in texts]
+        whole = await w.predict(TranslateJob(texts, truncate=True))
+        async with contextlib.aclosing(w.stream(TranslateJob(texts, truncate=True))) as events:
+            streamed = [event async for event in events][-1]
+        assert isinstance(streamed, Answer)
+        return threading.get_ident(), alone, whole, streamed
+
+    try:
+        loop, alone, whole, streamed = asyncio.run(main())
+    finally:
+        w.close()
+    assert threads[:3] == [loop] * 3 and len(threads) == 5 and loop not in threads[3:]
+    want = [a.result.translations[0].target_tokens for a in alone if isinstance(a.result, Translated)]
+    for answer in (whole, streamed):
+        assert isinstance(answer.result, Translated)
+        assert [t.target_tokens for t in answer.result.translations] == want
