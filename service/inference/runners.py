@@ -28,12 +28,11 @@ from service.inference.jobs import Classified, ClassifyJob, TokenEvent, Translat
 from service.inference.repository import ModelEntry
 from service.inference.translation import Translation, Translator
 from service.inference.vision import (
+    INLINE_BYTES,
     INLINE_PIXELS,
     Classifier,
     decode_cost,
-    decode_image,
     decode_resized,
-    mode_of,
     normalise,
     pixels_to_image,
     resize,
@@ -224,11 +223,11 @@ class ClassificationRunner:
 
     def inline(self, job: ClassifyJob) -> bool:
         """Whether :meth:`preprocess` is quick enough for the event loop: an image of at most
-        :data:`INLINE_PIXELS` (read from its header). A larger one is preprocessed in a thread
-        (4096 × 4096 pixels take 50–300 ms to decode and resize; 64 of them in one KServe request
-        held every model and protocol of the replica for seconds)."""
+        :data:`INLINE_BYTES` and :data:`INLINE_PIXELS` (read from its header). A larger one is
+        preprocessed in a thread (4096 × 4096 pixels take 50–300 ms to decode and resize; 64 of
+        them in one KServe request held every model and protocol of the replica for seconds)."""
         if job.image is not None:
-            return decode_cost(job.image) <= INLINE_PIXELS
+            return len(job.image) <= INLINE_BYTES and decode_cost(job.image) <= INLINE_PIXELS
         return job.pixels is None or job.pixels.size <= INLINE_PIXELS * 3  # the values of RGB pixels
 
     def preprocess(self, job: ClassifyJob) -> ClassifyWork:
@@ -239,10 +238,8 @@ class ClassificationRunner:
             raise InvalidInput("image: give exactly one of an encoded image or pixels")
         if job.image is None:
             resized = resize(pixels_to_image(self._pixel_array(job.pixels, job.field), job.field), self.spec)
-        elif decode_cost(job.image) > INLINE_PIXELS:  # Pillow throughout: the interpreter lock let go
-            resized = decode_resized(job.image, self.limits.max_image_pixels, self.spec, job.field)
         else:
-            resized = resize(self._decode(job.image, job.field), self.spec)
+            resized = decode_resized(job.image, self.limits.max_image_pixels, self.spec, job.field)
         if job.attention != "none":
             tokens = self.spec.prefix_tokens + self.spec.grid[0] * self.spec.grid[1]
             values = self.spec.grid[0] * self.spec.grid[1]
@@ -250,9 +247,6 @@ class ClassificationRunner:
                 values += self.spec.num_layers * self.spec.num_heads * tokens * tokens
             check_answer_size(values, self.limits.max_response_bytes, job.fewer_layers)
         return ClassifyWork(job, resized)
-
-    def _decode(self, data: bytes, field: str) -> Any:
-        return decode_image(data, self.limits.max_image_pixels, mode_of(self.spec), field)  # bombs too
 
     def _pixel_array(self, pixels: Any, field: str) -> np.ndarray:
         try:

@@ -1,7 +1,8 @@
 """Image classification over an exported ViT graph: decode → preprocess → batched run → top-k.
 
 Decoding yields a uint8 array in the model's colour mode, under a pixel limit (decompression bombs
-are refused from the header, before the pixels are allocated): an 8-bit grey or RGB PNG is
+are refused from the header, before the pixels are allocated) and the limits on what Pillow reads
+in Python (``image_headers.py``): an 8-bit grey or RGB PNG of at most :data:`INLINE_PIXELS` is
 decoded by libspng (``pyspng``) straight into an array — a third of Pillow's time on small images,
 the same pixels (PNG is lossless) — and converted to the model's mode, where it differs, by
 Pillow's own conversion from those pixels, as Pillow's path would. libspng stops reading once it
@@ -9,7 +10,8 @@ has every row and does not check the chunks' CRCs as pyspng calls it, so a damag
 decode to wrong pixels: the fast path takes only files whose chunks are whole and whose CRCs match
 up to IEND. Every other image (palette, alpha, 16-bit, other formats) goes through Pillow and its
 conversion, as before (which refuses a damaged one). Preprocessing follows the manifest (Pillow's
-bilinear resize, scale to [0, 1], normalise).
+bilinear resize, scale to [0, 1], normalise). An image too large for the replica's event loop is
+decoded in a thread, in Pillow throughout (:func:`decode_resized`), to the same pixels.
 """
 
 from __future__ import annotations
@@ -27,21 +29,19 @@ import pyspng
 from PIL import Image, UnidentifiedImageError
 
 from service.errors import InvalidInput, PayloadTooLarge
+from service.inference.image_headers import PNG_SIGNATURE, check_header
 from service.inference.manifest import ImageSpec, Manifest
 from service.inference.runtime import GraphSession
 
 ALLOWED_FORMATS = {"PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM"}
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-#: libjpeg's own progressive scripts write 10 scans (colour) or 6 (grey), a baseline JPEG one
-#: per component at most: ten times that
-MAX_JPEG_SCANS = 100
 #: the PNG colour types libspng decodes (8-bit grey, 8-bit RGB) and the Pillow mode of their pixels
 SPNG_MODES = {0: "L", 2: "RGB"}
-#: the most pixels (256 × 256; times its scans for a JPEG: :func:`decode_cost`) an image may have
-#: to be decoded on the event loop: about a millisecond at most (1.1–1.3 ms for a 256 × 256 noise
-#: PNG or JPEG, decoded and resized); a larger one is preprocessed in a thread by
-#: :func:`decode_resized`, the loop free meanwhile
+#: the most pixels (256 × 256; times its scans for a JPEG: :func:`decode_cost`) and bytes an image
+#: may have to be decoded on the event loop: about a millisecond at most (1.1–1.3 ms for a 256 ×
+#: 256 noise PNG or JPEG, decoded and resized; the bytes bound what Pillow reads of a header in
+#: Python); a larger one is preprocessed in a thread, the loop free meanwhile
 INLINE_PIXELS = 1 << 16
+INLINE_BYTES = 8 * 1024
 
 
 def mode_of(spec: ImageSpec) -> str:
@@ -56,6 +56,7 @@ def decode_image(data: bytes, max_pixels: int, mode: str, field: str = "image") 
     if header is not None:
         width, height, depth, colour = header
         check_pixels(width, height, max_pixels, field)
+        check_header(data, field)  # its chunks, before png_intact walks them
         if depth == 8 and colour in SPNG_MODES and png_intact(data):
             native = SPNG_MODES[colour]
             try:
@@ -75,11 +76,12 @@ def decode_image(data: bytes, max_pixels: int, mode: str, field: str = "image") 
 def decode_cost(data: bytes) -> int:
     """The pixels decoding ``data`` writes, from its header: width × height, times the scans of a
     JPEG (libjpeg reads each scan over the whole image); 0 where no header can be read (such
-    bytes are refused at once). What decides where an image is decoded (:data:`INLINE_PIXELS`)."""
+    bytes are refused at once). With :data:`INLINE_PIXELS`, where an image is decoded."""
     header = png_header(data)
     if header is not None:
         return header[0] * header[1]
     try:
+        check_header(data, "image")  # before Pillow reads it
         with Image.open(io.BytesIO(data)) as image:  # the header alone: no pixels yet
             pixels = image.width * image.height
             return pixels * max(1, data.count(b"\xff\xda")) if image.format == "JPEG" else pixels
@@ -88,12 +90,16 @@ def decode_cost(data: bytes) -> int:
 
 
 def decode_resized(data: bytes, max_pixels: int, spec: ImageSpec, field: str = "image") -> np.ndarray:
-    """Bytes of a large image → the model-sized uint8 image (H, W[, C]), the pixels of
-    ``resize(decode_image(…))``, for a thread beside the event loop: it stays in Pillow up to the
-    resized image, because Pillow's decoding, conversion and resizing let go of the interpreter
-    lock, and a numpy copy of the full-size image, or libspng's decoding, hold it throughout (the
-    loop would wait as long). A one-colour 4096 × 4096 PNG held the loop 49 ms through libspng,
-    16 ms at most through Pillow."""
+    """Bytes of an encoded image → the model-sized uint8 image (H, W[, C]), the pixels of
+    ``resize(decode_image(…))``: a PNG within :data:`INLINE_PIXELS` by :func:`decode_image`
+    (libspng where it applies), any other image in Pillow throughout, up to the resized image.
+    Pillow's decoding, conversion and resizing let go of the interpreter lock, and libspng's
+    decoding or a numpy copy of the full-size image hold it throughout: a one-colour 4096 × 4096
+    PNG decoded in a thread held the event loop 49 ms through libspng, 16 ms at most through
+    Pillow."""
+    header = png_header(data)
+    if header is not None and header[0] * header[1] <= INLINE_PIXELS:
+        return resize(decode_image(data, max_pixels, mode_of(spec), field), spec)
     return resize(converted(pillow_image(data, max_pixels, field), mode_of(spec), field), spec)
 
 
@@ -146,18 +152,6 @@ def check_pixels(width: int, height: int, max_pixels: int, field: str) -> None:
         raise PayloadTooLarge(f"{field}: {width}×{height} = {pixels} pixels, over the limit of {max_pixels}")
 
 
-def check_scans(jpeg: bytes, field: str) -> None:
-    """A JPEG's scans under :data:`MAX_JPEG_SCANS`, counted before it is decoded: libjpeg reads
-    every scan over every block of the image, so a small file of thousands of scans holding
-    nothing (end-of-band runs) keeps a decoder busy for minutes within the pixel limit
-    (libjpeg-turbo's djpeg has ``-maxscans`` against it; the library itself sets no limit). A scan
-    starts with the marker FF DA, which the entropy-coded data never holds (an FF there is
-    followed by 00 or a restart marker); an embedded thumbnail adds its own."""
-    scans = jpeg.count(b"\xff\xda")
-    if scans > MAX_JPEG_SCANS:
-        raise PayloadTooLarge(f"{field}: a JPEG of {scans} scans, over the limit of {MAX_JPEG_SCANS}")
-
-
 def pillow_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Image:
     """Bytes of an encoded image → a loaded Pillow image, or :class:`InvalidInput` naming ``field``
     (:class:`PayloadTooLarge` over the limits). Pillow's own decompression-bomb check comes first,
@@ -165,13 +159,12 @@ def pillow_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Im
     ``max_pixels`` above that would let through to decoding, and past twice that it refuses. Its
     warning is not turned into an error here: ``warnings.catch_warnings`` swaps the process's
     filters, which threads decoding at once (:func:`decode_resized`) would leave crossed."""
+    check_header(data, field)
     try:
         image = Image.open(io.BytesIO(data))
         if image.format not in ALLOWED_FORMATS:
             raise InvalidInput(f"{field}: unsupported image format {image.format}")
         check_pixels(image.width, image.height, max_pixels, field)
-        if image.format == "JPEG":
-            check_scans(data, field)
         image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PayloadTooLarge(f"{field}: over the limit of {max_pixels} pixels ({exc})") from exc

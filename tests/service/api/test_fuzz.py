@@ -49,6 +49,13 @@ def many_scans() -> bytes:
     return with_scans(out.getvalue(), 4_994)
 
 
+def jpeg_with(extra: bytes) -> bytes:
+    """A 16×16 JPEG with ``extra`` after its start-of-image marker."""
+    out = io.BytesIO()
+    Image.new("L", (16, 16)).save(out, format="JPEG")
+    return out.getvalue()[:2] + extra + out.getvalue()[2:]
+
+
 def v2_binary(header: dict, blob: bytes, declared: int | None = None) -> dict:
     head = json.dumps(header).encode()
     length = str(len(head) if declared is None else declared)
@@ -57,6 +64,10 @@ def v2_binary(header: dict, blob: bytes, declared: int | None = None) -> dict:
 
 def text_tensor(*texts: bytes) -> bytes:
     return b"".join(struct.pack("<I", len(t)) + t for t in texts)
+
+
+#: a KServe BYTES tensor of one JPEG with 4 MB of fill bytes before its first marker
+FILLED = text_tensor(jpeg_with(b"\xff" * 4_000_000))
 
 
 TRANSLATE, CLASSIFY = "/v1/models/dates-bahdanau/translate", "/v1/models/fashion-vit/classify"
@@ -103,6 +114,12 @@ CORPUS = [
      422, "pixels"),
     (CLASSIFY, {"json": {"image": b64(many_scans())}}, 413, "image: a JPEG of 5000 scans"),
     (CLASSIFY, {"files": {"file": ("x.jpg", many_scans(), "image/jpeg")}}, 413, "scans"),
+    # segments and fill bytes that Pillow reads in Python one at a time (4 MB: seconds of a replica)
+    (CLASSIFY, {"files": {"file": ("x.jpg", jpeg_with(b"\xff\xe1\x00\x02" * 1_000_000), "image/jpeg")}},
+     413, "file: a JPEG of more than 1000 segments"),
+    (V2_IMAGE, v2_binary({"inputs": [{"name": "IMAGE", "datatype": "BYTES", "shape": [1],
+                                      "parameters": {"binary_data_size": len(FILLED)}}]}, FILLED),
+     413, "IMAGE[0]: a JPEG of more than 4096 bytes outside its segments"),
     (V2_IMAGE, {"json": {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [1, 0, 0], "data": []}]}},
      422, "PIXELS"),
     (V2_IMAGE, {"json": {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [0, 28, 28], "data": []}]}},

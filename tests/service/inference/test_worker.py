@@ -64,6 +64,9 @@ def test_large_images_are_preprocessed_off_the_loop_and_answered_as_their_small_
     finally:
         w.close()
     assert threads[0] == loop and loop not in threads[1:] and len(threads) == 3
+    noise = io.BytesIO()  # 64 × 64 pixels, but 12 kB over INLINE_BYTES: Pillow reads headers in Python
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), np.uint8)).save(noise, "PNG")
+    assert not w.runner.inline(ClassifyJob(image=noise.getvalue()))
     assert isinstance(small.result, Classified)
     for answer in large:
         assert isinstance(answer.result, Classified) and answer.result.labels == small.result.labels
