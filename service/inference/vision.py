@@ -75,8 +75,9 @@ def decode_image(data: bytes, max_pixels: int, mode: str, field: str = "image") 
 
 def decode_cost(data: bytes) -> int:
     """The pixels decoding ``data`` writes, from its header: width × height, times the scans of a
-    JPEG (libjpeg reads each scan over the whole image); 0 where no header can be read (such
-    bytes are refused at once). With :data:`INLINE_PIXELS`, where an image is decoded."""
+    JPEG (libjpeg reads each scan over the whole image); 0 where no header can be read, or
+    ``image_headers`` refuses it (such bytes are refused at once). With :data:`INLINE_PIXELS`,
+    where an image is decoded."""
     header = png_header(data)
     if header is not None:
         return header[0] * header[1]
