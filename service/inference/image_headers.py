@@ -9,8 +9,9 @@ sub-blocks 1.5 s; an 8 MB Netpbm comment 4.6 s. Plain (ASCII) Netpbm is decoded 
 ≈ 3 s for 8 MB, and is refused. Each check below walks those units at C speed where it can and stops at its
 limit, so it costs a millisecond or so; the limits stand far above what encoders write. A check
 that fails is :class:`PayloadTooLarge` naming the field; bytes it cannot follow are left to Pillow,
-which refuses them. Other formats are bounded by theirs (a TIFF reads one directory of at most
-65,535 entries at open: 0.45 s at most).
+which refuses them. WebP is read by libwebp, BMP's headers are fixed; a decoder Pillow writes in
+Python (run-length BMP, Netpbm of an unusual maximum) is refused once the header is read
+(:func:`check_opened`).
 """
 
 from __future__ import annotations
@@ -19,21 +20,23 @@ import io
 import re
 import struct
 
-from PIL import Image, JpegImagePlugin, PpmImagePlugin
+import numpy as np
+from PIL import Image, ImageFile, JpegImagePlugin, PpmImagePlugin
 
 from service.errors import InvalidInput, PayloadTooLarge
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 JPEG_SIGNATURE = b"\xff\xd8\xff"  # what Pillow takes for a JPEG
 GIF_SIGNATURES = (b"GIF87a", b"GIF89a")
+TIFF_SIGNATURES = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic and BigTIFF, both byte orders
 
 #: libjpeg's own progressive scripts write 10 scans (colour) or 6 (grey), a baseline JPEG one
 #: per component at most: ten times that
 MAX_JPEG_SCANS = 100
 #: a JPEG's part before its first scan: segments (APPn, COM, DQT, DHT, SOF …), bytes outside any
 #: segment (fill bytes, junk), and bytes of the segments whose content Pillow parses (quantisation
-#: tables, frame headers, Photoshop's APP13). An ICC profile takes 255 segments at most, extended
-#: XMP one per 64 kB; four tables take 516 bytes
+#: tables, frame headers, EXIF, Photoshop's APP13). An ICC profile takes 255 segments at most,
+#: extended XMP one per 64 kB; four tables take 516 bytes, EXIF one segment of 64 kB at most
 MAX_JPEG_SEGMENTS = 1000
 MAX_JPEG_STRAY_BYTES = 4096
 MAX_JPEG_PARSED_BYTES = 256 * 1024
@@ -41,11 +44,20 @@ MAX_JPEG_PARSED_BYTES = 256 * 1024
 #: in libpng's 8 KiB chunks has a thousand)
 MAX_PNG_CHUNKS = 1000
 MAX_PNG_DATA_CHUNKS = 20_000
+#: a PNG's compressed metadata chunks (iCCP, zTXt, iTXt): Pillow inflates each, up to 1 MB (990
+#: iCCP chunks of 1 MB each in a 1 MB file: 5 s); the format allows one iCCP
+MAX_PNG_COMPRESSED_CHUNKS = 16
 #: a GIF's sub-blocks and stray bytes before its first image (a comment takes one sub-block per
 #: 255 bytes, XMP's trailer a few hundred)
 MAX_GIF_BLOCKS = 4096
 #: a Netpbm header (magic, width, height, maximum, comments)
 MAX_NETPBM_HEADER_BYTES = 4096
+#: a TIFF's entries per directory (the first, and the EXIF, GPS and interoperability directories it
+#: points to; writers use a few dozen), and its strips or tiles (Pillow makes a tile of each at
+#: open, then decodes each: 200,000 one-row strips in 800 kB took 6.2 s; 65,535 entries in
+#: directories pointing back at themselves 5.4 s). A 16 Mpx RGB image in 8 kB strips has 6,144
+MAX_TIFF_ENTRIES = 1024
+MAX_TIFF_STRIPS = 8192
 
 _PNG_CHUNK = struct.Struct(">I4s")  # a chunk's length and type
 # runs matched up to one byte past their limit, not to their end: 8 MB of them took 0.15 s
@@ -61,6 +73,8 @@ def check_header(data: bytes, field: str) -> None:
         check_jpeg(data, field)
     elif data.startswith(GIF_SIGNATURES):
         check_gif(data, field)
+    elif data[:4] in TIFF_SIGNATURES:
+        check_tiff(data, field)
     elif PpmImagePlugin._accept(data[:2]):  # Pillow's own test: P1–P6 and its float variants
         check_netpbm(data, field)
 
@@ -102,13 +116,19 @@ def check_jpeg(jpeg: bytes, field: str) -> None:
         handler = JpegImagePlugin.MARKER[marker][2]
         if handler is not None:  # a segment with a length
             length = int.from_bytes(jpeg[at : at + 2], "big")
-            if handler in (JpegImagePlugin.DQT, JpegImagePlugin.SOF) or marker == 0xFFED:
+            if (
+                handler in (JpegImagePlugin.DQT, JpegImagePlugin.SOF)
+                or marker == 0xFFED
+                or (
+                    marker == 0xFFE1 and jpeg.startswith(b"Exif\0\0", at + 2)  # joined, parsed at open
+                )
+            ):
                 parsed += length
             at += length
     for count, limit, what in (
         (segments, MAX_JPEG_SEGMENTS, "segments"),
         (stray, MAX_JPEG_STRAY_BYTES, "bytes outside its segments"),
-        (parsed, MAX_JPEG_PARSED_BYTES, "bytes of tables and Photoshop resources"),
+        (parsed, MAX_JPEG_PARSED_BYTES, "bytes of tables, EXIF and Photoshop resources"),
     ):
         if count > limit:
             raise _over(field, f"a JPEG of more than {limit} {what} before its first scan")
@@ -118,25 +138,29 @@ def check_jpeg(jpeg: bytes, field: str) -> None:
 
 
 def check_png(png: bytes, field: str) -> None:
-    """A PNG's chunks within :data:`MAX_PNG_CHUNKS` and :data:`MAX_PNG_DATA_CHUNKS`, walked by
-    their lengths: Pillow reads each one's header in Python (≈ 9 µs an unknown chunk, 4 µs an
-    IDAT)."""
+    """A PNG's chunks within :data:`MAX_PNG_CHUNKS`, :data:`MAX_PNG_DATA_CHUNKS` and
+    :data:`MAX_PNG_COMPRESSED_CHUNKS`, walked by their lengths up to where Pillow stops reading
+    (IEND; an animated PNG's second frame): Pillow reads each one's header in Python (≈ 9 µs an
+    unknown chunk, 4 µs an IDAT)."""
     if len(png) <= 12 * MAX_PNG_CHUNKS:  # too short for more (a chunk takes 12 bytes at least)
         return
-    at, end, chunks, data = len(PNG_SIGNATURE), len(png), 0, 0
+    at, end, chunks, data, compressed = len(PNG_SIGNATURE), len(png), 0, 0, 0
     while at + 8 <= end and chunks <= MAX_PNG_CHUNKS and data <= MAX_PNG_DATA_CHUNKS:
         length, kind = _PNG_CHUNK.unpack_from(png, at)
         if kind == b"IDAT":
             data += 1
+        elif kind == b"IEND" or (kind == b"fcTL" and data):  # the end, or the next frame
+            break
         else:
             chunks += 1
-            if kind == b"IEND":
-                break
+            compressed += kind in (b"iCCP", b"zTXt", b"iTXt")
         at += 12 + length
     if chunks > MAX_PNG_CHUNKS:
         raise _over(field, f"a PNG of more than {MAX_PNG_CHUNKS} chunks besides IDAT")
     if data > MAX_PNG_DATA_CHUNKS:
         raise _over(field, f"a PNG of more than {MAX_PNG_DATA_CHUNKS} IDAT chunks")
+    if compressed > MAX_PNG_COMPRESSED_CHUNKS:
+        raise _over(field, f"a PNG of more than {MAX_PNG_COMPRESSED_CHUNKS} compressed metadata chunks")
 
 
 def check_gif(gif: bytes, field: str) -> None:
@@ -167,18 +191,54 @@ def check_gif(gif: bytes, field: str) -> None:
 
 
 def check_netpbm(data: bytes, field: str) -> None:
-    """A Netpbm image's header within :data:`MAX_NETPBM_HEADER_BYTES` (Pillow reads it a byte at a
-    time, comments with no bound), and binary pixels (P4–P6): plain ones (P1–P3, numbers as text)
-    are decoded in Python, a number at a time, and refused naming the field."""
-    head = data[:MAX_NETPBM_HEADER_BYTES]
+    """A Netpbm image's header within :data:`MAX_NETPBM_HEADER_BYTES`: Pillow reads it a byte at a
+    time, comments with no bound."""
+    if len(data) <= MAX_NETPBM_HEADER_BYTES:
+        return
     try:
-        with Image.open(io.BytesIO(head)) as image:  # its header alone
-            codec = image.tile[0].codec_name if image.tile else ""
-    except Exception as exc:  # a header cut at the limit, or Pillow's verdict on a short file
-        if len(data) <= MAX_NETPBM_HEADER_BYTES:
-            return  # decoded as it is: Pillow refuses it
+        Image.open(io.BytesIO(data[:MAX_NETPBM_HEADER_BYTES]), formats=["PPM"]).close()  # its header alone
+    except Exception as exc:  # a header cut at the limit (or not one at all: refused either way)
         raise _over(field, f"a Netpbm header not within its first {MAX_NETPBM_HEADER_BYTES} bytes") from exc
-    if codec.endswith("_plain"):
+
+
+def check_tiff(tiff: bytes, field: str) -> None:
+    """A TIFF's directories within :data:`MAX_TIFF_ENTRIES` and its strips or tiles within
+    :data:`MAX_TIFF_STRIPS`: the first directory, and the EXIF, GPS and interoperability ones it
+    points to, each read once (a directory pointing back at itself, as Pillow would read it again,
+    counts once). Bytes that cannot be followed are left to Pillow."""
+    order, big = ("<" if tiff[:2] == b"II" else ">"), tiff[2:4] in (b"+\0", b"\0+")
+    count_type = np.dtype(f"{order}u8" if big else f"{order}u2")  # a directory's entry count
+    pointer = f"{order}u8" if big else f"{order}u4"
+    entry = np.dtype([("tag", f"{order}u2"), ("type", f"{order}u2"), ("count", pointer), ("value", pointer)])
+    if len(tiff) < 16:
+        return  # Pillow refuses it
+    todo, seen = [int(np.frombuffer(tiff, pointer, 1, 8 if big else 4)[0])], set[int]()
+    while todo and len(seen) < 8:
+        at = todo.pop()
+        if at in seen or at + count_type.itemsize > len(tiff):
+            continue
+        seen.add(at)
+        entries = int(np.frombuffer(tiff, count_type, 1, at)[0])
+        if entries > MAX_TIFF_ENTRIES:
+            raise _over(field, f"a TIFF directory of more than {MAX_TIFF_ENTRIES} entries")
+        if at + count_type.itemsize + entries * entry.itemsize > len(tiff):
+            continue
+        table = np.frombuffer(tiff, entry, entries, at + count_type.itemsize)
+        strips = table["count"][np.isin(table["tag"], (273, 324))]  # StripOffsets, TileOffsets
+        if strips.size and int(strips.max()) > MAX_TIFF_STRIPS:
+            raise _over(field, f"a TIFF of more than {MAX_TIFF_STRIPS} strips or tiles")
+        todo += [int(v) for v in table["value"][np.isin(table["tag"], (34665, 34853, 40965))]]
+
+
+def check_opened(image: ImageFile.ImageFile, field: str) -> None:
+    """An opened image (its header read) whose pixels Pillow decodes in C: a decoder Pillow
+    writes in Python (``Image.DECODERS``: run-length BMP, Netpbm of another maximum than 255 or
+    65,535, plain ASCII Netpbm …) reads a pixel or a number at a time holding the interpreter
+    lock, which a thread does not give back to the event loop (a 16.5 kB run-length BMP of
+    4096 × 4096: 2.9 s; a 1 MB P5 of maximum 254: 2 s), and is refused naming the field."""
+    codec = image.tile[0].codec_name if image.tile else ""
+    if codec in Image.DECODERS:
         raise InvalidInput(
-            f"{field}: plain (ASCII) Netpbm is not accepted; send P4–P6, PNG or another format"
+            f"{field}: this {image.format} image would be decoded in Python by Pillow ({codec}), "
+            "which is not accepted; send PNG, JPEG, WebP or another common encoding"
         )

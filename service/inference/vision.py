@@ -29,11 +29,11 @@ import pyspng
 from PIL import Image, UnidentifiedImageError
 
 from service.errors import InvalidInput, PayloadTooLarge
-from service.inference.image_headers import PNG_SIGNATURE, check_header
+from service.inference.image_headers import PNG_SIGNATURE, check_header, check_opened
 from service.inference.manifest import ImageSpec, Manifest
 from service.inference.runtime import GraphSession
 
-ALLOWED_FORMATS = {"PNG", "JPEG", "BMP", "GIF", "WEBP", "TIFF", "PPM"}
+ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "TIFF", "BMP", "PPM")  # Pillow's names
 #: the PNG colour types libspng decodes (8-bit grey, 8-bit RGB) and the Pillow mode of their pixels
 SPNG_MODES = {0: "L", 2: "RGB"}
 #: the most pixels (256 × 256; times its scans for a JPEG: :func:`decode_cost`) and bytes an image
@@ -83,7 +83,7 @@ def decode_cost(data: bytes) -> int:
         return header[0] * header[1]
     try:
         check_header(data, "image")  # before Pillow reads it
-        with Image.open(io.BytesIO(data)) as image:  # the header alone: no pixels yet
+        with Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS) as image:  # its header: no pixels yet
             pixels = image.width * image.height
             return pixels * max(1, data.count(b"\xff\xda")) if image.format == "JPEG" else pixels
     except Exception:  # whatever Pillow makes of it, decode_image refuses it
@@ -162,15 +162,17 @@ def pillow_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Im
     filters, which threads decoding at once (:func:`decode_resized`) would leave crossed."""
     check_header(data, field)
     try:
-        image = Image.open(io.BytesIO(data))
-        if image.format not in ALLOWED_FORMATS:
-            raise InvalidInput(f"{field}: unsupported image format {image.format}")
+        image = Image.open(io.BytesIO(data), formats=ALLOWED_FORMATS)  # no other plugin reads it
         check_pixels(image.width, image.height, max_pixels, field)
+        check_opened(image, field)
         image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PayloadTooLarge(f"{field}: over the limit of {max_pixels} pixels ({exc})") from exc
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-        raise InvalidInput(f"{field}: not a decodable image ({type(exc).__name__})") from exc
+        read = ", ".join(ALLOWED_FORMATS)
+        raise InvalidInput(
+            f"{field}: not a decodable image ({type(exc).__name__}; formats read: {read})"
+        ) from exc
     if image.mode.startswith("I;16"):  # 16-bit grey: Pillow's convert("L") clips at 255, not scales
         return Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), "L")
     return image

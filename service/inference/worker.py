@@ -94,6 +94,7 @@ class ModelWorker:
         #: requests (or parts of one) this worker holds at once — waiting, or in a batch that is
         #: computing or being answered — before it sheds new ones
         self.capacity = max_ongoing_requests(settings, entry.name) + settings.limits.max_queued_requests
+        self._preprocessing = 0  # jobs in :meth:`_accept_in_thread`
         #: and before that, work that would not drain within the request timeout is shed at once
         #: (``service/inference/admission.py``), in the units of the model's batch: positions of
         #: the token budget on the scheduler, texts or images on the batcher
@@ -126,8 +127,9 @@ class ModelWorker:
 
     @property
     def held(self) -> int:
-        """Requests (or parts of one) waiting, being computed or being answered."""
-        return self.batcher.held + (self.scheduler.held if self.scheduler else 0)
+        """Requests (or parts of one) being preprocessed in a thread, waiting, being computed or
+        being answered."""
+        return self._preprocessing + self.batcher.held + (self.scheduler.held if self.scheduler else 0)
 
     async def predict(self, job: Any) -> Answer:
         """Preprocess here (per request), infer in batches, postprocess here."""
@@ -248,7 +250,11 @@ class ModelWorker:
         every model and protocol of the replica (a large image's decoding): admitted here, then
         preprocessed in a thread of the loop's executor."""
         self._admit(job)
-        return await asyncio.to_thread(self.runner.preprocess, job)
+        self._preprocessing += 1  # held meanwhile: the capacity counts it
+        try:
+            return await asyncio.to_thread(self.runner.preprocess, job)
+        finally:
+            self._preprocessing -= 1
 
     def _admit(self, job: Any) -> None:
         if self.held >= self.capacity:

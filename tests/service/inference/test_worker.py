@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from service.errors import Overloaded
 from service.inference.jobs import Answer, Classified, ClassifyJob, Translated, TranslateJob
 from service.inference.repository import load_entry
 from service.inference.runners import INLINE_CHARS
@@ -101,3 +102,30 @@ def test_long_texts_are_tokenised_off_the_loop_and_translated_as_on_it(
     for answer in (whole, streamed):
         assert isinstance(answer.result, Translated)
         assert [t.target_tokens for t in answer.result.translations] == want
+
+
+def test_images_preprocessed_in_a_thread_hold_their_place_in_the_capacity(
+    tiny_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request counts against the worker's capacity from its admission on: eight large images at
+    once against a capacity of two are two answers and six refusals, as on the loop (counted only
+    once preprocessed, all eight passed the check before any was)."""
+    w, _ = worker(tiny_repository, "fashion-vit", monkeypatch)
+    w.capacity = 2
+    large = png(1000, 90)
+
+    async def one() -> str:
+        try:
+            await w.predict(ClassifyJob(image=large))
+        except Overloaded:
+            return "shed"
+        return "ok"
+
+    async def main() -> list[str]:
+        return list(await asyncio.gather(*(one() for _ in range(8))))
+
+    try:
+        outcomes = asyncio.run(main())
+    finally:
+        w.close()
+    assert sorted(outcomes) == ["ok"] * 2 + ["shed"] * 6 and w.held == 0
