@@ -1,17 +1,17 @@
 """Bounds on the parts of an encoded image that Pillow reads in Python, checked before it reads them.
 
-Pillow decodes pixels in C (libjpeg-turbo, zlib, its own LZW decoder), but reads what comes before
-and between them in Python: a JPEG's segments, a PNG's chunks, a GIF's extension blocks, a Netpbm
-header, a segment, chunk, block or byte at a time. Within the 8 MiB image limit, such structure
-kept it busy for seconds (Pillow 13, this machine): 8 MB of empty JPEG APP1 segments 5.4 s, of JPEG
-fill bytes 5 s, of quantisation tables 1.1 s; 7 MB of unknown PNG chunks 5.2 s; 8 MB of GIF comment
-sub-blocks 1.5 s; an 8 MB Netpbm comment 4.6 s. Plain (ASCII) Netpbm is decoded in Python too,
-≈ 3 s for 8 MB, and is refused. Each check below walks those units at C speed where it can and stops at its
-limit, so it costs a millisecond or so; the limits stand far above what encoders write. A check
-that fails is :class:`PayloadTooLarge` naming the field; bytes it cannot follow are left to Pillow,
-which refuses them. WebP is read by libwebp, BMP's headers are fixed; a decoder Pillow writes in
-Python (run-length BMP, Netpbm of an unusual maximum) is refused once the header is read
-(:func:`check_opened`).
+Pillow decodes pixels in C (libjpeg-turbo, zlib, libtiff, its own LZW decoder), but reads what
+comes before and between them in Python: a JPEG's segments, a PNG's chunks, a GIF's extension
+blocks, a Netpbm header, a TIFF's directories and strips, a segment, chunk, block, entry or byte at
+a time. Within the 8 MiB image limit, such structure kept it busy for seconds (Pillow 13, this
+machine): 8 MB of empty JPEG APP1 segments 5.4 s, of JPEG fill bytes 5 s, of quantisation tables
+1.1 s; 7 MB of unknown PNG chunks 5.2 s, 990 iCCP chunks of 1 MB inflated 5 s; 8 MB of GIF comment
+sub-blocks 1.5 s; an 8 MB Netpbm comment 4.6 s; 200,000 TIFF strips in 800 kB 6.2 s. Each check
+below walks those units at C speed where it can and stops at its limit, so it costs milliseconds;
+the limits stand far above what encoders write. A check that fails is :class:`PayloadTooLarge`
+naming the field; bytes it cannot follow are left to Pillow, which refuses them. WebP is read by
+libwebp, BMP's headers are fixed; a decoder Pillow writes in Python (run-length BMP, Netpbm of an
+unusual maximum, plain Netpbm) is refused once the header is read (:func:`check_opened`).
 """
 
 from __future__ import annotations
