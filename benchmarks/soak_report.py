@@ -144,6 +144,7 @@ def write_report(r: dict[str, Any], path: Path) -> Path:
     rest = a["rest"]["statuses"]
     dropped = a["rest"]["errors"] - sum(n for s, n in rest.items() if int(s) != 200)
     refusals = a["refusals"]["statuses"]
+    swapped = r["swap_every_s"] < r["duration_s"]
     lines = [
         f"# A long run of mixed traffic: memory, descriptors, threads ({r['date']})",
         "",
@@ -151,9 +152,10 @@ def write_report(r: dict[str, Any], path: Path) -> Path:
         f"copy of the demo repository, polled every second; {r['duration_s']:.0f} s of load after "
         f"{r['warmup_s']:.0f} s of warm-up — {r['clients']} REST clients over every model (attention "
         "as arrays and PNGs), a client sending requests that must be refused, a client hanging up on "
-        "requests and token streams, two KServe v2 gRPC clients cancelling one call in five, and a "
-        f"new version of each translator every {r['swap_every_s']:.0f} s with the one before "
-        f"deleted. Readings every few seconds under load, and after {r['cooldown_s']:.0f} s of quiet "
+        "requests and token streams, two KServe v2 gRPC clients cancelling one call in five, and "
+        + (f"a new version of each translator every {r['swap_every_s']:.0f} s with the one before deleted"
+           if swapped else "no new versions (`--swap-every` past the run)")
+        + f". Readings every few seconds under load, and after {r['cooldown_s']:.0f} s of quiet "
         f"before and after it. {os.cpu_count()}-core machine.",
         "",
         f"![RSS, descriptors and threads over time]({path.with_suffix('.png').name})",
@@ -165,8 +167,11 @@ def write_report(r: dict[str, Any], path: Path) -> Path:
         "- refusals: " + ", ".join(f"{s}: {n:,}" for s, n in sorted(refusals.items())),
         f"- abandoned by their client: {a['abandoned']:,} (half of them token streams)",
         "- KServe v2 gRPC: " + ", ".join(f"{k}: {n:,}" for k, n in sorted(a["grpc"].items())),
-        f"- versions {a['versions'][0]}–{a['versions'][1]} of each translator published and swapped "
-        "to under load, each one before deleted",
+        *(
+            [f"- versions {a['versions'][0]}–{a['versions'][1]} of each translator published and "
+             "swapped to under load, each one before deleted"]
+            if swapped else []
+        ),
         "",
         *_swap_lines(r),
         "## By process",
@@ -219,7 +224,10 @@ def plot(r: dict[str, Any], path: Path) -> Path:
     axes[3].set_xlabel("seconds of load (when published)")
     axes[3].set_ylabel("seconds after publishing")
     axes[3].set_ylim(bottom=0)
-    axes[3].legend(fontsize=6)
+    if swaps:
+        axes[3].legend(fontsize=6)
+    else:
+        axes[3].set_title("no version swaps in this run", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
