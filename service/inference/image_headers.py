@@ -236,7 +236,7 @@ def check_opened(image: ImageFile.ImageFile, field: str) -> None:
     65,535, plain ASCII Netpbm …) reads a pixel or a number at a time holding the interpreter
     lock, which a thread does not give back to the event loop (a 16.5 kB run-length BMP of
     4096 × 4096: 2.9 s; a 1 MB P5 of maximum 254: 2 s), and is refused naming the field."""
-    codec = image.tile[0].codec_name if image.tile else ""
+    codec = image.tile[0][0] if image.tile else ""  # its codec name (a tuple before Pillow 11)
     if codec in Image.DECODERS:
         raise InvalidInput(
             f"{field}: this {image.format} image would be decoded in Python by Pillow ({codec}), "
