@@ -22,14 +22,9 @@ from service.inference.repository import load_entry
 from service.inference.runners import INLINE_CHARS
 from service.inference.worker import ModelWorker
 from service.settings import Settings
+from tests.service.test_event_loop import png
 
 pytestmark = pytest.mark.slow
-
-
-def png(side: int, grey: int) -> bytes:
-    buffer = io.BytesIO()
-    Image.new("L", (side, side), grey).save(buffer, "PNG")
-    return buffer.getvalue()
 
 
 def worker(repository: Path, name: str, monkeypatch: pytest.MonkeyPatch) -> tuple[ModelWorker, list[int]]:
