@@ -240,7 +240,10 @@ def batch_buckets(text: str, model: str) -> list[float]:
 def test_the_batch_size_histogram_counts_each_batch_under_its_own_size(service: Service) -> None:
     """Batches of the image model, one by one and then concurrent: each counted in the bucket
     ``le`` its size, as the answers report the sizes. Through Ray's (default) OpenCensus export
-    every batch of 1, 2, 4 … was counted one bucket higher: ``le="1.0"`` never moved."""
+    every batch of 1, 2, 4 … was counted one bucket higher: ``le="1.0"`` never moved. Earlier
+    tests' single requests can reach the scrape after a quiet spell (seven did once, on a loaded
+    machine): each adds one to every bucket alike, so what moved is what this test's batches give
+    plus the same number in every bucket, never less in one."""
     png, _ = canvas_png()
     body = {"image": base64.b64encode(png).decode()}
     # earlier tests' batches reach the scrape seconds after they ran: start from a quiet count
@@ -269,10 +272,11 @@ def test_the_batch_size_histogram_counts_each_batch_under_its_own_size(service: 
     deadline = time.monotonic() + 30  # Ray's metrics agent exports every few seconds
     while time.monotonic() < deadline:
         moved = [a - b for a, b in zip(batch_buckets(scrape(service), "fashion-vit"), before, strict=True)]
-        if moved[-1] >= expected[-1]:
+        late = {m - e for m, e in zip(moved, expected, strict=True)}  # earlier tests' batches of one
+        if len(late) == 1 and min(late) >= 0:
             break
         time.sleep(1)
-    assert moved == expected, (moved, expected, batches)
+    assert len(late) == 1 and min(late) >= 0, (moved, expected, batches)
 
 
 def test_scrape_endpoint_shows_metrics_moving(service: Service) -> None:
