@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import orjson
 
-from service.api import kserve, kserve_tensors
+from service.api import json_body, kserve, kserve_tensors
 from service.api.rest_codec import dumps
 from service.errors import InvalidInput
 
@@ -39,9 +39,18 @@ class InferRequest:
         return self.binary_outputs.get(output, self.binary_default)
 
 
-def parse_request(body: bytes, header_length: str | None, max_items: int) -> InferRequest:
+def json_length(body: bytes, header_length: str | None) -> int:
+    """How many bytes of a v2 infer body are JSON: the Inference-Header-Content-Length where it is
+    a valid one, else the whole body."""
+    if header_length is not None and header_length.isascii() and header_length.isdigit():
+        return min(int(header_length), len(body))
+    return len(body)
+
+
+def parse_request(body: bytes, header_length: str | None, max_items: int, max_values: int) -> InferRequest:
     """Decode a v2 infer body; every problem becomes an :class:`InvalidInput` naming the part.
-    ``max_items``: the most elements a BYTES input may hold (``limits.tensor_items``)."""
+    ``max_items``: the most elements a BYTES input may hold (``limits.tensor_items``);
+    ``max_values``: the most values its JSON may hold (``json_body.check_values``)."""
     if header_length is not None:
         # ASCII digits only: str.isdigit() also takes "²", which int() refuses
         if not (header_length.isascii() and header_length.isdigit()) or int(header_length) > len(body):
@@ -52,6 +61,7 @@ def parse_request(body: bytes, header_length: str | None, max_items: int) -> Inf
         header_bytes, tail = body[:split], body[split:]
     else:
         header_bytes, tail = body, b""
+    json_body.check_values(header_bytes, max_values)
     try:
         header = orjson.loads(header_bytes)
     except orjson.JSONDecodeError as exc:  # invalid UTF-8 too
@@ -133,7 +143,7 @@ def encode_response(
         elif t.datatype == "BYTES":
             entry["data"] = [x.decode("utf-8", "replace") for x in t.data.ravel()]
         else:
-            entry["data"] = t.data.ravel().tolist()
+            entry["data"] = json_body.numbers(t.data.ravel())
         outputs.append(entry)
     header: dict[str, Any] = {"model_name": model, "model_version": str(version), "outputs": outputs}
     if request.id is not None:

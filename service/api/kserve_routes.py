@@ -15,7 +15,7 @@ from typing import Any
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 
-from service.api import kserve, kserve_http, triton_extensions
+from service.api import json_body, kserve, kserve_http, triton_extensions
 from service.api.limits import tensor_items
 from service.api.routes import ServerDep, direct_post, error_response, server_from
 from service.errors import NotReady
@@ -85,12 +85,24 @@ async def v2_infer(request: Request, name: str, version: str | None = None) -> R
         body = await server.read_body(request)
         limits = server.settings.limits
         length = request.headers.get(kserve_http.HEADER_LENGTH)
-        parsed = kserve_http.parse_request(body, length, tensor_items(limits))
-        prepared = kserve.prepare(
-            entry.manifest, parsed.inputs, parsed.parameters, parsed.outputs, parsed.classification, limits
-        )
+
+        def parse() -> tuple[kserve_http.InferRequest, kserve.Prepared]:
+            parsed = kserve_http.parse_request(body, length, tensor_items(limits), limits.max_json_values)
+            inputs, outputs = parsed.inputs, parsed.outputs
+            prepared = kserve.prepare(
+                entry.manifest, inputs, parsed.parameters, outputs, parsed.classification, limits
+            )
+            return parsed, prepared
+
+        # the JSON part decides: a binary request's tensors are not parsed value by value
+        heavy = kserve_http.json_length(body, length) >= json_body.IN_THREAD_BYTES
+        parsed, prepared = await json_body.off_loop(heavy, parse)
     _, answers, _ = await server.predict_many(name, None, "v2_infer", prepared.jobs, version)
-    tensors = kserve.to_outputs(answers, prepared)
-    # the version that answered: a newer one may have been swapped in since the lookup above
-    content, headers = kserve_http.encode_response(entry.name, answers[0].version, parsed, tensors)
+
+    def encode() -> tuple[bytes, dict[str, str]]:
+        tensors = kserve.to_outputs(answers, prepared)
+        # the version that answered: a newer one may have been swapped in since the lookup above
+        return kserve_http.encode_response(entry.name, answers[0].version, parsed, tensors)
+
+    content, headers = await json_body.off_loop(json_body.answer_values(answers) >= json_body.SLICE, encode)
     return Response(content=content, headers=headers)

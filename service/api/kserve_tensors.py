@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from service.api import json_body
 from service.errors import InvalidInput, PayloadTooLarge
 
 NUMPY_OF = {
@@ -115,7 +116,7 @@ def from_list(name: str, datatype: str, shape: Any, data: Any, max_items: int | 
         return Tensor(name, datatype, dims, array.reshape(dims))
     dtype = _numpy_dtype(name, datatype)
     try:
-        array = np.asarray(data, dtype=dtype).ravel()
+        array = json_body.array(data, dtype).ravel()
     except (ValueError, TypeError, OverflowError) as exc:
         raise InvalidInput(f"{name}: data is not a rectangular array of {datatype}") from exc
     if array.size != count:

@@ -13,8 +13,8 @@ from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
-from service.api import forms, limits
-from service.api.rest_codec import answer_json, classify_job, classify_json_job, draws, translate_job
+from service.api import forms, json_body, limits
+from service.api.rest_codec import answer_json, classify_job, classify_json_job, heavy, translate_job
 from service.api.rest_stream import translate_stream, wants_stream
 from service.api.routes import ServerDep, direct_post, server_from
 from service.api.schemas import (
@@ -102,8 +102,12 @@ async def translate(request: Request, name: str) -> Response:
     with server.refusals(name, "translate"):
         if not json_media(ctype := request.headers.get("content-type", "")):
             raise InvalidInput(f"content-type: expected application/json, got {ctype!r}")
+        raw = await server.read_body(request)
         try:
-            body = TranslateRequest.model_validate_json(await server.read_body(request))
+            body = await json_body.off_loop(
+                json_body.heavy(raw),
+                lambda: translate_request(raw, server.settings.limits.max_json_values),
+            )
         except ValidationError as exc:
             refusal = limits.over_ceiling(exc, server.settings.limits)
             raise refusal or InvalidInput(validation_message(exc)) from exc
@@ -111,7 +115,7 @@ async def translate(request: Request, name: str) -> Response:
     if wants_stream(body, request.headers.get("accept", "")):
         return await translate_stream(server, name, body, job)
     _, [answer], elapsed_ms = await server.predict_many(name, "translation", "translate", [job])
-    if draws(body):  # PNGs drawn in a thread, the event loop free meanwhile
+    if heavy(answer, body):  # PNGs drawn, or many values written, in a thread: the loop free meanwhile
         content = await asyncio.to_thread(answer_json, answer, body, elapsed_ms)
     else:
         content = answer_json(answer, body, elapsed_ms)
@@ -147,11 +151,26 @@ async def classify(request: Request, name: str) -> Response:
         server.resolve(name, "image-classification")
         options, job = await _classify_body(server, request)
     _, [answer], elapsed_ms = await server.predict_many(name, "image-classification", "classify", [job])
-    if draws(options):  # PNGs drawn in a thread, the event loop free meanwhile
+    if heavy(
+        answer, options
+    ):  # PNGs drawn, or many values written, in a thread: the event loop free meanwhile
         content = await asyncio.to_thread(answer_json, answer, options, elapsed_ms)
     else:
         content = answer_json(answer, options, elapsed_ms)
     return Response(content, media_type="application/json")
+
+
+def translate_request(raw: bytes, max_values: int) -> TranslateRequest:
+    """A translate body, parsed (:mod:`service.api.json_body`: on the loop or in a thread)."""
+    json_body.check_values(raw, max_values)
+    return TranslateRequest.model_validate_json(raw)
+
+
+def classify_request(raw: bytes, max_values: int) -> tuple[ClassifyRequest, ClassifyJob]:
+    """A JSON classify body and its job, parsed as :func:`translate_request` is."""
+    json_body.check_values(raw, max_values)
+    body = ClassifyRequest.model_validate_json(raw)
+    return body, classify_json_job(body)
 
 
 def json_media(ctype: str) -> bool:
@@ -185,8 +204,11 @@ async def _classify_body(server: Server, request: Request) -> tuple[ClassifyOpti
             options = ClassifyOptions.model_validate(form.fields)
             return options, classify_job(options, image=image, field="file")
         if json_media(ctype):
-            body = ClassifyRequest.model_validate_json(await server.read_body(request))
-            return body, classify_json_job(body)
+            raw = await server.read_body(request)
+            return await json_body.off_loop(
+                json_body.heavy(raw),
+                lambda: classify_request(raw, server.settings.limits.max_json_values),
+            )
     except ValidationError as exc:
         raise InvalidInput(validation_message(exc)) from exc
     except (json.JSONDecodeError, UnicodeDecodeError, AssertionError) as exc:

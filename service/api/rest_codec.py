@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import orjson
 
+from service.api import json_body
 from service.api.schemas import ClassifyOptions, ClassifyRequest, TranslateRequest
 from service.errors import InvalidInput
 from service.inference import attention as maps
@@ -77,7 +78,7 @@ def classify_json_job(request: ClassifyRequest) -> ClassifyJob:
             raise InvalidInput("image: not valid base64") from exc
         return classify_job(request, image=data)
     try:
-        pixels = np.asarray(request.pixels, dtype=np.float64)
+        pixels = json_body.array(request.pixels, np.float64)
     except (ValueError, TypeError, OverflowError) as exc:  # OverflowError: an integer past float's range
         raise InvalidInput("pixels: must be a rectangular array of numbers") from exc
     return classify_job(request, pixels=pixels)
@@ -91,6 +92,12 @@ def draws(options: TranslateRequest | ClassifyOptions) -> bool:
     takes ≈ 16 ms, 64 of them a second, so the routes build such an answer in a thread and the
     event loop goes on serving every other request meanwhile."""
     return options.return_attention and options.attention_format == "png"
+
+
+def heavy(answer: Answer, options: TranslateRequest | ClassifyOptions) -> bool:
+    """Whether :func:`answer_json` runs in a worker thread: it draws PNGs (:func:`draws`), or
+    writes :data:`json_body.SLICE` values or more (in slices there: :func:`rounded`)."""
+    return draws(options) or json_body.answer_values([answer]) >= json_body.SLICE
 
 
 def answer_json(answer: Answer, options: TranslateRequest | ClassifyOptions, total_ms: float) -> bytes:
@@ -166,7 +173,9 @@ def _classification(result: Classified, options: ClassifyOptions) -> dict[str, A
     return out
 
 
-def rounded(array: np.ndarray) -> np.ndarray:
-    """Attention values as JSON answers carry them: floats rounded to 6 decimals (an array in the
-    layout it is written in, which :func:`dumps` writes as nested lists)."""
-    return np.ascontiguousarray(np.round(array.astype(np.float64), 6))
+def rounded(array: np.ndarray) -> np.ndarray | orjson.Fragment:
+    """Attention values as JSON answers carry them: floats rounded to 6 decimals, as nested lists of
+    the array's layout — an array, which :func:`dumps` writes so, or, past
+    :data:`json_body.SLICE` values, its JSON written in slices (:func:`json_body.numbers`)."""
+    values = np.ascontiguousarray(np.round(array.astype(np.float64), 6))
+    return json_body.numbers(values) if values.size > json_body.SLICE else values

@@ -32,7 +32,7 @@ from typing import Any, cast
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from service.api.rest_codec import answer_json, draws, dumps, rounded
+from service.api.rest_codec import answer_json, dumps, heavy, rounded
 from service.api.schemas import TranslateRequest
 from service.api.server import Server
 from service.errors import ServiceError, unexpected
@@ -66,8 +66,9 @@ def _encode(item: Tokens | Answer, body: TranslateRequest, elapsed_ms: float) ->
 
 
 async def _encoded(item: Tokens | Answer, body: TranslateRequest, elapsed_ms: float) -> bytes:
-    """:func:`_encode`, in a thread for an answer with PNG heat maps (``rest_codec.draws``)."""
-    if isinstance(item, Answer) and draws(body):
+    """:func:`_encode`, in a thread for an answer with PNG heat maps or many values
+    (``rest_codec.heavy``)."""
+    if isinstance(item, Answer) and heavy(item, body):
         return await asyncio.to_thread(_encode, item, body, elapsed_ms)
     return _encode(item, body, elapsed_ms)
 

@@ -13,7 +13,7 @@ import pytest
 from service.api import kserve, kserve_http, kserve_tensors
 from service.api.http import create_app
 from service.errors import InvalidInput
-from tests.service.api.test_kserve_http import ITEMS, binary_body
+from tests.service.api.test_kserve_http import ITEMS, VALUES, binary_body
 from tests.service.api.test_rest import call
 from tests.service.fakes import entry, fake_server
 
@@ -90,7 +90,7 @@ def test_boolean_parameters_of_another_type_are_refused(
             "outputs": [{"name": "SCORE", "parameters": output_params}], "parameters": params}  # fmt: skip
     manifest = entry("fake-translation", "translation", tmp_path).manifest
     with pytest.raises(InvalidInput, match=message):
-        req = kserve_http.parse_request(json.dumps(body).encode(), None, ITEMS)
+        req = kserve_http.parse_request(json.dumps(body).encode(), None, ITEMS, VALUES)
         kserve.requested_outputs(manifest, req.outputs, req.parameters)
 
 

@@ -11,9 +11,11 @@ import pytest
 
 from service.api import kserve, kserve_http, kserve_tensors
 from service.errors import InvalidInput, PayloadTooLarge
+from service.settings import Limits
 
 #: the most elements a request's BYTES tensor may hold, as the server passes its limits
 ITEMS = 64
+VALUES = Limits().max_json_values
 
 
 def binary_body(header: dict, *blobs: bytes) -> tuple[bytes, str]:
@@ -24,7 +26,7 @@ def binary_body(header: dict, *blobs: bytes) -> tuple[bytes, str]:
 def test_json_request_and_response() -> None:
     body = {"id": "7", "inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [2], "data": ["a", "b"]}],
             "outputs": [{"name": "TRANSLATION"}], "parameters": {"beam_size": 2}}  # fmt: skip
-    req = kserve_http.parse_request(json.dumps(body).encode(), None, ITEMS)
+    req = kserve_http.parse_request(json.dumps(body).encode(), None, ITEMS, VALUES)
     assert req.id == "7" and req.parameters == {"beam_size": 2} and req.outputs == ["TRANSLATION"]
     assert req.inputs[0].data.tolist() == [b"a", b"b"] and not req.binary_outputs
     out = kserve.Tensor("SCORE", "FP32", [2], np.array([0.5, -1], dtype=np.float32))
@@ -32,6 +34,23 @@ def test_json_request_and_response() -> None:
     assert headers["content-type"] == "application/json"
     assert json.loads(content) == {"model_name": "m", "model_version": "1", "id": "7",
                                    "outputs": [{"name": "SCORE", "datatype": "FP32", "shape": [2], "data": [0.5, -1.0]}]}  # fmt: skip
+
+
+def test_json_values_are_counted_in_the_json_part_only() -> None:
+    """The value limit applies to the JSON of a request; a binary tail (commas are bytes 0x2C
+    there) is not parsed value by value and not counted."""
+    pixels = np.full((1, 100, 100), ord(","), dtype=np.uint8)
+    header = {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [1, 100, 100],
+                          "parameters": {"binary_data_size": pixels.size}}]}  # fmt: skip
+    body, length = binary_body(header, pixels.tobytes())
+    assert kserve_http.parse_request(body, length, ITEMS, 100).inputs[0].data.shape == (1, 100, 100)
+    assert kserve_http.json_length(body, length) == int(length) and kserve_http.json_length(
+        body, None
+    ) == len(body)
+    listed = {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [1, 100, 100],
+                          "data": pixels.ravel().tolist()}]}  # fmt: skip
+    with pytest.raises(PayloadTooLarge, match=r"^body: 10,00\d JSON values, over the limit of 10,000"):
+        kserve_http.parse_request(json.dumps(listed).encode(), None, ITEMS, 10_000)
 
 
 def test_binary_request_and_response() -> None:
@@ -42,7 +61,7 @@ def test_binary_request_and_response() -> None:
         {"name": "PIXELS", "datatype": "UINT8", "shape": [1, 2, 2], "parameters": {"binary_data_size": len(pixels)}},
     ], "parameters": {"binary_data_output": True}}  # fmt: skip
     body, length = binary_body(header, text, pixels)
-    req = kserve_http.parse_request(body, length, ITEMS)
+    req = kserve_http.parse_request(body, length, ITEMS, VALUES)
     assert req.inputs[0].data.tolist() == [b"5 mars 2024"] and req.inputs[1].data.shape == (1, 2, 2)
     out = kserve.Tensor("TRANSLATION", "BYTES", [1], np.array([b"2024-03-05"], dtype=np.object_))
     content, headers = kserve_http.encode_response("m", 1, req, [out])
@@ -126,7 +145,7 @@ def test_binary_request_and_response() -> None:
 )
 def test_malformed_bodies_name_the_problem(body: bytes, length: str | None, message: str) -> None:
     with pytest.raises(InvalidInput, match=message):
-        kserve_http.parse_request(body, length, ITEMS)
+        kserve_http.parse_request(body, length, ITEMS, VALUES)
 
 
 def test_a_bytes_tensor_over_the_element_limit_is_refused_before_its_elements_are_read() -> None:
@@ -139,16 +158,16 @@ def test_a_bytes_tensor_over_the_element_limit_is_refused_before_its_elements_ar
                           "parameters": {"binary_data_size": 5 * n}}]}  # fmt: skip
     body, length = binary_body(header, element * n)
     with pytest.raises(PayloadTooLarge, match=f"IMAGE: shape holds {n} elements, over the limit of {ITEMS}"):
-        kserve_http.parse_request(body, length, ITEMS)
+        kserve_http.parse_request(body, length, ITEMS, VALUES)
     header["inputs"][0]["shape"] = [2]  # type: ignore[index]
     body, length = binary_body(header, element * n)
     with pytest.raises(InvalidInput, match="IMAGE: data holds more than the 2 elements of its shape"):
-        kserve_http.parse_request(body, length, ITEMS)
+        kserve_http.parse_request(body, length, ITEMS, VALUES)
     listed = {
         "inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [ITEMS + 1], "data": ["a"] * (ITEMS + 1)}]
     }
     with pytest.raises(PayloadTooLarge, match=f"TEXT: shape holds {ITEMS + 1} elements"):
-        kserve_http.parse_request(json.dumps(listed).encode(), None, ITEMS)
+        kserve_http.parse_request(json.dumps(listed).encode(), None, ITEMS, VALUES)
 
 
 def test_binary_sizes_that_lie_are_refused() -> None:
@@ -157,11 +176,11 @@ def test_binary_sizes_that_lie_are_refused() -> None:
     }
     body, length = binary_body(header, b"\x01\x00\x00\x00a")
     with pytest.raises(InvalidInput, match="overruns"):
-        kserve_http.parse_request(body, length, ITEMS)
+        kserve_http.parse_request(body, length, ITEMS, VALUES)
     header["inputs"][0]["parameters"]["binary_data_size"] = 5  # type: ignore[index]
     body, length = binary_body(header, b"\x01\x00\x00\x00a", b"extra")
     with pytest.raises(InvalidInput, match="belong to no input"):
-        kserve_http.parse_request(body, length, ITEMS)
+        kserve_http.parse_request(body, length, ITEMS, VALUES)
 
 
 @pytest.mark.parametrize(
@@ -188,7 +207,7 @@ def test_an_output_s_own_binary_data_overrides_the_request_s(
     params = {} if request_flag is None else {"binary_data_output": request_flag}
     body = {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["a"]}],
             "outputs": outputs, "parameters": params}  # fmt: skip
-    req = kserve_http.parse_request(json.dumps(body).encode(), None, ITEMS)
+    req = kserve_http.parse_request(json.dumps(body).encode(), None, ITEMS, VALUES)
     tensors = [
         kserve.Tensor("TRANSLATION", "BYTES", [1], np.array([b"x"], dtype=np.object_)),
         kserve.Tensor("SCORE", "FP32", [1], np.array([0.5], dtype=np.float32)),
@@ -208,14 +227,14 @@ def test_a_binary_data_size_that_is_not_a_count_is_named_so() -> None:
     }
     head = json.dumps(body).encode()
     with pytest.raises(InvalidInput, match=r"TEXT: binary_data_size must be a non-negative integer, got '5'"):
-        kserve_http.parse_request(head + b"\x01\x00\x00\x00a", str(len(head)), ITEMS)
+        kserve_http.parse_request(head + b"\x01\x00\x00\x00a", str(len(head)), ITEMS, VALUES)
 
 
 def test_binary_data_output_false_as_a_string_answers_json() -> None:
     body = {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["a"]}],
             "outputs": [{"name": "SCORE", "parameters": {"binary_data": "false"}}],
             "parameters": {"binary_data_output": "false"}}  # fmt: skip
-    req = kserve_http.parse_request(json.dumps(body).encode(), None, ITEMS)
+    req = kserve_http.parse_request(json.dumps(body).encode(), None, ITEMS, VALUES)
     out = kserve.Tensor("SCORE", "FP32", [1], np.array([0.5], dtype=np.float32))
     content, headers = kserve_http.encode_response("m", 1, req, [out])
     assert headers["content-type"] == "application/json" and json.loads(content)["outputs"][0]["data"] == [
@@ -230,6 +249,6 @@ def test_a_request_id_is_a_string_or_a_number(request_id: object, expected: str 
     body = {"id": request_id, "inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data": ["a"]}]}
     if expected is None:
         with pytest.raises(InvalidInput, match="id: expected a string"):
-            kserve_http.parse_request(json.dumps(body).encode(), None, ITEMS)
+            kserve_http.parse_request(json.dumps(body).encode(), None, ITEMS, VALUES)
     else:
-        assert kserve_http.parse_request(json.dumps(body).encode(), None, ITEMS).id == expected
+        assert kserve_http.parse_request(json.dumps(body).encode(), None, ITEMS, VALUES).id == expected
