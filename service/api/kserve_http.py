@@ -154,10 +154,12 @@ def encode_response(
     return body + bytes(tail), {"content-type": "application/octet-stream", HEADER_LENGTH: str(len(body))}
 
 
-def ready_flag(body: bytes) -> bool:
-    """The ``ready`` field of a repository-index request (an empty body: false)."""
+def ready_flag(body: bytes, max_values: int) -> bool:
+    """The ``ready`` field of a repository-index request (an empty body: false); ``max_values`` as
+    for :func:`parse_request`."""
     if not body.strip():
         return False
+    json_body.check_values(body, max_values)
     try:
         request = orjson.loads(body)
     except orjson.JSONDecodeError as exc:

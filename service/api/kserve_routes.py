@@ -58,7 +58,9 @@ async def v2_config(server: ServerDep, name: str, version: str | None = None) ->
 @router.post("/v2/repository/index")
 async def v2_repository_index(server: ServerDep, request: Request) -> list[dict[str, Any]]:
     """Triton's index; the body may be empty or ``{"ready": true}`` (served models only)."""
-    ready_only = kserve_http.ready_flag(await server.read_body(request))
+    ready_only = kserve_http.ready_flag(
+        await server.read_body(request), server.settings.limits.max_json_values
+    )
     return await triton_extensions.served_index(server, ready_only)
 
 

@@ -26,11 +26,12 @@ class Limits(BaseModel):
     #: decode length × source length, × layers × heads for every layer's attention): larger
     #: requests are refused with 422 before any work, not encoded into huge JSON
     max_response_bytes: int = Field(32 * 1024 * 1024, ge=64 * 1024)
-    #: values in a JSON request body (REST, KServe v2 JSON), counted by their commas before it is
-    #: parsed: each costs ≈ 0.1–0.2 µs of the replica's event loop (``service/api/json_body.py``).
-    #: 1 Mi takes a 1024 × 1024 grey image as pixels, or 6 RGB images of 224 × 224 as a tensor;
-    #: larger inputs travel encoded (PNG, JPEG) or in KServe's binary extension
-    max_json_values: int = Field(1024 * 1024 + 1024, ge=64 * 1024)
+    #: values in a JSON request body (REST, KServe v2 JSON), counted by their commas and brackets
+    #: before it is parsed: each costs ≈ 0.15 µs of the replica's event loop
+    #: (``service/api/json_body.py``). 1 Mi + 2 Ki takes a 1024 × 1024 grey image as pixels, or 6
+    #: RGB images of 224 × 224 as a tensor; larger inputs travel encoded (PNG, JPEG) or in
+    #: KServe's binary extension
+    max_json_values: int = Field(1024 * 1024 + 2048, ge=64 * 1024)
     #: requests waiting in a model's queue beyond which new ones are shed with 503
     max_queued_requests: int = Field(128, ge=1)
     request_timeout_s: float = Field(30.0, gt=0)

@@ -131,10 +131,15 @@ CORPUS = [
      413, "IMAGE[0]: a JPEG of more than 4096 bytes outside its segments"),
     # JSON of millions of values, 5 kB on the wire when gzip-encoded: each value costs the event loop
     # its parse (a 7 MB body held it 0.6 s), so more than limits.max_json_values are refused unparsed
-    (CLASSIFY, gzipped({"pixels": [[0] * 1500] * 1500}), 413, "body: 2,250,000 JSON values, over the limit of 1,049,600"),
+    (CLASSIFY, gzipped({"pixels": [[0] * 1500] * 1500}), 413, "body: 2,251,501 JSON values, over the limit of 1,050,624"),
     (V2_IMAGE, gzipped({"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [1, 1500, 1500],
-                                    "data": [0] * 2_250_000}]}), 413, "JSON values, over the limit of 1,049,600"),
-    (TRANSLATE, gzipped({"text": ["x"] * 2_000_000}), 413, "body: 2,000,000 JSON values"),
+                                    "data": [0] * 2_250_000}]}), 413, "JSON values, over the limit of 1,050,624"),
+    (TRANSLATE, gzipped({"text": ["x"] * 2_000_000}), 413, "body: 2,000,001 JSON values"),
+    # brackets parse as slowly as numbers: 11,000 lists nested 100 deep, 11,000 commas
+    (TRANSLATE, {"data": gzip.compress(b'{"text": "x", "pad": [' + b",".join([b"[" * 100 + b"0" + b"]" * 100] * 11_000)
+                                       + b"]}"), "headers": {"content-type": "application/json",
+                                                             "content-encoding": "gzip"}},
+     413, "body: 1,111,002 JSON values"),
     (V2_IMAGE, {"json": {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [1, 0, 0], "data": []}]}},
      422, "PIXELS"),
     (V2_IMAGE, {"json": {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [0, 28, 28], "data": []}]}},

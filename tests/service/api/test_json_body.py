@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 
 import numpy as np
 import orjson
@@ -17,10 +18,14 @@ from service.inference.jobs import Answer, AnswerMetrics, Classified
 
 
 def test_a_body_over_the_value_limit_is_refused_before_parsing() -> None:
-    body = orjson.dumps({"pixels": [[0] * 100] * 100})  # 10,000 values
-    json_body.check_values(body, 10_000)
-    with pytest.raises(PayloadTooLarge, match=r"^body: 10,001 JSON values, over the limit of 10,000"):
-        json_body.check_values(orjson.dumps({"pixels": [[0] * 100] * 100, "top_k": 5}), 10_000)
+    """Counted: commas, and brackets (a list is a value to parse as a number is)."""
+    body = orjson.dumps({"pixels": [[0] * 100] * 100})  # 9,999 commas, 101 lists, 1 object
+    json_body.check_values(body, 10_101)
+    with pytest.raises(PayloadTooLarge, match=r"^body: 10,101 JSON values, over the limit of 10,100"):
+        json_body.check_values(body, 10_100)
+    nested = b"[" + b",".join([b"[" * 50 + b"0" + b"]" * 50] * 100) + b"]"  # 99 commas, 5,001 lists
+    with pytest.raises(PayloadTooLarge, match=r"^body: 5,100 JSON values"):
+        json_body.check_values(nested, 5_000)
 
 
 @pytest.mark.parametrize(
@@ -33,8 +38,11 @@ def test_a_body_over_the_value_limit_is_refused_before_parsing() -> None:
         [[i % 256] * 1000 for i in range(300)],
         [[[i, i, i]] * 500 for i in range(200)],
         np.arange(3 * 70_000).reshape(3, 70_000).tolist(),  # rows larger than a slice
+        np.arange(300 * 300).reshape(1, 300, 300).tolist(),  # one image as KServe's [1, H, W]
+        np.arange(2 * 300 * 300 * 3).reshape(2, 300, 300, 3).tolist(),
+        [[]] * 5,
     ],
-    ids=["scalar", "empty", "one", "flat", "rows", "rgb", "wide"],
+    ids=["scalar", "empty", "one", "flat", "rows", "rgb", "wide", "one-image", "two-rgb", "empties"],
 )
 def test_arrays_are_converted_in_slices_to_what_numpy_gives(data: object) -> None:
     got = json_body.array(data, np.float32)
@@ -51,8 +59,10 @@ def test_arrays_are_converted_in_slices_to_what_numpy_gives(data: object) -> Non
         [1] * 70_000 + [[1]],
         [1] * 70_000 + ["x"],
         [[1, 2], [3]],
+        [np.zeros((300, 300)).tolist(), np.zeros((300, 299)).tolist()],  # rows of a slice each
+        [np.zeros((300, 300)).tolist(), 1],
     ],
-    ids=["last-row", "slices", "nested-late", "string", "ragged"],
+    ids=["last-row", "slices", "nested-late", "string", "ragged", "large-rows", "large-and-scalar"],
 )
 def test_ragged_or_non_numeric_arrays_are_refused_as_numpy_refuses_them(data: list) -> None:
     with pytest.raises((ValueError, TypeError)):
@@ -104,3 +114,18 @@ def test_rest_attention_past_a_slice_is_written_in_slices_and_its_answer_in_a_th
     assert not rest_codec.heavy(answer, options)
     answer.result.attentions = large  # type: ignore[union-attr]
     assert rest_codec.heavy(answer, options)
+
+
+def test_what_a_refused_body_holds_is_freed_in_the_thread() -> None:
+    """A refusal raised in the worker thread: the parsed body its traceback's frames hold is freed
+    there, not on the event loop when the refusal is answered (1M values took 19 ms to free)."""
+    held: list[weakref.ref] = []
+
+    def work() -> None:
+        parsed = np.zeros(1000)
+        held.append(weakref.ref(parsed))
+        raise PayloadTooLarge("body: too much")
+
+    with pytest.raises(PayloadTooLarge) as refused:
+        asyncio.run(json_body.off_loop(True, work))
+    assert refused.value.args == ("body: too much",) and held[0]() is None

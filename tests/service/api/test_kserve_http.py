@@ -49,7 +49,7 @@ def test_json_values_are_counted_in_the_json_part_only() -> None:
     ) == len(body)
     listed = {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [1, 100, 100],
                           "data": pixels.ravel().tolist()}]}  # fmt: skip
-    with pytest.raises(PayloadTooLarge, match=r"^body: 10,00\d JSON values, over the limit of 10,000"):
+    with pytest.raises(PayloadTooLarge, match=r"^body: [\d,]+ JSON values, over the limit of 10,000"):
         kserve_http.parse_request(json.dumps(listed).encode(), None, ITEMS, 10_000)
 
 
