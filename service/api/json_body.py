@@ -57,15 +57,16 @@ def check_values(body: bytes, limit: int) -> None:
         )
 
 
-def heavy(body: bytes) -> bool:
-    """Whether a JSON body is parsed in a worker thread: :data:`IN_THREAD_BYTES` or more."""
-    return len(body) >= IN_THREAD_BYTES
+def heavy(json_bytes: int) -> bool:
+    """Whether a body of ``json_bytes`` bytes of JSON is parsed in a worker thread:
+    :data:`IN_THREAD_BYTES` or more."""
+    return json_bytes >= IN_THREAD_BYTES
 
 
-async def off_loop(heavy: bool, work: Callable[[], T]) -> T:
-    """``work()``: in a worker thread if ``heavy`` (a body of :data:`IN_THREAD_BYTES` or more to
-    parse, an answer of :data:`SLICE` values or more to write), else on the loop."""
-    return await asyncio.to_thread(_freeing, work) if heavy else work()
+async def off_loop(in_thread: bool, work: Callable[[], T]) -> T:
+    """``work()``: in a worker thread if ``in_thread`` (a body to parse that is :func:`heavy`, an
+    answer of :data:`SLICE` values or more to write), else on the loop."""
+    return await asyncio.to_thread(_freeing, work) if in_thread else work()
 
 
 def _freeing(work: Callable[[], T]) -> T:

@@ -97,7 +97,7 @@ async def v2_infer(request: Request, name: str, version: str | None = None) -> R
             return parsed, prepared
 
         # the JSON part decides: a binary request's tensors are not parsed value by value
-        heavy = kserve_http.json_length(body, length) >= json_body.IN_THREAD_BYTES
+        heavy = json_body.heavy(kserve_http.json_length(body, length))
         parsed, prepared = await json_body.off_loop(heavy, parse)
     _, answers, _ = await server.predict_many(name, None, "v2_infer", prepared.jobs, version)
 

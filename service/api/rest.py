@@ -105,7 +105,7 @@ async def translate(request: Request, name: str) -> Response:
         raw = await server.read_body(request)
         try:
             body = await json_body.off_loop(
-                json_body.heavy(raw),
+                json_body.heavy(len(raw)),
                 lambda: translate_request(raw, server.settings.limits.max_json_values),
             )
         except ValidationError as exc:
@@ -151,9 +151,7 @@ async def classify(request: Request, name: str) -> Response:
         server.resolve(name, "image-classification")
         options, job = await _classify_body(server, request)
     _, [answer], elapsed_ms = await server.predict_many(name, "image-classification", "classify", [job])
-    if heavy(
-        answer, options
-    ):  # PNGs drawn, or many values written, in a thread: the event loop free meanwhile
+    if heavy(answer, options):  # PNGs drawn, or many values written, in a thread: the loop free meanwhile
         content = await asyncio.to_thread(answer_json, answer, options, elapsed_ms)
     else:
         content = answer_json(answer, options, elapsed_ms)
@@ -206,7 +204,7 @@ async def _classify_body(server: Server, request: Request) -> tuple[ClassifyOpti
         if json_media(ctype):
             raw = await server.read_body(request)
             return await json_body.off_loop(
-                json_body.heavy(raw),
+                json_body.heavy(len(raw)),
                 lambda: classify_request(raw, server.settings.limits.max_json_values),
             )
     except ValidationError as exc:

@@ -93,8 +93,7 @@ def test_heavy_work_runs_in_a_thread_and_light_work_on_the_loop() -> None:
         return await json_body.off_loop(heavy, lambda: threading.current_thread() is threading.main_thread())
 
     assert asyncio.run(where(False)) and not asyncio.run(where(True))
-    assert not json_body.heavy(b" " * (json_body.IN_THREAD_BYTES - 1))
-    assert json_body.heavy(b" " * json_body.IN_THREAD_BYTES)
+    assert not json_body.heavy(json_body.IN_THREAD_BYTES - 1) and json_body.heavy(json_body.IN_THREAD_BYTES)
 
 
 def test_rest_attention_past_a_slice_is_written_in_slices_and_its_answer_in_a_thread() -> None:
