@@ -236,9 +236,14 @@ def settings_errors(exc: ValidationError) -> str:
 
 
 def ray_processes_environment(settings: Settings) -> dict[str, str]:
-    """What every Ray process must see when it starts: the gRPC proxy's message limit, Ray's
+    """What every Ray process must see when it starts: the gRPC proxy's message limits, Ray's
     metrics export and the frontend's switches (``Settings.ray_environment``)."""
-    grpc = {"RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(settings.grpc_max_message_bytes)}
+    from service.api.grpc_parsing import VALUE_BYTES_VARIABLE
+
+    grpc = {
+        "RAY_SERVE_GRPC_MAX_MESSAGE_SIZE": str(settings.grpc_max_message_bytes),
+        VALUE_BYTES_VARIABLE: str(settings.limits.max_grpc_value_bytes),  # read by grpc_parsing
+    }
     return {**grpc, **settings.ray_environment()}
 
 

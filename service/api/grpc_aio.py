@@ -16,18 +16,21 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2_grpc
 from pydantic import SecretStr
 
 from service.api import auth
-from service.api.grpc_parsing import Lenient, Undecodable
+from service.api.grpc_parsing import DEFAULT_VALUE_BYTES, Lenient, Undecodable
 from service.api.grpc_servicer import GrpcServicer
 from service.api.protos import attention_pb2_grpc, grpc_service_pb2_grpc
 from service.errors import ServiceError, unexpected
 
 
-def add_to_grpc_server(grpc_server: grpc.aio.Server, servicer: GrpcServicer) -> list[str]:
+def add_to_grpc_server(
+    grpc_server: grpc.aio.Server, servicer: GrpcServicer, max_value_bytes: int = DEFAULT_VALUE_BYTES
+) -> list[str]:
     """Serve both services of ``servicer`` on a grpc.aio server; their full names. The RPCs set
     the error's code on their context and raise it; grpc.aio needs ``abort`` to send it. A request
     protobuf cannot parse (a string field that is not UTF-8, a corrupt message) reaches the RPC as
     :class:`Undecodable` and is answered INVALID_ARGUMENT — grpc's own parser answered UNKNOWN,
-    and in ``ModelStreamInfer`` ended the whole stream."""
+    and in ``ModelStreamInfer`` ended the whole stream; one it would parse value by value beyond
+    ``max_value_bytes`` (``limits.max_grpc_value_bytes``) is refused unparsed, as large (``grpc_parsing``)."""
     kserve_v2, attention_v1 = grpc_service_pb2_grpc, attention_pb2_grpc
     services = []
     for base, add in (
@@ -41,7 +44,7 @@ def add_to_grpc_server(grpc_server: grpc.aio.Server, servicer: GrpcServicer) -> 
                 overrides[name] = (
                     _aio_streaming(impl) if inspect.isasyncgenfunction(impl) else _aio_unary(impl)
                 )
-        lenient = Lenient(grpc_server)
+        lenient = Lenient(grpc_server, max_value_bytes=max_value_bytes)
         add(type(base.__name__, (base,), overrides)(), lenient)
         if not lenient.services:  # stubs from grpcio-tools < 1.62 register generic handlers only
             raise RuntimeError(f"{add.__name__} registered no methods: regenerate the stubs (make protos)")

@@ -101,7 +101,9 @@ class ServingReplica:
             settings.connection_max_age_s,
             interceptors(settings.api_token, settings.limits.max_grpc_calls, self.metrics.grpc_refused),
         )
-        services = add_to_grpc_server(self.grpc, GrpcServicer(self.server))
+        services = add_to_grpc_server(
+            self.grpc, GrpcServicer(self.server), settings.limits.max_grpc_value_bytes
+        )
         self.health = GrpcHealth(self.grpc, services)
         add_reflection(self.grpc, services)
         await self.health.serving()  # every model is loaded and warm by now

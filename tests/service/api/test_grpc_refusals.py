@@ -1,7 +1,7 @@
 """What the gRPC services refuse, on a real grpc.aio server over fake models (``with_servicer``):
 each refusal's status code and a message naming the field as gRPC names it, bounds checked
-before a request's repeated fields are walked, messages protobuf cannot parse, and every
-refusal counted in the request metrics."""
+before a request's repeated fields are walked, messages protobuf cannot parse or would parse
+value by value beyond the limit, and every refusal counted in the request metrics."""
 
 from __future__ import annotations
 
@@ -176,3 +176,50 @@ def test_a_request_protobuf_cannot_parse_is_invalid_argument(tmp_path: Path) -> 
         assert e.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a valid protobuf message" in e.details()
     assert [r.error_message != "" for r in replies] == [False, True, False]
     assert replies[2].infer_response.id == "g"
+
+
+def test_a_request_protobuf_would_parse_value_by_value_beyond_the_limit_is_refused_unparsed(
+    tmp_path: Path,
+) -> None:
+    """Typed UINT8 contents over ``limits.max_grpc_value_bytes`` (64 KiB here): INVALID_ARGUMENT
+    naming the field and the limit, and in ModelStreamInfer an error for that message while the
+    stream goes on; the same values as raw_input_contents, FP32 contents of the same byte size
+    and a message of long texts are served."""
+    values = 100_000  # each 200 (two bytes as a varint): 200,000 bytes, over 65,536
+    typed = pb.ModelInferRequest(model_name="fake-classifier", id="typed")
+    pixels = typed.inputs.add(name="PIXELS", datatype="UINT8", shape=[1, 250, 400])
+    pixels.contents.uint_contents.extend([200] * values)
+    raw = pb.ModelInferRequest(model_name="fake-classifier", id="raw")
+    raw.inputs.add(name="PIXELS", datatype="UINT8", shape=[1, 250, 400])
+    raw.raw_input_contents.append(bytes([200]) * values)
+    floats = pb.ModelInferRequest(model_name="fake-classifier", id="fp32")
+    floats.inputs.add(name="PIXELS", datatype="FP32", shape=[1, 250, 400])
+    floats.inputs[0].contents.fp32_contents.extend([0.5] * values)
+    texts = apb.TranslateRequest(model="fake-translator", texts=["ab " * 1300] * 64)  # 64 × 3,900 chars
+    assert min(len(m.SerializeToString()) for m in (typed, raw, floats, texts)) > 65_536
+
+    async def use(channel: grpc.aio.Channel) -> Any:
+        v2 = pb_grpc.GRPCInferenceServiceStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as failure:
+            await v2.ModelInfer(typed)
+        served = [(await v2.ModelInfer(m)).id for m in (raw, floats)]
+        translated = await apb_grpc.AttentionServiceStub(channel).Translate(texts)
+
+        async def requests() -> Any:
+            for message in (raw, typed, floats):
+                yield message
+
+        replies = [r async for r in v2.ModelStreamInfer(requests())]
+        return failure.value, served, len(translated.translations), replies
+
+    error, served, translations, replies = with_servicer(
+        tmp_path, use, limits={"max_grpc_value_bytes": 65_536, "max_text_chars": 4096}
+    )
+    assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.details().startswith(
+        "inputs.contents.uint_contents: 200000 bytes parsed value by value (200005 in the request), "
+        "over the limit of 65536 (limits.max_grpc_value_bytes); send tensors as raw_input_contents"
+    ), error.details()
+    assert served == ["raw", "fp32"] and translations == 64
+    assert [r.error_message[:29] for r in replies] == ["", "inputs.contents.uint_contents", ""]
+    assert [r.infer_response.id for r in replies] == ["raw", "", "fp32"]

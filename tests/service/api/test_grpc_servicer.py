@@ -50,7 +50,8 @@ def with_servicer(
                 server.settings.api_token, server.settings.limits.max_grpc_calls, refused
             )
         )
-        services = add_to_grpc_server(grpc_server, GrpcServicer(server))
+        limit = server.settings.limits.max_grpc_value_bytes
+        services = add_to_grpc_server(grpc_server, GrpcServicer(server), limit)
         if beside is not None:
             beside(grpc_server, services)
         with socket.socket() as s:

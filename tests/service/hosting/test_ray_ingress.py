@@ -30,6 +30,8 @@ from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
+from service.api.protos import grpc_service_pb2 as pb
+from service.api.protos import grpc_service_pb2_grpc as pb_grpc
 from service.errors import Overloaded
 from service.hosting.ray_ingress import IngressReplica, RemoteModel
 from service.inference.repository import load_entry
@@ -62,6 +64,7 @@ def test_ray_ingress_frontends_serve_rest_and_grpc(
         tiny_repository,
         tmp_path,
         ATTN_LIMITS__MAX_QUEUED_REQUESTS="1",
+        ATTN_LIMITS__MAX_GRPC_VALUE_BYTES="65536",
         ATTN_MODEL_OVERRIDES='{"dates-transformer": {"max_batch_size": 1, "batch_wait_timeout_s": 0}}',
     ) as svc:
         url = svc.url
@@ -83,6 +86,16 @@ def test_ray_ingress_frontends_serve_rest_and_grpc(
             garbage(b"\xff\xff\xff\xff\x0f", timeout=30)
         assert undecodable.value.code() == grpc.StatusCode.INVALID_ARGUMENT
         assert "not a valid protobuf message" in (undecodable.value.details() or "")
+        # typed contents over the limit, in the proxy or the ingress replica, which Ray's processes
+        # read from the environment python -m service gives them
+        typed = pb.ModelInferRequest(model_name="dates-bahdanau")
+        typed.inputs.add(name="TEXT", datatype="UINT8").contents.uint_contents.extend([7] * 70_000)
+        with pytest.raises(grpc.RpcError) as costly:
+            pb_grpc.GRPCInferenceServiceStub(grpc.insecure_channel(svc.grpc_target)).ModelInfer(
+                typed, timeout=30
+            )
+        assert costly.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "over the limit of 65536 (limits.max_grpc_value_bytes)" in (costly.value.details() or "")
         slow = {"text": "Samstag, 15. Mai 1976 " * 8, "beam_size": 8, "truncate": True}
         target = f"{url}/v1/models/dates-transformer/translate"
         with ThreadPoolExecutor(64) as pool:
