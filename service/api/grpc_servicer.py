@@ -343,7 +343,7 @@ class GrpcServicer:
         ):
             response.predictions.add(label=label, index=int(index), probability=float(probability))
         if result.rollout is not None:
-            response.rollout.CopyFrom(codec.tensor(result.rollout))
+            response.rollout.MergeFromString(codec.tensor_bytes(result.rollout))
         return response
 
 
