@@ -9,17 +9,19 @@ functions ``grpc_servicer_functions`` names. Ray's proxy keeps a handler's reque
 sends what it parsed to the ingress replica, where the servicer answers it.
 
 protobuf parses on the calling thread, holding the interpreter lock throughout (a thread would
-not free the event loop), and its cost is per value, not per byte: 16 M one-byte ``uint_contents``
-(15 MB) held every other request of a replica 0.2 s, 60 MB would have held it ≈ 0.9 s. So a
-message larger than ``limits.max_grpc_value_bytes`` is first walked field by field
-(:func:`value_bytes`, microseconds: it reads tags and lengths, not values) and refused
-(:class:`TooCostly`, INVALID_ARGUMENT naming the field) when more than that many of its bytes
-would be parsed value by value. Bytes, strings and packed fixed-width numbers (FP32, FP64) are
-copied whole and cost nothing here: KServe's ``raw_input_contents``, attention.v1's image, FP32
-typed contents pass at any size the message limit allows."""
+not free the event loop), and its cost is per value and per field, not per byte: 16 M one-byte
+``uint_contents`` (15 MB) held every other request of a replica 0.2 s, 60 MB would have held it
+≈ 0.9 s; 2 MB of empty ``inputs`` 0.1 s. So a message that could cost more than
+``limits.max_grpc_value_bytes`` packed bytes' time (one larger than 1/16 of it: a field costs at
+most 16) is first walked field by field (:func:`value_bytes`: tags and lengths, not values; a few
+milliseconds for thousands of fields) and refused (:class:`TooCostly`, INVALID_ARGUMENT naming the
+field) when it would. Bytes, strings and packed fixed-width numbers (FP32, FP64) are copied whole
+and count nothing: KServe's ``raw_input_contents``, attention.v1's image, FP32 typed contents pass
+at any size the message limit allows."""
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable
 from typing import Any
@@ -42,9 +44,14 @@ FIXED_WIDTH = frozenset(
     for name in ("FLOAT", "DOUBLE", "FIXED32", "FIXED64", "SFIXED32", "SFIXED64")
 )
 COPIED = FIXED_WIDTH | {FieldDescriptor.TYPE_STRING, FieldDescriptor.TYPE_BYTES}
-#: fields :func:`value_bytes` reads one by one; past them the rest of the message counts whole
-MAX_FIELDS = 1024
+#: fields :func:`value_bytes` reads one by one (a KServe BYTES tensor holds up to 4,096 elements,
+#: ``limits.max_images``' ceiling, and a few fields around them); past them the rest of the message
+#: counts as a field a byte
+MAX_FIELDS = 5000
 MAX_DEPTH = 16
+#: what a field protobuf makes an object of costs, in packed-varint bytes: an empty sub-message
+#: (2 bytes) took 100 ns, a packed varint byte 4 ns, so a byte that may be a field counts this many
+FIELD_WEIGHT = 16
 
 
 class Undecodable:
@@ -65,8 +72,8 @@ class TooCostly(Undecodable):
             hint = "; send tensors as raw_input_contents (the bytes as they are), or FP32/FP64 contents"
         total = sum(charged.values())
         self.error = PayloadTooLarge(
-            f"{field}: {charged[field]} bytes parsed value by value ({total} in the request), over "
-            f"the limit of {limit} (limits.max_grpc_value_bytes){hint}"
+            f"{field}: parsing would take as long as {charged[field]} bytes of packed integers "
+            f"({total} for the request), over the limit of {limit} (limits.max_grpc_value_bytes){hint}"
         )
 
 
@@ -74,8 +81,8 @@ def value_bytes(descriptor: Descriptor, data: bytes) -> dict[str, int]:
     """The bytes of ``data``, a serialized ``descriptor`` message, that protobuf would parse value
     by value, by field path (``inputs.contents.uint_contents``): packed varints (integers,
     booleans, enums) by their length; past :data:`MAX_FIELDS` fields, :data:`MAX_DEPTH` levels or
-    anything malformed, the rest of the message whole. Bytes, strings and packed fixed-width
-    numbers count nothing: protobuf copies them."""
+    anything malformed, each byte of the rest of the message as a field (:data:`FIELD_WEIGHT`).
+    Bytes, strings and packed fixed-width numbers count nothing: protobuf copies them."""
     charged: dict[str, int] = {}
     _walk(descriptor, data, 0, len(data), "", charged, [0], 0)
     return charged
@@ -91,33 +98,53 @@ def _walk(
     fields: list[int],
     depth: int,
 ) -> None:
-    while pos < end:
-        fields[0] += 1
-        try:
-            if fields[0] > MAX_FIELDS or depth > MAX_DEPTH:
+    table = _fields(descriptor) if descriptor is not None else {}
+    try:
+        if depth > MAX_DEPTH:
+            raise ValueError("too deep")
+        while pos < end:
+            fields[0] += 1
+            if fields[0] > MAX_FIELDS:
                 raise ValueError("too many fields")
-            tag, pos = _varint(data, pos, end)
-            number, wire = tag >> 3, tag & 7
-            field = descriptor.fields_by_number.get(number) if descriptor is not None else None
-            name = (f"{path}.{field.name}" if path else field.name) if field is not None else path
+            tag = data[pos]
+            if tag < 0x80:
+                pos += 1
+            else:
+                tag, pos = _varint(data, pos, end)
+            wire = tag & 7
             if wire == 0:
-                _, pos = _varint(data, pos, end)
-            elif wire in (1, 5):
+                pos = _varint(data, pos, end)[1]
+            elif wire == 1 or wire == 5:
                 pos += 8 if wire == 1 else 4
             elif wire == 2:
                 length, pos = _varint(data, pos, end)
                 if pos + length > end:
                     raise ValueError("past the end")
-                if field is not None and field.message_type is not None:
-                    _walk(field.message_type, data, pos, pos + length, name, charged, fields, depth + 1)
-                elif field is not None and field.type not in COPIED:
-                    charged[name] = charged.get(name, 0) + length  # packed varints
+                field = table.get(tag >> 3)
+                if field is not None:
+                    name, message = field
+                    path_name = f"{path}.{name}" if path else name
+                    if message is not None:
+                        _walk(message, data, pos, pos + length, path_name, charged, fields, depth + 1)
+                    else:
+                        charged[path_name] = charged.get(path_name, 0) + length  # packed varints
                 pos += length
             else:
                 raise ValueError("a group or no wire type")  # proto3 has no groups
-        except ValueError:  # the rest counts whole (protobuf refuses what is malformed)
-            charged[path or "request"] = charged.get(path or "request", 0) + end - pos
-            return
+    except ValueError:  # the rest counts as fields (protobuf refuses what is malformed)
+        charged[path or "request"] = charged.get(path or "request", 0) + (end - pos) * FIELD_WEIGHT
+
+
+@functools.cache
+def _fields(descriptor: Descriptor) -> dict[int, tuple[str, Descriptor | None]]:
+    """By field number, what a length-delimited field of ``descriptor`` holds: a message (its
+    descriptor) or packed varints (its name); copied fields (bytes, strings, fixed-width) are left
+    out, as unknown numbers are."""
+    return {
+        f.number: (f.name, f.message_type)
+        for f in descriptor.fields
+        if f.message_type is not None or f.type not in COPIED
+    }
 
 
 def _varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
@@ -141,7 +168,7 @@ def lenient(
     descriptor: Descriptor = parse.__self__.DESCRIPTOR  # type: ignore[attr-defined]
 
     def deserialize(data: bytes) -> Any:
-        if len(data) > max_value_bytes:
+        if len(data) * FIELD_WEIGHT > max_value_bytes:  # else within the limit, whatever it holds
             charged = value_bytes(descriptor, data)
             if sum(charged.values()) > max_value_bytes:
                 return TooCostly(descriptor, charged, max_value_bytes)
@@ -197,4 +224,6 @@ def add_attention_v1(servicer: Any, server: Any) -> None:
 
 
 def _value_bytes_from_environment() -> int:
-    return int(os.environ.get(VALUE_BYTES_VARIABLE, DEFAULT_VALUE_BYTES))
+    """The limit ``python -m service`` gave Ray's processes, validated as the setting is."""
+    limit = os.environ.get(VALUE_BYTES_VARIABLE, DEFAULT_VALUE_BYTES)
+    return Limits.model_validate({"max_grpc_value_bytes": limit}).max_grpc_value_bytes

@@ -76,7 +76,7 @@ def test_ray_s_proxy_refuses_what_would_be_parsed_value_by_value_beyond_the_limi
     refused = parse(typed.SerializeToString())
     assert isinstance(refused, TooCostly) and refused.error.grpc_code == "INVALID_ARGUMENT"
     assert refused.error.message.startswith(
-        "inputs.contents.uint_contents: 70000 bytes parsed value by value"
+        "inputs.contents.uint_contents: parsing would take as long as 70000 bytes of packed integers"
     )
     floats = pb.ModelInferRequest(model_name="m")
     floats.inputs.add(name="PIXELS", datatype="FP32").contents.fp32_contents.extend([7.0] * 70_000)
@@ -107,23 +107,38 @@ def test_value_bytes_counts_packed_varints_by_field_and_copied_fields_not_at_all
     assert value_bytes(apb.TranslateRequest.DESCRIPTOR, texts.SerializeToString()) == {}
 
 
-def test_value_bytes_counts_the_rest_whole_past_its_fields_limit_or_where_malformed() -> None:
-    """Millions of short texts (each parsed into its own string) or unpacked integers are not
-    walked one by one: past MAX_FIELDS fields the rest of the message counts whole, as does what
-    follows a length running past the end."""
+def test_value_bytes_counts_the_rest_as_fields_past_its_fields_limit_or_where_malformed() -> None:
+    """Millions of short texts (each parsed into its own string) or empty sub-messages are not
+    walked one by one: past MAX_FIELDS fields each byte of the rest of the message counts as a
+    field (FIELD_WEIGHT), as does what follows a length running past the end."""
     many = apb.TranslateRequest(model="m", texts=["a"] * 100_000).SerializeToString()
-    fields = grpc_parsing.MAX_FIELDS
+    fields, weight = grpc_parsing.MAX_FIELDS, grpc_parsing.FIELD_WEIGHT
     counted = value_bytes(apb.TranslateRequest.DESCRIPTOR, many)
-    assert counted == {"request": len(many) - 3 - 3 * (fields - 1)}  # "m", then fields - 1 texts
+    rest = len(many) - 3 - 3 * (fields - 1)  # "m", then fields - 1 texts
+    assert counted == {"request": rest * weight}
     cut = b"\x2a\xff\xff\x7f" + bytes(100)  # inputs: a length of 2 MiB over 100 bytes
-    assert value_bytes(pb.ModelInferRequest.DESCRIPTOR, cut) == {"request": 100}
+    assert value_bytes(pb.ModelInferRequest.DESCRIPTOR, cut) == {"request": 100 * weight}
+
+
+def test_many_fields_are_refused_from_a_sixteenth_of_the_limit_and_a_bytes_tensor_passes() -> None:
+    """2 MB of empty inputs took protobuf 0.1 s, as long as 25 MB of packed integers: a message
+    larger than 1/16 of the limit is walked, and refused past it; 4,096 encoded images as BYTES
+    contents (max_images' ceiling) are parsed."""
+    parse = grpc_parsing.lenient(pb.ModelInferRequest.FromString, max_value_bytes=65_536)
+    refused = parse(b"\x2a\x00" * 40_000)  # 80 kB: 40,000 empty inputs
+    assert isinstance(refused, TooCostly) and refused.error.message.startswith("request: parsing would take")
+    images = pb.ModelInferRequest(model_name="m")
+    images.inputs.add(name="IMAGE", datatype="BYTES", shape=[4096]).contents.bytes_contents.extend(
+        [bytes(100)] * 4096
+    )
+    assert parse(images.SerializeToString()) == images
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=2000))
-def test_value_bytes_reads_any_bytes_and_counts_at_most_their_length(data: bytes) -> None:
+def test_value_bytes_reads_any_bytes_and_counts_at_most_each_as_a_field(data: bytes) -> None:
     for descriptor in (pb.ModelInferRequest.DESCRIPTOR, apb.TranslateRequest.DESCRIPTOR):
-        assert sum(value_bytes(descriptor, data).values()) <= len(data)
+        assert sum(value_bytes(descriptor, data).values()) <= len(data) * grpc_parsing.FIELD_WEIGHT
 
 
 class Context:

@@ -86,11 +86,17 @@ def _translate(texts: list[str]) -> Any:
             grpc.StatusCode.INVALID_ARGUMENT,
             "PIXELS: shape",
         ),
-        # counted before they are walked: millions of empty outputs fit in a message
+        # counted before they are walked: thousands of empty outputs fit in a message
+        (
+            _infer("PIXELS", "UINT8", [1, 2, 2], bytes(4), outputs=6000),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "outputs: 6000 entries, at most 16 per request",
+        ),
+        # and 100,000 (200 kB) would hold the event loop while protobuf parses them: not parsed
         (
             _infer("PIXELS", "UINT8", [1, 2, 2], bytes(4), outputs=100_000),
             grpc.StatusCode.INVALID_ARGUMENT,
-            "outputs: 100000 entries, at most 16 per request",
+            "request: parsing would take as long as",
         ),
     ],
 )
@@ -217,8 +223,9 @@ def test_a_request_protobuf_would_parse_value_by_value_beyond_the_limit_is_refus
     )
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error.details().startswith(
-        "inputs.contents.uint_contents: 200000 bytes parsed value by value (200005 in the request), "
-        "over the limit of 65536 (limits.max_grpc_value_bytes); send tensors as raw_input_contents"
+        "inputs.contents.uint_contents: parsing would take as long as 200000 bytes of packed integers "
+        "(200005 for the request), over the limit of 65536 (limits.max_grpc_value_bytes); send "
+        "tensors as raw_input_contents"
     ), error.details()
     assert served == ["raw", "fp32"] and translations == 64
     assert [r.error_message[:29] for r in replies] == ["", "inputs.contents.uint_contents", ""]
