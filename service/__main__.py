@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -272,6 +273,7 @@ def stop_serving(settings: Settings, ours: bool = True) -> None:
     import ray
     from ray import serve
 
+    log = logging.getLogger("service")
     if not ray.is_initialized():  # stopped before Ray was up (serve.delete would start a Ray)
         stop_what_ray_init_started()
         return
@@ -279,26 +281,32 @@ def stop_serving(settings: Settings, ours: bool = True) -> None:
         ray.shutdown()
         return
     if settings.frontend == "in-replica":
+        started = time.monotonic()
         with contextlib.suppress(Exception):  # nothing deployed yet: nothing to drain
             serve.delete(APP)
+        log.info("stopping: the replicas drained and left in %.1f s", time.monotonic() - started)
     else:
         # Ray's proxy answers a deleted app's routes with a plain-text 404 until it stops itself:
         # the ingress drains first (new requests 503, those in flight answered); then our private
         # Ray stops whole, its proxy with it (new connections are refused), with nothing left in
         # flight for a delete to wait for. On a cluster we joined, only our app goes.
+        started = time.monotonic()
         with contextlib.suppress(Exception):  # nothing deployed yet: nothing to drain
             serve.get_app_handle(APP).drain.remote().result(timeout_s=settings.drain_s + 5)
+        log.info("stopping: the ingress drained in %.1f s", time.monotonic() - started)
         if settings.ray_address is not None:
             try:
                 serve.delete(APP)
             except Exception as exc:  # its ingress drained: it answers 503 "stopping" until deleted
-                logging.getLogger("service").warning(
+                log.warning(
                     "the app %r was not deleted from the cluster (%s); delete it with %s",
                     APP,
                     exc,
                     delete_command(settings.ray_address),
                 )
+    started = time.monotonic()
     ray.shutdown()
+    log.info("stopping: Ray stopped in %.1f s", time.monotonic() - started)
 
 
 @contextlib.contextmanager
