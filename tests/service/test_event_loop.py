@@ -9,21 +9,22 @@ import struct
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
+import grpc
 import numpy as np
 import orjson
 import pytest
-import requests
 from PIL import Image
 
+from service.api.protos import grpc_service_pb2 as pb
 from tests.conftest import Service
 
 pytestmark = pytest.mark.slow
+T = TypeVar("T")
 
 
-def while_answered(
-    service: Service, send: Callable[[], requests.Response]
-) -> tuple[requests.Response, float, float]:
+def while_answered(service: Service, send: Callable[[], T]) -> tuple[T, float, float]:
     """``send()`` in a thread while ``GET /v1/models`` is sent again and again: its answer, how long it
     took, and the longest any of the others waited."""
     with ThreadPoolExecutor(1) as pool:
@@ -142,3 +143,49 @@ def test_a_large_json_answer_is_written_while_the_replica_answers_other_requests
     in_one_call = time.perf_counter() - began
     assert got.size > 1_000_000 and in_one_call > 0.05, (got.size, in_one_call)  # long enough to tell
     assert waited < in_one_call / 2, (waited, in_one_call, took)
+
+
+def _delimited(tag: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field: its tag byte, the length as a varint, the bytes."""
+    length, n = bytearray(), len(payload)
+    while n >= 0x80:
+        length.append(n & 0x7F | 0x80)
+        n >>= 7
+    length.append(n)
+    return bytes([tag]) + bytes(length) + payload
+
+
+def test_a_grpc_message_protobuf_would_parse_value_by_value_is_refused_before_it_is_parsed(
+    service: Service,
+) -> None:
+    """A KServe v2 gRPC request of 16 M one-byte typed UINT8 values (16 MB): protobuf parses it
+    value by value holding the interpreter lock, and on the event loop it held every other request
+    for ≈ 0.2 s. Its size is read from its tags first and it is refused INVALID_ARGUMENT naming the
+    field, so requests sent meanwhile wait far less than its parse takes."""
+    count = 16_000_000
+    tensor = pb.ModelInferRequest.InferInputTensor(name="PIXELS", datatype="UINT8", shape=[16, 1000, 1000])
+    contents = _delimited(0x22, b"\x07" * count)  # InferTensorContents.uint_contents, packed
+    message = b"".join([
+        _delimited(0x0A, b"fashion-vit"),  # model_name
+        _delimited(0x2A, tensor.SerializeToString() + _delimited(0x2A, contents)),  # inputs[0]
+    ])  # fmt: skip
+    began = time.perf_counter()
+    parsed = pb.ModelInferRequest.FromString(message)
+    in_one_call = time.perf_counter() - began
+    assert len(parsed.inputs[0].contents.uint_contents) == count and in_one_call > 0.05, in_one_call
+    options = [("grpc.max_send_message_length", 64 << 20)]
+    with grpc.insecure_channel(service.grpc_target, options=options) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+
+        def send() -> grpc.RpcError:
+            try:
+                infer(message, timeout=30)
+            except grpc.RpcError as exc:
+                return exc
+            raise AssertionError("a request over limits.max_grpc_value_bytes was parsed")
+
+        send()  # warm
+        refused, _, waited = while_answered(service, send)
+    assert refused.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert refused.details().startswith("inputs.contents.uint_contents: parsing would take")
+    assert waited < in_one_call / 2, (waited, in_one_call)
