@@ -10,14 +10,14 @@ sends what it parsed to the ingress replica, where the servicer answers it.
 
 protobuf parses on the calling thread, holding the interpreter lock throughout (a thread would
 not free the event loop), and its cost is per value and per field, not per byte: 16 M one-byte
-``uint_contents`` (15 MB) held every other request of a replica 0.2 s, 60 MB would have held it
+``uint_contents`` (16 MB) held every other request of a replica 0.2 s, 60 MB would have held it
 ≈ 0.9 s; 2 MB of empty ``inputs`` 0.1 s. So a message that could cost more than
-``limits.max_grpc_value_bytes`` packed bytes' time (one larger than 1/16 of it: a field costs at
-most 16) is first walked field by field (:func:`value_bytes`: tags and lengths, not values; a few
-milliseconds for thousands of fields) and refused (:class:`TooCostly`, INVALID_ARGUMENT naming the
-field) when it would. Bytes, strings and packed fixed-width numbers (FP32, FP64) are copied whole
-and count nothing: KServe's ``raw_input_contents``, attention.v1's image, FP32 typed contents pass
-at any size the message limit allows."""
+``limits.max_grpc_value_bytes`` packed bytes' time (one larger than 1/16 of it: a byte of fields
+costs at most 16) is first walked field by field (:func:`value_bytes`: tags and lengths, not
+values; a few milliseconds for thousands of fields) and refused (:class:`TooCostly`,
+INVALID_ARGUMENT naming the field) when it would. A bytes or string value and packed fixed-width
+numbers (FP32, FP64) are copied whole and count nothing: KServe's ``raw_input_contents``,
+attention.v1's image, FP32 typed contents pass at any size the message limit allows."""
 
 from __future__ import annotations
 

@@ -34,9 +34,10 @@ class Limits(BaseModel):
     max_json_values: int = Field(1024 * 1024 + 2048, ge=64 * 1024)
     #: what protobuf would parse of a gRPC request value by value, in bytes of packed integers and
     #: booleans (KServe's typed INT/UINT/BOOL contents; past 5,000 fields each byte counts as 16,
-    #: a field's cost), measured from its tags before it is parsed: a byte costs ≈ 7 ns of the event
-    #: loop (``service/api/grpc_parsing.py``). 2 MiB takes 6 RGB images of 224 × 224 as UINT8
-    #: contents; bytes (``raw_input_contents``, images), strings and FP32/FP64 contents count nothing
+    #: what a byte of fields may cost), measured from its tags before it is parsed: a byte costs
+    #: 4–7 ns of the event loop (``service/api/grpc_parsing.py``). 2 MiB takes 6 RGB images of
+    #: 224 × 224 as UINT8 contents; a bytes or string value (``raw_input_contents``, images) and
+    #: FP32/FP64 contents count nothing
     max_grpc_value_bytes: int = Field(2 * 1024 * 1024, ge=64 * 1024)
     #: requests waiting in a model's queue beyond which new ones are shed with 503
     max_queued_requests: int = Field(128, ge=1)

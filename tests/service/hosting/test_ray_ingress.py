@@ -127,10 +127,15 @@ def test_ray_ingress_frontends_serve_rest_and_grpc(
         # is OpenTelemetry)
         scrapes, complete = [], 0
         for _ in range(15):  # Ray's agent takes in every process's series within ~12 s, then 2 more
+            # (the latency series come from the proxies, in ray-direct from the ingress replica)
             scrapes.append(requests.get(svc.metrics_url, timeout=10))
             text = scrapes[-1].text
             ours = "ray_attention_requests_total{" in text and 'status="503"' in text
             proxies = all(f"ray_serve_{p}_request_latency_ms_bucket" in text for p in ("http", "grpc"))
+            proxies &= any(  # the proxy's event-loop series, what broke OpenCensus's export
+                "ray_serve_event_loop_scheduling_latency_ms" in line and 'component="proxy"' in line
+                for line in text.splitlines()
+            )
             complete += ours and proxies
             if complete == 3 or scrapes[-1].status_code != 200:
                 break
