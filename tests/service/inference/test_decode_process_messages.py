@@ -233,9 +233,10 @@ async def test_a_child_that_dies_while_a_large_request_waits_to_be_written() -> 
     the others held, nothing of it reaches the restarted child, which serves the next one."""
     process = DecodeProcess(sluggish, token_budget=10_000_000)
     rng = random.Random(8)
+    sources = [source(rng, 3000) for _ in range(200)]  # made before the step: its 0.5 s is the window
     first = asyncio.create_task(process.submit([source(rng, 3)], options(max_len=5)))
     await until(lambda: process.steps >= 1 or process.rows >= 1, 5)
-    waiting = process.enqueue([source(rng, 3000) for _ in range(200)], options(max_len=1))
+    waiting = process.enqueue(sources, options(max_len=1))
     assert process._conn is not None and process._conn.waiting == 1  # in the writer's hands
     dead = kill(process)
     for held in (first, waiting.future):
@@ -258,9 +259,10 @@ async def test_requests_are_refused_while_too_many_bytes_wait_for_the_child(
     monkeypatch.setattr(decode_process, "MAX_WAITING_BYTES", 500_000)  # ~1 MB will wait
     process = DecodeProcess(sluggish, token_budget=10_000_000)
     rng = random.Random(9)
+    sources = [source(rng, 3000) for _ in range(200)]  # made before the step: its 0.5 s is the window
     first = asyncio.create_task(process.submit([source(rng, 3)], options(max_len=2)))
     await until(lambda: process.steps >= 1 or process.rows >= 1, 5)
-    big = process.enqueue([source(rng, 3000) for _ in range(200)], options(max_len=1))
+    big = process.enqueue(sources, options(max_len=1))
     with pytest.raises(Overloaded, match="bytes of requests unread"):
         process.enqueue([[5, 6]], options())
     await first
