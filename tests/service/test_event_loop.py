@@ -17,6 +17,7 @@ import orjson
 import pytest
 from PIL import Image
 
+from service.api.grpc_codec import varint
 from service.api.protos import grpc_service_pb2 as pb
 from tests.conftest import Service
 
@@ -147,12 +148,7 @@ def test_a_large_json_answer_is_written_while_the_replica_answers_other_requests
 
 def _delimited(tag: int, payload: bytes) -> bytes:
     """A length-delimited protobuf field: its tag byte, the length as a varint, the bytes."""
-    length, n = bytearray(), len(payload)
-    while n >= 0x80:
-        length.append(n & 0x7F | 0x80)
-        n >>= 7
-    length.append(n)
-    return bytes([tag]) + bytes(length) + payload
+    return bytes([tag]) + varint(len(payload)) + payload
 
 
 def test_a_grpc_message_protobuf_would_parse_value_by_value_is_refused_before_it_is_parsed(
