@@ -14,19 +14,20 @@ import pytest
 import torch
 
 from export import fp16
-from export.graphs import plans_for
-from export.onnx_export import export_graph, graph_spec
+from export.onnx_export import graph_spec
 from service.inference.runtime import GraphSession
-from tests.export.test_onnx_export import FAMILIES, tiny
+from tests.export.tiny_graphs import FAMILIES, TinyGraphs
 
 CPU = ["CPUExecutionProvider"]
 
 
 @pytest.mark.parametrize("family", [f for f in FAMILIES if f != "transformer-prefix"])
-def test_converted_graphs_run_on_cpu_within_tolerance(family: str, tmp_path: Path) -> None:
-    for plan in plans_for(tiny(family)):
-        export_graph(plan, tmp_path)
-        full, half = tmp_path / plan.file, tmp_path / f"fp16-{plan.file}"
+def test_converted_graphs_run_on_cpu_within_tolerance(
+    family: str, tiny_graphs: TinyGraphs, tmp_path: Path
+) -> None:
+    exported = tiny_graphs(family)
+    for plan in exported.plans:
+        full, half = exported.directory / plan.file, tmp_path / f"fp16-{plan.file}"
         fp16.convert(full, half)
         full_spec = graph_spec(onnx.load(str(full)), plan.file)
         half_spec = graph_spec(onnx.load(str(half)), plan.file)

@@ -11,27 +11,9 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from export.graphs import GraphPlan, plans_for, transformer_prefix_plans
-from export.models import build_model
-from export.models.rnn import SCORERS
+from export.graphs import GraphPlan, plans_for
 from export.onnx_export import ExportVerificationError, export_graph
-
-FAMILIES = [f"rnn-{s}" for s in SCORERS] + ["transformer", "transformer-prefix", "vit"]
-
-
-def tiny(family: str) -> nn.Module:
-    torch.manual_seed(0)
-    if family == "vit":
-        return build_model(
-            family, {"image_size": 16, "patch_size": 4, "dim": 16, "depth": 2, "heads": 2, "mlp_dim": 32}
-        )
-    vocab = {"src_vocab": 30, "tgt_vocab": 15}
-    if family.startswith("transformer"):
-        return build_model(
-            "transformer",
-            {**vocab, "d_model": 16, "heads": 2, "ff_dim": 32, "enc_layers": 1, "dec_layers": 2},
-        )
-    return build_model(family, {**vocab, "emb_dim": 8, "enc_hidden": 8, "window": 2})
+from tests.export.tiny_graphs import FAMILIES, TinyGraphs, tiny
 
 
 def dims(path: Path, name: str) -> list[int | str]:
@@ -41,18 +23,15 @@ def dims(path: Path, name: str) -> list[int | str]:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_round_trip(family: str, tmp_path: Path) -> None:
-    model = tiny(family)
-    # the whole-prefix contract of repositories exported before the KV-cached one
-    plans = transformer_prefix_plans(model) if family == "transformer-prefix" else plans_for(model)  # type: ignore[arg-type]
-    for plan in plans:
-        exported = export_graph(plan, tmp_path)
-        path = tmp_path / plan.file
+def test_round_trip(family: str, tiny_graphs: TinyGraphs) -> None:
+    exported = tiny_graphs(family)
+    for plan, graph in zip(exported.plans, exported.graphs, strict=True):
+        path = exported.directory / plan.file
         # every intended dynamic axis is symbolic in the written file, inputs and outputs alike
         for name, axes in plan.dynamic.items():
             shape = dims(path, name)
             assert all(isinstance(shape[a], str) for a in axes), (name, shape)
-        assert max(exported.max_abs_diff.values()) <= 1e-4
+        assert max(graph.max_abs_diff.values()) <= 1e-4
         # and a shape the exporter never saw still agrees with PyTorch
         unseen = {"batch": 6, "src_len": 17, "tgt_len": 7, "past_len": 12}
         inputs = plan.make_inputs(unseen, torch.Generator().manual_seed(7))
