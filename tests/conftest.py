@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -111,6 +111,13 @@ class Service:
     repository: Path
     log: Path
     pid: int
+    process: subprocess.Popen | None = field(default=None, repr=False)
+
+    def stop(self) -> None:
+        """Stop it now, as the end of its ``running_service`` would (which then has nothing left
+        to do)."""
+        assert self.process is not None
+        stop(self.process, self.log)
 
     def get(self, path: str, **kw: object) -> requests.Response:
         return requests.get(self.url + path, timeout=30, **kw)  # type: ignore[arg-type]
@@ -150,6 +157,7 @@ def running_service(
         repository,
         log,
         proc.pid,
+        proc,
     )
     try:
         wait_ready(f"{svc.url}/readyz", proc, 180, lambda: log.read_text()[-4000:])
@@ -204,10 +212,45 @@ def logged_since(text: str, moment: datetime.datetime) -> list[str]:
     return since
 
 
+#: the services tests share, each stopped once the last collected test that uses it has run: an
+#: idle Ray cluster takes ~8 % of a core, and ``guarded``'s tests are done a third into the suite
+SHARED_SERVICES = ("service", "guarded")
+#: shared service → the node id of the last collected test that uses it
+_last_users: dict[str, str] = {}
+#: shared services started and not yet stopped
+_started: dict[str, Service] = {}
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m deselected theirs
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        for name in SHARED_SERVICES:
+            if name in getattr(item, "fixturenames", ()):
+                _last_users[name] = item.nodeid
+
+
+@pytest.fixture(autouse=True)
+def _stop_shared_services_after_their_last_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    yield
+    for name in SHARED_SERVICES:  # a failure to stop cleanly is this test's teardown error
+        if _last_users.get(name) == request.node.nodeid and name in _started:
+            _started.pop(name).stop()
+
+
+@contextlib.contextmanager
+def shared(name: str, repository: Path, directory: Path, **settings: str) -> Iterator[Service]:
+    with running_service(repository, directory, **settings) as svc:
+        _started[name] = svc
+        try:
+            yield svc
+        finally:
+            _started.pop(name, None)
+
+
 @pytest.fixture(scope="session")
 def service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """The service on the tiny repository with the default settings (the in-replica frontend)."""
-    with running_service(tiny_repository, tmp_path_factory.mktemp("service")) as svc:
+    with shared("service", tiny_repository, tmp_path_factory.mktemp("service")) as svc:
         yield svc
 
 
@@ -221,7 +264,8 @@ GUARDED_GRPC_CALLS = 8
 def guarded(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """The service on the tiny repository with an API token (``API_TOKEN``), taking at most
     ``GUARDED_GRPC_CALLS`` gRPC calls at once."""
-    with running_service(
+    with shared(
+        "guarded",
         tiny_repository,
         tmp_path_factory.mktemp("guarded"),
         ATTN_API_TOKEN=API_TOKEN,
