@@ -11,10 +11,10 @@ shows the limits as enforced. The workload and its clients are ``mixed_workload`
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import hashlib
 import json
 import random
+import shutil
 import socket
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -23,14 +23,17 @@ from typing import Any
 
 import grpc
 import numpy as np
+import onnx
 import pytest
 import requests
 from google.protobuf import json_format
+from onnx import numpy_helper
 
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
 from service.api.protos import grpc_service_pb2 as pb
 from service.api.protos import grpc_service_pb2_grpc as pb_grpc
+from service.inference.manifest import Manifest
 from tests.conftest import Service, running_service
 from tests.service.mixed_workload import (
     DATES,
@@ -52,19 +55,26 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def mixed_repository(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The tiny models plus ``dates-bahdanau-b``: the Bahdanau recipe on the same data (so the
-    same character tokenizer) trained for one epoch — same family, different weights."""
-    from export import build, recipes
-
-    root = tmp_path_factory.mktemp("mixed")
-    out = root / "repository"
+    """The tiny models plus ``dates-bahdanau-b``: the tiny ``dates-bahdanau`` with every float
+    weight of its graphs moved by noise (a tenth of the tensor's spread) — same family, same
+    character tokenizer, different weights."""
+    out = tmp_path_factory.mktemp("mixed") / "repository"
     out.mkdir()
     for model in tiny_repository.iterdir():
         (out / model.name).symlink_to(model, target_is_directory=True)
-    recipe = dataclasses.replace(recipes.get("dates-bahdanau"), name="dates-bahdanau-b")
-    recipe = recipe.scaled(n_train=6000, n_test=64, epochs=1)
-    build.train(recipe, root / "checkpoints")
-    build.export(root / "checkpoints", recipe, out)
+    source, twin = tiny_repository / "dates-bahdanau" / "1", out / "dates-bahdanau-b" / "1"
+    shutil.copytree(source, twin)
+    rng = np.random.default_rng(0)
+    manifest = Manifest.load(source)
+    for spec in manifest.graphs.values():
+        graph = onnx.load(str(twin / spec.file))
+        for weight in graph.graph.initializer:
+            value = numpy_helper.to_array(weight)
+            if value.dtype == np.float32 and value.size > 1:
+                moved = value + rng.normal(0, 0.1 * float(value.std()), value.shape).astype(np.float32)
+                weight.CopyFrom(numpy_helper.from_array(moved, weight.name))
+        onnx.save(graph, str(twin / spec.file))
+    manifest.model_copy(update={"name": "dates-bahdanau-b"}).write(twin)
     digests = {
         hashlib.sha256((out / name / "1" / "source_tokenizer.json").read_bytes()).hexdigest()
         for name in TWINS
