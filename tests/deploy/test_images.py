@@ -60,7 +60,7 @@ def test_the_images_give_ray_the_services_defaults_that_kuberay_cannot_export(
     name: str, tmp_path: Path
 ) -> None:
     """KubeRay starts Ray with `ray start`, not the entrypoint that exports Settings.ray_environment:
-    what that holds whatever the frontend (the metrics path, the controller's loop) is in the
+    what that holds whatever the frontend (the metrics path and interval, the controller's loop) is in the
     image's own environment, with the same values."""
     from service.settings import Settings
 
@@ -68,7 +68,7 @@ def test_the_images_give_ray_the_services_defaults_that_kuberay_cannot_export(
         Settings(repository=tmp_path, frontend=f).ray_environment() for f in ("in-replica", "ray-proxy")
     ]
     common = {k: v for k, v in frontends[0].items() if all(env.get(k) == v for env in frontends)}
-    assert "RAY_SERVE_CONTROL_LOOP_INTERVAL_S" in common
+    assert {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "RAY_metrics_report_interval_ms"} <= common.keys()
     runtime = stages(ROOT / "deploy" / name)[-1]
     env = dict(
         word.split("=", 1) for i in runtime if i.startswith("ENV ") for word in i.split()[1:] if "=" in word

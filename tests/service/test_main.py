@@ -40,15 +40,19 @@ def test_a_second_service_on_a_served_port_is_refused_at_once(service: Service) 
     assert requests.get(f"{service.url}/readyz", timeout=10).status_code == 200
 
 
-def test_rays_controller_runs_its_loop_at_the_configured_interval(service: Service) -> None:
+def test_rays_processes_run_their_loops_at_the_configured_intervals(service: Service) -> None:
     """Settings.serve_control_loop_s reaches the Serve controller that the service's private Ray
-    starts (Ray reads it once, when the controller's process imports Ray Serve)."""
+    starts (Ray reads it once, when the controller's process imports Ray Serve), and
+    Settings.metrics_export_s every Ray process, which reads it when it starts."""
     import psutil
 
-    [controller] = [
-        p for p in psutil.Process(service.pid).children(recursive=True) if "ServeController" in p.name()
-    ]
+    processes = psutil.Process(service.pid).children(recursive=True)
+    [controller] = [p for p in processes if "ServeController" in p.name()]
     assert controller.environ()["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "0.5"
+    # the processes that record series (psutil reads none of these variables from Ray's agents,
+    # whose process title replaces what /proc shows of them)
+    ray = [p for p in processes if p.name().startswith(("ray::Serve", "gcs_server", "raylet"))]
+    assert len(ray) == 4 and {p.environ().get("RAY_metrics_report_interval_ms") for p in ray} == {"5000"}
 
 
 def test_replicas_that_cannot_fit_the_private_ray_are_refused_at_once(service: Service) -> None:

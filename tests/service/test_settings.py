@@ -81,10 +81,12 @@ def test_autoscaling_bounds_out_of_order_are_refused_naming_their_variable(tmp_p
 def test_frontends_set_rays_switches_before_ray_starts(tmp_path: Path) -> None:
     # in-replica: no Ray proxy at all; histograms reach Ray's metrics agent as bucket counts
     assert Settings(repository=tmp_path).ray_environment() == {
-        "RAY_enable_open_telemetry": "0", "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5"
+        "RAY_enable_open_telemetry": "0", "RAY_metrics_report_interval_ms": "5000",
+        "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
     }  # fmt: skip
-    slower = Settings(repository=tmp_path, frontend="ray-proxy", serve_control_loop_s=2)
+    slower = Settings(repository=tmp_path, frontend="ray-proxy", serve_control_loop_s=2, metrics_export_s=2.5)
     assert slower.ray_environment()["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "2.0"
+    assert slower.ray_environment()["RAY_metrics_report_interval_ms"] == "2500"
     for frontend in ("in-replica", "ray-proxy", "ray-direct"):
         otel = Settings(repository=tmp_path, frontend=frontend, ray_open_telemetry=True)
         assert otel.ray_environment()["RAY_enable_open_telemetry"] == "1"

@@ -126,8 +126,9 @@ def test_ray_ingress_frontends_serve_rest_and_grpc(
         # scrape was a 500 once Ray's proxy reported its own series (the frontends' default now
         # is OpenTelemetry)
         scrapes, complete = [], 0
-        for _ in range(15):  # Ray's agent takes in every process's series within ~12 s, then 2 more
-            # (the latency series come from the proxies, in ray-direct from the ingress replica)
+        # every process's series reach Ray's agent with its first exports (metrics_export_s), then
+        # 2 more (the latency series come from the proxies, in ray-direct from the ingress replica)
+        for _ in range(15):
             scrapes.append(requests.get(svc.metrics_url, timeout=10))
             text = scrapes[-1].text
             ours = "ray_attention_requests_total{" in text and 'status="503"' in text
