@@ -221,9 +221,11 @@ _last_users: dict[str, str] = {}
 _started: dict[str, Service] = {}
 
 
-@pytest.hookimpl(trylast=True)  # after -k / -m deselected theirs
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    for item in items:
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """The items in the order they run: after every selection and reordering (-k, -m, --ff,
+    --nf, plugins), which pytest_collection_modifyitems may still see undone."""
+    _last_users.clear()
+    for item in session.items:
         for name in SHARED_SERVICES:
             if name in getattr(item, "fixturenames", ()):
                 _last_users[name] = item.nodeid

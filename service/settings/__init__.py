@@ -141,12 +141,10 @@ class Settings(BaseSettings):
     #: (start-up: 6.9 against 6.7 s; recovery after a replica's kill unchanged: 5.5 / 7.5 against
     #: 6.0 / 8.0 s). Set in every Ray process's environment (``ray_environment``)
     serve_control_loop_s: float = Field(0.5, gt=0, le=10)
-    #: seconds between the exports of every Ray process's metrics to Ray's metrics agent, which
-    #: answers the scrapes (``RAY_metrics_report_interval_ms``; Ray's default 10, and Ray never
-    #: exports more often than every second). At 10 s a Prometheus scraping every 5 s, as
-    #: deploy/prometheus does, saw series up to 10 s old and the same value twice; at 5 s an idle
-    #: service's processes take 0.2-0.7 % of a core more (8.7-9.1 % against 8.9-9.8 %, 60 s
-    #: windows). Set in every Ray process's environment (``ray_environment``)
+    #: seconds between the exports of every Ray process's metrics to Ray's agent, which answers
+    #: scrapes (``RAY_metrics_report_interval_ms``; Ray's default 10, floor 1). At 10 s deploy/'s
+    #: Prometheus (a scrape every 5 s) saw series up to 10 s old; at 5 s an idle service takes
+    #: 8.9-9.8 % of a core against 8.7-9.1 %. Set in every Ray process (``ray_environment``)
     metrics_export_s: float = Field(5.0, ge=1, le=60)
     #: None: start a private local Ray (``make serve``); "auto" or "host:port": join that cluster
     #: (containers: deploy/entrypoint.sh starts a head; workers join it and take replicas)

@@ -55,6 +55,6 @@ class TinyGraphs:
             model = tiny(family)
             plans = transformer_prefix_plans(model) if family == "transformer-prefix" else plans_for(model)  # type: ignore[arg-type]
             directory = self.root / family
-            directory.mkdir(parents=True)
+            directory.mkdir(parents=True, exist_ok=True)  # a failed export: again, same error
             self.done[family] = Exported(directory, plans, [export_graph(p, directory) for p in plans])
         return self.done[family]

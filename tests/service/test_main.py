@@ -52,7 +52,7 @@ def test_rays_processes_run_their_loops_at_the_configured_intervals(service: Ser
     # the processes that record series (psutil reads none of these variables from Ray's agents,
     # whose process title replaces what /proc shows of them)
     ray = [p for p in processes if p.name().startswith(("ray::Serve", "gcs_server", "raylet"))]
-    assert len(ray) == 4 and {p.environ().get("RAY_metrics_report_interval_ms") for p in ray} == {"5000"}
+    assert len(ray) >= 4 and {p.environ().get("RAY_metrics_report_interval_ms") for p in ray} == {"5000"}
 
 
 def test_replicas_that_cannot_fit_the_private_ray_are_refused_at_once(service: Service) -> None:
