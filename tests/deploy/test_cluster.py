@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from service.settings import Settings
 from tests.conftest import free_port, wait_deployed, wait_ready
 
 pytestmark = pytest.mark.slow
@@ -41,9 +42,10 @@ RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0", "RAY_AUTH
            "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_enable_open_telemetry": "0"}  # fmt: skip
 
 
-def ray_node(args: list[str], log: Path, worker_ports: int) -> subprocess.Popen:
+def ray_node(args: list[str], log: Path, worker_ports: int, environment: dict[str, str]) -> subprocess.Popen:
     """``worker_ports`` starts a 200-port range below free_port's range (20000–32767), so that no
-    port picked for the node's other components can fall inside it."""
+    port picked for the node's other components can fall inside it; ``environment``: what the
+    node's processes see besides :data:`RAY_ENV`."""
     ports = {
         "--node-manager-port": free_port(), "--object-manager-port": free_port(),
         "--metrics-export-port": free_port(), "--dashboard-agent-listen-port": free_port(),
@@ -53,7 +55,7 @@ def ray_node(args: list[str], log: Path, worker_ports: int) -> subprocess.Popen:
            f"--min-worker-port={worker_ports}", f"--max-worker-port={worker_ports + 199}",
            *[f"{k}={v}" for k, v in ports.items()], *args]  # fmt: skip
     return subprocess.Popen(
-        cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **RAY_ENV}
+        cmd, stdout=log.open("wb"), stderr=subprocess.STDOUT, env={**os.environ, **environment, **RAY_ENV}
     )
 
 
@@ -71,12 +73,15 @@ def two_node_service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFac
     # two disjoint ranges in 10100–19999: Ray's worker-port range, outside both the kernel's
     # ephemeral range and the 20000–32767 that free_port picks the other components' ports from
     ports = 10100 + (os.getpid() % 24) * 400
+    # as KubeRay's pods, whose `ray start` reads the images' environment: Ray's metrics export and
+    # Serve's control loop as the service sets them (test_images checks the images carry them)
+    image = Settings(repository=tiny_repository).ray_environment()
     started: list[subprocess.Popen] = []
     try:
         started.append(ray_node(["--head", f"--port={gcs}", f"--temp-dir={tmp / 'ray'}", "--include-dashboard=false",
-                                 f"--ray-client-server-port={free_port()}"], tmp / "head.log", ports))  # fmt: skip
+                                 f"--ray-client-server-port={free_port()}"], tmp / "head.log", ports, image))  # fmt: skip
         time.sleep(5)
-        started.append(ray_node([f"--address=127.0.0.1:{gcs}"], tmp / "worker.log", ports + 200))
+        started.append(ray_node([f"--address=127.0.0.1:{gcs}"], tmp / "worker.log", ports + 200, image))
         http = free_port()
         env = {
             **os.environ, **RAY_ENV, "ATTN_REPOSITORY": str(tiny_repository),
