@@ -110,13 +110,15 @@ class Service:
     metrics_url: str
     repository: Path
     log: Path
-    pid: int
-    process: subprocess.Popen | None = field(default=None, repr=False)
+    process: subprocess.Popen = field(repr=False)
+
+    @property
+    def pid(self) -> int:
+        return self.process.pid
 
     def stop(self) -> None:
         """Stop it now, as the end of its ``running_service`` would (which then has nothing left
         to do)."""
-        assert self.process is not None
         stop(self.process, self.log)
 
     def get(self, path: str, **kw: object) -> requests.Response:
@@ -156,7 +158,6 @@ def running_service(
         f"http://127.0.0.1:{metrics}/metrics",
         repository,
         log,
-        proc.pid,
         proc,
     )
     try:
