@@ -53,6 +53,9 @@ class _ChildScheduler(TranslationScheduler):
         self._answers: list[tuple[int, Decoded]] = []
         self._sent_at = time.perf_counter()
         self.by_rid: dict[int, _Remote] = {}
+        #: whether the parent was last told that nothing decodes here (it reads a silence then as
+        #: idleness, not a hang)
+        self.said_idle = True
 
     def add(
         self,
@@ -66,6 +69,7 @@ class _ChildScheduler(TranslationScheduler):
         """``interval_s`` None: not streamed; else its tokens are sent at most once per interval
         (``TranslationScheduler.enqueue``)."""
         request = _Remote(None, None, arrived, [None] * len(ids), rid=rid, attention=attention)  # type: ignore[arg-type]
+        self.said_idle = False
         self.by_rid[rid] = request
         streamed = interval_s is not None
         self._add(request, ids, options, _streams if streamed else None, interval_s or 0.0)
@@ -121,7 +125,16 @@ class _ChildScheduler(TranslationScheduler):
         if self._tokens or self._answers or live == 0 or now - self._sent_at >= STATS_EVERY_S:
             self._flush([])
 
+    def say_idle(self) -> None:
+        """Tell the parent that nothing decodes here, when no pass did: a request released before
+        any pass leaves none to, and the parent would take the silence that follows for a hang
+        once it hands over the next request."""
+        self._stats.append((0, 0, 0, 0.0, self.steps))
+        self._flush([])
+
     def _flush(self, failures: list[tuple[int, str, str]]) -> None:
+        if self._stats:
+            self.said_idle = self._stats[-1][1] == 0
         message = ("step", self._stats, self._tokens, self._answers, failures)
         self._stats, self._tokens, self._answers = [], [], []
         self._sent_at = time.perf_counter()
@@ -158,6 +171,8 @@ def _child(fd: int) -> None:
             return
         if idle or waiting.poll(0):
             try:
+                if idle and not scheduler.said_idle and not waiting.poll(0):
+                    scheduler.say_idle()
                 message = conn.recv()  # waits while idle
             except (EOFError, OSError):  # the parent is gone: nobody to answer
                 os._exit(0)

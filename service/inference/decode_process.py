@@ -24,8 +24,14 @@ decoder steps, takes whatever the parent sent. Pickled over a socket pair:
 Sends to the child never block the caller (``Sender``: into the socket while it has room, else
 through a writer thread), and a reader thread in the parent hands each caller its tokens and
 answer on its own event loop, as the in-process scheduler does. The child exits when the
-parent's end of the socket closes (the parent ended, however) or after a close, once drained; a
+parent's end of the socket closes (the parent ended, however) or when told to, once drained; a
 child that dies fails the requests it held (InferenceFailed) and is started again.
+
+A replaced version (:meth:`DecodeProcess.close`) keeps taking requests until it holds none, as
+the in-process scheduler and the batcher serve a late caller: a request that found the old
+version just before the swap (its texts tokenised in a thread meanwhile) is answered by it, not
+refused. Only then is the child told to end; one that has not ended ``HUNG_S`` later (a step
+that never returns) is killed.
 """
 
 from __future__ import annotations
@@ -58,6 +64,7 @@ from service.inference.callers import (
     on_their_loops,
     settler,
 )
+from service.inference.child_reader import kill_lingering, read, remote_error, same, shut
 from service.inference.child_sender import Sender
 from service.inference.decoding import Options
 from service.inference.pinned_files import PinnedFiles
@@ -106,10 +113,11 @@ class DecodeProcess(Submitting):
         if self.pinned is not None:  # closed with the last child, or when this object is dropped
             weakref.finalize(self, self.pinned.close)
         self.on_step = on_step
-        self._lock = threading.Lock()  # guards _live, _conn, _closed and the sends
+        self._lock = threading.Lock()  # guards _live, _conn, _closed, _told and the sends
         self._live: dict[int, Request] = {}
         self._next = 0
-        self._closed = False
+        self._closed = False  # replaced: ends once it holds nothing
+        self._told = False  # the child was told to end: nothing more is sent to it
         self.rows = self.tokens_in_flight = self.steps = 0
         self.restarts = 0
         #: for the health check: since when restarts fail (None: up, or restarting for the first
@@ -172,15 +180,14 @@ class DecodeProcess(Submitting):
             self._conn, self._process = sender, process
             self.down_since, self.start_error = None, ""
             self.heard, self._idle = time.monotonic(), True
-            if self._closed:  # closed while this one started (a restart): it drains nothing and ends
-                with contextlib.suppress(OSError):
-                    sender.send(("close",))
+            if self._closed:  # closed while this one started (a restart): it holds nothing and ends
+                self._tell_to_end()
         # the reader holds this object weakly: dropped without close, its finalizer shuts the
         # socket, the reader sees the end and the child exits (its end closed)
         ending = threading.Event()  # the owner is gone, or the interpreter exits: never restart
-        finalizer = weakref.finalize(self, _shut, sender, ending)
+        finalizer = weakref.finalize(self, shut, sender, ending)
         reader = threading.Thread(
-            target=_read,
+            target=read,
             args=(weakref.ref(self), conn, process, finalizer, ending),
             name="decode-process-reader",
             daemon=True,
@@ -228,12 +235,25 @@ class DecodeProcess(Submitting):
         return None
 
     def close(self) -> None:
-        """Stop once what is queued and running is done (a replaced version drains, then ends)."""
+        """Stop once this object holds no request (a replaced version drains, then ends): the
+        requests it holds, and any that come meanwhile, are answered first."""
         with self._lock:
             self._closed = True
-            if self._conn is not None:
-                with contextlib.suppress(OSError):
-                    self._conn.send(("close",))
+            if not self._live:
+                self._tell_to_end()
+
+    def _tell_to_end(self) -> None:
+        """(Under the lock, closed, holding nothing.) Tell the child to end once its released
+        rows are gone, and kill it if it is still there ``HUNG_S`` later."""
+        conn, process = self._conn, self._process
+        if self._told or conn is None or process is None:
+            return
+        self._told = True
+        with contextlib.suppress(OSError):
+            conn.send(("close",))
+        watchdog = threading.Timer(HUNG_S, kill_lingering, (process, HUNG_S))
+        watchdog.daemon = True
+        watchdog.start()
 
     # -- callers ---------------------------------------------------------------------------------
 
@@ -261,7 +281,9 @@ class DecodeProcess(Submitting):
         request.on_tokens = on_tokens
         with self._lock:
             conn = self._conn
-            if conn is None or self._closed:
+            if self._told:  # a replaced version that drained: the current one serves
+                raise Overloaded("the model's version was replaced while this request was prepared; retry it")
+            if conn is None:
                 raise Overloaded("the model's decoder is restarting; retry later")
             if conn.waiting_bytes > MAX_WAITING_BYTES:
                 raise Overloaded(
@@ -296,14 +318,17 @@ class DecodeProcess(Submitting):
                 if self._conn is not None:
                     with contextlib.suppress(OSError):
                         self._conn.send(("release", rid))
+            if self._closed and not self._live:
+                self._tell_to_end()
 
-    # -- the reader (its own thread: see _read) --------------------------------------------------
+    # -- the reader (its own thread: child_reader.read) ------------------------------------------
 
-    def _ended(self, process: subprocess.Popen[bytes]) -> None:
+    def ended(self, process: subprocess.Popen[bytes]) -> None:
         """(The reader.) The child is gone: fail what it held; start another unless closed."""
         code = process.wait()
         with self._lock:
             closed = self._closed
+            self._told = self._told or closed  # a replaced version does not start again
             self._conn = None  # the reader shut it
             orphans = [r for r in self._live.values() if not r.future.done()]  # answered: not ours
             self._live.clear()
@@ -333,8 +358,7 @@ class DecodeProcess(Submitting):
                         self.pinned.close()
                     return
             try:
-                self._start()
-                return
+                providers = self._start()
             except Exception as exc:
                 self.start_error = str(exc)
                 if self.down_since is None:
@@ -342,8 +366,13 @@ class DecodeProcess(Submitting):
                 log.exception("the decode process could not be restarted; next try in %.0f s", delay)
                 time.sleep(delay)
                 delay = min(2 * delay, 30.0)
+                continue
+            if providers != self.providers:  # (a GPU gone meanwhile) in place: the runner shows this list
+                log.warning("the decode process runs on %s now, no longer on %s", providers, self.providers)
+                self.providers[:] = providers
+            return
 
-    def _deliver(
+    def deliver(
         self,
         stats: list[tuple[int, int, int, float, int]],
         tokens: list[tuple[int, list[tuple[int, int, float, np.ndarray | None]]]],
@@ -363,71 +392,20 @@ class DecodeProcess(Submitting):
         for rid, answer in answers:  # settled from here on: not an orphan if the child dies now
             request = held.pop(rid, None)
             if request is not None:
-                calls.append((request.loop, settler(request, functools.partial(_same, answer))))
+                calls.append((request.loop, settler(request, functools.partial(same, answer))))
         for rid, name, text in failures:
             request = held.pop(rid, None)
             if request is not None:
-                calls.append((request.loop, settler(request, _remote_error(name, text))))
+                calls.append((request.loop, settler(request, remote_error(name, text))))
         if stats:  # (after the answers left _live) the child flushes whenever it runs out of rows
             self._idle = stats[-1][1] == 0 and not held
+        if self._closed and (answers or failures):
+            with self._lock:
+                if not self._live:  # a replaced version's last answer
+                    self._tell_to_end()
         if calls:
             on_their_loops(calls)
         on_step = self._on_step()  # after the answers: a failing metric must not lose one
         if on_step is not None:
             for rows, live, in_flight, seconds, _ in stats:
                 on_step(rows, live, in_flight, seconds)
-
-
-def _read(
-    ref: weakref.ref[DecodeProcess],
-    conn: Connection,
-    process: subprocess.Popen[bytes],
-    finalizer: weakref.finalize,
-    ending: threading.Event,
-) -> None:
-    """The parent's reader thread: deliver each message of the child until its end; then close
-    this child's socket and, unless the owner is gone or the interpreter exits, tell the owner."""
-    while True:
-        try:
-            message = conn.recv()
-        except (EOFError, OSError):
-            break
-        owner = ref()
-        if owner is None:
-            break
-        try:
-            owner._deliver(*message[1:])
-        except Exception:  # never lose the reader: log, and keep answering the others
-            log.exception("decode process: a message could not be delivered")
-        del owner
-    conn.close()
-    detached = finalizer.detach()  # this child's socket: closed now, not when the owner is collected
-    if detached is not None:
-        _shut(detached[2][0])
-    owner = ref()
-    if owner is None or ending.is_set():
-        process.wait()
-    else:
-        owner._ended(process)
-
-
-def _shut(sender: Sender, ending: threading.Event | None = None) -> None:
-    """End both directions (the reader's recv returns, the child's too). Called by the finalizer
-    when the owner is gone or the interpreter exits (``ending``: no restart), or by the reader."""
-    if ending is not None:
-        ending.set()
-    sender.shut()
-
-
-def _same(answer: Decoded) -> Decoded:
-    return answer
-
-
-@functools.cache
-def _error_type(name: str) -> type[Exception]:
-    return type(name, (RuntimeError,), {})
-
-
-def _remote_error(name: str, text: str) -> Exception:
-    """The child's exception, by its type's name (ONNX Runtime's own do not pickle)."""
-    return _error_type(name)(text)

@@ -1,8 +1,9 @@
 """The decode child's life (``service/inference/decode_process.py``): how it ends — drained by
-``close``, or with an owner dropped without one — a factory that fails at start, a child that
-dies and is started again (on its files although their directory was removed), and what the
-health check makes of a silent or hung child, of restarts that keep failing and of one that is
-only slow.
+``close`` (answering the requests that come meanwhile; killed if it hangs), or with an owner
+dropped without one — a factory that fails at start, a child that dies (or whose message cannot
+be read) and is started again (on its files although their directory was removed, on the
+providers it gets then), and what the health check makes of a silent or hung child, of restarts
+that keep failing and of one that is only slow.
 
 The child runs the deterministic stand-in decoder of ``table_decoder`` (built by a module-level
 factory of ``decode_stand_ins``, as the service builds the model's Translator), so every answer
@@ -14,13 +15,17 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
+import pickle
 import shutil
+import signal
 import time
+from multiprocessing.connection import Connection
 from pathlib import Path
 
 import pytest
 
-from service.errors import InferenceFailed
+from service.errors import InferenceFailed, Overloaded
 from service.inference import decode_process
 from service.inference.decode_process import DecodeProcess
 from tests.service.inference.decode_stand_ins import (
@@ -29,6 +34,7 @@ from tests.service.inference.decode_stand_ins import (
     from_files,
     hung,
     kill,
+    named_by_environment,
     slow,
     slow_to_start,
     stuck,
@@ -52,6 +58,127 @@ async def test_close_drains_what_is_running_then_the_child_exits() -> None:
     # (``running`` reads False once the reader thread's wait() has reaped the child: until then
     # Popen.poll() cannot take the wait lock and says None)
     await until(lambda: not alive(pid) and not process.running)
+
+
+@synchronous
+async def test_a_replaced_version_answers_the_requests_that_come_while_it_drains_then_ends() -> None:
+    """A request that found the old version just before a swap reaches it after ``close`` (its
+    texts were tokenised in a thread meanwhile): it is answered, as the in-process scheduler and
+    the batcher answer a late caller. The child ends once nothing is held; only then are requests
+    refused, naming the swap (the current version serves them)."""
+    process = DecodeProcess(slow, token_budget=10_000)
+    long_ids = [3, 4, 5] * 10
+    running = asyncio.create_task(process.submit([long_ids], options(max_len=40)))
+    await until(lambda: process.rows >= 1)
+    pid = process.pid
+    assert pid is not None
+    process.close()
+    late = await process.submit([[5, 6]], options())
+    assert late.hypotheses[0].tokens == alone(TableDecoder(), [5, 6], options()).tokens
+    assert not running.done() and alive(pid)  # the late one decoded beside the long one
+    answer = await running
+    assert answer.hypotheses[0].tokens == alone(TableDecoder(), long_ids, options(max_len=40)).tokens
+    await until(lambda: not alive(pid) and not process.running)
+    with pytest.raises(Overloaded, match="version was replaced"):
+        await process.submit([[5, 6]], options())
+    assert process.restarts == 0
+
+
+@synchronous
+async def test_a_replaced_version_whose_child_hangs_is_killed(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its callers gave up (their deadline), so nothing is held and the child is told to end, but
+    it is stuck in a step: ``HUNG_S`` later it is killed, not left holding its model's memory for
+    the replica's lifetime (a replaced version is not in the health check), and not restarted."""
+    monkeypatch.setattr(decode_process, "HUNG_S", 0.5)
+    process = DecodeProcess(hung, token_budget=10_000)
+    pid = process.pid
+    assert pid is not None
+    caller = asyncio.create_task(process.submit([[3, 4]], options(max_len=2)))
+    await asyncio.sleep(0.2)  # in its first step (30 s)
+    caller.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await caller
+    process.close()
+    await asyncio.sleep(0.2)
+    assert alive(pid)
+    await until(lambda: not alive(pid) and not process.running, seconds=5)
+    assert process.restarts == 0 and process.held == 0
+
+
+@synchronous
+async def test_a_request_released_before_the_child_read_it_leaves_no_false_hang(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A request submitted and released before the child's next pass (a client that left at once)
+    leaves no pass to tell the parent that the child is idle; the child says so itself, so the
+    next request, long after, does not find the silence since counted as a hang."""
+    monkeypatch.setattr(decode_process, "HUNG_S", 0.3)
+    process = DecodeProcess(table, token_budget=400)
+    pid = process.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # both messages wait in the socket: the child reads them together
+    try:
+        process.release(process.enqueue([[3, 4]], options()))
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await asyncio.sleep(0.6)
+    request = process.enqueue([[5, 6]], options())
+    try:
+        assert process.problem() is None
+        answer = await request.future
+    finally:
+        process.release(request)
+    assert answer.hypotheses[0].tokens == alone(TableDecoder(), [5, 6], options()).tokens
+    process.close()
+
+
+class _UnreadableOnce(Connection):
+    """The parent's end of the socket, whose first answer cannot be read (as a message that does
+    not unpickle, or one too large for memory)."""
+
+    spoiled = False
+
+    def recv(self):  # type: ignore[no-untyped-def]
+        message = super().recv()
+        if message[0] == "step" and message[3] and not _UnreadableOnce.spoiled:
+            _UnreadableOnce.spoiled = True
+            raise pickle.UnpicklingError("a message that does not unpickle")
+        return message
+
+
+@synchronous
+async def test_a_message_that_cannot_be_read_fails_its_requests_and_the_child_starts_again(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The reader thread does not die silently with the answers in flight (every later request
+    would hang until the health check): the child is killed and started again, its requests fail."""
+    monkeypatch.setattr(decode_process, "Connection", _UnreadableOnce)
+    process = DecodeProcess(table, token_budget=400)
+    first = process.pid
+    with pytest.raises(InferenceFailed, match="decoder process exited"):
+        await process.submit([[5, 6]], options())
+    await until(lambda: process.pid != first and process.running)
+    assert _UnreadableOnce.spoiled and process.restarts == 1
+    answer = await process.submit([[5, 6]], options())
+    assert answer.hypotheses[0].tokens == alone(TableDecoder(), [5, 6], options()).tokens
+    process.close()
+
+
+@synchronous
+async def test_a_child_started_again_reports_the_providers_it_runs_on(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker's runner shows the same list (``/info``): after a restart on other providers
+    (a GPU gone meanwhile) it shows the new ones, not the first child's."""
+    monkeypatch.setenv("STAND_IN_PROVIDER", "first")
+    process = DecodeProcess(named_by_environment, token_budget=400)
+    shown = process.providers
+    assert shown == ["TableDecoder", "first"]
+    monkeypatch.setenv("STAND_IN_PROVIDER", "second")
+    first = kill(process)
+    await until(lambda: process.pid != first and process.providers[-1] == "second")
+    assert process.providers is shown
+    process.close()
 
 
 def test_a_process_dropped_without_close_ends_its_child() -> None:
