@@ -15,6 +15,7 @@ the event loop goes on serving the replica's other requests meanwhile.
 from __future__ import annotations
 
 import asyncio
+import math
 import zlib
 
 from starlette.responses import Response
@@ -110,9 +111,11 @@ def preferred(accept_encoding: str) -> str | None:
             key, _, value = param.strip().partition("=")
             if key == "q":
                 try:
-                    weight = min(max(float(value), 0.0), 1.0)
+                    weight = float(value)
                 except ValueError:
-                    weight = 0.0  # not a weight: read as a refusal rather than a guess
+                    weight = math.nan
+                # not a weight (nan compares false with everything and chose deflate): a refusal
+                weight = min(max(weight, 0.0), 1.0) if math.isfinite(weight) else 0.0
         weights[coding.strip()] = weight
     anything = weights.get("*", 0.0)
     gzip = weights.get("gzip", weights.get("x-gzip", anything))

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
 
-from python_multipart.exceptions import MultipartParseError
+from python_multipart.exceptions import FormParserError, MultipartParseError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
 from service.errors import InvalidInput
@@ -54,16 +54,19 @@ def parse(body: bytes, content_type: str, max_fields: int, max_files: int) -> Fo
         name.clear()
         value.clear()
 
-    parser = MultipartParser(
-        boundary,
-        {
-            "on_part_begin": part_begin,
-            "on_part_data": lambda data, start, end: parts[-1].data.extend(data[start:end]),
-            "on_header_field": lambda data, start, end: name.extend(data[start:end]),
-            "on_header_value": lambda data, start, end: value.extend(data[start:end]),
-            "on_header_end": header_end,
-        },
-    )
+    try:
+        parser = MultipartParser(
+            boundary,
+            {
+                "on_part_begin": part_begin,
+                "on_part_data": lambda data, start, end: parts[-1].data.extend(data[start:end]),
+                "on_header_field": lambda data, start, end: name.extend(data[start:end]),
+                "on_header_value": lambda data, start, end: value.extend(data[start:end]),
+                "on_header_end": header_end,
+            },
+        )
+    except FormParserError as exc:  # a boundary over python-multipart's 256 bytes (RFC 2046: 70)
+        raise InvalidInput(f"content-type: the multipart boundary is refused ({exc})") from exc
     try:
         parser.write(body)
         parser.finalize()

@@ -70,8 +70,25 @@ def inputs(request: pb.ModelInferRequest, max_items: int) -> list[kserve_tensors
             if field is None:
                 raise InvalidInput(f"{t.name}: unsupported datatype {t.datatype!r}")
             contents = getattr(t.contents, field)  # read by numpy as it is, not as a list
+            if t.datatype in _NARROWER:
+                contents = _in_range(t.name, t.datatype, contents)
             tensors.append(kserve_tensors.from_list(t.name, t.datatype, shape, contents, max_items))
     return tensors
+
+
+#: integer datatypes carried in a wider field (int_contents: int32, uint_contents: uint32)
+_NARROWER = {"INT8", "INT16", "UINT8", "UINT16"}
+
+
+def _in_range(name: str, datatype: str, contents: Any) -> np.ndarray:
+    """A narrower datatype's values from its wider field, refused outside its range: numpy's cast
+    would wrap them (999 as UINT8 read 231, a pixel the client never sent), where the same values
+    as HTTP JSON are refused."""
+    wide = np.asarray(contents, dtype=np.int64)
+    info = np.iinfo(kserve_tensors.NUMPY_OF[datatype])
+    if wide.size and (wide.min() < info.min or wide.max() > info.max):
+        raise InvalidInput(f"{name}: values outside the range of {datatype} ({info.min} to {info.max})")
+    return wide
 
 
 def response(

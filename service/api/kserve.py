@@ -139,7 +139,7 @@ def prepare(
     keep ``top_k``. A batch of more than ``limits.max_images`` rows is refused before a job is
     made for each."""
     outputs = requested_outputs(manifest, names, params, classification)
-    jobs = to_requests(manifest, inputs, params, outputs, limits.max_images if limits else None)
+    jobs = to_requests(manifest, inputs, params, outputs, limits)
     if not classification:
         return Prepared(jobs, outputs)
     classes = class_count(manifest, classification, limits.max_top_k if limits else None)
@@ -190,29 +190,35 @@ def to_requests(
     inputs: list[Tensor],
     params: dict[str, Any],
     outputs: list[str],
-    max_images: int | None = None,
+    limits: Limits | None = None,
 ) -> list[TranslateJob] | list[ClassifyJob]:
     """v2 inputs + parameters → the core's jobs (one per batch row for images, one multi-text job
-    for translation); the options are checked by the REST API's schemas, the same limits."""
+    for translation); the options are checked by the REST API's schemas, the same limits. More
+    texts or images than ``limits`` allow are refused before a job is made of them."""
     by_name = {t.name: t for t in inputs}
     if len(by_name) != len(inputs):
         raise InvalidInput("inputs: duplicate input names")
     attention = bool(ATTENTION_OUTPUTS & set(outputs))
     try:
         if manifest.task == "translation":
-            return [_translate_job(by_name, params, attention)]
+            return [_translate_job(by_name, params, attention, limits.max_texts if limits else None)]
+        max_images = limits.max_images if limits else None
         return _classify_jobs(by_name, params, attention, "ATTENTIONS" in outputs, max_images)
     except ValidationError as exc:
         raise InvalidInput(f"parameters: {validation_message(exc)}") from exc
 
 
-def _translate_job(by_name: dict[str, Tensor], params: dict[str, Any], attention: bool) -> TranslateJob:
+def _translate_job(
+    by_name: dict[str, Tensor], params: dict[str, Any], attention: bool, max_texts: int | None
+) -> TranslateJob:
     text = _only_input(by_name, ["TEXT"])
     column = _one_per_row(text.data)
     if text.datatype != "BYTES" or column is None:
         raise InvalidInput(
             f"TEXT: expected BYTES with shape [-1] or [-1, 1], got {text.datatype} {text.shape}"
         )
+    if max_texts is not None and len(column) > max_texts:  # else the schema's ceiling (256) named text
+        raise PayloadTooLarge(f"TEXT: {len(column)} texts exceed the limit of {max_texts}")
     texts = [_utf8(item, "TEXT") for item in column]
     if (problem := text_problem(texts, "TEXT")) is not None:  # the schema's would name REST's text
         raise InvalidInput(problem)

@@ -26,9 +26,9 @@ from pathlib import Path
 
 import numpy as np
 import pyspng
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
-from service.errors import InvalidInput, PayloadTooLarge
+from service.errors import InvalidInput, PayloadTooLarge, ServiceError
 from service.inference.image_headers import PNG_SIGNATURE, check_header, check_opened
 from service.inference.manifest import ImageSpec, Manifest
 from service.inference.runtime import GraphSession
@@ -168,7 +168,11 @@ def pillow_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Im
         image.load()
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
         raise PayloadTooLarge(f"{field}: over the limit of {max_pixels} pixels ({exc})") from exc
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except ServiceError:  # the limits' own refusals, naming the field
+        raise
+    except Exception as exc:  # whatever a plugin raises on bytes it misreads: a TIFF whose strip
+        # offsets are text raised TypeError (a 500); the documented ones are UnidentifiedImageError,
+        # OSError, SyntaxError and ValueError
         read = ", ".join(ALLOWED_FORMATS)
         raise InvalidInput(
             f"{field}: not a decodable image ({type(exc).__name__}; formats read: {read})"

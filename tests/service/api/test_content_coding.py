@@ -144,6 +144,8 @@ def test_a_large_body_is_inflated_off_the_event_loop() -> None:
         ("identity", None),
         ("", None),
         ("gzip;q=abc", None),  # an unreadable weight is a refusal, never a guess
+        ("gzip;q=nan", None),  # float() reads it, and it chose deflate, which was never accepted
+        ("gzip;q=inf, deflate;q=0.5", "deflate"),
         ("gzip; q=1.0 ; level=2", "gzip"),
     ],
 )

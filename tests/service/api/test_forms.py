@@ -39,6 +39,7 @@ def test_an_empty_upload_is_an_empty_file() -> None:
         (b'--b\r\nContent-Disposition: form-data; name="a"\r\n\r\n\xff\xfe\r\n--b--\r\n',
          "multipart/form-data; boundary=b", "a: not UTF-8"),
         (b"garbage that is no multipart at all", "multipart/form-data; boundary=b", "multipart"),
+        (b"--" + b"b" * 257 + b"--\r\n", "multipart/form-data; boundary=" + "b" * 257, "content-type: .* boundary"),
     ],
 )  # fmt: skip
 def test_malformed_bodies_are_refused_by_name(body: bytes, ctype: str, words: str) -> None:

@@ -1,13 +1,15 @@
-"""The gRPC codec's hand-off of arrays to protobuf (``service/api/grpc_codec.py``): an
-``attention.v1.Tensor`` written as wire bytes is the message protobuf builds from the values."""
+"""The gRPC codec (``service/api/grpc_codec.py``): its hand-off of arrays to protobuf (an
+``attention.v1.Tensor`` written as wire bytes is the message protobuf builds from the values), and
+KServe v2 typed contents read as their datatype's values."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from service.api.grpc_codec import tensor_bytes
+from service.api.grpc_codec import inputs, tensor_bytes
 from service.api.protos import attention_pb2 as apb
+from service.api.protos import grpc_service_pb2 as pb
 
 
 @pytest.mark.parametrize(
@@ -36,3 +38,24 @@ def test_tensor_bytes_parse_to_the_tensor_protobuf_builds_from_the_values(values
 def test_a_nan_survives_as_a_nan() -> None:
     parsed = apb.Tensor.FromString(tensor_bytes(np.array([np.nan, 1.0], np.float32)))
     assert np.isnan(parsed.values[0]) and parsed.values[1] == 1.0
+
+
+@pytest.mark.parametrize(
+    ("datatype", "field", "values"),
+    [
+        ("UINT8", "uint_contents", [0, 7, 255]),
+        ("UINT16", "uint_contents", [0, 65_535]),
+        ("INT8", "int_contents", [-128, 0, 127]),
+        ("INT16", "int_contents", [-32_768, 32_767]),
+        ("UINT32", "uint_contents", [0, 4_294_967_295]),
+    ],
+)
+def test_typed_contents_at_their_datatype_s_bounds_are_read_exactly(
+    datatype: str, field: str, values: list[int]
+) -> None:
+    """(Outside the bounds they are refused: ``test_grpc_refusals``.)"""
+    request = pb.ModelInferRequest(model_name="m")
+    tensor = request.inputs.add(name="X", datatype=datatype, shape=[len(values)])
+    getattr(tensor.contents, field).extend(values)
+    [read] = inputs(request, 100)
+    assert read.data.dtype == np.dtype(datatype.lower()) and read.data.tolist() == values

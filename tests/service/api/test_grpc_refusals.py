@@ -30,6 +30,14 @@ def _infer(name: str, datatype: str, shape: list[int], raw: bytes = b"", outputs
     return lambda channel: pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
 
 
+def _typed(datatype: str, field: str, values: list[int]) -> Any:
+    """A ModelInfer whose PIXELS come in the typed ``contents`` field ``field``."""
+    request = pb.ModelInferRequest(model_name="fake-classifier")
+    tensor = request.inputs.add(name="PIXELS", datatype=datatype, shape=[1, 1, len(values)])
+    getattr(tensor.contents, field).extend(values)
+    return lambda channel: pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request)
+
+
 def _translate(texts: list[str]) -> Any:
     request = apb.TranslateRequest(model="fake-translator", texts=texts)
     return lambda channel: apb_grpc.AttentionServiceStub(channel).Translate(request)
@@ -85,6 +93,17 @@ def _translate(texts: list[str]) -> Any:
             _infer("PIXELS", "UINT8", [0, 1 << 26, 1 << 26, 1 << 26]),
             grpc.StatusCode.INVALID_ARGUMENT,
             "PIXELS: shape",
+        ),
+        # a narrower type than its field: numpy's cast wrapped 999 to a pixel of 231
+        (
+            _typed("UINT8", "uint_contents", [1, 2, 3, 999]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "PIXELS: values outside the range of UINT8 (0 to 255)",
+        ),
+        (
+            _typed("INT16", "int_contents", [-40_000, 5]),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "PIXELS: values outside the range of INT16 (-32768 to 32767)",
         ),
         # counted before they are walked: thousands of empty outputs fit in a message
         (

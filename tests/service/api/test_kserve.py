@@ -34,6 +34,23 @@ def test_a_pixel_batch_over_the_image_limit_is_refused_before_a_job_per_row(tmp_
     assert json.loads(content) == {"error": f"PIXELS: {n} images exceed the limit of 4 per request"}
 
 
+@pytest.mark.parametrize("count", [65, 300])
+def test_texts_over_the_limit_are_a_413_naming_text_whatever_the_image_limit(
+    tmp_path: Path, count: int
+) -> None:
+    """A BYTES tensor may hold up to the larger of the two limits (``limits.tensor_items``): with
+    more images allowed than the schema's 256 texts, 300 texts reached the schema and were a 422
+    naming REST's ``text``, not the served limit."""
+    server, _, _, _ = fake_server(tmp_path, limits={"max_images": 512, "max_texts": 64})
+    body = {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [count], "data": ["x"] * count}]}
+    status, _, content = call(
+        create_app(server), "POST", "/v2/models/fake-translator/infer", json.dumps(body).encode(),
+        {"content-type": "application/json"},
+    )  # fmt: skip
+    assert status == 413, content
+    assert json.loads(content) == {"error": f"TEXT: {count} texts exceed the limit of 64"}
+
+
 @pytest.mark.parametrize(
     ("task", "params", "named", "outputs"),
     [

@@ -175,9 +175,22 @@ def test_oversized_images_are_refused_from_the_header() -> None:
         decode_image(encoded(rgb((64, 64)), "JPEG"), 64 * 63, "RGB")
 
 
+def tiff_of_text_strip_offsets() -> bytes:
+    """An 8×8 RGB TIFF whose StripOffsets entry (tag 273) says ASCII instead of LONG: Pillow's
+    TIFF plugin seeks to a string and raises TypeError, none of its documented errors."""
+    data = bytearray(encoded(Image.new("RGB", (8, 8)), "TIFF"))
+    directory = struct.unpack_from("<I", data, 4)[0]
+    for entry in range(struct.unpack_from("<H", data, directory)[0]):
+        at = directory + 2 + 12 * entry
+        if struct.unpack_from("<H", data, at)[0] == 273:
+            struct.pack_into("<H", data, at + 2, 2)
+    return bytes(data)
+
+
 @pytest.mark.parametrize(
     "data",
     [
+        tiff_of_text_strip_offsets(),
         encoded(grey((28, 28)))[:60],  # truncated
         lying_png(40, 40),  # too little pixel data for its header
         bytearray(encoded(grey((28, 28)))),  # a bad CRC, set below
