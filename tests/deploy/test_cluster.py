@@ -42,13 +42,15 @@ RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_worker_niceness": "0", "RAY_AUTH
            "RAY_AUTH_TOKEN": secrets.token_hex(32), "RAY_enable_open_telemetry": "0"}  # fmt: skip
 
 
-def ray_node(args: list[str], log: Path, worker_ports: int, environment: dict[str, str]) -> subprocess.Popen:
+def ray_node(
+    args: list[str], log: Path, worker_ports: int, environment: dict[str, str], agent: int
+) -> subprocess.Popen:
     """``worker_ports`` starts a 200-port range below free_port's range (20000–32767), so that no
     port picked for the node's other components can fall inside it; ``environment``: what the
-    node's processes see besides :data:`RAY_ENV`."""
+    node's processes see besides :data:`RAY_ENV`; ``agent``: the dashboard agent's HTTP port."""
     ports = {
         "--node-manager-port": free_port(), "--object-manager-port": free_port(),
-        "--metrics-export-port": free_port(), "--dashboard-agent-listen-port": free_port(),
+        "--metrics-export-port": free_port(), "--dashboard-agent-listen-port": agent,
         "--dashboard-agent-grpc-port": free_port(), "--runtime-env-agent-port": free_port(),
     }  # fmt: skip
     cmd = [str(RAY), "start", "--block", "--node-ip-address=127.0.0.1", "--num-cpus=2", "--disable-usage-stats",
@@ -64,6 +66,7 @@ class Cluster:
     url: str  # the service's HTTP
     gcs: int  # the head's port
     tmp: Path
+    agents: list[int]  # each node's dashboard agent (HTTP)
 
 
 @pytest.fixture(scope="module")
@@ -77,11 +80,15 @@ def two_node_service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFac
     # Serve's control loop as the service sets them (test_images checks the images carry them)
     image = Settings(repository=tiny_repository).ray_environment()
     started: list[subprocess.Popen] = []
+    agents = [free_port(), free_port()]
     try:
-        started.append(ray_node(["--head", f"--port={gcs}", f"--temp-dir={tmp / 'ray'}", "--include-dashboard=false",
-                                 f"--ray-client-server-port={free_port()}"], tmp / "head.log", ports, image))  # fmt: skip
+        head = ["--head", f"--port={gcs}", f"--temp-dir={tmp / 'ray'}", "--include-dashboard=false",
+                f"--ray-client-server-port={free_port()}"]  # fmt: skip
+        started.append(ray_node(head, tmp / "head.log", ports, image, agents[0]))
         time.sleep(5)
-        started.append(ray_node([f"--address=127.0.0.1:{gcs}"], tmp / "worker.log", ports + 200, image))
+        started.append(
+            ray_node([f"--address=127.0.0.1:{gcs}"], tmp / "worker.log", ports + 200, image, agents[1])
+        )
         http = free_port()
         env = {
             **os.environ, **RAY_ENV, "ATTN_REPOSITORY": str(tiny_repository),
@@ -100,7 +107,7 @@ def two_node_service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFac
             lambda: str({p.name: p.read_text()[-1500:] for p in tmp.glob("*.log")}),
         )
         wait_deployed(tmp / "service.log", service, 240)
-        yield Cluster(url, gcs, tmp)
+        yield Cluster(url, gcs, tmp, agents)
     finally:
         for proc in reversed(started):  # the service disconnects first, then the worker, then the head
             stop(proc)
@@ -138,3 +145,15 @@ def test_a_second_service_joining_the_cluster_is_refused_and_the_first_serves_on
         body = requests.post(f"{two_node_service.url}/v1/models/dates-bahdanau/translate",
                              json={"text": f"{i + 1} mars 2001"}, timeout=60).json()  # fmt: skip
         assert body["translations"][0]["text"] == f"2001-03-{i + 1:02d}"
+
+
+def test_every_node_answers_the_health_check_the_kuberay_manifests_probe(two_node_service: Cluster) -> None:
+    """deploy/kuberay's liveness (and the head's readiness) probes GET the dashboard agent's
+    /api/healthz (test_images): on a node started with ``ray start``, as KubeRay starts its pods,
+    it answers 200 with the raylet's and, on the head, the GCS's health."""
+    head, worker = (
+        requests.get(f"http://127.0.0.1:{port}/api/healthz", timeout=10) for port in two_node_service.agents
+    )
+    assert head.status_code == 200 and worker.status_code == 200, (head.text, worker.text)
+    assert head.text == "raylet: success\ngcs: success", head.text
+    assert worker.text == "raylet: success\ngcs: success (no local gcs)", worker.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -78,11 +79,69 @@ def test_the_gpu_command_runs_the_gpu_image_instead_of_the_cpu_one() -> None:
     assert not any("deploy" in s for s in cpu_services.values()), "the CPU file asks for no GPU"
     cpu = cpu_services["serve"]
     assert set(gpu["ports"]) == set(cpu["ports"])  # the merge reorders them
-    assert {k: v for k, v in gpu.items() if k not in ("image", "build", "deploy", "ports")} == {
-        k: v for k, v in cpu.items() if k not in ("image", "build", "ports")
-    }
+    assert {
+        k: v for k, v in gpu.items() if k not in ("image", "build", "deploy", "ports", "environment")
+    } == {k: v for k, v in cpu.items() if k not in ("image", "build", "ports", "environment")}
+    assert gpu["environment"] == {**cpu["environment"], "ATTN_NUM_GPUS_PER_REPLICA": None}
     # the cluster profile stays CPU-only, as both files and the README say: no GPU workers
     assert services["ray-worker"] == cpu_services["ray-worker"]
+
+
+def test_the_gpu_command_passes_each_replica_s_gpu_share_through() -> None:
+    """docker-compose.gpu.yml documents ATTN_NUM_GPUS_PER_REPLICA: set in the shell, it reaches
+    the service (before, nothing passed it and every replica kept the default share)."""
+    from service.settings import Settings
+
+    assert "ATTN_NUM_GPUS_PER_REPLICA" in (ROOT / "docker-compose.gpu.yml").read_text().split("services:")[0]
+    assert "num_gpus_per_replica" in Settings.model_fields
+    services = config(*gpu_command(), env={"ATTN_NUM_GPUS_PER_REPLICA": "0.5"})["services"]
+    assert services["serve"]["environment"]["ATTN_NUM_GPUS_PER_REPLICA"] == "0.5"
+
+
+def test_the_healthchecks_ask_the_port_the_service_listens_on() -> None:
+    """The image's and compose's healthchecks (the same command) GET /readyz on ATTN_HTTP_PORT
+    (8000 unset): run here against a server on another port, they pass while it answers 200 and
+    fail when it answers 503 or nothing listens there."""
+    import http.server
+    import sys
+    import threading
+
+    compose_test = tuple(config()["services"]["serve"]["healthcheck"]["test"])
+    for name in ("Dockerfile", "Dockerfile.gpu"):
+        [line] = [
+            row
+            for row in (ROOT / "deploy" / name).read_text().splitlines()
+            if row.strip().startswith("CMD [")
+        ]
+        assert tuple(json.loads(line.strip()[len("CMD ") :])) == compose_test[1:], name
+    command = [sys.executable, *compose_test[2:]]  # this python for the image's
+    status = {"code": 200}
+
+    class Ready(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(status["code"] if self.path == "/readyz" else 404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    def check(**extra: str) -> int:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("ATTN_")}
+        return subprocess.run(command, env={**env, **extra}, capture_output=True, timeout=30).returncode
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ready)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = str(server.server_address[1])
+        assert check(ATTN_HTTP_PORT=port) == 0
+        status["code"] = 503
+        assert check(ATTN_HTTP_PORT=port) != 0
+        status["code"] = 200
+        server.shutdown()
+        server.server_close()
+        assert check(ATTN_HTTP_PORT=port) != 0  # nothing listens
+    finally:
+        server.server_close()
 
 
 def test_cluster_profile() -> None:

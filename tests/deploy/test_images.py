@@ -227,6 +227,35 @@ def test_kuberay_on_gpus_places_replicas_by_gpu_share() -> None:
 
 
 @pytest.mark.parametrize("name", ["rayservice.yaml", "rayservice.gpu.yaml"])
+def test_kuberay_finds_the_head_ports_it_looks_up_by_name_and_probes_ray_over_http(name: str) -> None:
+    """KubeRay's RayService controller finds head ports by name: ``dashboard`` to read the
+    application's status, ``serve`` (or ``serve-*``) to build its serve Service. A head that
+    declares any port gets none of KubeRay's defaults, and without those two the application is
+    never deployed (ray-operator: ``getServicePorts``, ``FetchHeadServiceURL``,
+    ``BuildServeService``). Every Ray container declares its liveness probe, and the head its
+    readiness probe, as KubeRay itself does for Ray ≥ 2.53: an HTTP GET of the dashboard agent's
+    ``/api/healthz`` on Ray's default agent port (older KubeRay injects ``wget``, which the image
+    lacks). ``test_cluster`` checks that a node started with ``ray start`` answers on that path."""
+    from ray._private import ray_constants
+
+    service, _, _ = rayservice(name)
+    cluster = service["spec"]["rayClusterConfig"]
+    [head] = cluster["headGroupSpec"]["template"]["spec"]["containers"]
+    ports = {p["name"]: p["containerPort"] for p in head["ports"]}
+    assert ports["gcs"] == 6379 and ports["dashboard"] == ray_constants.DEFAULT_DASHBOARD_PORT
+    assert "serve" in ports
+    probe = {"path": "/api/healthz", "port": ray_constants.DEFAULT_DASHBOARD_AGENT_LISTEN_PORT}
+    assert head["livenessProbe"]["httpGet"] == probe and head["readinessProbe"]["httpGet"] == probe
+    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+    assert not [
+        g for g in groups if {"dashboard-port", "dashboard-agent-listen-port"} & set(g["rayStartParams"])
+    ]
+    for group in cluster["workerGroupSpecs"]:
+        [container] = group["template"]["spec"]["containers"]
+        assert container["livenessProbe"]["httpGet"] == probe
+
+
+@pytest.mark.parametrize("name", ["rayservice.yaml", "rayservice.gpu.yaml"])
 def test_kuberay_manifests_use_no_deprecated_fields(name: str) -> None:
     """KubeRay has deprecated serviceUnhealthySecondThreshold and deploymentUnhealthySecondThreshold."""
     service, _, _ = rayservice(name)
