@@ -21,18 +21,22 @@ from service.inference.child_sender import Sender
 
 log = logging.getLogger("ray.serve")
 
+# the parts of the child's "step" message (``decode_child`` sends it at most once per step):
+#: per step, (rows, live rows, tokens in flight, seconds, steps so far)
+Stats = list[tuple[int, int, int, float, int]]
+#: per streamed request, (its id, its tokens: text index, token, logprob, attention or None)
+Streamed = list[tuple[int, list[tuple[int, int, float, np.ndarray | None]]]]
+#: per finished request, (its id, its answer)
+Answers = list[tuple[int, Decoded]]
+#: per failed request, (its id, the exception's type name, its text)
+Failures = list[tuple[int, str, str]]
+
 
 class Owner(Protocol):
     """The parent's object for one model's child (:class:`DecodeProcess`), as the reader sees it."""
 
-    def deliver(
-        self,
-        stats: list[tuple[int, int, int, float, int]],
-        tokens: list[tuple[int, list[tuple[int, int, float, np.ndarray | None]]]],
-        answers: list[tuple[int, Decoded]],
-        failures: list[tuple[int, str, str]],
-    ) -> None:
-        """A message of the child's: step counts, streamed tokens, answers, failures."""
+    def deliver(self, stats: Stats, tokens: Streamed, answers: Answers, failures: Failures) -> None:
+        """A message of the child's."""
 
     def ended(self, process: subprocess.Popen[bytes]) -> None:
         """The child's socket ended: fail what it held, start another unless closed."""

@@ -21,7 +21,8 @@ from typing import Any
 
 import numpy as np
 
-from service.inference.callers import Decoded, Request, StepToken, decoded, take_held
+from service.inference.callers import Request, StepToken, decoded, take_held
+from service.inference.child_reader import Answers, Failures, Stats, Streamed
 from service.inference.decoding import Options
 from service.inference.scheduler import Decoder, TranslationScheduler
 
@@ -48,9 +49,9 @@ class _ChildScheduler(TranslationScheduler):
     def __init__(self, decoder: Decoder, token_budget: int, send: Callable[[Any], None]) -> None:
         super().__init__(decoder, token_budget, self._stepped)
         self._send = send
-        self._stats: list[tuple[int, int, int, float, int]] = []
-        self._tokens: list[tuple[int, list[tuple[int, int, float, np.ndarray | None]]]] = []
-        self._answers: list[tuple[int, Decoded]] = []
+        self._stats: Stats = []
+        self._tokens: Streamed = []
+        self._answers: Answers = []
         self._sent_at = time.perf_counter()
         self.by_rid: dict[int, _Remote] = {}
         #: whether the parent was last told that nothing decodes here (it reads a silence then as
@@ -132,7 +133,7 @@ class _ChildScheduler(TranslationScheduler):
         self._stats.append((0, 0, 0, 0.0, self.steps))
         self._flush([])
 
-    def _flush(self, failures: list[tuple[int, str, str]]) -> None:
+    def _flush(self, failures: Failures) -> None:
         if self._stats:
             self.said_idle = self._stats[-1][1] == 0
         message = ("step", self._stats, self._tokens, self._answers, failures)

@@ -52,11 +52,8 @@ from collections.abc import Callable
 from multiprocessing.connection import Connection
 from pathlib import Path
 
-import numpy as np
-
 from service.errors import InferenceFailed, Overloaded
 from service.inference.callers import (
-    Decoded,
     OnTokens,
     Request,
     StepToken,
@@ -64,7 +61,17 @@ from service.inference.callers import (
     on_their_loops,
     settler,
 )
-from service.inference.child_reader import kill_lingering, read, remote_error, same, shut
+from service.inference.child_reader import (
+    Answers,
+    Failures,
+    Stats,
+    Streamed,
+    kill_lingering,
+    read,
+    remote_error,
+    same,
+    shut,
+)
 from service.inference.child_sender import Sender
 from service.inference.decoding import Options
 from service.inference.pinned_files import PinnedFiles
@@ -372,13 +379,8 @@ class DecodeProcess(Submitting):
                 self.providers[:] = providers
             return
 
-    def deliver(
-        self,
-        stats: list[tuple[int, int, int, float, int]],
-        tokens: list[tuple[int, list[tuple[int, int, float, np.ndarray | None]]]],
-        answers: list[tuple[int, Decoded]],
-        failures: list[tuple[int, str, str]],
-    ) -> None:
+    def deliver(self, stats: Stats, tokens: Streamed, answers: Answers, failures: Failures) -> None:
+        """(The reader.) A message of the child's: hand each caller its tokens, answer or failure."""
         self.heard = time.monotonic()
         for _, live, in_flight, _, steps in stats:  # before the answers: a caller answered sees them
             self.rows, self.tokens_in_flight, self.steps = live, in_flight, steps
