@@ -142,10 +142,11 @@ class GreedySearch:
 
 
 class BeamSearch:
-    """``beam_size`` live hypotheses; one that emits EOS moves to the finished list. The search
-    stops when it has ``beam_size`` finished hypotheses and none of its live ones can still beat
-    the best finished one (with no length penalty scores only fall, so that is exact; with a
-    penalty it is the usual heuristic), or after ``max_len`` steps."""
+    """``beam_size`` live hypotheses; one that emits EOS moves to the finished list, which keeps
+    the ``beam_size`` best (length-normalised; a better one replaces the worst, as Hugging Face's
+    ``BeamHypotheses`` does). The search stops when that list is full and none of its live ones
+    can still beat the best finished one (with no length penalty scores only fall, so that is
+    exact; with a penalty it is the usual heuristic), or after ``max_len`` steps."""
 
     def __init__(
         self, bos: int, eos: int, max_len: int, beam_size: int, length_penalty: float,
@@ -182,10 +183,8 @@ class BeamSearch:
             hist = [*self.history[src], attention[src]]
             if tok == self.eos:
                 # like fairseq: an EOS only finalises if it ranks among the top beam_size
-                if rank < self.beam and len(self.finals) < self.beam:
-                    self.finals.append(
-                        Hypothesis(self._prefixes[src, 1:].tolist(), score, np.stack(hist), True)
-                    )
+                if rank < self.beam:
+                    self._finish(Hypothesis(self._prefixes[src, 1:].tolist(), score, np.stack(hist), True))
                 continue
             if len(parents) < self.beam:
                 parents.append(src)
@@ -226,6 +225,19 @@ class BeamSearch:
         order = np.argsort(-flat, kind="stable")[: 2 * self.beam]
         width = cand.shape[1]
         return [(int(k // width), int(k % width), float(flat[k])) for k in order]
+
+    def _finish(self, hyp: Hypothesis) -> None:
+        """Keep a finished hypothesis among the ``beam_size`` best. The live beams that go on once
+        the list is full are those that can still beat its best: one that then ends was dropped,
+        and the search answered a worse hypothesis (or, with a length penalty, ran on to
+        ``max_len`` and answered one cut off there)."""
+        if len(self.finals) < self.beam:
+            self.finals.append(hyp)
+            return
+        normalised = [length_normalised(h.score, len(h.tokens) + 1, self.alpha) for h in self.finals]
+        worst = int(np.argmin(normalised))
+        if length_normalised(hyp.score, len(hyp.tokens) + 1, self.alpha) > normalised[worst]:
+            self.finals[worst] = hyp
 
     def _settled(self, live_score: float, live_len: int) -> bool:
         if len(self.finals) < self.beam:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from service.inference.decoding import BeamSearch, GreedySearch, TopCandidates, beam_search, greedy
 
@@ -49,6 +50,25 @@ def test_beam_of_one_is_greedy_and_batches_are_independent() -> None:
     b = beam_search(step, 3, BOS, EOS, 10, np.zeros((3, 1)), beam_size=1)
     assert [h.tokens for h in g] == [h.tokens for h in b]
     assert len({tuple(h.tokens) for h in beam_search(step, 3, BOS, EOS, 10, None, beam_size=3)}) == 1
+
+
+@pytest.mark.parametrize("alpha", [0.0, 1.0])
+def test_a_beam_that_ends_after_the_finished_list_filled_up_is_kept_when_better(alpha: float) -> None:
+    """Beam 2. After two steps the finished list is full: [] (-0.5) and [A] (-0.3); the live
+    [A, C] (-0.2) can still beat them and goes on, then ends at -0.22. It was dropped because the
+    list was full: the search answered [A] without a length penalty, and with one ran on to
+    max_len and answered [A, C, C, …] cut off there."""
+    c = 0  # a fifth token
+    table = {
+        (): {A: np.exp(-0.1), EOS: np.exp(-0.5), B: np.exp(-0.6)},
+        (A,): {c: np.exp(-0.1), EOS: np.exp(-0.2)},
+    }
+    table[(A, c)] = {EOS: np.exp(-0.02), c: np.exp(-0.03)}
+    for n in range(2, 10):
+        table[(A,) + (c,) * n] = {c: np.exp(-0.03), EOS: np.exp(-0.5)}
+    [hyp] = beam_search(table_step(table), 1, BOS, EOS, 8, None, beam_size=2, length_penalty=alpha)
+    assert hyp.tokens == [A, c] and hyp.finished
+    np.testing.assert_allclose(hyp.score, -0.22)
 
 
 def test_max_length_stops_unfinished_hypotheses() -> None:
