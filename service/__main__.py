@@ -283,7 +283,7 @@ def stop_serving(settings: Settings, ours: bool = True) -> None:
     if settings.frontend == "in-replica":
         started = time.monotonic()
         with contextlib.suppress(Exception):  # nothing deployed yet: nothing to drain
-            serve.delete(APP)
+            delete_app(settings.drain_s + 5)
         log.info("stopping: the replicas drained and left in %.1f s", time.monotonic() - started)
     else:
         # Ray's proxy answers a deleted app's routes with a plain-text 404 until it stops itself:
@@ -296,7 +296,8 @@ def stop_serving(settings: Settings, ours: bool = True) -> None:
         log.info("stopping: the ingress drained in %.1f s", time.monotonic() - started)
         if settings.ray_address is not None:
             try:
-                serve.delete(APP)
+                if not delete_app(settings.drain_s + 5):
+                    raise TimeoutError(f"still there after {settings.drain_s + 5:.0f} s")
             except Exception as exc:  # its ingress drained: it answers 503 "stopping" until deleted
                 log.warning(
                     "the app %r was not deleted from the cluster (%s); delete it with %s",
@@ -307,6 +308,21 @@ def stop_serving(settings: Settings, ours: bool = True) -> None:
     started = time.monotonic()
     ray.shutdown()
     log.info("stopping: Ray stopped in %.1f s", time.monotonic() - started)
+
+
+def delete_app(within_s: float) -> bool:
+    """Delete our application and wait up to ``within_s`` for it to go (its replicas drain
+    meanwhile); whether it went. ``serve.delete``'s own wait gives up after 60 s, and Ray was then
+    shut down under replicas still draining, where ``drain_s`` allows 600."""
+    from ray import serve
+
+    serve.delete(APP, _blocking=False)
+    deadline = time.monotonic() + within_s
+    while APP in serve.status().applications:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
 
 
 @contextlib.contextmanager

@@ -80,10 +80,24 @@ class ModelSet:
 
     async def serve(self, wanted: dict[str, int]) -> None:
         """Serve version ``wanted[name]`` of each model, and only those models: load what is new,
-        then swap."""
+        then swap. A version that is gone or does not load gives way to the newest one left that
+        does: a replica Ray starts anew (a crash, autoscaling) gets the deploy's versions, which
+        the polls may have moved past and retention deleted since."""
         async with self._changing:
             self._names = set(wanted)
-            await self._serve({name: [version] for name, version in wanted.items()})
+            await self._serve({name: self._fallbacks(name, version) for name, version in wanted.items()})
+
+    def _fallbacks(self, name: str, version: int) -> list[int]:
+        """``version``, then the other versions held, newest first (``version`` alone while the
+        model's directory cannot be listed)."""
+        try:
+            held = list_versions(self.settings.repository, name)
+        except Exception:
+            log.exception("listing the versions of %s failed", name)
+            return [version]
+        if not held:
+            return [version]
+        return [*([version] if version in held else []), *(v for v in reversed(held) if v != version)]
 
     async def _serve(self, candidates: dict[str, list[int]]) -> None:
         """For each model, the first of its candidate versions that loads (the current worker

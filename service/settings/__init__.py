@@ -9,6 +9,7 @@ message naming the setting. Only this module reads the environment. Nested value
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Literal, Self
@@ -268,8 +269,11 @@ class Settings(BaseSettings):
                 "ray-proxy or ray-direct); the in-replica frontend's replicas each hold every model: "
                 "set ATTN_NUM_REPLICAS / ATTN_NUM_GPUS_PER_REPLICA instead"
             )
-        if sorted(self.latency_buckets_s) != self.latency_buckets_s or not self.latency_buckets_s:
-            raise ValueError("latency_buckets_s must be a non-empty ascending list")
+        buckets = self.latency_buckets_s  # Ray's histograms refuse a bound ≤ 0 in every replica
+        if not buckets or not all(0 < b < math.inf for b in buckets) or buckets != sorted(set(buckets)):
+            raise ValueError(
+                "latency_buckets_s must be a non-empty list of positive, finite, strictly ascending seconds"
+            )
         prefix = self.model_config.get("env_prefix", "")
         fields = type(self).model_fields
         unknown = sorted(

@@ -32,6 +32,10 @@ def test_defaults_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ({"ATTN_METRICS_PORT": "8000"}, "must differ"),
         ({"ATTN_REPOSITORY": "/no/such/dir"}, "repository"),
         ({"ATTN_LATENCY_BUCKETS_S": "[1, 0.5]"}, "ascending"),
+        # Ray's histograms refuse these in every replica, after Ray is up: refused here, at start
+        ({"ATTN_LATENCY_BUCKETS_S": "[0, 0.5, 1]"}, "positive"),
+        ({"ATTN_LATENCY_BUCKETS_S": "[0.5, 0.5, 1]"}, "strictly ascending"),
+        ({"ATTN_LATENCY_BUCKETS_S": "[]"}, "non-empty"),
         (
             {"ATTN_NO_SUCH_SETTING": "1"},
             r"\(a typo\?\): ATTN_NO_SUCH_SETTING ",

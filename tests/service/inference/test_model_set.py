@@ -94,6 +94,30 @@ class Loads:
         monkeypatch.setattr(models, "_worker", worker)
 
 
+def test_a_replica_started_after_its_deploy_s_version_was_deleted_serves_the_newest_left(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    """Deployed at v1, the polls moved every replica on and retention deleted v1. Ray starts a
+    replica anew (a crash, autoscaling) with the deploy's versions: it serves the newest version
+    that loads (v3; v4 is corrupt), where it served nothing (its constructor raised again and
+    again). A version the deploy names that is there is still the one served (a pin)."""
+    repository = tmp_path / "repository"
+    for version in (2, 3):
+        version_of(tiny_repository, repository, version)
+    corrupt(version_of(tiny_repository, repository, 4))
+    models = ModelSet(
+        Settings(repository=repository), "replica", "node", lambda _: NoMetrics(), lambda *_: None
+    )
+    try:
+        asyncio.run(models.serve({"dates-bahdanau": 1}))
+        assert models.workers["dates-bahdanau"].entry.version == 3
+        assert set(models.rejected) == {"dates-bahdanau/4"}, models.rejected
+        asyncio.run(models.serve({"dates-bahdanau": 2}))
+        assert models.workers["dates-bahdanau"].entry.version == 2
+    finally:
+        gc.unfreeze()
+
+
 def test_the_poll_serves_the_newest_version_that_loads_and_retries_a_failure_once_fixed(
     tiny_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
