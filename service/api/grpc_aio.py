@@ -5,8 +5,10 @@ reflection. Ray's gRPC proxy (the Ray-ingress frontends) calls the servicer's me
 uses none of this.
 """
 
+import asyncio
 import contextlib
 import inspect
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -21,6 +23,8 @@ from service.api.grpc_servicer import GrpcServicer
 from service.api.protos import attention_pb2_grpc, grpc_service_pb2_grpc
 from service.errors import ServiceError, unexpected
 
+log = logging.getLogger("ray.serve")
+
 
 def add_to_grpc_server(
     grpc_server: grpc.aio.Server, servicer: GrpcServicer, max_value_bytes: int = DEFAULT_VALUE_BYTES
@@ -32,6 +36,7 @@ def add_to_grpc_server(
     and in ``ModelStreamInfer`` ended the whole stream; one it would parse value by value beyond
     ``max_value_bytes`` (``limits.max_grpc_value_bytes``) is refused unparsed, as large (``grpc_parsing``)."""
     kserve_v2, attention_v1 = grpc_service_pb2_grpc, attention_pb2_grpc
+    write_timeout_s = servicer.server.settings.limits.stream_write_timeout_s
     services = []
     for base, add in (
         (kserve_v2.GRPCInferenceServiceServicer, kserve_v2.add_GRPCInferenceServiceServicer_to_server),
@@ -42,7 +47,9 @@ def add_to_grpc_server(
             if name in servicer.METHODS:
                 impl = getattr(servicer, name)
                 overrides[name] = (
-                    _aio_streaming(impl) if inspect.isasyncgenfunction(impl) else _aio_unary(impl)
+                    _aio_streaming(impl, write_timeout_s)
+                    if inspect.isasyncgenfunction(impl)
+                    else _aio_unary(impl)
                 )
         lenient = Lenient(grpc_server, max_value_bytes=max_value_bytes)
         add(type(base.__name__, (base,), overrides)(), lenient)
@@ -258,18 +265,38 @@ def _aio_unary(impl: Callable[..., Any]) -> Callable[..., Any]:
     return call
 
 
-def _aio_streaming(impl: Callable[..., AsyncGenerator[Any, None]]) -> Callable[..., AsyncIterator[Any]]:
-    async def call(_: object, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> Any:
+def _aio_streaming(
+    impl: Callable[..., AsyncGenerator[Any, None]], write_timeout_s: float
+) -> Callable[..., Awaitable[None]]:
+    """A streaming RPC that writes each response itself, each write within ``write_timeout_s``
+    (``limits.stream_write_timeout_s``, as REST's streams): a client that keeps its connection
+    open but stops reading fills its HTTP/2 window, and a yielded response then waited for good —
+    holding the request (its rows decoding, its place among the calls) and the replica's drain.
+    Past the timeout the stream is cut (its request recorded as a client that left, 499)."""
+
+    async def call(_: object, requests: AsyncIterator[Any], context: grpc.aio.ServicerContext) -> None:
         try:
             if isinstance(requests, Undecodable):  # the one request of a server-streaming RPC
                 raise requests.error
-            async with contextlib.aclosing(impl(requests, context)) as responses:  # closed with us
+            # closed with us, and when the client stops reading (the request ends as one that left)
+            async with contextlib.aclosing(impl(requests, context)) as responses:
                 async for response in responses:
-                    yield response
+                    try:
+                        async with asyncio.timeout(write_timeout_s):
+                            await context.write(response)
+                    except TimeoutError:
+                        break
+                else:
+                    return
         except ServiceError as exc:
             await context.abort(getattr(grpc.StatusCode, exc.grpc_code), exc.message)
         except Exception as exc:
             error = unexpected(exc, f"gRPC {impl.__name__}")
             await context.abort(grpc.StatusCode.INTERNAL, error.message)
+        else:  # broke off
+            log.warning(
+                "gRPC %s: the client stopped reading for %s s; stream cut", impl.__name__, write_timeout_s
+            )
+            await context.abort(grpc.StatusCode.CANCELLED, "the client stopped reading")
 
     return call

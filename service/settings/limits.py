@@ -63,5 +63,6 @@ class Limits(BaseModel):
     #: RPCs (health ``Check``, ``ServerLive`` …) are not counted (``service/api/grpc_aio.py``)
     max_grpc_calls: int = Field(4096, ge=1, le=1_000_000)
     #: a streamed answer whose client stops reading: after this long blocked on one write, the
-    #: stream ends and the request's rows leave the batch (nothing is buffered without bound)
+    #: stream ends and the request's rows leave the batch (nothing is buffered without bound);
+    #: REST's streams, and the in-replica frontend's gRPC streams
     stream_write_timeout_s: float = Field(10.0, gt=0)

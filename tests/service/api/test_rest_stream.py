@@ -284,6 +284,34 @@ def test_a_cancelled_grpc_stream_frees_its_rows(endless_app: tuple[str, Any, Sta
     assert ("dates-transformer", "grpc_translate_stream", 499) in statuses.records
 
 
+def test_a_grpc_client_that_stops_reading_is_cut_off_and_others_go_on(
+    endless_app: tuple[str, Any, Statuses, str],
+) -> None:
+    """It keeps its connection open, its HTTP/2 window full: each response the stream yielded
+    then waited for good, holding the request's rows, its place among the calls and the
+    replica's drain. Now a write blocked for ``stream_write_timeout_s`` cuts the stream."""
+    address, w, statuses, target = endless_app
+    steps, cut = w.scheduler.steps, len(statuses.records)
+    # no BDP probing: the window stays at its first 64 kB instead of growing to megabytes
+    with grpc.insecure_channel(target, options=[("grpc.http2.bdp_probe", 0)]) as channel:
+        stub = apb_grpc.AttentionServiceStub(channel)
+        request = apb.TranslateRequest(
+            model="dates-transformer", texts=DATES[:8] * 8, max_length=500, return_attention=True
+        )
+        call = stub.TranslateStream(request)
+        assert next(call).WhichOneof("event") == "token"  # then never read again
+        other = requests.post(
+            f"http://{address}/v1/models/dates-transformer/translate",
+            json={"text": DATES[:2], "max_length": 30},
+            timeout=60,
+        )
+        assert other.status_code == 200
+        waited = rows_gone(w)
+        assert w.scheduler.steps - steps < 500, "the decode ran on for a reader that stopped"
+        call.cancel()
+    assert waited < 15 and ("dates-transformer", "grpc_translate_stream", 499) in statuses.records[cut:]
+
+
 def test_grpc_translate_stream(service: Service) -> None:
     """attention.v1 TranslateStream on two models at once: tokens, then the answer Translate gives."""
     with grpc.insecure_channel(service.grpc_target) as channel:
