@@ -10,7 +10,6 @@ import os
 import shlex
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
@@ -20,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 
+from service.hosting import gpus
 from service.hosting.cluster import (
     APP,
     AUTH_HINT,
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"export {key}={shlex.quote(value)}")
         return 0
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if settings.use_gpu and settings.ray_address is None and (why := no_local_gpu()):
+    if settings.use_gpu and settings.ray_address is None and (why := gpus.no_local_gpu()):
         # replicas reserving a GPU share that this Ray will never have would wait forever
         logging.getLogger("service").warning("CUDA was asked for, but %s: serving on the CPU", why)
         cpu_only = [p for p in settings.providers if p != "CUDAExecutionProvider"] or ["CPUExecutionProvider"]
@@ -216,7 +216,7 @@ def placement_refusal(settings: Settings) -> str | None:
         why = unreachable(settings.ray_address)
         return f"ATTN_RAY_ADDRESS={settings.ray_address}: {why}" if why else None
     cpus = settings.num_cpus or os.cpu_count() or 1
-    if refusal := private_ray_refusal(settings, cpus):
+    if refusal := private_ray_refusal(settings, cpus, gpus.local_gpus() if settings.use_gpu else 0):
         return refusal
     if warning := private_ray_warning(settings, cpus):
         logging.getLogger("service").warning("%s", warning)
@@ -246,21 +246,6 @@ def ray_processes_environment(settings: Settings) -> dict[str, str]:
         VALUE_BYTES_VARIABLE: str(settings.limits.max_grpc_value_bytes),  # read by grpc_parsing
     }
     return {**grpc, **settings.ray_environment()}
-
-
-def no_local_gpu() -> str | None:
-    """Why this machine cannot run the CUDA provider, or None when it can."""
-    import onnxruntime as ort
-
-    if "CUDAExecutionProvider" not in ort.get_available_providers():
-        return "this onnxruntime build has no CUDA provider (the serve-gpu extra brings it: make serve-gpu)"
-    try:
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
-        return "nvidia-smi is not here (no NVIDIA driver)"
-    if listed.returncode != 0 or "GPU" not in listed.stdout:
-        return "nvidia-smi lists no GPU"
-    return None
 
 
 def stop_serving(settings: Settings, ours: bool = True) -> None:

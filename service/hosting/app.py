@@ -82,11 +82,28 @@ def over_node_cap(settings: Settings, starting: dict[str, int] | None = None) ->
     return ", ".join(f"{what}: {n} replicas at start" for what, n in over.items()) or None
 
 
-def private_ray_refusal(settings: Settings, cpus: int) -> str | None:
-    """Why the replicas could never be placed on the private Ray of ``cpus`` CPUs (one node), or
-    None: more CPUs reserved than it has, or more replicas than ``max_replicas_per_node`` — they
-    would wait forever to be scheduled."""
+def reserved_gpus(settings: Settings, starting: dict[str, int] | None = None) -> float:
+    """GPUs the application's replicas reserve at start (0 without CUDA): each replica its share,
+    a model deployment's replicas their model's (:meth:`Settings.gpu_share`)."""
+    if not settings.use_gpu:
+        return 0.0
+    starting = starting or starting_replicas(settings)
+    if settings.frontend == "in-replica":
+        return sum(starting.values()) * settings.gpu_share()
+    names = discover(settings.repository, settings.models).models
+    return sum(starting[f"model {name!r}"] * settings.gpu_share(name) for name in names)
+
+
+def private_ray_refusal(settings: Settings, cpus: int, gpus: int = 0) -> str | None:
+    """Why the replicas could never be placed on the private Ray of ``cpus`` CPUs and ``gpus``
+    GPUs (one node), or None: more CPUs or GPUs reserved than it has, or more replicas than
+    ``max_replicas_per_node`` — they would wait forever to be scheduled."""
     starting = starting_replicas(settings)
+    if (need_gpus := reserved_gpus(settings, starting)) > gpus + 1e-9:
+        return (f"the replicas reserve {need_gpus:g} GPUs (ATTN_NUM_GPUS_PER_REPLICA and the models' own "
+                f"shares, {settings.gpu_share():g} each by default) but this Ray has {gpus}; they would wait "
+                "forever to be scheduled. Lower ATTN_NUM_GPUS_PER_REPLICA or ATTN_NUM_REPLICAS, or serve "
+                "fewer models (ATTN_MODELS)")  # fmt: skip
     if (need := reserved_cpus(settings, starting)) > cpus:
         return (f"the replicas reserve {need:g} CPUs (ATTN_REPLICA_NUM_CPUS={settings.replica_num_cpus:g} "
                 f"each) but this Ray has {cpus}; they would wait forever to be scheduled. Lower "

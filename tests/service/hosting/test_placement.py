@@ -113,3 +113,55 @@ def test_autoscaling_beyond_the_private_ray_is_a_warning_naming_what_fits(
     assert capped is not None and "above ATTN_MAX_REPLICAS_PER_NODE=2" in capped  # the limit that binds
     assert "at most 2 replicas per deployment" in capped and "ATTN_NUM_CPUS" not in capped
     assert private_ray_warning(Settings(repository=tiny_repository, frontend=frontend), cpus=1) is None  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("frontend", "options", "gpus", "reserved"),
+    [
+        ("in-replica", {"num_replicas": 4}, 1, None),  # four quarters of one GPU
+        ("in-replica", {"num_replicas": 2, "num_gpus_per_replica": 1}, 1, 2),
+        ("in-replica", {"num_replicas": 2, "num_gpus_per_replica": 1}, 2, None),
+        ("ray-proxy", {"num_gpus_per_replica": 0.5}, 1, 1.5),  # a deployment per model: 3 × 0.5
+        ("ray-proxy", {"model_overrides": {"fashion-vit": {"num_gpus_per_replica": 0.5}}}, 1, None),
+        ("ray-proxy", {"model_overrides": {"fashion-vit": {"num_replicas": 3, "num_gpus_per_replica": 0.5}}}, 1, 2),
+    ],
+)  # fmt: skip
+def test_replicas_reserving_more_gpus_than_the_private_ray_has_are_refused(
+    tiny_repository: Path, frontend: str, options: dict[str, Any], gpus: int, reserved: float | None
+) -> None:
+    """Ray would keep the start waiting for good on replicas it can never place: refused before
+    it starts, as replicas over its CPUs are, naming what they reserve and what it has."""
+    from service.hosting.app import private_ray_refusal
+
+    options = {**options, "models": DEMO}  # the tiny repository's int8 ViT left out
+    settings = Settings(repository=tiny_repository, frontend=frontend, providers=CUDA, **options)
+    refusal = private_ray_refusal(settings, cpus=64, gpus=gpus)
+    if reserved is None:
+        assert refusal is None, refusal
+    else:
+        assert (
+            refusal is not None
+            and f"reserve {reserved:g} GPUs" in refusal
+            and f"this Ray has {gpus}" in refusal
+        )
+    # without CUDA nothing reserves a GPU
+    cpu = Settings(repository=tiny_repository, frontend=frontend, **options)
+    assert private_ray_refusal(cpu, cpus=64, gpus=0) is None
+
+
+def test_the_private_ray_counts_the_gpus_nvidia_smi_lists_and_cuda_visible_devices_lets_through(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from service.hosting.gpus import local_gpus
+
+    listing = (
+        "GPU 0: NVIDIA H100 80GB HBM3 (UUID: GPU-1)\n"
+        "  MIG 3g.40gb     Device  0: (UUID: MIG-1)\n"
+        "GPU 1: NVIDIA H100 80GB HBM3 (UUID: GPU-2)\n"
+    )
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    assert local_gpus(listing) == 2 and local_gpus("") == 0
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")
+    assert local_gpus(listing) == 1
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert local_gpus(listing) == 0

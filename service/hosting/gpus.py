@@ -1,0 +1,38 @@
+"""The GPUs this machine gives a private Ray (``python -m service`` without ``ATTN_RAY_ADDRESS``):
+whether the CUDA provider can run here at all, and how many GPUs Ray will count. No Ray import:
+``service/__main__.py`` asks before Ray's variables are set."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+
+def no_local_gpu() -> str | None:
+    """Why this machine cannot run the CUDA provider, or None when it can."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "this onnxruntime build has no CUDA provider (the serve-gpu extra brings it: make serve-gpu)"
+    try:
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return "nvidia-smi is not here (no NVIDIA driver)"
+    if listed.returncode != 0 or "GPU" not in listed.stdout:
+        return "nvidia-smi lists no GPU"
+    return None
+
+
+def local_gpus(listing: str | None = None) -> int:
+    """The GPUs a private Ray finds here, as it counts them: those ``nvidia-smi -L`` lists (or
+    ``listing``), at most as many as ``CUDA_VISIBLE_DEVICES`` names when it is set."""
+    if listing is None:
+        try:
+            listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+        except (OSError, subprocess.TimeoutExpired):
+            return 0
+    count = sum(1 for line in listing.splitlines() if line.startswith("GPU "))
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        count = min(count, len([d for d in visible.split(",") if d.strip()]))
+    return count
