@@ -100,6 +100,9 @@ class Batcher(Generic[W, O]):
         self._closed = False
         self._idle = False  # the thread waits for items
         self._kicked = False  # a wake-up of the thread is scheduled on an event loop
+        #: since when (``time.monotonic()``) the batch now computing has run; None between
+        #: batches (the health check's: a batch that never returns)
+        self.computing_since: float | None = None
 
     @property
     def queued(self) -> int:
@@ -214,8 +217,10 @@ class Batcher(Generic[W, O]):
         batch_id = next(self._batch_ids)
         done: list[Done[O]] | None = None
         error: Exception | None = None
+        self.computing_since = time.monotonic()
         try:
             outputs = self.run([i.work for i in batch])
+            self.computing_since = None
             if len(outputs) != len(batch):
                 raise RuntimeError(f"a batch of {len(batch)} gave {len(outputs)} outputs")
             compute = time.perf_counter() - start
@@ -224,6 +229,7 @@ class Batcher(Generic[W, O]):
                 for o, i in zip(outputs, batch, strict=True)
             ]
         except BaseException as exc:  # every caller of the batch gets the error; the thread goes on
+            self.computing_since = None
             error = exc if isinstance(exc, Exception) else RuntimeError(f"the batch failed: {exc!r}")
         by_loop: dict[asyncio.AbstractEventLoop, list[int]] = {}
         for n, item in enumerate(batch):

@@ -109,6 +109,9 @@ class TranslationScheduler(Submitting):
         self._requests: set[Request] = set()
         self._closed = False
         self.steps = 0
+        #: since when (``time.monotonic()``) the pass now running has run (None between passes): a
+        #: step that never returns, for the health check
+        self.stepping_since: float | None = None
         self._rows_stepped = 0  # rows in the last step (0: none ran)
         self._admitted_at = -GATHER_STEPS  # the step count at the last admission
 
@@ -229,11 +232,14 @@ class TranslationScheduler(Submitting):
         with self._lock:
             admitted = self._admit()
         start = time.perf_counter()
+        self.stepping_since = time.monotonic()
         try:
             finished = self._iterate(admitted)
         except Exception as exc:  # the graph failed: every request in the batch gets the error
             self._fail(admitted, exc)
             return
+        finally:
+            self.stepping_since = None
         self._answer(finished)
         if self.on_step is not None:  # also after a pass without a step: its last callers left
             self.on_step(self._rows_stepped, self.rows, self._running.in_flight, time.perf_counter() - start)

@@ -30,6 +30,7 @@ from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from typing import Any
 
 from service.errors import InferenceFailed, Overloaded, ServiceError
+from service.inference import decode_process
 from service.inference.admission import Admission, Holding
 from service.inference.batcher import Batcher
 from service.inference.callers import Decoded, StepToken
@@ -377,8 +378,18 @@ class ModelWorker:
         self.metrics.refresh()
 
     def problem(self) -> str | None:
-        """What makes this model unhealthy (its decode process down or hung), else None."""
-        return self.scheduler.problem() if isinstance(self.scheduler, DecodeProcess) else None
+        """What makes this model unhealthy, else None: its decode process down or hung, or a batch
+        or decoder step in this process that has run for ``HUNG_S`` (a call into ONNX Runtime
+        that never returns: its requests time out, then every new one is shed, until Ray
+        replaces the replica)."""
+        if isinstance(self.scheduler, DecodeProcess):
+            return self.scheduler.problem()
+        now = time.monotonic()
+        stepping = self.scheduler.stepping_since if self.scheduler is not None else None
+        for what, since in (("a batch", self.batcher.computing_since), ("a decoder step", stepping)):
+            if since is not None and now - since >= decode_process.HUNG_S:
+                return f"{what} has run for {now - since:.0f} s"
+        return None
 
     def close(self) -> None:
         """This version is being replaced: finish what is queued, then let the batch thread (or

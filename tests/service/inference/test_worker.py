@@ -124,3 +124,49 @@ def test_images_preprocessed_in_a_thread_hold_their_place_in_the_capacity(
     finally:
         w.close()
     assert sorted(outcomes) == ["ok"] * 2 + ["shed"] * 6 and w.held == 0
+
+
+@pytest.mark.parametrize("name", ["fashion-vit", "dates-transformer"])
+def test_a_batch_or_step_that_never_returns_makes_the_model_unhealthy(
+    tiny_repository: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A call into ONNX Runtime that hangs (a batch of images on the batcher's thread, a decoder
+    step on the in-process scheduler's): its requests time out and every new one is shed, while
+    the replica's health check passed for good. After HUNG_S it names what hangs, so Ray replaces
+    the replica; once the call returns, the model is healthy again."""
+    from service.inference import decode_process
+
+    monkeypatch.setattr(decode_process, "HUNG_S", 0.3)
+    w, _ = worker(tiny_repository, name, monkeypatch)
+    release = threading.Event()
+    hung = w.runner.infer if w.scheduler is None else w.scheduler.decoder.step
+
+    def hanging(*args: Any, **kwargs: Any) -> Any:
+        release.wait(20)
+        return hung(*args, **kwargs)
+
+    if w.scheduler is None:
+        monkeypatch.setattr(w.runner, "infer", hanging)
+        job: Any = ClassifyJob(image=png(28, 28))
+    else:
+        monkeypatch.setattr(w.scheduler.decoder, "step", hanging)
+        job = TranslateJob(texts=["3 juin 1980"])
+
+    async def main() -> tuple[str | None, str | None]:
+        request = asyncio.create_task(w.predict(job))
+        await asyncio.sleep(0.1)
+        early = w.problem()  # computing, not yet for HUNG_S
+        await asyncio.sleep(0.5)
+        late = w.problem()
+        release.set()
+        await request
+        return early, late
+
+    try:
+        early, late = asyncio.run(main())
+    finally:
+        release.set()
+        w.close()
+    what = "a batch" if name == "fashion-vit" else "a decoder step"
+    assert early is None and late is not None and late.startswith(f"{what} has run for"), (early, late)
+    assert w.problem() is None
