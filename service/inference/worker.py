@@ -205,7 +205,8 @@ class ModelWorker:
         # the scheduler's own future, waited on here with the tokens (no task of its own)
         attention = work.job.attention != "none"
         options = runner.options(work.job)
-        request = self.scheduler.enqueue(work.ids, options, arrived, attention, self.stream_interval_s)
+        with self._failures_counted(start):  # refused there (a decode process restarting): a fail
+            request = self.scheduler.enqueue(work.ids, options, arrived, attention, self.stream_interval_s)
         decoding = request.future
         decoding.add_done_callback(lambda _: arrived())  # after every token: the loop keeps the order
         # decoded: the units go back now, while the client may still be reading its tokens

@@ -104,3 +104,22 @@ def test_a_translation_model_counts_texts_and_decoder_steps(
     assert min(snap.batches) >= 1
     assert snap.queue.count == snap.compute_infer.count == snap.success.count
     assert 0 < snap.compute_infer.ns <= snap.success.ns
+
+
+def test_a_stream_its_decode_process_refuses_is_a_failure_as_a_call_is(tiny_repository: Path) -> None:
+    """A replaced version whose decode child was told to end refuses what still reaches it (503):
+    counted in ``fail`` over ``predict`` and, now, over ``stream`` too."""
+    w = worker(tiny_repository, "dates-transformer", decode_process=True)
+    w.close()  # replaced while idle: its child is told to end at once
+    job = TranslateJob(texts=[DATES[0]])
+
+    async def go() -> None:
+        with pytest.raises(Overloaded, match="version was replaced"):
+            await w.predict(job)
+        with pytest.raises(Overloaded, match="version was replaced"):
+            async for _ in w.stream(job):
+                pass
+
+    asyncio.run(go())
+    snap = asyncio.run(w.stats())
+    assert snap.fail.count == 2 and snap.success.count == 0
