@@ -200,7 +200,8 @@ class GrpcServicer:
             return
         decoupled = False
         try:
-            decoupled = _stream_flag(request)  # a flag neither true nor false: an error
+            with self.server.refusals(request.model_name, "grpc_stream_infer"):  # counted, as refused
+                decoupled = _stream_flag(request)  # a flag neither true nor false: an error
             if decoupled:
                 async for response in self._model_stream(request):
                     yield pb.ModelStreamInferResponse(infer_response=response)

@@ -161,12 +161,21 @@ def test_requests_refused_while_decoded_are_counted(tmp_path: Path) -> None:
         v2 = pb_grpc.GRPCInferenceServiceStub(channel)
         with pytest.raises(grpc.aio.AioRpcError):
             await v2.ModelInfer(pb.ModelInferRequest(model_name="nope"))
+        unreadable = pb.ModelInferRequest(model_name="fake-translator")  # a stream flag that is no flag
+        unreadable.parameters["stream"].string_param = "maybe"
+
+        async def one() -> Any:
+            yield unreadable
+
+        [reply] = [r async for r in v2.ModelStreamInfer(one())]
+        assert "stream" in reply.error_message
 
     with_servicer(tmp_path, use, server)
     assert recorded.records == [
         ("fake-translator", "grpc_translate", 422),
         ("fake-classifier", "grpc_classify", 422),
         ("_unknown", "grpc_infer", 404),
+        ("fake-translator", "grpc_stream_infer", 422),
     ]
 
 
