@@ -22,21 +22,26 @@ from service.api.grpc_parsing import DEFAULT_VALUE_BYTES, Lenient, Undecodable
 from service.api.grpc_servicer import GrpcServicer
 from service.api.protos import attention_pb2_grpc, grpc_service_pb2_grpc
 from service.errors import ServiceError, unexpected
+from service.settings.limits import Limits
 
 log = logging.getLogger("ray.serve")
 
 
 def add_to_grpc_server(
-    grpc_server: grpc.aio.Server, servicer: GrpcServicer, max_value_bytes: int = DEFAULT_VALUE_BYTES
+    grpc_server: grpc.aio.Server,
+    servicer: GrpcServicer,
+    max_value_bytes: int = DEFAULT_VALUE_BYTES,
+    write_timeout_s: float = Limits().stream_write_timeout_s,
 ) -> list[str]:
     """Serve both services of ``servicer`` on a grpc.aio server; their full names. The RPCs set
     the error's code on their context and raise it; grpc.aio needs ``abort`` to send it. A request
     protobuf cannot parse (a string field that is not UTF-8, a corrupt message) reaches the RPC as
     :class:`Undecodable` and is answered INVALID_ARGUMENT — grpc's own parser answered UNKNOWN,
     and in ``ModelStreamInfer`` ended the whole stream; one it would parse value by value beyond
-    ``max_value_bytes`` (``limits.max_grpc_value_bytes``) is refused unparsed, as large (``grpc_parsing``)."""
+    ``max_value_bytes`` (``limits.max_grpc_value_bytes``) is refused unparsed, as large (``grpc_parsing``).
+    A streamed response waits at most ``write_timeout_s`` (``limits.stream_write_timeout_s``) to be
+    written (:func:`_aio_streaming`)."""
     kserve_v2, attention_v1 = grpc_service_pb2_grpc, attention_pb2_grpc
-    write_timeout_s = servicer.server.settings.limits.stream_write_timeout_s
     services = []
     for base, add in (
         (kserve_v2.GRPCInferenceServiceServicer, kserve_v2.add_GRPCInferenceServiceServicer_to_server),

@@ -101,8 +101,9 @@ class ServingReplica:
             settings.connection_max_age_s,
             interceptors(settings.api_token, settings.limits.max_grpc_calls, self.metrics.grpc_refused),
         )
+        limits = settings.limits
         services = add_to_grpc_server(
-            self.grpc, GrpcServicer(self.server), settings.limits.max_grpc_value_bytes
+            self.grpc, GrpcServicer(self.server), limits.max_grpc_value_bytes, limits.stream_write_timeout_s
         )
         self.health = GrpcHealth(self.grpc, services)
         add_reflection(self.grpc, services)

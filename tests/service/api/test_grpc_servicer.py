@@ -50,8 +50,10 @@ def with_servicer(
                 server.settings.api_token, server.settings.limits.max_grpc_calls, refused
             )
         )
-        limit = server.settings.limits.max_grpc_value_bytes
-        services = add_to_grpc_server(grpc_server, GrpcServicer(server), limit)
+        limits = server.settings.limits
+        services = add_to_grpc_server(
+            grpc_server, GrpcServicer(server), limits.max_grpc_value_bytes, limits.stream_write_timeout_s
+        )
         if beside is not None:
             beside(grpc_server, services)
         with socket.socket() as s:

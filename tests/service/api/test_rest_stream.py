@@ -172,7 +172,8 @@ def serve_grpc(server: Server) -> str:
 
     async def run() -> None:
         grpc_server = grpc.aio.server()
-        add_to_grpc_server(grpc_server, GrpcServicer(server))
+        limits = server.settings.limits
+        add_to_grpc_server(grpc_server, GrpcServicer(server), write_timeout_s=limits.stream_write_timeout_s)
         grpc_server.add_insecure_port(f"127.0.0.1:{port}")
         await grpc_server.start()
         ready.set()
