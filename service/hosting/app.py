@@ -58,11 +58,18 @@ def build_app(settings: Settings) -> Application:
 def starting_replicas(settings: Settings) -> dict[str, int]:
     """Each deployment's replicas at start (autoscaling: its minimum), by a name for messages:
     the serving replicas (in-replica), or each model's deployment (the ingress reserves none)."""
+    return {what: replicas for what, (replicas, _) in starting_shares(settings).items()}
+
+
+def starting_shares(settings: Settings) -> dict[str, tuple[int, float]]:
+    """:func:`starting_replicas` with the share of a GPU each of those replicas reserves (0
+    without CUDA; :meth:`Settings.gpu_share`), from one look at the repository."""
     minimum = settings.autoscaling.min_replicas if settings.autoscaling is not None else None
     if settings.frontend == "in-replica":
-        return {"the serving replicas": minimum or settings.num_replicas}
+        return {"the serving replicas": (minimum or settings.num_replicas, settings.gpu_share())}
     names = discover(settings.repository, settings.models).models
-    return {f"model {name!r}": minimum or settings.replicas_for(name) for name in names}
+    shares = {name: (minimum or settings.replicas_for(name), settings.gpu_share(name)) for name in names}
+    return {f"model {name!r}": share for name, share in shares.items()}
 
 
 def reserved_cpus(settings: Settings, starting: dict[str, int] | None = None) -> float:
@@ -82,24 +89,13 @@ def over_node_cap(settings: Settings, starting: dict[str, int] | None = None) ->
     return ", ".join(f"{what}: {n} replicas at start" for what, n in over.items()) or None
 
 
-def reserved_gpus(settings: Settings, starting: dict[str, int] | None = None) -> float:
-    """GPUs the application's replicas reserve at start (0 without CUDA): each replica its share,
-    a model deployment's replicas their model's (:meth:`Settings.gpu_share`)."""
-    if not settings.use_gpu:
-        return 0.0
-    starting = starting or starting_replicas(settings)
-    if settings.frontend == "in-replica":
-        return sum(starting.values()) * settings.gpu_share()
-    names = discover(settings.repository, settings.models).models
-    return sum(starting[f"model {name!r}"] * settings.gpu_share(name) for name in names)
-
-
 def private_ray_refusal(settings: Settings, cpus: int, gpus: int = 0) -> str | None:
     """Why the replicas could never be placed on the private Ray of ``cpus`` CPUs and ``gpus``
     GPUs (one node), or None: more CPUs or GPUs reserved than it has, or more replicas than
     ``max_replicas_per_node`` — they would wait forever to be scheduled."""
-    starting = starting_replicas(settings)
-    if (need_gpus := reserved_gpus(settings, starting)) > gpus + 1e-9:
+    shares = starting_shares(settings)
+    starting = {what: replicas for what, (replicas, _) in shares.items()}
+    if (need_gpus := sum(replicas * share for replicas, share in shares.values())) > gpus + 1e-9:
         return (f"the replicas reserve {need_gpus:g} GPUs (ATTN_NUM_GPUS_PER_REPLICA and the models' own "
                 f"shares, {settings.gpu_share():g} each by default) but this Ray has {gpus}; they would wait "
                 "forever to be scheduled. Lower ATTN_NUM_GPUS_PER_REPLICA or ATTN_NUM_REPLICAS, or serve "

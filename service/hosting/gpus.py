@@ -4,8 +4,19 @@ whether the CUDA provider can run here at all, and how many GPUs Ray will count.
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
+
+
+@functools.cache
+def _nvidia_smi() -> subprocess.CompletedProcess[str] | None:
+    """``nvidia-smi -L``, run once per process (a start asks :func:`no_local_gpu`, then
+    :func:`local_gpus`); None where it cannot run."""
+    try:
+        return subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
 
 
 def no_local_gpu() -> str | None:
@@ -14,9 +25,8 @@ def no_local_gpu() -> str | None:
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
         return "this onnxruntime build has no CUDA provider (the serve-gpu extra brings it: make serve-gpu)"
-    try:
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20)
-    except (OSError, subprocess.TimeoutExpired):
+    listed = _nvidia_smi()
+    if listed is None:
         return "nvidia-smi is not here (no NVIDIA driver)"
     if listed.returncode != 0 or "GPU" not in listed.stdout:
         return "nvidia-smi lists no GPU"
@@ -27,10 +37,8 @@ def local_gpus(listing: str | None = None) -> int:
     """The GPUs a private Ray finds here, as it counts them: those ``nvidia-smi -L`` lists (or
     ``listing``), at most as many as ``CUDA_VISIBLE_DEVICES`` names when it is set."""
     if listing is None:
-        try:
-            listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
-        except (OSError, subprocess.TimeoutExpired):
-            return 0
+        listed = _nvidia_smi()
+        listing = listed.stdout if listed is not None and listed.returncode == 0 else ""
     count = sum(1 for line in listing.splitlines() if line.startswith("GPU "))
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     if visible is not None:
