@@ -132,9 +132,10 @@ def cached_decode_parity(
         mask = torch.arange(width)[None, :] < torch.tensor(lengths)[:, None]
         step = _prefix_step(model, src, mask)
         tgt = spec.target_tokenizer
+        limit = translator.target_limit(max_len)  # the service stops at the manifest's limit too
         for beam in beams:
-            served = translator.translate_ids(rows, [[""] * len(r) for r in rows], beam, max_len)
-            searches = [new_search(tgt.bos_id, tgt.eos_id, max_len, beam, 0.0, len(r)) for r in rows]
+            served = translator.translate_ids(rows, [[""] * len(r) for r in rows], beam, limit)
+            searches = [new_search(tgt.bos_id, tgt.eos_id, limit, beam, 0.0, len(r)) for r in rows]
             for ours, theirs in zip(served, run_searches(step, searches, None), strict=True):
                 expected = [translator.target_tokenizer.id_to_token(t) or "" for t in theirs.tokens]
                 if theirs.finished:

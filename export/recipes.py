@@ -17,6 +17,7 @@ from typing import Any
 
 from export.data import bible
 from export.models.rnn import SCORERS
+from export.models.transformer import TransformerConfig
 from export.train.loop import TrainConfig
 
 
@@ -36,6 +37,18 @@ class Recipe:
     languages: tuple[str, str] = ("", "")
     max_source_tokens: int = 64
     max_target_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        """A Transformer's sinusoidal positions stop at its ``max_len``: longer token limits
+        exported cleanly, then every request past it failed inside ONNX Runtime (500)."""
+        if self.family == "transformer":
+            longest = self.model.get("max_len", TransformerConfig.max_len)
+            for limit in ("max_source_tokens", "max_target_tokens"):
+                if getattr(self, limit) > longest:
+                    raise ValueError(
+                        f"{self.name}: {limit}={getattr(self, limit)} exceeds the model's max_len={longest} "
+                        "(its position table)"
+                    )
 
     def scaled(self, *, n_train: int, n_test: int, epochs: int, floors: bool = False) -> Recipe:
         """A small variant for tests: fewer examples and epochs, floors dropped unless asked."""

@@ -189,6 +189,13 @@ def deploy(settings: Settings, app: Any) -> str | None:
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"the replicas could not start ({first}); their reasons are logged above"
+    if settings.frontend != "in-replica":  # a model deployment none of whose versions loads
+        # stays up serving nothing (ModelDeployment): the ingress leaves it out, as an in-replica
+        # replica leaves such a model out; a start where every model is left out is refused
+        served, rejected = serve.get_app_handle(APP).served.remote().result(timeout_s=60)
+        if not served:
+            why = f"no model could be loaded: {rejected}"
+            return f"the replicas could not start ({why}); their reasons are logged above"
     return None
 
 

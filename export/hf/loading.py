@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers.utils import logging as hf_logging
 
 from export.hf.errors import UnsupportedCheckpoint
@@ -20,7 +21,14 @@ def pretrained(cls: Any, checkpoint: Path) -> Any:
     hf_logging.set_verbosity_error()
     try:
         model, info = cls.from_pretrained(
-            checkpoint, attn_implementation="eager", use_safetensors=True, output_loading_info=True
+            checkpoint,
+            attn_implementation="eager",
+            use_safetensors=True,
+            output_loading_info=True,
+            # in float32 whatever the checkpoint's dtype (an exact upcast): transformers loads the
+            # checkpoint's own, and float16 weights were refused by the parity check, bfloat16
+            # ones failed with a traceback (the export writes float32 graphs)
+            dtype=torch.float32,
         )
     finally:
         hf_logging.set_verbosity(verbosity)

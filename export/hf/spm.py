@@ -72,7 +72,8 @@ def marian_tokenizer(
     for token, i in by_id:
         if token in scores:
             entries.append((token, scores[token]))
-        elif source_side and token not in specials.values():
+        elif source_side and token not in specials.values() and not _is_code(token):
+            # a language code (">>fr<<") stays itself: it is added whole below, at its own id
             entries.append((f"<foreign-{i}>", FOREIGN_SCORE))  # never matched: see the module docstring
         else:
             entries.append((token, FOREIGN_SCORE))
@@ -87,15 +88,26 @@ def marian_tokenizer(
     # decoding with skip_special_tokens
     tok.add_special_tokens([AddedToken(specials[k], normalized=False) for k in ("eos", "unk", "pad")])
     # SentencePiece emits user-defined pieces whole; Marian emits a leading ">>fr<<" code whole
-    codes = [t for t in vocab if t.startswith(">>") and t.endswith("<<")]
+    codes = [t for t in vocab if _is_code(t)]
     user = [p.piece for p in proto.pieces if p.type == _USER_DEFINED and p.piece in vocab]
     if user or codes:
         tok.add_tokens([AddedToken(t, normalized=False) for t in [*codes, *user]])
+    if (size := tok.get_vocab_size(with_added_tokens=True)) != len(vocab):
+        # an id past the embedding table failed every request of a batch in ONNX Runtime
+        raise UnsupportedCheckpoint(
+            f"the converted tokenizer has {size} ids where vocab.json has {len(vocab)}: "
+            "it could give ids the model has no embedding for"
+        )
     eos = specials["eos"]
     tok.post_processor = processors.TemplateProcessing(
         single=f"$A {eos}", pair=f"$A $B {eos}", special_tokens=[(eos, vocab[eos])]
     )
     return tok
+
+
+def _is_code(token: str) -> bool:
+    """A Marian language code, such as ">>fr<<" (multilingual models need one on every input)."""
+    return token.startswith(">>") and token.endswith("<<")
 
 
 def _normalizer(spec: Any) -> normalizers.Normalizer:

@@ -80,6 +80,11 @@ def image_spec(model: nn.Module, checkpoint: Path, family: str) -> tuple[ImageSp
     cfg: Any = model.config
     height, width = side(cfg.image_size)
     mean, std, notes = _normalisation(checkpoint, family, cfg.num_channels, (height, width))
+    if missing := [i for i in range(cfg.num_labels) if i not in cfg.id2label]:
+        raise UnsupportedCheckpoint(
+            f"{checkpoint / 'config.json'}: id2label names no label for the classes {missing[:10]} "
+            f"(the model has {cfg.num_labels})"
+        )
     spec = ImageSpec(
         height=height,
         width=width,

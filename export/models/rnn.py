@@ -39,6 +39,11 @@ class RNNConfig:
     window: int = 4  # D, the half-width of the local-m / local-p window
     dropout: float = 0.1
 
+    def __post_init__(self) -> None:
+        if self.attention in ("local-m", "local-p") and self.window < 1:
+            # local-p's Gaussian has sigma = D / 2: 0 made every weight NaN, silently
+            raise ValueError(f"window: the local window's half-width D must be at least 1, got {self.window}")
+
     @property
     def mem_dim(self) -> int:
         return 2 * self.enc_hidden

@@ -20,6 +20,8 @@ from pydantic import ValidationError
 
 from service.errors import InvalidInput, PayloadTooLarge
 from service.inference.jobs import ClassifyJob, TranslateJob
+from service.inference.repository import ModelEntry
+from service.inference.runners import check_answer_size, image_answer_values
 from service.settings import Limits
 
 
@@ -75,6 +77,18 @@ def check_count(jobs: list[Any], limits: Limits) -> None:
     if len(jobs) > limits.max_images and isinstance(jobs[0], ClassifyJob):
         count, limit = len(jobs), limits.max_images
         raise PayloadTooLarge(f"inputs: {count} images exceed the limit of {limit} per request")
+
+
+def check_answer_total(entry: ModelEntry, jobs: list[Any], limits: Limits) -> None:
+    """Refuse a request of several images (a KServe v2 batch) whose attention maps could exceed
+    ``limits.max_response_bytes`` together (422, as one image over it), before any work: each
+    image's alone is checked where it is preprocessed, and a translation request adds its texts
+    up there."""
+    spec = entry.manifest.image
+    if len(jobs) < 2 or spec is None or not isinstance(jobs[0], ClassifyJob):
+        return
+    values = sum(image_answer_values(spec, job.attention) for job in jobs)
+    check_answer_size(values, limits.max_response_bytes, f"fewer images, or {jobs[0].fewer_layers}")
 
 
 def tensor_items(limits: Limits) -> int:

@@ -109,7 +109,7 @@ class Server:
         self.models, self.entries, self.rejected, self.model_info = dict(models), dict(entries), rejected, {}
 
     async def is_ready(self) -> bool:
-        if self.stopping:
+        if self.stopping or not self.models:  # none: every model refused to load (Ray ingress)
             return False
         try:
             await asyncio.wait_for(self.load_info(), timeout=5)
@@ -120,7 +120,11 @@ class Server:
     @property
     def unready(self) -> str:
         """Why :meth:`is_ready` said no, for the readiness routes' 503."""
-        return f"not ready: {'the service is stopping' if self.stopping else 'models are still loading'}"
+        if self.stopping:
+            return "not ready: the service is stopping"
+        if not self.models:
+            return "not ready: no model loads (see rejected)"
+        return "not ready: models are still loading"
 
     async def drain(self, timeout_s: float, settle_s: float = 0.25) -> int:
         """Stop taking predictions — each new one is answered 503 ``Stopping`` (gRPC UNAVAILABLE)
@@ -177,6 +181,7 @@ class Server:
             limits.check_count(requests, self.settings.limits)
             for request in requests:
                 limits.check(request, self.settings.limits)
+            limits.check_answer_total(entry, requests, self.settings.limits)
             timeout = self.settings.limits.request_timeout_s
             model = self.models[name]
             try:

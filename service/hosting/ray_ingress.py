@@ -28,13 +28,13 @@ from service.api.grpc_servicer import GrpcServicer
 from service.api.http import create_app
 from service.api.protos import attention_pb2, grpc_service_pb2
 from service.api.server import Server
-from service.errors import Overloaded, ServiceError
+from service.errors import ModelNotFound, Overloaded, ServiceError
 from service.hosting.metrics import IngressMetrics, ModelMetrics
 from service.inference.jobs import Answer, Tokens
-from service.inference.model_set import ModelSet
+from service.inference.model_set import ModelSet, NoModelLoaded
 from service.inference.repository import ModelEntry, load_entry
 from service.inference.statistics import Snapshot
-from service.inference.worker import max_ongoing_requests
+from service.inference.worker import ModelWorker, max_ongoing_requests
 from service.settings import Settings
 
 log = logging.getLogger("ray.serve")
@@ -54,31 +54,44 @@ class ModelDeployment:
             metrics_for=lambda name: ModelMetrics(name, settings.latency_buckets_s),
             on_change=lambda workers, rejected: None,
         )
-        await self.models.serve({entry.name: entry.version})
+        try:
+            await self.models.serve({entry.name: entry.version})
+        except NoModelLoaded:  # no version of it loads: the replica stays up, serving nothing,
+            # and says so (info's version None), so the ingress leaves the model out and serves
+            # the others, as an in-replica replica does. Raised here, Ray failed the whole deploy.
+            # The polls load a version that is fixed or added later.
+            log.error("model %s: no version loads; the replica serves nothing until one does", self.name)
         self.poll_task = asyncio.create_task(self.models.poll()) if settings.repository_poll_s > 0 else None
 
     def check_health(self) -> None:
         """Called by Ray Serve every few seconds; a raise here restarts the replica."""
         self.models.check_health()
 
+    def _worker(self) -> ModelWorker:
+        worker = self.models.workers.get(self.name)
+        if worker is None:  # asked before the ingress learnt that no version of it loads
+            why = f"no version of it loads ({self.models.rejected})"
+            raise ModelNotFound(f"model {self.name!r} not found: {why}")
+        return worker
+
     async def info(self) -> dict[str, Any]:
-        """The worker's info, the version served and the versions this replica refused to load
-        (the ingress lists them, as in-replica replicas list theirs)."""
-        worker = self.models.workers[self.name]
-        return {
-            **await worker.info(),
-            "version": worker.entry.version,
-            "rejected": dict(self.models.rejected),
-        }
+        """The worker's info, the version served (None: no version of the model loads) and the
+        versions this replica refused to load (the ingress lists them, as in-replica replicas
+        list theirs)."""
+        rejected = dict(self.models.rejected)
+        worker = self.models.workers.get(self.name)
+        if worker is None:
+            return {"version": None, "rejected": rejected}
+        return {**await worker.info(), "version": worker.entry.version, "rejected": rejected}
 
     async def stats(self) -> Snapshot:
-        return await self.models.workers[self.name].stats()
+        return await self._worker().stats()
 
     async def predict(self, request: Any) -> Answer | ServiceError:
         """The answer, or the service error to answer with: a refusal is an answer, not a failed
         call (Ray would log a traceback for every 4xx); the ingress raises it (``RemoteModel``)."""
         try:
-            return await self.models.workers[self.name].predict(request)
+            return await self._worker().predict(request)
         except ServiceError as exc:
             return exc
 
@@ -86,7 +99,7 @@ class ModelDeployment:
         """The worker's stream (tokens, then the answer); a refusal is the last item, as in
         :meth:`predict`. Ray cancels this generator when the ingress stops reading it."""
         try:
-            async for event in self.models.workers[self.name].stream(request):
+            async for event in self._worker().stream(request):
                 yield event
         except ServiceError as exc:
             yield exc
@@ -174,12 +187,21 @@ class IngressReplica:
         self._follow_failed: dict[str, str] = {}  # model → why following it failed (logged once)
 
     async def _follow_versions(self) -> None:
-        """Every ``repository_poll_s``: the version each model's replicas now serve (they swap on
-        their own), so ``/v1/models``, version lookups and KServe metadata name it too, and the
-        versions they refused to load, listed under ``rejected`` and in the repository index."""
+        """At start, then every ``repository_poll_s`` (when > 0): the version each model's
+        replicas now serve (they swap on their own), so ``/v1/models``, version lookups and KServe
+        metadata name it too, and the versions they refused to load, listed under ``rejected`` and
+        in the repository index. A model none of whose versions loads is left out until one does."""
         while True:
-            await asyncio.sleep(self.settings.repository_poll_s)
             await self._follow_once()
+            if self.settings.repository_poll_s <= 0:
+                return
+            await asyncio.sleep(self.settings.repository_poll_s)
+
+    async def served(self) -> tuple[list[str], dict[str, str]]:
+        """The models served after a pass of the follower, and the versions refused: asked by
+        ``python -m service`` once the app is up, which refuses a start that serves no model."""
+        await self._follow_once()
+        return sorted(self.server.entries), dict(self.server.rejected)
 
     async def _follow_once(self) -> None:
         """One pass, model by model: one whose deployment cannot be asked, or whose served
@@ -190,10 +212,11 @@ class IngressReplica:
         for name, model in self.remote.items():
             try:
                 info = await model.info()
-                version = int(info["version"])
-                if version != entries[name].version:
+                if info["version"] is None:  # no version of it loads (ModelDeployment.info)
+                    entries.pop(name, None)
+                elif name not in entries or int(info["version"]) != entries[name].version:
                     entries[name] = await asyncio.to_thread(
-                        load_entry, self.settings.repository, name, version
+                        load_entry, self.settings.repository, name, int(info["version"])
                     )
                 rejected.update(info.get("rejected", {}))
                 self._follow_failed.pop(name, None)
@@ -207,7 +230,7 @@ class IngressReplica:
                 self._follow_failed[name] = why
             rejected.update({k: v for k, v in self.server.rejected.items() if k.split("/")[0] == name})
         if entries != self.server.entries or rejected != self.server.rejected:
-            self.server.serve(self.remote, entries, rejected)
+            self.server.serve({n: m for n, m in self.remote.items() if n in entries}, entries, rejected)
 
     async def drain(self) -> int:
         """The first step of a stop (``python -m service``): refuse new predictions with 503 and
@@ -221,7 +244,7 @@ class IngressReplica:
 
     async def __serve_build_asgi_app__(self) -> Any:
         """Called by Ray once the replica is constructed, on its event loop."""
-        if self.settings.repository_poll_s > 0 and self.poll_task is None:
+        if self.poll_task is None:
             self.poll_task = asyncio.create_task(self._follow_versions())
         # Ray's proxy dying under a request (a stop, a node lost) reaches the request's body read
         # as RayActorError, which Ray's own wrapper lets through: it is a client gone

@@ -100,26 +100,47 @@ def image_overlay_png(
     return to_png(Image.blend(base, heat, opacity))
 
 
+#: the longest side of an alignment PNG's grid: cells shrink to fit it (a 511 × 513 map at 18 px
+#: a cell was a 9278 × 9256 image, 0.7 GB of canvas and 7 s to draw)
+MAX_GRID_PX = 2048
+#: the smallest cell that still carries its token's label (the default font is 11 px high)
+LABELLED_CELL_PX = 10
+#: characters of a label drawn (a longer token is cut, its end shown as "..")
+MAX_LABEL_CHARS = 24
+
+
 def alignment_png(
     attention: np.ndarray, source_tokens: list[str], target_tokens: list[str], cell: int = 18
 ) -> bytes:
-    """A (target × source) grid with token labels: rows are target tokens, columns source tokens."""
+    """A (target × source) grid with token labels: rows are target tokens, columns source tokens.
+    A map too large for ``cell`` pixels a cell within :data:`MAX_GRID_PX` gets smaller cells,
+    and no labels once they are smaller than :data:`LABELLED_CELL_PX`."""
     font = ImageFont.load_default()
-    label_w = 8 + 7 * max((len(t) for t in target_tokens), default=1)
-    label_h = 8 + 7 * max((len(t) for t in source_tokens), default=1)
     rows, cols = attention.shape
+    cell = max(1, min(cell, MAX_GRID_PX // max(rows, cols, 1)))
+    sources, targets = [_printable(t) for t in source_tokens], [_printable(t) for t in target_tokens]
+    if cell < LABELLED_CELL_PX:
+        sources, targets = [], []
+    label_w = 8 + 7 * max(map(len, targets), default=1) if targets else 0
+    label_h = 8 + 7 * max(map(len, sources), default=1) if sources else 0
     canvas = Image.new("RGB", (label_w + cols * cell + 1, label_h + rows * cell + 1), "white")
     grid = Image.fromarray(colorize(attention)).resize((cols * cell, rows * cell), Image.Resampling.NEAREST)
     canvas.paste(grid, (label_w, label_h))
     draw = ImageDraw.Draw(canvas)
-    for j, tok in enumerate(source_tokens):  # column labels, written vertically
+    for j, tok in enumerate(sources):  # column labels, written vertically
         label = Image.new("RGB", (label_h - 4, cell), "white")
-        ImageDraw.Draw(label).text((2, 3), _printable(tok), fill="black", font=font)
+        ImageDraw.Draw(label).text((2, 3), tok, fill="black", font=font)
         canvas.paste(label.rotate(90, expand=True), (label_w + j * cell, 0))
-    for i, tok in enumerate(target_tokens):
-        draw.text((4, label_h + i * cell + 3), _printable(tok), fill="black", font=font)
+    for i, tok in enumerate(targets):
+        draw.text((4, label_h + i * cell + 3), tok, fill="black", font=font)
     return to_png(canvas)
 
 
 def _printable(token: str) -> str:
-    return "_" if token == " " else token.encode("latin-1", "replace").decode("latin-1")
+    """A label the default (latin-1) font draws: a space, or SentencePiece's word marker "▁", as
+    "_" (the marker became "?"), other characters outside latin-1 as "?", cut at
+    :data:`MAX_LABEL_CHARS`."""
+    token = "_" if token == " " else token.replace("\u2581", "_")
+    if len(token) > MAX_LABEL_CHARS:
+        token = token[: MAX_LABEL_CHARS - 2] + ".."
+    return token.encode("latin-1", "replace").decode("latin-1")

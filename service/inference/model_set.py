@@ -43,6 +43,11 @@ def fingerprint(directory: Path) -> Fingerprint:
         return ()
 
 
+class NoModelLoaded(RuntimeError):
+    """Not one of the models a set was asked to serve loaded (each failure is logged, and listed
+    in its ``rejected``)."""
+
+
 class ModelSet:
     def __init__(
         self,
@@ -111,7 +116,8 @@ class ModelSet:
                 if await self._load(workers, name, version):
                     break
         if not workers:
-            raise RuntimeError(f"no model could be loaded: {self._failures()}")
+            self.rejected = self.configured_rejected | self.failures()
+            raise NoModelLoaded(f"no model could be loaded: {self.failures()}")
         replaced = [w for w in self.workers.values() if all(w is not v for v in workers.values())]
         self.workers = workers
         for name, version in [k for k in self._failed if not self._still_rejected(*k)]:
@@ -119,7 +125,7 @@ class ModelSet:
         configured = {
             k: why for k, why in self.configured_rejected.items() if self._still_rejected(*_parse(k))
         }
-        self.rejected = configured | self._failures()
+        self.rejected = configured | self.failures()
         self.on_change(dict(workers), dict(self.rejected))
         for worker in replaced:  # the old version drains its queue, then its thread ends
             worker.close()
@@ -148,7 +154,7 @@ class ModelSet:
         entry = load_entry(self.settings.repository, name, version)
         return ModelWorker(entry, self.settings, self.replica, self.node, self.metrics_for(name))
 
-    def _failures(self) -> dict[str, str]:
+    def failures(self) -> dict[str, str]:
         return {f"{name}/{version}": why for (name, version), (_, why) in self._failed.items()}
 
     def _still_rejected(self, name: str, version: int | None) -> bool:
@@ -191,6 +197,8 @@ class ModelSet:
             return
         try:
             await self._serve({**{n: [w.entry.version] for n, w in self.workers.items()}, **candidates})
+        except NoModelLoaded:  # a set serving nothing yet (a Ray deployment of one model that
+            pass  # failed to load): each failure was logged, and is listed as rejected
         except Exception:  # a repository that cannot be read now may be readable next time
             log.exception("polling the repository failed")
         self._names |= self.workers.keys()  # a new model that loaded is polled from now on

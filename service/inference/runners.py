@@ -25,6 +25,7 @@ from service.inference.batching import group_by, length_buckets
 from service.inference.callers import StepToken
 from service.inference.decoding import Hypothesis, Options
 from service.inference.jobs import Classified, ClassifyJob, TokenEvent, Translated, TranslateJob
+from service.inference.manifest import ImageSpec
 from service.inference.repository import ModelEntry
 from service.inference.translation import Translation, Translator
 from service.inference.vision import (
@@ -241,10 +242,7 @@ class ClassificationRunner:
         else:
             resized = decode_resized(job.image, self.limits.max_image_pixels, self.spec, job.field)
         if job.attention != "none":
-            tokens = self.spec.prefix_tokens + self.spec.grid[0] * self.spec.grid[1]
-            values = self.spec.grid[0] * self.spec.grid[1]
-            if job.attention == "all":
-                values += self.spec.num_layers * self.spec.num_heads * tokens * tokens
+            values = image_answer_values(self.spec, job.attention)
             check_answer_size(values, self.limits.max_response_bytes, job.fewer_layers)
         return ClassifyWork(job, resized)
 
@@ -324,6 +322,16 @@ def batch_dependent(entry: ModelEntry) -> bool:
 
 #: JSON bytes per attention value as answered ("0.123456," — rounded to 6 decimals)
 BYTES_PER_VALUE = 9
+
+
+def image_answer_values(spec: ImageSpec, attention: str) -> int:
+    """The attention values one image's answer carries: none, its rollout (a value per patch),
+    and with ``"all"`` every layer's and head's token-by-token map too."""
+    if attention == "none":
+        return 0
+    patches = spec.grid[0] * spec.grid[1]
+    tokens = spec.prefix_tokens + patches
+    return patches + (spec.num_layers * spec.num_heads * tokens * tokens if attention == "all" else 0)
 
 
 def check_answer_size(values: int, limit: int, smaller: str) -> None:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pyspng
-from PIL import Image
+from PIL import Image, ImageOps
 
 from service.errors import InvalidInput, PayloadTooLarge, ServiceError
 from service.inference.image_headers import PNG_SIGNATURE, check_header, check_opened
@@ -36,6 +36,7 @@ from service.inference.runtime import GraphSession
 ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "TIFF", "BMP", "PPM")  # Pillow's names
 #: the PNG colour types libspng decodes (8-bit grey, 8-bit RGB) and the Pillow mode of their pixels
 SPNG_MODES = {0: "L", 2: "RGB"}
+ORIENTATION = 0x0112  # the EXIF tag
 #: the most pixels (256 × 256; times its scans for a JPEG: :func:`decode_cost`) and bytes an image
 #: may have to be decoded on the event loop: about a millisecond at most (1.1–1.3 ms for a 256 ×
 #: 256 noise PNG or JPEG, decoded and resized; the bytes bound what Pillow reads of a header in
@@ -57,7 +58,8 @@ def decode_image(data: bytes, max_pixels: int, mode: str, field: str = "image") 
         width, height, depth, colour = header
         check_pixels(width, height, max_pixels, field)
         check_header(data, field)  # its chunks, before png_intact walks them
-        if depth == 8 and colour in SPNG_MODES and png_intact(data):
+        # an eXIf chunk may turn the image (upright): Pillow reads it
+        if depth == 8 and colour in SPNG_MODES and b"eXIf" not in data and png_intact(data):
             native = SPNG_MODES[colour]
             try:
                 pixels = pyspng.load(data, native)
@@ -177,8 +179,21 @@ def pillow_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Im
         raise InvalidInput(
             f"{field}: not a decodable image ({type(exc).__name__}; formats read: {read})"
         ) from exc
-    if image.mode.startswith("I;16"):  # 16-bit grey: Pillow's convert("L") clips at 255, not scales
-        return Image.fromarray((np.asarray(image) >> 8).astype(np.uint8), "L")
+    seen = upright(image)
+    if seen.mode.startswith("I;16"):  # 16-bit grey: Pillow's convert("L") clips at 255, not scales
+        return Image.fromarray((np.asarray(seen) >> 8).astype(np.uint8), "L")
+    return seen
+
+
+def upright(image: Image.Image) -> Image.Image:
+    """``image`` turned as its EXIF orientation says it is seen, as browsers show it (a phone
+    photo's pixels are stored turned): the model, its rollout and the overlay see the picture the
+    user sees. An orientation that cannot be read leaves the pixels as stored."""
+    try:
+        if image.getexif().get(ORIENTATION) in range(2, 9):
+            return ImageOps.exif_transpose(image)
+    except Exception:  # a malformed EXIF block: the pixels as stored
+        pass
     return image
 
 

@@ -131,3 +131,22 @@ def test_workers_schedule_cached_models_and_batch_older_ones(
         tokens = [t.target_tokens for t in a.result.translations]
         assert tokens == [t.target_tokens for t in b.result.translations]
         assert tokens == [t.target_tokens for t in c.result.translations]
+
+
+def test_cached_decode_parity_decodes_both_sides_to_the_manifests_limit(
+    kv_version: Path, model: Transformer
+) -> None:
+    """A model whose ``max_target_tokens`` is below the check's own ``max_len`` (16): the service's
+    decode stops at the manifest's limit, so PyTorch's must too — it went on, and the export of
+    correct graphs was refused as decoding other tokens."""
+    manifest = Manifest.load(kv_version)
+    assert manifest.translation is not None
+    short = manifest.translation.model_copy(update={"max_target_tokens": 4})
+    worst = cached_decode_parity(
+        kv_version,
+        manifest.model_copy(update={"translation": short}),
+        model,
+        shapes=SEQ_SHAPES[:1],
+        beams=(1, 3),
+    )
+    assert worst["decode.score"] <= 1e-4 and worst["decode.attention"] <= 1e-4

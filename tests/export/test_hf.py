@@ -221,6 +221,29 @@ def test_marian_tokenizers_match_marian_tokenizer(marian_checkpoint: Path) -> No
         assert target.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def test_language_codes_keep_their_ids(marian_checkpoint: Path, tmp_path: Path) -> None:
+    """Multilingual OPUS-MT models take a ">>fr<<" code on every input; the source SentencePiece
+    model does not know it. It was given a new id past the embedding table, and every request with
+    a code failed in ONNX Runtime, with its whole batch."""
+    checkpoint = tmp_path / "codes"
+    shutil.copytree(marian_checkpoint, checkpoint)
+    vocab = json.loads((checkpoint / "vocab.json").read_text())
+    vocab |= {">>fr<<": len(vocab), ">>de<<": len(vocab) + 1}
+    (checkpoint / "vocab.json").write_text(json.dumps(vocab))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenizer = MarianTokenizer(
+            str(checkpoint / "source.spm"), str(checkpoint / "target.spm"), str(checkpoint / "vocab.json")
+        )
+    specials = {"unk": "<unk>", "eos": "</s>", "pad": "<pad>"}
+    source = marian_tokenizer(checkpoint / "source.spm", read_vocab(checkpoint / "vocab.json", specials),
+                              specials, source_side=True)  # fmt: skip
+    for text in (">>fr<< 5 mars 2024", ">>de<< July 4, 1976", "12/03/1950"):
+        ids = source.encode(text).ids
+        assert ids == tokenizer(text).input_ids and max(ids) < len(vocab), text
+    assert source.encode(">>fr<< 5 mars").ids[0] == vocab[">>fr<<"]
+
+
 @pytest.mark.slow
 def test_marian_checkpoint_translates_like_generate(marian_checkpoint: Path, marian_version: Path) -> None:
     manifest = Manifest.load(marian_version)

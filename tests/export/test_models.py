@@ -104,3 +104,27 @@ def test_vit_returns_every_layers_attention() -> None:
     assert logits.shape == (2, 10)
     assert attn.shape == (2, 3, 2, 17, 17)  # (B, layers, heads, 1 + patches, 1 + patches)
     torch.testing.assert_close(attn.sum(-1), torch.ones(2, 3, 2, 17))
+
+
+@pytest.mark.parametrize("window", [0, -1])
+def test_a_local_window_under_one_is_refused(window: int) -> None:
+    """local-p's Gaussian has sigma = D / 2: D = 0 made every weight NaN, with no word of why."""
+    for scorer in ("local-m", "local-p"):
+        with pytest.raises(ValueError, match="window"):
+            build_model(f"rnn-{scorer}", {"src_vocab": 8, "tgt_vocab": 8, "window": window})
+    assert build_model("rnn-dot", {"src_vocab": 8, "tgt_vocab": 8, "window": 0})  # no window there
+
+
+def test_a_transformer_recipe_with_limits_past_its_positions_is_refused() -> None:
+    """Source or target limits past ``max_len`` exported cleanly, then every longer request failed
+    inside ONNX Runtime."""
+    import dataclasses
+
+    from export.recipes import RECIPES
+
+    recipe = RECIPES["dates-transformer"]
+    with pytest.raises(ValueError, match="max_source_tokens=80 exceeds the model's max_len=64"):
+        dataclasses.replace(recipe, model={**recipe.model, "max_len": 64}, max_source_tokens=80)
+    with pytest.raises(ValueError, match="max_target_tokens=200 exceeds the model's max_len=128"):
+        dataclasses.replace(recipe, model={k: v for k, v in recipe.model.items() if k != "max_len"},
+                            max_target_tokens=200)  # fmt: skip

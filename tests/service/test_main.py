@@ -170,11 +170,14 @@ def test_a_ray_address_where_nothing_answers_is_refused_at_once(
     )
 
 
+@pytest.mark.parametrize("frontend", ["in-replica", "ray-direct"])
 def test_a_repository_whose_every_model_fails_to_load_is_an_error_line(
-    tiny_repository: Path, tmp_path: Path
+    frontend: str, tiny_repository: Path, tmp_path: Path
 ) -> None:
     """The manifest's checks pass (its sha256 matches) but ONNX Runtime cannot load the graph:
-    the start ended with exit status 1 and Ray's deploy traceback last."""
+    the start ended with exit status 1 and Ray's deploy traceback last. The Ray-ingress
+    frontends leave such a model out and serve the others: with none left, the start is refused
+    as well."""
     import hashlib
     import json
     import shutil
@@ -187,9 +190,12 @@ def test_a_repository_whose_every_model_fails_to_load_is_an_error_line(
     manifest["checksums"]["model.onnx"] = hashlib.sha256((version / "model.onnx").read_bytes()).hexdigest()
     (version / "manifest.json").write_text(json.dumps(manifest))
     env = {**os.environ, "ATTN_REPOSITORY": str(repository), "ATTN_HTTP_PORT": str(free_port()),
-           "ATTN_GRPC_PORT": str(free_port()), "ATTN_METRICS_PORT": str(free_port())}  # fmt: skip
+           "ATTN_GRPC_PORT": str(free_port()), "ATTN_METRICS_PORT": str(free_port()),
+           "ATTN_FRONTEND": frontend}  # fmt: skip
     refused = subprocess.run(
         [sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=180
     )
     assert refused.returncode == 2, refused.stderr[-2000:]
     assert "error: the replicas could not start" in refused.stderr
+    if frontend == "ray-direct":  # the model's deployment stayed up serving nothing; the ingress said so
+        assert "no model could be loaded: {'fashion-vit/1': 'failed to load" in refused.stderr

@@ -254,6 +254,23 @@ def test_an_answer_over_the_size_limit_is_refused_up_front(mixed_service: Servic
     fits = mixed_service.post(url, json={**body, "attention_layers": "default"})
     assert fits.status_code == 200 and len(fits.content) < MAX_RESPONSE
 
+    # every layer of one image (~197 kB) fits; two in one KServe v2 request do not: each image was
+    # checked alone, and 64 of them made a 16 MB answer under a 256 kB limit
+    def images(count: int) -> dict[str, Any]:
+        pixels = {
+            "name": "PIXELS",
+            "datatype": "UINT8",
+            "shape": [count, 28, 28],
+            "data": [0] * (count * 784),
+        }
+        return {"inputs": [pixels], "outputs": [{"name": "ATTENTIONS"}]}
+
+    one = mixed_service.post("/v2/models/fashion-vit/infer", json=images(1))
+    assert one.status_code == 200 and len(one.content) < MAX_RESPONSE, one.text[:300]
+    two = mixed_service.post("/v2/models/fashion-vit/infer", json=images(2))
+    assert two.status_code == 422 and "limits.max_response_bytes" in two.json()["error"], two.text[:300]
+    assert "fewer images" in two.json()["error"]
+
 
 def test_a_chunked_body_is_cut_at_the_limit(mixed_service: Service, request: pytest.FixtureRequest) -> None:
     """No Content-Length: the service reads the stream up to its limit (the largest image,

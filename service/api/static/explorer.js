@@ -304,7 +304,10 @@ async function drawPicture(blob) {
   }
   const ctx = $("picture").getContext("2d");
   ctx.imageSmoothingEnabled = false;
-  ctx.clearRect(0, 0, 288, 288);
+  // on black, not the page's white: the service reads a transparent image without its alpha
+  // channel, and most images store their transparent pixels black
+  ctx.fillStyle = "#000";
+  ctx.fillRect(0, 0, 288, 288);
   ctx.drawImage(bitmap, 0, 0, 288, 288);
   return true;
 }

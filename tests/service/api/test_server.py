@@ -108,6 +108,8 @@ def test_serve_swaps_the_whole_set_at_once(tmp_path: Path) -> None:
     server.serve({}, {}, {"x/2": "why"})
     assert server.models == {} and server.entries == {} and server.model_info == {}
     assert server.rejected == {"x/2": "why"}
+    # no model left (every one refused to load: a Ray-ingress app deployed with `serve run`)
+    assert not asyncio.run(server.is_ready()) and server.unready == "not ready: no model loads (see rejected)"
 
 
 class Trickle:

@@ -38,6 +38,7 @@ from service.inference.repository import load_entry
 from service.settings import Settings
 from tests.conftest import STOP_WITHIN_S, logged_since, running_service
 from tests.service.fakes import fake_server
+from tests.service.hosting.test_in_replica import with_a_broken_model
 from tests.service.inference.test_model_set import version_of
 
 pytestmark = pytest.mark.slow
@@ -59,15 +60,23 @@ def frontend_service(frontend: str, repository: Path, directory: Path, **setting
 def test_ray_ingress_frontends_serve_rest_and_grpc(
     frontend: str, tiny_repository: Path, tmp_path: Path
 ) -> None:
+    """Also: a model that ONNX Runtime cannot load is left out and the others serve, as
+    in-replica does (its deployment's failure failed the whole start)."""
     with frontend_service(
         frontend,
-        tiny_repository,
+        with_a_broken_model(tiny_repository, tmp_path),
         tmp_path,
         ATTN_LIMITS__MAX_QUEUED_REQUESTS="1",
         ATTN_LIMITS__MAX_GRPC_VALUE_BYTES="65536",
         ATTN_MODEL_OVERRIDES='{"dates-transformer": {"max_batch_size": 1, "batch_wait_timeout_s": 0}}',
     ) as svc:
         url = svc.url
+        listing = requests.get(f"{url}/v1/models", timeout=30).json()
+        assert "failed to load" in listing["rejected"]["broken-vit/1"], listing["rejected"]
+        assert "broken-vit" not in [m["name"] for m in listing["models"]]
+        left_out = requests.post(f"{url}/v1/models/broken-vit/classify", json={"pixels": [[0]]}, timeout=30)
+        assert left_out.status_code == 404 and "not found" in left_out.json()["error"]
+        assert requests.get(f"{url}/v2/health/ready", timeout=30).status_code == 200
         answer = requests.post(f"{url}/v1/models/dates-bahdanau/translate", json={"text": "3 juin 1980"})
         assert answer.status_code == 200 and answer.json()["translations"][0]["text"] == "1980-06-03"
         head = requests.head(f"{url}/v2/health/ready", timeout=30)  # through Ray's proxy too

@@ -7,7 +7,16 @@ import io
 import numpy as np
 from PIL import Image
 
-from service.inference.attention import alignment_png, colorize, image_overlay_png, last_layer_cls, rollout
+from service.inference.attention import (
+    MAX_GRID_PX,
+    MAX_LABEL_CHARS,
+    _printable,
+    alignment_png,
+    colorize,
+    image_overlay_png,
+    last_layer_cls,
+    rollout,
+)
 
 
 def uniform(layers: int, heads: int, tokens: int) -> np.ndarray:
@@ -59,6 +68,25 @@ def test_pngs_decode_with_the_expected_sizes() -> None:
     grid = Image.open(io.BytesIO(alignment_png(np.eye(3)[:2], ["a", " ", "</s>"], ["1", "</s>"])))
     assert grid.format == "PNG" and grid.width > 3 * 18 and grid.height > 2 * 18
     assert colorize(np.array([0.0, 1.0])).tolist()[0] != colorize(np.array([0.0, 1.0])).tolist()[1]
+
+
+def test_a_large_alignment_png_is_drawn_within_bounds() -> None:
+    """An imported Marian model's limits (511 × 513 tokens) at 18 px a cell made a 9278 × 9256
+    image: 0.7 GB of canvas and 7 s. Cells shrink to fit MAX_GRID_PX, labels go once cells are too
+    small to carry them, and long labels are cut."""
+    rows, cols = 511, 513
+    attention = np.random.default_rng(0).random((rows, cols)).astype(np.float32)
+    tokens = [f"t{i}" for i in range(cols)]
+    grid = Image.open(io.BytesIO(alignment_png(attention, tokens, tokens[:rows])))
+    assert max(grid.size) <= MAX_GRID_PX + 1 and grid.size[0] >= cols * 3
+    # cells of 18 px where they fit; a token far wider than its cell is cut to MAX_LABEL_CHARS
+    small = Image.open(io.BytesIO(alignment_png(np.eye(2), ["x" * 500, "b"], ["▁la", "</s>"])))
+    assert small.size[0] < 8 + 7 * 30 + 2 * 18 + 1 and small.size[1] < 8 + 7 * 30 + 2 * 18 + 1
+
+
+def test_labels_show_the_word_marker_as_an_underscore() -> None:
+    assert _printable("▁lumière") == "_lumière" and _printable(" ") == "_" and _printable("日") == "?"
+    assert _printable("y" * 100) == "y" * (MAX_LABEL_CHARS - 2) + ".."
 
 
 def test_rollout_equals_the_matrix_product_of_its_layers() -> None:

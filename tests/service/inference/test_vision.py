@@ -278,3 +278,24 @@ def test_large_images_off_the_loop_are_refused_as_on_it() -> None:
         vision.decode_resized(many, LIMIT, spec(1), "file")
     with pytest.raises(InvalidInput, match=r"^file: not a decodable image"):
         vision.decode_resized(lying_bmp(300, 300), LIMIT, spec(1), "file")
+
+
+@pytest.mark.parametrize("kind", ["JPEG", "PNG"])
+def test_images_are_read_upright_as_their_exif_orientation_says(kind: str) -> None:
+    """A phone photo's pixels are stored turned, with an EXIF orientation that browsers (and the
+    explorer) follow: the model read them as stored, and the rollout lay rotated over the picture
+    the user saw. A white block stored top-left, orientation 6 (turn 90° clockwise): seen top-right."""
+    stored = np.zeros((32, 48), np.uint8)
+    stored[:8, :8] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    buffer = io.BytesIO()
+    Image.fromarray(stored).save(
+        buffer, format=kind, exif=exif.tobytes(), **({"quality": 95} if kind == "JPEG" else {})
+    )
+    seen = decode_image(buffer.getvalue(), 1 << 20, "L")
+    assert seen.shape == (48, 32)  # turned: width and height swap
+    assert seen[:8, -8:].mean() > 200 and seen[:8, :8].mean() < 50 and seen[-8:, :].mean() < 50
+    plain = io.BytesIO()
+    Image.fromarray(stored).save(plain, format=kind)
+    assert decode_image(plain.getvalue(), 1 << 20, "L").shape == (32, 48)  # no orientation: as stored
