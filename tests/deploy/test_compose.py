@@ -144,6 +144,13 @@ def test_the_healthchecks_ask_the_port_the_service_listens_on() -> None:
         server.server_close()
 
 
+def test_every_long_running_service_is_restarted_unless_stopped() -> None:
+    """A crashed service stayed down (Docker restarts no container for being unhealthy), and a
+    worker whose ``ray start --block`` ended with its head stayed out of the cluster."""
+    services = config()["services"]
+    assert {name for name, svc in services.items() if svc.get("restart") != "unless-stopped"} == set()
+
+
 def test_cluster_profile() -> None:
     cfg = config()
     assert cfg["services"]["ray-worker"]["profiles"] == ["cluster"]

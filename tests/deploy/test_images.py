@@ -256,6 +256,18 @@ def test_kuberay_finds_the_head_ports_it_looks_up_by_name_and_probes_ray_over_ht
 
 
 @pytest.mark.parametrize("name", ["rayservice.yaml", "rayservice.gpu.yaml"])
+def test_kuberay_pods_take_the_image_built_or_loaded_on_the_node(name: str) -> None:
+    """The README builds the image locally (and loads it into kind or minikube): Kubernetes pulls a
+    ``:latest`` image Always by default, from Docker Hub, where there is none."""
+    service, _, _ = rayservice(name)
+    cluster = service["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        [container] = group["template"]["spec"]["containers"]
+        assert container["image"].startswith("attention-serve:")
+        assert container["imagePullPolicy"] == "IfNotPresent"
+
+
+@pytest.mark.parametrize("name", ["rayservice.yaml", "rayservice.gpu.yaml"])
 def test_kuberay_manifests_use_no_deprecated_fields(name: str) -> None:
     """KubeRay has deprecated serviceUnhealthySecondThreshold and deploymentUnhealthySecondThreshold."""
     service, _, _ = rayservice(name)
