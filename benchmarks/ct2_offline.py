@@ -35,6 +35,7 @@ import psutil
 from benchmarks.decoding_load import closed_loop, step_feeds
 from service.inference.jobs import TranslateJob
 from service.inference.manifest import Manifest
+from service.inference.model_set import take_turns
 from service.inference.repository import ModelEntry
 from service.inference.runtime import GraphSession
 from service.inference.translation import Translator
@@ -122,6 +123,7 @@ def in_process(
     )
     entry = ModelEntry(version.parent.name, int(version.name), version, Manifest.load(version))
     worker = ModelWorker(entry, settings, "bench", "local")
+    take_turns(settings)  # as a serving process does (ModelSet)
     jobs = [TranslateJob(texts=[t], max_length=max_length) for t in texts]
     cpu = _tree_cpu_s()
     try:

@@ -20,7 +20,7 @@ from benchmarks.loadgen import percentile
 from service.errors import Overloaded
 from service.inference.jobs import Answer, Translated, TranslateJob
 from service.inference.manifest import Manifest
-from service.inference.model_set import freeze_heap
+from service.inference.model_set import freeze_heap, take_turns
 from service.inference.repository import ModelEntry
 from service.inference.translation import CROSS, PAST, RowBatch, Translator
 from service.inference.worker import ModelWorker
@@ -230,6 +230,7 @@ def worker(directory: Path, static: bool, providers: list[str] | None = None) ->
     )
     if static:
         w.scheduler = None
+    take_turns(settings)  # as a serving process does (ModelSet): 5 ms by default, 0.5 ms served
     freeze_heap()  # as a serving process does once its models are loaded (ModelSet.serve)
     return w
 

@@ -57,6 +57,7 @@ from benchmarks.loadgen import Request, percentile
 from benchmarks.loadgen import closed_loop as http_closed_loop
 from service.inference.jobs import ClassifyJob, TranslateJob
 from service.inference.manifest import Manifest
+from service.inference.model_set import take_turns
 from service.inference.repository import load_entry
 from service.inference.runtime import GraphSession
 from service.inference.scheduler import TranslationScheduler
@@ -168,6 +169,7 @@ def vit_worker(directory: Path, providers: list[str], replica: str) -> tuple[Mod
     settings = Settings(repository=directory.parent.parent, providers=providers)
     entry = load_entry(directory.parent.parent, directory.parent.name, 1)
     worker = ModelWorker(entry, settings, replica, "local")
+    take_turns(settings)  # as a serving process does (ModelSet)
     return worker, [ClassifyJob(image=png, top_k=5) for png in test_images(256)]
 
 
@@ -266,6 +268,7 @@ def nmt(directory: Path, providers: list[str], seconds: float) -> dict[str, Any]
         )
         entry = load_entry(directory.parent.parent, directory.parent.name, 1)
         worker = ModelWorker(entry, settings, "gpu", "local")
+        take_turns(settings)  # as a serving process does (ModelSet)
         try:
             # on CUDA resident already; forced for the CPU smoke run
             if isinstance(worker.scheduler, TranslationScheduler):

@@ -43,6 +43,13 @@ def fingerprint(directory: Path) -> Fingerprint:
         return ()
 
 
+def take_turns(settings: Settings) -> None:
+    """The serving process's threads (the event loop, each model's batch or decode thread) take
+    turns with the interpreter lock every ``gil_switch_interval_ms`` (Python's default: 5 ms).
+    Set by every process that serves models, and by the benchmarks that hold a worker as one."""
+    sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+
+
 class NoModelLoaded(RuntimeError):
     """Not one of the models a set was asked to serve loaded (each failure is logged, and listed
     in its ``rejected``)."""
@@ -63,9 +70,7 @@ class ModelSet:
         chosen list, nor a Ray deployment of one model)."""
         self.settings, self.replica, self.node = settings, replica, node
         self.discover = discover
-        # the serving process's threads (the event loop, each model's batch or decode thread)
-        # take turns with the interpreter lock this often
-        sys.setswitchinterval(settings.gil_switch_interval_ms / 1000)
+        take_turns(settings)
         self.metrics_for, self.on_change = metrics_for, on_change
         self.workers: dict[str, ModelWorker] = {}
         self.rejected: dict[str, str] = {}

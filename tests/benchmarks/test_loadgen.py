@@ -11,6 +11,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from benchmarks import image_peers
 from benchmarks.loadgen import Connection, Request, Result, closed_loop, open_loop, percentile
 from benchmarks.report import median_row
 
@@ -129,3 +130,6 @@ def test_percentiles_and_medians() -> None:
     assert percentile([1, 2, 3, 4, 5], 50) == 3 and percentile([1, 2, 3, 4, 5], 99) == 5
     row = median_row([{"a": 1.0, "b": None}, {"a": 3.0, "b": None}, {"a": 2.0, "b": None}])
     assert row == {"a": 2.0, "b": None, "rounds": 3}
+    # errors are every round's worst, not a median that hid one bad round (image_peers' too)
+    rounds = [{"a": 1.0, "errors": 0}, {"a": 2.0, "errors": 250}, {"a": 3.0, "errors": 0}]
+    assert median_row(rounds)["errors"] == 250 and image_peers.median(rounds) == {"a": 2.0, "errors": 250}
