@@ -13,7 +13,10 @@ be preferred over the side's own pieces. (``tokenizers`` scores ``<unk>`` 10 bel
 piece, so where the target SentencePiece model would emit ``<unk>`` — text it cannot cover —
 such a piece wins instead: the service never encodes target text.) On the source side, whose ids
 must be exactly Marian's for any input, their strings are replaced by placeholders no text can
-match.
+match. Pieces the source SentencePiece model knows but ``vocab.json`` lacks are kept after the
+vocabulary (ids from ``vocab_size`` on) with their scores, so the text is segmented as
+SentencePiece segments it; the service reads such an id as ``<unk>``, as MarianTokenizer does
+(``Translator.tokenize``).
 
 Decoding follows ``MarianTokenizer.decode(..., skip_special_tokens=True)``: drop the special
 tokens, join the pieces, ``▁`` → space, strip. Both sides append ``</s>`` like Marian does.
@@ -77,6 +80,8 @@ def marian_tokenizer(
             entries.append((f"<foreign-{i}>", FOREIGN_SCORE))  # never matched: see the module docstring
         else:
             entries.append((token, FOREIGN_SCORE))
+    if source_side:  # segmented as SentencePiece does, then read as <unk> (module docstring)
+        entries += [(piece, score) for piece, score in scores.items() if piece not in vocab]
     tok = Tokenizer(models.Unigram(entries, unk_id=vocab[specials["unk"]], byte_fallback=False))
     tok.normalizer = _normalizer(proto.normalizer_spec)
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=False)
@@ -92,8 +97,9 @@ def marian_tokenizer(
     user = [p.piece for p in proto.pieces if p.type == _USER_DEFINED and p.piece in vocab]
     if user or codes:
         tok.add_tokens([AddedToken(t, normalized=False) for t in [*codes, *user]])
-    if (size := tok.get_vocab_size(with_added_tokens=True)) != len(vocab):
-        # an id past the embedding table failed every request of a batch in ONNX Runtime
+    if (size := tok.get_vocab_size(with_added_tokens=True)) != len(entries):
+        # a token added at a new id: past the embedding table, it failed every request of a
+        # batch in ONNX Runtime
         raise UnsupportedCheckpoint(
             f"the converted tokenizer has {size} ids where vocab.json has {len(vocab)}: "
             "it could give ids the model has no embedding for"

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from service.errors import PayloadTooLarge
 from service.inference.decoding import Hypothesis, candidates_for, log_softmax, new_search, run_searches
 from service.inference.device import DeviceArray, DeviceOps, TopCandidates
-from service.inference.manifest import Manifest
+from service.inference.manifest import Manifest, TokenizerSpec
 from service.inference.runtime import GraphSession
 
 #: the decoder contracts whose state is a :class:`KVCache`
@@ -160,6 +160,14 @@ def _rows(a: Any, index: np.ndarray, axis: int, width: int | None = None, start:
     return a[tuple(where)]
 
 
+def known_ids(ids: list[int], spec: TokenizerSpec) -> list[int]:
+    """Source ids the encoder has embeddings for: an id from ``vocab_size`` on (a piece an
+    imported Marian tokenizer segments with, which ``vocab.json`` lacks) is ``unk_id``, as
+    MarianTokenizer reads it."""
+    size = spec.vocab_size
+    return ids if max(ids, default=0) < size else [t if t < size else spec.unk_id for t in ids]
+
+
 @dataclass
 class Translation:
     text: str
@@ -212,7 +220,7 @@ class Translator:
         """→ source ids (EOS last) and their token strings; a text over the model's limit
         (``max_source_tokens``) is cut to it (its last token EOS), or with ``truncate`` false
         refused (:class:`PayloadTooLarge` naming ``field``: a cut text translates its beginning only)."""
-        ids = self.source_tokenizer.encode(text).ids
+        ids = known_ids(self.source_tokenizer.encode(text).ids, self.spec.source_tokenizer)
         limit = self.spec.max_source_tokens
         if len(ids) > limit:
             if not truncate:

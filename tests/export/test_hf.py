@@ -29,8 +29,8 @@ from export.hf import import_checkpoint
 from export.hf.spm import marian_tokenizer, read_vocab
 from export.onnx_export import TOLERANCE
 from service.inference import attention as maps
-from service.inference.manifest import Manifest
-from service.inference.translation import Translator
+from service.inference.manifest import Manifest, TokenizerSpec
+from service.inference.translation import Translator, known_ids
 from service.inference.vision import Classifier, preprocess
 from tests.conftest import running_service
 
@@ -219,6 +219,35 @@ def test_marian_tokenizers_match_marian_tokenizer(marian_checkpoint: Path) -> No
     for _ in range(300):
         ids = [rng.randrange(len(vocab)) for _ in range(rng.randrange(12))]
         assert target.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_pieces_vocab_json_lacks_are_read_as_unk(marian_checkpoint: Path, tmp_path: Path) -> None:
+    """A source piece SentencePiece emits but ``vocab.json`` lacks is ``<unk>`` to MarianTokenizer,
+    after SentencePiece's own segmentation. The converted tokenizer had no such piece, and split
+    the text into other pieces: other ids for the encoder."""
+    checkpoint = tmp_path / "missing-piece"
+    shutil.copytree(marian_checkpoint, checkpoint)
+    vocab = json.loads((checkpoint / "vocab.json").read_text())
+    proc = spm.SentencePieceProcessor(model_file=str(checkpoint / "source.spm"))
+    gone = max(proc.encode("mardi 5 mars 2024", out_type=str), key=len)  # a whole word's piece
+    kept = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if t != gone]
+    vocab = {t: i for i, t in enumerate(kept)}
+    (checkpoint / "vocab.json").write_text(json.dumps(vocab))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenizer = MarianTokenizer(
+            str(checkpoint / "source.spm"), str(checkpoint / "target.spm"), str(checkpoint / "vocab.json")
+        )
+    specials = {"unk": "<unk>", "eos": "</s>", "pad": "<pad>"}
+    source = marian_tokenizer(checkpoint / "source.spm", vocab, specials, source_side=True)
+    spec = TokenizerSpec(file="t.json", pad_id=vocab["<pad>"], bos_id=vocab["<pad>"], eos_id=0, unk_id=1,
+                         vocab_size=len(vocab))  # fmt: skip
+    unknown = 0
+    for text in ["mardi 5 mars 2024", *(e.source for e in generate(200, 7))]:
+        ids = known_ids(source.encode(text).ids, spec)
+        assert ids == tokenizer(text).input_ids, text
+        unknown += ids.count(1)
+    assert unknown > 0  # the piece was met, and read as <unk>
 
 
 def test_language_codes_keep_their_ids(marian_checkpoint: Path, tmp_path: Path) -> None:
