@@ -15,7 +15,6 @@ scheduler in process, and where ours spends its time.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import statistics
@@ -30,9 +29,9 @@ from unittest import mock
 
 import numpy as np
 import onnxruntime as ort
-import psutil
 
 from benchmarks.decoding_load import closed_loop, step_feeds
+from benchmarks.profiling import own_tree_cpu_s
 from service.inference.jobs import TranslateJob
 from service.inference.manifest import Manifest
 from service.inference.model_set import take_turns
@@ -102,16 +101,6 @@ def offline_ct2(
     return result
 
 
-def _tree_cpu_s() -> float:
-    """CPU seconds of this process and its children alive now (the worker's decode process)."""
-    me = psutil.Process()
-    total = sum(me.cpu_times()[:2])
-    for child in me.children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            total += sum(child.cpu_times()[:2])
-    return total
-
-
 def in_process(
     version: Path, texts: list[str], max_length: int, clients: int, seconds: float
 ) -> dict[str, Any]:
@@ -125,10 +114,10 @@ def in_process(
     worker = ModelWorker(entry, settings, "bench", "local")
     take_turns(settings)  # as a serving process does (ModelSet)
     jobs = [TranslateJob(texts=[t], max_length=max_length) for t in texts]
-    cpu = _tree_cpu_s()
+    cpu = own_tree_cpu_s()
     try:
         result = asyncio.run(closed_loop(worker, jobs, clients, seconds))
-        cpu = _tree_cpu_s() - cpu  # before close: the decode process (a child, by default) counts too
+        cpu = own_tree_cpu_s() - cpu  # before close: the decode process (a child, by default) counts too
     finally:
         worker.close()
     return {

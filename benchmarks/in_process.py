@@ -7,8 +7,9 @@ answer checked (200). No sockets, no uvicorn, no Ray: what is left is the app, t
 and the model, so small changes to them show here where a served benchmark's noise (this 2-core
 machine's speed drifts ±25 % between minutes) would hide them.
 
-It prints requests/s, the process's CPU per request (every thread: the event loop, the scheduler's
-stepping thread, ONNX Runtime) and the event loop thread's alone. ``--profile`` adds a cProfile of
+It prints requests/s, the CPU per request of the process and its children (every thread: the event
+loop, the scheduler's stepping thread, ONNX Runtime; a translation model's decode process) and the
+event loop thread's alone. ``--profile`` adds a cProfile of
 the event loop thread (calls and time per request, by function); ``--dump FILE`` keeps it for a
 comparison with ``pstats``. To compare two commits, run this module of each checkout in turn
 (``git worktree add /tmp/before HEAD~1``, then ``PYTHONPATH=/tmp/before python -m
@@ -36,6 +37,7 @@ from benchmarks.image_peers import MODEL as PEERS_MODEL
 from benchmarks.image_peers import ours
 from benchmarks.loadgen import Request
 from benchmarks.peers.smoke import test_images
+from benchmarks.profiling import own_tree_cpu_s
 from service.api.http import create_app
 from service.api.server import Server
 from service.inference.model_set import ModelSet
@@ -130,13 +132,14 @@ async def run(args: argparse.Namespace) -> dict[str, float]:
     await load(args.warmup)
     answered = 0
     profile = cProfile.Profile() if args.profile or args.dump else None
-    cpu, wall, loop_cpu = time.process_time(), time.perf_counter(), time.thread_time()
+    # this process and its children: a translation model's decode process is one
+    cpu, wall, loop_cpu = own_tree_cpu_s(), time.perf_counter(), time.thread_time()
     if profile is not None:
         profile.enable()
     await load(args.seconds)
     if profile is not None:
         profile.disable()
-    cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
+    cpu, wall = own_tree_cpu_s() - cpu, time.perf_counter() - wall
     loop_cpu = time.thread_time() - loop_cpu
     if profile is not None:
         if args.dump:

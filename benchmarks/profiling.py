@@ -3,18 +3,32 @@
 py-spy samples the replica's Python stacks from outside (no change to the service); the summary
 lists the frames that hold the most busy samples (self time: the innermost frame), so the report
 shows where the CPU of the tiny path goes. Waiting threads (idle pools, condition waits) are left out.
+``own_tree_cpu_s``: the CPU of a benchmark that holds the worker itself, its children included.
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import psutil
+
 IDLE = ("Condition.wait", "Queue.get", "Event.wait", "select (", "epoll")
+
+
+def own_tree_cpu_s() -> float:
+    """CPU seconds of this process and its children alive now (the worker's decode process)."""
+    me = psutil.Process()
+    total = sum(me.cpu_times()[:2])
+    for child in me.children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            total += sum(child.cpu_times()[:2])
+    return total
 
 
 def py_spy() -> str | None:
