@@ -334,12 +334,14 @@ def main(argv: list[str] | None = None) -> int:
                     for clients in args.concurrency:
                         print(f"round {r + 1}/{args.rounds} {name} {workload.name} c={clients}", flush=True)
                         last = r == args.rounds - 1 and clients == max(args.concurrency)
-                        profiled = last and name == targets.SERVICE and workload.name == "tiny-rest"
-                        spy_out = args.out / "profile.txt" if profiled else None
-                        row = measure(server, workload, clients, args.duration, spy_out)
+                        row = measure(server, workload, clients, args.duration, None)
                         raw.setdefault(name, {}).setdefault(workload.name, {}).setdefault(
                             str(clients), []
                         ).append(row)
+                        if last and name == targets.SERVICE and workload.name == "tiny-rest":
+                            # a pass of its own, not kept: py-spy's sampling costs the replica
+                            # CPU, and an --also-from twin is not sampled
+                            measure(server, workload, clients, args.duration, args.out / "profile.txt")
                 rss.setdefault(name, []).append(server.rss_bytes())
             finally:
                 server.stop()
