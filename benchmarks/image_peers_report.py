@@ -46,6 +46,37 @@ def goals(r: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def same_payload(r: dict[str, Any]) -> list[str]:
+    """The goals' comparison payload by payload (each against the peer fastest with the same
+    payload), and round by round: the goals take each side's fastest payload and each figure's
+    median over the rounds, which can hide a comparison that goes the other way on one payload or
+    in some rounds. Rounds of a point are the same rounds on both sides (interleaved)."""
+    res = r["results"]
+    ours = res.get("attention-serve", {})
+    lines = [
+        "| payload | clients | attention-serve images/s · CPU ms | fastest peer with it "
+        "| its images/s · CPU ms | ratio | rounds with ratio ≥ 1.2 | rounds with CPU ≤ the peer's |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for kind, by_clients in ours.items():
+        for clients, mine in by_clients.items():
+            peers = [(n, k[kind][clients]) for n, k in res.items() if n != "attention-serve" and kind in k]
+            if not peers:
+                continue
+            name, theirs = max(peers, key=lambda x: x[1]["images_per_s"])
+            pairs = list(zip(mine.get("rounds", []), theirs.get("rounds", []), strict=False))
+            fast = sum(a["images_per_s"] >= GOAL_IMAGES * b["images_per_s"] for a, b in pairs)
+            frugal = sum(a["cpu_ms_per_image"] <= b["cpu_ms_per_image"] for a, b in pairs)
+            lines.append(
+                f"| {kind} | {clients} | {mine['images_per_s']:.0f} · {mine['cpu_ms_per_image']:.2f} | "
+                f"{name} | "
+                f"{theirs['images_per_s']:.0f} · {theirs['cpu_ms_per_image']:.2f} | "
+                f"{mine['images_per_s'] / theirs['images_per_s']:.2f} | {fast} of {len(pairs)} | "
+                f"{frugal} of {len(pairs)} |"
+            )
+    return lines if len(lines) > 2 else []
+
+
 def write_report(r: dict[str, Any], path: Path) -> Path:
     lines = [
         f"# The image path against its peers ({r['date']})",
@@ -85,6 +116,14 @@ def write_report(r: dict[str, Any], path: Path) -> Path:
                 f"  With the rollout as an array: {g['rollout_ratio']:.2f} × — goal ≥ {GOAL_ROLLOUT} × "
                 f"**{'met' if ok else 'missed'}**."
             )
+    if table := same_payload(r):
+        lines += [
+            "",
+            "Payload by payload and round by round (the goals above take each side's fastest payload, "
+            "and each figure's median over the rounds):",
+            "",
+            *table,
+        ]
     c = r["ceiling"]
     top = str(max(r["concurrency"]))
     served = r["results"].get("attention-serve", {}).get("json", {}).get(top)
