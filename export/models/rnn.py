@@ -40,9 +40,12 @@ class RNNConfig:
     dropout: float = 0.1
 
     def __post_init__(self) -> None:
-        if self.attention in ("local-m", "local-p") and self.window < 1:
-            # local-p's Gaussian has sigma = D / 2: 0 made every weight NaN, silently
-            raise ValueError(f"window: the local window's half-width D must be at least 1, got {self.window}")
+        # local-p's Gaussian has sigma = D / 2: 0 made every weight NaN, silently (local-m's D = 0
+        # is a hard monotonic alignment, p_t = t)
+        least = {"local-m": 0, "local-p": 1}.get(self.attention)
+        if least is not None and self.window < least:
+            why = f"{self.attention}'s half-width D must be at least {least}"
+            raise ValueError(f"window: {why}, got {self.window}")
 
     @property
     def mem_dim(self) -> int:

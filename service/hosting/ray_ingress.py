@@ -28,7 +28,7 @@ from service.api.grpc_servicer import GrpcServicer
 from service.api.http import create_app
 from service.api.protos import attention_pb2, grpc_service_pb2
 from service.api.server import Server
-from service.errors import ModelNotFound, Overloaded, ServiceError
+from service.errors import NotReady, Overloaded, ServiceError
 from service.hosting.metrics import IngressMetrics, ModelMetrics
 from service.inference.jobs import Answer, Tokens
 from service.inference.model_set import ModelSet, NoModelLoaded
@@ -59,7 +59,7 @@ class ModelDeployment:
         except NoModelLoaded:  # no version of it loads: the replica stays up, serving nothing,
             # and says so (info's version None), so the ingress leaves the model out and serves
             # the others, as an in-replica replica does. Raised here, Ray failed the whole deploy.
-            # The polls load a version that is fixed or added later.
+            # Each poll tries the versions again (ModelSet.poll_once).
             log.error("model %s: no version loads; the replica serves nothing until one does", self.name)
         self.poll_task = asyncio.create_task(self.models.poll()) if settings.repository_poll_s > 0 else None
 
@@ -69,9 +69,10 @@ class ModelDeployment:
 
     def _worker(self) -> ModelWorker:
         worker = self.models.workers.get(self.name)
-        if worker is None:  # asked before the ingress learnt that no version of it loads
-            why = f"no version of it loads ({self.models.rejected})"
-            raise ModelNotFound(f"model {self.name!r} not found: {why}")
+        if worker is None:  # asked before the ingress left the model out, or this replica's load
+            # failed where others' did not: it tries again at each poll
+            why = f"no version of it loads on this replica yet ({self.models.rejected})"
+            raise NotReady(f"model {self.name!r} is not ready: {why}; retry")
         return worker
 
     async def info(self) -> dict[str, Any]:
@@ -185,6 +186,7 @@ class IngressReplica:
         self.grpc = GrpcServicer(self.server)
         self.poll_task: asyncio.Task[None] | None = None
         self._follow_failed: dict[str, str] = {}  # model → why following it failed (logged once)
+        self._served_once: set[str] = set()  # models a replica was seen serving
 
     async def _follow_versions(self) -> None:
         """At start, then every ``repository_poll_s`` (when > 0): the version each model's
@@ -212,12 +214,17 @@ class IngressReplica:
         for name, model in self.remote.items():
             try:
                 info = await model.info()
-                if info["version"] is None:  # no version of it loads (ModelDeployment.info)
-                    entries.pop(name, None)
-                elif name not in entries or int(info["version"]) != entries[name].version:
-                    entries[name] = await asyncio.to_thread(
-                        load_entry, self.settings.repository, name, int(info["version"])
-                    )
+                if info["version"] is None:  # the replica asked serves nothing (ModelDeployment)
+                    if name not in self._served_once:  # none ever did: no version of it loads
+                        entries.pop(name, None)
+                    # else one replica of several is loading again (its answers: 503, retry);
+                    # the model stays, as the others serve it
+                else:
+                    self._served_once.add(name)
+                    if name not in entries or int(info["version"]) != entries[name].version:
+                        entries[name] = await asyncio.to_thread(
+                            load_entry, self.settings.repository, name, int(info["version"])
+                        )
                 rejected.update(info.get("rejected", {}))
                 self._follow_failed.pop(name, None)
                 continue

@@ -195,7 +195,9 @@ class ModelSet:
                 continue
             for key in [k for k in self._failed if k[0] == name and k[1] not in newer]:
                 del self._failed[key]  # its directory is gone (or an older one serves)
-            fresh = [v for v in newer if not self._unchanged_failure(name, v)]
+            # a set serving nothing (a Ray deployment of one model that failed to load, maybe for
+            # a passing reason: memory, a slow mount) tries again each poll, files changed or not
+            fresh = [v for v in newer if not self.workers or not self._unchanged_failure(name, v)]
             if fresh:
                 candidates[name] = fresh + ([current] if current else [])
         if not candidates:

@@ -37,6 +37,7 @@ ALLOWED_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "TIFF", "BMP", "PPM")  # Pillow
 #: the PNG colour types libspng decodes (8-bit grey, 8-bit RGB) and the Pillow mode of their pixels
 SPNG_MODES = {0: "L", 2: "RGB"}
 ORIENTATION = 0x0112  # the EXIF tag
+TURNED = range(2, 9)  # orientations other than "as stored" (1)
 #: the most pixels (256 × 256; times its scans for a JPEG: :func:`decode_cost`) and bytes an image
 #: may have to be decoded on the event loop: about a millisecond at most (1.1–1.3 ms for a 256 ×
 #: 256 noise PNG or JPEG, decoded and resized; the bytes bound what Pillow reads of a header in
@@ -58,8 +59,8 @@ def decode_image(data: bytes, max_pixels: int, mode: str, field: str = "image") 
         width, height, depth, colour = header
         check_pixels(width, height, max_pixels, field)
         check_header(data, field)  # its chunks, before png_intact walks them
-        # an eXIf chunk may turn the image (upright): Pillow reads it
-        if depth == 8 and colour in SPNG_MODES and b"eXIf" not in data and png_intact(data):
+        # an image an eXIf chunk turns (upright) is Pillow's
+        if depth == 8 and colour in SPNG_MODES and png_intact(data, unturned=True):
             native = SPNG_MODES[colour]
             try:
                 pixels = pyspng.load(data, native)
@@ -131,8 +132,9 @@ def png_header(data: bytes) -> tuple[int, int, int, int] | None:
     return width, height, depth, colour
 
 
-def png_intact(data: bytes) -> bool:
-    """Whether every chunk of a PNG is whole and matches its CRC, through IEND."""
+def png_intact(data: bytes, unturned: bool = False) -> bool:
+    """Whether every chunk of a PNG is whole and matches its CRC, through IEND; with ``unturned``,
+    also that no eXIf chunk turns it (:func:`orientation` 2–8: :func:`upright`'s to read)."""
     at, end = len(PNG_SIGNATURE), len(data)
     view = memoryview(data)
     while at + 12 <= end:
@@ -143,10 +145,25 @@ def png_intact(data: bytes) -> bool:
         (crc,) = struct.unpack_from(">I", data, after - 4)
         if zlib.crc32(view[at + 4 : after - 4]) != crc:
             return False
-        if data[at + 4 : at + 8] == b"IEND":
+        kind = data[at + 4 : at + 8]
+        if kind == b"IEND":
             return True
+        if unturned and kind == b"eXIf" and orientation(data[at + 8 : after - 4]) in TURNED:
+            return False
         at = after
     return False
+
+
+def orientation(exif: bytes) -> int | None:
+    """The orientation an EXIF block (TIFF-structured, as in a PNG's eXIf chunk or a JPEG's APP1
+    segment after its ``Exif`` header) gives; None without one, or where it cannot be read."""
+    try:
+        value = Image.Exif()
+        value.load(exif)
+        found = value.get(ORIENTATION)
+    except Exception:
+        return None
+    return found if isinstance(found, int) else None
 
 
 def check_pixels(width: int, height: int, max_pixels: int, field: str) -> None:
@@ -188,9 +205,15 @@ def pillow_image(data: bytes, max_pixels: int, field: str = "image") -> Image.Im
 def upright(image: Image.Image) -> Image.Image:
     """``image`` turned as its EXIF orientation says it is seen, as browsers show it (a phone
     photo's pixels are stored turned): the model, its rollout and the overlay see the picture the
-    user sees. An orientation that cannot be read leaves the pixels as stored."""
+    user sees. An orientation that cannot be read leaves the pixels as stored, and so does one a
+    PNG carries only in a text chunk (ImageMagick's "Raw profile type exif", which Pillow reads and
+    browsers do not): a PNG's is its eXIf chunk's, whichever path decodes it."""
     try:
-        if image.getexif().get(ORIENTATION) in range(2, 9):
+        if image.format == "PNG":
+            turned = "exif" in image.info and orientation(image.info["exif"]) in TURNED
+        else:
+            turned = image.getexif().get(ORIENTATION) in TURNED
+        if turned:
             return ImageOps.exif_transpose(image)
     except Exception:  # a malformed EXIF block: the pixels as stored
         pass

@@ -106,13 +106,21 @@ def test_vit_returns_every_layers_attention() -> None:
     torch.testing.assert_close(attn.sum(-1), torch.ones(2, 3, 2, 17))
 
 
-@pytest.mark.parametrize("window", [0, -1])
-def test_a_local_window_under_one_is_refused(window: int) -> None:
-    """local-p's Gaussian has sigma = D / 2: D = 0 made every weight NaN, with no word of why."""
-    for scorer in ("local-m", "local-p"):
+def test_a_local_window_that_cannot_work_is_refused() -> None:
+    """local-p's Gaussian has sigma = D / 2: D = 0 made every weight NaN, with no word of why.
+    local-m's D = 0 is a hard monotonic alignment (all weight on p_t = t) and stays allowed."""
+    sizes = {"src_vocab": 8, "tgt_vocab": 8}
+    for scorer, window in (("local-p", 0), ("local-p", -1), ("local-m", -1)):
         with pytest.raises(ValueError, match="window"):
-            build_model(f"rnn-{scorer}", {"src_vocab": 8, "tgt_vocab": 8, "window": window})
-    assert build_model("rnn-dot", {"src_vocab": 8, "tgt_vocab": 8, "window": 0})  # no window there
+            build_model(f"rnn-{scorer}", {**sizes, "window": window})
+    model = build_model("rnn-local-m", {**sizes, "window": 0}).eval()
+    src, mask = torch.randint(4, 8, (1, 5)), torch.ones(1, 5, dtype=torch.bool)
+    memory, state = model.encode(src, mask)
+    with torch.no_grad():
+        for t in range(3):
+            _, state, weights = model.step(torch.full((1,), 5), state, memory, mask, torch.full((1,), t))
+            torch.testing.assert_close(weights, torch.nn.functional.one_hot(torch.tensor([t]), 5).float())
+    assert build_model("rnn-dot", {**sizes, "window": 0})  # no window there
 
 
 def test_a_transformer_recipe_with_limits_past_its_positions_is_refused() -> None:

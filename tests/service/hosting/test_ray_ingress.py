@@ -199,6 +199,46 @@ class _Serving:
         return {"version": self.version, "rejected": self.rejected}
 
 
+class _Replicas:
+    """A model deployment whose replicas Ray routes the info call to in turn: each serves
+    ``versions[i]`` (None: nothing, its load failed)."""
+
+    def __init__(self, *versions: int | None) -> None:
+        self.versions, self.calls = versions, 0
+
+    async def info(self) -> dict[str, Any]:
+        self.calls += 1
+        version = self.versions[(self.calls - 1) % len(self.versions)]
+        return {"version": version, "rejected": {} if version else {"fashion-vit/1": "failed to load: x"}}
+
+
+def test_a_model_no_replica_ever_served_is_left_out_and_one_a_replica_serves_stays(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    """A deployment whose replicas serve nothing (no version of the model loads) is left out, and
+    the others serve. One replica of several that serves nothing (a passing failure: it tries
+    again at each poll, and answers 503 meanwhile) does not take the model away from the others:
+    the model flapped in and out at each pass, as the info call reached one or the other."""
+    entries = {name: load_entry(tiny_repository, name, 1) for name in ("dates-bahdanau", "fashion-vit")}
+    replica = IngressReplica({}, entries, {}, Settings(repository=tiny_repository, repository_poll_s=0))
+
+    async def passes(deployments: dict[str, Any], count: int) -> list[list[str]]:
+        replica.remote = deployments
+        seen = []
+        for _ in range(count):
+            await replica._follow_once()
+            seen.append(sorted(replica.server.entries))
+        return seen
+
+    never = asyncio.run(passes({"dates-bahdanau": _Replicas(1), "fashion-vit": _Replicas(None)}, 3))
+    assert never == [["dates-bahdanau"]] * 3 and replica.server.rejected == {
+        "fashion-vit/1": "failed to load: x"
+    }
+    assert asyncio.run(replica.served()) == (["dates-bahdanau"], {"fashion-vit/1": "failed to load: x"})
+    mixed = asyncio.run(passes({"dates-bahdanau": _Replicas(1), "fashion-vit": _Replicas(1, None)}, 4))
+    assert mixed == [["dates-bahdanau", "fashion-vit"]] * 4
+
+
 def test_one_model_that_cannot_be_followed_does_not_hold_up_the_others(
     tiny_repository: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -21,7 +21,7 @@ import pytest
 from service.inference import decode_process, model_set
 from service.inference.decode_process import DecodeProcess
 from service.inference.jobs import TranslateJob
-from service.inference.model_set import ModelSet
+from service.inference.model_set import ModelSet, NoModelLoaded
 from service.inference.worker import ModelWorker
 from service.inference.worker_metrics import NoMetrics
 from service.settings import Settings
@@ -153,6 +153,43 @@ def test_the_poll_serves_the_newest_version_that_loads_and_retries_a_failure_onc
     finally:
         gc.unfreeze()
     assert "MainThread" not in loads.threads, "load_entry hashes files: never on the event loop"
+
+
+def test_a_set_serving_nothing_tries_its_versions_again_at_every_poll(
+    tiny_repository: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Ray deployment of one model whose load failed for a passing reason (memory, a slow mount)
+    serves nothing: unlike a set that serves something, it loads its unchanged versions again at
+    each poll, and serves the first that loads."""
+    repository = tmp_path / "repository"
+    version_of(tiny_repository, repository, 1)
+    models = ModelSet(
+        Settings(repository=repository), "replica", "node", lambda _: NoMetrics(), lambda *_: None
+    )
+    real, failing = models._worker, [True]
+
+    def passing_failure(name: str, version: int) -> ModelWorker:
+        if failing[0]:
+            raise MemoryError("out of memory, for now")
+        return real(name, version)
+
+    monkeypatch.setattr(models, "_worker", passing_failure)
+    loads = Loads(models, monkeypatch)
+
+    async def go() -> None:
+        with pytest.raises(NoModelLoaded):
+            await models.serve({"dates-bahdanau": 1})
+        assert "MemoryError" in models.rejected["dates-bahdanau/1"] and not models.workers
+        await models.poll_once()
+        assert loads.tried == [("dates-bahdanau", 1), ("dates-bahdanau", 1)]  # files unchanged
+        failing[0] = False
+        await models.poll_once()
+        assert models.workers["dates-bahdanau"].entry.version == 1 and models.rejected == {}
+
+    try:
+        asyncio.run(go())
+    finally:
+        gc.unfreeze()
 
 
 @pytest.mark.parametrize("discover", [True, False])

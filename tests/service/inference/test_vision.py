@@ -299,3 +299,30 @@ def test_images_are_read_upright_as_their_exif_orientation_says(kind: str) -> No
     plain = io.BytesIO()
     Image.fromarray(stored).save(plain, format=kind)
     assert decode_image(plain.getvalue(), 1 << 20, "L").shape == (32, 48)  # no orientation: as stored
+
+
+def test_only_a_png_s_exif_chunk_turns_it_whatever_path_decodes_it() -> None:
+    """Pillow also reads an orientation from ImageMagick's "Raw profile type exif" text chunk,
+    which browsers ignore: a large PNG (decoded by Pillow) was turned by it and a small one
+    (libspng) was not. Only the eXIf chunk counts, on both paths; one that says "as stored" keeps
+    the PNG on libspng's path."""
+    from PIL import PngImagePlugin
+
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    raw = exif.tobytes()
+    text = PngImagePlugin.PngInfo()
+    text.add_text("Raw profile type exif", f"\nexif\n{len(raw):8d}\n{raw.hex()}\n")
+    buffer = io.BytesIO()
+    Image.new("L", (48, 32)).save(buffer, format="PNG", pnginfo=text)
+    with Image.open(io.BytesIO(buffer.getvalue())) as image:
+        assert image.getexif().get(0x0112) == 6  # what Pillow reads
+    assert decode_image(buffer.getvalue(), 1 << 20, "L").shape == (32, 48)  # libspng: as stored
+    assert vision.pillow_image(buffer.getvalue(), 1 << 20).size == (48, 32)  # Pillow (large ones): too
+    as_stored = Image.Exif()
+    as_stored[0x0112] = 1
+    for value, fast in ((as_stored, True), (exif, False)):
+        buffer = io.BytesIO()
+        Image.new("L", (48, 32)).save(buffer, format="PNG", exif=value.tobytes())
+        assert vision.png_intact(buffer.getvalue(), unturned=True) is fast
+        assert vision.png_intact(buffer.getvalue())
