@@ -121,8 +121,8 @@ class ModelSet:
                 if await self._load(workers, name, version):
                     break
         if not workers:
-            self.rejected = self.configured_rejected | self.failures()
-            raise NoModelLoaded(f"no model could be loaded: {self.failures()}")
+            self.rejected = self.configured_rejected | self._failures()
+            raise NoModelLoaded(f"no model could be loaded: {self._failures()}")
         replaced = [w for w in self.workers.values() if all(w is not v for v in workers.values())]
         self.workers = workers
         for name, version in [k for k in self._failed if not self._still_rejected(*k)]:
@@ -130,7 +130,7 @@ class ModelSet:
         configured = {
             k: why for k, why in self.configured_rejected.items() if self._still_rejected(*_parse(k))
         }
-        self.rejected = configured | self.failures()
+        self.rejected = configured | self._failures()
         self.on_change(dict(workers), dict(self.rejected))
         for worker in replaced:  # the old version drains its queue, then its thread ends
             worker.close()
@@ -159,7 +159,7 @@ class ModelSet:
         entry = load_entry(self.settings.repository, name, version)
         return ModelWorker(entry, self.settings, self.replica, self.node, self.metrics_for(name))
 
-    def failures(self) -> dict[str, str]:
+    def _failures(self) -> dict[str, str]:
         return {f"{name}/{version}": why for (name, version), (_, why) in self._failed.items()}
 
     def _still_rejected(self, name: str, version: int | None) -> bool:
