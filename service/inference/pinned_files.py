@@ -13,6 +13,30 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+#: a view's directory in the temporary directory: the prefix, then the pid of the process it is for
+VIEW_PREFIX = "attention-decode-"
+
+
+def remove_left_views() -> None:
+    """Remove the views that processes no longer running left behind (killed while a child
+    started): named by their pid, each holds nothing but links."""
+    root = Path(tempfile.gettempdir())
+    with contextlib.suppress(OSError):
+        for path in root.glob(f"{VIEW_PREFIX}*-*"):
+            pid = path.name.removeprefix(VIEW_PREFIX).split("-", 1)[0]
+            if pid.isdigit() and not _running(int(pid)):
+                shutil.rmtree(path, ignore_errors=True)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's: running
+        return True
+    return True
+
 
 class PinnedFiles:
     """The regular files of a directory, each held open (read-only; inherited only by the decode
@@ -40,7 +64,8 @@ class PinnedFiles:
         descriptor>`` — in a process that has the descriptors (one :meth:`popen` started), the
         file itself (Linux's ``/proc``). Removed on leaving: a child needs it only while it opens
         the files, and a process that is killed runs no clean-up (Ray ends a stopped replica so):
-        only one killed while a child starts leaves its view behind. None without files."""
+        only one killed while a child starts leaves its view behind, and the next view made on
+        this machine removes it (:func:`remove_left_views`). None without files."""
         with self.lock:
             if self.closed:
                 raise RuntimeError("the model's files were let go: nothing may start on them")
@@ -48,7 +73,8 @@ class PinnedFiles:
         if not self.has_files:
             yield None
             return
-        view = tempfile.mkdtemp(prefix="attention-decode-")
+        remove_left_views()
+        view = tempfile.mkdtemp(prefix=f"{VIEW_PREFIX}{os.getpid()}-")
         try:
             for name, fd in fds.items():
                 os.symlink(f"/proc/self/fd/{fd}", os.path.join(view, name))

@@ -77,3 +77,28 @@ def test_closing_lets_the_descriptors_go(tmp_path: Path) -> None:
         pinned.popen([sys.executable, "-c", "pass"])
     with pytest.raises(RuntimeError, match="let go"), pinned.view():
         pass
+
+
+def test_a_view_left_by_a_process_no_longer_running_is_removed_by_the_next(tmp_path: Path) -> None:
+    """A replica killed while its decode child started left its view of links in the temporary
+    directory (14 from one day of test runs): the next view made removes those of processes gone,
+    and keeps a running one's."""
+    import tempfile
+
+    from service.inference.pinned_files import VIEW_PREFIX
+
+    ended = subprocess.Popen([sys.executable, "-c", "pass"])
+    ended.wait(60)
+    root = Path(tempfile.gettempdir())
+    left = Path(tempfile.mkdtemp(prefix=f"{VIEW_PREFIX}{ended.pid}-", dir=root))
+    os.symlink("/proc/self/fd/99", left / "model.onnx")
+    running = Path(tempfile.mkdtemp(prefix=f"{VIEW_PREFIX}{os.getppid()}-", dir=root))
+    (tmp_path / "model.onnx").write_text("graph")
+    pinned = PinnedFiles(tmp_path)
+    try:
+        with pinned.view() as view:
+            assert view is not None and Path(view).name.startswith(f"{VIEW_PREFIX}{os.getpid()}-")
+        assert not left.exists() and running.exists()
+    finally:
+        pinned.close()
+        shutil.rmtree(running, ignore_errors=True)
