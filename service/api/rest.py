@@ -44,7 +44,8 @@ async def healthz() -> dict[str, str]:
 async def readyz(server: ServerDep) -> JSONResponse:
     if not await server.is_ready():
         raise NotReady(server.unready)
-    warmup = {name: info["warmup_ms"] for name, info in sorted(server.model_info.items())}
+    # .get: a Ray model deployment serving nothing yet answers its info without it
+    warmup = {name: info.get("warmup_ms") for name, info in sorted(server.model_info.items())}
     return JSONResponse({"status": "ready", "models": sorted(server.models), "warmup_ms": warmup})
 
 

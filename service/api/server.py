@@ -143,9 +143,13 @@ class Server:
     async def load_info(self) -> None:
         """Each model's runtime info (providers, batch size, warm-up time) in ``model_info``:
         asked of each model once per served set (a swap starts a new set)."""
-        missing = [n for n in self.models if n not in self.model_info]
-        infos = await asyncio.gather(*(self.models[n].info() for n in missing))
-        self.model_info.update(zip(missing, infos, strict=True))
+        # this set's: a swap during the calls starts a new set, whose info these are not (the
+        # Ray ingress left out a model that had not loaded while it was asked, and its info
+        # stayed in the new set's for good)
+        models, known = self.models, self.model_info
+        missing = [n for n in models if n not in known]
+        infos = await asyncio.gather(*(models[n].info() for n in missing))
+        known.update(zip(missing, infos, strict=True))
 
     def resolve(self, name: str, task: str | None = None, version: str | None = None) -> ModelEntry:
         """The served model ``name`` (at ``version``, when given) — a dictionary lookup, so no

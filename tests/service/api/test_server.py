@@ -102,6 +102,30 @@ def test_a_request_refused_in_part_stops_its_other_parts(tmp_path: Path) -> None
     assert finished == [] and [r[2] for r in recorded.records] == [503]
 
 
+def test_info_asked_of_a_set_a_swap_replaced_stays_with_that_set(tmp_path: Path) -> None:
+    """The Ray ingress left out a model whose info call was under way (none of its versions
+    loaded): the answer landed in the new set's info, and readiness (a 500 on the missing
+    ``warmup_ms``) never came back."""
+    server = fake_server(tmp_path)[0]
+    slow = server.models["fake-translator"]
+
+    class Slow:
+        async def info(self) -> dict[str, Any]:
+            await asyncio.sleep(0.1)
+            return {"version": None, "rejected": {}}  # a deployment serving nothing
+
+    async def go() -> None:
+        server.serve({"fake-translator": Slow()}, dict(server.entries), {})  # type: ignore[dict-item]
+        asking = asyncio.create_task(server.load_info())
+        await asyncio.sleep(0.02)
+        server.serve({"fake-translator": slow}, dict(server.entries), {})  # the swap, meanwhile
+        await asking
+        assert "version" not in server.model_info.get("fake-translator", {})
+        assert await server.is_ready() and "warmup_ms" in server.model_info["fake-translator"]
+
+    asyncio.run(go())
+
+
 def test_serve_swaps_the_whole_set_at_once(tmp_path: Path) -> None:
     server = fake_server(tmp_path)[0]
     server.model_info = {"fake-translator": {"warmup_ms": 1.0}}
