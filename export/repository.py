@@ -17,6 +17,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from service.inference.manifest import Manifest, list_versions
+from service.inference.pinned_files import running
 
 
 class RefuseOverwrite(FileExistsError):
@@ -51,7 +52,7 @@ def remove_abandoned_stagings(folder: Path, older_than_s: float = ABANDONED_AFTE
     for staging in folder.glob(".staging-*-*") if folder.is_dir() else []:
         pid = staging.name.rsplit("-", 1)[1]
         with contextlib.suppress(OSError):
-            if pid.isdigit() and not _running(int(pid)) and time.time() - _last_write(staging) > older_than_s:
+            if pid.isdigit() and not running(int(pid)) and time.time() - _last_write(staging) > older_than_s:
                 shutil.rmtree(staging)
                 removed.append(staging)
     return removed
@@ -66,16 +67,6 @@ def _last_write(folder: Path) -> float:
             with contextlib.suppress(OSError):
                 latest = max(latest, os.stat(os.path.join(root, name)).st_mtime)
     return latest
-
-
-def _running(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's: running
-        return True
-    return True
 
 
 @contextmanager

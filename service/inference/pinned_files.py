@@ -24,11 +24,12 @@ def remove_left_views() -> None:
     with contextlib.suppress(OSError):
         for path in root.glob(f"{VIEW_PREFIX}*-*"):
             pid = path.name.removeprefix(VIEW_PREFIX).split("-", 1)[0]
-            if pid.isdigit() and not _running(int(pid)):
+            if pid.isdigit() and not running(int(pid)):
                 shutil.rmtree(path, ignore_errors=True)
 
 
-def _running(pid: int) -> bool:
+def running(pid: int) -> bool:
+    """Whether process ``pid`` is running (another user's counts as running)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
