@@ -13,6 +13,7 @@ import shutil
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -221,6 +222,18 @@ def test_marian_tokenizers_match_marian_tokenizer(marian_checkpoint: Path) -> No
         assert target.decode(ids, skip_special_tokens=True) == tokenizer.decode(ids, skip_special_tokens=True)
 
 
+def source_tokenizers(checkpoint: Path) -> tuple[MarianTokenizer, Any]:
+    """MarianTokenizer of a checkpoint's files, and the source side converted from them."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        tokenizer = MarianTokenizer(
+            str(checkpoint / "source.spm"), str(checkpoint / "target.spm"), str(checkpoint / "vocab.json")
+        )
+    specials = {"unk": "<unk>", "eos": "</s>", "pad": "<pad>"}
+    vocab = read_vocab(checkpoint / "vocab.json", specials)
+    return tokenizer, marian_tokenizer(checkpoint / "source.spm", vocab, specials, source_side=True)
+
+
 def test_pieces_vocab_json_lacks_are_read_as_unk(marian_checkpoint: Path, tmp_path: Path) -> None:
     """A source piece SentencePiece emits but ``vocab.json`` lacks is ``<unk>`` to MarianTokenizer,
     after SentencePiece's own segmentation. The converted tokenizer had no such piece, and split
@@ -233,13 +246,7 @@ def test_pieces_vocab_json_lacks_are_read_as_unk(marian_checkpoint: Path, tmp_pa
     kept = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1]) if t != gone]
     vocab = {t: i for i, t in enumerate(kept)}
     (checkpoint / "vocab.json").write_text(json.dumps(vocab))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tokenizer = MarianTokenizer(
-            str(checkpoint / "source.spm"), str(checkpoint / "target.spm"), str(checkpoint / "vocab.json")
-        )
-    specials = {"unk": "<unk>", "eos": "</s>", "pad": "<pad>"}
-    source = marian_tokenizer(checkpoint / "source.spm", vocab, specials, source_side=True)
+    tokenizer, source = source_tokenizers(checkpoint)
     spec = TokenizerSpec(file="t.json", pad_id=vocab["<pad>"], bos_id=vocab["<pad>"], eos_id=0, unk_id=1,
                          vocab_size=len(vocab))  # fmt: skip
     unknown = 0
@@ -259,14 +266,7 @@ def test_language_codes_keep_their_ids(marian_checkpoint: Path, tmp_path: Path) 
     vocab = json.loads((checkpoint / "vocab.json").read_text())
     vocab |= {">>fr<<": len(vocab), ">>de<<": len(vocab) + 1}
     (checkpoint / "vocab.json").write_text(json.dumps(vocab))
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        tokenizer = MarianTokenizer(
-            str(checkpoint / "source.spm"), str(checkpoint / "target.spm"), str(checkpoint / "vocab.json")
-        )
-    specials = {"unk": "<unk>", "eos": "</s>", "pad": "<pad>"}
-    source = marian_tokenizer(checkpoint / "source.spm", read_vocab(checkpoint / "vocab.json", specials),
-                              specials, source_side=True)  # fmt: skip
+    tokenizer, source = source_tokenizers(checkpoint)
     for text in (">>fr<< 5 mars 2024", ">>de<< July 4, 1976", "12/03/1950"):
         ids = source.encode(text).ids
         assert ids == tokenizer(text).input_ids and max(ids) < len(vocab), text
