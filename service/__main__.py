@@ -23,7 +23,9 @@ from service.hosting import gpus
 from service.hosting.cluster import (
     APP,
     AUTH_HINT,
+    answer,
     app_already_served,
+    delete_app,
     delete_command,
     ipaddress_is_loopback,
     token_auth_as_ray_start_does,
@@ -192,7 +194,7 @@ def deploy(settings: Settings, app: Any) -> str | None:
     if settings.frontend != "in-replica":  # a model deployment none of whose versions loads
         # stays up serving nothing (ModelDeployment): the ingress leaves it out, as an in-replica
         # replica leaves such a model out; a start where every model is left out is refused
-        served, rejected = serve.get_app_handle(APP).served.remote().result(timeout_s=60)
+        served, rejected = answer(serve.get_app_handle(APP).served.remote(), 60)
         if not served:
             why = f"no model could be loaded: {rejected}"
             return f"the replicas could not start ({why}); their reasons are logged above"
@@ -284,7 +286,7 @@ def stop_serving(settings: Settings, ours: bool = True) -> None:
         # flight for a delete to wait for. On a cluster we joined, only our app goes.
         started = time.monotonic()
         with contextlib.suppress(Exception):  # nothing deployed yet: nothing to drain
-            serve.get_app_handle(APP).drain.remote().result(timeout_s=settings.drain_s + 5)
+            answer(serve.get_app_handle(APP).drain.remote(), settings.drain_s + 5)
         log.info("stopping: the ingress drained in %.1f s", time.monotonic() - started)
         if settings.ray_address is not None:
             try:
@@ -300,21 +302,6 @@ def stop_serving(settings: Settings, ours: bool = True) -> None:
     started = time.monotonic()
     ray.shutdown()
     log.info("stopping: Ray stopped in %.1f s", time.monotonic() - started)
-
-
-def delete_app(within_s: float) -> bool:
-    """Delete our application and wait up to ``within_s`` for it to go (its replicas drain
-    meanwhile); whether it went. ``serve.delete``'s own wait gives up after 60 s, and Ray was then
-    shut down under replicas still draining, where ``drain_s`` allows 600."""
-    from ray import serve
-
-    serve.delete(APP, _blocking=False)
-    deadline = time.monotonic() + within_s
-    while APP in serve.status().applications:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.1)
-    return True
 
 
 @contextlib.contextmanager

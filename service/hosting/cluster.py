@@ -1,6 +1,7 @@
 """Joining a Ray cluster started with ``ray start`` (``ATTN_RAY_ADDRESS``): whether a head answers,
 the token authentication the head expects, and whether the cluster already serves our
-application — what ``python -m service`` checks before it deploys there."""
+application — what ``python -m service`` checks before it deploys there; and the driver's own calls
+to our application there (asking it, deleting it)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import ipaddress
 import os
 import socket
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from service.settings import Settings
@@ -102,3 +103,35 @@ def unreachable(address: str) -> str | None:
         return (
             f"no Ray head answers at {host}:{port} ({exc.strerror or exc}); start one with `ray start --head`"
         )
+
+
+def answer(response: Any, within_s: float) -> Any:
+    """A driver's handle call's answer, once Ray Serve is done with the call. Ray Serve (2.60)
+    takes a unary call's answer from a stream and, in a readiness callback on another thread,
+    advances the stream once more after the answer is ready: a ``ray.shutdown`` that comes before
+    that callback logs ``ERROR ... failed to consume generator ref after _on_ready`` and a
+    traceback. The callback clears the result's ``_cancel_consume_wait``; this waits for that, a
+    second at most (a Ray without the attribute: no wait)."""
+    result = response.result(timeout_s=within_s)
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        replica_result = getattr(response, "_replica_result", None)
+        if getattr(replica_result, "_cancel_consume_wait", None) is None:
+            break
+        time.sleep(0.005)
+    return result
+
+
+def delete_app(within_s: float) -> bool:
+    """Delete our application and wait up to ``within_s`` for it to go (its replicas drain
+    meanwhile); whether it went. ``serve.delete``'s own wait gives up after 60 s, and Ray was then
+    shut down under replicas still draining, where ``drain_s`` allows 600."""
+    from ray import serve
+
+    serve.delete(APP, _blocking=False)
+    deadline = time.monotonic() + within_s
+    while APP in serve.status().applications:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
