@@ -35,6 +35,7 @@ help:
 	@echo "make bench-idle   an idle service's CPU by process (Ray's control loop at 0.1 s against the service's 0.5 s)"
 	@echo "make bench-soak   15 min of every kind of traffic and new versions: memory, descriptors, threads by process"
 	@echo "make bench-ctranslate2  CTranslate2 as a peer on an opus-mt-en-de-shaped Marian model (own venv under build/)"
+	@echo "make clean      remove build outputs and caches, but not the trained checkpoints (build/checkpoints)"
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -135,7 +136,7 @@ bench-streaming: models
 # benchmarks/results/<date>-peers.{json,md,png}: fashion-vit behind attention-serve, TorchServe, Triton
 # (PyTriton) and plain FastAPI + ORT, the same graph and payloads (pinned peer venvs, build/venvs/)
 bench-peers: models
-	$(PY) -m benchmarks.image_peers
+	$(PY) -m benchmarks.image_peers --repository $(REPO)
 
 # benchmarks/results/<date>-ctranslate2.{json,md}: CTranslate2 (its own pinned venv, build/venvs/ctranslate2)
 # against the service on the same locally built Marian checkpoint (build/ct2_peer/), offline and served
@@ -167,5 +168,8 @@ test: $(STAMP) $(TRITON_VENV)/.installed dataset system-deps lint typecheck
 test-fast: $(STAMP)
 	$(PY) -m pytest -q -m "not slow"
 
+# keeps build/checkpoints: `make models` does not train again a model the repository has, and
+# the decoding benchmark, `make eval`'s PyTorch comparison and the GPU check's long model read them
 clean:
-	rm -rf build .pytest_cache .mypy_cache .ruff_cache
+	[ ! -d build ] || find build -mindepth 1 -maxdepth 1 ! -name checkpoints -exec rm -rf {} +
+	rm -rf .pytest_cache .mypy_cache .ruff_cache

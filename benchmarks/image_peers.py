@@ -111,9 +111,9 @@ class Measured:
 
 
 @contextlib.contextmanager
-def running(name: str, logs: Path) -> Iterator[Measured]:
+def running(name: str, logs: Path, repository: Path) -> Iterator[Measured]:
     if name in ("attention-serve", "fastapi-ort"):
-        configs = configurations(ROOT / "model_repository", ROOT / "build" / "checkpoints")
+        configs = configurations(repository, ROOT / "build" / "checkpoints")
         config = configs["in-replica" if name == "attention-serve" else "fastapi-baseline"]
         server: Server = start(name, config, logs)
         try:
@@ -121,7 +121,7 @@ def running(name: str, logs: Path) -> Iterator[Measured]:
         finally:
             server.stop()
         return
-    peer = peers.start(name)
+    peer = peers.start(name, model_dir=repository / MODEL / "1")
     try:
         yield Measured(peer.port, peer.processes, peer.stop)
     finally:
@@ -189,8 +189,15 @@ def main(argv: list[str] | None = None) -> int:
         "--servers", nargs="+", default=["attention-serve", "fastapi-ort", "torchserve", "pytriton"]
     )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--repository", type=Path, default=ROOT / "model_repository",
+                        help=f"the model repository whose {MODEL} version 1 every server serves")  # fmt: skip
     args = parser.parse_args(argv)
     outputs.stop_on_sigterm()
+    if not (args.repository / MODEL / "1" / "manifest.json").is_file():
+        print(
+            f"error: no {MODEL}/1 in {args.repository} (make models REPO={args.repository})", file=sys.stderr
+        )
+        return 2
     args.out.mkdir(parents=True, exist_ok=True)
     if "torchserve" in args.servers and shutil.which("java") is None:  # before anything is measured
         print("error: TorchServe needs a Java runtime (`apt-get install -y default-jre-headless`), or "
@@ -200,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in PINS:
             venv(name, ROOT)  # created once, from the pins
     images = test_images(32)
-    expected = [list(map(int, row)) for row in reference(images)[0]]
+    expected = [list(map(int, row)) for row in reference(images, args.repository / MODEL / "1")[0]]
     rows: dict[str, dict[str, dict[int, list[dict[str, Any]]]]] = {}
     ceiling_rounds: list[dict[str, Any]] = []
     # our servers' logs stay in --out (*.log, not committed): a failed start names one
@@ -212,9 +219,9 @@ def main(argv: list[str] | None = None) -> int:
         for name in order:
             if name == beside:
                 print(f"round {r + 1}: the ceiling, decode + preprocess + ONNX Runtime here", flush=True)
-                ceiling = ceilings.vit_pipeline_images_per_s(ROOT / "model_repository" / MODEL / "1", images)
+                ceiling = ceilings.vit_pipeline_images_per_s(args.repository / MODEL / "1", images)
                 ceiling_rounds.append(ceiling)
-            with running(name, args.out) as server:
+            with running(name, args.out, args.repository) as server:
                 for payload in payloads(name, images):
                     asyncio.run(check(server.port, payload, expected))
                     asyncio.run(closed_loop("127.0.0.1", server.port, payload.requests, 8, 1.5))  # warm

@@ -229,7 +229,9 @@ def _workers_ready(management_port: int) -> Callable[[], bool]:
     return check
 
 
-def start_torchserve(root: Path = ROOT, timeout_s: float = READY_TIMEOUT_S) -> PeerServer:
+def start_torchserve(
+    root: Path = ROOT, timeout_s: float = READY_TIMEOUT_S, model_dir: Path = MODEL_DIR
+) -> PeerServer:
     python = versions.venv("torchserve", root)
     bindir = python.parent
     workdir = _fresh(root / "build" / "peers" / "torchserve")
@@ -238,8 +240,8 @@ def start_torchserve(root: Path = ROOT, timeout_s: float = READY_TIMEOUT_S) -> P
     tmp.mkdir()
     archive = [str(bindir / "torch-model-archiver"), "--model-name", MODEL, "--version", "1.0",
                "--handler", str(HERE / "torchserve_handler.py"),
-               "--serialized-file", str(MODEL_DIR / "model.onnx"),
-               "--extra-files", f"{MODEL_DIR / 'manifest.json'},{HERE / 'peer_vision.py'}",
+               "--serialized-file", str(model_dir / "model.onnx"),
+               "--extra-files", f"{model_dir / 'manifest.json'},{HERE / 'peer_vision.py'}",
                "--export-path", str(store), "--archive-format", "no-archive"]  # fmt: skip
     subprocess.run(archive, check=True, cwd=workdir)
     names = ("inference", "management", "metrics", "grpc_inference", "grpc_management")
@@ -283,11 +285,13 @@ def start_torchserve(root: Path = ROOT, timeout_s: float = READY_TIMEOUT_S) -> P
     return server
 
 
-def start_pytriton(root: Path = ROOT, timeout_s: float = READY_TIMEOUT_S) -> PeerServer:
+def start_pytriton(
+    root: Path = ROOT, timeout_s: float = READY_TIMEOUT_S, model_dir: Path = MODEL_DIR
+) -> PeerServer:
     python = versions.venv("pytriton", root)
     workdir = _fresh(root / "build" / "peers" / "pytriton")
     ports = {"inference": free_port(), "grpc": free_port(), "metrics": free_port()}
-    cmd = [str(python), str(HERE / "pytriton_server.py"), "--model-dir", str(MODEL_DIR),
+    cmd = [str(python), str(HERE / "pytriton_server.py"), "--model-dir", str(model_dir),
            "--http-port", str(ports["inference"]), "--grpc-port", str(ports["grpc"]),
            "--metrics-port", str(ports["metrics"]), "--workspace", str(workdir / "workspace")]  # fmt: skip
     server = _launch("pytriton", cmd, ports, workdir, dict(os.environ))
@@ -299,10 +303,13 @@ def start_pytriton(root: Path = ROOT, timeout_s: float = READY_TIMEOUT_S) -> Pee
     return server
 
 
-def start(name: str, root: Path = ROOT, timeout_s: float = READY_TIMEOUT_S) -> PeerServer:
-    """Start the peer ``name`` (a key of ``KINDS``) and wait until it is ready."""
+def start(
+    name: str, root: Path = ROOT, timeout_s: float = READY_TIMEOUT_S, model_dir: Path = MODEL_DIR
+) -> PeerServer:
+    """Start the peer ``name`` (a key of ``KINDS``) on the ViT version in ``model_dir`` and wait
+    until it is ready."""
     starters = {"torchserve": start_torchserve, "pytriton": start_pytriton}
-    return starters[name](root, timeout_s)
+    return starters[name](root, timeout_s, model_dir)
 
 
 # -- requests and answers --------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import io
 import sys
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -57,9 +58,10 @@ def test_images(n: int) -> list[bytes]:
     return out
 
 
-def reference(images: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """The service's preprocessing, one ORT run (one thread), softmax, top 5 → (indices, probs)."""
-    manifest = Manifest.load(servers.MODEL_DIR)
+def reference(images: list[bytes], model_dir: Path = servers.MODEL_DIR) -> tuple[np.ndarray, np.ndarray]:
+    """The service's preprocessing, one ORT run (one thread), softmax, top 5 → (indices, probs),
+    with the ViT version in ``model_dir``."""
+    manifest = Manifest.load(model_dir)
     assert manifest.image is not None
     spec = manifest.image
     resized = [resize(decode_image(data, 1 << 24, mode_of(spec)), spec) for data in images]
@@ -67,7 +69,7 @@ def reference(images: list[bytes]) -> tuple[np.ndarray, np.ndarray]:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1
     options.inter_op_num_threads = 1
-    graph = servers.MODEL_DIR / manifest.graphs["model"].file
+    graph = model_dir / manifest.graphs["model"].file
     session = ort.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
     (logits,) = session.run(["logits"], {"pixels": pixels})
     logits = logits - logits.max(axis=1, keepdims=True)

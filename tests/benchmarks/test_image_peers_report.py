@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from benchmarks.image_peers_report import same_payload, write_report
 
 RESULTS = Path(__file__).parents[2] / "benchmarks" / "results" / "2026-12-06-peers-6.json"
@@ -27,3 +29,14 @@ def test_the_report_shows_the_table_beside_the_goals(tmp_path: Path) -> None:
     text = write_report(r, tmp_path / "peers.md").read_text()
     goals, table = text.index("## Goals (issue #19)"), text.index("Payload by payload and round by round")
     assert goals < table < text.index("## The ceiling")
+
+
+def test_the_peers_benchmark_refuses_a_repository_without_the_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``make bench-peers REPO=…`` passes the repository on (every server, the reference answers
+    and the ceiling read its ViT); one without it is refused before any venv or server starts."""
+    from benchmarks import image_peers
+
+    assert image_peers.main(["--repository", str(tmp_path), "--out", str(tmp_path / "out")]) == 2
+    assert f"no fashion-vit/1 in {tmp_path}" in capsys.readouterr().err and not (tmp_path / "out").exists()
