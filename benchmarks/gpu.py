@@ -55,6 +55,7 @@ from benchmarks.decoding_load import worker as decoding_worker
 from benchmarks.gpu_report import markdown
 from benchmarks.loadgen import Request, percentile
 from benchmarks.loadgen import closed_loop as http_closed_loop
+from benchmarks.outputs import free_stem
 from service.inference.jobs import ClassifyJob, TranslateJob
 from service.inference.manifest import Manifest
 from service.inference.model_set import take_turns
@@ -357,7 +358,7 @@ def main(argv: list[str] | None = None) -> int:
         long = args.long_model / "dates-transformer" / "1"
         r["short_among_long"] = short_among_long(long, providers, seconds)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{r['date']}-gpu"
+    stem = args.out / free_stem(args.out, f"{r['date']}-gpu")  # never over an earlier run's
     stem.with_suffix(".json").write_text(json.dumps(r, indent=2, default=str))
     stem.with_suffix(".md").write_text(markdown(r))
     print(f"wrote {stem}.json and .md")

@@ -4,7 +4,7 @@
 # 1. installs what it needs: the CPU venv that builds the models (make models; skipped when
 #    $REPO already holds them) and .venv-gpu with the serve-gpu extra (onnxruntime-gpu 1.26.0,
 #    CUDA 12 and cuDNN 9 from pip wheels) plus pytest;
-# 2. writes the fp16 variants of the demo models (export --precision fp16);
+# 2. writes the fp16 variants of the demo models (export build --skip-existing --precision fp16);
 # 3. runs the GPU tests (CUDA vs CPU parity, the resident decoder loop, fp16 on CUDA);
 # 4. runs benchmarks/gpu.py: parity figures, fp16 drift, ViT against ONNX Runtime CUDA at its
 #    best batch, NMT served against offline, short requests among long ones (#17 5c)
@@ -16,9 +16,9 @@ cd "$(dirname "$0")/.."
 REPO=${REPO:-model_repository}
 nvidia-smi -L
 make models REPO="$REPO"
-for name in fashion-vit dates-transformer; do
-  [ -d "$REPO/$name-fp16" ] || .venv/bin/python -m export export "$name" --repository "$REPO" --precision fp16
-done
+# the fp16 variants written from the fp32 versions just built (`export export` would refuse them:
+# it writes the fp32 version too, and that exists); those that exist are left alone
+.venv/bin/python -m export build fashion-vit dates-transformer --repository "$REPO" --skip-existing --precision fp16
 # #17 5c's model: random weights that never emit EOS, so long requests decode 100 tokens
 [ -f build/long-model/dates-transformer/1/manifest.json ] || .venv/bin/python -m benchmarks.decoding --repository "$REPO" --write-long-model build/long-model
 make .venv-gpu/.installed

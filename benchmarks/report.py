@@ -6,12 +6,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
-import matplotlib
-
 from benchmarks import targets
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 
 
 def median_row(rows: list[dict[str, Any]]) -> dict[str, Any]:
@@ -36,6 +31,13 @@ PLOTS = {"requests_per_s": "requests/s", "p99_ms": "p99 latency (ms)"}
 
 
 def _plots(results: dict[str, Any], out: Path, stamp: str) -> list[str]:
+    # imported here: benchmarks.gpu imports this module through benchmarks.run, in .venv-gpu,
+    # which has no matplotlib (its report has no plot)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
     files = []
     workloads = sorted({w for by_w in results["runs"].values() for w in by_w})
     # one colour per configuration in every panel (a configuration missing from one panel shifted

@@ -5,8 +5,12 @@ make target it installs ``.venv-gpu`` with exists."""
 
 from __future__ import annotations
 
+import datetime
 import json
+import os
+import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import onnxruntime as ort
@@ -27,9 +31,12 @@ def test_the_gpu_benchmark_refuses_without_cuda(tmp_path: Path) -> None:
 def test_every_part_of_the_gpu_benchmark_runs_on_the_cpu_provider(
     tiny_repository: Path, tmp_path: Path
 ) -> None:
+    earlier = tmp_path / f"{datetime.date.today()}-gpu.json"  # a run of the same day's
+    earlier.write_text("{}")
     args = ["--repository", str(tiny_repository), "--out", str(tmp_path), "--smoke-on-cpu"]
     assert gpu.main([*args, "--long-model", str(tiny_repository)]) == 0  # the demo model stands in
-    [report] = tmp_path.glob("*-gpu.json")
+    assert earlier.read_text() == "{}"  # kept: this run's report has a name of its own
+    [report] = set(tmp_path.glob("*-gpu*.json")) - {earlier}
     r = json.loads(report.read_text())
     for name in ("dates-transformer", "dates-bahdanau"):
         assert r["parity"][name]["same_tokens"] == r["parity"][name]["texts"]  # resident = numpy loop
@@ -54,6 +61,13 @@ def test_the_vit_in_process_and_as_replica_processes_on_the_cpu_provider(tiny_re
     assert two["replicas"] == 2 and two["images_per_s"] > 0 and two["p99_ms"] >= two["p50_ms"] > 0
 
 
+def test_the_gpu_benchmark_imports_without_matplotlib() -> None:
+    """``.venv-gpu`` has the serve-gpu extra, without matplotlib: the served ViT's path imports
+    ``benchmarks.run`` (and its report module), which must not need it until it plots."""
+    code = "import sys; sys.modules['matplotlib'] = None; import benchmarks.gpu, benchmarks.run"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
 def test_the_gpu_check_script_parses_and_its_make_targets_exist() -> None:
     script = ROOT / "benchmarks" / "gpu_check.sh"
     subprocess.run(["bash", "-n", str(script)], check=True)
@@ -64,3 +78,34 @@ def test_the_gpu_check_script_parses_and_its_make_targets_exist() -> None:
     )
     assert dry.returncode == 0 and "serve-gpu" in dry.stdout
     assert (ROOT / "tests" / "service" / "inference" / "test_gpu.py").exists()
+
+
+@pytest.mark.slow
+def test_the_gpu_checks_fp16_step_writes_the_variants_beside_the_built_models(
+    tiny_repository: Path, fp16_repository: Path, tmp_path: Path
+) -> None:
+    """The script's fp16 step, run as the script runs it after ``make models``: the fp32 versions
+    exist, a variant does not (an ``export export`` there was refused, the version existing, and
+    ``set -e`` stopped the script before its GPU tests) and is written; one that exists is left
+    alone, and so is everything on a second run."""
+    repository = tmp_path / "repo"
+    for name in ("fashion-vit", "dates-transformer"):
+        shutil.copytree(tiny_repository / name, repository / name)
+    shutil.copytree(fp16_repository / "fashion-vit-fp16", repository / "fashion-vit-fp16")
+    kept = (repository / "fashion-vit-fp16" / "1" / "manifest.json").read_bytes()
+    [step] = [line for line in (ROOT / "benchmarks" / "gpu_check.sh").read_text().splitlines()
+              if "--precision fp16" in line and not line.startswith("#")]  # fmt: skip
+    step = step.replace(".venv/bin/python", sys.executable)
+    env = {**os.environ, "REPO": str(repository)}
+    for _ in range(2):
+        run = subprocess.run(["bash", "-euo", "pipefail", "-c", step], cwd=ROOT, env=env,
+                             capture_output=True, text=True, timeout=600)  # fmt: skip
+        assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-2000:]
+    assert (repository / "dates-transformer-fp16" / "1" / "manifest.json").is_file()
+    assert (repository / "fashion-vit-fp16" / "1" / "manifest.json").read_bytes() == kept
+    assert sorted(p.name for p in repository.iterdir()) == [
+        "dates-transformer",
+        "dates-transformer-fp16",
+        "fashion-vit",
+        "fashion-vit-fp16",
+    ]
