@@ -157,6 +157,8 @@ def start_ray(settings: Settings) -> str | None:
     token_auth_as_ray_start_does(settings.ray_address)
     try:
         ray.init(address=settings.ray_address, logging_level=logging.WARNING)
+    except ValueError as exc:  # an address Ray cannot read ("foo")
+        return f"ATTN_RAY_ADDRESS={settings.ray_address}: {exc}"
     except ConnectionError as exc:  # "auto" with no cluster running here, a token missing
         hint = AUTH_HINT if settings.ray_address != "auto" else ""
         return f"ATTN_RAY_ADDRESS={settings.ray_address}: {exc}{hint}"

@@ -34,8 +34,8 @@ from service.inference.jobs import Answer, Tokens
 from service.inference.model_set import ModelSet, NoModelLoaded
 from service.inference.repository import ModelEntry, load_entry
 from service.inference.statistics import Snapshot
-from service.inference.worker import ModelWorker, max_ongoing_requests
-from service.settings import Settings
+from service.inference.worker import ModelWorker
+from service.settings import Settings, max_ongoing_requests, max_queued_requests
 
 log = logging.getLogger("ray.serve")
 
@@ -108,17 +108,19 @@ class ModelDeployment:
 
 def model_deployment(entry: ModelEntry, settings: Settings) -> Any:
     """The bound deployment for one model."""
-    return ModelDeployment.options(**model_options(entry.name, settings)).bind(entry, settings)  # type: ignore[attr-defined]
+    options = model_options(entry.name, settings, entry.manifest.task)
+    return ModelDeployment.options(**options).bind(entry, settings)  # type: ignore[attr-defined]
 
 
-def model_options(name: str, settings: Settings) -> dict[str, Any]:
-    """One model deployment's replica, queue and resource options. On CUDA each replica reserves
-    the model's GPU share, not a GPU: the models' deployments share GPUs as their shares allow."""
+def model_options(name: str, settings: Settings, task: str | None = None) -> dict[str, Any]:
+    """One model deployment's replica, queue and resource options (``task``: the model's, whose
+    queue an image model's whole request must fit). On CUDA each replica reserves the model's GPU
+    share, not a GPU: the models' deployments share GPUs as their shares allow."""
     return {
         "name": name,
         **settings.scaling_for(name),
         "max_ongoing_requests": max_ongoing_requests(settings, name),
-        "max_queued_requests": settings.limits.max_queued_requests,
+        "max_queued_requests": max_queued_requests(settings, name, task),
         "ray_actor_options": settings.actor_options(name),
         "logging_config": settings.serve_logging,
         "health_check_period_s": 5,

@@ -44,7 +44,7 @@ from service.inference.runtime import choose_providers
 from service.inference.scheduler import TranslationScheduler
 from service.inference.statistics import Snapshot, Statistics
 from service.inference.worker_metrics import NoMetrics, WorkerMetrics
-from service.settings import Settings
+from service.settings import Settings, max_ongoing_requests, max_queued_requests
 
 log = logging.getLogger("ray.serve")
 
@@ -94,7 +94,9 @@ class ModelWorker:
         )
         #: requests (or parts of one) this worker holds at once — waiting, or in a batch that is
         #: computing or being answered — before it sheds new ones
-        self.capacity = max_ongoing_requests(settings, entry.name) + settings.limits.max_queued_requests
+        self.capacity = max_ongoing_requests(settings, entry.name) + max_queued_requests(
+            settings, entry.name, entry.manifest.task
+        )
         self._preprocessing = 0  # jobs in :meth:`_accept_in_thread`
         #: and before that, work that would not drain within the request timeout is shed at once
         #: (``service/inference/admission.py``), in the units of the model's batch: positions of
@@ -399,9 +401,3 @@ class ModelWorker:
         self.batcher.close()
         if self.scheduler is not None:
             self.scheduler.close()
-
-
-def max_ongoing_requests(settings: Settings, model: str) -> int:
-    """Requests a model works on at once: 4 × its batch size, so batches can actually fill
-    (Ray's default of 5 would starve a model deployment's batches)."""
-    return max(4 * settings.batching_for(model).max_batch_size, 16)

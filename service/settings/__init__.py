@@ -17,10 +17,16 @@ from typing import Annotated, Literal, Self
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.settings.consistency import (
+    DIRECT_PORTS,
+    batching_conflict,
+    direct_port_clash,
+    placement_conflict,
+)
 from service.settings.limits import Limits
 
 __all__ = ["DEFAULT_GPU_SHARE", "DIRECT_PORTS", "GPU_MAX_BATCH_SIZE", "Autoscaling", "Batching", "Limits",
-           "ModelOverride", "Settings"]  # fmt: skip
+           "ModelOverride", "Settings", "max_ongoing_requests", "max_queued_requests"]  # fmt: skip
 
 GPU_MAX_BATCH_SIZE = 128
 #: a replica's share of a GPU when CUDA is asked for and no share is set: four serving replicas,
@@ -37,6 +43,17 @@ def _placeable(share: float) -> float:
 
 #: what Ray reserves of a GPU per replica; replicas whose shares add up to ≤ 1 share a GPU
 GpuShare = Annotated[float, Field(gt=0, le=8), AfterValidator(_placeable)]
+
+
+def _a_cluster(address: str | None) -> str | None:
+    """``auto``, ``host:port`` or ``ray://…``: Ray reads "local" as "start a private Ray", which
+    this service then took for a cluster joined (no CPUs given, metrics on Ray's own port)."""
+    if address is not None and (not address.strip() or address.strip().lower() == "local"):
+        raise ValueError(
+            f"{address!r} names no cluster: leave ATTN_RAY_ADDRESS unset for a private Ray, or give "
+            "'auto', host:port or ray://host:port"
+        )
+    return address
 
 
 def _token_is_usable(token: SecretStr | None) -> SecretStr | None:
@@ -77,18 +94,14 @@ class ModelOverride(BaseModel):
     num_gpus_per_replica: GpuShare | None = None
 
 
-#: ray-direct: the ports above ATTN_HTTP_PORT / ATTN_GRPC_PORT its ingress may listen on
-DIRECT_PORTS = 10
-
-
 class Autoscaling(BaseModel):
     """Ray Serve autoscaling: of each model deployment (Ray-ingress frontends, on the requests Ray
     routes) or of the serving replicas (in-replica, on the requests each replica holds:
     ``service/hosting/autoscaling.py``)."""
 
     model_config = ConfigDict(extra="forbid")  # an unknown name (a typo) stops the start
-    min_replicas: int = Field(1, ge=1)
-    max_replicas: int = Field(4, ge=1)
+    min_replicas: int = Field(1, ge=1, le=1024)
+    max_replicas: int = Field(4, ge=1, le=1024)
     #: ongoing requests per replica Ray aims for; a couple of full batches keeps replicas busy
     target_ongoing_requests: float = Field(64, gt=0)
     #: more demand must last this long before a replica is added
@@ -149,7 +162,7 @@ class Settings(BaseSettings):
     metrics_export_s: float = Field(5.0, ge=1, le=60)
     #: None: start a private local Ray (``make serve``); "auto" or "host:port": join that cluster
     #: (containers: deploy/entrypoint.sh starts a head; workers join it and take replicas)
-    ray_address: str | None = None
+    ray_address: Annotated[str | None, AfterValidator(_a_cluster)] = None
     num_cpus: int | None = Field(None, ge=1)
     #: who answers HTTP and gRPC (benchmarks/results/ compares them):
     #: "in-replica" — every serving replica holds all models and listens on http_port/grpc_port
@@ -163,7 +176,7 @@ class Settings(BaseSettings):
     #: where Ray Serve runs HTTP/gRPC proxies (ray-proxy frontend): every node or the head only
     proxy_location: Literal["EveryNode", "HeadOnly"] = "EveryNode"
     #: spread replicas: at most this many of one deployment per node
-    max_replicas_per_node: int | None = Field(None, ge=1)
+    max_replicas_per_node: int | None = Field(None, ge=1, le=1024)
     num_replicas: int = Field(1, ge=1, le=1024)
     #: when set, replicas autoscale between its bounds instead of staying at num_replicas
     autoscaling: Autoscaling | None = None
@@ -216,7 +229,7 @@ class Settings(BaseSettings):
     #: life) never reaches a replica that joins or restarts, nor does an HTTP client too slow to
     #: reach ``keepalive_requests``. nginx's keepalive_time, Envoy's max_connection_duration.
     #: 0: no limit
-    connection_max_age_s: float = Field(5.0, ge=0)
+    connection_max_age_s: float = Field(5.0, ge=0, le=2_147_483)  # gRPC takes it in int32 ms
     #: inference answers at least this long are compressed (gzip or deflate) for a client whose
     #: ``Accept-Encoding`` takes it, as Triton's HTTP endpoint does; a top-5 classification is
     #: shorter, attention maps as arrays are longer. 0: never compressed. Compressed request
@@ -255,8 +268,10 @@ class Settings(BaseSettings):
             )
         if len({self.http_port, self.grpc_port, self.metrics_port}) < 3:
             raise ValueError("http_port, grpc_port and metrics_port must differ")
-        if self.frontend == "ray-direct" and (clash := self._direct_port_clash()):
+        if self.frontend == "ray-direct" and (clash := direct_port_clash(self)):
             raise ValueError(clash)
+        if conflict := batching_conflict(self) or placement_conflict(self):
+            raise ValueError(conflict)
         placed = sorted(
             f"{model}.{key}"
             for model, override in self.model_overrides.items()
@@ -284,26 +299,6 @@ class Settings(BaseSettings):
         if unknown:
             raise ValueError(f"unknown settings in the environment (a typo?): {', '.join(unknown)}")
         return self
-
-    def _direct_port_clash(self) -> str | None:
-        """ray-direct's ingress replica listens on one of the :data:`DIRECT_PORTS` ports above
-        ATTN_HTTP_PORT and above ATTN_GRPC_PORT (:meth:`_serve_environment`; a restarted one may
-        take the next while the old one's is held): those ranges must hold no other port."""
-        ranges = {"ATTN_HTTP_PORT": self.http_port, "ATTN_GRPC_PORT": self.grpc_port}
-        ports = {**ranges, "ATTN_METRICS_PORT": self.metrics_port}
-        for name, base in ranges.items():
-            inside = [
-                other
-                for other, port in ports.items()
-                if other != name and base <= port <= base + DIRECT_PORTS
-            ]
-            if inside:
-                return (
-                    f"ray-direct: the ingress takes {name}+1 … +{DIRECT_PORTS} "
-                    f"({base + 1}–{base + DIRECT_PORTS}), which holds {', '.join(inside)}; move it at least "
-                    f"{DIRECT_PORTS + 1} away"
-                )
-        return None
 
     def batching_for(self, model: str) -> Batching:
         """The model's override, else the global setting; on a GPU an unset global batch size
@@ -405,3 +400,20 @@ class Settings(BaseSettings):
     def use_gpu(self) -> bool:
         """CUDA is asked for: replicas reserve a GPU share and batch larger by default."""
         return "CUDAExecutionProvider" in self.providers
+
+
+def max_ongoing_requests(settings: Settings, model: str) -> int:
+    """Requests a model works on at once: 4 × its batch size, so batches can actually fill
+    (Ray's default of 5 would starve a model deployment's batches)."""
+    return max(4 * settings.batching_for(model).max_batch_size, 16)
+
+
+def max_queued_requests(settings: Settings, model: str, task: str | None) -> int:
+    """Requests a model queues beyond those it works on: ``limits.max_queued_requests``; for an
+    image model, at least what a KServe v2 request of ``limits.max_images`` images needs on an
+    idle model — each image is one of the model's requests, and a smaller queue refused such a
+    request with 503 however often it was retried."""
+    queued = settings.limits.max_queued_requests
+    if task == "image-classification":
+        return max(queued, settings.limits.max_images - max_ongoing_requests(settings, model))
+    return queued

@@ -40,7 +40,7 @@ class Limits(BaseModel):
     #: FP32/FP64 contents count nothing
     max_grpc_value_bytes: int = Field(2 * 1024 * 1024, ge=64 * 1024)
     #: requests waiting in a model's queue beyond which new ones are shed with 503
-    max_queued_requests: int = Field(128, ge=1)
+    max_queued_requests: int = Field(128, ge=1, le=1_000_000)
     request_timeout_s: float = Field(30.0, gt=0)
     #: shed a request at once (503 / RESOURCE_EXHAUSTED, Retry-After) when the work its model
     #: holds would not drain within 0.8 × ``request_timeout_s`` at the rate the model drained work
@@ -65,4 +65,4 @@ class Limits(BaseModel):
     #: a streamed answer whose client stops reading: after this long blocked on one write, the
     #: stream ends and the request's rows leave the batch (nothing is buffered without bound);
     #: REST's streams, and the in-replica frontend's gRPC streams
-    stream_write_timeout_s: float = Field(10.0, gt=0)
+    stream_write_timeout_s: float = Field(10.0, ge=0.1)  # its timer re-arms every quarter of it

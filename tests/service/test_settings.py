@@ -58,6 +58,35 @@ def test_defaults_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
             {"ATTN_AUTOSCALING": '{"min_replicas": 5, "max_replicas": 4}'},
             r"min_replicas \(5\) must not exceed",
         ),
+        # accepted, each failed later: gRPC's int32 milliseconds (no replica became ready), Ray's
+        # int32 queue length (at serve.run), a port range past 65535 (nothing served on it), a
+        # wait every lone request waited out (504), autoscaling ignoring a replica count
+        ({"ATTN_CONNECTION_MAX_AGE_S": "inf"}, "connection_max_age_s"),
+        ({"ATTN_CONNECTION_MAX_AGE_S": "3000000"}, "connection_max_age_s"),
+        ({"ATTN_LIMITS__MAX_QUEUED_REQUESTS": str(2**31)}, "max_queued_requests"),
+        ({"ATTN_LIMITS__STREAM_WRITE_TIMEOUT_S": "1e-9"}, "stream_write_timeout_s"),
+        ({"ATTN_FRONTEND": "ray-direct", "ATTN_HTTP_PORT": "65530"}, r"past port 65535; set ATTN_HTTP_PORT"),
+        (
+            {"ATTN_BATCHING__BATCH_WAIT_TIMEOUT_S": "5", "ATTN_LIMITS__REQUEST_TIMEOUT_S": "5"},
+            r"batching.batch_wait_timeout_s \(5.0 s\) must be shorter than limits.request_timeout_s",
+        ),
+        (
+            {
+                "ATTN_MODEL_OVERRIDES": '{"m": {"batch_wait_timeout_s": 2}}',
+                "ATTN_LIMITS__REQUEST_TIMEOUT_S": "1",
+            },
+            r"model_overrides.m.batch_wait_timeout_s",
+        ),
+        (
+            {
+                "ATTN_FRONTEND": "ray-proxy",
+                "ATTN_AUTOSCALING": "{}",
+                "ATTN_MODEL_OVERRIDES": '{"m": {"num_replicas": 3}}',
+            },
+            r"m.num_replicas with ATTN_AUTOSCALING",
+        ),
+        ({"ATTN_RAY_ADDRESS": "local"}, "names no cluster"),  # Ray started a private one, unsaid
+        ({"ATTN_RAY_ADDRESS": " "}, "names no cluster"),
     ],
 )
 def test_bad_settings_name_the_field(
@@ -234,3 +263,29 @@ def test_a_host_that_is_not_this_machine_s_is_named_as_such(
     assert main([]) == 2
     err = capsys.readouterr().err
     assert "is ATTN_HOST an address of this machine?" in err and "taken" not in err
+
+
+def test_an_address_ray_cannot_read_is_one_error_line(tmp_path: Path) -> None:
+    """Ray refuses "foo" with a ValueError before it starts anything: one line naming the
+    variable, not a traceback."""
+    from service.__main__ import start_ray
+
+    why = start_ray(Settings(repository=tmp_path, ray_address="foo"))
+    assert why is not None and why.startswith("ATTN_RAY_ADDRESS=foo: ")
+
+
+def test_an_image_models_queue_holds_a_whole_request_of_the_most_images(tmp_path: Path) -> None:
+    """Each image of a KServe v2 request is one of the model's requests: a model working on 16
+    at once with a queue of 1 refused a request of 64 images on an idle model. Its queue grows to
+    hold one; a translation (one request per KServe v2 call, whatever its texts) keeps the limit."""
+    from service.hosting.ray_ingress import model_options
+    from service.settings import max_ongoing_requests, max_queued_requests
+
+    small = Settings(repository=tmp_path, limits={"max_queued_requests": 1},  # type: ignore[arg-type]
+                     batching={"max_batch_size": 1})  # type: ignore[arg-type]  # fmt: skip
+    assert max_ongoing_requests(small, "vit") == 16
+    assert max_queued_requests(small, "vit", "image-classification") == 64 - 16
+    assert max_queued_requests(small, "nmt", "translation") == 1
+    assert model_options("vit", small, "image-classification")["max_queued_requests"] == 48
+    default = Settings(repository=tmp_path)  # 128 at once already hold 64 images: the limit stays
+    assert max_queued_requests(default, "vit", "image-classification") == 128

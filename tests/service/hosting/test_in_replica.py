@@ -21,6 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
+import numpy as np
 import psutil
 import pytest
 import requests
@@ -53,9 +54,9 @@ def with_a_broken_model(repository: Path, root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def crowded(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    """Two replicas; the Transformer batches one request at a time and queues one beyond the 16
-    it works on, so each replica holds at most 17 of its requests; one model cannot load; client
-    connections are asked to reconnect after 1 s."""
+    """Two replicas; the Transformer (and the ViT) batch one request at a time and queue one
+    beyond the 16 they work on, so each replica holds at most 17 of the Transformer's requests;
+    one model cannot load; client connections are asked to reconnect after 1 s."""
     root = tmp_path_factory.mktemp("crowded")
     with running_service(
         with_a_broken_model(tiny_repository, root),
@@ -63,9 +64,26 @@ def crowded(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         ATTN_NUM_REPLICAS="2",
         ATTN_CONNECTION_MAX_AGE_S="1",
         ATTN_LIMITS__MAX_QUEUED_REQUESTS="1",
-        ATTN_MODEL_OVERRIDES='{"dates-transformer": {"max_batch_size": 1, "batch_wait_timeout_s": 0}}',
+        ATTN_MODEL_OVERRIDES=json.dumps(
+            {
+                m: {"max_batch_size": 1, "batch_wait_timeout_s": 0}
+                for m in ("dates-transformer", "fashion-vit")
+            }
+        ),
     ) as svc:
         yield svc
+
+
+def test_a_request_of_as_many_images_as_allowed_fits_a_small_queue(crowded: Service) -> None:
+    """The ViT works on 16 requests at once (batch size 1) and the queue limit is 1: a KServe v2
+    request of ``max_images`` (64) images, one model request each, was refused 503 on an idle
+    model however often it was retried. An image model's queue holds a whole request."""
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 28, 28), dtype=np.uint8)
+    body = {"inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": list(pixels.shape),
+                        "data": pixels.ravel().tolist()}]}  # fmt: skip
+    answer = requests.post(f"{crowded.url}/v2/models/fashion-vit/infer", json=body, timeout=60)
+    assert answer.status_code == 200, answer.text[:300]
+    assert [o["shape"][0] for o in answer.json()["outputs"]] == [64] * len(answer.json()["outputs"])
 
 
 def test_two_replicas_answer_on_one_port(crowded: Service) -> None:

@@ -68,7 +68,12 @@ def test_ray_ingress_frontends_serve_rest_and_grpc(
         tmp_path,
         ATTN_LIMITS__MAX_QUEUED_REQUESTS="1",
         ATTN_LIMITS__MAX_GRPC_VALUE_BYTES="65536",
-        ATTN_MODEL_OVERRIDES='{"dates-transformer": {"max_batch_size": 1, "batch_wait_timeout_s": 0}}',
+        ATTN_MODEL_OVERRIDES=json.dumps(
+            {
+                m: {"max_batch_size": 1, "batch_wait_timeout_s": 0}
+                for m in ("dates-transformer", "fashion-vit")
+            }
+        ),
     ) as svc:
         url = svc.url
         listing = requests.get(f"{url}/v1/models", timeout=30).json()
@@ -79,6 +84,12 @@ def test_ray_ingress_frontends_serve_rest_and_grpc(
         assert requests.get(f"{url}/v2/health/ready", timeout=30).status_code == 200
         answer = requests.post(f"{url}/v1/models/dates-bahdanau/translate", json={"text": "3 juin 1980"})
         assert answer.status_code == 200 and answer.json()["translations"][0]["text"] == "1980-06-03"
+        # 64 images, one handle call each, fit the ViT deployment's queue (16 at once, limit 1)
+        images = {
+            "inputs": [{"name": "PIXELS", "datatype": "UINT8", "shape": [64, 28, 28], "data": [7] * 64 * 784}]
+        }
+        many = requests.post(f"{url}/v2/models/fashion-vit/infer", json=images, timeout=60)
+        assert many.status_code == 200 and many.json()["outputs"][0]["shape"][0] == 64, many.text[:300]
         head = requests.head(f"{url}/v2/health/ready", timeout=30)  # through Ray's proxy too
         assert (head.status_code, head.content) == (200, b"") and int(head.headers["content-length"]) > 0
         stub = apb_grpc.AttentionServiceStub(grpc.insecure_channel(svc.grpc_target))
