@@ -17,6 +17,7 @@ from typing import Annotated, Literal, Self
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from service.settings.capacity import max_ongoing_requests, max_queued_requests
 from service.settings.consistency import (
     DIRECT_PORTS,
     batching_conflict,
@@ -400,20 +401,3 @@ class Settings(BaseSettings):
     def use_gpu(self) -> bool:
         """CUDA is asked for: replicas reserve a GPU share and batch larger by default."""
         return "CUDAExecutionProvider" in self.providers
-
-
-def max_ongoing_requests(settings: Settings, model: str) -> int:
-    """Requests a model works on at once: 4 × its batch size, so batches can actually fill
-    (Ray's default of 5 would starve a model deployment's batches)."""
-    return max(4 * settings.batching_for(model).max_batch_size, 16)
-
-
-def max_queued_requests(settings: Settings, model: str, task: str | None) -> int:
-    """Requests a model queues beyond those it works on: ``limits.max_queued_requests``; for an
-    image model, at least what a KServe v2 request of ``limits.max_images`` images needs on an
-    idle model — each image is one of the model's requests, and a smaller queue refused such a
-    request with 503 however often it was retried."""
-    queued = settings.limits.max_queued_requests
-    if task == "image-classification":
-        return max(queued, settings.limits.max_images - max_ongoing_requests(settings, model))
-    return queued
