@@ -192,12 +192,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repository", type=Path, default=ROOT / "model_repository",
                         help=f"the model repository whose {MODEL} version 1 every server serves")  # fmt: skip
     args = parser.parse_args(argv)
-    outputs.stop_on_sigterm()
+    # absolute: the peers run from their own folders under build/peers/ (make passes REPO as given)
+    args.repository = args.repository.resolve()
     if not (args.repository / MODEL / "1" / "manifest.json").is_file():
-        print(
-            f"error: no {MODEL}/1 in {args.repository} (make models REPO={args.repository})", file=sys.stderr
-        )
+        hint = f"make models REPO={args.repository}"
+        print(f"error: no {MODEL}/1 in {args.repository} ({hint})", file=sys.stderr)
         return 2
+    outputs.stop_on_sigterm()
     args.out.mkdir(parents=True, exist_ok=True)
     if "torchserve" in args.servers and shutil.which("java") is None:  # before anything is measured
         print("error: TorchServe needs a Java runtime (`apt-get install -y default-jre-headless`), or "

@@ -110,10 +110,13 @@ def answer(response: Any, within_s: float) -> Any:
     takes a unary call's answer from a stream and, in a readiness callback on another thread,
     advances the stream once more after the answer is ready: a ``ray.shutdown`` that comes before
     that callback logs ``ERROR ... failed to consume generator ref after _on_ready`` and a
-    traceback. The callback clears the result's ``_cancel_consume_wait``; this waits for that, a
-    second at most (a Ray without the attribute: no wait)."""
+    traceback. The callback clears the result's ``_cancel_consume_wait``; this waits for that, half
+    a second at most (a Ray without the attribute: no wait). Best effort: the attribute is cleared
+    as the callback starts, so a shutdown can still fall inside it (a window of microseconds, not
+    the milliseconds before it runs); and where Ray ran the callback at once, before the attribute
+    was stored, it stays set and this waits the whole half second."""
     result = response.result(timeout_s=within_s)
-    deadline = time.monotonic() + 1.0
+    deadline = time.monotonic() + 0.5
     while time.monotonic() < deadline:
         replica_result = getattr(response, "_replica_result", None)
         if getattr(replica_result, "_cancel_consume_wait", None) is None:

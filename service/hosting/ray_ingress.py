@@ -120,7 +120,7 @@ def model_options(name: str, settings: Settings, task: str | None = None) -> dic
         "name": name,
         **settings.scaling_for(name),
         "max_ongoing_requests": max_ongoing_requests(settings, name),
-        "max_queued_requests": max_queued_requests(settings, name, task),
+        "max_queued_requests": max_queued_requests(settings, task),
         "ray_actor_options": settings.actor_options(name),
         "logging_config": settings.serve_logging,
         "health_check_period_s": 5,

@@ -95,7 +95,7 @@ class ModelWorker:
         #: requests (or parts of one) this worker holds at once — waiting, or in a batch that is
         #: computing or being answered — before it sheds new ones
         self.capacity = max_ongoing_requests(settings, entry.name) + max_queued_requests(
-            settings, entry.name, entry.manifest.task
+            settings, entry.manifest.task
         )
         self._preprocessing = 0  # jobs in :meth:`_accept_in_thread`
         #: and before that, work that would not drain within the request timeout is shed at once

@@ -271,8 +271,6 @@ class Settings(BaseSettings):
             raise ValueError("http_port, grpc_port and metrics_port must differ")
         if self.frontend == "ray-direct" and (clash := direct_port_clash(self)):
             raise ValueError(clash)
-        if conflict := batching_conflict(self) or placement_conflict(self):
-            raise ValueError(conflict)
         placed = sorted(
             f"{model}.{key}"
             for model, override in self.model_overrides.items()
@@ -285,6 +283,8 @@ class Settings(BaseSettings):
                 "ray-proxy or ray-direct); the in-replica frontend's replicas each hold every model: "
                 "set ATTN_NUM_REPLICAS / ATTN_NUM_GPUS_PER_REPLICA instead"
             )
+        if conflict := batching_conflict(self) or placement_conflict(self):
+            raise ValueError(conflict)
         buckets = self.latency_buckets_s  # Ray's histograms refuse a bound ≤ 0 in every replica
         if not buckets or not all(0 < b < math.inf for b in buckets) or buckets != sorted(set(buckets)):
             raise ValueError(

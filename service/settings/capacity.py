@@ -15,12 +15,14 @@ def max_ongoing_requests(settings: Settings, model: str) -> int:
     return max(4 * settings.batching_for(model).max_batch_size, 16)
 
 
-def max_queued_requests(settings: Settings, model: str, task: str | None) -> int:
+def max_queued_requests(settings: Settings, task: str | None) -> int:
     """Requests a model queues beyond those it works on: ``limits.max_queued_requests``; for an
-    image model, at least what a KServe v2 request of ``limits.max_images`` images needs on an
-    idle model — each image is one of the model's requests, and a smaller queue refused such a
-    request with 503 however often it was retried."""
+    image model, at least ``limits.max_images`` — each image of a KServe v2 request is one of the
+    model's requests, and a smaller queue refused a whole request with 503 on an idle model, every
+    retry too. All of them, not the tight ``max_images`` minus those it works on: Ray's router
+    counts a call as queued until it has picked a replica, so calls made together (an image
+    request's) could be refused before the replica's places were filled."""
     queued = settings.limits.max_queued_requests
     if task == "image-classification":
-        return max(queued, settings.limits.max_images - max_ongoing_requests(settings, model))
+        return max(queued, settings.limits.max_images)
     return queued

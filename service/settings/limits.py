@@ -39,7 +39,8 @@ class Limits(BaseModel):
     #: 224 × 224 as UINT8 contents; a bytes or string value (``raw_input_contents``, images) and
     #: FP32/FP64 contents count nothing
     max_grpc_value_bytes: int = Field(2 * 1024 * 1024, ge=64 * 1024)
-    #: requests waiting in a model's queue beyond which new ones are shed with 503
+    #: requests waiting in a model's queue beyond which new ones are shed with 503 (an image
+    #: model's queue holds at least ``max_images``: ``service/settings/capacity.py``)
     max_queued_requests: int = Field(128, ge=1, le=1_000_000)
     request_timeout_s: float = Field(30.0, gt=0)
     #: shed a request at once (503 / RESOURCE_EXHAUSTED, Retry-After) when the work its model
