@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # absolute: the peers run from their own folders under build/peers/ (make passes REPO as given)
     args.repository = args.repository.resolve()
-    if not (args.repository / MODEL / "1" / "manifest.json").is_file():
+    vit = args.repository / MODEL / "1"
+    if not (vit / "manifest.json").is_file():
         hint = f"make models REPO={args.repository}"
         print(f"error: no {MODEL}/1 in {args.repository} ({hint})", file=sys.stderr)
         return 2
@@ -208,7 +209,7 @@ def main(argv: list[str] | None = None) -> int:
         if name in PINS:
             venv(name, ROOT)  # created once, from the pins
     images = test_images(32)
-    expected = [list(map(int, row)) for row in reference(images, args.repository / MODEL / "1")[0]]
+    expected = [list(map(int, row)) for row in reference(images, vit)[0]]
     rows: dict[str, dict[str, dict[int, list[dict[str, Any]]]]] = {}
     ceiling_rounds: list[dict[str, Any]] = []
     # our servers' logs stay in --out (*.log, not committed): a failed start names one
@@ -220,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in order:
             if name == beside:
                 print(f"round {r + 1}: the ceiling, decode + preprocess + ONNX Runtime here", flush=True)
-                ceiling = ceilings.vit_pipeline_images_per_s(args.repository / MODEL / "1", images)
+                ceiling = ceilings.vit_pipeline_images_per_s(vit, images)
                 ceiling_rounds.append(ceiling)
             with running(name, args.out, args.repository) as server:
                 for payload in payloads(name, images):

@@ -271,19 +271,7 @@ class Settings(BaseSettings):
             raise ValueError("http_port, grpc_port and metrics_port must differ")
         if self.frontend == "ray-direct" and (clash := direct_port_clash(self)):
             raise ValueError(clash)
-        placed = sorted(
-            f"{model}.{key}"
-            for model, override in self.model_overrides.items()
-            for key in ("num_replicas", "num_gpus_per_replica")
-            if getattr(override, key) is not None
-        )
-        if placed and self.frontend == "in-replica":  # silently ignored there, once
-            raise ValueError(
-                f"model_overrides: {', '.join(placed)} place a model's own deployment (ATTN_FRONTEND "
-                "ray-proxy or ray-direct); the in-replica frontend's replicas each hold every model: "
-                "set ATTN_NUM_REPLICAS / ATTN_NUM_GPUS_PER_REPLICA instead"
-            )
-        if conflict := batching_conflict(self) or placement_conflict(self):
+        if conflict := placement_conflict(self) or batching_conflict(self):
             raise ValueError(conflict)
         buckets = self.latency_buckets_s  # Ray's histograms refuse a bound ≤ 0 in every replica
         if not buckets or not all(0 < b < math.inf for b in buckets) or buckets != sorted(set(buckets)):

@@ -1,6 +1,6 @@
 """Settings that each pass their own bounds but not together: what :class:`Settings` refuses at
 start, each with a message naming the settings, rather than a replica that fails later — a wait
-that always ends in 504, a port Ray cannot bind, a replica count ignored without a word."""
+that always ends in 504, a port Ray cannot bind, a placement ignored without a word."""
 
 from __future__ import annotations
 
@@ -56,9 +56,23 @@ def batching_conflict(settings: Settings) -> str | None:
 
 
 def placement_conflict(settings: Settings) -> str | None:
-    """Autoscaling replaces each model deployment's replica count: a model's own ``num_replicas``
-    would be ignored without a word."""
-    counted = sorted(m for m, o in settings.model_overrides.items() if o.num_replicas is not None)
+    """A model's own placement (``num_replicas``, ``num_gpus_per_replica``) where nothing places
+    it: the in-replica frontend's replicas each hold every model (it was silently ignored there,
+    once), and autoscaling replaces each model deployment's replica count."""
+    overrides = settings.model_overrides.items()
+    placed = sorted(
+        f"{model}.{key}"
+        for model, override in overrides
+        for key in ("num_replicas", "num_gpus_per_replica")
+        if getattr(override, key) is not None
+    )
+    if placed and settings.frontend == "in-replica":
+        return (
+            f"model_overrides: {', '.join(placed)} place a model's own deployment (ATTN_FRONTEND "
+            "ray-proxy or ray-direct); the in-replica frontend's replicas each hold every model: "
+            "set ATTN_NUM_REPLICAS / ATTN_NUM_GPUS_PER_REPLICA instead"
+        )
+    counted = sorted(m for m, o in overrides if o.num_replicas is not None)
     if settings.autoscaling is not None and counted:
         return (
             f"model_overrides: {', '.join(f'{m}.num_replicas' for m in counted)} with ATTN_AUTOSCALING: "
