@@ -360,7 +360,17 @@ class Settings(BaseSettings):
             "RAY_metrics_report_interval_ms": str(round(self.metrics_export_s * 1000)),
         }
         controller = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(self.serve_control_loop_s)}
-        return {**metrics, **controller, **self._serve_environment()}
+        # a node whose `ray start --block` gets SIGTERM (a Kubernetes pod deletion) is marked
+        # draining for this long: Ray Serve starts its replicas' replacements elsewhere and stops
+        # them gracefully (drain_s + 1) once those run, at the latest drain_s + 1 before the end
+        node = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": f"{self.node_drain_s:g}"}
+        return {**metrics, **controller, **node, **self._serve_environment()}
+
+    @property
+    def node_drain_s(self) -> float:
+        """How long a Ray node told to stop waits for its replicas to move (deploy/kuberay's pods
+        are given 15 s more before Kubernetes kills them): 60 s, or ``drain_s`` + 31."""
+        return max(60.0, self.drain_s + 31)
 
     def _serve_environment(self) -> dict[str, str]:
         # a stopping proxy or ingress replica waits this long for load balancers (Ray's default 30 s)

@@ -1,5 +1,6 @@
 """Scale-out: a second Ray node (``ray start`` on loopback, its own ports, stopped by PID) joins the
-head; with at most one replica per node, the model's two replicas land on both and both serve."""
+head; with at most one replica per node, the model's two replicas land on both and both serve. A
+node stopped as Kubernetes stops a pod hands its replica to a third node without a failed request."""
 
 from __future__ import annotations
 
@@ -8,8 +9,10 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,15 +70,18 @@ class Cluster:
     gcs: int  # the head's port
     tmp: Path
     agents: list[int]  # each node's dashboard agent (HTTP)
+    nodes: list[subprocess.Popen]  # `ray start --block` of the head and of the worker
+    ports: int  # the first of the worker-port ranges: 200 ports a node, the third node's free
+    image: dict[str, str]  # the environment a KubeRay pod's `ray start` reads from the image
 
 
 @pytest.fixture(scope="module")
 def two_node_service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     tmp = tmp_path_factory.mktemp("cluster")
     gcs = free_port()
-    # two disjoint ranges in 10100–19999: Ray's worker-port range, outside both the kernel's
+    # three disjoint ranges in 10100–19999: Ray's worker-port range, outside both the kernel's
     # ephemeral range and the 20000–32767 that free_port picks the other components' ports from
-    ports = 10100 + (os.getpid() % 24) * 400
+    ports = 10100 + (os.getpid() % 16) * 600
     # as KubeRay's pods, whose `ray start` reads the images' environment: Ray's metrics export and
     # Serve's control loop as the service sets them (test_images checks the images carry them)
     image = Settings(repository=tiny_repository).ray_environment()
@@ -107,7 +113,7 @@ def two_node_service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFac
             lambda: str({p.name: p.read_text()[-1500:] for p in tmp.glob("*.log")}),
         )
         wait_deployed(tmp / "service.log", service, 240)
-        yield Cluster(url, gcs, tmp, agents)
+        yield Cluster(url, gcs, tmp, agents, started[:2], ports, image)
     finally:
         for proc in reversed(started):  # the service disconnects first, then the worker, then the head
             stop(proc)
@@ -157,3 +163,67 @@ def test_every_node_answers_the_health_check_the_kuberay_manifests_probe(two_nod
     assert head.status_code == 200 and worker.status_code == 200, (head.text, worker.text)
     assert head.text == "raylet: success\ngcs: success", head.text
     assert worker.text == "raylet: success\ngcs: success (no local gcs)", worker.text
+
+
+def test_a_worker_pod_stopped_hands_its_replica_over_without_a_failed_request(
+    two_node_service: Cluster,
+) -> None:
+    """A Kubernetes pod deletion sends SIGTERM to the pod's ``ray start --block``. Ray marks its
+    node draining (``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S``); Ray Serve starts a replacement
+    replica on another node and stops the draining one gracefully once it runs — the in-replica
+    drain answers what that replica holds —, and the node's processes end once it is idle. Here a
+    third node takes the replacement. Under concurrent keep-alive clients no request fails, and
+    the node stops well before its drain timeout. Last in the module: it takes the worker away."""
+    cluster = two_node_service
+    agent = free_port()
+    third = ray_node([f"--address=127.0.0.1:{cluster.gcs}"], cluster.tmp / "third.log", cluster.ports + 400,
+                     cluster.image, agent)  # fmt: skip
+    try:
+        wait_ready(f"http://127.0.0.1:{agent}/api/healthz", third, 60, (cluster.tmp / "third.log").read_text)
+        url = f"{cluster.url}/v1/models/dates-bahdanau/translate"
+        outcomes: list[tuple[float, int | str, str]] = []  # (when, 200 or what failed, node or why)
+        done = threading.Event()
+
+        def client(i: int) -> None:
+            day = i % 28 + 1
+            with requests.Session() as session:  # keep-alive, as most clients
+                while not done.is_set():
+                    try:
+                        answer = session.post(url, json={"text": f"{day} mars 2001"}, timeout=30)
+                    except requests.RequestException as e:
+                        outcomes.append((time.monotonic(), type(e).__name__, str(e)[:200]))
+                        continue
+                    if answer.status_code != 200:
+                        outcomes.append((time.monotonic(), answer.status_code, answer.text[:200]))
+                        continue
+                    body = answer.json()
+                    right = body["translations"][0]["text"] == f"2001-03-{day:02d}"
+                    outcomes.append((time.monotonic(), 200 if right else "wrong", body["metrics"]["node"]))
+
+        worker = cluster.nodes[1]
+        with ThreadPoolExecutor(6) as pool:
+            futures = [pool.submit(client, i) for i in range(6)]
+            try:
+                time.sleep(3)
+                sent = time.monotonic()
+                worker.send_signal(signal.SIGTERM)  # what the kubelet sends a deleted pod
+                worker.wait(timeout=90)
+                stopped = time.monotonic() - sent
+                time.sleep(3)
+            finally:
+                done.set()
+            for future in futures:
+                future.result()
+        failed = [o for o in outcomes if o[1] != 200]
+        before = {node for t, status, node in outcomes if status == 200 and t < sent}
+        after = {node for t, status, node in outcomes if status == 200 and t > sent + stopped}
+        print(
+            f"stopped after {stopped:.1f} s; {len(outcomes)} requests; nodes before {before}, after {after}"
+        )
+        assert not failed, failed[:10]
+        assert len(before) == 2 and len(after) == 2 and len(before & after) == 1, (before, after)
+        # the replica moved: the node did not wait out its drain timeout (60 s) to stop
+        log = (cluster.tmp / "worker.log").read_text(errors="replace")
+        assert "Local node finished draining" in log, log[-3000:]
+    finally:
+        stop(third)

@@ -152,6 +152,8 @@ def test_every_long_running_service_is_restarted_unless_stopped() -> None:
 
 
 def test_cluster_profile() -> None:
+    from service.settings import Settings
+
     cfg = config()
     assert cfg["services"]["ray-worker"]["profiles"] == ["cluster"]
     worker = cfg["services"]["ray-worker"]
@@ -164,6 +166,10 @@ def test_cluster_profile() -> None:
     # the serve image, buildable from the worker too: never pulled from a registry
     assert worker["image"] == cfg["services"]["serve"]["image"]
     assert worker["build"] == cfg["services"]["serve"]["build"]
+    # stopped or scaled down, its `ray start --block` drains the node (test_cluster) for up to
+    # node_drain_s before it stops Ray's processes: Docker kills it only after that
+    grace = worker["stop_grace_period"]
+    assert grace.endswith("s") and float(grace[:-1]) >= Settings(repository=ROOT).node_drain_s + 10
 
 
 def test_the_cluster_command_puts_one_replica_on_each_node() -> None:

@@ -68,7 +68,9 @@ def test_the_images_give_ray_the_services_defaults_that_kuberay_cannot_export(
         Settings(repository=tmp_path, frontend=f).ray_environment() for f in ("in-replica", "ray-proxy")
     ]
     common = {k: v for k, v in frontends[0].items() if all(env.get(k) == v for env in frontends)}
-    assert {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "RAY_metrics_report_interval_ms"} <= common.keys()
+    assert {
+        "RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "RAY_metrics_report_interval_ms", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"
+    } <= common.keys()  # fmt: skip
     runtime = stages(ROOT / "deploy" / name)[-1]
     env = dict(
         word.split("=", 1) for i in runtime if i.startswith("ENV ") for word in i.split()[1:] if "=" in word
@@ -265,6 +267,24 @@ def test_kuberay_pods_take_the_image_built_or_loaded_on_the_node(name: str) -> N
         [container] = group["template"]["spec"]["containers"]
         assert container["image"].startswith("attention-serve:")
         assert container["imagePullPolicy"] == "IfNotPresent"
+
+
+@pytest.mark.parametrize("name", ["rayservice.yaml", "rayservice.gpu.yaml"])
+def test_kuberay_pods_outlast_their_nodes_drain(name: str) -> None:
+    """A deleted pod's ``ray start --block`` drains its node for the image's
+    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (the application's ``node_drain_s``: the replica's
+    handover, test_cluster), and Kubernetes kills the pod after its terminationGracePeriodSeconds
+    (30 s unless set): every pod's must be longer, with time for Ray to stop its processes."""
+    from service.settings import Settings
+
+    service, app, _ = rayservice(name)
+    drain = Settings(**{**app["args"], "repository": ROOT}).node_drain_s
+    cluster = service["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        spec = group["template"]["spec"]
+        assert spec["terminationGracePeriodSeconds"] >= drain + 10, group
+        [container] = spec["containers"]  # the image's timeout, not one of its own
+        assert "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S" not in {e["name"] for e in container["env"]}
 
 
 @pytest.mark.parametrize("name", ["rayservice.yaml", "rayservice.gpu.yaml"])

@@ -115,8 +115,11 @@ def test_frontends_set_rays_switches_before_ray_starts(tmp_path: Path) -> None:
     # in-replica: no Ray proxy at all; histograms reach Ray's metrics agent as bucket counts
     assert Settings(repository=tmp_path).ray_environment() == {
         "RAY_enable_open_telemetry": "0", "RAY_metrics_report_interval_ms": "5000",
-        "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5",
+        "RAY_SERVE_CONTROL_LOOP_INTERVAL_S": "0.5", "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "60",
     }  # fmt: skip
+    # a node told to stop (`ray start --block`) waits for its replicas' graceful stop and more
+    longer = Settings(repository=tmp_path, drain_s=100).ray_environment()
+    assert longer["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] == "131"
     slower = Settings(repository=tmp_path, frontend="ray-proxy", serve_control_loop_s=2, metrics_export_s=2.5)
     assert slower.ray_environment()["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "2.0"
     assert slower.ray_environment()["RAY_metrics_report_interval_ms"] == "2500"
