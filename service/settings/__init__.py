@@ -112,7 +112,8 @@ class Autoscaling(BaseModel):
     #: how far back a replica's reported load is averaged. Above 10 s: Ray Serve 2.60 warns that a
     #: window no longer than its (deprecated) 10 s metrics interval will be refused in a future
     #: release, although replicas here report every second
-    look_back_period_s: float = Field(15.0, gt=0)
+    #: (at least 1 s: Ray records each replica's load every fifth of it)
+    look_back_period_s: float = Field(15.0, ge=1, le=3600)
 
     @model_validator(mode="after")
     def _bounds(self) -> Self:  # here, so that the refusal names ATTN_AUTOSCALING
@@ -155,7 +156,7 @@ class Settings(BaseSettings):
     #: replaced, an autoscaling decision made and a deploy step taken up to one interval later
     #: (start-up: 6.9 against 6.7 s; recovery after a replica's kill unchanged: 5.5 / 7.5 against
     #: 6.0 / 8.0 s). Set in every Ray process's environment (``ray_environment``)
-    serve_control_loop_s: float = Field(0.5, gt=0, le=10)
+    serve_control_loop_s: float = Field(0.5, ge=0.05, le=10)  # below 0.05 s the controller spins
     #: seconds between the exports of every Ray process's metrics to Ray's agent, which answers
     #: scrapes (``RAY_metrics_report_interval_ms``; Ray's default 10, floor 1). At 10 s deploy/'s
     #: Prometheus (a scrape every 5 s) saw series up to 10 s old; at 5 s an idle service takes
@@ -200,7 +201,7 @@ class Settings(BaseSettings):
     #: interleaved A/Bs on the demo image model, +3 to +14 % images/s at 32 clients and +9 to +13 %
     #: at 64, up to 4 % less CPU per image; translation through a decode process and the tiny
     #: path unchanged within noise
-    gil_switch_interval_ms: float = Field(0.5, gt=0, le=100)
+    gil_switch_interval_ms: float = Field(0.5, ge=0.05, le=100)  # below 50 µs threads thrash the lock
     #: translation models decoded by the scheduler run their decode loop in a process of their own
     #: (one per model and replica), so its steps never wait for the serving event loop's
     #: interpreter lock; false keeps it on a thread of the serving process

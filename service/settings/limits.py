@@ -52,7 +52,7 @@ class Limits(BaseModel):
     #: HTTP (in-replica): a request's line and headers must be in within this long of its first
     #: byte (a new connection's first request: of the connection), and its body may pause this
     #: long at most; else 408 and the connection closes, so slow clients cannot hold connections
-    request_read_timeout_s: float = Field(10.0, gt=0, le=600)
+    request_read_timeout_s: float = Field(10.0, ge=0.01, le=600)  # gRPC's preface wait: whole ms
     #: HTTP and gRPC (in-replica): open client connections per replica, each protocol its own;
     #: a new HTTP one beyond is answered 503 and closed, a gRPC one closed (its client sees
     #: UNAVAILABLE). File descriptors stay for the models and the repository. The gRPC preface

@@ -85,6 +85,12 @@ def test_defaults_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
             },
             r"m.num_replicas with ATTN_AUTOSCALING",
         ),
+        # below each floor: Ray's load records every 0.2 × the window, a spinning controller,
+        # gRPC's preface timeout rounded to 0 ms, threads handing the lock over every microsecond
+        ({"ATTN_AUTOSCALING": '{"look_back_period_s": 0.01}'}, "look_back_period_s"),
+        ({"ATTN_SERVE_CONTROL_LOOP_S": "0.001"}, "serve_control_loop_s"),
+        ({"ATTN_LIMITS__REQUEST_READ_TIMEOUT_S": "0.0001"}, "request_read_timeout_s"),
+        ({"ATTN_GIL_SWITCH_INTERVAL_MS": "0.0001"}, "gil_switch_interval_ms"),
         ({"ATTN_RAY_ADDRESS": "local"}, "names no cluster"),  # Ray started a private one, unsaid
         ({"ATTN_RAY_ADDRESS": " "}, "names no cluster"),
     ],
