@@ -33,6 +33,7 @@ from service.api.server import Server
 from service.hosting.autoscaling import METRIC
 from service.hosting.listening import (
     QuietServer,
+    descriptor_room,
     grpc_server,
     http_config,
     shared_socket,
@@ -82,6 +83,8 @@ class ServingReplica:
 
     async def _listen(self) -> None:
         settings = self.settings
+        if shortfall := descriptor_room(settings.limits.max_connections):
+            log.warning(shortfall)
         config = http_config(
             create_app(self.server),
             settings.limits,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import resource
 import socket
 from collections.abc import Iterator
 
@@ -21,6 +22,34 @@ from service.settings import Limits
 #: (uvicorn's keep-alive timeout), gRPC without a call (a GOAWAY: the channel reconnects for its
 #: next call, as after a connection's age), so idle clients do not hold the connection slots
 IDLE_CONNECTION_S = 30.0
+
+#: descriptors a serving process keeps besides client connections: model files, Ray's and gRPC's
+#: own sockets and pipes, the decode processes' pipes
+RESERVED_DESCRIPTORS = 1024
+
+
+def descriptor_room(max_connections: int) -> str | None:
+    """Room for the client connections ``max_connections`` allows (HTTP and gRPC, each its own):
+    this process's soft RLIMIT_NOFILE is raised as far as they need and its hard limit allows
+    (Ray raises it to at most 65,536). Where the hard limit leaves too little, a warning: past it,
+    a new connection fails to be accepted (EMFILE), and the client waits or sees it reset instead
+    of the 503 that answers one connection too many."""
+    need = 2 * max_connections + RESERVED_DESCRIPTORS
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return None
+    room = need if hard == resource.RLIM_INFINITY else min(need, hard)
+    if room > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (room, hard))
+    if room >= need:
+        return None
+    return (
+        f"limits.max_connections={max_connections} allows {2 * max_connections} client connections "
+        f"(HTTP and gRPC), but this process may open {room} files (RLIMIT_NOFILE's hard limit): past "
+        f"about {max(0, room - RESERVED_DESCRIPTORS) // 2} connections each, new ones fail instead "
+        "of being answered 503. Lower ATTN_LIMITS__MAX_CONNECTIONS or raise the limit (ulimit -n, "
+        "the container's nofile)"
+    )
 
 
 def grpc_options(limits: Limits, max_message_bytes: int, max_age_s: float) -> list[tuple[str, int]]:

@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -286,3 +289,41 @@ def test_grpc_client_connections_are_bounded_in_number_and_time(monkeypatch: pyt
             await third.close()
 
     asyncio.run(scenario())
+
+
+DESCRIPTORS = """
+import resource, sys
+from service.hosting.listening import descriptor_room
+soft, hard, connections = (int(a) for a in sys.argv[1:])
+resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+print(descriptor_room(connections))
+print(resource.getrlimit(resource.RLIMIT_NOFILE)[0])
+"""
+
+
+@pytest.mark.parametrize(
+    ("soft", "hard", "connections", "raised", "warned"),
+    [
+        (512, 8192, 1000, 3024, False),  # 2 × 1000 + 1024 reserved, under the hard limit: raised
+        (256, 2048, 1000, 2048, True),  # the hard limit is short: raised to it, and said
+        (8192, 8192, 10, 8192, False),  # room already: untouched
+    ],
+)
+def test_a_replica_makes_room_for_the_connections_it_allows_or_says_it_cannot(
+    soft: int, hard: int, connections: int, raised: int, warned: bool
+) -> None:
+    """Past the process's RLIMIT_NOFILE a new connection is not accepted at all (EMFILE), so the
+    503 that answers one connection too many never comes: the replica raises its soft limit for
+    ``limits.max_connections`` (HTTP and gRPC) before it listens, or warns, naming the setting."""
+    if resource.getrlimit(resource.RLIMIT_NOFILE)[1] < 8192:
+        pytest.skip("this process's hard RLIMIT_NOFILE is under 8192")
+    run = subprocess.run(
+        [sys.executable, "-c", DESCRIPTORS, str(soft), str(hard), str(connections)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    message, limit = run.stdout.strip().splitlines()
+    assert int(limit) == raised
+    if warned:
+        assert "ATTN_LIMITS__MAX_CONNECTIONS" in message and "about 512 connections each" in message
+    else:
+        assert message == "None"
