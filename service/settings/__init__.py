@@ -57,6 +57,13 @@ def _a_cluster(address: str | None) -> str | None:
     return address
 
 
+def _an_address(host: str) -> str:
+    """An address to listen on: empty bound every interface without saying so."""
+    if not host or host != host.strip():
+        raise ValueError(f"{host!r} is no address to listen on: give 0.0.0.0 for every interface")
+    return host
+
+
 def _token_is_usable(token: SecretStr | None) -> SecretStr | None:
     """A bearer token a client can send: 16+ characters, each printable ASCII and no space (a
     header value; a browser refuses to send other characters). The message never repeats it."""
@@ -130,7 +137,7 @@ class Settings(BaseSettings):
     repository: Path = Path("model_repository")
     #: models to serve (default: every valid model in the repository, highest version)
     models: list[str] | None = None
-    host: str = "127.0.0.1"
+    host: Annotated[str, AfterValidator(_an_address)] = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
     grpc_port: int = Field(9000, ge=1, le=65535)
     #: largest gRPC message either way: full attention tensors exceed gRPC's 4 MiB default

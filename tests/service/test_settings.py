@@ -91,6 +91,7 @@ def test_defaults_and_overrides(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
         ({"ATTN_SERVE_CONTROL_LOOP_S": "0.001"}, "serve_control_loop_s"),
         ({"ATTN_LIMITS__REQUEST_READ_TIMEOUT_S": "0.0001"}, "request_read_timeout_s"),
         ({"ATTN_GIL_SWITCH_INTERVAL_MS": "0.0001"}, "gil_switch_interval_ms"),
+        ({"ATTN_HOST": ""}, "host"),  # every interface, unsaid
         ({"ATTN_RAY_ADDRESS": "local"}, "names no cluster"),  # Ray started a private one, unsaid
         ({"ATTN_RAY_ADDRESS": " "}, "names no cluster"),
     ],
