@@ -335,9 +335,10 @@ class Settings(BaseSettings):
 
     def shutdown_options(self) -> dict[str, float]:
         """Ray Serve's stop options for every deployment: a stopping replica waits for its Ray-routed
-        requests in steps of 0.5 s and is killed ``drain_s`` + 1 s after it was asked to stop
-        (the in-replica server's own drain takes at most ``drain_s``)."""
-        return {"graceful_shutdown_wait_loop_s": 0.5, "graceful_shutdown_timeout_s": self.drain_s + 1}
+        requests in steps of 0.5 s (the first step whole: Ray sleeps before it counts), then stops
+        its servers — the in-replica drain takes at most ``drain_s`` + 0.5 s —, and is killed
+        ``drain_s`` + 2 s after it was asked to stop (+ 1 left no margin: 0.5 + ``drain_s`` + 0.5)."""
+        return {"graceful_shutdown_wait_loop_s": 0.5, "graceful_shutdown_timeout_s": self.drain_s + 2}
 
     def gpu_share(self, model: str | None = None) -> float:
         """The GPU share Ray reserves per replica of a model's deployment (``None``: the in-replica
@@ -370,7 +371,7 @@ class Settings(BaseSettings):
         controller = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(self.serve_control_loop_s)}
         # a node whose `ray start --block` gets SIGTERM (a Kubernetes pod deletion) is marked
         # draining for this long: Ray Serve starts its replicas' replacements elsewhere and stops
-        # them gracefully (drain_s + 1) once those run, at the latest drain_s + 1 before the end
+        # them gracefully (drain_s + 2) once those run, at the latest drain_s + 2 before the end
         node = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": f"{self.node_drain_s:g}"}
         return {**metrics, **controller, **node, **self._serve_environment()}
 
