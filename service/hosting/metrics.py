@@ -293,7 +293,7 @@ class ModelMetrics:
         )  # fmt: skip
         self.in_flight = metrics.Gauge(
             "attention_tokens_in_flight",
-            description="Token budget held by the running batch (beam x (source + target limit) per text).",
+            description="Budget held by the running batch: rows x (longest source + longest target limit).",
             tag_keys=("model",),
         )  # fmt: skip
         self.wait = metrics.Gauge(

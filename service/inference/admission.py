@@ -14,7 +14,7 @@ before any work is spent on the request.
 The prediction, per model: ``(work held + this request's) ÷ drain rate``, against 0.8 × the
 request timeout (``HORIZON_SHARE``).
 
-* **Work** is counted in the model's own units (``cost``): a text's positions of the token budget
+* **Work** is counted in the model's own units (``cost``): a text's own positions
   (``beam × (source length + target limit)``) on the continuous scheduler, a text or an image on
   the batcher. Held from admission until the request is answered, fails or is cancelled.
 * **Drain rate**: units answered per second *while the model is saturated* — while it holds more

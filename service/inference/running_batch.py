@@ -39,9 +39,9 @@ RETIRED_SHARE = 4
 
 @dataclass(eq=False)
 class Text:
-    """One text of a request: its source ids, its search, and the budget it holds while it
-    decodes (``beam × (source length + its target limit)``: the most rows × positions it can
-    ever need)."""
+    """One text of a request: its source ids, its search, and its own cost, ``beam × (source
+    length + its target limit)`` (the work the model's admission counts; the budget the batch
+    holds pads it to the widest, :class:`Holding`)."""
 
     request: Request
     index: int
@@ -60,6 +60,51 @@ def text_cost(ids: list[int], options: Options) -> int:
     """The positions of the token budget a text of source ``ids`` holds while it decodes: the
     most rows × positions it can ever need."""
     return options.beam_size * (len(ids) + options.max_len)
+
+
+class Holding:
+    """The texts admitted and not yet done, and the budget they hold: the rows × positions their
+    batch state can take. Every row is padded to the widest — a past to the longest past
+    (``KVCache.concat``), a source to the longest source (``RowBatch.concat``) — so that is
+    ``rows × (longest source + longest target limit)``, not the sum of each text's own: a long
+    text at step 100 makes every short row beside it hold 100 positions too."""
+
+    def __init__(self) -> None:
+        self.texts: set[Text] = set()
+        self.rows = self.source = self.target = 0
+        self.positions = 0  # read from other threads (metrics, admission)
+
+    def with_(self, text: Text, shape: tuple[int, int, int] | None = None) -> tuple[int, int, int]:
+        """(rows, longest source, longest target limit) of ``shape`` (default: these texts) with
+        ``text`` added."""
+        rows, source, target = shape or (self.rows, self.source, self.target)
+        o = text.options
+        return rows + o.beam_size, max(source, len(text.ids)), max(target, o.max_len)
+
+    def add(self, text: Text) -> None:
+        self.texts.add(text)
+        self._set(self.with_(text))
+
+    def remove(self, text: Text) -> None:
+        self.texts.discard(text)
+        shape = (0, 0, 0)
+        for t in self.texts:
+            shape = self.with_(t, shape)
+        self._set(shape)
+
+    def clear(self) -> None:
+        self.texts.clear()
+        self._set((0, 0, 0))
+
+    def _set(self, shape: tuple[int, int, int]) -> None:
+        self.rows, self.source, self.target = shape
+        self.positions = positions(shape)
+
+
+def positions(shape: tuple[int, int, int]) -> int:
+    """The budget a batch of this (rows, longest source, longest target limit) can take."""
+    rows, source, target = shape
+    return rows * (source + target)
 
 
 @dataclass(eq=False)
@@ -87,7 +132,7 @@ class RunningBatch:
         #: in row order: each text owns search.rows consecutive rows, each _Retired its rows
         self.entries: list[Text | _Retired] = []
         self.state: Any = None  # the model's batch state (a RowBatch), one row per row above
-        self.in_flight = 0  # budget held by texts admitted and not yet done
+        self.holding = Holding()  # texts admitted and not yet done, and the budget they hold
         self._retired = 0  # rows of _Retired entries
 
     @property
@@ -100,6 +145,11 @@ class RunningBatch:
         return [t for t in self.entries if isinstance(t, Text)]
 
     @property
+    def in_flight(self) -> int:
+        """The budget held by texts admitted and not yet done (:class:`Holding`)."""
+        return self.holding.positions
+
+    @property
     def rows(self) -> int:
         """Rows of texts still decoding (not counting retired rows awaiting compaction)."""
         return sum(t.search.rows for t in self.entries if isinstance(t, Text))
@@ -107,15 +157,16 @@ class RunningBatch:
     def clear(self) -> None:
         """Every row goes (the step failed: their requests were given the error)."""
         self.entries, self.state = [], None
-        self.in_flight = self._retired = 0
+        self.holding.clear()
+        self._retired = 0
 
     def join(self, admitted: list[Text], encode: Any, now: float) -> None:
-        """Add the admitted texts (their budget already counted in ``in_flight``) whose callers are
-        still there: one ``encode`` call for all of them, their rows after the running ones."""
+        """Add the admitted texts (already in ``holding``) whose callers are still there: one
+        ``encode`` call for all of them, their rows after the running ones."""
         joining: list[Text] = []
         for text in admitted:
             if text.request.cancelled:  # its caller left since admission
-                self.in_flight -= text.cost
+                self.holding.remove(text)
             else:
                 joining.append(text)
         if not joining:
@@ -177,7 +228,7 @@ class RunningBatch:
             if search.done:
                 request.searches[entry.index] = search  # its hypothesis is built on the caller's loop
                 request.remaining -= 1
-                self.in_flight -= entry.cost
+                self.holding.remove(entry)
                 if request.remaining == 0:
                     finished.append(request)
                 index.append(np.arange(offset - n, offset))  # its rows stay until compaction
@@ -221,7 +272,7 @@ class RunningBatch:
             n = entry.rows if isinstance(entry, _Retired) else entry.search.rows
             if isinstance(entry, Text):
                 if entry.request.cancelled:
-                    self.in_flight -= entry.cost
+                    self.holding.remove(entry)
                 else:
                     keep.append(np.arange(offset, offset + n))
                     entries.append(entry)

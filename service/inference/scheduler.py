@@ -19,8 +19,9 @@ So a short request that arrives while long ones decode starts at the next step a
 is done, instead of waiting for a whole static batch. The searches are the ones a static batch
 uses, so a text decodes to the same tokens alone or in any company.
 
-**Budget.** A text holds ``beam × (source length + its target limit)`` positions of the budget
-from admission until it is done — the most rows × positions it can ever need — so the caches stay
+**Budget.** The texts admitted and not yet done hold ``rows × (longest source + longest target
+limit)`` positions of the budget — every row is padded to the widest, so this bounds what the
+encoder outputs and the KV cache can take (``running_batch.Holding``) — so the caches stay
 bounded. Admission is first-in, first-out by text: a text that does not fit waits at the head and
 later ones wait behind it, so no request is starved by a stream of later (smaller) ones. A text
 larger than the whole budget runs when nothing else does.
@@ -67,7 +68,7 @@ from service.inference.callers import (
     token_calls,
 )
 from service.inference.decoding import Options, Scores, candidates_for
-from service.inference.running_batch import RunningBatch, Text
+from service.inference.running_batch import RunningBatch, Text, positions
 
 
 class Decoder(Protocol):
@@ -255,14 +256,15 @@ class TranslationScheduler(Submitting):
         admitted: list[Text] = []
         running = self._running
         rows = running.rows
+        holding = running.holding
         if rows and self._waiting and self.steps - self._admitted_at < GATHER_STEPS:
-            fit, held = 0, running.in_flight
+            fit, shape = 0, (holding.rows, holding.source, holding.target)
             for text in self._waiting:
                 if text.request.cancelled:
                     continue
-                if fit * GATHER_SHARE >= rows or held + text.cost > self.token_budget:
+                if fit * GATHER_SHARE >= rows or positions(holding.with_(text, shape)) > self.token_budget:
                     break
-                fit, held = fit + 1, held + text.cost
+                fit, shape = fit + 1, holding.with_(text, shape)
             if fit * GATHER_SHARE < rows:
                 return admitted
         while self._waiting:
@@ -271,10 +273,10 @@ class TranslationScheduler(Submitting):
                 self._waiting.popleft()
                 continue
             alone = running.empty and not admitted
-            if not alone and running.in_flight + text.cost > self.token_budget:
+            if not alone and positions(holding.with_(text)) > self.token_budget:
                 break
             self._waiting.popleft()
-            running.in_flight += text.cost
+            holding.add(text)
             admitted.append(text)
         if admitted:
             self._admitted_at = self.steps

@@ -84,9 +84,9 @@ class Batching(BaseModel):
     #: how long a batch that is not full waits for more; 0 (the default): an idle model starts a
     #: lone request at once, a busy one takes what accumulated while it computed
     batch_wait_timeout_s: float = Field(0.0, ge=0, le=10)
-    #: translation models with a scheduler: positions the running batch may hold, each text
-    #: counting beam × (source length + its target limit); None: max_batch_size × (the model's
-    #: max source + max target tokens)
+    #: translation models with a scheduler: positions the running batch may hold, rows × (longest
+    #: source + longest target limit) as rows are padded to the widest; None: max_batch_size ×
+    #: (the model's max source + max target tokens)
     token_budget: int | None = Field(None, ge=1, le=10_000_000)
 
 

@@ -1,5 +1,5 @@
 """The rows a translation model decodes together, stepped by hand (no scheduler, no thread): the
-budget they hold, retired rows kept until they are a quarter of the batch, callers that leave.
+budget they hold (rows × the widest source and target limit: rows are padded to the widest), retired rows kept until they are a quarter of the batch, callers that leave.
 The decoder is table_decoder's stand-in, whose steps check that each row's cache holds exactly
 its own past; that every text decodes as it would alone is test_scheduler's."""
 
@@ -21,7 +21,8 @@ def request(texts: int) -> Request:
 
 def admit(batch: RunningBatch, texts: list[Text]) -> list[Text]:
     """What the scheduler's admission does before a join: the texts' budget is held."""
-    batch.in_flight += sum(t.cost for t in texts)
+    for text in texts:
+        batch.holding.add(text)
     return texts
 
 
@@ -60,7 +61,9 @@ def test_finished_rows_stay_until_they_are_a_quarter_of_the_batch() -> None:
     retired_kept = [(state, live, held) for state, live, held in rows_seen if state > live]
     assert retired_kept, "the short text's row left at once"
     assert all((state - live) * RETIRED_SHARE < state for state, live, _ in retired_kept)
-    assert (5, 4, sum(costs[1:])) in retired_kept  # its row stepped on, its budget already back
+    assert batch.holding.positions == 0
+    # its row stepped on, its budget already back: 4 rows × (the longest source + 20)
+    assert (5, 4, 4 * (12 + 20)) in retired_kept
     # 5 rows stepped until a second text is done (2 retired of 5: both go), then one copy per
     # retirement (1 of 3, 1 of 2: each a quarter or more)
     assert set(decoder.rows_per_call[:-3]) == {5} and decoder.rows_per_call[-3:] == [3, 2, 1]
@@ -84,7 +87,8 @@ def test_callers_that_leave_give_their_budget_back() -> None:
     )
     batch.join(texts, decoder.encode, now=0.0)
     assert [t.request for t in batch.texts] == [leaving, leaving, staying]
-    assert batch.in_flight == 3 * (8 + 20) + 3 * (6 + 20) + (9 + 20)
+    # every row padded to the longest source, 9 (and past: to the longest target limit, 20)
+    assert batch.in_flight == (3 + 3 + 1) * (9 + 20)
     for _ in range(3):
         step(batch, decoder)
     assert batch.rows == 3 + 3 + 1

@@ -63,6 +63,40 @@ async def test_budget_bounds_what_runs_at_once() -> None:
     assert max(decoder.rows_per_call) == 4
 
 
+class Measured(TableDecoder):
+    """Records the positions each step's batch state takes: rows × (source width + past width),
+    every row padded to the widest of each."""
+
+    def __init__(self, seconds: float = 0.0) -> None:
+        super().__init__(seconds=seconds)
+        self.positions: list[int] = []
+
+    def step(self, batch: RowBatch, *args: Any, **kwargs: Any) -> Any:
+        self.positions.append(len(batch.src_mask) * (batch.src_mask.shape[1] + batch.state.mask.shape[1]))
+        return super().step(batch, *args, **kwargs)
+
+
+@synchronous
+async def test_the_budget_bounds_the_padded_state_of_long_and_short_texts_together() -> None:
+    """Each row's cache is padded to the longest past and its source to the longest source, so a
+    short text beside a long one takes the long one's positions: admitted by their sum (2 for
+    each short text here), 150 short texts joined a long one at step 90 and the state took 17
+    times the budget."""
+    decoder = Measured(seconds=0.001)
+    scheduler = TranslationScheduler(decoder, token_budget=400)
+    long_text = [9] * 100
+    long_task = asyncio.ensure_future(scheduler.submit([long_text], options(max_len=150)))  # holds 250
+    while scheduler.steps < 90:
+        await asyncio.sleep(0.001)
+    shorts = await asyncio.gather(*(scheduler.submit([[5]], options(max_len=1)) for _ in range(150)))
+    answer = await long_task
+    assert max(decoder.positions) <= 400, max(decoder.positions)
+    expected = alone(TableDecoder(), long_text, options(max_len=150))
+    assert answer.hypotheses[0].tokens == expected.tokens
+    assert all(s.hypotheses[0].tokens == alone(TableDecoder(), [5], options(max_len=1)).tokens for s in shorts)
+    assert scheduler.held == 0 and scheduler.tokens_in_flight == 0
+
+
 @synchronous
 async def test_a_text_over_the_whole_budget_runs_alone() -> None:
     decoder = TableDecoder()
