@@ -30,6 +30,7 @@ from service.errors import (
     Stopping,
     WrongTask,
 )
+from service.inference.callers import all_or_none
 from service.inference.jobs import Answer, Tokens
 from service.inference.repository import ModelEntry
 from service.inference.statistics import Snapshot
@@ -193,7 +194,7 @@ class Server:
                     if len(requests) == 1:  # the common case, without gather's extra tasks
                         answers = [await model.predict(requests[0])]
                     else:
-                        answers = await _all_or_none([model.predict(r) for r in requests])
+                        answers = await all_or_none([model.predict(r) for r in requests])
             except TimeoutError as exc:  # the cancelled calls free their places in the batch
                 raise DeadlineExceeded(f"model {name!r} did not answer within {timeout} s") from exc
             if len(versions := sorted({a.version for a in answers})) > 1:
@@ -318,18 +319,6 @@ def shown(text: str, limit: int = 80) -> str:
     (a model name in a URL may be 64 KiB long; a gRPC status message over 16 KiB reached the
     client as RESOURCE_EXHAUSTED instead of the error)."""
     return repr(text) if len(text) <= limit else f"{text[:limit]!r}… ({len(text)} characters)"
-
-
-async def _all_or_none(calls: list[Any]) -> list[Any]:
-    """Every call's answer, in order; once one fails the others are cancelled (``gather`` let
-    them run: a request shed part-way still had its accepted images computed, holding places
-    that other requests were then refused)."""
-    tasks = [asyncio.ensure_future(c) for c in calls]
-    try:
-        return list(await asyncio.gather(*tasks))
-    finally:
-        for task in tasks:
-            task.cancel()  # a no-op for those done
 
 
 class _Deadline:

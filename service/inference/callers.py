@@ -16,13 +16,15 @@ import contextlib
 import functools
 import math
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from service.inference.decoding import Hypothesis, Search
+
+T = TypeVar("T")
 
 
 @dataclass(slots=True)  # one per token: a frozen dataclass is built ≈ 5 × slower
@@ -194,3 +196,16 @@ class Submitting:
             return await request.future
         finally:
             self.release(request)
+
+
+async def all_or_none(calls: list[Awaitable[T]]) -> list[T]:
+    """Every call's answer, in order; once one fails the others are cancelled (``gather`` let
+    them run: a request shed part-way still had its accepted images computed, and a translation
+    split into batch-sized parts its other parts, holding places that other requests were then
+    refused)."""
+    tasks = [asyncio.ensure_future(c) for c in calls]
+    try:
+        return list(await asyncio.gather(*tasks))
+    finally:
+        for task in tasks:
+            task.cancel()  # a no-op for those done

@@ -128,7 +128,8 @@ class GreedySearch:
         """``advance`` with the row's argmax token and its log-probability already known (a caller
         stepping many greedy rows takes every row's argmax in one call); ``attention`` (...)."""
         self.score += logp
-        self.attention.append(attention[..., self.source])
+        # a copy: a view would keep the whole step's attention of every row alive
+        self.attention.append(attention[..., self.source].copy())
         self.steps += 1
         if best == self.eos:
             self.done = self.finished = True
@@ -174,7 +175,7 @@ class BeamSearch:
     def advance(self, logp: Scores, attention: np.ndarray) -> np.ndarray:
         """logp (rows, V) or each row's best ≥ 2 × beam candidates, attention (rows, ...) → the
         parents (indices into this step's rows) of the rows that live on, in order."""
-        attention = attention[..., self.source]
+        attention = attention[..., self.source].copy()  # its own rows: not a view of the whole step's
         parents: list[int] = []
         tokens: list[int] = []
         scores: list[float] = []

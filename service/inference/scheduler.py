@@ -176,8 +176,7 @@ class TranslationScheduler(Submitting):
         with self._lock:
             self._waiting.extend(texts)
             self._requests.add(request)
-            if self._thread is None and self.threaded:
-                self._closed = False
+            if self._thread is None and self.threaded:  # closed, it ends again once idle
                 self._thread = threading.Thread(target=self._run, name="translation-scheduler", daemon=True)
                 self._thread.start()
             self._arrival.notify()
@@ -238,6 +237,8 @@ class TranslationScheduler(Submitting):
             finished = self._iterate(admitted)
         except Exception as exc:  # the graph failed: every request in the batch gets the error
             self._fail(admitted, exc)
+            if self.on_step is not None:  # the batch is empty now: its gauges say so
+                self.on_step(0, 0, 0, time.perf_counter() - start)
             return
         finally:
             self.stepping_since = None
@@ -300,9 +301,13 @@ class TranslationScheduler(Submitting):
         streamed = due_tokens(step.streaming, done_at)  # an answered request's last go with its answer
         if streamed:  # before any answer, and before the copy of the batch's state below
             self._stream(streamed)
-        running.keep(state, step, rows)
         for request in step.finished:
             request.done = done_at
+        try:
+            running.keep(state, step, rows)
+        except Exception:  # the copy of the batch's state failed (out of memory): the requests
+            self._answer(step.finished)  # this step finished are whole, and answered; the rest fail
+            raise
         return step.finished
 
     # -- what reaches the callers (on the stepping thread; a subclass may send it elsewhere) ------
@@ -328,7 +333,7 @@ class TranslationScheduler(Submitting):
         """The step failed: every request in the batch ends with ``exc``."""
         active = self._running.texts
         texts = [*active, *(t for t in admitted if t not in active)]
-        failed = {t.request for t in texts}
+        failed = {t.request for t in texts if t.request.remaining}  # not one answered at this step
         self._failed(failed, exc)
         with self._lock:
             self._waiting = deque(t for t in self._waiting if t.request not in failed)

@@ -33,7 +33,7 @@ from service.errors import InferenceFailed, Overloaded, ServiceError
 from service.inference import decode_process
 from service.inference.admission import Admission, Holding
 from service.inference.batcher import Batcher
-from service.inference.callers import Decoded, StepToken
+from service.inference.callers import Decoded, StepToken, all_or_none
 from service.inference.decode_child import translator_decoder
 from service.inference.decode_process import DecodeProcess
 from service.inference.jobs import Answer, AnswerMetrics, LastTokens, Tokens, Translated, TranslateJob
@@ -294,7 +294,7 @@ class ModelWorker:
             done = [await self.batcher.submit(work, size)]
         else:  # larger than a batch: batch-sized parts, answered whole and in order
             parts = self.runner.split(work, self.max_batch_size)
-            done = list(await asyncio.gather(*(self.batcher.submit(p, self.runner.size(p)) for p in parts)))
+            done = await all_or_none([self.batcher.submit(p, self.runner.size(p)) for p in parts])
         for d in done:
             self.metrics.waited(d.queue_wait_s)
         output = done[0].output if len(done) == 1 else self.runner.join([d.output for d in done])

@@ -247,3 +247,21 @@ def test_a_run_that_raises_anything_fails_its_batch_not_the_thread() -> None:
 def test_bad_parameters_are_refused() -> None:
     with pytest.raises(ValueError):
         Batcher(Model("m").run, 0, 0.0)
+
+
+def test_parts_of_one_request_stop_once_one_fails() -> None:
+    """A request larger than a batch goes as batch-sized parts (``ModelWorker._batched``); once a
+    part fails, the rest are withdrawn (``all_or_none``) instead of computed for nobody while they
+    hold places other requests are refused for: here at most the part already taken runs."""
+    from service.inference.callers import all_or_none
+
+    async def go() -> tuple[int, int]:
+        model = Model("m", delay_s=0.01, fail=True)
+        batcher = Batcher(model.run, 1, 0.0)
+        with pytest.raises(RuntimeError, match="m failed"):
+            await all_or_none([batcher.submit(i, 1) for i in range(8)])
+        await asyncio.sleep(0.1)
+        return len(model.batches), batcher.held
+
+    ran, held = run(go())
+    assert ran <= 2 and held == 0, (ran, held)

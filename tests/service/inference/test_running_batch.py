@@ -100,3 +100,26 @@ def test_callers_that_leave_give_their_budget_back() -> None:
         step(batch, decoder)
     assert staying.remaining == 0 and batch.in_flight == 0
     assert np.all(np.array(decoder.rows_per_call[3:]) == 1)
+
+
+def test_a_text_keeps_only_its_own_attention() -> None:
+    """Each step's attention is one array for every row of the batch, as wide as its widest
+    source: a text that kept views of it (its row, its source's columns) kept every step's whole
+    array alive — here, beside a stream of wide short texts, about 20 times its own."""
+    decoder, batch = TableDecoder(), RunningBatch()
+    greedy, beams = Options(BOS, EOS, max_len=60), Options(BOS, EOS, max_len=60, beam_size=2)
+    long = request(2)
+    batch.join(
+        admit(batch, Text.of(long, [[9] * 30], greedy) + Text.of(long, [[8] * 30], beams)),
+        decoder.encode,
+        0.0,
+    )
+    for _ in range(25):
+        batch.join(
+            admit(batch, Text.of(request(1), [[5] * 200], Options(BOS, EOS, max_len=2))), decoder.encode, 0.0
+        )
+        step(batch, decoder)
+    searches = [t.search for t in batch.texts if t.request is long]
+    kept = [a for s in searches for a in getattr(s, "attention", [])]
+    kept += [a for s in searches for rows in getattr(s, "history", []) for a in rows]
+    assert kept and all(a.base is None or a.base.nbytes <= 2 * a.nbytes for a in kept)

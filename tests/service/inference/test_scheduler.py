@@ -152,6 +152,14 @@ async def test_close_drains_then_stops() -> None:
             break
         await asyncio.sleep(0.005)
     assert not scheduler.running
+    # a late caller (it found the replaced version before a swap) is answered, and the thread
+    # ends again: it kept the old version's sessions alive for good
+    assert (await scheduler.submit([[4, 6]], options())).hypotheses
+    for _ in range(200):
+        if not scheduler.running:
+            break
+        await asyncio.sleep(0.005)
+    assert not scheduler.running
 
 
 @synchronous

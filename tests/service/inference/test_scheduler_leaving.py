@@ -111,12 +111,47 @@ async def test_a_caller_leaving_during_a_step_gives_back_its_budget() -> None:
 @synchronous
 async def test_a_failing_step_fails_its_batch_and_the_loop_goes_on() -> None:
     decoder = TableDecoder(fail_on=2)
-    scheduler = TranslationScheduler(decoder, token_budget=1000)
+    steps: list[tuple[int, int, int]] = []
+    scheduler = TranslationScheduler(decoder, token_budget=1000, on_step=lambda *a: steps.append(a[:3]))
     with pytest.raises(RuntimeError, match="graph failed"):
         await scheduler.submit([[5, 6, 7]], options())
+    await asyncio.sleep(0.05)
+    assert steps[-1] == (0, 0, 0), "the rows and budget gauges kept the failed batch's"
     answer = await scheduler.submit([[5, 6, 7]], options())
     assert answer.hypotheses[0].tokens == alone(TableDecoder(), [5, 6, 7], options()).tokens
     assert scheduler.tokens_in_flight == 0
+
+
+class CopyFails(RowBatch):
+    """A step's state whose first copy to fewer rows fails, as a device copy out of memory."""
+
+    failed = False
+
+    def __getitem__(self, index: np.ndarray) -> RowBatch:
+        if not CopyFails.failed and len(index) < len(self):
+            CopyFails.failed = True
+            raise MemoryError("the copy of the batch's state failed")
+        return super().__getitem__(index)
+
+
+@synchronous
+async def test_a_failed_copy_of_the_state_answers_what_finished_and_fails_the_rest() -> None:
+    """The short text finishes, and taking its row out of the batch fails: its request is whole
+    and answered (it waited for its deadline before), the long one gets the error, nothing is held."""
+
+    class Decoder(TableDecoder):
+        def step(self, batch: RowBatch, *args: Any, **kwargs: Any) -> Any:
+            logp, attention, state = super().step(batch, *args, **kwargs)
+            return logp, attention, CopyFails(state.src_mask, state.tensors, state.state)
+
+    scheduler = TranslationScheduler(Decoder(), token_budget=1000)
+    short = asyncio.ensure_future(scheduler.submit([[5, 5]], options(max_len=40)))
+    long = asyncio.ensure_future(scheduler.submit([[9] * 14], options(max_len=40)))
+    await asyncio.wait([short, long], timeout=5)
+    assert CopyFails.failed and short.done() and long.done()
+    assert short.result().hypotheses[0].tokens == alone(TableDecoder(), [5, 5], options(max_len=40)).tokens
+    assert isinstance(long.exception(), MemoryError)
+    assert scheduler.held == 0 and scheduler.tokens_in_flight == 0 and scheduler.rows == 0
 
 
 @synchronous
