@@ -261,17 +261,21 @@ def service(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 API_TOKEN = "correct-horse-battery-staple"
 #: the gRPC calls the ``guarded`` service holds at once (``max_grpc_calls``)
 GUARDED_GRPC_CALLS = 8
+#: the ``guarded`` service's answer limit: the tiny ViT's every-layer attention is ~88 kB as
+#: float32 (binary, gRPC) and ~197 kB as JSON (``tests/service/api/test_answer_size.py``)
+GUARDED_MAX_RESPONSE_BYTES = 128 * 1024
 
 
 @pytest.fixture(scope="session")
 def guarded(tiny_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
     """The service on the tiny repository with an API token (``API_TOKEN``), taking at most
-    ``GUARDED_GRPC_CALLS`` gRPC calls at once."""
+    ``GUARDED_GRPC_CALLS`` gRPC calls at once, answering at most ``GUARDED_MAX_RESPONSE_BYTES``."""
     with shared(
         "guarded",
         tiny_repository,
         tmp_path_factory.mktemp("guarded"),
         ATTN_API_TOKEN=API_TOKEN,
         ATTN_LIMITS__MAX_GRPC_CALLS=str(GUARDED_GRPC_CALLS),
+        ATTN_LIMITS__MAX_RESPONSE_BYTES=str(GUARDED_MAX_RESPONSE_BYTES),
     ) as svc:
         yield svc

@@ -53,6 +53,11 @@ Reply = TypeVar("Reply")
 STREAM_WINDOW = 16
 
 
+def _raw(output: str) -> bool:
+    """Every output of a KServe v2 gRPC answer is written as raw bytes (``raw_output_contents``)."""
+    return True
+
+
 def _stream_error(
     request: pb.ModelInferRequest, message: str, decoupled: bool = False
 ) -> pb.ModelStreamInferResponse:
@@ -247,7 +252,7 @@ class GrpcServicer:
             names, classes = [o.name for o in request.outputs], codec.classification(request)
             limits = self.server.settings.limits
             inputs = codec.inputs(request, tensor_items(limits))
-            prepared = kserve.prepare(entry.manifest, inputs, params, names, classes, limits)
+            prepared = kserve.prepare(entry.manifest, inputs, params, names, classes, limits, _raw)
         _, answers, _ = await self.server.predict_many(
             entry.name, None, route, prepared.jobs, request.model_version
         )
@@ -265,7 +270,7 @@ class GrpcServicer:
             names, classes = [o.name for o in request.outputs], codec.classification(request)
             limits = self.server.settings.limits
             inputs = codec.inputs(request, tensor_items(limits))
-            prepared = kserve.prepare(entry.manifest, inputs, params, names, classes, limits)
+            prepared = kserve.prepare(entry.manifest, inputs, params, names, classes, limits, _raw)
         attention = "ATTENTION" in prepared.outputs
         [job] = prepared.jobs  # a translation's texts are one job
         async for served, event, _ in self.server.stream(entry.name, "translation", route, job, version):

@@ -26,6 +26,7 @@ Attention outputs are computed only when the request names them in ``outputs`` o
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,6 +41,7 @@ from service.errors import InvalidInput, PayloadTooLarge, validation_message
 from service.inference import attention as maps
 from service.inference.jobs import Answer, Classified, ClassifyJob, TokenEvent, Translated, TranslateJob
 from service.inference.manifest import Manifest
+from service.inference.runners import RAW_BYTES_PER_VALUE
 from service.settings import Limits
 
 SERVER_NAME = "attention-serve"
@@ -132,14 +134,21 @@ def prepare(
     names: list[str],
     classification: dict[str, Any] | None = None,
     limits: Limits | None = None,
+    binary: Callable[[str], bool] | None = None,
 ) -> Prepared:
-    """A decoded v2 request → the core's jobs and the outputs to answer with. Triton's
+    """A decoded v2 request → the core's jobs and the outputs to answer with. ``binary``: whether
+    an output is written as raw bytes (the binary extension; gRPC's raw contents: always), so an
+    answer's attention is sized at 4 bytes a value, not JSON's 9, against
+    ``limits.max_response_bytes``. Triton's
     classification changes only the output it is set on: the jobs rank as many classes as it
     asks (when that is more than ``top_k``; at most ``limits.max_top_k``), and the other outputs
     keep ``top_k``. A batch of more than ``limits.max_images`` rows is refused before a job is
     made for each."""
     outputs = requested_outputs(manifest, names, params, classification)
     jobs = to_requests(manifest, inputs, params, outputs, limits)
+    attention = [o for o in outputs if o in ATTENTION_OUTPUTS]
+    if attention and binary is not None and all(binary(o) for o in attention):
+        jobs = [dataclasses.replace(job, value_bytes=RAW_BYTES_PER_VALUE) for job in jobs]  # type: ignore[assignment]
     if not classification:
         return Prepared(jobs, outputs)
     classes = class_count(manifest, classification, limits.max_top_k if limits else None)

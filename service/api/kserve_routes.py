@@ -91,9 +91,8 @@ async def v2_infer(request: Request, name: str, version: str | None = None) -> R
         def parse() -> tuple[kserve_http.InferRequest, kserve.Prepared]:
             parsed = kserve_http.parse_request(body, length, tensor_items(limits), limits.max_json_values)
             inputs, outputs = parsed.inputs, parsed.outputs
-            prepared = kserve.prepare(
-                entry.manifest, inputs, parsed.parameters, outputs, parsed.classification, limits
-            )
+            params, classes = parsed.parameters, parsed.classification
+            prepared = kserve.prepare(entry.manifest, inputs, params, outputs, classes, limits, parsed.binary)
             return parsed, prepared
 
         # the JSON part decides: a binary request's tensors are not parsed value by value

@@ -88,7 +88,8 @@ def check_answer_total(entry: ModelEntry, jobs: list[Any], limits: Limits) -> No
     if len(jobs) < 2 or spec is None or not isinstance(jobs[0], ClassifyJob):
         return
     values = sum(image_answer_values(spec, job.attention) for job in jobs)
-    check_answer_size(values, limits.max_response_bytes, f"fewer images, or {jobs[0].fewer_layers}")
+    smaller = f"fewer images, or {jobs[0].fewer_layers}"
+    check_answer_size(values, limits.max_response_bytes, smaller, jobs[0].value_bytes)
 
 
 def tensor_items(limits: Limits) -> int:

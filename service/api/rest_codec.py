@@ -65,7 +65,7 @@ def classify_job(
         head_fusion=options.head_fusion,
         discard_ratio=options.discard_ratio,
         field=field or "",
-        **({"fewer_layers": fewer_layers} if fewer_layers else {}),
+        fewer_layers=fewer_layers or ClassifyJob.fewer_layers,
     )
 
 

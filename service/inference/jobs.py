@@ -34,6 +34,9 @@ class TranslateJob:
     truncate: bool = False
     #: the request field the texts came from, as error messages name it ("text", "texts", "TEXT")
     field: str = "text"
+    #: bytes per attention value of the answer as this request's protocol writes it: JSON's
+    #: ~9 ("0.123456,"), KServe v2 binary and gRPC raw contents 4 (float32)
+    value_bytes: int = 9
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,8 @@ class ClassifyJob:
     #: how this request's protocol asks for less than every layer's attention (named when an
     #: answer with every layer would be too large)
     fewer_layers: str = "attention_layers 'rollout' (not every layer)"
+    #: bytes per attention value of the answer as written (see ``TranslateJob.value_bytes``)
+    value_bytes: int = 9
 
     def __post_init__(self) -> None:
         if not self.field:

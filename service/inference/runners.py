@@ -156,7 +156,7 @@ class TranslationRunner:
         smaller = "fewer texts or a smaller max_length"
         if request.attention == "all":
             smaller += ", or attention_layers 'default' (not every layer)"
-        check_answer_size(values, self.limits.max_response_bytes, smaller)
+        check_answer_size(values, self.limits.max_response_bytes, smaller, request.value_bytes)
 
     def size(self, work: TranslateWork) -> int:
         return len(work.ids)
@@ -243,7 +243,7 @@ class ClassificationRunner:
             resized = decode_resized(job.image, self.limits.max_image_pixels, self.spec, job.field)
         if job.attention != "none":
             values = image_answer_values(self.spec, job.attention)
-            check_answer_size(values, self.limits.max_response_bytes, job.fewer_layers)
+            check_answer_size(values, self.limits.max_response_bytes, job.fewer_layers, job.value_bytes)
         return ClassifyWork(job, resized)
 
     def _pixel_array(self, pixels: Any, field: str) -> np.ndarray:
@@ -320,8 +320,10 @@ def batch_dependent(entry: ModelEntry) -> bool:
     return bool(quantization and "dynamic" in quantization.lower())
 
 
-#: JSON bytes per attention value as answered ("0.123456," — rounded to 6 decimals)
+#: JSON bytes per attention value as answered ("0.123456," — rounded to 6 decimals); a KServe v2
+#: binary or gRPC answer writes 4 (float32)
 BYTES_PER_VALUE = 9
+RAW_BYTES_PER_VALUE = 4
 
 
 def image_answer_values(spec: ImageSpec, attention: str) -> int:
@@ -334,10 +336,11 @@ def image_answer_values(spec: ImageSpec, attention: str) -> int:
     return patches + (spec.num_layers * spec.num_heads * tokens * tokens if attention == "all" else 0)
 
 
-def check_answer_size(values: int, limit: int, smaller: str) -> None:
-    if values * BYTES_PER_VALUE > limit:
+def check_answer_size(values: int, limit: int, smaller: str, value_bytes: int = BYTES_PER_VALUE) -> None:
+    """Refuse an answer of ``values`` attention values written ``value_bytes`` each over ``limit``."""
+    if values * value_bytes > limit:
         raise ResponseTooLarge(
-            f"attention: the answer could reach {values * BYTES_PER_VALUE:,} bytes, over the service's "
+            f"attention: the answer could reach {values * value_bytes:,} bytes, over the service's "
             f"limits.max_response_bytes ({limit:,}; ATTN_LIMITS__MAX_RESPONSE_BYTES); ask for {smaller}"
         )
 
