@@ -25,6 +25,7 @@ from service.settings.consistency import (
     placement_conflict,
 )
 from service.settings.limits import Limits
+from service.settings.ray_environment import ray_environment
 
 __all__ = ["DEFAULT_GPU_SHARE", "DIRECT_PORTS", "GPU_MAX_BATCH_SIZE", "Autoscaling", "Batching", "Limits",
            "ModelOverride", "Settings", "max_ongoing_requests", "max_queued_requests"]  # fmt: skip
@@ -360,49 +361,15 @@ class Settings(BaseSettings):
         return actor
 
     def ray_environment(self) -> dict[str, str]:
-        """Ray's metrics export (its path and interval), Ray Serve's control loop and the chosen
-        frontend's switches: environment variables every Ray process must see before it starts
-        (``python -m service`` sets them before ``ray.init``; a cluster started with ``ray start``
-        needs them in its environment: the images carry the ones no frontend changes, for KubeRay)."""
-        metrics = {
-            "RAY_enable_open_telemetry": "1" if self.open_telemetry else "0",
-            "RAY_metrics_report_interval_ms": str(round(self.metrics_export_s * 1000)),
-        }
-        controller = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(self.serve_control_loop_s)}
-        # a node whose `ray start --block` gets SIGTERM (a Kubernetes pod deletion) is marked
-        # draining for this long: Ray Serve starts its replicas' replacements elsewhere and stops
-        # them gracefully (drain_s + 2) once those run, at the latest drain_s + 2 before the end
-        node = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": f"{self.node_drain_s:g}"}
-        return {**metrics, **controller, **node, **self._serve_environment()}
+        """Environment variables every Ray process must see before it starts
+        (``settings/ray_environment.py``)."""
+        return ray_environment(self)
 
     @property
     def node_drain_s(self) -> float:
         """How long a Ray node told to stop waits for its replicas to move (deploy/kuberay's pods
         are given 15 s more before Kubernetes kills them): 60 s, or ``drain_s`` + 31."""
         return max(60.0, self.drain_s + 31)
-
-    def _serve_environment(self) -> dict[str, str]:
-        # a stopping proxy or ingress replica waits this long for load balancers (Ray's default 30 s)
-        draining = {
-            "RAY_SERVE_PROXY_MIN_DRAINING_PERIOD_S": str(max(self.drain_s, 0.1)),
-            "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": str(self.drain_s),
-        }
-        if self.frontend == "ray-direct":
-            return {
-                **draining,
-                "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-                # the ingress replicas' ports: just above the proxy's, reused at once
-                "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT": str(self.http_port + 1),
-                "RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT": str(self.http_port + DIRECT_PORTS),
-                "RAY_SERVE_DIRECT_INGRESS_MIN_GRPC_PORT": str(self.grpc_port + 1),
-                "RAY_SERVE_DIRECT_INGRESS_MAX_GRPC_PORT": str(self.grpc_port + DIRECT_PORTS),
-                "RAY_SERVE_PORT_QUARANTINE_S": "0",
-            }
-        if self.frontend == "ray-proxy":
-            return draining
-        if self.autoscaling is not None:  # replicas report what they hold every second, not 10 s
-            return {"RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S": "1"}
-        return {}
 
     @property
     def use_gpu(self) -> bool:
