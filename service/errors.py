@@ -11,6 +11,7 @@
     ├── ModelNotFound                  404  NOT_FOUND          unknown model or version
     ├── WrongTask                      400  INVALID_ARGUMENT   e.g. /translate on an image model
     ├── Unauthorized                   401  UNAUTHENTICATED    no or wrong bearer token (when one is set)
+    ├── CrossOrigin                    403  —                  a browser's POST from another site's page
     ├── Overloaded                     503  RESOURCE_EXHAUSTED queue full; Retry-After is set
     ├── DeadlineExceeded               504  DEADLINE_EXCEEDED  the request's timeout passed
     ├── NotReady                       503  UNAVAILABLE        models still loading / warming up
@@ -111,6 +112,13 @@ class WrongTask(ServiceError):
 class Unauthorized(ServiceError):
     http_status = 401
     grpc_code = "UNAUTHENTICATED"
+
+
+class CrossOrigin(ServiceError):
+    """HTTP only (``service/api/cross_origin.py``): browsers do not speak gRPC."""
+
+    http_status = 403
+    grpc_code = "PERMISSION_DENIED"
 
 
 class Overloaded(ServiceError):

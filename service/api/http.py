@@ -19,12 +19,13 @@ from pydantic import SecretStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.api import auth, content_coding, explorer, kserve_routes, limits, rest
+from service.api import auth, content_coding, cross_origin, explorer, kserve_routes, limits, rest
 from service.api.routes import HotRoutes, error_response
 from service.api.schemas import ErrorBody
 from service.api.server import Server
 from service.errors import (
     BodyTooLarge,
+    CrossOrigin,
     ServiceError,
     Unauthorized,
     UnsupportedEncoding,
@@ -78,6 +79,11 @@ class App(FastAPI):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":  # lifespan
             await super().__call__(scope, receive, send)
+            return
+        try:
+            cross_origin.check(scope)
+        except CrossOrigin as exc:  # before the request counts: it is not one
+            await error_response(exc.http_status, exc.message)(scope, receive, send)
             return
         if scope["method"] == "HEAD":  # a GET's answer without its body: the HTTP server (uvicorn,
             # ours or Ray's proxy's) writes the head alone for a HEAD request (RFC 9110 §9.3.2)
