@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
@@ -45,7 +46,29 @@ MEDIA_TYPE = "text/event-stream"
 
 
 def wants_stream(body: TranslateRequest, accept: str) -> bool:
-    return body.stream or MEDIA_TYPE in accept
+    """``stream: true``, or an ``Accept`` that names ``text/event-stream`` (in any case) and weighs
+    it at least as high as JSON (``application/json``, else ``application/*``, else ``*/*``):
+    ``text/event-stream;q=0`` refuses it, a lower weight than JSON's prefers JSON."""
+    if body.stream:
+        return True
+    if "event-stream" not in accept.lower():  # the common case, without parsing
+        return False
+    weights: dict[str, float] = {}
+    for item in accept.lower().split(","):
+        media, _, params = item.partition(";")
+        weight = 1.0
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "q":
+                try:
+                    weight = float(value)
+                except ValueError:
+                    weight = 0.0
+                weight = min(max(weight, 0.0), 1.0) if math.isfinite(weight) else 0.0
+        weights[media.strip()] = weight
+    sse = weights.get(MEDIA_TYPE, 0.0)
+    json = weights.get("application/json", weights.get("application/*", weights.get("*/*", 0.0)))
+    return sse > 0 and sse >= json
 
 
 async def translate_stream(

@@ -30,7 +30,8 @@ from service.api.grpc_servicer import GrpcServicer
 from service.api.http import create_app
 from service.api.protos import attention_pb2 as apb
 from service.api.protos import attention_pb2_grpc as apb_grpc
-from service.api.rest_stream import token_event
+from service.api.rest_stream import token_event, wants_stream
+from service.api.schemas import TranslateRequest
 from service.api.server import Server
 from service.inference.jobs import TokenEvent
 from service.settings import Settings
@@ -370,3 +371,21 @@ def test_token_events_carry_their_fields_as_json() -> None:
         if event.layers is not None:
             want["attention_layers"] = [[[0.123457, 0.0, 0.876543]]] * 2
         assert fields == want, event
+
+
+@pytest.mark.parametrize(
+    ("accept", "streamed"),
+    [
+        ("text/event-stream", True),
+        ("Text/Event-Stream", True),  # media types are case-insensitive (RFC 9110 §8.3.1)
+        ("text/event-stream, application/json", True),
+        ("application/json, text/event-stream;q=0", False),  # refused
+        ("text/event-stream;q=0.1, application/json", False),  # JSON preferred
+        ("application/json;q=0.5, text/event-stream", True),
+        ("*/*", False),
+        ("", False),
+    ],
+)
+def test_accept_chooses_the_stream_by_its_weights(accept: str, streamed: bool) -> None:
+    assert wants_stream(TranslateRequest(text="abc"), accept) is streamed
+    assert wants_stream(TranslateRequest(text="abc", stream=True), accept)
