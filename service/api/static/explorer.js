@@ -267,7 +267,7 @@ async function classify(blob, signal = nextCall("image")) {
   try {
     const model = chosen($("image-model"));
     const answer = await api(`/v1/models/${encodeURIComponent(model)}/classify`, { method: "POST", body: form, signal });
-    const shown = await drawPicture(blob);
+    const shown = await drawPicture(blob, signal);
     if (signal.aborted) return;
     state.image = shown ? { blob, answer } : null; // nothing to lay a heatmap over
     $("picture").closest(".stack").hidden = !shown;
@@ -294,14 +294,16 @@ async function classify(blob, signal = nextCall("image")) {
 }
 
 /** Draw the image, or say false when the browser cannot decode its format (TIFF, PPM …, which
- * the service reads). */
-async function drawPicture(blob) {
+ * the service reads). Nothing is drawn once ``signal`` is aborted: a large image still decoding
+ * would paint over a later request's picture, under that request's labels and heatmap. */
+async function drawPicture(blob, signal) {
   let bitmap;
   try {
     bitmap = await createImageBitmap(blob);
   } catch {
     return false;
   }
+  if (signal.aborted) return false;
   const ctx = $("picture").getContext("2d");
   ctx.imageSmoothingEnabled = false;
   // on black, not the page's white: the service reads a transparent image without its alpha

@@ -155,6 +155,18 @@ window.fetch = (...args) => {
 """
 
 
+SLOW_FIRST_BITMAP = """
+const real = window.createImageBitmap, ms = arguments[0];
+let first = true;
+window.createImageBitmap = (...args) => {
+  const late = first;
+  first = false;
+  return late ? new Promise((r) => setTimeout(r, ms)).then(() => real(...args)) : real(...args);
+};
+"""
+PICTURE = "return document.getElementById('picture').toDataURL();"
+
+
 def test_only_the_latest_request_shows_and_a_refusal_clears_the_panel(
     service: Service, browser: webdriver.Chrome, tmp_path: Path
 ) -> None:
@@ -211,6 +223,17 @@ def test_only_the_latest_request_shows_and_a_refusal_clears_the_panel(
         return f"{best['label']} — {100 * best['probability']:.1f} %"
 
     assert top("bag") != top("trouser")  # the check below can tell them apart
+    assert browser.find_element(By.CSS_SELECTOR, "#labels li").text == top("trouser")
+    # the first image's answer in first, its picture still decoding (a large photo): the second
+    # one's picture stays under its labels (the first one's decode painted over it when done)
+    browser.execute_script(SLOW_FIRST_BITMAP, 1500)
+    browser.find_element(By.CSS_SELECTOR, "#samples button[data-sample='bag']").click()
+    time.sleep(0.5)  # the bag's answer is in, its picture held back
+    browser.find_element(By.CSS_SELECTOR, "#samples button[data-sample='trouser']").click()
+    wait(browser, lambda d: "Classified by" in status_text(d))
+    shown = browser.execute_script(PICTURE)
+    time.sleep(2.5)  # the bag's picture would be painted by now
+    assert browser.execute_script(PICTURE) == shown
     assert browser.find_element(By.CSS_SELECTOR, "#labels li").text == top("trouser")
     # a file that is no image: refused, the trouser's answer leaves the screen
     upload = browser.find_element(By.ID, "file")
