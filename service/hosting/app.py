@@ -10,6 +10,8 @@ model (``ray-proxy``, ``ray-direct``).
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Mapping
 from typing import Any
 
 from ray.serve import Application
@@ -135,5 +137,38 @@ def private_ray_warning(settings: Settings, cpus: int) -> str | None:
             "max_replicas or ATTN_REPLICA_NUM_CPUS, or raise ATTN_NUM_CPUS")  # fmt: skip
 
 
+def environment_refusal(settings: Settings, environ: Mapping[str, str]) -> str | None:
+    """Why the Ray processes this application would run in (``environ``: their environment, which
+    ``serve run`` and KubeRay's pods give Ray from the shell or the image, not from the settings)
+    cannot serve its frontend; None when they can. ``python -m service`` and the entrypoint set
+    what the frontend needs (``Settings.ray_environment``); ``serve run`` and KubeRay do not, and
+    the images carry the in-replica frontend's values."""
+    if settings.frontend == "in-replica":
+        return None
+    needed = settings.ray_environment()
+    wrong = []
+    # unset: Ray's default, on
+    if environ.get("RAY_enable_open_telemetry", "1").strip().lower() not in ("1", "true"):
+        wrong.append("RAY_enable_open_telemetry")
+    if settings.frontend == "ray-direct":
+        ports = [f"RAY_SERVE_DIRECT_INGRESS_{e}_{p}_PORT" for p in ("HTTP", "GRPC") for e in ("MIN", "MAX")]
+        wrong += [k for k in ["RAY_SERVE_ENABLE_DIRECT_INGRESS", *ports] if environ.get(k) != needed[k]]
+    if not wrong:
+        return None
+    settings_line = " ".join(f"{k}={needed[k]}" for k in wrong)
+    return (
+        f"the {settings.frontend} frontend needs {settings_line} in the environment of every Ray "
+        "process (set it in the pods' or the shell's environment before Ray starts: "
+        "OpenTelemetry off, Ray's metrics agent fails every scrape behind Ray's proxies; without "
+        "the direct-ingress switches nothing listens on the direct ports). The images carry the "
+        "in-replica frontend's values"
+    )
+
+
 def app_builder(args: dict[str, Any]) -> Application:
-    return build_app(Settings(**args))
+    """``serve run`` / KubeRay's import path: the settings from ``args``, refused (one message)
+    where the Ray processes' environment cannot serve their frontend."""
+    settings = Settings(**args)
+    if why := environment_refusal(settings, os.environ):
+        raise ValueError(why)
+    return build_app(settings)

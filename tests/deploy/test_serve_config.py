@@ -47,3 +47,43 @@ def test_the_gpu_serve_config_is_the_same_app_on_a_share_of_a_gpu(tmp_path: Path
     assert settings.providers == ["CUDAExecutionProvider", "CPUExecutionProvider"] and settings.use_gpu
     share = settings.actor_options()["num_gpus"]
     assert isinstance(share, float) and 0 < share < 1
+
+
+@pytest.mark.parametrize(
+    ("frontend", "environ", "missing"),
+    [
+        ("ray-proxy", {"RAY_enable_open_telemetry": "0"}, ["RAY_enable_open_telemetry=1"]),  # the images'
+        ("ray-proxy", {}, []),  # Ray's default: OpenTelemetry on
+        ("ray-proxy", {"RAY_enable_open_telemetry": "true"}, []),
+        (
+            "ray-direct",
+            {},
+            ["RAY_SERVE_ENABLE_DIRECT_INGRESS=1", "RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT=8001"],
+        ),
+        ("in-replica", {"RAY_enable_open_telemetry": "0"}, []),
+    ],
+)
+def test_serve_run_refuses_a_frontend_its_ray_processes_cannot_serve(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, frontend: str, environ: dict, missing: list[str]
+) -> None:
+    """``serve run`` and KubeRay build the app in Ray processes whose environment is the shell's or
+    the image's, not the settings' (``python -m service`` and the entrypoint set it): ray-proxy
+    in the images (OpenTelemetry off) had Ray's metrics agent fail every scrape, ray-direct
+    without its switches listened on no direct port. Now the build is refused, naming what to set."""
+    from service.hosting.app import NoModels, app_builder, environment_refusal
+    from service.settings import Settings
+
+    for key in ("RAY_enable_open_telemetry", "RAY_SERVE_ENABLE_DIRECT_INGRESS"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in environ.items():
+        monkeypatch.setenv(key, value)
+    settings = Settings(repository=tmp_path, frontend=frontend)
+    why = environment_refusal(settings, {**environ})
+    if not missing:
+        assert why is None
+        with pytest.raises(NoModels):  # on to the build: an empty repository
+            app_builder({"repository": str(tmp_path), "frontend": frontend})
+        return
+    assert why is not None and all(m in why for m in missing), why
+    with pytest.raises(ValueError, match=f"the {frontend} frontend needs"):
+        app_builder({"repository": str(tmp_path), "frontend": frontend})
