@@ -66,10 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.use_gpu and settings.ray_address is None and (why := gpus.no_local_gpu()):
-        # replicas reserving a GPU share that this Ray will never have would wait forever
-        logging.getLogger("service").warning("CUDA was asked for, but %s: serving on the CPU", why)
-        cpu_only = [p for p in settings.providers if p != "CUDAExecutionProvider"] or ["CPUExecutionProvider"]
-        settings = settings.model_copy(update={"providers": cpu_only})
+        settings = on_the_cpu(settings, why)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.update(ray_processes_environment(settings))  # before Ray starts: its processes read them
@@ -91,6 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     return serve_until_stopped(settings, app)
 
 
+def on_the_cpu(settings: Settings, why: str) -> Settings:
+    """``settings`` without the CUDA provider, said: replicas reserving a GPU share that this Ray
+    will never have would wait forever."""
+    logging.getLogger("service").warning("CUDA was asked for, but %s: serving on the CPU", why)
+    cpu_only = [p for p in settings.providers if p != "CUDAExecutionProvider"] or ["CPUExecutionProvider"]
+    return settings.model_copy(update={"providers": cpu_only})
+
+
 def serve_until_stopped(settings: Settings, app: Any) -> int:
     """Start Ray (:func:`start_ray`), deploy ``app`` (:func:`deploy`) and serve until SIGINT or
     SIGTERM; then stop what this process started. 2 (after one ``error:`` line) when it cannot
@@ -108,26 +113,34 @@ def serve_until_stopped(settings: Settings, app: Any) -> int:
         if not serving.is_set() and (not in_ray_init.is_set() or again):
             raise KeyboardInterrupt
 
+    def refused(why: str) -> int:
+        serving.set()  # from here a signal only asks again: the stop in `finally` runs whole
+        print(f"error: {why}", file=sys.stderr)
+        return 2
+
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, on_signal)
     try:
         in_ray_init.set()
         with our_sigterm_handler_through_ray_init():
             if why := start_ray(settings):
-                print(f"error: {why}", file=sys.stderr)
-                return 2
+                return refused(why)
         in_ray_init.clear()
         for sig in (signal.SIGINT, signal.SIGTERM):  # ours again: ray.init installs its own
             signal.signal(sig, on_signal)
         if stop.is_set():  # a signal came during ray.init
             raise KeyboardInterrupt
+        if settings.use_gpu and settings.ray_address is not None and (why := cluster_without_gpus()):
+            # a container's own head without a GPU (`docker run` without --gpus) waited forever
+            from service.hosting.app import build_app
+
+            settings = on_the_cpu(settings, why)
+            app = build_app(settings)
         if why := start_serve(settings):
-            print(f"error: {why}", file=sys.stderr)
-            return 2  # and the other's app is left alone: not ours to stop
+            return refused(why)  # and the other's app is left alone: not ours to stop
         ours = True  # from here on, the app named "attention" on this Ray is this process's
         if why := deploy(settings, app):
-            print(f"error: {why}", file=sys.stderr)
-            return 2
+            return refused(why)
         serving.set()
         announce(settings)
         stop.wait()
@@ -138,8 +151,19 @@ def serve_until_stopped(settings: Settings, app: Any) -> int:
             raise
         print("interrupted while starting; stopping", file=sys.stderr, flush=True)
     finally:
+        serving.set()  # a signal now only asks again: the stop below is bounded, and runs whole
         stop_serving(settings, ours)
     return 0
+
+
+def cluster_without_gpus() -> str | None:
+    """Why the Ray cluster joined cannot place a GPU share (none of its nodes has a GPU now), or
+    None."""
+    import ray
+
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return None
+    return "the Ray cluster joined has no GPU (a container started without --gpus?)"
 
 
 def start_ray(settings: Settings) -> str | None:
@@ -190,13 +214,16 @@ def deploy(settings: Settings, app: Any) -> str | None:
 
     try:
         serve.run(app, name=APP, route_prefix=None if settings.frontend == "in-replica" else "/")
-    except RuntimeError as exc:
+    except Exception as exc:  # RuntimeError, or Ray Serve's own (a route another app holds)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         return f"the replicas could not start ({first}); their reasons are logged above"
     if settings.frontend != "in-replica":  # a model deployment none of whose versions loads
         # stays up serving nothing (ModelDeployment): the ingress leaves it out, as an in-replica
         # replica leaves such a model out; a start where every model is left out is refused
-        served, rejected = answer(serve.get_app_handle(APP).served.remote(), 60)
+        try:
+            served, rejected = answer(serve.get_app_handle(APP).served.remote(), 60)
+        except Exception as exc:  # the ingress did not answer in time
+            return f"the ingress did not say which models it serves ({type(exc).__name__}: {exc})"
         if not served:
             why = f"no model could be loaded: {rejected}"
             return f"the replicas could not start ({why}); their reasons are logged above"

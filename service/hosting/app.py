@@ -91,17 +91,35 @@ def over_node_cap(settings: Settings, starting: dict[str, int] | None = None) ->
     return ", ".join(f"{what}: {n} replicas at start" for what, n in over.items()) or None
 
 
+def fits_on_gpus(shares: list[tuple[int, float]], gpus: int) -> bool:
+    """Whether replicas of these (count, GPU share) can be placed on ``gpus`` GPUs as Ray places
+    them: a whole-number share takes that many whole GPUs, a fraction must fit within one GPU
+    (3 × 0.6 does not fit on 2 GPUs though 1.8 ≤ 2). First fit, largest first."""
+    whole = sum(n * share for n, share in shares if share >= 1)
+    free = [1.0] * max(0, gpus - round(whole))
+    if whole > gpus:
+        return False
+    for share in sorted((share for n, share in shares if 0 < share < 1 for _ in range(n)), reverse=True):
+        gpu = next((i for i, room in enumerate(free) if room >= share - 1e-9), None)
+        if gpu is None:
+            return False
+        free[gpu] -= share
+    return True
+
+
 def private_ray_refusal(settings: Settings, cpus: int, gpus: int = 0) -> str | None:
     """Why the replicas could never be placed on the private Ray of ``cpus`` CPUs and ``gpus``
     GPUs (one node), or None: more CPUs or GPUs reserved than it has, or more replicas than
     ``max_replicas_per_node`` — they would wait forever to be scheduled."""
     shares = starting_shares(settings)
     starting = {what: replicas for what, (replicas, _) in shares.items()}
-    if (need_gpus := sum(replicas * share for replicas, share in shares.values())) > gpus + 1e-9:
+    need_gpus = sum(replicas * share for replicas, share in shares.values())
+    if need_gpus > gpus + 1e-9 or not fits_on_gpus(list(shares.values()), gpus):
+        packed = "" if need_gpus > gpus + 1e-9 else ", and Ray puts each fraction on one GPU: they do not fit"
         return (f"the replicas reserve {need_gpus:g} GPUs (ATTN_NUM_GPUS_PER_REPLICA and the models' own "
-                f"shares, {settings.gpu_share():g} each by default) but this Ray has {gpus}; they would wait "
-                "forever to be scheduled. Lower ATTN_NUM_GPUS_PER_REPLICA or ATTN_NUM_REPLICAS, or serve "
-                "fewer models (ATTN_MODELS)")  # fmt: skip
+                f"shares, {settings.gpu_share():g} each by default) but this Ray has {gpus}{packed}; they "
+                "would wait forever to be scheduled. Lower ATTN_NUM_GPUS_PER_REPLICA or ATTN_NUM_REPLICAS, "
+                "or serve fewer models (ATTN_MODELS)")  # fmt: skip
     if (need := reserved_cpus(settings, starting)) > cpus:
         return (f"the replicas reserve {need:g} CPUs (ATTN_REPLICA_NUM_CPUS={settings.replica_num_cpus:g} "
                 f"each) but this Ray has {cpus}; they would wait forever to be scheduled. Lower "

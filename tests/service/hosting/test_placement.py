@@ -124,6 +124,12 @@ def test_autoscaling_beyond_the_private_ray_is_a_warning_naming_what_fits(
         ("ray-proxy", {"num_gpus_per_replica": 0.5}, 1, 1.5),  # a deployment per model: 3 × 0.5
         ("ray-proxy", {"model_overrides": {"fashion-vit": {"num_gpus_per_replica": 0.5}}}, 1, None),
         ("ray-proxy", {"model_overrides": {"fashion-vit": {"num_replicas": 3, "num_gpus_per_replica": 0.5}}}, 1, 2),
+        # Ray puts a fraction on one GPU: 3 × 0.6 does not fit on 2, though 1.8 ≤ 2; 2 × 0.6 does
+        ("in-replica", {"num_replicas": 3, "num_gpus_per_replica": 0.6}, 2, 1.8),
+        ("in-replica", {"num_replicas": 2, "num_gpus_per_replica": 0.6}, 2, None),
+        ("ray-proxy", {"num_gpus_per_replica": 0.6}, 2, 1.8),  # a deployment per model: 3 × 0.6
+        ("ray-proxy", {"model_overrides": {"fashion-vit": {"num_gpus_per_replica": 0.5}},
+                       "num_gpus_per_replica": 0.75}, 2, 2),  # 0.75 + 0.75 + 0.5 on 2 GPUs: no
     ],
 )  # fmt: skip
 def test_replicas_reserving_more_gpus_than_the_private_ray_has_are_refused(
