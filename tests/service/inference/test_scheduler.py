@@ -93,7 +93,9 @@ async def test_the_budget_bounds_the_padded_state_of_long_and_short_texts_togeth
     assert max(decoder.positions) <= 400, max(decoder.positions)
     expected = alone(TableDecoder(), long_text, options(max_len=150))
     assert answer.hypotheses[0].tokens == expected.tokens
-    assert all(s.hypotheses[0].tokens == alone(TableDecoder(), [5], options(max_len=1)).tokens for s in shorts)
+    assert all(
+        s.hypotheses[0].tokens == alone(TableDecoder(), [5], options(max_len=1)).tokens for s in shorts
+    )
     assert scheduler.held == 0 and scheduler.tokens_in_flight == 0
 
 
