@@ -96,8 +96,8 @@ def unreachable(address: str) -> str | None:
     host, _, port = address.rpartition(":")
     if "://" in address or not port.isdigit():
         return None
-    try:
-        with socket.create_connection((host or "127.0.0.1", int(port)), timeout=5):
+    try:  # an IPv6 address comes in brackets ("[::1]:6379"), which a socket does not take
+        with socket.create_connection((host.strip("[]") or "127.0.0.1", int(port)), timeout=5):
             return None
     except OSError as exc:
         return (

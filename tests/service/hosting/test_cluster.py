@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 
+import pytest
 from ray.serve._private.replica_result import ActorReplicaResult
 from ray.serve.handle import DeploymentResponse
 
@@ -21,3 +22,19 @@ def test_the_wait_for_ray_serves_readiness_callback_still_has_its_attributes() -
     assert "replica_result._cancel_consume_wait = None" in inspect.getsource(
         inspect.getmodule(ActorReplicaResult)
     )
+
+
+def test_a_bracketed_ipv6_address_is_reached() -> None:
+    """``[::1]:6379`` was refused as "no Ray head answers" (the brackets went to the socket)."""
+    import socket
+
+    from service.hosting.cluster import unreachable
+
+    try:
+        server = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    with server:
+        port = server.getsockname()[1]
+        assert unreachable(f"[::1]:{port}") is None
+    assert unreachable(f"[::1]:{port}") is not None  # closed now: said so
