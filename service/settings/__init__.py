@@ -249,6 +249,12 @@ class Settings(BaseSettings):
     #: may finish before their connections are closed. Short for a laptop; in production set it
     #: to your longest request (e.g. 30) and give the orchestrator's grace period a few s more
     drain_s: float = Field(2.0, ge=0, le=600)
+    #: a Ray node started with ``ray start --block`` and told to stop (SIGTERM: a pod deleted, a
+    #: container stopped) drains this long at most: Ray Serve starts its replicas' replacements
+    #: on other nodes and stops them gracefully once those run, or ``drain_s`` + 2 before the end
+    #: where no node has room (``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S``, set by the entrypoint
+    #: and the images; 0: no drain). None: 60 s, or ``drain_s`` + 31 (:attr:`node_drain_timeout_s`)
+    node_drain_s: float | None = Field(None, ge=0, le=3600)
     #: in-replica frontend: how often each replica looks for a newer version directory of the
     #: models it serves and swaps it in without a failed request (0: only on redeploy)
     repository_poll_s: float = Field(10.0, ge=0)
@@ -366,10 +372,11 @@ class Settings(BaseSettings):
         return ray_environment(self)
 
     @property
-    def node_drain_s(self) -> float:
+    def node_drain_timeout_s(self) -> float:
         """How long a Ray node told to stop waits for its replicas to move (deploy/kuberay's pods
-        are given 15 s more before Kubernetes kills them): 60 s, or ``drain_s`` + 31."""
-        return max(60.0, self.drain_s + 31)
+        are given 15 s more before Kubernetes kills them): ``node_drain_s``, else 60 s or
+        ``drain_s`` + 31."""
+        return self.node_drain_s if self.node_drain_s is not None else max(60.0, self.drain_s + 31)
 
     @property
     def use_gpu(self) -> bool:

@@ -278,7 +278,7 @@ def test_kuberay_pods_outlast_their_nodes_drain(name: str) -> None:
     from service.settings import Settings
 
     service, app, _ = rayservice(name)
-    drain = Settings(**{**app["args"], "repository": ROOT}).node_drain_s
+    drain = Settings(**{**app["args"], "repository": ROOT}).node_drain_timeout_s
     cluster = service["spec"]["rayClusterConfig"]
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         spec = group["template"]["spec"]

@@ -127,6 +127,8 @@ def test_frontends_set_rays_switches_before_ray_starts(tmp_path: Path) -> None:
     # a node told to stop (`ray start --block`) waits for its replicas' graceful stop and more
     longer = Settings(repository=tmp_path, drain_s=100).ray_environment()
     assert longer["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] == "131"
+    short = Settings(repository=tmp_path, node_drain_s=10).ray_environment()  # compose's workers
+    assert short["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"] == "10"
     slower = Settings(repository=tmp_path, frontend="ray-proxy", serve_control_loop_s=2, metrics_export_s=2.5)
     assert slower.ray_environment()["RAY_SERVE_CONTROL_LOOP_INTERVAL_S"] == "2.0"
     assert slower.ray_environment()["RAY_metrics_report_interval_ms"] == "2500"
