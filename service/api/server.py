@@ -72,6 +72,7 @@ class Server:
         #: HTTP exchanges until their answer is written (``App``)
         self.in_flight = 0
         self.stopping = False  # set by drain(): new predictions are refused with 503
+        self.leaving = False  # about to stop: readiness says no, predictions are still answered
         # the body limit: the largest image, base64-encoded, plus room for the JSON around it
         self.max_body = settings.limits.max_image_bytes * 4 // 3 + 64 * 1024
 
@@ -110,7 +111,7 @@ class Server:
         self.models, self.entries, self.rejected, self.model_info = dict(models), dict(entries), rejected, {}
 
     async def is_ready(self) -> bool:
-        if self.stopping or not self.models:  # none: every model refused to load (Ray ingress)
+        if self.stopping or self.leaving or not self.models:  # none: every model refused to load
             return False
         try:
             await asyncio.wait_for(self.load_info(), timeout=5)
@@ -123,6 +124,8 @@ class Server:
         """Why :meth:`is_ready` said no, for the readiness routes' 503."""
         if self.stopping:
             return "not ready: the service is stopping"
+        if self.leaving:
+            return "not ready: this replica is stopping (it answers for a few seconds more)"
         if not self.models:
             return "not ready: no model loads (see rejected)"
         return "not ready: models are still loading"

@@ -134,7 +134,8 @@ class ServingReplica:
         self.models.check_health()
 
     async def __del__(self) -> None:
-        """Graceful stop: refuse new connections and let requests in flight finish, for at most
+        """Graceful stop: readiness 503 (gRPC health NOT_SERVING) while it serves on for
+        ``unready_s``; then refuse new connections and let requests in flight finish, for at most
         ``drain_s`` (HTTP and gRPC together), then close what is left."""
         if self.poll_task is not None:
             self.poll_task.cancel()
@@ -143,6 +144,9 @@ class ServingReplica:
         drain = self.settings.drain_s
         if self.health is not None:  # health watchers learn it before the drain begins
             await self.health.stopping()
+        if self.settings.unready_s > 0:  # readiness says no while it serves on: probing load
+            self.server.leaving = True  # balancers stop sending it connections before it closes
+            await asyncio.sleep(self.settings.unready_s)
         self.http.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(

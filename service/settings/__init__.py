@@ -249,6 +249,12 @@ class Settings(BaseSettings):
     #: may finish before their connections are closed. Short for a laptop; in production set it
     #: to your longest request (e.g. 30) and give the orchestrator's grace period a few s more
     drain_s: float = Field(2.0, ge=0, le=600)
+    #: in-replica: on stop, how long a replica first answers readiness 503 (and gRPC health
+    #: NOT_SERVING) while it still serves, before it closes its listeners and drains: load
+    #: balancers that probe readiness (a Kubernetes Service) stop sending it new connections
+    #: first, where a closed port would refuse them. deploy/kuberay sets it above the probe's
+    #: period × failures; 0 locally
+    unready_s: float = Field(0.0, ge=0, le=60)
     #: a Ray node started with ``ray start --block`` and told to stop (SIGTERM: a pod deleted, a
     #: container stopped) drains this long at most: Ray Serve starts its replicas' replacements
     #: on other nodes and stops them gracefully once those run, or ``drain_s`` + 2 before the end
@@ -343,9 +349,10 @@ class Settings(BaseSettings):
     def shutdown_options(self) -> dict[str, float]:
         """Ray Serve's stop options for every deployment: a stopping replica waits for its Ray-routed
         requests in steps of 0.5 s (the first step whole: Ray sleeps before it counts), then stops
-        its servers — the in-replica drain takes at most ``drain_s`` + 0.5 s —, and is killed
-        ``drain_s`` + 2 s after it was asked to stop (+ 1 left no margin: 0.5 + ``drain_s`` + 0.5)."""
-        return {"graceful_shutdown_wait_loop_s": 0.5, "graceful_shutdown_timeout_s": self.drain_s + 2}
+        its servers — the in-replica stop takes at most ``unready_s`` + ``drain_s`` + 0.5 s —, and
+        is killed ``unready_s`` + ``drain_s`` + 2 s after it was asked to stop (+ 1 left no margin)."""
+        timeout = self.unready_s + self.drain_s + 2
+        return {"graceful_shutdown_wait_loop_s": 0.5, "graceful_shutdown_timeout_s": timeout}
 
     def gpu_share(self, model: str | None = None) -> float:
         """The GPU share Ray reserves per replica of a model's deployment (``None``: the in-replica
@@ -376,7 +383,8 @@ class Settings(BaseSettings):
         """How long a Ray node told to stop waits for its replicas to move (deploy/kuberay's pods
         are given 15 s more before Kubernetes kills them): ``node_drain_s``, else 60 s or
         ``drain_s`` + 31."""
-        return self.node_drain_s if self.node_drain_s is not None else max(60.0, self.drain_s + 31)
+        default = max(60.0, self.unready_s + self.drain_s + 31)
+        return self.node_drain_s if self.node_drain_s is not None else default
 
     @property
     def use_gpu(self) -> bool:

@@ -195,6 +195,11 @@ def test_kuberay_serves_the_same_application_as_serve_config() -> None:
     [cpu] = service["spec"]["rayClusterConfig"]["workerGroupSpecs"]
     assert app["args"]["max_replicas_per_node"] == 1 and app["args"]["num_replicas"] == cpu["replicas"]
     assert "providers" not in app["args"]
+    # a replica being replaced says unready while it serves on, longer than the Service takes to
+    # see it (the pod's only replica: its probes are that replica's)
+    [container] = cpu["template"]["spec"]["containers"]
+    probe = container["readinessProbe"]
+    assert app["args"]["unready_s"] > probe["periodSeconds"] * probe["failureThreshold"]
 
 
 def test_kuberay_on_gpus_places_replicas_by_gpu_share() -> None:
@@ -220,6 +225,8 @@ def test_kuberay_on_gpus_places_replicas_by_gpu_share() -> None:
     # every replica finds its share: they do not wait for a GPU that never comes
     assert settings.num_replicas * share <= gpu["replicas"] * gpus_per_pod
     assert "max_replicas_per_node" not in app["args"], "replicas share a pod's GPU"
+    # so a leaving replica's 503 would fail the probes of a pod whose other replicas serve on
+    assert "unready_s" not in app["args"]
     # the rest is the CPU manifest's: head, pod security
     cpu, _, _ = rayservice("rayservice.yaml")
     head, cpu_head = (s["spec"]["rayClusterConfig"]["headGroupSpec"] for s in (service, cpu))

@@ -3,6 +3,7 @@ replica serves, NOT_SERVING told to a watcher when the service stops."""
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
+import requests
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.conftest import running_service
@@ -48,3 +50,33 @@ def test_grpc_health_serves_while_the_replica_does_and_tells_watchers_it_stops(
         assert heard == [serving]
     follower.join(30)
     assert heard[:2] == [serving, not_serving], heard
+
+
+def test_a_stopping_replica_says_it_is_not_ready_while_it_serves_on_for_unready_s(
+    tiny_repository: Path, tmp_path: Path
+) -> None:
+    """``ATTN_UNREADY_S``: a replica asked to stop first answers /readyz 503 (gRPC health
+    NOT_SERVING) while it still answers predictions, so a balancer probing readiness (a
+    Kubernetes Service) takes it out before its port closes; then it drains and closes."""
+    seen: list[tuple[float, int, int | str]] = []  # (when, /readyz, a prediction's status or error)
+    with running_service(tiny_repository, tmp_path, ATTN_UNREADY_S="3") as svc:
+        url = f"{svc.url}/v1/models/dates-bahdanau/translate"
+        assert svc.get("/readyz").status_code == 200
+        stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(svc.grpc_target))
+        svc.process.send_signal(signal.SIGINT)
+        begun, health = time.monotonic(), []
+        while time.monotonic() - begun < 15:
+            try:
+                ready = requests.get(f"{svc.url}/readyz", timeout=5).status_code
+                answer: int | str = requests.post(url, json={"text": "3 juin 1980"}, timeout=5).status_code
+                health.append(stub.Check(health_pb2.HealthCheckRequest(), timeout=5).status)
+            except (requests.ConnectionError, grpc.RpcError) as exc:
+                seen.append((time.monotonic() - begun, -1, type(exc).__name__))
+                break
+            seen.append((time.monotonic() - begun, ready, answer))
+            time.sleep(0.1)
+    leaving = [(t, answer) for t, ready, answer in seen if ready == 503]
+    assert leaving and all(answer == 200 for _, answer in leaving), seen
+    assert leaving[-1][0] - leaving[0][0] >= 2, seen  # ~3 s of it
+    assert seen[-1][1] == -1, seen  # then the port closed
+    assert health_pb2.HealthCheckResponse.NOT_SERVING in health
