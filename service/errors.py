@@ -135,6 +135,7 @@ class DeadlineExceeded(ServiceError):
 class NotReady(ServiceError):
     http_status = 503
     grpc_code = "UNAVAILABLE"
+    retry_after_s = 1  # loading, or moved to a new version mid-request: retry
 
 
 class Stopping(NotReady):

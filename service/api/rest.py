@@ -101,6 +101,7 @@ def _model_info(server: Server, name: str) -> ModelInfo:
 async def translate(request: Request, name: str) -> Response:
     server = server_from(request)
     with server.refusals(name, "translate"):
+        server.resolve(name, "translation")  # an unknown model is 404 whatever its body, as classify's
         if not json_media(ctype := request.headers.get("content-type", "")):
             raise InvalidInput(f"content-type: expected application/json, got {ctype!r}")
         raw = await server.read_body(request)

@@ -78,7 +78,7 @@ def text_problem(texts: Sequence[str], field: str) -> str | None:
 
 
 class ClassifyOptions(_Request):
-    top_k: int = Field(5, ge=1, le=1000)
+    top_k: int = Field(5, ge=1)  # ≤ limits.max_top_k, named by limits.check (as beam_size)
     return_attention: bool = False
     attention_format: AttentionFormat = "array"
     head_fusion: HeadFusion = "mean"

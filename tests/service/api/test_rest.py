@@ -324,3 +324,46 @@ def test_translate_reads_json_bodies_only(served: Any, ctype: str, status: int) 
     assert got == status, content
     if status == 422:
         assert json.loads(content) == {"error": f"content-type: expected application/json, got {ctype!r}"}
+
+
+def test_translate_names_an_unknown_model_before_its_body(served: Any) -> None:
+    """As classify does: 404 for a model that is not served, whatever the body (it was 422
+    "text: Field required" on translate and 404 on classify for the same request)."""
+    app = create_app(served[0])
+    for route in ("translate", "classify"):
+        got, _, content = call(
+            app, "POST", f"/v1/models/nope/{route}", b"{}", {"content-type": "application/json"}
+        )
+        assert got == 404 and "not found" in json.loads(content)["error"], (route, content)
+
+
+def test_top_k_over_the_served_limit_names_the_limit(served: Any) -> None:
+    """Over the schema's old ceiling (1000) the message named 1000, under it the served 100."""
+    for top_k in (500, 5000):
+        status, body = post_json(create_app(served[0]), "/v1/models/fake-classifier/classify",
+                                 {"pixels": [[1]], "top_k": top_k})  # fmt: skip
+        assert status == 422 and body["error"] == f"top_k: {top_k} exceeds the limit of 100", body
+
+
+def test_the_explorer_is_checked_with_the_server_on_every_load(served: Any) -> None:
+    """No Cache-Control let a browser keep an old explorer.js for days after an upgrade."""
+    app = create_app(served[0])
+    for path in ("/", "/static/explorer.js", "/static/explorer.css"):
+        got, headers, _ = call(app, "GET", path)
+        assert got == 200 and headers.get("cache-control") == "no-cache", (path, headers)
+
+
+def test_a_retry_now_answer_says_when(served: Any) -> None:
+    """503 "moved to a new version while computed; retry it" (NotReady) carries Retry-After, as
+    a shed request's does: a client that backs off by the header retried at once."""
+    from service.errors import NotReady
+
+    server, translator, _, _ = served
+
+    async def predict(job: Any) -> Any:
+        raise NotReady("model 'fake-translator' moved from version 1 to 2 while this request was computed")
+
+    translator.predict = predict
+    got, headers, _ = call(create_app(server), "POST", "/v1/models/fake-translator/translate", b'{"text": "abc"}',
+                           {"content-type": "application/json"})  # fmt: skip
+    assert got == 503 and headers.get("retry-after") == "1", headers
