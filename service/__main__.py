@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     logging.basicConfig(level=settings.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if settings.use_gpu and settings.ray_address is None and (why := gpus.no_local_gpu()):
-        settings = on_the_cpu(settings, why)
+        settings = gpus.on_the_cpu(settings, why)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_worker_niceness", "0")
     os.environ.update(ray_processes_environment(settings))  # before Ray starts: its processes read them
@@ -86,14 +86,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {why}", file=sys.stderr)
         return 2
     return serve_until_stopped(settings, app)
-
-
-def on_the_cpu(settings: Settings, why: str) -> Settings:
-    """``settings`` without the CUDA provider, said: replicas reserving a GPU share that this Ray
-    will never have would wait forever."""
-    logging.getLogger("service").warning("CUDA was asked for, but %s: serving on the CPU", why)
-    cpu_only = [p for p in settings.providers if p != "CUDAExecutionProvider"] or ["CPUExecutionProvider"]
-    return settings.model_copy(update={"providers": cpu_only})
 
 
 def serve_until_stopped(settings: Settings, app: Any) -> int:
@@ -130,12 +122,6 @@ def serve_until_stopped(settings: Settings, app: Any) -> int:
             signal.signal(sig, on_signal)
         if stop.is_set():  # a signal came during ray.init
             raise KeyboardInterrupt
-        if settings.use_gpu and settings.ray_address is not None and (why := cluster_without_gpus()):
-            # a container's own head without a GPU (`docker run` without --gpus) waited forever
-            from service.hosting.app import build_app
-
-            settings = on_the_cpu(settings, why)
-            app = build_app(settings)
         if why := start_serve(settings):
             return refused(why)  # and the other's app is left alone: not ours to stop
         ours = True  # from here on, the app named "attention" on this Ray is this process's
@@ -154,16 +140,6 @@ def serve_until_stopped(settings: Settings, app: Any) -> int:
         serving.set()  # a signal now only asks again: the stop below is bounded, and runs whole
         stop_serving(settings, ours)
     return 0
-
-
-def cluster_without_gpus() -> str | None:
-    """Why the Ray cluster joined cannot place a GPU share (none of its nodes has a GPU now), or
-    None."""
-    import ray
-
-    if ray.cluster_resources().get("GPU", 0) > 0:
-        return None
-    return "the Ray cluster joined has no GPU (a container started without --gpus?)"
 
 
 def start_ray(settings: Settings) -> str | None:
@@ -287,9 +263,9 @@ def ray_processes_environment(settings: Settings) -> dict[str, str]:
 
 
 def stop_serving(settings: Settings, ours: bool = True) -> None:
-    """Stop what we started, within ``drain_s`` + a few seconds: our application's replicas drain
-    (``ServingReplica.__del__``; the Ray-ingress frontends' ``IngressReplica.drain``), then the
-    driver leaves Ray — and our private Ray stops with it.
+    """Stop what we started, within ``unready_s`` + ``drain_s`` + a few seconds: our
+    application's replicas drain (``ServingReplica.__del__``; the Ray-ingress frontends'
+    ``IngressReplica.drain``), then the driver leaves Ray — and our private Ray stops with it.
     On a cluster we joined (a container's own head, a shared cluster), only our application goes:
     Serve's detached controller and proxies belong to the cluster. ``ours``: whether this process
     deployed the app (not when it found another's and refused to start)."""
@@ -306,7 +282,7 @@ def stop_serving(settings: Settings, ours: bool = True) -> None:
     if settings.frontend == "in-replica":
         started = time.monotonic()
         with contextlib.suppress(Exception):  # nothing deployed yet: nothing to drain
-            delete_app(settings.drain_s + 5)
+            delete_app(settings.unready_s + settings.drain_s + 5)
         log.info("stopping: the replicas drained and left in %.1f s", time.monotonic() - started)
     else:
         # Ray's proxy answers a deleted app's routes with a plain-text 404 until it stops itself:
@@ -319,8 +295,8 @@ def stop_serving(settings: Settings, ours: bool = True) -> None:
         log.info("stopping: the ingress drained in %.1f s", time.monotonic() - started)
         if settings.ray_address is not None:
             try:
-                if not delete_app(settings.drain_s + 5):
-                    raise TimeoutError(f"still there after {settings.drain_s + 5:.0f} s")
+                if not delete_app(settings.unready_s + settings.drain_s + 5):
+                    raise TimeoutError(f"still there after {settings.unready_s + settings.drain_s + 5:.0f} s")
             except Exception as exc:  # its ingress drained: it answers 503 "stopping" until deleted
                 log.warning(
                     "the app %r was not deleted from the cluster (%s); delete it with %s",

@@ -61,7 +61,7 @@ def app_already_served(settings: Settings) -> str | None:
     stop would delete. An app still being deleted (a stop just before this start) is waited for."""
     from ray import serve
 
-    deadline = time.monotonic() + settings.drain_s + 15
+    deadline = time.monotonic() + settings.unready_s + settings.drain_s + 15
     while (app := serve.status().applications.get(APP)) is not None:
         status = str(getattr(app.status, "value", app.status))
         if status != "DELETING" or time.monotonic() > deadline:

@@ -5,8 +5,13 @@ whether the CUDA provider can run here at all, and how many GPUs Ray will count.
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import subprocess
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from service.settings import Settings
 
 
 @functools.cache
@@ -44,3 +49,11 @@ def local_gpus(listing: str | None = None) -> int:
     if visible is not None:
         count = min(count, len([d for d in visible.split(",") if d.strip()]))
     return count
+
+
+def on_the_cpu(settings: Settings, why: str) -> Settings:
+    """``settings`` without the CUDA provider, said: replicas reserving a GPU share that this Ray
+    will never have would wait forever."""
+    logging.getLogger("service").warning("CUDA was asked for, but %s: serving on the CPU", why)
+    cpu_only = [p for p in settings.providers if p != "CUDAExecutionProvider"] or ["CPUExecutionProvider"]
+    return settings.model_copy(update={"providers": cpu_only})

@@ -153,25 +153,6 @@ def test_a_second_service_joining_the_cluster_is_refused_and_the_first_serves_on
         assert body["translations"][0]["text"] == f"2001-03-{i + 1:02d}"
 
 
-def test_cuda_asked_of_a_cluster_without_a_gpu_serves_on_the_cpu_and_says_why(
-    two_node_service: Cluster, tiny_repository: Path
-) -> None:
-    """A service joining a cluster (the containers' entrypoint joins its own head) reserved a GPU
-    share no node had, and ``serve.run`` waited forever (`docker run` of the GPU image without
-    --gpus): the fallback to the CPU was the private Ray's only. Here the service then finds the
-    first one's app and is refused, after saying so."""
-    env = {**os.environ, **RAY_ENV, "ATTN_REPOSITORY": str(tiny_repository),
-           "ATTN_RAY_ADDRESS": f"127.0.0.1:{two_node_service.gcs}", "ATTN_MODELS": '["dates-bahdanau"]',
-           "ATTN_PROVIDERS": '["CUDAExecutionProvider", "CPUExecutionProvider"]',
-           "ATTN_HTTP_PORT": str(free_port()), "ATTN_GRPC_PORT": str(free_port()),
-           "ATTN_METRICS_PORT": str(free_port())}  # fmt: skip
-    second = subprocess.run(
-        [sys.executable, "-m", "service"], env=env, capture_output=True, text=True, timeout=180
-    )
-    assert "CUDA was asked for, but the Ray cluster joined has no GPU" in second.stderr, second.stderr[-3000:]
-    assert second.returncode == 2 and "already serves an application" in second.stderr
-
-
 def test_every_node_answers_the_health_check_the_kuberay_manifests_probe(two_node_service: Cluster) -> None:
     """deploy/kuberay's liveness (and the head's readiness) probes GET the dashboard agent's
     /api/healthz (test_images): on a node started with ``ray start``, as KubeRay starts its pods,
