@@ -115,6 +115,8 @@ class TranslationScheduler(Submitting):
         self.stepping_since: float | None = None
         self._rows_stepped = 0  # rows in the last step (0: none ran)
         self._admitted_at = -GATHER_STEPS  # the step count at the last admission
+        #: requests a failed pass answered before it failed (:meth:`_iterate`): not failed again
+        self._answered_before_failing: set[Request] = set()
 
     # -- what the worker and metrics read ---------------------------------------------------------
 
@@ -307,6 +309,7 @@ class TranslationScheduler(Submitting):
             running.keep(state, step, rows)
         except Exception:  # the copy of the batch's state failed (out of memory): the requests
             self._answer(step.finished)  # this step finished are whole, and answered; the rest fail
+            self._answered_before_failing = set(step.finished)
             raise
         return step.finished
 
@@ -330,10 +333,13 @@ class TranslationScheduler(Submitting):
         on_their_loops([*token_calls(take_held(failed)), *((r.loop, settler(r, exc)) for r in failed)])
 
     def _fail(self, admitted: list[Text], exc: BaseException) -> None:
-        """The step failed: every request in the batch ends with ``exc``."""
+        """The step failed: every request in the batch ends with ``exc``, but those it answered
+        before it failed. (An ``advance`` that raises part-way leaves the batch's entries as they
+        were: a request whose last text it finished is among them, and fails with the rest.)"""
         active = self._running.texts
         texts = [*active, *(t for t in admitted if t not in active)]
-        failed = {t.request for t in texts if t.request.remaining}  # not one answered at this step
+        answered, self._answered_before_failing = self._answered_before_failing, set()
+        failed = {t.request for t in texts if t.request not in answered}
         self._failed(failed, exc)
         with self._lock:
             self._waiting = deque(t for t in self._waiting if t.request not in failed)

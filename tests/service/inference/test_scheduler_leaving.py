@@ -177,3 +177,31 @@ async def test_an_answer_that_fails_to_build_fails_its_request_alone() -> None:
     assert isinstance(results[1], ValueError)
     expected = alone(TableDecoder(), [5, 6, 7], options()).tokens
     assert [r.hypotheses[0].tokens for r in (results[0], results[2])] == [expected, expected]  # type: ignore[union-attr]
+
+
+@synchronous
+async def test_an_advance_that_fails_part_way_fails_every_request_it_stepped() -> None:
+    """The short text finishes, then the step's advance fails on the long one: the short request
+    (its last text done, not answered) fails with the rest — it was left out and waited for its
+    deadline — and nothing is held."""
+    choose, state = GreedySearch.choose, {"done": False}
+
+    def failing(self: GreedySearch, *args: Any) -> Any:
+        if state["done"]:
+            state["done"] = False
+            raise MemoryError("a copy of this step's attention failed")
+        kept = choose(self, *args)
+        state["done"] = self.done and len(self.tokens) < 20  # the short one, done at this step
+        return kept
+
+    GreedySearch.choose = failing  # type: ignore[method-assign]
+    try:
+        scheduler = TranslationScheduler(TableDecoder(), token_budget=1000)
+        short = asyncio.ensure_future(scheduler.submit([[5, 5]], options(max_len=3)))
+        long = asyncio.ensure_future(scheduler.submit([[9] * 14], options(max_len=40)))
+        await asyncio.wait([short, long], timeout=5)
+    finally:
+        GreedySearch.choose = choose  # type: ignore[method-assign]
+    assert short.done() and long.done(), "a request was neither answered nor failed"
+    assert isinstance(short.exception(), MemoryError) and isinstance(long.exception(), MemoryError)
+    assert scheduler.held == 0 and scheduler.tokens_in_flight == 0 and scheduler.rows == 0
