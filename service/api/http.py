@@ -57,6 +57,7 @@ def create_app(server: Server, client_gone: tuple[type[BaseException], ...] = ()
     explorer.mount_static(app)
     app.hot_routes = HotRoutes([route for router in routers for route in router.routes])
     app.hot_path = HotPath(server.settings.api_token)
+    app.trusted_origins = frozenset(o.encode() for o in server.settings.trusted_origins)
     return app
 
 
@@ -73,6 +74,7 @@ class App(FastAPI):
     router's slash redirects carry a relative ``Location``."""
 
     hot_routes: HotRoutes | None = None
+    trusted_origins: frozenset[bytes] = frozenset()
     hot_path: ASGIApp | None = None
     client_gone: tuple[type[BaseException], ...] = ()
 
@@ -81,7 +83,7 @@ class App(FastAPI):
             await super().__call__(scope, receive, send)
             return
         try:
-            cross_origin.check(scope)
+            cross_origin.check(scope, self.trusted_origins)
         except CrossOrigin as exc:  # before the request counts: it is not one
             await error_response(exc.http_status, exc.message)(scope, receive, send)
             return

@@ -91,20 +91,38 @@ def over_node_cap(settings: Settings, starting: dict[str, int] | None = None) ->
     return ", ".join(f"{what}: {n} replicas at start" for what, n in over.items()) or None
 
 
+#: fractional replicas up to which :func:`fits_on_gpus` searches every placement
+EXACT_PACKING = 16
+
+
 def fits_on_gpus(shares: list[tuple[int, float]], gpus: int) -> bool:
-    """Whether replicas of these (count, GPU share) can be placed on ``gpus`` GPUs as Ray places
-    them: a whole-number share takes that many whole GPUs, a fraction must fit within one GPU
-    (3 × 0.6 does not fit on 2 GPUs though 1.8 ≤ 2). First fit, largest first."""
+    """Whether replicas of these (count, GPU share) can be placed on ``gpus`` GPUs at all: a
+    whole-number share takes that many whole GPUs, a fraction must fit within one GPU (3 × 0.6
+    does not fit on 2 GPUs though 1.8 ≤ 2). Every placement is tried for up to
+    :data:`EXACT_PACKING` fractions (2 × 0.4 + 4 × 0.3 fits on 2), beyond it only the sum counts.
+    Ray places replicas one at a time and may still miss a placement that exists."""
     whole = sum(n * share for n, share in shares if share >= 1)
-    free = [1.0] * max(0, gpus - round(whole))
     if whole > gpus:
         return False
-    for share in sorted((share for n, share in shares if 0 < share < 1 for _ in range(n)), reverse=True):
-        gpu = next((i for i, room in enumerate(free) if room >= share - 1e-9), None)
-        if gpu is None:
-            return False
-        free[gpu] -= share
-    return True
+    fractions = sorted((share for n, share in shares if 0 < share < 1 for _ in range(n)), reverse=True)
+    free = [1.0] * (gpus - round(whole))
+    if len(fractions) > EXACT_PACKING:
+        return sum(fractions) <= len(free) + 1e-9
+
+    def place(i: int) -> bool:
+        if i == len(fractions):
+            return True
+        tried: set[float] = set()
+        for gpu, room in enumerate(free):
+            if room + 1e-9 >= fractions[i] and round(room, 9) not in tried:
+                tried.add(round(room, 9))  # GPUs with the same room left are the same choice
+                free[gpu] -= fractions[i]
+                if place(i + 1):
+                    return True
+                free[gpu] += fractions[i]
+        return False
+
+    return place(0)
 
 
 def private_ray_refusal(settings: Settings, cpus: int, gpus: int = 0) -> str | None:
@@ -166,7 +184,7 @@ def environment_refusal(settings: Settings, environ: Mapping[str, str]) -> str |
     needed = settings.ray_environment()
     wrong = []
     # unset: Ray's default, on
-    if environ.get("RAY_enable_open_telemetry", "1").strip().lower() not in ("1", "true"):
+    if environ.get("RAY_enable_open_telemetry", "1").lower() not in ("1", "true"):  # as Ray reads it
         wrong.append("RAY_enable_open_telemetry")
     if settings.frontend == "ray-direct":
         ports = [f"RAY_SERVE_DIRECT_INGRESS_{e}_{p}_PORT" for p in ("HTTP", "GRPC") for e in ("MIN", "MAX")]
@@ -176,7 +194,8 @@ def environment_refusal(settings: Settings, environ: Mapping[str, str]) -> str |
     settings_line = " ".join(f"{k}={needed[k]}" for k in wrong)
     return (
         f"the {settings.frontend} frontend needs {settings_line} in the environment of every Ray "
-        "process (set it in the pods' or the shell's environment before Ray starts: "
+        "process (set it in the pods' or the shell's environment before Ray starts — a serve "
+        "config's runtime_env does not reach Ray's own processes: "
         "OpenTelemetry off, Ray's metrics agent fails every scrape behind Ray's proxies; without "
         "the direct-ingress switches nothing listens on the direct ports). The images carry the "
         "in-replica frontend's values"

@@ -234,7 +234,7 @@ class IngressMetrics:
         (``GuardedHttp``: a head too long, a client too slow, too many connections): counted, and
         not timed — its time is the client's (a 408 waited out the read timeout, a 431 on an old
         keep-alive connection counted the connection's age), which put ``_unknown`` at ~10 s in
-        the latency panels and the p99 alert."""
+        the latency panels and the p99 alert. ``seconds``: the listener's measure, not recorded."""
         DEFERRED.inc(
             self.requests, 1, (("model", "_unknown"), ("route", "http_connection"), ("status", str(status)))
         )

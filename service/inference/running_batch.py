@@ -41,7 +41,7 @@ RETIRED_SHARE = 4
 class Text:
     """One text of a request: its source ids, its search, and its own cost, ``beam × (source
     length + its target limit)`` (the work the model's admission counts; the budget the batch
-    holds pads it to the widest, :class:`Holding`)."""
+    holds pads it to the widest, :class:`HeldBudget`)."""
 
     request: Request
     index: int
@@ -62,7 +62,7 @@ def text_cost(ids: list[int], options: Options) -> int:
     return options.beam_size * (len(ids) + options.max_len)
 
 
-class Holding:
+class HeldBudget:
     """The texts admitted and not yet done, and the budget they hold: the rows × positions their
     batch state can take. Every row is padded to the widest — a past to the longest past
     (``KVCache.concat``), a source to the longest source (``RowBatch.concat``) — so that is
@@ -132,7 +132,7 @@ class RunningBatch:
         #: in row order: each text owns search.rows consecutive rows, each _Retired its rows
         self.entries: list[Text | _Retired] = []
         self.state: Any = None  # the model's batch state (a RowBatch), one row per row above
-        self.holding = Holding()  # texts admitted and not yet done, and the budget they hold
+        self.holding = HeldBudget()  # texts admitted and not yet done, and the budget they hold
         self._retired = 0  # rows of _Retired entries
 
     @property
@@ -146,7 +146,7 @@ class RunningBatch:
 
     @property
     def in_flight(self) -> int:
-        """The budget held by texts admitted and not yet done (:class:`Holding`)."""
+        """The budget held by texts admitted and not yet done (:class:`HeldBudget`)."""
         return self.holding.positions
 
     @property

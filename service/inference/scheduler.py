@@ -21,7 +21,7 @@ uses, so a text decodes to the same tokens alone or in any company.
 
 **Budget.** The texts admitted and not yet done hold ``rows × (longest source + longest target
 limit)`` positions of the budget — every row is padded to the widest, so this bounds what the
-encoder outputs and the KV cache can take (``running_batch.Holding``) — so the caches stay
+encoder outputs and the KV cache can take (``running_batch.HeldBudget``) — so the caches stay
 bounded. Admission is first-in, first-out by text: a text that does not fit waits at the head and
 later ones wait behind it, so no request is starved by a stream of later (smaller) ones. A text
 larger than the whole budget runs when nothing else does.

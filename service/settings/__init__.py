@@ -24,6 +24,7 @@ from service.settings.consistency import (
     direct_port_clash,
     placement_conflict,
 )
+from service.settings.fields import a_cluster, an_address, an_origin, token_is_usable
 from service.settings.limits import Limits
 from service.settings.ray_environment import ray_environment
 
@@ -45,38 +46,6 @@ def _placeable(share: float) -> float:
 
 #: what Ray reserves of a GPU per replica; replicas whose shares add up to ≤ 1 share a GPU
 GpuShare = Annotated[float, Field(gt=0, le=8), AfterValidator(_placeable)]
-
-
-def _a_cluster(address: str | None) -> str | None:
-    """``auto``, ``host:port`` or ``ray://…``: Ray reads "local" as "start a private Ray", which
-    this service then took for a cluster joined (no CPUs given, metrics on Ray's own port)."""
-    if address is not None and (not address.strip() or address.strip().lower() == "local"):
-        raise ValueError(
-            f"{address!r} names no cluster: leave ATTN_RAY_ADDRESS unset for a private Ray, or give "
-            "'auto', host:port or ray://host:port"
-        )
-    return address
-
-
-def _an_address(host: str) -> str:
-    """An address to listen on: empty bound every interface without saying so."""
-    if not host or host != host.strip():
-        raise ValueError(f"{host!r} is no address to listen on: give 0.0.0.0 for every interface")
-    return host
-
-
-def _token_is_usable(token: SecretStr | None) -> SecretStr | None:
-    """A bearer token a client can send: 16+ characters, each printable ASCII and no space (a
-    header value; a browser refuses to send other characters). The message never repeats it."""
-    if token is None:
-        return None
-    value = token.get_secret_value()
-    if len(value) < 16:
-        example = "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
-        raise ValueError(f"must be at least 16 characters, not {len(value)} (make one: {example})")
-    if not all("!" <= c <= "~" for c in value):
-        raise ValueError("must be printable ASCII without spaces (it travels in an HTTP header)")
-    return token
 
 
 class Batching(BaseModel):
@@ -138,7 +107,7 @@ class Settings(BaseSettings):
     repository: Path = Path("model_repository")
     #: models to serve (default: every valid model in the repository, highest version)
     models: list[str] | None = None
-    host: Annotated[str, AfterValidator(_an_address)] = "127.0.0.1"
+    host: Annotated[str, AfterValidator(an_address)] = "127.0.0.1"
     http_port: int = Field(8000, ge=1, le=65535)
     grpc_port: int = Field(9000, ge=1, le=65535)
     #: largest gRPC message either way: full attention tensors exceed gRPC's 4 MiB default
@@ -172,7 +141,7 @@ class Settings(BaseSettings):
     metrics_export_s: float = Field(5.0, ge=1, le=60)
     #: None: start a private local Ray (``make serve``); "auto" or "host:port": join that cluster
     #: (containers: deploy/entrypoint.sh starts a head; workers join it and take replicas)
-    ray_address: Annotated[str | None, AfterValidator(_a_cluster)] = None
+    ray_address: Annotated[str | None, AfterValidator(a_cluster)] = None
     num_cpus: int | None = Field(None, ge=1)
     #: who answers HTTP and gRPC (benchmarks/results/ compares them):
     #: "in-replica" — every serving replica holds all models and listens on http_port/grpc_port
@@ -259,7 +228,8 @@ class Settings(BaseSettings):
     #: container stopped) drains this long at most: Ray Serve starts its replicas' replacements
     #: on other nodes and stops them gracefully once those run, or ``drain_s`` + 2 before the end
     #: where no node has room (``RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S``, set by the entrypoint
-    #: and the images; 0: no drain). None: 60 s, or ``drain_s`` + 31 (:attr:`node_drain_timeout_s`)
+    #: and the images; 0: no drain). None: 60 s, or ``unready_s`` + ``drain_s`` + 31
+    #: (:attr:`node_drain_timeout_s`)
     node_drain_s: float | None = Field(None, ge=0, le=3600)
     #: in-replica frontend: how often each replica looks for a newer version directory of the
     #: models it serves and swaps it in without a failed request (0: only on redeploy)
@@ -267,7 +237,10 @@ class Settings(BaseSettings):
     #: when set, every HTTP route but health and every gRPC method but ServerLive/ServerReady and
     #: grpc.health.v1's needs ``Authorization: Bearer <token>`` (metrics are Ray's port, outside
     #: the app). At least 16 printable ASCII characters, no spaces: what an HTTP header carries
-    api_token: Annotated[SecretStr | None, AfterValidator(_token_is_usable)] = None
+    api_token: Annotated[SecretStr | None, AfterValidator(token_is_usable)] = None
+    #: web pages of other origins whose browsers' POSTs are taken (``https://app.example.com``):
+    #: every other site's are refused 403 (``service/api/cross_origin.py``)
+    trusted_origins: list[Annotated[str, AfterValidator(an_origin)]] = []
 
     @property
     def serve_logging(self) -> dict[str, object]:

@@ -22,7 +22,7 @@ def ray_environment(s: Settings) -> dict[str, str]:
     controller = {"RAY_SERVE_CONTROL_LOOP_INTERVAL_S": str(s.serve_control_loop_s)}
     # a node whose `ray start --block` gets SIGTERM (a Kubernetes pod deletion) is marked
     # draining for this long: Ray Serve starts its replicas' replacements elsewhere and stops
-    # them gracefully (drain_s + 2) once those run, at the latest drain_s + 2 before the end
+    # them gracefully once those run, at the latest unready_s + drain_s + 2 before the end
     node = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": f"{s.node_drain_timeout_s:g}"}
     return {**metrics, **controller, **node, **_serve_environment(s)}
 

@@ -278,20 +278,31 @@ def test_kuberay_pods_take_the_image_built_or_loaded_on_the_node(name: str) -> N
 
 @pytest.mark.parametrize("name", ["rayservice.yaml", "rayservice.gpu.yaml"])
 def test_kuberay_pods_outlast_their_nodes_drain(name: str) -> None:
-    """A deleted pod's ``ray start --block`` drains its node for the image's
-    RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S (the application's ``node_drain_s``: the replica's
-    handover, test_cluster), and Kubernetes kills the pod after its terminationGracePeriodSeconds
-    (30 s unless set): every pod's must be longer, with time for Ray to stop its processes."""
+    """A deleted pod's ``ray start --block`` drains its node for RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S
+    — the pod's own, else the image's (the application's args never reach ``ray start``) — which
+    must cover what the application's settings need (``node_drain_timeout_s``: the replica's
+    handover, test_cluster); Kubernetes kills the pod after its terminationGracePeriodSeconds (30 s
+    unless set), which must be longer, with time for Ray to stop its processes."""
     from service.settings import Settings
 
     service, app, _ = rayservice(name)
-    drain = Settings(**{**app["args"], "repository": ROOT}).node_drain_timeout_s
+    needed = Settings(**{**app["args"], "repository": ROOT}).node_drain_timeout_s
+    image = dict(
+        word.split("=", 1)
+        for i in stages(ROOT / "deploy" / ("Dockerfile.gpu" if "gpu" in name else "Dockerfile"))[-1]
+        if i.startswith("ENV ")
+        for word in i.split()[1:]
+        if "=" in word
+    )
     cluster = service["spec"]["rayClusterConfig"]
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         spec = group["template"]["spec"]
-        assert spec["terminationGracePeriodSeconds"] >= drain + 10, group
-        [container] = spec["containers"]  # the image's timeout, not one of its own
-        assert "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S" not in {e["name"] for e in container["env"]}
+        [container] = spec["containers"]
+        own = {e["name"]: e.get("value") for e in container["env"]}
+        drain = float(
+            own.get("RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S") or image["RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S"]
+        )
+        assert drain >= needed and spec["terminationGracePeriodSeconds"] >= drain + 10, group
 
 
 @pytest.mark.parametrize("name", ["rayservice.yaml", "rayservice.gpu.yaml"])

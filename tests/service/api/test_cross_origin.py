@@ -34,10 +34,20 @@ V2_BODY = {"inputs": [{"name": "TEXT", "datatype": "BYTES", "shape": [1], "data"
         ({"origin": "http://127.0.0.1:8000", "host": "127.0.0.1:8000"}, 200),
         ({"origin": "https://evil.example", "host": "127.0.0.1:8000"}, 403),
         ({"origin": "null", "host": "127.0.0.1:8000"}, 403),  # a sandboxed page, a data: URL
+        # the same host however written: case, a default port, IPv6
+        ({"origin": "HTTP://Example.COM", "host": "example.com:80"}, 200),
+        ({"origin": "https://example.com:443", "host": "example.com"}, 200),
+        ({"origin": "http://[::1]:8000", "host": "[::1]:8000"}, 200),
+        ({"origin": "http://example.com:8080", "host": "example.com:80"}, 403),
+        # behind a proxy that rewrites Host (nginx's default) but says the one asked for
+        ({"origin": "http://models.lan", "host": "backend:8000", "x-forwarded-host": "models.lan"}, 200),
+        # a page elsewhere the operator trusts (ATTN_TRUSTED_ORIGINS)
+        ({"sec-fetch-site": "cross-site", "origin": "https://app.example.com"}, 200),
+        ({"origin": "https://app.example.com", "host": "backend:8000"}, 200),
     ],
 )
 def test_a_browser_s_post_from_another_site_is_refused(tmp_path: Path, headers: dict, status: int) -> None:
-    server, translator, _, _ = fake_server(tmp_path)
+    server, translator, _, _ = fake_server(tmp_path, trusted_origins=["https://app.example.com"])
     app = create_app(server)
     rest = call(app, "POST", TRANSLATE, json.dumps({"text": "abc"}).encode(), headers)
     v2 = call(app, "POST", V2, json.dumps(V2_BODY).encode(), headers)  # no Content-Type, as tritonclient
@@ -47,6 +57,18 @@ def test_a_browser_s_post_from_another_site_is_refused(tmp_path: Path, headers: 
             message = json.loads(content)["error"]
             assert message.startswith(("sec-fetch-site:", "origin:")) and "refused" in message
     assert len(translator.jobs) == (2 if status == 200 else 0)  # refused before any work
+
+
+def test_a_trusted_origin_is_an_origin() -> None:
+    from pydantic import ValidationError
+
+    from service.settings import Settings
+
+    with pytest.raises(ValidationError, match="is no origin"):
+        Settings(repository=Path("."), trusted_origins=["app.example.com"])
+    assert Settings(repository=Path("."), trusted_origins=["HTTPS://App.example.com"]).trusted_origins == [
+        "https://app.example.com"
+    ]
 
 
 def test_reading_is_not_refused(tmp_path: Path) -> None:

@@ -171,3 +171,24 @@ def test_the_private_ray_counts_the_gpus_nvidia_smi_lists_and_cuda_visible_devic
     assert local_gpus(listing) == 1
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     assert local_gpus(listing) == 0
+
+
+@pytest.mark.parametrize(
+    ("shares", "gpus", "fits"),
+    [
+        ([(3, 0.6)], 2, False),  # 1.8 ≤ 2, but a fraction stays on one GPU
+        ([(2, 0.6)], 2, True),
+        ([(2, 0.4), (4, 0.3)], 2, True),  # 0.4 + 0.3 + 0.3 on each: first fit, largest first, misses it
+        ([(2, 0.75), (1, 0.5)], 2, False),
+        ([(4, 0.25)], 1, True),
+        ([(2, 1.0)], 1, False),
+        ([(2, 1.0), (2, 0.5)], 3, True),
+        ([(16, 0.33)], 5, False),  # three to a GPU
+    ],
+)
+def test_gpu_shares_fit_where_some_placement_exists(
+    shares: list[tuple[int, float]], gpus: int, fits: bool
+) -> None:
+    from service.hosting.app import fits_on_gpus
+
+    assert fits_on_gpus(shares, gpus) is fits
