@@ -99,13 +99,13 @@ def inflate(data: bytes, coding: str, limit: int) -> bytes:
             raise InvalidInput(f"body: more than {MAX_MEMBERS} {coding} members")
 
 
-def preferred(accept_encoding: str) -> str | None:
-    """The coding to answer in: gzip or deflate, whichever the client's ``Accept-Encoding``
-    weighs higher (gzip on a tie), counting ``*`` for a coding it does not name; None when it
-    accepts neither (``q=0`` refuses a coding)."""
+def accept_weights(header: str) -> dict[str, float]:
+    """An ``Accept``-style header's items (lower case) and their weights, ``q`` (RFC 9110
+    §12.4.2): 1 unless given; one that is not a weight from 0 to 1 is a refusal, 0 (nan compared
+    false with everything, and chose deflate)."""
     weights: dict[str, float] = {}
-    for item in accept_encoding.lower().split(","):
-        coding, _, params = item.partition(";")
+    for item in header.lower().split(","):
+        name, _, params = item.partition(";")
         weight = 1.0
         for param in params.split(";"):
             key, _, value = param.strip().partition("=")
@@ -114,9 +114,16 @@ def preferred(accept_encoding: str) -> str | None:
                     weight = float(value)
                 except ValueError:
                     weight = math.nan
-                # not a weight (nan compares false with everything and chose deflate): a refusal
                 weight = min(max(weight, 0.0), 1.0) if math.isfinite(weight) else 0.0
-        weights[coding.strip()] = weight
+        weights[name.strip()] = weight
+    return weights
+
+
+def preferred(accept_encoding: str) -> str | None:
+    """The coding to answer in: gzip or deflate, whichever the client's ``Accept-Encoding``
+    weighs higher (gzip on a tie), counting ``*`` for a coding it does not name; None when it
+    accepts neither (``q=0`` refuses a coding)."""
+    weights = accept_weights(accept_encoding)
     anything = weights.get("*", 0.0)
     gzip = weights.get("gzip", weights.get("x-gzip", anything))
     deflate = weights.get("deflate", anything)

@@ -26,13 +26,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 from collections.abc import AsyncIterator
 from typing import Any, cast
 
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
+from service.api.content_coding import accept_weights
 from service.api.rest_codec import answer_json, dumps, heavy, rounded
 from service.api.schemas import TranslateRequest
 from service.api.server import Server
@@ -53,19 +53,7 @@ def wants_stream(body: TranslateRequest, accept: str) -> bool:
         return True
     if "event-stream" not in accept.lower():  # the common case, without parsing
         return False
-    weights: dict[str, float] = {}
-    for item in accept.lower().split(","):
-        media, _, params = item.partition(";")
-        weight = 1.0
-        for param in params.split(";"):
-            key, _, value = param.strip().partition("=")
-            if key == "q":
-                try:
-                    weight = float(value)
-                except ValueError:
-                    weight = 0.0
-                weight = min(max(weight, 0.0), 1.0) if math.isfinite(weight) else 0.0
-        weights[media.strip()] = weight
+    weights = accept_weights(accept)
     sse = weights.get(MEDIA_TYPE, 0.0)
     json = weights.get("application/json", weights.get("application/*", weights.get("*/*", 0.0)))
     return sse > 0 and sse >= json
