@@ -35,6 +35,7 @@ class BrokenServer:
 
     class settings:
         api_token = None
+        trusted_origins = ()
         limits = Limits()
 
     in_flight = 0  # the app counts each exchange on its server (Server.drain)
